@@ -1,0 +1,190 @@
+"""The hart's memory access path: a software TLB in front of translation and PMP.
+
+The TLB is the VMM's shadow of the guest page tables: three dicts (read, write,
+execute) from virtual page number to the host offset of the backing RAM page.
+Loads and stores are closures that hit the TLB inline; everything else (a miss,
+a page-crossing access, MMIO, a PMP region smaller than a page, a write to a page
+holding translated code) takes the slow path, which translates, checks, and fills.
+
+``translate`` is pluggable: the system emulator walks the guest page tables
+(:mod:`popek.cpu.pagewalk`); the process VM looks up its own address-space map.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+
+from popek.cpu import pagewalk, pmp
+from popek.cpu.causes import (
+    ACCESS_EXEC,
+    ACCESS_FAULT_FOR_ACCESS,
+    ACCESS_READ,
+    ACCESS_WRITE,
+    Trap,
+)
+from popek.cpu.physmem import PAGE_SIZE, BusError, PhysicalMemory
+from popek.cpu.state import PRIV_M
+
+Translate = Callable[[int, int], int]
+MSTATUS = 0x300
+MSTATUS_MPRV = 1 << 17
+TLB_LIMIT = 8192  # entries per dict before it is simply cleared
+_PAGE_MASK = PAGE_SIZE - 1
+
+
+class Mmu:
+    """Software TLB and load/store accessors for one hart."""
+
+    def __init__(self, hart, mem: PhysicalMemory, translate: Translate | None = None) -> None:
+        self.hart = hart
+        self.mem = mem
+        self.tlb_r: dict[int, int] = {}
+        self.tlb_w: dict[int, int] = {}
+        self.tlb_x: dict[int, int] = {}
+        self.system = translate is None
+        self.translate: Translate = translate or (lambda va, acc: pagewalk.translate(hart, va, acc))
+        mem.code_protectors.append(self._drop_writable)
+        self.accessors = self._make_accessors()
+
+    def flush(self) -> None:
+        """Forget every translation (satp, sfence.vma, privilege or permission changes)."""
+        self.tlb_r.clear()
+        self.tlb_w.clear()
+        self.tlb_x.clear()
+
+    def _drop_writable(self, page: int) -> None:
+        stale = [vpn for vpn, base in self.tlb_w.items() if base == page]
+        for vpn in stale:
+            del self.tlb_w[vpn]
+
+    # -- slow path ----------------------------------------------------------------------
+    def _effective_priv(self, access: int) -> int:
+        priv = self.hart.priv
+        if access != ACCESS_EXEC and priv == PRIV_M:
+            status = self.hart.csr[MSTATUS]
+            if status & MSTATUS_MPRV:
+                return (status >> 11) & 3
+        return priv
+
+    def resolve(self, vaddr: int, size: int, access: int) -> tuple[int, int | None]:
+        """Translate and check one access within a page: (physical address, host offset).
+
+        Caches the page in the TLB when the whole page may be accessed the same way.
+        The host offset is None for addresses that are not RAM (devices).
+        """
+        pa = self.translate(vaddr, access)
+        off = self.mem.ram_offset(pa)
+        cacheable = off is not None
+        if self.system:
+            priv = self._effective_priv(access)
+            page = pa & ~_PAGE_MASK
+            if not pmp.pmp_page_uniform(self.hart, page, access, priv):
+                cacheable = False
+                if not pmp.pmp_check(self.hart, pa, size, access, priv):
+                    raise Trap(ACCESS_FAULT_FOR_ACCESS[access], vaddr)
+        if off is not None and access == ACCESS_WRITE:
+            self.mem.note_write(off)  # drop translated code before the page changes
+        if cacheable:
+            tlb = (self.tlb_r, self.tlb_w, self.tlb_x)[access]
+            if len(tlb) >= TLB_LIMIT:
+                tlb.clear()
+            tlb[vaddr >> 12] = off & ~_PAGE_MASK
+        return pa, off
+
+    def fetch_page(self, pc: int) -> int | None:
+        """Host offset of the RAM page holding ``pc`` (None: fetch from a device)."""
+        _, off = self.resolve(pc, 2, ACCESS_EXEC)
+        return None if off is None else off & ~_PAGE_MASK
+
+    def fetch_slow(self, pc: int, size: int) -> int:
+        """Instruction bits from anywhere (devices, page-crossing instructions)."""
+        value = 0
+        for i in range(size // 2):
+            pa, off = self.resolve(pc + 2 * i, 2, ACCESS_EXEC)
+            try:
+                half = self.mem.load(pa, 2)
+            except BusError:
+                raise Trap(ACCESS_FAULT_FOR_ACCESS[ACCESS_EXEC], pc + 2 * i) from None
+            value |= half << (16 * i)
+        return value
+
+    def load_slow(self, vaddr: int, size: int, access: int = ACCESS_READ) -> int:
+        first = PAGE_SIZE - (vaddr & _PAGE_MASK)
+        if first < size:  # crosses a page: both halves, low first
+            low = self.load_slow(vaddr, first, access)
+            high = self.load_slow((vaddr + first) & ((1 << 64) - 1), size - first, access)
+            return low | (high << (8 * first))
+        pa, off = self.resolve(vaddr, size, access)
+        if off is not None:
+            return int.from_bytes(self.mem.ram[off:off + size], "little")
+        try:
+            return self.mem.load(pa, size)
+        except BusError:
+            raise Trap(ACCESS_FAULT_FOR_ACCESS[access], vaddr) from None
+
+    def store_slow(self, vaddr: int, size: int, value: int) -> None:
+        first = PAGE_SIZE - (vaddr & _PAGE_MASK)
+        if first < size:  # crosses a page: check the second page before writing the first
+            high_addr = (vaddr + first) & ((1 << 64) - 1)
+            self.resolve(high_addr, size - first, ACCESS_WRITE)
+            self.store_slow(vaddr, first, value)
+            self.store_slow(high_addr, size - first, value >> (8 * first))
+            return
+        pa, off = self.resolve(vaddr, size, ACCESS_WRITE)
+        value &= (1 << (8 * size)) - 1
+        if off is not None:
+            self.mem.ram[off:off + size] = value.to_bytes(size, "little")
+            return
+        try:
+            self.mem.store(pa, size, value)
+        except BusError:
+            raise Trap(ACCESS_FAULT_FOR_ACCESS[ACCESS_WRITE], vaddr) from None
+
+    # -- fast path ----------------------------------------------------------------------
+    def _make_accessors(self) -> dict[str, Callable]:
+        """Loads and stores for the semantics' namespace, with the TLB hit inline."""
+        ram = self.mem.ram
+        tlb_r, tlb_w = self.tlb_r, self.tlb_w
+        load_slow, store_slow = self.load_slow, self.store_slow
+        acc: dict[str, Callable] = {}
+        for size, code in ((1, "B"), (2, "H"), (4, "I"), (8, "Q")):
+            fmt = struct.Struct("<" + code)
+            acc[f"ld{size * 8}"] = _make_load(size, fmt.unpack_from, ram, tlb_r, load_slow)
+            acc[f"st{size * 8}"] = _make_store(size, fmt.pack_into, ram, tlb_w, store_slow)
+            acc[f"amo_ld{size * 8}"] = _make_load(
+                size, fmt.unpack_from, ram, tlb_w,
+                lambda va, n: load_slow(va, n, ACCESS_WRITE),
+            )
+        return acc
+
+
+def _make_load(size, unpack, ram, tlb, slow) -> Callable[[int], int]:
+    limit = PAGE_SIZE - size
+    mask = (1 << (8 * size)) - 1 if size < 8 else (1 << 64) - 1
+
+    def load(addr: int) -> int:
+        base = tlb.get(addr >> 12)
+        if base is not None:
+            o = addr & 4095
+            if o <= limit:
+                return unpack(ram, base | o)[0]
+        return slow(addr, size) & mask
+
+    return load
+
+
+def _make_store(size, pack, ram, tlb, slow) -> Callable[[int, int], None]:
+    limit = PAGE_SIZE - size
+    mask = (1 << (8 * size)) - 1
+
+    def store(addr: int, value: int) -> None:
+        base = tlb.get(addr >> 12)
+        if base is not None:
+            o = addr & 4095
+            if o <= limit:
+                pack(ram, base | o, value & mask)
+                return
+        slow(addr, size, value)
+
+    return store

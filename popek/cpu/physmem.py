@@ -1,0 +1,129 @@
+"""Guest physical memory: one RAM ``mmap`` plus memory-mapped devices.
+
+RAM is a single anonymous mapping, so the host only spends memory on pages the
+guest touches, and every tier addresses it by a host offset (``pa - base``). The
+slow path (devices, the page-table walker, DMA) goes through :meth:`load` and
+:meth:`store`; the fast path lives in the hart's MMU.
+"""
+
+from __future__ import annotations
+
+import mmap
+from bisect import bisect_right
+from collections.abc import Callable
+from typing import Protocol
+
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
+MAP_NORESERVE = 0x4000  # Linux; not exported by Python 3.11's mmap module
+
+
+class BusError(Exception):
+    """Nothing answers at a physical address (the hart turns it into an access fault)."""
+
+    def __init__(self, pa: int) -> None:
+        super().__init__(f"no memory or device at physical address {pa:#x}")
+        self.pa = pa
+
+
+class Device(Protocol):
+    """What the bus needs from a memory-mapped device."""
+
+    def read(self, offset: int, size: int) -> int: ...
+
+    def write(self, offset: int, size: int, value: int) -> None: ...
+
+
+class PhysicalMemory:
+    """RAM at ``[base, base + size)`` and devices elsewhere in the physical space."""
+
+    def __init__(self, base: int, size: int, *, sparse: bool = False) -> None:
+        if size <= 0 or size % PAGE_SIZE:
+            raise ValueError(f"RAM size must be a positive multiple of {PAGE_SIZE}")
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+        if sparse:
+            flags |= MAP_NORESERVE
+        self.base = base
+        self.size = size
+        self.ram = mmap.mmap(-1, size, flags=flags)
+        self._dev_starts: list[int] = []
+        self._devices: list[tuple[int, int, Device]] = []
+        # Host page offsets holding translated code. Engines register to hear when such a
+        # page is written (drop its code); MMUs to hear when a page becomes code (stop
+        # writing it through the TLB fast path, so the write reaches note_write).
+        self.code_pages: set[int] = set()
+        self.code_watchers: list[Callable[[int], None]] = []
+        self.code_protectors: list[Callable[[int], None]] = []
+
+    # -- layout -------------------------------------------------------------------------
+    def add_device(self, base: int, size: int, device: Device) -> None:
+        for start, end, _ in self._devices:
+            if base < end and start < base + size:
+                raise ValueError(f"device at {base:#x} overlaps one at {start:#x}")
+        self._devices.append((base, base + size, device))
+        self._devices.sort(key=lambda d: d[0])
+        self._dev_starts = [d[0] for d in self._devices]
+
+    def ram_offset(self, pa: int) -> int | None:
+        """Host offset of physical address ``pa`` in RAM, or None if it is not RAM."""
+        off = pa - self.base
+        return off if 0 <= off < self.size else None
+
+    def device_at(self, pa: int) -> tuple[int, Device] | None:
+        i = bisect_right(self._dev_starts, pa) - 1
+        if i >= 0:
+            start, end, dev = self._devices[i]
+            if pa < end:
+                return pa - start, dev
+        return None
+
+    # -- slow-path access ---------------------------------------------------------------
+    def load(self, pa: int, size: int) -> int:
+        off = pa - self.base
+        if 0 <= off and off + size <= self.size:
+            return int.from_bytes(self.ram[off:off + size], "little")
+        hit = self.device_at(pa)
+        if hit is None:
+            raise BusError(pa)
+        return hit[1].read(hit[0], size)
+
+    def store(self, pa: int, size: int, value: int) -> None:
+        off = pa - self.base
+        if 0 <= off and off + size <= self.size:
+            self.note_write(off)
+            self.ram[off:off + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+            return
+        hit = self.device_at(pa)
+        if hit is None:
+            raise BusError(pa)
+        hit[1].write(hit[0], size, value)
+
+    def read(self, pa: int, n: int) -> bytes:
+        """Bytes of RAM (loaders, DMA, tests); raises BusError outside RAM."""
+        off = self.ram_offset(pa)
+        if off is None or off + n > self.size:
+            raise BusError(pa)
+        return self.ram[off:off + n]
+
+    def write(self, pa: int, data: bytes) -> None:
+        off = self.ram_offset(pa)
+        if off is None or off + len(data) > self.size:
+            raise BusError(pa)
+        for page in range(off >> PAGE_SHIFT, ((off + max(len(data), 1) - 1) >> PAGE_SHIFT) + 1):
+            self.note_write(page << PAGE_SHIFT)
+        self.ram[off:off + len(data)] = data
+
+    def protect_code_page(self, page: int) -> None:
+        """Mark the RAM page at host offset ``page`` as holding translated code."""
+        if page not in self.code_pages:
+            self.code_pages.add(page)
+            for protect in self.code_protectors:
+                protect(page)
+
+    def note_write(self, host_off: int) -> None:
+        """Invalidate translated code on the page at ``host_off`` before it changes."""
+        page = host_off & ~(PAGE_SIZE - 1)
+        if page in self.code_pages:
+            self.code_pages.discard(page)
+            for watcher in self.code_watchers:
+                watcher(page)

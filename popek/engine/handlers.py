@@ -1,0 +1,69 @@
+"""Interpreter handlers, generated from the instruction semantics.
+
+Each declared instruction becomes ``def h(pc, rd, rs1, rs2, imm) -> next_pc`` in two
+variants (4-byte and compressed 2-byte), compiled once per process and bound per
+hart by executing the code in a namespace that holds that hart's registers,
+memory accessors and services. Globals of generated code are looked up through
+the namespace dict, so a handler touches no Python object it does not need.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import cache
+from types import CodeType
+
+from popek.isa import helpers
+from popek.isa.decoder import ALL_INSNS
+from popek.isa.spec import Insn
+
+Handler = Callable[[int, int, int, int, int], int]
+LENGTHS = (4, 2)
+
+
+def handler_name(ins: Insn, length: int) -> str:
+    return f"h_{ins.name.replace('.', '_')}_{length}"
+
+
+def handler_source(ins: Insn, length: int) -> str:
+    """Python source of one handler: the semantics, plus the fall-through return."""
+    body = ins.sem.replace("NEXT", f"((pc + {length}) & M64)")
+    lines = [f"def {handler_name(ins, length)}(pc, rd, rs1, rs2, imm):"]
+    lines += ["    " + line for line in body.splitlines()]
+    lines.append(f"    return pc + {length}")
+    return "\n".join(lines)
+
+
+ILLEGAL_SOURCE = "def h_illegal(pc, rd, rs1, rs2, imm):\n    raise Trap(ILLEGAL_INSN, None)"
+
+
+@cache
+def _compiled() -> CodeType:
+    parts = [ILLEGAL_SOURCE]
+    parts += [handler_source(ins, n) for ins in ALL_INSNS for n in LENGTHS]
+    return compile("\n\n".join(parts), "<popek semantics>", "exec")
+
+
+def semantics_namespace(hart) -> dict[str, object]:
+    """Everything instruction semantics may name, bound to ``hart``."""
+    ns: dict[str, object] = {name: getattr(helpers, name) for name in helpers.__all__}
+    try:
+        from popek.isa import softfloat
+    except ModuleNotFoundError:  # pragma: no cover - only while F/D are being written
+        softfloat = None
+    if softfloat is not None:
+        ns.update({name: getattr(softfloat, name) for name in softfloat.__all__})
+    ns.update(hart.mmu.accessors)
+    ns.update(X=hart.x, F=hart.f, C=hart.csr, hart=hart, csr_op=hart.csrs.op)
+    return ns
+
+
+def bind_handlers(hart) -> dict[tuple[str, int], Handler]:
+    """The handlers of every instruction and length, bound to ``hart``."""
+    ns = semantics_namespace(hart)
+    exec(_compiled(), ns)  # noqa: S102 - source generated from our own declarations
+    table: dict[tuple[str, int], Handler] = {
+        (ins.name, n): ns[handler_name(ins, n)] for ins in ALL_INSNS for n in LENGTHS
+    }
+    table[("illegal", 0)] = ns["h_illegal"]
+    return table
