@@ -1,0 +1,303 @@
+"""The control and status registers of an RV64GC hart with M, S and U modes (priv. spec 1.12).
+
+Every real CSR lives at its own number in ``hart.csr`` so that every tier (and a
+snapshot) sees one flat buffer; views such as ``sstatus``, ``sie``, ``sip``, ``fflags``
+and ``frm`` are derived from their base register on each access and never stored.
+``mstatus.SD`` is derived too, because FP instructions dirty ``FS`` without going
+through this module.
+
+CSR instructions are the slow path, so access goes through one dict from CSR number
+to ``(check, read, write)``: ``check`` raises for access rules beyond the number's
+privilege and read-only bits, ``write`` is ``None`` where writes are silently ignored
+(WARL fields hardwired to their only legal value).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from popek.cpu import pmp
+from popek.cpu.causes import ILLEGAL_INSN, Trap
+from popek.cpu.state import CTL_INSTRET, CTL_PRIV, PRIV_M, PRIV_S, PRIV_U, XLEN_MASK
+
+if TYPE_CHECKING:
+    from popek.cpu.hart import Hart
+
+# --- CSR numbers --------------------------------------------------------------------------
+FFLAGS, FRM, FCSR = 0x001, 0x002, 0x003
+SSTATUS, SIE, STVEC, SCOUNTEREN, SENVCFG = 0x100, 0x104, 0x105, 0x106, 0x10A
+SSCRATCH, SEPC, SCAUSE, STVAL, SIP = 0x140, 0x141, 0x142, 0x143, 0x144
+SATP = 0x180
+MSTATUS, MISA, MEDELEG, MIDELEG, MIE, MTVEC, MCOUNTEREN = (
+    0x300, 0x301, 0x302, 0x303, 0x304, 0x305, 0x306)
+MENVCFG, MCOUNTINHIBIT = 0x30A, 0x320
+MHPMEVENT3 = 0x323
+MSCRATCH, MEPC, MCAUSE, MTVAL, MIP = 0x340, 0x341, 0x342, 0x343, 0x344
+MCYCLE, MINSTRET, MHPMCOUNTER3 = 0xB00, 0xB02, 0xB03
+CYCLE, TIME, INSTRET, HPMCOUNTER3 = 0xC00, 0xC01, 0xC02, 0xC03
+MVENDORID, MARCHID, MIMPID, MHARTID, MCONFIGPTR = 0xF11, 0xF12, 0xF13, 0xF14, 0xF15
+
+# --- mstatus fields -----------------------------------------------------------------------
+MSTATUS_SIE = 1 << 1
+MSTATUS_MIE = 1 << 3
+MSTATUS_SPIE = 1 << 5
+MSTATUS_MPIE = 1 << 7
+MSTATUS_SPP = 1 << 8
+MSTATUS_MPP_SHIFT = 11
+MSTATUS_MPP = 3 << MSTATUS_MPP_SHIFT
+MSTATUS_FS = 3 << 13
+MSTATUS_MPRV = 1 << 17
+MSTATUS_SUM = 1 << 18
+MSTATUS_MXR = 1 << 19
+MSTATUS_TVM = 1 << 20
+MSTATUS_TW = 1 << 21
+MSTATUS_TSR = 1 << 22
+MSTATUS_UXL = 3 << 32
+MSTATUS_SXL = 3 << 34
+MSTATUS_SD = 1 << 63
+XL_64 = 2
+
+MSTATUS_WMASK = (
+    MSTATUS_SIE | MSTATUS_MIE | MSTATUS_SPIE | MSTATUS_MPIE | MSTATUS_SPP | MSTATUS_MPP
+    | MSTATUS_FS | MSTATUS_MPRV | MSTATUS_SUM | MSTATUS_MXR | MSTATUS_TVM | MSTATUS_TW
+    | MSTATUS_TSR
+)
+SSTATUS_WMASK = MSTATUS_SIE | MSTATUS_SPIE | MSTATUS_SPP | MSTATUS_FS | MSTATUS_SUM | MSTATUS_MXR
+SSTATUS_RMASK = SSTATUS_WMASK | MSTATUS_UXL | MSTATUS_SD
+# Fields whose change alters how data accesses are translated.
+MSTATUS_XLATE = MSTATUS_MPRV | MSTATUS_SUM | MSTATUS_MXR
+
+# --- interrupts ---------------------------------------------------------------------------
+MIP_SSIP, MIP_MSIP, MIP_STIP, MIP_MTIP, MIP_SEIP, MIP_MEIP = (
+    1 << 1, 1 << 3, 1 << 5, 1 << 7, 1 << 9, 1 << 11)
+S_INTERRUPTS = MIP_SSIP | MIP_STIP | MIP_SEIP
+ALL_INTERRUPTS = S_INTERRUPTS | MIP_MSIP | MIP_MTIP | MIP_MEIP
+# M-mode software may raise the S-level lines; M-level ones belong to the CLINT and PLIC.
+MIP_WMASK = S_INTERRUPTS
+# Every exception except ecall from M-mode (11) and the reserved causes 10 and 14.
+MEDELEG_MASK = 0x3FF | (1 << 12) | (1 << 13) | (1 << 15)
+
+# --- misc ---------------------------------------------------------------------------------
+MISA_VALUE = (XL_64 << 62) | sum(1 << (ord(e) - ord("A")) for e in "IMAFDCSU")
+SATP_MODE_SHIFT = 60
+SATP_BARE, SATP_SV39, SATP_SV48 = 0, 8, 9
+SATP_PPN_MASK = (1 << 44) - 1
+ENVCFG_FIOM = 1
+COUNTINHIBIT_CY, COUNTINHIBIT_IR = 1 << 0, 1 << 2
+COUNTINHIBIT_MASK = 0xFFFF_FFFD  # bit 1 (TM) does not exist: time is not a hart counter
+FS_DIRTY = MSTATUS_FS
+
+Check = Callable[[], None]
+Read = Callable[[], int]
+Write = Callable[[int], None]
+
+
+def illegal() -> Trap:
+    """The trap for a refused CSR access; the engine fills in the instruction bits."""
+    return Trap(ILLEGAL_INSN, None)
+
+
+def _zero() -> int:
+    return 0
+
+
+class CsrFile:
+    """The behaviour of ``csrrw``/``csrrs``/``csrrc`` over the hart's CSR storage."""
+
+    def __init__(self, hart: Hart) -> None:
+        self.hart = hart
+        self.c = hart.csr
+        self._table: dict[int, tuple[Check | None, Read, Write | None]] = {}
+        self._build()
+
+    def reset(self) -> None:
+        """Power-on values: RV64 IMAFDC+S+U, 64-bit U and S modes, everything else zero."""
+        c = self.c
+        for i in range(len(c)):
+            c[i] = 0
+        c[MISA] = MISA_VALUE
+        c[MSTATUS] = (XL_64 << 32) | (XL_64 << 34)
+        c[MHARTID] = self.hart.hartid
+
+    def op(self, num: int, kind: int, value: int, do_read: bool, do_write: bool) -> int:
+        """csrrw (kind 0), csrrs (1) or csrrc (2): return the old value, then write."""
+        entry = self._table.get(num)
+        if entry is None or (num >> 8) & 3 > self.hart.ctl[CTL_PRIV]:
+            raise illegal()
+        if do_write and num >= 0xC00:  # bits 11:10 == 3: read-only
+            raise illegal()
+        check, read, write = entry
+        if check is not None:
+            check()
+        old = read()
+        if do_write and write is not None:
+            if kind == 1:
+                value |= old
+            elif kind == 2:
+                value = old & ~value
+            write(value & XLEN_MASK)
+        return old if do_read else 0
+
+    # -- table ---------------------------------------------------------------------------
+    def _build(self) -> None:
+        c = self.c
+        t = self._table
+
+        def plain(num: int, mask: int = XLEN_MASK) -> None:
+            def write(v: int) -> None:
+                c[num] = (c[num] & ~mask) | (v & mask)
+            t[num] = (None, lambda: c[num], write)
+
+        def constant(num: int, check: Check | None = None) -> None:
+            t[num] = (check, lambda: c[num], None)
+
+        fp = self._check_fp
+        t[FFLAGS] = (fp, lambda: c[FCSR] & 0x1F, lambda v: self._write_fcsr(v & 0x1F, 0x1F))
+        t[FRM] = (fp, lambda: (c[FCSR] >> 5) & 7, lambda v: self._write_fcsr((v & 7) << 5, 0xE0))
+        t[FCSR] = (fp, lambda: c[FCSR], lambda v: self._write_fcsr(v & 0xFF, 0xFF))
+
+        t[SSTATUS] = (None, lambda: self._mstatus() & SSTATUS_RMASK, self._write_sstatus)
+        t[SIE] = (None, lambda: c[MIE] & c[MIDELEG], self._write_sie)
+        t[STVEC] = (None, lambda: c[STVEC], lambda v: self._write_tvec(STVEC, v))
+        plain(SCOUNTEREN, 0xFFFF_FFFF)
+        plain(SENVCFG, ENVCFG_FIOM)
+        plain(SSCRATCH)
+        t[SEPC] = (None, lambda: c[SEPC], lambda v: self._set(SEPC, v & ~1))
+        plain(SCAUSE)
+        plain(STVAL)
+        t[SIP] = (None, lambda: c[MIP] & c[MIDELEG], self._write_sip)
+        t[SATP] = (self._check_satp, lambda: c[SATP], self._write_satp)
+
+        t[MSTATUS] = (None, self._mstatus, self._write_mstatus)
+        constant(MISA)
+        plain(MEDELEG, MEDELEG_MASK)
+        plain(MIDELEG, S_INTERRUPTS)
+        plain(MIE, ALL_INTERRUPTS)
+        t[MTVEC] = (None, lambda: c[MTVEC], lambda v: self._write_tvec(MTVEC, v))
+        plain(MCOUNTEREN, 0xFFFF_FFFF)
+        plain(MENVCFG, ENVCFG_FIOM)
+        t[MCOUNTINHIBIT] = (None, lambda: c[MCOUNTINHIBIT], self._write_countinhibit)
+        plain(MSCRATCH)
+        t[MEPC] = (None, lambda: c[MEPC], lambda v: self._set(MEPC, v & ~1))
+        plain(MCAUSE)
+        plain(MTVAL)
+        plain(MIP, MIP_WMASK)
+
+        for i in range(pmp.N_CFG_CSRS):
+            num = pmp.PMPCFG0 + 2 * i  # RV64: only the even pmpcfg registers exist
+            t[num] = (None, lambda n=num: c[n], lambda v, n=num: pmp.write_cfg(self.hart, n, v))
+        for i in range(pmp.N_ADDR_CSRS):
+            num = pmp.PMPADDR0 + i
+            t[num] = (None, lambda n=num: c[n], lambda v, i=i: pmp.write_addr(self.hart, i, v))
+
+        # Counters: cycle counts retired instructions; no hardware performance monitors.
+        t[MCYCLE] = (None, lambda: self._counter(MCYCLE, COUNTINHIBIT_CY),
+                     lambda v: self._set_counter(MCYCLE, COUNTINHIBIT_CY, v))
+        t[MINSTRET] = (None, lambda: self._counter(MINSTRET, COUNTINHIBIT_IR),
+                       lambda v: self._set_counter(MINSTRET, COUNTINHIBIT_IR, v))
+        for i in range(29):
+            t[MHPMCOUNTER3 + i] = (None, _zero, None)
+            t[MHPMEVENT3 + i] = (None, _zero, None)
+            t[HPMCOUNTER3 + i] = (lambda b=3 + i: self._check_counter(b), _zero, None)
+        t[CYCLE] = (lambda: self._check_counter(0), t[MCYCLE][1], None)
+        t[TIME] = (lambda: self._check_counter(1), self.hart.time, None)
+        t[INSTRET] = (lambda: self._check_counter(2), t[MINSTRET][1], None)
+
+        for num in (MVENDORID, MARCHID, MIMPID, MHARTID, MCONFIGPTR):
+            constant(num)
+
+    # -- helpers -------------------------------------------------------------------------
+    def _set(self, num: int, value: int) -> None:
+        self.c[num] = value & XLEN_MASK
+
+    def _mstatus(self) -> int:
+        m = self.c[MSTATUS]
+        return m | MSTATUS_SD if m & MSTATUS_FS == MSTATUS_FS else m
+
+    def _write_mstatus(self, v: int) -> None:
+        old = self.c[MSTATUS]
+        new = (old & ~MSTATUS_WMASK) | (v & MSTATUS_WMASK)
+        if new & MSTATUS_MPP == 2 << MSTATUS_MPP_SHIFT:  # no H-mode: keep the legal MPP
+            new = (new & ~MSTATUS_MPP) | (old & MSTATUS_MPP)
+        self._store_mstatus(old, new)
+
+    def _write_sstatus(self, v: int) -> None:
+        old = self.c[MSTATUS]
+        self._store_mstatus(old, (old & ~SSTATUS_WMASK) | (v & SSTATUS_WMASK))
+
+    def _store_mstatus(self, old: int, new: int) -> None:
+        self.c[MSTATUS] = new
+        changed = old ^ new
+        if changed & MSTATUS_XLATE or (new & MSTATUS_MPRV and changed & MSTATUS_MPP):
+            self.hart.mmu.flush()
+
+    def _write_fcsr(self, bits: int, mask: int) -> None:
+        c = self.c
+        c[FCSR] = (c[FCSR] & ~mask) | bits
+        c[MSTATUS] |= FS_DIRTY
+
+    def _write_sie(self, v: int) -> None:
+        c = self.c
+        mask = c[MIDELEG]
+        c[MIE] = (c[MIE] & ~mask) | (v & mask)
+
+    def _write_sip(self, v: int) -> None:
+        c = self.c
+        mask = c[MIDELEG] & MIP_SSIP  # STIP and SEIP are read-only in sip
+        c[MIP] = (c[MIP] & ~mask) | (v & mask)
+
+    def _write_tvec(self, num: int, v: int) -> None:
+        if v & 3 < 2:  # direct or vectored; other modes are reserved: keep the old value
+            self.c[num] = v
+
+    def _write_satp(self, v: int) -> None:
+        if v >> SATP_MODE_SHIFT in (SATP_BARE, SATP_SV39, SATP_SV48):
+            self.c[SATP] = v
+            self.hart.mmu.flush()
+
+    def _write_countinhibit(self, v: int) -> None:
+        """Freeze or restart mcycle/minstret: a frozen counter's slot holds its value."""
+        c = self.c
+        old = c[MCOUNTINHIBIT]
+        new = v & COUNTINHIBIT_MASK
+        for num, bit in ((MCYCLE, COUNTINHIBIT_CY), (MINSTRET, COUNTINHIBIT_IR)):
+            if (old ^ new) & bit:
+                value = self._counter(num, bit)
+                c[MCOUNTINHIBIT] = (c[MCOUNTINHIBIT] & ~bit) | (new & bit)
+                self._set_counter(num, bit, value)
+        c[MCOUNTINHIBIT] = new
+
+    def _counter(self, num: int, bit: int) -> int:
+        """A running counter's slot holds its offset from the hart's retired-instruction count."""
+        c = self.c
+        if c[MCOUNTINHIBIT] & bit:
+            return c[num]
+        return (self.hart.ctl[CTL_INSTRET] + c[num]) & XLEN_MASK
+
+    def _set_counter(self, num: int, bit: int, value: int) -> None:
+        # The written value replaces the writing instruction's own increment, which the
+        # engine counts when the instruction completes: hence the extra 1.
+        c = self.c
+        if c[MCOUNTINHIBIT] & bit:
+            c[num] = value
+        else:
+            c[num] = (value - self.hart.ctl[CTL_INSTRET] - 1) & XLEN_MASK
+
+    # -- access checks -------------------------------------------------------------------
+    def _check_fp(self) -> None:
+        if not self.c[MSTATUS] & MSTATUS_FS:
+            raise illegal()
+
+    def _check_satp(self) -> None:
+        if self.hart.ctl[CTL_PRIV] == PRIV_S and self.c[MSTATUS] & MSTATUS_TVM:
+            raise illegal()
+
+    def _check_counter(self, bit: int) -> None:
+        priv = self.hart.ctl[CTL_PRIV]
+        if priv == PRIV_M:
+            return
+        if not (self.c[MCOUNTEREN] >> bit) & 1:
+            raise illegal()
+        if priv == PRIV_U and not (self.c[SCOUNTEREN] >> bit) & 1:
+            raise illegal()

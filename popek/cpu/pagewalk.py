@@ -1,0 +1,135 @@
+"""Sv39/Sv48 address translation: the page-table walk behind the software TLB.
+
+The MMU calls :func:`translate` on a TLB miss, once per page and access kind, and
+caches the answer; so a walk for a store sets the PTE's D bit and one for a load or
+fetch sets A, exactly as hardware that updates A/D itself (as QEMU does) would for
+the first access of each kind. The walk's own PTE reads and writes are S-mode
+accesses for PMP and raise access faults of the original access kind.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from popek.cpu.causes import (
+    ACCESS_EXEC,
+    ACCESS_FAULT_FOR_ACCESS,
+    ACCESS_READ,
+    ACCESS_WRITE,
+    PAGE_FAULT_FOR_ACCESS,
+    Trap,
+)
+from popek.cpu.csr import (
+    MSTATUS,
+    MSTATUS_MPP,
+    MSTATUS_MPP_SHIFT,
+    MSTATUS_MPRV,
+    MSTATUS_MXR,
+    MSTATUS_SUM,
+    SATP,
+    SATP_BARE,
+    SATP_MODE_SHIFT,
+    SATP_PPN_MASK,
+    SATP_SV39,
+)
+from popek.cpu.physmem import BusError
+from popek.cpu.pmp import pmp_check
+from popek.cpu.state import CTL_PRIV, PRIV_M, PRIV_S, PRIV_U
+
+if TYPE_CHECKING:
+    from popek.cpu.hart import Hart
+
+PTE_V, PTE_R, PTE_W, PTE_X, PTE_U, PTE_G, PTE_A, PTE_D = (1 << i for i in range(8))
+PTE_PPN_SHIFT = 10
+PTE_RESERVED_SHIFT = 54  # bits 63:54 (N, PBMT, reserved): no Svnapot or Svpbmt, so must be 0
+PAGE_SHIFT = 12
+LEVEL_BITS = 9
+
+
+def effective_priv(hart: Hart, access: int) -> int:
+    """The privilege an access is translated and PMP-checked with (MPRV applies to data only)."""
+    priv = hart.ctl[CTL_PRIV]
+    if priv == PRIV_M and access != ACCESS_EXEC:
+        status = hart.csr[MSTATUS]
+        if status & MSTATUS_MPRV:
+            return (status & MSTATUS_MPP) >> MSTATUS_MPP_SHIFT
+    return priv
+
+
+def translate(hart: Hart, vaddr: int, access: int) -> int:
+    """The physical address of ``vaddr`` for ``access`` (causes.ACCESS_*), or a page/access fault.
+
+    ``vaddr`` is the full 64-bit virtual address (so its upper bits can be checked).
+    """
+    priv = effective_priv(hart, access)
+    if priv == PRIV_M:
+        return vaddr
+    c = hart.csr
+    satp = c[SATP]
+    mode = satp >> SATP_MODE_SHIFT
+    if mode == SATP_BARE:
+        return vaddr
+    levels = 3 if mode == SATP_SV39 else 4
+    va_bits = PAGE_SHIFT + LEVEL_BITS * levels
+    page_fault = PAGE_FAULT_FOR_ACCESS[access]
+    top = vaddr >> (va_bits - 1)  # bits 63..va_bits-1 must all equal bit va_bits-1
+    if top and top != (1 << (65 - va_bits)) - 1:
+        raise Trap(page_fault, vaddr)
+
+    table = (satp & SATP_PPN_MASK) << PAGE_SHIFT
+    level = levels - 1
+    while True:
+        shift = PAGE_SHIFT + LEVEL_BITS * level
+        pte_addr = table + ((vaddr >> shift) & 0x1FF) * 8
+        pte = _load_pte(hart, pte_addr, vaddr, access)
+        if not pte & PTE_V or pte & (PTE_R | PTE_W) == PTE_W or pte >> PTE_RESERVED_SHIFT:
+            raise Trap(page_fault, vaddr)
+        if pte & (PTE_R | PTE_X):
+            break
+        if level == 0:
+            raise Trap(page_fault, vaddr)  # a pointer where a leaf must be
+        level -= 1
+        table = ((pte >> PTE_PPN_SHIFT) & SATP_PPN_MASK) << PAGE_SHIFT
+
+    status = c[MSTATUS]
+    if pte & PTE_U:
+        if priv == PRIV_S and (access == ACCESS_EXEC or not status & MSTATUS_SUM):
+            raise Trap(page_fault, vaddr)
+    elif priv == PRIV_U:
+        raise Trap(page_fault, vaddr)
+    if access == ACCESS_READ:
+        allowed = pte & PTE_R or (status & MSTATUS_MXR and pte & PTE_X)
+    elif access == ACCESS_WRITE:
+        allowed = pte & PTE_W
+    else:
+        allowed = pte & PTE_X
+    if not allowed:
+        raise Trap(page_fault, vaddr)
+    ppn = (pte >> PTE_PPN_SHIFT) & SATP_PPN_MASK
+    offset_mask = (1 << shift) - 1
+    if (ppn << PAGE_SHIFT) & offset_mask:
+        raise Trap(page_fault, vaddr)  # misaligned superpage
+
+    wanted = PTE_A | PTE_D if access == ACCESS_WRITE else PTE_A
+    if pte & wanted != wanted:
+        _store_pte(hart, pte_addr, pte | wanted, vaddr, access)
+    return (ppn << PAGE_SHIFT) | (vaddr & offset_mask)
+
+
+def _load_pte(hart: Hart, pte_addr: int, vaddr: int, access: int) -> int:
+    if pmp_check(hart, pte_addr, 8, ACCESS_READ, PRIV_S):
+        try:
+            return hart.mem.load(pte_addr, 8)
+        except BusError:
+            pass
+    raise Trap(ACCESS_FAULT_FOR_ACCESS[access], vaddr)
+
+
+def _store_pte(hart: Hart, pte_addr: int, pte: int, vaddr: int, access: int) -> None:
+    if pmp_check(hart, pte_addr, 8, ACCESS_WRITE, PRIV_S):
+        try:
+            hart.mem.store(pte_addr, 8, pte)
+            return
+        except BusError:
+            pass
+    raise Trap(ACCESS_FAULT_FOR_ACCESS[access], vaddr)
