@@ -1,0 +1,67 @@
+"""The small interface every memory-mapped device of the virt board implements.
+
+The bus only needs ``read``/``write`` (see :class:`popek.cpu.physmem.Device`); the VMM
+also needs ``reset`` (reboot) and ``save_state``/``load_state`` (snapshots, live
+migration). State is a plain JSON-able dict with a ``"version"`` key, so a snapshot
+written by one popek can be checked, and refused cleanly, by another.
+
+Guest accesses never raise: a device answers a bad offset or size by reading 0 and
+ignoring the write, because a guest must not be able to crash the host. Host-side
+mistakes (a malformed saved state, an invalid interrupt source) do raise.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import asdict, fields
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+IrqLine = Callable[[bool], None]
+"""One interrupt wire into the PLIC: call with the line's new level."""
+
+MASK32 = (1 << 32) - 1
+MASK64 = (1 << 64) - 1
+
+
+class InterruptTarget(Protocol):
+    """What CLINT and PLIC drive: a hart's ``mip`` bits (MSIP, MTIP, SEIP, MEIP)."""
+
+    def set_interrupt(self, bit: int, level: bool) -> None: ...
+
+
+@runtime_checkable
+class Device(Protocol):
+    """A device on the bus with serializable state."""
+
+    def read(self, offset: int, size: int) -> int: ...
+
+    def write(self, offset: int, size: int, value: int) -> None: ...
+
+    def reset(self) -> None: ...
+
+    def save_state(self) -> dict[str, Any]: ...
+
+    def load_state(self, state: dict[str, Any]) -> None: ...
+
+
+S = TypeVar("S")
+
+
+def pack_state(version: int, state: Any) -> dict[str, Any]:
+    """A device's state dataclass as a versioned plain dict (deep copy: no aliasing)."""
+    return {"version": version, **asdict(state)}
+
+
+def unpack_state(cls: type[S], version: int, data: dict[str, Any]) -> S:
+    """Rebuild a state dataclass from :func:`pack_state` output, refusing other versions."""
+    check_version(data, version)
+    try:
+        return cls(**{f.name: copy.deepcopy(data[f.name]) for f in fields(cls)})
+    except KeyError as missing:
+        raise ValueError(f"saved {cls.__name__} lacks {missing}") from None
+
+
+def check_version(data: dict[str, Any], version: int) -> None:
+    if data.get("version") != version:
+        raise ValueError(f"saved state version {data.get('version')!r}, expected {version}")
