@@ -1,0 +1,1 @@
+"""Differential tests of popek against unicorn, generated from the instruction declarations."""
