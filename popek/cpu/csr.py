@@ -102,6 +102,13 @@ def _zero() -> int:
     return 0
 
 
+def _with_sd(status: int) -> int:
+    """mstatus with SD summarizing FS (XS is always 0): the engine may set FS alone."""
+    if status & MSTATUS_FS == MSTATUS_FS:
+        return status | MSTATUS_SD
+    return status & ~MSTATUS_SD
+
+
 class CsrFile:
     """The behaviour of ``csrrw``/``csrrs``/``csrrc`` over the hart's CSR storage."""
 
@@ -201,7 +208,7 @@ class CsrFile:
             t[MHPMEVENT3 + i] = (None, _zero, None)
             t[HPMCOUNTER3 + i] = (lambda b=3 + i: self._check_counter(b), _zero, None)
         t[CYCLE] = (lambda: self._check_counter(0), t[MCYCLE][1], None)
-        t[TIME] = (lambda: self._check_counter(1), self.hart.time, None)
+        t[TIME] = (lambda: self._check_counter(1), lambda: self.hart.time(), None)
         t[INSTRET] = (lambda: self._check_counter(2), t[MINSTRET][1], None)
 
         for num in (MVENDORID, MARCHID, MIMPID, MHARTID, MCONFIGPTR):
@@ -212,8 +219,7 @@ class CsrFile:
         self.c[num] = value & XLEN_MASK
 
     def _mstatus(self) -> int:
-        m = self.c[MSTATUS]
-        return m | MSTATUS_SD if m & MSTATUS_FS == MSTATUS_FS else m
+        return _with_sd(self.c[MSTATUS])
 
     def _write_mstatus(self, v: int) -> None:
         old = self.c[MSTATUS]
@@ -227,7 +233,7 @@ class CsrFile:
         self._store_mstatus(old, (old & ~SSTATUS_WMASK) | (v & SSTATUS_WMASK))
 
     def _store_mstatus(self, old: int, new: int) -> None:
-        self.c[MSTATUS] = new
+        self.c[MSTATUS] = new = _with_sd(new)
         changed = old ^ new
         if changed & MSTATUS_XLATE or (new & MSTATUS_MPRV and changed & MSTATUS_MPP):
             self.hart.mmu.flush()
@@ -235,7 +241,7 @@ class CsrFile:
     def _write_fcsr(self, bits: int, mask: int) -> None:
         c = self.c
         c[FCSR] = (c[FCSR] & ~mask) | bits
-        c[MSTATUS] |= FS_DIRTY
+        c[MSTATUS] |= FS_DIRTY | MSTATUS_SD
 
     def _write_sie(self, v: int) -> None:
         c = self.c
