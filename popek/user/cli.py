@@ -1,0 +1,66 @@
+"""``popek exec``: run a riscv64 Linux program as if it were a native one.
+
+Standard streams, the exit status and death by signal pass through. A program that
+cannot be run at all (missing, not an ELF, not RISC-V) is a one-line error and exit
+status 2, before anything of it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from popek.user.elf_loader import ExecError
+from popek.user.process import ExecOptions, Process
+
+DEFAULT_SYSROOT = "/usr/riscv64-linux-gnu"  # Debian's libc6-riscv64-cross
+USAGE_ERROR = 2
+
+
+def add_exec_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``exec`` on a CLI's subcommands."""
+    parser = subparsers.add_parser(
+        "exec", help="run a riscv64 Linux program (process VM)",
+        description="Run a riscv64 Linux program on this host, as qemu-riscv64 does.")
+    configure_parser(parser)
+    return parser
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sysroot", metavar="DIR",
+                        help="where the ELF interpreter and shared libraries of dynamically "
+                             f"linked programs are (default: {DEFAULT_SYSROOT} if present)")
+    parser.add_argument("--strace", action="store_true",
+                        help="print every system call and its result on stderr")
+    parser.add_argument("program", help="the riscv64 executable")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="its arguments")
+    parser.set_defaults(func=cmd_exec)
+
+
+def default_sysroot() -> str | None:
+    return DEFAULT_SYSROOT if os.path.isdir(DEFAULT_SYSROOT) else None
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    """Run the program; returns its exit status (128 + signal number if it was killed)."""
+    sysroot = args.sysroot or default_sysroot()
+    process = Process(ExecOptions(sysroot=sysroot, strace=args.strace))
+    argv = [os.fsencode(args.program), *(os.fsencode(a) for a in args.args)]
+    try:
+        process.execve(args.program, argv, list(_environment()))
+    except ExecError as e:
+        print(f"popek exec: {e}", file=sys.stderr)
+        return USAGE_ERROR
+    return process.run()
+
+
+def _environment() -> list[bytes]:
+    return [key + b"=" + value for key, value in os.environb.items()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="popek exec", description=__doc__)
+    configure_parser(parser)
+    args = parser.parse_args(argv)
+    return args.func(args)

@@ -1,0 +1,325 @@
+"""File descriptors: reading, writing, duplicating, pipes, directories, polling.
+
+Guest descriptors are host descriptors, as in qemu-user: inheritance across fork
+and redirection by dup2 then work with no bookkeeping. Python makes every new
+descriptor close-on-exec, so calls that should not do that say so explicitly.
+Calls that can block wait through the signal layer, so a signal the guest handles
+interrupts them as the kernel would.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import select
+import stat
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from popek.user import fileflags as ff
+from popek.user import structs
+from popek.user.address_space import PROT_WRITE
+from popek.user.linux_errno import Errno, SyscallError
+from popek.user.syscalls.registry import i32, i64, syscall
+
+if TYPE_CHECKING:
+    from popek.user.process import Process
+
+IO_LIMIT = 1 << 24  # bytes moved per call at most; callers loop, as with any short read
+IOV_MAX = 1024
+CLOSE_RANGE_CLOEXEC = 4
+
+
+@dataclass
+class DirStream:
+    """getdents64 state of one open directory: its entries, read once, and a cursor."""
+
+    ident: tuple[int, int]
+    records: list[bytes] = field(default_factory=list)
+    cursor: int = 0
+
+
+def check_fd(p: Process, fd: int) -> int:
+    """Reject descriptors the guest does not own (negative, or the emulator's own)."""
+    fd = i32(fd)
+    if fd < 0 or fd in p.internal_fds:
+        raise SyscallError(Errno.EBADF)
+    return fd
+
+
+def wait_ready(p: Process, fd: int, events: int) -> None:
+    """Block until ``fd`` is ready, unless it is non-blocking (then the call says EAGAIN)."""
+    if not os.get_blocking(fd):
+        return
+    p.signals.wait([(fd, events)], None)
+
+
+def _read(p: Process, fd: int, count: int) -> bytes:
+    wait_ready(p, fd, select.POLLIN)
+    return os.read(fd, min(count, IO_LIMIT))
+
+
+@syscall("read")
+def read(p: Process, fd: int, buf: int, count: int) -> int:
+    fd = check_fd(p, fd)
+    p.space.check(buf, min(count, IO_LIMIT), PROT_WRITE)
+    data = _read(p, fd, count)
+    p.space.write(buf, data)
+    return len(data)
+
+
+@syscall("write")
+def write(p: Process, fd: int, buf: int, count: int) -> int:
+    fd = check_fd(p, fd)
+    return os.write(fd, p.space.read(buf, min(count, IO_LIMIT)))
+
+
+@syscall("pread64")
+def pread64(p: Process, fd: int, buf: int, count: int, offset: int) -> int:
+    fd = check_fd(p, fd)
+    p.space.check(buf, min(count, IO_LIMIT), PROT_WRITE)
+    data = os.pread(fd, min(count, IO_LIMIT), i64(offset))
+    p.space.write(buf, data)
+    return len(data)
+
+
+@syscall("pwrite64")
+def pwrite64(p: Process, fd: int, buf: int, count: int, offset: int) -> int:
+    fd = check_fd(p, fd)
+    return os.pwrite(fd, p.space.read(buf, min(count, IO_LIMIT)), i64(offset))
+
+
+def _iovecs(p: Process, iov: int, iovcnt: int) -> list[tuple[int, int]]:
+    iovcnt = i32(iovcnt)
+    if not 0 <= iovcnt <= IOV_MAX:
+        raise SyscallError(Errno.EINVAL)
+    raw = p.space.read(iov, iovcnt * structs.IOVEC.size)
+    return [structs.IOVEC.unpack_from(raw, i * structs.IOVEC.size) for i in range(iovcnt)]
+
+
+def _scatter(p: Process, vecs: list[tuple[int, int]], data: bytes) -> None:
+    pos = 0
+    for base, length in vecs:
+        if pos >= len(data):
+            break
+        p.space.write(base, data[pos:pos + length])
+        pos += length
+
+
+def _gather(p: Process, vecs: list[tuple[int, int]]) -> bytes:
+    return b"".join(p.space.read(base, length) for base, length in vecs)
+
+
+@syscall("readv")
+def readv(p: Process, fd: int, iov: int, iovcnt: int) -> int:
+    fd = check_fd(p, fd)
+    vecs = _iovecs(p, iov, iovcnt)
+    for base, length in vecs:
+        p.space.check(base, length, PROT_WRITE)
+    data = _read(p, fd, sum(length for _, length in vecs))
+    _scatter(p, vecs, data)
+    return len(data)
+
+
+@syscall("writev")
+def writev(p: Process, fd: int, iov: int, iovcnt: int) -> int:
+    fd = check_fd(p, fd)
+    return os.write(fd, _gather(p, _iovecs(p, iov, iovcnt)))
+
+
+@syscall("preadv")
+def preadv(p: Process, fd: int, iov: int, iovcnt: int, offset: int) -> int:
+    fd = check_fd(p, fd)
+    vecs = _iovecs(p, iov, iovcnt)
+    data = os.pread(fd, min(sum(length for _, length in vecs), IO_LIMIT), i64(offset))
+    _scatter(p, vecs, data)
+    return len(data)
+
+
+@syscall("pwritev")
+def pwritev(p: Process, fd: int, iov: int, iovcnt: int, offset: int) -> int:
+    fd = check_fd(p, fd)
+    return os.pwrite(fd, _gather(p, _iovecs(p, iov, iovcnt)), i64(offset))
+
+
+@syscall("sendfile")
+def sendfile(p: Process, out_fd: int, in_fd: int, offset_ptr: int, count: int) -> int:
+    out_fd, in_fd = check_fd(p, out_fd), check_fd(p, in_fd)
+    count = min(count, IO_LIMIT)
+    if offset_ptr:
+        offset = i64(p.space.read_u64(offset_ptr))
+        data = os.pread(in_fd, count, offset)
+    else:
+        data = os.read(in_fd, count)
+    written = os.write(out_fd, data)
+    if offset_ptr:
+        p.space.write(offset_ptr, structs.U64.pack(offset + written))
+    elif written < len(data):
+        os.lseek(in_fd, written - len(data), os.SEEK_CUR)
+    return written
+
+
+@syscall("lseek")
+def lseek(p: Process, fd: int, offset: int, whence: int) -> int:
+    fd = check_fd(p, fd)
+    result = os.lseek(fd, i64(offset), i32(whence))
+    if result == 0:
+        p.dir_streams.pop(fd, None)  # rewinddir
+    return result
+
+
+@syscall("close")
+def close(p: Process, fd: int) -> int:
+    fd = check_fd(p, fd)
+    os.close(fd)
+    p.dir_streams.pop(fd, None)
+    return 0
+
+
+@syscall("close_range")
+def close_range(p: Process, first: int, last: int, flags: int) -> int:
+    internal = p.internal_fds
+    for fd in p.open_fds():
+        if first <= fd <= last and fd not in internal:
+            try:
+                if flags & CLOSE_RANGE_CLOEXEC:
+                    os.set_inheritable(fd, False)
+                else:
+                    os.close(fd)
+                    p.dir_streams.pop(fd, None)
+            except OSError:
+                pass
+    return 0
+
+
+@syscall("dup")
+def dup(p: Process, fd: int) -> int:
+    return fcntl.fcntl(check_fd(p, fd), fcntl.F_DUPFD, 0)
+
+
+@syscall("dup3")
+def dup3(p: Process, oldfd: int, newfd: int, flags: int) -> int:
+    oldfd, newfd = check_fd(p, oldfd), check_fd(p, newfd)
+    if oldfd == newfd or flags & ~ff.O_CLOEXEC:
+        raise SyscallError(Errno.EINVAL)
+    p.dir_streams.pop(newfd, None)
+    return os.dup2(oldfd, newfd, inheritable=not flags & ff.O_CLOEXEC)
+
+
+@syscall("fcntl")
+def fcntl_(p: Process, fd: int, cmd: int, arg: int) -> int:
+    fd = check_fd(p, fd)
+    cmd = i32(cmd)
+    if cmd in (ff.F_DUPFD, ff.F_DUPFD_CLOEXEC):
+        host_cmd = fcntl.F_DUPFD if cmd == ff.F_DUPFD else fcntl.F_DUPFD_CLOEXEC
+        return fcntl.fcntl(fd, host_cmd, i32(arg))
+    if cmd == ff.F_GETFD:
+        return ff.FD_CLOEXEC if not os.get_inheritable(fd) else 0
+    if cmd == ff.F_SETFD:
+        os.set_inheritable(fd, not arg & ff.FD_CLOEXEC)
+        return 0
+    if cmd == ff.F_GETFL:
+        return ff.open_flags_to_guest(fcntl.fcntl(fd, fcntl.F_GETFL))
+    if cmd == ff.F_SETFL:
+        return fcntl.fcntl(fd, fcntl.F_SETFL, ff.open_flags_to_host(arg & ~ff.O_ACCMODE))
+    if cmd in (ff.F_GETLK, ff.F_SETLK, ff.F_SETLKW):
+        raise SyscallError(Errno.ENOLCK)  # record locks are not emulated
+    raise SyscallError(Errno.EINVAL)
+
+
+@syscall("pipe2")
+def pipe2(p: Process, fds: int, flags: int) -> int:
+    if flags & ~(ff.O_CLOEXEC | ff.O_NONBLOCK):
+        raise SyscallError(Errno.EINVAL)
+    p.space.check(fds, 8, PROT_WRITE)
+    r, w = os.pipe2(ff.open_flags_to_host(flags))
+    p.space.write(fds, structs.I32.pack(r) + structs.I32.pack(w))
+    return 0
+
+
+@syscall("getdents64")
+def getdents64(p: Process, fd: int, dirp: int, count: int) -> int:
+    fd = check_fd(p, fd)
+    st = os.fstat(fd)
+    if not stat.S_ISDIR(st.st_mode):
+        raise SyscallError(Errno.ENOTDIR)
+    stream = p.dir_streams.get(fd)
+    if not isinstance(stream, DirStream) or stream.ident != (st.st_dev, st.st_ino):
+        stream = p.dir_streams[fd] = DirStream((st.st_dev, st.st_ino), _dir_records(fd, st))
+    out = bytearray()
+    while stream.cursor < len(stream.records):
+        record = stream.records[stream.cursor]
+        if len(out) + len(record) > count:
+            if not out:
+                raise SyscallError(Errno.EINVAL)
+            break
+        out += record
+        stream.cursor += 1
+    p.space.write(dirp, bytes(out))
+    return len(out)
+
+
+def _dir_records(fd: int, st: os.stat_result) -> list[bytes]:
+    """The directory's entries in the host's readdir order, with . and .. first."""
+    try:
+        parent = os.stat("..", dir_fd=fd).st_ino
+    except OSError:
+        parent = st.st_ino
+    dt_dir = structs.DT_BY_FORMAT[stat.S_IFDIR]
+    entries = [(st.st_ino, dt_dir, b"."), (parent, dt_dir, b"..")]
+    with os.scandir(fd) as it:
+        for entry in it:
+            entries.append((entry.inode(), _dtype(entry), os.fsencode(entry.name)))
+    return [structs.pack_dirent64(ino, i + 1, dtype, name)
+            for i, (ino, dtype, name) in enumerate(entries)]
+
+
+def _dtype(entry: os.DirEntry) -> int:
+    try:
+        if entry.is_symlink():
+            return structs.DT_BY_FORMAT[stat.S_IFLNK]
+        if entry.is_dir(follow_symlinks=False):
+            return structs.DT_BY_FORMAT[stat.S_IFDIR]
+        if entry.is_file(follow_symlinks=False):
+            return structs.DT_BY_FORMAT[stat.S_IFREG]
+        mode = entry.stat(follow_symlinks=False).st_mode
+    except OSError:
+        return structs.DT_UNKNOWN
+    return structs.DT_BY_FORMAT.get(stat.S_IFMT(mode), structs.DT_UNKNOWN)
+
+
+@syscall("fsync", "fdatasync")
+def fsync(p: Process, fd: int) -> int:
+    os.fsync(check_fd(p, fd))
+    return 0
+
+
+@syscall("ftruncate")
+def ftruncate(p: Process, fd: int, length: int) -> int:
+    os.ftruncate(check_fd(p, fd), i64(length))
+    return 0
+
+
+@syscall("ppoll")
+def ppoll(p: Process, fds: int, nfds: int, timeout_ptr: int, sigmask: int) -> int:
+    size = structs.POLLFD.size
+    if nfds > 4096:
+        raise SyscallError(Errno.EINVAL)
+    raw = bytearray(p.space.read(fds, nfds * size))
+    polled = [structs.POLLFD.unpack_from(raw, i * size) for i in range(nfds)]
+    timeout = None
+    if timeout_ptr:
+        sec, nsec = structs.TIMESPEC.unpack(p.space.read(timeout_ptr, structs.TIMESPEC.size))
+        timeout = sec + nsec / 1e9
+    if sigmask:
+        p.signals.restore_mask = p.signals.mask
+        p.signals.set_mask(p.space.read_u64(sigmask))
+    watched = [(fd, events) for fd, events, _ in polled if fd >= 0]
+    ready = dict(p.signals.wait(watched, timeout))
+    count = 0
+    for i, (fd, events, _) in enumerate(polled):
+        revents = ready.get(fd, 0) if fd >= 0 else 0
+        count += bool(revents)
+        structs.POLLFD.pack_into(raw, i * size, fd, events, revents)
+    p.space.write(fds, bytes(raw))
+    return count

@@ -1,0 +1,317 @@
+"""Process life cycle and identity: exit, fork (clone), execve, wait4, kill, ids, futex.
+
+fork is the host's fork: the child is a copy of the whole emulator, guest memory
+included, which is what fork means. A vfork-style clone is a fork whose parent
+waits until the child has executed or exited, so the order of their output is
+what the program expects. execve runs a RISC-V program in place and hands
+anything else (a native binary, a script for a native interpreter) to the host's
+execve, as qemu-user does. Threads are not supported.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import resource
+import time
+from typing import TYPE_CHECKING
+
+from popek.user import elf_loader, signals, structs
+from popek.user.control import ProcessExit, Resume
+from popek.user.linux_errno import Errno, SyscallError
+from popek.user.signals import WAKEUP_FD_MIN
+from popek.user.syscalls.registry import i32, syscall
+
+if TYPE_CHECKING:
+    from popek.user.process import Process
+
+CLONE_VM = 0x100
+CLONE_VFORK = 0x4000
+CLONE_THREAD = 0x10000
+CLONE_SETTLS = 0x80000
+CLONE_PARENT_SETTID = 0x100000
+CLONE_CHILD_SETTID = 0x1000000
+CSIGNAL = 0xFF
+WNOHANG, WUNTRACED, WCONTINUED = 1, 2, 8
+PR_SET_NAME, PR_GET_NAME = 15, 16
+FUTEX_CMD_MASK = 0x7F  # without FUTEX_PRIVATE_FLAG and FUTEX_CLOCK_REALTIME
+FUTEX_WAIT, FUTEX_WAKE, FUTEX_REQUEUE, FUTEX_CMP_REQUEUE, FUTEX_WAKE_OP = 0, 1, 3, 4, 5
+FUTEX_WAIT_BITSET, FUTEX_WAKE_BITSET = 9, 10
+SHEBANG_LIMIT = 256
+
+
+@syscall("exit", "exit_group")
+def exit_group(p: Process, status: int) -> int:
+    raise ProcessExit(status & 0xFF)
+
+
+@syscall("getpid", "gettid")
+def getpid(p: Process) -> int:
+    return os.getpid()
+
+
+@syscall("getppid")
+def getppid(p: Process) -> int:
+    return os.getppid()
+
+
+@syscall("getuid")
+def getuid(p: Process) -> int:
+    return os.getuid()
+
+
+@syscall("geteuid")
+def geteuid(p: Process) -> int:
+    return os.geteuid()
+
+
+@syscall("getgid")
+def getgid(p: Process) -> int:
+    return os.getgid()
+
+
+@syscall("getegid")
+def getegid(p: Process) -> int:
+    return os.getegid()
+
+
+@syscall("getgroups")
+def getgroups(p: Process, size: int, groups: int) -> int:
+    ids = os.getgroups()
+    size = i32(size)
+    if size == 0:
+        return len(ids)
+    if size < len(ids):
+        raise SyscallError(Errno.EINVAL)
+    p.space.write(groups, b"".join(structs.U32.pack(g) for g in ids))
+    return len(ids)
+
+
+@syscall("setpgid")
+def setpgid(p: Process, pid: int, pgid: int) -> int:
+    os.setpgid(i32(pid), i32(pgid))
+    return 0
+
+
+@syscall("getpgid")
+def getpgid(p: Process, pid: int) -> int:
+    return os.getpgid(i32(pid))
+
+
+@syscall("getsid")
+def getsid(p: Process, pid: int) -> int:
+    return os.getsid(i32(pid))
+
+
+@syscall("setsid")
+def setsid(p: Process) -> int:
+    return os.setsid()
+
+
+@syscall("set_tid_address")
+def set_tid_address(p: Process, tidptr: int) -> int:
+    return os.getpid()  # single-threaded: nobody waits for the clear at exit
+
+
+@syscall("set_robust_list")
+def set_robust_list(p: Process, head: int, length: int) -> int:
+    return 0 if length == 24 else -Errno.EINVAL
+
+
+@syscall("rseq", "clone3")
+def not_provided(p: Process) -> int:
+    """Optional features the C library falls back from when they fail with ENOSYS."""
+    return -Errno.ENOSYS
+
+
+@syscall("prctl")
+def prctl(p: Process, option: int, arg2: int) -> int:
+    option = i32(option)
+    if option == PR_SET_NAME:
+        p.comm = p.space.read_cstr(arg2, 4096)[:15]
+        return 0
+    if option == PR_GET_NAME:
+        p.space.write(arg2, p.comm.ljust(16, b"\0"))
+        return 0
+    raise SyscallError(Errno.EINVAL)
+
+
+# -- fork -----------------------------------------------------------------------------
+@syscall("clone")
+def clone(p: Process, flags: int, newsp: int, ptid: int, tls: int, ctid: int) -> int:
+    if flags & CLONE_THREAD or (flags & CLONE_VM and not flags & CLONE_VFORK):
+        raise SyscallError(Errno.EAGAIN)  # a thread: not supported
+    done_r = done_w = -1
+    if flags & CLONE_VFORK:
+        r, w = os.pipe2(os.O_CLOEXEC)
+        done_r = r
+        done_w = fcntl.fcntl(w, fcntl.F_DUPFD_CLOEXEC, WAKEUP_FD_MIN)
+        os.close(w)
+    pid = os.fork()
+    if pid == 0:
+        _child(p, flags, newsp, tls, ctid, done_r, done_w)
+        return 0
+    if done_r >= 0:
+        os.close(done_w)
+        while os.read(done_r, 1):  # EOF once the child executes or exits
+            pass
+        os.close(done_r)
+    if flags & CLONE_PARENT_SETTID:
+        p.space.write(ptid, structs.I32.pack(pid))
+    return pid
+
+
+def _child(p: Process, flags: int, newsp: int, tls: int, ctid: int, done_r: int,
+           done_w: int) -> None:
+    if p.vfork_done_fd >= 0:  # a vfork child that forks: the grandchild must not hold it
+        os.close(p.vfork_done_fd)
+    p.vfork_done_fd = done_w
+    if done_r >= 0:
+        os.close(done_r)
+    p.signals.open_wakeup_pipe()
+    x = p.hart.x
+    if newsp:
+        x[2] = newsp
+    if flags & CLONE_SETTLS:
+        x[4] = tls
+    if flags & CLONE_CHILD_SETTID:
+        p.space.write(ctid, structs.I32.pack(os.getpid()))
+
+
+# -- execve ---------------------------------------------------------------------------
+@syscall("execve")
+def execve(p: Process, path: int, argv: int, envp: int) -> int:
+    name = p.space.read_cstr(path, 4096)
+    args = [p.space.read_cstr(a) for a in p.space.read_pointers(argv)] if argv else []
+    env = [p.space.read_cstr(e) for e in p.space.read_pointers(envp)] if envp else []
+    _exec(p, name, p.host_path(name), args, env)
+    raise Resume(p.hart.pc)
+
+
+def _exec(p: Process, name: bytes, host: bytes, argv: list[bytes], envp: list[bytes]) -> None:
+    """Replace the process with ``host``; returns only for an in-place RISC-V program."""
+    st = os.stat(host)
+    if os.path.isdir(host) or not os.access(host, os.X_OK) or not st.st_mode & 0o111:
+        raise SyscallError(Errno.EACCES)
+    with open(host, "rb") as f:
+        head = f.read(SHEBANG_LIMIT)
+    path = os.fsdecode(host)
+    if elf_loader.is_elf(head):
+        try:
+            image = elf_loader.read_image(path)
+        except elf_loader.ExecError:
+            _host_execve(p, host, argv, envp)  # not ours to run: the host may know better
+        else:
+            _replace(p, path, argv, envp, name, image)
+            return
+    if head.startswith(b"#!"):
+        words = head[2:].split(b"\n", 1)[0].strip().split(None, 1)
+        if words:
+            interp = p.host_path(words[0])
+            try:
+                image = elf_loader.read_image(os.fsdecode(interp))
+            except elf_loader.ExecError:
+                pass
+            else:
+                script_argv = [words[0], *words[1:], name, *argv[1:]]
+                _replace(p, os.fsdecode(interp), script_argv, envp, words[0], image)
+                return
+    _host_execve(p, host, argv, envp)
+
+
+def _replace(p: Process, path: str, argv: list[bytes], envp: list[bytes], execfn: bytes,
+             image: elf_loader.ElfImage) -> None:
+    try:
+        p.execve(path, argv, envp, execfn=execfn, image=image)
+    except elf_loader.ExecError as e:
+        raise SyscallError(e.errno) from None
+
+
+def _host_execve(p: Process, host: bytes, argv: list[bytes], envp: list[bytes]) -> None:
+    env = dict(e.split(b"=", 1) for e in envp if b"=" in e)
+    p.signals.prepare_host_exec()
+    os.execve(host, argv or [host], env)
+
+
+# -- waiting and signalling -------------------------------------------------------------
+@syscall("wait4")
+def wait4(p: Process, pid: int, status: int, options: int, rusage: int) -> int:
+    pid, options = i32(pid), i32(options)
+    host_options = ((os.WUNTRACED if options & WUNTRACED else 0)
+                    | (os.WCONTINUED if options & WCONTINUED else 0))
+    while True:
+        child, raw_status, usage = os.wait4(pid, host_options | os.WNOHANG)
+        if child or options & WNOHANG:
+            break
+        p.signals.wait([], None, any_signal=True)  # SIGCHLD ends it
+    if child and status:
+        p.space.write(status, structs.I32.pack(raw_status))
+    if child and rusage:
+        p.space.write(rusage, pack_rusage(usage))
+    return child
+
+
+def pack_rusage(usage: resource.struct_rusage) -> bytes:
+    def timeval(seconds: float) -> tuple[int, int]:
+        usec = round(seconds * 1e6)
+        return usec // 10**6, usec % 10**6
+
+    return structs.RUSAGE.pack(
+        *timeval(usage.ru_utime), *timeval(usage.ru_stime), usage.ru_maxrss, usage.ru_ixrss,
+        usage.ru_idrss, usage.ru_isrss, usage.ru_minflt, usage.ru_majflt, usage.ru_nswap,
+        usage.ru_inblock, usage.ru_oublock, usage.ru_msgsnd, usage.ru_msgrcv,
+        usage.ru_nsignals, usage.ru_nvcsw, usage.ru_nivcsw)
+
+
+def _send(p: Process, pid: int, sig: int, code: int) -> int:
+    if not 0 <= sig <= signals.NSIG:
+        raise SyscallError(Errno.EINVAL)
+    if pid == os.getpid():
+        if sig:
+            info = signals.siginfo(sig, code, structs.SIGINFO_KILL.pack(pid, os.getuid()))
+            p.signals.raise_signal(sig, info)
+        return 0
+    host = signals.host_signal(sig) if sig else 0
+    if host is None:
+        raise SyscallError(Errno.EINVAL)
+    os.kill(pid, host)
+    return 0
+
+
+@syscall("kill")
+def kill(p: Process, pid: int, sig: int) -> int:
+    return _send(p, i32(pid), i32(sig), signals.SI_USER)
+
+
+@syscall("tkill")
+def tkill(p: Process, tid: int, sig: int) -> int:
+    return _send(p, i32(tid), i32(sig), signals.SI_TKILL)
+
+
+@syscall("tgkill")
+def tgkill(p: Process, tgid: int, tid: int, sig: int) -> int:
+    return _send(p, i32(tid), i32(sig), signals.SI_TKILL)
+
+
+# -- futex ----------------------------------------------------------------------------
+@syscall("futex")
+def futex(p: Process, uaddr: int, op: int, val: int, timeout: int) -> int:
+    """One thread: a wait either fails at once (value changed) or sleeps until a signal
+    or the timeout, as nothing else could wake it; wakes find no waiters."""
+    cmd = i32(op) & FUTEX_CMD_MASK
+    if cmd in (FUTEX_WAIT, FUTEX_WAIT_BITSET):
+        (current,) = structs.U32.unpack(p.space.read(uaddr, 4))
+        if current != val & 0xFFFFFFFF:
+            raise SyscallError(Errno.EAGAIN)
+        seconds = None
+        if timeout:
+            sec, nsec = structs.TIMESPEC.unpack(p.space.read(timeout, structs.TIMESPEC.size))
+            seconds = sec + nsec / 1e9
+            if cmd == FUTEX_WAIT_BITSET:  # an absolute CLOCK_MONOTONIC deadline
+                seconds -= time.monotonic()
+        p.signals.wait([], seconds)
+        raise SyscallError(Errno.ETIMEDOUT)
+    if cmd in (FUTEX_WAKE, FUTEX_WAKE_BITSET, FUTEX_REQUEUE, FUTEX_CMP_REQUEUE, FUTEX_WAKE_OP):
+        return 0
+    raise SyscallError(Errno.ENOSYS)
+

@@ -1,0 +1,167 @@
+"""System information and resources: uname, sysinfo, limits, usage, randomness, scheduling.
+
+The guest learns about the host it runs on, except that the machine is riscv64.
+Resource limits that bound memory are kept for the guest but not applied to the
+host: the emulator's own reservation of the guest's address space would break them.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from typing import TYPE_CHECKING
+
+from popek.user import structs
+from popek.user.linux_errno import Errno, SyscallError
+from popek.user.syscalls.proc import pack_rusage
+from popek.user.syscalls.registry import i32, syscall
+
+if TYPE_CHECKING:
+    from popek.user.process import Process
+
+MACHINE = "riscv64"
+# Resource numbers (asm-generic/resource.h), mapped to the host's by name.
+RLIMIT_NAMES = {
+    0: "RLIMIT_CPU", 1: "RLIMIT_FSIZE", 2: "RLIMIT_DATA", 3: "RLIMIT_STACK", 4: "RLIMIT_CORE",
+    5: "RLIMIT_RSS", 6: "RLIMIT_NPROC", 7: "RLIMIT_NOFILE", 8: "RLIMIT_MEMLOCK",
+    9: "RLIMIT_AS", 10: "RLIMIT_LOCKS", 11: "RLIMIT_SIGPENDING", 12: "RLIMIT_MSGQUEUE",
+    13: "RLIMIT_NICE", 14: "RLIMIT_RTPRIO", 15: "RLIMIT_RTTIME",
+}
+GUEST_ONLY_LIMITS = frozenset({2, 3, 5, 8, 9})  # DATA, STACK, RSS, MEMLOCK, AS
+RLIM_INFINITY = (1 << 64) - 1
+RUSAGE_SELF, RUSAGE_CHILDREN, RUSAGE_THREAD = 0, -1, 1
+GRND_NONBLOCK, GRND_RANDOM, GRND_INSECURE = 1, 2, 4
+LOAD_SHIFT = 16
+
+
+@syscall("uname")
+def uname(p: Process, buf: int) -> int:
+    host = os.uname()
+    p.space.write(buf, structs.pack_utsname(host.sysname, host.nodename, host.release,
+                                            host.version, MACHINE, "(none)"))
+    return 0
+
+
+@syscall("sysinfo")
+def sysinfo(p: Process, info: int) -> int:
+    page = os.sysconf("SC_PAGE_SIZE")
+    loads = [round(v * (1 << LOAD_SHIFT)) for v in os.getloadavg()]
+    p.space.write(info, structs.SYSINFO.pack(
+        int(time.clock_gettime(time.CLOCK_BOOTTIME)), *loads,
+        os.sysconf("SC_PHYS_PAGES") * page, os.sysconf("SC_AVPHYS_PAGES") * page,
+        0, 0, 0, 0, 1, 0, 0, 1))
+    return 0
+
+
+@syscall("getrandom")
+def getrandom(p: Process, buf: int, count: int, flags: int) -> int:
+    if flags & ~(GRND_NONBLOCK | GRND_RANDOM | GRND_INSECURE):
+        raise SyscallError(Errno.EINVAL)
+    data = os.urandom(min(count, 1 << 25))
+    p.space.write(buf, data)
+    return len(data)
+
+
+def _to_guest(value: int) -> int:
+    return RLIM_INFINITY if value == resource.RLIM_INFINITY else value
+
+
+def _to_host(value: int) -> int:
+    return resource.RLIM_INFINITY if value == RLIM_INFINITY else value
+
+
+def _limit(p: Process, which: int) -> tuple[int, int]:
+    if which in p.rlimits:
+        return p.rlimits[which]
+    cur, high = resource.getrlimit(getattr(resource, RLIMIT_NAMES[which]))
+    return _to_guest(cur), _to_guest(high)
+
+
+def _set_limit(p: Process, which: int, cur: int, high: int) -> None:
+    if cur > high:
+        raise SyscallError(Errno.EINVAL)
+    if which in GUEST_ONLY_LIMITS:
+        old_high = _limit(p, which)[1]
+        if high > old_high and os.geteuid() != 0:
+            raise SyscallError(Errno.EPERM)
+        p.rlimits[which] = (cur, high)
+    else:
+        resource.setrlimit(getattr(resource, RLIMIT_NAMES[which]), (_to_host(cur), _to_host(high)))
+
+
+@syscall("prlimit64")
+def prlimit64(p: Process, pid: int, which: int, new: int, old: int) -> int:
+    which = i32(which)
+    if i32(pid) not in (0, os.getpid()):
+        raise SyscallError(Errno.EPERM)
+    if which not in RLIMIT_NAMES or not hasattr(resource, RLIMIT_NAMES[which]):
+        raise SyscallError(Errno.EINVAL)
+    limits = structs.RLIMIT.unpack(p.space.read(new, structs.RLIMIT.size)) if new else None
+    if old:
+        p.space.write(old, structs.RLIMIT.pack(*_limit(p, which)))
+    if limits is not None:
+        _set_limit(p, which, *limits)
+    return 0
+
+
+@syscall("getrlimit")
+def getrlimit(p: Process, which: int, rlim: int) -> int:
+    return prlimit64(p, 0, which, 0, rlim)
+
+
+@syscall("setrlimit")
+def setrlimit(p: Process, which: int, rlim: int) -> int:
+    return prlimit64(p, 0, which, rlim, 0)
+
+
+@syscall("getrusage")
+def getrusage(p: Process, who: int, usage: int) -> int:
+    who = i32(who)
+    if who in (RUSAGE_SELF, RUSAGE_THREAD):
+        host = resource.RUSAGE_SELF
+    elif who == RUSAGE_CHILDREN:
+        host = resource.RUSAGE_CHILDREN
+    else:
+        raise SyscallError(Errno.EINVAL)
+    p.space.write(usage, pack_rusage(resource.getrusage(host)))
+    return 0
+
+
+@syscall("umask")
+def umask(p: Process, mask: int) -> int:
+    return os.umask(mask & 0o777)
+
+
+@syscall("sched_getaffinity")
+def sched_getaffinity(p: Process, pid: int, size: int, mask: int) -> int:
+    """The process VM runs one hart: the process may run on CPU 0."""
+    if size < 8 or size & 7:
+        raise SyscallError(Errno.EINVAL)
+    p.space.write(mask, b"\1" + bytes(7))
+    return 8
+
+
+@syscall("sched_yield")
+def sched_yield(p: Process) -> int:
+    return 0
+
+
+@syscall("getcpu")
+def getcpu(p: Process, cpu: int, node: int) -> int:
+    for addr in (cpu, node):
+        if addr:
+            p.space.write(addr, structs.U32.pack(0))
+    return 0
+
+
+@syscall("riscv_flush_icache")
+def riscv_flush_icache(p: Process) -> int:
+    p.hart.engine.flush()
+    return 0
+
+
+@syscall("sync")
+def sync(p: Process) -> int:
+    os.sync()
+    return 0
