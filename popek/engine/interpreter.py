@@ -186,6 +186,7 @@ class Interpreter:
                         executed += blk.offsets.index(pc - bpc)
                     pc = self._take(t, pc)
                     mode = self._mode_key()
+                    budget -= 1  # a trap is progress too: a trap loop must not pin the host
         finally:
             hart.pc = pc
             hart.instret += executed
