@@ -1,0 +1,330 @@
+"""Sv39/Sv48 page walks, permission checks and A/D updates (privileged spec 1.12, ch. 4)."""
+
+from __future__ import annotations
+
+import pytest
+from rvasm import MRET, RAM_BASE, WFI, ld, load, make_hart, sd
+
+from popek.cpu import csr as C
+from popek.cpu.causes import (
+    ACCESS_EXEC,
+    ACCESS_READ,
+    ACCESS_WRITE,
+    INSN_ACCESS,
+    INSN_PAGE_FAULT,
+    LOAD_ACCESS,
+    LOAD_PAGE_FAULT,
+    STORE_ACCESS,
+    STORE_PAGE_FAULT,
+    Trap,
+)
+from popek.cpu.pagewalk import (
+    PTE_A,
+    PTE_D,
+    PTE_G,
+    PTE_R,
+    PTE_U,
+    PTE_V,
+    PTE_W,
+    PTE_X,
+    translate,
+)
+from popek.cpu.pmp import A_NAPOT, ADDR_MASK, PMP_A_SHIFT, PMP_R, PMP_W, PMP_X, PMPADDR0, PMPCFG0
+from popek.cpu.state import PRIV_M, PRIV_S, PRIV_U
+
+RWX = PTE_R | PTE_W | PTE_X
+TABLES = RAM_BASE + 0x20_0000
+DATA = RAM_BASE + 0x10_0000
+PAGE_FAULT = {ACCESS_READ: LOAD_PAGE_FAULT, ACCESS_WRITE: STORE_PAGE_FAULT,
+              ACCESS_EXEC: INSN_PAGE_FAULT}
+ACCESS_FAULT = {ACCESS_READ: LOAD_ACCESS, ACCESS_WRITE: STORE_ACCESS, ACCESS_EXEC: INSN_ACCESS}
+
+
+class PageTables:
+    """Builds page tables in guest RAM the way a kernel would."""
+
+    def __init__(self, hart, mode: int) -> None:
+        self.hart = hart
+        self.levels = 3 if mode == C.SATP_SV39 else 4
+        self.root = TABLES
+        self.next_free = TABLES + 0x1000
+        hart.csr[C.SATP] = (mode << 60) | (self.root >> 12)
+
+    def pte_addr(self, va: int, level: int) -> int:
+        """Address of the PTE for ``va`` at ``level``, allocating tables above it."""
+        table = self.root
+        for lvl in range(self.levels - 1, level, -1):
+            addr = table + ((va >> (12 + 9 * lvl)) & 0x1FF) * 8
+            pte = self.hart.mem.load(addr, 8)
+            if not pte & PTE_V:
+                pte = ((self.next_free >> 12) << 10) | PTE_V
+                self.next_free += 0x1000
+                self.hart.mem.store(addr, 8, pte)
+            table = (pte >> 10) << 12
+        return table + ((va >> (12 + 9 * level)) & 0x1FF) * 8
+
+    def map(self, va: int, pa: int, flags: int, level: int = 0) -> int:
+        """Install a leaf (or any raw PTE bits in ``flags``); returns the PTE's address."""
+        addr = self.pte_addr(va, level)
+        self.hart.mem.store(addr, 8, ((pa >> 12) << 10) | flags)
+        return addr
+
+    def pte(self, addr: int) -> int:
+        return self.hart.mem.load(addr, 8)
+
+
+@pytest.fixture
+def hart():
+    h = make_hart()
+    h.priv = PRIV_S
+    return h
+
+
+@pytest.fixture
+def sv39(hart):
+    return PageTables(hart, C.SATP_SV39)
+
+
+@pytest.fixture
+def sv48(hart):
+    return PageTables(hart, C.SATP_SV48)
+
+
+def fault(hart, va: int, access: int) -> int | None:
+    """The cause of the fault translating ``va``, or None if it translates."""
+    try:
+        translate(hart, va, access)
+    except Trap as t:
+        assert t.tval == va
+        return t.cause
+    return None
+
+
+def page_fault(hart, va: int, access: int) -> bool:
+    return fault(hart, va, access) == PAGE_FAULT[access]
+
+
+# -- translation -----------------------------------------------------------------------------
+def test_sv39_4k_page_translates_with_offset(hart, sv39):
+    sv39.map(0x4000_1000, DATA, PTE_V | RWX)
+    assert translate(hart, 0x4000_1abc, ACCESS_READ) == DATA + 0xABC
+
+
+def test_sv39_megapage_translates_the_low_21_bits(hart, sv39):
+    sv39.map(0x4020_0000, RAM_BASE + 0x20_0000, PTE_V | RWX, level=1)
+    assert translate(hart, 0x4031_2345, ACCESS_WRITE) == RAM_BASE + 0x31_2345
+
+
+def test_sv39_gigapage_translates_the_low_30_bits(hart, sv39):
+    sv39.map(0x1_4000_0000, RAM_BASE, PTE_V | PTE_R | PTE_X, level=2)
+    assert translate(hart, 0x1_4123_4567, ACCESS_EXEC) == RAM_BASE + 0x123_4567
+
+
+def test_sv48_4k_page_uses_four_levels(hart, sv48):
+    va = 0x7F12_3456_7000
+    sv48.map(va, DATA, PTE_V | PTE_R)
+    assert translate(hart, va + 8, ACCESS_READ) == DATA + 8
+    assert sv48.next_free == TABLES + 4 * 0x1000  # three tables below the root
+
+
+def test_sv48_512g_page(hart, sv48):
+    sv48.map(0x80_0000_0000, 0, PTE_V | PTE_R, level=3)
+    assert translate(hart, 0x80_8000_0010, ACCESS_READ) == 0x8000_0010
+
+
+@pytest.mark.parametrize("level, pa", [(1, RAM_BASE + 0x1000), (2, RAM_BASE + 0x20_0000)])
+def test_misaligned_superpage_is_a_page_fault(hart, sv39, level, pa):
+    sv39.map(0, pa, PTE_V | RWX, level=level)
+    for access in (ACCESS_READ, ACCESS_WRITE, ACCESS_EXEC):
+        assert page_fault(hart, 0x10, access)
+
+
+def test_m_mode_and_bare_satp_are_identity(hart, sv39):
+    hart.priv = PRIV_M
+    assert translate(hart, 0x1234_5678, ACCESS_READ) == 0x1234_5678
+    hart.priv = PRIV_S
+    hart.csr[C.SATP] = 0
+    assert translate(hart, 0x1234_5678, ACCESS_EXEC) == 0x1234_5678
+
+
+def test_mprv_translates_m_mode_data_accesses_but_not_fetches(hart, sv39):
+    sv39.map(0x1000, DATA, PTE_V | RWX)
+    hart.priv = PRIV_M
+    hart.csr[C.MSTATUS] |= C.MSTATUS_MPRV | (PRIV_S << 11)
+    assert translate(hart, 0x1008, ACCESS_READ) == DATA + 8
+    assert translate(hart, 0x1008, ACCESS_WRITE) == DATA + 8
+    assert translate(hart, 0x1008, ACCESS_EXEC) == 0x1008
+    hart.csr[C.MSTATUS] |= PRIV_M << 11  # MPP = M: no translation
+    assert translate(hart, 0x1008, ACCESS_READ) == 0x1008
+
+
+# -- canonical addresses ---------------------------------------------------------------------
+def test_sv39_requires_bits_63_to_39_to_copy_bit_38(hart, sv39):
+    high = 0xFFFF_FFC0_0000_0000  # the lowest canonical address of the upper half
+    sv39.map(high, DATA, PTE_V | RWX)
+    assert translate(hart, high + 4, ACCESS_READ) == DATA + 4
+    for va in (1 << 39, 1 << 63, 0x7FFF_FFC0_0000_0000, 0x0000_0040_0000_0000):
+        for access in (ACCESS_READ, ACCESS_WRITE, ACCESS_EXEC):
+            assert page_fault(hart, va, access)
+
+
+def test_sv48_requires_bits_63_to_48_to_copy_bit_47(hart, sv48):
+    high = 0xFFFF_8000_0000_0000
+    sv48.map(high, DATA, PTE_V | RWX)
+    assert translate(hart, high, ACCESS_READ) == DATA
+    assert page_fault(hart, 1 << 48, ACCESS_READ)
+    assert page_fault(hart, 0x7FFF_8000_0000_0000, ACCESS_WRITE)
+
+
+# -- PTE encodings ---------------------------------------------------------------------------
+@pytest.mark.parametrize("flags", [
+    RWX,  # V clear
+    PTE_V | PTE_W,  # W without R is reserved
+    PTE_V | PTE_W | PTE_X,
+    PTE_V | RWX | (1 << 63),  # N: Svnapot is not implemented
+    PTE_V | RWX | (1 << 61),  # PBMT: Svpbmt is not implemented
+    PTE_V | RWX | (1 << 54),  # reserved
+])
+def test_invalid_or_reserved_leaf_is_a_page_fault(hart, sv39, flags):
+    sv39.map(0x3000, DATA, flags)
+    for access in (ACCESS_READ, ACCESS_WRITE, ACCESS_EXEC):
+        assert page_fault(hart, 0x3000, access)
+
+
+def test_reserved_bits_in_a_pointer_are_a_page_fault(hart, sv39):
+    sv39.map(0x3000, DATA, PTE_V | RWX)
+    top = sv39.root  # level-2 entry for va 0x3000 is the first one
+    hart.mem.store(top, 8, hart.mem.load(top, 8) | (1 << 62))
+    assert page_fault(hart, 0x3000, ACCESS_READ)
+
+
+def test_pointer_at_the_last_level_is_a_page_fault(hart, sv39):
+    sv39.map(0x5000, DATA, PTE_V)  # non-leaf where only a leaf may be
+    assert page_fault(hart, 0x5000, ACCESS_READ)
+
+
+def test_unmapped_address_faults_with_the_access_kinds_cause(hart, sv39):
+    sv39.map(0x5000, DATA, PTE_V | RWX)
+    for access, cause in PAGE_FAULT.items():
+        assert fault(hart, 0x6000, access) == cause
+        assert fault(hart, 0x4000_0000, access) == cause  # missing upper-level table
+
+
+# -- permissions -----------------------------------------------------------------------------
+@pytest.mark.parametrize("flags, allowed", [
+    (PTE_R, {ACCESS_READ}),
+    (PTE_R | PTE_W, {ACCESS_READ, ACCESS_WRITE}),
+    (PTE_X, {ACCESS_EXEC}),
+    (PTE_R | PTE_X, {ACCESS_READ, ACCESS_EXEC}),
+    (RWX, {ACCESS_READ, ACCESS_WRITE, ACCESS_EXEC}),
+])
+def test_rwx_bits_select_the_permitted_accesses(hart, sv39, flags, allowed):
+    sv39.map(0x7000, DATA, PTE_V | flags)
+    for access in (ACCESS_READ, ACCESS_WRITE, ACCESS_EXEC):
+        assert page_fault(hart, 0x7000, access) == (access not in allowed)
+
+
+def test_mxr_makes_executable_pages_readable(hart, sv39):
+    sv39.map(0x7000, DATA, PTE_V | PTE_X)
+    assert page_fault(hart, 0x7000, ACCESS_READ)
+    hart.csr[C.MSTATUS] |= C.MSTATUS_MXR
+    assert translate(hart, 0x7000, ACCESS_READ) == DATA
+    assert page_fault(hart, 0x7000, ACCESS_WRITE)
+
+
+def test_s_mode_reaches_user_pages_only_with_sum_and_never_executes_them(hart, sv39):
+    sv39.map(0x8000, DATA, PTE_V | PTE_U | RWX)
+    for access in (ACCESS_READ, ACCESS_WRITE, ACCESS_EXEC):
+        assert page_fault(hart, 0x8000, access)
+    hart.csr[C.MSTATUS] |= C.MSTATUS_SUM
+    assert translate(hart, 0x8000, ACCESS_READ) == DATA
+    assert translate(hart, 0x8000, ACCESS_WRITE) == DATA
+    assert page_fault(hart, 0x8000, ACCESS_EXEC)
+
+
+def test_user_mode_reaches_only_user_pages(hart, sv39):
+    sv39.map(0x8000, DATA, PTE_V | PTE_U | RWX)
+    sv39.map(0x9000, DATA, PTE_V | PTE_G | RWX)
+    hart.priv = PRIV_U
+    for access in (ACCESS_READ, ACCESS_WRITE, ACCESS_EXEC):
+        assert translate(hart, 0x8000, access) == DATA
+        assert page_fault(hart, 0x9000, access)
+
+
+def test_mprv_uses_the_user_rules_when_mpp_is_u(hart, sv39):
+    sv39.map(0x9000, DATA, PTE_V | RWX)
+    hart.priv = PRIV_M
+    hart.csr[C.MSTATUS] |= C.MSTATUS_MPRV  # MPP = U
+    assert page_fault(hart, 0x9000, ACCESS_READ)
+
+
+# -- accessed and dirty bits -----------------------------------------------------------------
+def test_reads_and_fetches_set_a_but_not_d(hart, sv39):
+    data = sv39.map(0x1000, DATA, PTE_V | RWX)
+    text = sv39.map(0x2000, DATA, PTE_V | PTE_X)
+    translate(hart, 0x1000, ACCESS_READ)
+    translate(hart, 0x2000, ACCESS_EXEC)
+    assert sv39.pte(data) & (PTE_A | PTE_D) == PTE_A
+    assert sv39.pte(text) & (PTE_A | PTE_D) == PTE_A
+
+
+def test_writes_set_a_and_d(hart, sv39):
+    addr = sv39.map(0x1000, DATA, PTE_V | RWX)
+    translate(hart, 0x1000, ACCESS_WRITE)
+    assert sv39.pte(addr) == ((DATA >> 12) << 10) | PTE_V | RWX | PTE_A | PTE_D
+
+
+def test_superpage_a_and_d_are_set_in_the_leaf(hart, sv39):
+    addr = sv39.map(0x20_0000, RAM_BASE, PTE_V | RWX, level=1)
+    translate(hart, 0x20_0000, ACCESS_WRITE)
+    assert sv39.pte(addr) & (PTE_A | PTE_D) == PTE_A | PTE_D
+
+
+def test_a_faulting_access_does_not_set_a(hart, sv39):
+    addr = sv39.map(0x1000, DATA, PTE_V | PTE_R)
+    assert page_fault(hart, 0x1000, ACCESS_WRITE)
+    assert not sv39.pte(addr) & PTE_A
+
+
+# -- faults on the walk's own accesses -------------------------------------------------------
+def test_page_table_outside_memory_is_an_access_fault(hart):
+    hart.csr[C.SATP] = (C.SATP_SV39 << 60) | (0x1000_0000 >> 12)  # nothing there
+    for access, cause in ACCESS_FAULT.items():
+        assert fault(hart, 0x1000, access) == cause
+
+
+def test_pmp_denied_page_table_is_an_access_fault(hart, sv39):
+    sv39.map(0x1000, DATA, PTE_V | RWX)
+    napot = A_NAPOT << PMP_A_SHIFT
+    # Entry 0: the root table, no permissions; entry 1: everything else, RWX.
+    hart.csr[PMPADDR0] = (sv39.root >> 2) | 0x1FF
+    hart.csr[PMPADDR0 + 1] = ADDR_MASK
+    hart.csr[PMPCFG0] = napot | ((napot | PMP_R | PMP_W | PMP_X) << 8)
+    for access, cause in ACCESS_FAULT.items():
+        assert fault(hart, 0x1000, access) == cause
+
+
+# -- through the hart ------------------------------------------------------------------------
+def test_s_mode_program_runs_from_virtual_memory_and_faults_to_m(hart, sv39):
+    code_pa, data_pa = RAM_BASE + 0x30_0000, RAM_BASE + 0x30_1000
+    text = sv39.map(0x1000, code_pa, PTE_V | PTE_R | PTE_X)
+    data = sv39.map(0x2000, data_pa, PTE_V | PTE_R | PTE_W)
+    load(hart, code_pa, ld(5, 6), sd(5, 6, 8), ld(7, 8))
+    hart.mem.store(data_pa, 8, 0xFEED_F00D)
+    hart.x[6], hart.x[8] = 0x2000, 0x5000
+    mtvec = RAM_BASE + 0x1000
+    hart.csr[C.MTVEC] = mtvec
+    load(hart, mtvec, WFI)
+    # Enter S-mode at virtual 0x1000 with an mret from M-mode.
+    hart.priv = PRIV_M
+    hart.csr[C.MSTATUS] |= PRIV_S << 11
+    hart.csr[C.MEPC] = 0x1000
+    load(hart, RAM_BASE, MRET)
+    hart.pc = RAM_BASE
+    hart.run(20)
+    assert hart.x[5] == 0xFEED_F00D
+    assert hart.mem.load(data_pa + 8, 8) == 0xFEED_F00D
+    assert hart.csr[C.MCAUSE] == LOAD_PAGE_FAULT and hart.csr[C.MTVAL] == 0x5000
+    assert hart.csr[C.MEPC] == 0x1008 and hart.pc == mtvec + 4
+    assert sv39.pte(text) & (PTE_A | PTE_D) == PTE_A
+    assert sv39.pte(data) & (PTE_A | PTE_D) == PTE_A | PTE_D
