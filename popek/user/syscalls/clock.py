@@ -30,12 +30,18 @@ ITIMER_NAMES = {0: "ITIMER_REAL", 1: "ITIMER_VIRTUAL", 2: "ITIMER_PROF"}
 CLOCK_TICKS = 100
 
 
+# What to use where Python does not name a clock: the precise clock a coarse one follows.
+CLOCK_FALLBACKS = {5: 0, 6: 1, 4: 1, 7: 1}
+
+
 def _host_clock(clock: int) -> int:
-    name = CLOCK_NAMES.get(i32(clock))
-    host = getattr(time, name, None) if name else None
-    if host is None:
-        raise SyscallError(Errno.EINVAL)
-    return host
+    clock = i32(clock)
+    for candidate in (clock, CLOCK_FALLBACKS.get(clock)):
+        name = CLOCK_NAMES.get(candidate) if candidate is not None else None
+        host = getattr(time, name, None) if name else None
+        if host is not None:
+            return host
+    raise SyscallError(Errno.EINVAL)
 
 
 def _timespec(ns: int) -> bytes:
