@@ -198,6 +198,14 @@ def test_reserved_bits_in_a_pointer_are_a_page_fault(hart, sv39):
     assert page_fault(hart, 0x3000, ACCESS_READ)
 
 
+@pytest.mark.parametrize("bit", [PTE_D, PTE_A, PTE_U])
+def test_d_a_or_u_in_a_pointer_is_a_page_fault(hart, sv39, bit):
+    sv39.map(0x3000, DATA, PTE_V | RWX)
+    top = sv39.root
+    hart.mem.store(top, 8, hart.mem.load(top, 8) | bit)
+    assert page_fault(hart, 0x3000, ACCESS_READ)
+
+
 def test_pointer_at_the_last_level_is_a_page_fault(hart, sv39):
     sv39.map(0x5000, DATA, PTE_V)  # non-leaf where only a leaf may be
     assert page_fault(hart, 0x5000, ACCESS_READ)

@@ -6,6 +6,12 @@ and ``frm`` are derived from their base register on each access and never stored
 ``mstatus.SD`` is derived too, because FP instructions dirty ``FS`` without going
 through this module.
 
+``mip`` is shared with the devices, which drive MSIP/MTIP/MEIP/SEIP through
+``Hart.set_interrupt``; M-mode software may also write SSIP, STIP and SEIP there (OpenSBI
+forwards timer and software interrupts that way). The software-written SEIP and the
+external SEIP line share one bit, a simplification of the spec's "OR of the two" that
+matters only to firmware injecting external interrupts while a PLIC drives the line.
+
 CSR instructions are the slow path, so access goes through one dict from CSR number
 to ``(check, read, write)``: ``check`` raises for access rules beyond the number's
 privilege and read-only bits, ``write`` is ``None`` where writes are silently ignored

@@ -86,8 +86,9 @@ def translate(hart: Hart, vaddr: int, access: int) -> int:
             raise Trap(page_fault, vaddr)
         if pte & (PTE_R | PTE_X):
             break
-        if level == 0:
-            raise Trap(page_fault, vaddr)  # a pointer where a leaf must be
+        # A pointer at the last level, or one with D, A or U set (reserved in pointers).
+        if level == 0 or pte & (PTE_D | PTE_A | PTE_U):
+            raise Trap(page_fault, vaddr)
         level -= 1
         table = ((pte >> PTE_PPN_SHIFT) & SATP_PPN_MASK) << PAGE_SHIFT
 
