@@ -385,7 +385,11 @@ def _field(word: int, free: int, lo: int, width: int, value: int) -> int:
 
 
 def _rm_and_frm(rng: random.Random) -> tuple[int, int]:
-    """One of the ten rounding settings: static rm 0-4 (any frm), or dynamic with frm 0-4."""
+    """One of the ten rounding settings: static rm 0-4 (any frm), or dynamic with frm 0-4;
+    now and then a reserved one (rm 5 or 6, or dynamic with frm 5-7), which must trap."""
+    if rng.random() < 0.04:
+        rm = rng.choice((5, 6, 7))
+        return rm, rng.randrange(5, 8) if rm == 7 else rng.randrange(8)
     i = rng.randrange(10)
     return (i, rng.randrange(8)) if i < 5 else (7, i - 5)
 

@@ -128,8 +128,11 @@ class UnicornOracle:
         x = (0, *vals[0:31])
         f = vals[31:63]
         fcsr = vals[63]
-        if self._trap is None and (unboxed or case.fp_dest or case.fp_op):
-            fcsr = _correct(case, f_in, unboxed, f, fcsr)
+        if self._trap is None and (case.fp_dest or case.fp_op):
+            fcsr = _correct(case, f_in, f, fcsr)
+        for reg in unboxed:  # what unicorn read instead of an unboxed single is no result
+            if self._trap is not None or reg != case.frd:
+                f[reg] = case.f[reg]
         data = bytes(uc.mem_read(case.window, len(case.data))) if case.window else b""
         pc = vals[64] if self._trap is None else None
         return Outcome(x, tuple(f), fcsr, pc, data, self._trap)
@@ -154,7 +157,7 @@ def _nan_box_inputs(case: Case) -> tuple[list[int], list[int]]:
     return f, unboxed
 
 
-def _correct(case: Case, f_in: list[int], unboxed: list[int], f: list[int], fcsr: int) -> int:
+def _correct(case: Case, f_in: list[int], f: list[int], fcsr: int) -> int:
     """Bring unicorn's results (``f`` in place, and the returned fcsr) to the spec."""
     fsrcs = [(f_in[reg], p) for cls, reg, p in case.srcs if cls == "f"]
     if case.fp_op == "minmax":
@@ -173,10 +176,6 @@ def _correct(case: Case, f_in: list[int], unboxed: list[int], f: list[int], fcsr
         (a_inf, a_zero), (b_inf, b_zero) = _is_inf_or_zero(a, p), _is_inf_or_zero(b, p)
         if (a_inf and b_zero or a_zero and b_inf) and is_nan(c, p):
             fcsr |= FLAG_NV
-    # The inputs unicorn saw instead of unboxed singles are not results: restore them.
-    for reg in unboxed:
-        if reg != case.frd:
-            f[reg] = case.f[reg]
     # SPEC: a single written to an FP register is NaN-boxed (upper 32 bits all ones).
     # QEMU 5.0 zero-extends results, and its fmv.w.x copies all 64 bits of the source.
     if case.fp_dest == "s":
