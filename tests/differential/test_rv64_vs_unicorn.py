@@ -232,15 +232,14 @@ def _trap(t: int | None) -> str:
 
 def report(case: Case, want: Outcome, got: Outcome) -> str:
     """The instruction, its operands, and every difference, reference first."""
-    lines = []
-    for ins, word, length in case.words:
-        lines.append(f"{case.kind}: {ins.name} word 0x{word:0{2 * length}x}")
-    rd, rs1, rs2, imm = case.operands
-    first = case.words[0][0]
-    fields = f"  at pc 0x{case.pc:x}: rd={rd} rs1={rs1} rs2={rs2} imm={imm}"
-    if first.fmt in ("RM", "R4"):
-        fields += f" rm={ROUNDING_MODES[imm >> 5 if first.fmt == 'R4' else imm]}"
-    lines.append(fields)
+    lines = [f"{case.kind} at pc 0x{case.pc:x}:"]
+    for i, (ins, word, length) in enumerate(case.words):
+        rd, rs1, rs2, imm = ins.operands(word) if i else case.operands
+        text = (f"  {ins.name} (0x{word:0{2 * length}x}): rd={rd} rs1={rs1} rs2={rs2}"
+                f" imm={imm}")
+        if ins.fmt in ("RM", "R4"):
+            text += f" rm={ROUNDING_MODES[imm >> 5 if ins.fmt == 'R4' else imm]}"
+        lines.append(text)
     for cls, reg, precision in case.srcs:
         v = case.x[reg] if cls == "x" else case.f[reg]
         lines.append(f"  {cls}{reg} = {_x(v) if cls == 'x' else _f(v, precision)}")
