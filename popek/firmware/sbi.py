@@ -111,7 +111,7 @@ class Sbi:
         """Enter the kernel in S-mode, as firmware would after its own set-up."""
         hart.csr[0x302] = MEDELEG  # medeleg
         hart.csr[0x303] = MIDELEG  # mideleg
-        hart.csr[0x306] = M64  # mcounteren: let S-mode read the counters
+        hart.csr[0x306] = 0xFFFF_FFFF  # mcounteren: let S-mode read the counters
         hart.priv = PRIV_S
         hart.mmu.flush()
         hart.x[A0] = hart.hartid

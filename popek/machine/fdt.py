@@ -48,18 +48,11 @@ class Node:
     props: dict[str, PropValue] = field(default_factory=dict)
     children: list[Node] = field(default_factory=list)
 
-    def add(self, name: str, **props: PropValue) -> Node:
-        """Add a child; property names use ``_`` for ``-`` and ``__`` for ``,``."""
-        child = Node(name, {_prop_name(k): v for k, v in props.items()})
+    def add(self, name: str, props: dict[str, PropValue] | None = None) -> Node:
+        """Add and return a child node with the given properties (in order)."""
+        child = Node(name, dict(props or {}))
         self.children.append(child)
         return child
-
-    def set(self, name: str, value: PropValue) -> None:
-        self.props[name] = value
-
-
-def _prop_name(key: str) -> str:
-    return key.replace("__", ",").replace("_", "-")
 
 
 class _Strings:

@@ -1,0 +1,133 @@
+"""Loading guest images: kernels (RISC-V Linux ``Image`` or ELF), initrds, firmware.
+
+Images may be compressed (xz, gzip) as the bundled ones are. Every problem with
+an image becomes an :class:`ImageError` with a one-line message for the user.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import lzma
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
+
+IMAGE_MAGIC2 = b"RSC\x05"  # offset 56 of a RISC-V Linux Image header
+IMAGE_HEADER_SIZE = 64
+EM_RISCV = 243
+
+
+class ImageError(Exception):
+    """A guest image that cannot be used (missing, truncated, wrong architecture...)."""
+
+
+@dataclass
+class Segment:
+    """Bytes to place at a physical address (plus zero fill up to ``memsz``)."""
+
+    addr: int
+    data: bytes
+    memsz: int
+
+
+@dataclass
+class Kernel:
+    segments: list[Segment]
+    entry: int
+
+    @property
+    def end(self) -> int:
+        return max(s.addr + s.memsz for s in self.segments)
+
+
+def read_image(path: Path, what: str) -> bytes:
+    """The file's bytes, decompressed if it is xz or gzip."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ImageError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise ImageError(f"{what} is a directory: {path}") from None
+    except OSError as err:
+        raise ImageError(f"cannot read {what} {path}: {err.strerror}") from None
+    try:
+        if raw.startswith(b"\xfd7zXZ\0"):
+            return lzma.decompress(raw)
+        if raw.startswith(b"\x1f\x8b"):
+            return gzip.decompress(raw)
+    except (lzma.LZMAError, EOFError, OSError) as err:
+        raise ImageError(f"{what} {path} is corrupt or truncated ({err})") from None
+    return raw
+
+
+def load_kernel(path: Path, ram_base: int, ram_size: int) -> Kernel:
+    """Parse a kernel as QEMU's ``-kernel`` would: an ELF, or a RISC-V Linux Image."""
+    data = read_image(path, "kernel")
+    if data.startswith(b"\x7fELF"):
+        return _load_elf(path, data, ram_base, ram_size)
+    if len(data) < IMAGE_HEADER_SIZE:
+        raise ImageError(f"kernel {path} is truncated ({len(data)} bytes)")
+    if data[56:60] != IMAGE_MAGIC2:
+        raise ImageError(f"kernel {path} is not a RISC-V Linux Image or ELF file")
+    text_offset, image_size = struct.unpack_from("<QQ", data, 8)
+    _check_pe_complete(path, data)
+    load = ram_base + (text_offset or 0x200000)
+    memsz = max(image_size, len(data))
+    if load + memsz > ram_base + ram_size:
+        raise ImageError(f"kernel {path} ({memsz >> 20} MiB) does not fit in guest RAM")
+    return Kernel([Segment(load, data, memsz)], load)
+
+
+def _check_pe_complete(path: Path, data: bytes) -> None:
+    """Images with an EFI stub carry a PE header that tells their true file size."""
+    if data[:2] != b"MZ":
+        return
+    pe = struct.unpack_from("<I", data, 0x3C)[0]
+    if pe + 24 > len(data) or data[pe:pe + 4] != b"PE\0\0":
+        return
+    nsections = struct.unpack_from("<H", data, pe + 6)[0]
+    opt_size = struct.unpack_from("<H", data, pe + 20)[0]
+    table = pe + 24 + opt_size
+    for i in range(nsections):
+        entry = table + 40 * i
+        if entry + 40 > len(data):
+            raise ImageError(f"kernel {path} is truncated")
+        raw_size, raw_ptr = struct.unpack_from("<II", data, entry + 16)
+        if raw_ptr + raw_size > len(data):
+            raise ImageError(f"kernel {path} is truncated")
+
+
+def _place(addr: int, ram_base: int, ram_size: int) -> int:
+    """A vmlinux links at its virtual address; like QEMU, fold it into RAM."""
+    if ram_base <= addr < ram_base + ram_size:
+        return addr
+    return (addr & 0x7FFFFFFF) | ram_base
+
+
+def _load_elf(path: Path, data: bytes, ram_base: int, ram_size: int) -> Kernel:
+    try:
+        elf = ELFFile(io.BytesIO(data))
+        if elf["e_machine"] != "EM_RISCV" or elf.elfclass != 64:
+            raise ImageError(f"kernel {path} is not a 64-bit RISC-V ELF ({elf['e_machine']})")
+        segments = []
+        for seg in elf.iter_segments():
+            if seg["p_type"] != "PT_LOAD":
+                continue
+            seg_data = seg.data()
+            if len(seg_data) < seg["p_filesz"]:
+                raise ImageError(f"kernel {path} is truncated")
+            segments.append(Segment(_place(seg["p_paddr"], ram_base, ram_size), seg_data,
+                                    seg["p_memsz"]))
+        entry = _place(elf["e_entry"], ram_base, ram_size)
+    except ELFError as err:
+        raise ImageError(f"kernel {path} is not a valid ELF file ({err})") from None
+    if not segments:
+        raise ImageError(f"kernel {path} has nothing to load")
+    for s in segments:
+        if not (ram_base <= s.addr and s.addr + s.memsz <= ram_base + ram_size):
+            raise ImageError(f"kernel {path} loads at {s.addr:#x}, outside guest RAM")
+    return Kernel(segments, entry)

@@ -1,0 +1,309 @@
+"""The "virt" board: QEMU's riscv64 virt memory map, devices, harts and boot.
+
+Software built for ``qemu-system-riscv64 -M virt`` boots unchanged. The machine
+owns guest RAM, the bus and devices, the harts and the firmware, and time-slices
+the harts in one host thread: each runs a slice of instructions, then devices and
+timers are updated and console input is delivered.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from popek.cpu import trap as trap_unit
+from popek.cpu.causes import ECALL_S
+from popek.cpu.hart import Hart
+from popek.cpu.physmem import PhysicalMemory
+from popek.devices import boot_rom
+from popek.devices.boot_rom import BootRom
+from popek.devices.clint import Clint
+from popek.devices.goldfish_rtc import GoldfishRtc
+from popek.devices.plic import Plic
+from popek.devices.test_finisher import Finisher
+from popek.devices.uart16550 import Uart16550
+from popek.devices.virtio import FIRST_IRQ, SLOT_BASE, SLOT_COUNT, SLOT_SIZE, VirtioBlk, VirtioMMIO
+from popek.devices.virtio.rng import VirtioRng
+from popek.firmware.sbi import Sbi
+from popek.machine import fdt
+from popek.machine.loader import ImageError, load_kernel, read_image
+
+RAM_BASE = 0x8000_0000
+TEST_BASE, TEST_SIZE = 0x10_0000, 0x1000
+RTC_BASE, RTC_SIZE, RTC_IRQ = 0x10_1000, 0x1000, 11
+CLINT_BASE, CLINT_SIZE = 0x200_0000, 0x10000
+PLIC_BASE, PLIC_SIZE, PLIC_NDEV = 0xC00_0000, 0x60_0000, 95
+UART_BASE, UART_SIZE, UART_IRQ = 0x1000_0000, 0x100, 10
+TIMEBASE_HZ = 10_000_000
+KERNEL_OFFSET = 0x20_0000  # where firmware jumps to: RAM base + 2 MiB, as on QEMU
+ISA_STRING = "rv64imafdc_zicsr_zifencei"
+SLICE = 20_000  # instructions a hart runs before devices and timers are looked at
+MIN_RAM = 16 << 20
+MAX_RAM = 64 << 30
+
+OPENSBI_PATHS = (
+    "/usr/lib/riscv64-linux-gnu/opensbi/generic/fw_jump.bin",
+    "/usr/share/qemu/opensbi-riscv64-generic-fw_dynamic.bin",
+)
+
+
+@dataclass
+class DiskSpec:
+    path: Path
+    readonly: bool = False
+
+
+@dataclass
+class MachineConfig:
+    """What ``popek run`` (or the VMM) asks for; the defaults are QEMU's."""
+
+    kernel: Path
+    initrd: Path | None = None
+    append: str = "console=ttyS0"
+    disks: list[DiskSpec] = field(default_factory=list)
+    mem: int = 256 << 20
+    cpus: int = 1
+    bios: str = "none"  # "none" (popek's SBI), "opensbi", or a firmware path
+    rng: bool = True
+
+
+class ConfigError(Exception):
+    """A machine that cannot be built as asked (the CLI prints it as one line)."""
+
+
+class VirtMachine:
+    """One guest: RAM, devices, harts and firmware, runnable until it powers off."""
+
+    def __init__(self, config: MachineConfig, console_out: Callable[[bytes], None]) -> None:
+        if not MIN_RAM <= config.mem <= MAX_RAM or config.mem % 4096:
+            raise ConfigError(
+                f"--mem {config.mem >> 20}M is impossible: use {MIN_RAM >> 20}M to "
+                f"{MAX_RAM >> 30}G in whole pages")
+        if not 1 <= config.cpus <= 8:
+            raise ConfigError(f"--cpus {config.cpus}: popek's virt board has 1 to 8 harts")
+        self.config = config
+        self.console_out = console_out
+        self.exit: tuple[str, int] | None = None
+        self.mem = PhysicalMemory(RAM_BASE, config.mem)
+        self.harts = [Hart(self.mem, i) for i in range(config.cpus)]
+        self.clint = Clint(self.harts, _guest_clock())
+        for hart in self.harts:
+            hart.time = self.clint.mtime
+        self.plic = Plic(self.harts)
+        self.uart = Uart16550(console_out, self.plic.irq_line(UART_IRQ))
+        self.rtc = GoldfishRtc(self.plic.irq_line(RTC_IRQ), wall_clock=time.time_ns)
+        self.finisher = Finisher(self.request_shutdown)
+        self.virtio: list[VirtioMMIO] = []
+        self.disks: list[VirtioBlk] = []
+        try:
+            for spec in config.disks:
+                disk = VirtioBlk(str(spec.path), readonly=spec.readonly)
+                self.disks.append(disk)
+                self._add_virtio(disk)
+        except OSError as err:
+            raise ConfigError(str(err)) from None
+        if config.rng:
+            self._add_virtio(VirtioRng())
+        self.sbi = Sbi(self) if config.bios == "none" else None
+        for base, size, dev in (
+            (TEST_BASE, TEST_SIZE, self.finisher), (RTC_BASE, RTC_SIZE, self.rtc),
+            (CLINT_BASE, CLINT_SIZE, self.clint), (PLIC_BASE, PLIC_SIZE, self.plic),
+            (UART_BASE, UART_SIZE, self.uart),
+        ):
+            self.mem.add_device(base, size, dev)
+        self._input = bytearray()
+        self.boot()
+
+    # -- building -----------------------------------------------------------------------
+    def _add_virtio(self, backend) -> None:
+        n = len(self.virtio)
+        if n >= SLOT_COUNT:
+            raise ConfigError(f"at most {SLOT_COUNT} virtio devices")
+        dev = VirtioMMIO(self.mem, backend, self.plic.irq_line(FIRST_IRQ + n))
+        self.mem.add_device(SLOT_BASE + n * SLOT_SIZE, SLOT_SIZE, dev)
+        self.virtio.append(dev)
+
+    def device_tree(self, initrd: tuple[int, int] | None) -> bytes:
+        """The board as the guest sees it (like QEMU's generated virt device tree)."""
+        plic_phandle, test_phandle = 0x200, 0x201
+        root = fdt.Node("", {"#address-cells": 2, "#size-cells": 2,
+                             "compatible": "riscv-virtio", "model": "riscv-virtio,qemu"})
+        chosen = root.add("chosen", {"bootargs": self.config.append,
+                                     "stdout-path": f"/soc/serial@{UART_BASE:x}"})
+        if initrd:
+            chosen.props["linux,initrd-start"] = fdt.u64(initrd[0])
+            chosen.props["linux,initrd-end"] = fdt.u64(initrd[1])
+        mem = self.config.mem
+        root.add(f"memory@{RAM_BASE:x}", {"device_type": "memory",
+                                          "reg": [0, RAM_BASE, mem >> 32, mem & 0xFFFFFFFF]})
+        cpus = root.add("cpus", {"#address-cells": 1, "#size-cells": 0,
+                                 "timebase-frequency": TIMEBASE_HZ})
+        intc = [0x100 + hart.hartid for hart in self.harts]
+        for hart in self.harts:
+            cpu = cpus.add(f"cpu@{hart.hartid}", {
+                "device_type": "cpu", "reg": hart.hartid, "status": "okay",
+                "compatible": "riscv", "riscv,isa": ISA_STRING, "mmu-type": "riscv,sv48",
+                "phandle": 1 + hart.hartid})
+            cpu.add("interrupt-controller", {
+                "#interrupt-cells": 1, "interrupt-controller": b"",
+                "compatible": "riscv,cpu-intc", "phandle": intc[hart.hartid]})
+        cluster = cpus.add("cpu-map").add("cluster0")
+        for hart in self.harts:
+            cluster.add(f"core{hart.hartid}", {"cpu": 1 + hart.hartid})
+        soc = root.add("soc", {"#address-cells": 2, "#size-cells": 2,
+                               "compatible": "simple-bus", "ranges": b""})
+        soc.add(f"test@{TEST_BASE:x}", {
+            "compatible": ["sifive,test1", "sifive,test0", "syscon"],
+            "reg": [0, TEST_BASE, 0, TEST_SIZE], "phandle": test_phandle})
+        soc.add(f"rtc@{RTC_BASE:x}", {
+            "compatible": "google,goldfish-rtc", "reg": [0, RTC_BASE, 0, RTC_SIZE],
+            "interrupts": RTC_IRQ, "interrupt-parent": plic_phandle})
+        soc.add(f"serial@{UART_BASE:x}", {
+            "compatible": "ns16550a", "reg": [0, UART_BASE, 0, UART_SIZE],
+            "clock-frequency": 3686400, "interrupts": UART_IRQ,
+            "interrupt-parent": plic_phandle})
+        soc.add(f"clint@{CLINT_BASE:x}", {
+            "compatible": ["sifive,clint0", "riscv,clint0"],
+            "reg": [0, CLINT_BASE, 0, CLINT_SIZE],
+            "interrupts-extended": [v for p in intc for v in (p, 3, p, 7)]})
+        soc.add(f"plic@{PLIC_BASE:x}", {
+            "compatible": ["sifive,plic-1.0.0", "riscv,plic0"],
+            "reg": [0, PLIC_BASE, 0, PLIC_SIZE], "phandle": plic_phandle,
+            "riscv,ndev": PLIC_NDEV, "#interrupt-cells": 1, "#address-cells": 0,
+            "interrupt-controller": b"",
+            "interrupts-extended": [v for p in intc for v in (p, 11, p, 9)]})
+        for n in range(len(self.virtio)):
+            base = SLOT_BASE + n * SLOT_SIZE
+            soc.add(f"virtio_mmio@{base:x}", {
+                "compatible": "virtio,mmio", "reg": [0, base, 0, SLOT_SIZE],
+                "interrupts": FIRST_IRQ + n, "interrupt-parent": plic_phandle})
+        root.add("poweroff", {"compatible": "syscon-poweroff", "regmap": test_phandle,
+                              "offset": 0, "value": 0x5555})
+        root.add("reboot", {"compatible": "syscon-reboot", "regmap": test_phandle,
+                            "offset": 0, "value": 0x7777})
+        return fdt.build(root)
+
+    def _firmware_path(self) -> Path | None:
+        bios = self.config.bios
+        if bios == "none":
+            return None
+        if bios == "opensbi":
+            for candidate in OPENSBI_PATHS:
+                if Path(candidate).exists():
+                    return Path(candidate)
+            raise ConfigError("--bios opensbi: Debian's OpenSBI is missing "
+                              "(apt-get install opensbi)")
+        return Path(bios)
+
+    def boot(self) -> None:
+        """Place kernel, initrd, device tree (and firmware) in RAM and reset the harts."""
+        cfg = self.config
+        ram_end = RAM_BASE + cfg.mem
+        firmware = self._firmware_path()
+        kernel = load_kernel(cfg.kernel, RAM_BASE, cfg.mem)
+        if firmware is not None and kernel.entry != RAM_BASE + KERNEL_OFFSET:
+            raise ConfigError(f"kernel entry {kernel.entry:#x}: firmware jumps to "
+                              f"{RAM_BASE + KERNEL_OFFSET:#x}")
+        for seg in kernel.segments:
+            self.mem.write(seg.addr, seg.data)
+        initrd_range = None
+        if cfg.initrd is not None:
+            data = read_image(cfg.initrd, "initrd")
+            start = max(_align_up(kernel.end, 1 << 21), RAM_BASE + min(cfg.mem // 2, 128 << 20))
+            if start + len(data) > ram_end - (2 << 20):
+                raise ConfigError(f"initrd {cfg.initrd} does not fit in {cfg.mem >> 20}M of RAM")
+            self.mem.write(start, data)
+            initrd_range = (start, start + len(data))
+        dtb = self.device_tree(initrd_range)
+        dtb_addr = (ram_end - (2 << 20)) & ~0xFFF
+        self.mem.write(dtb_addr, dtb)
+        if firmware is None:
+            self.sbi.boot_hart(self.harts[0], kernel.entry, dtb_addr)
+            for hart in self.harts:
+                hart.on_trap = _sbi_trap_handler(hart, self.sbi)
+            return
+        fw = read_image(firmware, "firmware")
+        if RAM_BASE + len(fw) > kernel.segments[0].addr:
+            raise ConfigError(f"firmware {firmware} overlaps the kernel")
+        self.mem.write(RAM_BASE, fw)
+        self.mem.add_device(boot_rom.BASE, boot_rom.SIZE, BootRom(RAM_BASE, dtb_addr))
+        for hart in self.harts:
+            hart.pc = boot_rom.BASE
+
+    # -- what the firmware and devices call ---------------------------------------------
+    def request_shutdown(self, kind: str, code: int) -> None:
+        if self.exit is None:
+            self.exit = (kind, code)
+
+    def console_write(self, data: bytes) -> None:
+        self.console_out(data)
+
+    def console_read(self, limit: int) -> bytes:
+        data = bytes(self._input[:limit])
+        del self._input[:limit]
+        return data
+
+    def feed_input(self, data: bytes) -> None:
+        """Host keystrokes for the guest console (the UART, or SBI getchar)."""
+        self._input += data
+
+    # -- running ------------------------------------------------------------------------
+    def _runnable(self, hart: Hart) -> bool:
+        if self.sbi is not None and self.sbi.state.status[hart.hartid] != 0:
+            return False
+        hart.wake_if_interrupted()
+        return not hart.waiting
+
+    def _update_devices(self) -> None:
+        self.clint.update()
+        self.rtc.update()
+        if self.sbi is not None:
+            self.sbi.update_timers(self.clint.mtime())
+        if self._input and self.uart.has_room():
+            taken = self.uart.push_input(bytes(self._input))
+            del self._input[:taken]
+
+    def idle_seconds(self) -> float:
+        """How long the host may sleep: every hart waits for an interrupt."""
+        deadlines = [d for d in (self.clint.next_deadline(),
+                                 self.sbi.next_deadline() if self.sbi else None) if d is not None]
+        if not deadlines:
+            return 0.05
+        return max(0.0, min(0.05, (min(deadlines) - self.clint.mtime()) / TIMEBASE_HZ))
+
+    def run_slice(self) -> bool:
+        """Give every runnable hart one slice; False if all of them were waiting."""
+        ran = False
+        for hart in self.harts:
+            if self._runnable(hart):
+                hart.run(SLICE)
+                ran = True
+            self._update_devices()
+            if self.exit is not None:
+                break
+        return ran
+
+
+def _sbi_trap_handler(hart: Hart, sbi: Sbi) -> Callable[[int, int, int], int]:
+    """Environment calls from S-mode are SBI hypercalls; every other trap is architectural."""
+
+    def on_trap(cause: int, tval: int, pc: int) -> int:
+        if cause == ECALL_S:
+            return sbi.handle_ecall(hart, pc)
+        return trap_unit.take_trap(hart, cause, tval, pc)
+
+    return on_trap
+
+
+def _guest_clock() -> Callable[[], int]:
+    start = time.monotonic_ns()
+    return lambda: (time.monotonic_ns() - start) // (1_000_000_000 // TIMEBASE_HZ)
+
+
+def _align_up(value: int, align: int) -> int:
+    return (value + align - 1) & ~(align - 1)
+
+
+__all__ = ["ConfigError", "DiskSpec", "ImageError", "MachineConfig", "VirtMachine"]
