@@ -1,0 +1,68 @@
+"""The ``popek`` command line: one function per subcommand.
+
+A subcommand is an entry in :data:`SUBCOMMANDS`: a help line, a function adding its
+arguments to its parser, and a function running it that returns the exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+from popek.isa.disasm import DisasmError, disassemble_elf
+from popek.machine.cli import add_run_args, cmd_run
+
+EXIT_USAGE = 2  # like argparse: the input was unusable
+
+
+def _disasm_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", help="a 64-bit RISC-V ELF file")
+    parser.add_argument("--raw", action="store_true", help="show each instruction's bytes")
+
+
+def cmd_disasm(args: argparse.Namespace) -> int:
+    """Print the disassembly of the file's code sections as ``objdump -d`` does."""
+    try:
+        lines = disassemble_elf(args.file, raw=args.raw)
+        out = sys.stdout
+        batch: list[str] = []
+        for line in lines:
+            batch.append(line)
+            if len(batch) >= 4096:
+                out.write("\n".join(batch) + "\n")
+                batch.clear()
+        out.write("\n".join(batch) + "\n" if batch else "")
+        out.flush()
+    except DisasmError as e:
+        print(f"popek disasm: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:  # e.g. piped into head: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+Handler = Callable[[argparse.Namespace], int]
+
+SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handler]] = {
+    "run": ("boot a guest on the virt board (default: the bundled Linux)", add_run_args,
+            cmd_run),
+    "disasm": ("disassemble an ELF file's code like objdump -d", _disasm_args, cmd_disasm),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="popek", description="A RISC-V RV64GC machine.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, add_args, handler) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_args(p)
+        p.set_defaults(handler=handler)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one ``popek`` subcommand; returns the process exit status."""
+    args = build_parser().parse_args(argv)
+    return args.handler(args)

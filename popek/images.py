@@ -1,0 +1,33 @@
+"""Where popek finds the guest images it bundles, and the writable copy of its disk."""
+
+from __future__ import annotations
+
+import lzma
+import os
+import shutil
+from pathlib import Path
+
+IMAGES = Path(os.environ.get("POPEK_IMAGES", Path(__file__).resolve().parent.parent / "images"))
+KERNEL = IMAGES / "linux" / "Image.xz"
+KERNEL_SMP = IMAGES / "linux" / "Image-smp.xz"
+INITRD = IMAGES / "linux" / "initramfs.cpio.gz"
+DISK = IMAGES / "linux" / "disk.ext4.xz"
+PROGRAMS = IMAGES / "programs"
+
+
+def state_dir() -> Path:
+    """popek's per-user data directory (the default guest's disk lives there)."""
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "popek"
+
+
+def default_disk() -> Path:
+    """A writable copy of the bundled disk, made on first use and kept across runs."""
+    disk = state_dir() / "disk.ext4"
+    if not disk.exists():
+        disk.parent.mkdir(parents=True, exist_ok=True)
+        partial = disk.with_suffix(".partial")
+        with lzma.open(DISK) as src, open(partial, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        partial.rename(disk)
+    return disk

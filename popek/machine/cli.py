@@ -1,0 +1,150 @@
+"""``popek run``: boot a guest on the virt board, QEMU-style flags, console on the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from popek import images
+from popek.machine.console import HostConsole
+from popek.machine.loader import ImageError
+from popek.machine.virt import ConfigError, DiskSpec, MachineConfig, VirtMachine
+
+EXIT_USAGE = 2
+CMD_BEGIN = b"POPEK-CMD-BEGIN"
+CMD_END = re.compile(rb"POPEK-CMD-END (\d+)")
+
+
+def parse_size(text: str) -> int:
+    """``256M``, ``1G``, ``65536K`` or a bare number of MiB (as QEMU's ``-m``)."""
+    match = re.fullmatch(r"(\d+)([KMGT]?)(i?B)?", text.strip(), re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (try 256M or 1G)")
+    shift = {"": 20, "K": 10, "M": 20, "G": 30, "T": 40}[match.group(2).upper()]
+    return int(match.group(1)) << shift
+
+
+def parse_disk(text: str) -> DiskSpec:
+    """``PATH`` or ``PATH,ro``."""
+    path, _, opts = text.partition(",")
+    if opts not in ("", "ro", "rw"):
+        raise argparse.ArgumentTypeError(f"unknown disk option {opts!r} (only ro or rw)")
+    return DiskSpec(Path(path), readonly=opts == "ro")
+
+
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kernel", type=Path, help="kernel Image or ELF (default: bundled Linux)")
+    parser.add_argument("--initrd", type=Path, help="initramfs (default: bundled, with the "
+                        "bundled kernel)")
+    parser.add_argument("--append", default=None, help='kernel command line '
+                        '(default: "console=ttyS0")')
+    parser.add_argument("--disk", type=parse_disk, action="append", default=None,
+                        metavar="PATH[,ro]", help="raw virtio-blk image; repeatable (default: "
+                        "a writable copy of the bundled disk, with the bundled kernel)")
+    parser.add_argument("--mem", type=parse_size, default=256 << 20, metavar="SIZE",
+                        help="guest RAM, e.g. 256M or 1G (default 256M)")
+    parser.add_argument("--cpus", type=int, default=1, metavar="N", help="harts (default 1)")
+    parser.add_argument("--bios", default="none", metavar="none|opensbi|PATH",
+                        help="M-mode firmware: none = popek's own SBI (default), opensbi = "
+                        "Debian's fw_jump.bin, or a firmware file")
+    parser.add_argument("--console-log", type=Path, metavar="FILE",
+                        help="also write all console output to FILE")
+    parser.add_argument("-c", dest="command", metavar="CMD",
+                        help="run CMD in the guest shell, print its output, exit with its status")
+
+
+def machine_config(args: argparse.Namespace) -> MachineConfig:
+    bundled = args.kernel is None
+    kernel = images.KERNEL if bundled else args.kernel
+    initrd = args.initrd if args.initrd is not None else (images.INITRD if bundled else None)
+    disks = args.disk if args.disk is not None else (
+        [DiskSpec(images.default_disk())] if bundled else [])
+    append = args.append if args.append is not None else "console=ttyS0"
+    if args.command is not None:
+        encoded = base64.b64encode(args.command.encode()).decode()
+        append += f" quiet popek.cmd={encoded}"
+    return MachineConfig(kernel=kernel, initrd=initrd, append=append, disks=disks,
+                         mem=args.mem, cpus=args.cpus, bios=args.bios)
+
+
+class CommandOutput:
+    """Passes on only what the guest printed between the init's command markers."""
+
+    def __init__(self, sink: Callable[[bytes], None]) -> None:
+        self.sink = sink
+        self.inside = False
+        self.status: int | None = None
+        self._line = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self._line += data
+        while (nl := self._line.find(b"\n")) >= 0:
+            line = bytes(self._line[:nl]).rstrip(b"\r")
+            del self._line[:nl + 1]
+            self._take(line)
+
+    def _take(self, line: bytes) -> None:
+        if not self.inside:
+            self.inside = line.endswith(CMD_BEGIN)
+            return
+        end = CMD_END.search(line)
+        if end is not None:
+            self.inside = False
+            self.status = int(end.group(1))
+        else:
+            self.sink(line + b"\n")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Boot the guest and connect its console to this terminal until it powers off."""
+    try:
+        config = machine_config(args)
+        log = open(args.console_log, "wb") if args.console_log else None  # noqa: SIM115
+    except (OSError, ImageError) as err:
+        print(f"popek run: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    console = HostConsole(log=log)
+    capture = CommandOutput(console.write) if args.command is not None else None
+    guest_out = capture.write if capture else console.write
+    try:
+        with console:
+            status = _run_until_poweroff(config, console, guest_out)
+    except (ConfigError, ImageError) as err:
+        print(f"popek run: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if log is not None:
+            log.close()
+    if capture is not None:
+        if capture.status is None:
+            print("popek run: the guest stopped before the command finished", file=sys.stderr)
+            return 1
+        return capture.status
+    return status
+
+
+def _run_until_poweroff(config: MachineConfig, console: HostConsole,
+                        guest_out: Callable[[bytes], None]) -> int:
+    """Run the guest, rebooting it when it asks, until it powers off or the user quits."""
+    while True:
+        machine = VirtMachine(config, guest_out)
+        while machine.exit is None and not console.quit_requested:
+            ran = machine.run_slice()
+            console.flush()
+            data = console.read(0.0 if ran else machine.idle_seconds())
+            if data:
+                machine.feed_input(data)
+        console.flush()
+        for disk in machine.disks:
+            disk.close()
+        if console.quit_requested:
+            return 0
+        kind, code = machine.exit
+        if kind != "reboot":
+            return code
