@@ -24,11 +24,8 @@ from popek.cpu.causes import (
     Trap,
 )
 from popek.cpu.physmem import PAGE_SIZE, BusError, PhysicalMemory
-from popek.cpu.state import PRIV_M
 
 Translate = Callable[[int, int], int]
-MSTATUS = 0x300
-MSTATUS_MPRV = 1 << 17
 TLB_LIMIT = 8192  # entries per dict before it is simply cleared
 _PAGE_MASK = PAGE_SIZE - 1
 
@@ -59,14 +56,6 @@ class Mmu:
             del self.tlb_w[vpn]
 
     # -- slow path ----------------------------------------------------------------------
-    def _effective_priv(self, access: int) -> int:
-        priv = self.hart.priv
-        if access != ACCESS_EXEC and priv == PRIV_M:
-            status = self.hart.csr[MSTATUS]
-            if status & MSTATUS_MPRV:
-                return (status >> 11) & 3
-        return priv
-
     def resolve(self, vaddr: int, size: int, access: int) -> tuple[int, int | None]:
         """Translate and check one access within a page: (physical address, host offset).
 
@@ -77,7 +66,7 @@ class Mmu:
         off = self.mem.ram_offset(pa)
         cacheable = off is not None
         if self.system:
-            priv = self._effective_priv(access)
+            priv = pagewalk.effective_priv(self.hart, access)
             page = pa & ~_PAGE_MASK
             if not pmp.pmp_page_uniform(self.hart, page, access, priv):
                 cacheable = False

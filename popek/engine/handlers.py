@@ -13,7 +13,7 @@ from collections.abc import Callable
 from functools import cache
 from types import CodeType
 
-from popek.isa import helpers
+from popek.isa import helpers, softfloat
 from popek.isa.decoder import ALL_INSNS
 from popek.isa.spec import Insn
 
@@ -47,12 +47,7 @@ def _compiled() -> CodeType:
 def semantics_namespace(hart) -> dict[str, object]:
     """Everything instruction semantics may name, bound to ``hart``."""
     ns: dict[str, object] = {name: getattr(helpers, name) for name in helpers.__all__}
-    try:
-        from popek.isa import softfloat
-    except ModuleNotFoundError:  # pragma: no cover - only while F/D are being written
-        softfloat = None
-    if softfloat is not None:
-        ns.update({name: getattr(softfloat, name) for name in softfloat.__all__})
+    ns.update({name: getattr(softfloat, name) for name in softfloat.__all__})
     ns.update(hart.mmu.accessors)
     ns.update(X=hart.x, F=hart.f, C=hart.csr, hart=hart, csr_op=hart.csrs.op)
     return ns

@@ -12,9 +12,9 @@ from __future__ import annotations
 import struct
 
 from popek.cpu import trap as trap_unit
-from popek.cpu.causes import ILLEGAL_INSN, INTERRUPT_BIT, Trap
+from popek.cpu.causes import ILLEGAL_INSN, Trap
 from popek.cpu.physmem import PAGE_SIZE
-from popek.cpu.state import CTL_WFI, XLEN_MASK
+from popek.cpu.state import CTL_INSTRET, CTL_WFI, XLEN_MASK
 from popek.engine.handlers import Handler, bind_handlers
 from popek.isa.decoder import Decoded, decode16, decode32
 
@@ -136,10 +136,10 @@ class Interpreter:
             return 0
 
     def check_interrupts(self, pc: int) -> int:
-        cause = trap_unit.pending_interrupt(self.hart)
+        cause = trap_unit.pending_interrupt(self.hart)  # already has INTERRUPT_BIT
         if cause is None:
             return pc
-        return self.hart.on_trap(cause | INTERRUPT_BIT, 0, pc)
+        return self.hart.on_trap(cause, 0, pc)
 
     def run(self, budget: int, single: bool = False) -> int:
         """Execute about ``budget`` instructions (whole blocks); returns how many retired.
@@ -154,6 +154,7 @@ class Interpreter:
         csr = hart.csr
         pc = hart.pc
         executed = 0
+        instret0 = ctl[CTL_INSTRET]
         try:
             pc = self.check_interrupts(pc)
             mode = self._mode_key()
@@ -172,6 +173,8 @@ class Interpreter:
                             blk = self.translate(base, pc, mode)
                         if blk.fp:
                             csr[MSTATUS] |= MSTATUS_FS_DIRTY_SD
+                        if blk.system:  # its CSR access may read instret: make it exact
+                            ctl[CTL_INSTRET] = (instret0 + executed + blk.count - 1) & XLEN_MASK
                         bpc = pc
                         for fn, a, b, c, d in blk.ops:
                             pc = fn(pc, a, b, c, d)
@@ -189,5 +192,5 @@ class Interpreter:
                     budget -= 1  # a trap is progress too: a trap loop must not pin the host
         finally:
             hart.pc = pc
-            hart.instret += executed
+            ctl[CTL_INSTRET] = (instret0 + executed) & XLEN_MASK
         return executed

@@ -7,29 +7,19 @@ major opcode and the most specific pattern that matches wins.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from functools import cache
 
 from popek.cpu.state import X_SINK
-from popek.isa import rv64a, rv64i, rv64m, system
+from popek.isa import rv64a, rv64fd, rv64i, rv64m, system
 from popek.isa.rv64c import CINSNS, CInsn
 from popek.isa.spec import Insn
-
-
-def _optional_insns(module: str) -> list[Insn]:
-    """Extensions declared in modules that may not exist yet in a partial tree."""
-    try:
-        return list(importlib.import_module(module).INSNS)
-    except ModuleNotFoundError:
-        return []
-
 
 ALL_INSNS: list[Insn] = [
     *rv64i.INSNS,
     *rv64m.INSNS,
     *rv64a.INSNS,
-    *_optional_insns("popek.isa.rv64fd"),
+    *rv64fd.INSNS,
     *system.INSNS,
 ]
 BY_NAME: dict[str, Insn] = {i.name: i for i in ALL_INSNS}

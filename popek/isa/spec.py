@@ -105,7 +105,8 @@ class Insn:
     ``{rd}``/``{rs1}``/``{rs2}`` (integer registers), ``{frd}``/``{frs1}``/``{frs2}``/
     ``{frs3}`` (FP registers), ``{imm}`` (signed decimal), ``{uimm}`` (upper immediate,
     ``imm >> 12``), ``{target}`` (``pc + imm``), ``{csr}``, ``{zimm}`` (``rs1`` as a number),
-    ``{rm}`` (a rounding-mode suffix) and ``{aqrl}`` (a mnemonic suffix) placeholders. ``flags`` holds properties tiers care about:
+    ``{rm}`` (a rounding-mode suffix) and ``{aqrl}`` (a mnemonic suffix) placeholders.
+    ``flags`` holds properties tiers care about:
 
     - ``ends_block``: control may not fall through, or state that decoding depends on may
       change (jumps, branches, system instructions);

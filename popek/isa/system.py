@@ -9,9 +9,7 @@ from popek.isa.spec import insn
 
 _SYS = "ends_block system"
 
-# Kinds understood by CsrFile.op.
-CSR_WRITE, CSR_SET, CSR_CLEAR = 0, 1, 2
-
+# csr_op(csr, kind, value, do_read, do_write): kind 0 writes, 1 sets bits, 2 clears bits.
 INSNS = [
     insn("csrrw", "............ ..... 001 ..... 1110011", "CSR",
          "X[rd] = csr_op(imm, 0, X[rs1], rd != 32, True)", "{rd},{csr},{rs1}",
