@@ -107,9 +107,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (OSError, ImageError) as err:
         print(f"popek run: error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    console = HostConsole(log=log)
+    console = HostConsole()
     capture = CommandOutput(console.write) if args.command is not None else None
-    guest_out = capture.write if capture else console.write
+    shown = capture.write if capture else console.write
+
+    def guest_out(data: bytes) -> None:
+        if log is not None:
+            log.write(data)
+        shown(data)
     try:
         with console:
             status = _run_until_poweroff(config, console, guest_out)

@@ -22,11 +22,9 @@ HELP = (b"\r\nC-a x    exit popek\r\nC-a h    this help\r\n"
 class HostConsole:
     """Moves bytes between the host's stdin/stdout and the guest console."""
 
-    def __init__(self, stdin_fd: int | None = None, stdout: BinaryIO | None = None,
-                 log: BinaryIO | None = None) -> None:
+    def __init__(self, stdin_fd: int | None = None, stdout: BinaryIO | None = None) -> None:
         self.stdin_fd = sys.stdin.fileno() if stdin_fd is None else stdin_fd
         self.stdout = stdout or sys.stdout.buffer
-        self.log = log
         self.interactive = os.isatty(self.stdin_fd)
         self.quit_requested = False
         self._eof = False
@@ -48,8 +46,6 @@ class HostConsole:
     def write(self, data: bytes) -> None:
         """Guest output (buffered until :meth:`flush`)."""
         self._out += data
-        if self.log is not None:
-            self.log.write(data)
 
     def flush(self) -> None:
         if self._out:
@@ -59,8 +55,6 @@ class HostConsole:
             except BrokenPipeError:
                 pass
             self._out.clear()
-        if self.log is not None:
-            self.log.flush()
 
     def read(self, timeout: float = 0.0) -> bytes:
         """Host input for the guest, waiting up to ``timeout`` seconds for some."""
