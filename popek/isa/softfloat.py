@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from functools import partial
 from math import isqrt
-from typing import NamedTuple
+from types import SimpleNamespace
 
 from popek.cpu.causes import ILLEGAL_INSN, Trap
 
@@ -44,47 +44,6 @@ FP_NV, FP_DZ, FP_OF, FP_UF, FP_NX = 0x10, 0x08, 0x04, 0x02, 0x01
 F32_QNAN = 0x7FC00000
 F64_QNAN = 0x7FF8000000000000
 _BOX = 0xFFFFFFFF00000000
-
-
-class _Fmt(NamedTuple):
-    """Constants of one binary format; values are ``mant * 2**exp`` with integer ``mant``."""
-
-    p: int  # precision, hidden bit included
-    w1: int  # position of the sign bit
-    sign: int  # sign bit
-    inf: int  # bits of +inf (also the exponent mask)
-    qnan: int  # canonical NaN
-    quiet: int  # the quiet bit of a NaN
-    frac: int  # fraction mask
-    hidden: int  # 1 << (p - 1)
-    emin: int  # exponent of the smallest normal, 2**emin
-    qmin: int  # exponent of the smallest subnormal's unit, emin - (p - 1)
-    qmax: int  # exponent of the largest finite number's unit
-    maxf: int  # bits of the largest finite number
-
-
-def _fmt(ebits: int, p: int) -> _Fmt:
-    w1 = ebits + p - 1
-    bias = (1 << (ebits - 1)) - 1
-    inf = ((1 << ebits) - 1) << (p - 1)
-    return _Fmt(
-        p=p,
-        w1=w1,
-        sign=1 << w1,
-        inf=inf,
-        qnan=inf | 1 << (p - 2),
-        quiet=1 << (p - 2),
-        frac=(1 << (p - 1)) - 1,
-        hidden=1 << (p - 1),
-        emin=1 - bias,
-        qmin=1 - bias - (p - 1),
-        qmax=bias - (p - 1),
-        maxf=inf - 1,
-    )
-
-
-_F32 = _fmt(8, 24)
-_F64 = _fmt(11, 53)
 
 
 def fp_rm(rm: int, fcsr: int) -> int:
@@ -104,9 +63,6 @@ def fp_box32(v: int) -> int:
 def fp_unbox32(v: int) -> int:
     """Read a single from a 64-bit FP register: an improperly boxed value is the canonical NaN."""
     return v & 0xFFFFFFFF if v >> 32 == 0xFFFFFFFF else F32_QNAN
-
-
-# --- rounding -----------------------------------------------------------------------------
 
 
 def _increment(rm: int, sign: int, sig: int, rem: int, half: int) -> bool:
@@ -131,371 +87,354 @@ def _shift_round(mant: int, shift: int, sign: int, rm: int) -> tuple[int, bool]:
     return sig, True
 
 
-def _overflow(f: _Fmt, sign: int, rm: int) -> tuple[int, int]:
-    """Overflow gives infinity or the largest finite number, whichever the mode rounds to."""
-    if rm == FP_RNE or rm == FP_RMM:
-        to_inf = True
-    elif rm == FP_RTZ:
-        to_inf = False
-    else:
-        to_inf = (rm == FP_RDN) == (sign == 1)
-    return (sign << f.w1) | (f.inf if to_inf else f.maxf), FP_OF | FP_NX
+def _binary_format(ebits: int, p: int) -> SimpleNamespace:
+    """The operations of one binary format.
 
-
-def _tiny(f: _Fmt, mant: int, top: int, exp: int, sign: int, rm: int) -> bool:
-    """Tininess after rounding: would the value, rounded with unbounded exponent, be < 2**emin?
-
-    Only called when the exact value is below 2**emin (``top < emin``).
+    The format's constants are closure cells rather than attributes because these are
+    the emulator's hot paths. A finite operand unpacks to ``(mant, exp)`` with value
+    ``mant * 2**exp``: exponent field ``e`` gives ``exp = max(e, 1) + e0``, and the hidden
+    bit is set when ``e`` is nonzero.
     """
-    if top < f.emin - 1:
-        return True
-    shift = mant.bit_length() - f.p  # bits below a p-bit significand
-    if shift <= 0:
-        return True
-    sig, _ = _shift_round(mant, shift, sign, rm)
-    return sig >> f.p == 0
+    w1 = ebits + p - 1  # position of the sign bit
+    sign_bit = 1 << w1
+    abs_mask = sign_bit - 1
+    inf = ((1 << ebits) - 1) << (p - 1)  # also the exponent mask
+    maxf = inf - 1
+    quiet = 1 << (p - 2)
+    qnan = inf | quiet
+    frac = (1 << (p - 1)) - 1
+    hidden = 1 << (p - 1)
+    pm1 = p - 1
+    bias = (1 << (ebits - 1)) - 1
+    emin = 1 - bias  # the smallest normal is 2**emin
+    qmin = emin - pm1  # exponent of a subnormal's unit
+    e0 = qmin - 1  # exp = max(e, 1) + e0 for exponent field e
+    qmax = bias - pm1  # exponent of the largest finite number's unit
 
+    def is_nan(x: int) -> bool:
+        return x & abs_mask > inf
 
-def _round(f: _Fmt, sign: int, mant: int, exp: int, rm: int) -> tuple[int, int]:
-    """Round ``(-1)**sign * mant * 2**exp`` (mant > 0) to format ``f``, once."""
-    p = f.p
-    top = exp + mant.bit_length() - 1  # exponent of the leading bit
-    q = (top if top > f.emin else f.emin) - (p - 1)  # exponent of the result's unit
-    shift = q - exp
-    flags = 0
-    if shift <= 0:
-        sig = mant << -shift
-    else:
-        sig, inexact = _shift_round(mant, shift, sign, rm)
-        if inexact:
-            flags = FP_NX
-            if sig >> p:  # rounded up to the next power of two
-                sig >>= 1
-                q += 1
-            if top < f.emin and _tiny(f, mant, top, exp, sign, rm):
-                flags |= FP_UF
-    if q > f.qmax:
-        return _overflow(f, sign, rm)
-    # A normal sig carries the hidden bit, which adds the 1 that the biased exponent needs.
-    return (sign << f.w1) | (((q - f.qmin) << (p - 1)) + sig), flags
+    def nan_flags(*ops: int) -> int:
+        """NV if any operand is a signalling NaN."""
+        for x in ops:
+            if x & abs_mask > inf and not x & quiet:
+                return FP_NV
+        return 0
 
+    def finite(a: int) -> tuple[int, int]:
+        e = a & inf
+        return (a & frac) | (hidden if e else 0), ((e >> pm1) or 1) + e0
 
-def _finite(f: _Fmt, a: int) -> tuple[int, int]:
-    """Significand and exponent of a finite operand (sign excluded); zero gives mant 0."""
-    e = (a & f.inf) >> (f.p - 1)
-    m = a & f.frac
-    if e:
-        return m | f.hidden, e - 1 + f.qmin
-    return m, f.qmin
+    def overflow(sign: int, rm: int) -> tuple[int, int]:
+        """Infinity or the largest finite number, whichever the mode rounds to."""
+        if rm == FP_RNE or rm == FP_RMM:
+            to_inf = True
+        elif rm == FP_RTZ:
+            to_inf = False
+        else:
+            to_inf = (rm == FP_RDN) == (sign == 1)
+        return (sign << w1) | (inf if to_inf else maxf), FP_OF | FP_NX
 
+    def tiny(sign: int, mant: int, top: int, rm: int) -> bool:
+        """Tininess after rounding, for an exact value below 2**emin (``top < emin``):
+        rounded to p bits with an unbounded exponent, is it still below 2**emin?"""
+        if top < emin - 1:
+            return True
+        shift = mant.bit_length() - p
+        if shift <= 0:
+            return True
+        return _shift_round(mant, shift, sign, rm)[0] >> p == 0
 
-def _nan_flags(f: _Fmt, *ops: int) -> int:
-    """NV if any operand is a signalling NaN."""
-    for x in ops:
-        if x & ~f.sign > f.inf and not x & f.quiet:
-            return FP_NV
-    return 0
+    def round_(sign: int, mant: int, exp: int, rm: int) -> tuple[int, int]:
+        """Round ``(-1)**sign * mant * 2**exp`` (mant > 0) to this format, once."""
+        top = exp + mant.bit_length() - 1  # exponent of the leading bit
+        q = (top if top > emin else emin) - pm1  # exponent of the result's unit
+        shift = q - exp
+        flags = 0
+        if shift <= 0:
+            sig = mant << -shift
+        else:
+            sig = mant >> shift
+            rem = mant & ((1 << shift) - 1)
+            if rem:
+                flags = FP_NX
+                half = 1 << (shift - 1)
+                if rm == FP_RNE:  # the common case, decided inline
+                    up = rem > half or (rem == half and sig & 1 == 1)
+                else:
+                    up = _increment(rm, sign, sig, rem, half)
+                if up:
+                    sig += 1
+                    if sig >> p:  # carried into the next power of two
+                        sig >>= 1
+                        q += 1
+                if top < emin and tiny(sign, mant, top, rm):
+                    flags |= FP_UF
+        if q > qmax:
+            return overflow(sign, rm)
+        # A normal sig carries the hidden bit, which adds the 1 the biased exponent needs.
+        return (sign << w1) | (((q - qmin) << pm1) + sig), flags
 
-
-def _is_nan(f: _Fmt, x: int) -> bool:
-    return x & ~f.sign > f.inf
-
-
-# --- arithmetic ---------------------------------------------------------------------------
-
-
-def _sum(f: _Fmt, sa: int, ma: int, ea: int, sb: int, mb: int, eb: int, rm: int) -> tuple[int, int]:
-    """Exact sum of two signed finite values, rounded once (shared by add and fma)."""
-    if ea > eb:
-        ma <<= ea - eb
-        e = eb
-    else:
-        mb <<= eb - ea
-        e = ea
-    v = (-ma if sa else ma) + (-mb if sb else mb)
-    if v == 0:
+    def sum_(sa: int, ma: int, ea: int, sb: int, mb: int, eb: int, rm: int) -> tuple[int, int]:
+        """Exact sum of two signed finite values, rounded once (add and fma)."""
+        if ea > eb:
+            ma <<= ea - eb
+            ea = eb
+        else:
+            mb <<= eb - ea
+        v = (-ma if sa else ma) + (-mb if sb else mb)
+        if v > 0:
+            return round_(0, v, ea, rm)
+        if v < 0:
+            return round_(1, -v, ea, rm)
         # Exact zero: like-signed zeros keep their sign, anything else is +0 (-0 rounding down).
-        sign = sa if sa == sb else int(rm == FP_RDN)
-        return sign << f.w1, 0
-    if v < 0:
-        return _round(f, 1, -v, e, rm)
-    return _round(f, 0, v, e, rm)
+        return (sa if sa == sb else int(rm == FP_RDN)) << w1, 0
 
+    def add(a: int, b: int, rm: int) -> tuple[int, int]:
+        ea = a & inf
+        eb = b & inf
+        if ea == inf or eb == inf:
+            if is_nan(a) or is_nan(b):
+                return qnan, nan_flags(a, b)
+            if ea == eb and (a ^ b) >> w1:
+                return qnan, FP_NV  # inf - inf
+            return (a if ea == inf else b), 0
+        ma = (a & frac) | (hidden if ea else 0)
+        mb = (b & frac) | (hidden if eb else 0)
+        return sum_(a >> w1, ma, ((ea >> pm1) or 1) + e0, b >> w1, mb, ((eb >> pm1) or 1) + e0, rm)
 
-def _addsub(f: _Fmt, negb: int, a: int, b: int, rm: int) -> tuple[int, int]:
-    inf = f.inf
-    sa = a >> f.w1
-    sb = (b >> f.w1) ^ negb
-    if a & inf == inf or b & inf == inf:
-        if _is_nan(f, a) or _is_nan(f, b):
-            return f.qnan, _nan_flags(f, a, b)
-        if a & inf == inf and b & inf == inf and sa != sb:
-            return f.qnan, FP_NV
-        return (sa << f.w1 | inf, 0) if a & inf == inf else (sb << f.w1 | inf, 0)
-    ma, ea = _finite(f, a)
-    mb, eb = _finite(f, b)
-    return _sum(f, sa, ma, ea, sb, mb, eb, rm)
+    def sub(a: int, b: int, rm: int) -> tuple[int, int]:
+        return add(a, b ^ sign_bit, rm)
 
+    def mul(a: int, b: int, rm: int) -> tuple[int, int]:
+        s = (a ^ b) >> w1
+        ea = a & inf
+        eb = b & inf
+        if ea == inf or eb == inf:
+            if is_nan(a) or is_nan(b):
+                return qnan, nan_flags(a, b)
+            if not a & abs_mask or not b & abs_mask:
+                return qnan, FP_NV  # inf * 0
+            return s << w1 | inf, 0
+        ma = (a & frac) | (hidden if ea else 0)
+        mb = (b & frac) | (hidden if eb else 0)
+        if not ma or not mb:
+            return s << w1, 0
+        return round_(s, ma * mb, ((ea >> pm1) or 1) + ((eb >> pm1) or 1) + 2 * e0, rm)
 
-def _mul(f: _Fmt, a: int, b: int, rm: int) -> tuple[int, int]:
-    inf = f.inf
-    s = (a ^ b) >> f.w1
-    if a & inf == inf or b & inf == inf:
-        if _is_nan(f, a) or _is_nan(f, b):
-            return f.qnan, _nan_flags(f, a, b)
-        if not a & ~f.sign or not b & ~f.sign:
-            return f.qnan, FP_NV  # inf * 0
-        return s << f.w1 | inf, 0
-    ma, ea = _finite(f, a)
-    mb, eb = _finite(f, b)
-    if not ma or not mb:
-        return s << f.w1, 0
-    return _round(f, s, ma * mb, ea + eb, rm)
+    def div(a: int, b: int, rm: int) -> tuple[int, int]:
+        s = (a ^ b) >> w1
+        ea = a & inf
+        eb = b & inf
+        if ea == inf or eb == inf:
+            if is_nan(a) or is_nan(b):
+                return qnan, nan_flags(a, b)
+            if ea != inf:
+                return s << w1, 0  # finite / inf
+            return (qnan, FP_NV) if eb == inf else (s << w1 | inf, 0)
+        ma = (a & frac) | (hidden if ea else 0)
+        mb = (b & frac) | (hidden if eb else 0)
+        if not mb:
+            return (qnan, FP_NV) if not ma else (s << w1 | inf, FP_DZ)
+        if not ma:
+            return s << w1, 0
+        # At least p + 3 quotient bits, then a sticky bit for a nonzero remainder.
+        k = max(0, p + 3 + mb.bit_length() - ma.bit_length())
+        q, r = divmod(ma << k, mb)
+        exp = ((ea >> pm1) or 1) - ((eb >> pm1) or 1) - k - 1
+        return round_(s, (q << 1) | (r != 0), exp, rm)
 
+    def sqrt(a: int, rm: int) -> tuple[int, int]:
+        if is_nan(a):
+            return qnan, nan_flags(a)
+        if not a & abs_mask or a == inf:
+            return a, 0  # sqrt(-0) is -0
+        if a >> w1:
+            return qnan, FP_NV
+        m, e = finite(a)
+        if e & 1:
+            m <<= 1
+            e -= 1
+        # At least p + 3 root bits, then a sticky bit for an inexact root.
+        k = max(0, (2 * p + 7 - m.bit_length()) // 2)
+        n = m << (2 * k)
+        r = isqrt(n)
+        return round_(0, (r << 1) | (r * r != n), e // 2 - k - 1, rm)
 
-def _div(f: _Fmt, a: int, b: int, rm: int) -> tuple[int, int]:
-    inf = f.inf
-    s = (a ^ b) >> f.w1
-    if a & inf == inf or b & inf == inf:
-        if _is_nan(f, a) or _is_nan(f, b):
-            return f.qnan, _nan_flags(f, a, b)
+    def fma(negp: int, negc: int, a: int, b: int, c: int, rm: int) -> tuple[int, int]:
+        """(-1)**negp * a * b + (-1)**negc * c with one rounding."""
+        ea = a & inf
+        eb = b & inf
+        ec = c & inf
+        if ea == inf or eb == inf or ec == inf:
+            # RISC-V: inf * 0 is invalid even when the addend is a quiet NaN.
+            if (a & abs_mask == inf and not b & abs_mask) or (
+                b & abs_mask == inf and not a & abs_mask
+            ):
+                return qnan, FP_NV
+            if is_nan(a) or is_nan(b) or is_nan(c):
+                return qnan, nan_flags(a, b, c)
+            sp = ((a ^ b) >> w1) ^ negp
+            sc = (c >> w1) ^ negc
+            if ea == inf or eb == inf:
+                if ec == inf and sc != sp:
+                    return qnan, FP_NV
+                return sp << w1 | inf, 0
+            return sc << w1 | inf, 0
+        ma = (a & frac) | (hidden if ea else 0)
+        mb = (b & frac) | (hidden if eb else 0)
+        mc = (c & frac) | (hidden if ec else 0)
+        ep = ((ea >> pm1) or 1) + ((eb >> pm1) or 1) + 2 * e0
+        sp = ((a ^ b) >> w1) ^ negp
+        return sum_(sp, ma * mb, ep, (c >> w1) ^ negc, mc, ((ec >> pm1) or 1) + e0, rm)
+
+    def total_key(a: int) -> int:
+        """Order of non-NaN values with -0 below +0."""
+        return -(a & abs_mask) - 1 if a >> w1 else a
+
+    def value_key(a: int) -> int:
+        """Order of non-NaN values with -0 equal to +0."""
+        return -(a & abs_mask) if a >> w1 else a
+
+    def minmax(want_max: bool, a: int, b: int) -> tuple[int, int]:
+        an = is_nan(a)
+        bn = is_nan(b)
+        if an or bn:
+            if an and bn:
+                return qnan, nan_flags(a, b)
+            return (b if an else a), nan_flags(a, b)
+        a_less = total_key(a) < total_key(b)
+        return (b if a_less == want_max else a), 0
+
+    def eq(a: int, b: int) -> tuple[int, int]:
+        if is_nan(a) or is_nan(b):
+            return 0, nan_flags(a, b)
+        return int(a == b or not (a | b) & abs_mask), 0
+
+    def lt(a: int, b: int) -> tuple[int, int]:
+        if is_nan(a) or is_nan(b):
+            return 0, FP_NV
+        return int(value_key(a) < value_key(b)), 0
+
+    def le(a: int, b: int) -> tuple[int, int]:
+        if is_nan(a) or is_nan(b):
+            return 0, FP_NV
+        return int(value_key(a) <= value_key(b)), 0
+
+    def classify(a: int) -> int:
+        neg = a >> w1
+        mag = a & abs_mask
+        if mag > inf:
+            return 1 << 9 if mag & quiet else 1 << 8
+        if mag == inf:
+            return 1 if neg else 1 << 7
+        if not mag:
+            return 1 << 3 if neg else 1 << 4
+        if mag < hidden:
+            return 1 << 2 if neg else 1 << 5
+        return 1 << 1 if neg else 1 << 6
+
+    def sgnj(a: int, b: int) -> int:
+        return (a & abs_mask) | (b & sign_bit)
+
+    def sgnjn(a: int, b: int) -> int:
+        return (a & abs_mask) | (~b & sign_bit)
+
+    def sgnjx(a: int, b: int) -> int:
+        return a ^ (b & sign_bit)
+
+    def to_int(bits: int, signed: bool, a: int, rm: int) -> tuple[int, int]:
+        """Round to an integer of ``bits`` bits; out of range saturates with NV."""
+        lo = -(1 << (bits - 1)) if signed else 0
+        hi = (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1
+        mask = (1 << bits) - 1
+        neg = a >> w1
+        if is_nan(a):
+            return hi & mask, FP_NV
         if a & inf == inf:
-            return (f.qnan, FP_NV) if b & inf == inf else (s << f.w1 | inf, 0)
-        return s << f.w1, 0  # finite / inf
-    ma, ea = _finite(f, a)
-    mb, eb = _finite(f, b)
-    if not mb:
-        return (f.qnan, FP_NV) if not ma else (s << f.w1 | inf, FP_DZ)
-    if not ma:
-        return s << f.w1, 0
-    # At least p + 3 quotient bits, then a sticky bit for a nonzero remainder.
-    k = max(0, f.p + 3 + mb.bit_length() - ma.bit_length())
-    q, r = divmod(ma << k, mb)
-    return _round(f, s, (q << 1) | (r != 0), ea - eb - k - 1, rm)
+            return (lo if neg else hi) & mask, FP_NV
+        m, e = finite(a)
+        if e >= 0:
+            n, inexact = m << e, False
+        else:
+            n, inexact = _shift_round(m, -e, neg, rm)
+        v = -n if neg else n
+        if v < lo or v > hi:
+            return (lo if neg else hi) & mask, FP_NV
+        return v & mask, FP_NX if inexact else 0
+
+    def from_int(bits: int, signed: bool, v: int, rm: int) -> tuple[int, int]:
+        v &= (1 << bits) - 1
+        if signed and v >> (bits - 1):
+            return round_(1, (1 << bits) - v, 0, rm)
+        if not v:
+            return 0, 0
+        return round_(0, v, 0, rm)
+
+    def convert_to(dst: SimpleNamespace, a: int, rm: int) -> tuple[int, int]:
+        """To another format; only narrowing can round."""
+        if is_nan(a):
+            return dst.qnan, nan_flags(a)
+        sign = a >> w1
+        if a & inf == inf:
+            return sign << dst.w1 | dst.inf, 0
+        m, e = finite(a)
+        if not m:
+            return sign << dst.w1, 0
+        return dst.round(sign, m, e, rm)
+
+    return SimpleNamespace(
+        w1=w1, inf=inf, qnan=qnan, round=round_, add=add, sub=sub, mul=mul, div=div, sqrt=sqrt,
+        fmadd=partial(fma, 0, 0), fmsub=partial(fma, 0, 1), fnmsub=partial(fma, 1, 0),
+        fnmadd=partial(fma, 1, 1), min=partial(minmax, False), max=partial(minmax, True),
+        eq=eq, lt=lt, le=le, classify=classify, sgnj=sgnj, sgnjn=sgnjn, sgnjx=sgnjx,
+        to_i32=partial(to_int, 32, True), to_u32=partial(to_int, 32, False),
+        to_i64=partial(to_int, 64, True), to_u64=partial(to_int, 64, False),
+        from_i32=partial(from_int, 32, True), from_u32=partial(from_int, 32, False),
+        from_i64=partial(from_int, 64, True), from_u64=partial(from_int, 64, False),
+        convert_to=convert_to,
+    )  # fmt: skip
 
 
-def _sqrt(f: _Fmt, a: int, rm: int) -> tuple[int, int]:
-    if _is_nan(f, a):
-        return f.qnan, _nan_flags(f, a)
-    if not a & ~f.sign:
-        return a, 0  # sqrt(-0) = -0
-    if a >> f.w1:
-        return f.qnan, FP_NV
-    if a == f.inf:
-        return a, 0
-    m, e = _finite(f, a)
-    if e & 1:
-        m <<= 1
-        e -= 1
-    # At least p + 3 root bits, then a sticky bit for an inexact root.
-    k = max(0, (2 * f.p + 7 - m.bit_length()) // 2)
-    n = m << (2 * k)
-    r = isqrt(n)
-    return _round(f, 0, (r << 1) | (r * r != n), e // 2 - k - 1, rm)
+_S = _binary_format(8, 24)
+_D = _binary_format(11, 53)
 
-
-def _fma(f: _Fmt, negp: int, negc: int, a: int, b: int, c: int, rm: int) -> tuple[int, int]:
-    """(-1)**negp * a * b + (-1)**negc * c with one rounding."""
-    inf = f.inf
-    mag_a = a & ~f.sign
-    mag_b = b & ~f.sign
-    # RISC-V: inf * 0 is invalid even when the addend is a quiet NaN.
-    if (mag_a == inf and not mag_b) or (mag_b == inf and not mag_a):
-        return f.qnan, FP_NV
-    if _is_nan(f, a) or _is_nan(f, b) or _is_nan(f, c):
-        return f.qnan, _nan_flags(f, a, b, c)
-    sp = ((a ^ b) >> f.w1) ^ negp
-    sc = (c >> f.w1) ^ negc
-    if mag_a == inf or mag_b == inf:
-        if c & inf == inf and sc != sp:
-            return f.qnan, FP_NV
-        return sp << f.w1 | inf, 0
-    if c & inf == inf:
-        return sc << f.w1 | inf, 0
-    ma, ea = _finite(f, a)
-    mb, eb = _finite(f, b)
-    mc, ec = _finite(f, c)
-    return _sum(f, sp, ma * mb, ea + eb, sc, mc, ec, rm)
-
-
-# --- comparisons, min/max, classify, sign injection ---------------------------------------
-
-
-def _total_key(f: _Fmt, a: int) -> int:
-    """Order of non-NaN values with -0 below +0."""
-    return -(a & ~f.sign) - 1 if a >> f.w1 else a
-
-
-def _value_key(f: _Fmt, a: int) -> int:
-    """Order of non-NaN values with -0 equal to +0."""
-    return -(a & ~f.sign) if a >> f.w1 else a
-
-
-def _minmax(f: _Fmt, want_max: bool, a: int, b: int) -> tuple[int, int]:
-    an = _is_nan(f, a)
-    bn = _is_nan(f, b)
-    if an or bn:
-        flags = _nan_flags(f, a, b)
-        if an and bn:
-            return f.qnan, flags
-        return (b if an else a), flags
-    a_less = _total_key(f, a) < _total_key(f, b)
-    return (b if a_less == want_max else a), 0
-
-
-def _eq(f: _Fmt, a: int, b: int) -> tuple[int, int]:
-    if _is_nan(f, a) or _is_nan(f, b):
-        return 0, _nan_flags(f, a, b)
-    return int(a == b or not (a | b) & ~f.sign), 0
-
-
-def _lt(f: _Fmt, a: int, b: int) -> tuple[int, int]:
-    if _is_nan(f, a) or _is_nan(f, b):
-        return 0, FP_NV
-    return int(_value_key(f, a) < _value_key(f, b)), 0
-
-
-def _le(f: _Fmt, a: int, b: int) -> tuple[int, int]:
-    if _is_nan(f, a) or _is_nan(f, b):
-        return 0, FP_NV
-    return int(_value_key(f, a) <= _value_key(f, b)), 0
-
-
-def _classify(f: _Fmt, a: int) -> int:
-    neg = a >> f.w1
-    mag = a & ~f.sign
-    if mag > f.inf:
-        return 1 << 9 if mag & f.quiet else 1 << 8
-    if mag == f.inf:
-        return 1 if neg else 1 << 7
-    if not mag:
-        return 1 << 3 if neg else 1 << 4
-    if mag < f.hidden:
-        return 1 << 2 if neg else 1 << 5
-    return 1 << 1 if neg else 1 << 6
-
-
-def _sgnj(f: _Fmt, a: int, b: int) -> int:
-    return (a & ~f.sign) | (b & f.sign)
-
-
-def _sgnjn(f: _Fmt, a: int, b: int) -> int:
-    return (a & ~f.sign) | (~b & f.sign)
-
-
-def _sgnjx(f: _Fmt, a: int, b: int) -> int:
-    return a ^ (b & f.sign)
-
-
-# --- conversions --------------------------------------------------------------------------
-
-
-def _to_int(f: _Fmt, bits: int, signed: bool, a: int, rm: int) -> tuple[int, int]:
-    """Round to an integer of ``bits`` bits; RISC-V saturates out-of-range results with NV."""
-    lo = -(1 << (bits - 1)) if signed else 0
-    hi = (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1
-    mask = (1 << bits) - 1
-    neg = a >> f.w1
-    if _is_nan(f, a):
-        return hi & mask, FP_NV
-    if a & f.inf == f.inf:
-        return (lo if neg else hi) & mask, FP_NV
-    m, e = _finite(f, a)
-    if e >= 0:
-        n, inexact = m << e, False
-    else:
-        n, inexact = _shift_round(m, -e, neg, rm)
-    v = -n if neg else n
-    if v < lo or v > hi:
-        return (lo if neg else hi) & mask, FP_NV
-    return v & mask, FP_NX if inexact else 0
-
-
-def _from_int(f: _Fmt, bits: int, signed: bool, v: int, rm: int) -> tuple[int, int]:
-    v &= (1 << bits) - 1
-    if signed and v >> (bits - 1):
-        return _round(f, 1, (1 << bits) - v, 0, rm)
-    if not v:
-        return 0, 0
-    return _round(f, 0, v, 0, rm)
-
-
-def _convert(src: _Fmt, dst: _Fmt, a: int, rm: int) -> tuple[int, int]:
-    """Between formats; only narrowing can round."""
-    if _is_nan(src, a):
-        return dst.qnan, _nan_flags(src, a)
-    sign = a >> src.w1
-    if a & src.inf == src.inf:
-        return sign << dst.w1 | dst.inf, 0
-    m, e = _finite(src, a)
-    if not m:
-        return sign << dst.w1, 0
-    return _round(dst, sign, m, e, rm)
-
-
-# --- the public names ---------------------------------------------------------------------
-
-f32_add = partial(_addsub, _F32, 0)
-f32_sub = partial(_addsub, _F32, 1)
-f32_mul = partial(_mul, _F32)
-f32_div = partial(_div, _F32)
-f32_sqrt = partial(_sqrt, _F32)
-f32_fmadd = partial(_fma, _F32, 0, 0)
-f32_fmsub = partial(_fma, _F32, 0, 1)
-f32_fnmsub = partial(_fma, _F32, 1, 0)
-f32_fnmadd = partial(_fma, _F32, 1, 1)
-f32_min = partial(_minmax, _F32, False)
-f32_max = partial(_minmax, _F32, True)
-f32_eq = partial(_eq, _F32)
-f32_lt = partial(_lt, _F32)
-f32_le = partial(_le, _F32)
-f32_classify = partial(_classify, _F32)
-f32_sgnj = partial(_sgnj, _F32)
-f32_sgnjn = partial(_sgnjn, _F32)
-f32_sgnjx = partial(_sgnjx, _F32)
-f32_to_i32 = partial(_to_int, _F32, 32, True)
-f32_to_u32 = partial(_to_int, _F32, 32, False)
-f32_to_i64 = partial(_to_int, _F32, 64, True)
-f32_to_u64 = partial(_to_int, _F32, 64, False)
-f32_from_i32 = partial(_from_int, _F32, 32, True)
-f32_from_u32 = partial(_from_int, _F32, 32, False)
-f32_from_i64 = partial(_from_int, _F32, 64, True)
-f32_from_u64 = partial(_from_int, _F32, 64, False)
-
-f64_add = partial(_addsub, _F64, 0)
-f64_sub = partial(_addsub, _F64, 1)
-f64_mul = partial(_mul, _F64)
-f64_div = partial(_div, _F64)
-f64_sqrt = partial(_sqrt, _F64)
-f64_fmadd = partial(_fma, _F64, 0, 0)
-f64_fmsub = partial(_fma, _F64, 0, 1)
-f64_fnmsub = partial(_fma, _F64, 1, 0)
-f64_fnmadd = partial(_fma, _F64, 1, 1)
-f64_min = partial(_minmax, _F64, False)
-f64_max = partial(_minmax, _F64, True)
-f64_eq = partial(_eq, _F64)
-f64_lt = partial(_lt, _F64)
-f64_le = partial(_le, _F64)
-f64_classify = partial(_classify, _F64)
-f64_sgnj = partial(_sgnj, _F64)
-f64_sgnjn = partial(_sgnjn, _F64)
-f64_sgnjx = partial(_sgnjx, _F64)
-f64_to_i32 = partial(_to_int, _F64, 32, True)
-f64_to_u32 = partial(_to_int, _F64, 32, False)
-f64_to_i64 = partial(_to_int, _F64, 64, True)
-f64_to_u64 = partial(_to_int, _F64, 64, False)
-f64_from_i32 = partial(_from_int, _F64, 32, True)
-f64_from_u32 = partial(_from_int, _F64, 32, False)
-f64_from_i64 = partial(_from_int, _F64, 64, True)
-f64_from_u64 = partial(_from_int, _F64, 64, False)
+f32_add, f64_add = _S.add, _D.add
+f32_sub, f64_sub = _S.sub, _D.sub
+f32_mul, f64_mul = _S.mul, _D.mul
+f32_div, f64_div = _S.div, _D.div
+f32_sqrt, f64_sqrt = _S.sqrt, _D.sqrt
+f32_fmadd, f64_fmadd = _S.fmadd, _D.fmadd
+f32_fmsub, f64_fmsub = _S.fmsub, _D.fmsub
+f32_fnmsub, f64_fnmsub = _S.fnmsub, _D.fnmsub
+f32_fnmadd, f64_fnmadd = _S.fnmadd, _D.fnmadd
+f32_min, f64_min = _S.min, _D.min
+f32_max, f64_max = _S.max, _D.max
+f32_eq, f64_eq = _S.eq, _D.eq
+f32_lt, f64_lt = _S.lt, _D.lt
+f32_le, f64_le = _S.le, _D.le
+f32_classify, f64_classify = _S.classify, _D.classify
+f32_sgnj, f64_sgnj = _S.sgnj, _D.sgnj
+f32_sgnjn, f64_sgnjn = _S.sgnjn, _D.sgnjn
+f32_sgnjx, f64_sgnjx = _S.sgnjx, _D.sgnjx
+f32_to_i32, f64_to_i32 = _S.to_i32, _D.to_i32
+f32_to_u32, f64_to_u32 = _S.to_u32, _D.to_u32
+f32_to_i64, f64_to_i64 = _S.to_i64, _D.to_i64
+f32_to_u64, f64_to_u64 = _S.to_u64, _D.to_u64
+f32_from_i32, f64_from_i32 = _S.from_i32, _D.from_i32
+f32_from_u32, f64_from_u32 = _S.from_u32, _D.from_u32
+f32_from_i64, f64_from_i64 = _S.from_i64, _D.from_i64
+f32_from_u64, f64_from_u64 = _S.from_u64, _D.from_u64
 
 
 def f32_to_f64(a: int) -> tuple[int, int]:
     """Widening is exact; only a signalling NaN raises a flag."""
-    return _convert(_F32, _F64, a, FP_RNE)
+    return _S.convert_to(_D, a, FP_RNE)
 
 
-f64_to_f32 = partial(_convert, _F64, _F32)
+def f64_to_f32(a: int, rm: int) -> tuple[int, int]:
+    return _D.convert_to(_S, a, rm)
+
 
 __all__ = [
     "F32_QNAN",
@@ -513,5 +452,5 @@ __all__ = [
     "fp_box32",
     "fp_rm",
     "fp_unbox32",
-    *(n for n in dict(globals()) if n.startswith(("f32_", "f64_"))),
+    *(name for name in tuple(globals()) if name.startswith(("f32_", "f64_"))),
 ]
