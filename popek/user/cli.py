@@ -18,16 +18,18 @@ DEFAULT_SYSROOT = "/usr/riscv64-linux-gnu"  # Debian's libc6-riscv64-cross
 USAGE_ERROR = 2
 
 
+EXEC_HELP = "run a riscv64 Linux program on this host (process VM, like qemu-riscv64)"
+
+
 def add_exec_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``exec`` on a CLI's subcommands."""
-    parser = subparsers.add_parser(
-        "exec", help="run a riscv64 Linux program (process VM)",
-        description="Run a riscv64 Linux program on this host, as qemu-riscv64 does.")
-    configure_parser(parser)
+    """Register ``exec`` on a CLI's subcommands (its handler is ``args.handler``)."""
+    parser = subparsers.add_parser("exec", help=EXEC_HELP, description=EXEC_HELP)
+    add_exec_args(parser)
+    parser.set_defaults(handler=cmd_exec)
     return parser
 
 
-def configure_parser(parser: argparse.ArgumentParser) -> None:
+def add_exec_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sysroot", metavar="DIR",
                         help="where the ELF interpreter and shared libraries of dynamically "
                              f"linked programs are (default: {DEFAULT_SYSROOT} if present)")
@@ -35,7 +37,6 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="print every system call and its result on stderr")
     parser.add_argument("program", help="the riscv64 executable")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="its arguments")
-    parser.set_defaults(func=cmd_exec)
 
 
 def default_sysroot() -> str | None:
@@ -60,7 +61,6 @@ def _environment() -> list[bytes]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="popek exec", description=__doc__)
-    configure_parser(parser)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    parser = argparse.ArgumentParser(prog="popek exec", description=EXEC_HELP)
+    add_exec_args(parser)
+    return cmd_exec(parser.parse_args(argv))

@@ -201,14 +201,15 @@ class Signals:
                 self.pending.setdefault(sig, siginfo(sig, SI_USER))
         return bool(data)
 
-    def wait(self, fds: list[tuple[int, int]], timeout: float | None,
-             any_signal: bool = False) -> list[tuple[int, int]]:
+    def wait(self, fds: list[tuple[int, int]], timeout: float | None, *,
+             any_signal: bool = False, restartable: bool = True) -> list[tuple[int, int]]:
         """Block until an fd in ``fds`` is ready or ``timeout`` seconds pass; the ready ones.
 
         With ``any_signal``, any host signal ends the wait too (wait4 wakes on SIGCHLD).
 
         Raises Interrupted when a signal the guest handles becomes deliverable: the
-        blocking system call then returns -EINTR (or restarts, under SA_RESTART).
+        blocking system call then returns -EINTR or, if it is ``restartable`` and the
+        handler has SA_RESTART, runs again after the handler.
         """
         poller = select.poll()
         for fd, events in fds:
@@ -223,7 +224,7 @@ class Signals:
                 return ready
             sig = self.deliverable()
             if sig is not None:
-                raise Interrupted(bool(self.actions[sig].flags & SA_RESTART))
+                raise Interrupted(restartable and bool(self.actions[sig].flags & SA_RESTART))
             if deadline is None:
                 wait_ms = None
             else:
@@ -322,7 +323,7 @@ class Signals:
             sp = ss_sp + ss_size
         frame = (sp - structs.RT_SIGFRAME_SIZE) & ~15
         uc = bytearray(structs.UC_SIZE)
-        structs.STACK_T.pack_into(uc, structs.UC_STACK, ss_sp, self.altstack_flags(sp), ss_size)
+        structs.STACK_T.pack_into(uc, structs.UC_STACK, ss_sp, ss_flags, ss_size)
         saved_mask = self.mask if self.restore_mask is None else self.restore_mask
         self.restore_mask = None
         structs.U64.pack_into(uc, structs.UC_SIGMASK, saved_mask)

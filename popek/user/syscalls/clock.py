@@ -83,12 +83,12 @@ def _sleep(p: Process, clock: int, ns: int, rem: int) -> int:
     """Sleep ``ns`` on the host clock; on a signal, store what is left in ``rem``."""
     deadline = time.clock_gettime_ns(clock) + ns
     try:
-        p.signals.wait([], ns / 1e9)
+        p.signals.wait([], ns / 1e9, restartable=False)
     except Interrupted:
         if rem:
             left = max(deadline - time.clock_gettime_ns(clock), 0)
             p.space.write(rem, _timespec(left))
-        raise Interrupted(False) from None  # sleeps are not restarted after a handler
+        raise
     return 0
 
 

@@ -315,7 +315,7 @@ def ppoll(p: Process, fds: int, nfds: int, timeout_ptr: int, sigmask: int) -> in
         p.signals.restore_mask = p.signals.mask
         p.signals.set_mask(p.space.read_u64(sigmask))
     watched = [(fd, events) for fd, events, _ in polled if fd >= 0]
-    ready = dict(p.signals.wait(watched, timeout))
+    ready = dict(p.signals.wait(watched, timeout, restartable=False))
     count = 0
     for i, (fd, events, _) in enumerate(polled):
         revents = ready.get(fd, 0) if fd >= 0 else 0

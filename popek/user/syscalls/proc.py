@@ -309,7 +309,7 @@ def futex(p: Process, uaddr: int, op: int, val: int, timeout: int) -> int:
             seconds = sec + nsec / 1e9
             if cmd == FUTEX_WAIT_BITSET:  # an absolute CLOCK_MONOTONIC deadline
                 seconds -= time.monotonic()
-        p.signals.wait([], seconds)
+        p.signals.wait([], seconds, restartable=False)
         raise SyscallError(Errno.ETIMEDOUT)
     if cmd in (FUTEX_WAKE, FUTEX_WAKE_BITSET, FUTEX_REQUEUE, FUTEX_CMP_REQUEUE, FUTEX_WAKE_OP):
         return 0

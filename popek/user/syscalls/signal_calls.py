@@ -82,7 +82,7 @@ def rt_sigsuspend(p: Process, mask: int, sigsetsize: int) -> int:
     p.signals.restore_mask = p.signals.mask
     p.signals.set_mask(temporary)
     while True:
-        p.signals.wait([], None)  # only a deliverable signal ends this: Interrupted
+        p.signals.wait([], None, restartable=False)  # ends only by Interrupted
 
 
 @syscall("rt_sigreturn")
