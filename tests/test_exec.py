@@ -9,6 +9,7 @@ interpreter runs a couple of million instructions a second.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -171,3 +172,67 @@ def test_unrunnable_program_is_a_one_line_error_with_status_2(tmp_path: Path, ki
     assert result.returncode == 2
     assert len(result.stderr.decode().strip().splitlines()) == 1
     assert b"Traceback" not in result.stderr
+
+
+# System calls made directly on a loaded process, in a subprocess because the process
+# VM takes over the signal dispositions of the Python process that hosts it.
+SYSCALL_PROBE = """
+import json, struct, sys
+from popek.user.cli import default_sysroot
+from popek.user.process import ExecOptions, Process
+from popek.user.syscalls import dispatch
+
+p = Process(ExecOptions(sysroot=default_sysroot()))
+p.execve(sys.argv[1], [b"probe"], [])
+M64 = (1 << 64) - 1
+
+def call(nr, *args):
+    for i, value in enumerate(args):
+        p.hart.x[10 + i] = value & M64
+    p.hart.x[17] = nr
+    p.hart.pc = dispatch(p, p.hart.pc) - 4
+    value = p.hart.x[10]
+    return value - (1 << 64) if value >> 63 else value
+
+scratch = call(222, 0, 8192, 3, 0x22, -1, 0)  # mmap an anonymous read-write buffer
+results = {
+    "write_bad_pointer": call(64, 1, 0xDEAD0000, 10),
+    "read_into_unmapped": call(63, 0, 0x1000, 10),
+    "stat_bad_path_pointer": call(79, -100, 0x10, scratch, 0),
+    "unknown_syscall": call(1000),
+    "host_overflow": (struct.pack_into("<qq", p.mem.ram, scratch, 1 << 62, 0),
+                      call(101, scratch, 0))[1],
+    "munmap_then_write": (call(215, scratch, 8192), call(64, 1, scratch, 1))[1],
+    "brk_query_is_aligned_end": call(214, 0) == p.brk_start,
+}
+print(json.dumps(results))
+"""
+
+
+def test_bad_pointers_and_host_errors_become_error_returns():
+    result = subprocess.run([sys.executable, "-c", SYSCALL_PROBE, program("hello-static")],
+                            capture_output=True, env=environment(), timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr.decode()
+    efault, enosys, einval = -14, -38, -22
+    assert json.loads(result.stdout) == {
+        "write_bad_pointer": efault, "read_into_unmapped": efault,
+        "stat_bad_path_pointer": efault, "unknown_syscall": enosys, "host_overflow": einval,
+        "munmap_then_write": efault, "brk_query_is_aligned_end": True,
+    }
+
+
+@pytest.mark.parametrize("blocked_in", ["read", "busy loop"])
+def test_host_signal_reaches_the_guest_handler(blocked_in: str):
+    wait = "read line" if blocked_in == "read" else "while :; do :; done"
+    script = f"trap 'echo handled; exit 9' TERM; echo ready; {wait}"
+    child = subprocess.Popen(
+        [sys.executable, "-m", "popek.user", program("busybox"), "sh", "-c", script],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=environment())
+    try:
+        assert child.stdout.readline() == b"ready\n"
+        child.terminate()
+        assert child.wait(timeout=TIMEOUT) == 9
+        assert child.stdout.read() == b"handled\n"
+    finally:
+        child.kill()
+        child.wait()

@@ -13,6 +13,7 @@ import fcntl
 import os
 import select
 import stat
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 IO_LIMIT = 1 << 24  # bytes moved per call at most; callers loop, as with any short read
 IOV_MAX = 1024
 CLOSE_RANGE_CLOEXEC = 4
+POLL_MAX = 1 << 16  # descriptors per poll or select, like RLIMIT_NOFILE's usual bound
 
 
 @dataclass
@@ -300,20 +302,32 @@ def ftruncate(p: Process, fd: int, length: int) -> int:
     return 0
 
 
+def _timeout(p: Process, timeout_ptr: int) -> float | None:
+    if not timeout_ptr:
+        return None
+    sec, nsec = structs.TIMESPEC.unpack(p.space.read(timeout_ptr, structs.TIMESPEC.size))
+    if sec < 0 or not 0 <= nsec < 10**9:
+        raise SyscallError(Errno.EINVAL)
+    return sec + nsec / 1e9
+
+
+def _temporary_mask(p: Process, mask_ptr: int) -> None:
+    """ppoll/pselect's mask for the duration of the wait (the caller's returns after)."""
+    if mask_ptr:
+        mask = p.space.read_u64(mask_ptr)
+        p.signals.restore_mask = p.signals.mask
+        p.signals.set_mask(mask)
+
+
 @syscall("ppoll")
 def ppoll(p: Process, fds: int, nfds: int, timeout_ptr: int, sigmask: int) -> int:
     size = structs.POLLFD.size
-    if nfds > 4096:
+    if nfds > POLL_MAX:
         raise SyscallError(Errno.EINVAL)
     raw = bytearray(p.space.read(fds, nfds * size))
     polled = [structs.POLLFD.unpack_from(raw, i * size) for i in range(nfds)]
-    timeout = None
-    if timeout_ptr:
-        sec, nsec = structs.TIMESPEC.unpack(p.space.read(timeout_ptr, structs.TIMESPEC.size))
-        timeout = sec + nsec / 1e9
-    if sigmask:
-        p.signals.restore_mask = p.signals.mask
-        p.signals.set_mask(p.space.read_u64(sigmask))
+    timeout = _timeout(p, timeout_ptr)
+    _temporary_mask(p, sigmask)
     watched = [(fd, events) for fd, events, _ in polled if fd >= 0]
     ready = dict(p.signals.wait(watched, timeout, restartable=False))
     count = 0
@@ -323,3 +337,45 @@ def ppoll(p: Process, fds: int, nfds: int, timeout_ptr: int, sigmask: int) -> in
         structs.POLLFD.pack_into(raw, i * size, fd, events, revents)
     p.space.write(fds, bytes(raw))
     return count
+
+
+# fd_set membership as poll events, and which poll results mark an fd in each set.
+SELECT_EVENTS = (select.POLLIN, select.POLLOUT, select.POLLPRI)
+SELECT_READY = (select.POLLIN | select.POLLHUP | select.POLLERR, select.POLLOUT | select.POLLERR,
+                select.POLLPRI)
+
+
+@syscall("pselect6")
+def pselect6(p: Process, nfds: int, readfds: int, writefds: int, exceptfds: int,
+             timeout_ptr: int, sigdata: int) -> int:
+    nfds = i32(nfds)
+    if not 0 <= nfds <= POLL_MAX:
+        raise SyscallError(Errno.EINVAL)
+    size = (nfds + 63) // 64 * 8
+    pointers = (readfds, writefds, exceptfds)
+    sets = [int.from_bytes(p.space.read(ptr, size), "little") if ptr else 0 for ptr in pointers]
+    events: dict[int, int] = {}
+    for fd in range(nfds):
+        for bits, event in zip(sets, SELECT_EVENTS, strict=True):
+            if bits >> fd & 1:
+                events[fd] = events.get(fd, 0) | event
+    timeout = _timeout(p, timeout_ptr)
+    if sigdata:
+        mask_ptr, _ = structs.IOVEC.unpack(p.space.read(sigdata, structs.IOVEC.size))
+        _temporary_mask(p, mask_ptr)
+    start = time.monotonic()
+    ready = dict(p.signals.wait(list(events.items()), timeout, restartable=False))
+    if any(revents & select.POLLNVAL for revents in ready.values()):
+        raise SyscallError(Errno.EBADF)
+    results = [0, 0, 0]
+    for fd, revents in ready.items():
+        for i, wanted in enumerate(SELECT_READY):
+            if revents & wanted and sets[i] >> fd & 1:
+                results[i] |= 1 << fd
+    for ptr, bits in zip(pointers, results, strict=True):
+        if ptr:
+            p.space.write(ptr, bits.to_bytes(size, "little"))
+    if timeout is not None:  # Linux reports the time left
+        left = max(timeout - (time.monotonic() - start), 0)
+        p.space.write(timeout_ptr, structs.TIMESPEC.pack(int(left), int(left % 1 * 1e9)))
+    return sum(bin(bits).count("1") for bits in results)

@@ -69,8 +69,10 @@ def brk(p: Process, addr: int) -> int:
 @syscall("mmap")
 def mmap(p: Process, addr: int, length: int, prot: int, flags: int, fd: int,
          offset: int) -> int:
-    if length == 0 or offset & PAGE_MASK or length > USER_TOP:
+    if length == 0 or offset & PAGE_MASK:
         raise SyscallError(Errno.EINVAL)
+    if length > USER_TOP:
+        raise SyscallError(Errno.ENOMEM)
     if flags & MAP_TYPE not in (MAP_SHARED, MAP_PRIVATE, MAP_SHARED_VALIDATE):
         raise SyscallError(Errno.EINVAL)
     length = page_ceil(length)

@@ -38,6 +38,7 @@ FUTEX_CMD_MASK = 0x7F  # without FUTEX_PRIVATE_FLAG and FUTEX_CLOCK_REALTIME
 FUTEX_WAIT, FUTEX_WAKE, FUTEX_REQUEUE, FUTEX_CMP_REQUEUE, FUTEX_WAKE_OP = 0, 1, 3, 4, 5
 FUTEX_WAIT_BITSET, FUTEX_WAKE_BITSET = 9, 10
 SHEBANG_LIMIT = 256
+WAIT4_POLL = 0.25  # seconds
 
 
 @syscall("exit", "exit_group")
@@ -243,7 +244,8 @@ def wait4(p: Process, pid: int, status: int, options: int, rusage: int) -> int:
         child, raw_status, usage = os.wait4(pid, host_options | os.WNOHANG)
         if child or options & WNOHANG:
             break
-        p.signals.wait([], None, any_signal=True)  # SIGCHLD ends it
+        # SIGCHLD ends the wait; the timeout covers children whose SIGCHLD is ignored.
+        p.signals.wait([], WAIT4_POLL, any_signal=True)
     if child and status:
         p.space.write(status, structs.I32.pack(raw_status))
     if child and rusage:

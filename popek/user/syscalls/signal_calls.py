@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from popek.user import signals, structs
+from popek.user.address_space import GuestFault
 from popek.user.control import Resume
 from popek.user.linux_errno import Errno, SyscallError
 from popek.user.signals import SigAction
@@ -87,7 +88,11 @@ def rt_sigsuspend(p: Process, mask: int, sigsetsize: int) -> int:
 
 @syscall("rt_sigreturn")
 def rt_sigreturn(p: Process) -> int:
-    raise Resume(p.signals.sigreturn())
+    try:
+        pc = p.signals.sigreturn()
+    except GuestFault:  # no frame where sp points: the kernel kills with SIGSEGV too
+        signals.terminate(signals.SIGSEGV)
+    raise Resume(pc)
 
 
 @syscall("sigaltstack")
