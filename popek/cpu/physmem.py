@@ -1,9 +1,11 @@
 """Guest physical memory: one RAM ``mmap`` plus memory-mapped devices.
 
 RAM is a single anonymous mapping, so the host only spends memory on pages the
-guest touches, and every tier addresses it by a host offset (``pa - base``). The
-slow path (devices, the page-table walker, DMA) goes through :meth:`load` and
-:meth:`store`; the fast path lives in the hart's MMU.
+guest touches, and every tier addresses it by a host offset (``pa - base``). A
+restored snapshot maps its memory file privately instead: pages are read on first
+touch and copied on first write, so clones of one snapshot share what they do not
+change. The slow path (devices, the page-table walker, DMA) goes through
+:meth:`load` and :meth:`store`; the fast path lives in the hart's MMU.
 """
 
 from __future__ import annotations
@@ -37,7 +39,10 @@ class Device(Protocol):
 class PhysicalMemory:
     """RAM at ``[base, base + size)`` and devices elsewhere in the physical space."""
 
-    def __init__(self, base: int, size: int, *, sparse: bool = False) -> None:
+    def __init__(self, base: int, size: int, *, sparse: bool = False,
+                 backing: tuple[int, int] | None = None) -> None:
+        """``backing`` = (file descriptor, offset): RAM starts as that file's bytes, mapped
+        copy-on-write (the file never changes); otherwise RAM starts zeroed."""
         if size <= 0 or size % PAGE_SIZE:
             raise ValueError(f"RAM size must be a positive multiple of {PAGE_SIZE}")
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
@@ -45,7 +50,12 @@ class PhysicalMemory:
             flags |= MAP_NORESERVE
         self.base = base
         self.size = size
-        self.ram = mmap.mmap(-1, size, flags=flags)
+        if backing is None:
+            self.ram = mmap.mmap(-1, size, flags=flags)
+        else:
+            fd, offset = backing
+            self.ram = mmap.mmap(fd, size, flags=flags & ~mmap.MAP_ANONYMOUS,
+                                 prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
         self._dev_starts: list[int] = []
         self._devices: list[tuple[int, int, Device]] = []
         # Host page offsets holding translated code. Engines register to hear when such a

@@ -8,10 +8,13 @@ timers are updated and console input is delivered.
 
 from __future__ import annotations
 
+import sys
 import time
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from popek.cpu import trap as trap_unit
 from popek.cpu.causes import ECALL_S
@@ -42,6 +45,8 @@ ISA_STRING = "rv64imafdc_zicsr_zifencei"
 SLICE = 20_000  # instructions a hart runs before devices and timers are looked at
 MIN_RAM = 16 << 20
 MAX_RAM = 64 << 30
+STATE_VERSION = 1  # of save_state(): bump when its layout changes
+HART_BUFFERS = ("x", "f", "ctl", "csr")
 
 OPENSBI_PATHS = (
     "/usr/lib/riscv64-linux-gnu/opensbi/generic/fw_jump.bin",
@@ -76,7 +81,11 @@ class ConfigError(Exception):
 class VirtMachine:
     """One guest: RAM, devices, harts and firmware, runnable until it powers off."""
 
-    def __init__(self, config: MachineConfig, console_out: Callable[[bytes], None]) -> None:
+    def __init__(self, config: MachineConfig, console_out: Callable[[bytes], None], *,
+                 memory: PhysicalMemory | None = None,
+                 state: dict[str, Any] | None = None) -> None:
+        """Boot ``config`` from its images, or, given the ``state`` a machine saved (and
+        ``memory`` holding its RAM), carry on exactly where that machine was."""
         if not MIN_RAM <= config.mem <= MAX_RAM or config.mem % 4096:
             raise ConfigError(
                 f"--mem {config.mem >> 20}M is impossible: use {MIN_RAM >> 20}M to "
@@ -86,7 +95,10 @@ class VirtMachine:
         self.config = config
         self.console_out = console_out
         self.exit: tuple[str, int] | None = None
-        self.mem = PhysicalMemory(RAM_BASE, config.mem)
+        if memory is not None and (memory.base, memory.size) != (RAM_BASE, config.mem):
+            raise ConfigError(f"RAM of {memory.size >> 20}M at {memory.base:#x} does not fit "
+                              f"--mem {config.mem >> 20}M")
+        self.mem = memory if memory is not None else PhysicalMemory(RAM_BASE, config.mem)
         self.harts = [Hart(self.mem, i) for i in range(config.cpus)]
         self.clint = Clint(self.harts, _guest_clock())
         for hart in self.harts:
@@ -114,7 +126,10 @@ class VirtMachine:
         ):
             self.mem.add_device(base, size, dev)
         self._input = bytearray()
-        self.boot()
+        if state is None:
+            self.boot()
+        else:
+            self.load_state(state)
 
     # -- building -----------------------------------------------------------------------
     def _add_virtio(self, backend) -> None:
@@ -221,16 +236,82 @@ class VirtMachine:
         self.mem.write(dtb_addr, dtb)
         if firmware is None:
             self.sbi.boot_hart(self.harts[0], kernel.entry, dtb_addr)
-            for hart in self.harts:
-                hart.on_trap = _sbi_trap_handler(hart, self.sbi)
+            self._route_ecalls_to_sbi()
             return
         fw = read_image(firmware, "firmware")
         if RAM_BASE + len(fw) > kernel.segments[0].addr:
             raise ConfigError(f"firmware {firmware} overlaps the kernel")
         self.mem.write(RAM_BASE, fw)
-        self.mem.add_device(boot_rom.BASE, boot_rom.SIZE, BootRom(RAM_BASE, dtb_addr))
+        self.boot_rom = BootRom(RAM_BASE, dtb_addr)
+        self.mem.add_device(boot_rom.BASE, boot_rom.SIZE, self.boot_rom)
         for hart in self.harts:
             hart.pc = boot_rom.BASE
+
+    def _route_ecalls_to_sbi(self) -> None:
+        for hart in self.harts:
+            hart.on_trap = _sbi_trap_handler(hart, self.sbi)
+
+    # -- snapshots ----------------------------------------------------------------------
+    def _devices(self) -> dict[str, Any]:
+        devices = {"clint": self.clint, "plic": self.plic, "uart": self.uart, "rtc": self.rtc,
+                   "finisher": self.finisher}
+        if self.sbi is None:
+            devices["boot_rom"] = self.boot_rom
+        return devices
+
+    def save_state(self) -> dict[str, Any]:
+        """Harts, firmware and devices as plain data: everything but RAM and disk contents.
+
+        Decoded code and TLB entries are caches, not state, and are left out.
+        """
+        return {
+            "version": STATE_VERSION,
+            "byteorder": sys.byteorder,  # of the hart buffers
+            "harts": [{**{name: getattr(hart, name).tobytes().hex() for name in HART_BUFFERS},
+                       "reservation": hart.reservation} for hart in self.harts],
+            "firmware": self.sbi.state.save() if self.sbi is not None else None,
+            "devices": {name: dev.save_state() for name, dev in self._devices().items()},
+            "virtio": [dev.save_state() for dev in self.virtio],
+            "input": self._input.hex(),
+            "exit": self.exit,
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Become the machine that saved ``state`` (RAM is the caller's business).
+
+        Harts first, then devices, which re-drive their interrupt lines into ``mip``.
+        Raises ValueError (or KeyError/TypeError) if ``state`` does not fit this machine.
+        """
+        if state.get("version") != STATE_VERSION or state.get("byteorder") != sys.byteorder:
+            raise ValueError(f"machine state version {state.get('version')!r} "
+                             f"({state.get('byteorder')}-endian) is not {STATE_VERSION} "
+                             f"({sys.byteorder}-endian)")
+        if len(state["harts"]) != len(self.harts) or len(state["virtio"]) != len(self.virtio):
+            raise ValueError(f"saved machine has {len(state['harts'])} harts and "
+                             f"{len(state['virtio'])} virtio devices, this one "
+                             f"{len(self.harts)} and {len(self.virtio)}")
+        if self.sbi is None:
+            self.boot_rom = BootRom(RAM_BASE, 0)
+            self.mem.add_device(boot_rom.BASE, boot_rom.SIZE, self.boot_rom)
+        for hart, saved in zip(self.harts, state["harts"], strict=True):
+            for name in HART_BUFFERS:
+                buf = getattr(hart, name)
+                data = bytes.fromhex(saved[name])
+                if len(data) != len(buf) * buf.itemsize:
+                    raise ValueError(f"saved hart {hart.hartid} {name} has {len(data)} bytes")
+                buf[:] = array(buf.typecode, data)
+            hart.reservation = saved["reservation"]
+            hart.mmu.flush()
+            hart.engine.flush()
+        if self.sbi is not None:
+            self.sbi.state.load(state["firmware"])
+            self._route_ecalls_to_sbi()
+        for name, dev in self._devices().items():
+            dev.load_state(state["devices"][name])
+        for dev, saved in zip(self.virtio, state["virtio"], strict=True):
+            dev.load_state(saved)
+        self._input = bytearray.fromhex(state["input"])
+        self.exit = tuple(state["exit"]) if state["exit"] is not None else None
 
     # -- what the firmware and devices call ---------------------------------------------
     def request_shutdown(self, kind: str, code: int) -> None:

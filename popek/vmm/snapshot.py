@@ -1,0 +1,239 @@
+"""Snapshot files: one guest, whole (harts, firmware, devices, RAM), in one versioned file.
+
+Layout, integers little-endian::
+
+    0           preamble: magic, format version, offsets and sizes, CRC-32 of the metadata,
+                CRC-32 of the preamble itself
+    4096        guest RAM, exactly as large as the guest's RAM; zero pages are holes of a
+                sparse file, so the file costs only what the guest used
+    4096 + RAM  metadata, JSON: machine configuration (disk paths included), the state of
+                harts, firmware and devices, and the runs of non-zero pages with a CRC-32
+                of each
+
+RAM sits page-aligned at a fixed offset so a restore can map it copy-on-write
+(``MAP_PRIVATE``): a restored guest reads pages from the page cache on first touch and
+copies one only when it writes it, so many clones of one snapshot share every page
+they leave alone. Files are written beside their final name and renamed into place:
+a failed save leaves no half file, and clones mapping an older file keep its inode.
+
+Everything is checked before a machine is built (size, versions, every checksum), so a
+truncated, corrupt or newer-format file is refused with :class:`SnapshotError` and
+nothing else happens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from popek.cpu.physmem import PAGE_SIZE, PhysicalMemory
+from popek.machine.virt import RAM_BASE, ConfigError, MachineConfig, VirtMachine
+from popek.vmm.config import config_from_json, config_to_json
+
+MAGIC = b"POPEKSNP"
+FORMAT_VERSION = 1
+MEM_OFFSET = 4096
+# magic, version, metadata CRC, metadata length, RAM size, file size; then the preamble's CRC
+_HEAD = struct.Struct("<8sIIQQQ")
+_CRC = struct.Struct("<I")
+_SCAN = 256 * PAGE_SIZE  # scan RAM a MiB at a time; most of an idle guest's RAM is zero
+_ZERO_SCAN = bytes(_SCAN)
+_ZERO_PAGE = bytes(PAGE_SIZE)
+
+
+class SnapshotError(Exception):
+    """A snapshot that cannot be written or restored; the message says why, in one line."""
+
+
+@dataclass
+class SavedSnapshot:
+    """What a save produced (the API reports it)."""
+
+    path: Path
+    file_bytes: int  # apparent size
+    ram_bytes: int  # non-zero RAM actually stored
+    seconds: float
+
+
+@dataclass
+class Snapshot:
+    """A checked snapshot file, its RAM mapped copy-on-write, ready to become a machine."""
+
+    path: Path
+    meta: dict[str, Any]
+    config: MachineConfig
+    memory: PhysicalMemory
+
+    def machine(self, console_out: Callable[[bytes], None]) -> VirtMachine:
+        """The saved machine, carrying on where it stopped (disks reopened by path)."""
+        try:
+            return VirtMachine(self.config, console_out, memory=self.memory,
+                               state=self.meta["machine"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise SnapshotError(f"{self.path}: machine state does not fit: {err}") from None
+
+
+def save(path: Path, machine: VirtMachine, extra: dict[str, Any] | None = None) -> SavedSnapshot:
+    """Write ``machine`` (stopped between slices by the caller) to ``path``.
+
+    Disks are flushed first, so the image files on the host match what the saved guest
+    believes it wrote; their paths are recorded, their contents are not copied.
+    """
+    start = time.monotonic()
+    path = Path(path)
+    for disk in machine.disks:
+        os.fsync(disk.fd)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    except OSError as err:
+        raise SnapshotError(f"cannot write {path}: {err.strerror}") from None
+    try:
+        runs, stored = _write_ram(fd, machine.mem)
+        meta = json.dumps({
+            "created": time.time(),
+            "config": config_to_json(machine.config),
+            "machine": machine.save_state(),
+            "pages": runs,
+            **(extra or {}),
+        }, separators=(",", ":")).encode()
+        ram = machine.mem.size
+        file_size = MEM_OFFSET + ram + len(meta)
+        os.pwrite(fd, meta, MEM_OFFSET + ram)
+        head = _HEAD.pack(MAGIC, FORMAT_VERSION, zlib.crc32(meta), len(meta), ram, file_size)
+        os.pwrite(fd, head + _CRC.pack(zlib.crc32(head)), 0)
+        os.ftruncate(fd, file_size)
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.replace(partial, path)
+    except OSError as err:
+        raise SnapshotError(f"cannot write {path}: {err.strerror}") from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        partial.unlink(missing_ok=True)
+    return SavedSnapshot(path, file_size, stored, time.monotonic() - start)
+
+
+def _write_ram(fd: int, mem: PhysicalMemory) -> tuple[list[list[int]], int]:
+    """Store the non-zero runs of pages; returns [[first page, pages, CRC-32]...], bytes."""
+    runs: list[list[int]] = []
+    stored = 0
+    with memoryview(mem.ram) as ram:
+        for first, count in _nonzero_runs(mem):
+            data = ram[first * PAGE_SIZE:(first + count) * PAGE_SIZE]
+            os.pwrite(fd, data, MEM_OFFSET + first * PAGE_SIZE)
+            runs.append([first, count, zlib.crc32(data)])
+            stored += len(data)
+            data.release()
+    return runs, stored
+
+
+def _nonzero_runs(mem: PhysicalMemory) -> Iterator[tuple[int, int]]:
+    """(first page, count) of each maximal run of pages holding a non-zero byte.
+
+    Comparing slices reads untouched anonymous pages through the shared zero page, so
+    the scan costs no host memory.
+    """
+    ram = mem.ram
+    first = None
+    for chunk in range(0, mem.size, _SCAN):
+        end = min(chunk + _SCAN, mem.size)
+        if first is None and ram[chunk:end] == _ZERO_SCAN[:end - chunk]:
+            continue
+        for off in range(chunk, end, PAGE_SIZE):
+            zero = ram[off:off + PAGE_SIZE] == _ZERO_PAGE
+            if first is None and not zero:
+                first = off // PAGE_SIZE
+            elif first is not None and zero:
+                yield first, off // PAGE_SIZE - first
+                first = None
+    if first is not None:
+        yield first, mem.size // PAGE_SIZE - first
+
+
+def load(path: Path) -> Snapshot:
+    """Check ``path`` completely and map its RAM; raises SnapshotError, changing nothing."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as err:
+        raise SnapshotError(f"cannot open snapshot {path}: {err.strerror}") from None
+    try:
+        meta, ram_size = _read_checked_meta(path, fd)
+        try:
+            config = config_from_json(meta.get("config"))
+        except ConfigError as err:
+            raise SnapshotError(f"{path}: bad machine configuration: {err}") from None
+        if config.mem != ram_size:
+            raise SnapshotError(f"{path}: RAM of {ram_size} bytes, configuration says "
+                                f"{config.mem}")
+        memory = PhysicalMemory(RAM_BASE, ram_size, backing=(fd, MEM_OFFSET))
+    finally:
+        os.close(fd)  # the mapping keeps the file
+    try:
+        _check_pages(path, memory, meta.get("pages"))
+    except SnapshotError:
+        memory.ram.close()
+        raise
+    return Snapshot(path, meta, config, memory)
+
+
+def _read_checked_meta(path: Path, fd: int) -> tuple[dict[str, Any], int]:
+    head = os.pread(fd, _HEAD.size + _CRC.size, 0)
+    if len(head) < 12 or head[:8] != MAGIC:
+        raise SnapshotError(f"{path} is not a popek snapshot")
+    version = int.from_bytes(head[8:12], "little")
+    if version > FORMAT_VERSION:
+        raise SnapshotError(f"{path}: snapshot format {version} is newer than this popek "
+                            f"reads (up to {FORMAT_VERSION}); restore it with a newer popek")
+    if version != FORMAT_VERSION or len(head) < _HEAD.size + _CRC.size:
+        raise SnapshotError(f"{path}: unknown snapshot format {version} or truncated header")
+    if zlib.crc32(head[:_HEAD.size]) != _CRC.unpack_from(head, _HEAD.size)[0]:
+        raise SnapshotError(f"{path}: header checksum mismatch (corrupt file)")
+    _, _, meta_crc, meta_len, ram_size, file_size = _HEAD.unpack_from(head)
+    actual = os.fstat(fd).st_size
+    if actual != file_size:
+        kind = "truncated" if actual < file_size else "has trailing bytes"
+        raise SnapshotError(f"{path}: {kind}: {actual} bytes, the header says {file_size}")
+    if ram_size % PAGE_SIZE or file_size != MEM_OFFSET + ram_size + meta_len:
+        raise SnapshotError(f"{path}: inconsistent header (corrupt file)")
+    raw = os.pread(fd, meta_len, MEM_OFFSET + ram_size)
+    if zlib.crc32(raw) != meta_crc:
+        raise SnapshotError(f"{path}: metadata checksum mismatch (corrupt file)")
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        raise SnapshotError(f"{path}: metadata is not JSON (corrupt file)") from None
+    if not isinstance(meta, dict):
+        raise SnapshotError(f"{path}: metadata is not an object (corrupt file)")
+    return meta, ram_size
+
+
+def _check_pages(path: Path, memory: PhysicalMemory, runs: Any) -> None:
+    """Every stored run of pages must match its checksum (reads, never copies, the pages)."""
+    if not isinstance(runs, list):
+        raise SnapshotError(f"{path}: no page list (corrupt file)")
+    pages = memory.size // PAGE_SIZE
+    with memoryview(memory.ram) as ram:
+        for run in runs:
+            if not (isinstance(run, list) and len(run) == 3
+                    and all(isinstance(v, int) for v in run)):
+                raise SnapshotError(f"{path}: malformed page run {run!r} (corrupt file)")
+            first, count, crc = run
+            if not (0 <= first and 0 < count and first + count <= pages):
+                raise SnapshotError(f"{path}: page run {run!r} outside RAM (corrupt file)")
+            data = ram[first * PAGE_SIZE:(first + count) * PAGE_SIZE]
+            ok = zlib.crc32(data) == crc
+            data.release()
+            if not ok:
+                raise SnapshotError(f"{path}: RAM pages {first}..{first + count - 1} fail "
+                                    f"their checksum (corrupt file)")

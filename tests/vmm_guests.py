@@ -1,0 +1,129 @@
+"""Tiny bare-metal guests for the VMM tests, compiled at test time.
+
+Each is a few lines of C entered in S-mode by popek's SBI (as a kernel would be): it
+writes the 16550 UART at 0x1000_0000 and powers off through the test finisher at
+0x10_0000. They boot in milliseconds, where Linux takes tens of seconds.
+"""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+import tempfile
+from pathlib import Path
+
+GCC = "riscv64-linux-gnu-gcc"
+
+_START = """
+.section .text.start
+.globl _start
+_start:
+  la sp, stack_top
+  call main
+1: j 1b
+.bss
+.align 12
+.space 16384
+stack_top:
+"""
+
+_LINK = """
+ENTRY(_start)
+SECTIONS {
+  . = 0x80200000;
+  .text : { *(.text.start) *(.text*) }
+  .rodata : { *(.rodata*) *(.srodata*) }
+  .data : { *(.data*) *(.sdata*) }
+  .bss : { *(.bss*) *(.sbss*) }
+}
+"""
+
+_COMMON = r"""
+#define UART ((volatile unsigned char *)0x10000000UL)
+#define FINISHER ((volatile unsigned int *)0x100000UL)
+static void put(char c) { UART[0] = c; }
+static void say(const char *s) { while (*s) put(*s++); }
+static void num(unsigned long n) {
+    char b[24]; int i = 0;
+    do { b[i++] = '0' + n % 10; n /= 10; } while (n);
+    while (i) put(b[--i]);
+}
+static void delay(int n) { for (volatile int d = 0; d < n; d++) {} }
+static void poweroff(unsigned code) {
+    *FINISHER = code ? (code << 16) | 0x3333 : 0x5555;
+    for (;;) {}
+}
+"""
+
+PROGRAMS = {
+    # Prints "tick N" lines forever; fills 1 MiB of RAM first, so snapshots hold data.
+    "counter": r"""
+static volatile unsigned long table[131072];
+void main(void) {
+    for (unsigned long i = 0; i < 131072; i++) table[i] = i * 2654435761UL + 1;
+    say("counter ready\n");
+    for (unsigned long n = 0;; n++) { say("tick "); num(n); put('\n'); delay(3000); }
+}""",
+    "hello": r"""
+void main(void) { say("hello from the guest\n"); poweroff(0); }""",
+    "exit7": r"""
+void main(void) { say("exiting with 7\n"); poweroff(7); }""",
+    # Computes primes, prints each 500th, forever: a different workload from the counter.
+    "primes": r"""
+void main(void) {
+    unsigned long found = 0;
+    for (unsigned long n = 3;; n += 2) {
+        int prime = 1;
+        for (unsigned long d = 3; d * d <= n; d += 2) if (n % d == 0) { prime = 0; break; }
+        if (prime && ++found % 500 == 0) { say("prime "); num(n); put('\n'); }
+    }
+}""",
+    "spin": r"""
+void main(void) { say("spinning\n"); for (;;) {} }""",
+    "flood": r"""
+void main(void) { for (;;) say("flood flood flood flood flood flood flood flood\n"); }""",
+    # Echoes its console; the line "poweroff" makes it say goodbye and power off.
+    "echo": r"""
+void main(void) {
+    char line[64]; int n = 0;
+    say("echo ready\n");
+    for (;;) {
+        if (!(UART[5] & 1)) continue;
+        char c = UART[0];
+        put(c);
+        if (c == '\r' || c == '\n') {
+            line[n] = 0;
+            if (n == 8 && line[0] == 'p' && line[5] == 'o' && line[7] == 'f') {
+                say("goodbye\n");
+                poweroff(0);
+            }
+            n = 0;
+        } else if (n < 63) {
+            line[n++] = c;
+        }
+    }
+}""",
+    # Panics: jumps to address 0, where nothing answers, with no trap handler set up.
+    "crash": r"""
+void main(void) { say("crashing\n"); ((void (*)(void))0)(); }""",
+}
+
+
+@functools.cache
+def _build_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="popek-guests-"))
+
+
+@functools.cache
+def guest(name: str) -> Path:
+    """The ELF of guest program ``name`` (built once per test process)."""
+    out = _build_dir() / name
+    src = out.with_suffix(".c")
+    src.write_text(_COMMON + PROGRAMS[name])
+    (out.parent / "start.S").write_text(_START)
+    (out.parent / "link.ld").write_text(_LINK)
+    subprocess.run([GCC, "-O2", "-march=rv64gc", "-mabi=lp64d", "-mcmodel=medany",
+                    "-ffreestanding", "-nostdlib", "-static", "-Wl,--no-warn-rwx-segments",
+                    "-T", str(out.parent / "link.ld"), str(out.parent / "start.S"), str(src),
+                    "-o", str(out)], check=True, capture_output=True)
+    return out
