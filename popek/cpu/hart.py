@@ -34,7 +34,7 @@ class Hart(HartState):
 
     def __init__(self, mem: PhysicalMemory, hartid: int = 0, *,
                  translate: Translate | None = None,
-                 clock: Callable[[], int] | None = None) -> None:
+                 clock: Callable[[], int] | None = None, engine: str = "translate") -> None:
         super().__init__(hartid)
         self.mem = mem
         self.reservation: int | None = None
@@ -47,9 +47,9 @@ class Hart(HartState):
         # installs its own (system calls and signals).
         self.on_trap: TrapHandler = lambda cause, tval, pc: trap_unit.take_trap(
             self, cause, tval, pc)
-        from popek.engine.interpreter import Interpreter
+        from popek.engine.engine import Engine
 
-        self.engine = Interpreter(self)
+        self.engine = Engine(self, engine)
 
     # -- running ------------------------------------------------------------------------
     def run(self, budget: int) -> int:

@@ -1,21 +1,26 @@
-"""The reference engine: decode once into blocks, then call one handler per instruction.
+"""The execution engine: code cache, block dispatch and precise traps for every tier.
 
 A block is a run of instructions within one guest page, ending at a control
-transfer, a system instruction or the page end; it is cached by host offset
-of its first instruction (plus the mode bits decoding depends on) and dropped
-when a store hits its page. Interrupts are checked at block boundaries: after
-every system instruction (which may have enabled one) and at each slice start.
+transfer, a system instruction or the page end; it is decoded once, cached by the
+host offset of its first instruction (plus the mode bits decoding depends on), and
+dropped when a store hits its page. Each block has one entry point, ``run(pc)``:
+the reference tier interprets its decoded instructions; tier 1 replaces that with
+a translated Python function once the block is hot. Interrupts are checked at
+block boundaries: after every system instruction and at each slice start.
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 from popek.cpu import trap as trap_unit
 from popek.cpu.causes import ILLEGAL_INSN, Trap
 from popek.cpu.physmem import PAGE_SIZE
 from popek.cpu.state import CTL_INSTRET, CTL_WFI, XLEN_MASK
-from popek.engine.handlers import Handler, bind_handlers
+from popek.engine import translator
+from popek.engine.handlers import Handler, bind_handlers, semantics_namespace
+from popek.engine.interpreter import BlockFn, Op, interpret
 from popek.isa.decoder import Decoded, decode16, decode32
 
 MSTATUS = 0x300
@@ -23,34 +28,41 @@ MSTATUS_FS = 3 << 13
 MSTATUS_FS_DIRTY_SD = (3 << 13) | (1 << 63)
 FS_ON_KEY = 1 << 62  # block-cache key bit: decoded with the FP unit enabled
 MAX_BLOCK = 64
+HOT_AFTER = 32  # runs of a block before tier 1 translates it (compiling costs ~1 ms)
+TIERS = ("interp", "translate")
 
 _u16 = struct.Struct("<H").unpack_from
 _u32 = struct.Struct("<I").unpack_from
 
-Op = tuple[Handler, int, int, int, int]
-
-
 class Block:
-    """Decoded instructions of one block and what the engine must do around them."""
+    """One decoded block: its entry point and what the engine must do around it."""
 
-    __slots__ = ("ops", "count", "fp", "system", "offsets", "page")
+    __slots__ = ("run", "count", "fp", "system", "offsets", "decoded")
 
-    def __init__(self, ops: tuple[Op, ...], offsets: tuple[int, ...], fp: bool, system: bool,
-                 page: int | None) -> None:
-        self.ops = ops
-        self.count = len(ops)
+    def __init__(self, decoded: list[Decoded | None], offsets: tuple[int, ...], fp: bool,
+                 system: bool) -> None:
+        self.run: BlockFn = _unset
+        self.decoded = decoded  # None marks an illegal instruction (always the last)
+        self.count = len(decoded)
         self.offsets = offsets  # byte offset of each instruction from the block start
         self.fp = fp  # makes FP state dirty
         self.system = system  # ends in a system instruction
-        self.page = page  # host page offset, None if not cacheable
 
 
-class Interpreter:
-    """Runs one hart by interpreting decoded blocks."""
+def _unset(pc: int) -> int:
+    raise AssertionError("block entry point not set")
 
-    def __init__(self, hart) -> None:
+
+class Engine:
+    """Runs one hart: decodes, caches and dispatches blocks of the chosen tier."""
+
+    def __init__(self, hart, tier: str = "translate") -> None:
+        if tier not in TIERS:
+            raise ValueError(f"unknown engine {tier!r}: choose one of {', '.join(TIERS)}")
         self.hart = hart
-        self.handlers = bind_handlers(hart)
+        self.tier = tier
+        self.namespace = semantics_namespace(hart)
+        self.handlers = bind_handlers(self.namespace)
         self.illegal: Handler = self.handlers[("illegal", 0)]
         self.blocks: dict[int, Block] = {}
         self.page_blocks: dict[int, list[int]] = {}
@@ -69,33 +81,37 @@ class Interpreter:
     def _mode_key(self) -> int:
         return FS_ON_KEY if self.hart.csr[MSTATUS] & MSTATUS_FS else 0
 
-    def _op(self, d: Decoded | None, fs_on: bool) -> tuple[Op, bool]:
-        """The op for a decoded instruction and whether it must end the block."""
-        if d is None or ("fp" in d.insn.flags and not fs_on):
-            return (self.illegal, 0, 0, 0, 0), True
-        flags = d.insn.flags
-        op = (self.handlers[(d.insn.name, d.length)], d.rd, d.rs1, d.rs2, d.imm)
-        return op, "ends_block" in flags
+    def _op(self, d: Decoded | None) -> Op:
+        if d is None:
+            return (self.illegal, 0, 0, 0, 0)
+        return (self.handlers[(d.insn.name, d.length)], d.rd, d.rs1, d.rs2, d.imm)
 
-    def translate(self, page: int | None, pc: int, mode: int, limit: int = MAX_BLOCK) -> Block:
+    def _promote(self, block: Block) -> Callable[[], None]:
+        def promote() -> None:
+            if None not in block.decoded:
+                block.run = translator.translate(self.namespace, block.decoded, block.offsets)
+
+        return promote
+
+    def decode_block(self, page: int | None, pc: int, mode: int, limit: int = MAX_BLOCK) -> Block:
         """Decode the block at ``pc`` (host page offset ``page``, None for a device)."""
         fs_on = bool(mode & FS_ON_KEY)
         ram = self.hart.mem.ram
         mmu = self.hart.mmu
-        ops: list[Op] = []
+        decoded: list[Decoded | None] = []
         offsets: list[int] = []
         fp = system = False
         cacheable = page is not None
         off = pc & (PAGE_SIZE - 1)
         start = off
-        while len(ops) < limit:
+        while len(decoded) < limit:
             if page is not None and off + 2 <= PAGE_SIZE:
                 half = _u16(ram, page + off)[0]
                 if half & 3 != 3:
                     d, length = decode16(half), 2
                 elif off + 4 <= PAGE_SIZE:
                     d, length = decode32(_u32(ram, page + off)[0]), 4
-                elif ops:
+                elif decoded:
                     break  # the next instruction straddles pages: its own block
                 else:
                     d, length, cacheable = decode32(mmu.fetch_slow(pc, 4)), 4, False
@@ -104,17 +120,25 @@ class Interpreter:
                 if word & 3 == 3:
                     word = mmu.fetch_slow(pc + off - start, 4)
                 d, length = (decode32(word), 4) if word & 3 == 3 else (decode16(word), 2)
-            op, ends = self._op(d, fs_on)
-            ops.append(op)
+            if d is not None and "fp" in d.insn.flags and not fs_on:
+                d = None  # the FP unit is off: FP instructions are illegal
+            decoded.append(d)
             offsets.append(off - start)
-            if d is not None:
-                fp = fp or "fp_write" in d.insn.flags
-                system = "system" in d.insn.flags
-            off += length
-            if ends or off >= PAGE_SIZE or page is None:
+            if d is None:
                 break
-        block = Block(tuple(ops), tuple(offsets), fp, system, page if cacheable else None)
-        if cacheable and limit == MAX_BLOCK:
+            fp = fp or "fp_write" in d.insn.flags
+            system = "system" in d.insn.flags
+            off += length
+            if "ends_block" in d.insn.flags or off >= PAGE_SIZE or page is None:
+                break
+        block = Block(decoded, tuple(offsets), fp, system)
+        ops = tuple(self._op(d) for d in decoded)
+        cache = cacheable and limit == MAX_BLOCK
+        if cache and self.tier == "translate":
+            block.run = interpret(ops, block.offsets, self._promote(block), HOT_AFTER)
+        else:
+            block.run = interpret(ops, block.offsets)
+        if cache:
             key = page + start + mode
             self.blocks[key] = block
             self.page_blocks.setdefault(page, []).append(key)
@@ -168,16 +192,15 @@ class Interpreter:
                             pc &= XLEN_MASK
                             base = mmu.fetch_page(pc)
                         if single:
-                            blk = self.translate(base, pc, mode, limit=1)
+                            blk = self.decode_block(base, pc, mode, limit=1)
                         elif base is None or (blk := blocks.get(base + (pc & 4095) + mode)) is None:
-                            blk = self.translate(base, pc, mode)
+                            blk = self.decode_block(base, pc, mode)
                         if blk.fp:
                             csr[MSTATUS] |= MSTATUS_FS_DIRTY_SD
                         if blk.system:  # its CSR access may read instret: make it exact
                             ctl[CTL_INSTRET] = (instret0 + executed + blk.count - 1) & XLEN_MASK
                         bpc = pc
-                        for fn, a, b, c, d in blk.ops:
-                            pc = fn(pc, a, b, c, d)
+                        pc = blk.run(pc)
                         executed += blk.count
                         if blk.system:
                             pc = self.check_interrupts(pc)
@@ -185,8 +208,10 @@ class Interpreter:
                             if ctl[CTL_WFI]:
                                 break
                 except Trap as t:
-                    if blk is not None:
-                        executed += blk.offsets.index(pc - bpc)
+                    if blk is not None:  # the block tells which instruction trapped
+                        index = t.index
+                        executed += index
+                        pc = bpc + blk.offsets[index]
                     pc = self._take(t, pc)
                     mode = self._mode_key()
                     budget -= 1  # a trap is progress too: a trap loop must not pin the host

@@ -53,9 +53,8 @@ def semantics_namespace(hart) -> dict[str, object]:
     return ns
 
 
-def bind_handlers(hart) -> dict[tuple[str, int], Handler]:
-    """The handlers of every instruction and length, bound to ``hart``."""
-    ns = semantics_namespace(hart)
+def bind_handlers(ns: dict[str, object]) -> dict[tuple[str, int], Handler]:
+    """The handlers of every instruction and length, in a hart's semantics namespace."""
     exec(_compiled(), ns)  # noqa: S102 - source generated from our own declarations
     table: dict[tuple[str, int], Handler] = {
         (ins.name, n): ns[handler_name(ins, n)] for ins in ALL_INSNS for n in LENGTHS

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 Expansion = tuple[str, int, int, int, int]  # base name, rd, rs1, rs2, imm
 
@@ -137,12 +138,12 @@ class CInsn:
     pattern: str
     expand: Callable[[int], Expansion | None]
 
-    @property
+    @cached_property
     def mask(self) -> int:
         bits = self.pattern.replace(" ", "")
         return int("".join("0" if c == "." else "1" for c in bits), 2)
 
-    @property
+    @cached_property
     def match(self) -> int:
         return int(self.pattern.replace(" ", "").replace(".", "0"), 2)
 

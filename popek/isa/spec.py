@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 
 def _bits(word: int, hi: int, lo: int) -> int:
@@ -124,15 +125,15 @@ class Insn:
     ext: str = "I"
     flags: frozenset[str] = field(default_factory=frozenset)
 
-    @property
+    @cached_property
     def bits(self) -> str:
         return self.pattern.replace(" ", "")
 
-    @property
+    @cached_property
     def mask(self) -> int:
         return int("".join("0" if c == "." else "1" for c in self.bits), 2)
 
-    @property
+    @cached_property
     def match(self) -> int:
         return int(self.bits.replace(".", "0"), 2)
 

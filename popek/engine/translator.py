@@ -1,0 +1,96 @@
+"""Tier 1: translate a hot block into one Python function, derived from the semantics.
+
+The block's instructions are specialized from the same semantics the interpreter
+runs: operand fields become literals, integer registers become locals loaded once
+at entry and written back once at exit, reads of x0 become 0 and writes to it are
+dropped. A trap inside the function writes the registers back (they then hold the
+precise state before the faulting instruction) and tells the engine which
+instruction faulted, so traps stay exactly as precise as in the interpreter.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from functools import lru_cache
+from types import CodeType
+
+from popek.cpu.state import X_SINK
+from popek.isa.decoder import Decoded
+
+BlockFn = Callable[[int], int]
+
+_X_OPERAND = re.compile(r"\bX\[(rd|rs1|rs2)\]")
+_X_ASSIGN = re.compile(r"\bX\[rd\]\s*(?:[-+|&^]?=)(?!=)")
+_RETURN = re.compile(r"\breturn\b")
+_MAY_TRAP = ("load", "store", "amo", "system", "fp")
+_TRAP_WORDS = ("raise", "Trap", "check_aligned", "hart.")
+
+
+def _reg_local(n: int) -> str:
+    if n == 0:
+        return "0"
+    if n == X_SINK:
+        return "_x0"
+    return f"x{n}"
+
+
+def _specialize(d: Decoded, offset: int, last: bool) -> tuple[list[str], set[int], set[int]]:
+    """Source lines of one instruction, and the x registers it reads and writes."""
+    regs = {"rd": d.rd, "rs1": d.rs1, "rs2": d.rs2}
+    sem = d.insn.sem
+    written = {d.rd} if _X_ASSIGN.search(sem) and d.rd not in (0, X_SINK) else set()
+    used = {regs[m] for m in _X_OPERAND.findall(sem)} - {0, X_SINK}
+    sem = _X_OPERAND.sub(lambda m: _reg_local(regs[m.group(1)]), sem)
+    sem = re.sub(r"\bNEXT\b", "@NEXT@", sem)
+    sem = re.sub(r"\bpc\b", f"(pc + {offset})" if offset else "pc", sem)
+    sem = sem.replace("@NEXT@", f"((pc + {offset + d.length}) & M64)")
+    sem = re.sub(r"\bimm\b", f"({d.imm})", sem)
+    for name, value in regs.items():
+        sem = re.sub(rf"\b{name}\b", str(value), sem)
+    if last:
+        sem = _RETURN.sub("_next =", sem)
+    return sem.splitlines(), used, written
+
+
+def block_source(name: str, decoded: list[Decoded], offsets: list[int]) -> str:
+    """Python source of the function running ``decoded`` (one block)."""
+    body: list[str] = []
+    used: set[int] = set()
+    written: set[int] = set()
+    last = len(decoded) - 1
+    end = offsets[last] + decoded[last].length
+    ends_in_control = "ends_block" in decoded[last].insn.flags
+    if ends_in_control:
+        body.append(f"_next = pc + {end}")
+    for i, (d, off) in enumerate(zip(decoded, offsets, strict=True)):
+        if d.insn.flags.intersection(_MAY_TRAP) or any(w in d.insn.sem for w in _TRAP_WORDS):
+            body.append(f"i = {i}")
+        lines, reads, writes = _specialize(d, off, i == last)
+        body += lines
+        used |= reads | writes
+        written |= writes
+    load = [f"    x{n} = X[{n}]" for n in sorted(used)]
+    store = [f"X[{n}] = x{n}" for n in sorted(written)]
+    src = [f"def {name}(pc):", *load, "    i = 0", "    try:"]
+    src += ["        " + line for line in body]
+    src += ["    except Trap as _trap:"]
+    src += ["        " + line for line in store]
+    src += ["        _trap.index = i", "        raise"]
+    src += ["    " + line for line in store]
+    src.append("    return _next" if ends_in_control else f"    return pc + {end}")
+    return "\n".join(src)
+
+
+@lru_cache(maxsize=1 << 16)
+def _compiled(src: str) -> CodeType:
+    """Compiling dominates translation; the same code recurs (shared libraries in many
+    processes, reboots, pages written and re-translated), so keep it by source."""
+    return compile(src, "<popek block>", "exec")
+
+
+def translate(namespace: dict[str, object], decoded: list[Decoded], offsets: list[int]) -> BlockFn:
+    """Compile a block into a function bound to the hart's semantics namespace."""
+    local: dict[str, object] = {}
+    exec(_compiled(block_source("block", decoded, offsets)), namespace, local)  # noqa: S102
+    return local["block"]  # type: ignore[return-value]
