@@ -25,16 +25,8 @@ def _disasm_args(parser: argparse.ArgumentParser) -> None:
 def cmd_disasm(args: argparse.Namespace) -> int:
     """Print the disassembly of the file's code sections as ``objdump -d`` does."""
     try:
-        lines = disassemble_elf(args.file, raw=args.raw)
-        out = sys.stdout
-        batch: list[str] = []
-        for line in lines:
-            batch.append(line)
-            if len(batch) >= 4096:
-                out.write("\n".join(batch) + "\n")
-                batch.clear()
-        out.write("\n".join(batch) + "\n" if batch else "")
-        out.flush()
+        sys.stdout.writelines(line + "\n" for line in disassemble_elf(args.file, raw=args.raw))
+        sys.stdout.flush()
     except DisasmError as e:
         print(f"popek disasm: error: {e}", file=sys.stderr)
         return EXIT_USAGE
