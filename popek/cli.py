@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from popek.isa.disasm import DisasmError, disassemble_elf
 from popek.machine.cli import add_run_args, cmd_run
+from popek.vmm.cli import add_serve_args, add_vm_args, cmd_serve, cmd_vm
 
 EXIT_USAGE = 2  # like argparse: the input was unusable
 
@@ -41,6 +42,10 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Han
     "run": ("boot a guest on the virt board (default: the bundled Linux)", add_run_args,
             cmd_run),
     "disasm": ("disassemble an ELF file's code like objdump -d", _disasm_args, cmd_disasm),
+    "serve": ("run the VMM: guests in worker processes behind a REST API", add_serve_args,
+              cmd_serve),
+    "vm": ("manage guests through the VMM: create, ls, stop, snapshot, restore...",
+           add_vm_args, cmd_vm),
 }
 
 

@@ -122,6 +122,12 @@ def test_corrupt_ram_page_is_refused(good_snapshot: Path) -> None:
         snapshot.load(good_snapshot)
 
 
+def test_data_where_zero_pages_belong_is_refused(good_snapshot: Path) -> None:
+    _damaged(good_snapshot, lambda d: d.__setitem__(snapshot.MEM_OFFSET + 100, 1))
+    with pytest.raises(SnapshotError, match="where the snapshot holds zero pages"):
+        snapshot.load(good_snapshot)
+
+
 def test_corrupt_metadata_is_refused(good_snapshot: Path) -> None:
     _damaged(good_snapshot, lambda d: d.__setitem__(-5, d[-5] ^ 1))
     with pytest.raises(SnapshotError, match="metadata checksum"):

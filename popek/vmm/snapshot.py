@@ -177,13 +177,14 @@ def load(path: Path) -> Snapshot:
             raise SnapshotError(f"{path}: RAM of {ram_size} bytes, configuration says "
                                 f"{config.mem}")
         memory = PhysicalMemory(RAM_BASE, ram_size, backing=(fd, MEM_OFFSET))
+        try:
+            runs = _check_pages(path, memory, meta.get("pages"))
+            _check_holes(path, fd, memory, runs)
+        except SnapshotError:
+            memory.ram.close()
+            raise
     finally:
         os.close(fd)  # the mapping keeps the file
-    try:
-        _check_pages(path, memory, meta.get("pages"))
-    except SnapshotError:
-        memory.ram.close()
-        raise
     return Snapshot(path, meta, config, memory)
 
 
@@ -218,8 +219,10 @@ def _read_checked_meta(path: Path, fd: int) -> tuple[dict[str, Any], int]:
     return meta, ram_size
 
 
-def _check_pages(path: Path, memory: PhysicalMemory, runs: Any) -> None:
-    """Every stored run of pages must match its checksum (reads, never copies, the pages)."""
+def _check_pages(path: Path, memory: PhysicalMemory, runs: Any) -> list[tuple[int, int]]:
+    """Every stored run of pages must match its checksum (reads, never copies, the pages).
+
+    Returns the runs as sorted (first page, end page) pairs."""
     if not isinstance(runs, list):
         raise SnapshotError(f"{path}: no page list (corrupt file)")
     pages = memory.size // PAGE_SIZE
@@ -237,3 +240,31 @@ def _check_pages(path: Path, memory: PhysicalMemory, runs: Any) -> None:
             if not ok:
                 raise SnapshotError(f"{path}: RAM pages {first}..{first + count - 1} fail "
                                     f"their checksum (corrupt file)")
+    return sorted((first, first + count) for first, count, _ in runs)
+
+
+def _check_holes(path: Path, fd: int, memory: PhysicalMemory,
+                 runs: list[tuple[int, int]]) -> None:
+    """Pages outside the stored runs must be zero. The file system's map of where data
+    lies (SEEK_DATA) finds the few places to look; any data there is read and checked."""
+    gaps, page = [], 0
+    for first, end in runs + [(memory.size // PAGE_SIZE, 0)]:
+        if first > page:
+            gaps.append((page * PAGE_SIZE, first * PAGE_SIZE))
+        page = max(page, end)
+    for start, end in gaps:
+        pos = start
+        while pos < end:
+            try:
+                data = os.lseek(fd, MEM_OFFSET + pos, os.SEEK_DATA) - MEM_OFFSET
+            except OSError:  # ENXIO: no data from here to the end of the file
+                break
+            if data >= end:
+                break
+            stop = min(end, os.lseek(fd, MEM_OFFSET + data, os.SEEK_HOLE) - MEM_OFFSET)
+            for off in range(data - data % PAGE_SIZE, stop, _SCAN):
+                n = min(_SCAN, stop - off)
+                if memory.ram[off:off + n] != _ZERO_SCAN[:n]:
+                    raise SnapshotError(f"{path}: data at RAM offset {off:#x} where the "
+                                        "snapshot holds zero pages (corrupt file)")
+            pos = stop

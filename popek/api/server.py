@@ -1,0 +1,163 @@
+"""The VMM's REST API (described in docs/openapi.yaml), served by aiohttp.
+
+Routes are thin: parse JSON, call :class:`popek.vmm.manager.Vmm`, answer JSON. Errors
+are ``{"error": message}`` with the status the VMM chose (400 bad request, 404 no
+such VM, 409 wrong state). The console is a WebSocket carrying raw bytes both ways.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from popek.vmm.errors import BadRequest, VmmError
+from popek.vmm.manager import Vmm
+
+API_VERSION = 1
+VMM_KEY = web.AppKey("vmm", Vmm)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except VmmError as err:
+        return web.json_response({"error": str(err)}, status=err.status)
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    if not request.can_read_body:
+        return {}
+    try:
+        body = await request.json()
+    except json.JSONDecodeError:
+        raise BadRequest("the request body is not JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    return body
+
+
+def _vmm(request: web.Request) -> Vmm:
+    return request.app[VMM_KEY]
+
+
+async def version(request: web.Request) -> web.Response:
+    from popek import __version__
+
+    return web.json_response({"popek": __version__, "api": API_VERSION})
+
+
+async def list_vms(request: web.Request) -> web.Response:
+    return web.json_response(_vmm(request).list())
+
+
+async def create_vm(request: web.Request) -> web.Response:
+    vm = await _vmm(request).create(await _body(request))
+    return web.json_response(vm.info(), status=201)
+
+
+async def restore_vm(request: web.Request) -> web.Response:
+    vm = await _vmm(request).restore(await _body(request))
+    return web.json_response(vm.info(), status=201)
+
+
+async def get_vm(request: web.Request) -> web.Response:
+    return web.json_response(_vmm(request).get(request.match_info["vm"]).info())
+
+
+async def update_vm(request: web.Request) -> web.Response:
+    vm = await _vmm(request).update(request.match_info["vm"], await _body(request))
+    return web.json_response(vm.info())
+
+
+async def delete_vm(request: web.Request) -> web.Response:
+    await _vmm(request).delete(request.match_info["vm"])
+    return web.Response(status=204)
+
+
+def _action(name: str) -> Handler:
+    async def act(request: web.Request) -> web.Response:
+        vm = _vmm(request).get(request.match_info["vm"])
+        if name == "kill":
+            vm.kill()
+            await vm.wait_stopped()
+        else:
+            await getattr(vm, name)()
+        return web.json_response(vm.info())
+
+    return act
+
+
+async def shutdown_vm(request: web.Request) -> web.Response:
+    vm = await _vmm(request).shutdown(request.match_info["vm"], await _body(request))
+    return web.json_response(vm.info())
+
+
+async def snapshot_vm(request: web.Request) -> web.Response:
+    return web.json_response(
+        await _vmm(request).snapshot(request.match_info["vm"], await _body(request)), status=201)
+
+
+async def console_log(request: web.Request) -> web.Response:
+    vm = _vmm(request).get(request.match_info["vm"])
+    return web.Response(body=bytes(vm.console.scrollback),
+                        content_type="application/octet-stream")
+
+
+async def console(request: web.Request) -> web.WebSocketResponse:
+    """Binary frames out: guest output (the scrollback first with ``?replay=1``); binary or
+    text frames in: keystrokes. Closes when the guest stops."""
+    vm = _vmm(request).get(request.match_info["vm"])
+    ws = web.WebSocketResponse(max_msg_size=1 << 20)
+    await ws.prepare(request)
+    queue = vm.console.attach()
+    try:
+        if request.query.get("replay") in ("1", "true") and vm.console.scrollback:
+            await ws.send_bytes(bytes(vm.console.scrollback))
+        if not vm.alive:
+            return ws
+        pump = request.app.loop.create_task(_to_guest(ws, vm))
+        while (data := await queue.get()) is not None and not ws.closed:
+            await ws.send_bytes(data)
+        pump.cancel()
+    finally:
+        vm.console.detach(queue)
+        await ws.close()
+    return ws
+
+
+async def _to_guest(ws: web.WebSocketResponse, vm: Any) -> None:
+    async for msg in ws:
+        if msg.type == WSMsgType.BINARY:
+            vm.send_input(msg.data)
+        elif msg.type == WSMsgType.TEXT:
+            vm.send_input(msg.data.encode())
+
+
+def routes() -> list[web.RouteDef]:
+    return [
+        web.get("/v1/version", version),
+        web.get("/v1/vms", list_vms),
+        web.post("/v1/vms", create_vm),
+        web.post("/v1/snapshots/restore", restore_vm),
+        web.get("/v1/vms/{vm}", get_vm),
+        web.patch("/v1/vms/{vm}", update_vm),
+        web.delete("/v1/vms/{vm}", delete_vm),
+        *(web.post(f"/v1/vms/{{vm}}/{name}", _action(name))
+          for name in ("start", "pause", "resume", "kill")),
+        web.post("/v1/vms/{vm}/shutdown", shutdown_vm),
+        web.post("/v1/vms/{vm}/snapshot", snapshot_vm),
+        web.get("/v1/vms/{vm}/console", console),
+        web.get("/v1/vms/{vm}/console/log", console_log),
+    ]
+
+
+def make_app(vmm: Vmm) -> web.Application:
+    app = web.Application(middlewares=[_errors], client_max_size=1 << 20)
+    app[VMM_KEY] = vmm
+    app.add_routes(routes())
+    return app
