@@ -34,7 +34,7 @@ class Hart(HartState):
 
     def __init__(self, mem: PhysicalMemory, hartid: int = 0, *,
                  translate: Translate | None = None,
-                 clock: Callable[[], int] | None = None, engine: str = "translate") -> None:
+                 clock: Callable[[], int] | None = None, engine: str | None = None) -> None:
         super().__init__(hartid)
         self.mem = mem
         self.reservation: int | None = None
@@ -47,9 +47,9 @@ class Hart(HartState):
         # installs its own (system calls and signals).
         self.on_trap: TrapHandler = lambda cause, tval, pc: trap_unit.take_trap(
             self, cause, tval, pc)
-        from popek.engine.engine import Engine
+        from popek.engine.engine import DEFAULT_TIER, Engine
 
-        self.engine = Engine(self, engine)
+        self.engine = Engine(self, engine or DEFAULT_TIER)
 
     # -- running ------------------------------------------------------------------------
     def run(self, budget: int) -> int:

@@ -11,6 +11,7 @@ block boundaries: after every system instruction and at each slice start.
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Callable
 
@@ -30,6 +31,7 @@ FS_ON_KEY = 1 << 62  # block-cache key bit: decoded with the FP unit enabled
 MAX_BLOCK = 64
 HOT_AFTER = 32  # runs of a block before tier 1 translates it (compiling costs ~1 ms)
 TIERS = ("interp", "translate")
+DEFAULT_TIER = os.environ.get("POPEK_ENGINE", "translate")  # the fastest tier by default
 
 _u16 = struct.Struct("<H").unpack_from
 _u32 = struct.Struct("<I").unpack_from
@@ -56,7 +58,7 @@ def _unset(pc: int) -> int:
 class Engine:
     """Runs one hart: decodes, caches and dispatches blocks of the chosen tier."""
 
-    def __init__(self, hart, tier: str = "translate") -> None:
+    def __init__(self, hart, tier: str = DEFAULT_TIER) -> None:
         if tier not in TIERS:
             raise ValueError(f"unknown engine {tier!r}: choose one of {', '.join(TIERS)}")
         self.hart = hart
@@ -138,6 +140,8 @@ class Engine:
             block.run = interpret(ops, block.offsets, self._promote(block), HOT_AFTER)
         else:
             block.run = interpret(ops, block.offsets)
+            if self.tier == "translate":  # a single step runs tier-1 code too
+                self._promote(block)()
         if cache:
             key = page + start + mode
             self.blocks[key] = block
