@@ -6,10 +6,12 @@ import argparse
 import base64
 import re
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from popek import images
+from popek.engine.engine import DEFAULT_TIER, TIERS
 from popek.machine.console import HostConsole
 from popek.machine.loader import ImageError
 from popek.machine.virt import ConfigError, DiskSpec, MachineConfig, VirtMachine
@@ -53,6 +55,10 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
                         "Debian's fw_jump.bin, or a firmware file")
     parser.add_argument("--console-log", type=Path, metavar="FILE",
                         help="also write all console output to FILE")
+    parser.add_argument("--engine", choices=TIERS, default=DEFAULT_TIER,
+                        help=f"execution tier (default {DEFAULT_TIER}, or $POPEK_ENGINE)")
+    parser.add_argument("--stats", action="store_true",
+                        help="at exit, print guest instructions, wall time and MIPS on stderr")
     parser.add_argument("-c", dest="command", metavar="CMD",
                         help="run CMD in the guest shell, print its output, exit with its status")
 
@@ -68,7 +74,7 @@ def machine_config(args: argparse.Namespace) -> MachineConfig:
         encoded = base64.b64encode(args.command.encode()).decode()
         append += f" quiet popek.cmd={encoded}"
     return MachineConfig(kernel=kernel, initrd=initrd, append=append, disks=disks,
-                         mem=args.mem, cpus=args.cpus, bios=args.bios)
+                         mem=args.mem, cpus=args.cpus, bios=args.bios, engine=args.engine)
 
 
 class CommandOutput:
@@ -103,7 +109,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Boot the guest and connect its console to this terminal until it powers off."""
     try:
         config = machine_config(args)
-        log = open(args.console_log, "wb") if args.console_log else None  # noqa: SIM115
+        # Unbuffered, so the log is complete even if popek is killed.
+        log = open(args.console_log, "wb", buffering=0) if args.console_log else None  # noqa: SIM115
     except (OSError, ImageError) as err:
         print(f"popek run: error: {err}", file=sys.stderr)
         return EXIT_USAGE
@@ -115,9 +122,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         if log is not None:
             log.write(data)
         shown(data)
+    stats = RunStats()
     try:
         with console:
-            status = _run_until_poweroff(config, console, guest_out)
+            status = _run_until_poweroff(config, console, guest_out, stats)
     except (ConfigError, ImageError) as err:
         print(f"popek run: error: {err}", file=sys.stderr)
         return EXIT_USAGE
@@ -126,6 +134,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         if log is not None:
             log.close()
+        if args.stats:
+            print(stats.summary(), file=sys.stderr)
     if capture is not None:
         if capture.status is None:
             print("popek run: the guest stopped before the command finished", file=sys.stderr)
@@ -134,20 +144,37 @@ def cmd_run(args: argparse.Namespace) -> int:
     return status
 
 
+class RunStats:
+    """Guest instructions retired over the whole run, across reboots."""
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+        self.instructions = 0
+
+    def summary(self) -> str:
+        wall = time.monotonic() - self.start
+        mips = self.instructions / wall / 1e6 if wall else 0.0
+        return (f"popek: {self.instructions} guest instructions in {wall:.2f} s "
+                f"({mips:.2f} MIPS)")
+
+
 def _run_until_poweroff(config: MachineConfig, console: HostConsole,
-                        guest_out: Callable[[bytes], None]) -> int:
+                        guest_out: Callable[[bytes], None], stats: RunStats) -> int:
     """Run the guest, rebooting it when it asks, until it powers off or the user quits."""
     while True:
         machine = VirtMachine(config, guest_out)
-        while machine.exit is None and not console.quit_requested:
-            ran = machine.run_slice()
+        try:
+            while machine.exit is None and not console.quit_requested:
+                ran = machine.run_slice()
+                console.flush()
+                data = console.read(0.0 if ran else machine.idle_seconds())
+                if data:
+                    machine.feed_input(data)
+        finally:
             console.flush()
-            data = console.read(0.0 if ran else machine.idle_seconds())
-            if data:
-                machine.feed_input(data)
-        console.flush()
-        for disk in machine.disks:
-            disk.close()
+            stats.instructions += sum(hart.instret for hart in machine.harts)
+            for disk in machine.disks:
+                disk.close()
         if console.quit_requested:
             return 0
         kind, code = machine.exit

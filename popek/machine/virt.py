@@ -72,6 +72,7 @@ class MachineConfig:
     cpus: int = 1
     bios: str = "none"  # "none" (popek's SBI), "opensbi", or a firmware path
     rng: bool = True
+    engine: str | None = None  # execution tier; None: the default tier
 
 
 class ConfigError(Exception):
@@ -99,7 +100,7 @@ class VirtMachine:
             raise ConfigError(f"RAM of {memory.size >> 20}M at {memory.base:#x} does not fit "
                               f"--mem {config.mem >> 20}M")
         self.mem = memory if memory is not None else PhysicalMemory(RAM_BASE, config.mem)
-        self.harts = [Hart(self.mem, i) for i in range(config.cpus)]
+        self.harts = [Hart(self.mem, i, engine=config.engine) for i in range(config.cpus)]
         self.clint = Clint(self.harts, _guest_clock())
         for hart in self.harts:
             hart.time = self.clint.mtime
