@@ -1,0 +1,29 @@
+"""docs/openapi.yaml is a valid OpenAPI document and describes exactly the served routes."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+from openapi_spec_validator import validate
+
+from popek.api.server import routes
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "openapi.yaml"
+
+
+def _document() -> dict:
+    return yaml.safe_load(DOC.read_text())
+
+
+def test_document_is_valid_openapi() -> None:
+    validate(_document())
+
+
+def test_document_and_server_have_the_same_operations() -> None:
+    documented = {(method.upper(), re.sub(r"\{[^}]+\}", "{}", path))
+                  for path, item in _document()["paths"].items()
+                  for method in item if method != "parameters"}
+    served = {(route.method, re.sub(r"\{[^}]+\}", "{}", route.path)) for route in routes()}
+    assert documented == served
