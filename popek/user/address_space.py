@@ -40,6 +40,10 @@ class GuestFault(Exception):
     """A system call named guest memory the process may not access that way."""
 
 
+class StringTooLong(Exception):
+    """A guest string is longer than the call allows (ENAMETOOLONG, E2BIG for execve)."""
+
+
 @dataclass(slots=True)
 class Vma:
     """One mapping: pages [start, end) with PROT_* permissions."""
@@ -243,7 +247,7 @@ class AddressSpace:
             if nul >= 0:
                 return ram[addr:nul]
             if stop == addr + limit:
-                raise GuestFault(addr)  # longer than any path or argument may be
+                raise StringTooLong(addr)
             pos = stop
 
     def read_u64(self, addr: int) -> int:
@@ -256,5 +260,5 @@ class AddressSpace:
             values.append(value)
             addr += 8
             if len(values) > limit:
-                raise GuestFault(addr)
+                raise StringTooLong(addr)
         return values

@@ -46,7 +46,11 @@ def default_sysroot() -> str | None:
 def cmd_exec(args: argparse.Namespace) -> int:
     """Run the program; returns its exit status (128 + signal number if it was killed)."""
     sysroot = args.sysroot or default_sysroot()
-    process = Process(ExecOptions(sysroot=sysroot, strace=args.strace))
+    try:
+        process = Process(ExecOptions(sysroot=sysroot, strace=args.strace))
+    except OSError as e:  # e.g. the host refuses to reserve the guest's address space
+        print(f"popek exec: cannot create the process VM: {e}", file=sys.stderr)
+        return 1
     argv = [os.fsencode(args.program), *(os.fsencode(a) for a in args.args)]
     try:
         process.execve(args.program, argv, list(_environment()))

@@ -28,13 +28,16 @@ from popek.user.address_space import (
 )
 from popek.user.control import ProcessExit, Terminated
 from popek.user.fileflags import FD_CLOEXEC
+from popek.user.linux_errno import Errno
 from popek.user.strace import Strace
 from popek.user.syscalls import dispatch
+from popek.user.syscalls.files import DirStream
 
 TRAMPOLINE = USER_TOP - PAGE_SIZE  # the last page holds the signal return code
 STACK_TOP = TRAMPOLINE
 STACK_SIZE = 8 << 20
 MMAP_TOP = STACK_TOP - STACK_SIZE - (128 << 20)  # mmap grows down from below the stack gap
+ARG_MAX = STACK_SIZE // 4  # Linux allows arguments and environment a quarter of the stack
 SLICE = 100_000  # instructions between looks at host signals
 MSTATUS_FS_DIRTY = 3 << 13
 COUNTERS = 0b111  # cycle, time, instret readable from U-mode
@@ -78,7 +81,7 @@ class Process:
         self.brk_start = self.brk = 0
         self.rlimits: dict[int, tuple[int, int]] = {}  # limits kept for the guest only
         self.vfork_done_fd = -1  # a vfork child's end of the pipe its parent waits on
-        self.dir_streams: dict[int, object] = {}  # getdents64 state, see syscalls.files
+        self.dir_streams: dict[int, DirStream] = {}  # getdents64 state by descriptor
 
     # -- images -------------------------------------------------------------------------
     def execve(self, path: str, argv: list[bytes], envp: list[bytes], *,
@@ -89,6 +92,9 @@ class Process:
         ExecError before touching the current image if the program cannot run.
         """
         image = image or elf_loader.read_image(path)
+        strings = sum(len(s) + 9 for s in (*argv, *envp))  # each with its NUL and pointer
+        if strings > ARG_MAX:
+            raise elf_loader.ExecError(f"{path}: argument list too long", Errno.E2BIG)
         interp = None
         if image.interpreter:
             interp = elf_loader.read_image(

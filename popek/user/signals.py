@@ -8,8 +8,8 @@ handler gets a host handler that only records it: Python writes its number to th
 wakeup pipe, and the process VM reads that pipe between instruction slices and
 after system calls, then builds the kernel's ``rt_sigframe`` (siginfo + ucontext)
 on the guest stack and enters the handler with ``ra`` at a ``rt_sigreturn``
-trampoline. The guest's signal mask is mirrored onto the host's too, so blocked
-signals stay pending in the host kernel until the guest unblocks them.
+trampoline. What the guest blocks and leaves at the default action is blocked on
+the host too, so it stays pending in the host kernel until the guest unblocks it.
 
 Synchronous faults (SIGSEGV, SIGBUS, SIGILL, SIGTRAP, SIGFPE) come from the hart,
 never from the host; their host dispositions are left alone.

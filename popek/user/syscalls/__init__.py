@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from popek.user.address_space import GuestFault
+from popek.user.address_space import GuestFault, StringTooLong
 from popek.user.control import ControlFlow, Interrupted, Resume
 from popek.user.linux_errno import Errno, SyscallError, from_host
 from popek.user.syscalls import (  # noqa: F401 - imported to register their handlers
@@ -56,6 +56,8 @@ def dispatch(p: Process, pc: int) -> int:
         result = -e.errno
     except GuestFault:
         result = -Errno.EFAULT
+    except StringTooLong:
+        result = -Errno.ENAMETOOLONG
     except OSError as e:
         result = -from_host(e)
     except ControlFlow:

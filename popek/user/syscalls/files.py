@@ -246,7 +246,7 @@ def getdents64(p: Process, fd: int, dirp: int, count: int) -> int:
     if not stat.S_ISDIR(st.st_mode):
         raise SyscallError(Errno.ENOTDIR)
     stream = p.dir_streams.get(fd)
-    if not isinstance(stream, DirStream) or stream.ident != (st.st_dev, st.st_ino):
+    if stream is None or stream.ident != (st.st_dev, st.st_ino):
         stream = p.dir_streams[fd] = DirStream((st.st_dev, st.st_ino), _dir_records(fd, st))
     out = bytearray()
     while stream.cursor < len(stream.records):

@@ -17,6 +17,7 @@ import time
 from typing import TYPE_CHECKING
 
 from popek.user import elf_loader, signals, structs
+from popek.user.address_space import StringTooLong
 from popek.user.control import ProcessExit, Resume
 from popek.user.linux_errno import Errno, SyscallError
 from popek.user.signals import WAKEUP_FD_MIN
@@ -38,6 +39,8 @@ FUTEX_CMD_MASK = 0x7F  # without FUTEX_PRIVATE_FLAG and FUTEX_CLOCK_REALTIME
 FUTEX_WAIT, FUTEX_WAKE, FUTEX_REQUEUE, FUTEX_CMP_REQUEUE, FUTEX_WAKE_OP = 0, 1, 3, 4, 5
 FUTEX_WAIT_BITSET, FUTEX_WAKE_BITSET = 9, 10
 SHEBANG_LIMIT = 256
+PATH_MAX = 4096
+MAX_ARG_STRLEN = 32 * 4096  # one argument or environment string, at most
 WAIT4_POLL = 0.25  # seconds
 
 
@@ -182,9 +185,14 @@ def _child(p: Process, flags: int, newsp: int, tls: int, ctid: int, done_r: int,
 # -- execve ---------------------------------------------------------------------------
 @syscall("execve")
 def execve(p: Process, path: int, argv: int, envp: int) -> int:
-    name = p.space.read_cstr(path, 4096)
-    args = [p.space.read_cstr(a) for a in p.space.read_pointers(argv)] if argv else []
-    env = [p.space.read_cstr(e) for e in p.space.read_pointers(envp)] if envp else []
+    name = p.space.read_cstr(path, PATH_MAX)
+    try:
+        args = [p.space.read_cstr(a, MAX_ARG_STRLEN) for a in p.space.read_pointers(argv)] \
+            if argv else []
+        env = [p.space.read_cstr(e, MAX_ARG_STRLEN) for e in p.space.read_pointers(envp)] \
+            if envp else []
+    except StringTooLong:
+        raise SyscallError(Errno.E2BIG) from None
     _exec(p, name, p.host_path(name), args, env)
     raise Resume(p.hart.pc)
 
