@@ -1,8 +1,9 @@
 """Tiny bare-metal guests for the VMM tests, compiled at test time.
 
-Each is a few lines of C entered in S-mode by popek's SBI (as a kernel would be): it
-writes the 16550 UART at 0x1000_0000 and powers off through the test finisher at
-0x10_0000. They boot in milliseconds, where Linux takes tens of seconds.
+Each is a few lines of C entered in S-mode at 0x8020_0000 by popek's SBI (as a kernel
+would be, and as QEMU's OpenSBI enters it too): it writes the 16550 UART at 0x1000_0000
+and powers off through the test finisher at 0x10_0000. They boot in milliseconds, where
+Linux takes tens of seconds.
 """
 
 from __future__ import annotations
@@ -78,6 +79,9 @@ void main(void) {
         if (prime && ++found % 500 == 0) { say("prime "); num(n); put('\n'); }
     }
 }""",
+    # Says it is ready, then waits for interrupts that never come: an idle guest.
+    "idle": r"""
+void main(void) { say("idle ready\n"); for (;;) __asm__ volatile("wfi"); }""",
     "spin": r"""
 void main(void) { say("spinning\n"); for (;;) {} }""",
     "flood": r"""
@@ -123,7 +127,8 @@ def guest(name: str) -> Path:
     (out.parent / "start.S").write_text(_START)
     (out.parent / "link.ld").write_text(_LINK)
     subprocess.run([GCC, "-O2", "-march=rv64gc", "-mabi=lp64d", "-mcmodel=medany",
-                    "-ffreestanding", "-nostdlib", "-static", "-Wl,--no-warn-rwx-segments",
+                    "-ffreestanding", "-nostdlib", "-static", "-fno-pie", "-no-pie",
+                    "-Wl,--build-id=none", "-Wl,--no-warn-rwx-segments",
                     "-T", str(out.parent / "link.ld"), str(out.parent / "start.S"), str(src),
                     "-o", str(out)], check=True, capture_output=True)
     return out
