@@ -9,6 +9,7 @@ the namespace dict, so a handler touches no Python object it does not need.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from functools import cache
 from types import CodeType
@@ -49,6 +50,11 @@ def semantics_namespace(hart) -> dict[str, object]:
     ns: dict[str, object] = {name: getattr(helpers, name) for name in helpers.__all__}
     ns.update({name: getattr(softfloat, name) for name in softfloat.__all__})
     ns.update(hart.mmu.accessors)
+    # The TLB and RAM themselves, for translated code that inlines the TLB hit path.
+    ns.update(tlb_r=hart.mmu.tlb_r, tlb_w=hart.mmu.tlb_w, ram=hart.mem.ram)
+    for bits, code in ((8, "B"), (16, "H"), (32, "I"), (64, "Q")):
+        fmt = struct.Struct("<" + code)
+        ns[f"unpack{bits}"], ns[f"pack{bits}"] = fmt.unpack_from, fmt.pack_into
     ns.update(X=hart.x, F=hart.f, C=hart.csr, hart=hart, csr_op=hart.csrs.op)
     return ns
 

@@ -27,6 +27,67 @@ _MAY_TRAP = ("load", "store", "amo", "system", "fp")
 _TRAP_WORDS = ("raise", "Trap", "check_aligned", "hart.")
 
 
+_LOAD_CALL = re.compile(r"\b(?<!amo_)ld(8|16|32|64)\(")
+_STORE_STMT = re.compile(r"^(\s*)st(8|16|32|64)\((.*)\)$")
+
+
+def _call_args(text: str, open_paren: int) -> tuple[str, int]:
+    """The text between the parenthesis at ``open_paren`` and its match, and the end."""
+    depth = 0
+    for i in range(open_paren, len(text)):
+        depth += {"(": 1, ")": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[open_paren + 1:i], i + 1
+    raise ValueError(f"unbalanced call in {text!r}")
+
+
+def _split_top_level(args: str) -> list[str]:
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(args):
+        depth += {"(": 1, ")": -1, "[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            parts.append(args[start:i])
+            start = i + 1
+    return [*parts, args[start:]]
+
+
+def _inline_memory(sem: str) -> str:
+    """Put the software-TLB hit path of loads and stores inline; misses call the slow path.
+
+    The hit path is the same as the accessors' in :mod:`popek.cpu.mmu`: a dict lookup by
+    virtual page and an unpack/pack at the host offset, for accesses within one page.
+    """
+    out = []
+    for line in sem.splitlines():
+        store = _STORE_STMT.match(line)
+        if store:
+            indent, bits, args = store.groups()
+            addr, value = _split_top_level(args)
+            size = int(bits) // 8
+            mask = (1 << (8 * size)) - 1
+            out += [
+                f"{indent}_a = {addr}",
+                f"{indent}_b = tlb_w.get(_a >> 12)",
+                f"{indent}if _b is not None and (_a & 4095) <= {4096 - size}:",
+                f"{indent}    pack{bits}(ram, _b | (_a & 4095), ({value}) & {mask})",
+                f"{indent}else:",
+                f"{indent}    st{bits}(_a, {value})",
+            ]
+            continue
+        pos = 0
+        while (m := _LOAD_CALL.search(line, pos)) is not None:
+            bits = m.group(1)
+            addr, end = _call_args(line, m.end() - 1)
+            size = int(bits) // 8
+            inline = (f"(unpack{bits}(ram, _b | (_a & 4095))[0] "
+                      f"if (_b := tlb_r.get((_a := {addr}) >> 12)) is not None "
+                      f"and (_a & 4095) <= {4096 - size} else ld{bits}(_a))")
+            line = line[:m.start()] + inline + line[end:]
+            pos = m.start() + len(inline)
+        out.append(line)
+    return "\n".join(out)
+
+
 def _reg_local(n: int) -> str:
     if n == 0:
         return "0"
@@ -48,6 +109,8 @@ def _specialize(d: Decoded, offset: int, last: bool) -> tuple[list[str], set[int
     sem = re.sub(r"\bimm\b", f"({d.imm})", sem)
     for name, value in regs.items():
         sem = re.sub(rf"\b{name}\b", str(value), sem)
+    if "load" in d.insn.flags or "store" in d.insn.flags:
+        sem = _inline_memory(sem)
     if last:
         sem = _RETURN.sub("_next =", sem)
     return sem.splitlines(), used, written
