@@ -30,13 +30,17 @@ def nice_for_weight(weight: int) -> int:
 
 
 def apply_weight(pid: int, weight: int) -> int:
-    """Set the worker's nice level for ``weight``; returns the level it got."""
+    """Set the worker's nice level for ``weight``; returns the level it got (a worker that
+    has already exited keeps none, and its VM is reported by whoever reaps it)."""
     nice = nice_for_weight(weight)
     try:
-        os.setpriority(os.PRIO_PROCESS, pid, nice)
-    except PermissionError:
-        nice = max(nice, os.getpriority(os.PRIO_PROCESS, pid))
-        os.setpriority(os.PRIO_PROCESS, pid, nice)
+        try:
+            os.setpriority(os.PRIO_PROCESS, pid, nice)
+        except PermissionError:
+            nice = max(nice, os.getpriority(os.PRIO_PROCESS, pid))
+            os.setpriority(os.PRIO_PROCESS, pid, nice)
+    except ProcessLookupError:
+        pass
     return nice
 
 
