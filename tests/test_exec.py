@@ -46,9 +46,27 @@ def program(name: str) -> str:
     return str(path)
 
 
-def environment(**extra: str) -> dict[str, str]:
+@pytest.fixture(scope="session")
+def applets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A PATH directory that runs every busybox applet under qemu-riscv64.
+
+    busybox's shell runs applets by executing /proc/self/exe, which qemu-user cannot
+    do (it is qemu), so the shell falls back to searching PATH: without this directory
+    the reference would silently run the host's own coreutils.
+    """
+    directory = tmp_path_factory.mktemp("applets")
+    busybox = program("busybox")
+    for line in (PROGRAMS / "busybox.links").read_text().split():
+        wrapper = directory / Path(line).name
+        wrapper.write_text(f'#!/bin/sh\nexec {qemu_binary()} {busybox} {wrapper.name} "$@"\n')
+        wrapper.chmod(0o755)
+    return directory
+
+
+def environment(path: Path | None = None, **extra: str) -> dict[str, str]:
     """The same small environment for both runs (popek also needs to import itself)."""
-    return {"PATH": "/usr/bin:/bin", "LC_ALL": "C", "HOME": "/nonexistent", "TZ": "UTC",
+    search = f"{path}:/usr/bin:/bin" if path else "/usr/bin:/bin"
+    return {"PATH": search, "LC_ALL": "C", "HOME": "/nonexistent", "TZ": "UTC",
             "PYTHONPATH": str(REPO), **extra}
 
 
@@ -75,8 +93,9 @@ def assert_same_as_qemu(args: list[str], **kwargs) -> subprocess.CompletedProces
     return ours
 
 
-def busybox_sh(script: str, **kwargs) -> subprocess.CompletedProcess:
-    return assert_same_as_qemu([program("busybox"), "sh", "-c", script], **kwargs)
+def busybox_sh(applets: Path, script: str, **kwargs) -> subprocess.CompletedProcess:
+    return assert_same_as_qemu([program("busybox"), "sh", "-c", script],
+                               env=environment(applets), **kwargs)
 
 
 @pytest.fixture
@@ -90,48 +109,53 @@ def tree(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def test_busybox_text_tools_match_qemu():
-    busybox_sh('printf "pear\\napple\\nfig\\nbanana\\n" | sort; '
+def test_busybox_text_tools_match_qemu(applets: Path):
+    busybox_sh(applets,
+               'printf "pear\\napple\\nfig\\nbanana\\n" | sort; '
                'printf "3 x\\n1 y\\n2 z\\n" | sort -n -r | awk \'{print $2 "=" $1 * 10}\'; '
                'seq 1 100 | awk \'{s += $1} END {printf "%d %d %.3f\\n", s, NR, s / NR}\'; '
                'echo "hello world" | sed -e "s/world/there/" -e "s/^/> /"; '
                'echo "a,b,c" | awk -F, \'{for (i = NF; i > 0; i--) printf "%s ", $i; print ""}\'')
 
 
-def test_busybox_directory_walk_matches_qemu(tree: Path):
-    busybox_sh("ls; ls -a c; ls -l a | wc -l; find . | sort; find . -type f -name '*.txt'; "
+def test_busybox_directory_walk_matches_qemu(applets: Path, tree: Path):
+    busybox_sh(applets,
+               "ls; ls -a c; ls -l a | wc -l; find . | sort; find . -type f -name '*.txt'; "
                "find . -type l; find c a", cwd=tree)
 
 
-def test_busybox_gzip_round_trip_and_sha256_match_qemu(tree: Path):
-    busybox_sh("cat one.txt a/two.txt | sha256sum; gzip -c a/b/three.txt > t.gz; "
+def test_busybox_gzip_round_trip_and_sha256_match_qemu(applets: Path, tree: Path):
+    busybox_sh(applets,
+               "cat one.txt a/two.txt | sha256sum; gzip -c a/b/three.txt > t.gz; "
                "gunzip -c t.gz | sha256sum; sha256sum < a/b/three.txt; gunzip t.gz; "
                "cmp a/b/three.txt t && echo round trip ok; rm t; ls", cwd=tree)
 
 
-def test_busybox_pipelines_fork_and_exec_like_qemu(tree: Path):
-    busybox_sh("ls -R | sort | head -n 5; (cd a && pwd | sed 's|.*/||'); "
+def test_busybox_pipelines_fork_and_exec_like_qemu(applets: Path, tree: Path):
+    busybox_sh(applets,
+               "ls -R | sort | head -n 5; (cd a && pwd | sed 's|.*/||'); "
                "x=$(echo sub | tr a-z A-Z); echo $x; sh -c 'exit 3'; echo status $?", cwd=tree)
 
 
-def test_shell_traps_run_the_guest_signal_handler():
-    ours = busybox_sh('trap "echo caught USR1" USR1; kill -USR1 $$; echo after; '
-                      'trap "echo bye" EXIT; false || echo or')
+def test_shell_traps_run_the_guest_signal_handler(applets: Path):
+    ours = busybox_sh(applets, 'trap "echo caught USR1" USR1; kill -USR1 $$; echo after; '
+                               'trap "echo bye" EXIT; false || echo or')
     assert ours.stdout == b"caught USR1\nafter\nor\nbye\n"
 
 
-def test_exit_status_passes_through():
-    assert busybox_sh("exit 42").returncode == 42
+def test_exit_status_passes_through(applets: Path):
+    assert busybox_sh(applets, "exit 42").returncode == 42
 
 
 @pytest.mark.parametrize("signal_name, number", [("SEGV", 11), ("TERM", 15)])
-def test_death_by_signal_passes_through(signal_name: str, number: int):
-    assert busybox_sh(f"echo before; kill -{signal_name} $$; echo not reached").returncode \
-        == -number
+def test_death_by_signal_passes_through(applets: Path, signal_name: str, number: int):
+    script = f"echo before; kill -{signal_name} $$; echo not reached"
+    assert busybox_sh(applets, script).returncode == -number
 
 
-def test_stdin_passes_through():
-    ours = busybox_sh("read first; echo got $first; wc -l", stdin=b"alpha\nbeta\ngamma\n")
+def test_stdin_passes_through(applets: Path):
+    ours = busybox_sh(applets, "read first; echo got $first; wc -l",
+                      stdin=b"alpha\nbeta\ngamma\n")
     assert ours.stdout == b"got alpha\n2\n"
 
 

@@ -57,16 +57,16 @@ class Strace:
         return "NULL" if value == 0 else hex(value)
 
     def enter(self, nr: int, args: tuple[int, ...]) -> str:
-        """The ``PID name(args)`` part, written at once for calls that do not return."""
+        """The ``name(args)`` part, written at once for calls that do not return."""
         name = SYSCALL_NAMES.get(nr, f"syscall_{nr}")
         kinds = ARG_KINDS.get(name)
         if kinds is None:
             shown = ",".join(str(_signed(a)) for a in args)
         else:
             shown = ",".join(self._arg(k, a) for k, a in zip(kinds, args, strict=False))
-        head = f"{os.getpid()} {name}({shown})"
+        head = f"{name}({shown})"
         if name in NO_RETURN:
-            self._write(head + "\n")
+            self._write(f"{os.getpid()} {head}\n")
         return head
 
     def leave(self, nr: int, head: str, result: int) -> None:
@@ -79,7 +79,7 @@ class Strace:
             shown = f"{result:#018x}"
         else:
             shown = str(result)
-        self._write(f"{head} = {shown}\n")
+        self._write(f"{os.getpid()} {head} = {shown}\n")  # a fork child shows its own pid
 
     def unsupported(self, nr: int) -> None:
         """Name a system call popek does not implement, the first time it is made."""

@@ -43,7 +43,7 @@ def dispatch(p: Process, pc: int) -> int:
             result = -Errno.ENOSYS
         else:
             handler, nargs = entry
-            result = handler(p, *args[:nargs])
+            result = int(handler(p, *args[:nargs]))
     except Resume as r:  # registers are already what the program continues with
         if strace:
             strace.leave(nr, head, 0)

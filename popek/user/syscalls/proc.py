@@ -109,7 +109,8 @@ def getsid(p: Process, pid: int) -> int:
 
 @syscall("setsid")
 def setsid(p: Process) -> int:
-    return os.setsid()
+    os.setsid()
+    return os.getpid()
 
 
 @syscall("set_tid_address")

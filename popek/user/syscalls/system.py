@@ -135,11 +135,13 @@ def umask(p: Process, mask: int) -> int:
 
 @syscall("sched_getaffinity")
 def sched_getaffinity(p: Process, pid: int, size: int, mask: int) -> int:
-    """The process VM runs one hart: the process may run on CPU 0."""
-    if size < 8 or size & 7:
+    """The host's CPUs, as qemu reports them (nproc sizes thread pools from this)."""
+    cpus = os.sched_getaffinity(i32(pid)) if hasattr(os, "sched_getaffinity") else {0}
+    length = (max(cpus) // 64 + 1) * 8
+    if size < length or size & 7:
         raise SyscallError(Errno.EINVAL)
-    p.space.write(mask, b"\1" + bytes(7))
-    return 8
+    p.space.write(mask, sum(1 << cpu for cpu in cpus).to_bytes(length, "little"))
+    return length
 
 
 @syscall("sched_yield")
