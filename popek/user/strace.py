@@ -11,20 +11,34 @@ import os
 from typing import TYPE_CHECKING
 
 from popek.user.address_space import GuestFault
-from popek.user.fileflags import AT_FDCWD, open_flag_names
+from popek.user.fileflags import AT_FDCWD, GUEST_OPEN_FLAGS, open_flag_names
 from popek.user.linux_errno import describe
+from popek.user.signals import SIGNAL_NAMES
 from popek.user.syscall_table import ARG_KINDS, POINTER_RESULTS, SYSCALL_NAMES
 
 if TYPE_CHECKING:
     from popek.user.process import Process
 
 STRING_LIMIT = 256
+PROT_NAMES = {1: "PROT_READ", 2: "PROT_WRITE", 4: "PROT_EXEC"}
+MAP_NAMES = {1: "MAP_SHARED", 2: "MAP_PRIVATE", 0x10: "MAP_FIXED", 0x20: "MAP_ANONYMOUS",
+             0x100: "MAP_GROWSDOWN", 0x800: "MAP_DENYWRITE", 0x4000: "MAP_NORESERVE",
+             0x8000: "MAP_POPULATE", 0x20000: "MAP_STACK", 0x100000: "MAP_FIXED_NOREPLACE"}
+CREATING = GUEST_OPEN_FLAGS["O_CREAT"] | GUEST_OPEN_FLAGS["O_TMPFILE"]
 NO_RETURN = frozenset({"exit", "exit_group", "execve", "rt_sigreturn"})
 
 
 def _signed(value: int, bits: int = 64) -> int:
     value &= (1 << bits) - 1
     return value - (1 << bits) if value >> (bits - 1) else value
+
+
+def _flag_names(value: int, names: dict[int, str], zero: str) -> str:
+    shown = [name for bits, name in names.items() if value & bits]
+    rest = value & ~sum(names)
+    if rest:
+        shown.append(hex(rest))
+    return "|".join(shown) or zero
 
 
 class Strace:
@@ -39,10 +53,16 @@ class Strace:
             return str(_signed(value))
         if kind == "u":
             return str(value)
-        if kind == "o":
-            return oct(value)
+        if kind in "oc":
+            return f"0{value:o}"
         if kind == "O":
             return open_flag_names(value)
+        if kind == "P":
+            return _flag_names(value, PROT_NAMES, "PROT_NONE")
+        if kind == "M":
+            return _flag_names(value, MAP_NAMES, "0")
+        if kind == "S":
+            return SIGNAL_NAMES.get(_signed(value, 32), str(_signed(value, 32)))
         if kind == "f":
             fd = _signed(value, 32)
             return "AT_FDCWD" if fd == AT_FDCWD else str(fd)
@@ -54,6 +74,8 @@ class Strace:
             except GuestFault:
                 return hex(value)
             return '"' + text.decode("utf-8", "backslashreplace") + '"'
+        if kind == "h":
+            return hex(value) if value else "0"
         return "NULL" if value == 0 else hex(value)
 
     def enter(self, nr: int, args: tuple[int, ...]) -> str:
@@ -63,6 +85,8 @@ class Strace:
         if kinds is None:
             shown = ",".join(str(_signed(a)) for a in args)
         else:
+            if "c" in kinds and not args[kinds.index("c") - 1] & CREATING:
+                kinds = kinds.replace("c", "")  # no mode unless the call may create a file
             shown = ",".join(self._arg(k, a) for k, a in zip(kinds, args, strict=False))
         head = f"{name}({shown})"
         if name in NO_RETURN:

@@ -1,9 +1,11 @@
 """The riscv64 Linux system call table (asm-generic/unistd.h) and how strace shows each call.
 
 Numbers map to names; handlers register by name. Argument kinds, one letter per
-argument: ``d`` signed, ``u`` unsigned, ``x`` pointer or mask (hex), ``s`` C string,
-``f`` directory fd (AT_FDCWD shown by name), ``o`` octal mode, ``O`` open flags.
-A call without an entry in ARG_KINDS is shown with six decimal arguments, as qemu does.
+argument: ``d`` signed, ``u`` unsigned, ``x`` pointer (hex or NULL), ``h`` flags (hex),
+``s`` C string, ``f`` directory fd (AT_FDCWD shown by name), ``o`` octal mode, ``c``
+octal mode shown only when the open flags before it create a file, ``O`` open flags,
+``P`` mmap protection, ``M`` mmap flags, ``S`` signal number. A call without an entry
+in ARG_KINDS is shown with six decimal arguments, as qemu does.
 """
 
 from __future__ import annotations
@@ -77,28 +79,28 @@ SYSCALL_NAMES: dict[int, str] = {
 SYSCALL_NUMBERS: dict[str, int] = {name: nr for nr, name in SYSCALL_NAMES.items()}
 
 ARG_KINDS: dict[str, str] = {
-    "getcwd": "xu", "dup": "d", "dup3": "ddx", "fcntl": "ddx", "ioctl": "dxx",
-    "mkdirat": "fso", "unlinkat": "fsx", "symlinkat": "sfs", "linkat": "fsfsx",
-    "renameat2": "fsfsx", "statfs": "sx", "fstatfs": "dx", "truncate": "sd", "ftruncate": "dd",
-    "faccessat": "fsox", "faccessat2": "fsox", "chdir": "s", "fchdir": "d", "fchmod": "do",
-    "fchmodat": "fsox", "fchownat": "fsddx", "fchown": "ddd", "openat": "fsOo", "close": "d",
-    "close_range": "uux", "pipe2": "xO", "getdents64": "dxu", "lseek": "ddd", "read": "dxu",
+    "getcwd": "xu", "dup": "d", "dup3": "ddh", "fcntl": "ddh", "ioctl": "dhx",
+    "mkdirat": "fso", "unlinkat": "fsh", "symlinkat": "sfs", "linkat": "fsfsh",
+    "renameat2": "fsfsh", "statfs": "sx", "fstatfs": "dx", "truncate": "sd", "ftruncate": "dd",
+    "faccessat": "fso", "faccessat2": "fsoh", "chdir": "s", "fchdir": "d", "fchmod": "do",
+    "fchmodat": "fso", "fchownat": "fsddh", "fchown": "ddd", "openat": "fsOc", "close": "d",
+    "close_range": "uuh", "pipe2": "xO", "getdents64": "dxu", "lseek": "ddd", "read": "dxu",
     "write": "dxu", "readv": "dxd", "writev": "dxd", "pread64": "dxud", "pwrite64": "dxud",
     "preadv": "dxdd", "pwritev": "dxdd", "sendfile": "ddxu", "pselect6": "dxxxxx",
-    "ppoll": "xdxxu", "readlinkat": "fsxu", "newfstatat": "fsxx", "fstat": "dx", "sync": "",
-    "fsync": "d", "fdatasync": "d", "utimensat": "fsxx", "exit": "d", "exit_group": "d",
+    "ppoll": "xdxxu", "readlinkat": "fsxu", "newfstatat": "fsxh", "fstat": "dx", "sync": "",
+    "fsync": "d", "fdatasync": "d", "utimensat": "fsxh", "exit": "d", "exit_group": "d",
     "set_tid_address": "x", "futex": "xddxxd", "set_robust_list": "xu", "nanosleep": "xx",
     "clock_gettime": "dx", "clock_getres": "dx", "clock_nanosleep": "ddxx",
-    "sched_getaffinity": "dux", "sched_yield": "", "kill": "dd", "tkill": "dd", "tgkill": "ddd",
-    "sigaltstack": "xx", "rt_sigsuspend": "xu", "rt_sigaction": "dxxu", "rt_sigprocmask": "dxxu",
+    "sched_getaffinity": "dux", "sched_yield": "", "kill": "dS", "tkill": "dS", "tgkill": "ddS",
+    "sigaltstack": "xx", "rt_sigsuspend": "xu", "rt_sigaction": "Sxxu", "rt_sigprocmask": "dxxu",
     "rt_sigreturn": "", "times": "x", "setpgid": "dd", "getpgid": "d", "getsid": "d",
     "setsid": "", "uname": "x", "getrlimit": "dx", "setrlimit": "dx", "getrusage": "dx",
-    "umask": "o", "prctl": "dxxxx", "gettimeofday": "xx", "getpid": "", "getppid": "",
+    "umask": "o", "prctl": "dhhhh", "gettimeofday": "xx", "getpid": "", "getppid": "",
     "getuid": "", "geteuid": "", "getgid": "", "getegid": "", "gettid": "", "sysinfo": "x",
-    "brk": "x", "munmap": "xu", "mremap": "xuuxx", "clone": "xxxxx", "execve": "sxx",
-    "mmap": "xuxxdx", "mprotect": "xux", "madvise": "xud", "wait4": "dxxx",
-    "prlimit64": "ddxx", "getrandom": "xux", "statx": "fsxxx", "rseq": "xuxx",
-    "getgroups": "dx", "msync": "xux", "mincore": "xux",
+    "brk": "x", "munmap": "xu", "mremap": "xuuhx", "clone": "hxxxx", "execve": "sxx",
+    "mmap": "xuPMdh", "mprotect": "xuP", "madvise": "xud", "wait4": "dxxx",
+    "prlimit64": "ddxx", "getrandom": "xuh", "statx": "fshhx", "rseq": "xuxx",
+    "getgroups": "dx", "msync": "xuh", "mincore": "xux",
 }
 # Calls whose result is an address, shown in hex.
 POINTER_RESULTS = frozenset({"brk", "mmap", "mremap"})
