@@ -90,6 +90,11 @@ class Uart16550:
         self._drive_irq()
 
     # -- host side ----------------------------------------------------------------------
+    def receiving(self) -> bool:
+        """Whether the driver listens (receive interrupt enabled): before that, Linux
+        discards what arrives, so the host holds input back instead of losing it."""
+        return bool(self.s.ier & IER_RDI)
+
     def has_room(self) -> bool:
         """Whether :meth:`push_input` would accept a byte now (host backpressure)."""
         return self._room() > 0

@@ -31,6 +31,7 @@ from popek.devices.virtio import FIRST_IRQ, SLOT_BASE, SLOT_COUNT, SLOT_SIZE, Vi
 from popek.devices.virtio.rng import VirtioRng
 from popek.firmware.sbi import Sbi
 from popek.machine import fdt
+from popek.machine.clock import GuestClock
 from popek.machine.loader import ImageError, load_kernel, read_image
 
 RAM_BASE = 0x8000_0000
@@ -101,7 +102,8 @@ class VirtMachine:
                               f"--mem {config.mem >> 20}M")
         self.mem = memory if memory is not None else PhysicalMemory(RAM_BASE, config.mem)
         self.harts = [Hart(self.mem, i, engine=config.engine) for i in range(config.cpus)]
-        self.clint = Clint(self.harts, _guest_clock())
+        self.clock = GuestClock()
+        self.clint = Clint(self.harts, self.clock.ticks)
         for hart in self.harts:
             hart.time = self.clint.mtime
         self.plic = Plic(self.harts)
@@ -343,7 +345,7 @@ class VirtMachine:
         self.rtc.update()
         if self.sbi is not None:
             self.sbi.update_timers(self.clint.mtime())
-        if self._input and self.uart.has_room():
+        if self._input and self.uart.receiving() and self.uart.has_room():
             taken = self.uart.push_input(bytes(self._input))
             del self._input[:taken]
 
@@ -360,11 +362,14 @@ class VirtMachine:
         ran = False
         for hart in self.harts:
             if self._runnable(hart):
+                self.clock.set_idle(False)
                 hart.run(SLICE)
                 ran = True
             self._update_devices()
             if self.exit is not None:
                 break
+        if not ran:
+            self.clock.set_idle(True)
         return ran
 
 
@@ -377,11 +382,6 @@ def _sbi_trap_handler(hart: Hart, sbi: Sbi) -> Callable[[int, int, int], int]:
         return trap_unit.take_trap(hart, cause, tval, pc)
 
     return on_trap
-
-
-def _guest_clock() -> Callable[[], int]:
-    start = time.monotonic_ns()
-    return lambda: (time.monotonic_ns() - start) // (1_000_000_000 // TIMEBASE_HZ)
 
 
 def _align_up(value: int, align: int) -> int:
