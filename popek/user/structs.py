@@ -47,11 +47,9 @@ SIGINFO_SIZE = 128
 SIGINFO_HEAD = Struct("<iii4x")
 SIGINFO_ADDR = Struct("<Q")  # faults: si_addr
 SIGINFO_KILL = Struct("<iI")  # kill, tgkill: si_pid, si_uid
-SIGINFO_CHILD = Struct("<iIiqq")  # SIGCHLD: pid, uid, status, utime, stime
 
 # struct ucontext (asm-generic + riscv sigcontext), 960 bytes; the rt_sigframe is
 # siginfo followed by ucontext.
-UC_FLAGS_LINK = Struct("<QQ")
 UC_STACK = 16
 UC_SIGMASK = 40
 UC_MCONTEXT = 176  # 16-byte aligned: the FP union may hold Q registers
