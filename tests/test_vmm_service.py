@@ -250,6 +250,15 @@ def test_crashing_guest_spins_in_traps_without_harming_anyone(api: Api) -> None:
     assert info["state"] == "running"
 
 
+def test_guest_feeding_its_devices_garbage_hurts_only_itself(api: Api) -> None:
+    garbage, bystander = api.create("garbage"), api.create("counter")
+    api.wait("the garbage guest to finish or stop", lambda: (
+        b"survived" in api.log(garbage) or api.info(garbage)["state"] != "running"))
+    assert api.info(garbage)["state"] != "failed", api.info(garbage)["failure"]
+    before = api.info(bystander)["instructions"]
+    api.wait("the bystander to carry on", lambda: api.info(bystander)["instructions"] > before)
+
+
 def test_cpu_cap_holds_a_spinning_guest_to_its_share(api: Api) -> None:
     vm = api.create("spin", cpu_cap=20)
     api.wait_log(vm, b"spinning")

@@ -107,6 +107,23 @@ void main(void) {
         }
     }
 }""",
+    # Feeds every device but the finisher pseudo-random reads and writes, then says so.
+    "garbage": r"""
+static const unsigned long dev[][2] = {
+    {0x101000, 0x1000}, {0x2000000, 0x10000}, {0xc000000, 0x600000},
+    {0x10000000, 0x100}, {0x10001000, 0x1000}};  /* virtio slot 0: the rng */
+void main(void) {
+    unsigned long x = 88172645463325252UL;
+    for (int i = 0; i < 200000; i++) {
+        x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+        const unsigned long *d = dev[x % 5];
+        volatile unsigned int *r = (volatile unsigned int *)(d[0] + ((x >> 8) % d[1] & ~3UL));
+        if (x & 0x100000) *r = (unsigned int)(x >> 32); else (void)*r;
+    }
+    UART[3] = 3; UART[4] = 0; UART[1] = 0;  /* 8N1, no loopback, no interrupts */
+    say("\nsurvived\n");
+    for (;;) {}
+}""",
     # Panics: jumps to address 0, where nothing answers, with no trap handler set up.
     "crash": r"""
 void main(void) { say("crashing\n"); ((void (*)(void))0)(); }""",
