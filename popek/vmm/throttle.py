@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 
 PERIOD = 0.1  # seconds: how much unused allowance may carry over
+MIN_SLEEP = 0.001  # shorter debts are carried, not slept off
 
 
 class CpuCap:
@@ -42,7 +43,8 @@ class CpuCap:
         if self.share is None:
             return 0.0
         self._tokens = min(self.share * PERIOD, self._tokens + earned * self.share - spent)
-        return 0.0 if self._tokens >= 0 else -self._tokens / self.share
+        delay = -self._tokens / self.share
+        return delay if delay >= MIN_SLEEP else 0.0
 
     def slept(self, seconds: float) -> None:
         self.throttled += seconds
