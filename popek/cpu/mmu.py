@@ -72,8 +72,9 @@ class Mmu:
                 cacheable = False
                 if not pmp.pmp_check(self.hart, pa, size, access, priv):
                     raise Trap(ACCESS_FAULT_FOR_ACCESS[access], vaddr)
-        if off is not None and access == ACCESS_WRITE:
-            self.mem.note_write(off)  # drop translated code before the page changes
+        if access == ACCESS_WRITE and cacheable:
+            # Pages holding decoded code stay off the write fast path (see PhysicalMemory).
+            cacheable = (off & ~_PAGE_MASK) not in self.mem.code_pages
         if cacheable:
             tlb = (self.tlb_r, self.tlb_w, self.tlb_x)[access]
             if len(tlb) >= TLB_LIMIT:
@@ -123,6 +124,7 @@ class Mmu:
         pa, off = self.resolve(vaddr, size, ACCESS_WRITE)
         value &= (1 << (8 * size)) - 1
         if off is not None:
+            self.mem.note_write(off, size)
             self.mem.ram[off:off + size] = value.to_bytes(size, "little")
             return
         try:

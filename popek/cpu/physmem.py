@@ -17,6 +17,7 @@ from typing import Protocol
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
+CODE_GRANULE = 16  # bytes: how finely writes are checked against decoded code
 MAP_NORESERVE = 0x4000  # Linux; not exported by Python 3.11's mmap module
 
 
@@ -58,10 +59,12 @@ class PhysicalMemory:
                                  prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
         self._dev_starts: list[int] = []
         self._devices: list[tuple[int, int, Device]] = []
-        # Host page offsets holding translated code. Engines register to hear when such a
-        # page is written (drop its code); MMUs to hear when a page becomes code (stop
-        # writing it through the TLB fast path, so the write reaches note_write).
-        self.code_pages: set[int] = set()
+        # Host page offsets holding decoded code, each with a map of which 16-byte granules
+        # hold it. Engines register to hear when code on a page is overwritten (drop the
+        # page's blocks); MMUs to hear when a page becomes code (stop writing it through
+        # the TLB fast path, so every write to it reaches note_write). Writes to data
+        # beside code on the same page then cost a slow-path store, not a re-decode.
+        self.code_pages: dict[int, bytearray] = {}
         self.code_watchers: list[Callable[[int], None]] = []
         self.code_protectors: list[Callable[[int], None]] = []
 
@@ -100,7 +103,7 @@ class PhysicalMemory:
     def store(self, pa: int, size: int, value: int) -> None:
         off = pa - self.base
         if 0 <= off and off + size <= self.size:
-            self.note_write(off)
+            self.note_write(off, size)
             self.ram[off:off + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
             return
         hit = self.device_at(pa)
@@ -123,17 +126,27 @@ class PhysicalMemory:
             self.note_write(page << PAGE_SHIFT)
         self.ram[off:off + len(data)] = data
 
-    def protect_code_page(self, page: int) -> None:
-        """Mark the RAM page at host offset ``page`` as holding translated code."""
-        if page not in self.code_pages:
-            self.code_pages.add(page)
+    def protect_code(self, page: int, start: int, end: int) -> None:
+        """Record decoded code at offsets ``[start, end)`` of the RAM page at ``page``."""
+        granules = self.code_pages.get(page)
+        if granules is None:
+            granules = self.code_pages[page] = bytearray(PAGE_SIZE // CODE_GRANULE)
             for protect in self.code_protectors:
                 protect(page)
+        first, last = start // CODE_GRANULE, (end - 1) // CODE_GRANULE
+        granules[first:last + 1] = b"\1" * (last - first + 1)
 
-    def note_write(self, host_off: int) -> None:
-        """Invalidate translated code on the page at ``host_off`` before it changes."""
+    def note_write(self, host_off: int, size: int = PAGE_SIZE) -> None:
+        """Before ``size`` bytes at ``host_off`` change (within one page), drop the decoded
+        code they overlap; the default size means the whole page."""
         page = host_off & ~(PAGE_SIZE - 1)
-        if page in self.code_pages:
-            self.code_pages.discard(page)
-            for watcher in self.code_watchers:
-                watcher(page)
+        granules = self.code_pages.get(page)
+        if granules is None:
+            return
+        if size < PAGE_SIZE:
+            off = host_off - page
+            if not any(granules[off // CODE_GRANULE:(off + size - 1) // CODE_GRANULE + 1]):
+                return
+        del self.code_pages[page]
+        for watcher in self.code_watchers:
+            watcher(page)

@@ -126,11 +126,11 @@ class Engine:
                 d = None  # the FP unit is off: FP instructions are illegal
             decoded.append(d)
             offsets.append(off - start)
+            off += length
             if d is None:
                 break
             fp = fp or "fp_write" in d.insn.flags
             system = "system" in d.insn.flags
-            off += length
             if "ends_block" in d.insn.flags or off >= PAGE_SIZE or page is None:
                 break
         block = Block(decoded, tuple(offsets), fp, system)
@@ -146,7 +146,7 @@ class Engine:
             key = page + start + mode
             self.blocks[key] = block
             self.page_blocks.setdefault(page, []).append(key)
-            self.hart.mem.protect_code_page(page)
+            self.hart.mem.protect_code(page, start, off)
         return block
 
     # -- execution ----------------------------------------------------------------------

@@ -1,0 +1,76 @@
+"""Decoded code stays coherent with memory: writes to code drop it, writes beside it don't."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from popek.cpu.hart import Hart
+from popek.cpu.physmem import PhysicalMemory
+from popek.engine.engine import TIERS
+
+BASE = 0x8000_0000
+ADDI_A0_1 = 0x00150513  # addi a0, a0, 1
+EBREAK = 0x00100073
+WFI = 0x10500073
+MCAUSE, MTVEC = 0x342, 0x305
+
+
+def machine(tier: str) -> tuple[Hart, PhysicalMemory]:
+    mem = PhysicalMemory(BASE, 1 << 16)
+    hart = Hart(mem, engine=tier)
+    mem.write(BASE + 0x800, struct.pack("<I", WFI))  # trap handler: wait
+    hart.csr[MTVEC] = BASE + 0x800
+    return hart, mem
+
+
+def run_from(hart: Hart, pc: int) -> None:
+    hart.pc = pc
+    hart.ctl[2] = 0
+    hart.run(1000)
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_store_into_decoded_code_is_seen_next_time(tier: str) -> None:
+    hart, mem = machine(tier)
+    mem.write(BASE, struct.pack("<II", ADDI_A0_1, EBREAK))
+    for _ in range(40):  # hot enough for tier 1 to translate it
+        run_from(hart, BASE)
+    before = hart.x[10]
+    # The guest patches its own code with a store (sw), then runs it again.
+    hart.x[5], hart.x[6] = BASE, 0x00250513  # addi a0, a0, 2
+    mem.write(BASE + 0x100, struct.pack("<II", 0x0062A023, EBREAK))  # sw t1, 0(t0)
+    run_from(hart, BASE + 0x100)
+    run_from(hart, BASE)
+    assert hart.x[10] == before + 2
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_store_beside_code_keeps_it_and_lands(tier: str) -> None:
+    hart, mem = machine(tier)
+    # Code and a data word share a page; the loop stores to the data word each time.
+    code = struct.pack("<III", 0x00A2A823, ADDI_A0_1, EBREAK)  # sw a0, 16(t0); addi; ebreak
+    mem.write(BASE, code)
+    hart.x[5] = BASE
+    for _ in range(40):
+        run_from(hart, BASE)
+    blocks = dict(hart.engine.blocks)
+    assert blocks, "the block should be cached"
+    assert struct.unpack("<I", mem.read(BASE + 16, 4))[0] == 39  # the last value stored
+    run_from(hart, BASE)
+    assert hart.engine.blocks == blocks  # writing beside code did not drop it
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_illegal_instruction_replaced_by_valid_one(tier: str) -> None:
+    hart, mem = machine(tier)
+    mem.write(BASE, struct.pack("<II", 0xFFFFFFFF, EBREAK))
+    run_from(hart, BASE)
+    assert hart.csr[MCAUSE] == 2  # illegal instruction
+    hart.x[5], hart.x[6] = BASE, ADDI_A0_1
+    mem.write(BASE + 0x100, struct.pack("<II", 0x0062A023, EBREAK))  # sw t1, 0(t0)
+    run_from(hart, BASE + 0x100)
+    start = hart.x[10]
+    run_from(hart, BASE)
+    assert hart.x[10] == start + 1 and hart.csr[MCAUSE] == 3  # ran addi, then ebreak
