@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from popek.isa.disasm import DisasmError, disassemble_elf
 from popek.machine.cli import add_run_args, cmd_run
+from popek.user.cli import EXEC_HELP, add_exec_args, cmd_exec
 from popek.vmm.cli import add_serve_args, add_vm_args, cmd_serve, cmd_vm
 
 EXIT_USAGE = 2  # like argparse: the input was unusable
@@ -41,6 +42,7 @@ Handler = Callable[[argparse.Namespace], int]
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handler]] = {
     "run": ("boot a guest on the virt board (default: the bundled Linux)", add_run_args,
             cmd_run),
+    "exec": (EXEC_HELP, add_exec_args, cmd_exec),
     "disasm": ("disassemble an ELF file's code like objdump -d", _disasm_args, cmd_disasm),
     "serve": ("run the VMM: guests in worker processes behind a REST API", add_serve_args,
               cmd_serve),

@@ -15,6 +15,7 @@ from popek.engine.engine import DEFAULT_TIER, TIERS
 from popek.machine.console import HostConsole
 from popek.machine.loader import ImageError
 from popek.machine.virt import ConfigError, DiskSpec, MachineConfig, VirtMachine
+from popek.stats import instruction_summary
 
 EXIT_USAGE = 2
 CMD_BEGIN = b"POPEK-CMD-BEGIN"
@@ -152,10 +153,7 @@ class RunStats:
         self.instructions = 0
 
     def summary(self) -> str:
-        wall = time.monotonic() - self.start
-        mips = self.instructions / wall / 1e6 if wall else 0.0
-        return (f"popek: {self.instructions} guest instructions in {wall:.2f} s "
-                f"({mips:.2f} MIPS)")
+        return instruction_summary(self.instructions, time.monotonic() - self.start)
 
 
 def _run_until_poweroff(config: MachineConfig, console: HostConsole,

@@ -10,7 +10,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
+from popek.engine.engine import DEFAULT_TIER, TIERS
+from popek.stats import instruction_summary
 from popek.user.elf_loader import ExecError
 from popek.user.process import ExecOptions, Process
 
@@ -35,6 +38,10 @@ def add_exec_args(parser: argparse.ArgumentParser) -> None:
                              f"linked programs are (default: {DEFAULT_SYSROOT} if present)")
     parser.add_argument("--strace", action="store_true",
                         help="print every system call and its result on stderr")
+    parser.add_argument("--engine", choices=TIERS, default=DEFAULT_TIER,
+                        help=f"execution tier (default {DEFAULT_TIER}, or $POPEK_ENGINE)")
+    parser.add_argument("--stats", action="store_true",
+                        help="at exit, print guest instructions, wall time and MIPS on stderr")
     parser.add_argument("program", help="the riscv64 executable")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="its arguments")
 
@@ -47,7 +54,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
     """Run the program; returns its exit status (128 + signal number if it was killed)."""
     sysroot = args.sysroot or default_sysroot()
     try:
-        process = Process(ExecOptions(sysroot=sysroot, strace=args.strace))
+        process = Process(ExecOptions(sysroot=sysroot, strace=args.strace, engine=args.engine))
     except OSError as e:  # e.g. the host refuses to reserve the guest's address space
         print(f"popek exec: cannot create the process VM: {e}", file=sys.stderr)
         return 1
@@ -57,7 +64,14 @@ def cmd_exec(args: argparse.Namespace) -> int:
     except ExecError as e:
         print(f"popek exec: {e}", file=sys.stderr)
         return USAGE_ERROR
-    return process.run()
+    if not args.stats:
+        return process.run()
+    start, pid = time.monotonic(), os.getpid()
+    status = process.run()
+    if os.getpid() == pid:  # not in a child the program forked
+        print(instruction_summary(process.hart.instret, time.monotonic() - start),
+              file=sys.stderr)
+    return status
 
 
 def _environment() -> list[bytes]:

@@ -61,6 +61,7 @@ PAGE_FAULTS = frozenset({causes.INSN_PAGE_FAULT, causes.LOAD_PAGE_FAULT,
 class ExecOptions:
     sysroot: str | None = None
     strace: bool = False
+    engine: str | None = None  # execution tier; None: the default tier
 
 
 class Process:
@@ -70,7 +71,7 @@ class Process:
         self.options = options
         self.mem = PhysicalMemory(base=0, size=USER_TOP, sparse=True)
         self.space = AddressSpace(self.mem, MMAP_TOP)
-        self.hart = Hart(self.mem, translate=self.space.translate)
+        self.hart = Hart(self.mem, translate=self.space.translate, engine=options.engine)
         self.space.on_revoke = self.hart.mmu.flush
         self.hart.on_trap = self.on_trap
         self.signals = signals.Signals(self.hart, self.space, TRAMPOLINE)
