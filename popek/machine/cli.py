@@ -87,6 +87,11 @@ class CommandOutput:
         self.status: int | None = None
         self._line = bytearray()
 
+    def restart(self) -> None:
+        """The guest rebooted: wait for its init to start the command again."""
+        self.inside = False
+        self._line.clear()
+
     def write(self, data: bytes) -> None:
         self._line += data
         while (nl := self._line.find(b"\n")) >= 0:
@@ -126,7 +131,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     stats = RunStats()
     try:
         with console:
-            status = _run_until_poweroff(config, console, guest_out, stats)
+            status = _run_until_poweroff(config, console, guest_out, stats,
+                                         capture.restart if capture else None)
     except (ConfigError, ImageError) as err:
         print(f"popek run: error: {err}", file=sys.stderr)
         return EXIT_USAGE
@@ -157,7 +163,8 @@ class RunStats:
 
 
 def _run_until_poweroff(config: MachineConfig, console: HostConsole,
-                        guest_out: Callable[[bytes], None], stats: RunStats) -> int:
+                        guest_out: Callable[[bytes], None], stats: RunStats,
+                        on_reboot: Callable[[], None] | None) -> int:
     """Run the guest, rebooting it when it asks, until it powers off or the user quits."""
     while True:
         machine = VirtMachine(config, guest_out)
@@ -178,3 +185,5 @@ def _run_until_poweroff(config: MachineConfig, console: HostConsole,
         kind, code = machine.exit
         if kind != "reboot":
             return code
+        if on_reboot is not None:
+            on_reboot()
