@@ -90,6 +90,7 @@ void main(void) { for (;;) say("flood flood flood flood flood flood flood flood\
     "echo": r"""
 void main(void) {
     char line[64]; int n = 0;
+    UART[1] = 1;  /* receive interrupt on: the sign popek waits for before it types */
     say("echo ready\n");
     for (;;) {
         if (!(UART[5] & 1)) continue;

@@ -7,6 +7,7 @@ such VM, 409 wrong state). The console is a WebSocket carrying raw bytes both wa
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -110,7 +111,7 @@ async def console_log(request: web.Request) -> web.Response:
 
 async def console(request: web.Request) -> web.WebSocketResponse:
     """Binary frames out: guest output (the scrollback first with ``?replay=1``); binary or
-    text frames in: keystrokes. Closes when the guest stops."""
+    text frames in: keystrokes. Ends when the guest stops or the client goes away."""
     vm = _vmm(request).get(request.match_info["vm"])
     ws = web.WebSocketResponse(max_msg_size=1 << 20)
     await ws.prepare(request)
@@ -120,10 +121,15 @@ async def console(request: web.Request) -> web.WebSocketResponse:
             await ws.send_bytes(bytes(vm.console.scrollback))
         if not vm.alive:
             return ws
-        pump = request.app.loop.create_task(_to_guest(ws, vm))
-        while (data := await queue.get()) is not None and not ws.closed:
-            await ws.send_bytes(data)
-        pump.cancel()
+        keys = asyncio.create_task(_to_guest(ws, vm))
+        while True:
+            output = asyncio.create_task(queue.get())
+            await asyncio.wait({output, keys}, return_when=asyncio.FIRST_COMPLETED)
+            if keys.done() or output.result() is None:
+                output.cancel()
+                break
+            await ws.send_bytes(output.result())
+        keys.cancel()
     finally:
         vm.console.detach(queue)
         await ws.close()

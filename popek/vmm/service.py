@@ -43,6 +43,7 @@ async def serve(socket_path: Path, tcp: tuple[str, int] | None) -> int:
         print(f"popek VMM listening on {where}", file=sys.stderr, flush=True)
         await stop.wait()
         print("popek VMM stopping: killing every guest", file=sys.stderr, flush=True)
+        await vmm.close()  # first, so that attached consoles end
         await runner.cleanup()
     with contextlib.suppress(FileNotFoundError):
         socket_path.unlink()

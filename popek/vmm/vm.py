@@ -163,7 +163,9 @@ class Vm:
         msg_id = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         self._replies[msg_id] = future
-        self._chan.send(JSON, {"op": op, "id": msg_id, **args})
+        if not self._chan.send(JSON, {"op": op, "id": msg_id, **args}):
+            del self._replies[msg_id]
+            raise Conflict(f"VM {self.name}'s worker is not reading its commands")
         try:
             reply = await asyncio.wait_for(future, REPLY_TIMEOUT)
         finally:
