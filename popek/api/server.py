@@ -14,6 +14,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from popek import __version__
 from popek.vmm.errors import BadRequest, VmmError
 from popek.vmm.manager import Vmm
 
@@ -47,8 +48,6 @@ def _vmm(request: web.Request) -> Vmm:
 
 
 async def version(request: web.Request) -> web.Response:
-    from popek import __version__
-
     return web.json_response({"popek": __version__, "api": API_VERSION})
 
 

@@ -41,7 +41,7 @@ def main(sock: socket.socket, spec: dict[str, Any]) -> None:
         os._exit(0)  # the VMM is gone: nobody is left to run for
     except MemoryError:
         _fail(chan, "the guest exceeded its memory limit")
-    except Exception:  # noqa: BLE001 - any popek bug the guest triggers ends only this VM
+    except Exception:  # any popek bug the guest triggers ends only this VM
         _fail(chan, "internal error: " + traceback.format_exc(limit=-3).strip())
 
 
@@ -54,6 +54,8 @@ def _fail(chan: WorkerEnd, reason: str) -> None:
 
 
 class Worker:
+    """The guest's machine and the loop that runs it between the VMM's commands."""
+
     def __init__(self, chan: WorkerEnd, spec: dict[str, Any]) -> None:
         self.chan = chan
         self.spec = spec
