@@ -218,7 +218,7 @@ class Sbi:
             return SbiError.INVALID_PARAM, 0
         for target in targets:
             if fid == 0:
-                target.engine.flush()
+                target.fence_i()
             else:
                 target.mmu.flush()
         return SbiError.SUCCESS, 0
@@ -308,7 +308,7 @@ class Sbi:
             if ext == Ext.LEGACY_SEND_IPI:
                 target.set_interrupt(IRQ_S_SOFT, True)
             elif ext == Ext.LEGACY_REMOTE_FENCE_I:
-                target.engine.flush()
+                target.fence_i()
             else:
                 target.mmu.flush()
         return 0
