@@ -17,7 +17,7 @@ MEM = 32 << 20
 
 
 def _machine(name: str, out: bytearray, **kw) -> VirtMachine:
-    return VirtMachine(MachineConfig(kernel=guest(name), mem=MEM, **kw), out.extend)
+    return VirtMachine(MachineConfig(kernel=guest(name), **{"mem": MEM, **kw}), out.extend)
 
 
 def _run_until(machine: VirtMachine, out: bytearray, pattern: bytes) -> None:
@@ -49,6 +49,22 @@ def test_restored_counter_carries_on_without_repeating_or_skipping(tmp_path: Pat
     assert ticks == list(range(len(ticks)))
     assert ticks[-1] >= 12
     assert sum(h.instret for h in restored.harts) > sum(h.instret for h in original.harts)
+
+
+@pytest.mark.parametrize("options", [
+    {"cpus": 2},
+    {"bios": "opensbi", "mem": 256 << 20},  # fw_jump puts the device tree at RAM + 128M
+], ids=["two-harts", "opensbi"])
+def test_restore_carries_on_with_more_harts_or_real_firmware(tmp_path: Path,
+                                                             options: dict) -> None:
+    out = bytearray()
+    original = _machine("counter", out, **options)
+    _run_until(original, out, rb"tick 2\n")
+    path = snapshot.save(tmp_path / "vm.snap", original).path
+    after = bytearray()
+    _run_until(snapshot.load(path).machine(after.extend), after, rb"tick 6\n")
+    ticks = _ticks(bytes(out) + bytes(after))
+    assert ticks == list(range(len(ticks)))
 
 
 def test_saved_state_round_trips_through_a_restore(tmp_path: Path) -> None:
