@@ -29,7 +29,8 @@ MSTATUS_FS = 3 << 13
 MSTATUS_FS_DIRTY_SD = (3 << 13) | (1 << 63)
 FS_ON_KEY = 1 << 62  # block-cache key bit: decoded with the FP unit enabled
 MAX_BLOCK = 64
-HOT_AFTER = 32  # runs of a block before tier 1 translates it (compiling costs ~1 ms)
+HOT_AFTER = 256  # runs before tier 1 translates a block: compiling costs ~1 ms, so
+# only blocks that will run many more times repay it (measured on a Linux boot)
 TIERS = ("interp", "translate")
 DEFAULT_TIER = os.environ.get("POPEK_ENGINE", "translate")  # the fastest tier by default
 
