@@ -57,8 +57,9 @@ class Client:
                     raise ApiError(message or f"HTTP {resp.status}", resp.status)
                 return data
         except aiohttp.ClientConnectionError as err:
-            raise ApiError(f"cannot reach the VMM at {self.socket_path}: {err} "
-                           f"(is 'popek serve' running?)") from None
+            reason = getattr(getattr(err, "os_error", None), "strerror", None) or err
+            raise ApiError(f"cannot reach the VMM at {self.socket_path} ({reason}); "
+                           "is 'popek serve' running?") from None
 
     # -- operations (see docs/openapi.yaml) ---------------------------------------------------
     async def version(self) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from popek import images
 from popek.api.client import ApiError, Client
 
 EXIT_ERROR = 1
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 # Piped output is not cut to 80 columns: ids and states must stay whole for scripts.
 out_console = Console(width=None if sys.stdout.isatty() else 160)
 
