@@ -334,6 +334,16 @@ def test_worker_memory_is_limited(api: Api) -> None:
     assert MEM + (128 << 20) < limit < MEM + (1 << 30)
 
 
+def test_guest_that_makes_popek_exceed_the_memory_limit_fails_alone(api: Api) -> None:
+    bomb = api.create("codebomb", mem_overhead=64 << 20)  # its code decodes to ~240 MiB
+    bystander = api.create("counter")
+    failed = api.wait("the code bomb to fail", lambda: (
+        info := api.info(bomb))["state"] == "failed" and info)
+    assert "memory limit" in failed["failure"]
+    before = api.info(bystander)["instructions"]
+    api.wait("the bystander to carry on", lambda: api.info(bystander)["instructions"] > before)
+
+
 def test_cli_creates_lists_snapshots_and_restores(api: Api, tmp_path: Path) -> None:
     env = {**os.environ, "POPEK_SOCKET": str(api.socket_path)}
 

@@ -10,6 +10,7 @@ the worker sleeps in ``select`` and the guest's clock stands still.
 
 from __future__ import annotations
 
+import functools
 import os
 import resource
 import signal
@@ -17,6 +18,7 @@ import socket
 import time
 import traceback
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from popek.machine.loader import ImageError
@@ -35,12 +37,14 @@ def main(sock: socket.socket, spec: dict[str, Any]) -> None:
     plus ``cpu_cap`` (percent or None) and ``mem_overhead`` (bytes or None)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the VMM, which stops us
     chan = WorkerEnd(sock)
+    worker = Worker(chan, spec)
     try:
-        Worker(chan, spec).serve()
+        worker.serve()
     except ChannelClosed:
         os._exit(0)  # the VMM is gone: nobody is left to run for
     except MemoryError:
-        _fail(chan, "the guest exceeded its memory limit")
+        worker.lift_memory_limit()  # first, allocating nothing: room to report the failure
+        _fail(chan, "the guest made popek exceed the VM's memory limit")
     except Exception:  # any popek bug the guest triggers ends only this VM
         _fail(chan, "internal error: " + traceback.format_exc(limit=-3).strip())
 
@@ -69,6 +73,7 @@ class Worker:
         self.frozen_clock: dict[str, Any] | None = None
         self.cap = CpuCap(spec.get("cpu_cap"))
         self.machine: VirtMachine | None = None
+        self.lift_memory_limit: Callable[[], None] = lambda: None
 
     # -- life cycle -----------------------------------------------------------------------
     def serve(self) -> None:
@@ -98,11 +103,16 @@ class Worker:
         return machine
 
     def _limit_memory(self) -> None:
-        """RAM is mapped already: what the process may add is the overhead allowance."""
+        """RAM is mapped already: what the process may add is the overhead allowance.
+
+        Only the soft limit is set: guest code cannot change it, and the worker lifts it
+        to report a MemoryError before it exits."""
         overhead = self.spec.get("mem_overhead")
         if overhead is not None:
-            size = _address_space()
-            resource.setrlimit(resource.RLIMIT_AS, (size + overhead, size + overhead))
+            hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+            self.lift_memory_limit = functools.partial(
+                resource.setrlimit, resource.RLIMIT_AS, (hard, hard))
+            resource.setrlimit(resource.RLIMIT_AS, (_address_space() + overhead, hard))
 
     def _count_traps(self, machine: VirtMachine) -> None:
         for hart in machine.harts:
