@@ -76,8 +76,10 @@ def test_boots_qemu_style_kernel_and_initrd_through_opensbi() -> None:
 
 
 def test_two_harts_boot_with_the_smp_kernel() -> None:
+    # Two harts time-share one host thread, and this kernel is larger: allow more time.
     result = popek_run("--kernel", str(images.KERNEL_SMP), "--initrd", str(images.INITRD),
-                       "--cpus", "2", "-c", "grep -c ^processor /proc/cpuinfo; nproc")
+                       "--cpus", "2", "-c", "grep -c ^processor /proc/cpuinfo; nproc",
+                       timeout=1500)
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout.decode().split() == ["2", "2"]
 
