@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from typing import Protocol
 
 from popek.cpu import pagewalk, pmp
 from popek.cpu.causes import (
@@ -26,6 +27,18 @@ from popek.cpu.causes import (
 from popek.cpu.physmem import PAGE_SIZE, BusError, PhysicalMemory
 
 Translate = Callable[[int, int], int]
+
+
+class TlbMirror(Protocol):
+    """A copy of the TLB kept elsewhere (the native tier's tables): it hears every fill and
+    every invalidation, so it never holds a translation the TLB itself would not."""
+
+    def fill(self, access: int, vpn: int, host_page: int) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def drop_writable(self) -> None: ...
+
 TLB_LIMIT = 8192  # entries per dict before it is simply cleared
 _PAGE_MASK = PAGE_SIZE - 1
 
@@ -43,17 +56,22 @@ class Mmu:
         self.translate: Translate = translate or (lambda va, acc: pagewalk.translate(hart, va, acc))
         mem.code_protectors.append(self._drop_writable)
         self.accessors = self._make_accessors()
+        self.mirror: TlbMirror | None = None
 
     def flush(self) -> None:
         """Forget every translation (satp, sfence.vma, privilege or permission changes)."""
         self.tlb_r.clear()
         self.tlb_w.clear()
         self.tlb_x.clear()
+        if self.mirror is not None:
+            self.mirror.flush()
 
     def _drop_writable(self, page: int) -> None:
         stale = [vpn for vpn, base in self.tlb_w.items() if base == page]
         for vpn in stale:
             del self.tlb_w[vpn]
+        if self.mirror is not None:
+            self.mirror.drop_writable()
 
     # -- slow path ----------------------------------------------------------------------
     def resolve(self, vaddr: int, size: int, access: int) -> tuple[int, int | None]:
@@ -78,8 +96,10 @@ class Mmu:
         if cacheable:
             tlb = (self.tlb_r, self.tlb_w, self.tlb_x)[access]
             if len(tlb) >= TLB_LIMIT:
-                tlb.clear()
+                tlb.clear()  # capacity, not invalidation: the mirror may keep its copies
             tlb[vaddr >> 12] = off & ~_PAGE_MASK
+            if self.mirror is not None:
+                self.mirror.fill(access, vaddr >> 12, off & ~_PAGE_MASK)
         return pa, off
 
     def fetch_page(self, pc: int) -> int | None:
