@@ -37,7 +37,6 @@ class Hart(HartState):
                  clock: Callable[[], int] | None = None, engine: str | None = None) -> None:
         super().__init__(hartid)
         self.mem = mem
-        self.reservation: int | None = None
         self.time: Callable[[], int] = clock or host_clock()
         self.priv = PRIV_M
         self.mmu = Mmu(self, mem, translate)

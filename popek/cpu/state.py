@@ -24,7 +24,9 @@ CTL_PC = 0
 CTL_PRIV = 1
 CTL_WFI = 2  # non-zero while the hart waits for an interrupt
 CTL_INSTRET = 3
-CTL_SLOTS = 4
+CTL_RESERVATION = 4  # the address an LR reserved, or NO_RESERVATION
+CTL_SLOTS = 5
+NO_RESERVATION = 1  # never a reserved address: LR/SC addresses are aligned
 
 N_CSRS = 4096
 
@@ -37,6 +39,7 @@ class HartState:
         self.x = array("Q", bytes(8 * 33))
         self.f = array("Q", bytes(8 * 32))
         self.ctl = array("Q", bytes(8 * CTL_SLOTS))
+        self.ctl[CTL_RESERVATION] = NO_RESERVATION
         # Raw storage for every CSR, indexed by CSR number. Views (sstatus, sip, sie,
         # fflags, frm...) are not stored; the CSR file derives them from their base.
         self.csr = array("Q", bytes(8 * N_CSRS))
@@ -56,6 +59,15 @@ class HartState:
     @priv.setter
     def priv(self, value: int) -> None:
         self.ctl[CTL_PRIV] = value
+
+    @property
+    def reservation(self) -> int | None:
+        value = self.ctl[CTL_RESERVATION]
+        return None if value == NO_RESERVATION else value
+
+    @reservation.setter
+    def reservation(self, value: int | None) -> None:
+        self.ctl[CTL_RESERVATION] = NO_RESERVATION if value is None else value
 
     @property
     def instret(self) -> int:

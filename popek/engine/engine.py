@@ -19,7 +19,7 @@ from popek.cpu import trap as trap_unit
 from popek.cpu.causes import ILLEGAL_INSN, Trap
 from popek.cpu.physmem import PAGE_SIZE
 from popek.cpu.state import CTL_INSTRET, CTL_WFI, XLEN_MASK
-from popek.engine import translator
+from popek.engine import jit, translator
 from popek.engine.handlers import Handler, bind_handlers, semantics_namespace
 from popek.engine.interpreter import BlockFn, Op, interpret
 from popek.isa.decoder import Decoded, decode16, decode32
@@ -31,8 +31,11 @@ FS_ON_KEY = 1 << 62  # block-cache key bit: decoded with the FP unit enabled
 MAX_BLOCK = 64
 HOT_AFTER = 256  # runs before tier 1 translates a block: compiling costs ~1 ms, so
 # only blocks that will run many more times repay it (measured on a Linux boot)
-TIERS = ("interp", "translate")
-DEFAULT_TIER = os.environ.get("POPEK_ENGINE", "translate")  # the fastest tier by default
+NATIVE_AFTER = 2048  # further runs on tier 1 before tier 2 compiles a block: LLVM costs
+# several ms per batch, so only the hottest code goes native
+TIERS = ("interp", "translate", "jit")
+FASTEST_TIER = "jit" if jit.available() else "translate"
+DEFAULT_TIER = os.environ.get("POPEK_ENGINE", FASTEST_TIER)
 
 _u16 = struct.Struct("<H").unpack_from
 _u32 = struct.Struct("<I").unpack_from
@@ -40,7 +43,7 @@ _u32 = struct.Struct("<I").unpack_from
 class Block:
     """One decoded block: its entry point and what the engine must do around it."""
 
-    __slots__ = ("run", "count", "fp", "system", "offsets", "decoded")
+    __slots__ = ("run", "count", "fp", "system", "offsets", "decoded", "native", "native_addr")
 
     def __init__(self, decoded: list[Decoded | None], offsets: tuple[int, ...], fp: bool,
                  system: bool) -> None:
@@ -50,6 +53,8 @@ class Block:
         self.offsets = offsets  # byte offset of each instruction from the block start
         self.fp = fp  # makes FP state dirty
         self.system = system  # ends in a system instruction
+        self.native: Callable[[int, int], int] | None = None  # tier 2's entry point
+        self.native_addr = 0
 
 
 def _unset(pc: int) -> int:
@@ -62,6 +67,8 @@ class Engine:
     def __init__(self, hart, tier: str = DEFAULT_TIER) -> None:
         if tier not in TIERS:
             raise ValueError(f"unknown engine {tier!r}: choose one of {', '.join(TIERS)}")
+        if tier == "jit" and not jit.available():
+            raise ValueError("engine 'jit' needs llvmlite (pip install llvmlite)")
         self.hart = hart
         self.tier = tier
         self.namespace = semantics_namespace(hart)
@@ -70,16 +77,22 @@ class Engine:
         self.blocks: dict[int, Block] = {}
         self.page_blocks: dict[int, list[int]] = {}
         hart.mem.code_watchers.append(self.invalidate_page)
+        self.native = jit.NativeRuntime(hart, self.handlers) if tier == "jit" else None
+        self.native_queue: list[Block] = []  # hot blocks waiting for native code
 
     # -- code cache ---------------------------------------------------------------------
     def invalidate_page(self, page: int) -> None:
         for key in self.page_blocks.pop(page, ()):
             self.blocks.pop(key, None)
+        if self.native is not None:
+            self.native.forget_jumps()
 
     def flush(self) -> None:
-        """Drop all decoded code (fence.i)."""
+        """Drop all decoded code."""
         self.blocks.clear()
         self.page_blocks.clear()
+        if self.native is not None:
+            self.native.forget_jumps()
 
     def _mode_key(self) -> int:
         return FS_ON_KEY if self.hart.csr[MSTATUS] & MSTATUS_FS else 0
@@ -91,10 +104,58 @@ class Engine:
 
     def _promote(self, block: Block) -> Callable[[], None]:
         def promote() -> None:
-            if None not in block.decoded:
-                block.run = translator.translate(self.namespace, block.decoded, block.offsets)
+            if None in block.decoded:
+                return
+            block.run = translator.translate(self.namespace, block.decoded, block.offsets)
+            if self.native is not None:
+                block.run = self._count_for_native(block, block.run)
 
         return promote
+
+    def _count_for_native(self, block: Block, run: BlockFn) -> BlockFn:
+        """Tier 1's function, queueing the block for native code after NATIVE_AFTER runs."""
+        remaining = NATIVE_AFTER
+        queue = self.native_queue
+
+        def counted(pc: int) -> int:
+            nonlocal remaining
+            remaining -= 1
+            if remaining == 0:
+                queue.append(block)
+            return run(pc)
+
+        return counted
+
+    def _compile_native(self) -> None:
+        """Compile the queued blocks as one batch (LLVM's cost is mostly per batch)."""
+        queue = self.native_queue[:]
+        self.native_queue.clear()
+        if self.native.full:  # start over; between runs no native code is running
+            self.flush()
+            self.native.start_over()
+            return
+        addrs = self.native.compile_blocks([(b.decoded, b.offsets, b.fp) for b in queue])
+        for block, addr in zip(queue, addrs, strict=True):
+            if addr is not None:
+                block.native, block.native_addr = jit.BLOCK_FN(addr), addr
+
+    def _step(self, d: Decoded) -> BlockFn | None:
+        """A single step in native code (tier 2 checks its semantics one at a time)."""
+        step = self.native.step_function(d.insn, d.length)
+        if step is None:
+            return None
+        native, env, addr = self.native, self.native.env, self.native.env_addr
+        rd, rs1, rs2, imm = d.rd, d.rs1, d.rs2, d.imm
+
+        def run(pc: int) -> int:
+            status = step(addr, pc, rd, rs1, rs2, imm)
+            if status:
+                exc = native.take_pending(status)
+                exc.index = 0
+                raise exc
+            return env.pc
+
+        return run
 
     def decode_block(self, page: int | None, pc: int, mode: int, limit: int = MAX_BLOCK) -> Block:
         """Decode the block at ``pc`` (host page offset ``page``, None for a device)."""
@@ -125,6 +186,8 @@ class Engine:
                 d, length = (decode32(word), 4) if word & 3 == 3 else (decode16(word), 2)
             if d is not None and "fp" in d.insn.flags and not fs_on:
                 d = None  # the FP unit is off: FP instructions are illegal
+            if decoded and self.native is not None and (d is None or "system" in d.insn.flags):
+                break  # tier 2: system instructions get a block of their own
             decoded.append(d)
             offsets.append(off - start)
             off += length
@@ -137,8 +200,10 @@ class Engine:
         block = Block(decoded, tuple(offsets), fp, system)
         ops = tuple(self._op(d) for d in decoded)
         cache = cacheable and limit == MAX_BLOCK
-        if cache and self.tier == "translate":
+        if cache and self.tier != "interp":
             block.run = interpret(ops, block.offsets, self._promote(block), HOT_AFTER)
+        elif self.native is not None and limit == 1 and decoded[0] is not None:
+            block.run = self._step(decoded[0]) or interpret(ops, block.offsets)
         else:
             block.run = interpret(ops, block.offsets)
             if self.tier == "translate":  # a single step runs tier-1 code too
@@ -163,6 +228,23 @@ class Engine:
             return half if half & 3 != 3 else self.hart.mmu.fetch_slow(pc, 4)
         except Trap:
             return 0
+
+    def _enter(self, blk: Block, pc: int, mode: int, budget: int) -> tuple[int, int, Trap | None]:
+        """Run native code from ``blk`` on, chaining natively within ``budget``: returns the
+        next pc, how many instructions retired, and the trap that stopped it (if any)."""
+        native = self.native
+        env = native.env
+        native.remember_jump(pc, mode, blk.native_addr)
+        env.mode = mode
+        env.budget = budget
+        env.executed = 0
+        status = blk.native(native.env_addr, pc)
+        if status == jit.EXIT:
+            return env.pc, env.executed, None
+        exc = native.take_pending(status)
+        if not isinstance(exc, Trap):
+            raise exc
+        return env.pc, env.executed, exc
 
     def check_interrupts(self, pc: int) -> int:
         cause = trap_unit.pending_interrupt(self.hart)  # already has INTERRUPT_BIT
@@ -205,6 +287,13 @@ class Engine:
                         if blk.system:  # its CSR access may read instret: make it exact
                             ctl[CTL_INSTRET] = (instret0 + executed + blk.count - 1) & XLEN_MASK
                         bpc = pc
+                        if blk.native is not None:
+                            pc, retired, trap = self._enter(blk, pc, mode, budget - executed)
+                            executed += retired
+                            if trap is not None:
+                                blk = None  # pc is the faulting instruction's already
+                                raise trap
+                            continue
                         pc = blk.run(pc)
                         executed += blk.count
                         if blk.system:
@@ -223,4 +312,6 @@ class Engine:
         finally:
             hart.pc = pc
             ctl[CTL_INSTRET] = (instret0 + executed) & XLEN_MASK
+        if self.native_queue:
+            self._compile_native()
         return executed

@@ -93,6 +93,15 @@ FORMATS: dict[str, Callable[[int], Operands]] = {
     "NONE": lambda w: (0, 0, 0, 0),
 }
 
+# The values ``imm`` can take in each format (including compressed expansions into it), for
+# tiers that compile one instruction for any operands and must bound their arithmetic.
+IMM_RANGES: dict[str, tuple[int, int]] = {
+    "R": (0, 0), "I": (-2048, 2047), "S": (-2048, 2047), "B": (-4096, 4094),
+    "U": (-(1 << 31), (1 << 31) - 4096), "J": (-(1 << 20), (1 << 20) - 2),
+    "SH6": (0, 63), "SH5": (0, 31), "CSR": (0, 4095), "RM": (0, 7), "R4": (0, 255),
+    "AMO": (0, 3), "FENCE": (0, 4095), "NONE": (0, 0),
+}
+
 # Registers each format writes into X (so the decoder can send rd == 0 to the sink).
 WRITES_X = frozenset({"R", "I", "U", "J", "SH6", "SH5", "CSR", "AMO"})
 

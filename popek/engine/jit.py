@@ -1,0 +1,527 @@
+"""Tier 2: hot blocks compiled to native code through LLVM (llvmlite).
+
+Each block becomes one native function ``status = block(env, pc)``, lowered from the
+instruction semantics by :mod:`popek.engine.lowering`. ``env`` is a small structure the
+runtime shares with native code: pointers to the hart's registers and CSRs, the native
+TLB (a direct-mapped copy of the software TLB, kept coherent through the MMU's mirror
+hook), the jump cache, the instruction budget, and where to leave the exit pc and a
+trap. Native code does the TLB hit path of loads and stores itself and calls back into
+Python only for misses, devices and page-crossing accesses, and for instructions whose
+semantics it does not lower (FP arithmetic): those run through their Python handler.
+
+Dispatch stays native: a block's exit looks its successor up in the jump cache (virtual
+pc to function) and tail-calls it while budget remains; only a miss returns to Python,
+which finds or compiles the block and records it there. The jump cache is emptied
+whenever a translation, the decoding mode or code may have changed, so a hit needs no
+further checks. Native code is never freed while it may run: when the code cache is
+full, the whole compiler is replaced between runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from array import array
+from collections.abc import Callable
+from functools import cache
+
+from popek.cpu.causes import ACCESS_READ, ACCESS_WRITE, Trap
+from popek.cpu.state import X_SINK
+from popek.engine.lowering import I32, I64, Lowering, Operand, Unsupported
+from popek.isa.decoder import Decoded
+from popek.isa.spec import IMM_RANGES, WRITES_X, Insn
+
+try:
+    import llvmlite.binding as llvm
+    from llvmlite import ir
+except ImportError:  # popek still runs, on tier 1
+    llvm = ir = None
+
+TLB_ENTRIES = 1024  # per access kind; direct-mapped on the virtual page number
+JUMP_ENTRIES = 4096
+MAX_NATIVE_BLOCKS = 20_000  # then the code cache starts over
+MSTATUS = 0x300
+MSTATUS_FS_DIRTY_SD = (3 << 13) | (1 << 63)
+
+# Exit statuses of native code.
+EXIT = 0  # env.pc is the next pc
+TRAP_PENDING = 1  # a callback caught a Trap; it waits in NativeRuntime.pending
+EXCEPTION = 2  # a callback caught another exception; re-raised after the run
+TRAP_NATIVE = 3  # native code raised a trap: env.cause and env.tval
+
+ENV_FIELDS = ("x", "f", "ctl", "csr", "tlb_r", "tlb_w", "jumps", "mode", "budget", "executed",
+              "pc", "cause", "tval", "status", "load_slow", "store_slow", "exec_slow")
+_F = {name: i for i, name in enumerate(ENV_FIELDS)}
+
+
+class Env(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in ENV_FIELDS]
+
+
+LOAD_SLOW = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint32)
+STORE_SLOW = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint64)
+EXEC_SLOW = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_uint64, ctypes.c_uint64)
+BLOCK_FN = ctypes.PYFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_uint64)
+STEP_FN = ctypes.PYFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64,
+                            ctypes.c_uint64, ctypes.c_uint64, ctypes.c_int64)
+
+
+def available() -> bool:
+    return llvm is not None
+
+
+@cache
+def _initialize() -> None:
+    llvm.initialize_native_target()
+    llvm.initialize_native_asmprinter()
+
+
+def _target_machine():
+    """A target machine for one execution engine (which takes ownership of it)."""
+    _initialize()
+    return llvm.Target.from_default_triple().create_target_machine(opt=2, jit=True)
+
+
+def _address(buffer) -> int:
+    """Host address of a buffer (an array or mmap) that lives as long as the hart."""
+    view = ctypes.c_char.from_buffer(buffer)
+    addr = ctypes.addressof(view)
+    del view  # the export would pin the mmap; the hart keeps the buffer alive instead
+    return addr
+
+
+# -- IR emission ------------------------------------------------------------------------------
+
+class _Emitter:
+    """What blocks and single steps share: env fields, the TLB hit path, trap exits."""
+
+    def __init__(self, fn: ir.Function) -> None:
+        self.fn = fn
+        self.env = fn.args[0]
+        self.builder = ir.IRBuilder(fn.append_basic_block("entry"))
+        self._fields: dict[str, ir.Value] = {}
+
+    def field_ptr(self, name: str) -> ir.Value:
+        return self.builder.gep(self.env, [ir.Constant(I64, _F[name])], inbounds=True,
+                                source_etype=I64)
+
+    def get(self, name: str) -> ir.Value:
+        """An env field that stays constant during a run, loaded once at entry."""
+        if name not in self._fields:
+            with self.builder.goto_entry_block():
+                entry = self.builder.block
+                if entry.is_terminated:
+                    self.builder.position_before(entry.terminator)
+                self._fields[name] = self.builder.load(self.field_ptr(name), typ=I64)
+        return self._fields[name]
+
+    def set(self, name: str, value: ir.Value) -> None:
+        self.builder.store(value, self.field_ptr(name))
+
+    def ptr(self, addr: ir.Value) -> ir.Value:
+        return self.builder.inttoptr(addr, ir.PointerType())
+
+    def _slot(self, buffer: str, index: int | ir.Value) -> ir.Value:
+        b = self.builder
+        offset = (ir.Constant(I64, 8 * index) if isinstance(index, int)
+                  else b.shl(index, ir.Constant(I64, 3)))
+        return self.ptr(b.add(self.get(buffer), offset))
+
+    def read_state(self, buffer: str, index: int | ir.Value) -> ir.Value:
+        """FP registers and control slots stay in memory (Python handlers use them too)."""
+        return self.builder.load(self._slot(buffer, index), typ=I64)
+
+    def write_state(self, buffer: str, index: int | ir.Value, value: ir.Value) -> None:
+        self.builder.store(value, self._slot(buffer, index))
+
+    def _callback(self, field: str, ret: ir.Type, args: list[ir.Value]) -> ir.Value:
+        fnty = ir.FunctionType(ret, [a.type for a in args])
+        return self.builder.call(self.builder.inttoptr(self.get(field), fnty.as_pointer()), args)
+
+    def trap_exit(self, status: ir.Value) -> None:
+        raise NotImplementedError
+
+    def _check(self, status: ir.Value) -> None:
+        b = self.builder
+        failed = b.icmp_unsigned("!=", status, ir.Constant(I32, EXIT))
+        with b.if_then(failed, likely=False):
+            self.trap_exit(status)
+
+    def _tlb_hit(self, addr: ir.Value, size: int, table: str) -> tuple[ir.Value, ir.Value]:
+        b = self.builder
+        vpn = b.lshr(addr, ir.Constant(I64, 12))
+        slot = b.shl(b.and_(vpn, ir.Constant(I64, TLB_ENTRIES - 1)), ir.Constant(I64, 4))
+        entry = b.add(self.get(table), slot)
+        tag = b.load(self.ptr(entry), typ=I64)
+        hit = b.icmp_unsigned("==", tag, b.add(vpn, ir.Constant(I64, 1)))
+        offset = b.and_(addr, ir.Constant(I64, 4095))
+        if size > 1:
+            fits = b.icmp_unsigned("<=", offset, ir.Constant(I64, 4096 - size))
+            hit = b.and_(hit, fits)
+        return hit, b.add(entry, ir.Constant(I64, 8)), offset
+
+    def load(self, addr: ir.Value, size: int, writable: bool) -> ir.Value:
+        b = self.builder
+        hit, base_ptr, offset = self._tlb_hit(addr, size, "tlb_w" if writable else "tlb_r")
+        with b.if_else(hit, likely=True) as (fast, slow):
+            with fast:
+                base = b.load(self.ptr(base_ptr), typ=I64)
+                raw = b.load(self.ptr(b.add(base, offset)), typ=ir.IntType(8 * size), align=1)
+                fast_value = b.zext(raw, I64) if size < 8 else raw
+                fast_bb = b.block
+            with slow:
+                access = ACCESS_WRITE if writable else ACCESS_READ
+                slow_value = self._callback("load_slow", I64, [
+                    addr, ir.Constant(I32, size), ir.Constant(I32, access)])
+                self._check(b.trunc(b.load(self.field_ptr("status"), typ=I64), I32))
+                slow_bb = b.block
+        phi = b.phi(I64)
+        phi.add_incoming(fast_value, fast_bb)
+        phi.add_incoming(slow_value, slow_bb)
+        return phi
+
+    def store(self, addr: ir.Value, size: int, value: ir.Value) -> None:
+        b = self.builder
+        hit, base_ptr, offset = self._tlb_hit(addr, size, "tlb_w")
+        with b.if_else(hit, likely=True) as (fast, slow):
+            with fast:
+                base = b.load(self.ptr(base_ptr), typ=I64)
+                raw = b.trunc(value, ir.IntType(8 * size)) if size < 8 else value
+                b.store(raw, self.ptr(b.add(base, offset)), align=1)
+            with slow:
+                self._check(self._callback("store_slow", I32, [addr, ir.Constant(I32, size),
+                                                               value]))
+
+
+class _BlockEmitter(_Emitter):
+    """One block: registers live in SSA values between entry and each exit."""
+
+    def __init__(self, fn: ir.Function, decoded: list[Decoded], offsets: tuple[int, ...],
+                 fp: bool) -> None:
+        super().__init__(fn)
+        self.pc0 = fn.args[1]
+        self.decoded = decoded
+        self.offsets = offsets
+        self.index = 0
+        self.regs: dict[int, ir.AllocaInstr] = {}
+        self.written: set[int] = set()
+        b = self.builder
+        for n in sorted({r for d in decoded for r in (d.rd, d.rs1, d.rs2)} - {0, X_SINK}):
+            self.regs[n] = b.alloca(I64, name=f"x{n}")
+        self._reload()
+        if fp:  # FP state becomes dirty before an FP instruction runs, as in the engine
+            mstatus = self.read_state("csr", MSTATUS)
+            self.write_state("csr", MSTATUS, b.or_(mstatus, ir.Constant(I64, MSTATUS_FS_DIRTY_SD)))
+
+    # -- registers --
+    def read_x(self, reg: int) -> ir.Value:
+        if reg == 0:
+            return ir.Constant(I64, 0)
+        return self.builder.load(self.regs[reg])
+
+    def write_x(self, reg: int, value: ir.Value) -> None:
+        if reg != X_SINK:
+            self.builder.store(value, self.regs[reg])
+            self.written.add(reg)
+
+    def _write_back(self) -> None:
+        for n in sorted(self.written):
+            self.write_state("x", n, self.builder.load(self.regs[n]))
+
+    def _reload(self) -> None:
+        for n, slot in self.regs.items():
+            self.builder.store(self.read_state("x", n), slot)
+
+    # -- exits --
+    def _retire(self, count: int) -> ir.Value:
+        b = self.builder
+        executed = b.add(b.load(self.field_ptr("executed"), typ=I64), ir.Constant(I64, count))
+        self.set("executed", executed)
+        return executed
+
+    def trap_exit(self, status: ir.Value) -> None:
+        b = self.builder
+        self._write_back()
+        self._retire(self.index)
+        self.set("pc", b.add(self.pc0, ir.Constant(I64, self.offsets[self.index])))
+        b.ret(status)
+
+    def trap(self, cause: ir.Value, tval: ir.Value) -> None:
+        self.set("cause", cause)
+        self.set("tval", tval)
+        self.trap_exit(ir.Constant(I32, TRAP_NATIVE))
+
+    def jump(self, target: ir.Value) -> None:
+        """Leave the block for ``target``: chain to its native code if the jump cache has
+        it and budget remains, else return it to the dispatcher."""
+        b = self.builder
+        self._write_back()
+        executed = self._retire(len(self.decoded))
+        budget_left = b.icmp_signed("<", executed, self.get("budget"))
+        chain_bb = b.append_basic_block("chain")
+        call_bb = b.append_basic_block("call")
+        leave_bb = b.append_basic_block("leave")
+        b.cbranch(budget_left, chain_bb, leave_bb)
+        b.position_at_end(chain_bb)
+        slot = b.shl(b.and_(b.lshr(target, ir.Constant(I64, 1)),
+                            ir.Constant(I64, JUMP_ENTRIES - 1)), ir.Constant(I64, 4))
+        entry = b.add(self.get("jumps"), slot)
+        tag = b.load(self.ptr(entry), typ=I64)
+        want = b.xor(b.or_(target, ir.Constant(I64, 1)), self.get("mode"))
+        hit = b.icmp_unsigned("==", tag, want)
+        b.cbranch(hit, call_bb, leave_bb)
+        b.position_at_end(call_bb)
+        fn = b.load(self.ptr(b.add(entry, ir.Constant(I64, 8))), typ=I64)
+        callee = b.inttoptr(fn, self.fn.function_type.as_pointer())
+        b.ret(b.call(callee, [self.env, target], tail="musttail"))
+        b.position_at_end(leave_bb)
+        self.set("pc", target)
+        b.ret(ir.Constant(I32, EXIT))
+
+    def fallback(self, ref: int, pc: ir.Value) -> None:
+        """Run one instruction through its Python handler, which reads and writes the
+        registers in memory."""
+        self._write_back()
+        self._check(self._callback("exec_slow", I32, [ir.Constant(I64, ref), pc]))
+        self._reload()
+
+
+class _StepEmitter(_Emitter):
+    """One instruction for any operands: registers are read and written in memory."""
+
+    def __init__(self, fn: ir.Function, length: int) -> None:
+        super().__init__(fn)
+        self.pc = fn.args[1]
+        self.length = length
+
+    def read_x(self, reg: ir.Value) -> ir.Value:
+        return self.read_state("x", reg)
+
+    def write_x(self, reg: ir.Value, value: ir.Value) -> None:
+        self.write_state("x", reg, value)
+
+    def trap_exit(self, status: ir.Value) -> None:
+        self.set("pc", self.pc)
+        self.builder.ret(status)
+
+    def trap(self, cause: ir.Value, tval: ir.Value) -> None:
+        self.set("cause", cause)
+        self.set("tval", tval)
+        self.trap_exit(ir.Constant(I32, TRAP_NATIVE))
+
+    def jump(self, target: ir.Value) -> None:
+        self.set("executed", ir.Constant(I64, 1))
+        self.set("pc", target)
+        self.builder.ret(ir.Constant(I32, EXIT))
+
+
+def _operands(d: Decoded) -> dict[str, Operand]:
+    return {"rd": Operand(d.rd, d.rd, d.rd), "rs1": Operand(d.rs1, d.rs1, d.rs1),
+            "rs2": Operand(d.rs2, d.rs2, d.rs2), "imm": Operand(d.imm, d.imm, d.imm)}
+
+
+@cache
+def lowers(ins: Insn) -> bool:
+    """Whether ``ins`` has native semantics (else it runs through its Python handler)."""
+    if "system" in ins.flags:
+        return False
+    try:
+        _step_module(ins, 4)
+    except Unsupported:
+        return False
+    return True
+
+
+def _step_module(ins: Insn, length: int) -> ir.Module:
+    module = ir.Module(name=ins.name)
+    fnty = ir.FunctionType(I32, [ir.PointerType(), I64, I64, I64, I64, I64])
+    fn = ir.Function(module, fnty, "step")
+    em = _StepEmitter(fn, length)
+    _, pc, rd, rs1, rs2, imm = fn.args
+    reg = (0, X_SINK) if ins.fmt in WRITES_X else (0, 31)
+    operands = {"rd": Operand(rd, *reg), "rs1": Operand(rs1, 0, 31),
+                "rs2": Operand(rs2, 0, 31), "imm": Operand(imm, *IMM_RANGES[ins.fmt])}
+    if Lowering(em, operands, pc, length).lower(ins.sem):
+        em.jump(em.builder.add(pc, ir.Constant(I64, length)))
+    return module
+
+
+# -- the runtime ------------------------------------------------------------------------------
+
+class NativeRuntime:
+    """One hart's native tier: env, native TLB and jump cache, callbacks, compiled code."""
+
+    def __init__(self, hart, handlers: dict[tuple[str, int], Callable]) -> None:
+        self.hart = hart
+        self.handlers = handlers
+        self.env = Env()
+        self.env_addr = ctypes.addressof(self.env)
+        self.tlb_r = array("Q", bytes(16 * TLB_ENTRIES))
+        self.tlb_w = array("Q", bytes(16 * TLB_ENTRIES))
+        self.jumps = array("Q", bytes(16 * JUMP_ENTRIES))
+        self.ram_addr = _address(hart.mem.ram)
+        self.pending: BaseException | None = None
+        self.fallbacks: list[tuple[Callable, int, int, int, int]] = []
+        self.steps: dict[tuple[str, int], Callable | None] = {}
+        env = self.env
+        env.x = hart.x.buffer_info()[0]
+        env.f = hart.f.buffer_info()[0]
+        env.ctl = hart.ctl.buffer_info()[0]
+        env.csr = hart.csr.buffer_info()[0]
+        env.tlb_r = self.tlb_r.buffer_info()[0]
+        env.tlb_w = self.tlb_w.buffer_info()[0]
+        env.jumps = self.jumps.buffer_info()[0]
+        self._callbacks = (LOAD_SLOW(self._load_slow), STORE_SLOW(self._store_slow),
+                           EXEC_SLOW(self._exec_slow))
+        env.load_slow, env.store_slow, env.exec_slow = (
+            ctypes.cast(cb, ctypes.c_void_p).value for cb in self._callbacks)
+        self._new_compiler()
+        hart.mmu.mirror = self
+
+    def _new_compiler(self) -> None:
+        self.target = _target_machine()
+        self.engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), self.target)
+        self.native_blocks = 0
+
+    # -- TLB mirror (see Mmu.mirror) --
+    def fill(self, access: int, vpn: int, host_page: int) -> None:
+        if access == ACCESS_READ:
+            table = self.tlb_r
+        elif access == ACCESS_WRITE:
+            table = self.tlb_w
+        else:
+            return  # fetches go through the jump cache, filled by the dispatcher
+        i = 2 * (vpn & (TLB_ENTRIES - 1))
+        table[i] = vpn + 1
+        table[i + 1] = self.ram_addr + host_page
+
+    def flush(self) -> None:
+        for table in (self.tlb_r, self.tlb_w, self.jumps):
+            ctypes.memset(table.buffer_info()[0], 0, 8 * len(table))
+
+    def drop_writable(self) -> None:
+        ctypes.memset(self.tlb_w.buffer_info()[0], 0, 8 * len(self.tlb_w))
+
+    def forget_jumps(self) -> None:
+        """Code or the decoding mode changed: no successor may be assumed."""
+        ctypes.memset(self.jumps.buffer_info()[0], 0, 8 * len(self.jumps))
+
+    def remember_jump(self, pc: int, mode: int, fn_addr: int) -> None:
+        """Native code decoded in decoding ``mode`` (the block-cache key bits) starts at
+        virtual ``pc``; the tag carries the mode, so a mode change needs no flush."""
+        i = 2 * ((pc >> 1) & (JUMP_ENTRIES - 1))
+        self.jumps[i] = (pc | 1) ^ mode
+        self.jumps[i + 1] = fn_addr
+
+    # -- callbacks from native code (never let an exception through C) --
+    def _load_slow(self, vaddr: int, size: int, access: int) -> int:
+        try:
+            return self.hart.mmu.load_slow(vaddr, size, access) & ((1 << (8 * size)) - 1)
+        except BaseException as e:  # noqa: BLE001 - handed back to Python after the run
+            self.pending = e
+            self.env.status = TRAP_PENDING if isinstance(e, Trap) else EXCEPTION
+            return 0
+
+    def _store_slow(self, vaddr: int, size: int, value: int) -> int:
+        try:
+            self.hart.mmu.store_slow(vaddr, size, value)
+            return EXIT
+        except BaseException as e:  # noqa: BLE001
+            self.pending = e
+            return TRAP_PENDING if isinstance(e, Trap) else EXCEPTION
+
+    def _exec_slow(self, ref: int, pc: int) -> int:
+        handler, rd, rs1, rs2, imm = self.fallbacks[ref]
+        try:
+            handler(pc, rd, rs1, rs2, imm)
+            return EXIT
+        except BaseException as e:  # noqa: BLE001
+            self.pending = e
+            return TRAP_PENDING if isinstance(e, Trap) else EXCEPTION
+
+    # -- compiling --
+    def _finalize(self, module: ir.Module, names: list[str]) -> list[int]:
+        mod = llvm.parse_assembly(str(module))
+        pb = llvm.create_pass_builder(self.target, llvm.PipelineTuningOptions(speed_level=2))
+        pb.getModulePassManager().run(mod, pb)
+        self.engine.add_module(mod)
+        self.engine.finalize_object()
+        return [self.engine.get_function_address(n) for n in names]
+
+    @property
+    def full(self) -> bool:
+        return self.native_blocks >= MAX_NATIVE_BLOCKS
+
+    def start_over(self) -> None:
+        """Drop all native code; only between runs, and after the engine forgot its blocks."""
+        self.forget_jumps()
+        self.fallbacks.clear()
+        self.steps.clear()
+        self._new_compiler()
+
+    def compile_blocks(self, blocks: list[tuple[list[Decoded], tuple[int, ...], bool]]
+                       ) -> list[int | None]:
+        """Native code for each (decoded, offsets, fp) block, in one LLVM module: the
+        address of its function, or None where the block should stay on tier 1."""
+        module = ir.Module(name=f"batch{self.native_blocks}")
+        names: list[str | None] = []
+        for decoded, offsets, fp in blocks:
+            names.append(self._emit_block(module, decoded, offsets, fp))
+        compiled = [n for n in names if n is not None]
+        if not compiled:
+            return names  # all None
+        addrs = dict(zip(compiled, self._finalize(module, compiled), strict=True))
+        return [addrs.get(n) if n is not None else None for n in names]
+
+    def _emit_block(self, module: ir.Module, decoded: list[Decoded], offsets: tuple[int, ...],
+                    fp: bool) -> str | None:
+        native = [lowers(d.insn) for d in decoded]
+        if sum(native) * 2 < len(decoded):
+            return None  # mostly callbacks: tier 1 runs these faster
+        if not native[-1] and "ends_block" in decoded[-1].insn.flags:
+            return None  # control leaves through a Python handler
+        self.native_blocks += 1
+        name = f"b{self.native_blocks}"
+        fn = ir.Function(module, ir.FunctionType(I32, [ir.PointerType(), I64]), name)
+        fn.attributes.add("nounwind")
+        em = _BlockEmitter(fn, decoded, offsets, fp)
+        b = em.builder
+        body = b.append_basic_block("body")
+        b.branch(body)
+        b.position_at_end(body)
+        falls = True
+        for i, (d, off) in enumerate(zip(decoded, offsets, strict=True)):
+            em.index = i
+            pc = b.add(em.pc0, ir.Constant(I64, off)) if off else em.pc0
+            if native[i]:
+                falls = Lowering(em, _operands(d), pc, d.length).lower(d.insn.sem)
+            else:
+                self.fallbacks.append((self.handlers[(d.insn.name, d.length)],
+                                       d.rd, d.rs1, d.rs2, d.imm))
+                em.fallback(len(self.fallbacks) - 1, pc)
+                falls = "ends_block" not in d.insn.flags
+            if not falls:
+                break
+        if falls:
+            end = offsets[-1] + decoded[-1].length
+            em.jump(b.add(em.pc0, ir.Constant(I64, end)))
+        return name
+
+    def step_function(self, ins: Insn, length: int) -> Callable | None:
+        """Native code for one instruction with operands as arguments (single steps)."""
+        key = (ins.name, length)
+        if key not in self.steps:
+            fn = None
+            if lowers(ins):
+                (addr,) = self._finalize(_step_module(ins, length), ["step"])
+                fn = STEP_FN(addr)
+            self.steps[key] = fn
+        return self.steps[key]
+
+    # -- running --
+    def take_pending(self, status: int) -> BaseException:
+        """The trap or exception that stopped a native run with ``status``."""
+        if status == TRAP_NATIVE:
+            return Trap(self.env.cause, self.env.tval)
+        exc, self.pending = self.pending, None
+        self.env.status = EXIT
+        return exc
