@@ -1,0 +1,231 @@
+"""Tier 2 (native code) leaves exactly the state the reference interpreter leaves.
+
+Each program runs hot loops, so under the jit tier its blocks go native (the tier-up
+thresholds are lowered here to reach that in a few iterations), and ends by trapping
+into a handler that waits (WFI). Every register, the trap CSRs, instret and the data
+memory must then match the interpreter's, including when the trap comes from the
+middle of a native block, when code rewrites itself, when native code calls back for a
+device or an FP instruction, and when a callback fails.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from popek.cpu.hart import Hart
+from popek.cpu.physmem import PhysicalMemory
+from popek.engine import engine as engine_module
+
+BASE = 0x8000_0000
+DATA = BASE + 0x4000
+HANDLER = BASE + 0x3000
+DEVICE = 0x1000_0000
+MEPC, MCAUSE, MTVAL, MTVEC, MSTATUS = 0x341, 0x342, 0x343, 0x305, 0x300
+AS = "riscv64-linux-gnu-as"
+
+def assemble(source: str) -> bytes:
+    """Machine code of ``source`` (placed at BASE), by binutils."""
+    if shutil.which(AS) is None:
+        pytest.fail(f"{AS} is missing: apt-get install binutils-riscv64-linux-gnu")
+    with tempfile.TemporaryDirectory() as tmp:
+        src, obj, elf, raw = (Path(tmp) / n for n in ("p.S", "p.o", "p", "p.bin"))
+        src.write_text(".option norvc\n" + source if "# rvc" not in source else source)
+        subprocess.run([AS, "-march=rv64gc", "-o", str(obj), str(src)], check=True)
+        subprocess.run(["riscv64-linux-gnu-ld", f"-Ttext={BASE:#x}", "-o", str(elf), str(obj)],
+                       check=True)
+        subprocess.run(["riscv64-linux-gnu-objcopy", "-O", "binary", str(elf), str(raw)],
+                       check=True)
+        return raw.read_bytes()
+
+
+class Counter:
+    """A device whose reads count up; writes are recorded; offset 8 fails on read."""
+
+    def __init__(self) -> None:
+        self.value = 0
+        self.writes: list[int] = []
+
+    def read(self, offset: int, size: int) -> int:
+        if offset == 8:
+            raise RuntimeError("device fault")
+        self.value += 1
+        return self.value
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.writes.append(value)
+
+
+def run(tier: str, code: bytes, data: bytes = b"") -> tuple[Hart, PhysicalMemory, Counter]:
+    mem = PhysicalMemory(BASE, 1 << 16)
+    device = Counter()
+    mem.add_device(DEVICE, 0x100, device)
+    mem.write(BASE, code)
+    mem.write(HANDLER, bytes.fromhex("73005010"))  # wfi
+    mem.write(DATA, data or bytes(256))
+    hart = Hart(mem, engine=tier)
+    hart.csr[MTVEC] = HANDLER
+    hart.csr[MSTATUS] |= 1 << 13  # FP unit on
+    hart.x[10] = DATA
+    hart.pc = BASE
+    for _ in range(200_000):
+        hart.run(50)  # short runs: queued blocks are compiled between runs
+        if hart.waiting:
+            return hart, mem, device
+    raise AssertionError("the program did not finish")
+
+
+@pytest.fixture(autouse=True)
+def eager_tiers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine_module, "HOT_AFTER", 2)
+    monkeypatch.setattr(engine_module, "NATIVE_AFTER", 2)
+
+
+def same_state(source: str, data: bytes = b"") -> tuple[Hart, PhysicalMemory, Counter]:
+    """Run under the interpreter and natively; assert identical outcomes; return native."""
+    code = assemble(source)
+    ref, ref_mem, ref_dev = run("interp", code, data)
+    nat, nat_mem, nat_dev = run("jit", code, data)
+    assert any(b.native is not None for b in nat.engine.blocks.values()), "nothing went native"
+    assert list(nat.x[:32]) == list(ref.x[:32])
+    assert list(nat.f) == list(ref.f)
+    for csr in (MEPC, MCAUSE, MTVAL, 3):
+        assert nat.csr[csr] == ref.csr[csr], hex(csr)
+    assert nat.instret == ref.instret
+    assert nat_mem.read(DATA, 256) == ref_mem.read(DATA, 256)
+    assert nat_dev.writes == ref_dev.writes
+    return nat, nat_mem, nat_dev
+
+
+def test_integer_loop_matches_the_interpreter() -> None:
+    nat, _, _ = same_state("""
+        li s0, 300
+        li s1, 0x123456789abcdef
+        li s2, -7
+        li s3, -1
+        li s4, 1
+        slli s4, s4, 63          # INT64_MIN
+    1:  add  t0, s1, s0
+        mul  t1, t0, s2
+        mulh t2, t0, s1
+        mulhu t3, t0, s3
+        mulhsu t4, s2, t0
+        div  t5, s4, s3          # overflow: INT64_MIN / -1
+        rem  t6, s4, s3
+        divu a1, t0, zero        # by zero
+        remw a2, s2, s0
+        divw a3, t0, s2
+        sraw a4, s2, s0
+        srl  a5, s1, s0
+        sltu a6, s2, t0
+        slt  a7, s2, t0
+        sd   t1, 0(a0)
+        sw   t2, 8(a0)
+        sh   t3, 12(a0)
+        sb   t4, 14(a0)
+        lb   s5, 14(a0)
+        lhu  s6, 12(a0)
+        lw   s7, 8(a0)
+        ld   s8, 0(a0)
+        add  s9, s9, s5
+        xor  s10, s10, s8
+        lr.d s11, (a0)
+        addi s11, s11, 1
+        sc.d t0, s11, (a0)
+        addi t3, a0, 16
+        amoadd.w t1, s0, (t3)
+        addi t3, a0, 24
+        amomax.d t2, s2, (t3)
+        addi s0, s0, -1
+        bnez s0, 1b
+        ebreak
+    """)
+    assert nat.csr[MCAUSE] == 3  # the ebreak
+
+
+def test_compressed_calls_and_returns_match_the_interpreter() -> None:
+    same_state("""# rvc
+        li s0, 200
+    1:  call f
+        c.addi s0, -1
+        c.bnez s0, 1b
+        ebreak
+    f:  c.li a1, 5
+        c.slli a1, 3
+        c.add a2, a1
+        c.sd a2, 0(a0)
+        c.ld a3, 0(a0)
+        c.jr ra
+    """)
+
+
+def test_fault_inside_a_native_block_is_precise() -> None:
+    nat, _, _ = same_state("""
+        li s0, 500
+        mv s1, a0
+    1:  addi a1, a1, 1
+        ld   a2, 0(s1)           # faults once s1 leaves RAM
+        addi a3, a3, 1
+        addi s0, s0, -1
+        bnez s0, 1b
+        li   s1, 0x100           # nothing answers here
+        li   s0, 3
+        j    1b
+    """)
+    assert nat.csr[MCAUSE] == 5 and nat.csr[MTVAL] == 0x100  # load access fault
+    assert nat.x[11] == nat.x[13] + 1  # a1 counted the faulting pass; a3 did not
+
+
+def test_code_rewritten_under_native_execution_is_seen() -> None:
+    nat, _, _ = same_state("""
+        li s0, 400
+        la s1, 2f
+        li s2, 0x00250513        # addi a0, a0, 2
+        li s3, 200
+        li a0, 0
+    1:  addi s0, s0, -1
+        bne  s0, s3, 2f
+        sw   s2, 0(s1)           # patch the next instruction, once
+    2:  addi a0, a0, 1
+        bnez s0, 1b
+        ebreak
+    """)
+    assert nat.x[10] == 200 + 2 * 200
+
+
+def test_devices_and_fp_instructions_called_back_from_native_code() -> None:
+    nat, _, dev = same_state("""
+        li s0, 300
+        li s1, 0x10000000
+        fcvt.d.l fs0, s0
+    1:  ld   t0, 0(s1)           # a device read
+        add  s2, s2, t0
+        fcvt.d.l ft0, t0
+        fadd.d fs1, fs1, ft0     # FP arithmetic runs through its Python handler
+        fsd  fs1, 32(a0)
+        sd   s2, 16(s1)          # a device write
+        addi s0, s0, -1
+        bnez s0, 1b
+        fcvt.l.d s3, fs1
+        ebreak
+    """)
+    assert nat.x[18] == nat.x[19] == 300 * 301 // 2
+    assert dev.writes[-1] == 300 * 301 // 2
+
+
+def test_failing_callback_raises_in_the_host_not_a_crash() -> None:
+    code = assemble("""
+        li s0, 100
+        li s1, 0x10000000
+    1:  ld   t0, 0(s1)
+        addi s0, s0, -1
+        bnez s0, 1b
+        ld   t0, 8(s1)           # the device raises
+        ebreak
+    """)
+    with pytest.raises(RuntimeError, match="device fault"):
+        run("jit", code)
