@@ -37,7 +37,10 @@ except ImportError:  # popek still runs, on tier 1
     llvm = ir = None
 
 TLB_ENTRIES = 1024  # per access kind; direct-mapped on the virtual page number
-JUMP_ENTRIES = 4096
+JUMP_BITS = 13
+JUMP_ENTRIES = 1 << JUMP_BITS
+JUMP_HASH = 0x9E3779B97F4A7C15  # Fibonacci hashing: nearby and strided pcs spread out
+U64 = (1 << 64) - 1
 MAX_NATIVE_BLOCKS = 20_000  # then the code cache starts over
 MSTATUS = 0x300
 MSTATUS_FS_DIRTY_SD = (3 << 13) | (1 << 63)
@@ -262,8 +265,8 @@ class _BlockEmitter(_Emitter):
         leave_bb = b.append_basic_block("leave")
         b.cbranch(budget_left, chain_bb, leave_bb)
         b.position_at_end(chain_bb)
-        slot = b.shl(b.and_(b.lshr(target, ir.Constant(I64, 1)),
-                            ir.Constant(I64, JUMP_ENTRIES - 1)), ir.Constant(I64, 4))
+        hashed = b.mul(b.lshr(target, ir.Constant(I64, 1)), ir.Constant(I64, JUMP_HASH))
+        slot = b.shl(b.lshr(hashed, ir.Constant(I64, 64 - JUMP_BITS)), ir.Constant(I64, 4))
         entry = b.add(self.get("jumps"), slot)
         tag = b.load(self.ptr(entry), typ=I64)
         want = b.xor(b.or_(target, ir.Constant(I64, 1)), self.get("mode"))
@@ -408,7 +411,7 @@ class NativeRuntime:
     def remember_jump(self, pc: int, mode: int, fn_addr: int) -> None:
         """Native code decoded in decoding ``mode`` (the block-cache key bits) starts at
         virtual ``pc``; the tag carries the mode, so a mode change needs no flush."""
-        i = 2 * ((pc >> 1) & (JUMP_ENTRIES - 1))
+        i = 2 * ((((pc >> 1) * JUMP_HASH) & U64) >> (64 - JUMP_BITS))  # as native code does
         self.jumps[i] = (pc | 1) ^ mode
         self.jumps[i + 1] = fn_addr
 
