@@ -74,3 +74,18 @@ def test_illegal_instruction_replaced_by_valid_one(tier: str) -> None:
     start = hart.x[10]
     run_from(hart, BASE)
     assert hart.x[10] == start + 1 and hart.csr[MCAUSE] == 3  # ran addi, then ebreak
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_instruction_across_a_page_boundary_is_cached_and_follows_writes(tier: str) -> None:
+    hart, mem = machine(tier)
+    # addi a0, a0, 1 split over two pages, then ebreak.
+    at = BASE + 0x1000 - 2
+    mem.write(at, struct.pack("<IH", ADDI_A0_1, 0x9002))  # ..., c.ebreak
+    for _ in range(40):
+        run_from(hart, at)
+    assert any(isinstance(key, tuple) for key in hart.engine.blocks), "not cached"
+    assert hart.x[10] == 40
+    mem.write(BASE + 0x1000, struct.pack("<H", 0x0025))  # upper half: addi a0, a0, 2
+    run_from(hart, at)
+    assert hart.x[10] == 42

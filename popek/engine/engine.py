@@ -74,8 +74,9 @@ class Engine:
         self.namespace = semantics_namespace(hart)
         self.handlers = bind_handlers(self.namespace)
         self.illegal: Handler = self.handlers[("illegal", 0)]
-        self.blocks: dict[int, Block] = {}
-        self.page_blocks: dict[int, list[int]] = {}
+        # Blocks by host offset plus mode bits; one crossing pages by both pages' offsets.
+        self.blocks: dict[int | tuple[int, int], Block] = {}
+        self.page_blocks: dict[int, list[int | tuple[int, int]]] = {}
         hart.mem.code_watchers.append(self.invalidate_page)
         self.native = jit.NativeRuntime(hart, self.handlers) if tier == "jit" else None
         self.native_queue: list[Block] = []  # hot blocks waiting for native code
@@ -168,6 +169,13 @@ class Engine:
         cacheable = page is not None
         off = pc & (PAGE_SIZE - 1)
         start = off
+        straddle = None  # (key, second page) of an instruction that crosses into the next page
+        if page is not None and off == PAGE_SIZE - 2 and _u16(ram, page + off)[0] & 3 == 3:
+            straddle = self._straddling_key(page + off + mode, pc)
+            if straddle[1] is None:
+                cacheable = False  # its second half comes from a device
+            elif limit == MAX_BLOCK and (blk := self.blocks.get(straddle[0])) is not None:
+                return blk
         while len(decoded) < limit:
             if page is not None and off + 2 <= PAGE_SIZE:
                 half = _u16(ram, page + off)[0]
@@ -178,7 +186,7 @@ class Engine:
                 elif decoded:
                     break  # the next instruction straddles pages: its own block
                 else:
-                    d, length, cacheable = decode32(mmu.fetch_slow(pc, 4)), 4, False
+                    d, length = decode32(mmu.fetch_slow(pc, 4)), 4
             else:
                 word = mmu.fetch_slow(pc + off - start, 2)
                 if word & 3 == 3:
@@ -209,11 +217,25 @@ class Engine:
             if self.tier == "translate":  # a single step runs tier-1 code too
                 self._promote(block)()
         if cache:
-            key = page + start + mode
+            key = page + start + mode if straddle is None else straddle[0]
             self.blocks[key] = block
             self.page_blocks.setdefault(page, []).append(key)
-            self.hart.mem.protect_code(page, start, off)
+            self.hart.mem.protect_code(page, start, min(off, PAGE_SIZE))
+            if straddle is not None:
+                self.page_blocks.setdefault(straddle[1], []).append(key)
+                self.hart.mem.protect_code(straddle[1], 0, 2)
         return block
+
+    def _straddling_key(self, key: int, pc: int) -> tuple[tuple[int, int], int | None]:
+        """The cache key of a block made of one instruction that crosses a page boundary:
+        both pages' host offsets, as the TLB maps them now, so a block decoded under
+        another mapping of the second page is simply not found."""
+        mmu = self.hart.mmu
+        second_pc = (pc + 2) & XLEN_MASK
+        second = mmu.tlb_x.get(second_pc >> 12)
+        if second is None:
+            second = mmu.fetch_page(second_pc)  # may fault, as fetching the bits would
+        return (key, second or 0), second
 
     # -- execution ----------------------------------------------------------------------
     def _take(self, t: Trap, pc: int) -> int:
