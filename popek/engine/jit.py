@@ -26,15 +26,15 @@ from functools import cache
 
 from popek.cpu.causes import ACCESS_READ, ACCESS_WRITE, Trap
 from popek.cpu.state import X_SINK
+from popek.engine import irtext as ir
 from popek.engine.lowering import I32, I64, Lowering, Operand, Unsupported
 from popek.isa.decoder import Decoded
 from popek.isa.spec import IMM_RANGES, WRITES_X, Insn
 
 try:
     import llvmlite.binding as llvm
-    from llvmlite import ir
 except ImportError:  # popek still runs, on tier 1
-    llvm = ir = None
+    llvm = None
 
 TLB_ENTRIES = 1024  # per access kind; direct-mapped on the virtual page number
 JUMP_BITS = 12  # buckets
@@ -103,7 +103,7 @@ class _Emitter:
     def __init__(self, fn: ir.Function) -> None:
         self.fn = fn
         self.env = fn.args[0]
-        self.builder = ir.IRBuilder(fn.append_basic_block("entry"))
+        self.builder = ir.IRBuilder(fn.append_basic_block("entry"), fn)
         self._fields: dict[str, ir.Value] = {}
 
     def field_ptr(self, name: str) -> ir.Value:
@@ -114,9 +114,6 @@ class _Emitter:
         """An env field that stays constant during a run, loaded once at entry."""
         if name not in self._fields:
             with self.builder.goto_entry_block():
-                entry = self.builder.block
-                if entry.is_terminated:
-                    self.builder.position_before(entry.terminator)
                 self._fields[name] = self.builder.load(self.field_ptr(name), typ=I64)
         return self._fields[name]
 

@@ -21,9 +21,8 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Protocol
 
-from llvmlite import ir
-
 from popek.cpu.state import CTL_RESERVATION, NO_RESERVATION
+from popek.engine import irtext as ir
 from popek.isa import helpers
 
 I1 = ir.IntType(1)
@@ -68,9 +67,6 @@ def _checked(lo: int, hi: int) -> tuple[int, int]:
 def entry_alloca(builder: ir.IRBuilder, typ: ir.Type, name: str) -> ir.AllocaInstr:
     """A stack slot in the function's entry block (where mem2reg turns it into SSA)."""
     with builder.goto_entry_block():
-        entry = builder.block
-        if entry.is_terminated:
-            builder.position_before(entry.terminator)
         return builder.alloca(typ, name=name)
 
 
