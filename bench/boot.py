@@ -5,7 +5,10 @@ clock stops when the guest's init prints its first line (the POPEK-CMD-BEGIN
 marker), i.e. when userspace runs. popek's guest instruction count comes from
 ``popek run --stats`` (the whole run, including the short shutdown).
 
-    python bench/boot.py [--runs N] [--bios none|opensbi]
+    python bench/boot.py [--runs N] [--bios none|opensbi] [--tiers jit,translate,interp]
+
+Each line also gives the CPU time the emulator process used (the whole run), which a
+busy host does not inflate the way it inflates wall time.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import base64
 import lzma
 import os
 import re
+import resource
 import selectors
 import shutil
 import subprocess
@@ -30,8 +34,15 @@ MARKER = b"POPEK-CMD-BEGIN"
 APPEND = "console=ttyS0 popek.cmd=" + base64.b64encode(b"true").decode()
 
 
-def time_to_marker(cmd: list[str], timeout: float = 900) -> tuple[float, bytes]:
-    """Seconds from launch until MARKER appears on stdout; then wait for exit."""
+def child_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def time_to_marker(cmd: list[str], timeout: float = 900) -> tuple[float, float, bytes]:
+    """Seconds from launch until MARKER appears on stdout; then wait for exit. Also the
+    CPU seconds the process used in all."""
+    cpu0 = child_cpu()
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
@@ -52,7 +63,7 @@ def time_to_marker(cmd: list[str], timeout: float = 900) -> tuple[float, bytes]:
         if MARKER in seen:
             elapsed = time.monotonic() - start
     _, err = proc.communicate(timeout=timeout)
-    return elapsed, err
+    return elapsed, child_cpu() - cpu0, err
 
 
 def main() -> int:
@@ -60,33 +71,34 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=1, help="boots per emulator (best is kept)")
     parser.add_argument("--bios", default="none", choices=["none", "opensbi"],
                         help="popek's firmware (QEMU always uses its default OpenSBI)")
+    parser.add_argument("--tiers", default="jit,translate,interp",
+                        help="popek engine tiers to boot (default jit,translate,interp)")
     args = parser.parse_args()
     qemu = shutil.which("qemu-system-riscv64")
     if qemu is None:
         sys.exit("bench/boot.py needs qemu-system-riscv64: apt-get install qemu-system-misc")
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         kernel = Path(tmp) / "Image"
         kernel.write_bytes(lzma.decompress(images.KERNEL.read_bytes()))
-        popek_cmd = [sys.executable, "-m", "popek", "run", "--stats", "--bios", args.bios,
-                     "--kernel", str(kernel), "--initrd", str(images.INITRD),
-                     "--append", APPEND]
         qemu_cmd = [qemu, "-M", "virt", "-m", "256M", "-nographic", "-kernel", str(kernel),
                     "-initrd", str(images.INITRD), "-append", APPEND]
-        popek_times, qemu_times, stats = [], [], ""
-        for _ in range(args.runs):
-            seconds, err = time_to_marker(qemu_cmd)
-            qemu_times.append(seconds)
-            seconds, err = time_to_marker(popek_cmd)
-            popek_times.append(seconds)
-            stats = err.decode().strip().splitlines()[-1]
-    p, q = min(popek_times), min(qemu_times)
-    match = re.search(r"(\d+) guest instructions", stats)
-    insns = int(match.group(1)) if match else 0
-    print("Linux 6.1 boot to userspace (bundled kernel + initramfs, 256 MiB, 1 hart)")
-    print(f"  popek ({args.bios:>7} bios): {p:8.2f} s   {insns / 1e6:7.1f} M guest instructions"
-          f"   {insns / p / 1e6:6.2f} MIPS")
-    print(f"  qemu-system-riscv64 TCG: {q:8.2f} s   {insns / q / 1e6:7.1f} MIPS (same workload)")
-    print(f"  ratio popek/qemu: {p / q:.1f}x slower")
+        q, q_cpu, _ = min(time_to_marker(qemu_cmd) for _ in range(args.runs))
+        for tier in args.tiers.split(","):
+            popek_cmd = [sys.executable, "-m", "popek", "run", "--stats", "--bios", args.bios,
+                         "--engine", tier, "--kernel", str(kernel), "--initrd",
+                         str(images.INITRD), "--append", APPEND]
+            p, p_cpu, err = min(time_to_marker(popek_cmd) for _ in range(args.runs))
+            match = re.search(r"(\d+) guest instructions", err.decode())
+            rows.append((tier, p, p_cpu, int(match.group(1)) if match else 0))
+    print("Linux 6.1 boot to userspace (bundled kernel + initramfs, 256 MiB, 1 hart, "
+          f"popek firmware: {args.bios})")
+    print(f"  {'emulator':<26}{'to userspace':>13}{'CPU (all)':>11}{'M insns':>9}"
+          f"{'MIPS':>8}{'vs qemu':>9}")
+    for tier, p, p_cpu, insns in rows:
+        print(f"  {'popek ' + tier:<26}{p:12.2f}s{p_cpu:10.2f}s{insns / 1e6:9.1f}"
+              f"{insns / p / 1e6:8.2f}{p / q:8.1f}x")
+    print(f"  {'qemu-system-riscv64 TCG':<26}{q:12.2f}s{q_cpu:10.2f}s{'':>9}{'':>8}{1:8.1f}x")
     return 0
 
 
