@@ -207,6 +207,10 @@ class _BlockEmitter(_Emitter):
         self.index = 0
         self.regs: dict[int, ir.AllocaInstr] = {}
         self.written: set[int] = set()
+        self.exit_bb: ir.Block | None = None
+        self.exit_arms: list[tuple[ir.Value, ir.Block]] = []
+        self.trap_bb: ir.Block | None = None
+        self.trap_arms: list[tuple[ir.Value, int, ir.Block]] = []
         b = self.builder
         for n in sorted({r for d in decoded for r in (d.rd, d.rs1, d.rs2)} - {0, X_SINK}):
             self.regs[n] = b.alloca(I64, name=f"x{n}")
@@ -242,10 +246,29 @@ class _BlockEmitter(_Emitter):
         return executed
 
     def trap_exit(self, status: ir.Value) -> None:
+        """Leave for the trap path shared by the whole block (see ``finish``)."""
+        if self.trap_bb is None:
+            self.trap_bb = self.builder.append_basic_block("trap")
+        self.trap_arms.append((status, self.index, self.builder.block))
+        self.builder.branch(self.trap_bb)
+
+    def finish(self) -> None:
+        """Emit the exits the block's paths branch to. Both write back every register the
+        block writes: one not yet written on that path still holds its entry value."""
+        if self.exit_bb is not None:
+            self._emit_exit()
+        if self.trap_bb is None:
+            return
         b = self.builder
+        b.position_at_end(self.trap_bb)
+        status, retired, offset = b.phi(I32), b.phi(I64), b.phi(I64)
+        for value, index, bb in self.trap_arms:
+            status.add_incoming(value, bb)
+            retired.add_incoming(ir.Constant(I64, index), bb)
+            offset.add_incoming(ir.Constant(I64, self.offsets[index]), bb)
         self._write_back()
-        self._retire(self.index)
-        self.set("pc", b.add(self.pc0, ir.Constant(I64, self.offsets[self.index])))
+        self.set("executed", b.add(b.load(self.field_ptr("executed"), typ=I64), retired))
+        self.set("pc", b.add(self.pc0, offset))
         b.ret(status)
 
     def trap(self, cause: ir.Value, tval: ir.Value) -> None:
@@ -254,9 +277,20 @@ class _BlockEmitter(_Emitter):
         self.trap_exit(ir.Constant(I32, TRAP_NATIVE))
 
     def jump(self, target: ir.Value) -> None:
-        """Leave the block for ``target``: chain to its native code if the jump cache has
-        it and budget remains, else return it to the dispatcher."""
+        """Leave the block for ``target``, through the exit shared by the whole block."""
+        if self.exit_bb is None:
+            self.exit_bb = self.builder.append_basic_block("exit")
+        self.exit_arms.append((target, self.builder.block))
+        self.builder.branch(self.exit_bb)
+
+    def _emit_exit(self) -> None:
+        """The shared exit: chain to the next block's native code if the jump cache has
+        it and budget remains, else return its pc to the dispatcher."""
         b = self.builder
+        b.position_at_end(self.exit_bb)
+        target = b.phi(I64)
+        for value, bb in self.exit_arms:
+            target.add_incoming(value, bb)
         self._write_back()
         executed = self._retire(len(self.decoded))
         budget_left = b.icmp_signed("<", executed, self.get("budget"))
@@ -525,6 +559,7 @@ class NativeRuntime:
         if falls:
             end = offsets[-1] + decoded[-1].length
             em.jump(b.add(em.pc0, ir.Constant(I64, end)))
+        em.finish()
         return name
 
     def step_function(self, ins: Insn, length: int) -> Callable | None:
