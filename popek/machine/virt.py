@@ -46,7 +46,7 @@ ISA_STRING = "rv64imafdc_zicsr_zifencei"
 SLICE = 20_000  # instructions a hart runs before devices and timers are looked at
 MIN_RAM = 16 << 20
 MAX_RAM = 64 << 30
-STATE_VERSION = 1  # of save_state(): bump when its layout changes
+STATE_VERSION = 2  # of save_state(): bump when its layout changes (2: ctl holds the LR reservation)
 HART_BUFFERS = ("x", "f", "ctl", "csr")
 
 OPENSBI_PATHS = (
