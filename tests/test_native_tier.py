@@ -229,3 +229,22 @@ def test_failing_callback_raises_in_the_host_not_a_crash() -> None:
     """)
     with pytest.raises(RuntimeError, match="device fault"):
         run("jit", code)
+
+
+def test_full_code_cache_starts_over_and_keeps_running(monkeypatch: pytest.MonkeyPatch) -> None:
+    from popek.engine import jit
+
+    monkeypatch.setattr(jit, "MAX_NATIVE_BLOCKS", 2)
+    nat, _, _ = same_state("""
+        li s0, 300
+    1:  addi a1, a1, 3
+        j 2f
+    2:  addi a2, a2, 5
+        j 3f
+    3:  addi a3, a3, 7
+        addi s0, s0, -1
+        bnez s0, 1b
+        ebreak
+    """)
+    assert nat.engine.native.restarts >= 1
+    assert (nat.x[11], nat.x[12], nat.x[13]) == (900, 1500, 2100)

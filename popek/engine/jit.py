@@ -401,6 +401,7 @@ class NativeRuntime:
         self.jumps = array("Q", bytes(16 * JUMP_ENTRIES))
         self.ram_addr = _address(hart.mem.ram)
         self.pending: BaseException | None = None
+        self.restarts = 0  # times the code cache filled up and started over
         self.fallbacks: list[tuple[Callable, int, int, int, int]] = []
         self.steps: dict[tuple[str, int], Callable | None] = {}
         env = self.env
@@ -512,6 +513,7 @@ class NativeRuntime:
         self.fallbacks.clear()
         self.steps.clear()
         self._new_compiler()
+        self.restarts += 1
 
     def compile_blocks(self, blocks: list[tuple[list[Decoded], tuple[int, ...], bool]]
                        ) -> list[int | None]:
