@@ -240,11 +240,15 @@ def test_full_code_cache_starts_over_and_keeps_running(monkeypatch: pytest.Monke
     1:  addi a1, a1, 3
         j 2f
     2:  addi a2, a2, 5
-        j 3f
-    3:  addi a3, a3, 7
         addi s0, s0, -1
         bnez s0, 1b
+        li s0, 300               # a second hot loop, compiled once the first filled the cache
+    3:  addi a3, a3, 7
+        j 4f
+    4:  addi a4, a4, 9
+        addi s0, s0, -1
+        bnez s0, 3b
         ebreak
     """)
     assert nat.engine.native.restarts >= 1
-    assert (nat.x[11], nat.x[12], nat.x[13]) == (900, 1500, 2100)
+    assert (nat.x[11], nat.x[12], nat.x[13], nat.x[14]) == (900, 1500, 2100, 2700)
