@@ -501,7 +501,11 @@ class NativeRuntime:
                 passes.run(fn, pb)
         self.engine.add_module(mod)
         self.engine.finalize_object()
-        return [self.engine.get_function_address(n) for n in names]
+        addrs = [self.engine.get_function_address(n) for n in names]
+        # The machine code stays with the engine's memory manager; the IR is no longer
+        # needed and would otherwise stay resident for every block ever compiled.
+        self.engine.remove_module(mod)
+        return addrs
 
     @property
     def full(self) -> bool:
