@@ -44,3 +44,7 @@ def test_each_busy_hart_sees_guest_time_pass_at_its_own_pace(cpus: int) -> None:
         assert int(instret) > 200_000  # many time slices
         assert int(ticks) == pytest.approx(int(instret), rel=0.1), out
 
+
+def test_store_by_another_hart_makes_store_conditional_fail() -> None:
+    # Hart 0's lr.d and sc.d lie in different time slices, with hart 1's store between.
+    assert _run("lrsc", 2) == b"sc failed\n"

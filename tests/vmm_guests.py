@@ -184,6 +184,25 @@ void main(void) {
     }
     poweroff(0);
 }""",
+    # Hart 0 reserves a word with lr.w, hart 1 stores to it, then hart 0's sc.w must fail.
+    "lrsc": _SMP + r"""
+FLAG(word); FLAG(reserved); FLAG(stored);
+void second(void) {
+    while (!reserved) {}
+    word = 1;
+    stored = 1;
+    for (;;) __asm__ volatile("wfi");
+}
+void main(void) {
+    unsigned long old, failed;
+    start_hart1();
+    __asm__ volatile("lr.d %0, (%1)" : "=r"(old) : "r"(&word) : "memory");
+    reserved = 1;
+    while (!stored) {}
+    __asm__ volatile("sc.d %0, %2, (%1)" : "=r"(failed) : "r"(&word), "r"(old + 2) : "memory");
+    say(failed ? "sc failed\n" : "sc succeeded\n");
+    poweroff(0);
+}""",
 }
 
 

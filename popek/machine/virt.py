@@ -367,6 +367,9 @@ class VirtMachine:
                 # The harts that would run side by side on real hardware share this thread.
                 self.clock.set_busy(sum(map(self._runnable, self.harts)))
                 hart.run(SLICE)
+                # Other harts and devices write memory before this hart runs again, and
+                # nothing here watches its reserved address: its next sc must fail.
+                hart.reservation = None
                 ran = True
             self._update_devices()
             if self.exit is not None:
