@@ -1,9 +1,9 @@
-"""Tiny bare-metal guests for the VMM tests, compiled at test time.
+"""Tiny bare-metal guests for the VMM and machine tests, compiled at test time.
 
 Each is a few lines of C entered in S-mode at 0x8020_0000 by popek's SBI (as a kernel
 would be, and as QEMU's OpenSBI enters it too): it writes the 16550 UART at 0x1000_0000
 and powers off through the test finisher at 0x10_0000. They boot in milliseconds, where
-Linux takes tens of seconds.
+Linux takes tens of seconds. The two-hart ones start hart 1 with SBI HSM, as Linux does.
 """
 
 from __future__ import annotations
@@ -54,6 +54,25 @@ static void poweroff(unsigned code) {
     *FINISHER = code ? (code << 16) | 0x3333 : 0x5555;
     for (;;) {}
 }
+"""
+
+# Hart 1 enters at second_start (SBI hart_start) with a stack of its own and runs second().
+_SMP = r"""
+unsigned long second_stack[2048];
+void second(void);
+__asm__(".text\n.globl second_start\nsecond_start:\n"
+        "  la sp, second_stack + 16384\n  call second\n1: j 1b\n");
+extern char second_start[];
+static long start_hart1(void) {
+    register long a0 __asm__("a0") = 1;
+    register unsigned long a1 __asm__("a1") = (unsigned long)second_start;
+    register unsigned long a2 __asm__("a2") = 0, a6 __asm__("a6") = 0;
+    register unsigned long a7 __asm__("a7") = 0x48534D;  /* HSM hart_start */
+    __asm__ volatile("ecall" : "+r"(a0), "+r"(a1) : "r"(a2), "r"(a6), "r"(a7) : "memory");
+    return a0;
+}
+/* Flags that the harts pass each other, each in a 64-byte line of its own. */
+#define FLAG(name) static volatile unsigned long name __attribute__((aligned(64)))
 """
 
 PROGRAMS = {
@@ -140,6 +159,50 @@ void main(void) {
     # Panics: jumps to address 0, where nothing answers, with no trap handler set up.
     "crash": r"""
 void main(void) { say("crashing\n"); ((void (*)(void))0)(); }""",
+    # Each hart (one, or two if hart 1 starts) busy-loops; prints the guest time and its
+    # own instructions that the loop took, as "hart H time T instret I".
+    "timeshare": _SMP + r"""
+FLAG(started); FLAG(done);
+static unsigned long took[2][2];
+static void measure(int h) {
+    unsigned long t0, i0, t1, i1;
+    __asm__ volatile("rdtime %0\n rdinstret %1" : "=r"(t0), "=r"(i0));
+    delay(50000);
+    __asm__ volatile("rdtime %0\n rdinstret %1" : "=r"(t1), "=r"(i1));
+    took[h][0] = t1 - t0;
+    took[h][1] = i1 - i0;
+}
+void second(void) { started = 1; measure(1); done = 1; for (;;) __asm__ volatile("wfi"); }
+void main(void) {
+    int harts = start_hart1() == 0 ? 2 : 1;
+    while (harts == 2 && !started) {}
+    measure(0);
+    while (harts == 2 && !done) {}
+    for (int h = 0; h < harts; h++) {
+        say("hart "); num(h); say(" time "); num(took[h][0]); say(" instret "); num(took[h][1]);
+        put('\n');
+    }
+    poweroff(0);
+}""",
+    # Hart 0 reserves a word with lr.w, hart 1 stores to it, then hart 0's sc.w must fail.
+    "lrsc": _SMP + r"""
+FLAG(word); FLAG(reserved); FLAG(stored);
+void second(void) {
+    while (!reserved) {}
+    word = 1;
+    stored = 1;
+    for (;;) __asm__ volatile("wfi");
+}
+void main(void) {
+    unsigned long old, failed;
+    start_hart1();
+    __asm__ volatile("lr.d %0, (%1)" : "=r"(old) : "r"(&word) : "memory");
+    reserved = 1;
+    while (!stored) {}
+    __asm__ volatile("sc.d %0, %2, (%1)" : "=r"(failed) : "r"(&word), "r"(old + 2) : "memory");
+    say(failed ? "sc failed\n" : "sc succeeded\n");
+    poweroff(0);
+}""",
 }
 
 

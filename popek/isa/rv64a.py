@@ -1,7 +1,7 @@
 """RV64A: load-reserved/store-conditional and atomic memory operations.
 
 Harts run one at a time, so each AMO is trivially atomic; the reservation is a
-single address per hart, dropped by any SC, trap or hart switch (SC may fail
+single address per hart, dropped by any SC, xRET or hart switch (SC may fail
 spuriously, which the specification allows).
 """
 

@@ -85,9 +85,11 @@ class VirtMachine:
 
     def __init__(self, config: MachineConfig, console_out: Callable[[bytes], None], *,
                  memory: PhysicalMemory | None = None,
-                 state: dict[str, Any] | None = None) -> None:
+                 state: dict[str, Any] | None = None,
+                 clock: GuestClock | None = None) -> None:
         """Boot ``config`` from its images, or, given the ``state`` a machine saved (and
-        ``memory`` holding its RAM), carry on exactly where that machine was."""
+        ``memory`` holding its RAM), carry on exactly where that machine was. ``clock``
+        is guest time (by default the host's, see GuestClock)."""
         if not MIN_RAM <= config.mem <= MAX_RAM or config.mem % 4096:
             raise ConfigError(
                 f"--mem {config.mem >> 20}M is impossible: use {MIN_RAM >> 20}M to "
@@ -102,7 +104,7 @@ class VirtMachine:
                               f"--mem {config.mem >> 20}M")
         self.mem = memory if memory is not None else PhysicalMemory(RAM_BASE, config.mem)
         self.harts = [Hart(self.mem, i, engine=config.engine) for i in range(config.cpus)]
-        self.clock = GuestClock()
+        self.clock = clock if clock is not None else GuestClock()
         self.clint = Clint(self.harts, self.clock.ticks)
         for hart in self.harts:
             hart.time = self.clint.mtime
@@ -362,14 +364,18 @@ class VirtMachine:
         ran = False
         for hart in self.harts:
             if self._runnable(hart):
-                self.clock.set_idle(False)
+                # The harts that would run side by side on real hardware share this thread.
+                self.clock.set_busy(sum(map(self._runnable, self.harts)))
                 hart.run(SLICE)
+                # Other harts and devices write memory before this hart runs again, and
+                # nothing here watches its reserved address: its next sc must fail.
+                hart.reservation = None
                 ran = True
             self._update_devices()
             if self.exit is not None:
                 break
         if not ran:
-            self.clock.set_idle(True)
+            self.clock.set_busy(0)
         return ran
 
 
