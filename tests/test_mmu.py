@@ -6,6 +6,7 @@ import pytest
 from rvasm import MRET, RAM_BASE, WFI, ld, load, make_hart, sd
 
 from popek.cpu import csr as C
+from popek.cpu import trap
 from popek.cpu.causes import (
     ACCESS_EXEC,
     ACCESS_READ,
@@ -310,6 +311,49 @@ def test_pmp_denied_page_table_is_an_access_fault(hart, sv39):
     hart.csr[PMPCFG0] = napot | ((napot | PMP_R | PMP_W | PMP_X) << 8)
     for access, cause in ACCESS_FAULT.items():
         assert fault(hart, 0x1000, access) == cause
+
+
+# -- the software TLB ------------------------------------------------------------------------
+def test_sfence_vma_of_one_page_drops_only_that_pages_translation(hart, sv39):
+    ld64 = hart.mmu.accessors["ld64"]
+    hart.mem.store(DATA, 8, 1)
+    hart.mem.store(DATA + 0x1000, 8, 2)
+    sv39.map(0x1000, DATA, PTE_V | PTE_R)
+    sv39.map(0x2000, DATA + 0x1000, PTE_V | PTE_R)
+    assert (ld64(0x1000), ld64(0x2000)) == (1, 2)
+    sv39.map(0x1000, DATA + 0x1000, PTE_V | PTE_R)  # swap the two pages
+    sv39.map(0x2000, DATA, PTE_V | PTE_R)
+    trap.sfence_vma(hart, 0x1000, 0)
+    assert ld64(0x1000) == 2
+    assert ld64(0x2000) == 2  # still the old translation: 0x2000 was not fenced
+    trap.sfence_vma(hart, 0x2008, 0)
+    assert ld64(0x2000) == 1
+
+
+def test_sfence_vma_of_any_page_in_a_superpage_drops_all_of_the_superpage(hart, sv39):
+    ld64 = hart.mmu.accessors["ld64"]
+    new = RAM_BASE
+    hart.mem.store(new + 0x1000, 8, 7)
+    sv39.map(0x20_0000, RAM_BASE + 0x20_0000, PTE_V | PTE_R, level=1)
+    ld64(0x20_0000)
+    ld64(0x20_1000)
+    sv39.map(0x20_0000, new, PTE_V | PTE_R, level=1)
+    trap.sfence_vma(hart, 0x20_0000, 0)
+    assert ld64(0x20_1000) == 7
+
+
+def test_clearing_sum_takes_user_pages_from_s_mode_but_keeps_its_own(hart, sv39):
+    ld64 = hart.mmu.accessors["ld64"]
+    sv39.map(0x8000, DATA, PTE_V | PTE_U | PTE_R | PTE_W)
+    sv39.map(0x9000, DATA, PTE_V | PTE_R)
+    hart.csrs.op(C.SSTATUS, 1, C.MSTATUS_SUM, False, True)
+    ld64(0x8000)
+    ld64(0x9000)
+    hart.csrs.op(C.SSTATUS, 2, C.MSTATUS_SUM, False, True)
+    with pytest.raises(Trap) as info:
+        ld64(0x8000)
+    assert info.value.cause == LOAD_PAGE_FAULT
+    assert 0x9000 >> 12 in hart.mmu.tlb_r
 
 
 # -- through the hart ------------------------------------------------------------------------

@@ -171,13 +171,16 @@ def wfi(hart: Hart) -> None:
     hart.ctl[CTL_WFI] = 1
 
 
-def sfence_vma(hart: Hart, vaddr: int, asid: int) -> None:
-    """Order page-table updates before later translations.
+def sfence_vma(hart: Hart, vaddr: int | None, asid: int) -> None:
+    """Order page-table updates before later translations of ``vaddr`` (None: of all).
 
-    The software TLB is small and cheap to refill, so every sfence.vma drops all of it
-    whatever ``vaddr`` and ``asid`` select.
+    The software TLB has no address-space identifiers, so ``asid`` selects nothing: a
+    fence drops the page's translations in every address space.
     """
     priv = hart.ctl[CTL_PRIV]
     if priv == PRIV_U or (priv == PRIV_S and hart.csr[MSTATUS] & MSTATUS_TVM):
         raise Trap(ILLEGAL_INSN, None)
-    hart.mmu.flush()
+    if vaddr is None:
+        hart.mmu.flush()
+    else:
+        hart.mmu.flush_page(vaddr)
