@@ -11,6 +11,7 @@ from popek.cpu.causes import (
     ACCESS_EXEC,
     ACCESS_READ,
     ACCESS_WRITE,
+    ECALL_U,
     INSN_ACCESS,
     INSN_PAGE_FAULT,
     LOAD_ACCESS,
@@ -354,6 +355,25 @@ def test_clearing_sum_takes_user_pages_from_s_mode_but_keeps_its_own(hart, sv39)
         ld64(0x8000)
     assert info.value.cause == LOAD_PAGE_FAULT
     assert 0x9000 >> 12 in hart.mmu.tlb_r
+
+
+def test_user_mode_never_uses_translations_cached_for_s_mode_and_gets_its_own_back(hart, sv39):
+    ld64 = hart.mmu.accessors["ld64"]
+    sv39.map(0x8000, DATA, PTE_V | PTE_U | PTE_R)
+    sv39.map(0x9000, DATA, PTE_V | PTE_R)
+    hart.csr[C.MEDELEG] = 1 << ECALL_U
+    ld64(0x9000)
+    hart.csr[C.SEPC] = 0x1000
+    trap.sret(hart)  # SPP = 0: to U-mode
+    assert hart.priv == PRIV_U
+    with pytest.raises(Trap):
+        ld64(0x9000)
+    ld64(0x8000)
+    trap.take_trap(hart, ECALL_U, 0, 0x1000)
+    assert hart.priv == PRIV_S
+    assert 0x9000 >> 12 in hart.mmu.tlb_r and 0x8000 >> 12 not in hart.mmu.tlb_r
+    trap.sret(hart)
+    assert 0x8000 >> 12 in hart.mmu.tlb_r and 0x9000 >> 12 not in hart.mmu.tlb_r
 
 
 # -- through the hart ------------------------------------------------------------------------

@@ -61,6 +61,9 @@ class Mmu:
         # the superpages (as (log2 size, vaddr >> that)) and the pages only SUM grants.
         self.superpages: set[tuple[int, int]] = set()
         self.sum_pages: set[int] = set()
+        # The (read, write, execute) translations of privileges not running now: a system
+        # call returns to the same user pages, a trap handler runs on the same kernel pages.
+        self.saved: dict[int, tuple[dict[int, int], dict[int, int], dict[int, int]]] = {}
         mem.code_protectors.append(self._drop_writable)
         self.accessors = self._make_accessors()
         self.mirror: TlbMirror | None = None
@@ -72,8 +75,25 @@ class Mmu:
         self.tlb_x.clear()
         self.superpages.clear()
         self.sum_pages.clear()
+        self.saved.clear()
         if self.mirror is not None:
             self.mirror.flush()
+
+    def switch_priv(self, old: int, new: int) -> None:
+        """The privilege changes from ``old`` to ``new`` (a trap or xRET): its translations
+        were checked for ``old``, so set them aside and bring back those of ``new``."""
+        tlbs = (self.tlb_r, self.tlb_w, self.tlb_x)
+        self.saved[old] = (self.tlb_r.copy(), self.tlb_w.copy(), self.tlb_x.copy())
+        back = self.saved.pop(new, ({}, {}, {}))
+        for tlb, entries in zip(tlbs, back, strict=True):
+            tlb.clear()
+            tlb.update(entries)
+        if self.mirror is not None:
+            self.mirror.flush()
+
+    def _tlbs(self) -> list[dict[int, int]]:
+        """Every TLB dict, the current privilege's and those set aside."""
+        return [self.tlb_r, self.tlb_w, self.tlb_x, *(t for s in self.saved.values() for t in s)]
 
     def flush_page(self, vaddr: int) -> None:
         """Forget the translation of the page holding ``vaddr`` (``sfence.vma`` with an
@@ -83,25 +103,25 @@ class Mmu:
             self.flush()
             return
         vpn = vaddr >> 12
-        self.tlb_r.pop(vpn, None)
-        self.tlb_w.pop(vpn, None)
-        self.tlb_x.pop(vpn, None)
+        for tlb in self._tlbs():
+            tlb.pop(vpn, None)
         if self.mirror is not None:
             self.mirror.flush()
 
     def drop_sum_pages(self) -> None:
         """mstatus.SUM was cleared: S-mode may no longer touch the user pages it granted."""
-        for vpn in self.sum_pages:
-            self.tlb_r.pop(vpn, None)
-            self.tlb_w.pop(vpn, None)
+        for tlb in self._tlbs():
+            for vpn in self.sum_pages:
+                tlb.pop(vpn, None)
         self.sum_pages.clear()
         if self.mirror is not None:
             self.mirror.flush()
 
     def _drop_writable(self, page: int) -> None:
-        stale = [vpn for vpn, base in self.tlb_w.items() if base == page]
-        for vpn in stale:
-            del self.tlb_w[vpn]
+        for tlb_w in [self.tlb_w, *(s[1] for s in self.saved.values())]:
+            stale = [vpn for vpn, base in tlb_w.items() if base == page]
+            for vpn in stale:
+                del tlb_w[vpn]
         if self.mirror is not None:
             self.mirror.drop_writable()
 
