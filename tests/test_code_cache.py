@@ -74,3 +74,18 @@ def test_illegal_instruction_replaced_by_valid_one(tier: str) -> None:
     start = hart.x[10]
     run_from(hart, BASE)
     assert hart.x[10] == start + 1 and hart.csr[MCAUSE] == 3  # ran addi, then ebreak
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_instruction_straddling_two_pages_sees_a_change_to_either_half(tier: str) -> None:
+    hart, mem = machine(tier)
+    mem.write(BASE + 0xFFE, struct.pack("<II", ADDI_A0_1, EBREAK))  # halves on two pages
+    for _ in range(300):  # hot enough for tier 1 to translate it
+        run_from(hart, BASE + 0xFFE)
+    assert hart.x[10] == 300
+    mem.write(BASE + 0x1000, struct.pack("<H", 0x0025))  # high half: addi a0, a0, 2
+    run_from(hart, BASE + 0xFFE)
+    assert hart.x[10] == 302
+    mem.write(BASE + 0xFFE, struct.pack("<H", 0x0593))  # low half: addi a1, a0, 2
+    run_from(hart, BASE + 0xFFE)
+    assert hart.x[10] == 302 and hart.x[11] == 304

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import struct
+
 import pytest
-from rvasm import MRET, RAM_BASE, WFI, ld, load, make_hart, sd
+from rvasm import EBREAK, MRET, RAM_BASE, WFI, ld, load, make_hart, sd
 
 from popek.cpu import csr as C
 from popek.cpu import trap
@@ -32,7 +34,7 @@ from popek.cpu.pagewalk import (
     translate,
 )
 from popek.cpu.pmp import A_NAPOT, ADDR_MASK, PMP_A_SHIFT, PMP_R, PMP_W, PMP_X, PMPADDR0, PMPCFG0
-from popek.cpu.state import PRIV_M, PRIV_S, PRIV_U
+from popek.cpu.state import CTL_WFI, PRIV_M, PRIV_S, PRIV_U
 
 RWX = PTE_R | PTE_W | PTE_X
 TABLES = RAM_BASE + 0x20_0000
@@ -377,6 +379,39 @@ def test_user_mode_never_uses_translations_cached_for_s_mode_and_gets_its_own_ba
 
 
 # -- through the hart ------------------------------------------------------------------------
+def test_instruction_straddling_two_pages_follows_the_second_pages_mapping(hart, sv39):
+    low, high_a, high_b = RAM_BASE + 0x30_0000, RAM_BASE + 0x30_1000, RAM_BASE + 0x30_2000
+    sv39.map(0x1000, low, PTE_V | PTE_R | PTE_X)
+    sv39.map(0x2000, high_a, PTE_V | PTE_R | PTE_X)
+    hart.mem.write(low + 0xFFE, struct.pack("<H", 0x0513))  # addi a0, a0, imm: low half
+    hart.mem.write(high_a, struct.pack("<HI", 0x0015, EBREAK))  # imm = 1
+    hart.mem.write(high_b, struct.pack("<HI", 0x0025, EBREAK))  # imm = 2
+    mtvec = RAM_BASE + 0x1000
+    hart.csr[C.MTVEC] = mtvec
+    load(hart, mtvec, WFI)
+    load(hart, RAM_BASE, MRET)
+
+    def run_in_s_mode_from(va: int) -> None:
+        hart.priv = PRIV_M
+        hart.csr[C.MSTATUS] = (hart.csr[C.MSTATUS] & ~C.MSTATUS_MPP) | PRIV_S << 11
+        hart.csr[C.MEPC] = va
+        hart.pc = RAM_BASE
+        hart.ctl[CTL_WFI] = 0
+        hart.run(20)
+
+    run_in_s_mode_from(0x1FFE)
+    assert hart.x[10] == 1
+    sv39.map(0x2000, high_b, PTE_V | PTE_R | PTE_X)
+    trap.sfence_vma(hart, 0x2000, 0)
+    run_in_s_mode_from(0x1FFE)
+    assert hart.x[10] == 3
+    sv39.map(0x2000, 0, 0)
+    trap.sfence_vma(hart, 0x2000, 0)
+    run_in_s_mode_from(0x1FFE)
+    assert hart.csr[C.MCAUSE] == INSN_PAGE_FAULT
+    assert hart.csr[C.MTVAL] == 0x2000 and hart.csr[C.MEPC] == 0x1FFE
+
+
 def test_s_mode_program_runs_from_virtual_memory_and_faults_to_m(hart, sv39):
     code_pa, data_pa = RAM_BASE + 0x30_0000, RAM_BASE + 0x30_1000
     text = sv39.map(0x1000, code_pa, PTE_V | PTE_R | PTE_X)

@@ -29,6 +29,7 @@ MSTATUS_FS = 3 << 13
 MSTATUS_FS_DIRTY_SD = (3 << 13) | (1 << 63)
 FS_ON_KEY = 1 << 62  # block-cache key bit: decoded with the FP unit enabled
 MAX_BLOCK = 64
+STRADDLERS_LIMIT = 4096
 HOT_AFTER = 256  # runs before tier 1 translates a block: compiling costs ~1 ms, so
 # only blocks that will run many more times repay it (measured on a Linux boot)
 TIERS = ("interp", "translate")
@@ -69,6 +70,9 @@ class Engine:
         self.illegal: Handler = self.handlers[("illegal", 0)]
         self.blocks: dict[int, Block] = {}
         self.page_blocks: dict[int, list[int]] = {}
+        # Instructions that straddle two pages, cached by their bits (and mode) rather
+        # than by address: the second page may map anywhere, and differently next time.
+        self.straddlers: dict[int, Block] = {}
         hart.mem.code_watchers.append(self.invalidate_page)
 
     # -- code cache ---------------------------------------------------------------------
@@ -105,6 +109,7 @@ class Engine:
         offsets: list[int] = []
         fp = system = False
         cacheable = page is not None
+        straddler = None  # the cache key of a block that is one page-straddling instruction
         off = pc & (PAGE_SIZE - 1)
         start = off
         while len(decoded) < limit:
@@ -117,7 +122,11 @@ class Engine:
                 elif decoded:
                     break  # the next instruction straddles pages: its own block
                 else:
-                    d, length, cacheable = decode32(mmu.fetch_slow(pc, 4)), 4, False
+                    word = self._straddling_bits(page, pc)
+                    straddler = word | mode
+                    if limit == MAX_BLOCK and (block := self.straddlers.get(straddler)):
+                        return block
+                    d, length, cacheable = decode32(word), 4, False
             else:
                 word = mmu.fetch_slow(pc + off - start, 2)
                 if word & 3 == 3:
@@ -136,19 +145,37 @@ class Engine:
                 break
         block = Block(decoded, tuple(offsets), fp, system)
         ops = tuple(self._op(d) for d in decoded)
-        cache = cacheable and limit == MAX_BLOCK
-        if cache and self.tier == "translate":
-            block.run = interpret(ops, block.offsets, self._promote(block), HOT_AFTER)
-        else:
+        if limit != MAX_BLOCK or not (cacheable or straddler is not None):
             block.run = interpret(ops, block.offsets)
             if self.tier == "translate":  # a single step runs tier-1 code too
                 self._promote(block)()
-        if cache:
+            return block
+        if self.tier == "translate":
+            block.run = interpret(ops, block.offsets, self._promote(block), HOT_AFTER)
+        else:
+            block.run = interpret(ops, block.offsets)
+        if straddler is not None:
+            if len(self.straddlers) >= STRADDLERS_LIMIT:
+                self.straddlers.clear()
+            self.straddlers[straddler] = block
+        else:
             key = page + start + mode
             self.blocks[key] = block
             self.page_blocks.setdefault(page, []).append(key)
             self.hart.mem.protect_code(page, start, off)
         return block
+
+    def _straddling_bits(self, page: int, pc: int) -> int:
+        """The bits of the 4-byte instruction at the last two bytes of ``page`` (at ``pc``)."""
+        mmu = self.hart.mmu
+        high_pc = (pc + 2) & XLEN_MASK
+        high_page = mmu.tlb_x.get(high_pc >> 12)
+        if high_page is None:
+            high_page = mmu.fetch_page(high_pc)  # a fault here reports the second half
+        if high_page is None:  # a device
+            return mmu.fetch_slow(pc, 4)
+        ram = self.hart.mem.ram
+        return _u16(ram, page + PAGE_SIZE - 2)[0] | (_u16(ram, high_page)[0] << 16)
 
     # -- execution ----------------------------------------------------------------------
     def _take(self, t: Trap, pc: int) -> int:
