@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from functools import lru_cache
+from functools import cache, lru_cache
 from types import CodeType
 
 from popek.cpu.state import X_SINK
 from popek.isa.decoder import Decoded
+from popek.isa.spec import Insn
 
 BlockFn = Callable[[int], int]
 
@@ -24,6 +25,7 @@ _X_OPERAND = re.compile(r"\bX\[(rd|rs1|rs2)\]")
 _X_ASSIGN = re.compile(r"\bX\[rd\]\s*(?:[-+|&^]?=)(?!=)")
 _RETURN = re.compile(r"\breturn\b")
 _MAY_TRAP = ("load", "store", "amo", "system", "fp")
+_MARK = "\x00"  # brackets operand markers in instruction templates
 _TRAP_WORDS = ("raise", "Trap", "check_aligned", "hart.")
 
 
@@ -96,24 +98,40 @@ def _reg_local(n: int) -> str:
     return f"x{n}"
 
 
-def _specialize(d: Decoded, offset: int, last: bool) -> tuple[list[str], set[int], set[int]]:
-    """Source lines of one instruction, and the x registers it reads and writes."""
-    regs = {"rd": d.rd, "rs1": d.rs1, "rs2": d.rs2}
-    sem = d.insn.sem
-    written = {d.rd} if _X_ASSIGN.search(sem) and d.rd not in (0, X_SINK) else set()
-    used = {regs[m] for m in _X_OPERAND.findall(sem)} - {0, X_SINK}
-    sem = _X_OPERAND.sub(lambda m: _reg_local(regs[m.group(1)]), sem)
-    sem = re.sub(r"\bNEXT\b", "@NEXT@", sem)
-    sem = re.sub(r"\bpc\b", f"(pc + {offset})" if offset else "pc", sem)
-    sem = sem.replace("@NEXT@", f"((pc + {offset + d.length}) & M64)")
-    sem = re.sub(r"\bimm\b", f"({d.imm})", sem)
-    for name, value in regs.items():
-        sem = re.sub(rf"\b{name}\b", str(value), sem)
-    if "load" in d.insn.flags or "store" in d.insn.flags:
+@cache
+def _template(insn: Insn, last: bool) -> tuple[list[str], frozenset[str], bool]:
+    """The instruction's code with its operands as markers, memory access inlined: the
+    regular-expression work done once per instruction kind, so that specializing one
+    instruction is string joining. Returns the code split at the markers (odd items are
+    marker names), the register operands it names and whether it assigns X[rd]."""
+    sem = insn.sem
+    operands = frozenset(_X_OPERAND.findall(sem))
+    assigns = bool(_X_ASSIGN.search(sem))
+    sem = _X_OPERAND.sub(lambda m: f"{_MARK}X{m.group(1)}{_MARK}", sem)
+    for name in ("NEXT", "pc", "imm", "rd", "rs1", "rs2"):
+        sem = re.sub(rf"\b{name}\b", f"{_MARK}{name}{_MARK}", sem)
+    if "load" in insn.flags or "store" in insn.flags:
         sem = _inline_memory(sem)
     if last:
         sem = _RETURN.sub("_next =", sem)
-    return sem.splitlines(), used, written
+    return sem.split(_MARK), operands, assigns
+
+
+def _specialize(d: Decoded, offset: int, last: bool) -> tuple[list[str], set[int], set[int]]:
+    """Source lines of one instruction, and the x registers it reads and writes."""
+    parts, operands, assigns = _template(d.insn, last)
+    regs = {"rd": d.rd, "rs1": d.rs1, "rs2": d.rs2}
+    written = {d.rd} if assigns and d.rd not in (0, X_SINK) else set()
+    used = {regs[name] for name in operands} - {0, X_SINK}
+    values = {
+        "NEXT": f"((pc + {offset + d.length}) & M64)",
+        "pc": f"(pc + {offset})" if offset else "pc",
+        "imm": f"({d.imm})",
+        "rd": str(d.rd), "rs1": str(d.rs1), "rs2": str(d.rs2),
+        "Xrd": _reg_local(d.rd), "Xrs1": _reg_local(d.rs1), "Xrs2": _reg_local(d.rs2),
+    }
+    text = "".join(values[part] if i & 1 else part for i, part in enumerate(parts))
+    return text.splitlines(), used, written
 
 
 def block_source(name: str, decoded: list[Decoded], offsets: list[int]) -> str:
