@@ -26,6 +26,9 @@ _X_ASSIGN = re.compile(r"\bX\[rd\]\s*(?:[-+|&^]?=)(?!=)")
 _RETURN = re.compile(r"\breturn\b")
 _MAY_TRAP = ("load", "store", "amo", "system", "fp")
 _MARK = "\x00"  # brackets operand markers in instruction templates
+_M64 = (1 << 64) - 1
+_WHOLE_REGISTER = re.compile(rf"{_MARK}X(rs2){_MARK}|F\[{_MARK}rs2{_MARK}\]")  # < 2**64
+_INLINE_HELPERS = {"sext32": "((({}) & 0xFFFFFFFF ^ 0x80000000) - 0x80000000 & M64)"}
 _TRAP_WORDS = ("raise", "Trap", "check_aligned", "hart.")
 
 
@@ -66,12 +69,13 @@ def _inline_memory(sem: str) -> str:
             indent, bits, args = store.groups()
             addr, value = _split_top_level(args)
             size = int(bits) // 8
-            mask = (1 << (8 * size)) - 1
+            if size < 8 or not _WHOLE_REGISTER.fullmatch(value.strip()):
+                value = f"({value}) & {(1 << (8 * size)) - 1}"
             out += [
                 f"{indent}_a = {addr}",
                 f"{indent}_b = tlb_w.get(_a >> 12)",
-                f"{indent}if _b is not None and (_a & 4095) <= {4096 - size}:",
-                f"{indent}    pack{bits}(ram, _b | (_a & 4095), ({value}) & {mask})",
+                f"{indent}if _b is not None{_within_page(size)}:",
+                f"{indent}    pack{bits}(ram, _b | (_a & 4095), {value})",
                 f"{indent}else:",
                 f"{indent}    st{bits}(_a, {value})",
             ]
@@ -82,12 +86,26 @@ def _inline_memory(sem: str) -> str:
             addr, end = _call_args(line, m.end() - 1)
             size = int(bits) // 8
             inline = (f"(unpack{bits}(ram, _b | (_a & 4095))[0] "
-                      f"if (_b := tlb_r.get((_a := {addr}) >> 12)) is not None "
-                      f"and (_a & 4095) <= {4096 - size} else ld{bits}(_a))")
+                      f"if (_b := tlb_r.get((_a := {addr}) >> 12)) is not None"
+                      f"{_within_page(size)} else ld{bits}(_a))")
             line = line[:m.start()] + inline + line[end:]
             pos = m.start() + len(inline)
         out.append(line)
     return "\n".join(out)
+
+
+def _within_page(size: int) -> str:
+    """The test that an access at ``_a`` of ``size`` bytes stays within its page."""
+    return "" if size == 1 else f" and (_a & 4095) <= {4096 - size}"
+
+
+def _inline_helpers(sem: str) -> str:
+    """Replace calls of the hottest helpers by their arithmetic (a call costs more)."""
+    for name, form in _INLINE_HELPERS.items():
+        while (call := re.search(rf"\b{name}\(", sem)) is not None:
+            arg, end = _call_args(sem, call.end() - 1)
+            sem = sem[:call.start()] + form.format(arg) + sem[end:]
+    return sem
 
 
 def _reg_local(n: int) -> str:
@@ -107,6 +125,10 @@ def _template(insn: Insn, last: bool) -> tuple[list[str], frozenset[str], bool]:
     sem = insn.sem
     operands = frozenset(_X_OPERAND.findall(sem))
     assigns = bool(_X_ASSIGN.search(sem))
+    # Addresses and jump targets, folded with the operands they add when specialized.
+    sem = sem.replace("(X[rs1] + imm) & M64", f"{_MARK}ea{_MARK}")
+    sem = sem.replace("(pc + imm) & M64", f"{_MARK}target{_MARK}")
+    sem = _inline_helpers(sem)
     sem = _X_OPERAND.sub(lambda m: f"{_MARK}X{m.group(1)}{_MARK}", sem)
     for name in ("NEXT", "pc", "imm", "rd", "rs1", "rs2"):
         sem = re.sub(rf"\b{name}\b", f"{_MARK}{name}{_MARK}", sem)
@@ -123,7 +145,16 @@ def _specialize(d: Decoded, offset: int, last: bool) -> tuple[list[str], set[int
     regs = {"rd": d.rd, "rs1": d.rs1, "rs2": d.rs2}
     written = {d.rd} if assigns and d.rd not in (0, X_SINK) else set()
     used = {regs[name] for name in operands} - {0, X_SINK}
+    base = _reg_local(d.rs1)
+    if d.rs1 == 0:
+        ea = str(d.imm & _M64)
+    elif d.imm == 0:
+        ea = base
+    else:
+        ea = f"({base} + ({d.imm})) & M64"
     values = {
+        "ea": ea,
+        "target": f"(pc + ({offset + d.imm})) & M64",
         "NEXT": f"((pc + {offset + d.length}) & M64)",
         "pc": f"(pc + {offset})" if offset else "pc",
         "imm": f"({d.imm})",
