@@ -41,7 +41,7 @@ _u32 = struct.Struct("<I").unpack_from
 class Block:
     """One decoded block: its entry point and what the engine must do around it."""
 
-    __slots__ = ("run", "count", "fp", "system", "offsets", "decoded")
+    __slots__ = ("run", "count", "fp", "system", "special", "offsets", "decoded")
 
     def __init__(self, decoded: list[Decoded | None], offsets: tuple[int, ...], fp: bool,
                  system: bool) -> None:
@@ -51,6 +51,7 @@ class Block:
         self.offsets = offsets  # byte offset of each instruction from the block start
         self.fp = fp  # makes FP state dirty
         self.system = system  # ends in a system instruction
+        self.special = fp or system  # the run loop has work to do around it
 
 
 def _unset(pc: int) -> int:
@@ -199,6 +200,17 @@ class Engine:
         except Trap:
             return 0
 
+    def _block_at(self, pc: int, base: int | None, mode: int, single: bool) -> Block:
+        """The block at ``pc`` when the run loop's fast lookup missed: the fetch missed the
+        TLB (``base`` None), the block is not decoded yet, or a single step is asked."""
+        if base is None:
+            base = self.hart.mmu.fetch_page(pc)
+        if single:
+            return self.decode_block(base, pc, mode, limit=1)
+        if base is not None and (blk := self.blocks.get(base + (pc & 4095) + mode)) is not None:
+            return blk
+        return self.decode_block(base, pc, mode)
+
     def check_interrupts(self, pc: int) -> int:
         cause = trap_unit.pending_interrupt(self.hart)  # already has INTERRUPT_BIT
         if cause is None:
@@ -212,9 +224,8 @@ class Engine:
         """
         hart = self.hart
         ctl = hart.ctl
-        mmu = hart.mmu
-        tlb_x = mmu.tlb_x
-        blocks = self.blocks
+        tlb_x = hart.mmu.tlb_x
+        blocks = {} if single else self.blocks  # a single step decodes one instruction afresh
         csr = hart.csr
         pc = hart.pc
         executed = 0
@@ -226,19 +237,16 @@ class Engine:
                 blk = None
                 try:
                     while executed < budget:
-                        blk = None
                         base = tlb_x.get(pc >> 12)
-                        if base is None:
+                        if base is None or (blk := blocks.get(base + (pc & 4095) + mode)) is None:
+                            blk = None  # a fault fetching it is no block's
                             pc &= XLEN_MASK
-                            base = mmu.fetch_page(pc)
-                        if single:
-                            blk = self.decode_block(base, pc, mode, limit=1)
-                        elif base is None or (blk := blocks.get(base + (pc & 4095) + mode)) is None:
-                            blk = self.decode_block(base, pc, mode)
-                        if blk.fp:
-                            csr[MSTATUS] |= MSTATUS_FS_DIRTY_SD
-                        if blk.system:  # its CSR access may read instret: make it exact
-                            ctl[CTL_INSTRET] = (instret0 + executed + blk.count - 1) & XLEN_MASK
+                            blk = self._block_at(pc, base, mode, single)
+                        if blk.special:
+                            if blk.fp:
+                                csr[MSTATUS] |= MSTATUS_FS_DIRTY_SD
+                            if blk.system:  # its CSR access may read instret: make it exact
+                                ctl[CTL_INSTRET] = (instret0 + executed + blk.count - 1) & XLEN_MASK
                         bpc = pc
                         pc = blk.run(pc)
                         executed += blk.count
