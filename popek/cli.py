@@ -7,6 +7,7 @@ arguments to its parser, and a function running it that returns the exit status.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 from collections.abc import Callable
@@ -17,6 +18,10 @@ from popek.user.cli import EXEC_HELP, add_exec_args, cmd_exec
 from popek.vmm.cli import add_serve_args, add_vm_args, cmd_serve, cmd_vm
 
 EXIT_USAGE = 2  # like argparse: the input was unusable
+# A running guest's code cache is hundreds of thousands of long-lived objects that seldom
+# become garbage; at Python's default pace, full collections over them cost ~3% of a
+# Linux boot. A full collection now waits for 100 (not 10) younger ones.
+GC_THRESHOLDS = (700, 10, 100)
 
 
 def _disasm_args(parser: argparse.ArgumentParser) -> None:
@@ -64,4 +69,5 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one ``popek`` subcommand; returns the process exit status."""
     args = build_parser().parse_args(argv)
+    gc.set_threshold(*GC_THRESHOLDS)
     return args.handler(args)

@@ -165,14 +165,17 @@ def test_sstatus_is_a_view_that_cannot_touch_m_fields(hart):
     assert read(hart, C.SSTATUS) >> 32 & 3 == 2  # UXL visible in sstatus
 
 
-def test_mstatus_writes_flush_the_tlb_only_when_translation_changes(hart):
+def test_mstatus_writes_flush_the_tlb_only_when_they_may_take_access_away(hart):
     flushes = count_flushes(hart)
     write(hart, C.MSTATUS, C.MSTATUS_MIE | C.MSTATUS_SIE)
+    hart.csrs.op(C.MSTATUS, SET, C.MSTATUS_SUM | C.MSTATUS_MXR, False, True)  # grant more
     assert not flushes
-    for bit in (C.MSTATUS_SUM, C.MSTATUS_MXR, C.MSTATUS_MPRV):
-        hart.csrs.op(C.MSTATUS, SET, bit, False, True)
+    for kind, bit in ((CLEAR, C.MSTATUS_MXR), (SET, C.MSTATUS_MPRV), (CLEAR, C.MSTATUS_MPRV)):
+        hart.csrs.op(C.MSTATUS, kind, bit, False, True)
         assert flushes
         flushes.clear()
+    hart.csrs.op(C.MSTATUS, SET, C.MSTATUS_MPRV, False, True)
+    flushes.clear()
     hart.csrs.op(C.MSTATUS, SET, 1 << 11, False, True)  # MPP changes while MPRV = 1
     assert flushes
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import struct
+
 import pytest
-from rvasm import MRET, RAM_BASE, WFI, ld, load, make_hart, sd
+from rvasm import EBREAK, MRET, RAM_BASE, WFI, ld, load, make_hart, sd
 
 from popek.cpu import csr as C
+from popek.cpu import trap
 from popek.cpu.causes import (
     ACCESS_EXEC,
     ACCESS_READ,
     ACCESS_WRITE,
+    ECALL_U,
     INSN_ACCESS,
     INSN_PAGE_FAULT,
     LOAD_ACCESS,
@@ -30,7 +34,7 @@ from popek.cpu.pagewalk import (
     translate,
 )
 from popek.cpu.pmp import A_NAPOT, ADDR_MASK, PMP_A_SHIFT, PMP_R, PMP_W, PMP_X, PMPADDR0, PMPCFG0
-from popek.cpu.state import PRIV_M, PRIV_S, PRIV_U
+from popek.cpu.state import CTL_WFI, PRIV_M, PRIV_S, PRIV_U
 
 RWX = PTE_R | PTE_W | PTE_X
 TABLES = RAM_BASE + 0x20_0000
@@ -312,7 +316,102 @@ def test_pmp_denied_page_table_is_an_access_fault(hart, sv39):
         assert fault(hart, 0x1000, access) == cause
 
 
+# -- the software TLB ------------------------------------------------------------------------
+def test_sfence_vma_of_one_page_drops_only_that_pages_translation(hart, sv39):
+    ld64 = hart.mmu.accessors["ld64"]
+    hart.mem.store(DATA, 8, 1)
+    hart.mem.store(DATA + 0x1000, 8, 2)
+    sv39.map(0x1000, DATA, PTE_V | PTE_R)
+    sv39.map(0x2000, DATA + 0x1000, PTE_V | PTE_R)
+    assert (ld64(0x1000), ld64(0x2000)) == (1, 2)
+    sv39.map(0x1000, DATA + 0x1000, PTE_V | PTE_R)  # swap the two pages
+    sv39.map(0x2000, DATA, PTE_V | PTE_R)
+    trap.sfence_vma(hart, 0x1000, 0)
+    assert ld64(0x1000) == 2
+    assert ld64(0x2000) == 2  # still the old translation: 0x2000 was not fenced
+    trap.sfence_vma(hart, 0x2008, 0)
+    assert ld64(0x2000) == 1
+
+
+def test_sfence_vma_of_any_page_in_a_superpage_drops_all_of_the_superpage(hart, sv39):
+    ld64 = hart.mmu.accessors["ld64"]
+    new = RAM_BASE
+    hart.mem.store(new + 0x1000, 8, 7)
+    sv39.map(0x20_0000, RAM_BASE + 0x20_0000, PTE_V | PTE_R, level=1)
+    ld64(0x20_0000)
+    ld64(0x20_1000)
+    sv39.map(0x20_0000, new, PTE_V | PTE_R, level=1)
+    trap.sfence_vma(hart, 0x20_0000, 0)
+    assert ld64(0x20_1000) == 7
+
+
+def test_clearing_sum_takes_user_pages_from_s_mode_but_keeps_its_own(hart, sv39):
+    ld64 = hart.mmu.accessors["ld64"]
+    sv39.map(0x8000, DATA, PTE_V | PTE_U | PTE_R | PTE_W)
+    sv39.map(0x9000, DATA, PTE_V | PTE_R)
+    hart.csrs.op(C.SSTATUS, 1, C.MSTATUS_SUM, False, True)
+    ld64(0x8000)
+    ld64(0x9000)
+    hart.csrs.op(C.SSTATUS, 2, C.MSTATUS_SUM, False, True)
+    with pytest.raises(Trap) as info:
+        ld64(0x8000)
+    assert info.value.cause == LOAD_PAGE_FAULT
+    assert 0x9000 >> 12 in hart.mmu.tlb_r
+
+
+def test_user_mode_never_uses_translations_cached_for_s_mode_and_gets_its_own_back(hart, sv39):
+    ld64 = hart.mmu.accessors["ld64"]
+    sv39.map(0x8000, DATA, PTE_V | PTE_U | PTE_R)
+    sv39.map(0x9000, DATA, PTE_V | PTE_R)
+    hart.csr[C.MEDELEG] = 1 << ECALL_U
+    ld64(0x9000)
+    hart.csr[C.SEPC] = 0x1000
+    trap.sret(hart)  # SPP = 0: to U-mode
+    assert hart.priv == PRIV_U
+    with pytest.raises(Trap):
+        ld64(0x9000)
+    ld64(0x8000)
+    trap.take_trap(hart, ECALL_U, 0, 0x1000)
+    assert hart.priv == PRIV_S
+    assert 0x9000 >> 12 in hart.mmu.tlb_r and 0x8000 >> 12 not in hart.mmu.tlb_r
+    trap.sret(hart)
+    assert 0x8000 >> 12 in hart.mmu.tlb_r and 0x9000 >> 12 not in hart.mmu.tlb_r
+
+
 # -- through the hart ------------------------------------------------------------------------
+def test_instruction_straddling_two_pages_follows_the_second_pages_mapping(hart, sv39):
+    low, high_a, high_b = RAM_BASE + 0x30_0000, RAM_BASE + 0x30_1000, RAM_BASE + 0x30_2000
+    sv39.map(0x1000, low, PTE_V | PTE_R | PTE_X)
+    sv39.map(0x2000, high_a, PTE_V | PTE_R | PTE_X)
+    hart.mem.write(low + 0xFFE, struct.pack("<H", 0x0513))  # addi a0, a0, imm: low half
+    hart.mem.write(high_a, struct.pack("<HI", 0x0015, EBREAK))  # imm = 1
+    hart.mem.write(high_b, struct.pack("<HI", 0x0025, EBREAK))  # imm = 2
+    mtvec = RAM_BASE + 0x1000
+    hart.csr[C.MTVEC] = mtvec
+    load(hart, mtvec, WFI)
+    load(hart, RAM_BASE, MRET)
+
+    def run_in_s_mode_from(va: int) -> None:
+        hart.priv = PRIV_M
+        hart.csr[C.MSTATUS] = (hart.csr[C.MSTATUS] & ~C.MSTATUS_MPP) | PRIV_S << 11
+        hart.csr[C.MEPC] = va
+        hart.pc = RAM_BASE
+        hart.ctl[CTL_WFI] = 0
+        hart.run(20)
+
+    run_in_s_mode_from(0x1FFE)
+    assert hart.x[10] == 1
+    sv39.map(0x2000, high_b, PTE_V | PTE_R | PTE_X)
+    trap.sfence_vma(hart, 0x2000, 0)
+    run_in_s_mode_from(0x1FFE)
+    assert hart.x[10] == 3
+    sv39.map(0x2000, 0, 0)
+    trap.sfence_vma(hart, 0x2000, 0)
+    run_in_s_mode_from(0x1FFE)
+    assert hart.csr[C.MCAUSE] == INSN_PAGE_FAULT
+    assert hart.csr[C.MTVAL] == 0x2000 and hart.csr[C.MEPC] == 0x1FFE
+
+
 def test_s_mode_program_runs_from_virtual_memory_and_faults_to_m(hart, sv39):
     code_pa, data_pa = RAM_BASE + 0x30_0000, RAM_BASE + 0x30_1000
     text = sv39.map(0x1000, code_pa, PTE_V | PTE_R | PTE_X)

@@ -378,21 +378,21 @@ def test_a_waiting_hart_resumes_at_the_handler_when_interrupted(hart):
 
 
 # -- sfence.vma ------------------------------------------------------------------------------
-def test_sfence_vma_flushes_the_tlb(hart):
+def test_sfence_vma_without_an_address_flushes_the_tlb(hart):
     hart.priv = PRIV_S
     hart.mmu.tlb_r[5] = 0
-    trap.sfence_vma(hart, 0, 0)
+    trap.sfence_vma(hart, None, 0)
     assert not hart.mmu.tlb_r
 
 
 def test_sfence_vma_is_illegal_in_u_and_in_s_under_tvm(hart):
     hart.priv = PRIV_U
-    assert illegal(trap.sfence_vma, hart, 0, 0)
+    assert illegal(trap.sfence_vma, hart, None, 0)
     hart.priv = PRIV_S
     hart.csr[C.MSTATUS] |= C.MSTATUS_TVM
-    assert illegal(trap.sfence_vma, hart, 0, 0)
+    assert illegal(trap.sfence_vma, hart, 0x1000, 0)
     hart.priv = PRIV_M
-    trap.sfence_vma(hart, 0, 0)
+    trap.sfence_vma(hart, None, 0)
 
 
 def test_sfence_vma_instruction_from_u_mode_traps(hart):

@@ -71,8 +71,6 @@ MSTATUS_WMASK = (
 )
 SSTATUS_WMASK = MSTATUS_SIE | MSTATUS_SPIE | MSTATUS_SPP | MSTATUS_FS | MSTATUS_SUM | MSTATUS_MXR
 SSTATUS_RMASK = SSTATUS_WMASK | MSTATUS_UXL | MSTATUS_SD
-# Fields whose change alters how data accesses are translated.
-MSTATUS_XLATE = MSTATUS_MPRV | MSTATUS_SUM | MSTATUS_MXR
 
 # --- interrupts ---------------------------------------------------------------------------
 MIP_SSIP, MIP_MSIP, MIP_STIP, MIP_MTIP, MIP_SEIP, MIP_MEIP = (
@@ -239,10 +237,15 @@ class CsrFile:
         self._store_mstatus(old, (old & ~SSTATUS_WMASK) | (v & SSTATUS_WMASK))
 
     def _store_mstatus(self, old: int, new: int) -> None:
+        """Setting SUM or MXR only grants access, so cached translations stay valid;
+        Linux sets and clears SUM around every copy from or to user memory."""
         self.c[MSTATUS] = new = _with_sd(new)
         changed = old ^ new
-        if changed & MSTATUS_XLATE or (new & MSTATUS_MPRV and changed & MSTATUS_MPP):
+        if changed & MSTATUS_MPRV or changed & old & MSTATUS_MXR or (
+                new & MSTATUS_MPRV and changed & MSTATUS_MPP):
             self.hart.mmu.flush()
+        elif changed & old & MSTATUS_SUM:
+            self.hart.mmu.drop_sum_pages()
 
     def _write_fcsr(self, bits: int, mask: int) -> None:
         c = self.c

@@ -89,7 +89,7 @@ class Hart(HartState):
     def wfi(self) -> None:
         trap_unit.wfi(self)
 
-    def sfence_vma(self, vaddr: int, asid: int) -> None:
+    def sfence_vma(self, vaddr: int | None, asid: int) -> None:
         trap_unit.sfence_vma(self, vaddr, asid)
 
     def fence_i(self) -> None:

@@ -29,6 +29,7 @@ from popek.cpu.physmem import PAGE_SIZE, BusError, PhysicalMemory
 Translate = Callable[[int, int], int]
 
 
+
 class TlbMirror(Protocol):
     """A copy of the TLB kept elsewhere (the native tier's tables): it hears every fill and
     every invalidation, so it never holds a translation the TLB itself would not."""
@@ -41,6 +42,8 @@ class TlbMirror(Protocol):
 
 TLB_LIMIT = 8192  # entries per dict before it is simply cleared
 _PAGE_MASK = PAGE_SIZE - 1
+PAGE_SHIFT = 12
+_SUPERPAGE_SHIFTS = (21, 30, 39)  # megapages, gigapages, terapages (Sv48)
 
 
 class Mmu:
@@ -52,8 +55,15 @@ class Mmu:
         self.tlb_r: dict[int, int] = {}
         self.tlb_w: dict[int, int] = {}
         self.tlb_x: dict[int, int] = {}
-        self.system = translate is None
-        self.translate: Translate = translate or (lambda va, acc: pagewalk.translate(hart, va, acc))
+        self.system = translate is None  # else the process VM's own address-space map
+        self.translate = translate
+        # What page-table walks told about the cached pages, to drop no more than needed:
+        # the superpages (as (log2 size, vaddr >> that)) and the pages only SUM grants.
+        self.superpages: set[tuple[int, int]] = set()
+        self.sum_pages: set[int] = set()
+        # The (read, write, execute) translations of privileges not running now: a system
+        # call returns to the same user pages, a trap handler runs on the same kernel pages.
+        self.saved: dict[int, tuple[dict[int, int], dict[int, int], dict[int, int]]] = {}
         mem.code_protectors.append(self._drop_writable)
         self.accessors = self._make_accessors()
         self.mirror: TlbMirror | None = None
@@ -63,13 +73,55 @@ class Mmu:
         self.tlb_r.clear()
         self.tlb_w.clear()
         self.tlb_x.clear()
+        self.superpages.clear()
+        self.sum_pages.clear()
+        self.saved.clear()
+        if self.mirror is not None:
+            self.mirror.flush()
+
+    def switch_priv(self, old: int, new: int) -> None:
+        """The privilege changes from ``old`` to ``new`` (a trap or xRET): its translations
+        were checked for ``old``, so set them aside and bring back those of ``new``."""
+        tlbs = (self.tlb_r, self.tlb_w, self.tlb_x)
+        self.saved[old] = (self.tlb_r.copy(), self.tlb_w.copy(), self.tlb_x.copy())
+        back = self.saved.pop(new, ({}, {}, {}))
+        for tlb, entries in zip(tlbs, back, strict=True):
+            tlb.clear()
+            tlb.update(entries)
+        if self.mirror is not None:
+            self.mirror.flush()
+
+    def _tlbs(self) -> list[dict[int, int]]:
+        """Every TLB dict, the current privilege's and those set aside."""
+        return [self.tlb_r, self.tlb_w, self.tlb_x, *(t for s in self.saved.values() for t in s)]
+
+    def flush_page(self, vaddr: int) -> None:
+        """Forget the translation of the page holding ``vaddr`` (``sfence.vma`` with an
+        address: Linux issues one per page it remaps). A page inside a cached superpage
+        takes the whole TLB with it, as the superpage's one PTE may have changed."""
+        if any((shift, vaddr >> shift) in self.superpages for shift in _SUPERPAGE_SHIFTS):
+            self.flush()
+            return
+        vpn = vaddr >> 12
+        for tlb in self._tlbs():
+            tlb.pop(vpn, None)
+        if self.mirror is not None:
+            self.mirror.flush()
+
+    def drop_sum_pages(self) -> None:
+        """mstatus.SUM was cleared: S-mode may no longer touch the user pages it granted."""
+        for tlb in self._tlbs():
+            for vpn in self.sum_pages:
+                tlb.pop(vpn, None)
+        self.sum_pages.clear()
         if self.mirror is not None:
             self.mirror.flush()
 
     def _drop_writable(self, page: int) -> None:
-        stale = [vpn for vpn, base in self.tlb_w.items() if base == page]
-        for vpn in stale:
-            del self.tlb_w[vpn]
+        for tlb_w in [self.tlb_w, *(s[1] for s in self.saved.values())]:
+            stale = [vpn for vpn, base in tlb_w.items() if base == page]
+            for vpn in stale:
+                del tlb_w[vpn]
         if self.mirror is not None:
             self.mirror.drop_writable()
 
@@ -80,7 +132,10 @@ class Mmu:
         Caches the page in the TLB when the whole page may be accessed the same way.
         The host offset is None for addresses that are not RAM (devices).
         """
-        pa = self.translate(vaddr, access)
+        if self.system:
+            pa, span, needs_sum = pagewalk.walk(self.hart, vaddr, access)
+        else:
+            pa, span, needs_sum = self.translate(vaddr, access), PAGE_SHIFT, False
         off = self.mem.ram_offset(pa)
         cacheable = off is not None
         if self.system:
@@ -97,7 +152,13 @@ class Mmu:
             tlb = (self.tlb_r, self.tlb_w, self.tlb_x)[access]
             if len(tlb) >= TLB_LIMIT:
                 tlb.clear()  # capacity, not invalidation: the mirror may keep its copies
+                if len(self.sum_pages) + len(self.superpages) >= TLB_LIMIT:
+                    self.flush()  # bound what the walks told, which a clear leaves stale
             tlb[vaddr >> 12] = off & ~_PAGE_MASK
+            if span > PAGE_SHIFT:
+                self.superpages.add((span, vaddr >> span))
+            if needs_sum:
+                self.sum_pages.add(vaddr >> 12)
             if self.mirror is not None:
                 self.mirror.fill(access, vaddr >> 12, off & ~_PAGE_MASK)
         return pa, off

@@ -61,14 +61,22 @@ def translate(hart: Hart, vaddr: int, access: int) -> int:
 
     ``vaddr`` is the full 64-bit virtual address (so its upper bits can be checked).
     """
+    return walk(hart, vaddr, access)[0]
+
+
+def walk(hart: Hart, vaddr: int, access: int) -> tuple[int, int, bool]:
+    """:func:`translate`, plus what a TLB caching the answer needs to know to drop it in
+    time: the log2 size of the mapping (an ``sfence.vma`` of any page in a superpage
+    changes all of it) and whether only ``mstatus.SUM`` grants it (a user page reached
+    from S-mode)."""
     priv = effective_priv(hart, access)
     if priv == PRIV_M:
-        return vaddr
+        return vaddr, PAGE_SHIFT, False
     c = hart.csr
     satp = c[SATP]
     mode = satp >> SATP_MODE_SHIFT
     if mode == SATP_BARE:
-        return vaddr
+        return vaddr, PAGE_SHIFT, False
     levels = 3 if mode == SATP_SV39 else 4
     va_bits = PAGE_SHIFT + LEVEL_BITS * levels
     page_fault = PAGE_FAULT_FOR_ACCESS[access]
@@ -114,7 +122,8 @@ def translate(hart: Hart, vaddr: int, access: int) -> int:
     wanted = PTE_A | PTE_D if access == ACCESS_WRITE else PTE_A
     if pte & wanted != wanted:
         _store_pte(hart, pte_addr, pte | wanted, vaddr, access)
-    return (ppn << PAGE_SHIFT) | (vaddr & offset_mask)
+    pa = (ppn << PAGE_SHIFT) | (vaddr & offset_mask)
+    return pa, shift, priv == PRIV_S and bool(pte & PTE_U)
 
 
 def _load_pte(hart: Hart, pte_addr: int, vaddr: int, access: int) -> int:

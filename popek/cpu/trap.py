@@ -2,8 +2,9 @@
 
 These run on the slow path (once per trap, xRET or block boundary with interrupts
 pending) and touch only the hart's flat CSR and control buffers, so every tier can
-call them. Whenever the privilege used for address translation may change, the
-software TLB is flushed, because its entries were checked for the old privilege.
+call them. The software TLB's entries were checked for one privilege, so when the
+privilege changes the TLB switches to the new privilege's entries; when MPRV makes
+M-mode data accesses follow an MPP that changes, it is flushed.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def take_trap(hart: Hart, cause: int, tval: int, pc: int) -> int:
         )
         new_priv = PRIV_S
         tvec = c[STVEC]
-        flush = priv != PRIV_S
+        flush = False
     else:
         c[MEPC] = pc
         c[MCAUSE] = cause
@@ -93,11 +94,13 @@ def take_trap(hart: Hart, cause: int, tval: int, pc: int) -> int:
         new_priv = PRIV_M
         tvec = c[MTVEC]
         # With MPRV set, M-mode data accesses follow MPP, which just changed.
-        flush = priv != PRIV_M or bool(status & MSTATUS_MPRV)
+        flush = bool(status & MSTATUS_MPRV)
     ctl[CTL_PRIV] = new_priv
     ctl[CTL_WFI] = 0
     if flush:
         hart.mmu.flush()
+    elif new_priv != priv:
+        hart.mmu.switch_priv(priv, new_priv)
     base = tvec & ~3
     if tvec & 1 and cause & INTERRUPT_BIT:
         return base + 4 * code
@@ -138,8 +141,10 @@ def mret(hart: Hart) -> int:
         new &= ~MSTATUS_MPRV
     c[MSTATUS] = new
     ctl[CTL_PRIV] = new_priv
-    if new_priv != PRIV_M or status & MSTATUS_MPRV:
+    if status & MSTATUS_MPRV:  # cleared, or MPP is now U
         hart.mmu.flush()
+    elif new_priv != PRIV_M:
+        hart.mmu.switch_priv(PRIV_M, new_priv)
     return c[MEPC]
 
 
@@ -158,8 +163,10 @@ def sret(hart: Hart) -> int:
         | MSTATUS_SPIE
     )
     ctl[CTL_PRIV] = new_priv
-    if new_priv != priv or status & MSTATUS_MPRV:
+    if status & MSTATUS_MPRV:
         hart.mmu.flush()
+    elif new_priv != priv:
+        hart.mmu.switch_priv(priv, new_priv)
     return c[SEPC]
 
 
@@ -171,13 +178,16 @@ def wfi(hart: Hart) -> None:
     hart.ctl[CTL_WFI] = 1
 
 
-def sfence_vma(hart: Hart, vaddr: int, asid: int) -> None:
-    """Order page-table updates before later translations.
+def sfence_vma(hart: Hart, vaddr: int | None, asid: int) -> None:
+    """Order page-table updates before later translations of ``vaddr`` (None: of all).
 
-    The software TLB is small and cheap to refill, so every sfence.vma drops all of it
-    whatever ``vaddr`` and ``asid`` select.
+    The software TLB has no address-space identifiers, so ``asid`` selects nothing: a
+    fence drops the page's translations in every address space.
     """
     priv = hart.ctl[CTL_PRIV]
     if priv == PRIV_U or (priv == PRIV_S and hart.csr[MSTATUS] & MSTATUS_TVM):
         raise Trap(ILLEGAL_INSN, None)
-    hart.mmu.flush()
+    if vaddr is None:
+        hart.mmu.flush()
+    else:
+        hart.mmu.flush_page(vaddr)

@@ -29,6 +29,7 @@ MSTATUS_FS = 3 << 13
 MSTATUS_FS_DIRTY_SD = (3 << 13) | (1 << 63)
 FS_ON_KEY = 1 << 62  # block-cache key bit: decoded with the FP unit enabled
 MAX_BLOCK = 64
+STRADDLERS_LIMIT = 4096
 HOT_AFTER = 256  # runs before tier 1 translates a block: compiling costs ~1 ms, so
 # only blocks that will run many more times repay it (measured on a Linux boot)
 NATIVE_AFTER = 256  # further runs on tier 1 before tier 2 compiles a block (~3 ms each;
@@ -43,7 +44,8 @@ _u32 = struct.Struct("<I").unpack_from
 class Block:
     """One decoded block: its entry point and what the engine must do around it."""
 
-    __slots__ = ("run", "count", "fp", "system", "offsets", "decoded", "native", "native_addr")
+    __slots__ = ("run", "count", "fp", "system", "special", "offsets", "decoded", "native",
+                 "native_addr")
 
     def __init__(self, decoded: list[Decoded | None], offsets: tuple[int, ...], fp: bool,
                  system: bool) -> None:
@@ -53,8 +55,13 @@ class Block:
         self.offsets = offsets  # byte offset of each instruction from the block start
         self.fp = fp  # makes FP state dirty
         self.system = system  # ends in a system instruction
+        self.special = fp or system  # the run loop has work to do around it
         self.native: Callable[[int, int], int] | None = None  # tier 2's entry point
         self.native_addr = 0
+
+    def go_native(self, fn: Callable[[int, int], int], addr: int) -> None:
+        self.native, self.native_addr = fn, addr
+        self.special = True
 
 
 def _unset(pc: int) -> int:
@@ -74,9 +81,12 @@ class Engine:
         self.namespace = semantics_namespace(hart)
         self.handlers = bind_handlers(self.namespace)
         self.illegal: Handler = self.handlers[("illegal", 0)]
-        # Blocks by host offset plus mode bits; one crossing pages by both pages' offsets.
-        self.blocks: dict[int | tuple[int, int], Block] = {}
-        self.page_blocks: dict[int, list[int | tuple[int, int]]] = {}
+        self.ops: dict[int, Op] = {}
+        self.blocks: dict[int, Block] = {}
+        self.page_blocks: dict[int, list[int]] = {}
+        # Instructions that straddle two pages, cached by their bits (and mode) rather
+        # than by address: the second page may map anywhere, and differently next time.
+        self.straddlers: dict[int, Block] = {}
         hart.mem.code_watchers.append(self.invalidate_page)
         self.native = jit.NativeRuntime(hart, self.handlers) if tier == "jit" else None
         self.native_queue: list[Block] = []  # hot blocks waiting for native code
@@ -99,16 +109,24 @@ class Engine:
         return FS_ON_KEY if self.hart.csr[MSTATUS] & MSTATUS_FS else 0
 
     def _op(self, d: Decoded | None) -> Op:
+        """The interpreter's op for ``d``, one shared by every block holding the same bits
+        (a boot decodes ~200,000 instructions, a quarter of them distinct)."""
         if d is None:
             return (self.illegal, 0, 0, 0, 0)
-        return (self.handlers[(d.insn.name, d.length)], d.rd, d.rs1, d.rs2, d.imm)
+        key = d.word | d.length << 32
+        op = self.ops.get(key)
+        if op is None:
+            op = self.ops[key] = (self.handlers[(d.insn.name, d.length)], d.rd, d.rs1, d.rs2,
+                                  d.imm)
+        return op
 
-    def _promote(self, block: Block) -> Callable[[], None]:
+    def _promote(self, block: Block, native: bool = True) -> Callable[[], None]:
+        """Tier 1 for ``block``, then (if ``native``) tier 2 once it stays hot."""
         def promote() -> None:
             if None in block.decoded:
                 return
             block.run = translator.translate(self.namespace, block.decoded, block.offsets)
-            if self.native is not None:
+            if native and self.native is not None:
                 block.run = self._count_for_native(block, block.run)
 
         return promote
@@ -138,7 +156,7 @@ class Engine:
         addrs = self.native.compile_blocks([(b.decoded, b.offsets, b.fp) for b in queue])
         for block, addr in zip(queue, addrs, strict=True):
             if addr is not None:
-                block.native, block.native_addr = jit.BLOCK_FN(addr), addr
+                block.go_native(jit.BLOCK_FN(addr), addr)
 
     def _step(self, d: Decoded) -> BlockFn | None:
         """A single step in native code (tier 2 checks its semantics one at a time)."""
@@ -167,15 +185,9 @@ class Engine:
         offsets: list[int] = []
         fp = system = False
         cacheable = page is not None
+        straddler = None  # the cache key of a block that is one page-straddling instruction
         off = pc & (PAGE_SIZE - 1)
         start = off
-        straddle = None  # (key, second page) of an instruction that crosses into the next page
-        if page is not None and off == PAGE_SIZE - 2 and _u16(ram, page + off)[0] & 3 == 3:
-            straddle = self._straddling_key(page + off + mode, pc)
-            if straddle[1] is None:
-                cacheable = False  # its second half comes from a device
-            elif limit == MAX_BLOCK and (blk := self.blocks.get(straddle[0])) is not None:
-                return blk
         while len(decoded) < limit:
             if page is not None and off + 2 <= PAGE_SIZE:
                 half = _u16(ram, page + off)[0]
@@ -186,7 +198,11 @@ class Engine:
                 elif decoded:
                     break  # the next instruction straddles pages: its own block
                 else:
-                    d, length = decode32(mmu.fetch_slow(pc, 4)), 4
+                    word = self._straddling_bits(page, pc)
+                    straddler = word | mode
+                    if limit == MAX_BLOCK and (block := self.straddlers.get(straddler)):
+                        return block
+                    d, length, cacheable = decode32(word), 4, False
             else:
                 word = mmu.fetch_slow(pc + off - start, 2)
                 if word & 3 == 3:
@@ -207,35 +223,42 @@ class Engine:
                 break
         block = Block(decoded, tuple(offsets), fp, system)
         ops = tuple(self._op(d) for d in decoded)
-        cache = cacheable and limit == MAX_BLOCK
-        if cache and self.tier != "interp":
-            block.run = interpret(ops, block.offsets, self._promote(block), HOT_AFTER)
-        elif self.native is not None and limit == 1 and decoded[0] is not None:
-            block.run = self._step(decoded[0]) or interpret(ops, block.offsets)
+        if limit != MAX_BLOCK or not (cacheable or straddler is not None):
+            block.run = interpret(ops, block.offsets)
+            if self.native is not None and limit == 1 and decoded[0] is not None:
+                block.run = self._step(decoded[0]) or block.run
+            elif self.tier != "interp":  # a single step runs tier-1 code too
+                self._promote(block, native=False)()
+            return block
+        if self.tier != "interp":
+            # A straddler is found by its bits, not its pages, so native code, which jumps
+            # to its successors without looking, must not run one: it stays on tier 1.
+            promote = self._promote(block, native=straddler is None)
+            block.run = interpret(ops, block.offsets, promote, HOT_AFTER)
         else:
             block.run = interpret(ops, block.offsets)
-            if self.tier == "translate":  # a single step runs tier-1 code too
-                self._promote(block)()
-        if cache:
-            key = page + start + mode if straddle is None else straddle[0]
+        if straddler is not None:
+            if len(self.straddlers) >= STRADDLERS_LIMIT:
+                self.straddlers.clear()
+            self.straddlers[straddler] = block
+        else:
+            key = page + start + mode
             self.blocks[key] = block
             self.page_blocks.setdefault(page, []).append(key)
-            self.hart.mem.protect_code(page, start, min(off, PAGE_SIZE))
-            if straddle is not None:
-                self.page_blocks.setdefault(straddle[1], []).append(key)
-                self.hart.mem.protect_code(straddle[1], 0, 2)
+            self.hart.mem.protect_code(page, start, off)
         return block
 
-    def _straddling_key(self, key: int, pc: int) -> tuple[tuple[int, int], int | None]:
-        """The cache key of a block made of one instruction that crosses a page boundary:
-        both pages' host offsets, as the TLB maps them now, so a block decoded under
-        another mapping of the second page is simply not found."""
+    def _straddling_bits(self, page: int, pc: int) -> int:
+        """The bits of the 4-byte instruction at the last two bytes of ``page`` (at ``pc``)."""
         mmu = self.hart.mmu
-        second_pc = (pc + 2) & XLEN_MASK
-        second = mmu.tlb_x.get(second_pc >> 12)
-        if second is None:
-            second = mmu.fetch_page(second_pc)  # may fault, as fetching the bits would
-        return (key, second or 0), second
+        high_pc = (pc + 2) & XLEN_MASK
+        high_page = mmu.tlb_x.get(high_pc >> 12)
+        if high_page is None:
+            high_page = mmu.fetch_page(high_pc)  # a fault here reports the second half
+        if high_page is None:  # a device
+            return mmu.fetch_slow(pc, 4)
+        ram = self.hart.mem.ram
+        return _u16(ram, page + PAGE_SIZE - 2)[0] | (_u16(ram, high_page)[0] << 16)
 
     # -- execution ----------------------------------------------------------------------
     def _take(self, t: Trap, pc: int) -> int:
@@ -250,6 +273,17 @@ class Engine:
             return half if half & 3 != 3 else self.hart.mmu.fetch_slow(pc, 4)
         except Trap:
             return 0
+
+    def _block_at(self, pc: int, base: int | None, mode: int, single: bool) -> Block:
+        """The block at ``pc`` when the run loop's fast lookup missed: the fetch missed the
+        TLB (``base`` None), the block is not decoded yet, or a single step is asked."""
+        if base is None:
+            base = self.hart.mmu.fetch_page(pc)
+        if single:
+            return self.decode_block(base, pc, mode, limit=1)
+        if base is not None and (blk := self.blocks.get(base + (pc & 4095) + mode)) is not None:
+            return blk
+        return self.decode_block(base, pc, mode)
 
     def _enter(self, blk: Block, pc: int, mode: int, budget: int) -> tuple[int, int, Trap | None]:
         """Run native code from ``blk`` on, chaining natively within ``budget``: returns the
@@ -281,9 +315,8 @@ class Engine:
         """
         hart = self.hart
         ctl = hart.ctl
-        mmu = hart.mmu
-        tlb_x = mmu.tlb_x
-        blocks = self.blocks
+        tlb_x = hart.mmu.tlb_x
+        blocks = {} if single else self.blocks  # a single step decodes one instruction afresh
         csr = hart.csr
         pc = hart.pc
         executed = 0
@@ -295,27 +328,24 @@ class Engine:
                 blk = None
                 try:
                     while executed < budget:
-                        blk = None
                         base = tlb_x.get(pc >> 12)
-                        if base is None:
+                        if base is None or (blk := blocks.get(base + (pc & 4095) + mode)) is None:
+                            blk = None  # a fault fetching it is no block's
                             pc &= XLEN_MASK
-                            base = mmu.fetch_page(pc)
-                        if single:
-                            blk = self.decode_block(base, pc, mode, limit=1)
-                        elif base is None or (blk := blocks.get(base + (pc & 4095) + mode)) is None:
-                            blk = self.decode_block(base, pc, mode)
-                        if blk.fp:
-                            csr[MSTATUS] |= MSTATUS_FS_DIRTY_SD
-                        if blk.system:  # its CSR access may read instret: make it exact
-                            ctl[CTL_INSTRET] = (instret0 + executed + blk.count - 1) & XLEN_MASK
+                            blk = self._block_at(pc, base, mode, single)
+                        if blk.special:
+                            if blk.native is not None:
+                                pc, retired, trap = self._enter(blk, pc, mode, budget - executed)
+                                executed += retired
+                                if trap is not None:
+                                    blk = None  # pc is the faulting instruction's already
+                                    raise trap
+                                continue
+                            if blk.fp:
+                                csr[MSTATUS] |= MSTATUS_FS_DIRTY_SD
+                            if blk.system:  # its CSR access may read instret: make it exact
+                                ctl[CTL_INSTRET] = (instret0 + executed + blk.count - 1) & XLEN_MASK
                         bpc = pc
-                        if blk.native is not None:
-                            pc, retired, trap = self._enter(blk, pc, mode, budget - executed)
-                            executed += retired
-                            if trap is not None:
-                                blk = None  # pc is the faulting instruction's already
-                                raise trap
-                            continue
                         pc = blk.run(pc)
                         executed += blk.count
                         if blk.system:

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from functools import lru_cache
+from functools import cache, lru_cache
 from types import CodeType
 
 from popek.cpu.state import X_SINK
 from popek.isa.decoder import Decoded
+from popek.isa.spec import Insn
 
 BlockFn = Callable[[int], int]
 
@@ -24,6 +25,10 @@ _X_OPERAND = re.compile(r"\bX\[(rd|rs1|rs2)\]")
 _X_ASSIGN = re.compile(r"\bX\[rd\]\s*(?:[-+|&^]?=)(?!=)")
 _RETURN = re.compile(r"\breturn\b")
 _MAY_TRAP = ("load", "store", "amo", "system", "fp")
+_MARK = "\x00"  # brackets operand markers in instruction templates
+_M64 = (1 << 64) - 1
+_WHOLE_REGISTER = re.compile(rf"{_MARK}X(rs2){_MARK}|F\[{_MARK}rs2{_MARK}\]")  # < 2**64
+_INLINE_HELPERS = {"sext32": "((({}) & 0xFFFFFFFF ^ 0x80000000) - 0x80000000 & M64)"}
 _TRAP_WORDS = ("raise", "Trap", "check_aligned", "hart.")
 
 
@@ -64,12 +69,13 @@ def _inline_memory(sem: str) -> str:
             indent, bits, args = store.groups()
             addr, value = _split_top_level(args)
             size = int(bits) // 8
-            mask = (1 << (8 * size)) - 1
+            if size < 8 or not _WHOLE_REGISTER.fullmatch(value.strip()):
+                value = f"({value}) & {(1 << (8 * size)) - 1}"
             out += [
                 f"{indent}_a = {addr}",
                 f"{indent}_b = tlb_w.get(_a >> 12)",
-                f"{indent}if _b is not None and (_a & 4095) <= {4096 - size}:",
-                f"{indent}    pack{bits}(ram, _b | (_a & 4095), ({value}) & {mask})",
+                f"{indent}if _b is not None{_within_page(size)}:",
+                f"{indent}    pack{bits}(ram, _b | (_a & 4095), {value})",
                 f"{indent}else:",
                 f"{indent}    st{bits}(_a, {value})",
             ]
@@ -80,12 +86,26 @@ def _inline_memory(sem: str) -> str:
             addr, end = _call_args(line, m.end() - 1)
             size = int(bits) // 8
             inline = (f"(unpack{bits}(ram, _b | (_a & 4095))[0] "
-                      f"if (_b := tlb_r.get((_a := {addr}) >> 12)) is not None "
-                      f"and (_a & 4095) <= {4096 - size} else ld{bits}(_a))")
+                      f"if (_b := tlb_r.get((_a := {addr}) >> 12)) is not None"
+                      f"{_within_page(size)} else ld{bits}(_a))")
             line = line[:m.start()] + inline + line[end:]
             pos = m.start() + len(inline)
         out.append(line)
     return "\n".join(out)
+
+
+def _within_page(size: int) -> str:
+    """The test that an access at ``_a`` of ``size`` bytes stays within its page."""
+    return "" if size == 1 else f" and (_a & 4095) <= {4096 - size}"
+
+
+def _inline_helpers(sem: str) -> str:
+    """Replace calls of the hottest helpers by their arithmetic (a call costs more)."""
+    for name, form in _INLINE_HELPERS.items():
+        while (call := re.search(rf"\b{name}\(", sem)) is not None:
+            arg, end = _call_args(sem, call.end() - 1)
+            sem = sem[:call.start()] + form.format(arg) + sem[end:]
+    return sem
 
 
 def _reg_local(n: int) -> str:
@@ -96,24 +116,53 @@ def _reg_local(n: int) -> str:
     return f"x{n}"
 
 
-def _specialize(d: Decoded, offset: int, last: bool) -> tuple[list[str], set[int], set[int]]:
-    """Source lines of one instruction, and the x registers it reads and writes."""
-    regs = {"rd": d.rd, "rs1": d.rs1, "rs2": d.rs2}
-    sem = d.insn.sem
-    written = {d.rd} if _X_ASSIGN.search(sem) and d.rd not in (0, X_SINK) else set()
-    used = {regs[m] for m in _X_OPERAND.findall(sem)} - {0, X_SINK}
-    sem = _X_OPERAND.sub(lambda m: _reg_local(regs[m.group(1)]), sem)
-    sem = re.sub(r"\bNEXT\b", "@NEXT@", sem)
-    sem = re.sub(r"\bpc\b", f"(pc + {offset})" if offset else "pc", sem)
-    sem = sem.replace("@NEXT@", f"((pc + {offset + d.length}) & M64)")
-    sem = re.sub(r"\bimm\b", f"({d.imm})", sem)
-    for name, value in regs.items():
-        sem = re.sub(rf"\b{name}\b", str(value), sem)
-    if "load" in d.insn.flags or "store" in d.insn.flags:
+@cache
+def _template(insn: Insn, last: bool) -> tuple[list[str], frozenset[str], bool]:
+    """The instruction's code with its operands as markers, memory access inlined: the
+    regular-expression work done once per instruction kind, so that specializing one
+    instruction is string joining. Returns the code split at the markers (odd items are
+    marker names), the register operands it names and whether it assigns X[rd]."""
+    sem = insn.sem
+    operands = frozenset(_X_OPERAND.findall(sem))
+    assigns = bool(_X_ASSIGN.search(sem))
+    # Addresses and jump targets, folded with the operands they add when specialized.
+    sem = sem.replace("(X[rs1] + imm) & M64", f"{_MARK}ea{_MARK}")
+    sem = sem.replace("(pc + imm) & M64", f"{_MARK}target{_MARK}")
+    sem = _inline_helpers(sem)
+    sem = _X_OPERAND.sub(lambda m: f"{_MARK}X{m.group(1)}{_MARK}", sem)
+    for name in ("NEXT", "pc", "imm", "rd", "rs1", "rs2"):
+        sem = re.sub(rf"\b{name}\b", f"{_MARK}{name}{_MARK}", sem)
+    if "load" in insn.flags or "store" in insn.flags:
         sem = _inline_memory(sem)
     if last:
         sem = _RETURN.sub("_next =", sem)
-    return sem.splitlines(), used, written
+    return sem.split(_MARK), operands, assigns
+
+
+def _specialize(d: Decoded, offset: int, last: bool) -> tuple[list[str], set[int], set[int]]:
+    """Source lines of one instruction, and the x registers it reads and writes."""
+    parts, operands, assigns = _template(d.insn, last)
+    regs = {"rd": d.rd, "rs1": d.rs1, "rs2": d.rs2}
+    written = {d.rd} if assigns and d.rd not in (0, X_SINK) else set()
+    used = {regs[name] for name in operands} - {0, X_SINK}
+    base = _reg_local(d.rs1)
+    if d.rs1 == 0:
+        ea = str(d.imm & _M64)
+    elif d.imm == 0:
+        ea = base
+    else:
+        ea = f"({base} + ({d.imm})) & M64"
+    values = {
+        "ea": ea,
+        "target": f"(pc + ({offset + d.imm})) & M64",
+        "NEXT": f"((pc + {offset + d.length}) & M64)",
+        "pc": f"(pc + {offset})" if offset else "pc",
+        "imm": f"({d.imm})",
+        "rd": str(d.rd), "rs1": str(d.rs1), "rs2": str(d.rs2),
+        "Xrd": _reg_local(d.rd), "Xrs1": _reg_local(d.rs1), "Xrs2": _reg_local(d.rs2),
+    }
+    text = "".join(values[part] if i & 1 else part for i, part in enumerate(parts))
+    return text.splitlines(), used, written
 
 
 def block_source(name: str, decoded: list[Decoded], offsets: list[int]) -> str:

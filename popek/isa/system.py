@@ -40,5 +40,6 @@ INSNS = [
     insn("wfi", "0001000 00101 00000 000 00000 1110011", "NONE",
          "hart.wfi()", "", ext="priv", flags=_SYS),
     insn("sfence.vma", "0001001 ..... ..... 000 00000 1110011", "R",
-         "hart.sfence_vma(X[rs1], X[rs2])", "{rs1},{rs2}", ext="priv", flags=_SYS),
+         "hart.sfence_vma(X[rs1] if rs1 else None, X[rs2])", "{rs1},{rs2}", ext="priv",
+         flags=_SYS),
 ]
