@@ -38,6 +38,8 @@ class TlbMirror(Protocol):
 
     def flush(self) -> None: ...
 
+    def switch_priv(self, old: int, new: int) -> None: ...
+
     def drop_writable(self) -> None: ...
 
 TLB_LIMIT = 8192  # entries per dict before it is simply cleared
@@ -89,7 +91,7 @@ class Mmu:
             tlb.clear()
             tlb.update(entries)
         if self.mirror is not None:
-            self.mirror.flush()
+            self.mirror.switch_priv(old, new)
 
     def _tlbs(self) -> list[dict[int, int]]:
         """Every TLB dict, the current privilege's and those set aside."""

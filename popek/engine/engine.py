@@ -18,7 +18,7 @@ from collections.abc import Callable
 from popek.cpu import trap as trap_unit
 from popek.cpu.causes import ILLEGAL_INSN, Trap
 from popek.cpu.physmem import PAGE_SIZE
-from popek.cpu.state import CTL_INSTRET, CTL_WFI, XLEN_MASK
+from popek.cpu.state import CTL_INSTRET, CTL_PRIV, CTL_WFI, XLEN_MASK
 from popek.engine import jit, translator
 from popek.engine.handlers import Handler, bind_handlers, semantics_namespace
 from popek.engine.interpreter import BlockFn, Op, interpret
@@ -290,6 +290,7 @@ class Engine:
         next pc, how many instructions retired, and the trap that stopped it (if any)."""
         native = self.native
         env = native.env
+        mode = jit.jump_mode(mode, self.hart.ctl[CTL_PRIV])
         native.remember_jump(pc, mode, blk.native_addr)
         env.mode = mode
         env.budget = budget

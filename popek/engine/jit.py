@@ -48,6 +48,17 @@ MAX_NATIVE_BLOCKS = 20_000  # then the code cache starts over
 MSTATUS = 0x300
 MSTATUS_FS_DIRTY_SD = (3 << 13) | (1 << 63)
 
+# Jump-cache tags are pc | 1 xor the privilege and the FP-unit bit, placed in bits 58-62:
+# two pcs never differ in those bits alone (virtual pcs are canonical, so bits 57-63 are
+# equal; physical ones are below 2**56), so tags stay unique.
+PRIV_TAG_SHIFT = 58
+
+
+def jump_mode(decode_mode: int, priv: int) -> int:
+    """The mode bits of jump-cache tags: the block cache's decoding mode and privilege."""
+    return decode_mode | priv << PRIV_TAG_SHIFT
+
+
 # Exit statuses of native code.
 EXIT = 0  # env.pc is the next pc
 TRAP_PENDING = 1  # a callback caught a Trap; it waits in NativeRuntime.pending
@@ -396,8 +407,8 @@ class NativeRuntime:
         self.handlers = handlers
         self.env = Env()
         self.env_addr = ctypes.addressof(self.env)
-        self.tlb_r = array("Q", bytes(16 * TLB_ENTRIES))
-        self.tlb_w = array("Q", bytes(16 * TLB_ENTRIES))
+        # Native TLB tables per privilege, like the MMU's sets: a trap or return switches.
+        self.tables: dict[int, tuple[array, array]] = {}
         self.jumps = array("Q", bytes(16 * JUMP_ENTRIES))
         self.ram_addr = _address(hart.mem.ram)
         self.pending: BaseException | None = None
@@ -409,8 +420,7 @@ class NativeRuntime:
         env.f = hart.f.buffer_info()[0]
         env.ctl = hart.ctl.buffer_info()[0]
         env.csr = hart.csr.buffer_info()[0]
-        env.tlb_r = self.tlb_r.buffer_info()[0]
-        env.tlb_w = self.tlb_w.buffer_info()[0]
+        self._use_tables(hart.priv)
         env.jumps = self.jumps.buffer_info()[0]
         self._callbacks = (LOAD_SLOW(self._load_slow), STORE_SLOW(self._store_slow),
                            EXEC_SLOW(self._exec_slow))
@@ -436,19 +446,32 @@ class NativeRuntime:
         table[i] = vpn + 1
         table[i + 1] = self.ram_addr + host_page
 
+    def _use_tables(self, priv: int) -> None:
+        tables = self.tables.get(priv)
+        if tables is None:
+            tables = self.tables[priv] = (array("Q", bytes(16 * TLB_ENTRIES)),
+                                          array("Q", bytes(16 * TLB_ENTRIES)))
+        self.tlb_r, self.tlb_w = tables
+        self.env.tlb_r = self.tlb_r.buffer_info()[0]
+        self.env.tlb_w = self.tlb_w.buffer_info()[0]
+
+    def switch_priv(self, old: int, new: int) -> None:
+        self._use_tables(new)  # jump-cache tags carry the privilege: nothing to forget
+
     def flush(self) -> None:
-        for table in (self.tlb_r, self.tlb_w, self.jumps):
+        for table in (*(t for pair in self.tables.values() for t in pair), self.jumps):
             ctypes.memset(table.buffer_info()[0], 0, 8 * len(table))
 
     def drop_writable(self) -> None:
-        ctypes.memset(self.tlb_w.buffer_info()[0], 0, 8 * len(self.tlb_w))
+        for _, tlb_w in self.tables.values():
+            ctypes.memset(tlb_w.buffer_info()[0], 0, 8 * len(tlb_w))
 
     def forget_jumps(self) -> None:
         """Code or the decoding mode changed: no successor may be assumed."""
         ctypes.memset(self.jumps.buffer_info()[0], 0, 8 * len(self.jumps))
 
     def remember_jump(self, pc: int, mode: int, fn_addr: int) -> None:
-        """Native code decoded in decoding ``mode`` (the block-cache key bits) starts at
+        """Native code for privilege and decoding ``mode`` (see ``jump_mode``) starts at
         virtual ``pc``; the tag carries the mode, so a mode change needs no flush."""
         bucket = 4 * ((((pc >> 1) * JUMP_HASH) & U64) >> (64 - JUMP_BITS))  # as native code
         tag = (pc | 1) ^ mode
