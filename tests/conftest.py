@@ -1,10 +1,16 @@
-"""Session configuration shared by every test module: how xdist spreads the tests."""
+"""Session configuration shared by every test module: the order and spread of the tests."""
 
 from __future__ import annotations
 
 import pytest
 from xdist.remote import Producer
 from xdist.scheduler import LoadScopeScheduling
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that boot Linux take minutes: they start first, so the rest of the suite runs
+    beside them rather than after them (xdist hands tests out in this order)."""
+    items.sort(key=lambda item: item.get_closest_marker("boots_linux") is None)
 
 
 class ClassScopeScheduling(LoadScopeScheduling):

@@ -54,6 +54,7 @@ class RebootedRun:
     ro_before: bytes
 
 
+@pytest.mark.boots_linux
 class TestOneCommandAcrossAGuestReboot:
     """One boot serves these tests (tests/conftest.py keeps them in one worker): the
     command writes to the disk and reboots the guest, then reports what they check."""
@@ -96,6 +97,7 @@ class TestOneCommandAcrossAGuestReboot:
         assert run.ro_disk.read_bytes() == run.ro_before
 
 
+@pytest.mark.boots_linux
 def test_console_driven_through_a_pipe_under_opensbi() -> None:
     """Debian's OpenSBI fw_jump runs in emulated M-mode and starts the QEMU-style kernel
     and initrd; without a terminal, stdin feeds the guest shell, output comes back on
@@ -109,6 +111,7 @@ def test_console_driven_through_a_pipe_under_opensbi() -> None:
     assert "piped-42 on riscv64" in out
 
 
+@pytest.mark.boots_linux
 def test_two_harts_boot_with_the_smp_kernel() -> None:
     # Two harts time-share one host thread, and this kernel is larger: allow more time.
     result = popek_run("--kernel", str(images.KERNEL_SMP), "--initrd", str(images.INITRD),
