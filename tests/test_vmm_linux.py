@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from popek import images
 from popek.api.client import Client
 
@@ -52,6 +54,7 @@ async def _scenario(sock: Path, snap: Path) -> None:
         assert info["state"] == "running" and info["traps"]
 
 
+@pytest.mark.boots_linux
 def test_linux_guest_snapshot_restores_into_a_live_shell(tmp_path: Path) -> None:
     sock = tmp_path / "vmm.sock"
     with open(tmp_path / "vmm.log", "wb") as log:
