@@ -8,7 +8,7 @@ of the whole process, and the resident part of the guest RAM mapping (the one
 anonymous mapping of exactly the guest's size, or QEMU's slightly larger one),
 i.e. the guest RAM actually touched. What remains is the emulator's own overhead.
 
-    python bench/memory.py [--engine translate|interp] [--bios none|opensbi]
+    python bench/memory.py [--engine jit|translate|interp] [--bios none|opensbi]
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def mib(n: int) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--engine", default="translate", choices=["interp", "translate"],
+    parser.add_argument("--engine", default="jit", choices=["interp", "translate", "jit"],
                         help="popek's execution tier (default translate)")
     parser.add_argument("--bios", default="none", choices=["none", "opensbi"],
                         help="popek's firmware (QEMU always uses its default OpenSBI)")
