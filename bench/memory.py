@@ -119,7 +119,7 @@ def mib(n: int) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--engine", default="jit", choices=["interp", "translate", "jit"],
-                        help="popek's execution tier (default translate)")
+                        help="popek's execution tier (default jit)")
     parser.add_argument("--bios", default="none", choices=["none", "opensbi"],
                         help="popek's firmware (QEMU always uses its default OpenSBI)")
     args = parser.parse_args()
