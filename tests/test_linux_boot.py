@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from popek import images
-from tests.linux_guest import popek_run, scratch_disk
+from tests.linux_guest import BOOT_TIMEOUT, popek_run, scratch_disk
 
 MARKER = "written-before-reboot-4711"
 # Before the reboot: write the marker to the writable disk (init mounts /dev/vda on /mnt).
@@ -64,7 +64,8 @@ class TestOneCommandAcrossAGuestReboot:
     def run(cls, tmp_path_factory: pytest.TempPathFactory) -> RebootedRun:
         disk, ro_disk = (scratch_disk(tmp_path_factory.mktemp(name)) for name in ("rw", "ro"))
         ro_before = ro_disk.read_bytes()
-        result = popek_run("--disk", str(disk), "--disk", f"{ro_disk},ro", "-c", COMMAND)
+        result = popek_run("--disk", str(disk), "--disk", f"{ro_disk},ro", "-c", COMMAND,
+                           timeout=2 * BOOT_TIMEOUT)  # two boots
         lines = result.stdout.decode().splitlines()
         report = dict(line.split(": ", 1) for line in lines if ": " in line)
         return RebootedRun(result, lines, report, disk, ro_disk, ro_before)
