@@ -57,8 +57,9 @@ class Footprint:
 def guest_ram_resident(pid: int, size: int) -> int:
     """Resident bytes of the largest anonymous mapping of at least ``size`` bytes.
 
-    popek maps guest RAM as exactly ``size`` bytes; QEMU rounds its mapping up a
-    little for alignment. Nothing else in either process maps that much anonymously.
+    popek maps guest RAM as exactly ``size`` bytes, advised so that the kernel never
+    merges it with neighbouring anonymous memory; QEMU rounds its mapping up a little
+    for alignment. Nothing else in either process maps that much anonymously.
     """
     best_size, best_rss = 0, 0
     current_size = current_anon = 0

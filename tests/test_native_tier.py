@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -252,3 +253,15 @@ def test_full_code_cache_starts_over_and_keeps_running(monkeypatch: pytest.Monke
     """)
     assert nat.engine.native.restarts >= 1
     assert (nat.x[11], nat.x[12], nat.x[13], nat.x[14]) == (900, 1500, 2100, 2700)
+
+
+@pytest.mark.parametrize("tier", ["interp", "translate"])
+def test_tiers_below_native_never_load_llvm(tier: str) -> None:
+    """Loading LLVM maps about 100 MiB of its library: only the native tier may pay that."""
+    probe = ("import sys; from popek.cpu.hart import Hart; "
+             "from popek.cpu.physmem import PhysicalMemory; "
+             f"Hart(PhysicalMemory(0x8000_0000, 1 << 20), engine={tier!r}).run(100); "
+             "print('llvmlite.binding' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.strip() == "False"

@@ -53,6 +53,11 @@ class PhysicalMemory:
         self.size = size
         if backing is None:
             self.ram = mmap.mmap(-1, size, flags=flags)
+            # Small pages keep RAM's resident set to the pages the guest touched, on hosts
+            # whose transparent huge pages are always on; and a mapping with flags of its
+            # own is never merged with the host's neighbouring anonymous memory (LLVM's
+            # code, malloc's large blocks), so /proc shows guest RAM on its own.
+            self.ram.madvise(mmap.MADV_NOHUGEPAGE)
         else:
             fd, offset = backing
             self.ram = mmap.mmap(fd, size, flags=flags & ~mmap.MAP_ANONYMOUS,

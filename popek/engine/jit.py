@@ -20,9 +20,12 @@ full, the whole compiler is replaced between runs.
 from __future__ import annotations
 
 import ctypes
+import importlib
+import importlib.util
 from array import array
 from collections.abc import Callable
 from functools import cache
+from types import ModuleType
 
 from popek.cpu.causes import ACCESS_READ, ACCESS_WRITE, Trap
 from popek.cpu.state import X_SINK
@@ -31,10 +34,9 @@ from popek.engine.lowering import I32, I64, Lowering, Operand, Unsupported
 from popek.isa.decoder import Decoded
 from popek.isa.spec import IMM_RANGES, WRITES_X, Insn
 
-try:
-    import llvmlite.binding as llvm
-except ImportError:  # popek still runs, on tier 1
-    llvm = None
+# llvmlite's binding, imported by the first native runtime: loading it maps about 100 MiB
+# of LLVM's library, which the other tiers never use. Without llvmlite popek runs on tier 1.
+llvm: ModuleType | None = None
 
 TLB_ENTRIES = 1024  # per access kind; direct-mapped on the virtual page number
 JUMP_BITS = 12  # buckets
@@ -83,11 +85,13 @@ STEP_FN = ctypes.PYFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_uint64, ct
 
 
 def available() -> bool:
-    return llvm is not None
+    return importlib.util.find_spec("llvmlite") is not None
 
 
 @cache
 def _initialize() -> None:
+    global llvm
+    llvm = importlib.import_module("llvmlite.binding")
     llvm.initialize_native_target()
     llvm.initialize_native_asmprinter()
 
