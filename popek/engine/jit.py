@@ -206,6 +206,11 @@ class _Emitter:
                                                                value]))
 
 
+# A path leaving a block: its exit pc or trap status, the index of the instruction it
+# leaves from, the IR block it branches from, and the registers as it left them.
+_Arm = tuple[ir.Value, int, ir.Block, dict[int, ir.Value]]
+
+
 class _BlockEmitter(_Emitter):
     """One block: registers live in SSA values between entry and each exit."""
 
@@ -216,68 +221,90 @@ class _BlockEmitter(_Emitter):
         self.decoded = decoded
         self.offsets = offsets
         self.index = 0
-        self.regs: dict[int, ir.AllocaInstr] = {}
+        self.used = sorted({r for d in decoded for r in (d.rd, d.rs1, d.rs2)} - {0, X_SINK})
+        self.regs: dict[int, ir.Value] = {}
         self.written: set[int] = set()
         self.exit_bb: ir.Block | None = None
-        self.exit_arms: list[tuple[ir.Value, ir.Block]] = []
+        self.exit_arms: list[_Arm] = []
         self.trap_bb: ir.Block | None = None
-        self.trap_arms: list[tuple[ir.Value, int, ir.Block]] = []
-        b = self.builder
-        for n in sorted({r for d in decoded for r in (d.rd, d.rs1, d.rs2)} - {0, X_SINK}):
-            self.regs[n] = b.alloca(I64, name=f"x{n}")
+        self.trap_arms: list[_Arm] = []
         self._reload()
         if fp:  # FP state becomes dirty before an FP instruction runs, as in the engine
             mstatus = self.read_state("csr", MSTATUS)
-            self.write_state("csr", MSTATUS, b.or_(mstatus, ir.Constant(I64, MSTATUS_FS_DIRTY_SD)))
+            self.write_state("csr", MSTATUS, self.builder.or_(
+                mstatus, ir.Constant(I64, MSTATUS_FS_DIRTY_SD)))
 
     # -- registers --
     def read_x(self, reg: int) -> ir.Value:
         if reg == 0:
             return ir.Constant(I64, 0)
-        return self.builder.load(self.regs[reg])
+        return self.regs[reg]
 
     def write_x(self, reg: int, value: ir.Value) -> None:
         if reg != X_SINK:
-            self.builder.store(value, self.regs[reg])
+            self.regs[reg] = value
             self.written.add(reg)
 
-    def _write_back(self) -> None:
+    def registers(self) -> dict[int, ir.Value]:
+        return dict(self.regs)
+
+    def set_registers(self, regs: dict[int, ir.Value]) -> None:
+        self.regs = regs
+
+    def _write_back(self, regs: dict[int, ir.Value]) -> None:
         for n in sorted(self.written):
-            self.write_state("x", n, self.builder.load(self.regs[n]))
+            self.write_state("x", n, regs[n])
 
     def _reload(self) -> None:
-        for n, slot in self.regs.items():
-            self.builder.store(self.read_state("x", n), slot)
+        self.regs = {n: self.read_state("x", n) for n in self.used}
 
     # -- exits --
-    def _retire(self, count: int) -> ir.Value:
-        b = self.builder
-        executed = b.add(b.load(self.field_ptr("executed"), typ=I64), ir.Constant(I64, count))
-        self.set("executed", executed)
-        return executed
-
     def trap_exit(self, status: ir.Value) -> None:
         """Leave for the trap path shared by the whole block (see ``finish``)."""
         if self.trap_bb is None:
             self.trap_bb = self.builder.append_basic_block("trap")
-        self.trap_arms.append((status, self.index, self.builder.block))
+        self.trap_arms.append((status, self.index, self.builder.block, self.registers()))
         self.builder.branch(self.trap_bb)
 
+    def jump(self, target: ir.Value) -> None:
+        """Leave the block for ``target``, through the exit shared by the whole block."""
+        if self.exit_bb is None:
+            self.exit_bb = self.builder.append_basic_block("exit")
+        self.exit_arms.append((target, self.index, self.builder.block, self.registers()))
+        self.builder.branch(self.exit_bb)
+
+    def _merge(self, block: ir.Block, arms: list[_Arm], type_: ir.Type
+               ) -> tuple[ir.Value, ir.Value, ir.Value]:
+        """At ``block``, where ``arms`` meet: their value, how many instructions they
+        retired and the pc offset of the instruction they left from, after writing back
+        the registers the block writes as each arm left them (one not yet written on
+        that path still holds its entry value)."""
+        b = self.builder
+        b.position_at_end(block)
+
+        def merged(values: list[ir.Value], typ: ir.Type) -> ir.Value:
+            if all(v.ref == values[0].ref for v in values):
+                return values[0]
+            phi = b.phi(typ)
+            for value, arm in zip(values, arms, strict=True):
+                phi.add_incoming(value, arm[2])
+            return phi
+
+        value = merged([arm[0] for arm in arms], type_)
+        retired = merged([ir.Constant(I64, arm[1]) for arm in arms], I64)
+        offset = merged([ir.Constant(I64, self.offsets[arm[1]]) for arm in arms], I64)
+        regs = {n: merged([arm[3][n] for arm in arms], I64) for n in sorted(self.written)}
+        self._write_back(regs)  # after the phis, which must open the block
+        return value, retired, offset
+
     def finish(self) -> None:
-        """Emit the exits the block's paths branch to. Both write back every register the
-        block writes: one not yet written on that path still holds its entry value."""
+        """Emit the exits the block's paths branch to."""
         if self.exit_bb is not None:
             self._emit_exit()
         if self.trap_bb is None:
             return
         b = self.builder
-        b.position_at_end(self.trap_bb)
-        status, retired, offset = b.phi(I32), b.phi(I64), b.phi(I64)
-        for value, index, bb in self.trap_arms:
-            status.add_incoming(value, bb)
-            retired.add_incoming(ir.Constant(I64, index), bb)
-            offset.add_incoming(ir.Constant(I64, self.offsets[index]), bb)
-        self._write_back()
+        status, retired, offset = self._merge(self.trap_bb, self.trap_arms, I32)
         self.set("executed", b.add(b.load(self.field_ptr("executed"), typ=I64), retired))
         self.set("pc", b.add(self.pc0, offset))
         b.ret(status)
@@ -287,23 +314,14 @@ class _BlockEmitter(_Emitter):
         self.set("tval", tval)
         self.trap_exit(ir.Constant(I32, TRAP_NATIVE))
 
-    def jump(self, target: ir.Value) -> None:
-        """Leave the block for ``target``, through the exit shared by the whole block."""
-        if self.exit_bb is None:
-            self.exit_bb = self.builder.append_basic_block("exit")
-        self.exit_arms.append((target, self.builder.block))
-        self.builder.branch(self.exit_bb)
-
     def _emit_exit(self) -> None:
         """The shared exit: chain to the next block's native code if the jump cache has
         it and budget remains, else return its pc to the dispatcher."""
         b = self.builder
-        b.position_at_end(self.exit_bb)
-        target = b.phi(I64)
-        for value, bb in self.exit_arms:
-            target.add_incoming(value, bb)
-        self._write_back()
-        executed = self._retire(len(self.decoded))
+        target, _, _ = self._merge(self.exit_bb, self.exit_arms, I64)
+        executed = b.add(b.load(self.field_ptr("executed"), typ=I64),
+                         ir.Constant(I64, len(self.decoded)))
+        self.set("executed", executed)
         budget_left = b.icmp_signed("<", executed, self.get("budget"))
         chain_bb = b.append_basic_block("chain")
         leave_bb = b.append_basic_block("leave")
@@ -332,7 +350,7 @@ class _BlockEmitter(_Emitter):
     def fallback(self, ref: int, pc: ir.Value) -> None:
         """Run one instruction through its Python handler, which reads and writes the
         registers in memory."""
-        self._write_back()
+        self._write_back(self.regs)
         self._check(self._callback("exec_slow", I32, [ir.Constant(I64, ref), pc]))
         self._reload()
 
@@ -350,6 +368,12 @@ class _StepEmitter(_Emitter):
 
     def write_x(self, reg: ir.Value, value: ir.Value) -> None:
         self.write_state("x", reg, value)
+
+    def registers(self) -> dict[int, ir.Value]:
+        return {}  # registers stay in memory
+
+    def set_registers(self, regs: dict[int, ir.Value]) -> None:
+        pass
 
     def trap_exit(self, status: ir.Value) -> None:
         self.set("pc", self.pc)
