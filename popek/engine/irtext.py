@@ -41,9 +41,6 @@ class FunctionType(Type):
         self.return_type = ret
         self.args = args
 
-    def as_pointer(self) -> FunctionType:
-        """A function pointer's type: calls through it need the signature."""
-        return self
 
 
 class Value:
@@ -93,6 +90,9 @@ class Function:
         self.name = name
         self.function_type = ftype
         self.args = [Value(t, f"%a{i}") for i, t in enumerate(ftype.args)]
+        self.ref = f"@{name}"  # a function is a pointer value
+        self.type = PTR
+        self.linkage = ""  # "internal": invisible outside its module
         self.blocks: list[Block] = []
         self.attributes: set[str] = set()
         self._ids = count()
@@ -108,7 +108,7 @@ class Function:
 
     def __str__(self) -> str:
         params = ", ".join(f"{a.type} {a.ref}" for a in self.args)
-        out = [f"define {self.function_type.return_type} @{self.name}({params}) "
+        out = [f"define {self.linkage} {self.function_type.return_type} @{self.name}({params}) "
                f"{' '.join(sorted(self.attributes))} {{"]
         for block in self.blocks:
             out.append(f"{block.name}:")
@@ -255,12 +255,6 @@ class IRBuilder:
     def trunc(self, a: Value, type_: Type) -> Value:
         return self._cast("trunc", a, type_)
 
-    def inttoptr(self, a: Value, type_: Type) -> Value:
-        """A pointer; if ``type_`` is a function type, the value can be called."""
-        value = self._emit(PTR, f"inttoptr {a.type} {a.ref} to ptr")
-        value.function_type = type_ if isinstance(type_, FunctionType) else None
-        return value
-
     def select(self, cond: Value, a: Value, b: Value) -> Value:
         return self._emit(a.type, f"select i1 {cond.ref}, {a.type} {a.ref}, {b.type} {b.ref}")
 
@@ -269,16 +263,9 @@ class IRBuilder:
         self.block.lines.append(phi)
         return phi
 
-    def alloca(self, type_: Type, name: str = "") -> Value:
-        value = Value(PTR, self.function.fresh(name or "slot"))
-        self.block.lines.append(f"{value.ref} = alloca {type_}")
-        value.allocated = type_
-        return value
-
-    def load(self, ptr: Value, typ: Type | None = None, align: int | None = None) -> Value:
-        type_ = typ or ptr.allocated
+    def load(self, ptr: Value, typ: Type, align: int | None = None) -> Value:
         suffix = f", align {align}" if align else ""
-        return self._emit(type_, f"load {type_}, ptr {ptr.ref}{suffix}")
+        return self._emit(typ, f"load {typ}, ptr {ptr.ref}{suffix}")
 
     def store(self, value: Value, ptr: Value, align: int | None = None) -> None:
         suffix = f", align {align}" if align else ""
@@ -290,8 +277,9 @@ class IRBuilder:
         kind = "getelementptr inbounds" if inbounds else "getelementptr"
         return self._emit(PTR, f"{kind} {source_etype}, ptr {ptr.ref}, {idx}")
 
-    def call(self, fn: Value, args: list[Value], tail: str | bool = False) -> Value:
-        ftype = fn.function_type
+    def call(self, fn: Value, ftype: FunctionType, args: list[Value],
+             tail: str | bool = False) -> Value:
+        """Call the function ``fn`` points to, whose type is ``ftype``."""
         marker = f"{tail} " if isinstance(tail, str) else ""
         text = f"{marker}call {ftype.return_type} {fn.ref}(" \
                f"{', '.join(f'{a.type} {a.ref}' for a in args)})"

@@ -213,14 +213,21 @@ def parsed(sem: str) -> ast.Module:
     return ast.parse(sem)
 
 
+@cache
+def reads_pc(sem: str) -> bool:
+    """Whether ``sem`` reads its instruction's address (``pc`` or ``NEXT``)."""
+    return any(isinstance(n, ast.Name) and n.id in ("pc", "NEXT") for n in ast.walk(parsed(sem)))
+
+
 _COMPARISONS = {ast.Eq: "==", ast.NotEq: "!=", ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">",
                 ast.GtE: ">="}
 
 
 class Lowering:
-    """Emits one instruction's semantics into ``target``'s current IR block."""
+    """Emits one instruction's semantics into ``target``'s current IR block; ``pc`` may
+    be None when the semantics do not read it (see :func:`reads_pc`)."""
 
-    def __init__(self, target: Target, operands: dict[str, Operand], pc: ir.Value,
+    def __init__(self, target: Target, operands: dict[str, Operand], pc: ir.Value | None,
                  length: int) -> None:
         self.t = target
         self.b = target.builder
@@ -381,7 +388,10 @@ class Lowering:
         if isinstance(e, ast.Name):
             return self._name(e.id)
         if isinstance(e, ast.Subscript) and _name(e.value) == "X":
-            return Emitted(self.t.read_x(self._register(e.slice)), 0, U64_MAX)
+            reg = self._register(e.slice)
+            if isinstance(reg, int) and reg == 0:
+                return Const(0)
+            return Emitted(self.t.read_x(reg), 0, U64_MAX)
         if isinstance(e, ast.Subscript) and _name(e.value) == "F":
             return Emitted(self.t.read_state("f", self._register(e.slice)), 0, U64_MAX)
         if _is_reservation(e):
