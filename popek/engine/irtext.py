@@ -46,15 +46,16 @@ class FunctionType(Type):
 class Value:
     """An SSA value (or constant) of a type; ``ref`` is how instructions name it."""
 
+    __slots__ = ("type", "ref")
+
     def __init__(self, type_: Type, ref: str) -> None:
         self.type = type_
         self.ref = ref
 
 
-AllocaInstr = Value
-
-
 class Constant(Value):
+    __slots__ = ()
+
     def __init__(self, type_: Type, value: int) -> None:
         super().__init__(type_, str(value))
 
@@ -64,7 +65,7 @@ class Block:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.lines: list[object] = []  # strings, or phis rendered at the end
+        self.lines: list[object] = []  # indented lines, or phis rendered at the end
         self.terminator: str | None = None
 
     @property
@@ -73,6 +74,8 @@ class Block:
 
 
 class _Phi(Value):
+    __slots__ = ("incoming",)
+
     def __init__(self, type_: Type, ref: str) -> None:
         super().__init__(type_, ref)
         self.incoming: list[tuple[Value, Block]] = []
@@ -82,7 +85,7 @@ class _Phi(Value):
 
     def __str__(self) -> str:
         arms = ", ".join(f"[ {v.ref}, %{b.name} ]" for v, b in self.incoming)
-        return f"{self.ref} = phi {self.type} {arms}"
+        return f"  {self.ref} = phi {self.type} {arms}"
 
 
 class Function:
@@ -98,8 +101,8 @@ class Function:
         self._ids = count()
         module.functions.append(self)
 
-    def fresh(self, prefix: str = "t") -> str:
-        return f"%{prefix}.{next(self._ids)}"
+    def fresh(self) -> str:
+        return f"%t{next(self._ids)}"
 
     def append_basic_block(self, name: str = "b") -> Block:
         block = Block(f"{name}.{next(self._ids)}")
@@ -112,7 +115,7 @@ class Function:
                f"{' '.join(sorted(self.attributes))} {{"]
         for block in self.blocks:
             out.append(f"{block.name}:")
-            out += [f"  {line}" for line in block.lines]
+            out += map(str, block.lines)
             out.append(f"  {block.terminator or 'unreachable'}")
         out.append("}")
         return "\n".join(out)
@@ -185,8 +188,8 @@ class IRBuilder:
 
     # -- emission --
     def _emit(self, type_: Type, text: str) -> Value:
-        ref = self.function.fresh()
-        self.block.lines.append(f"{ref} = {text}")
+        ref = f"%t{next(self.function._ids)}"
+        self.block.lines.append(f"  {ref} = {text}")
         return Value(type_, ref)
 
     def _binary(self, op: str, a: Value, b: Value) -> Value:
@@ -269,7 +272,7 @@ class IRBuilder:
 
     def store(self, value: Value, ptr: Value, align: int | None = None) -> None:
         suffix = f", align {align}" if align else ""
-        self.block.lines.append(f"store {value.type} {value.ref}, ptr {ptr.ref}{suffix}")
+        self.block.lines.append(f"  store {value.type} {value.ref}, ptr {ptr.ref}{suffix}")
 
     def gep(self, ptr: Value, indices: list[Value], inbounds: bool = False,
             source_etype: Type | None = None) -> Value:

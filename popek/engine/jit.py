@@ -135,11 +135,12 @@ class _Emitter:
     def get(self, name: str, typ: ir.Type = ir.PTR) -> ir.Value:
         """An env field that stays constant during a run, loaded once at entry."""
         key = (name, typ.text)
-        if key not in self._fields:
+        value = self._fields.get(key)
+        if value is None:
             ptr = self.field_ptr(name)
             with self.builder.goto_entry_block():
-                self._fields[key] = self.builder.load(ptr, typ=typ)
-        return self._fields[key]
+                value = self._fields[key] = self.builder.load(ptr, typ=typ)
+        return value
 
     def set(self, name: str, value: ir.Value) -> None:
         self.builder.store(value, self.field_ptr(name))
