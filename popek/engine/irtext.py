@@ -142,6 +142,7 @@ class IRBuilder:
     def __init__(self, block: Block, function: Function) -> None:
         self.function = function
         self.block = block
+        self._extended: dict[str, Value] = {}  # an extension's result: what it extended
 
     # -- positioning --
     def append_basic_block(self, name: str = "b") -> Block:
@@ -168,22 +169,6 @@ class IRBuilder:
         yield
         if not self.block.is_terminated:
             self.branch(end_bb)
-        self.block = end_bb
-
-    @contextmanager
-    def if_else(self, pred: Value, likely: bool | None = None):
-        then_bb, else_bb = self.append_basic_block("then"), self.append_basic_block("else")
-        end_bb = self.append_basic_block("endif")
-        self.cbranch(pred, then_bb, else_bb)
-
-        @contextmanager
-        def arm(block: Block) -> Iterator[None]:
-            self.block = block
-            yield
-            if not self.block.is_terminated:
-                self.branch(end_bb)
-
-        yield arm(then_bb), arm(else_bb)
         self.block = end_bb
 
     # -- emission --
@@ -249,13 +234,22 @@ class IRBuilder:
     def _cast(self, op: str, a: Value, type_: Type) -> Value:
         return self._emit(type_, f"{op} {a.type} {a.ref} to {type_}")
 
+    def _extend(self, op: str, a: Value, type_: Type) -> Value:
+        wide = self._cast(op, a, type_)
+        self._extended[wide.ref] = a
+        return wide
+
     def zext(self, a: Value, type_: Type) -> Value:
-        return self._cast("zext", a, type_)
+        return self._extend("zext", a, type_)
 
     def sext(self, a: Value, type_: Type) -> Value:
-        return self._cast("sext", a, type_)
+        return self._extend("sext", a, type_)
 
     def trunc(self, a: Value, type_: Type) -> Value:
+        """``a``'s low bits; the value an extension started from, if that is them."""
+        narrow = self._extended.get(a.ref)
+        if narrow is not None and narrow.type.text == type_.text:
+            return narrow
         return self._cast("trunc", a, type_)
 
     def select(self, cond: Value, a: Value, b: Value) -> Value:

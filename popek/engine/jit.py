@@ -163,12 +163,14 @@ class _Emitter:
     def trap_exit(self, status: ir.Value) -> None:
         raise NotImplementedError
 
-    def _check(self, status: ir.Value) -> None:
-        """Leave through ``trap_exit`` unless a callback returned ``EXIT``."""
+    def _check(self, status: ir.Value, then: ir.Block) -> None:
+        """Continue at ``then`` if a callback returned ``EXIT``, else leave through
+        ``trap_exit``."""
         b = self.builder
         failed = b.icmp_unsigned("!=", status, ir.Constant(I32, EXIT))
         with b.if_then(failed, likely=False):
             self.trap_exit(status)
+        b.branch(then)
 
     def _tlb_hit(self, addr: ir.Value, size: int, table: str
                  ) -> tuple[ir.Value, ir.Value, ir.Value]:
@@ -196,32 +198,37 @@ class _Emitter:
     def load(self, addr: ir.Value, size: int, writable: bool) -> ir.Value:
         b = self.builder
         hit, entry, offset = self._tlb_hit(addr, size, "tlb_w" if writable else "tlb_r")
-        with b.if_else(hit, likely=True) as (fast, slow):
-            with fast:
-                raw = b.load(self._host(entry, offset), typ=ir.IntType(8 * size), align=1)
-                fast_value = b.zext(raw, I64) if size < 8 else raw
-                fast_bb = b.block
-            with slow:
-                access = ACCESS_WRITE if writable else ACCESS_READ
-                slow_value = self._callback("load_slow", I64, [
-                    addr, ir.Constant(I32, size), ir.Constant(I32, access)])
-                self._check(b.trunc(b.load(self.field_ptr("status"), typ=I64), I32))
-                slow_bb = b.block
+        fast_bb, slow_bb, join_bb = (b.append_basic_block(n) for n in ("hit", "miss", "loaded"))
+        b.cbranch(hit, fast_bb, slow_bb)
+        b.position_at_end(fast_bb)
+        raw = b.load(self._host(entry, offset), typ=ir.IntType(8 * size), align=1)
+        fast_value = b.zext(raw, I64) if size < 8 else raw
+        b.branch(join_bb)
+        b.position_at_end(slow_bb)
+        access = ACCESS_WRITE if writable else ACCESS_READ
+        slow_value = self._callback("load_slow", I64, [
+            addr, ir.Constant(I32, size), ir.Constant(I32, access)])
+        self._check(b.trunc(b.load(self.field_ptr("status"), typ=I64), I32), join_bb)
+        slow_end = b.block
+        b.position_at_end(join_bb)
         phi = b.phi(I64)
         phi.add_incoming(fast_value, fast_bb)
-        phi.add_incoming(slow_value, slow_bb)
+        phi.add_incoming(slow_value, slow_end)
         return phi
 
     def store(self, addr: ir.Value, size: int, value: ir.Value) -> None:
         b = self.builder
         hit, entry, offset = self._tlb_hit(addr, size, "tlb_w")
-        with b.if_else(hit, likely=True) as (fast, slow):
-            with fast:
-                raw = b.trunc(value, ir.IntType(8 * size)) if size < 8 else value
-                b.store(raw, self._host(entry, offset), align=1)
-            with slow:
-                self._check(self._callback("store_slow", I32, [addr, ir.Constant(I32, size),
-                                                               value]))
+        fast_bb, slow_bb, join_bb = (b.append_basic_block(n) for n in ("hit", "miss", "stored"))
+        b.cbranch(hit, fast_bb, slow_bb)
+        b.position_at_end(fast_bb)
+        raw = b.trunc(value, ir.IntType(8 * size)) if size < 8 else value
+        b.store(raw, self._host(entry, offset), align=1)
+        b.branch(join_bb)
+        b.position_at_end(slow_bb)
+        self._check(self._callback("store_slow", I32, [addr, ir.Constant(I32, size), value]),
+                    join_bb)
+        b.position_at_end(join_bb)
 
 
 # A path leaving a block: its exit pc or trap status, the index of the instruction it
@@ -328,15 +335,13 @@ class _BlockEmitter(_Emitter):
         self.set("pc", b.add(self.pc0, offset))
         b.ret(status)
 
-    def _check(self, status: ir.Value) -> None:
+    def _check(self, status: ir.Value, then: ir.Block) -> None:
         """Branch straight to the shared trap block unless a callback returned ``EXIT``."""
         b = self.builder
         if self.trap_bb is None:
             self.trap_bb = b.append_basic_block("trap")
         self.trap_arms.append((status, self.index, b.block, self.registers()))
-        ok_bb = b.append_basic_block("ok")
-        b.cbranch(b.icmp_unsigned("!=", status, ir.Constant(I32, EXIT)), self.trap_bb, ok_bb)
-        b.position_at_end(ok_bb)
+        b.cbranch(b.icmp_unsigned("!=", status, ir.Constant(I32, EXIT)), self.trap_bb, then)
 
     def trap(self, cause: ir.Value, tval: ir.Value) -> None:
         self.set("cause", cause)
@@ -357,7 +362,10 @@ class _BlockEmitter(_Emitter):
         """Run one instruction through its Python handler, which reads and writes the
         registers in memory."""
         self._write_back(self.regs)
-        self._check(self._callback("exec_slow", I32, [ir.Constant(I64, ref), pc]))
+        b = self.builder
+        done = b.append_basic_block("handled")
+        self._check(self._callback("exec_slow", I32, [ir.Constant(I64, ref), pc]), done)
+        b.position_at_end(done)
         self._reload()
 
 
