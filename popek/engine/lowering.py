@@ -159,9 +159,33 @@ def _modular(op: str, x: Value, y: Value, lo: int, hi: int) -> Value:
             return x.at(b, w)  # x & ~0, x + 0, x - 0, x | 0, x ^ 0 in the low bits
         if isinstance(x, Const) and op != "sub" and _identity(op, x.value, w):
             return y.at(b, w)
+        if op == "sub" and isinstance(y, Const) and y.value == 1 << (w - 1):
+            u = _flipped(x, w)
+            if u is not None:  # (u ^ S) - S, S the top bit: u's own bits (signed(u))
+                return u.at(b, w)
         return getattr(b, _OPS[op])(x.at(b, w), y.at(b, w))
 
-    return Lazy(lo, hi, low)
+    return Operation(lo, hi, low, op, x, y)
+
+
+class Operation(Lazy):
+    """A lazy ``x op y``, kept apart so consumers can see through sign-bit flips."""
+
+    __slots__ = ("op", "x", "y")
+
+    def __init__(self, lo: int, hi: int, low: Callable[[ir.IRBuilder, int], ir.Value],
+                 op: str, x: Value, y: Value) -> None:
+        super().__init__(lo, hi, low)
+        self.op, self.x, self.y = op, x, y
+
+
+def _flipped(v: Value, width: int) -> Value | None:
+    """The ``u`` of ``v = u ^ S``, S the top bit of ``width`` bits, or None."""
+    if isinstance(v, Operation) and v.op == "xor":
+        for u, flip in ((v.x, v.y), (v.y, v.x)):
+            if isinstance(flip, Const) and flip.value == 1 << (width - 1):
+                return u
+    return None
 
 
 def _identity(op: str, constant: int, width: int) -> bool:
@@ -536,6 +560,9 @@ class Lowering:
             raise Unsupported(f"comparison {type(op).__name__}")
         w = _width(lo, hi)
         cmp = self.b.icmp_unsigned if lo >= 0 else self.b.icmp_signed
+        u, v = _flipped(x, w), _flipped(y, w)
+        if lo >= 0 and u is not None and v is not None:
+            x, y, cmp = u, v, self.b.icmp_signed  # (u ^ S) < (v ^ S) unsigned: u < v signed
         return Emitted(cmp(sym, x.at(self.b, w), y.at(self.b, w)), 0, 1)
 
     def _ifexp(self, e: ast.IfExp) -> Value:
