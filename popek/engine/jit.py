@@ -285,12 +285,16 @@ class _BlockEmitter(_Emitter):
         self.regs = {n: self.read_state("x", n) for n in self.used}
 
     # -- exits --
-    def trap_exit(self, status: ir.Value) -> None:
-        """Leave for the trap path shared by the whole block (see ``finish``)."""
+    def _trap_arm(self, status: ir.Value) -> ir.Block:
+        """The trap path shared by the whole block (see ``finish``), with the current IR
+        block recorded as leaving for it."""
         if self.trap_bb is None:
             self.trap_bb = self.builder.append_basic_block("trap")
         self.trap_arms.append((status, self.index, self.builder.block, self.registers()))
-        self.builder.branch(self.trap_bb)
+        return self.trap_bb
+
+    def trap_exit(self, status: ir.Value) -> None:
+        self.builder.branch(self._trap_arm(status))
 
     def jump(self, target: ir.Value) -> None:
         """Leave the block for ``target``, through the exit shared by the whole block."""
@@ -338,10 +342,8 @@ class _BlockEmitter(_Emitter):
     def _check(self, status: ir.Value, then: ir.Block) -> None:
         """Branch straight to the shared trap block unless a callback returned ``EXIT``."""
         b = self.builder
-        if self.trap_bb is None:
-            self.trap_bb = b.append_basic_block("trap")
-        self.trap_arms.append((status, self.index, b.block, self.registers()))
-        b.cbranch(b.icmp_unsigned("!=", status, ir.Constant(I32, EXIT)), self.trap_bb, then)
+        failed = b.icmp_unsigned("!=", status, ir.Constant(I32, EXIT))
+        b.cbranch(failed, self._trap_arm(status), then)
 
     def trap(self, cause: ir.Value, tval: ir.Value) -> None:
         self.set("cause", cause)
