@@ -41,23 +41,21 @@ class FunctionType(Type):
         self.return_type = ret
         self.args = args
 
-    def as_pointer(self) -> FunctionType:
-        """A function pointer's type: calls through it need the signature."""
-        return self
 
 
 class Value:
     """An SSA value (or constant) of a type; ``ref`` is how instructions name it."""
+
+    __slots__ = ("type", "ref")
 
     def __init__(self, type_: Type, ref: str) -> None:
         self.type = type_
         self.ref = ref
 
 
-AllocaInstr = Value
-
-
 class Constant(Value):
+    __slots__ = ()
+
     def __init__(self, type_: Type, value: int) -> None:
         super().__init__(type_, str(value))
 
@@ -67,7 +65,7 @@ class Block:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.lines: list[object] = []  # strings, or phis rendered at the end
+        self.lines: list[object] = []  # indented lines, or phis rendered at the end
         self.terminator: str | None = None
 
     @property
@@ -76,6 +74,8 @@ class Block:
 
 
 class _Phi(Value):
+    __slots__ = ("incoming",)
+
     def __init__(self, type_: Type, ref: str) -> None:
         super().__init__(type_, ref)
         self.incoming: list[tuple[Value, Block]] = []
@@ -85,7 +85,7 @@ class _Phi(Value):
 
     def __str__(self) -> str:
         arms = ", ".join(f"[ {v.ref}, %{b.name} ]" for v, b in self.incoming)
-        return f"{self.ref} = phi {self.type} {arms}"
+        return f"  {self.ref} = phi {self.type} {arms}"
 
 
 class Function:
@@ -93,13 +93,16 @@ class Function:
         self.name = name
         self.function_type = ftype
         self.args = [Value(t, f"%a{i}") for i, t in enumerate(ftype.args)]
+        self.ref = f"@{name}"  # a function is a pointer value
+        self.type = PTR
+        self.linkage = ""  # "internal": invisible outside its module
         self.blocks: list[Block] = []
         self.attributes: set[str] = set()
         self._ids = count()
         module.functions.append(self)
 
-    def fresh(self, prefix: str = "t") -> str:
-        return f"%{prefix}.{next(self._ids)}"
+    def fresh(self) -> str:
+        return f"%t{next(self._ids)}"
 
     def append_basic_block(self, name: str = "b") -> Block:
         block = Block(f"{name}.{next(self._ids)}")
@@ -108,11 +111,11 @@ class Function:
 
     def __str__(self) -> str:
         params = ", ".join(f"{a.type} {a.ref}" for a in self.args)
-        out = [f"define {self.function_type.return_type} @{self.name}({params}) "
+        out = [f"define {self.linkage} {self.function_type.return_type} @{self.name}({params}) "
                f"{' '.join(sorted(self.attributes))} {{"]
         for block in self.blocks:
             out.append(f"{block.name}:")
-            out += [f"  {line}" for line in block.lines]
+            out += map(str, block.lines)
             out.append(f"  {block.terminator or 'unreachable'}")
         out.append("}")
         return "\n".join(out)
@@ -139,6 +142,7 @@ class IRBuilder:
     def __init__(self, block: Block, function: Function) -> None:
         self.function = function
         self.block = block
+        self._extended: dict[str, Value] = {}  # an extension's result: what it extended
 
     # -- positioning --
     def append_basic_block(self, name: str = "b") -> Block:
@@ -167,26 +171,10 @@ class IRBuilder:
             self.branch(end_bb)
         self.block = end_bb
 
-    @contextmanager
-    def if_else(self, pred: Value, likely: bool | None = None):
-        then_bb, else_bb = self.append_basic_block("then"), self.append_basic_block("else")
-        end_bb = self.append_basic_block("endif")
-        self.cbranch(pred, then_bb, else_bb)
-
-        @contextmanager
-        def arm(block: Block) -> Iterator[None]:
-            self.block = block
-            yield
-            if not self.block.is_terminated:
-                self.branch(end_bb)
-
-        yield arm(then_bb), arm(else_bb)
-        self.block = end_bb
-
     # -- emission --
     def _emit(self, type_: Type, text: str) -> Value:
-        ref = self.function.fresh()
-        self.block.lines.append(f"{ref} = {text}")
+        ref = f"%t{next(self.function._ids)}"
+        self.block.lines.append(f"  {ref} = {text}")
         return Value(type_, ref)
 
     def _binary(self, op: str, a: Value, b: Value) -> Value:
@@ -246,20 +234,23 @@ class IRBuilder:
     def _cast(self, op: str, a: Value, type_: Type) -> Value:
         return self._emit(type_, f"{op} {a.type} {a.ref} to {type_}")
 
+    def _extend(self, op: str, a: Value, type_: Type) -> Value:
+        wide = self._cast(op, a, type_)
+        self._extended[wide.ref] = a
+        return wide
+
     def zext(self, a: Value, type_: Type) -> Value:
-        return self._cast("zext", a, type_)
+        return self._extend("zext", a, type_)
 
     def sext(self, a: Value, type_: Type) -> Value:
-        return self._cast("sext", a, type_)
+        return self._extend("sext", a, type_)
 
     def trunc(self, a: Value, type_: Type) -> Value:
+        """``a``'s low bits; the value an extension started from, if that is them."""
+        narrow = self._extended.get(a.ref)
+        if narrow is not None and narrow.type.text == type_.text:
+            return narrow
         return self._cast("trunc", a, type_)
-
-    def inttoptr(self, a: Value, type_: Type) -> Value:
-        """A pointer; if ``type_`` is a function type, the value can be called."""
-        value = self._emit(PTR, f"inttoptr {a.type} {a.ref} to ptr")
-        value.function_type = type_ if isinstance(type_, FunctionType) else None
-        return value
 
     def select(self, cond: Value, a: Value, b: Value) -> Value:
         return self._emit(a.type, f"select i1 {cond.ref}, {a.type} {a.ref}, {b.type} {b.ref}")
@@ -269,20 +260,13 @@ class IRBuilder:
         self.block.lines.append(phi)
         return phi
 
-    def alloca(self, type_: Type, name: str = "") -> Value:
-        value = Value(PTR, self.function.fresh(name or "slot"))
-        self.block.lines.append(f"{value.ref} = alloca {type_}")
-        value.allocated = type_
-        return value
-
-    def load(self, ptr: Value, typ: Type | None = None, align: int | None = None) -> Value:
-        type_ = typ or ptr.allocated
+    def load(self, ptr: Value, typ: Type, align: int | None = None) -> Value:
         suffix = f", align {align}" if align else ""
-        return self._emit(type_, f"load {type_}, ptr {ptr.ref}{suffix}")
+        return self._emit(typ, f"load {typ}, ptr {ptr.ref}{suffix}")
 
     def store(self, value: Value, ptr: Value, align: int | None = None) -> None:
         suffix = f", align {align}" if align else ""
-        self.block.lines.append(f"store {value.type} {value.ref}, ptr {ptr.ref}{suffix}")
+        self.block.lines.append(f"  store {value.type} {value.ref}, ptr {ptr.ref}{suffix}")
 
     def gep(self, ptr: Value, indices: list[Value], inbounds: bool = False,
             source_etype: Type | None = None) -> Value:
@@ -290,8 +274,9 @@ class IRBuilder:
         kind = "getelementptr inbounds" if inbounds else "getelementptr"
         return self._emit(PTR, f"{kind} {source_etype}, ptr {ptr.ref}, {idx}")
 
-    def call(self, fn: Value, args: list[Value], tail: str | bool = False) -> Value:
-        ftype = fn.function_type
+    def call(self, fn: Value, ftype: FunctionType, args: list[Value],
+             tail: str | bool = False) -> Value:
+        """Call the function ``fn`` points to, whose type is ``ftype``."""
         marker = f"{tail} " if isinstance(tail, str) else ""
         text = f"{marker}call {ftype.return_type} {fn.ref}(" \
                f"{', '.join(f'{a.type} {a.ref}' for a in args)})"

@@ -30,7 +30,7 @@ from types import ModuleType
 from popek.cpu.causes import ACCESS_READ, ACCESS_WRITE, Trap
 from popek.cpu.state import X_SINK
 from popek.engine import irtext as ir
-from popek.engine.lowering import I32, I64, Lowering, Operand, Unsupported
+from popek.engine.lowering import I32, I64, Lowering, Operand, Unsupported, reads_pc
 from popek.isa.decoder import Decoded
 from popek.isa.spec import IMM_RANGES, WRITES_X, Insn
 
@@ -60,6 +60,12 @@ def jump_mode(decode_mode: int, priv: int) -> int:
     """The mode bits of jump-cache tags: the block cache's decoding mode and privilege."""
     return decode_mode | priv << PRIV_TAG_SHIFT
 
+
+I8 = ir.IntType(8)
+TLB_ENTRY = ir.Type("{i64, i64}")  # tag (virtual page number + 1), host page address
+JUMP_BUCKET = ir.Type(f"[{JUMP_WAYS} x {TLB_ENTRY}]")  # ways of (tag, function address)
+BLOCK_TYPE = ir.FunctionType(I32, [ir.PTR, I64])  # status = block(env, pc)
+CHAIN = "chain"
 
 # Exit statuses of native code.
 EXIT = 0  # env.pc is the next pc
@@ -119,30 +125,33 @@ class _Emitter:
         self.fn = fn
         self.env = fn.args[0]
         self.builder = ir.IRBuilder(fn.append_basic_block("entry"), fn)
-        self._fields: dict[str, ir.Value] = {}
+        self._field_ptrs: dict[str, ir.Value] = {}
+        self._fields: dict[tuple[str, str], ir.Value] = {}
 
     def field_ptr(self, name: str) -> ir.Value:
-        return self.builder.gep(self.env, [ir.Constant(I64, _F[name])], inbounds=True,
-                                source_etype=I64)
-
-    def get(self, name: str) -> ir.Value:
-        """An env field that stays constant during a run, loaded once at entry."""
-        if name not in self._fields:
+        """Where an env field lives (computed once, in the entry block)."""
+        if name not in self._field_ptrs:
             with self.builder.goto_entry_block():
-                self._fields[name] = self.builder.load(self.field_ptr(name), typ=I64)
-        return self._fields[name]
+                self._field_ptrs[name] = self.builder.gep(
+                    self.env, [ir.Constant(I64, _F[name])], inbounds=True, source_etype=I64)
+        return self._field_ptrs[name]
+
+    def get(self, name: str, typ: ir.Type = ir.PTR) -> ir.Value:
+        """An env field that stays constant during a run, loaded once at entry."""
+        key = (name, typ.text)
+        value = self._fields.get(key)
+        if value is None:
+            ptr = self.field_ptr(name)
+            with self.builder.goto_entry_block():
+                value = self._fields[key] = self.builder.load(ptr, typ=typ)
+        return value
 
     def set(self, name: str, value: ir.Value) -> None:
         self.builder.store(value, self.field_ptr(name))
 
-    def ptr(self, addr: ir.Value) -> ir.Value:
-        return self.builder.inttoptr(addr, ir.PointerType())
-
     def _slot(self, buffer: str, index: int | ir.Value) -> ir.Value:
-        b = self.builder
-        offset = (ir.Constant(I64, 8 * index) if isinstance(index, int)
-                  else b.shl(index, ir.Constant(I64, 3)))
-        return self.ptr(b.add(self.get(buffer), offset))
+        i = ir.Constant(I64, index) if isinstance(index, int) else index
+        return self.builder.gep(self.get(buffer), [i], inbounds=True, source_etype=I64)
 
     def read_state(self, buffer: str, index: int | ir.Value) -> ir.Value:
         """FP registers and control slots stay in memory (Python handlers use them too)."""
@@ -153,192 +162,258 @@ class _Emitter:
 
     def _callback(self, field: str, ret: ir.Type, args: list[ir.Value]) -> ir.Value:
         fnty = ir.FunctionType(ret, [a.type for a in args])
-        return self.builder.call(self.builder.inttoptr(self.get(field), fnty.as_pointer()), args)
+        return self.builder.call(self.get(field), fnty, args)
 
     def trap_exit(self, status: ir.Value) -> None:
         raise NotImplementedError
 
-    def _check(self, status: ir.Value) -> None:
+    def _check(self, status: ir.Value, then: ir.Block) -> None:
+        """Continue at ``then`` if a callback returned ``EXIT``, else leave through
+        ``trap_exit``."""
         b = self.builder
         failed = b.icmp_unsigned("!=", status, ir.Constant(I32, EXIT))
         with b.if_then(failed, likely=False):
             self.trap_exit(status)
+        b.branch(then)
 
-    def _tlb_hit(self, addr: ir.Value, size: int, table: str) -> tuple[ir.Value, ir.Value]:
+    def _tlb_hit(self, addr: ir.Value, size: int, table: str
+                 ) -> tuple[ir.Value, ir.Value, ir.Value]:
+        """Whether the access hits the native TLB; where the entry's host page address
+        is, and the access's offset in the page."""
         b = self.builder
         vpn = b.lshr(addr, ir.Constant(I64, 12))
-        slot = b.shl(b.and_(vpn, ir.Constant(I64, TLB_ENTRIES - 1)), ir.Constant(I64, 4))
-        entry = b.add(self.get(table), slot)
-        tag = b.load(self.ptr(entry), typ=I64)
+        index = b.and_(vpn, ir.Constant(I64, TLB_ENTRIES - 1))
+        entry = b.gep(self.get(table), [index], inbounds=True, source_etype=TLB_ENTRY)
+        tag = b.load(entry, typ=I64)
         hit = b.icmp_unsigned("==", tag, b.add(vpn, ir.Constant(I64, 1)))
         offset = b.and_(addr, ir.Constant(I64, 4095))
         if size > 1:
             fits = b.icmp_unsigned("<=", offset, ir.Constant(I64, 4096 - size))
             hit = b.and_(hit, fits)
-        return hit, b.add(entry, ir.Constant(I64, 8)), offset
+        return hit, entry, offset
+
+    def _host(self, entry: ir.Value, offset: ir.Value) -> ir.Value:
+        """The host address of a TLB hit."""
+        b = self.builder
+        page = b.load(b.gep(entry, [ir.Constant(I64, 1)], inbounds=True, source_etype=I64),
+                      typ=ir.PTR)
+        return b.gep(page, [offset], inbounds=True, source_etype=I8)
 
     def load(self, addr: ir.Value, size: int, writable: bool) -> ir.Value:
         b = self.builder
-        hit, base_ptr, offset = self._tlb_hit(addr, size, "tlb_w" if writable else "tlb_r")
-        with b.if_else(hit, likely=True) as (fast, slow):
-            with fast:
-                base = b.load(self.ptr(base_ptr), typ=I64)
-                raw = b.load(self.ptr(b.add(base, offset)), typ=ir.IntType(8 * size), align=1)
-                fast_value = b.zext(raw, I64) if size < 8 else raw
-                fast_bb = b.block
-            with slow:
-                access = ACCESS_WRITE if writable else ACCESS_READ
-                slow_value = self._callback("load_slow", I64, [
-                    addr, ir.Constant(I32, size), ir.Constant(I32, access)])
-                self._check(b.trunc(b.load(self.field_ptr("status"), typ=I64), I32))
-                slow_bb = b.block
+        hit, entry, offset = self._tlb_hit(addr, size, "tlb_w" if writable else "tlb_r")
+        fast_bb, slow_bb, join_bb = (b.append_basic_block(n) for n in ("hit", "miss", "loaded"))
+        b.cbranch(hit, fast_bb, slow_bb)
+        b.position_at_end(fast_bb)
+        raw = b.load(self._host(entry, offset), typ=ir.IntType(8 * size), align=1)
+        fast_value = b.zext(raw, I64) if size < 8 else raw
+        b.branch(join_bb)
+        b.position_at_end(slow_bb)
+        access = ACCESS_WRITE if writable else ACCESS_READ
+        slow_value = self._callback("load_slow", I64, [
+            addr, ir.Constant(I32, size), ir.Constant(I32, access)])
+        self._check(b.trunc(b.load(self.field_ptr("status"), typ=I64), I32), join_bb)
+        slow_end = b.block
+        b.position_at_end(join_bb)
         phi = b.phi(I64)
         phi.add_incoming(fast_value, fast_bb)
-        phi.add_incoming(slow_value, slow_bb)
+        phi.add_incoming(slow_value, slow_end)
         return phi
 
     def store(self, addr: ir.Value, size: int, value: ir.Value) -> None:
         b = self.builder
-        hit, base_ptr, offset = self._tlb_hit(addr, size, "tlb_w")
-        with b.if_else(hit, likely=True) as (fast, slow):
-            with fast:
-                base = b.load(self.ptr(base_ptr), typ=I64)
-                raw = b.trunc(value, ir.IntType(8 * size)) if size < 8 else value
-                b.store(raw, self.ptr(b.add(base, offset)), align=1)
-            with slow:
-                self._check(self._callback("store_slow", I32, [addr, ir.Constant(I32, size),
-                                                               value]))
+        hit, entry, offset = self._tlb_hit(addr, size, "tlb_w")
+        fast_bb, slow_bb, join_bb = (b.append_basic_block(n) for n in ("hit", "miss", "stored"))
+        b.cbranch(hit, fast_bb, slow_bb)
+        b.position_at_end(fast_bb)
+        raw = b.trunc(value, ir.IntType(8 * size)) if size < 8 else value
+        b.store(raw, self._host(entry, offset), align=1)
+        b.branch(join_bb)
+        b.position_at_end(slow_bb)
+        self._check(self._callback("store_slow", I32, [addr, ir.Constant(I32, size), value]),
+                    join_bb)
+        b.position_at_end(join_bb)
+
+
+# A path leaving a block: its exit pc or trap status, the index of the instruction it
+# leaves from, the IR block it branches from, and the registers as it left them.
+_Arm = tuple[ir.Value, int, ir.Block, dict[int, ir.Value]]
 
 
 class _BlockEmitter(_Emitter):
     """One block: registers live in SSA values between entry and each exit."""
 
     def __init__(self, fn: ir.Function, decoded: list[Decoded], offsets: tuple[int, ...],
-                 fp: bool) -> None:
+                 fp: bool, chain: ir.Function) -> None:
         super().__init__(fn)
         self.pc0 = fn.args[1]
+        self.chain = chain
         self.decoded = decoded
         self.offsets = offsets
         self.index = 0
-        self.regs: dict[int, ir.AllocaInstr] = {}
+        self.used = sorted({r for d in decoded for r in (d.rd, d.rs1, d.rs2)} - {0, X_SINK})
+        self.regs: dict[int, ir.Value] = {}
         self.written: set[int] = set()
         self.exit_bb: ir.Block | None = None
-        self.exit_arms: list[tuple[ir.Value, ir.Block]] = []
+        self.exit_arms: list[_Arm] = []
         self.trap_bb: ir.Block | None = None
-        self.trap_arms: list[tuple[ir.Value, int, ir.Block]] = []
-        b = self.builder
-        for n in sorted({r for d in decoded for r in (d.rd, d.rs1, d.rs2)} - {0, X_SINK}):
-            self.regs[n] = b.alloca(I64, name=f"x{n}")
+        self.trap_arms: list[_Arm] = []
         self._reload()
         if fp:  # FP state becomes dirty before an FP instruction runs, as in the engine
             mstatus = self.read_state("csr", MSTATUS)
-            self.write_state("csr", MSTATUS, b.or_(mstatus, ir.Constant(I64, MSTATUS_FS_DIRTY_SD)))
+            self.write_state("csr", MSTATUS, self.builder.or_(
+                mstatus, ir.Constant(I64, MSTATUS_FS_DIRTY_SD)))
 
     # -- registers --
     def read_x(self, reg: int) -> ir.Value:
         if reg == 0:
             return ir.Constant(I64, 0)
-        return self.builder.load(self.regs[reg])
+        return self.regs[reg]
 
     def write_x(self, reg: int, value: ir.Value) -> None:
         if reg != X_SINK:
-            self.builder.store(value, self.regs[reg])
+            self.regs[reg] = value
             self.written.add(reg)
 
-    def _write_back(self) -> None:
+    def registers(self) -> dict[int, ir.Value]:
+        return dict(self.regs)
+
+    def set_registers(self, regs: dict[int, ir.Value]) -> None:
+        self.regs = regs
+
+    def _write_back(self, regs: dict[int, ir.Value]) -> None:
         for n in sorted(self.written):
-            self.write_state("x", n, self.builder.load(self.regs[n]))
+            self.write_state("x", n, regs[n])
 
     def _reload(self) -> None:
-        for n, slot in self.regs.items():
-            self.builder.store(self.read_state("x", n), slot)
+        self.regs = {n: self.read_state("x", n) for n in self.used}
 
     # -- exits --
-    def _retire(self, count: int) -> ir.Value:
-        b = self.builder
-        executed = b.add(b.load(self.field_ptr("executed"), typ=I64), ir.Constant(I64, count))
-        self.set("executed", executed)
-        return executed
-
-    def trap_exit(self, status: ir.Value) -> None:
-        """Leave for the trap path shared by the whole block (see ``finish``)."""
+    def _trap_arm(self, status: ir.Value) -> ir.Block:
+        """The trap path shared by the whole block (see ``finish``), with the current IR
+        block recorded as leaving for it."""
         if self.trap_bb is None:
             self.trap_bb = self.builder.append_basic_block("trap")
-        self.trap_arms.append((status, self.index, self.builder.block))
-        self.builder.branch(self.trap_bb)
+        self.trap_arms.append((status, self.index, self.builder.block, self.registers()))
+        return self.trap_bb
+
+    def trap_exit(self, status: ir.Value) -> None:
+        self.builder.branch(self._trap_arm(status))
+
+    def jump(self, target: ir.Value) -> None:
+        """Leave the block for ``target``, through the exit shared by the whole block."""
+        if self.exit_bb is None:
+            self.exit_bb = self.builder.append_basic_block("exit")
+        self.exit_arms.append((target, self.index, self.builder.block, self.registers()))
+        self.builder.branch(self.exit_bb)
+
+    def _merge(self, block: ir.Block, arms: list[_Arm], type_: ir.Type
+               ) -> tuple[ir.Value, ir.Value, ir.Value]:
+        """At ``block``, where ``arms`` meet: their value, how many instructions they
+        retired and the pc offset of the instruction they left from, after writing back
+        the registers the block writes as each arm left them (one not yet written on
+        that path still holds its entry value)."""
+        b = self.builder
+        b.position_at_end(block)
+
+        def merged(values: list[ir.Value], typ: ir.Type) -> ir.Value:
+            if all(v.ref == values[0].ref for v in values):
+                return values[0]
+            phi = b.phi(typ)
+            for value, arm in zip(values, arms, strict=True):
+                phi.add_incoming(value, arm[2])
+            return phi
+
+        value = merged([arm[0] for arm in arms], type_)
+        retired = merged([ir.Constant(I64, arm[1]) for arm in arms], I64)
+        offset = merged([ir.Constant(I64, self.offsets[arm[1]]) for arm in arms], I64)
+        regs = {n: merged([arm[3][n] for arm in arms], I64) for n in sorted(self.written)}
+        self._write_back(regs)  # after the phis, which must open the block
+        return value, retired, offset
 
     def finish(self) -> None:
-        """Emit the exits the block's paths branch to. Both write back every register the
-        block writes: one not yet written on that path still holds its entry value."""
+        """Emit the exits the block's paths branch to."""
         if self.exit_bb is not None:
             self._emit_exit()
         if self.trap_bb is None:
             return
         b = self.builder
-        b.position_at_end(self.trap_bb)
-        status, retired, offset = b.phi(I32), b.phi(I64), b.phi(I64)
-        for value, index, bb in self.trap_arms:
-            status.add_incoming(value, bb)
-            retired.add_incoming(ir.Constant(I64, index), bb)
-            offset.add_incoming(ir.Constant(I64, self.offsets[index]), bb)
-        self._write_back()
+        status, retired, offset = self._merge(self.trap_bb, self.trap_arms, I32)
         self.set("executed", b.add(b.load(self.field_ptr("executed"), typ=I64), retired))
         self.set("pc", b.add(self.pc0, offset))
         b.ret(status)
+
+    def _check(self, status: ir.Value, then: ir.Block) -> None:
+        """Branch straight to the shared trap block unless a callback returned ``EXIT``."""
+        b = self.builder
+        failed = b.icmp_unsigned("!=", status, ir.Constant(I32, EXIT))
+        b.cbranch(failed, self._trap_arm(status), then)
 
     def trap(self, cause: ir.Value, tval: ir.Value) -> None:
         self.set("cause", cause)
         self.set("tval", tval)
         self.trap_exit(ir.Constant(I32, TRAP_NATIVE))
 
-    def jump(self, target: ir.Value) -> None:
-        """Leave the block for ``target``, through the exit shared by the whole block."""
-        if self.exit_bb is None:
-            self.exit_bb = self.builder.append_basic_block("exit")
-        self.exit_arms.append((target, self.builder.block))
-        self.builder.branch(self.exit_bb)
-
     def _emit_exit(self) -> None:
-        """The shared exit: chain to the next block's native code if the jump cache has
-        it and budget remains, else return its pc to the dispatcher."""
+        """The shared exit: count the block's instructions and leave through the
+        module's ``chain`` function (see :func:`_chain`)."""
         b = self.builder
-        b.position_at_end(self.exit_bb)
-        target = b.phi(I64)
-        for value, bb in self.exit_arms:
-            target.add_incoming(value, bb)
-        self._write_back()
-        executed = self._retire(len(self.decoded))
-        budget_left = b.icmp_signed("<", executed, self.get("budget"))
-        chain_bb = b.append_basic_block("chain")
-        leave_bb = b.append_basic_block("leave")
-        b.cbranch(budget_left, chain_bb, leave_bb)
-        b.position_at_end(chain_bb)
-        hashed = b.mul(b.lshr(target, ir.Constant(I64, 1)), ir.Constant(I64, JUMP_HASH))
-        bucket = b.add(self.get("jumps"), b.shl(
-            b.lshr(hashed, ir.Constant(I64, 64 - JUMP_BITS)), ir.Constant(I64, 5)))
-        want = b.xor(b.or_(target, ir.Constant(I64, 1)), self.get("mode"))
-        for way in range(JUMP_WAYS):  # each way: (tag, function address)
-            entry = b.add(bucket, ir.Constant(I64, 16 * way))
-            hit = b.icmp_unsigned("==", b.load(self.ptr(entry), typ=I64), want)
-            found_bb = b.append_basic_block(f"found{way}")
-            next_bb = b.append_basic_block(f"way{way + 1}") if way + 1 < JUMP_WAYS else leave_bb
-            b.cbranch(hit, found_bb, next_bb)
-            b.position_at_end(found_bb)
-            fn = b.load(self.ptr(b.add(entry, ir.Constant(I64, 8))), typ=I64)
-            callee = b.inttoptr(fn, self.fn.function_type.as_pointer())
-            b.ret(b.call(callee, [self.env, target], tail="musttail"))
-            if next_bb is not leave_bb:
-                b.position_at_end(next_bb)
-        b.position_at_end(leave_bb)
-        self.set("pc", target)
-        b.ret(ir.Constant(I32, EXIT))
+        target, _, _ = self._merge(self.exit_bb, self.exit_arms, I64)
+        executed = b.add(b.load(self.field_ptr("executed"), typ=I64),
+                         ir.Constant(I64, len(self.decoded)))
+        self.set("executed", executed)
+        b.ret(b.call(self.chain, BLOCK_TYPE, [self.env, target], tail="musttail"))
 
     def fallback(self, ref: int, pc: ir.Value) -> None:
         """Run one instruction through its Python handler, which reads and writes the
         registers in memory."""
-        self._write_back()
-        self._check(self._callback("exec_slow", I32, [ir.Constant(I64, ref), pc]))
+        self._write_back(self.regs)
+        b = self.builder
+        done = b.append_basic_block("handled")
+        self._check(self._callback("exec_slow", I32, [ir.Constant(I64, ref), pc]), done)
+        b.position_at_end(done)
         self._reload()
+
+
+def _chain(module: ir.Module) -> ir.Function:
+    """The exit every block of ``module`` tail-calls with its successor's pc: chain to
+    the successor's native code if the jump cache has it and budget remains, else return
+    the pc to the dispatcher. One copy per module keeps each block's code small."""
+    for fn in module.functions:
+        if fn.name == CHAIN:
+            return fn
+    fn = ir.Function(module, BLOCK_TYPE, CHAIN)
+    fn.linkage = "internal"
+    fn.attributes.add("nounwind")
+    em = _Emitter(fn)
+    b = em.builder
+    target = fn.args[1]
+    executed = b.load(em.field_ptr("executed"), typ=I64)
+    budget_left = b.icmp_signed("<", executed, em.get("budget", I64))
+    chain_bb = b.append_basic_block("chain")
+    leave_bb = b.append_basic_block("leave")
+    b.cbranch(budget_left, chain_bb, leave_bb)
+    b.position_at_end(chain_bb)
+    hashed = b.mul(b.lshr(target, ir.Constant(I64, 1)), ir.Constant(I64, JUMP_HASH))
+    bucket = b.lshr(hashed, ir.Constant(I64, 64 - JUMP_BITS))
+    want = b.xor(b.or_(target, ir.Constant(I64, 1)), em.get("mode", I64))
+    for way in range(JUMP_WAYS):  # each way: (tag, function address)
+        entry = b.gep(em.get("jumps"), [bucket, ir.Constant(I32, way)], inbounds=True,
+                      source_etype=JUMP_BUCKET)
+        hit = b.icmp_unsigned("==", b.load(entry, typ=I64), want)
+        found_bb = b.append_basic_block(f"found{way}")
+        next_bb = b.append_basic_block(f"way{way + 1}") if way + 1 < JUMP_WAYS else leave_bb
+        b.cbranch(hit, found_bb, next_bb)
+        b.position_at_end(found_bb)
+        callee = b.load(b.gep(entry, [ir.Constant(I64, 1)], inbounds=True, source_etype=I64),
+                        typ=ir.PTR)
+        b.ret(b.call(callee, BLOCK_TYPE, [em.env, target], tail="musttail"))
+        if next_bb is not leave_bb:
+            b.position_at_end(next_bb)
+    b.position_at_end(leave_bb)
+    em.set("pc", target)
+    b.ret(ir.Constant(I32, EXIT))
+    return fn
 
 
 class _StepEmitter(_Emitter):
@@ -354,6 +429,12 @@ class _StepEmitter(_Emitter):
 
     def write_x(self, reg: ir.Value, value: ir.Value) -> None:
         self.write_state("x", reg, value)
+
+    def registers(self) -> dict[int, ir.Value]:
+        return {}  # registers stay in memory
+
+    def set_registers(self, regs: dict[int, ir.Value]) -> None:
+        pass
 
     def trap_exit(self, status: ir.Value) -> None:
         self.set("pc", self.pc)
@@ -569,9 +650,9 @@ class NativeRuntime:
             return None  # control leaves through a Python handler
         self.native_blocks += 1
         name = f"b{self.native_blocks}"
-        fn = ir.Function(module, ir.FunctionType(I32, [ir.PointerType(), I64]), name)
+        fn = ir.Function(module, BLOCK_TYPE, name)
         fn.attributes.add("nounwind")
-        em = _BlockEmitter(fn, decoded, offsets, fp)
+        em = _BlockEmitter(fn, decoded, offsets, fp, _chain(module))
         b = em.builder
         body = b.append_basic_block("body")
         b.branch(body)
@@ -579,7 +660,12 @@ class NativeRuntime:
         falls = True
         for i, (d, off) in enumerate(zip(decoded, offsets, strict=True)):
             em.index = i
-            pc = b.add(em.pc0, ir.Constant(I64, off)) if off else em.pc0
+            if not off:
+                pc = em.pc0
+            elif native[i] and not reads_pc(d.insn.sem):
+                pc = None
+            else:
+                pc = b.add(em.pc0, ir.Constant(I64, off))
             if native[i]:
                 falls = Lowering(em, _operands(d), pc, d.length).lower(d.insn.sem)
             else:

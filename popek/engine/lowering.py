@@ -2,13 +2,18 @@
 
 This is the native tier's front end, and like every tier it is derived from the one
 declaration: it walks the semantics' syntax tree and emits IR for it. Python's integers
-are unbounded, so each value carries the interval it may take; the IR holds it as an
-``i128`` bit pattern, read as unsigned when the interval is non-negative and as signed
-otherwise. Every operation computes its result interval first and refuses (raising
-:class:`Unsupported`) if the pattern could become ambiguous, so a lowered instruction
-either means exactly what the Python means or is not lowered at all. Constructs outside
-the native vocabulary (CSRs, FP arithmetic, hart services) raise :class:`Unsupported`
-too; the native tier then runs that instruction through its Python handler.
+are unbounded, so each value carries the interval it may take, and the IR holds it as a
+bit pattern (``i64`` when that identifies every value of the interval, else ``i128``),
+read as unsigned when the interval is non-negative and as signed otherwise. Every
+operation computes its result interval first and refuses (raising :class:`Unsupported`)
+if no 128-bit pattern could identify it, so a lowered instruction either means exactly
+what the Python means or is not lowered at all. Constructs outside the native vocabulary
+(CSRs, FP arithmetic, hart services) raise :class:`Unsupported` too; the native tier then
+runs that instruction through its Python handler.
+
+Values are emitted lazily, at the width their consumer needs (see :class:`Value`), so
+the common ``(X[rs1] + imm) & M64`` becomes one ``i64`` add, and locals and registers
+are SSA values the lowering merges itself at joins: LLVM gets little to simplify.
 
 Conditional expressions are lowered to branches, never to ``select``: their arms may
 divide, and only the taken one may run.
@@ -17,6 +22,7 @@ divide, and only the taken one may run.
 from __future__ import annotations
 
 import ast
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from typing import Protocol
@@ -29,6 +35,7 @@ I1 = ir.IntType(1)
 I32 = ir.IntType(32)
 I64 = ir.IntType(64)
 I128 = ir.IntType(128)
+INT_TYPES = {w: ir.IntType(w) for w in (1, 8, 16, 32, 64, 128)}
 WIDE = 1 << 128
 U64_MAX = (1 << 64) - 1
 LOADS = {f"ld{n}": n // 8 for n in (8, 16, 32, 64)}
@@ -44,34 +51,150 @@ class Unsupported(Exception):
     """The semantics use something the native tier does not lower."""
 
 
-@dataclass(frozen=True)
-class Value:
-    """A Python integer in IR: its ``i128`` bit pattern and the interval it lies in."""
+def _fits(lo: int, hi: int, width: int) -> bool:
+    """Whether ``width``-bit patterns identify every integer in [lo, hi]."""
+    return (0 <= lo and hi >> width == 0) or (-(1 << (width - 1)) <= lo and hi < 1 << (width - 1))
 
-    ir: ir.Value
-    lo: int
-    hi: int
+
+def _checked(lo: int, hi: int) -> tuple[int, int]:
+    """The interval, if an i128 pattern identifies each of its values; else refuse."""
+    if _fits(lo, hi, 128):
+        return lo, hi
+    raise Unsupported(f"an intermediate value may not fit 128 bits: [{lo}, {hi}]")
+
+
+def _width(lo: int, hi: int) -> int:
+    """The IR width a value of [lo, hi] is held in when all of it matters."""
+    return 64 if _fits(lo, hi, 64) else 128
+
+
+def _pattern(v: int, width: int) -> int:
+    """The low ``width`` bits of ``v``, spelled as LLVM reads an integer constant."""
+    v &= (1 << width) - 1
+    return v - (1 << width) if v >> (width - 1) else v
+
+
+def _int(width: int) -> ir.IntType:
+    return INT_TYPES.get(width) or ir.IntType(width)
+
+
+class Value:
+    """A Python integer on its way into IR: the interval it lies in, and its bits.
+
+    ``at(b, w)`` emits the value's low ``w`` bits as an ``iw`` (above ``width``, the
+    pattern extended by the value's sign). The low bits of a sum, difference, product,
+    left shift or bitwise result depend only on the low bits of the operands, so those
+    are emitted only when a consumer asks, at the width it asks for: the 65-bit sum in
+    ``(X[rs1] + imm) & M64`` becomes an ``i64`` add. A lazy value is asked once, where
+    its consumer is emitted, which is always on the path that computed its operands.
+    """
+
+    __slots__ = ("lo", "hi", "width")
+
+    def __init__(self, lo: int, hi: int) -> None:
+        self.lo, self.hi = _checked(lo, hi)
+        self.width = _width(lo, hi)
 
     @property
     def unsigned(self) -> bool:
         return self.lo >= 0
 
+    def at(self, b: ir.IRBuilder, width: int) -> ir.Value:
+        if width <= self.width:
+            return self.low(b, width)
+        narrow = self.low(b, self.width)
+        return (b.zext if self.unsigned else b.sext)(narrow, _int(width))
 
-def _checked(lo: int, hi: int) -> tuple[int, int]:
-    """The interval, if an i128 pattern identifies each of its values; else refuse."""
-    if (0 <= lo and hi < WIDE) or (-(WIDE >> 1) <= lo and hi < WIDE >> 1):
-        return lo, hi
-    raise Unsupported(f"an intermediate value may not fit 128 bits: [{lo}, {hi}]")
-
-
-def entry_alloca(builder: ir.IRBuilder, typ: ir.Type, name: str) -> ir.AllocaInstr:
-    """A stack slot in the function's entry block (where mem2reg turns it into SSA)."""
-    with builder.goto_entry_block():
-        return builder.alloca(typ, name=name)
+    def low(self, b: ir.IRBuilder, width: int) -> ir.Value:
+        """The low ``width`` bits, ``width`` at most ``self.width``."""
+        raise NotImplementedError
 
 
-def _bit_bound(*bounds: int) -> int:
-    return max(abs(b).bit_length() for b in bounds) + 1
+class Emitted(Value):
+    """A value already in IR, as a pattern of any width that identifies it."""
+
+    __slots__ = ("ir",)
+
+    def __init__(self, value: ir.Value, lo: int, hi: int) -> None:
+        super().__init__(lo, hi)
+        self.ir = value
+
+    def at(self, b: ir.IRBuilder, width: int) -> ir.Value:
+        have = self.ir.type.width
+        if width == have:
+            return self.ir
+        if width < have:
+            return b.trunc(self.ir, _int(width))
+        return (b.zext if self.unsigned else b.sext)(self.ir, _int(width))
+
+
+class Const(Value):
+    __slots__ = ("value",)
+
+    def __init__(self, value: int) -> None:
+        super().__init__(value, value)
+        self.value = value
+
+    def at(self, b: ir.IRBuilder, width: int) -> ir.Value:
+        return ir.Constant(_int(width), _pattern(self.value, width))
+
+
+class Lazy(Value):
+    """A value whose low bits ``low(b, w)`` emits on demand (see :class:`Value`)."""
+
+    __slots__ = ("low",)
+
+    def __init__(self, lo: int, hi: int, low: Callable[[ir.IRBuilder, int], ir.Value]) -> None:
+        super().__init__(lo, hi)
+        self.low = low
+
+
+def _modular(op: str, x: Value, y: Value, lo: int, hi: int) -> Value:
+    """``x op y`` for an operation whose low bits need only the operands' low bits."""
+    if lo == hi:
+        return Const(lo)
+
+    def low(b: ir.IRBuilder, w: int) -> ir.Value:
+        if isinstance(y, Const) and _identity(op, y.value, w):
+            return x.at(b, w)  # x & ~0, x + 0, x - 0, x | 0, x ^ 0 in the low bits
+        if isinstance(x, Const) and op != "sub" and _identity(op, x.value, w):
+            return y.at(b, w)
+        if op == "sub" and isinstance(y, Const) and y.value == 1 << (w - 1):
+            u = _flipped(x, w)
+            if u is not None:  # (u ^ S) - S, S the top bit: u's own bits (signed(u))
+                return u.at(b, w)
+        return getattr(b, _OPS[op])(x.at(b, w), y.at(b, w))
+
+    return Operation(lo, hi, low, op, x, y)
+
+
+class Operation(Lazy):
+    """A lazy ``x op y``, kept apart so consumers can see through sign-bit flips."""
+
+    __slots__ = ("op", "x", "y")
+
+    def __init__(self, lo: int, hi: int, low: Callable[[ir.IRBuilder, int], ir.Value],
+                 op: str, x: Value, y: Value) -> None:
+        super().__init__(lo, hi, low)
+        self.op, self.x, self.y = op, x, y
+
+
+def _flipped(v: Value, width: int) -> Value | None:
+    """The ``u`` of ``v = u ^ S``, S the top bit of ``width`` bits, or None."""
+    if isinstance(v, Operation) and v.op == "xor":
+        for u, flip in ((v.x, v.y), (v.y, v.x)):
+            if isinstance(flip, Const) and flip.value == 1 << (width - 1):
+                return u
+    return None
+
+
+def _identity(op: str, constant: int, width: int) -> bool:
+    """Whether ``constant``'s low ``width`` bits leave the other operand of ``op`` as is."""
+    low = constant & ((1 << width) - 1)
+    return low == (1 << width) - 1 if op == "and" else op != "mul" and low == 0
+
+
+_OPS = {"add": "add", "sub": "sub", "mul": "mul", "and": "and_", "or": "or_", "xor": "xor"}
 
 
 class Target(Protocol):
@@ -82,6 +205,10 @@ class Target(Protocol):
     def read_x(self, reg: int | ir.Value) -> ir.Value: ...  # an i64
 
     def write_x(self, reg: int | ir.Value, value: ir.Value) -> None: ...
+
+    def registers(self) -> dict[int, ir.Value]: ...  # the SSA registers now (a copy)
+
+    def set_registers(self, regs: dict[int, ir.Value]) -> None: ...
 
     def read_state(self, buffer: str, index: int | ir.Value) -> ir.Value: ...  # "f", "ctl"
 
@@ -110,17 +237,28 @@ def parsed(sem: str) -> ast.Module:
     return ast.parse(sem)
 
 
-class Lowering:
-    """Emits one instruction's semantics into ``target``'s current IR block."""
+@cache
+def reads_pc(sem: str) -> bool:
+    """Whether ``sem`` reads its instruction's address (``pc`` or ``NEXT``)."""
+    return any(isinstance(n, ast.Name) and n.id in ("pc", "NEXT") for n in ast.walk(parsed(sem)))
 
-    def __init__(self, target: Target, operands: dict[str, Operand], pc: ir.Value,
+
+_COMPARISONS = {ast.Eq: "==", ast.NotEq: "!=", ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">",
+                ast.GtE: ">="}
+
+
+class Lowering:
+    """Emits one instruction's semantics into ``target``'s current IR block; ``pc`` may
+    be None when the semantics do not read it (see :func:`reads_pc`)."""
+
+    def __init__(self, target: Target, operands: dict[str, Operand], pc: ir.Value | None,
                  length: int) -> None:
         self.t = target
         self.b = target.builder
         self.operands = operands
         self.pc = pc
         self.length = length
-        self.locals: dict[str, tuple[ir.AllocaInstr, int, int]] = {}
+        self.locals: dict[str, Emitted] = {}
 
     # -- statements ---------------------------------------------------------------------
     def lower(self, sem: str) -> bool:
@@ -138,7 +276,7 @@ class Lowering:
             return True
         if isinstance(s, ast.Assign) and len(s.targets) == 1:
             if _is_reservation(s.targets[0]) and _is_none(s.value):
-                return self._assign(s.targets[0], self._const(NO_RESERVATION))
+                return self._assign(s.targets[0], Const(NO_RESERVATION))
             return self._assign(s.targets[0], self._expr(s.value))
         if isinstance(s, ast.If):
             return self._if(s)
@@ -164,49 +302,93 @@ class Lowering:
             self.t.write_state("ctl", CTL_RESERVATION, self._u64(value))
             return True
         if isinstance(target, ast.Name) and target.id not in self.operands:
-            # A local may be assigned on several paths: one slot, holding the pattern of
-            # whichever value came last, read within the union of their intervals.
-            slot = self.locals.get(target.id)
-            if slot is None:
-                slot = (entry_alloca(self.b, I128, target.id), value.lo, value.hi)
-            lo, hi = min(slot[1], value.lo), max(slot[2], value.hi)
-            self.locals[target.id] = (slot[0], *_checked(lo, hi))
-            self.b.store(value.ir, slot[0])
+            self.locals[target.id] = self._emitted(value)
             return True
         raise Unsupported(f"assignment to {ast.unparse(target)!r}")
 
+    def _emitted(self, v: Value) -> Emitted:
+        """``v`` emitted here (it is used more than once, or on later paths)."""
+        return v if isinstance(v, Emitted) else Emitted(v.at(self.b, v.width), v.lo, v.hi)
+
     def _if(self, s: ast.If) -> bool:
+        b = self.b
         cond = self._truth(self._expr(s.test))
-        then_bb = self.b.append_basic_block("then")
-        else_bb = self.b.append_basic_block("else")
-        join_bb = self.b.append_basic_block("join")
-        self.b.cbranch(cond, then_bb, else_bb)
-        falls = False
+        then_bb = b.append_basic_block("then")
+        else_bb = b.append_basic_block("else")
+        b.cbranch(cond, then_bb, else_bb)
+        before_locals, before_regs = self.locals, self.t.registers()
+        arms = []  # (end block, locals, registers) of each arm that falls through
         for bb, body in ((then_bb, s.body), (else_bb, s.orelse)):
-            self.b.position_at_end(bb)
+            b.position_at_end(bb)
+            self.locals = dict(before_locals)
+            self.t.set_registers(dict(before_regs))
             if self._statements(body):
-                self.b.branch(join_bb)
-                falls = True
-        self.b.position_at_end(join_bb)
-        if not falls:
-            self.b.unreachable()
-        return falls
+                arms.append((b.block, self.locals, self.t.registers()))
+        self._join(arms)
+        return bool(arms)
+
+    def _join(self, arms: list[tuple[ir.Block, dict[str, Emitted], dict[int, ir.Value]]]
+              ) -> None:
+        """Continue where the arms that fall through meet: a local or register that
+        differs between them becomes a phi (a local defined on only some is dropped)."""
+        b = self.b
+        join_bb = b.append_basic_block("join")
+        if not arms:
+            b.position_at_end(join_bb)
+            b.unreachable()
+            return
+        phis: list[tuple[str | int, int, int, int, list[ir.Value]]] = []
+        locals_: dict[str, Emitted] = {}
+        for name in sorted(set.intersection(*(set(arm[1]) for arm in arms))):
+            values = [arm[1][name] for arm in arms]
+            if all(v is values[0] for v in values):
+                locals_[name] = values[0]
+                continue
+            lo, hi = min(v.lo for v in values), max(v.hi for v in values)
+            width = _width(lo, hi)
+            incoming = []
+            for (bb, _, _), v in zip(arms, values, strict=True):
+                b.position_at_end(bb)
+                incoming.append(v.at(b, width))
+            phis.append((name, lo, hi, width, incoming))
+        regs: dict[int, ir.Value] = {}
+        for n in sorted(set.intersection(*(set(arm[2]) for arm in arms))):
+            values = [arm[2][n] for arm in arms]
+            if all(v is values[0] for v in values):
+                regs[n] = values[0]
+            else:
+                phis.append((n, 0, U64_MAX, 64, values))
+        for bb, _, _ in arms:
+            b.position_at_end(bb)
+            b.branch(join_bb)
+        b.position_at_end(join_bb)
+        for key, lo, hi, width, incoming in phis:
+            phi = b.phi(_int(width))
+            for value, (bb, _, _) in zip(incoming, arms, strict=True):
+                phi.add_incoming(value, bb)
+            if isinstance(key, str):
+                locals_[key] = Emitted(phi, lo, hi)
+            else:
+                regs[key] = phi
+        self.locals = locals_
+        self.t.set_registers(regs)
 
     def _call_statement(self, call: ast.Call) -> bool:
+        b = self.b
         name = _name(call.func)
         if name in STORES:
             addr, value = (self._expr(a) for a in call.args)
             size = STORES[name]
-            low = self.b.trunc(value.ir, ir.IntType(8 * size))
-            self.t.store(self._u64(addr), size, self.b.zext(low, I64) if size < 8 else low)
+            low = value.at(b, 8 * size)
+            self.t.store(self._u64(addr), size, b.zext(low, I64) if size < 8 else low)
             return True
         if name == "check_aligned":
             addr, size, cause = call.args
             a = self._u64(self._expr(addr))
-            misaligned = self.b.icmp_unsigned(
-                "!=", self.b.and_(a, ir.Constant(I64, self._constant(size) - 1)),
+            misaligned = b.icmp_unsigned(
+                "!=", b.and_(a, ir.Constant(I64, self._constant(size) - 1)),
                 ir.Constant(I64, 0))
-            with self.b.if_then(misaligned, likely=False):
+            with b.if_then(misaligned, likely=False):
                 self.t.trap(ir.Constant(I64, self._constant(cause)), a)
             return True
         raise Unsupported(f"call {ast.unparse(call)!r}")
@@ -219,36 +401,33 @@ class Lowering:
             return CONSTANTS[node.id]
         raise Unsupported(f"{ast.unparse(node)!r} is not a constant")
 
-    def _const(self, v: int) -> Value:
-        return Value(ir.Constant(I128, v % WIDE), v, v)
-
     def _register(self, node: ast.expr) -> int | ir.Value:
         if isinstance(node, ast.Name) and node.id in ("rd", "rs1", "rs2"):
             return self.operands[node.id].value
         raise Unsupported(f"register {ast.unparse(node)!r}")
 
     def _expr(self, e: ast.expr) -> Value:  # noqa: C901 - one case per syntax form
-        b = self.b
         if isinstance(e, ast.Constant) and isinstance(e.value, int):
-            return self._const(int(e.value))
+            return Const(int(e.value))
         if isinstance(e, ast.Name):
             return self._name(e.id)
         if isinstance(e, ast.Subscript) and _name(e.value) == "X":
-            return Value(b.zext(self.t.read_x(self._register(e.slice)), I128), 0, U64_MAX)
+            reg = self._register(e.slice)
+            if isinstance(reg, int) and reg == 0:
+                return Const(0)
+            return Emitted(self.t.read_x(reg), 0, U64_MAX)
         if isinstance(e, ast.Subscript) and _name(e.value) == "F":
-            raw = self.t.read_state("f", self._register(e.slice))
-            return Value(b.zext(raw, I128), 0, U64_MAX)
+            return Emitted(self.t.read_state("f", self._register(e.slice)), 0, U64_MAX)
         if _is_reservation(e):
-            raw = self.t.read_state("ctl", CTL_RESERVATION)
-            return Value(b.zext(raw, I128), 0, U64_MAX)
+            return Emitted(self.t.read_state("ctl", CTL_RESERVATION), 0, U64_MAX)
         if isinstance(e, ast.BinOp):
             return self._binop(e.op, self._expr(e.left), self._expr(e.right))
         if isinstance(e, ast.UnaryOp):
             v = self._expr(e.operand)
             if isinstance(e.op, ast.USub):
-                return Value(b.neg(v.ir), *_checked(-v.hi, -v.lo))
+                return _modular("sub", Const(0), v, -v.hi, -v.lo)
             if isinstance(e.op, ast.Invert):
-                return Value(b.not_(v.ir), *_checked(-v.hi - 1, -v.lo - 1))
+                return _modular("xor", v, Const(-1), -v.hi - 1, -v.lo - 1)
             if isinstance(e.op, ast.UAdd):
                 return v
         if isinstance(e, ast.Compare) and len(e.ops) == 1:
@@ -261,62 +440,63 @@ class Lowering:
 
     def _name(self, name: str) -> Value:
         if name in self.locals:
-            alloca, lo, hi = self.locals[name]
-            return Value(self.b.load(alloca), lo, hi)
+            return self.locals[name]
         if name in CONSTANTS:
-            return self._const(CONSTANTS[name])
+            return Const(CONSTANTS[name])
         if name == "pc":
-            return Value(self.b.zext(self.pc, I128), 0, U64_MAX)
+            return Emitted(self.pc, 0, U64_MAX)
         if name == "NEXT":
-            nxt = self.b.add(self.pc, ir.Constant(I64, self.length))
-            return Value(self.b.zext(nxt, I128), 0, U64_MAX)
+            return Emitted(self.b.add(self.pc, ir.Constant(I64, self.length)), 0, U64_MAX)
         if name in self.operands:
             op = self.operands[name]
             if isinstance(op.value, int):
-                return self._const(op.value)
-            return Value(self.b.sext(op.value, I128), op.lo, op.hi)
+                return Const(op.value)
+            return Emitted(op.value, op.lo, op.hi)  # an i64, read as signed if lo < 0
         raise Unsupported(f"name {name!r}")
 
     def _u64(self, v: Value) -> ir.Value:
         """A value the semantics keep within 64 unsigned bits, as an i64."""
         if v.lo < 0 or v.hi > U64_MAX:
             raise Unsupported(f"value [{v.lo}, {v.hi}] used as 64 unsigned bits")
-        return self.b.trunc(v.ir, I64)
+        return v.at(self.b, 64)
 
     def _truth(self, v: Value) -> ir.Value:
-        return self.b.icmp_unsigned("!=", v.ir, ir.Constant(I128, 0))
+        if isinstance(v, Emitted) and v.ir.type.width == 1:
+            return v.ir
+        return self.b.icmp_unsigned("!=", v.at(self.b, v.width), ir.Constant(_int(v.width), 0))
 
     def _binop(self, op: ast.operator, x: Value, y: Value) -> Value:  # noqa: C901
-        b = self.b
         corners = [(p, q) for p in (x.lo, x.hi) for q in (y.lo, y.hi)]
         if isinstance(op, ast.Add):
-            return Value(b.add(x.ir, y.ir), *_checked(x.lo + y.lo, x.hi + y.hi))
+            return _modular("add", x, y, x.lo + y.lo, x.hi + y.hi)
         if isinstance(op, ast.Sub):
-            return Value(b.sub(x.ir, y.ir), *_checked(x.lo - y.hi, x.hi - y.lo))
+            return _modular("sub", x, y, x.lo - y.hi, x.hi - y.lo)
         if isinstance(op, ast.Mult):
             products = [p * q for p, q in corners]
-            return Value(b.mul(x.ir, y.ir), *_checked(min(products), max(products)))
+            return _modular("mul", x, y, min(products), max(products))
         if isinstance(op, ast.BitAnd):
             if x.unsigned or y.unsigned:
                 hi = min(v.hi for v in (x, y) if v.unsigned)
-                return Value(b.and_(x.ir, y.ir), 0, hi)
+                return _modular("and", x, y, 0, hi)
             k = _bit_bound(x.lo, x.hi, y.lo, y.hi)
-            return Value(b.and_(x.ir, y.ir), *_checked(-(1 << k), (1 << k) - 1))
+            return _modular("and", x, y, -(1 << k), (1 << k) - 1)
         if isinstance(op, (ast.BitOr, ast.BitXor)):
-            fn = b.or_ if isinstance(op, ast.BitOr) else b.xor
+            name = "or" if isinstance(op, ast.BitOr) else "xor"
             if x.unsigned and y.unsigned:
-                return Value(fn(x.ir, y.ir), 0, (1 << max(x.hi, y.hi).bit_length()) - 1)
+                return _modular(name, x, y, 0, (1 << max(x.hi, y.hi).bit_length()) - 1)
             k = _bit_bound(x.lo, x.hi, y.lo, y.hi)
-            return Value(fn(x.ir, y.ir), *_checked(-(1 << k), (1 << k) - 1))
+            return _modular(name, x, y, -(1 << k), (1 << k) - 1)
         if isinstance(op, (ast.LShift, ast.RShift)):
             if y.lo < 0 or y.hi >= 128:
                 raise Unsupported("shift amount outside [0, 128)")
             if isinstance(op, ast.LShift):
                 shifted = [p << q for p, q in corners]
-                return Value(b.shl(x.ir, y.ir), *_checked(min(shifted), max(shifted)))
+                return _left_shift(x, y, min(shifted), max(shifted))
             shifted = [p >> q for p, q in corners]
-            fn = b.lshr if x.unsigned else b.ashr
-            return Value(fn(x.ir, y.ir), min(shifted), max(shifted))
+            # The result needs all of x's bits, at a width wider than any shift amount.
+            w = x.width if y.hi < x.width else 128
+            fn = self.b.lshr if x.unsigned else self.b.ashr
+            return Emitted(fn(x.at(self.b, w), y.at(self.b, w)), min(shifted), max(shifted))
         if isinstance(op, (ast.FloorDiv, ast.Mod)):
             return self._floor_division(isinstance(op, ast.FloorDiv), x, y)
         raise Unsupported(f"operator {type(op).__name__}")
@@ -328,45 +508,62 @@ class Lowering:
         div_bound = max(abs(y.lo), abs(y.hi)) - 1
         if x.unsigned and y.unsigned:
             if quotient:
-                return Value(self._divide("udiv", x, y), 0, x.hi)
-            return Value(self._divide("urem", x, y), 0, max(y.hi - 1, 0))
-        q, r = self._divide("sdiv", x, y), self._divide("srem", x, y)
+                return Emitted(self._divide("udiv", x, y), 0, x.hi)
+            return Emitted(self._divide("urem", x, y), 0, max(y.hi - 1, 0))
+        x, y = self._emitted(x), self._emitted(y)
+        q, r = self._signed_quotient(x, y).at(b, 128), b.sext(self._divide("srem", x, y), I128)
         zero = ir.Constant(I128, 0)
+        divisor = y.at(b, 128)
         # Truncating division rounds toward zero; floor differs when the signs differ.
         adjust = b.and_(b.icmp_signed("!=", r, zero),
-                        b.icmp_signed("<", b.xor(r, y.ir), zero))
+                        b.icmp_signed("<", b.xor(r, divisor), zero))
         if quotient:
-            return Value(b.sub(q, b.zext(adjust, I128)), *_checked(-big - 1, big))
-        return Value(b.select(adjust, b.add(r, y.ir), r), *_checked(-div_bound, div_bound))
+            return Emitted(b.sub(q, b.zext(adjust, I128)), -big - 1, big)
+        return Emitted(b.select(adjust, b.add(r, divisor), r), -div_bound, div_bound)
 
     def _divide(self, op: str, x: Value, y: Value) -> ir.Value:
         """Truncating division of 64-bit operands, done in 64 bits (128-bit division would
-        need a runtime library): the one overflowing case, MIN / -1, is handled apart."""
+        need a runtime library): the one overflowing case, MIN / -1, divides by 1 instead,
+        which gives the right remainder (0) and the right low 64 bits of the quotient."""
         b = self.b
         signed = op.startswith("s")
         lo, hi = (-(1 << 63), (1 << 63) - 1) if signed else (0, U64_MAX)
         if any(v.lo < lo or v.hi > hi for v in (x, y)):
             raise Unsupported("division beyond 64-bit operands")
-        a, d = b.trunc(x.ir, I64), b.trunc(y.ir, I64)
+        a, d = x.at(b, 64), y.at(b, 64)
         if not signed:
-            return b.zext(getattr(b, op)(a, d), I128)
-        overflow = b.and_(b.icmp_signed("==", a, ir.Constant(I64, lo)),
-                          b.icmp_signed("==", d, ir.Constant(I64, -1)))
-        result = b.sext(getattr(b, op)(a, b.select(overflow, ir.Constant(I64, 1), d)), I128)
-        if op == "sdiv":  # MIN / -1 = 2**63, which only the 128-bit pattern holds
-            result = b.select(overflow, ir.Constant(I128, 1 << 63), result)
-        return result
+            return getattr(b, op)(a, d)
+        return getattr(b, op)(a, b.select(self._overflows(a, d), ir.Constant(I64, 1), d))
+
+    def _overflows(self, a: ir.Value, d: ir.Value) -> ir.Value:
+        b = self.b
+        return b.and_(b.icmp_signed("==", a, ir.Constant(I64, -(1 << 63))),
+                      b.icmp_signed("==", d, ir.Constant(I64, -1)))
+
+    def _signed_quotient(self, x: Emitted, y: Emitted) -> Value:
+        """Truncating ``x / y``: MIN / -1 = 2**63, which only the 128-bit pattern holds."""
+        big = max(abs(x.lo), abs(x.hi))
+        q = Emitted(self._divide("sdiv", x, y), -(1 << 63), (1 << 63) - 1)
+
+        def low(b: ir.IRBuilder, w: int) -> ir.Value:
+            if w <= 64:
+                return q.at(b, w)
+            overflow = self._overflows(x.at(b, 64), y.at(b, 64))
+            return b.select(overflow, ir.Constant(_int(w), 1 << 63), q.at(b, w))
+
+        return Lazy(-big, big, low)
 
     def _compare(self, op: ast.cmpop, x: Value, y: Value) -> Value:
-        lo, hi = min(x.lo, y.lo), max(x.hi, y.hi)
-        _checked(lo, hi)  # both read the same way
-        names = {ast.Eq: "==", ast.NotEq: "!=", ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">",
-                 ast.GtE: ">="}
-        sym = names.get(type(op))
+        lo, hi = _checked(min(x.lo, y.lo), max(x.hi, y.hi))  # both read the same way
+        sym = _COMPARISONS.get(type(op))
         if sym is None:
             raise Unsupported(f"comparison {type(op).__name__}")
+        w = _width(lo, hi)
         cmp = self.b.icmp_unsigned if lo >= 0 else self.b.icmp_signed
-        return Value(self.b.zext(cmp(sym, x.ir, y.ir), I128), 0, 1)
+        u, v = _flipped(x, w), _flipped(y, w)
+        if lo >= 0 and u is not None and v is not None:
+            x, y, cmp = u, v, self.b.icmp_signed  # (u ^ S) < (v ^ S) unsigned: u < v signed
+        return Emitted(cmp(sym, x.at(self.b, w), y.at(self.b, w)), 0, 1)
 
     def _ifexp(self, e: ast.IfExp) -> Value:
         b = self.b
@@ -378,15 +575,19 @@ class Lowering:
         b.cbranch(cond, then_bb, else_bb)
         for bb, node in ((then_bb, e.body), (else_bb, e.orelse)):
             b.position_at_end(bb)
-            v = self._expr(node)
-            arms.append((v, b.block))
+            arms.append((self._expr(node), b.block))
+        lo, hi = min(v.lo for v, _ in arms), max(v.hi for v, _ in arms)
+        width = _width(*_checked(lo, hi))
+        incoming = []
+        for v, bb in arms:  # each arm's value is emitted on its own path
+            b.position_at_end(bb)
+            incoming.append((v.at(b, width), bb))
             b.branch(join_bb)
         b.position_at_end(join_bb)
-        lo, hi = _checked(min(v.lo for v, _ in arms), max(v.hi for v, _ in arms))
-        phi = b.phi(I128)
-        for v, bb in arms:
-            phi.add_incoming(v.ir, bb)
-        return Value(phi, lo, hi)
+        phi = b.phi(_int(width))
+        for value, bb in incoming:
+            phi.add_incoming(value, bb)
+        return Emitted(phi, lo, hi)
 
     def _call(self, call: ast.Call) -> Value:
         b = self.b
@@ -395,27 +596,40 @@ class Lowering:
         if name in LOADS or name in AMO_LOADS:
             size = LOADS.get(name) or AMO_LOADS[name]
             v = self.t.load(self._u64(self._expr(args[0])), size, name in AMO_LOADS)
-            return Value(b.zext(v, I128), 0, (1 << (8 * size)) - 1)
+            return Emitted(v, 0, (1 << (8 * size)) - 1)
         if name in SIGN_EXTENDERS:
-            low = b.trunc(self._expr(args[0]).ir, ir.IntType(SIGN_EXTENDERS[name]))
-            return Value(b.zext(b.sext(low, I64), I128), 0, U64_MAX)
+            low = self._expr(args[0]).at(b, SIGN_EXTENDERS[name])
+            return Emitted(b.sext(low, I64), 0, U64_MAX)
         if name in SIGNED_READERS:
             bits = SIGNED_READERS[name]
             v = self._expr(args[0])
             if bits == 64:
                 self._u64(v)  # signed() reads a register value; elsewhere it means more
-            low = b.trunc(v.ir, ir.IntType(bits))
-            return Value(b.sext(low, I128), -(1 << (bits - 1)), (1 << (bits - 1)) - 1)
+            return Emitted(v.at(b, bits), -(1 << (bits - 1)), (1 << (bits - 1)) - 1)
         if name in ("div_trunc", "rem_trunc"):
-            x, y = (self._expr(a) for a in args)
+            x, y = (self._emitted(self._expr(a)) for a in args)
             big = max(abs(x.lo), abs(x.hi))
             if name == "div_trunc":
-                return Value(self._divide("sdiv", x, y), *_checked(-big, big))
+                return self._signed_quotient(x, y)
             bound = min(big, max(abs(y.lo), abs(y.hi)))
-            return Value(self._divide("srem", x, y), *_checked(-bound, bound))
+            return Emitted(self._divide("srem", x, y), -bound, bound)
         if name == "int" and len(args) == 1:
             return self._expr(args[0])
         raise Unsupported(f"call {ast.unparse(call)!r}")
+
+
+def _left_shift(x: Value, y: Value, lo: int, hi: int) -> Value:
+    """``x << y``: its low bits need only x's low bits, at a width wider than y."""
+    def low(b: ir.IRBuilder, w: int) -> ir.Value:
+        k = w if y.hi < w else (64 if y.hi < 64 else 128)
+        shifted = b.shl(x.at(b, k), y.at(b, k))
+        return shifted if k == w else b.trunc(shifted, _int(w))
+
+    return Const(lo) if lo == hi else Lazy(lo, hi, low)
+
+
+def _bit_bound(*bounds: int) -> int:
+    return max(abs(b).bit_length() for b in bounds) + 1
 
 
 def _name(node: ast.expr) -> str | None:
