@@ -73,7 +73,8 @@ def run(tier: str, code: bytes, data: bytes = b"") -> tuple[Hart, PhysicalMemory
     hart.x[10] = DATA
     hart.pc = BASE
     for _ in range(200_000):
-        hart.run(50)  # short runs: queued blocks are compiled between runs
+        hart.run(50)  # short runs, tier 2 taking over between them as soon as compiled
+        hart.engine.finish_compiles()
         if hart.waiting:
             return hart, mem, device
     raise AssertionError("the program did not finish")
