@@ -137,6 +137,17 @@ def test_busybox_pipelines_fork_and_exec_like_qemu(applets: Path, tree: Path):
                "x=$(echo sub | tr a-z A-Z); echo $x; sh -c 'exit 3'; echo status $?", cwd=tree)
 
 
+def test_subshells_forked_while_blocks_compile_match_qemu(applets: Path):
+    """Each $(...) forks the whole emulator, often while tier 2's compiler thread works
+    on the shell's hot blocks: every child must run, exit cleanly and say nothing."""
+    ours = busybox_sh(applets,
+                      'i=0; s=0; while [ $i -lt 40 ]; do '
+                      'x=$(echo $((i * 7 % 13))) || echo "subshell $i failed"; '
+                      's=$((s + x)); i=$((i + 1)); done; echo $s')
+    assert ours.stdout == b"234\n"
+    assert ours.stderr == b""
+
+
 def test_shell_traps_run_the_guest_signal_handler(applets: Path):
     ours = busybox_sh(applets, 'trap "echo caught USR1" USR1; kill -USR1 $$; echo after; '
                                'trap "echo bye" EXIT; false || echo or')

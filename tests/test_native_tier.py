@@ -10,10 +10,13 @@ device or an FP instruction, and when a callback fails.
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -61,7 +64,8 @@ class Counter:
         self.writes.append(value)
 
 
-def run(tier: str, code: bytes, data: bytes = b"") -> tuple[Hart, PhysicalMemory, Counter]:
+def start(tier: str, code: bytes, data: bytes = b"") -> tuple[Hart, PhysicalMemory, Counter]:
+    """A hart about to run ``code``, with ``data`` and the Counter device."""
     mem = PhysicalMemory(BASE, 1 << 16)
     device = Counter()
     mem.add_device(DEVICE, 0x100, device)
@@ -73,11 +77,23 @@ def run(tier: str, code: bytes, data: bytes = b"") -> tuple[Hart, PhysicalMemory
     hart.csr[MSTATUS] |= 1 << 13  # FP unit on
     hart.x[10] = DATA
     hart.pc = BASE
+    return hart, mem, device
+
+
+def finish(hart: Hart) -> None:
+    """Run ``hart`` until its program ends in the handler's WFI."""
     for _ in range(200_000):
-        hart.run(50)  # short runs: queued blocks are compiled between runs
+        hart.run(50)  # short runs, tier 2 taking over between them as soon as compiled
+        hart.engine.finish_compiles()
         if hart.waiting:
-            return hart, mem, device
+            return
     raise AssertionError("the program did not finish")
+
+
+def run(tier: str, code: bytes, data: bytes = b"") -> tuple[Hart, PhysicalMemory, Counter]:
+    hart, mem, device = start(tier, code, data)
+    finish(hart)
+    return hart, mem, device
 
 
 @pytest.fixture(autouse=True)
@@ -253,6 +269,45 @@ def test_full_code_cache_starts_over_and_keeps_running(monkeypatch: pytest.Monke
     """)
     assert nat.engine.native.restarts >= 1
     assert (nat.x[11], nat.x[12], nat.x[13], nat.x[14]) == (900, 1500, 2100, 2700)
+
+
+def test_fork_while_compiling_leaves_both_processes_compiling() -> None:
+    """popek exec forks the whole emulator for the guest's fork(), whatever the compiler
+    thread is doing: the child must get a working compiler (no lock held by a thread it
+    does not have, no batch it waits for forever) and the parent must carry on."""
+    code = assemble("""
+        li s0, 400
+    1:  addi a1, a1, 3
+        j 2f
+    2:  xor a2, a2, a1
+        addi s0, s0, -1
+        bnez s0, 1b
+        ebreak
+    """)
+    ref, _, _ = run("interp", code)
+    hart, _, _ = start("jit", code)
+    while not hart.engine.native.compiling:
+        hart.run(50)
+    pid = os.fork()
+    if pid == 0:  # the child reports through its exit status only
+        status = 1
+        try:
+            finish(hart)
+            native = any(b.native is not None for b in hart.engine.blocks.values())
+            status = 0 if native and list(hart.x[:32]) == list(ref.x[:32]) else 3
+        finally:
+            os._exit(status)
+    deadline = time.monotonic() + 60  # not a speed limit: a hung child never ends
+    while (waited := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(waited[1]) == 0
+    finish(hart)
+    assert any(b.native is not None for b in hart.engine.blocks.values())
+    assert list(hart.x[:32]) == list(ref.x[:32])
 
 
 @pytest.mark.parametrize("tier", ["interp", "translate"])

@@ -45,7 +45,7 @@ class Block:
     """One decoded block: its entry point and what the engine must do around it."""
 
     __slots__ = ("run", "count", "fp", "system", "special", "offsets", "decoded", "native",
-                 "native_addr")
+                 "native_addr", "key")
 
     def __init__(self, decoded: list[Decoded | None], offsets: tuple[int, ...], fp: bool,
                  system: bool) -> None:
@@ -58,6 +58,7 @@ class Block:
         self.special = fp or system  # the run loop has work to do around it
         self.native: Callable[[int, int], int] | None = None  # tier 2's entry point
         self.native_addr = 0
+        self.key = -1  # in the code cache (Engine.blocks), if anywhere
 
     def go_native(self, fn: Callable[[int, int], int], addr: int) -> None:
         self.native, self.native_addr = fn, addr
@@ -90,6 +91,8 @@ class Engine:
         hart.mem.code_watchers.append(self.invalidate_page)
         self.native = jit.NativeRuntime(hart, self.handlers) if tier == "jit" else None
         self.native_queue: list[Block] = []  # hot blocks waiting for native code
+        # Native code compiled for blocks, waiting to be installed between runs.
+        self.native_done = self.native.compiled if self.native is not None else ()
 
     # -- code cache ---------------------------------------------------------------------
     def invalidate_page(self, page: int) -> None:
@@ -146,17 +149,33 @@ class Engine:
         return counted
 
     def _compile_native(self) -> None:
-        """Compile the queued blocks as one batch (LLVM's cost is mostly per batch)."""
-        queue = self.native_queue[:]
-        self.native_queue.clear()
-        if self.native.full:  # start over; between runs no native code is running
-            self.flush()
-            self.native.start_over()
-            return
-        addrs = self.native.compile_blocks([(b.decoded, b.offsets, b.fp) for b in queue])
-        for block, addr in zip(queue, addrs, strict=True):
-            if addr is not None:
+        """Between runs: install the native code the compiler thread finished, and hand it
+        the queued blocks as one batch (LLVM's cost is mostly per batch) unless it still
+        compiles the last one: until then they keep running on tier 1 and the queue grows."""
+        native = self.native
+        for block, addr in native.take_compiled():
+            if self.blocks.get(block.key) is block:  # else its page changed, or a flush
                 block.go_native(jit.BLOCK_FN(addr), addr)
+        if not self.native_queue or native.compiling:
+            return
+        queue = [b for b in self.native_queue if self.blocks.get(b.key) is b]
+        self.native_queue.clear()
+        if native.full:  # start over; between runs no native code is running
+            self.flush()
+            native.start_over()
+            return
+        native.compile_later([(b, b.decoded, b.offsets, b.fp) for b in queue])
+
+    def finish_compiles(self) -> None:
+        """Compile every queued block now and install the results: tests use it to make
+        tier 2 take over at the same point every time."""
+        native = self.native
+        while native is not None:
+            idle = not native.compiling  # then every result is in, for the next call
+            self._compile_native()
+            if idle and not native.compiling:
+                return
+            native.wait_compiles()
 
     def _step(self, d: Decoded) -> BlockFn | None:
         """A single step in native code (tier 2 checks its semantics one at a time)."""
@@ -242,7 +261,7 @@ class Engine:
                 self.straddlers.clear()
             self.straddlers[straddler] = block
         else:
-            key = page + start + mode
+            key = block.key = page + start + mode
             self.blocks[key] = block
             self.page_blocks.setdefault(page, []).append(key)
             self.hart.mem.protect_code(page, start, off)
@@ -365,6 +384,6 @@ class Engine:
         finally:
             hart.pc = pc
             ctl[CTL_INSTRET] = (instret0 + executed) & XLEN_MASK
-        if self.native_queue:
+        if self.native_queue or self.native_done:
             self._compile_native()
         return executed

@@ -15,6 +15,11 @@ which finds or compiles the block and records it there. The jump cache is emptie
 whenever a translation, the decoding mode or code may have changed, so a hit needs no
 further checks. Native code is never freed while it may run: when the code cache is
 full, the whole compiler is replaced between runs.
+
+Hot blocks are compiled in batches: the vCPU thread writes a batch's IR (Python, which
+needs the GIL anyway) and the compiler thread (:mod:`popek.engine.compiler_thread`) does
+LLVM's part beside it, while the blocks keep running on tier 1; the engine installs the
+results between runs.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ from __future__ import annotations
 import ctypes
 import importlib
 import importlib.util
+import threading
 from array import array
+from collections import deque
 from collections.abc import Callable
 from functools import cache
 from types import ModuleType
@@ -30,6 +37,7 @@ from types import ModuleType
 from popek.cpu.causes import ACCESS_READ, ACCESS_WRITE, Trap
 from popek.cpu.state import X_SINK
 from popek.engine import irtext as ir
+from popek.engine.compiler_thread import COMPILER, LLVM_LOCK
 from popek.engine.lowering import I32, I64, Lowering, Operand, Unsupported, reads_pc
 from popek.isa.decoder import Decoded
 from popek.isa.spec import IMM_RANGES, WRITES_X, Insn
@@ -498,6 +506,13 @@ class NativeRuntime:
         self.ram_addr = _address(hart.mem.ram)
         self.pending: BaseException | None = None
         self.restarts = 0  # times the code cache filled up and started over
+        # (token, function address) of blocks compiled on the compiler thread, and what
+        # failed there; both are for the vCPU thread to take between runs.
+        self.compiled: deque[tuple[object, int]] = deque()
+        self.failure: BaseException | None = None
+        self._batch_done = threading.Event()
+        self._batch_done.set()
+        self._tables = 0  # names the address table of each module
         self.fallbacks: list[tuple[Callable, int, int, int, int]] = []
         self.steps: dict[tuple[str, int], Callable | None] = {}
         env = self.env
@@ -511,12 +526,26 @@ class NativeRuntime:
                            EXEC_SLOW(self._exec_slow))
         env.load_slow, env.store_slow, env.exec_slow = (
             ctypes.cast(cb, ctypes.c_void_p).value for cb in self._callbacks)
-        self._new_compiler()
+        with LLVM_LOCK:
+            self._new_compiler()
         hart.mmu.mirror = self
 
     def _new_compiler(self) -> None:
-        self.target = _target_machine()
-        self.engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), self.target)
+        """A fresh execution engine (the old one's code goes with it); the caller holds
+        LLVM_LOCK."""
+        target = _target_machine()
+        engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), target)
+        # A short pipeline does what the lowering leaves to LLVM (registers and locals into
+        # SSA, the 128-bit patterns narrowed, branches folded); LLVM's standard levels cost
+        # about four times as much compile time for little gain on straight-line blocks.
+        passes = llvm.create_new_module_pass_manager()
+        for add in (passes.add_sroa_pass, passes.add_instruction_combine_pass,
+                    passes.add_simplify_cfg_pass):
+            add()
+        self.passes = passes
+        self.pass_builder = llvm.create_pass_builder(target, llvm.PipelineTuningOptions(
+            speed_level=0))
+        self.target, self.engine = target, engine
         self.native_blocks = 0
 
     # -- TLB mirror (see Mmu.mirror) --
@@ -592,27 +621,28 @@ class NativeRuntime:
             return TRAP_PENDING if isinstance(e, Trap) else EXCEPTION
 
     # -- compiling --
-    def _finalize(self, module: ir.Module, names: list[str]) -> list[int]:
-        """Optimize and compile ``module``; the addresses of functions ``names``.
+    def _with_table(self, module: ir.Module, names: list[str]) -> tuple[str, str]:
+        """The IR text of ``module`` plus a table of the addresses of functions ``names``,
+        and the table's name: one look-up finds them all (on the compiler thread, each
+        call into LLVM costs a round trip for the GIL)."""
+        self._tables += 1
+        table = f"addresses{self._tables}"
+        entries = ", ".join(f"ptr @{n}" for n in names)
+        return f"{module}\n@{table} = constant [{len(names)} x ptr] [{entries}]\n", table
 
-        A short pipeline does what the lowering leaves to LLVM (registers and locals into
-        SSA, the 128-bit patterns narrowed, branches folded); LLVM's standard levels cost
-        about four times as much compile time for little gain on straight-line blocks."""
-        mod = llvm.parse_assembly(str(module))
-        pb = llvm.create_pass_builder(self.target, llvm.PipelineTuningOptions(speed_level=0))
-        passes = llvm.create_new_function_pass_manager()
-        for add in (passes.add_sroa_pass, passes.add_instruction_combine_pass,
-                    passes.add_simplify_cfg_pass):
-            add()
-        for fn in mod.functions:
-            if not fn.is_declaration:
-                passes.run(fn, pb)
+    def _finalize(self, text: str, table: str, count: int) -> list[int]:
+        """Optimize and compile IR ``text``; the ``count`` addresses in its ``table``.
+        The caller holds LLVM_LOCK."""
+        mod = llvm.parse_assembly(text)
+        self.passes.run(mod, self.pass_builder)
         self.engine.add_module(mod)
         self.engine.finalize_object()
-        addrs = [self.engine.get_function_address(n) for n in names]
+        addrs = list((ctypes.c_uint64 * count).from_address(
+            self.engine.get_global_value_address(table)))
         # The machine code stays with the engine's memory manager; the IR is no longer
         # needed and would otherwise stay resident for every block ever compiled.
         self.engine.remove_module(mod)
+        mod.close()
         return addrs
 
     @property
@@ -620,26 +650,64 @@ class NativeRuntime:
         return self.native_blocks >= MAX_NATIVE_BLOCKS
 
     def start_over(self) -> None:
-        """Drop all native code; only between runs, and after the engine forgot its blocks."""
+        """Drop all native code; only between runs, and after the engine forgot its blocks.
+        A batch on the compiler thread finishes first; the ones still queued and the
+        results not yet taken belong to the old code and are dropped."""
         self.forget_jumps()
         self.fallbacks.clear()
         self.steps.clear()
-        self._new_compiler()
+        with LLVM_LOCK:
+            self.compiled.clear()
+            self._new_compiler()  # queued batches see the new engine and give up
         self.restarts += 1
 
-    def compile_blocks(self, blocks: list[tuple[list[Decoded], tuple[int, ...], bool]]
-                       ) -> list[int | None]:
-        """Native code for each (decoded, offsets, fp) block, in one LLVM module: the
-        address of its function, or None where the block should stay on tier 1."""
-        module = ir.Module(name=f"batch{self.native_blocks}")
-        names: list[str | None] = []
-        for decoded, offsets, fp in blocks:
-            names.append(self._emit_block(module, decoded, offsets, fp))
-        compiled = [n for n in names if n is not None]
-        if not compiled:
-            return names  # all None
-        addrs = dict(zip(compiled, self._finalize(module, compiled), strict=True))
-        return [addrs.get(n) if n is not None else None for n in names]
+    @property
+    def compiling(self) -> bool:
+        """Whether the last batch handed to the compiler thread is not done yet."""
+        return not self._batch_done.is_set()
+
+    def compile_later(self, blocks: list[tuple[object, list[Decoded], tuple[int, ...], bool]]
+                      ) -> None:
+        """Emit each (token, decoded, offsets, fp) block's IR now, in one module, and have
+        the compiler thread compile it: (token, address) pairs then appear in
+        ``compiled``. Blocks that should stay on tier 1 never appear there."""
+        module = ir.Module()
+        tokens, names = [], []
+        for token, decoded, offsets, fp in blocks:
+            name = self._emit_block(module, decoded, offsets, fp)
+            if name is not None:
+                tokens.append(token)
+                names.append(name)
+        if not names:
+            return
+        text, table = self._with_table(module, names)
+        engine, done = self.engine, threading.Event()
+        self._batch_done = done
+
+        def compile_batch() -> None:
+            try:
+                if self.engine is engine:  # else the cache started over meanwhile
+                    addrs = self._finalize(text, table, len(names))
+                    self.compiled.extend(zip(tokens, addrs, strict=True))
+            except BaseException as e:  # noqa: BLE001 - raised on the vCPU thread instead
+                self.failure = e
+            finally:
+                done.set()
+
+        COMPILER.submit(compile_batch)
+
+    def take_compiled(self) -> list[tuple[object, int]]:
+        """The (token, address) pairs compiled since the last call (vCPU thread only)."""
+        if self.failure is not None:
+            failure, self.failure = self.failure, None
+            raise failure
+        compiled = self.compiled
+        return [compiled.popleft() for _ in range(len(compiled))]
+
+    @staticmethod
+    def wait_compiles() -> None:
+        """Wait until every batch handed to the compiler thread is compiled."""
+        COMPILER.wait_idle()
 
     def _emit_block(self, module: ir.Module, decoded: list[Decoded], offsets: tuple[int, ...],
                     fp: bool) -> str | None:
@@ -687,7 +755,9 @@ class NativeRuntime:
         if key not in self.steps:
             fn = None
             if lowers(ins):
-                (addr,) = self._finalize(_step_module(ins, length), ["step"])
+                text, table = self._with_table(_step_module(ins, length), ["step"])
+                with LLVM_LOCK:
+                    (addr,) = self._finalize(text, table, 1)
                 fn = STEP_FN(addr)
             self.steps[key] = fn
         return self.steps[key]
