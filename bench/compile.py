@@ -3,7 +3,7 @@
 Runs the Lua workload of ``bench/programs.py`` under ``popek exec --engine jit``,
 records every batch of blocks the engine sends to the native compiler, then compiles
 those batches again in a fresh runtime, timing each phase: IR emission (Python),
-``parse_assembly``, the function passes, and code generation (``finalize_object``).
+``parse_assembly``, the runtime's pass pipeline, and code generation (``finalize_object``).
 
     python bench/compile.py [--repeat N]
 
@@ -32,27 +32,28 @@ def record_batches() -> tuple[jit.NativeRuntime, list[Batch]]:
     """The batches of blocks a Lua run compiles, and the runtime that compiled them."""
     batches: list[Batch] = []
     runtimes: list[jit.NativeRuntime] = []
-    original = jit.NativeRuntime.compile_blocks
+    original = jit.NativeRuntime.compile_later
 
-    def recording(self: jit.NativeRuntime, blocks: Batch) -> list[int | None]:
-        batches.append(list(blocks))
+    def recording(self: jit.NativeRuntime, blocks: list) -> None:
+        batches.append([(decoded, offsets, fp) for _, decoded, offsets, fp in blocks])
         runtimes.append(self)
-        return original(self, blocks)
+        original(self, blocks)
 
-    jit.NativeRuntime.compile_blocks = recording
+    jit.NativeRuntime.compile_later = recording
     try:
         with tempfile.TemporaryDirectory() as tmp:
             script = Path(tmp) / "bench.lua"
             script.write_text(LUA_SCRIPT)
             cli.main(["exec", "--engine", "jit", str(images.PROGRAMS / "lua"), str(script)])
     finally:
-        jit.NativeRuntime.compile_blocks = original
+        jit.NativeRuntime.compile_later = original
+    jit.NativeRuntime.wait_compiles()
     return runtimes[0], batches
 
 
-def measure(runtime: jit.NativeRuntime, batches: list[Batch], passes: list[str]
-            ) -> dict[str, float]:
-    """CPU seconds per phase over all batches, IR bytes and blocks compiled."""
+def measure(runtime: jit.NativeRuntime, batches: list[Batch]) -> dict[str, float]:
+    """CPU seconds per phase over all batches (the runtime's own pass pipeline), IR bytes
+    and blocks compiled."""
     llvm = jit.llvm
     totals = dict.fromkeys(("emit", "parse", "passes", "codegen"), 0.0)
     totals["bytes"] = totals["blocks"] = 0
@@ -67,21 +68,16 @@ def measure(runtime: jit.NativeRuntime, batches: list[Batch], passes: list[str]
         t1 = clock()
         if not names:
             continue
-        mod = llvm.parse_assembly(text)
-        t2 = clock()
-        pb = llvm.create_pass_builder(runtime.target, llvm.PipelineTuningOptions(speed_level=0))
-        manager = llvm.create_new_function_pass_manager()
-        for name in passes:
-            getattr(manager, f"add_{name}_pass")()
-        for fn in mod.functions:
-            if not fn.is_declaration:
-                manager.run(fn, pb)
-        t3 = clock()
-        runtime.engine.add_module(mod)
-        runtime.engine.finalize_object()
-        for n in names:
-            runtime.engine.get_function_address(n)
-        runtime.engine.remove_module(mod)
+        with jit.LLVM_LOCK:
+            mod = llvm.parse_assembly(text)
+            t2 = clock()
+            runtime.passes.run(mod, runtime.pass_builder)
+            t3 = clock()
+            runtime.engine.add_module(mod)
+            runtime.engine.finalize_object()
+            for n in names:
+                runtime.engine.get_function_address(n)
+            runtime.engine.remove_module(mod)
         t4 = clock()
         for key, dt in zip(("emit", "parse", "passes", "codegen"), (t1 - t0, t2 - t1, t3 - t2,
                                                                      t4 - t3), strict=True):
@@ -95,15 +91,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3,
                         help="compile the recorded batches this many times (default 3)")
-    parser.add_argument("--passes", default="sroa,instruction_combine,simplify_cfg",
-                        help="function passes, as llvmlite names them (default: those of "
-                             "NativeRuntime._finalize)")
     args = parser.parse_args()
-    passes = [p for p in args.passes.split(",") if p]
     runtime, batches = record_batches()
     print(f"{sum(map(len, batches))} blocks in {len(batches)} batches")
     for _ in range(args.repeat):
-        t = measure(runtime, batches, passes)
+        t = measure(runtime, batches)
         n = t["blocks"]
         phases = "  ".join(f"{k} {1e3 * t[k] / n:.3f}" for k in ("emit", "parse", "passes",
                                                                   "codegen"))

@@ -535,13 +535,13 @@ class NativeRuntime:
         LLVM_LOCK."""
         target = _target_machine()
         engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), target)
-        # A short pipeline does what the lowering leaves to LLVM (registers and locals into
-        # SSA, the 128-bit patterns narrowed, branches folded); LLVM's standard levels cost
+        # A short pipeline does what the lowering leaves to LLVM (the loads of registers a
+        # block never reads, constants folded across instructions, branches folded); the
+        # lowering already emits SSA at the widths values need. LLVM's standard levels cost
         # about four times as much compile time for little gain on straight-line blocks.
         passes = llvm.create_new_module_pass_manager()
-        for add in (passes.add_sroa_pass, passes.add_instruction_combine_pass,
-                    passes.add_simplify_cfg_pass):
-            add()
+        passes.add_instruction_combine_pass()
+        passes.add_simplify_cfg_pass()
         self.passes = passes
         self.pass_builder = llvm.create_pass_builder(target, llvm.PipelineTuningOptions(
             speed_level=0))
