@@ -365,8 +365,8 @@ class VirtMachine:
         for hart in self.harts:
             if self._runnable(hart):
                 # The harts that would run side by side on real hardware share this thread.
-                self.clock.set_busy(sum(map(self._runnable, self.harts)))
-                hart.run(SLICE)
+                self.clock.start_slice(sum(map(self._runnable, self.harts)), SLICE)
+                self.clock.end_slice(hart.run(SLICE))
                 # Other harts and devices write memory before this hart runs again, and
                 # nothing here watches its reserved address: its next sc must fail.
                 hart.reservation = None
@@ -375,7 +375,7 @@ class VirtMachine:
             if self.exit is not None:
                 break
         if not ran:
-            self.clock.set_busy(0)
+            self.clock.idle()
         return ran
 
 
