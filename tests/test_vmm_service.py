@@ -335,7 +335,7 @@ def test_worker_memory_is_limited(api: Api) -> None:
 
 
 def test_guest_that_makes_popek_exceed_the_memory_limit_fails_alone(api: Api) -> None:
-    bomb = api.create("codebomb", mem_overhead=64 << 20)  # its code decodes to ~240 MiB
+    bomb = api.create("codebomb", mem_overhead=64 << 20)  # its code decodes to ~150 MiB
     bystander = api.create("counter")
     failed = api.wait("the code bomb to fail", lambda: (
         info := api.info(bomb))["state"] == "failed" and info)

@@ -144,12 +144,12 @@ void main(void) {
     say("\nsurvived\n");
     for (;;) {}
 }""",
-    # Writes 8 MiB of straight-line code (addi x0, x0, 0 ... ret) and runs it, over and
+    # Writes 16 MiB of straight-line code (addi x0, x0, 0 ... ret) and runs it, over and
     # over: every instruction is new to the emulator, which must decode and keep it.
     "codebomb": r"""
 void main(void) {
     volatile unsigned int *code = (volatile unsigned int *)0x80400000UL;
-    unsigned long n = 2UL << 20;
+    unsigned long n = 4UL << 20;
     for (unsigned long i = 0; i < n; i++) code[i] = 0x00000013;
     code[n] = 0x00008067;
     __asm__ volatile("fence.i");
