@@ -2,7 +2,8 @@
 
 Routes are thin: parse JSON, call :class:`popek.vmm.manager.Vmm`, answer JSON. Errors
 are ``{"error": message}`` with the status the VMM chose (400 bad request, 404 no
-such VM, 409 wrong state). The console is a WebSocket carrying raw bytes both ways.
+such VM or network, 409 wrong state or in use). The console is a WebSocket carrying
+raw bytes both ways.
 """
 
 from __future__ import annotations
@@ -76,6 +77,25 @@ async def update_vm(request: web.Request) -> web.Response:
 
 async def delete_vm(request: web.Request) -> web.Response:
     await _vmm(request).delete(request.match_info["vm"])
+    return web.Response(status=204)
+
+
+async def list_networks(request: web.Request) -> web.Response:
+    return web.json_response(_vmm(request).networks.list())
+
+
+async def create_network(request: web.Request) -> web.Response:
+    networks = _vmm(request).networks
+    switch = networks.create(await _body(request))
+    return web.json_response(networks.info(switch.name), status=201)
+
+
+async def get_network(request: web.Request) -> web.Response:
+    return web.json_response(_vmm(request).networks.info(request.match_info["net"]))
+
+
+async def delete_network(request: web.Request) -> web.Response:
+    await _vmm(request).networks.delete(request.match_info["net"])
     return web.Response(status=204)
 
 
@@ -158,6 +178,10 @@ def routes() -> list[web.RouteDef]:
         web.post("/v1/vms/{vm}/snapshot", snapshot_vm),
         web.get("/v1/vms/{vm}/console", console),
         web.get("/v1/vms/{vm}/console/log", console_log),
+        web.get("/v1/networks", list_networks),
+        web.post("/v1/networks", create_network),
+        web.get("/v1/networks/{net}", get_network),
+        web.delete("/v1/networks/{net}", delete_network),
     ]
 
 

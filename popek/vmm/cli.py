@@ -1,9 +1,10 @@
-"""``popek serve`` (the VMM service) and ``popek vm ...`` (its command-line client).
+"""``popek serve`` (the VMM service) and ``popek vm ...``/``popek net ...`` (its
+command-line clients).
 
-``popek vm`` speaks only the REST API, like ``docker`` to ``dockerd``: anything it does,
-a script can do with the SDK (:mod:`popek.api.client`) or curl on the socket. Only the
-argument parsers live here; the server and the commands (aiohttp, rich) are imported
-when used, so other ``popek`` commands start without them.
+``popek vm`` and ``popek net`` speak only the REST API, like ``docker`` to ``dockerd``:
+anything they do, a script can do with the SDK (:mod:`popek.api.client`) or curl on the
+socket. Only the argument parsers live here; the server and the commands (aiohttp, rich)
+are imported when used, so other ``popek`` commands start without them.
 """
 
 from __future__ import annotations
@@ -121,5 +122,33 @@ def _cpu_args(parser: argparse.ArgumentParser) -> None:
 
 def cmd_vm(args: argparse.Namespace) -> int:
     from popek.vmm.commands import run
+
+    return run(args)
+
+
+# -- popek net --------------------------------------------------------------------------------
+def add_net_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--socket", type=Path, default=None,
+                        help=f"the VMM's socket (default {default_socket()})")
+    sub = parser.add_subparsers(dest="net_command", required=True, metavar="COMMAND")
+    create = sub.add_parser("create", help="create a virtual switch (VMs join it with "
+                            "--nic switch=NAME)")
+    create.add_argument("name")
+    create.add_argument("--subnet", default="auto", metavar="CIDR|none",
+                        help="the subnet its DHCP serves; none: a plain Ethernet segment "
+                        "(default: the first free 192.168.N.0/24 from 192.168.122.0/24)")
+    create.add_argument("--nat", action="store_true",
+                        help="the guests reach outside, and the host's loopback through "
+                        "the gateway (needs passt)")
+    sub.add_parser("ls", help="list virtual switches")
+    info = sub.add_parser("info", help="a switch's ports, counters and leases")
+    info.add_argument("name")
+    info.add_argument("--json", action="store_true", help="the API's JSON")
+    rm = sub.add_parser("rm", help="remove switches that no VM uses")
+    rm.add_argument("names", nargs="+", metavar="NAME")
+
+
+def cmd_net(args: argparse.Namespace) -> int:
+    from popek.vmm.net_commands import run
 
     return run(args)

@@ -25,6 +25,7 @@ from popek.machine.config import (
 )
 from popek.vmm import scheduler
 from popek.vmm.errors import BadRequest, NotFound
+from popek.vmm.networks import Networks
 from popek.vmm.vm import Vm
 
 SAMPLE_INTERVAL = 1.0  # seconds between CPU share measurements
@@ -38,6 +39,7 @@ class Vmm:
 
     def __init__(self) -> None:
         self.vms: dict[str, Vm] = {}
+        self.networks = Networks()
         self._numbers = itertools.count(1)
         self._sampler: asyncio.Task[None] | None = None
 
@@ -57,6 +59,7 @@ class Vmm:
         for vm in list(self.vms.values()):
             if vm.process is not None:
                 await vm.wait_stopped()
+        await self.networks.close()
 
     async def _sample_forever(self) -> None:
         while True:
@@ -105,6 +108,7 @@ class Vmm:
         except ConfigError as err:
             raise BadRequest(str(err)) from None
         config = images.with_bundled_guest(config)
+        self.networks.check(config)
         for path in config.host_paths():
             if not path.is_absolute():
                 raise BadRequest(f"{path}: paths must be absolute (the VMM has its own cwd)")
