@@ -15,8 +15,10 @@ import hashlib
 import lzma
 import shutil
 import socket
+import struct
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -117,6 +119,7 @@ class Lab:
     outsider: QemuGuest
     a_ip: str
     b_ip: str
+    lan: Path  # where stations join the lan switch
 
 
 @pytest.fixture(scope="class")
@@ -140,6 +143,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
             guest.ok("dmesg -n 1")
         lab.a_ip, lab.b_ip = lab.a.dhcp(), lab.b.dhcp()
         lab.outsider.ok("ifconfig eth0 192.168.77.50 netmask 255.255.255.0 up")
+        lab.lan = lan
         yield lab
     finally:
         for guest in guests:
@@ -173,3 +177,40 @@ class TestQemuGuestsOnSwitches:
             [(lab.b.mac, lab.b_ip, "up")]
         status, _ = lab.outsider.sh(f"wget -q -T 3 -O - http://192.168.77.1:{port}/page")
         assert status != 0  # a plain segment has no gateway
+
+    def test_a_flooding_port_leaves_the_guests_talking(self, lab: Lab) -> None:
+        """A station floods broadcasts of junk, runts and frames from forged group
+        addresses while the guests pass a file; then it sends a length no NIC would and
+        is cut off. The guests never notice more than the junk itself."""
+        flooder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        flooder.connect(str(lab.lan))
+        junk = [b"\xff" * 6 + bytes((2, 0, 0, 0, 0, 1)) + b"\x88\xb5" + bytes(1000),
+                b"\x01\x02", b"\xff" * 6 + b"\x01" * 6 + b"\x88\xb5junk"]
+        burst = b"".join(struct.pack(">I", len(f)) + f for f in junk) * 50
+        stop = threading.Event()
+
+        def flood() -> None:
+            while not stop.is_set():
+                flooder.sendall(burst)
+                time.sleep(0.005)
+
+        thread = threading.Thread(target=flood, daemon=True)
+        thread.start()
+        try:
+            lab.b.ok("dd if=/dev/urandom of=/tmp/f2 bs=1024 count=1024 2>/dev/null")
+            lab.a.ok("nc -l -p 5001 > /tmp/g2 & sleep 1")
+            lab.b.ok(f"nc {lab.a_ip} 5001 < /tmp/f2")
+            lab.a.ok("wait")
+            assert lab.a.sha256("/tmp/g2") == lab.b.sha256("/tmp/f2")
+        finally:
+            stop.set()
+            thread.join()
+        flooder.sendall(struct.pack(">I", 1 << 30))
+        flooder.settimeout(10)
+        while flooder.recv(1 << 20):  # what was queued for it, then the switch hangs up
+            pass
+        ports = lab.host.info("lan")["ports"]
+        (hostile,) = [p for p in ports if p["state"].startswith("down")]
+        assert "over the" in hostile["state"] and hostile["counters"]["dropped_in"] > 100
+        lab.a.ok(f"ping -c 1 -W 5 {lab.b_ip}")
+        flooder.close()
