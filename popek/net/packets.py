@@ -12,7 +12,8 @@ import ipaddress
 import struct
 from dataclasses import dataclass
 
-ETH_HEADER = 14
+from popek.net.backend import ETH_HEADER
+
 ETHERTYPE_IPV4 = 0x0800
 ETHERTYPE_ARP = 0x0806
 BROADCAST = b"\xff" * 6

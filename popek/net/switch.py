@@ -13,8 +13,8 @@ Every port is untrusted, and no port can hurt the switch or the other ports:
 - a runt (shorter than an Ethernet header) is dropped and counted; a length over
   :data:`MAX_FRAME` means the peer does not speak the framing (a healthy NIC never sends
   one), so the port is disconnected rather than resynchronized on guesswork;
-- the switch reads a port at most :data:`READ_SIZE` bytes per turn of the event loop, so a
-  port that floods gets its turn like every other one and no more;
+- the switch takes at most :data:`FRAMES_PER_TURN` frames from a port per turn of the
+  event loop, so a port that floods gets its turn like every other one and no more;
 - frames wait for a slow or stuck peer (a paused guest) in a bounded queue per port, and
   each source may fill only :data:`SOURCE_QUEUE` bytes of it: frames beyond that are
   dropped and counted, so a flooding port loses its own frames, not its neighbours', and
@@ -26,24 +26,20 @@ Every port is untrusted, and no port can hurt the switch or the other ports:
 from __future__ import annotations
 
 import asyncio
-import itertools
 import socket
-import struct
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
-from popek.net.packets import ETH_HEADER, is_multicast, mac_text
+from popek.net.backend import MAX_FRAME, MIN_FRAME
+from popek.net.packets import is_multicast, mac_text
+from popek.net.stream import StreamBackend
 
-LENGTH = struct.Struct(">I")  # QEMU's stream framing: the frame's length, big-endian
-MIN_FRAME = ETH_HEADER
-MAX_FRAME = 0xFFFF + ETH_HEADER + 4  # a 64 KiB payload behind a VLAN-tagged header
-READ_SIZE = 256 << 10  # bytes read from one port per turn of the event loop
+FRAMES_PER_TURN = 64  # frames taken from one port per turn of the event loop
 SOURCE_QUEUE = 256 << 10  # bytes one source may have waiting for one port
 PORT_QUEUE = 1 << 20  # bytes waiting for one port in all
-SEND_BATCH = 64  # frames handed to the kernel per system call
 MAC_AGE = 300.0  # seconds a learned address stays without traffic (as Linux bridges)
 MACS_PER_PORT = 64
 
@@ -63,13 +59,13 @@ class PortCounters:
 
 
 class Port:
-    """One framed stream socket in the event loop: frames from the peer go to ``on_frame``;
+    """One framed stream socket in the event loop (its framing is
+    :class:`~popek.net.stream.StreamBackend`'s): frames from the peer go to ``on_frame``;
     :meth:`send` queues frames to it. ``label`` is what the API shows about the port."""
 
     def __init__(self, sock: socket.socket, on_frame: Callable[[Port, bytes], None],
                  on_close: Callable[[Port], None] | None = None, **label: Any) -> None:
-        sock.setblocking(False)
-        self.sock = sock
+        self.stream = StreamBackend(sock)
         self.label = label
         self.counters = PortCounters()
         self.closed: str | None = None  # why the port is down
@@ -77,66 +73,45 @@ class Port:
         self._on_frame = on_frame
         self._on_close = on_close
         self._loop = asyncio.get_running_loop()
-        self._in = bytearray()
-        self._queue: deque[tuple[object, bytes]] = deque()  # (source, framed record)
+        self._fd = sock.fileno()
+        self._queue: deque[tuple[object, bytes]] = deque()  # (source, frame)
         self._held: dict[object, int] = {}  # queued bytes by source
         self._held_total = 0
-        self._head_sent = 0  # bytes of the queue's first record already written
         self._flush_due = False
         self._waiting = False  # for the socket to turn writable
-        self._loop.add_reader(sock.fileno(), self._readable)
+        self._loop.add_reader(self._fd, self._readable)
 
     # -- receiving ------------------------------------------------------------------------
     def _readable(self) -> None:
-        try:
-            data = self.sock.recv(READ_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as err:
-            self.close(f"receive failed: {err.strerror}")
-            return
-        if not data:
-            if self._in:
-                self.counters.dropped_in += 1  # a frame cut short
-            self.close("the peer hung up")
-            return
-        buf = self._in
-        buf += data
-        frames = []
-        oversized = 0
-        pos, end = 0, len(buf)
-        with memoryview(buf) as view:
-            while end - pos >= LENGTH.size:
-                size = LENGTH.unpack_from(view, pos)[0]
-                if size > MAX_FRAME:
-                    oversized = size
-                    break
-                stop = pos + LENGTH.size + size
-                if stop > end:
-                    break
-                if size < MIN_FRAME:
-                    self.counters.dropped_in += 1
-                else:
-                    frames.append(view[pos + LENGTH.size:stop].tobytes())
-                pos = stop
-        del buf[:pos]
-        counters = self.counters
-        for frame in frames:
+        stream, counters = self.stream, self.counters
+        for _ in range(FRAMES_PER_TURN):
+            dropped = stream.dropped
+            frame = stream.receive()
+            if stream.dropped != dropped:
+                counters.dropped_in += 1
+                self.close(f"sent a frame length over the {MAX_FRAME}-byte maximum")
+                return
+            if frame is None:
+                break
+            if len(frame) < MIN_FRAME:
+                counters.dropped_in += 1
+                continue
             counters.frames_in += 1
             counters.bytes_in += len(frame)
             self._on_frame(self, frame)
             if self.closed:
                 return
-        if oversized:
-            counters.dropped_in += 1
-            self.close(f"sent a {oversized}-byte frame length, over the {MAX_FRAME}-byte "
-                       "maximum")
+        else:  # its turn is over; frames it already sent wait for the next one
+            self._loop.call_soon(self._readable)
+            return
+        if stream.hung_up:
+            self.close("the peer hung up")
 
     # -- sending --------------------------------------------------------------------------
     def send(self, frame: bytes, source: object) -> bool:
         """Queue ``frame`` for the peer; False (dropped, counted) if ``source`` already has
         its share of the queue waiting, or the port is down."""
-        size = LENGTH.size + len(frame)
+        size = len(frame)
         held = self._held.get(source, 0)
         if self.closed or held + size > SOURCE_QUEUE or \
                 self._held_total + size > PORT_QUEUE:
@@ -144,45 +119,34 @@ class Port:
             return False
         self._held[source] = held + size
         self._held_total += size
-        self._queue.append((source, LENGTH.pack(len(frame)) + frame))
+        self._queue.append((source, frame))
         if not self._flush_due and not self._waiting:
-            self._flush_due = True  # after this turn's frames: one system call for all
+            self._flush_due = True  # once this turn's frames are all queued
             self._loop.call_soon(self._flush)
         return True
 
     def _flush(self) -> None:
         self._flush_due = False
-        queue = self._queue
-        while queue and not self.closed:
-            records = [memoryview(record) for _, record in itertools.islice(queue, SEND_BATCH)]
-            records[0] = records[0][self._head_sent:]
-            offered = sum(len(r) for r in records)
-            try:
-                written = self.sock.sendmsg(records)
-            except (BlockingIOError, InterruptedError):
-                written = 0
-            except OSError as err:
-                self.close(f"send failed: {err.strerror}")
+        stream, queue = self.stream, self._queue
+        stream.flush()
+        while queue and stream.ready_to_send() and not self.closed:
+            source, frame = queue.popleft()
+            self._release(source, len(frame))
+            stream.send(frame)
+            if stream.hung_up:
+                self.counters.dropped_out += 1
+                self.close("the peer hung up")
                 return
-            done = self._head_sent + written
-            while queue and done >= len(queue[0][1]):
-                source, record = queue.popleft()
-                done -= len(record)
-                self._release(source, len(record))
-                self.counters.frames_out += 1
-                self.counters.bytes_out += len(record) - LENGTH.size
-            self._head_sent = done
-            if written < offered:
-                break  # the socket is full
-        if queue and not self.closed and not self._waiting:
+            self.counters.frames_out += 1
+            self.counters.bytes_out += len(frame)
+        if self.closed:
+            return
+        if not stream.ready_to_send() and not self._waiting:
             self._waiting = True
-            self._loop.add_writer(self.sock.fileno(), self._writable)
-        elif not queue and self._waiting:
+            self._loop.add_writer(self._fd, self._flush)
+        elif stream.ready_to_send() and self._waiting:
             self._waiting = False
-            self._loop.remove_writer(self.sock.fileno())
-
-    def _writable(self) -> None:
-        self._flush()
+            self._loop.remove_writer(self._fd)
 
     def _release(self, source: object, size: int) -> None:
         left = self._held[source] - size
@@ -198,16 +162,15 @@ class Port:
         if self.closed:
             return
         self.closed = reason
-        fd = self.sock.fileno()
-        self._loop.remove_reader(fd)
+        self._loop.remove_reader(self._fd)
         if self._waiting:
             self._waiting = False
-            self._loop.remove_writer(fd)
+            self._loop.remove_writer(self._fd)
         self.counters.dropped_out += len(self._queue)
         self._queue.clear()
         self._held.clear()
         self._held_total = 0
-        self.sock.close()
+        self.stream.close()
         if self._on_close is not None:
             self._on_close(self)
 
