@@ -114,3 +114,12 @@ def http_server() -> Iterator[tuple[int, bytes]]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def running(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

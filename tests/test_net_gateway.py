@@ -12,6 +12,7 @@ import asyncio
 import socket
 from ipaddress import IPv4Network
 
+from net_guests import running
 from net_stations import Station, mac, run
 from scapy.layers.dhcp import BOOTP, DHCP
 from scapy.layers.inet import IP, UDP
@@ -173,14 +174,6 @@ def test_the_gateway_answers_arp_for_its_address_and_nobody_may_claim_it() -> No
     run(scenario)
 
 
-def _running(pid: int) -> bool:
-    """The process exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rpartition(")")[2].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
 
 def test_nat_takes_each_guest_to_the_host_through_a_passt_of_its_own() -> None:
     async def scenario() -> None:
@@ -212,14 +205,14 @@ def test_nat_takes_each_guest_to_the_host_through_a_passt_of_its_own() -> None:
         uplinks = {u["mac"]: u for u in sw.info()["uplinks"]}
         assert set(uplinks) == {mac_text(a.mac), mac_text(b.mac)}
         pids = {u["pid"] for u in uplinks.values()}
-        assert len(pids) == 2 and all(_running(pid) for pid in pids)
+        assert len(pids) == 2 and all(running(pid) for pid in pids)
 
         a.sock.close()  # a's guest goes away: so does its passt
         await asyncio.sleep(0.5)
-        assert not _running(uplinks[mac_text(a.mac)]["pid"])
+        assert not running(uplinks[mac_text(a.mac)]["pid"])
         assert [u["mac"] for u in sw.info()["uplinks"]] == [mac_text(b.mac)]
         await sw.close()
-        assert not any(_running(pid) for pid in pids)
+        assert not any(running(pid) for pid in pids)
         host.close()
 
     run(scenario)
