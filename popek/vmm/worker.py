@@ -23,7 +23,7 @@ from typing import Any
 
 from popek.machine.loader import ImageError
 from popek.machine.virt import ConfigError, VirtMachine
-from popek.vmm import snapshot
+from popek.vmm import jail, snapshot
 from popek.vmm.channel import INPUT, JSON, OUTPUT, ChannelClosed, WorkerEnd
 from popek.vmm.config import config_from_json
 from popek.vmm.throttle import CpuCap
@@ -34,10 +34,16 @@ EXIT_FAILED = 3
 
 def main(sock: socket.socket, spec: dict[str, Any]) -> None:
     """Process entry point. ``spec``: ``{"config": ...}`` to boot or ``{"restore": path}``,
-    plus ``cpu_cap`` (percent or None) and ``mem_overhead`` (bytes or None)."""
+    plus ``cpu_cap`` (percent or None) and ``mem_overhead`` (bytes or None) to enforce,
+    and ``cgroup_procs`` (files) to join. The worker confines itself first of all."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the VMM, which stops us
     chan = WorkerEnd(sock)
+    try:
+        warnings = jail.confine(spec.get("cgroup_procs", ()))
+    except OSError as err:
+        _fail(chan, f"cannot confine the worker: {err}")
     worker = Worker(chan, spec)
+    worker.warnings = warnings
     try:
         worker.serve()
     except ChannelClosed:
@@ -74,6 +80,7 @@ class Worker:
         self.cap = CpuCap(spec.get("cpu_cap"))
         self.machine: VirtMachine | None = None
         self.lift_memory_limit: Callable[[], None] = lambda: None
+        self.warnings: list[str] = []  # about its confinement, for the VMM to show
 
     # -- life cycle -----------------------------------------------------------------------
     def serve(self) -> None:
@@ -85,7 +92,7 @@ class Worker:
         self._limit_memory()
         self.frozen_clock = self.machine.clint.save_state()
         self.chan.send(JSON, {"op": "ready", "config": self.spec.get("config"),
-                              "console_bytes": self.console_bytes})
+                              "console_bytes": self.console_bytes, "warnings": self.warnings})
         self._loop()
 
     def _build(self, fresh: bool = False) -> VirtMachine:
