@@ -27,3 +27,10 @@ def test_document_and_server_have_the_same_operations() -> None:
                   for method in item if method != "parameters"}
     served = {(route.method, re.sub(r"\{[^}]+\}", "{}", route.path)) for route in routes()}
     assert documented == served
+
+
+def test_machine_config_schema_is_generated_from_the_declaration() -> None:
+    from popek.api import openapi
+
+    text = DOC.read_text()
+    assert openapi.rewrite(text) == text, "run: python -m popek.api.openapi"

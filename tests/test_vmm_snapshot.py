@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from popek.machine.virt import DiskSpec, MachineConfig, VirtMachine
+from popek.machine.config import DiskSpec, MachineConfig
+from popek.machine.virt import VirtMachine
 from popek.vmm import snapshot
 from popek.vmm.snapshot import SnapshotError
 from tests.vmm_guests import guest

@@ -12,7 +12,6 @@ import sys
 import time
 from array import array
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from popek.devices.virtio.rng import VirtioRng
 from popek.firmware.sbi import Sbi
 from popek.machine import fdt
 from popek.machine.clock import GuestClock
+from popek.machine.config import ConfigError, MachineConfig, check
 from popek.machine.loader import ImageError, load_kernel, read_image
 
 RAM_BASE = 0x8000_0000
@@ -44,8 +44,6 @@ TIMEBASE_HZ = 10_000_000
 KERNEL_OFFSET = 0x20_0000  # where firmware jumps to: RAM base + 2 MiB, as on QEMU
 ISA_STRING = "rv64imafdc_zicsr_zifencei"
 SLICE = 20_000  # instructions a hart runs before devices and timers are looked at
-MIN_RAM = 16 << 20
-MAX_RAM = 64 << 30
 STATE_VERSION = 2  # of save_state(): bump when its layout changes (2: ctl holds the LR reservation)
 HART_BUFFERS = ("x", "f", "ctl", "csr")
 
@@ -53,31 +51,6 @@ OPENSBI_PATHS = (
     "/usr/lib/riscv64-linux-gnu/opensbi/generic/fw_jump.bin",
     "/usr/share/qemu/opensbi-riscv64-generic-fw_dynamic.bin",
 )
-
-
-@dataclass
-class DiskSpec:
-    path: Path
-    readonly: bool = False
-
-
-@dataclass
-class MachineConfig:
-    """What ``popek run`` (or the VMM) asks for; the defaults are QEMU's."""
-
-    kernel: Path
-    initrd: Path | None = None
-    append: str = "console=ttyS0"
-    disks: list[DiskSpec] = field(default_factory=list)
-    mem: int = 256 << 20
-    cpus: int = 1
-    bios: str = "none"  # "none" (popek's SBI), "opensbi", or a firmware path
-    rng: bool = True
-    engine: str | None = None  # execution tier; None: the default tier
-
-
-class ConfigError(Exception):
-    """A machine that cannot be built as asked (the CLI prints it as one line)."""
 
 
 class VirtMachine:
@@ -90,12 +63,11 @@ class VirtMachine:
         """Boot ``config`` from its images, or, given the ``state`` a machine saved (and
         ``memory`` holding its RAM), carry on exactly where that machine was. ``clock``
         is guest time (by default the host's, see GuestClock)."""
-        if not MIN_RAM <= config.mem <= MAX_RAM or config.mem % 4096:
-            raise ConfigError(
-                f"--mem {config.mem >> 20}M is impossible: use {MIN_RAM >> 20}M to "
-                f"{MAX_RAM >> 30}G in whole pages")
-        if not 1 <= config.cpus <= 8:
-            raise ConfigError(f"--cpus {config.cpus}: popek's virt board has 1 to 8 harts")
+        check(config)
+        if config.kernel is None:
+            raise ConfigError("no kernel: the machine needs --kernel")
+        if config.nics:
+            raise ConfigError("--nic: this popek has no network devices yet")
         self.config = config
         self.console_out = console_out
         self.exit: tuple[str, int] | None = None
@@ -394,4 +366,4 @@ def _align_up(value: int, align: int) -> int:
     return (value + align - 1) & ~(align - 1)
 
 
-__all__ = ["ConfigError", "DiskSpec", "ImageError", "MachineConfig", "VirtMachine"]
+__all__ = ["ConfigError", "ImageError", "VirtMachine"]

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from popek.api.endpoint import default_socket
-from popek.machine.cli import parse_disk, parse_size
+from popek.machine.config import add_config_args, cli_type, parse_size
 
 
 # -- popek serve ------------------------------------------------------------------------------
@@ -69,19 +69,9 @@ def add_vm_args(parser: argparse.ArgumentParser) -> None:
 
     create = sub.add_parser("create", help="create a VM and start it (prints its id)")
     create.add_argument("--name", help="a unique name (default vmN)")
-    create.add_argument("--kernel", type=Path, help="kernel Image or ELF (bundled Linux)")
-    create.add_argument("--initrd", type=Path, help="initramfs (bundled, with the bundled "
-                        "kernel)")
-    create.add_argument("--append", default="console=ttyS0", help="kernel command line")
-    create.add_argument("--disk", type=parse_disk, action="append", default=[],
-                        metavar="PATH[,ro]", help="raw virtio-blk image; repeatable")
-    create.add_argument("--mem", type=parse_size, default=256 << 20, metavar="SIZE",
-                        help="guest RAM, e.g. 256M or 1G (256M)")
-    create.add_argument("--cpus", type=int, default=1, metavar="N", help="harts (1)")
-    create.add_argument("--bios", default="none", metavar="none|opensbi|PATH",
-                        help="M-mode firmware, as for popek run (none)")
+    add_config_args(create)
     _cpu_args(create)
-    create.add_argument("--mem-overhead", type=parse_size, metavar="SIZE",
+    create.add_argument("--mem-overhead", type=cli_type(parse_size), metavar="SIZE",
                         help="host memory the VM may use beyond its RAM (512M)")
     create.add_argument("--no-start", action="store_true", help="create only")
 

@@ -22,6 +22,7 @@ from rich.text import Text
 
 from popek import images
 from popek.api.client import ApiError, Client
+from popek.machine.config import config_from_args, config_to_json
 
 EXIT_ERROR = 1
 err_console = Console(stderr=True, soft_wrap=True)
@@ -56,15 +57,9 @@ def _cpu_opts(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _create(client: Client, args: argparse.Namespace) -> None:
-    bundled = args.kernel is None
-    spec: dict[str, Any] = {
-        "kernel": str((images.KERNEL if bundled else args.kernel).absolute()),
-        "append": args.append, "mem": args.mem, "cpus": args.cpus, "bios": args.bios,
-        "disks": [{"path": str(d.path.absolute()), "readonly": d.readonly} for d in args.disk],
-        "start": not args.no_start, **_cpu_opts(args)}
-    initrd = args.initrd or (images.INITRD if bundled else None)
-    if initrd is not None:
-        spec["initrd"] = str(initrd.absolute())
+    config = images.with_bundled_guest(config_from_args(args)).absolute()
+    spec: dict[str, Any] = {**config_to_json(config), "start": not args.no_start,
+                            **_cpu_opts(args)}
     if args.name:
         spec["name"] = args.name
     if args.mem_overhead is not None:

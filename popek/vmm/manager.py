@@ -15,9 +15,15 @@ import os
 import secrets
 from typing import Any
 
-from popek.machine.virt import ConfigError
+from popek import images
+from popek.machine.config import (
+    CONFIG_FIELDS,
+    ConfigError,
+    MachineConfig,
+    config_from_json,
+    config_to_json,
+)
 from popek.vmm import scheduler
-from popek.vmm.config import config_from_json, config_to_json
 from popek.vmm.errors import BadRequest, NotFound
 from popek.vmm.vm import Vm
 
@@ -25,7 +31,6 @@ SAMPLE_INTERVAL = 1.0  # seconds between CPU share measurements
 DEFAULT_MEM_OVERHEAD = 512 << 20  # address space a worker may add beyond guest RAM
 DEFAULT_SHUTDOWN_LINE = "poweroff\n"
 _VM_FIELDS = {"name", "start", "cpu_weight", "cpu_cap", "mem_overhead"}
-_CONFIG_FIELDS = {"kernel", "initrd", "append", "disks", "mem", "cpus", "bios", "rng"}
 
 
 class Vmm:
@@ -91,17 +96,20 @@ class Vmm:
                   mem_overhead=overhead, source=source)
 
     async def create(self, body: dict[str, Any]) -> Vm:
-        unknown = set(body) - _VM_FIELDS - _CONFIG_FIELDS
+        """A VM of the configuration in ``body`` (the bundled guest if it names no kernel)."""
+        unknown = set(body) - _VM_FIELDS - CONFIG_FIELDS
         if unknown:
             raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
         try:
-            config = config_from_json({k: v for k, v in body.items() if k in _CONFIG_FIELDS})
+            config = config_from_json({k: v for k, v in body.items() if k in CONFIG_FIELDS})
         except ConfigError as err:
             raise BadRequest(str(err)) from None
-        for path in [config.kernel, config.initrd, *(d.path for d in config.disks)]:
-            if path is not None and not os.path.isabs(path):
+        config = images.with_bundled_guest(config)
+        for path in config.host_paths():
+            if not path.is_absolute():
                 raise BadRequest(f"{path}: paths must be absolute (the VMM has its own cwd)")
         vm = self._new_vm(body)
+        _assign_macs(config, vm.id)
         await self._launch(vm, {"config": config_to_json(config)}, body.get("start", True))
         return vm
 
@@ -164,6 +172,14 @@ class Vmm:
         if not isinstance(path, str) or not os.path.isabs(path):
             raise BadRequest("'path' must be an absolute file path")
         return await self.get(ref).snapshot(path)
+
+
+def _assign_macs(config: MachineConfig, vm_id: str) -> None:
+    """NICs without a MAC get one of their own, from the VM's random id: guests on one
+    switch must differ, and a snapshot or a migration keeps the address."""
+    for index, nic in enumerate(config.nics):
+        if nic.mac is None:
+            nic.mac = "52:54:" + ":".join(vm_id[i:i + 2] for i in (0, 2, 4)) + f":{index:02x}"
 
 
 def _check_cpu(weight: Any, cap: Any) -> None:

@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from popek.cpu.physmem import PAGE_SIZE, PhysicalMemory
-from popek.machine.virt import RAM_BASE, ConfigError, MachineConfig, VirtMachine
-from popek.vmm.config import config_from_json, config_to_json
+from popek.machine.config import ConfigError, MachineConfig, config_from_json, config_to_json
+from popek.machine.virt import RAM_BASE, VirtMachine
 
 MAGIC = b"POPEKSNP"
 FORMAT_VERSION = 1

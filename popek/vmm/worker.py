@@ -21,11 +21,11 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from popek.machine.config import ConfigError, config_from_json
 from popek.machine.loader import ImageError
-from popek.machine.virt import ConfigError, VirtMachine
+from popek.machine.virt import VirtMachine
 from popek.vmm import jail, snapshot
 from popek.vmm.channel import INPUT, JSON, OUTPUT, ChannelClosed, WorkerEnd
-from popek.vmm.config import config_from_json
 from popek.vmm.throttle import CpuCap
 
 STATS_INTERVAL = 0.25  # seconds between the statistics a running worker pushes
