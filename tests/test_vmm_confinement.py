@@ -15,7 +15,9 @@ CI machines are small and busy.
 
 from __future__ import annotations
 
+import errno
 import os
+import pwd
 import re
 import signal
 import subprocess
@@ -26,16 +28,17 @@ from pathlib import Path
 
 import pytest
 
-from popek.vmm import procstat
+from popek.vmm import jail, procstat
 from tests.test_vmm_service import MEM, Api
 
 CAP_SECONDS = 4.0
 
 
-def _serve(tmp: Path, build: str, prefix: list[str] | None = None) -> Iterator[Api]:
+def _serve(tmp: Path, build: str, prefix: list[str] | None = None,
+           env: dict[str, str] | None = None) -> Iterator[Api]:
     sock = tmp / "vmm.sock"
     log = tmp / "vmm.log"
-    env = {**os.environ, "POPEK_TEST_BUILD": build}
+    env = {**os.environ, **(env or {}), "POPEK_TEST_BUILD": build}
     with open(log, "wb") as stderr:
         proc = subprocess.Popen([*(prefix or []), sys.executable, "-m", "tests.vmm_test_build",
                                  "serve", "--socket", str(sock)], stderr=stderr, env=env)
@@ -52,8 +55,20 @@ def _serve(tmp: Path, build: str, prefix: list[str] | None = None) -> Iterator[A
 
 
 @pytest.fixture(scope="module")
-def confined(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
-    yield from _serve(tmp_path_factory.mktemp("confined"), "misbehave")
+def secret(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A root-only file in a directory anyone may search: only its mode keeps others out."""
+    folder = tmp_path_factory.mktemp("secrets")
+    folder.chmod(0o755)
+    path = folder / "secret"
+    path.write_bytes(b"root's secret\n")
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture(scope="module")
+def confined(tmp_path_factory: pytest.TempPathFactory, secret: Path) -> Iterator[Api]:
+    yield from _serve(tmp_path_factory.mktemp("confined"), "misbehave",
+                      env={"POPEK_TEST_SECRET": str(secret)})
 
 
 # Every cgroup mount read-only, in a mount namespace of the VMM's own: cgroups that
@@ -88,11 +103,20 @@ def _status(pid: int) -> dict[str, str]:
     return {name: value.strip() for name, _, value in (ln.partition(":") for ln in lines)}
 
 
-def _share(pid: int) -> float:
-    """Fraction of one core ``pid`` used over a few seconds."""
-    start, cpu0 = time.monotonic(), procstat.cpu_seconds(pid)
+def _shares(*pids: int) -> dict[int, tuple[float, float]]:
+    """Over a few seconds, for each of ``pids`` (workers; their vCPU threads): the fraction
+    of one core it used, and the fraction of the time it was runnable (running, or waiting
+    for a core). A worker that never sleeps is runnable all the time, however busy the
+    host, while a worker that throttles itself sleeps."""
+    def sample() -> dict[int, tuple[float, float]]:
+        return {pid: (procstat.cpu_seconds(pid), sum(
+            int(n) for n in Path(f"/proc/{pid}/schedstat").read_text().split()[:2]) / 1e9)
+            for pid in pids}
+    start, before = time.monotonic(), sample()
     time.sleep(CAP_SECONDS)
-    return (procstat.cpu_seconds(pid) - cpu0) / (time.monotonic() - start)
+    after, wall = sample(), time.monotonic() - start
+    return {pid: ((after[pid][0] - before[pid][0]) / wall,
+                  (after[pid][1] - before[pid][1]) / wall) for pid in pids}
 
 
 def _cgroup_dir(pid: int, controller: str) -> Path:
@@ -105,6 +129,13 @@ def _cgroup_dir(pid: int, controller: str) -> Path:
     return Path(mount + path)
 
 
+def test_filter_leaves_out_what_a_guest_could_escape_with() -> None:
+    assert not {"execve", "execveat", "fork", "vfork", "ptrace", "kill", "socket", "connect",
+                "bind", "mount", "setuid", "setresuid", "prctl", "bpf", "open", "rename",
+                "unlink", "chroot", "unshare", "setns", "process_vm_writev",
+                "perf_event_open", "io_uring_setup"} & jail.allowed_syscalls()
+
+
 # -- confined: this host ---------------------------------------------------------------------
 
 def test_worker_runs_without_privileges_and_filtered(confined: Api, vms: list) -> None:
@@ -115,10 +146,24 @@ def test_worker_runs_without_privileges_and_filtered(confined: Api, vms: list) -
     assert int(status["CapEff"], 16) == int(status["CapPrm"], 16) == 0
     if os.geteuid() == 0:
         assert int(status["CapBnd"], 16) == 0
+        assert status["Uid"].split()[1] != "0" and status["Gid"].split()[1] != "0"
     confinement = vm["confinement"]
+    assert confinement["uid"] == int(status["Uid"].split()[1])
     assert confinement["seccomp"] == "filter" and confinement["no_new_privs"]
     assert int(confinement["capabilities"], 16) == 0
     assert confinement["warnings"] == [], confinement["warnings"]
+
+
+def test_worker_of_a_root_vmm_is_nobody_and_cannot_open_root_files(
+        confined: Api, vms: list, secret: Path) -> None:
+    assert os.geteuid() == 0, "this test needs root: the VMM switches uids only as root"
+    vm = _create(vms, confined, "peek")  # its worker opens the secret by path
+    done = confined.wait("the guest to report", lambda: (
+        info := confined.info(vm))["state"] != "running" and info)
+    assert done["exit"] == {"kind": "poweroff", "code": errno.EACCES}, done
+    uid = done["confinement"]["uid"]
+    assert uid != 0 and done["confinement"]["gid"] != 0
+    assert uid not in {p.pw_uid for p in pwd.getpwall()}  # no user's, no file's owner
 
 
 def test_forbidden_system_call_kills_the_worker_and_fails_only_its_vm(
@@ -142,8 +187,9 @@ def test_kernel_holds_the_cap_of_a_worker_that_ignores_it(confined: Api, vms: li
     vm = _create(vms, confined, "greedy", cpu_cap=10)  # its worker stops throttling itself
     assert vm["confinement"]["limits"] == "cgroup v1", vm["confinement"]
     confined.wait_log(vm, b"spinning")
-    share = _share(vm["pid"])
+    share, runnable = _shares(vm["pid"])[vm["pid"]]
     assert share < 0.15, f"capped at 10% but used {share:.0%}"
+    assert runnable > 0.8, f"runnable {runnable:.0%} of the time: it slept (throttled itself)"
     assert confined.info(vm)["cpu"]["throttled_seconds"] > 0  # counted by the kernel
     cpu = _cgroup_dir(vm["pid"], "cpu")
     assert int((cpu / "cpu.cfs_quota_us").read_text()) == 10_000
@@ -184,14 +230,12 @@ def test_without_cgroups_the_worker_limits_itself_and_says_so(poor: Api, vms: li
     assert MEM + (128 << 20) < address_space < MEM + (1 << 30)
     poor.wait_log(vm, b"spinning")
     poor.wait_log(greedy, b"spinning")
-    start = time.monotonic()
-    cpu0 = {pid: procstat.cpu_seconds(pid) for pid in (vm["pid"], greedy["pid"])}
-    time.sleep(CAP_SECONDS)
-    share = {pid: (procstat.cpu_seconds(pid) - cpu) / (time.monotonic() - start)
-             for pid, cpu in cpu0.items()}
-    assert share[vm["pid"]] < 0.15, f"capped at 10% but used {share[vm['pid']]:.0%}"
+    shares = _shares(vm["pid"], greedy["pid"])
+    share, _ = shares[vm["pid"]]
+    assert share < 0.15, f"capped at 10% but used {share:.0%}"
     # The control for the kernel's cap: here nothing holds a worker that ignores its own.
-    assert share[greedy["pid"]] > 0.15, f"greedy used only {share[greedy['pid']]:.0%}"
+    share, runnable = shares[greedy["pid"]]
+    assert runnable > 0.8, f"greedy was runnable {runnable:.0%} of the time (used {share:.0%})"
 
 
 def test_without_libseccomp_the_worker_runs_unfiltered_with_a_warning(

@@ -60,10 +60,9 @@ SYSCALLS: dict[str, tuple[str, ...]] = {
     "open files": ("read", "write", "readv", "writev", "pread64", "pwrite64", "preadv",
                    "pwritev", "lseek", "fstat", "newfstatat", "statx", "fsync", "fdatasync",
                    "ftruncate", "close", "dup", "dup2", "dup3", "fcntl"),
-    # CPython imports a module on first use and reads source lines into a traceback;
-    # snapshots are written beside their name and renamed into place
-    "paths": ("openat", "getdents64", "getcwd", "rename", "renameat", "renameat2",
-              "unlink", "unlinkat"),
+    # CPython imports a module on first use and reads source lines into a traceback
+    # (openat itself is limited to reading, below)
+    "paths": ("getdents64", "getcwd"),
     # the VMM's channel, and network backends' sockets: only ones it was given
     "sockets": ("sendto", "recvfrom", "sendmsg", "recvmsg", "shutdown", "getsockname",
                 "getpeername", "getsockopt", "accept", "accept4"),
@@ -77,6 +76,7 @@ SYSCALLS: dict[str, tuple[str, ...]] = {
 }
 
 _CLONE_THREAD = 0x10000
+_WRITING = os.O_ACCMODE | os.O_CREAT | os.O_TRUNC  # open flags that write or create
 _TCGETS, _FIONREAD, _FIONBIO, _FIONCLEX, _FIOCLEX = 0x5401, 0x541B, 0x5421, 0x5450, 0x5451
 
 
@@ -90,6 +90,9 @@ def _limited(pid: int) -> list[tuple[str, list[Any]]]:
         # reaches a device driver
         *(("ioctl", [s.Arg(1, s.EQ, request)])
           for request in (_TCGETS, _FIONREAD, _FIONBIO, _FIONCLEX, _FIOCLEX)),
+        # files by path: for reading only (its uid may read little); opening one to write
+        # fails with EACCES (CPython caching a module's bytecode copes with that)
+        ("openat", [s.Arg(2, s.MASKED_EQ, _WRITING, 0)]),
         # signals to its own threads only (abort)
         ("tgkill", [s.Arg(0, s.EQ, pid)]),
         # its own resource limits only (the memory-limit fallback)
@@ -100,7 +103,22 @@ def _limited(pid: int) -> list[tuple[str, list[Any]]]:
 def allowed_syscalls() -> set[str]:
     """Every system call name the filter lets through (some with argument checks)."""
     return {name for group in SYSCALLS.values() for name in group} | \
-        {"clone", "ioctl", "tgkill", "prlimit64"}
+        {"clone", "ioctl", "openat", "tgkill", "prlimit64"}
+
+
+# Guests' uids and gids, when the VMM is root: one per VM, from its random id, in a range
+# that no distribution hands out (systemd leaves 0x70000000-0x7ffdffff unused), so a worker
+# owns no host file and shares no uid with a user's process. Two VMs rarely share one;
+# if they do, the filter still keeps either from signalling or tracing the other.
+FIRST_GUEST_ID, GUEST_IDS = 0x7000_0000, 0x0FFE_0000
+
+
+def guest_ids(vm_id: str) -> tuple[int, int] | None:
+    """The (uid, gid) a VM's worker runs as; None when the VMM cannot switch (not root)."""
+    if os.geteuid() != 0:
+        return None
+    n = FIRST_GUEST_ID + int(vm_id, 16) % GUEST_IDS
+    return n, n
 
 
 # -- the steps, in order --------------------------------------------------------------------
@@ -170,6 +188,11 @@ def _load_filter() -> list[str]:
             rules.add_rule(seccomp.ALLOW, name)
     for name, args in _limited(os.getpid()):
         rules.add_rule(seccomp.ALLOW, name, *args)
+    for mask, value in ((os.O_ACCMODE, os.O_WRONLY), (os.O_ACCMODE, os.O_RDWR),
+                        (os.O_ACCMODE, os.O_ACCMODE), (os.O_CREAT, os.O_CREAT),
+                        (os.O_TRUNC, os.O_TRUNC)):
+        rules.add_rule(seccomp.ERRNO(errno.EACCES), "openat",
+                       seccomp.Arg(2, seccomp.MASKED_EQ, mask, value))
     # glibc makes threads with clone3 when it can, whose flags the filter cannot see;
     # told it is missing, glibc falls back to clone, whose flags it can.
     rules.add_rule(seccomp.ERRNO(errno.ENOSYS), "clone3")

@@ -23,7 +23,9 @@ import time
 from typing import Any
 
 from popek.cpu import causes
-from popek.vmm import jail, procstat, scheduler, worker
+from popek.machine.config import ConfigError
+from popek.machine.loader import ImageError
+from popek.vmm import hostfiles, jail, procstat, scheduler, snapshot, worker
 from popek.vmm.channel import INPUT, JSON, OUTPUT, ChannelClosed, ProtocolError, VmmEnd
 from popek.vmm.console import ConsoleBuffer
 from popek.vmm.errors import BadRequest, Conflict
@@ -77,6 +79,7 @@ class Vm:
         self.limits: VmLimits | None = None
         self.confinement: dict[str, Any] = {}  # as the kernel reports it, once ready
         self._chan: VmmEnd | None = None
+        self._file_socket: socket.socket | None = None  # hands the worker files later
         self._ids = itertools.count(1)
         self._replies: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._ready: asyncio.Future[dict[str, Any]] | None = None
@@ -86,9 +89,15 @@ class Vm:
     # -- worker -----------------------------------------------------------------------------
     async def launch(self, spec: dict[str, Any]) -> None:
         """Start the worker and wait until its machine is built; BadRequest if it cannot be."""
+        try:
+            files = hostfiles.HostFiles.for_spec(spec)
+        except (ConfigError, ImageError, snapshot.SnapshotError) as err:
+            raise BadRequest(str(err)) from None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._file_socket, their_files = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.limits = VmLimits(self.id)
-        spec = {**spec, **self.limits.worker_spec(self.cpu_cap, self.mem_overhead)}
+        spec = {**spec, **self.limits.worker_spec(self.cpu_cap, self.mem_overhead),
+                "files": files, "file_socket": their_files, "ids": jail.guest_ids(self.id)}
         self.process = _worker_context().Process(
             target=worker.main, args=(theirs, spec), name=f"popek-vm-{self.id}", daemon=True)
         loop = asyncio.get_running_loop()
@@ -97,6 +106,9 @@ class Vm:
         except BaseException:
             self.limits.ended()
             raise
+        finally:
+            files.close()  # the worker has its own copies
+            their_files.close()
         theirs.close()
         self.nice = self.limits.set_weight(self.process.pid, self.cpu_weight)
         self.meter = scheduler.CpuMeter(self.process.pid)
@@ -164,6 +176,7 @@ class Vm:
     async def _reap(self) -> None:
         """The channel closed: collect the worker's exit and settle the final state."""
         self._chan.close()
+        self._file_socket.close()
         await asyncio.get_running_loop().run_in_executor(None, self.process.join, 10)
         self.failure = self.failure or self.limits.ended()
         if self.state == "creating":
@@ -248,8 +261,14 @@ class Vm:
         await self._stopped.wait()
 
     async def snapshot(self, path: str) -> dict[str, Any]:
+        """The VMM makes the file, the worker (which cannot) writes into it."""
         self._require("snapshot", "created", "running", "paused")
-        return await self._call("snapshot", path=path)
+        try:
+            with snapshot.NewFile(path) as fd:
+                hostfiles.send(self._file_socket, fd)
+                return await self._call("snapshot", path=path)
+        except snapshot.SnapshotError as err:
+            raise BadRequest(str(err)) from None
 
     async def set_cpu(self, weight: int | None, cap: float | None, clear_cap: bool) -> None:
         if weight is not None:
