@@ -2,7 +2,7 @@
 
 A worker that ignores its CPU cap or grows past its memory allowance is held by the
 kernel, not by its own goodwill: each VM's worker runs in a cgroup of its own under a
-``popek`` parent beside the VMM's own cgroup (so whatever limits the VMM's cgroup has
+``popek`` parent inside the VMM's own cgroup (so whatever limits the VMM's cgroup has
 still hold its guests), with
 
 =====================  ============================  =========================
@@ -14,11 +14,12 @@ memory                 ``memory.max``                ``memory.limit_in_bytes``
 =====================  ============================  =========================
 
 v2 is used where its hierarchy offers both controllers, v1 otherwise (both hierarchies,
-``cpu`` and ``memory``, must be mounted). The cgroup is removed when the VM ends; the
-parent stays, as a systemd slice does. Where no cgroup can be made (not root and no
-delegated cgroup, nothing mounted, read-only), :func:`create` says why, and the VMM falls
-back to limits the worker applies to itself (nice, :mod:`popek.vmm.throttle`,
-``RLIMIT_AS``).
+``cpu`` and ``memory``, must be mounted). Weights share out what the ``popek`` parent gets:
+beside the VMM's other processes, all its guests together weigh as much as one nice-0
+process (a systemd slice's rule). A VM's cgroup is removed when the VM ends; the parent
+stays, as a slice does. Where no cgroup can be made (not root and no delegated cgroup,
+nothing mounted, read-only), :func:`create` says why, and the VMM falls back to limits the
+worker applies to itself (nice, :mod:`popek.vmm.throttle`, ``RLIMIT_AS``).
 """
 
 from __future__ import annotations
@@ -124,9 +125,10 @@ class VmCgroup:
         return _keyed(self.memory / name).get("oom_kill", 0) > 0
 
     def remove(self) -> None:
-        """Once the worker is gone (a cgroup with a process in it cannot go)."""
+        """Once the worker is gone. A worker that has not died yet (EBUSY) leaves an empty
+        cgroup behind, as systemd would, rather than fail the VMM."""
         for d in self.dirs:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):
                 d.rmdir()
 
 
@@ -146,8 +148,7 @@ def create(name: str) -> VmCgroup:
         for d in cgroup.dirs:
             d.mkdir()
     except OSError as err:
-        with contextlib.suppress(OSError):
-            cgroup.remove()
+        cgroup.remove()
         raise Unavailable(f"cgroups are not writable here ({err.strerror}: "
                           f"{err.filename})") from None
     return cgroup

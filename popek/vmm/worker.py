@@ -46,7 +46,7 @@ def main(sock: socket.socket, spec: dict[str, Any]) -> None:
     chan = WorkerEnd(sock)
     try:
         warnings = jail.confine(spec.get("cgroup_procs", ()), spec.get("ids"))
-    except OSError as err:
+    except Exception as err:  # it must not run unconfined
         _fail(chan, f"cannot confine the worker: {err}")
     worker = Worker(chan, spec)
     worker.warnings = warnings
