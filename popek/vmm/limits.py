@@ -20,14 +20,18 @@ class VmLimits:
     """One VM's limits; its :class:`~popek.vmm.vm.Vm` calls these as the worker starts,
     as the limits change, and when the worker has ended."""
 
-    def __init__(self, vm_id: str) -> None:
+    def __init__(self, vm_id: str, cap: float | None) -> None:
         self.fallback: str | None = None  # why the kernel does not hold them
         self.memory_limit: int | None = None  # bytes in all, once the guest's RAM is known
         self._throttled_at_end = 0.0
+        self.cgroup: cgroups.VmCgroup | None = None
         try:
-            self.cgroup: cgroups.VmCgroup | None = cgroups.create(vm_id)
-        except cgroups.Unavailable as why:
-            self.cgroup = None
+            self.cgroup = cgroups.create(vm_id)
+            self.cgroup.set_cap(cap)
+        except (cgroups.Unavailable, OSError) as why:
+            if self.cgroup is not None:
+                self.cgroup.remove()
+                self.cgroup = None
             self.fallback = str(why)
 
     @property
@@ -38,7 +42,6 @@ class VmLimits:
         """What the worker must do itself: join its cgroup, or enforce the limits."""
         if self.cgroup is None:
             return {"cpu_cap": cap, "mem_overhead": mem_overhead}
-        self.cgroup.set_cap(cap)
         return {"cpu_cap": None, "mem_overhead": None, "cgroup_procs": self.cgroup.procs_files}
 
     def ready(self, pid: int, guest_bytes: int, mem_overhead: int | None) -> None:

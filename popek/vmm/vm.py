@@ -95,7 +95,7 @@ class Vm:
             raise BadRequest(str(err)) from None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._file_socket, their_files = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.limits = VmLimits(self.id)
+        self.limits = VmLimits(self.id, self.cpu_cap)
         spec = {**spec, **self.limits.worker_spec(self.cpu_cap, self.mem_overhead),
                 "files": files, "file_socket": their_files, "ids": jail.guest_ids(self.id)}
         self.process = _worker_context().Process(
