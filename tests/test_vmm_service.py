@@ -68,8 +68,8 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Api, int
     sock = tmp_path_factory.mktemp("vmm") / "vmm.sock"
     log = sock.with_name("vmm.log")
     with open(log, "wb") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "popek", "serve", "--socket", str(sock)],
-                                stderr=stderr)
+        proc = subprocess.Popen([sys.executable, "-m", "popek", "serve", "--socket", str(sock),
+                                 "--state-dir", str(sock.with_name("state"))], stderr=stderr)
     api = Api(sock)
     try:
         api.wait("the VMM socket", sock.exists)
