@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 import time
 import zlib
@@ -34,7 +35,13 @@ from pathlib import Path
 from typing import Any
 
 from popek.cpu.physmem import PAGE_SIZE, PhysicalMemory
-from popek.machine.config import ConfigError, MachineConfig, config_from_json, config_to_json
+from popek.machine.config import (
+    MAX_RAM,
+    ConfigError,
+    MachineConfig,
+    config_from_json,
+    config_to_json,
+)
 from popek.machine.virt import RAM_BASE, VirtMachine
 
 MAGIC = b"POPEKSNP"
@@ -46,6 +53,11 @@ _CRC = struct.Struct("<I")
 _SCAN = 256 * PAGE_SIZE  # scan RAM a MiB at a time; most of an idle guest's RAM is zero
 _ZERO_SCAN = bytes(_SCAN)
 _ZERO_PAGE = bytes(PAGE_SIZE)
+# Bounds on the metadata, so a forged header cannot make a reader (the VMM checks a file
+# before its worker does) allocate without limit: device state, plus the page list at
+# its longest (every other page stored: one [first, count, crc] run per two pages).
+_META_BASE = 16 << 20
+_META_PER_PAGE = 24
 
 
 class SnapshotError(Exception):
@@ -163,16 +175,10 @@ def _nonzero_runs(mem: PhysicalMemory) -> Iterator[tuple[int, int]]:
 def load(path: Path) -> Snapshot:
     """Check ``path`` completely and map its RAM; raises SnapshotError, changing nothing."""
     path = Path(path)
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as err:
-        raise SnapshotError(f"cannot open snapshot {path}: {err.strerror}") from None
+    fd = _open(path)
     try:
         meta, ram_size = _read_checked_meta(path, fd)
-        try:
-            config = config_from_json(meta.get("config"))
-        except ConfigError as err:
-            raise SnapshotError(f"{path}: bad machine configuration: {err}") from None
+        config = _config(path, meta)
         if config.mem != ram_size:
             raise SnapshotError(f"{path}: RAM of {ram_size} bytes, configuration says "
                                 f"{config.mem}")
@@ -186,6 +192,37 @@ def load(path: Path) -> Snapshot:
     finally:
         os.close(fd)  # the mapping keeps the file
     return Snapshot(path, meta, config, memory)
+
+
+def read_config(path: Path) -> MachineConfig:
+    """The machine configuration ``path`` records, checked as :func:`load` checks it but
+    without mapping RAM: the VMM checks the host paths in it before a worker opens them."""
+    path = Path(path)
+    fd = _open(path)
+    try:
+        return _config(path, _read_checked_meta(path, fd)[0])
+    finally:
+        os.close(fd)
+
+
+def _open(path: Path) -> int:
+    """A descriptor of ``path``, which must be a regular file (``O_NONBLOCK``: a FIFO put
+    in its place cannot stall the caller, the VMM included)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as err:
+        raise SnapshotError(f"cannot open snapshot {path}: {err.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise SnapshotError(f"{path} is not a popek snapshot (not a regular file)")
+    return fd
+
+
+def _config(path: Path, meta: dict[str, Any]) -> MachineConfig:
+    try:
+        return config_from_json(meta.get("config"))
+    except ConfigError as err:
+        raise SnapshotError(f"{path}: bad machine configuration: {err}") from None
 
 
 def _read_checked_meta(path: Path, fd: int) -> tuple[dict[str, Any], int]:
@@ -207,6 +244,9 @@ def _read_checked_meta(path: Path, fd: int) -> tuple[dict[str, Any], int]:
         raise SnapshotError(f"{path}: {kind}: {actual} bytes, the header says {file_size}")
     if ram_size % PAGE_SIZE or file_size != MEM_OFFSET + ram_size + meta_len:
         raise SnapshotError(f"{path}: inconsistent header (corrupt file)")
+    if ram_size > MAX_RAM or meta_len > _META_BASE + ram_size // PAGE_SIZE * _META_PER_PAGE:
+        raise SnapshotError(f"{path}: sizes in the header beyond what a snapshot can need "
+                            "(corrupt file)")
     raw = os.pread(fd, meta_len, MEM_OFFSET + ram_size)
     if zlib.crc32(raw) != meta_crc:
         raise SnapshotError(f"{path}: metadata checksum mismatch (corrupt file)")
