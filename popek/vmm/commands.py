@@ -21,7 +21,10 @@ from rich.table import Table
 from rich.text import Text
 
 from popek import images
+from popek.api import token
 from popek.api.client import ApiError, Client
+from popek.api.endpoint import default_token_file
+from popek.api.token import TokenError
 from popek.machine.config import config_from_args, config_to_json
 
 EXIT_ERROR = 1
@@ -34,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     """Run one `popek vm` subcommand; returns the exit status."""
     try:
         return asyncio.run(_vm(args))
-    except ApiError as err:
+    except (ApiError, TokenError) as err:
         err_console.print(f"popek vm {args.vm_command}: error: {err}", markup=False)
         return EXIT_ERROR
     except KeyboardInterrupt:
@@ -42,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _vm(args: argparse.Namespace) -> int:
-    async with Client(args.socket) as client:
+    secret = token.read(args.token_file or default_token_file()) if args.tcp else None
+    async with Client(args.socket, url=args.tcp, token=secret) as client:
         command = _COMMANDS[args.vm_command]
         return await command(client, args) or 0
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import stat
 from multiprocessing import reduction
 from pathlib import Path
 from typing import Any
@@ -93,12 +94,21 @@ def _received(dupfds: dict[_Key, Any]) -> HostFiles:
 
 
 def _open(path: Path, writable: bool, what: str) -> int:
+    """A regular file (or, for a disk, a block device). Opened ``O_NONBLOCK`` so that a
+    FIFO in its place cannot stall the VMM; the worker gets a blocking descriptor."""
     try:
-        return os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_NONBLOCK
+                     | os.O_NOCTTY)
     except FileNotFoundError:
         raise ImageError(f"{what} not found: {path}") from None
     except OSError as err:
         raise ImageError(f"cannot open {what} {path}: {err.strerror}") from None
+    mode = os.fstat(fd).st_mode
+    if not (stat.S_ISREG(mode) or (what == "disk image" and stat.S_ISBLK(mode))):
+        os.close(fd)
+        raise ImageError(f"{what} {path} is not a regular file")
+    os.set_blocking(fd, True)
+    return fd
 
 
 def send(sock: socket.socket, fd: int) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import struct
 import tempfile
 import time
@@ -36,7 +37,13 @@ from pathlib import Path
 from typing import Any
 
 from popek.cpu.physmem import PAGE_SIZE, PhysicalMemory
-from popek.machine.config import ConfigError, MachineConfig, config_from_json, config_to_json
+from popek.machine.config import (
+    MAX_RAM,
+    ConfigError,
+    MachineConfig,
+    config_from_json,
+    config_to_json,
+)
 from popek.machine.virt import RAM_BASE, VirtMachine
 
 MAGIC = b"POPEKSNP"
@@ -48,6 +55,11 @@ _CRC = struct.Struct("<I")
 _SCAN = 256 * PAGE_SIZE  # scan RAM a MiB at a time; most of an idle guest's RAM is zero
 _ZERO_SCAN = bytes(_SCAN)
 _ZERO_PAGE = bytes(PAGE_SIZE)
+# Bounds on the metadata, so a forged header cannot make a reader (the VMM checks a file
+# before its worker does) allocate without limit: device state, plus the page list at
+# its longest (every other page stored: one [first, count, crc] run per two pages).
+_META_BASE = 16 << 20
+_META_PER_PAGE = 24
 
 
 class SnapshotError(Exception):
@@ -191,12 +203,13 @@ def load(path: Path, opener: Callable[..., int] = os.open) -> Snapshot:
     """Check ``path`` completely and map its RAM; raises SnapshotError, changing nothing.
     ``opener`` opens the snapshot and the disks it names, as os.open does."""
     path = Path(path)
+    fd = _open(path, opener)
     try:
-        fd = opener(path, os.O_RDONLY)
-    except OSError as err:
-        raise SnapshotError(f"cannot open snapshot {path}: {err.strerror}") from None
-    try:
-        meta, ram_size, config = _checked(path, fd)
+        meta, ram_size = _read_checked_meta(path, fd)
+        config = _config(path, meta)
+        if config.mem != ram_size:
+            raise SnapshotError(f"{path}: RAM of {ram_size} bytes, configuration says "
+                                f"{config.mem}")
         memory = PhysicalMemory(RAM_BASE, ram_size, backing=(fd, MEM_OFFSET))
         try:
             runs = _check_pages(path, memory, meta.get("pages"))
@@ -210,28 +223,34 @@ def load(path: Path, opener: Callable[..., int] = os.open) -> Snapshot:
 
 
 def read_config(path: Path) -> MachineConfig:
-    """The machine a snapshot file holds (header and metadata checked, RAM not read): what
-    a VMM must open for the worker that will restore it."""
+    """The machine configuration ``path`` records, checked as :func:`load` checks it but
+    without mapping RAM: the VMM checks the host paths in it before a worker opens them."""
+    path = Path(path)
+    fd = _open(path)
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as err:
-        raise SnapshotError(f"cannot open snapshot {path}: {err.strerror}") from None
-    try:
-        return _checked(Path(path), fd)[2]
+        return _config(path, _read_checked_meta(path, fd)[0])
     finally:
         os.close(fd)
 
 
-def _checked(path: Path, fd: int) -> tuple[dict[str, Any], int, MachineConfig]:
-    meta, ram_size = _read_checked_meta(path, fd)
+def _open(path: Path, opener: Callable[..., int] = os.open) -> int:
+    """A descriptor of ``path``, which must be a regular file (``O_NONBLOCK``: a FIFO put
+    in its place cannot stall the caller, the VMM included)."""
     try:
-        config = config_from_json(meta.get("config"))
+        fd = opener(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as err:
+        raise SnapshotError(f"cannot open snapshot {path}: {err.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise SnapshotError(f"{path} is not a popek snapshot (not a regular file)")
+    return fd
+
+
+def _config(path: Path, meta: dict[str, Any]) -> MachineConfig:
+    try:
+        return config_from_json(meta.get("config"))
     except ConfigError as err:
         raise SnapshotError(f"{path}: bad machine configuration: {err}") from None
-    if config.mem != ram_size:
-        raise SnapshotError(f"{path}: RAM of {ram_size} bytes, configuration says "
-                            f"{config.mem}")
-    return meta, ram_size, config
 
 
 def _read_checked_meta(path: Path, fd: int) -> tuple[dict[str, Any], int]:
@@ -253,6 +272,9 @@ def _read_checked_meta(path: Path, fd: int) -> tuple[dict[str, Any], int]:
         raise SnapshotError(f"{path}: {kind}: {actual} bytes, the header says {file_size}")
     if ram_size % PAGE_SIZE or file_size != MEM_OFFSET + ram_size + meta_len:
         raise SnapshotError(f"{path}: inconsistent header (corrupt file)")
+    if ram_size > MAX_RAM or meta_len > _META_BASE + ram_size // PAGE_SIZE * _META_PER_PAGE:
+        raise SnapshotError(f"{path}: sizes in the header beyond what a snapshot can need "
+                            "(corrupt file)")
     raw = os.pread(fd, meta_len, MEM_OFFSET + ram_size)
     if zlib.crc32(raw) != meta_crc:
         raise SnapshotError(f"{path}: metadata checksum mismatch (corrupt file)")

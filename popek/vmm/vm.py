@@ -90,7 +90,7 @@ class Vm:
     async def launch(self, spec: dict[str, Any]) -> None:
         """Start the worker and wait until its machine is built; BadRequest if it cannot be."""
         try:
-            files = hostfiles.HostFiles.for_spec(spec)
+            files = await asyncio.to_thread(hostfiles.HostFiles.for_spec, spec)
         except (ConfigError, ImageError, snapshot.SnapshotError) as err:
             raise BadRequest(str(err)) from None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
