@@ -3,8 +3,9 @@
 Two VMMs run for the module, both test builds (tests/vmm_test_build.py):
 
 - ``confined``: this host as it is (root, cgroup v1 writable, libseccomp present);
-- ``poor``: a host without libseccomp and whose cgroups are read-only (a mount namespace
-  of its own), where workers fall back to limiting themselves, as before cgroups.
+- ``poor``: a host without libseccomp, whose cgroups are read-only, where the VMM is the
+  root of a user namespace that maps no other uid (a container's lot): workers fall back
+  to limiting themselves, as before cgroups, and keep uid 0, without capabilities.
 
 In both, guest code can trigger deliberate worker bugs (a forbidden system call, a worker
 that stops throttling itself to its CPU cap).
@@ -75,12 +76,13 @@ def confined(tmp_path_factory: pytest.TempPathFactory, secret: Path) -> Iterator
 # cannot be written, as for a VMM that is not root and has no delegated cgroup.
 _READ_ONLY_CGROUPS = ("for m in $(awk '$3 ~ /^cgroup/ {print $2}' /proc/mounts); do "
                       "mount -o remount,bind,ro \"$m\"; done; exec \"$@\"")
+_POOR_HOST = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+              _READ_ONLY_CGROUPS, "sh"]
 
 
 @pytest.fixture(scope="module")
 def poor(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
-    yield from _serve(tmp_path_factory.mktemp("poor"), "misbehave,no-seccomp",
-                      ["unshare", "--mount", "sh", "-c", _READ_ONLY_CGROUPS, "sh"])
+    yield from _serve(tmp_path_factory.mktemp("poor"), "misbehave,no-seccomp", _POOR_HOST)
 
 
 @pytest.fixture
@@ -246,3 +248,11 @@ def test_without_libseccomp_the_worker_runs_unfiltered_with_a_warning(
     assert status["NoNewPrivs"] == "1" and int(status["CapEff"], 16) == 0
     assert vm["confinement"]["seccomp"] == "off"
     assert any("seccomp unavailable" in w for w in vm["confinement"]["warnings"])
+
+
+def test_where_no_other_uid_is_mapped_the_worker_keeps_uid_0_and_says_so(
+        poor: Api, vms: list) -> None:
+    vm = _create(vms, poor, "counter")
+    status = _status(vm["pid"])
+    assert status["Uid"].split()[1] == "0" and int(status["CapEff"], 16) == 0
+    assert any("keeps uid 0" in w for w in vm["confinement"]["warnings"]), vm["confinement"]

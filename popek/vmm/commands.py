@@ -146,7 +146,7 @@ async def _info(client: Client, args: argparse.Namespace) -> None:
              ("instructions", f"{vm['instructions']:,} ({_mips(vm)} MIPS)"),
              ("traps", ", ".join(f"{k} {v:,}" for k, v in vm["traps"].items()) or "none"),
              ("memory", ", ".join(f"{k.removesuffix('_bytes')} {_size(v)}"
-                                  for k, v in vm["memory"].items())),
+                                  for k, v in vm["memory"].items() if v is not None)),
              ("console", f"{vm['console']['bytes']:,} bytes"), *_confinement(vm)]
     for key, value in rows:
         table.add_row(key, value)

@@ -8,7 +8,8 @@ everything a guest's process does not need, in an order that leaves no gap:
 2. core dumps off: a dying worker must not write guest memory to disk;
 3. the capability bounding set emptied, then, if the VMM runs as root, the VM's own
    unprivileged uid and gid and no supplementary groups, which clears the capability
-   sets too; a worker left with uid 0 clears them itself, so it holds none either way;
+   sets too; a worker left with uid 0 (root of a user namespace that maps no other uid)
+   clears them itself, so it holds none either way;
 4. ``no_new_privs``: nothing it could ever execute gains privileges;
 5. the seccomp filter: the system calls in :data:`SYSCALLS` are allowed (a few, in
    :func:`_limited`, with some arguments only); any other kills the whole process
@@ -133,9 +134,9 @@ def confine(cgroup_procs: Iterable[str] = (), ids: tuple[int, int] | None = None
         with open(procs, "w") as f:
             f.write("0")  # 0: the writer itself
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    _drop_privileges(ids)
+    warnings = _drop_privileges(ids)
     _prctl(_PR_SET_NO_NEW_PRIVS, 1)
-    return _load_filter()
+    return warnings + _load_filter()
 
 
 _PR_CAPBSET_DROP = 24
@@ -161,21 +162,29 @@ def _prctl(option: int, arg: int = 0) -> None:
         raise OSError(code, f"prctl({option}): {os.strerror(code)}")
 
 
-def _drop_privileges(ids: tuple[int, int] | None) -> None:
+def _drop_privileges(ids: tuple[int, int] | None) -> list[str]:
     if os.geteuid() == 0:  # only a privileged process may shrink the bounding set
         with open("/proc/sys/kernel/cap_last_cap") as f:
             for cap in range(int(f.read()) + 1):
                 _prctl(_PR_CAPBSET_DROP, cap)
     _prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL)
+    warnings = []
     if ids is not None:
         uid, gid = ids
-        os.setgroups([])
-        os.setresgid(gid, gid, gid)
-        os.setresuid(uid, uid, uid)
+        try:
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+        except OSError as err:  # root of a user namespace that does not map the ids
+            if err.errno not in (errno.EINVAL, errno.EPERM):
+                raise
+            warnings.append(f"the worker keeps uid {os.getuid()} (without capabilities): "
+                            f"cannot take uid {uid} here ({err.strerror})")
     none = (_CapData * 2)()  # version 3 takes two 32-bit halves of each set
     if _libc.capset(ctypes.byref(_CapHeader(_CAP_VERSION_3, 0)), none) != 0:
         code = ctypes.get_errno()
         raise OSError(code, f"capset: {os.strerror(code)}")
+    return warnings
 
 
 def _load_filter() -> list[str]:
