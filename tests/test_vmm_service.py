@@ -273,8 +273,7 @@ def test_cpu_cap_holds_a_spinning_guest_to_its_share(api: Api) -> None:
 
 def test_weights_share_a_contended_core_in_proportion(api: Api) -> None:
     heavy = api.create("spin", cpu_weight=100)
-    light = api.create("spin", cpu_weight=25)  # lowering a weight needs no privilege
-    assert (heavy["cpu"]["nice"], light["cpu"]["nice"]) == (0, 6)
+    light = api.create("spin", cpu_weight=25)  # in cgroups, or niced (needs no privilege)
     core = min(os.sched_getaffinity(0))
     for vm in (heavy, light):
         api.wait_log(vm, b"spinning")
@@ -325,13 +324,6 @@ def test_bad_requests_are_refused_and_change_nothing(api: Api, tmp_path: Path) -
     with pytest.raises(ApiError, match="no such VM") as missing:
         api("info", "nonexistent")
     assert missing.value.status == 404
-
-
-def test_worker_memory_is_limited(api: Api) -> None:
-    vm = api.create("counter", mem_overhead=128 << 20)
-    limits = Path(f"/proc/{vm['pid']}/limits").read_text()
-    limit = int(re.search(r"Max address space\s+(\d+)", limits).group(1))
-    assert MEM + (128 << 20) < limit < MEM + (1 << 30)
 
 
 def test_guest_that_makes_popek_exceed_the_memory_limit_fails_alone(api: Api) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
+from rich.text import Text
 
 from popek import images
 from popek.api import token
@@ -145,11 +146,26 @@ async def _info(client: Client, args: argparse.Namespace) -> None:
              ("instructions", f"{vm['instructions']:,} ({_mips(vm)} MIPS)"),
              ("traps", ", ".join(f"{k} {v:,}" for k, v in vm["traps"].items()) or "none"),
              ("memory", ", ".join(f"{k.removesuffix('_bytes')} {_size(v)}"
-                                  for k, v in vm["memory"].items())),
-             ("console", f"{vm['console']['bytes']:,} bytes")]
+                                  for k, v in vm["memory"].items() if v is not None)),
+             ("console", f"{vm['console']['bytes']:,} bytes"), *_confinement(vm)]
     for key, value in rows:
         table.add_row(key, value)
     out_console.print(table)
+
+
+def _confinement(vm: dict[str, Any]) -> list[tuple[str, str | Text]]:
+    """What confines the worker, as the kernel reported it, and what is weaker than it
+    should be (shown as warnings)."""
+    jail = vm.get("confinement") or {}
+    if not jail:
+        return []
+    caps = "no capabilities" if not int(jail["capabilities"], 16) else \
+        f"capabilities {jail['capabilities']}"
+    rows = [("confinement", f"uid {jail['uid']}, gid {jail['gid']}, {caps}, "
+                            f"{'no_new_privs, ' if jail['no_new_privs'] else ''}"
+                            f"seccomp {jail['seccomp']}"),
+            ("limits held by", jail["limits"])]
+    return rows + [("warning", Text(w, style="yellow")) for w in jail["warnings"]]
 
 
 def _each(action: str, verb: str) -> Callable[[Client, argparse.Namespace], Awaitable[int]]:

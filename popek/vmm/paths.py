@@ -1,7 +1,7 @@
 """Which host paths a request may name: the VMM's policy, applied before anything is opened.
 
 Requests name host files (kernels, initrds, disks, firmware, NIC sockets, pcap files,
-snapshots; later, migration targets) that a worker then opens with the VMM's rights. A
+snapshots; later, migration targets) that the VMM then opens with its own rights. A
 caller the VMM does not simply trust (one over TCP, or any with ``--restrict-paths``) may
 only name paths inside the policy's roots: the bundled images, the storage of the VMM's
 state directory and the ``--allow-path`` directories. A path is resolved first
