@@ -194,6 +194,23 @@ void main(void) {
     }
     poweroff(0);
 }""",
+    # Each hart keeps incrementing bytes in its own half of 256 pages, a subset of the
+    # pages that changes every 64 passes (QEMU's migration test idea): every store changes
+    # a page, so the pages that changed are exactly the pages written.
+    "dirtier": _SMP + r"""
+#define PAGES 256
+volatile unsigned char area[PAGES][4096] __attribute__((aligned(4096)));
+static void dirty(unsigned long h) {
+    for (unsigned long n = 0;; n++)
+        for (unsigned long p = h; p < PAGES; p += 2)
+            if ((p + n / 64) % 5 == 0) area[p][n % 4096]++;
+}
+void second(void) { dirty(1); }
+void main(void) {
+    start_hart1();
+    say("dirtier ready\n");
+    dirty(0);
+}""",
     # Hart 0 reserves a word with lr.w, hart 1 stores to it, then hart 0's sc.w must fail.
     "lrsc": _SMP + r"""
 FLAG(word); FLAG(reserved); FLAG(stored);
