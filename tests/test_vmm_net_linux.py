@@ -26,25 +26,18 @@ from net_guests import Shell, check_switched_guests, http_server, running
 
 from popek import images
 from popek.api.client import ApiError, Client
+from tests.test_vmm_service import Api as ServiceApi
 
 BOOT_PATIENCE = 600.0
 
 
-class Api:
-    """Synchronous calls to the test's VMM (one short asyncio run each)."""
-
-    def __init__(self, sock: Path) -> None:
-        self.sock = sock
-
-    def __call__(self, method: str, *args: Any, **kw: Any) -> Any:
-        async def call() -> Any:
-            async with Client(self.sock) as client:
-                return await getattr(client, method)(*args, **kw)
-        return asyncio.run(call())
+class Api(ServiceApi):
+    """The service tests' synchronous API, and typing on a console."""
 
     def type(self, vm: str, text: str) -> None:
         async def send() -> None:
-            async with Client(self.sock) as client, client.console(vm, replay=False) as ws:
+            async with Client(self.socket_path) as client, \
+                    client.console(vm, replay=False) as ws:
                 await ws.send_bytes(text.encode())
         asyncio.run(send())
 
