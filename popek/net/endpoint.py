@@ -45,14 +45,15 @@ class HostEnd:
             raise ValueError(f"host end kind {self.kind!r} is not one of {KINDS}")
 
     def backend(self) -> NetBackend:
-        """The end as the NIC uses it (it takes over the descriptors)."""
+        """The end as the NIC uses it; the backend owns the descriptors from now on."""
+        pcap, self.pcap = self.pcap, None
         if self.kind == "stream":
             inner: NetBackend = StreamBackend(self.sock)
         elif self.kind == "listen":
             inner = StreamListener(self.sock)
         else:
             inner = DgramBackend(self.sock, self.remote)
-        return inner if self.pcap is None else CapturedBackend(inner, PcapWriter(self.pcap))
+        return inner if pcap is None else CapturedBackend(inner, PcapWriter(pcap))
 
     def close(self) -> None:
         """Close this process's copies (the VMM's, once a worker holds its own)."""

@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import os
 import secrets
+from pathlib import Path
 from typing import Any
 
 from popek import images
@@ -23,7 +24,8 @@ from popek.machine.config import (
     config_from_json,
     config_to_json,
 )
-from popek.vmm import scheduler
+from popek.net import open_nics
+from popek.vmm import scheduler, snapshot
 from popek.vmm.errors import BadRequest, NotFound
 from popek.vmm.vm import Vm
 
@@ -110,7 +112,8 @@ class Vmm:
                 raise BadRequest(f"{path}: paths must be absolute (the VMM has its own cwd)")
         vm = self._new_vm(body)
         _assign_macs(config, vm.id)
-        await self._launch(vm, {"config": config_to_json(config)}, body.get("start", True))
+        await self._launch(vm, {"config": config_to_json(config)}, body.get("start", True),
+                           config)
         return vm
 
     async def restore(self, body: dict[str, Any]) -> Vm:
@@ -121,16 +124,30 @@ class Vmm:
         path = body.get("path")
         if not isinstance(path, str) or not os.path.isabs(path):
             raise BadRequest("'path' must be the absolute path of a snapshot file")
+        try:
+            config = snapshot.read_config(Path(path))
+        except snapshot.SnapshotError as err:
+            raise BadRequest(str(err)) from None
         vm = self._new_vm(body, source=path)
-        await self._launch(vm, {"restore": path}, body.get("start", True))
+        await self._launch(vm, {"restore": path}, body.get("start", True), config)
         return vm
 
-    async def _launch(self, vm: Vm, spec: dict[str, Any], start: bool) -> None:
+    async def _launch(self, vm: Vm, spec: dict[str, Any], start: bool,
+                      config: MachineConfig) -> None:
+        """Open the guest's NICs here (workers open nothing), then start its worker."""
+        loop = asyncio.get_running_loop()
         try:
-            await vm.launch(spec)
+            nics = await loop.run_in_executor(
+                None, open_nics, config.nics, [nic.mac for nic in config.nics])
+        except ConfigError as err:
+            raise BadRequest(str(err)) from None
+        try:
+            await vm.launch(spec, nics)
         except BaseException:
             with contextlib.suppress(Exception):
                 vm.kill()
+            if vm.process is None or vm.process.pid is None:  # no worker to reap them
+                vm.release_nics()
             raise
         self.vms[vm.id] = vm
         if start:

@@ -71,11 +71,12 @@ class Snapshot:
     config: MachineConfig
     memory: PhysicalMemory
 
-    def machine(self, console_out: Callable[[bytes], None]) -> VirtMachine:
-        """The saved machine, carrying on where it stopped (disks reopened by path)."""
+    def machine(self, console_out: Callable[[bytes], None], **board: Any) -> VirtMachine:
+        """The saved machine, carrying on where it stopped (disks reopened by path); its
+        NICs need ``board``'s ``nets`` and ``events``, as for a booted VirtMachine."""
         try:
             return VirtMachine(self.config, console_out, memory=self.memory,
-                               state=self.meta["machine"])
+                               state=self.meta["machine"], **board)
         except (KeyError, TypeError, ValueError) as err:
             raise SnapshotError(f"{self.path}: machine state does not fit: {err}") from None
 
@@ -169,10 +170,7 @@ def load(path: Path) -> Snapshot:
         raise SnapshotError(f"cannot open snapshot {path}: {err.strerror}") from None
     try:
         meta, ram_size = _read_checked_meta(path, fd)
-        try:
-            config = config_from_json(meta.get("config"))
-        except ConfigError as err:
-            raise SnapshotError(f"{path}: bad machine configuration: {err}") from None
+        config = _config(path, meta)
         if config.mem != ram_size:
             raise SnapshotError(f"{path}: RAM of {ram_size} bytes, configuration says "
                                 f"{config.mem}")
@@ -186,6 +184,26 @@ def load(path: Path) -> Snapshot:
     finally:
         os.close(fd)  # the mapping keeps the file
     return Snapshot(path, meta, config, memory)
+
+
+def read_config(path: Path) -> MachineConfig:
+    """The configuration a snapshot was taken with (its header and metadata checked, its
+    RAM left alone): what the VMM must open for the restored guest, its NICs."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as err:
+        raise SnapshotError(f"cannot open snapshot {path}: {err.strerror}") from None
+    try:
+        return _config(path, _read_checked_meta(path, fd)[0])
+    finally:
+        os.close(fd)
+
+
+def _config(path: Path, meta: dict[str, Any]) -> MachineConfig:
+    try:
+        return config_from_json(meta.get("config"))
+    except ConfigError as err:
+        raise SnapshotError(f"{path}: bad machine configuration: {err}") from None
 
 
 def _read_checked_meta(path: Path, fd: int) -> tuple[dict[str, Any], int]:

@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 from popek.cpu import causes
+from popek.net import OpenedNic
 from popek.vmm import procstat, scheduler, worker
 from popek.vmm.channel import INPUT, JSON, OUTPUT, ChannelClosed, ProtocolError, VmmEnd
 from popek.vmm.console import ConsoleBuffer
@@ -75,17 +76,27 @@ class Vm:
         self._ready: asyncio.Future[dict[str, Any]] | None = None
         self._stopped = asyncio.Event()
         self._pump: asyncio.Task[None] | None = None
+        self.nics: list[OpenedNic] = []  # host ends the VMM opened; the worker uses copies
 
     # -- worker -----------------------------------------------------------------------------
-    async def launch(self, spec: dict[str, Any]) -> None:
-        """Start the worker and wait until its machine is built; BadRequest if it cannot be."""
+    async def launch(self, spec: dict[str, Any], nics: list[OpenedNic] = ()) -> None:
+        """Start the worker and wait until its machine is built; BadRequest if it cannot be.
+
+        ``nics`` are the host ends of the guest's NICs, opened by the VMM: the worker gets
+        copies of their descriptors; passt and bound paths stay here until it is gone."""
+        self.nics = list(nics)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        spec = {**spec, "cpu_cap": self.cpu_cap, "mem_overhead": self.mem_overhead}
+        spec = {**spec, "cpu_cap": self.cpu_cap, "mem_overhead": self.mem_overhead,
+                "nics": [nic.end for nic in self.nics]}
         self.process = _worker_context().Process(
             target=worker.main, args=(theirs, spec), name=f"popek-vm-{self.id}", daemon=True)
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self.process.start)
-        theirs.close()
+        try:
+            await loop.run_in_executor(None, self.process.start)
+        finally:
+            theirs.close()
+            for nic in self.nics:  # the worker holds the ends now: when it ends, they close
+                nic.end.close()
         self.nice = scheduler.apply_weight(self.process.pid, self.cpu_weight)
         self.meter = scheduler.CpuMeter(self.process.pid)
         self._chan = await VmmEnd.open(ours)
@@ -137,7 +148,8 @@ class Vm:
     async def _reap(self) -> None:
         """The channel closed: collect the worker's exit and settle the final state."""
         self._chan.close()
-        await asyncio.get_running_loop().run_in_executor(None, self.process.join, 10)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.process.join, 10)
         code = self.process.exitcode
         if self.state == "creating":
             if not self._ready.done():
@@ -151,7 +163,14 @@ class Vm:
             if not future.done():
                 future.set_result({"ok": False, "error": f"the guest is {self.state}"})
         self.console.close()
+        await loop.run_in_executor(None, self.release_nics)
         self._stopped.set()
+
+    def release_nics(self) -> None:
+        """The worker is gone: let each passt exit, remove the sockets the VMM bound."""
+        nics, self.nics = self.nics, []
+        for nic in nics:
+            nic.close()
 
     @property
     def alive(self) -> bool:
@@ -269,6 +288,7 @@ class Vm:
                        **({f"{k}_bytes": v for k, v in procstat.memory(self.process.pid).items()}
                           if self.alive else {})},
             "console": {"bytes": self.console.total, "dropped_bytes": self.console.dropped},
+            "nics": stats.get("nics", []),
         }
 
 
