@@ -112,8 +112,8 @@ class Sbi:
         hart.csr[0x302] = MEDELEG  # medeleg
         hart.csr[0x303] = MIDELEG  # mideleg
         hart.csr[0x306] = 0xFFFF_FFFF  # mcounteren: let S-mode read the counters
-        # scounteren: and U-mode, as OpenSBI leaves it: Linux without a PMU driver never
-        # sets it, and its vDSO's clock_gettime reads the time CSR in user mode.
+        # scounteren too, as OpenSBI's hart set-up does: Linux without a PMU driver never
+        # writes it, yet its vDSO reads the time CSR in U-mode (clock_gettime).
         hart.csr[0x106] = 0xFFFF_FFFF
         hart.priv = PRIV_S
         hart.mmu.flush()

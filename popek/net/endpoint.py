@@ -45,14 +45,15 @@ class HostEnd:
             raise ValueError(f"host end kind {self.kind!r} is not one of {KINDS}")
 
     def backend(self) -> NetBackend:
-        """The end as the NIC uses it (it takes over the descriptors)."""
+        """The end as the NIC uses it; the backend owns the descriptors from now on."""
+        pcap, self.pcap = self.pcap, None
         if self.kind == "stream":
             inner: NetBackend = StreamBackend(self.sock)
         elif self.kind == "listen":
             inner = StreamListener(self.sock)
         else:
             inner = DgramBackend(self.sock, self.remote)
-        return inner if self.pcap is None else CapturedBackend(inner, PcapWriter(self.pcap))
+        return inner if pcap is None else CapturedBackend(inner, PcapWriter(pcap))
 
     def close(self) -> None:
         """Close this process's copies (the VMM's, once a worker holds its own)."""
@@ -93,11 +94,13 @@ class OpenedNic:
                 os.unlink(path)
 
 
-def open_nic(nic: NicSpec, mac: str) -> OpenedNic:
-    """Open ``nic``'s host end; ConfigError (one line) if it cannot be."""
+def open_nic(nic: NicSpec, mac: str, port: socket.socket | None = None) -> OpenedNic:
+    """Open ``nic``'s host end; ConfigError (one line) if it cannot be. A ``switch`` NIC's
+    end is ``port``, the socket its virtual switch made for it (popek serve only)."""
     opened = OpenedNic()
     try:
-        opened.end = _open_end(nic, mac, opened)
+        opened.end = HostEnd("stream", port) if nic.type == "switch" and port else \
+            _open_end(nic, mac, opened)
         if nic.pcap is not None:
             opened.end.pcap = os.open(nic.pcap, os.O_WRONLY | os.O_CREAT | os.O_TRUNC
                                       | os.O_CLOEXEC, 0o644)
@@ -124,12 +127,14 @@ def _open_end(nic: NicSpec, mac: str, opened: OpenedNic) -> HostEnd:
                       "(popek vm create --nic switch=NAME)")
 
 
-def open_nics(nics: list[NicSpec], macs: list[str]) -> list[OpenedNic]:
-    """Every NIC's host end, or none (what was opened is closed again) and ConfigError."""
+def open_nics(nics: list[NicSpec], macs: list[str],
+              ports: dict[int, socket.socket] | None = None) -> list[OpenedNic]:
+    """Every NIC's host end, or none (what was opened is closed again) and ConfigError.
+    ``ports``: the switch NICs' sockets, by index."""
     opened: list[OpenedNic] = []
     try:
-        for nic, mac in zip(nics, macs, strict=True):
-            opened.append(open_nic(nic, mac))
+        for index, (nic, mac) in enumerate(zip(nics, macs, strict=True)):
+            opened.append(open_nic(nic, mac, (ports or {}).get(index)))
     except ConfigError:
         for done in opened:
             done.close()

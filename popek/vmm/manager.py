@@ -23,6 +23,7 @@ from popek.machine.config import (
     config_from_json,
     config_to_json,
 )
+from popek.net import open_nics
 from popek.vmm import scheduler
 from popek.vmm.errors import BadRequest, NotFound
 from popek.vmm.networks import Networks
@@ -42,6 +43,7 @@ class Vmm:
     def __init__(self) -> None:
         self.vms: dict[str, Vm] = {}
         self.networks = Networks()
+        self._watchers: set[asyncio.Task[None]] = set()  # VMs whose ports leave on stop
         self._numbers = itertools.count(1)
         self._sampler: asyncio.Task[None] | None = None
 
@@ -115,7 +117,8 @@ class Vmm:
         paths.check_config(config)
         vm = self._new_vm(body)
         _assign_macs(config, vm.id)
-        await self._launch(vm, {"config": config_to_json(config)}, body.get("start", True))
+        await self._launch(vm, {"config": config_to_json(config)}, body.get("start", True),
+                           config)
         return vm
 
     async def restore(self, body: dict[str, Any], paths: PathPolicy) -> Vm:
@@ -129,24 +132,45 @@ class Vmm:
             raise BadRequest("'path' must be the absolute path of a snapshot file")
         paths.check(path)
         try:
-            recorded = await asyncio.to_thread(read_config, path)
+            config = await asyncio.to_thread(read_config, path)
         except SnapshotError as err:
             raise BadRequest(str(err)) from None
-        paths.check_config(recorded)
+        paths.check_config(config)
+        self.networks.check(config)
         vm = self._new_vm(body, source=path)
-        await self._launch(vm, {"restore": path}, body.get("start", True))
+        await self._launch(vm, {"restore": path}, body.get("start", True), config)
         return vm
 
-    async def _launch(self, vm: Vm, spec: dict[str, Any], start: bool) -> None:
+    async def _launch(self, vm: Vm, spec: dict[str, Any], start: bool,
+                      config: MachineConfig) -> None:
+        """Open the guest's NICs here (workers open nothing), then start its worker. Its
+        switch NICs get their ports now, and lose them when it stops."""
+        loop = asyncio.get_running_loop()
+        ports = self.networks.connect(vm.id, vm.name, config)
         try:
-            await vm.launch(spec)
+            nics = await loop.run_in_executor(
+                None, open_nics, config.nics, [nic.mac for nic in config.nics], ports)
+        except ConfigError as err:
+            self.networks.disconnect(vm.id)
+            raise BadRequest(str(err)) from None
+        try:
+            await vm.launch(spec, nics)
         except BaseException:
             with contextlib.suppress(Exception):
                 vm.kill()
+            if vm.process is None or vm.process.pid is None:  # no worker to reap them
+                vm.release_nics()
+            self.networks.disconnect(vm.id)
             raise
         self.vms[vm.id] = vm
+        self._watchers.add(task := asyncio.create_task(self._leave_networks(vm)))
+        task.add_done_callback(self._watchers.discard)
         if start:
             await vm.start()
+
+    async def _leave_networks(self, vm: Vm) -> None:
+        await vm.wait_stopped()
+        self.networks.disconnect(vm.id)
 
     # -- operations -----------------------------------------------------------------------
     async def delete(self, ref: str) -> None:
