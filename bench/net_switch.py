@@ -38,7 +38,8 @@ from popek.vmm.networks import Networks
 
 RECEIVER_IP, SENDER_IP = "10.9.0.1", "10.9.0.2"
 PORT = 5000
-TIMEOUT = 900.0
+BOOT_TIMEOUT = 600.0  # seconds for both guests to boot (popek's, on a busy host)
+TRANSFER_SECONDS_PER_MIB = 120.0  # patience per MiB (popek's guests are slow at bulk TCP)
 
 
 def commands(mib: int) -> tuple[str, str]:
@@ -91,10 +92,14 @@ def qemu_pair(qemu: str, kernel: Path, mib: int, nets: tuple[list[str], list[str
         time.sleep(0.5)  # the listening side first
     for who, proc in procs:
         _pump(who, proc, markers)
-    deadline = time.monotonic() + TIMEOUT
+    deadline = time.monotonic() + _patience(mib)
     for _, proc in procs:
         proc.wait(max(1.0, deadline - time.monotonic()))
     return _result(markers, mib)
+
+
+def _patience(mib: int) -> float:
+    return BOOT_TIMEOUT + mib * TRANSFER_SECONDS_PER_MIB
 
 
 def _pump(who: str, proc: subprocess.Popen[bytes], markers: Markers) -> None:
@@ -160,7 +165,7 @@ async def popek_switch(sock: Path, kernel: Path, mib: int, engine: str | None) -
                                      mem=128 << 20, append=append(command), engine=engine,
                                      nics=[{"type": "switch", "switch": "bench"}])
             tasks.append(asyncio.create_task(_follow(client, vm["id"], who, markers)))
-        await asyncio.wait_for(asyncio.gather(*tasks), TIMEOUT)
+        await asyncio.wait_for(asyncio.gather(*tasks), _patience(mib))
     return _result(markers, mib)
 
 

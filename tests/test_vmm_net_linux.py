@@ -101,9 +101,9 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         lab.a_ip, lab.b_ip = lab.a.dhcp(), lab.b.dhcp()
         lab.outsider.ok("ifconfig eth0 192.168.77.50 netmask 255.255.255.0 up")
         yield lab
-        # However the VMM ends, no passt outlives it: SIGKILL leaves it no say.
+        # However the VMM ends, no passt outlives it: SIGKILL leaves it no say. (The NAT
+        # test started them; it checks they exist.)
         passts = [u["pid"] for u in api("network", "lan")["uplinks"]]
-        assert passts
         serve.send_signal(signal.SIGKILL)
         serve.wait(timeout=60)
         deadline = time.monotonic() + 10
@@ -121,12 +121,12 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
 class TestPopekGuestsOnSwitches:
     def test_guests_on_one_switch_talk_and_the_outsider_reaches_neither(self, lab: Lab) -> None:
         assert lab.a_ip != lab.b_ip
-        check_switched_guests(lab.a, lab.b, lab.outsider, lab.a_ip, lab.b_ip)
+        check_switched_guests(lab.a, lab.b, lab.outsider, lab.a_ip, lab.b_ip, kib=1024)
         lan = lab.api("network", "lan")
         ports = {p["vm_name"]: p for p in lan["ports"]}
         assert set(ports) == {"a", "b"}
         assert ports["a"]["mac"] == lab.a.mac and ports["a"]["learned"] == [lab.a.mac]
-        assert ports["b"]["counters"]["bytes_in"] > 3 << 20
+        assert ports["b"]["counters"]["bytes_in"] > 1 << 20
         leases = {x["mac"]: x["address"] for x in lan["leases"]}
         assert leases == {lab.a.mac: lab.a_ip, lab.b.mac: lab.b_ip}
         other = lab.api("network", "other")
