@@ -1,8 +1,9 @@
 """Guest-to-guest throughput on a virtual switch: popek beside QEMU, in one run.
 
-Two guests (the bundled SMP kernel and initramfs, 1 hart, static addresses) pass
-``--mib`` MiB of zeros with busybox ``nc``: the sender pipes ``dd`` into ``nc``, the
-receiver counts what arrives with ``wc -c``. Each guest runs its part as the initramfs'
+Two guests (the bundled SMP kernel and initramfs, 1 hart, static addresses and the
+64 KiB MTU a switch's DHCP offers, on every row alike) pass ``--mib`` MiB of zeros with
+busybox ``nc``: the sender pipes ``dd`` into ``nc``, the receiver counts what arrives
+with ``wc -c``. Each guest runs its part as the initramfs'
 ``popek.cmd`` and prints markers; the host times the transfer from the sender's
 ``TX-START`` to the receiver's ``RX-DONE`` as they appear on the consoles, so the figure
 is wall time of the whole path (both guests' network stacks, their NICs, the link).
@@ -34,6 +35,7 @@ from pathlib import Path
 
 from popek import images
 from popek.api.client import Client
+from popek.net.dhcp import MTU
 from popek.vmm.networks import Networks
 
 RECEIVER_IP, SENDER_IP = "10.9.0.1", "10.9.0.2"
@@ -44,11 +46,12 @@ TRANSFER_SECONDS_PER_MIB = 120.0  # patience per MiB (popek's guests are slow at
 
 def commands(mib: int) -> tuple[str, str]:
     """(receiver, sender) shell commands."""
-    receiver = (f"ifconfig eth0 {RECEIVER_IP} up; echo RX-READY; nc -l -p {PORT} | wc -c; "
+    up = f"mtu {MTU} up"
+    receiver = (f"ifconfig eth0 {RECEIVER_IP} {up}; echo RX-READY; nc -l -p {PORT} | wc -c; "
                 "echo RX-DONE")
-    sender = (f"ifconfig eth0 {SENDER_IP} up; until ping -c 1 -W 1 {RECEIVER_IP} >/dev/null; "
-              f"do :; done; sleep 1; echo TX-START; dd if=/dev/zero bs=65536 count={mib * 16} "
-              f"2>/dev/null | nc {RECEIVER_IP} {PORT}; echo TX-DONE")
+    sender = (f"ifconfig eth0 {SENDER_IP} {up}; until ping -c 1 -W 1 {RECEIVER_IP} "
+              f">/dev/null; do :; done; sleep 1; echo TX-START; dd if=/dev/zero bs=65536 "
+              f"count={mib * 16} 2>/dev/null | nc {RECEIVER_IP} {PORT}; echo TX-DONE")
     return receiver, sender
 
 

@@ -20,8 +20,8 @@ from contextlib import contextmanager
 # udhcpc's hook: configure the interface with the lease (the bundled initramfs may have
 # none of its own).
 DHCP_SCRIPT = ('#!/bin/sh\\ncase "$1" in deconfig) ifconfig "$interface" 0.0.0.0 up;; '
-               'bound|renew) ifconfig "$interface" "$ip" netmask '
-               '"$subnet" up; [ -n "$router" ] && route add default gw "$router"; echo '
+               'bound|renew) ifconfig "$interface" "$ip" netmask "$subnet" ${mtu:+mtu $mtu} '
+               'up; [ -n "$router" ] && route add default gw "$router"; echo '
                '"DHCP-BOUND $ip";; esac\\nexit 0\\n')
 FILE_KIB = 3072  # the file the guests pass each other
 TRANSFER_PATIENCE = 900.0  # seconds for it: popek's guests move ~15 KB/s on a busy host

@@ -85,6 +85,7 @@ def test_dhcp_gives_each_guest_its_own_address_and_keeps_it() -> None:
         assert opts["server_id"] == "192.168.50.1" and opts["router"] == "192.168.50.1"
         assert opts["name_server"] == "192.168.50.2"
         assert opts["subnet_mask"] == "255.255.255.0" and opts["lease_time"] > 0
+        assert opts["interface-mtu"] == 65520
         assert await lease(a) == "192.168.50.3"
         assert await lease(b, xid=9) == "192.168.50.4"
         assert await lease(a, xid=11) == "192.168.50.3"  # the same one again
