@@ -33,6 +33,8 @@ GATEWAY = "10.0.2.2"
 DNS = "10.0.2.3"
 PREFIX = 24
 READY_TIMEOUT = 10.0  # seconds for passt to start answering
+WINDOW_BUFFER = 8 << 20  # bytes of frames passt may queue towards the guest
+SO_SNDBUFFORCE = 32  # Linux; not exported by Python's socket module
 _ARP = struct.Struct(">6s6sH HHBBH 6s4s6s4s")
 
 
@@ -59,6 +61,7 @@ def start(nic: NicSpec, mac: str) -> tuple[socket.socket, subprocess.Popen[bytes
         raise ConfigError("--nic user needs passt, which is not installed "
                           "(apt-get install passt)")
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    _room_for_a_window(theirs)
     log = tempfile.TemporaryFile()
     try:
         proc = subprocess.Popen(command(passt, nic, theirs.fileno()), pass_fds=(theirs.fileno(),),
@@ -80,6 +83,17 @@ def start(nic: NicSpec, mac: str) -> tuple[socket.socket, subprocess.Popen[bytes
     finally:
         log.close()
     return ours, proc
+
+
+def _room_for_a_window(sock: socket.socket) -> None:
+    """passt drops the frames it cannot write at once (TCP will resend them), and the
+    NIC stops reading while the guest has no receive buffers: a slow guest then loses
+    most of each TCP window and lives on retransmissions. A send buffer that holds a
+    whole window keeps those frames waiting instead (as root, beyond wmem_max)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, WINDOW_BUFFER)
+    except PermissionError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, WINDOW_BUFFER)
 
 
 def _wait_until_serving(sock: socket.socket, mac: bytes) -> None:
