@@ -2,10 +2,10 @@
 
 One ``popek run`` guest gets two NICs: user networking (passt, QEMU's address layout,
 a ``hostfwd`` port, a pcap capture) and a ``stream`` network that a QEMU guest (same
-kernel and initramfs) joins. The guest's script takes its address by DHCP, fetches a
-page from a host server with ``wget``, serves files with busybox ``httpd`` (fetched by
-aiohttp on the host), and swaps a file with the QEMU guest over ``nc`` both ways. Each
-test asserts one outcome of that run.
+kernel and initramfs) joins. The guest's init takes its address by DHCP; its script
+fetches a page from a host server with ``wget``, serves files with busybox ``httpd``
+(fetched by aiohttp on the host), and swaps a file with the QEMU guest over ``nc`` both
+ways. Each test asserts one outcome of that run.
 """
 
 from __future__ import annotations
@@ -33,24 +33,12 @@ import pytest
 from popek import images
 from tests.linux_guest import BOOT_TIMEOUT
 
-KERNEL = images.KERNEL_SMP  # the kernel with virtio-net
 BUSYBOX = images.PROGRAMS / "busybox"  # the initramfs's /bin/busybox
 HOST_PAGE = b"served by the host on its loopback\n"
 SUBNET = "192.168.76"  # the stream network between the two guests
 
-# udhcpc hands its lease to a script; the bundled init has none yet.
-DHCP_SCRIPT = r"""#!/bin/sh
-[ "$1" = bound ] || exit 0
-ip addr add $ip/$mask dev $interface
-[ -n "$mtu" ] && ip link set $interface mtu $mtu
-ip route add default via $router
-echo "dhcp: $ip/$mask via $router dns $dns mtu $mtu"
-"""
-
+# The bundled init has configured eth0 (the user NIC) by DHCP before this runs.
 POPEK_GUEST = """
-printf '%s' '{dhcp}' > /tmp/dhcp.sh; chmod +x /tmp/dhcp.sh
-ip link set lo up; ip link set eth0 up
-udhcpc -i eth0 -s /tmp/dhcp.sh -q -f -n -O mtu
 echo "page: $(wget -q -O - http://10.0.2.2:{host_port}/page.txt)"
 mkdir /www; echo popek guest page > /www/index.html
 cat /bin/busybox /bin/busybox /bin/busybox > /www/big
@@ -65,9 +53,9 @@ echo "from qemu: $(sha256sum < /tmp/from-qemu)"
 
 # busybox nc stops sending once the other side has closed, and a receiver whose stdin
 # ends closes its side at once: so each guest receives in the foreground (stdin is the
-# console), and they take turns.
+# console), and they take turns. The QEMU guest's kernel configures its address itself.
+QEMU_IP = f"ip={SUBNET}.2:::255.255.255.0::eth0:off"
 QEMU_GUEST = """
-ip link set eth0 up; ip addr add {subnet}.2/24 dev eth0
 nc -l -p 5000 > /tmp/from-popek
 echo "from popek: $(sha256sum < /tmp/from-popek)"
 until nc {subnet}.1 5001 < /bin/busybox; do sleep 1; done
@@ -82,7 +70,7 @@ class Run:
     qemu: str = ""  # the QEMU guest's console
     fetched: dict[str, bytes] = field(default_factory=dict)  # over the hostfwd port
     pcap: Path | None = None
-    popek_status: int | None = None
+    console: str = ""  # the popek guest's whole console, boot included
 
     def line(self, key: str) -> str:
         for line in self.popek:
@@ -149,20 +137,18 @@ class TestGuestNetworking:
     def run(cls, tmp_path_factory: pytest.TempPathFactory) -> Run:
         tmp = tmp_path_factory.mktemp("net")
         qemu_kernel = tmp / "Image"
-        with lzma.open(KERNEL) as src, open(qemu_kernel, "wb") as dst:
+        with lzma.open(images.KERNEL) as src, open(qemu_kernel, "wb") as dst:
             shutil.copyfileobj(src, dst)
         host = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Page)
         threading.Thread(target=host.serve_forever, daemon=True).start()
         fwd_port, link = _free_port(), tmp / "link.sock"
         result = Run(pcap=tmp / "eth0.pcap")
         # The script travels on a raw disk: the kernel command line holds only 1 KiB.
-        script = POPEK_GUEST.format(dhcp=DHCP_SCRIPT, host_port=host.server_address[1],
-                                    subnet=SUBNET).encode()
+        script = POPEK_GUEST.format(host_port=host.server_address[1], subnet=SUBNET).encode()
         disk = tmp / "script.img"
         disk.write_bytes(script + bytes(-len(script) % 512))
         popek = subprocess.Popen(
-            [sys.executable, "-m", "popek", "run", "--kernel", str(KERNEL),
-             "--initrd", str(images.INITRD),
+            [sys.executable, "-m", "popek", "run",
              "--nic", f"user,hostfwd=tcp:127.0.0.1:{fwd_port}-:80,pcap={result.pcap}",
              "--nic", f"stream,listen={link}", "--console-log", str(tmp / "console.log"),
              "--disk", f"{disk},ro", "-c", "tr -d '\\0' < /dev/vda > /tmp/s; sh /tmp/s"],
@@ -176,7 +162,7 @@ class TestGuestNetworking:
             qemu = subprocess.Popen(
                 ["qemu-system-riscv64", "-M", "virt", "-m", "256M", "-nographic",
                  "-kernel", str(qemu_kernel), "-initrd", str(images.INITRD),
-                 "-append", f"console=ttyS0 quiet popek.cmd={qemu_cmd}",
+                 "-append", f"console=ttyS0 quiet {QEMU_IP} popek.cmd={qemu_cmd}",
                  "-netdev", f"stream,id=n0,server=off,addr.type=unix,addr.path={link}",
                  "-device", "virtio-net-device,netdev=n0"],
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -184,8 +170,9 @@ class TestGuestNetworking:
             popek.stdin.flush()
             out, err = popek.communicate(timeout=BOOT_TIMEOUT)
             lines.lines += out.decode(errors="replace").replace("\r", "").splitlines()
-            result.popek, result.popek_status = lines.lines, popek.returncode
+            result.popek = lines.lines
             result.qemu = qemu.communicate(timeout=120)[0].decode(errors="replace")
+            result.console = (tmp / "console.log").read_text(errors="replace")
             assert popek.returncode == 0, (err.decode(), lines.lines, result.qemu[-3000:])
         finally:
             for proc in (popek, qemu):
@@ -196,7 +183,7 @@ class TestGuestNetworking:
         return result
 
     def test_dhcp_gives_qemus_address_layout_and_a_64k_mtu(self, run: Run) -> None:
-        assert run.line("dhcp") == "10.0.2.15/24 via 10.0.2.2 dns 10.0.2.3 mtu 65520"
+        assert "eth0: 10.0.2.15/24 via 10.0.2.2, mtu 65520, dns 10.0.2.3" in run.console
 
     def test_guest_wget_reaches_a_host_server_on_the_loopback(self, run: Run) -> None:
         assert run.line("page") == HOST_PAGE.decode().strip()

@@ -9,7 +9,9 @@ from __future__ import annotations
 import gzip
 import io
 import lzma
+import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,10 +46,12 @@ class Kernel:
         return max(s.addr + s.memsz for s in self.segments)
 
 
-def read_image(path: Path, what: str) -> bytes:
-    """The file's bytes, decompressed if it is xz or gzip."""
+def read_image(path: Path, what: str, opener: Callable[..., int] = os.open) -> bytes:
+    """The file's bytes, decompressed if it is xz or gzip. ``opener`` opens ``path`` as
+    os.open does (a VMM worker's finds the descriptor the VMM opened for it)."""
     try:
-        raw = path.read_bytes()
+        with open(opener(path, os.O_RDONLY), "rb") as image:
+            raw = image.read()
     except FileNotFoundError:
         raise ImageError(f"{what} not found: {path}") from None
     except IsADirectoryError:
@@ -64,9 +68,10 @@ def read_image(path: Path, what: str) -> bytes:
     return raw
 
 
-def load_kernel(path: Path, ram_base: int, ram_size: int) -> Kernel:
+def load_kernel(path: Path, ram_base: int, ram_size: int,
+                opener: Callable[..., int] = os.open) -> Kernel:
     """Parse a kernel as QEMU's ``-kernel`` would: an ELF, or a RISC-V Linux Image."""
-    data = read_image(path, "kernel")
+    data = read_image(path, "kernel", opener)
     if data.startswith(b"\x7fELF"):
         return _load_elf(path, data, ram_base, ram_size)
     if len(data) < IMAGE_HEADER_SIZE:

@@ -8,6 +8,7 @@ timers are updated and console input is delivered.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from array import array
@@ -64,12 +65,15 @@ class VirtMachine:
                  state: dict[str, Any] | None = None,
                  clock: GuestClock | None = None,
                  nets: Sequence[NetBackend] = (),
-                 events: HostEvents | None = None) -> None:
+                 events: HostEvents | None = None,
+                 opener: Callable[..., int] = os.open) -> None:
         """Boot ``config`` from its images, or, given the ``state`` a machine saved (and
         ``memory`` holding its RAM), carry on exactly where that machine was. ``clock``
-        is guest time (by default the host's, see GuestClock). ``nets`` are the open
-        backends of ``config.nics``, one each, and ``events`` the machine runner their
-        NICs wait on: the board is handed its network, it opens nothing itself."""
+        is guest time (by default the host's, see GuestClock). ``opener`` opens the host
+        files the configuration names, as os.open does; a VMM worker's hands out the
+        descriptors the VMM opened for it, and opens nothing. Likewise ``nets`` are the
+        open backends of ``config.nics``, one each, and ``events`` the machine runner
+        their NICs wait on: the board is handed its network, it opens nothing itself."""
         check(config)
         if config.kernel is None:
             raise ConfigError("no kernel: the machine needs --kernel")
@@ -77,6 +81,7 @@ class VirtMachine:
             raise ConfigError(f"{len(config.nics)} NICs configured but {len(nets)} network "
                               "backends given" + ("" if events else " and no runner"))
         self.config = config
+        self.opener = opener
         self.console_out = console_out
         self.exit: tuple[str, int] | None = None
         if memory is not None and (memory.base, memory.size) != (RAM_BASE, config.mem):
@@ -96,7 +101,7 @@ class VirtMachine:
         self.disks: list[VirtioBlk] = []
         try:
             for spec in config.disks:
-                disk = VirtioBlk(str(spec.path), readonly=spec.readonly)
+                disk = VirtioBlk(str(spec.path), readonly=spec.readonly, opener=opener)
                 self.disks.append(disk)
                 self._add_virtio(disk)
         except OSError as err:
@@ -200,24 +205,12 @@ class VirtMachine:
                             "offset": 0, "value": 0x7777})
         return fdt.build(root)
 
-    def _firmware_path(self) -> Path | None:
-        bios = self.config.bios
-        if bios == "none":
-            return None
-        if bios == "opensbi":
-            for candidate in OPENSBI_PATHS:
-                if Path(candidate).exists():
-                    return Path(candidate)
-            raise ConfigError("--bios opensbi: Debian's OpenSBI is missing "
-                              "(apt-get install opensbi)")
-        return Path(bios)
-
     def boot(self) -> None:
         """Place kernel, initrd, device tree (and firmware) in RAM and reset the harts."""
         cfg = self.config
         ram_end = RAM_BASE + cfg.mem
-        firmware = self._firmware_path()
-        kernel = load_kernel(cfg.kernel, RAM_BASE, cfg.mem)
+        firmware = firmware_path(cfg.bios)
+        kernel = load_kernel(cfg.kernel, RAM_BASE, cfg.mem, self.opener)
         if firmware is not None and kernel.entry != RAM_BASE + KERNEL_OFFSET:
             raise ConfigError(f"kernel entry {kernel.entry:#x}: firmware jumps to "
                               f"{RAM_BASE + KERNEL_OFFSET:#x}")
@@ -225,7 +218,7 @@ class VirtMachine:
             self.mem.write(seg.addr, seg.data)
         initrd_range = None
         if cfg.initrd is not None:
-            data = read_image(cfg.initrd, "initrd")
+            data = read_image(cfg.initrd, "initrd", self.opener)
             start = max(_align_up(kernel.end, 1 << 21), RAM_BASE + min(cfg.mem // 2, 128 << 20))
             if start + len(data) > ram_end - (2 << 20):
                 raise ConfigError(f"initrd {cfg.initrd} does not fit in {cfg.mem >> 20}M of RAM")
@@ -238,7 +231,7 @@ class VirtMachine:
             self.sbi.boot_hart(self.harts[0], kernel.entry, dtb_addr)
             self._route_ecalls_to_sbi()
             return
-        fw = read_image(firmware, "firmware")
+        fw = read_image(firmware, "firmware", self.opener)
         if RAM_BASE + len(fw) > kernel.segments[0].addr:
             raise ConfigError(f"firmware {firmware} overlaps the kernel")
         self.mem.write(RAM_BASE, fw)
@@ -389,6 +382,19 @@ def _sbi_trap_handler(hart: Hart, sbi: Sbi) -> Callable[[int, int, int], int]:
         return trap_unit.take_trap(hart, cause, tval, pc)
 
     return on_trap
+
+
+def firmware_path(bios: str) -> Path | None:
+    """The firmware file ``--bios`` names (None: popek's own SBI)."""
+    if bios == "none":
+        return None
+    if bios == "opensbi":
+        for candidate in OPENSBI_PATHS:
+            if Path(candidate).exists():
+                return Path(candidate)
+        raise ConfigError("--bios opensbi: Debian's OpenSBI is missing "
+                          "(apt-get install opensbi)")
+    return Path(bios)
 
 
 def _align_up(value: int, align: int) -> int:

@@ -153,12 +153,21 @@ def _inet(endpoint: str, default_host: str, kind: int) -> tuple[int, Any]:
     return infos[0][0], infos[0][4]
 
 
+def _no_delay(sock: socket.socket) -> None:
+    """Each frame is one whole message: TCP waiting to merge small ones only adds delay.
+    Set here, by the opener: accepted connections inherit it from a listening socket,
+    and a confined worker may not set socket options."""
+    if sock.family != socket.AF_UNIX:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 def _connected(endpoint: str) -> socket.socket:
     if is_inet_address(endpoint):
         family, addr = _inet(endpoint, "127.0.0.1", socket.SOCK_STREAM)
     else:
         family, addr = socket.AF_UNIX, endpoint
     sock = socket.socket(family, socket.SOCK_STREAM)
+    _no_delay(sock)
     try:
         sock.connect(addr)
     except OSError as err:
@@ -173,6 +182,7 @@ def _listening(endpoint: str, paths: list[str]) -> socket.socket:
     else:
         family, addr = socket.AF_UNIX, endpoint
     sock = socket.socket(family, socket.SOCK_STREAM)
+    _no_delay(sock)
     try:
         if family != socket.AF_UNIX:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -2,8 +2,9 @@
 
 Requests are checked here before any process starts, so a bad request (unknown field
 value, missing image, broken snapshot) is answered with an error and leaves the set of
-VMs as it was. Each VM's worker is a separate process; this module never runs guest
-code, so no guest can take it down.
+VMs as it was. Every host path a request names passes the caller's
+:class:`~popek.vmm.paths.PathPolicy` first, before anything opens it. Each VM's worker
+is a separate process; this module never runs guest code, so no guest can take it down.
 """
 
 from __future__ import annotations
@@ -11,9 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import os
 import secrets
-from pathlib import Path
 from typing import Any
 
 from popek import images
@@ -25,8 +24,10 @@ from popek.machine.config import (
     config_to_json,
 )
 from popek.net import open_nics
-from popek.vmm import scheduler, snapshot
+from popek.vmm import scheduler
 from popek.vmm.errors import BadRequest, NotFound
+from popek.vmm.paths import PathPolicy
+from popek.vmm.snapshot import SnapshotError, read_config
 from popek.vmm.vm import Vm
 
 SAMPLE_INTERVAL = 1.0  # seconds between CPU share measurements
@@ -97,8 +98,9 @@ class Vmm:
         return Vm(secrets.token_hex(6), name, cpu_weight=weight, cpu_cap=cap,
                   mem_overhead=overhead, source=source)
 
-    async def create(self, body: dict[str, Any]) -> Vm:
-        """A VM of the configuration in ``body`` (the bundled guest if it names no kernel)."""
+    async def create(self, body: dict[str, Any], paths: PathPolicy) -> Vm:
+        """A VM of the configuration in ``body`` (the bundled guest if it names no kernel),
+        whose host paths ``paths`` allows."""
         unknown = set(body) - _VM_FIELDS - CONFIG_FIELDS
         if unknown:
             raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
@@ -107,29 +109,30 @@ class Vmm:
         except ConfigError as err:
             raise BadRequest(str(err)) from None
         config = images.with_bundled_guest(config)
-        for path in config.host_paths():
-            if not path.is_absolute():
-                raise BadRequest(f"{path}: paths must be absolute (the VMM has its own cwd)")
+        paths.check_config(config)
         vm = self._new_vm(body)
         _assign_macs(config, vm.id)
         await self._launch(vm, {"config": config_to_json(config)}, body.get("start", True),
                            config)
         return vm
 
-    async def restore(self, body: dict[str, Any]) -> Vm:
-        """A new VM from a snapshot file; restoring one file many times makes clones."""
+    async def restore(self, body: dict[str, Any], paths: PathPolicy) -> Vm:
+        """A new VM from a snapshot file; restoring one file many times makes clones.
+        ``paths`` must allow the file and every host path its machine opens."""
         unknown = set(body) - _VM_FIELDS - {"path"}
         if unknown:
             raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
         path = body.get("path")
-        if not isinstance(path, str) or not os.path.isabs(path):
+        if not isinstance(path, str):
             raise BadRequest("'path' must be the absolute path of a snapshot file")
+        paths.check(path)
         try:
-            config = snapshot.read_config(Path(path))
-        except snapshot.SnapshotError as err:
+            recorded = await asyncio.to_thread(read_config, path)
+        except SnapshotError as err:
             raise BadRequest(str(err)) from None
+        paths.check_config(recorded)
         vm = self._new_vm(body, source=path)
-        await self._launch(vm, {"restore": path}, body.get("start", True), config)
+        await self._launch(vm, {"restore": path}, body.get("start", True), recorded)
         return vm
 
     async def _launch(self, vm: Vm, spec: dict[str, Any], start: bool,
@@ -184,10 +187,12 @@ class Vmm:
         await vm.set_cpu(weight, cap, clear_cap="cpu_cap" in body and cap is None)
         return vm
 
-    async def snapshot(self, ref: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def snapshot(self, ref: str, body: dict[str, Any],
+                       paths: PathPolicy) -> dict[str, Any]:
         path = body.get("path")
-        if not isinstance(path, str) or not os.path.isabs(path):
-            raise BadRequest("'path' must be an absolute file path")
+        if not isinstance(path, str):
+            raise BadRequest("'path' must be the absolute path of the snapshot file")
+        paths.check(path)
         return await self.get(ref).snapshot(path)
 
 
