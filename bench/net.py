@@ -41,27 +41,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from popek import images  # noqa: E402
 
-KERNEL = images.KERNEL_SMP  # the bundled kernel with virtio-net
 SIZE = 16 << 20
 USER_MAC, LINK_MAC, PEER_MAC = "52:54:00:12:34:56", "52:54:00:12:34:57", "52:54:00:aa:bb:cc"
 GUEST_LINK_IP, PEER_IP = "192.168.77.2", "192.168.77.1"
 BOOT_TIMEOUT = 900
 
+# The kernel's and init's own network set-up is off (ip=off): the script takes the user
+# NIC's lease itself, whichever interface it is, so both emulators run the same steps.
 GUEST = r"""
-cat > /tmp/dhcp.sh <<'EOF'
-#!/bin/sh
-[ "$1" = bound ] || exit 0
-ip addr add $ip/$mask dev $interface
-[ -n "$mtu" ] && ip link set $interface mtu $mtu
-ip route add default via $router
-EOF
-chmod +x /tmp/dhcp.sh
 for i in /sys/class/net/eth*; do
   [ "$(cat $i/address)" = {user_mac} ] && U=${{i##*/}}
   [ "$(cat $i/address)" = {link_mac} ] && S=${{i##*/}}
 done
 ip link set lo up; ip link set $U up
-udhcpc -i $U -s /tmp/dhcp.sh -q -f -n -O mtu >/dev/null 2>&1
+udhcpc -i $U -q -f -n -O mtu >/dev/null 2>&1
 ip link set $S up; ip addr add {link_ip}/24 dev $S
 mkdir /www; echo small page > /www/index.html
 dd if=/dev/zero of=/www/big bs=1M count={mib} 2>/dev/null
@@ -262,12 +255,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         kernel, disk, link_path = Path(tmp) / "Image", Path(tmp) / "script.img", \
             Path(tmp) / "link.sock"
-        kernel.write_bytes(lzma.decompress(KERNEL.read_bytes()))
+        kernel.write_bytes(lzma.decompress(images.KERNEL.read_bytes()))
         script = GUEST.format(user_mac=USER_MAC, link_mac=LINK_MAC, link_ip=GUEST_LINK_IP,
                               mib=SIZE >> 20, host_port=host.server_address[1]).encode()
         disk.write_bytes(script + bytes(-len(script) % 512))
         run_script = "tr -d '\\0' < /dev/vda > /tmp/s; sh /tmp/s"
-        append = "console=ttyS0 quiet popek.cmd=" + base64.b64encode(run_script.encode()).decode()
+        append = "console=ttyS0 quiet ip=off popek.cmd=" + \
+            base64.b64encode(run_script.encode()).decode()
         for name in ("qemu", "popek"):
             link_path.unlink(missing_ok=True)
             listener = socket.socket(socket.AF_UNIX)
