@@ -8,8 +8,14 @@ to popek it is one more stream peer. It is told QEMU's address layout:
 ==============  ==============================================================
 10.0.2.15/24    the guest, by DHCP
 10.0.2.2        the gateway; connections to it reach the host's loopback
-10.0.2.3        DNS, forwarded to the host's resolver
+DNS             the host's nameservers, by DHCP (10.0.2.2 for one on the host's
+                loopback), which passt lets the guest reach
 ==============  ==============================================================
+
+QEMU puts DNS at 10.0.2.3. This passt (Debian 12's, 2023-03) cannot both hand that
+address out and forward it: ``--dns 10.0.2.3`` makes it skip the host's resolv.conf,
+where ``--dns-forward`` finds its target, so that server would never answer. Working
+DNS at another address beats a dead one at QEMU's (see images/README.md).
 
 ``hostfwd=`` becomes passt's ``-t``/``-u`` port forwards. passt runs in the foreground as
 a child on one end of a socket pair (``--fd``) and exits when the other end closes, that
@@ -30,7 +36,6 @@ from popek.net.stream import LENGTH
 
 GUEST = "10.0.2.15"
 GATEWAY = "10.0.2.2"
-DNS = "10.0.2.3"
 PREFIX = 24
 READY_TIMEOUT = 10.0  # seconds for passt to start answering
 WINDOW_BUFFER = 8 << 20  # bytes of frames passt may queue towards the guest
@@ -41,8 +46,7 @@ _ARP = struct.Struct(">6s6sH HHBBH 6s4s6s4s")
 def command(passt: str, nic: NicSpec, fd: int) -> list[str]:
     """passt's arguments for ``nic`` on the connected socket ``fd``."""
     cmd = [passt, "--foreground", "--quiet", "--stderr", "--fd", str(fd), "--ipv4-only",
-           "--address", GUEST, "--netmask", str(PREFIX), "--gateway", GATEWAY,
-           "--dns", DNS, "--dns-forward", DNS]
+           "--address", GUEST, "--netmask", str(PREFIX), "--gateway", GATEWAY]
     for fwd in nic.hostfwd:
         ports = f"{fwd.host_port}:{fwd.guest_port}"
         cmd += ["--tcp-ports" if fwd.protocol == "tcp" else "--udp-ports",
