@@ -26,8 +26,6 @@ import base64
 import http.client
 import http.server
 import lzma
-import os
-import selectors
 import socket
 import statistics
 import struct
@@ -40,6 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from popek import images  # noqa: E402
+from tests.linux_guest import ConsoleLines, free_port  # noqa: E402
 
 SIZE = 16 << 20
 USER_MAC, LINK_MAC, PEER_MAC = "52:54:00:12:34:56", "52:54:00:12:34:57", "52:54:00:aa:bb:cc"
@@ -83,44 +82,6 @@ class _Big(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, *args: object) -> None:
         pass
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Console:
-    """An emulator's console: lines out, commands in."""
-
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
-        self.proc = proc
-        self.sel = selectors.DefaultSelector()
-        self.sel.register(proc.stdout, selectors.EVENT_READ)
-        self.buf = b""
-        self.lines: list[str] = []
-
-    def wait_for(self, prefix: str, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            for i, line in enumerate(self.lines):
-                if line.startswith(prefix):
-                    del self.lines[:i + 1]
-                    return line
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"no {prefix!r} from the guest: {self.lines[-20:]}")
-            if self.sel.select(1):
-                chunk = os.read(self.proc.stdout.fileno(), 65536)
-                if not chunk:
-                    raise RuntimeError(f"the emulator exited: {self.lines[-20:]}")
-                self.buf += chunk
-                *done, self.buf = self.buf.split(b"\n")
-                self.lines += [x.decode(errors="replace").strip("\r") for x in done]
-
-    def send(self, line: str) -> None:
-        self.proc.stdin.write(line.encode() + b"\n")
-        self.proc.stdin.flush()
 
 
 def arp_request() -> bytes:
@@ -215,7 +176,7 @@ def measure(name: str, cmd: list[str], listener: socket.socket, fwd_port: int,
     try:
         listener.settimeout(BOOT_TIMEOUT)
         link, _ = listener.accept()
-        console = Console(proc)
+        console = ConsoleLines(proc)
         start = time.monotonic()
         ready = console.wait_for("READY", BOOT_TIMEOUT)
         print(f"  {name}: ready after {time.monotonic() - start:.0f} s ({ready})",

@@ -16,15 +16,11 @@ import hashlib
 import http.server
 import ipaddress
 import lzma
-import os
 import re
-import selectors
 import shutil
-import socket
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +28,7 @@ import aiohttp
 import pytest
 
 from popek import images
-from tests.linux_guest import BOOT_TIMEOUT
+from tests.linux_guest import BOOT_TIMEOUT, ConsoleLines, free_port
 
 BUSYBOX = images.PROGRAMS / "busybox"  # the initramfs's /bin/busybox
 HOST_PAGE = b"served by the host on its loopback\n"
@@ -91,34 +87,6 @@ class _Page(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class _Lines:
-    """A child's stdout, line by line, with a deadline."""
-
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
-        self.proc = proc
-        self.sel = selectors.DefaultSelector()
-        self.sel.register(proc.stdout, selectors.EVENT_READ)
-        self.buf = b""
-        self.lines: list[str] = []
-
-    def until(self, marker: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while marker not in self.lines:
-            assert time.monotonic() < deadline, f"no {marker!r} in time: {self.lines}"
-            if self.sel.select(1):
-                chunk = os.read(self.proc.stdout.fileno(), 65536)
-                assert chunk, f"the guest ended before {marker!r}: {self.lines}"
-                self.buf += chunk
-                *done, self.buf = self.buf.split(b"\n")
-                self.lines += [line.decode(errors="replace").rstrip("\r") for line in done]
-
-
 async def _fetch(port: int, paths: list[str]) -> dict[str, bytes]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
         fetched = {}
@@ -142,7 +110,7 @@ class TestGuestNetworking:
             shutil.copyfileobj(src, dst)
         host = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Page)
         threading.Thread(target=host.serve_forever, daemon=True).start()
-        fwd_port, link = _free_port(), tmp / "link.sock"
+        fwd_port, link = free_port(), tmp / "link.sock"
         result = Run(pcap=tmp / "eth0.pcap")
         # The script travels on a raw disk: the kernel command line holds only 1 KiB.
         script = POPEK_GUEST.format(host_port=host.server_address[1], subnet=SUBNET).encode()
@@ -156,8 +124,8 @@ class TestGuestNetworking:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         qemu = None
         try:
-            lines = _Lines(popek)
-            lines.until("READY", BOOT_TIMEOUT)
+            lines = ConsoleLines(popek)
+            lines.wait_for("READY", BOOT_TIMEOUT)
             result.fetched = asyncio.run(_fetch(fwd_port, ["index.html", "big"]))
             qemu_cmd = base64.b64encode(QEMU_GUEST.format(subnet=SUBNET).encode()).decode()
             qemu = subprocess.Popen(
@@ -167,8 +135,7 @@ class TestGuestNetworking:
                  "-netdev", f"stream,id=n0,server=off,addr.type=unix,addr.path={link}",
                  "-device", "virtio-net-device,netdev=n0"],
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-            popek.stdin.write(b"go\n")
-            popek.stdin.flush()
+            lines.send("go")
             out, err = popek.communicate(timeout=BOOT_TIMEOUT)
             lines.lines += out.decode(errors="replace").replace("\r", "").splitlines()
             result.popek = lines.lines

@@ -161,13 +161,19 @@ def _no_delay(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def _connected(endpoint: str) -> socket.socket:
+def _stream_socket(endpoint: str, default_host: str) -> tuple[socket.socket, Any]:
+    """A stream socket for ``endpoint`` (a Unix path or ``HOST:PORT``) and its address."""
     if is_inet_address(endpoint):
-        family, addr = _inet(endpoint, "127.0.0.1", socket.SOCK_STREAM)
+        family, addr = _inet(endpoint, default_host, socket.SOCK_STREAM)
     else:
         family, addr = socket.AF_UNIX, endpoint
     sock = socket.socket(family, socket.SOCK_STREAM)
     _no_delay(sock)
+    return sock, addr
+
+
+def _connected(endpoint: str) -> socket.socket:
+    sock, addr = _stream_socket(endpoint, "127.0.0.1")
     try:
         sock.connect(addr)
     except OSError as err:
@@ -177,17 +183,12 @@ def _connected(endpoint: str) -> socket.socket:
 
 
 def _listening(endpoint: str, paths: list[str]) -> socket.socket:
-    if is_inet_address(endpoint):
-        family, addr = _inet(endpoint, "0.0.0.0", socket.SOCK_STREAM)
-    else:
-        family, addr = socket.AF_UNIX, endpoint
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    _no_delay(sock)
+    sock, addr = _stream_socket(endpoint, "0.0.0.0")
     try:
-        if family != socket.AF_UNIX:
+        if sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(addr)
-        if family == socket.AF_UNIX:
+        if sock.family == socket.AF_UNIX:
             paths.append(endpoint)
         sock.listen(1)
     except OSError as err:
