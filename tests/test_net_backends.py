@@ -155,6 +155,8 @@ def test_dgram_over_udp_drops_oversized_datagrams() -> None:
     (NicSpec(type="dgram", local="/tmp", remote="/tmp/x"), "in use"),
     (NicSpec(type="dgram", local="127.0.0.1:0", remote="/tmp/x"), "not both"),
     (NicSpec(type="switch", switch="lan"), "popek serve"),
+    (NicSpec(type="stream", listen="127.0.0.1:0", pcap=Path("/dev/null")),
+     "not a regular file"),
 ])
 def test_host_ends_that_cannot_be_opened_give_one_line_errors(spec: NicSpec,
                                                                message: str) -> None:

@@ -376,13 +376,16 @@ def test_a_nic_socket_opened_by_the_vmm_wakes_the_idle_worker(api: Api, tmp_path
                                                               ) -> None:
     """The guest has no driver, so the NIC drops the frame and counts it: proof that the
     VMM's listening socket reached the worker and that its runner woke for the frame."""
-    path = tmp_path / "nic.sock"
-    vm = api.create("idle", nics=[{"type": "stream", "listen": str(path)}])
+    path, pcap = tmp_path / "nic.sock", tmp_path / "nic.pcap"
+    vm = api.create("idle", nics=[{"type": "stream", "listen": str(path), "pcap": str(pcap)}])
     api.wait_log(vm, b"idle ready")
     assert re.fullmatch(r"52:54:([0-9a-f]{2}:){3}00", api.info(vm)["config"]["nics"][0]["mac"])
     peer = _send_frame(path)
     api.wait("the frame to reach the NIC", lambda: api.info(vm)["nics"][0]["rx_not_ready"])
     peer.close()
+    dump = subprocess.run(["tcpdump", "-nn", "-e", "-r", str(pcap)], capture_output=True,
+                          text=True, check=True).stdout  # the worker wrote what the VMM opened
+    assert "ethertype Unknown (0x88b5), length 64" in dump
     api("delete", vm["id"])
     assert not path.exists()  # the VMM bound it, the VMM removed it
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import stat
 import subprocess
 from dataclasses import dataclass, field
 from multiprocessing import reduction
@@ -100,8 +101,7 @@ def open_nic(nic: NicSpec, mac: str) -> OpenedNic:
     try:
         opened.end = _open_end(nic, mac, opened)
         if nic.pcap is not None:
-            opened.end.pcap = os.open(nic.pcap, os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-                                      | os.O_CLOEXEC, 0o644)
+            opened.end.pcap = _capture_file(nic.pcap)
     except OSError as err:
         opened.close()
         raise ConfigError(f"--nic {nic.type}: {_describe(err)}") from None
@@ -109,6 +109,18 @@ def open_nic(nic: NicSpec, mac: str) -> OpenedNic:
         opened.close()
         raise
     return opened
+
+
+def _capture_file(path: os.PathLike[str]) -> int:
+    """A regular file, created or emptied. ``O_NONBLOCK``: a FIFO in its place cannot
+    stall the opener (the VMM included)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConfigError(f"pcap={path}: not a regular file")
+    os.ftruncate(fd, 0)
+    os.set_blocking(fd, True)
+    return fd
 
 
 def _open_end(nic: NicSpec, mac: str, opened: OpenedNic) -> HostEnd:
