@@ -25,6 +25,7 @@ from typing import Any
 from popek.cpu import causes
 from popek.machine.config import ConfigError
 from popek.machine.loader import ImageError
+from popek.net import OpenedNic
 from popek.vmm import hostfiles, jail, procstat, scheduler, snapshot, worker
 from popek.vmm.channel import INPUT, JSON, OUTPUT, ChannelClosed, ProtocolError, VmmEnd
 from popek.vmm.console import ConsoleBuffer
@@ -85,10 +86,15 @@ class Vm:
         self._ready: asyncio.Future[dict[str, Any]] | None = None
         self._stopped = asyncio.Event()
         self._pump: asyncio.Task[None] | None = None
+        self.nics: list[OpenedNic] = []  # host ends the VMM opened; the worker uses copies
 
     # -- worker -----------------------------------------------------------------------------
-    async def launch(self, spec: dict[str, Any]) -> None:
-        """Start the worker and wait until its machine is built; BadRequest if it cannot be."""
+    async def launch(self, spec: dict[str, Any], nics: list[OpenedNic] = ()) -> None:
+        """Start the worker and wait until its machine is built; BadRequest if it cannot be.
+
+        ``nics`` are the host ends of the guest's NICs, opened by the VMM: the worker gets
+        copies of their descriptors; passt and bound paths stay here until it is gone."""
+        self.nics = list(nics)
         try:
             files = await asyncio.to_thread(hostfiles.HostFiles.for_spec, spec)
         except (ConfigError, ImageError, snapshot.SnapshotError) as err:
@@ -97,7 +103,8 @@ class Vm:
         self._file_socket, their_files = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.limits = VmLimits(self.id, self.cpu_cap)
         spec = {**spec, **self.limits.worker_spec(self.cpu_cap, self.mem_overhead),
-                "files": files, "file_socket": their_files, "ids": jail.guest_ids(self.id)}
+                "files": files, "file_socket": their_files, "ids": jail.guest_ids(self.id),
+                "nics": [nic.end for nic in self.nics]}
         self.process = _worker_context().Process(
             target=worker.main, args=(theirs, spec), name=f"popek-vm-{self.id}", daemon=True)
         loop = asyncio.get_running_loop()
@@ -109,6 +116,8 @@ class Vm:
         finally:
             files.close()  # the worker has its own copies
             their_files.close()
+            for nic in self.nics:  # the worker holds the ends now: when it ends, they close
+                nic.end.close()
         theirs.close()
         self.nice = self.limits.set_weight(self.process.pid, self.cpu_weight)
         self.meter = scheduler.CpuMeter(self.process.pid)
@@ -177,7 +186,8 @@ class Vm:
         """The channel closed: collect the worker's exit and settle the final state."""
         self._chan.close()
         self._file_socket.close()
-        await asyncio.get_running_loop().run_in_executor(None, self.process.join, 10)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.process.join, 10)
         self.failure = self.failure or self.limits.ended()
         if self.state == "creating":
             if not self._ready.done():
@@ -191,7 +201,14 @@ class Vm:
             if not future.done():
                 future.set_result({"ok": False, "error": f"the guest is {self.state}"})
         self.console.close()
+        await loop.run_in_executor(None, self.release_nics)
         self._stopped.set()
+
+    def release_nics(self) -> None:
+        """The worker is gone: let each passt exit, remove the sockets the VMM bound."""
+        nics, self.nics = self.nics, []
+        for nic in nics:
+            nic.close()
 
     @property
     def alive(self) -> bool:
@@ -317,6 +334,7 @@ class Vm:
                        **({f"{k}_bytes": v for k, v in procstat.memory(self.process.pid).items()}
                           if self.alive else {})},
             "console": {"bytes": self.console.total, "dropped_bytes": self.console.dropped},
+            "nics": stats.get("nics", []),
             "confinement": self.confinement,
         }
 

@@ -27,6 +27,7 @@ from typing import Any
 
 from popek.machine.config import ConfigError, config_from_json
 from popek.machine.loader import ImageError
+from popek.machine.runner import MachineRunner
 from popek.machine.virt import VirtMachine
 from popek.vmm import hostfiles, jail, snapshot
 from popek.vmm.channel import INPUT, JSON, OUTPUT, ChannelClosed, WorkerEnd
@@ -39,7 +40,8 @@ EXIT_FAILED = 3
 def main(sock: socket.socket, spec: dict[str, Any]) -> None:
     """Process entry point. ``spec``: ``{"config": ...}`` to boot or ``{"restore": path}``,
     the ``files`` they name (:class:`~popek.vmm.hostfiles.HostFiles`) and a ``file_socket``
-    that brings files opened later, plus ``cpu_cap`` (percent or None) and ``mem_overhead``
+    that brings files opened later, ``nics`` (the host end of each NIC, opened by the VMM:
+    :class:`~popek.net.HostEnd`), plus ``cpu_cap`` (percent or None) and ``mem_overhead``
     (bytes or None) to enforce, ``cgroup_procs`` (files) to join and ``ids`` (uid, gid) to
     take. The worker confines itself first of all."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the VMM, which stops us
@@ -84,6 +86,10 @@ class Worker:
         self.running = False
         self.frozen_clock: dict[str, Any] | None = None
         self.cap = CpuCap(spec.get("cpu_cap"))
+        self.runner = MachineRunner(self.cap)
+        self.runner.running = False
+        # The network outlives the machine: a reboot builds a new one on the same ends.
+        self.nets = [end.backend() for end in spec.get("nics", [])]
         self.machine: VirtMachine | None = None
         self.lift_memory_limit: Callable[[], None] = lambda: None
         self.warnings: list[str] = []  # about its confinement, for the VMM to show
@@ -108,12 +114,15 @@ class Worker:
             snap = snapshot.load(self.spec["restore"], self.spec["files"].open)
             self.spec["config"] = snap.meta["config"]
             self.console_bytes = int(snap.meta.get("console_bytes", 0))
-            machine = snap.machine(self._console_out)
+            machine = snap.machine(self._console_out, nets=self.nets,
+                                   events=self.runner.sources)
             self.instret_offset -= sum(hart.instret for hart in machine.harts)
         else:
             machine = VirtMachine(config_from_json(self.spec["config"]), self._console_out,
+                                  nets=self.nets, events=self.runner.sources,
                                   opener=self.spec["files"].open)
         self._count_traps(machine)
+        self.runner.machine = machine
         return machine
 
     def _limit_memory(self) -> None:
@@ -142,35 +151,34 @@ class Worker:
         self.out += data
 
     def _loop(self) -> None:
+        """The machine runner's steps; between them, output and statistics go to the VMM.
+        Paused, the runner waits on the channel (and the NICs) alone."""
+        self.runner.sources.watch(self.chan.fileno(), self._receive_commands)
         next_stats = 0.0
         while True:
-            machine = self.machine
-            wait: float | None = None
+            self.runner.step(max(0.0, next_stats - time.monotonic()) if self.running else None)
             if self.running:
-                wait = self.cap.delay()
-                if not wait:
-                    wait = 0.0 if machine.run_slice() else machine.idle_seconds()
-                    self._flush_output()
-                    if machine.exit is not None and not self._guest_finished():
-                        return
-                else:
-                    self.cap.slept(wait)
+                self._flush_output()
+                if self.machine.exit is not None and not self._guest_finished():
+                    return
             if time.monotonic() >= next_stats:
                 self._send_stats()
                 next_stats = time.monotonic() + STATS_INTERVAL
-            for tag, payload in self.chan.poll(wait):
-                if tag == INPUT:
-                    machine.feed_input(payload)
-                elif tag == JSON:
-                    self._command(payload)
+
+    def _receive_commands(self) -> None:
+        self._flush_output()  # what the guest printed comes before any reply (and snapshot)
+        for tag, payload in self.chan.receive():
+            if tag == INPUT:
+                self.machine.feed_input(payload)
+            elif tag == JSON:
+                self._command(payload)
 
     def _guest_finished(self) -> bool:
         """The guest powered off (False: stop) or rebooted (True: carry on, fresh)."""
         kind, code = self.machine.exit
         if kind == "reboot":
             self.instret_offset += self._instret()
-            for disk in self.machine.disks:
-                disk.close()
+            self.machine.close()
             self.machine = self._build(fresh=True)
             return True
         self._send_stats()
@@ -204,7 +212,7 @@ class Worker:
             self.cap.delay()  # no allowance is earned while paused
         elif not running and self.running:
             self.frozen_clock = self.machine.clint.save_state()
-        self.running = running
+        self.running = self.runner.running = running
 
     def _snapshot(self, path: str) -> dict[str, Any]:
         if not self.running:
@@ -238,6 +246,7 @@ class Worker:
             "cpu_seconds": usage.ru_utime + usage.ru_stime,
             "throttled_seconds": self.cap.throttled,
             "console_bytes": self.console_bytes,
+            "nics": [nic.stats() for nic in self.machine.nics],
         })
 
 
