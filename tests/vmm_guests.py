@@ -88,6 +88,27 @@ void main(void) {
 void main(void) { say("hello from the guest\n"); poweroff(0); }""",
     "exit7": r"""
 void main(void) { say("exiting with 7\n"); poweroff(7); }""",
+    # Powers off with status 5 once 3 s of guest time (10 MHz) have passed, waiting for a
+    # timer interrupt (SBI TIME) in wfi: an idle guest's time follows the host's clock.
+    "exit5-later": r"""
+static unsigned long now(void) {
+    unsigned long t;
+    __asm__ volatile("rdtime %0" : "=r"(t));
+    return t;
+}
+static void set_timer(unsigned long when) {
+    register unsigned long a0 __asm__("a0") = when;
+    register unsigned long a6 __asm__("a6") = 0, a7 __asm__("a7") = 0x54494D45;
+    __asm__ volatile("ecall" : "+r"(a0) : "r"(a6), "r"(a7) : "a1", "memory");
+}
+void main(void) {
+    unsigned long end = now() + 30000000UL;
+    say("waiting\n");
+    __asm__ volatile("csrs sie, %0" : : "r"(1UL << 5));  /* wakes wfi; SIE stays off */
+    while (now() < end) { set_timer(end); __asm__ volatile("wfi"); }
+    say("bye\n");
+    poweroff(5);
+}""",
     # Computes primes, prints each 500th, forever: a different workload from the counter.
     "primes": r"""
 void main(void) {
