@@ -37,6 +37,7 @@ from popek.vmm import statedir
 VMS = "vms"
 FORMAT = 1
 _ID = re.compile(r"[0-9a-f]{12}")
+SOCKET_PATH_MAX = 107  # bytes in a Unix socket's address (sun_path, less its final NUL)
 
 
 class RecordError(Exception):
@@ -99,6 +100,16 @@ class VmFiles:
         shutil.rmtree(self.dir, ignore_errors=True)
         with contextlib.suppress(OSError):
             statedir.sync_directory(self.dir.parent)
+
+
+def check_room(state_dir: Path) -> None:
+    """StateDirError if the workers' sockets would not fit in a Unix socket's address
+    there (a state directory too deep in the file system)."""
+    longest = len(os.fsencode(VmFiles(state_dir.absolute(), "0" * 12).socket))
+    if longest > SOCKET_PATH_MAX:
+        raise statedir.StateDirError(
+            f"the state directory {state_dir} is too deep: its workers' sockets would have "
+            f"paths of {longest} bytes, and a Unix socket's may have {SOCKET_PATH_MAX}")
 
 
 def all_vms(state_dir: Path) -> list[VmFiles]:

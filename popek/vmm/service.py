@@ -32,7 +32,7 @@ from popek.api import token
 from popek.api.access import Access
 from popek.api.endpoint import default_token_file
 from popek.api.server import make_app
-from popek.vmm import statedir, workerprocess
+from popek.vmm import records, statedir, workerprocess
 from popek.vmm.manager import Vmm
 from popek.vmm.paths import PathPolicy
 
@@ -48,6 +48,7 @@ def prepare_access(state_dir: Path, *, tcp: bool, token_file: Path | None, allow
     """Who may call and what they may name, settled before the VMM listens: prepares the
     state directory and (for ``tcp``) the token file. Raises StateDirError or TokenError."""
     statedir.prepare(state_dir)
+    records.check_room(state_dir)
     secret = token.load_or_create(token_file or default_token_file(state_dir)) if tcp else None
     roots = [images.IMAGES, statedir.storage(state_dir), *allow]
     return Access(secret, PathPolicy(roots), restrict_unix)
