@@ -169,15 +169,7 @@ def test_sigterm_leaves_guests_running_and_a_new_vmm_adopts_them(serve: Serve) -
     ticks = _ticks(api.log(counter) + api.wait_log(restored, rb"tick \d+\n"))
     assert ticks == list(range(ticks[0], ticks[-1] + 1))
     api("update", counter["id"], cpu_cap=None)
-
-    async def type_line() -> bytes:
-        async with Client(api.socket_path) as client, client.console(echo["id"]) as ws:
-            await ws.send_bytes(b"adopted\n")
-            seen = b""
-            while b"adopted" not in seen:
-                seen += (await asyncio.wait_for(ws.receive(), PATIENCE)).data
-            return seen
-    asyncio.run(type_line())
+    assert b"echo ready" in api.type_line(echo, b"adopted\n")
     stopped = api("action", echo["id"], "shutdown", timeout=PATIENCE)
     assert stopped["state"] == "stopped" and stopped["exit"] == {"kind": "poweroff", "code": 0}
     assert b"goodbye" in api.log(echo)

@@ -62,6 +62,18 @@ class Api:
         return self.wait(f"{pattern!r} from {vm['name']}",
                          lambda: re.search(pattern, self.log(vm)) and self.log(vm))
 
+    def type_line(self, vm: dict[str, Any], line: bytes) -> bytes:
+        """Type ``line`` on the console WebSocket; what it showed until the line came
+        back (the scrollback first)."""
+        async def type_line() -> bytes:
+            async with Client(self.socket_path) as client, client.console(vm["id"]) as ws:
+                await ws.send_bytes(line)
+                seen = b""
+                while line.strip() not in seen:
+                    seen += (await asyncio.wait_for(ws.receive(), PATIENCE)).data
+                return seen
+        return asyncio.run(type_line())
+
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Api, int]]:
@@ -110,15 +122,7 @@ def test_three_guests_run_different_workloads_at_once(api: Api) -> None:
 def test_console_input_reaches_the_guest_over_the_websocket(api: Api) -> None:
     echo = api.create("echo")
     api.wait_log(echo, b"echo ready\n")
-
-    async def type_line() -> bytes:
-        async with Client(api.socket_path) as client, client.console(echo["id"]) as ws:
-            await ws.send_bytes(b"hello popek\n")
-            seen = b""
-            while b"hello popek" not in seen:
-                seen += (await asyncio.wait_for(ws.receive(), PATIENCE)).data
-            return seen
-    assert b"echo ready" in asyncio.run(type_line())  # the scrollback came first
+    assert b"echo ready" in api.type_line(echo, b"hello popek\n")  # the scrollback first
     assert b"hello popek" in api.log(echo)
 
 

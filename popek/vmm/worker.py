@@ -55,10 +55,9 @@ def main(listener: socket.socket, spec: dict[str, Any]) -> None:
     to boot or ``{"restore": path}``, the ``files`` they name
     (:class:`~popek.vmm.hostfiles.HostFiles`), the ``vm_id``, the ``vmm_uid`` that may
     connect, the ``exit_record`` to write as it ends and the ``log`` for its stdout and
-    stderr, plus ``cpu_cap`` (percent or None)
-    and ``mem_overhead`` (bytes or None) to enforce, ``cgroup_procs`` (files) to join and
-    ``ids`` (uid, gid) to take. The worker detaches from the VMM and confines itself
-    first of all."""
+    stderr, plus ``cpu_cap`` (percent or None) and ``mem_overhead`` (bytes or None) to
+    enforce, ``cgroup_procs`` (files) to join and ``ids`` (uid, gid) to take. The worker
+    detaches from the VMM and confines itself first of all."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the VMM
     workerprocess.detach(listener.listen, spec["log"].detach())
     worker = Worker(VmmLink(listener, spec["vmm_uid"]), spec)
