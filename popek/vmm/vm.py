@@ -53,8 +53,9 @@ _CAUSE_NAMES = {getattr(causes, n): n.lower() for n in (
     "INSN_PAGE_FAULT", "LOAD_PAGE_FAULT", "STORE_PAGE_FAULT")}
 _IRQ_NAMES = {causes.INTERRUPT_BIT | getattr(causes, n): n.lower() for n in (
     "IRQ_S_SOFT", "IRQ_M_SOFT", "IRQ_S_TIMER", "IRQ_M_TIMER", "IRQ_S_EXT", "IRQ_M_EXT")}
-_UNEXPLAINED = ("the worker ended without a word while no VMM that started it was "
-                "attached: killed by a signal (such as SIGKILL), or the host restarted")
+_UNEXPLAINED = ("the worker ended without a word (its exit status goes to the VMM that "
+                "started it, not to one that adopted it): killed by a signal such as "
+                "SIGKILL, or the host restarted")
 
 
 class Vm:
