@@ -11,6 +11,8 @@ import asyncio
 import os
 import re
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -362,3 +364,82 @@ def test_cli_creates_lists_snapshots_and_restores(api: Api, tmp_path: Path) -> N
     assert "instructions" in popek_vm("info", "twin-1")
     assert popek_vm("kill", "cli-vm").strip() == "cli-vm"
     assert "stopped (killed" in popek_vm("ls")
+
+
+# -- networks: the VMM opens each NIC's host end, the worker only uses it ---------------------
+def _send_frame(path: Path) -> socket.socket:
+    """Connect to a NIC's listening socket and send it one Ethernet frame."""
+    frame = b"\xff" * 12 + b"\x88\xb5" + bytes(50)
+    peer = socket.socket(socket.AF_UNIX)
+    peer.connect(str(path))
+    peer.sendall(struct.pack(">I", len(frame)) + frame)
+    return peer
+
+
+def test_a_nic_socket_opened_by_the_vmm_wakes_the_idle_worker(api: Api, tmp_path: Path
+                                                              ) -> None:
+    """The guest has no driver, so the NIC drops the frame and counts it: proof that the
+    VMM's listening socket reached the worker and that its runner woke for the frame."""
+    path = tmp_path / "nic.sock"
+    vm = api.create("idle", nics=[{"type": "stream", "listen": str(path)}])
+    api.wait_log(vm, b"idle ready")
+    assert re.fullmatch(r"52:54:([0-9a-f]{2}:){3}00", api.info(vm)["config"]["nics"][0]["mac"])
+    peer = _send_frame(path)
+    api.wait("the frame to reach the NIC", lambda: api.info(vm)["nics"][0]["rx_not_ready"])
+    peer.close()
+    api("delete", vm["id"])
+    assert not path.exists()  # the VMM bound it, the VMM removed it
+
+
+def test_a_restored_nic_gets_its_host_end_opened_again(api: Api, tmp_path: Path) -> None:
+    path = tmp_path / "nic.sock"
+    vm = api.create("idle", nics=[{"type": "stream", "listen": str(path)}])
+    api.wait_log(vm, b"idle ready")
+    api("snapshot", vm["id"], tmp_path / "nic.snap")
+    api("delete", vm["id"])
+    clone = api("restore", tmp_path / "nic.snap")
+    assert clone["config"]["nics"][0]["mac"] == vm["config"]["nics"][0]["mac"]
+    peer = _send_frame(path)
+    api.wait("the frame to reach the clone's NIC",
+             lambda: api.info(clone)["nics"][0]["rx_not_ready"])
+    peer.close()
+
+
+def test_no_passt_outlives_its_vm(api: Api, service: tuple[Api, int]) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    vm = api.create("idle", nics=[{"type": "user", "hostfwd": [
+        {"host_addr": "127.0.0.1", "host_port": port, "guest_port": 80}]}])
+    passt = [pid for pid in _children(service[1]) if _comm(pid).startswith("passt")]
+    assert len(passt) == 1
+    socket.create_connection(("127.0.0.1", port), timeout=10).close()  # passt forwards it
+    api("delete", vm["id"])
+    assert _comm(passt[0]) in ("", "<zombie>"), "passt outlived its VM"
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=10)
+    with pytest.raises(ApiError, match="passt failed"):  # the port is the first guest's
+        taken = socket.socket()
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        try:
+            api.create("idle", nics=[{"type": "user", "hostfwd": [
+                {"host_addr": "127.0.0.1", "host_port": port, "guest_port": 80}]}])
+        finally:
+            taken.close()
+
+
+def _children(pid: int) -> list[int]:
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += [int(c) for c in (task / "children").read_text().split()]
+    return children
+
+
+def _comm(pid: int) -> str:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return ""
+    return "<zombie>" if stat.rsplit(")", 1)[1].split()[0] == "Z" else \
+        stat[stat.index("(") + 1:stat.rindex(")")]

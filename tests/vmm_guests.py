@@ -215,6 +215,23 @@ void main(void) {
     }
     poweroff(0);
 }""",
+    # Sleeps in WFI on an SBI timer a millisecond away, twenty times over, then powers off:
+    # every wake-up is the guest's timer ending an idle host's wait.
+    "timer": r"""
+void main(void) {
+    __asm__ volatile("csrs sie, %0" : : "r"(1UL << 5));  /* STIE; SIE stays off */
+    for (int i = 0; i < 20; i++) {
+        unsigned long now;
+        __asm__ volatile("rdtime %0" : "=r"(now));
+        register unsigned long a0 __asm__("a0") = now + 10000;
+        register unsigned long a6 __asm__("a6") = 0, a7 __asm__("a7") = 0x54494D45;
+        __asm__ volatile("ecall" : "+r"(a0) : "r"(a6), "r"(a7) : "a1", "memory");
+        unsigned long sip;
+        do { __asm__ volatile("wfi\n csrr %0, sip" : "=r"(sip)); } while (!(sip & (1UL << 5)));
+    }
+    say("woke 20 times\n");
+    poweroff(0);
+}""",
     # Each hart keeps incrementing bytes in its own half of 256 pages, a subset of the
     # pages that changes every 64 passes (QEMU's migration test idea): every store changes
     # a page, so the pages that changed are exactly the pages written.

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import select
 import socket
 import struct
 from pathlib import Path
@@ -66,7 +65,8 @@ def _decode(tag: bytes, data: bytes) -> Message:
 
 
 class WorkerEnd:
-    """The worker's side: blocking sends, and a poll that waits for commands."""
+    """The worker's side: blocking sends, and reads when the machine runner finds the
+    socket readable."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -80,17 +80,18 @@ class WorkerEnd:
         except OSError:
             raise ChannelClosed from None
 
-    def poll(self, timeout: float | None) -> list[Message]:
-        """Every complete frame that arrives within ``timeout`` seconds (None: wait)."""
-        ready, _, _ = select.select([self.sock], [], [], timeout)
-        if ready:
-            try:
-                data = self.sock.recv(1 << 16)
-            except OSError:
-                data = b""
-            if not data:
-                raise ChannelClosed
-            self._buf += data
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def receive(self) -> list[Message]:
+        """Every complete frame, after one read of the (readable) socket."""
+        try:
+            data = self.sock.recv(1 << 16)
+        except OSError:
+            data = b""
+        if not data:
+            raise ChannelClosed
+        self._buf += data
         messages = []
         while len(self._buf) >= 4:
             size = _LEN.unpack_from(self._buf)[0]

@@ -30,6 +30,7 @@ from popek.machine.config import (
     config_from_json,
     config_to_json,
 )
+from popek.net import open_nics
 from popek.vmm import records, scheduler
 from popek.vmm.errors import BadRequest, NotFound
 from popek.vmm.paths import PathPolicy
@@ -151,7 +152,8 @@ class Vmm:
         paths.check_config(config)
         vm = self._new_vm(body)
         _assign_macs(config, vm.id)
-        await self._launch(vm, {"config": config_to_json(config)}, body.get("start", True))
+        await self._launch(vm, {"config": config_to_json(config)}, body.get("start", True),
+                           config)
         return vm
 
     async def restore(self, body: dict[str, Any], paths: PathPolicy) -> Vm:
@@ -170,15 +172,25 @@ class Vmm:
             raise BadRequest(str(err)) from None
         paths.check_config(recorded)
         vm = self._new_vm(body, source=path)
-        await self._launch(vm, {"restore": path}, body.get("start", True))
+        await self._launch(vm, {"restore": path}, body.get("start", True), recorded)
         return vm
 
-    async def _launch(self, vm: Vm, spec: dict[str, Any], start: bool) -> None:
+    async def _launch(self, vm: Vm, spec: dict[str, Any], start: bool,
+                      config: MachineConfig) -> None:
+        """Open the guest's NICs here (workers open nothing), then start its worker."""
+        loop = asyncio.get_running_loop()
         try:
-            await vm.launch(spec)
+            nics = await loop.run_in_executor(
+                None, open_nics, config.nics, [nic.mac for nic in config.nics])
+        except ConfigError as err:
+            raise BadRequest(str(err)) from None
+        try:
+            await vm.launch(spec, nics)
         except BaseException:
             with contextlib.suppress(Exception):
                 vm.kill()
+            if vm.worker is None:  # no worker to reap them
+                vm.release_nics()
             vm.files.remove()
             raise
         self.vms[vm.id] = vm

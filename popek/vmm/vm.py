@@ -33,6 +33,7 @@ from typing import Any
 from popek.cpu import causes
 from popek.machine.config import ConfigError
 from popek.machine.loader import ImageError
+from popek.net import OpenedNic
 from popek.vmm import channel, hostfiles, jail, procstat, scheduler, snapshot, worker
 from popek.vmm.channel import INPUT, JSON, OUTPUT, ChannelClosed, ProtocolError, VmmEnd
 from popek.vmm.console import ConsoleBuffer
@@ -96,11 +97,13 @@ class Vm:
         self._stopped = asyncio.Event()
         self._pump: asyncio.Task[None] | None = None
         self._detached = False
+        self.nics: list[OpenedNic] = []  # host ends the VMM opened; the worker uses copies
+        self.nic_paths: list[str] = []  # the Unix socket paths they bound, removed at the end
 
     # -- the record -----------------------------------------------------------------------------
     _RECORDED = ("id", "name", "state", "created", "started", "source", "config", "cpu_weight",
                  "cpu_cap", "mem_overhead", "exit", "failure", "snapshots", "pid",
-                 "pid_start", "confinement", "stats")
+                 "pid_start", "confinement", "stats", "nic_paths")
 
     def record(self) -> dict[str, Any]:
         return {**{key: getattr(self, key) for key in self._RECORDED},
@@ -127,8 +130,13 @@ class Vm:
         return vm
 
     # -- worker -----------------------------------------------------------------------------
-    async def launch(self, spec: dict[str, Any]) -> None:
-        """Start the worker and wait until its machine is built; BadRequest if it cannot be."""
+    async def launch(self, spec: dict[str, Any], nics: list[OpenedNic] = ()) -> None:
+        """Start the worker and wait until its machine is built; BadRequest if it cannot be.
+
+        ``nics`` are the host ends of the guest's NICs, opened by the VMM: the worker gets
+        copies of their descriptors; passt and bound paths stay here until it is gone."""
+        self.nics = list(nics)
+        self.nic_paths = [path for nic in self.nics for path in nic.paths]
         try:
             files = await asyncio.to_thread(hostfiles.HostFiles.for_spec, spec)
         except (ConfigError, ImageError, snapshot.SnapshotError) as err:
@@ -151,7 +159,7 @@ class Vm:
                     "files": files, "vm_id": self.id, "vmm_uid": os.geteuid(),
                     "exit_record": hostfiles.PassedFd(exit_record),
                     "log": hostfiles.PassedFd(log),
-                    "ids": jail.guest_ids(self.id)}
+                    "ids": jail.guest_ids(self.id), "nics": [nic.end for nic in self.nics]}
             await start(worker.main, (listener, spec), f"popek-vm-{self.id}")
         except BaseException:
             if self.limits is not None:
@@ -162,6 +170,8 @@ class Vm:
             listener.close()
             os.close(exit_record)
             os.close(log)
+            for nic in self.nics:  # the worker holds the ends now: when it ends, they close
+                nic.end.close()
         try:
             ready = await self._attach(READY_TIMEOUT)
         except (OSError, TimeoutError) as err:
@@ -312,9 +322,21 @@ class Vm:
             if not future.done():
                 future.set_result({"ok": False, "error": f"the guest is {self.state}"})
         self.console.close()
+        await asyncio.to_thread(self.release_nics)
         if self.state != "creating":
             self.save()
         self._stopped.set()
+
+    def release_nics(self) -> None:
+        """The worker is gone: let each passt exit, remove the sockets the VMM bound (also
+        those a VMM before this one bound for an adopted VM, as its record says; that
+        VMM's passts were not this one's children, and exit by themselves)."""
+        nics, self.nics = self.nics, []
+        for nic in nics:
+            nic.close()
+        for path in self.nic_paths:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
     def _take_console(self, how: dict[str, Any], console: bytes) -> None:
         """The end of the console as the worker's exit record kept it."""
@@ -471,5 +493,6 @@ class Vm:
                        **({f"{k}_bytes": v for k, v in procstat.memory(self.pid).items()}
                           if self.alive else {})},
             "console": {"bytes": self.console.total, "dropped_bytes": self.console.dropped},
+            "nics": stats.get("nics", []),
             "confinement": self.confinement,
         }

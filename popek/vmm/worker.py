@@ -7,14 +7,17 @@ worker confines itself before it reads any guest input (:mod:`popek.vmm.jail`: i
 uid, no capabilities, a seccomp filter) and uses only files the VMM opened for it; a
 popek bug the guest triggers ends this process (reported as ``failed``), its CPU and
 memory are held by its cgroup (or, failing that, by itself: the CPU cap and
-``RLIMIT_AS``), and a flood of output blocks only this worker's sends. Paused, the
-worker sleeps in ``select`` and the guest's clock stands still.
+``RLIMIT_AS``), and a flood of output blocks only this worker's sends. The machine runs
+through the one machine runner (:mod:`popek.machine.runner`), whose host event sources
+are the VMM's channel and the NICs' sockets; paused, the worker waits on them alone and
+the guest's clock stands still.
 
 A worker outlives its VMM (:mod:`popek.vmm.workerprocess`). When its channel closes it
 carries on as it was, running or paused, keeping the console's last output in a bounded
-ring, and listens for the next VMM (:func:`popek.vmm.channel.accept`); to that one it
-reports ``ready`` again, with its state, and hands over the ring, so the new VMM shows
-the console's history, output printed while no VMM was there included. However the
+ring, and the runner watches its listening socket for the next VMM
+(:func:`popek.vmm.channel.accept`) instead; to that one it reports ``ready`` again, with
+its state, and hands over the ring, so the new VMM shows the console's history, output
+printed while no VMM was there included. However the
 worker ends, if it can it writes its exit record first (:mod:`popek.vmm.records`):
 how the guest ended, or why the worker failed, and the ring; so a guest that powers off
 while no VMM runs is listed stopped, with its exit code and last words, by the next.
@@ -26,7 +29,6 @@ import contextlib
 import functools
 import os
 import resource
-import select
 import signal
 import socket
 import time
@@ -38,6 +40,7 @@ from typing import Any
 
 from popek.machine.config import ConfigError, config_from_json
 from popek.machine.loader import ImageError
+from popek.machine.runner import EventSources, MachineRunner
 from popek.machine.virt import VirtMachine
 from popek.vmm import channel, hostfiles, jail, records, snapshot, workerprocess
 from popek.vmm.channel import INPUT, JSON, OUTPUT, ChannelClosed, Message, WorkerEnd
@@ -53,14 +56,15 @@ def main(listener: socket.socket, spec: dict[str, Any]) -> None:
     """Process entry point. ``listener``: the socket the VMM bound for this VM, on which
     the worker listens for its VMM, this one and the next. ``spec``: ``{"config": ...}``
     to boot or ``{"restore": path}``, the ``files`` they name
-    (:class:`~popek.vmm.hostfiles.HostFiles`), the ``vm_id``, the ``vmm_uid`` that may
+    (:class:`~popek.vmm.hostfiles.HostFiles`), ``nics`` (the host end of each NIC, opened
+    by the VMM: :class:`~popek.net.HostEnd`), the ``vm_id``, the ``vmm_uid`` that may
     connect, the ``exit_record`` to write as it ends and the ``log`` for its stdout and
     stderr, plus ``cpu_cap`` (percent or None) and ``mem_overhead`` (bytes or None) to
     enforce, ``cgroup_procs`` (files) to join and ``ids`` (uid, gid) to take. The worker
     detaches from the VMM and confines itself first of all."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the VMM
     workerprocess.detach(listener.listen, spec["log"].detach())
-    worker = Worker(VmmLink(listener, spec["vmm_uid"]), spec)
+    worker = Worker(listener, spec)
     try:
         worker.warnings = jail.confine(spec.get("cgroup_procs", ()), spec.get("ids"))
     except Exception as err:  # it must not run unconfined
@@ -78,16 +82,22 @@ def main(listener: socket.socket, spec: dict[str, Any]) -> None:
 class VmmLink:
     """The worker's end of its link to a VMM: at most one VMM at a time, none at times.
 
-    Sends while no VMM is attached are dropped (the console's output stays in the
-    worker's ring); a channel that fails detaches the VMM, and the worker waits for the
-    next on its listening socket."""
+    The runner's event sources watch the attached VMM's channel, or, while none is
+    attached, the listening socket. Sends while no VMM is attached are dropped (the
+    console's output stays in the worker's ring); a channel that fails detaches the VMM,
+    and the worker waits for the next."""
 
-    def __init__(self, listener: socket.socket, vmm_uid: int) -> None:
+    def __init__(self, listener: socket.socket, vmm_uid: int, sources: EventSources,
+                 on_attach: Callable[[], None],
+                 on_frames: Callable[[list[Message]], None]) -> None:
         self.listener = listener
         self.vmm_uid = vmm_uid
+        self.sources = sources
+        self.on_attach = on_attach
+        self.on_frames = on_frames
         self.chan: WorkerEnd | None = None
         self.files: socket.socket | None = None  # brings the attached VMM's files
-        self.on_attach: Callable[[], None] = lambda: None
+        sources.watch(listener.fileno(), self._accept)
 
     def send(self, tag: bytes, payload: Any) -> None:
         if self.chan is not None:
@@ -97,40 +107,39 @@ class VmmLink:
                 self.detach()
 
     def detach(self) -> None:
+        self.sources.watch(self.chan.fileno(), None)
         self.chan.sock.close()
         self.files.close()
         self.chan = self.files = None
+        self.sources.watch(self.listener.fileno(), self._accept)
 
-    def poll(self, timeout: float | None) -> list[Message]:
-        """Frames from the attached VMM that arrive within ``timeout`` seconds (None:
-        wait); without one, a VMM that connects is attached (and greeted) instead."""
-        if self.chan is not None:
-            try:
-                return self.chan.poll(timeout)
-            except ChannelClosed:
-                self.detach()
-                return []
-        ready, _, _ = select.select([self.listener], [], [], timeout)
-        if ready:
-            attached = channel.accept(self.listener, self.vmm_uid)
-            if attached is not None:
-                self.chan, self.files = attached
-                self.on_attach()
-        return []
+    def _accept(self) -> None:
+        attached = channel.accept(self.listener, self.vmm_uid)
+        if attached is not None:
+            self.chan, self.files = attached
+            self.sources.watch(self.listener.fileno(), None)
+            self.sources.watch(self.chan.fileno(), self._receive)
+            self.on_attach()
+
+    def _receive(self) -> None:
+        try:
+            frames = self.chan.receive()
+        except ChannelClosed:
+            self.detach()
+            return
+        self.on_frames(frames)
 
     def wait_for_vmm(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while self.chan is None and time.monotonic() < deadline:
-            self.poll(deadline - time.monotonic())
+            self.sources.dispatch(deadline - time.monotonic())
         return self.chan is not None
 
 
 class Worker:
     """The guest's machine and the loop that runs it between the VMM's commands."""
 
-    def __init__(self, link: VmmLink, spec: dict[str, Any]) -> None:
-        self.link = link
-        link.on_attach = self._greet
+    def __init__(self, listener: socket.socket, spec: dict[str, Any]) -> None:
         self.spec = spec
         self.exit_record: int = spec["exit_record"].detach()
         self.out = bytearray()
@@ -146,6 +155,12 @@ class Worker:
         self.machine_ready = False
         self.frozen_clock: dict[str, Any] | None = None
         self.cap = CpuCap(spec.get("cpu_cap"))
+        self.runner = MachineRunner(self.cap)
+        self.runner.running = False
+        self.link = VmmLink(listener, spec["vmm_uid"], self.runner.sources, self._greet,
+                            self._commands)
+        # The network outlives the machine: a reboot builds a new one on the same ends.
+        self.nets = [end.backend() for end in spec.get("nics", [])]
         self.machine: VirtMachine | None = None
         self.lift_memory_limit: Callable[[], None] = lambda: None
         self.warnings: list[str] = []  # about its confinement, for the VMM to show
@@ -201,12 +216,15 @@ class Worker:
             snap = snapshot.load(self.spec["restore"], self.spec["files"].open)
             self.spec["config"] = snap.meta["config"]
             self.console.total = int(snap.meta.get("console_bytes", 0))
-            machine = snap.machine(self._console_out)
+            machine = snap.machine(self._console_out, nets=self.nets,
+                                   events=self.runner.sources)
             self.instret_offset -= sum(hart.instret for hart in machine.harts)
         else:
             machine = VirtMachine(config_from_json(self.spec["config"]), self._console_out,
+                                  nets=self.nets, events=self.runner.sources,
                                   opener=self.spec["files"].open)
         self._count_traps(machine)
+        self.runner.machine = machine
         return machine
 
     def _limit_memory(self) -> None:
@@ -235,35 +253,33 @@ class Worker:
         self.out += data
 
     def _loop(self) -> None:
+        """The machine runner's steps; between them, output and statistics go to the VMM
+        (if one is attached). Paused, the runner waits on its event sources alone."""
         next_stats = 0.0
         while True:
-            machine = self.machine
-            wait: float | None = None
+            self.runner.step(max(0.0, next_stats - time.monotonic()) if self.running else None)
             if self.running:
-                wait = self.cap.delay()
-                if not wait:
-                    wait = 0.0 if machine.run_slice() else machine.idle_seconds()
-                    self._flush_output()
-                    if machine.exit is not None and not self._guest_finished():
-                        return
-                else:
-                    self.cap.slept(wait)
+                self._flush_output()
+                if self.machine.exit is not None and not self._guest_finished():
+                    return
             if time.monotonic() >= next_stats:
                 self._send_stats()
                 next_stats = time.monotonic() + STATS_INTERVAL
-            for tag, payload in self.link.poll(wait):
-                if tag == INPUT:
-                    machine.feed_input(payload)
-                elif tag == JSON:
-                    self._command(payload)
+
+    def _commands(self, frames: list[Message]) -> None:
+        self._flush_output()  # what the guest printed comes before any reply (and snapshot)
+        for tag, payload in frames:
+            if tag == INPUT:
+                self.machine.feed_input(payload)
+            elif tag == JSON:
+                self._command(payload)
 
     def _guest_finished(self) -> bool:
         """The guest powered off (False: stop) or rebooted (True: carry on, fresh)."""
         kind, code = self.machine.exit
         if kind == "reboot":
             self.instret_offset += self._instret()
-            for disk in self.machine.disks:
-                disk.close()
+            self.machine.close()
             self.machine = self._build(fresh=True)
             return True
         self._send_stats()
@@ -299,7 +315,7 @@ class Worker:
             self.cap.delay()  # no allowance is earned while paused
         elif not running and self.running:
             self.frozen_clock = self.machine.clint.save_state()
-        self.running = running
+        self.running = self.runner.running = running
 
     def _snapshot(self, path: str) -> dict[str, Any]:
         if not self.running:
@@ -333,6 +349,7 @@ class Worker:
             "cpu_seconds": usage.ru_utime + usage.ru_stime,
             "throttled_seconds": self.cap.throttled,
             "console_bytes": self.console.total,
+            "nics": [nic.stats() for nic in self.machine.nics],
         })
 
 
