@@ -13,6 +13,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,7 +26,7 @@ import pytest
 
 from popek.api.client import ApiError, Client
 from popek.vmm import procstat
-from tests.test_vmm_service import PATIENCE, Api
+from tests.test_vmm_service import PATIENCE, Api, send_frame
 
 EXIT_WITHIN = 5.0  # seconds a VMM may take to exit after SIGTERM
 
@@ -307,3 +308,36 @@ def test_worker_admits_no_other_user_while_it_waits_for_a_vmm(serve: Serve) -> N
     assert intruder.stdout.strip() == "b''", intruder.stderr  # dropped at once, told nothing
     serve.start()
     assert api.info(vm)["state"] == "running"
+
+
+def test_guest_nics_outlive_the_vmm(serve: Serve, tmp_path: Path) -> None:
+    """A user NIC's passt (its own session) and a NIC's listening socket keep serving the
+    guest after Ctrl-C to the VMM's process group; the adopting VMM sees the frames that
+    came meanwhile, and when the VM is deleted removes the socket its predecessor bound."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    path = tmp_path / "nic.sock"
+    api = serve.start()
+    vm = api.create("idle", nics=[
+        {"type": "stream", "listen": str(path)},
+        {"type": "user", "hostfwd": [{"host_addr": "127.0.0.1", "host_port": port,
+                                      "guest_port": 80}]}])
+    api.wait_log(vm, b"idle ready")
+    serve.stop(signal.SIGINT, group=True)
+    socket.create_connection(("127.0.0.1", port), timeout=10).close()  # passt still serves
+    peer = send_frame(path)  # to the worker's listening NIC, with no VMM
+    serve.start()
+    api.wait("the frame to be counted", lambda: api.info(vm)["nics"][0]["rx_not_ready"])
+    peer.close()
+    api("delete", vm["id"])
+    assert not path.exists()
+    api.wait("passt to end with its guest", lambda: _refused(port))
+
+
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=10).close()
+    except ConnectionRefusedError:
+        return True
+    return False

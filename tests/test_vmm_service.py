@@ -367,7 +367,7 @@ def test_cli_creates_lists_snapshots_and_restores(api: Api, tmp_path: Path) -> N
 
 
 # -- networks: the VMM opens each NIC's host end, the worker only uses it ---------------------
-def _send_frame(path: Path) -> socket.socket:
+def send_frame(path: Path) -> socket.socket:
     """Connect to a NIC's listening socket and send it one Ethernet frame."""
     frame = b"\xff" * 12 + b"\x88\xb5" + bytes(50)
     peer = socket.socket(socket.AF_UNIX)
@@ -384,7 +384,7 @@ def test_a_nic_socket_opened_by_the_vmm_wakes_the_idle_worker(api: Api, tmp_path
     vm = api.create("idle", nics=[{"type": "stream", "listen": str(path)}])
     api.wait_log(vm, b"idle ready")
     assert re.fullmatch(r"52:54:([0-9a-f]{2}:){3}00", api.info(vm)["config"]["nics"][0]["mac"])
-    peer = _send_frame(path)
+    peer = send_frame(path)
     api.wait("the frame to reach the NIC", lambda: api.info(vm)["nics"][0]["rx_not_ready"])
     peer.close()
     api("delete", vm["id"])
@@ -399,7 +399,7 @@ def test_a_restored_nic_gets_its_host_end_opened_again(api: Api, tmp_path: Path)
     api("delete", vm["id"])
     clone = api("restore", tmp_path / "nic.snap")
     assert clone["config"]["nics"][0]["mac"] == vm["config"]["nics"][0]["mac"]
-    peer = _send_frame(path)
+    peer = send_frame(path)
     api.wait("the frame to reach the clone's NIC",
              lambda: api.info(clone)["nics"][0]["rx_not_ready"])
     peer.close()
