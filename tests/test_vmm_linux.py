@@ -20,6 +20,7 @@ import pytest
 
 from popek import images
 from popek.api.client import Client
+from tests.test_vmm_service import STOP_GUESTS
 
 BOOT_PATIENCE = 300.0
 
@@ -80,7 +81,8 @@ def test_linux_guest_snapshot_restores_into_a_live_shell(tmp_path: Path) -> None
     sock = tmp_path / "vmm.sock"
     with open(tmp_path / "vmm.log", "wb") as log:
         serve = subprocess.Popen([sys.executable, "-m", "popek", "serve", "--socket",
-                                  str(sock), "--state-dir", str(tmp_path / "state")], stderr=log)
+                                  str(sock), "--state-dir", str(tmp_path / "state"),
+                                  *STOP_GUESTS], stderr=log)
     try:
         deadline = time.monotonic() + 60
         while not sock.exists():

@@ -20,7 +20,9 @@ DNS at another address beats a dead one at QEMU's (see images/README.md).
 ``hostfwd=`` becomes passt's ``-t``/``-u`` port forwards. passt runs in the foreground as
 a child on one end of a socket pair (``--fd``) and exits when the other end closes, that
 is when the last process holding it (popek run, or the VMM worker it was passed to)
-ends, however it ends. As root it drops to ``nobody`` and sandboxes itself.
+ends, however it ends: with a VMM's guest it outlives the VMM, in a session of its own
+that signals to the VMM's process group do not reach. As root it drops to ``nobody`` and
+sandboxes itself.
 """
 
 from __future__ import annotations
@@ -68,8 +70,11 @@ def start(nic: NicSpec, mac: str) -> tuple[socket.socket, subprocess.Popen[bytes
     _room_for_a_window(theirs)
     log = tempfile.TemporaryFile()
     try:
+        # A session of its own, as a VMM worker has: a guest outlives its VMM, network
+        # included, so signals to the VMM's process group (Ctrl-C) must not reach passt.
         proc = subprocess.Popen(command(passt, nic, theirs.fileno()), pass_fds=(theirs.fileno(),),
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
+                                start_new_session=True)
     except OSError as err:
         ours.close()
         raise ConfigError(f"--nic user: cannot run passt: {err}") from None
