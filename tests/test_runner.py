@@ -86,3 +86,24 @@ def test_console_and_channel_sources_wake_the_runner_while_paused() -> None:
     runner.step()
     assert seen == [b"resume"] and out == b""  # woke for the command; ran nothing
     runner.close()
+
+
+def test_a_nics_backend_outlives_a_reboot() -> None:
+    """A reboot replaces the machine, not the cable: the old NIC lets go of the backend's
+    descriptor and the new one takes it up."""
+    peer, ours = socket.socketpair()
+    backend = StreamBackend(ours)
+    runner = MachineRunner()
+    first = _machine(runner, "idle", bytearray(), nets=[backend])
+    first.close()
+    assert not runner.sources._handlers  # nothing watched for a machine that is gone
+    out = bytearray()
+    second = _machine(runner, "idle", out, nets=[backend])
+    while b"idle ready" not in out:
+        runner.step()
+    frame = b"\xff" * 12 + b"\x88\xb5" + bytes(50)
+    peer.sendall(struct.pack(">I", len(frame)) + frame)
+    while second.nics[0].counters.rx_not_ready == 0:
+        runner.step()
+    assert first.nics[0].counters.rx_not_ready == 0
+    runner.close()

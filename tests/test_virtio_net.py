@@ -13,9 +13,11 @@ import array
 import contextlib
 import fcntl
 import json
+import os
 import random
 import socket
 import struct
+import subprocess
 import termios
 from collections.abc import Iterator
 
@@ -36,14 +38,18 @@ from popek.devices.virtio.mmio import (
     Reg,
 )
 from popek.devices.virtio.net import (
+    VIRTIO_NET_F_CSUM,
+    VIRTIO_NET_F_GUEST_CSUM,
     VIRTIO_NET_F_MAC,
     VIRTIO_NET_F_MRG_RXBUF,
     VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_HDR_F_DATA_VALID,
     VirtioNet,
     default_mac,
 )
 from popek.devices.virtio.queue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from popek.machine.runner import EventSources
+from popek.net.pcap import PcapWriter
 from popek.net.stream import RECV_CHUNK, StreamBackend
 
 RAM = 0x8000_0000
@@ -53,7 +59,7 @@ RINGS = {0: RAM + 0x1000, 1: RAM + 0x4000}  # per queue: descriptors, +0x1000 av
 DATA = RAM + 0x10000
 MAC = "52:54:00:ab:cd:ef"
 FEATURES = VIRTIO_F_VERSION_1 | VIRTIO_F_RING_EVENT_IDX | VIRTIO_NET_F_MAC \
-    | VIRTIO_NET_F_MRG_RXBUF | VIRTIO_NET_F_STATUS
+    | VIRTIO_NET_F_MRG_RXBUF | VIRTIO_NET_F_STATUS | VIRTIO_NET_F_CSUM
 HDR = 12
 RX, TX = 0, 1
 
@@ -289,8 +295,73 @@ def test_full_socket_holds_transmit_buffers_until_it_drains(drv: NetDriver) -> N
     assert taken + len(drv.take_used(TX)) == 16
 
 
+def _ones_complement(data: bytes) -> int:
+    """RFC 1071's checksum, word by word: the reference the device is checked against."""
+    data += b"\0" * (len(data) & 1)
+    total = 0
+    for i in range(0, len(data), 2):
+        total += data[i] << 8 | data[i + 1]
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+def _ipv4(proto: int, payload: bytes) -> bytes:
+    header = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 1, 0, 64, proto, 0,
+                         socket.inet_aton("10.0.2.15"), socket.inet_aton("10.0.2.2"))
+    header = header[:10] + struct.pack(">H", ~_ones_complement(header) & 0xFFFF) + header[12:]
+    return header + payload
+
+
+def _partial(proto: int, l4: bytes, field: int) -> bytes:
+    """An IPv4 frame as Linux hands it over with CHECKSUM_PARTIAL: the pseudo-header sum
+    (folded, not inverted) in the transport checksum field."""
+    pseudo = socket.inet_aton("10.0.2.15") + socket.inet_aton("10.0.2.2") \
+        + struct.pack(">BBH", 0, proto, len(l4))
+    l4 = l4[:field] + struct.pack(">H", _ones_complement(pseudo)) + l4[field + 2:]
+    return b"\xff" * 6 + bytes.fromhex(MAC.replace(":", "")) + b"\x08\x00" + _ipv4(proto, l4)
+
+
+@pytest.mark.parametrize(("proto", "field", "payload"), [
+    (17, 6, b"an even udp payload!"), (17, 6, b"odd"), (6, 16, bytes(range(256)) * 200)])
+def test_checksums_left_to_the_device_are_completed(drv: NetDriver, tmp_path,
+                                                    proto: int, field: int,
+                                                    payload: bytes) -> None:
+    header = struct.pack(">HHHH", 5000, 5001, 8 + len(payload), 0) if proto == 17 else \
+        struct.pack(">HHIIBBHHH", 5000, 80, 1, 0, 0x50, 0x18, 512, 0, 0)
+    partial = _partial(proto, header + payload, field)
+    whole = bytes(HDR) + partial
+    hdr = struct.pack("<BBHHHHH", 1, 0, 0, 0, 14 + 20, field, 0)  # NEEDS_CSUM
+    drv.chain(TX, [(drv.put(hdr), HDR, False), (drv.put(whole[HDR:]), len(partial), False)])
+    drv.kick(TX)
+    sent = drv.read_from_host(1)[0]
+    pseudo = sent[26:34] + struct.pack(">BBH", 0, proto, len(sent) - 34)
+    assert _ones_complement(pseudo + sent[34:]) == 0xFFFF  # the receiver's check passes
+    assert sent[:34 + field] == partial[:34 + field]  # nothing else changed
+    assert sent[34 + field + 2:] == partial[34 + field + 2:]
+    pcap = tmp_path / "tx.pcap"
+    writer = PcapWriter(os.open(pcap, os.O_WRONLY | os.O_CREAT, 0o644))
+    writer.write(sent)
+    writer.close()
+    dump = subprocess.run(["tcpdump", "-nn", "-vv", "-r", str(pcap)], capture_output=True,
+                          text=True, check=True).stdout
+    assert ("[udp sum ok]" if proto == 17 else " (correct),") in dump, dump  # it checked
+
+
+def test_a_checksum_placed_outside_the_frame_drops_it(drv: NetDriver) -> None:
+    frame = eth(bytes(40))
+    hdr = struct.pack("<BBHHHHH", 1, 0, 0, 0, 14, 100, 0)  # the field lies past the end
+    drv.chain(TX, [(drv.put(hdr + frame), HDR + len(frame), False)])
+    drv.kick(TX)
+    good = eth(b"next")
+    drv.transmit(good)
+    assert drv.read_from_host(1) == [good]
+    assert drv.net.counters.tx_bad_checksum == 1
+
+
 # -- receive -------------------------------------------------------------------------------
-def test_received_frame_lands_in_a_buffer_behind_its_header(drv: NetDriver) -> None:
+@pytest.mark.parametrize("guest_csum", [True, False])
+def test_received_frame_lands_in_a_buffer_behind_its_header(guest_csum: bool) -> None:
+    drv = NetDriver(FEATURES | (VIRTIO_NET_F_GUEST_CSUM if guest_csum else 0))
     posted = drv.post_rx(2048, 4)
     frame = eth(b"from the host")
     drv.send_from_host(frame)
@@ -298,9 +369,11 @@ def test_received_frame_lands_in_a_buffer_behind_its_header(drv: NetDriver) -> N
     used = drv.take_used(RX)
     assert used == [(posted[0][0], HDR + len(frame))]
     data = drv.received(posted, used)
-    assert data[:HDR] == struct.pack("<BBHHHHH", 0, 0, 0, 0, 0, 0, 1)  # one buffer
+    flags = VIRTIO_NET_HDR_F_DATA_VALID if guest_csum else 0  # only if the driver asked
+    assert data[:HDR] == struct.pack("<BBHHHHH", flags, 0, 0, 0, 0, 0, 1)  # one buffer
     assert data[HDR:] == frame
     assert drv.rd(Reg.INTERRUPT_STATUS) & INT_VRING
+    drv.close()
 
 
 def test_a_64k_frame_spans_mergeable_buffers(drv: NetDriver) -> None:

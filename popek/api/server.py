@@ -5,6 +5,11 @@ are ``{"error": message}`` with the status the VMM chose (400 bad request, 403 a
 the policy refuses, 404 no such VM or network, 409 wrong state or in use). The console
 is a WebSocket carrying raw bytes both ways. Who may call, and which paths a request may
 name, is :mod:`popek.api.access`'s middleware's decision; routes pass its path policy on.
+
+When the VMM stops, its guests run on, and so would their console sessions: the
+application's shutdown closes each one (``1001 going away``), and cuts off at once a
+client that does not read, whose socket would otherwise hold the VMM's exit for as long
+as aiohttp waits for a handler (a minute).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from popek import __version__
 from popek.api.access import PATHS, Access
@@ -23,6 +28,8 @@ from popek.vmm.manager import Vmm
 
 API_VERSION = 1
 VMM_KEY = web.AppKey("vmm", Vmm)
+CONSOLES_KEY = web.AppKey("consoles", dict)  # each console's WebSocket, and its transport
+CLOSE_GRACE = 1.0  # seconds a console client has to take the closing frame
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -127,7 +134,7 @@ async def snapshot_vm(request: web.Request) -> web.Response:
 
 async def console_log(request: web.Request) -> web.Response:
     vm = _vmm(request).get(request.match_info["vm"])
-    return web.Response(body=bytes(vm.console.scrollback),
+    return web.Response(body=bytes(vm.console.data),
                         content_type="application/octet-stream")
 
 
@@ -138,9 +145,10 @@ async def console(request: web.Request) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(max_msg_size=1 << 20)
     await ws.prepare(request)
     queue = vm.console.attach()
+    request.app[CONSOLES_KEY][ws] = request.transport
     try:
-        if request.query.get("replay") in ("1", "true") and vm.console.scrollback:
-            await ws.send_bytes(bytes(vm.console.scrollback))
+        if request.query.get("replay") in ("1", "true") and vm.console.data:
+            await ws.send_bytes(bytes(vm.console.data))
         if not vm.alive:
             return ws
         keys = asyncio.create_task(_to_guest(ws, vm))
@@ -153,9 +161,23 @@ async def console(request: web.Request) -> web.WebSocketResponse:
             await ws.send_bytes(output.result())
         keys.cancel()
     finally:
+        request.app[CONSOLES_KEY].pop(ws, None)
         vm.console.detach(queue)
         await ws.close()
     return ws
+
+
+async def _close_consoles(app: web.Application) -> None:
+    """The VMM is stopping: end every console session, the guests' lives aside."""
+    async def close(ws: web.WebSocketResponse, transport: asyncio.Transport | None) -> None:
+        try:
+            await asyncio.wait_for(ws.close(code=WSCloseCode.GOING_AWAY,
+                                            message=b"the VMM is stopping"), CLOSE_GRACE)
+        except (TimeoutError, ConnectionError):
+            pass
+        if transport is not None:
+            transport.abort()  # a client that does not read is cut off
+    await asyncio.gather(*(close(*session) for session in list(app[CONSOLES_KEY].items())))
 
 
 async def _to_guest(ws: web.WebSocketResponse, vm: Any) -> None:
@@ -191,5 +213,7 @@ def routes() -> list[web.RouteDef]:
 def make_app(vmm: Vmm, access: Access) -> web.Application:
     app = web.Application(middlewares=[access.admit, _errors], client_max_size=1 << 20)
     app[VMM_KEY] = vmm
+    app[CONSOLES_KEY] = {}
+    app.on_shutdown.append(_close_consoles)
     app.add_routes(routes())
     return app

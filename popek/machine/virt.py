@@ -64,16 +64,16 @@ class VirtMachine:
                  memory: PhysicalMemory | None = None,
                  state: dict[str, Any] | None = None,
                  clock: GuestClock | None = None,
-                 opener: Callable[..., int] = os.open,
                  nets: Sequence[NetBackend] = (),
-                 events: HostEvents | None = None) -> None:
+                 events: HostEvents | None = None,
+                 opener: Callable[..., int] = os.open) -> None:
         """Boot ``config`` from its images, or, given the ``state`` a machine saved (and
         ``memory`` holding its RAM), carry on exactly where that machine was. ``clock``
         is guest time (by default the host's, see GuestClock). ``opener`` opens the host
         files the configuration names, as os.open does; a VMM worker's hands out the
-        descriptors the VMM opened for it, and opens nothing. ``nets`` are the open
-        backends of ``config.nics``, one each, and ``events`` the machine runner their
-        NICs wait on: the board is handed its network, it opens nothing itself."""
+        descriptors the VMM opened for it, and opens nothing. Likewise ``nets`` are the
+        open backends of ``config.nics``, one each, and ``events`` the machine runner
+        their NICs wait on: the board is handed its network, it opens nothing itself."""
         check(config)
         if config.kernel is None:
             raise ConfigError("no kernel: the machine needs --kernel")

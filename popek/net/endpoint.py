@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import stat
 import subprocess
 from dataclasses import dataclass, field
 from multiprocessing import reduction
@@ -102,8 +103,7 @@ def open_nic(nic: NicSpec, mac: str, port: socket.socket | None = None) -> Opene
         opened.end = HostEnd("stream", port) if nic.type == "switch" and port else \
             _open_end(nic, mac, opened)
         if nic.pcap is not None:
-            opened.end.pcap = os.open(nic.pcap, os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-                                      | os.O_CLOEXEC, 0o644)
+            opened.end.pcap = _capture_file(nic.pcap)
     except OSError as err:
         opened.close()
         raise ConfigError(f"--nic {nic.type}: {_describe(err)}") from None
@@ -111,6 +111,18 @@ def open_nic(nic: NicSpec, mac: str, port: socket.socket | None = None) -> Opene
         opened.close()
         raise
     return opened
+
+
+def _capture_file(path: os.PathLike[str]) -> int:
+    """A regular file, created or emptied. ``O_NONBLOCK``: a FIFO in its place cannot
+    stall the opener (the VMM included)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConfigError(f"pcap={path}: not a regular file")
+    os.ftruncate(fd, 0)
+    os.set_blocking(fd, True)
+    return fd
 
 
 def _open_end(nic: NicSpec, mac: str, opened: OpenedNic) -> HostEnd:
@@ -157,12 +169,27 @@ def _inet(endpoint: str, default_host: str, kind: int) -> tuple[int, Any]:
     return infos[0][0], infos[0][4]
 
 
-def _connected(endpoint: str) -> socket.socket:
+def _no_delay(sock: socket.socket) -> None:
+    """Each frame is one whole message: TCP waiting to merge small ones only adds delay.
+    Set here, by the opener: accepted connections inherit it from a listening socket,
+    and a confined worker may not set socket options."""
+    if sock.family != socket.AF_UNIX:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _stream_socket(endpoint: str, default_host: str) -> tuple[socket.socket, Any]:
+    """A stream socket for ``endpoint`` (a Unix path or ``HOST:PORT``) and its address."""
     if is_inet_address(endpoint):
-        family, addr = _inet(endpoint, "127.0.0.1", socket.SOCK_STREAM)
+        family, addr = _inet(endpoint, default_host, socket.SOCK_STREAM)
     else:
         family, addr = socket.AF_UNIX, endpoint
     sock = socket.socket(family, socket.SOCK_STREAM)
+    _no_delay(sock)
+    return sock, addr
+
+
+def _connected(endpoint: str) -> socket.socket:
+    sock, addr = _stream_socket(endpoint, "127.0.0.1")
     try:
         sock.connect(addr)
     except OSError as err:
@@ -172,16 +199,12 @@ def _connected(endpoint: str) -> socket.socket:
 
 
 def _listening(endpoint: str, paths: list[str]) -> socket.socket:
-    if is_inet_address(endpoint):
-        family, addr = _inet(endpoint, "0.0.0.0", socket.SOCK_STREAM)
-    else:
-        family, addr = socket.AF_UNIX, endpoint
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock, addr = _stream_socket(endpoint, "0.0.0.0")
     try:
-        if family != socket.AF_UNIX:
+        if sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(addr)
-        if family == socket.AF_UNIX:
+        if sock.family == socket.AF_UNIX:
             paths.append(endpoint)
         sock.listen(1)
     except OSError as err:

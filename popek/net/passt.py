@@ -8,13 +8,21 @@ to popek it is one more stream peer. It is told QEMU's address layout:
 ==============  ==============================================================
 10.0.2.15/24    the guest, by DHCP
 10.0.2.2        the gateway; connections to it reach the host's loopback
-10.0.2.3        DNS, forwarded to the host's resolver
+DNS             the host's nameservers, by DHCP (10.0.2.2 for one on the host's
+                loopback), which passt lets the guest reach
 ==============  ==============================================================
+
+QEMU puts DNS at 10.0.2.3. This passt (Debian 12's, 2023-03) cannot both hand that
+address out and forward it: ``--dns 10.0.2.3`` makes it skip the host's resolv.conf,
+where ``--dns-forward`` finds its target, so that server would never answer. Working
+DNS at another address beats a dead one at QEMU's (see images/README.md).
 
 ``hostfwd=`` becomes passt's ``-t``/``-u`` port forwards. passt runs in the foreground as
 a child on one end of a socket pair (``--fd``) and exits when the other end closes, that
 is when the last process holding it (popek run, or the VMM worker it was passed to)
-ends, however it ends. As root it drops to ``nobody`` and sandboxes itself.
+ends, however it ends: with a VMM's guest it outlives the VMM, in a session of its own
+that signals to the VMM's process group do not reach. As root it drops to ``nobody`` and
+sandboxes itself.
 """
 
 from __future__ import annotations
@@ -30,17 +38,17 @@ from popek.net.stream import LENGTH
 
 GUEST = "10.0.2.15"
 GATEWAY = "10.0.2.2"
-DNS = "10.0.2.3"
 PREFIX = 24
 READY_TIMEOUT = 10.0  # seconds for passt to start answering
+WINDOW_BUFFER = 8 << 20  # bytes of frames passt may queue towards the guest
+SO_SNDBUFFORCE = 32  # Linux; not exported by Python's socket module
 _ARP = struct.Struct(">6s6sH HHBBH 6s4s6s4s")
 
 
 def command(passt: str, nic: NicSpec, fd: int) -> list[str]:
     """passt's arguments for ``nic`` on the connected socket ``fd``."""
     cmd = [passt, "--foreground", "--quiet", "--stderr", "--fd", str(fd), "--ipv4-only",
-           "--address", GUEST, "--netmask", str(PREFIX), "--gateway", GATEWAY,
-           "--dns", DNS, "--dns-forward", DNS]
+           "--address", GUEST, "--netmask", str(PREFIX), "--gateway", GATEWAY]
     for fwd in nic.hostfwd:
         ports = f"{fwd.host_port}:{fwd.guest_port}"
         cmd += ["--tcp-ports" if fwd.protocol == "tcp" else "--udp-ports",
@@ -59,10 +67,14 @@ def start(nic: NicSpec, mac: str) -> tuple[socket.socket, subprocess.Popen[bytes
         raise ConfigError("--nic user needs passt, which is not installed "
                           "(apt-get install passt)")
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    _room_for_a_window(theirs)
     log = tempfile.TemporaryFile()
     try:
+        # A session of its own, as a VMM worker has: a guest outlives its VMM, network
+        # included, so signals to the VMM's process group (Ctrl-C) must not reach passt.
         proc = subprocess.Popen(command(passt, nic, theirs.fileno()), pass_fds=(theirs.fileno(),),
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
+                                start_new_session=True)
     except OSError as err:
         ours.close()
         raise ConfigError(f"--nic user: cannot run passt: {err}") from None
@@ -80,6 +92,17 @@ def start(nic: NicSpec, mac: str) -> tuple[socket.socket, subprocess.Popen[bytes
     finally:
         log.close()
     return ours, proc
+
+
+def _room_for_a_window(sock: socket.socket) -> None:
+    """passt drops the frames it cannot write at once (TCP will resend them), and the
+    NIC stops reading while the guest has no receive buffers: a slow guest then loses
+    most of each TCP window and lives on retransmissions. A send buffer that holds a
+    whole window keeps those frames waiting instead (as root, beyond wmem_max)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, WINDOW_BUFFER)
+    except PermissionError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, WINDOW_BUFFER)
 
 
 def _wait_until_serving(sock: socket.socket, mac: bytes) -> None:

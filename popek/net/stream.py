@@ -24,9 +24,6 @@ class StreamBackend:
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            # Each frame is one whole message: waiting to merge small ones only adds delay.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
         self.dropped = 0
         self.hung_up = False

@@ -42,6 +42,13 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         "name (besides the bundled images and STATE_DIR/storage); repeatable")
     parser.add_argument("--restrict-paths", action="store_true",
                         help="hold requests on the Unix socket to the same paths as TCP ones")
+    parser.add_argument("--stop-guests", action="store_true",
+                        help="on SIGTERM or SIGINT, power every guest off (as popek vm stop "
+                        "does) before exiting; without it the guests keep running, and the "
+                        "next popek serve with this state directory adopts them")
+    parser.add_argument("--stop-timeout", type=float, default=30, metavar="SECONDS",
+                        help="with --stop-guests, how long a guest has to power off before "
+                        "it is killed (30)")
 
 
 def _directory(text: str) -> Path:
@@ -51,7 +58,7 @@ def _directory(text: str) -> Path:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Run the VMM until SIGINT or SIGTERM; then every guest is killed."""
+    """Run the VMM until SIGINT or SIGTERM; the guests outlive it unless --stop-guests."""
     tcp = None
     if args.tcp:
         tcp = _host_port(args.tcp)
@@ -67,16 +74,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from popek.api.token import TokenError
-    from popek.vmm.service import prepare_access, serve
-    from popek.vmm.statedir import StateDirError
+    from popek.vmm import statedir
+    from popek.vmm.service import ServeError, prepare_access, serve
 
+    state_dir = args.state_dir or default_state_dir()
     try:
-        access = prepare_access(args.state_dir or default_state_dir(), tcp=tcp is not None,
-                                token_file=args.token_file, allow=args.allow_path,
-                                restrict_unix=args.restrict_paths)
-    except (StateDirError, TokenError) as err:
+        access = prepare_access(state_dir, tcp=tcp is not None, token_file=args.token_file,
+                                allow=args.allow_path, restrict_unix=args.restrict_paths)
+        statedir.lock(state_dir)  # held until this process ends
+        return asyncio.run(serve(args.socket or default_socket(), tcp, access, state_dir,
+                                 args.stop_timeout if args.stop_guests else None))
+    except (statedir.StateDirError, TokenError, ServeError) as err:
         return _serve_error(str(err))
-    return asyncio.run(serve(args.socket or default_socket(), tcp, access))
 
 
 def _serve_error(message: str) -> int:

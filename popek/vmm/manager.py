@@ -5,6 +5,11 @@ value, missing image, broken snapshot) is answered with an error and leaves the 
 VMs as it was. Every host path a request names passes the caller's
 :class:`~popek.vmm.paths.PathPolicy` first, before anything opens it. Each VM's worker
 is a separate process; this module never runs guest code, so no guest can take it down.
+
+The VMs are recorded in the state directory (:mod:`popek.vmm.records`), and their
+workers outlive the VMM: a VMM starts by adopting every VM its predecessor recorded
+(:meth:`Vmm.__aenter__`), and on its way out either leaves the guests running
+(:meth:`Vmm.close`) or powers them off first (:meth:`Vmm.stop_guests`).
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import asyncio
 import contextlib
 import itertools
 import secrets
+import sys
+from pathlib import Path
 from typing import Any
 
 from popek import images
@@ -23,13 +30,13 @@ from popek.machine.config import (
     config_from_json,
     config_to_json,
 )
-from popek.net import open_nics
-from popek.vmm import scheduler
+from popek.net import OpenedNic, open_nics
+from popek.vmm import records, scheduler
 from popek.vmm.errors import BadRequest, NotFound
 from popek.vmm.networks import Networks
 from popek.vmm.paths import PathPolicy
 from popek.vmm.snapshot import SnapshotError, read_config
-from popek.vmm.vm import Vm
+from popek.vmm.vm import LIVE, Vm
 
 SAMPLE_INTERVAL = 1.0  # seconds between CPU share measurements
 DEFAULT_MEM_OVERHEAD = 512 << 20  # address space a worker may add beyond guest RAM
@@ -40,7 +47,8 @@ _VM_FIELDS = {"name", "start", "cpu_weight", "cpu_cap", "mem_overhead"}
 class Vmm:
     """Owns the VMs; every public coroutine is one API operation."""
 
-    def __init__(self) -> None:
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
         self.vms: dict[str, Vm] = {}
         self.networks = Networks()
         self._watchers: set[asyncio.Task[None]] = set()  # VMs whose ports leave on stop
@@ -48,22 +56,54 @@ class Vmm:
         self._sampler: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Vmm:
+        await self._adopt_all()
         self._sampler = asyncio.create_task(self._sample_forever())
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    async def _adopt_all(self) -> None:
+        """Every VM recorded in the state directory, as it is now: its worker attached
+        if it runs, else how it ended. A record that cannot be read is left alone."""
+        found = []
+        for files in records.all_vms(self.state_dir):
+            try:
+                found.append(Vm.from_record(files, files.load()))
+            except records.RecordError as err:
+                print(f"popek VMM: warning: {err}; left as it is", file=sys.stderr)
+        await asyncio.gather(*(vm.adopt() for vm in found if vm.state in LIVE[1:]))
+        for vm in found:
+            if vm.state == "creating":
+                await vm.abandon()
+                vm.files.remove()
+        for vm in sorted(found, key=lambda vm: vm.created):
+            if vm.state != "creating":
+                self.vms[vm.id] = vm
+
     async def close(self) -> None:
-        """Kill every guest (the VMM is going away; a worker never outlives it)."""
+        """The VMM is going away: every guest keeps running, for the next VMM to adopt."""
         if self._sampler is not None:
             self._sampler.cancel()
-        for vm in list(self.vms.values()):
-            vm.kill()
-        for vm in list(self.vms.values()):
-            if vm.process is not None:
-                await vm.wait_stopped()
+        for task in self._watchers:
+            task.cancel()
+        for vm in self.vms.values():
+            vm.detach()
         await self.networks.close()
+
+    async def stop_guests(self, timeout: float) -> None:
+        """Power every guest off as ``popek vm stop`` does, killing those that have not
+        within ``timeout`` seconds (a paused guest is resumed to be asked, one that never
+        started is killed)."""
+        async def stop(vm: Vm) -> None:
+            with contextlib.suppress(Exception):
+                if vm.state == "paused":
+                    await vm.resume()
+                if vm.state != "running" or not await vm.shutdown(DEFAULT_SHUTDOWN_LINE,
+                                                                  timeout):
+                    vm.kill()
+            await vm.wait_stopped()
+        await asyncio.gather(*(stop(vm) for vm in self.vms.values() if vm.alive))
 
     async def _sample_forever(self) -> None:
         while True:
@@ -90,8 +130,9 @@ class Vmm:
 
     # -- creation -------------------------------------------------------------------------
     def _new_vm(self, body: dict[str, Any], source: str | None = None) -> Vm:
-        name = body.get("name") or f"vm{next(self._numbers)}"
-        if not isinstance(name, str) or any(vm.name == name for vm in self.vms.values()):
+        taken = {vm.name for vm in self.vms.values()}
+        name = body.get("name") or next(f"vm{n}" for n in self._numbers if f"vm{n}" not in taken)
+        if not isinstance(name, str) or name in taken:
             raise BadRequest(f"name {name!r} is taken or not a string")
         weight = body.get("cpu_weight", scheduler.DEFAULT_WEIGHT)
         cap = body.get("cpu_cap")
@@ -99,8 +140,9 @@ class Vmm:
         _check_cpu(weight, cap)
         if overhead is not None and (not isinstance(overhead, int) or overhead < 64 << 20):
             raise BadRequest("'mem_overhead' must be at least 64 MiB (bytes) or null")
-        return Vm(secrets.token_hex(6), name, cpu_weight=weight, cpu_cap=cap,
-                  mem_overhead=overhead, source=source)
+        vm_id = secrets.token_hex(6)
+        return Vm(vm_id, name, records.VmFiles(self.state_dir, vm_id), cpu_weight=weight,
+                  cpu_cap=cap, mem_overhead=overhead, source=source)
 
     async def create(self, body: dict[str, Any], paths: PathPolicy) -> Vm:
         """A VM of the configuration in ``body`` (the bundled guest if it names no kernel),
@@ -132,41 +174,51 @@ class Vmm:
             raise BadRequest("'path' must be the absolute path of a snapshot file")
         paths.check(path)
         try:
-            config = await asyncio.to_thread(read_config, path)
+            recorded = await asyncio.to_thread(read_config, path)
         except SnapshotError as err:
             raise BadRequest(str(err)) from None
-        paths.check_config(config)
-        self.networks.check(config)
+        paths.check_config(recorded)
+        self.networks.check(recorded)
         vm = self._new_vm(body, source=path)
-        await self._launch(vm, {"restore": path}, body.get("start", True), config)
+        await self._launch(vm, {"restore": path}, body.get("start", True), recorded)
         return vm
 
     async def _launch(self, vm: Vm, spec: dict[str, Any], start: bool,
                       config: MachineConfig) -> None:
         """Open the guest's NICs here (workers open nothing), then start its worker. Its
         switch NICs get their ports now, and lose them when it stops."""
-        loop = asyncio.get_running_loop()
-        ports = self.networks.connect(vm.id, vm.name, config)
         try:
-            nics = await loop.run_in_executor(
-                None, open_nics, config.nics, [nic.mac for nic in config.nics], ports)
+            nics = await self._host_ends(vm, config)
         except ConfigError as err:
-            self.networks.disconnect(vm.id)
             raise BadRequest(str(err)) from None
         try:
             await vm.launch(spec, nics)
         except BaseException:
             with contextlib.suppress(Exception):
                 vm.kill()
-            if vm.process is None or vm.process.pid is None:  # no worker to reap them
+            if vm.worker is None:  # no worker to reap them
                 vm.release_nics()
             self.networks.disconnect(vm.id)
+            vm.files.remove()
             raise
         self.vms[vm.id] = vm
         self._watchers.add(task := asyncio.create_task(self._leave_networks(vm)))
         task.add_done_callback(self._watchers.discard)
         if start:
             await vm.start()
+
+    async def _host_ends(self, vm: Vm, config: MachineConfig) -> list[OpenedNic]:
+        """The host end of each of ``config``'s NICs, all or none (ConfigError). A
+        ``switch=`` NIC's end is one end of a socket pair whose other end is a new port of
+        its switch (made here, in the event loop the switch lives in); the others are
+        opened in a thread (passt takes ~30 ms to start)."""
+        ports = self.networks.connect(vm.id, vm.name, config)
+        try:
+            return await asyncio.to_thread(
+                open_nics, config.nics, [nic.mac for nic in config.nics], ports)
+        except ConfigError:
+            self.networks.disconnect(vm.id)
+            raise
 
     async def _leave_networks(self, vm: Vm) -> None:
         await vm.wait_stopped()
@@ -176,9 +228,9 @@ class Vmm:
     async def delete(self, ref: str) -> None:
         vm = self.get(ref)
         vm.kill()
-        if vm.process is not None:
-            await vm.wait_stopped()
+        await vm.wait_stopped()
         del self.vms[vm.id]
+        vm.files.remove()
 
     async def shutdown(self, ref: str, body: dict[str, Any]) -> Vm:
         """Graceful power-off; after ``timeout`` seconds, kill if ``force`` (as docker stop)."""

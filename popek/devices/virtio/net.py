@@ -5,8 +5,15 @@ queue when the host has a frame, which the backend's descriptor tells the machin
 runner (Firecracker's pattern: host events drive the device). Receive buffers are
 mergeable (``VIRTIO_NET_F_MRG_RXBUF``): a frame of up to 64 KiB spans as many of the
 guest's small buffers as it needs, so passt's 65520-byte MTU works and a bulk transfer
-costs a few large frames instead of many small ones. No offloads: frames carry the
-12-byte ``virtio_net_hdr`` with nothing in it but the buffer count.
+costs a few large frames instead of many small ones.
+
+Checksums are offloaded both ways, since Linux 6.1 on RISC-V checksums in generic C, at
+about two instructions a byte: received frames are marked ``DATA_VALID``
+(``VIRTIO_NET_F_GUEST_CSUM``), as nothing on a local socket can corrupt them (and a
+hostile peer gains nothing, it chooses the payload anyway); the guest leaves transmitted
+frames' TCP/UDP checksums to the device (``VIRTIO_NET_F_CSUM``), which completes them in
+one big-integer operation before any peer sees the frame. On a 16 MiB download the
+guest's verification alone was 45% of its instructions.
 
 Flow control both ways: when the guest has no receive buffers, the device stops
 reading the backend (the frame in hand waits, nothing else is buffered) and asks the
@@ -29,10 +36,14 @@ from popek.net.backend import MAX_FRAME, MIN_FRAME, NetBackend
 
 DEVICE_ID_NET = 1
 
+VIRTIO_NET_F_CSUM = 1 << 0
+VIRTIO_NET_F_GUEST_CSUM = 1 << 1
 VIRTIO_NET_F_MAC = 1 << 5
 VIRTIO_NET_F_MRG_RXBUF = 1 << 15
 VIRTIO_NET_F_STATUS = 1 << 16
 VIRTIO_NET_S_LINK_UP = 1
+VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
+VIRTIO_NET_HDR_F_DATA_VALID = 2
 
 RX, TX = 0, 1
 QUEUE_SIZE = 256  # QEMU's default: 16 frames of 64 KiB in flight in the guest's 4 KiB buffers
@@ -41,6 +52,27 @@ RX_BATCH = 64  # frames taken from the host per event, so a flood cannot starve 
 HEADER = struct.Struct("<BBHHHHH")
 DEFAULT_MAC = "52:54:00:12:34:56"  # QEMU's first NIC; the next ones count up
 STATE_VERSION = 1
+
+
+def complete_checksum(frame: memoryview, start: int, offset: int) -> bytearray | None:
+    """``frame`` with the checksum the guest left to the device (NEEDS_CSUM): the 16-bit
+    ones' complement sum of everything from ``start`` (which includes the pseudo-header
+    sum Linux put in the field), inverted, stored at ``start + offset``; None if that
+    lies outside the frame.
+
+    Since 2**16 = 1 (mod 0xFFFF), the bytes read as one big number are congruent to the
+    sum of their 16-bit words, so one big-integer remainder replaces the loop."""
+    field = start + offset
+    if offset < 0 or field + 2 > len(frame):
+        return None
+    data = bytes(frame[start:]) + b"\0" * ((len(frame) - start) & 1)
+    total = int.from_bytes(data, "big") % 0xFFFF
+    if total == 0 and any(data):  # a nonzero multiple of 0xFFFF sums to 0xFFFF
+        total = 0xFFFF
+    out = bytearray(frame)
+    # 0 would mean "no checksum" to UDP: send its equal, 0xFFFF (as Linux does).
+    out[field:field + 2] = ((~total & 0xFFFF) or 0xFFFF).to_bytes(2, "big")
+    return out
 
 
 def default_mac(index: int) -> str:
@@ -62,13 +94,15 @@ class NetCounters:
     tx_bytes: int = 0
     tx_runts: int = 0
     tx_oversized: int = 0
+    tx_bad_checksum: int = 0  # asked for a checksum at a place outside the frame
 
 
 class VirtioNet:
     """A virtio network device on one backend; :meth:`attach` it to its transport."""
 
     device_id = DEVICE_ID_NET
-    features = VIRTIO_NET_F_MAC | VIRTIO_NET_F_MRG_RXBUF | VIRTIO_NET_F_STATUS
+    features = VIRTIO_NET_F_CSUM | VIRTIO_NET_F_GUEST_CSUM | VIRTIO_NET_F_MAC \
+        | VIRTIO_NET_F_MRG_RXBUF | VIRTIO_NET_F_STATUS
     queue_sizes = (QUEUE_SIZE, QUEUE_SIZE)
 
     def __init__(self, backend: NetBackend, mac: str, events: HostEvents) -> None:
@@ -154,7 +188,8 @@ class VirtioNet:
     def _deliver(self, queue: Virtqueue, frame: bytes) -> bool:
         """Write ``frame`` into as many receive buffers as it needs (one without mergeable
         buffers); False, taking none, if the guest has too few."""
-        mergeable = self.transport.s.driver_features & VIRTIO_NET_F_MRG_RXBUF
+        features = self.transport.s.driver_features
+        mergeable = features & VIRTIO_NET_F_MRG_RXBUF
         size = HEADER.size + len(frame)
         chains = []
         room = 0
@@ -174,7 +209,8 @@ class VirtioNet:
             queue.rewind(1)
             self.counters.rx_oversized += 1
             return True
-        data = memoryview(HEADER.pack(0, 0, 0, 0, 0, 0, len(chains)) + frame)
+        flags = VIRTIO_NET_HDR_F_DATA_VALID if features & VIRTIO_NET_F_GUEST_CSUM else 0
+        data = memoryview(HEADER.pack(flags, 0, 0, 0, 0, 0, len(chains)) + frame)
         done = 0
         for chain in chains:
             written = chain.write(0, data[done:done + chain.writable_len])
@@ -187,6 +223,7 @@ class VirtioNet:
     # -- transmitting ---------------------------------------------------------------------
     def _transmit(self, index: int, queue: Virtqueue) -> None:
         c = self.counters
+        offload = self.transport.s.driver_features & VIRTIO_NET_F_CSUM
         while self.backend.ready_to_send():
             chain = queue.pop()
             if chain is None:
@@ -199,9 +236,17 @@ class VirtioNet:
             elif size > MAX_FRAME:
                 c.tx_oversized += 1
             else:
-                self.backend.send(chain.read(HEADER.size, size))
-                c.tx_frames += 1
-                c.tx_bytes += size
+                packet = chain.read(0, chain.readable_len)
+                flags, _, _, _, start, offset, _ = HEADER.unpack_from(packet)
+                frame = memoryview(packet)[HEADER.size:]
+                if offload and flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
+                    frame = complete_checksum(frame, start, offset)
+                if frame is None:
+                    c.tx_bad_checksum += 1
+                else:
+                    self.backend.send(frame)
+                    c.tx_frames += 1
+                    c.tx_bytes += size
             queue.push_used(chain.head, 0)
 
     # -- reporting and snapshots ----------------------------------------------------------
