@@ -109,6 +109,10 @@ class Client:
     async def console_log(self, vm: str) -> bytes:
         return await self.request("GET", f"/v1/vms/{vm}/console/log")
 
+    async def host(self) -> dict[str, Any]:
+        """Host-wide memory: KSM's counters and the guests' RAM summed."""
+        return await self.request("GET", "/v1/host")
+
     async def networks(self) -> list[dict[str, Any]]:
         return await self.request("GET", "/v1/networks")
 

@@ -23,6 +23,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from popek import __version__
 from popek.api.access import PATHS, Access
+from popek.vmm import pagesharing
 from popek.vmm.errors import BadRequest, VmmError
 from popek.vmm.manager import Vmm
 
@@ -59,6 +60,11 @@ def _vmm(request: web.Request) -> Vmm:
 
 async def version(request: web.Request) -> web.Response:
     return web.json_response({"popek": __version__, "api": API_VERSION})
+
+
+async def host(request: web.Request) -> web.Response:
+    vmm = _vmm(request)
+    return web.json_response(pagesharing.host_report(vmm.page_sharing, vmm.list()))
 
 
 async def list_vms(request: web.Request) -> web.Response:
@@ -204,6 +210,7 @@ def routes() -> list[web.RouteDef]:
         web.get("/v1/vms/{vm}/console", console),
         web.get("/v1/vms/{vm}/console/log", console_log),
         web.get("/v1/networks", list_networks),
+        web.get("/v1/host", host),
         web.post("/v1/networks", create_network),
         web.get("/v1/networks/{net}", get_network),
         web.delete("/v1/networks/{net}", delete_network),

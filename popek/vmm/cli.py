@@ -49,6 +49,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop-timeout", type=float, default=30, metavar="SECONDS",
                         help="with --stop-guests, how long a guest has to power off before "
                         "it is killed (30)")
+    parser.add_argument("--page-sharing", choices=["on", "off"], default="on",
+                        help="let the host merge identical guest pages across guests (KSM: "
+                        "guest RAM advised mergeable; as root, KSM is started if it is off) "
+                        "(on)")
 
 
 def _directory(text: str) -> Path:
@@ -83,7 +87,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                 allow=args.allow_path, restrict_unix=args.restrict_paths)
         statedir.lock(state_dir)  # held until this process ends
         return asyncio.run(serve(args.socket or default_socket(), tcp, access, state_dir,
-                                 args.stop_timeout if args.stop_guests else None))
+                                 args.stop_timeout if args.stop_guests else None,
+                                 page_sharing=args.page_sharing == "on"))
     except (statedir.StateDirError, TokenError, ServeError) as err:
         return _serve_error(str(err))
 

@@ -47,8 +47,9 @@ _VM_FIELDS = {"name", "start", "cpu_weight", "cpu_cap", "mem_overhead"}
 class Vmm:
     """Owns the VMs; every public coroutine is one API operation."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, *, page_sharing: bool = True) -> None:
         self.state_dir = state_dir
+        self.page_sharing = page_sharing  # new workers advise their RAM mergeable
         self.vms: dict[str, Vm] = {}
         self.networks = Networks()
         self._watchers: set[asyncio.Task[None]] = set()  # VMs whose ports leave on stop
@@ -192,7 +193,7 @@ class Vmm:
         except ConfigError as err:
             raise BadRequest(str(err)) from None
         try:
-            await vm.launch(spec, nics)
+            await vm.launch({**spec, "page_sharing": self.page_sharing}, nics)
         except BaseException:
             with contextlib.suppress(Exception):
                 vm.kill()

@@ -32,7 +32,7 @@ from popek.api import token
 from popek.api.access import Access
 from popek.api.endpoint import default_token_file
 from popek.api.server import make_app
-from popek.vmm import records, statedir, workerprocess
+from popek.vmm import pagesharing, records, statedir, workerprocess
 from popek.vmm.manager import Vmm
 from popek.vmm.paths import PathPolicy
 
@@ -55,7 +55,8 @@ def prepare_access(state_dir: Path, *, tcp: bool, token_file: Path | None, allow
 
 
 async def serve(socket_path: Path, tcp: tuple[str, int] | None, access: Access,
-                state_dir: Path, stop_guests: float | None = None) -> int:
+                state_dir: Path, stop_guests: float | None = None, *,
+                page_sharing: bool = True) -> int:
     """Serve until SIGINT or SIGTERM; then leave the guests running, or with
     ``stop_guests`` (seconds each may take) power them off first. ServeError if another
     VMM listens on ``socket_path``."""
@@ -65,7 +66,9 @@ async def serve(socket_path: Path, tcp: tuple[str, int] | None, access: Access,
         loop.add_signal_handler(sig, signals.put_nowait, sig)
     workerprocess.become_subreaper()
     await _claim(socket_path)
-    async with Vmm(state_dir) as vmm:
+    if page_sharing:
+        print(f"popek VMM: {pagesharing.start_ksm()}", file=sys.stderr, flush=True)
+    async with Vmm(state_dir, page_sharing=page_sharing) as vmm:
         _report_adopted(vmm)
         runner = web.AppRunner(make_app(vmm, access), handle_signals=False,
                                shutdown_timeout=SHUTDOWN_GRACE)

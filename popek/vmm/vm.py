@@ -34,7 +34,7 @@ from popek.cpu import causes
 from popek.machine.config import ConfigError
 from popek.machine.loader import ImageError
 from popek.net import OpenedNic
-from popek.vmm import channel, hostfiles, jail, procstat, scheduler, snapshot, worker
+from popek.vmm import channel, hostfiles, jail, pagesharing, procstat, scheduler, snapshot, worker
 from popek.vmm.channel import INPUT, JSON, OUTPUT, ChannelClosed, ProtocolError, VmmEnd
 from popek.vmm.console import ConsoleBuffer
 from popek.vmm.errors import BadRequest, Conflict
@@ -491,6 +491,9 @@ class Vm:
                        "overhead_limit_bytes": self.mem_overhead,
                        "limit_bytes": self.limits.memory_limit if self.limits else None,
                        **({f"{k}_bytes": v for k, v in procstat.memory(self.pid).items()}
+                          if self.alive else {}),
+                       **({f"guest_{k}_bytes": v for k, v in pagesharing.guest_ram(
+                           self.pid, self.config.get("mem", 0)).items()}
                           if self.alive else {})},
             "console": {"bytes": self.console.total, "dropped_bytes": self.console.dropped},
             "nics": stats.get("nics", []),

@@ -42,7 +42,7 @@ from popek.machine.config import ConfigError, config_from_json
 from popek.machine.loader import ImageError
 from popek.machine.runner import EventSources, MachineRunner
 from popek.machine.virt import VirtMachine
-from popek.vmm import channel, hostfiles, jail, records, snapshot, workerprocess
+from popek.vmm import channel, hostfiles, jail, pagesharing, records, snapshot, workerprocess
 from popek.vmm.channel import INPUT, JSON, OUTPUT, ChannelClosed, Message, WorkerEnd
 from popek.vmm.console import Scrollback
 from popek.vmm.throttle import CpuCap
@@ -65,6 +65,8 @@ def main(listener: socket.socket, spec: dict[str, Any]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the VMM
     workerprocess.detach(listener.listen, spec["log"].detach())
     worker = Worker(listener, spec)
+    if spec.get("page_sharing"):
+        pagesharing.share_process_memory()  # before confinement: prctl is not allowed after
     try:
         worker.warnings = jail.confine(spec.get("cgroup_procs", ()), spec.get("ids"))
     except Exception as err:  # it must not run unconfined
@@ -223,6 +225,8 @@ class Worker:
             machine = VirtMachine(config_from_json(self.spec["config"]), self._console_out,
                                   nets=self.nets, events=self.runner.sources,
                                   opener=self.spec["files"].open)
+        if self.spec.get("page_sharing"):
+            pagesharing.share_guest_ram(machine.mem.ram)
         self._count_traps(machine)
         self.runner.machine = machine
         return machine
