@@ -242,6 +242,30 @@ void main(void) {
     say("dirtier ready\n");
     dirty(0);
 }""",
+    # Fills 2 MiB with the same non-zero pattern as every other copy of it, then checks
+    # its console ten times a second from WFI: "w" changes one word of the first page,
+    # "s" prints the pattern's checksum, so guests that share pages can prove they do
+    # not see each other's writes.
+    "sharer": r"""
+#define WORDS (2UL << 20) / 8
+static volatile unsigned long area[WORDS] __attribute__((aligned(4096)));
+void main(void) {
+    for (unsigned long i = 0; i < WORDS; i++) area[i] = i * 0x9E3779B97F4A7C15UL | 1;
+    UART[1] = 1;  /* receive interrupt on: popek's console types once it is */
+    say("sharer ready\n");
+    for (;;) {
+        sleep_until(now() + 1000000UL);
+        while (UART[5] & 1) {
+            char c = UART[0];
+            if (c == 'w') { area[3] += 1; say("wrote\n"); }
+            if (c == 's') {
+                unsigned long sum = 0;
+                for (unsigned long i = 0; i < WORDS; i++) sum = sum * 31 + area[i];
+                say("sum "); num(sum); put('\n');
+            }
+        }
+    }
+}""",
     # Hart 0 reserves a word with lr.w, hart 1 stores to it, then hart 0's sc.w must fail.
     "lrsc": _SMP + r"""
 FLAG(word); FLAG(reserved); FLAG(stored);

@@ -143,14 +143,17 @@ class PhysicalMemory:
         if backing is None:
             self.ram = mmap.mmap(-1, size, flags=flags)
             # Small pages keep RAM's resident set to the pages the guest touched, on hosts
-            # whose transparent huge pages are always on; and a mapping with flags of its
-            # own is never merged with the host's neighbouring anonymous memory (LLVM's
-            # code, malloc's large blocks), so /proc shows guest RAM on its own.
+            # whose transparent huge pages are always on.
             self.ram.madvise(mmap.MADV_NOHUGEPAGE)
         else:
             fd, offset = backing
             self.ram = mmap.mmap(fd, size, flags=flags & ~mmap.MAP_ANONYMOUS,
                                  prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+        # Guest RAM stays out of core dumps (the guest's data is not popek's to leak), and
+        # that flag, which no other mapping has, keeps it one mapping of its own: never
+        # merged with neighbouring anonymous memory (thread stacks, which Linux 6.7 maps
+        # without huge pages too; malloc's large blocks), so /proc shows guest RAM alone.
+        self.ram.madvise(mmap.MADV_DONTDUMP)
         self._dev_starts: list[int] = []
         self._devices: list[tuple[int, int, Device]] = []
         # Write watching (see the module docstring).

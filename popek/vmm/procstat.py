@@ -41,7 +41,8 @@ def start_time(pid: int) -> int | None:
 
 def memory(pid: int) -> dict[str, int]:
     """Resident set (``rss``), proportional set (``pss``: shared pages split among their
-    users) and private bytes of ``pid``; empty if it is gone."""
+    users; ``pss_anon``: of anonymous memory alone, i.e. without libraries and files) and
+    private bytes of ``pid``; empty if it is gone."""
     try:
         with open(f"/proc/{pid}/smaps_rollup") as f:
             lines = f.read().splitlines()
@@ -54,4 +55,5 @@ def memory(pid: int) -> dict[str, int]:
         if parts and parts[0].isdigit():
             kib[name] = int(parts[0])
     return {"rss": kib.get("Rss", 0) * 1024, "pss": kib.get("Pss", 0) * 1024,
+            "pss_anon": kib.get("Pss_Anon", 0) * 1024,
             "private": (kib.get("Private_Clean", 0) + kib.get("Private_Dirty", 0)) * 1024}
