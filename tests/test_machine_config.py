@@ -34,7 +34,7 @@ def _everything_set() -> MachineConfig:
               NicSpec.parse("stream,connect=/run/net.sock"),
               NicSpec.parse("dgram,local=127.0.0.1:9000,remote=127.0.0.1:9001"),
               NicSpec.parse("switch=lan")],
-        mem=512 << 20, cpus=2, bios="opensbi", rng=False, engine="interp")
+        mem=512 << 20, cpus=2, bios="opensbi", rng=False, balloon=True, engine="interp")
 
 
 def test_every_field_survives_the_json_round_trip() -> None:

@@ -12,6 +12,7 @@ import random
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -66,11 +67,15 @@ ALL_FEATURES = VIRTIO_F_VERSION_1 | VIRTIO_F_INDIRECT_DESC | VIRTIO_F_RING_EVENT
 class Driver:
     """A minimal guest virtio driver working on one queue, written from the spec."""
 
-    def __init__(self, backend: VirtioBlk | VirtioRng, mem: PhysicalMemory | None = None,
-                 dev: VirtioMMIO | None = None) -> None:
+    def __init__(self, backend: Any, mem: PhysicalMemory | None = None,
+                 dev: VirtioMMIO | None = None, queue: int = 0) -> None:
+        """``queue``: the queue this driver works (its rings 16 KiB further per index)."""
         self.mem = mem or PhysicalMemory(RAM, RAM_SIZE)
         self.levels: list[bool] = []
         self.dev = dev or VirtioMMIO(self.mem, backend, self.levels.append)
+        self.queue = queue
+        self.desc, self.avail, self.used_ring = (ring + queue * 0x4000
+                                                 for ring in (DESC, AVAIL, USED))
         self.next_desc = 0
         self.avail_idx = 0
         self.heap = DATA
@@ -101,17 +106,21 @@ class Driver:
     def start(self, features: int = ALL_FEATURES, num: int = NUM) -> Driver:
         """Negotiate, lay the ring out in RAM and set DRIVER_OK, as Linux's probe does."""
         assert self.negotiate(features)
-        self.wr(Reg.QUEUE_SEL, 0)
+        self.setup_queue(num)
+        self.wr(Reg.STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK
+                | STATUS_DRIVER_OK)
+        return self
+
+    def setup_queue(self, num: int = NUM) -> None:
+        """Lay this driver's queue out in RAM and make it ready."""
+        self.wr(Reg.QUEUE_SEL, self.queue)
         self.wr(Reg.QUEUE_NUM, num)
-        for low, addr in ((Reg.QUEUE_DESC_LOW, DESC), (Reg.QUEUE_DRIVER_LOW, AVAIL),
-                          (Reg.QUEUE_DEVICE_LOW, USED)):
+        for low, addr in ((Reg.QUEUE_DESC_LOW, self.desc), (Reg.QUEUE_DRIVER_LOW, self.avail),
+                          (Reg.QUEUE_DEVICE_LOW, self.used_ring)):
             self.wr(low, addr & 0xFFFF_FFFF)
             self.wr(low + 4, addr >> 32)
         self.wr(Reg.QUEUE_READY, 1)
         self.num = num
-        self.wr(Reg.STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK
-                | STATUS_DRIVER_OK)
-        return self
 
     # guest memory
     def put(self, data: bytes) -> int:
@@ -138,7 +147,7 @@ class Driver:
             flags = (VIRTQ_DESC_F_WRITE if writable else 0) | \
                 (VIRTQ_DESC_F_NEXT if i + 1 < len(segments) else 0)
             nxt = indices[i + 1] if i + 1 < len(segments) else 0
-            self.set_desc(DESC, indices[i], addr, length, flags, nxt)
+            self.set_desc(self.desc, indices[i], addr, length, flags, nxt)
         return indices[0]
 
     def indirect_chain(self, segments: list[tuple[int, int, bool]], table: int = INDIRECT) -> int:
@@ -149,16 +158,16 @@ class Driver:
             self.set_desc(table, i, addr, length, flags, i + 1)
         head = self.next_desc
         self.next_desc = (self.next_desc + 1) % self.num
-        self.set_desc(DESC, head, table, 16 * len(segments), VIRTQ_DESC_F_INDIRECT)
+        self.set_desc(self.desc, head, table, 16 * len(segments), VIRTQ_DESC_F_INDIRECT)
         return head
 
     def offer(self, head: int) -> None:
-        self.mem.write(AVAIL + 4 + 2 * (self.avail_idx % self.num), struct.pack("<H", head))
+        self.mem.write(self.avail + 4 + 2 * (self.avail_idx % self.num), struct.pack("<H", head))
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
-        self.mem.write(AVAIL + 2, struct.pack("<H", self.avail_idx))
+        self.mem.write(self.avail + 2, struct.pack("<H", self.avail_idx))
 
     def kick(self) -> None:
-        self.wr(Reg.QUEUE_NOTIFY, 0)
+        self.wr(Reg.QUEUE_NOTIFY, self.queue)
 
     def submit(self, segments: list[tuple[int, int, bool]]) -> int:
         head = self.chain(segments)
@@ -167,10 +176,10 @@ class Driver:
         return head
 
     def used_idx(self) -> int:
-        return self.u16(USED + 2)
+        return self.u16(self.used_ring + 2)
 
     def used(self, i: int) -> tuple[int, int]:
-        return struct.unpack("<II", self.mem.read(USED + 4 + 8 * (i % self.num), 8))
+        return struct.unpack("<II", self.mem.read(self.used_ring + 4 + 8 * (i % self.num), 8))
 
     def ack(self) -> None:
         self.wr(Reg.INTERRUPT_ACK, self.rd(Reg.INTERRUPT_STATUS))

@@ -45,6 +45,12 @@ def parse_size(text: str) -> int:
     return int(match.group(1)) << shift
 
 
+def parse_on_off(text: str) -> bool:
+    if text not in ("on", "off"):
+        raise ConfigError(f"not on or off: {text!r}")
+    return text == "on"
+
+
 def setting(default: Any = dataclasses.MISSING, *, help: str,  # noqa: A002 - argparse's word
             flag: str | None = None, metavar: str | None = None,
             parse: Callable[[str], Any] | None = None, choices: tuple[str, ...] | None = None,
@@ -238,6 +244,10 @@ class MachineConfig:
                         "popek's own SBI in Python, opensbi = Debian's fw_jump.bin, or a "
                         "firmware file")
     rng: bool = setting(True, cli=False, help="a virtio-rng entropy device")
+    balloon: bool = setting(False, metavar="on|off", parse=parse_on_off,
+                            help="a virtio-balloon device, after the other virtio devices: "
+                            "the guest gives RAM back (popek vm update --balloon SIZE) and "
+                            "reports free pages, which the host drops", cli_default="off")
     engine: str | None = setting(None, choices=TIERS, help="highest execution tier",
                                  cli_default="$POPEK_ENGINE, else jit when llvmlite is "
                                  "installed, else translate")

@@ -29,6 +29,7 @@ from popek.devices.plic import Plic
 from popek.devices.test_finisher import Finisher
 from popek.devices.uart16550 import Uart16550
 from popek.devices.virtio import FIRST_IRQ, SLOT_BASE, SLOT_COUNT, SLOT_SIZE, VirtioBlk, VirtioMMIO
+from popek.devices.virtio.balloon import VirtioBalloon
 from popek.devices.virtio.net import VirtioNet, default_mac
 from popek.devices.virtio.rng import VirtioRng
 from popek.firmware.sbi import Sbi
@@ -114,6 +115,10 @@ class VirtMachine:
             nic.attach(self._add_virtio(nic))
         if config.rng:
             self._add_virtio(VirtioRng())
+        self.balloon: VirtioBalloon | None = None
+        if config.balloon:  # last, so every other device keeps its slot
+            self.balloon = VirtioBalloon(self.mem)
+            self.balloon.attach(self._add_virtio(self.balloon))
         self.sbi = Sbi(self) if config.bios == "none" else None
         for base, size, dev in (
             (TEST_BASE, TEST_SIZE, self.finisher), (RTC_BASE, RTC_SIZE, self.rtc),

@@ -169,10 +169,13 @@ def add_vm_args(parser: argparse.ArgumentParser) -> None:
     stop.add_argument("--line", default="poweroff\n",
                       help="what to type on the guest console (\"poweroff\\n\")")
 
-    update = sub.add_parser("update", help="change a VM's CPU weight or cap")
+    update = sub.add_parser("update", help="change a VM's CPU weight or cap, or its balloon")
     update.add_argument("vms", metavar="VM")
     _cpu_args(update)
     update.add_argument("--no-cap", action="store_true", help="remove the CPU cap")
+    update.add_argument("--balloon", type=cli_type(parse_size), metavar="SIZE",
+                        help="guest RAM to leave the guest, e.g. 64M: its balloon driver "
+                        "gives the rest back to the host (the VM needs balloon on)")
 
     console = sub.add_parser("console", help="attach to a VM's console (Ctrl-A X detaches)")
     console.add_argument("vms", metavar="VM")

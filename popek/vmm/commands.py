@@ -148,10 +148,24 @@ async def _info(client: Client, args: argparse.Namespace) -> None:
              ("traps", ", ".join(f"{k} {v:,}" for k, v in vm["traps"].items()) or "none"),
              ("memory", ", ".join(f"{k.removesuffix('_bytes')} {_size(v)}"
                                   for k, v in vm["memory"].items() if v is not None)),
-             ("console", f"{vm['console']['bytes']:,} bytes"), *_confinement(vm)]
+             ("console", f"{vm['console']['bytes']:,} bytes"), *_balloon(vm),
+             *_confinement(vm)]
     for key, value in rows:
         table.add_row(key, value)
     out_console.print(table)
+
+
+def _balloon(vm: dict[str, Any]) -> list[tuple[str, str]]:
+    balloon = vm.get("balloon")
+    if not balloon:
+        return []
+    guest = ", ".join(f"{k.replace('_', ' ')} {_size(v) if 'memory' in k or 'caches' in k else v}"
+                      for k, v in balloon["guest"].items())
+    return [("balloon", f"target {_size(balloon['target_bytes'])}, held "
+                        f"{_size(balloon['actual_bytes'])} (dropped "
+                        f"{_size(balloon['inflated_bytes'])}), free pages reported "
+                        f"{_size(balloon['reported_bytes'])}"),
+            *([("guest memory", guest)] if guest else [])]
 
 
 def _confinement(vm: dict[str, Any]) -> list[tuple[str, str | Text]]:
@@ -205,6 +219,8 @@ async def _update(client: Client, args: argparse.Namespace) -> None:
     changes = _cpu_opts(args)
     if args.no_cap:
         changes["cpu_cap"] = None
+    if args.balloon is not None:
+        changes["balloon"] = args.balloon
     vm = await client.update(args.vms, **changes)
     print(f"{vm['name']}: weight {vm['cpu']['weight']} (nice {vm['cpu']['nice']}), "
           f"cap {vm['cpu']['cap_percent'] or 'none'}")

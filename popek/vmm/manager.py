@@ -247,9 +247,14 @@ class Vmm:
 
     async def update(self, ref: str, body: dict[str, Any]) -> Vm:
         vm = self.get(ref)
-        unknown = set(body) - {"cpu_weight", "cpu_cap"}
+        unknown = set(body) - {"cpu_weight", "cpu_cap", "balloon"}
         if unknown:
-            raise BadRequest(f"only cpu_weight and cpu_cap can change, not {sorted(unknown)}")
+            raise BadRequest("only cpu_weight, cpu_cap and balloon can change, not "
+                             f"{sorted(unknown)}")
+        if "balloon" in body:
+            if not isinstance(body["balloon"], int) or isinstance(body["balloon"], bool):
+                raise BadRequest("'balloon' is the guest RAM to leave the guest, in bytes")
+            await vm.set_balloon(body["balloon"])
         weight = body.get("cpu_weight")
         cap = body.get("cpu_cap")
         _check_cpu(weight if weight is not None else scheduler.DEFAULT_WEIGHT, cap)

@@ -455,6 +455,10 @@ class Vm:
             self.cpu_cap = cap
         self.save()
 
+    async def set_balloon(self, guest_bytes: int) -> None:
+        """Leave the guest ``guest_bytes`` of RAM; its balloon driver gives back the rest."""
+        await self._call("balloon", bytes=guest_bytes)
+
     def send_input(self, data: bytes) -> bool:
         """Console input; False if the guest is gone or has not read what it was sent."""
         return self.alive and self._chan.send(INPUT, data)
@@ -497,5 +501,6 @@ class Vm:
                           if self.alive else {})},
             "console": {"bytes": self.console.total, "dropped_bytes": self.console.dropped},
             "nics": stats.get("nics", []),
+            "balloon": stats.get("balloon"),
             "confinement": self.confinement,
         }

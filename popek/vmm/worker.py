@@ -48,6 +48,7 @@ from popek.vmm.console import Scrollback
 from popek.vmm.throttle import CpuCap
 
 STATS_INTERVAL = 0.25  # seconds between the statistics a running worker pushes
+BALLOON_STATS_INTERVAL = 5.0  # seconds between requests for the guest's memory statistics
 FIRST_VMM_TIMEOUT = 120.0  # seconds the VMM that started a worker has to connect
 EXIT_FAILED = 3
 
@@ -166,6 +167,7 @@ class Worker:
         self.machine: VirtMachine | None = None
         self.lift_memory_limit: Callable[[], None] = lambda: None
         self.warnings: list[str] = []  # about its confinement, for the VMM to show
+        self.next_balloon_stats = 0.0
 
     # -- life cycle -----------------------------------------------------------------------
     def serve(self) -> None:
@@ -302,6 +304,8 @@ class Worker:
                 self._set_running(False)
             elif op == "cap":
                 self.cap.set(msg.get("percent"))
+            elif op == "balloon":
+                self._balloon(msg.get("bytes"))
             elif op == "snapshot":
                 reply["result"] = self._snapshot(msg["path"])
             else:
@@ -320,6 +324,16 @@ class Worker:
         elif not running and self.running:
             self.frozen_clock = self.machine.clint.save_state()
         self.running = self.runner.running = running
+
+    def _balloon(self, guest_bytes: Any) -> None:
+        """Leave the guest ``guest_bytes`` of its RAM: the balloon takes the rest."""
+        balloon = self.machine.balloon
+        if balloon is None:
+            raise ValueError("this VM has no balloon device (create it with balloon on)")
+        size = self.machine.mem.size
+        if not isinstance(guest_bytes, int) or not 0 <= guest_bytes <= size:
+            raise ValueError(f"a balloon target is 0 to {size} bytes of guest RAM")
+        balloon.set_target((size - guest_bytes) >> 12)
 
     def _snapshot(self, path: str) -> dict[str, Any]:
         if not self.running:
@@ -354,7 +368,16 @@ class Worker:
             "throttled_seconds": self.cap.throttled,
             "console_bytes": self.console.total,
             "nics": [nic.stats() for nic in self.machine.nics],
+            **({"balloon": self._balloon_report()} if self.machine.balloon else {}),
         })
+
+    def _balloon_report(self) -> dict[str, Any]:
+        """The balloon's figures; the guest is asked for fresh statistics every few
+        seconds (its driver wakes to fill them in)."""
+        if time.monotonic() >= self.next_balloon_stats:
+            self.machine.balloon.request_stats()
+            self.next_balloon_stats = time.monotonic() + BALLOON_STATS_INTERVAL
+        return self.machine.balloon.report()
 
 
 def _address_space() -> int:

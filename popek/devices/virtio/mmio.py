@@ -124,6 +124,7 @@ class VirtioMMIO:
         self.device_features = backend.features | TRANSPORT_FEATURES
         self.queues = [Virtqueue(mem, size) for size in backend.queue_sizes]
         self._irq_level = False
+        self._config_generation = 0  # changes with the device's configuration space
         self.reset()
 
     def reset(self) -> None:
@@ -164,12 +165,19 @@ class VirtioMMIO:
             case Reg.SHM_LEN_LOW | Reg.SHM_LEN_HIGH | Reg.SHM_BASE_LOW | Reg.SHM_BASE_HIGH:
                 return 0xFFFF_FFFF  # no shared memory regions: length and base read as -1
             case Reg.CONFIG_GENERATION:
-                return 0  # the configuration space never changes after construction
+                return self._config_generation
         return 0
 
     def write(self, offset: int, size: int, value: int) -> None:
-        if offset >= Reg.CONFIG or size != 4 or offset & 3:
-            return  # no device here has a driver-writable config field
+        if offset >= Reg.CONFIG:
+            # Most devices' configuration is read-only; a device with a driver-writable
+            # field (the balloon's ``actual``) takes the write itself.
+            write_config = getattr(self.backend, "write_config", None)
+            if write_config is not None:
+                write_config(offset - Reg.CONFIG, size, value)
+            return
+        if size != 4 or offset & 3:
+            return
         value &= 0xFFFF_FFFF
         queue = self._selected()
         match offset:
@@ -259,6 +267,14 @@ class VirtioMMIO:
             self._needs_reset(queue, err)
         if queue.needs_interrupt():
             self.s.interrupt_status |= INT_VRING
+            self._update_irq()
+
+    def config_changed(self) -> None:
+        """The device changed its configuration space (the balloon's target): bump the
+        generation the driver checks its reads against and interrupt it."""
+        self._config_generation = (self._config_generation + 1) & 0xFFFF_FFFF
+        if self.s.status & STATUS_DRIVER_OK:
+            self.s.interrupt_status |= INT_CONFIG
             self._update_irq()
 
     @property
