@@ -68,7 +68,7 @@ def test_flags_give_the_same_machine_as_json() -> None:
                     "--nic", "stream,connect=/run/net.sock",
                     "--nic", "dgram,local=127.0.0.1:9000,remote=127.0.0.1:9001",
                     "--nic", "switch=lan", "--mem", "512M", "--cpus", "2",
-                    "--bios", "opensbi", "--engine", "interp")
+                    "--bios", "opensbi", "--balloon", "on", "--engine", "interp")
     assert config == dataclasses.replace(_everything_set(), rng=True)
 
 
