@@ -6,7 +6,9 @@ page reports drop whole blocks, and hostile requests end in DEVICE_NEEDS_RESET."
 from __future__ import annotations
 
 import ctypes
+import os
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -151,3 +153,24 @@ def test_state_survives_a_snapshot() -> None:
     clone.load_state(b.device.save_state())
     assert clone.report() == b.device.report()
     assert clone.inflated == b.device.inflated
+
+
+def test_pages_of_a_restored_guest_read_as_zeros_once_given_back(tmp_path: Path) -> None:
+    # A restored guest's RAM maps its snapshot copy-on-write: dropping a page would show
+    # the snapshot's bytes again, so they must read as zeros instead.
+    image = tmp_path / "ram"
+    image.write_bytes(b"\x42" * RAM_SIZE)
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        mem = PhysicalMemory(RAM, RAM_SIZE, backing=(fd, 0))
+    finally:
+        os.close(fd)
+    device = VirtioBalloon(mem)
+    driver = Driver(device, mem=mem)
+    device.attach(driver.dev)
+    driver.start(FEATURES)
+    data = struct.pack("<I", VICTIM >> 12)
+    driver.submit([(driver.put(data), len(data), False)])
+    assert mem.read(VICTIM, 4096) == bytes(4096)
+    assert mem.read(VICTIM + 4096, 4) == b"\x42" * 4
+    assert image.read_bytes() == b"\x42" * RAM_SIZE  # the snapshot never changes

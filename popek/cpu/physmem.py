@@ -140,6 +140,7 @@ class PhysicalMemory:
             flags |= MAP_NORESERVE
         self.base = base
         self.size = size
+        self.backed = backing is not None
         if backing is None:
             self.ram = mmap.mmap(-1, size, flags=flags)
             # Small pages keep RAM's resident set to the pages the guest touched, on hosts
@@ -225,6 +226,10 @@ class PhysicalMemory:
         memory back to the host."""
         self._before_write(off, length)
         self.ram.madvise(mmap.MADV_DONTNEED, off, length)
+        if self.backed:
+            # Dropped pages of a private file mapping read the file again, not zeros:
+            # zero them (private zeroed pages, which KSM folds into the zero page).
+            self.ram[off:off + length] = bytes(length)
 
     def move(self, dst: int, src: int, length: int) -> None:
         """Copy ``length`` bytes from host offset ``src`` to ``dst`` (they may overlap)."""

@@ -1,0 +1,85 @@
+"""The bundled Linux's virtio-balloon driver against popek's device, under the VMM.
+
+One boot (tens of seconds) of a 128 MiB guest with a balloon. The guest first writes
+and frees 40 MiB (a file in its RAM-backed root), so the host holds those pages; then
+``popek vm update --balloon 32M`` has its driver hand over 96 MiB: the host drops the
+pages, and the guest RAM it holds falls. Given everything back, the guest's shell
+still answers, and its own memory statistics reach ``popek vm info``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from popek import images
+from tests.test_vmm_page_sharing import _type, _vmm
+from tests.test_vmm_service import Api
+from tests.vmm_guests import guest as bare_metal
+
+MIB = 1 << 20
+GUEST_RAM = 128 * MIB
+BOOT_PATIENCE = 300.0
+
+
+@pytest.fixture(scope="class")
+def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Api, dict[str, Any]]]:
+    with _vmm(tmp_path_factory.mktemp("balloon")) as api:
+        vm = api("create", kernel=str(images.KERNEL), initrd=str(images.INITRD),
+                 mem=GUEST_RAM, balloon=True)
+        deadline = time.monotonic() + BOOT_PATIENCE
+        while b"popek guest: Linux" not in api.log(vm):
+            assert time.monotonic() < deadline, f"no shell; console: {api.log(vm)[-500:]!r}"
+            time.sleep(0.5)
+        yield api, vm
+
+
+def _balloon(api: Api, vm: dict[str, Any]) -> dict[str, Any]:
+    return api.info(vm)["balloon"]
+
+
+@pytest.mark.boots_linux
+class TestBalloonWithLinux:
+    def test_inflate_drops_guest_ram_and_deflate_gives_it_back(
+            self, guest: tuple[Api, dict[str, Any]]) -> None:
+        api, vm = guest
+        _type(api, vm, b"dd if=/dev/zero of=/f bs=1M count=40 2>/dev/null; rm /f; "
+                       b"echo filled-$((40+2))\n")
+        api.wait_log(vm, rb"filled-42")
+        touched = api.info(vm)["memory"]["guest_touched_bytes"]
+        assert touched > 40 * MIB
+        api("update", vm["id"], balloon=32 * MIB)
+        api.wait("the balloon to inflate", lambda: _balloon(api, vm)["actual_bytes"]
+                 >= 90 * MIB)
+        balloon = _balloon(api, vm)
+        assert balloon["target_bytes"] == GUEST_RAM - 32 * MIB
+        assert balloon["inflated_bytes"] >= 90 * MIB
+        assert api.info(vm)["memory"]["guest_touched_bytes"] < touched - 30 * MIB
+        api("update", vm["id"], balloon=GUEST_RAM)
+        api.wait("the balloon to deflate", lambda: _balloon(api, vm)["actual_bytes"] == 0)
+        _type(api, vm, b"echo alive-$((2+3))\n")
+        api.wait_log(vm, rb"alive-5")
+        assert _balloon(api, vm)["inflated_bytes"] == 0
+
+    def test_guest_memory_statistics_reach_vm_info(
+            self, guest: tuple[Api, dict[str, Any]]) -> None:
+        api, vm = guest
+        stats = api.wait("the guest's statistics", lambda: _balloon(api, vm)["guest"])
+        assert 0 < stats["free_memory"] <= stats["total_memory"] <= GUEST_RAM
+        shown = subprocess.run([sys.executable, "-m", "popek", "vm", "--socket",
+                                str(api.socket_path), "info", vm["id"]],
+                               capture_output=True, text=True, check=True).stdout
+        assert "balloon" in shown and "free memory" in shown
+
+    def test_a_guest_without_a_balloon_refuses_a_target(
+            self, guest: tuple[Api, dict[str, Any]]) -> None:
+        api, _ = guest
+        other = api("create", kernel=str(bare_metal("idle")), mem=32 * MIB)
+        with pytest.raises(Exception, match="no balloon device"):
+            api("update", other["id"], balloon=16 * MIB)
+        api("delete", other["id"])
