@@ -3,9 +3,10 @@
 Issue 19's consolidation figures. popek: one guest of the bundled Linux (kernel +
 initramfs) boots under ``popek serve``, is snapshotted, and N clones are restored from
 the snapshot (default 50); each must answer its console (an ``echo`` with its own
-number). Then, while they idle: total and per-guest PSS (``/proc/PID/smaps_rollup``),
-the CPU they use together over 30 s (percent of one core), and the time from the
-restore requests (all sent at once) to the last clone's answer. Separately, a smaller number of guests booted
+number). Then, once the host's KSM has scanned everything twice (steady state), while
+they idle: total and per-guest PSS (``/proc/PID/smaps_rollup``), the CPU they use
+together over 30 s (percent of one core), and the time from the restore requests (all
+sent at once) to the last clone's answer. Separately, a smaller number of guests booted
 one by one (no clone: nothing shared by a snapshot) with page sharing on and off. QEMU
 has no clones, so the same count of ``qemu-system-riscv64`` guests boot the same kernel
 and initramfs; their PSS and idle CPU are measured the same way, in the same run.
@@ -176,11 +177,26 @@ def ksmd() -> list[int]:
     return []
 
 
+def settle(timeout: float = 180.0) -> float:
+    """Wait until the host's KSM has scanned everything twice (it merges a page on the
+    second scan that finds it unchanged), so PSS is the steady state of idle guests, not
+    a moment of it; seconds waited (0 without a running KSM)."""
+    ksm = pagesharing.host_counters()
+    if not ksm.get("running"):
+        return 0.0
+    start, target = time.monotonic(), ksm["full_scans"] + 2
+    while pagesharing.host_counters()["full_scans"] < target and \
+            time.monotonic() - start < timeout:
+        time.sleep(1)
+    return time.monotonic() - start
+
+
 def idle_figures(pids: list[int], worker_pids: list[int], seconds: float) -> dict[str, float]:
+    settled = settle()
     cpu = cpu_percent(pids + ksmd(), seconds)
     workers = [procstat.memory(pid).get("pss", 0) for pid in worker_pids]
     return {"total_pss": total_pss(pids) / MIB, "per_guest_pss": sum(workers) / len(workers) / MIB,
-            "cpu": cpu}
+            "cpu": cpu, "settle_s": settled}
 
 
 async def popek_clones(serve: Serve, n: int, mem: int, idle: float, tmp: Path,
