@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from popek.cpu.physmem import PAGE_SIZE, PhysicalMemory
-from popek.machine.virt import RAM_BASE, ConfigError, MachineConfig, VirtMachine
+from popek.machine.virt import MAX_RAM, MIN_RAM, RAM_BASE, ConfigError, MachineConfig, VirtMachine
 from popek.vmm.config import config_from_json, config_to_json
 
 MAGIC = b"POPEKSNP"
@@ -207,6 +207,8 @@ def _read_checked_meta(path: Path, fd: int) -> tuple[dict[str, Any], int]:
         raise SnapshotError(f"{path}: {kind}: {actual} bytes, the header says {file_size}")
     if ram_size % PAGE_SIZE or file_size != MEM_OFFSET + ram_size + meta_len:
         raise SnapshotError(f"{path}: inconsistent header (corrupt file)")
+    if not MIN_RAM <= ram_size <= MAX_RAM:  # no machine has it: do not even map it
+        raise SnapshotError(f"{path}: RAM of {ram_size} bytes is impossible (corrupt file)")
     raw = os.pread(fd, meta_len, MEM_OFFSET + ram_size)
     if zlib.crc32(raw) != meta_crc:
         raise SnapshotError(f"{path}: metadata checksum mismatch (corrupt file)")
