@@ -46,6 +46,11 @@ _CRC = struct.Struct("<I")
 _SCAN = 256 * PAGE_SIZE  # scan RAM a MiB at a time; most of an idle guest's RAM is zero
 _ZERO_SCAN = bytes(_SCAN)
 _ZERO_PAGE = bytes(PAGE_SIZE)
+# Metadata is hart and device state (about 70 KB a hart) plus the list of stored page runs
+# (under 32 bytes a run, at most one run every other page): a header claiming more is
+# forged, and is refused before that much memory is allocated to read it.
+_META_BASE = 16 << 20
+_META_PER_PAGE = 16
 
 
 class SnapshotError(Exception):
@@ -209,6 +214,8 @@ def _read_checked_meta(path: Path, fd: int) -> tuple[dict[str, Any], int]:
         raise SnapshotError(f"{path}: inconsistent header (corrupt file)")
     if not MIN_RAM <= ram_size <= MAX_RAM:  # no machine has it: do not even map it
         raise SnapshotError(f"{path}: RAM of {ram_size} bytes is impossible (corrupt file)")
+    if meta_len > _META_BASE + _META_PER_PAGE * (ram_size // PAGE_SIZE):
+        raise SnapshotError(f"{path}: {meta_len} bytes of metadata is impossible (corrupt file)")
     raw = os.pread(fd, meta_len, MEM_OFFSET + ram_size)
     if zlib.crc32(raw) != meta_crc:
         raise SnapshotError(f"{path}: metadata checksum mismatch (corrupt file)")
