@@ -81,6 +81,8 @@ class Snapshot:
         try:
             return VirtMachine(self.config, console_out, memory=self.memory,
                                state=self.meta["machine"])
+        except ConfigError as err:
+            raise SnapshotError(f"{self.path}: bad machine configuration: {err}") from None
         except (KeyError, TypeError, ValueError) as err:
             raise SnapshotError(f"{self.path}: machine state does not fit: {err}") from None
 
