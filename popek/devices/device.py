@@ -13,9 +13,19 @@ mistakes (a malformed saved state, an invalid interrupt source) do raise.
 from __future__ import annotations
 
 import copy
+import types
 from collections.abc import Callable
 from dataclasses import asdict, fields
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import (
+    Any,
+    Protocol,
+    TypeVar,
+    Union,
+    get_args,
+    get_origin,
+    get_type_hints,
+    runtime_checkable,
+)
 
 IrqLine = Callable[[bool], None]
 """One interrupt wire into the PLIC: call with the line's new level."""
@@ -54,14 +64,38 @@ def pack_state(version: int, state: Any) -> dict[str, Any]:
 
 
 def unpack_state(cls: type[S], version: int, data: dict[str, Any]) -> S:
-    """Rebuild a state dataclass from :func:`pack_state` output, refusing other versions."""
+    """Rebuild a state dataclass from :func:`pack_state` output, refusing other versions.
+
+    Saved state comes from a file, so every field must have its declared type (an int
+    field takes no bool, a list[int] only ints): a device never runs on a value its code
+    cannot handle."""
     check_version(data, version)
-    try:
-        return cls(**{f.name: copy.deepcopy(data[f.name]) for f in fields(cls)})
-    except KeyError as missing:
-        raise ValueError(f"saved {cls.__name__} lacks {missing}") from None
+    hints = get_type_hints(cls)
+    values = {}
+    for f in fields(cls):
+        if f.name not in data:
+            raise ValueError(f"saved {cls.__name__} lacks {f.name!r}")
+        if not _has_type(data[f.name], hints[f.name]):
+            raise ValueError(f"saved {cls.__name__}.{f.name} is not {hints[f.name]}: "
+                             f"{data[f.name]!r:.40}")
+        values[f.name] = copy.deepcopy(data[f.name])
+    return cls(**values)
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    origin = get_origin(hint)
+    if origin is list:
+        (item,) = get_args(hint)
+        return type(value) is list and all(_has_type(v, item) for v in value)
+    if origin in (Union, types.UnionType):
+        return any(_has_type(value, arm) for arm in get_args(hint))
+    if hint is None or hint is type(None):
+        return value is None
+    return type(value) is hint
 
 
 def check_version(data: dict[str, Any], version: int) -> None:
+    if not isinstance(data, dict):
+        raise ValueError(f"saved state is a {type(data).__name__}, not an object")
     if data.get("version") != version:
         raise ValueError(f"saved state version {data.get('version')!r}, expected {version}")

@@ -287,6 +287,8 @@ class VirtMachine:
         Harts first, then devices, which re-drive their interrupt lines into ``mip``.
         Raises ValueError (or KeyError/TypeError) if ``state`` does not fit this machine.
         """
+        if not isinstance(state, dict):
+            raise ValueError(f"machine state is a {type(state).__name__}, not an object")
         if state.get("version") != STATE_VERSION or state.get("byteorder") != sys.byteorder:
             raise ValueError(f"machine state version {state.get('version')!r} "
                              f"({state.get('byteorder')}-endian) is not {STATE_VERSION} "
