@@ -58,6 +58,13 @@ class Device(Protocol):
 S = TypeVar("S")
 
 
+def bits(n: int) -> dict[str, int]:
+    """Metadata for a state field that holds an ``n``-bit register (or, for a list field,
+    one per source, context or hart): :func:`unpack_state` refuses saved values outside
+    0 .. 2**n - 1, which the guest could otherwise read back or feed into arithmetic."""
+    return {"bits": n}
+
+
 def pack_state(version: int, state: Any) -> dict[str, Any]:
     """A device's state dataclass as a versioned plain dict (deep copy: no aliasing)."""
     return {"version": version, **asdict(state)}
@@ -68,16 +75,22 @@ def unpack_state(cls: type[S], version: int, data: dict[str, Any]) -> S:
 
     Saved state comes from a file, so every field must have its declared type (an int
     field takes no bool, a list[int] only ints): a device never runs on a value its code
-    cannot handle."""
+    cannot handle; fields declared with :func:`bits` must also fit their width."""
     check_version(data, version)
     hints = get_type_hints(cls)
     values = {}
     for f in fields(cls):
         if f.name not in data:
             raise ValueError(f"saved {cls.__name__} lacks {f.name!r}")
-        if not _has_type(data[f.name], hints[f.name]):
+        value = data[f.name]
+        if not _has_type(value, hints[f.name]):
             raise ValueError(f"saved {cls.__name__}.{f.name} is not {hints[f.name]}: "
-                             f"{data[f.name]!r:.40}")
+                             f"{value!r:.40}")
+        width = f.metadata.get("bits")
+        if width is not None and not all(v is None or 0 <= v < 1 << width
+                                         for v in (value if type(value) is list else [value])):
+            raise ValueError(f"saved {cls.__name__}.{f.name} does not fit {width} bits: "
+                             f"{value!r:.40}")
         values[f.name] = copy.deepcopy(data[f.name])
     return cls(**values)
 
