@@ -307,7 +307,11 @@ class VirtMachine:
                 if len(data) != len(buf) * buf.itemsize:
                     raise ValueError(f"saved hart {hart.hartid} {name} has {len(data)} bytes")
                 buf[:] = array(buf.typecode, data)
-            hart.reservation = saved["reservation"]
+            reservation = saved["reservation"]
+            if reservation is not None and not (type(reservation) is int
+                                                and 0 <= reservation < 1 << 64):
+                raise ValueError(f"saved hart {hart.hartid} reservation {reservation!r:.40}")
+            hart.reservation = reservation
             hart.mmu.flush()
             hart.engine.flush()
         if self.sbi is not None:
