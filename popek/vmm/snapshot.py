@@ -183,6 +183,8 @@ def load(path: Path) -> Snapshot:
         if config.mem != ram_size:
             raise SnapshotError(f"{path}: RAM of {ram_size} bytes, configuration says "
                                 f"{config.mem}")
+        if not isinstance(meta.get("machine"), dict):  # a machine without it would boot
+            raise SnapshotError(f"{path}: no machine state (corrupt file)")
         memory = PhysicalMemory(RAM_BASE, ram_size, backing=(fd, MEM_OFFSET))
         try:
             runs = _check_pages(path, memory, meta.get("pages"))
