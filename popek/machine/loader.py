@@ -44,10 +44,15 @@ class Kernel:
         return max(s.addr + s.memsz for s in self.segments)
 
 
-def read_image(path: Path, what: str) -> bytes:
-    """The file's bytes, decompressed if it is xz or gzip."""
+def read_image(path: Path, what: str, limit: int) -> bytes:
+    """The file's bytes, decompressed if it is xz or gzip.
+
+    An image larger than ``limit`` bytes (the guest's RAM, which no loadable image
+    exceeds) is refused before more is read or decompressed: a small compressed file
+    may expand to any size, and a path may name an endless file."""
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as f:
+            raw = f.read(limit + 1)
     except FileNotFoundError:
         raise ImageError(f"{what} not found: {path}") from None
     except IsADirectoryError:
@@ -56,17 +61,19 @@ def read_image(path: Path, what: str) -> bytes:
         raise ImageError(f"cannot read {what} {path}: {err.strerror}") from None
     try:
         if raw.startswith(b"\xfd7zXZ\0"):
-            return lzma.decompress(raw)
-        if raw.startswith(b"\x1f\x8b"):
-            return gzip.decompress(raw)
+            raw = lzma.LZMAFile(io.BytesIO(raw)).read(limit + 1)
+        elif raw.startswith(b"\x1f\x8b"):
+            raw = gzip.GzipFile(fileobj=io.BytesIO(raw)).read(limit + 1)
     except (lzma.LZMAError, EOFError, OSError) as err:
         raise ImageError(f"{what} {path} is corrupt or truncated ({err})") from None
+    if len(raw) > limit:
+        raise ImageError(f"{what} {path} is larger than the guest's {limit >> 20} MiB of RAM")
     return raw
 
 
 def load_kernel(path: Path, ram_base: int, ram_size: int) -> Kernel:
     """Parse a kernel as QEMU's ``-kernel`` would: an ELF, or a RISC-V Linux Image."""
-    data = read_image(path, "kernel")
+    data = read_image(path, "kernel", ram_size)
     if data.startswith(b"\x7fELF"):
         return _load_elf(path, data, ram_base, ram_size)
     if len(data) < IMAGE_HEADER_SIZE:

@@ -230,7 +230,7 @@ class VirtMachine:
             self.mem.write(seg.addr, seg.data)
         initrd_range = None
         if cfg.initrd is not None:
-            data = read_image(cfg.initrd, "initrd")
+            data = read_image(cfg.initrd, "initrd", cfg.mem)
             start = max(_align_up(kernel.end, 1 << 21), RAM_BASE + min(cfg.mem // 2, 128 << 20))
             if start + len(data) > ram_end - (2 << 20):
                 raise ConfigError(f"initrd {cfg.initrd} does not fit in {cfg.mem >> 20}M of RAM")
@@ -243,7 +243,7 @@ class VirtMachine:
             self.sbi.boot_hart(self.harts[0], kernel.entry, dtb_addr)
             self._route_ecalls_to_sbi()
             return
-        fw = read_image(firmware, "firmware")
+        fw = read_image(firmware, "firmware", cfg.mem)
         if RAM_BASE + len(fw) > kernel.segments[0].addr:
             raise ConfigError(f"firmware {firmware} overlaps the kernel")
         self.mem.write(RAM_BASE, fw)
