@@ -124,11 +124,11 @@ def _load_elf(path: Path, data: bytes, ram_base: int, ram_size: int) -> Kernel:
         for seg in elf.iter_segments():
             if seg["p_type"] != "PT_LOAD":
                 continue
-            seg_data = seg.data()
-            if len(seg_data) < seg["p_filesz"]:
+            offset, size = seg["p_offset"], seg["p_filesz"]
+            if offset + size > len(data):
                 raise ImageError(f"kernel {path} is truncated")
-            segments.append(Segment(_place(seg["p_paddr"], ram_base, ram_size), seg_data,
-                                    seg["p_memsz"]))
+            segments.append(Segment(_place(seg["p_paddr"], ram_base, ram_size),
+                                    data[offset:offset + size], seg["p_memsz"]))
         entry = _place(elf["e_entry"], ram_base, ram_size)
     except ELFError as err:
         raise ImageError(f"kernel {path} is not a valid ELF file ({err})") from None
