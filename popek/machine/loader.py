@@ -130,7 +130,9 @@ def _load_elf(path: Path, data: bytes, ram_base: int, ram_size: int) -> Kernel:
             segments.append(Segment(_place(seg["p_paddr"], ram_base, ram_size),
                                     data[offset:offset + size], seg["p_memsz"]))
         entry = _place(elf["e_entry"], ram_base, ram_size)
-    except ELFError as err:
+    except (ELFError, OverflowError, ValueError) as err:
+        # pyelftools trusts the offsets in a file's headers: seeking to one beyond 2^63
+        # overflows, a malformed name fails to decode (ValueError).
         raise ImageError(f"kernel {path} is not a valid ELF file ({err})") from None
     if not segments:
         raise ImageError(f"kernel {path} has nothing to load")
