@@ -115,7 +115,9 @@ def parse(path: str, data: bytes) -> ElfImage:
                 interpreter = seg.get_interp_name()
             elif kind == "PT_PHDR":
                 phdr = seg["p_vaddr"]
-    except ELFError as e:
+    except (ELFError, OverflowError, ValueError) as e:
+        # pyelftools trusts header offsets (a seek beyond 2^63 overflows) and decodes the
+        # interpreter's name as UTF-8 (ValueError): both are malformed files to execve.
         raise ExecError(f"{path}: malformed ELF: {e}", Errno.ENOEXEC) from None
     if not segments:
         raise ExecError(f"{path}: no loadable segments", Errno.ENOEXEC)
