@@ -21,6 +21,7 @@ from popek.user.address_space import (
     PROT_EXEC,
     PROT_READ,
     PROT_WRITE,
+    USER_TOP,
     AddressSpace,
     page_ceil,
     page_floor,
@@ -121,11 +122,15 @@ def parse(path: str, data: bytes) -> ElfImage:
         raise ExecError(f"{path}: malformed ELF: {e}", Errno.ENOEXEC) from None
     if not segments:
         raise ExecError(f"{path}: no loadable segments", Errno.ENOEXEC)
+    dynamic = header["e_type"] == "ET_DYN"
     for s in segments:
         if s.filesz > s.memsz or s.offset + s.filesz > len(data) or \
                 (s.vaddr - s.offset) % 4096:
             raise ExecError(f"{path}: malformed segment at {s.vaddr:#x}", Errno.ENOEXEC)
-    return ElfImage(path, data, header["e_type"] == "ET_DYN", header["e_entry"],
+        if not dynamic and s.vaddr + s.memsz > USER_TOP:  # (where ET_DYN goes is popek's)
+            raise ExecError(f"{path}: segment at {s.vaddr:#x} ends beyond the address space",
+                            Errno.ENOMEM)
+    return ElfImage(path, data, dynamic, header["e_entry"],
                     header["e_phoff"], header["e_phentsize"], header["e_phnum"],
                     tuple(segments), interpreter, phdr)
 
