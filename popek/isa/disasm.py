@@ -631,7 +631,7 @@ class ElfImage:
                 self._load(elf)
         except OSError as e:
             raise DisasmError(f"{path}: {e.strerror or e}") from None
-        except (ELFError, ValueError, LookupError, MemoryError) as e:  # a corrupt file
+        except (ELFError, ValueError, LookupError, MemoryError, OverflowError) as e:  # corrupt
             raise DisasmError(f"{path}: malformed ELF file ({e})") from None
 
     def _load(self, elf: ELFFile) -> None:
