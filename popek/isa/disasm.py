@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
+from typing import TypeVar
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
@@ -27,6 +28,7 @@ from popek.cpu.state import X_SINK
 from popek.isa.decoder import Decoded, decode
 
 M64 = (1 << 64) - 1
+T = TypeVar("T")
 
 XREGS = (
     "zero ra sp gp tp t0 t1 t2 s0 s1 a0 a1 a2 a3 a4 a5 a6 a7 s2 s3 s4 s5 s6 s7 s8 s9 s10 s11 "
@@ -568,11 +570,11 @@ class _Versions:
                 self.versym = [int.from_bytes(data[i:i + 2], "little")
                                for i in range(0, len(data), 2)]
             elif sec["sh_type"] == "SHT_GNU_verdef":
-                for vd, aux in sec.iter_versions():
+                for vd, aux in _entries(sec, sec.iter_versions()):
                     self.verdef[vd["vd_ndx"]] = (vd["vd_flags"], next(aux).name)
             elif sec["sh_type"] == "SHT_GNU_verneed":
-                for _vn, auxes in sec.iter_versions():
-                    for aux in auxes:
+                for _vn, auxes in _entries(sec, sec.iter_versions()):
+                    for aux in _entries(sec, auxes):
                         self.verneed[aux["vna_other"]] = aux.name
         self.enabled = bool(self.versym) and bool(self.verdef or self.verneed)
 
@@ -595,6 +597,15 @@ class _Versions:
         if not version:
             return name
         return f"{name}{'@' if hidden else '@@'}{version}"
+
+
+def _entries(sec: Section, entries: Iterator[T]) -> Iterator[T]:
+    """A version section's entries, each at least 16 bytes: a count in the file that says
+    more (entries chained to themselves, say) is corrupt, not a reason to loop 2^32 times."""
+    for n, entry in enumerate(entries):
+        if n >= sec["sh_size"] // 16:
+            raise ValueError(f"section {sec.name} holds more versions than fit in it")
+        yield entry
 
 
 def _arch_extensions(arch: str) -> frozenset[str]:
