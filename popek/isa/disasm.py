@@ -22,7 +22,8 @@ from typing import TypeVar
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
-from elftools.elf.sections import Section
+from elftools.elf.relocation import RelocationSection
+from elftools.elf.sections import Section, SymbolTableSection
 
 from popek.cpu.state import X_SINK
 from popek.isa.decoder import Decoded, decode
@@ -655,6 +656,8 @@ class ElfImage:
         self.relocatable = elf["e_type"] == "ET_REL"
         self.extensions = _extensions(elf)
         symtab = elf.get_section_by_name(".symtab")
+        if not isinstance(symtab, SymbolTableSection):  # a section merely named so
+            symtab = None
         dynsym = next((s for s in sections if s["sh_type"] == "SHT_DYNSYM"), None)
         dynamic = self._symbols(dynsym, sections, _Versions(elf)) if dynsym else []
         own = self._symbols(symtab, sections, None) if symtab else []
@@ -706,7 +709,8 @@ class ElfImage:
         """objdump's synthetic ``name@plt`` symbols, one per .rela.plt entry."""
         by_name = {s.name: (i, s) for i, s in enumerate(sections)}
         relplt, plt = by_name.get(".rela.plt"), by_name.get(".plt")
-        if not dynamic or relplt is None or plt is None or relplt[1]["sh_link"] != dynsym_index:
+        if not dynamic or relplt is None or plt is None or relplt[1]["sh_link"] != dynsym_index \
+                or not isinstance(relplt[1], RelocationSection):
             return []
         plt_index, plt_sec = plt
         out = []
