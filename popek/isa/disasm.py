@@ -13,6 +13,7 @@ pairing ``auipc``/``lui`` with the instruction that adds the low part.
 from __future__ import annotations
 
 import re
+import zlib
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -643,7 +644,8 @@ class ElfImage:
                 self._load(elf)
         except OSError as e:
             raise DisasmError(f"{path}: {e.strerror or e}") from None
-        except (ELFError, ValueError, LookupError, MemoryError, OverflowError) as e:  # corrupt
+        # A corrupt file (zlib.error: a compressed section that does not decompress).
+        except (ELFError, ValueError, LookupError, MemoryError, OverflowError, zlib.error) as e:
             raise DisasmError(f"{path}: malformed ELF file ({e})") from None
 
     def _load(self, elf: ELFFile) -> None:
