@@ -91,6 +91,13 @@ class Vmm:
                   mem_overhead=overhead, source=source)
 
     async def create(self, body: dict[str, Any]) -> Vm:
+        vm, spec = self.check_create(body)
+        await self._launch(vm, spec, body.get("start", True))
+        return vm
+
+    def check_create(self, body: dict[str, Any]) -> tuple[Vm, dict[str, Any]]:
+        """The VM a create request asks for and its worker's spec; BadRequest if the request
+        is malformed. Nothing is started (so the checks can be tried alone)."""
         unknown = set(body) - _VM_FIELDS - _CONFIG_FIELDS
         if unknown:
             raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
@@ -101,21 +108,23 @@ class Vmm:
         for path in [config.kernel, config.initrd, *(d.path for d in config.disks)]:
             if path is not None and not os.path.isabs(path):
                 raise BadRequest(f"{path}: paths must be absolute (the VMM has its own cwd)")
-        vm = self._new_vm(body)
-        await self._launch(vm, {"config": config_to_json(config)}, body.get("start", True))
-        return vm
+        return self._new_vm(body), {"config": config_to_json(config)}
 
     async def restore(self, body: dict[str, Any]) -> Vm:
         """A new VM from a snapshot file; restoring one file many times makes clones."""
+        vm, spec = self.check_restore(body)
+        await self._launch(vm, spec, body.get("start", True))
+        return vm
+
+    def check_restore(self, body: dict[str, Any]) -> tuple[Vm, dict[str, Any]]:
+        """Like :meth:`check_create`, for a restore request."""
         unknown = set(body) - _VM_FIELDS - {"path"}
         if unknown:
             raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
         path = body.get("path")
         if not isinstance(path, str) or not os.path.isabs(path):
             raise BadRequest("'path' must be the absolute path of a snapshot file")
-        vm = self._new_vm(body, source=path)
-        await self._launch(vm, {"restore": path}, body.get("start", True))
-        return vm
+        return self._new_vm(body, source=path), {"restore": path}
 
     async def _launch(self, vm: Vm, spec: dict[str, Any], start: bool) -> None:
         try:
