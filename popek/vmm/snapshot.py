@@ -174,6 +174,8 @@ def load(path: Path) -> Snapshot:
         fd = os.open(path, os.O_RDONLY)
     except OSError as err:
         raise SnapshotError(f"cannot open snapshot {path}: {err.strerror}") from None
+    except ValueError:  # a NUL in the path, which no file name holds
+        raise SnapshotError(f"cannot open snapshot {str(path)!r}: not a file name") from None
     try:
         meta, ram_size = _read_checked_meta(path, fd)
         try:
