@@ -23,6 +23,7 @@ from popek.vmm.vm import Vm
 
 SAMPLE_INTERVAL = 1.0  # seconds between CPU share measurements
 DEFAULT_MEM_OVERHEAD = 512 << 20  # address space a worker may add beyond guest RAM
+MAX_MEM_OVERHEAD = 1 << 40  # more is no limit, and overflows the worker's RLIMIT_AS
 DEFAULT_SHUTDOWN_LINE = "poweroff\n"
 _VM_FIELDS = {"name", "start", "cpu_weight", "cpu_cap", "mem_overhead"}
 _CONFIG_FIELDS = {"kernel", "initrd", "append", "disks", "mem", "cpus", "bios", "rng"}
@@ -85,8 +86,9 @@ class Vmm:
         cap = body.get("cpu_cap")
         overhead = body.get("mem_overhead", DEFAULT_MEM_OVERHEAD)
         _check_cpu(weight, cap)
-        if overhead is not None and (not isinstance(overhead, int) or overhead < 64 << 20):
-            raise BadRequest("'mem_overhead' must be at least 64 MiB (bytes) or null")
+        if overhead is not None and (not isinstance(overhead, int)
+                                     or not 64 << 20 <= overhead <= MAX_MEM_OVERHEAD):
+            raise BadRequest("'mem_overhead' must be 64 MiB to 1 TiB (bytes) or null")
         return Vm(secrets.token_hex(6), name, cpu_weight=weight, cpu_cap=cap,
                   mem_overhead=overhead, source=source)
 
