@@ -59,6 +59,8 @@ def read_image(path: Path, what: str, limit: int) -> bytes:
         raise ImageError(f"{what} is a directory: {path}") from None
     except OSError as err:
         raise ImageError(f"cannot read {what} {path}: {err.strerror}") from None
+    except ValueError:  # a NUL in the path, which no file name holds
+        raise ImageError(f"{what} {str(path)!r} is not a file name") from None
     try:
         if raw.startswith(b"\xfd7zXZ\0"):
             raw = lzma.LZMAFile(io.BytesIO(raw)).read(limit + 1)
