@@ -61,6 +61,9 @@ class VirtioBlk:
         except FileNotFoundError:
             raise ImageNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT),
                                      os.fspath(path)) from None
+        except ValueError:  # a NUL in the path, which no file name holds
+            raise OSError(errno.EINVAL, "a disk image path cannot hold a NUL",
+                          os.fspath(path)) from None
         self.path = os.fspath(path)
         if stat.S_ISDIR(os.fstat(self.fd).st_mode):
             os.close(self.fd)
