@@ -32,6 +32,7 @@ ELF_MAGIC = b"\x7fELF"
 EM_RISCV = "EM_RISCV"
 PIE_BASE = 0x2AAAAAB000  # where ET_DYN programs go, as qemu puts them (2/3 of the space)
 PF_X, PF_W, PF_R = 1, 2, 4
+PHDR_SIZE = 56  # an Elf64_Phdr
 
 
 class ExecError(Exception):
@@ -103,6 +104,12 @@ def parse(path: str, data: bytes) -> ElfImage:
                             Errno.ENOEXEC)
         if header["e_type"] not in ("ET_EXEC", "ET_DYN"):
             raise ExecError(f"{path}: not an executable ({header['e_type']})", Errno.ENOEXEC)
+        # binfmt_elf's checks: whole 64-bit program headers, at most 64 KiB of them (and
+        # here: in the file), so a header cannot make the loader read one entry 65535 times.
+        table = PHDR_SIZE * header["e_phnum"]
+        if header["e_phentsize"] != PHDR_SIZE or not 0 < table <= 65536 \
+                or header["e_phoff"] + table > len(data):
+            raise ExecError(f"{path}: malformed program header table", Errno.ENOEXEC)
         segments, interpreter, phdr = [], None, None
         for seg in elf.iter_segments():
             kind = seg["p_type"]
