@@ -19,6 +19,7 @@ from elftools.elf.elffile import ELFFile
 IMAGE_MAGIC2 = b"RSC\x05"  # offset 56 of a RISC-V Linux Image header
 IMAGE_HEADER_SIZE = 64
 EM_RISCV = 243
+PHDR_SIZE = 56  # an Elf64_Phdr
 
 
 class ImageError(Exception):
@@ -122,6 +123,10 @@ def _load_elf(path: Path, data: bytes, ram_base: int, ram_size: int) -> Kernel:
         elf = ELFFile(io.BytesIO(data))
         if elf["e_machine"] != "EM_RISCV" or elf.elfclass != 64:
             raise ImageError(f"kernel {path} is not a 64-bit RISC-V ELF ({elf['e_machine']})")
+        # Whole program headers, in the file: else pyelftools may read one entry 65535 times.
+        if elf["e_phentsize"] != PHDR_SIZE or \
+                elf["e_phoff"] + PHDR_SIZE * elf["e_phnum"] > len(data):
+            raise ImageError(f"kernel {path} has a malformed program header table")
         segments = []
         for seg in elf.iter_segments():
             if seg["p_type"] != "PT_LOAD":
