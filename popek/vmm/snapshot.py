@@ -187,6 +187,10 @@ def load(path: Path) -> Snapshot:
                                 f"{config.mem}")
         if not isinstance(meta.get("machine"), dict):  # a machine without it would boot
             raise SnapshotError(f"{path}: no machine state (corrupt file)")
+        console_bytes = meta.get("console_bytes", 0)  # what the guest had printed (VMM's)
+        if type(console_bytes) is not int or console_bytes < 0:
+            raise SnapshotError(f"{path}: console byte count {console_bytes!r:.40} "
+                                "(corrupt file)")
         memory = PhysicalMemory(RAM_BASE, ram_size, backing=(fd, MEM_OFFSET))
         try:
             runs = _check_pages(path, memory, meta.get("pages"))
