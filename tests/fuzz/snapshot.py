@@ -1,4 +1,5 @@
-"""Fuzz target: the snapshot reader (``popek.vmm.snapshot.load``, then ``Snapshot.machine``).
+"""Fuzz target: the snapshot reader (``popek.vmm.snapshot.load``, then ``Snapshot.machine``,
+as a VMM worker restores a snapshot).
 
 A snapshot file may be truncated, corrupt, from another version or forged; whatever it
 holds, restoring it ends in :class:`SnapshotError` or in a machine that works, never in
@@ -41,8 +42,8 @@ from popek.devices.virtio import SLOT_BASE
 from popek.devices.virtio.mmio import Reg
 from popek.machine import virt
 from popek.machine.virt import VirtMachine
-from popek.vmm import snapshot
 from popek.vmm.snapshot import _CRC, _HEAD, FORMAT_VERSION, MAGIC, MEM_OFFSET, SnapshotError
+from popek.vmm.worker import Worker
 from tests.fuzz.harness import MemFile, Target, idle_snapshot
 
 RAW, SEALED, EDIT = 0, 1, 2
@@ -71,13 +72,8 @@ def one(data: bytes) -> None:
         meta = copy.deepcopy(meta)
         meta = _Edits(body).apply(meta)
         _seal(flags | FIX_PAGE_CRCS, json.dumps(meta).encode(), ram)
-    try:
-        snap = snapshot.load(_file.path)
-    except SnapshotError:
-        return
-    snap.config.engine = "interp"  # not part of a snapshot; the cheapest tier to build
-    try:
-        machine = snap.machine(lambda out: None)
+    try:  # as a VMM worker restores: load, read what the metadata says, build the machine
+        machine = Worker(None, {"restore": str(_file.path)})._build()
     except SnapshotError:
         return
     _probe(machine)
