@@ -1,15 +1,18 @@
 """What every fuzz target shares: its description, in-memory files, and the run settings.
 
-The engine is atheris (PyPI): libFuzzer driving Python code whose bytecode atheris
-instruments for coverage. It was chosen over hypothesis because most targets read bytes
-whose meaning lies deep inside a format (snapshot files, ELF and Image kernels, virtqueue
-rings in guest RAM): coverage feedback finds the inputs that pass a magic number, a
-checksum or a descriptor check and reach the next layer, which a generator without
-feedback rarely does, and libFuzzer itself enforces the other two failures a target must
-never show, a hang (``-timeout``) and runaway memory (``-rss_limit_mb``). Where a
-grammar fits (the API's JSON requests, the fake virtio driver's register writes), a
-target builds structured values from the bytes with atheris's ``FuzzedDataProvider``, so
-one engine, one corpus format and one runner serve every target.
+The engine is atheris (PyPI, a manylinux wheel for CPython 3.11: no compiler needed):
+libFuzzer driving Python code whose bytecode atheris instruments for coverage. It was
+chosen over hypothesis because most targets read bytes whose meaning lies deep inside a
+format (snapshot files, ELF and Image kernels, virtqueue rings in guest RAM): coverage
+feedback finds the inputs that pass a magic number, a checksum or a descriptor check and
+reach the next layer, which a generator without feedback rarely does; libFuzzer keeps
+what it learnt as a corpus of plain files that CI replays; and it enforces the other two
+failures a target must never show, a hang (``-timeout``) and runaway memory
+(``-rss_limit_mb``). Where a grammar fits, a target reads structure from the bytes
+instead of taking them whole, hypothesis-style: the API target builds JSON requests with
+atheris's ``FuzzedDataProvider``, the virtio target reads a fake driver's program of
+fixed-size records, the snapshot target edits a real snapshot's metadata. So one engine,
+one corpus format and one runner serve every target.
 
 A target is a module ``tests/fuzz/<name>.py`` defining ``TARGET``. Its ``one`` takes an
 input and lets only the component's own errors pass; any other exception is a finding.
@@ -50,8 +53,6 @@ class Target:
     # RLIMIT_AS for the fuzzing process, so an allocation a length field asked for fails
     # there and then (None: the component maps a huge sparse region by design).
     address_space: int | None = 8 << 30
-    # Most Python heap one input may take at once (None: unchecked), see heap_checked.
-    heap_limit: int | None = None
 
 
 def heap_checked(fn: Callable[..., R], limit: int) -> Callable[..., R]:

@@ -19,7 +19,6 @@ import os
 import resource
 import shutil
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import atheris
@@ -32,12 +31,10 @@ from tests.fuzz.harness import (
     TIMEOUT_SECONDS,
     Target,
     corpus_files,
-    heap_checked,
 )
 
 
-def _load(name: str) -> tuple[Target, Callable[[bytes], None]]:
-    """The target, and the function libFuzzer calls with each input."""
+def _load(name: str) -> Target:
     if name not in TARGETS:
         sys.exit(f"unknown fuzz target {name!r}; targets: {', '.join(TARGETS)}")
     # Targets build machines to parse into, not to run: the cheapest tier is built.
@@ -47,9 +44,7 @@ def _load(name: str) -> tuple[Target, Callable[[bytes], None]]:
     if target.address_space is not None:
         hard = resource.getrlimit(resource.RLIMIT_AS)[1]
         resource.setrlimit(resource.RLIMIT_AS, (target.address_space, hard))
-    if target.heap_limit is None:
-        return target, target.one
-    return target, heap_checked(target.one, target.heap_limit)
+    return target
 
 
 def main() -> None:
@@ -61,15 +56,15 @@ def main() -> None:
     flags = [a for a in args if a.startswith("-")]
     paths = [Path(a) for a in args if not a.startswith("-")]
     if paths and all(p.is_file() for p in paths):
-        target, one = _load(name)
+        target = _load(name)
         atheris.Setup([sys.argv[0], f"-rss_limit_mb={RSS_LIMIT_MB}", *flags, *map(str, paths)],
-                      one)
+                      target.one)
         atheris.Fuzz()
     if len(paths) != 1:
         sys.exit("name one work directory, or input files")
     work = paths[0]
     if merge:  # (not the generated seeds: those are made anew at every start)
-        target, one = _load(name)
+        target = _load(name)
         found = work / "merge"
         shutil.rmtree(found, ignore_errors=True)
         found.mkdir()
@@ -78,11 +73,11 @@ def main() -> None:
                 shutil.copy(path, found)
         (CORPUS / name).mkdir(parents=True, exist_ok=True)
         atheris.Setup([sys.argv[0], "-merge=1", f"-max_len={target.max_len}", *flags,
-                       str(CORPUS / name), str(found)], one)
+                       str(CORPUS / name), str(found)], target.one)
         atheris.Fuzz()
     (work / "corpus").mkdir(parents=True, exist_ok=True)
     (work / "findings").mkdir(exist_ok=True)
-    target, one = _load(name)
+    target = _load(name)
     seeds = target.seeds()
     for seed_name, data in seeds.items():
         (work / "corpus" / f"seed-{seed_name}").write_bytes(data)
@@ -93,7 +88,7 @@ def main() -> None:
         ours += [f"-seed={CI_SEED}", f"-runs={replayed + target.ci_runs}"]
     corpus = [str(CORPUS / name)] if (CORPUS / name).is_dir() else []
     # libFuzzer takes the last of a repeated flag: the caller's win over ours.
-    atheris.Setup([sys.argv[0], *ours, *flags, str(work / "corpus"), *corpus], one)
+    atheris.Setup([sys.argv[0], *ours, *flags, str(work / "corpus"), *corpus], target.one)
     atheris.Fuzz()
 
 
