@@ -98,14 +98,17 @@ class MemFile:
 
 
 @functools.cache
-def idle_snapshot() -> bytes:
-    """A real snapshot file: a tiny bare-metal guest (16 MiB) waiting for interrupts."""
-    from popek.machine.virt import MachineConfig, VirtMachine
+def idle_snapshot(disk: Path | None = None) -> bytes:
+    """A real snapshot file: a tiny bare-metal guest (16 MiB) waiting for interrupts, with
+    ``disk`` as its virtio disk if given."""
+    from popek.machine.virt import DiskSpec, MachineConfig, VirtMachine
     from popek.vmm import snapshot
     from tests.vmm_guests import guest
 
     out = bytearray()
-    machine = VirtMachine(MachineConfig(kernel=guest("idle"), mem=16 << 20), out.extend)
+    config = MachineConfig(kernel=guest("idle"), mem=16 << 20,
+                           disks=[DiskSpec(disk)] if disk else [])
+    machine = VirtMachine(config, out.extend)
     while b"idle ready" not in out:
         machine.run_slice()
     with tempfile.TemporaryDirectory() as tmp:

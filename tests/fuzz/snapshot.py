@@ -23,9 +23,9 @@ and (flag 4) page checksums are right, flag 8 drops leftover RAM bytes into a ho
 bits 4..7 extend the metadata with a sparse hole of 2^(20 + n) bytes, a length field far
 beyond any real snapshot's (the file really is that long).
 
-The real snapshot is made at start-up from a tiny bare-metal guest. Disk paths in the
-metadata are replaced by harmless ones: the target must not open host files that a
-mutation happened to name.
+The real snapshot is made at start-up from a tiny bare-metal guest with a disk. Disk
+paths in the metadata that are not the target's own are replaced by harmless ones: the
+target must not open host files that a mutation happened to name.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ RAW, SEALED, EDIT = 0, 1, 2
 FIX_PAGE_CRCS, STRAY_BYTES = 4, 8
 META_HOLE_SHIFT = 4
 BASE_RAM = 16 << 20
+DISK_BYTES = 64 << 10
 MAX_SEALED_RAM = 1 << 40
 _file = MemFile("fuzz-snapshot")
 _disk = MemFile("fuzz-snapshot-disk")
@@ -142,8 +143,9 @@ def _harmless_disks(config: dict[str, Any]) -> None:
     disks = config.get("disks")
     if isinstance(disks, list):
         for disk in disks:
-            if isinstance(disk, dict) and isinstance(disk.get("path"), str):
-                disk["path"] = _DISK_PATHS[len(disk["path"]) % len(_DISK_PATHS)]
+            path = disk.get("path") if isinstance(disk, dict) else None
+            if isinstance(path, str) and path not in _DISK_PATHS:
+                disk["path"] = _DISK_PATHS[len(path) % len(_DISK_PATHS)]
 
 
 def _place_runs(runs: Any, ram: bytes, ram_size: int, pieces: list[tuple[int, bytes]],
@@ -222,8 +224,9 @@ _DELETE = object()
 
 @functools.cache
 def _base() -> tuple[dict[str, Any], bytes]:
-    """A real snapshot's metadata and the bytes of its RAM runs."""
-    raw = idle_snapshot()
+    """A real snapshot's metadata and the bytes of its RAM runs; its guest has a disk."""
+    _disk.set(bytes(DISK_BYTES))
+    raw = idle_snapshot(_disk.path)
     meta = json.loads(raw[MEM_OFFSET + BASE_RAM:])
     ram = b"".join(raw[MEM_OFFSET + first * PAGE_SIZE:MEM_OFFSET + (first + count) * PAGE_SIZE]
                    for first, count, _ in meta["pages"])
