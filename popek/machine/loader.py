@@ -134,6 +134,9 @@ def _load_elf(path: Path, data: bytes, ram_base: int, ram_size: int) -> Kernel:
             offset, size = seg["p_offset"], seg["p_filesz"]
             if offset + size > len(data):
                 raise ImageError(f"kernel {path} is truncated")
+            if size > seg["p_memsz"]:  # the ELF spec forbids it; RAM is checked for memsz
+                raise ImageError(f"kernel {path} has a segment larger in the file than "
+                                 "in memory")
             segments.append(Segment(_place(seg["p_paddr"], ram_base, ram_size),
                                     data[offset:offset + size], seg["p_memsz"]))
         entry = _place(elf["e_entry"], ram_base, ram_size)
