@@ -129,7 +129,7 @@ def _load_elf(path: Path, data: bytes, ram_base: int, ram_size: int) -> Kernel:
             raise ImageError(f"kernel {path} has a malformed program header table")
         segments = []
         for seg in elf.iter_segments():
-            if seg["p_type"] != "PT_LOAD":
+            if seg["p_type"] != "PT_LOAD" or not seg["p_memsz"]:  # (empty: nothing to load)
                 continue
             offset, size = seg["p_offset"], seg["p_filesz"]
             if offset + size > len(data):
