@@ -71,15 +71,17 @@ def fuzz(name: str, work: Path, seconds: float | None, runs: int | None, seed: i
         proc = subprocess.run(
             [sys.executable, "-m", "tests.fuzz.run", name, f"-seed={seed}", limit,
              "-print_final_stats=1", str(work)],
-            cwd=ROOT, capture_output=True, text=True, errors="replace")
-        done = re.search(r"stat::number_of_executed_units: (\d+)", proc.stderr)
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            errors="replace")  # (atheris prints Python's traceback on stdout)
+        log = proc.stdout
+        done = re.search(r"stat::number_of_executed_units: (\d+)", log)
         report.runs += int(done.group(1)) if done else 0
         if proc.returncode != 0:
-            unit = re.search(r"Test unit written to (\S+)", proc.stderr)
-            report.findings.setdefault(_signature(proc.stderr),
+            unit = re.search(r"Test unit written to (\S+)", log)
+            report.findings.setdefault(_signature(log),
                                        unit.group(1) if unit else "(no input saved)")
             if not done:  # libFuzzer died before its statistics: count what it reported
-                counts = re.findall(r"^#(\d+)", proc.stderr, re.MULTILINE)
+                counts = re.findall(r"^#(\d+)", log, re.MULTILINE)
                 report.runs += int(counts[-1]) if counts else 0
         seed += 1
     report.wall, report.cpu = time.monotonic() - started, _cpu() - cpu

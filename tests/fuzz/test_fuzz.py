@@ -20,10 +20,10 @@ from tests.fuzz.harness import ROOT, TARGETS
 def test_fuzz_target_finds_nothing_in_its_corpus_and_fixed_seed_inputs(
         name: str, tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "tests.fuzz.run", name, "--ci",
-                             str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-                            errors="replace", timeout=900)
+                             str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, errors="replace", timeout=900)
     findings = sorted(p.name for p in (tmp_path / "findings").glob("*"))
-    assert result.returncode == 0, f"{findings}\n{result.stderr[-6000:]}"
+    assert result.returncode == 0, f"{findings}\n{result.stdout[-6000:]}"
 
 
 def test_every_16_bit_parcel_decodes_or_is_illegal_and_disassembles() -> None:
