@@ -620,11 +620,14 @@ def _extensions(elf: ELFFile) -> frozenset[str]:
     sec = elf.get_section_by_name(".riscv.attributes")
     if sec is None or not hasattr(sec, "iter_subsections"):
         return frozenset()
-    for sub in sec.iter_subsections():
-        for subsub in sub.iter_subsubsections():
-            for attr in subsub.iter_attributes():
-                if attr.tag == "TAG_ARCH":
-                    return _arch_extensions(str(attr.value))
+    try:
+        for sub in sec.iter_subsections():
+            for subsub in sub.iter_subsubsections():
+                for attr in subsub.iter_attributes():
+                    if attr.tag == "TAG_ARCH":
+                        return _arch_extensions(str(attr.value))
+    except TypeError:  # pyelftools on a corrupt tag: a malformed file, as its other errors
+        raise ValueError("corrupt .riscv.attributes section") from None
     return frozenset()
 
 
