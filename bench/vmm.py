@@ -243,8 +243,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         sock = tmp / "vmm.sock"
-        serve = subprocess.Popen([sys.executable, "-m", "popek", "serve", "--socket", str(sock)],
-                                 stderr=subprocess.DEVNULL)
+        serve = subprocess.Popen([sys.executable, "-m", "popek", "serve", "--socket", str(sock),
+                                  "--state-dir", str(tmp / "state")], stderr=subprocess.DEVNULL)
         try:
             while not sock.exists():
                 time.sleep(0.01)

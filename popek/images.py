@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import lzma
 import os
 import shutil
 from pathlib import Path
+
+from popek.machine.config import MachineConfig
 
 IMAGES = Path(os.environ.get("POPEK_IMAGES", Path(__file__).resolve().parent.parent / "images"))
 KERNEL = IMAGES / "linux" / "Image.xz"
@@ -31,3 +34,11 @@ def default_disk() -> Path:
             shutil.copyfileobj(src, dst)
         partial.rename(disk)
     return disk
+
+
+def with_bundled_guest(config: MachineConfig) -> MachineConfig:
+    """``config`` with the bundled kernel and initramfs where it names no kernel."""
+    if config.kernel is not None:
+        return config
+    return dataclasses.replace(config, kernel=KERNEL,
+                               initrd=config.initrd if config.initrd is not None else INITRD)

@@ -7,6 +7,13 @@ from the emulator's output.
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
 from popek.cpu.hart import Hart
 from popek.cpu.physmem import PhysicalMemory
 
@@ -15,6 +22,7 @@ RAM_SIZE = 4 << 20
 CLOCK = 123_456_789  # what the test harts' time CSR reads
 
 SYSTEM = 0b1110011
+AS = "riscv64-linux-gnu-as"
 
 
 def i_type(opcode: int, rd: int, funct3: int, rs1: int, imm: int) -> int:
@@ -86,3 +94,19 @@ def make_hart() -> Hart:
 
 def load(hart: Hart, addr: int, *words: int) -> None:
     hart.mem.write(addr, code(*words))
+
+
+def assemble(source: str) -> bytes:
+    """Machine code of ``source`` placed at RAM_BASE, by binutils (uncompressed unless the
+    source says ``# rvc``)."""
+    if shutil.which(AS) is None:
+        pytest.fail(f"{AS} is missing: apt-get install binutils-riscv64-linux-gnu")
+    with tempfile.TemporaryDirectory() as tmp:
+        src, obj, elf, raw = (Path(tmp) / n for n in ("p.S", "p.o", "p", "p.bin"))
+        src.write_text(".option norvc\n" + source if "# rvc" not in source else source)
+        subprocess.run([AS, "-march=rv64gc", "-o", str(obj), str(src)], check=True)
+        subprocess.run(["riscv64-linux-gnu-ld", f"-Ttext={RAM_BASE:#x}", "-o", str(elf),
+                        str(obj)], check=True)
+        subprocess.run(["riscv64-linux-gnu-objcopy", "-O", "binary", str(elf), str(raw)],
+                       check=True)
+        return raw.read_bytes()

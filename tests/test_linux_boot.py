@@ -130,7 +130,7 @@ def test_two_harts_boot_with_the_smp_kernel() -> None:
         (["--mem", "1K"], "--mem"),
         (["--mem", "lots"], "not a memory size"),
         (["--disk", "/nonexistent/disk.img"], "disk image not found"),
-        (["--cpus", "99"], "--cpus 99"),
+        (["--cpus", "99"], "--cpus: 99 is impossible"),
     ],
 )
 def test_bad_input_gives_one_line_error_and_status_2(args: list[str], message: str) -> None:

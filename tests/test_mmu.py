@@ -298,6 +298,15 @@ def test_a_faulting_access_does_not_set_a(hart, sv39):
     assert not sv39.pte(addr) & PTE_A
 
 
+def test_a_store_marks_its_page_and_the_page_table_page_whose_d_bit_it_set(hart, sv39):
+    pte = sv39.map(0x1000, DATA, PTE_V | RWX)
+    log = hart.mem.dirty_log()
+    hart.mmu.accessors["st64"](0x1008, 42)
+    assert sv39.pte(pte) & PTE_D
+    data_page, table_page = (DATA - RAM_BASE) >> 12, (pte - RAM_BASE) >> 12
+    assert log.take() == sorted([(data_page, 1), (table_page, 1)])
+
+
 # -- faults on the walk's own accesses -------------------------------------------------------
 def test_page_table_outside_memory_is_an_access_fault(hart):
     hart.csr[C.SATP] = (C.SATP_SV39 << 60) | (0x1000_0000 >> 12)  # nothing there

@@ -11,41 +11,24 @@ device or an FP instruction, and when a callback fails.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
+from rvasm import RAM_BASE, assemble
 
 from popek.cpu.hart import Hart
 from popek.cpu.physmem import PhysicalMemory
 from popek.engine import engine as engine_module
 
-BASE = 0x8000_0000
+BASE = RAM_BASE
 DATA = BASE + 0x4000
 HANDLER = BASE + 0x3000
 DEVICE = 0x1000_0000
 MEPC, MCAUSE, MTVAL, MTVEC, MSTATUS = 0x341, 0x342, 0x343, 0x305, 0x300
-AS = "riscv64-linux-gnu-as"
-
-def assemble(source: str) -> bytes:
-    """Machine code of ``source`` (placed at BASE), by binutils."""
-    if shutil.which(AS) is None:
-        pytest.fail(f"{AS} is missing: apt-get install binutils-riscv64-linux-gnu")
-    with tempfile.TemporaryDirectory() as tmp:
-        src, obj, elf, raw = (Path(tmp) / n for n in ("p.S", "p.o", "p", "p.bin"))
-        src.write_text(".option norvc\n" + source if "# rvc" not in source else source)
-        subprocess.run([AS, "-march=rv64gc", "-o", str(obj), str(src)], check=True)
-        subprocess.run(["riscv64-linux-gnu-ld", f"-Ttext={BASE:#x}", "-o", str(elf), str(obj)],
-                       check=True)
-        subprocess.run(["riscv64-linux-gnu-objcopy", "-O", "binary", str(elf), str(raw)],
-                       check=True)
-        return raw.read_bytes()
-
 
 class Counter:
     """A device whose reads count up; writes are recorded; offset 8 fails on read."""

@@ -8,7 +8,8 @@ import pytest
 
 from popek.cpu.hart import Hart
 from popek.machine.clock import MAX_NS_PER_INSTRUCTION, NS_PER_TICK, GuestClock
-from popek.machine.virt import MachineConfig, VirtMachine
+from popek.machine.config import MachineConfig
+from popek.machine.virt import VirtMachine
 from tests.vmm_guests import guest
 
 

@@ -310,6 +310,20 @@ def test_blk_read_scatters_across_many_segments(blk: Driver, image: Path) -> Non
     assert blk.mem.read(status, 1)[0] == VIRTIO_BLK_S_OK
 
 
+def test_blk_read_marks_exactly_the_pages_the_device_writes(blk: Driver, image: Path) -> None:
+    """DMA is a writer like any other: a dirty log (migration, diff snapshots) sees the
+    data the device scattered, its status byte and the used ring, and nothing else."""
+    header = blk.put(struct.pack("<IIQ", VIRTIO_BLK_T_IN, 0, 0))
+    buf, status = DATA + 0x3F00, DATA + 0x6000  # the data crosses into a second page
+    head = blk.chain([(header, 16, False), (buf, 2 * SECTOR, True), (status, 1, True)])
+    blk.offer(head)
+    log = blk.mem.dirty_log()
+    blk.kick()
+    assert blk.mem.read(buf, 2 * SECTOR) == image.read_bytes()[:2 * SECTOR]
+    page = (DATA - RAM) >> 12
+    assert log.take() == [((USED - RAM) >> 12, 1), (page + 3, 2), (page + 6, 1)]
+
+
 def test_blk_header_split_across_descriptors_is_accepted(blk: Driver, image: Path) -> None:
     header = struct.pack("<IIQ", VIRTIO_BLK_T_IN, 0, 1)
     a, b = blk.put(header[:6]), blk.put(header[6:])

@@ -59,7 +59,7 @@ def test_linux_guest_snapshot_restores_into_a_live_shell(tmp_path: Path) -> None
     sock = tmp_path / "vmm.sock"
     with open(tmp_path / "vmm.log", "wb") as log:
         serve = subprocess.Popen([sys.executable, "-m", "popek", "serve", "--socket",
-                                  str(sock)], stderr=log)
+                                  str(sock), "--state-dir", str(tmp_path / "state")], stderr=log)
     try:
         deadline = time.monotonic() + 60
         while not sock.exists():

@@ -27,3 +27,23 @@ def test_document_and_server_have_the_same_operations() -> None:
                   for method in item if method != "parameters"}
     served = {(route.method, re.sub(r"\{[^}]+\}", "{}", route.path)) for route in routes()}
     assert documented == served
+
+
+def test_machine_config_schema_is_generated_from_the_declaration() -> None:
+    from popek.api import openapi
+
+    text = DOC.read_text()
+    assert openapi.rewrite(text) == text, "run: python -m popek.api.openapi"
+
+
+def test_every_operation_answers_401_and_those_naming_host_paths_403() -> None:
+    document = _document()
+    assert document["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            if method == "parameters":
+                continue
+            statuses = set(operation["responses"])
+            assert "401" in statuses, (method, path)
+            takes_paths = operation["operationId"] in ("createVm", "restoreVm", "snapshotVm")
+            assert ("403" in statuses) == takes_paths, (method, path)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import re
+import zlib
 from pathlib import Path
 
 import pytest
 
-from popek.machine.virt import DiskSpec, MachineConfig, VirtMachine
+from popek.machine.config import DiskSpec, MachineConfig
+from popek.machine.virt import VirtMachine
 from popek.vmm import snapshot
 from popek.vmm.snapshot import SnapshotError
 from tests.vmm_guests import guest
@@ -183,3 +185,36 @@ def test_disks_are_flushed_recorded_and_reopened(tmp_path: Path) -> None:
     disk.write_bytes(bytes(2 << 20))  # the image changed shape since the save
     with pytest.raises(SnapshotError, match="does not fit"):
         snapshot.load(path).machine(bytearray().extend)
+
+
+def test_recorded_configuration_is_read_without_mapping_ram(tmp_path: Path) -> None:
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    machine = _machine("hello", bytearray(), disks=[DiskSpec(disk)])
+    path = snapshot.save(tmp_path / "vm.snap", machine).path
+    assert snapshot.read_config(path) == machine.config
+    _damaged(path, lambda d: d.__setitem__(-5, d[-5] ^ 1))
+    with pytest.raises(SnapshotError, match="metadata checksum"):
+        snapshot.read_config(path)
+
+
+def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "vm.snap")
+    for read in (snapshot.read_config, snapshot.load):
+        with pytest.raises(SnapshotError, match="not a regular file"):
+            read(tmp_path / "vm.snap")
+
+
+def test_a_header_promising_huge_metadata_is_refused_before_reading_it(
+        good_snapshot: Path) -> None:
+    """A sparse file can be as large as its header says: 64 GiB of 'metadata' would be
+    read into memory if only the file size were checked."""
+    meta_len, ram = 64 << 30, 4096
+    head = snapshot._HEAD.pack(snapshot.MAGIC, snapshot.FORMAT_VERSION, 0, meta_len, ram,
+                               snapshot.MEM_OFFSET + ram + meta_len)
+    with open(good_snapshot, "r+b") as file:
+        file.write(head + snapshot._CRC.pack(zlib.crc32(head)))
+        file.truncate(snapshot.MEM_OFFSET + ram + meta_len)
+    for read in (snapshot.read_config, snapshot.load):
+        with pytest.raises(SnapshotError, match="beyond what a snapshot can need"):
+            read(good_snapshot)

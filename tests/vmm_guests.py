@@ -156,6 +156,16 @@ void main(void) {
     say("running the code\n");
     for (;;) ((void (*)(void))code)();
 }""",
+    # Write a status that only a test build's finisher knows (tests/vmm_test_build.py):
+    # the worker then makes a system call its seccomp filter forbids, tries to open a
+    # root-only file and powers off with the errno (0: it could), or stops throttling
+    # itself to its CPU cap (and the guest spins).
+    "forbidden": r"""
+void main(void) { say("about to misbehave\n"); delay(100000); *FINISHER = 0xbad0; for (;;) {} }""",
+    "peek": r"""
+void main(void) { say("peeking\n"); *FINISHER = 0xbad1; for (;;) {} }""",
+    "greedy": r"""
+void main(void) { *FINISHER = 0xbad2; say("spinning\n"); for (;;) {} }""",
     # Panics: jumps to address 0, where nothing answers, with no trap handler set up.
     "crash": r"""
 void main(void) { say("crashing\n"); ((void (*)(void))0)(); }""",
@@ -183,6 +193,23 @@ void main(void) {
         put('\n');
     }
     poweroff(0);
+}""",
+    # Each hart keeps incrementing bytes in its own half of 256 pages, a subset of the
+    # pages that changes every 64 passes (QEMU's migration test idea): every store changes
+    # a page, so the pages that changed are exactly the pages written.
+    "dirtier": _SMP + r"""
+#define PAGES 256
+volatile unsigned char area[PAGES][4096] __attribute__((aligned(4096)));
+static void dirty(unsigned long h) {
+    for (unsigned long n = 0;; n++)
+        for (unsigned long p = h; p < PAGES; p += 2)
+            if ((p + n / 64) % 5 == 0) area[p][n % 4096]++;
+}
+void second(void) { dirty(1); }
+void main(void) {
+    start_hart1();
+    say("dirtier ready\n");
+    dirty(0);
 }""",
     # Hart 0 reserves a word with lr.w, hart 1 stores to it, then hart 0's sc.w must fail.
     "lrsc": _SMP + r"""

@@ -5,7 +5,7 @@ source "$(dirname "$0")/common.sh"
 
 PKGS=(gcc-riscv64-linux-gnu binutils-riscv64-linux-gnu libc6-dev-riscv64-cross
       linux-source-6.1 bc bison flex libssl-dev cpio dpkg-dev gcc make xz-utils file
-      e2fsprogs qemu-user qemu-system-misc opensbi python3)
+      e2fsprogs qemu-user qemu-system-misc opensbi passt python3)
 
 missing=()
 for p in "${PKGS[@]}"; do

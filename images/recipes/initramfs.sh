@@ -1,5 +1,6 @@
 #!/bin/bash
-# Pack linux/initramfs.cpio.gz: static busybox + applet symlinks + src/init.
+# Pack linux/initramfs.cpio.gz: static busybox + applet symlinks + src/init, and the
+# network bring-up: src/net-up as /sbin/net-up, src/udhcpc.script as udhcpc's default script.
 # Uses the kernel's own usr/gen_init_cpio, which writes device nodes and fixed
 # ownership/timestamps from a text list, so no root and no host cpio quirks are
 # involved and the archive is byte-for-byte reproducible.
@@ -23,7 +24,9 @@ gcc -O2 -o "$gen" "$out/gen_init_cpio.c"
 # Files are copied so their mtimes can be pinned (gen_init_cpio takes file mtimes from disk).
 install -m 0755 "$bb" "$out/busybox"
 install -m 0755 "$IMAGES/src/init" "$out/init"
-touch -d "@$SOURCE_DATE_EPOCH" "$out/busybox" "$out/init"
+install -m 0755 "$IMAGES/src/net-up" "$out/net-up"
+install -m 0755 "$IMAGES/src/udhcpc.script" "$out/udhcpc.script"
+touch -d "@$SOURCE_DATE_EPOCH" "$out/busybox" "$out/init" "$out/net-up" "$out/udhcpc.script"
 
 list="$out/initramfs.list"
 {
@@ -41,6 +44,10 @@ list="$out/initramfs.list"
     grep -vx '/bin/busybox' "$links" | sort -u | while read -r p; do
         echo "slink $p /bin/busybox 0777 0 0"
     done
+    # The network bring-up, which /init runs only when a NIC exists.
+    echo "file /sbin/net-up $out/net-up 0755 0 0"
+    echo "dir /etc/udhcpc 0755 0 0"
+    echo "file /etc/udhcpc/default.script $out/udhcpc.script 0755 0 0"
 } >"$list"
 "$gen" -t "$SOURCE_DATE_EPOCH" "$list" >"$out/initramfs.cpio"
 gzip -9 -n -c "$out/initramfs.cpio" >"$IMAGES/linux/initramfs.cpio.gz"

@@ -71,7 +71,8 @@ def main() -> None:
          "arch/riscv/boot/Image, tinyconfig + linux-virt.config + linux-virt-smp.config, xz -9"),
         ("linux/Image-smp.config", [linux], "recipes/linux.sh virt-smp", "full resolved .config of Image-smp"),
         ("linux/initramfs.cpio.gz", [busybox, linux], "recipes/initramfs.sh",
-         "newc cpio (kernel usr/gen_init_cpio), gzip -9: busybox + links + src/init"),
+         "newc cpio (kernel usr/gen_init_cpio), gzip -9: busybox + links + src/init"
+         " + src/net-up + src/udhcpc.script"),
         ("linux/disk.ext4.xz", [e2fs, lua, glibc], "recipes/disk.sh",
          "16 MiB ext4 (mke2fs -d): README, lua, hello-*, glibc loader + libc; xz -9"),
     ]

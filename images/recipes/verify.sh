@@ -32,6 +32,7 @@ xz -dc "$L/disk.ext4.xz" >"$vdir/disk.ext4"
 [ -f "$L/Image-smp.xz" ] && xz -dc "$L/Image-smp.xz" >"$vdir/Image-smp"
 
 # boot KERNEL EXTRA_QEMU_ARGS... -- SHELL_COMMAND   -> sets $out and $rc
+# ($append, if set, goes on the kernel command line too.)
 boot() {
     local kernel=$1; shift
     local args=()
@@ -42,7 +43,7 @@ boot() {
     set +e
     out=$(timeout 120 qemu-system-riscv64 -M virt -m 256M -nographic "${args[@]}" \
         -kernel "$kernel" -initrd "$L/initramfs.cpio.gz" \
-        -append "console=ttyS0 popek.cmd=$b64" \
+        -append "console=ttyS0 ${append:-}popek.cmd=$b64" \
         -drive file="$vdir/disk.ext4",format=raw,if=none,id=d0 -device virtio-blk-device,drive=d0 \
         -device virtio-rng-device </dev/null 2>&1 | tr -d '\r')
     rc=${PIPESTATUS[0]}
@@ -91,6 +92,61 @@ out=$(tr -d '\r' <"$vdir/boot-interactive.log")
 [ "$rc" = 0 ] && printf '%s\n' "$out" | grep -qx 'inter21active' \
     && pass "interactive shell on ttyS0, poweroff on exit" || { fail "interactive: rc=$rc"; tail -20 "$vdir/boot-interactive.log"; }
 
+# Networking, as a QEMU user expects it: the guest's /init gets 10.0.2.15/24 by DHCP
+# and says so; the guest fetches from a web server on the host's loopback through the
+# gateway 10.0.2.2, and serves a page (busybox httpd, one connection through nc -e) that
+# the host fetches through a forwarded port. netboot NAME NETDEV_ARGS... runs it.
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+mkdir -p "$vdir/www"; echo "host page $$" >"$vdir/www/index.html"
+web_port=$(free_port)
+python3 -m http.server "$web_port" --bind 127.0.0.1 --directory "$vdir/www" >"$vdir/http.log" 2>&1 &
+web_pid=$!
+for _ in $(seq 100); do python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$web_port/')" 2>/dev/null && break; sleep 0.1; done
+netboot() {
+    local name=$1; shift
+    local cmd="mkdir -p /tmp/w; echo guest page > /tmp/w/index.html
+timeout 60 nc -l -p 80 -e httpd -i -h /tmp/w & wget -q -O- http://10.0.2.2:$web_port/; echo GUEST-SERVING; wait"
+    local log="$vdir/boot-net-$name.log" t0; t0=$(date +%s.%N)
+    rm -f "$log"
+    timeout 120 qemu-system-riscv64 -M virt -m 256M -nographic -kernel "$vdir/Image" \
+        -initrd "$L/initramfs.cpio.gz" -append "console=ttyS0 popek.cmd=$(printf '%s' "$cmd" | base64 -w0)" \
+        -device virtio-net-device,netdev=n0 "$@" </dev/null >"$log" 2>&1 &
+    local qpid=$!
+    for _ in $(seq 600); do grep -qs GUEST-SERVING "$log" && break; sleep 0.1; done
+    local fetched; fetched=$(python3 -c "import urllib.request as u; print(u.urlopen('http://127.0.0.1:$fwd_port/', timeout=10).read().decode(), end='')" 2>&1)
+    set +e; wait "$qpid"; rc=$?; set -e
+    secs=$(echo "$(date +%s.%N) - $t0" | bc)
+    out=$(tr -d '\r' <"$log")
+    net_line=$(printf '%s\n' "$out" | grep '^eth0: ' || true)
+    if [ "$rc" = 0 ] && [[ "$net_line" == "eth0: 10.0.2.15/24 via 10.0.2.2, "* ]] \
+        && between | head -n1 | grep -qxF "host page $$" && [ "$fetched" = "guest page" ]; then
+        pass "network ($name): '$net_line', wget from the host's loopback, host fetch through port forward (${secs}s)"
+    else fail "network ($name): rc=$rc net='$net_line' fetched='$fetched'"; cat "$log"; fi
+}
+fwd_port=$(free_port)
+netboot user -netdev "user,id=n0,hostfwd=tcp:127.0.0.1:$fwd_port-:80"
+# The same through Debian's passt, told QEMU's user-network addresses (see README).
+if command -v passt >/dev/null; then
+    fwd_port=$(free_port)
+    # As root, passt drops to user nobody before it binds its socket: give it a directory
+    # nobody can write to.
+    sockdir=$(mktemp -d /tmp/popek-verify.XXXXXX); chmod 0777 "$sockdir"; sock="$sockdir/passt.sock"
+    passt -f -1 -4 -a 10.0.2.15 -n 24 -g 10.0.2.2 -t "127.0.0.1/$fwd_port:80" -u none \
+        -s "$sock" -l "$vdir/passt.log" >/dev/null 2>&1 &
+    passt_pid=$!
+    for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.05; done
+    netboot passt -netdev "stream,id=n0,server=off,addr.type=unix,addr.path=$sock"
+    # -1 (one client): passt exits once QEMU has closed the socket.
+    for _ in $(seq 50); do kill -0 "$passt_pid" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$passt_pid" 2>/dev/null && { fail "passt still running after QEMU exited"; kill "$passt_pid"; }
+    rm -rf "$sockdir"
+else
+    fail "network (passt): passt is not installed (apt-get install passt)"
+fi
+kill "$web_pid"
+
+grep -q '^eth0:' "$vdir/boot-Image.log" && fail "a boot without a NIC printed an eth0 line"
+
 if [ "$quick" = 0 ]; then
     fw=/usr/lib/riscv64-linux-gnu/opensbi/generic/fw_jump.bin
     boot "$vdir/Image" -bios "$fw" -- 'uname -m'
@@ -98,10 +154,13 @@ if [ "$quick" = 0 ]; then
         && pass "boot with Debian OpenSBI fw_jump.bin (${secs}s)" || { fail "fw_jump: rc=$rc"; cat "$vdir/last-boot.log"; }
 
     if [ -f "$vdir/Image-smp" ]; then
-        boot "$vdir/Image-smp" -smp 2 -device virtio-net-device,netdev=n0 -netdev user,id=n0 -- \
-            'grep -c ^processor /proc/cpuinfo; uname -m; ip link show eth0 >/dev/null && echo eth0'
-        [ "$rc" = 0 ] && [ "$(between)" = $'2\nriscv64\neth0' ] \
-            && pass "boot Image-smp -smp 2 with virtio-net (${secs}s)" || { fail "smp: rc=$rc"; cat "$vdir/last-boot.log"; }
+        # ...configured by the kernel (ip=dhcp) this time.
+        append="ip=dhcp " boot "$vdir/Image-smp" -smp 2 -device virtio-net-device,netdev=n0 -netdev user,id=n0 -- \
+            'grep -c ^processor /proc/cpuinfo; uname -m; cat /etc/resolv.conf'
+        [ "$rc" = 0 ] && [ "$(between)" = $'2\nriscv64\nnameserver 10.0.2.3' ] \
+            && printf '%s\n' "$out" | grep -q 'IP-Config: Complete' \
+            && printf '%s\n' "$out" | grep -qx 'eth0: 10.0.2.15/24 via 10.0.2.2, mtu 1500, dns 10.0.2.3' \
+            && pass "boot Image-smp -smp 2, virtio-net configured by ip=dhcp (${secs}s)" || { fail "smp: rc=$rc"; cat "$vdir/last-boot.log"; }
         cp "$vdir/last-boot.log" "$vdir/boot-Image-smp.log"
     fi
 fi

@@ -5,16 +5,25 @@
     async with Client() as vmm:
         vm = await vmm.create(kernel="/path/Image", mem=256 << 20)
         await vmm.snapshot(vm["id"], "/tmp/vm.snap")
+
+Over TCP, pass the VMM's API token (:func:`popek.api.token.read` reads its file)::
+
+    async with Client(url="http://127.0.0.1:8080", token=token) as vmm: ...
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from popek.api.endpoint import default_socket
+
+UNAUTHORIZED = ("unauthorized: the VMM wants its API token (from the file popek serve "
+                "--token-file names)")
 
 
 class ApiError(Exception):
@@ -26,18 +35,21 @@ class ApiError(Exception):
 
 
 class Client:
-    """One connection pool to a VMM on a Unix socket (or ``url`` for TCP)."""
+    """One connection pool to a VMM on a Unix socket (or ``url`` for TCP, with ``token``)."""
 
-    def __init__(self, socket_path: Path | None = None, url: str | None = None) -> None:
+    def __init__(self, socket_path: Path | None = None, url: str | None = None,
+                 token: str | None = None) -> None:
         self.socket_path = socket_path or default_socket()
+        self.url = url
         self.base = url or "http://popek"
+        self.headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Client:
-        connector = None if self.base != "http://popek" else \
-            aiohttp.UnixConnector(path=str(self.socket_path))
+        connector = None if self.url else aiohttp.UnixConnector(path=str(self.socket_path))
         self._session = aiohttp.ClientSession(
-            connector=connector, timeout=aiohttp.ClientTimeout(total=None, connect=5))
+            connector=connector, headers=self.headers,
+            timeout=aiohttp.ClientTimeout(total=None, connect=5))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -52,14 +64,16 @@ class Client:
                     data = await resp.json()
                 else:
                     data = await resp.read()
+                if resp.status == 401:
+                    raise ApiError(UNAUTHORIZED, 401)
                 if resp.status >= 400:
                     message = data.get("error") if isinstance(data, dict) else None
                     raise ApiError(message or f"HTTP {resp.status}", resp.status)
                 return data
         except aiohttp.ClientConnectionError as err:
             reason = getattr(getattr(err, "os_error", None), "strerror", None) or err
-            raise ApiError(f"cannot reach the VMM at {self.socket_path} ({reason}); "
-                           "is 'popek serve' running?") from None
+            raise ApiError(f"cannot reach the VMM at {self.url or self.socket_path} "
+                           f"({reason}); is 'popek serve' running?") from None
 
     # -- operations (see docs/openapi.yaml) ---------------------------------------------------
     async def version(self) -> dict[str, Any]:
@@ -95,7 +109,16 @@ class Client:
     async def console_log(self, vm: str) -> bytes:
         return await self.request("GET", f"/v1/vms/{vm}/console/log")
 
-    def console(self, vm: str, replay: bool = True) -> Any:
+    @contextlib.asynccontextmanager
+    async def console(self, vm: str,
+                      replay: bool = True) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
         """A WebSocket (``async with``): receive guest output, ``send_bytes`` keystrokes."""
-        return self._session.ws_connect(
-            f"{self.base}/v1/vms/{vm}/console" + ("?replay=1" if replay else ""))
+        try:
+            ws = await self._session.ws_connect(
+                f"{self.base}/v1/vms/{vm}/console" + ("?replay=1" if replay else ""))
+        except aiohttp.WSServerHandshakeError as err:
+            raise ApiError(UNAUTHORIZED if err.status == 401 else
+                           f"cannot attach to {vm}'s console (HTTP {err.status})",
+                           err.status) from None
+        async with ws:
+            yield ws

@@ -1,8 +1,10 @@
 """The VMM's REST API (described in docs/openapi.yaml), served by aiohttp.
 
 Routes are thin: parse JSON, call :class:`popek.vmm.manager.Vmm`, answer JSON. Errors
-are ``{"error": message}`` with the status the VMM chose (400 bad request, 404 no
-such VM, 409 wrong state). The console is a WebSocket carrying raw bytes both ways.
+are ``{"error": message}`` with the status the VMM chose (400 bad request, 403 a path
+the policy refuses, 404 no such VM, 409 wrong state). The console is a WebSocket
+carrying raw bytes both ways. Who may call, and which paths a request may name, is
+:mod:`popek.api.access`'s middleware's decision; routes pass its path policy on.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from popek import __version__
+from popek.api.access import PATHS, Access
 from popek.vmm.errors import BadRequest, VmmError
 from popek.vmm.manager import Vmm
 
@@ -61,12 +64,12 @@ async def list_vms(request: web.Request) -> web.Response:
 
 
 async def create_vm(request: web.Request) -> web.Response:
-    vm = await _vmm(request).create(await _body(request))
+    vm = await _vmm(request).create(await _body(request), request[PATHS])
     return web.json_response(vm.info(), status=201)
 
 
 async def restore_vm(request: web.Request) -> web.Response:
-    vm = await _vmm(request).restore(await _body(request))
+    vm = await _vmm(request).restore(await _body(request), request[PATHS])
     return web.json_response(vm.info(), status=201)
 
 
@@ -104,7 +107,8 @@ async def shutdown_vm(request: web.Request) -> web.Response:
 
 async def snapshot_vm(request: web.Request) -> web.Response:
     return web.json_response(
-        await _vmm(request).snapshot(request.match_info["vm"], await _body(request)), status=201)
+        await _vmm(request).snapshot(request.match_info["vm"], await _body(request),
+                                     request[PATHS]), status=201)
 
 
 async def console_log(request: web.Request) -> web.Response:
@@ -166,8 +170,8 @@ def routes() -> list[web.RouteDef]:
     ]
 
 
-def make_app(vmm: Vmm) -> web.Application:
-    app = web.Application(middlewares=[_errors], client_max_size=1 << 20)
+def make_app(vmm: Vmm, access: Access) -> web.Application:
+    app = web.Application(middlewares=[access.admit, _errors], client_max_size=1 << 20)
     app[VMM_KEY] = vmm
     app.add_routes(routes())
     return app

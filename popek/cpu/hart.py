@@ -93,6 +93,7 @@ class Hart(HartState):
         trap_unit.sfence_vma(self, vaddr, asid)
 
     def fence_i(self) -> None:
-        """Nothing to do: decoded code is dropped at every store that overlaps it (see
-        PhysicalMemory.note_write), which is stronger than fence.i asks. Flushing here
-        would throw away the whole code cache each time Linux maps an executable page."""
+        """Nothing to do: decoded code is dropped at every store that overlaps it (the
+        engine watches its pages, see Engine.page_written), which is stronger than fence.i
+        asks. Flushing here would throw away the whole code cache each time Linux maps an
+        executable page."""

@@ -4,7 +4,10 @@ The TLB is the VMM's shadow of the guest page tables: three dicts (read, write,
 execute) from virtual page number to the host offset of the backing RAM page.
 Loads and stores are closures that hit the TLB inline; everything else (a miss,
 a page-crossing access, MMIO, a PMP region smaller than a page, a write to a page
-holding translated code) takes the slow path, which translates, checks, and fills.
+someone watches, such as one holding decoded code) takes the slow path, which
+translates, checks, and fills. Pages enter the write TLB only as guest memory admits
+them (``PhysicalMemory.admit_write``), which is how dirty logs and write watches see
+every write without the fast path doing anything.
 
 ``translate`` is pluggable: the system emulator walks the guest page tables
 (:mod:`popek.cpu.pagewalk`); the process VM looks up its own address-space map.
@@ -66,7 +69,7 @@ class Mmu:
         # The (read, write, execute) translations of privileges not running now: a system
         # call returns to the same user pages, a trap handler runs on the same kernel pages.
         self.saved: dict[int, tuple[dict[int, int], dict[int, int], dict[int, int]]] = {}
-        mem.code_protectors.append(self._drop_writable)
+        mem.add_write_tlb(self)
         self.accessors = self._make_accessors()
         self.mirror: TlbMirror | None = None
 
@@ -119,11 +122,16 @@ class Mmu:
         if self.mirror is not None:
             self.mirror.flush()
 
-    def _drop_writable(self, page: int) -> None:
+    def drop_writable(self, page: int | None) -> None:
+        """Forget the writable translations to host page ``page`` (None: all of them), those
+        of privileges set aside too: guest memory asks when it starts watching the page
+        or a dirty log starts over."""
         for tlb_w in [self.tlb_w, *(s[1] for s in self.saved.values())]:
-            stale = [vpn for vpn, base in tlb_w.items() if base == page]
-            for vpn in stale:
-                del tlb_w[vpn]
+            if page is None:
+                tlb_w.clear()
+            else:
+                for vpn in [vpn for vpn, base in tlb_w.items() if base == page]:
+                    del tlb_w[vpn]
         if self.mirror is not None:
             self.mirror.drop_writable()
 
@@ -148,8 +156,7 @@ class Mmu:
                 if not pmp.pmp_check(self.hart, pa, size, access, priv):
                     raise Trap(ACCESS_FAULT_FOR_ACCESS[access], vaddr)
         if access == ACCESS_WRITE and cacheable:
-            # Pages holding decoded code stay off the write fast path (see PhysicalMemory).
-            cacheable = (off & ~_PAGE_MASK) not in self.mem.code_pages
+            cacheable = self.mem.admit_write(off & ~_PAGE_MASK)
         if cacheable:
             tlb = (self.tlb_r, self.tlb_w, self.tlb_x)[access]
             if len(tlb) >= TLB_LIMIT:
@@ -204,14 +211,9 @@ class Mmu:
             self.store_slow(vaddr, first, value)
             self.store_slow(high_addr, size - first, value >> (8 * first))
             return
-        pa, off = self.resolve(vaddr, size, ACCESS_WRITE)
-        value &= (1 << (8 * size)) - 1
-        if off is not None:
-            self.mem.note_write(off, size)
-            self.mem.ram[off:off + size] = value.to_bytes(size, "little")
-            return
+        pa, _ = self.resolve(vaddr, size, ACCESS_WRITE)
         try:
-            self.mem.store(pa, size, value)
+            self.mem.store(pa, size, value & ((1 << (8 * size)) - 1))  # RAM or a device
         except BusError:
             raise Trap(ACCESS_FAULT_FOR_ACCESS[ACCESS_WRITE], vaddr) from None
 

@@ -3,10 +3,13 @@
 A block is a run of instructions within one guest page, ending at a control
 transfer, a system instruction or the page end; it is decoded once, cached by the
 host offset of its first instruction (plus the mode bits decoding depends on), and
-dropped when a store hits its page. Each block has one entry point, ``run(pc)``:
-the reference tier interprets its decoded instructions; tier 1 replaces that with
-a translated Python function once the block is hot. Interrupts are checked at
-block boundaries: after every system instruction and at each slice start.
+dropped when a store overlaps it: the engine watches each page it decoded (guest
+memory's write watches keep the page off the write fast path and report every write
+to it) and checks each write against the 16-byte granules that hold code, so data
+beside code costs a slow-path store, not a re-decode. Each block has one entry point,
+``run(pc)``: the reference tier interprets its decoded instructions; tier 1 replaces
+that with a translated Python function once the block is hot. Interrupts are checked
+at block boundaries: after every system instruction and at each slice start.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ MSTATUS_FS = 3 << 13
 MSTATUS_FS_DIRTY_SD = (3 << 13) | (1 << 63)
 FS_ON_KEY = 1 << 62  # block-cache key bit: decoded with the FP unit enabled
 MAX_BLOCK = 64
+CODE_GRANULE = 16  # bytes: how finely writes are checked against decoded code
 STRADDLERS_LIMIT = 4096
 HOT_AFTER = 256  # runs before tier 1 translates a block: compiling costs ~1 ms, so
 # only blocks that will run many more times repay it (measured on a Linux boot)
@@ -85,24 +89,44 @@ class Engine:
         self.ops: dict[int, Op] = {}
         self.blocks: dict[int, Block] = {}
         self.page_blocks: dict[int, list[int]] = {}
+        # Which CODE_GRANULE-byte granules of each watched page hold decoded code.
+        self.code_granules: dict[int, bytearray] = {}
         # Instructions that straddle two pages, cached by their bits (and mode) rather
         # than by address: the second page may map anywhere, and differently next time.
         self.straddlers: dict[int, Block] = {}
-        hart.mem.code_watchers.append(self.invalidate_page)
         self.native = jit.NativeRuntime(hart, self.handlers) if tier == "jit" else None
         self.native_queue: list[Block] = []  # hot blocks waiting for native code
         # Native code compiled for blocks, waiting to be installed between runs.
         self.native_done = self.native.compiled if self.native is not None else ()
 
     # -- code cache ---------------------------------------------------------------------
-    def invalidate_page(self, page: int) -> None:
+    def _watch_code(self, page: int, start: int, end: int) -> None:
+        """Decoded code now lies at offsets ``[start, end)`` of the RAM page at ``page``."""
+        granules = self.code_granules.get(page)
+        if granules is None:
+            granules = self.code_granules[page] = bytearray(PAGE_SIZE // CODE_GRANULE)
+            self.hart.mem.watch(page, self)
+        first, last = start // CODE_GRANULE, (end - 1) // CODE_GRANULE
+        granules[first:last + 1] = b"\1" * (last - first + 1)
+
+    def page_written(self, page: int, offset: int, size: int) -> bool:
+        """A write is about to change ``[offset, offset + size)`` of a watched page: drop
+        the page's blocks if it overlaps their code (then stop watching), else keep them."""
+        granules = self.code_granules[page]
+        if granules.find(1, offset // CODE_GRANULE, (offset + size - 1) // CODE_GRANULE + 1) < 0:
+            return True
+        del self.code_granules[page]
         for key in self.page_blocks.pop(page, ()):
             self.blocks.pop(key, None)
         if self.native is not None:
             self.native.forget_jumps()
+        return False
 
     def flush(self) -> None:
         """Drop all decoded code."""
+        for page in self.code_granules:
+            self.hart.mem.unwatch(page, self)
+        self.code_granules.clear()
         self.blocks.clear()
         self.page_blocks.clear()
         if self.native is not None:
@@ -264,7 +288,7 @@ class Engine:
             key = block.key = page + start + mode
             self.blocks[key] = block
             self.page_blocks.setdefault(page, []).append(key)
-            self.hart.mem.protect_code(page, start, off)
+            self._watch_code(page, start, off)
         return block
 
     def _straddling_bits(self, page: int, pc: int) -> int:

@@ -11,10 +11,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 from popek import images
-from popek.engine.engine import DEFAULT_TIER, TIERS
+from popek.machine.config import (
+    ConfigError,
+    DiskSpec,
+    MachineConfig,
+    add_config_args,
+    config_from_args,
+)
 from popek.machine.console import HostConsole
 from popek.machine.loader import ImageError
-from popek.machine.virt import ConfigError, DiskSpec, MachineConfig, VirtMachine
+from popek.machine.virt import VirtMachine
 from popek.stats import instruction_summary
 
 EXIT_USAGE = 2
@@ -22,42 +28,10 @@ CMD_BEGIN = b"POPEK-CMD-BEGIN"
 CMD_END = re.compile(rb"POPEK-CMD-END (\d+)")
 
 
-def parse_size(text: str) -> int:
-    """``256M``, ``1G``, ``65536K`` or a bare number of MiB (as QEMU's ``-m``)."""
-    match = re.fullmatch(r"(\d+)([KMGT]?)(i?B)?", text.strip(), re.IGNORECASE)
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (try 256M or 1G)")
-    shift = {"": 20, "K": 10, "M": 20, "G": 30, "T": 40}[match.group(2).upper()]
-    return int(match.group(1)) << shift
-
-
-def parse_disk(text: str) -> DiskSpec:
-    """``PATH`` or ``PATH,ro``."""
-    path, _, opts = text.partition(",")
-    if opts not in ("", "ro", "rw"):
-        raise argparse.ArgumentTypeError(f"unknown disk option {opts!r} (only ro or rw)")
-    return DiskSpec(Path(path), readonly=opts == "ro")
-
-
 def add_run_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--kernel", type=Path, help="kernel Image or ELF (default: bundled Linux)")
-    parser.add_argument("--initrd", type=Path, help="initramfs (default: bundled, with the "
-                        "bundled kernel)")
-    parser.add_argument("--append", default=None, help='kernel command line '
-                        '(default: "console=ttyS0")')
-    parser.add_argument("--disk", type=parse_disk, action="append", default=None,
-                        metavar="PATH[,ro]", help="raw virtio-blk image; repeatable (default: "
-                        "a writable copy of the bundled disk, with the bundled kernel)")
-    parser.add_argument("--mem", type=parse_size, default=256 << 20, metavar="SIZE",
-                        help="guest RAM, e.g. 256M or 1G (default 256M)")
-    parser.add_argument("--cpus", type=int, default=1, metavar="N", help="harts (default 1)")
-    parser.add_argument("--bios", default="none", metavar="none|opensbi|PATH",
-                        help="M-mode firmware: none = popek's own SBI (default), opensbi = "
-                        "Debian's fw_jump.bin, or a firmware file")
+    add_config_args(parser)
     parser.add_argument("--console-log", type=Path, metavar="FILE",
                         help="also write all console output to FILE")
-    parser.add_argument("--engine", choices=TIERS, default=DEFAULT_TIER,
-                        help=f"execution tier (default {DEFAULT_TIER}, or $POPEK_ENGINE)")
     parser.add_argument("--stats", action="store_true",
                         help="at exit, print guest instructions, wall time and MIPS on stderr")
     parser.add_argument("-c", dest="command", metavar="CMD",
@@ -65,17 +39,15 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
 
 
 def machine_config(args: argparse.Namespace) -> MachineConfig:
-    bundled = args.kernel is None
-    kernel = images.KERNEL if bundled else args.kernel
-    initrd = args.initrd if args.initrd is not None else (images.INITRD if bundled else None)
-    disks = args.disk if args.disk is not None else (
-        [DiskSpec(images.default_disk())] if bundled else [])
-    append = args.append if args.append is not None else "console=ttyS0"
+    """The flags' machine. The bundled guest also gets, unless ``--disk`` says otherwise, a
+    writable copy of the bundled disk; ``-c`` travels to its init on the command line."""
+    config = images.with_bundled_guest(config_from_args(args))
+    if config.kernel == images.KERNEL and not hasattr(args, "disks"):
+        config.disks = [DiskSpec(images.default_disk())]
     if args.command is not None:
         encoded = base64.b64encode(args.command.encode()).decode()
-        append += f" quiet popek.cmd={encoded}"
-    return MachineConfig(kernel=kernel, initrd=initrd, append=append, disks=disks,
-                         mem=args.mem, cpus=args.cpus, bios=args.bios, engine=args.engine)
+        config.append += f" quiet popek.cmd={encoded}"
+    return config
 
 
 class CommandOutput:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import gzip
 import io
 import lzma
+import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,15 +47,17 @@ class Kernel:
         return max(s.addr + s.memsz for s in self.segments)
 
 
-def read_image(path: Path, what: str, limit: int) -> bytes:
-    """The file's bytes, decompressed if it is xz or gzip.
+def read_image(path: Path, what: str, limit: int,
+               opener: Callable[..., int] = os.open) -> bytes:
+    """The file's bytes, decompressed if it is xz or gzip. ``opener`` opens ``path`` as
+    os.open does (a VMM worker's finds the descriptor the VMM opened for it).
 
     An image larger than ``limit`` bytes (the guest's RAM, which no loadable image
     exceeds) is refused before more is read or decompressed: a small compressed file
     may expand to any size, and a path may name an endless file."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read(limit + 1)
+        with open(opener(path, os.O_RDONLY), "rb") as image:
+            raw = image.read(limit + 1)
     except FileNotFoundError:
         raise ImageError(f"{what} not found: {path}") from None
     except IsADirectoryError:
@@ -74,9 +78,10 @@ def read_image(path: Path, what: str, limit: int) -> bytes:
     return raw
 
 
-def load_kernel(path: Path, ram_base: int, ram_size: int) -> Kernel:
+def load_kernel(path: Path, ram_base: int, ram_size: int,
+                opener: Callable[..., int] = os.open) -> Kernel:
     """Parse a kernel as QEMU's ``-kernel`` would: an ELF, or a RISC-V Linux Image."""
-    data = read_image(path, "kernel", ram_size)
+    data = read_image(path, "kernel", ram_size, opener)
     if data.startswith(b"\x7fELF"):
         return _load_elf(path, data, ram_base, ram_size)
     if len(data) < IMAGE_HEADER_SIZE:

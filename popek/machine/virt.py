@@ -8,11 +8,11 @@ timers are updated and console input is delivered.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from array import array
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from popek.devices.virtio.rng import VirtioRng
 from popek.firmware.sbi import Sbi
 from popek.machine import fdt
 from popek.machine.clock import GuestClock
+from popek.machine.config import ConfigError, MachineConfig, check
 from popek.machine.loader import ImageError, load_kernel, read_image
 
 RAM_BASE = 0x8000_0000
@@ -44,8 +45,6 @@ TIMEBASE_HZ = 10_000_000
 KERNEL_OFFSET = 0x20_0000  # where firmware jumps to: RAM base + 2 MiB, as on QEMU
 ISA_STRING = "rv64imafdc_zicsr_zifencei"
 SLICE = 20_000  # instructions a hart runs before devices and timers are looked at
-MIN_RAM = 16 << 20
-MAX_RAM = 64 << 30
 STATE_VERSION = 2  # of save_state(): bump when its layout changes (2: ctl holds the LR reservation)
 HART_BUFFERS = ("x", "f", "ctl", "csr")
 
@@ -55,48 +54,26 @@ OPENSBI_PATHS = (
 )
 
 
-@dataclass
-class DiskSpec:
-    path: Path
-    readonly: bool = False
-
-
-@dataclass
-class MachineConfig:
-    """What ``popek run`` (or the VMM) asks for; the defaults are QEMU's."""
-
-    kernel: Path
-    initrd: Path | None = None
-    append: str = "console=ttyS0"
-    disks: list[DiskSpec] = field(default_factory=list)
-    mem: int = 256 << 20
-    cpus: int = 1
-    bios: str = "none"  # "none" (popek's SBI), "opensbi", or a firmware path
-    rng: bool = True
-    engine: str | None = None  # execution tier; None: the default tier
-
-
-class ConfigError(Exception):
-    """A machine that cannot be built as asked (the CLI prints it as one line)."""
-
-
 class VirtMachine:
     """One guest: RAM, devices, harts and firmware, runnable until it powers off."""
 
     def __init__(self, config: MachineConfig, console_out: Callable[[bytes], None], *,
                  memory: PhysicalMemory | None = None,
                  state: dict[str, Any] | None = None,
-                 clock: GuestClock | None = None) -> None:
+                 clock: GuestClock | None = None,
+                 opener: Callable[..., int] = os.open) -> None:
         """Boot ``config`` from its images, or, given the ``state`` a machine saved (and
         ``memory`` holding its RAM), carry on exactly where that machine was. ``clock``
-        is guest time (by default the host's, see GuestClock)."""
-        if not MIN_RAM <= config.mem <= MAX_RAM or config.mem % 4096:
-            raise ConfigError(
-                f"--mem {config.mem >> 20}M is impossible: use {MIN_RAM >> 20}M to "
-                f"{MAX_RAM >> 30}G in whole pages")
-        if not 1 <= config.cpus <= 8:
-            raise ConfigError(f"--cpus {config.cpus}: popek's virt board has 1 to 8 harts")
+        is guest time (by default the host's, see GuestClock). ``opener`` opens the host
+        files the configuration names, as os.open does; a VMM worker's hands out the
+        descriptors the VMM opened for it, and opens nothing."""
+        check(config)
+        if config.kernel is None:
+            raise ConfigError("no kernel: the machine needs --kernel")
+        if config.nics:
+            raise ConfigError("--nic: this popek has no network devices yet")
         self.config = config
+        self.opener = opener
         self.console_out = console_out
         self.exit: tuple[str, int] | None = None
         if memory is not None and (memory.base, memory.size) != (RAM_BASE, config.mem):
@@ -116,7 +93,7 @@ class VirtMachine:
         self.disks: list[VirtioBlk] = []
         try:
             for spec in config.disks:
-                disk = VirtioBlk(str(spec.path), readonly=spec.readonly)
+                disk = VirtioBlk(str(spec.path), readonly=spec.readonly, opener=opener)
                 self.disks.append(disk)
                 self._add_virtio(disk)
         except OSError as err:
@@ -205,24 +182,12 @@ class VirtMachine:
                             "offset": 0, "value": 0x7777})
         return fdt.build(root)
 
-    def _firmware_path(self) -> Path | None:
-        bios = self.config.bios
-        if bios == "none":
-            return None
-        if bios == "opensbi":
-            for candidate in OPENSBI_PATHS:
-                if Path(candidate).exists():
-                    return Path(candidate)
-            raise ConfigError("--bios opensbi: Debian's OpenSBI is missing "
-                              "(apt-get install opensbi)")
-        return Path(bios)
-
     def boot(self) -> None:
         """Place kernel, initrd, device tree (and firmware) in RAM and reset the harts."""
         cfg = self.config
         ram_end = RAM_BASE + cfg.mem
-        firmware = self._firmware_path()
-        kernel = load_kernel(cfg.kernel, RAM_BASE, cfg.mem)
+        firmware = firmware_path(cfg.bios)
+        kernel = load_kernel(cfg.kernel, RAM_BASE, cfg.mem, self.opener)
         if firmware is not None and kernel.entry != RAM_BASE + KERNEL_OFFSET:
             raise ConfigError(f"kernel entry {kernel.entry:#x}: firmware jumps to "
                               f"{RAM_BASE + KERNEL_OFFSET:#x}")
@@ -230,7 +195,7 @@ class VirtMachine:
             self.mem.write(seg.addr, seg.data)
         initrd_range = None
         if cfg.initrd is not None:
-            data = read_image(cfg.initrd, "initrd", cfg.mem)
+            data = read_image(cfg.initrd, "initrd", cfg.mem, self.opener)
             start = max(_align_up(kernel.end, 1 << 21), RAM_BASE + min(cfg.mem // 2, 128 << 20))
             if start + len(data) > ram_end - (2 << 20):
                 raise ConfigError(f"initrd {cfg.initrd} does not fit in {cfg.mem >> 20}M of RAM")
@@ -243,7 +208,7 @@ class VirtMachine:
             self.sbi.boot_hart(self.harts[0], kernel.entry, dtb_addr)
             self._route_ecalls_to_sbi()
             return
-        fw = read_image(firmware, "firmware", cfg.mem)
+        fw = read_image(firmware, "firmware", cfg.mem, self.opener)
         if RAM_BASE + len(fw) > kernel.segments[0].addr:
             raise ConfigError(f"firmware {firmware} overlaps the kernel")
         self.mem.write(RAM_BASE, fw)
@@ -396,8 +361,21 @@ def _sbi_trap_handler(hart: Hart, sbi: Sbi) -> Callable[[int, int, int], int]:
     return on_trap
 
 
+def firmware_path(bios: str) -> Path | None:
+    """The firmware file ``--bios`` names (None: popek's own SBI)."""
+    if bios == "none":
+        return None
+    if bios == "opensbi":
+        for candidate in OPENSBI_PATHS:
+            if Path(candidate).exists():
+                return Path(candidate)
+        raise ConfigError("--bios opensbi: Debian's OpenSBI is missing "
+                          "(apt-get install opensbi)")
+    return Path(bios)
+
+
 def _align_up(value: int, align: int) -> int:
     return (value + align - 1) & ~(align - 1)
 
 
-__all__ = ["ConfigError", "DiskSpec", "ImageError", "MachineConfig", "VirtMachine"]
+__all__ = ["ConfigError", "ImageError", "VirtMachine"]

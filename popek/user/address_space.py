@@ -12,7 +12,6 @@ the mappings first: a bad pointer is an EFAULT, never a host exception.
 
 from __future__ import annotations
 
-import mmap
 from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -84,13 +83,13 @@ class AddressSpace:
         """Map zeroed pages at [start, start + length), replacing whatever was there."""
         end = page_ceil(start + length)
         self._carve(start, end)
-        self._discard(start, end)
+        self.mem.discard(start, end - start)
         self._insert(Vma(start, end, prot))
 
     def unmap(self, start: int, length: int) -> None:
         end = page_ceil(start + length)
         if self._carve(start, end):
-            self._discard(start, end)
+            self.mem.discard(start, end - start)
 
     def protect(self, start: int, length: int, prot: int) -> bool:
         """Change permissions; False (and no change) if part of the range is unmapped."""
@@ -138,7 +137,7 @@ class AddressSpace:
     def clear(self) -> None:
         """Unmap everything (execve)."""
         for vma in self.vmas:
-            self._discard(vma.start, vma.end)
+            self.mem.discard(vma.start, vma.end - vma.start)
         self.vmas.clear()
         self._starts.clear()
         self.on_revoke()
@@ -193,23 +192,8 @@ class AddressSpace:
         self._starts.insert(i, vma.start)
 
     def copy(self, dst: int, src: int, length: int) -> None:
-        """Move page contents within the space (mremap), dropping code decoded at ``dst``."""
-        self.mem.ram.move(dst, src, length)
-        self._drop_code(dst, dst + length)
-
-    def _discard(self, start: int, end: int) -> None:
-        """Give pages back to the host (they read as zero again) and drop code decoded there."""
-        self.mem.ram.madvise(mmap.MADV_DONTNEED, start, end - start)
-        self._drop_code(start, end)
-
-    def _drop_code(self, start: int, end: int) -> None:
-        code = self.mem.code_pages
-        if len(code) < (end - start) >> 12:
-            pages = [p for p in code if start <= p < end]
-        else:
-            pages = [p for p in range(start, end, PAGE_SIZE) if p in code]
-        for page in pages:
-            self.mem.note_write(page)
+        """Move page contents within the space (mremap)."""
+        self.mem.move(dst, src, length)
 
     # -- guest memory for system calls --------------------------------------------------
     def check(self, addr: int, length: int, prot: int) -> None:

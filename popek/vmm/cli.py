@@ -13,45 +13,102 @@ import ipaddress
 import sys
 from pathlib import Path
 
-from popek.api.endpoint import default_socket
-from popek.machine.cli import parse_disk, parse_size
+from popek.api.endpoint import default_socket, default_state_dir, default_token_file
+from popek.machine.config import add_config_args, cli_type, parse_size
 
 
 # -- popek serve ------------------------------------------------------------------------------
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--socket", type=Path, default=None,
-                        help=f"Unix socket to listen on (default {default_socket()})")
+                        help=f"Unix socket to listen on, owner-only (default {default_socket()})")
+    parser.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
+                        help="the VMM's own files (the API token) and storage/ (disks and "
+                        "snapshots that TCP requests may name), created owner-only "
+                        f"(default $POPEK_STATE_DIR, else {default_state_dir()})")
     parser.add_argument("--tcp", metavar="HOST:PORT",
-                        help="also listen on TCP; HOST must be a loopback address")
+                        help="also listen on TCP (plain HTTP), where every request must carry "
+                        "the API token (Authorization: Bearer) and may name only allowed "
+                        "paths; HOST must be a loopback address unless --allow-remote")
+    parser.add_argument("--allow-remote", action="store_true",
+                        help="let --tcp listen on a non-loopback address; the token and "
+                        "everything else then cross the network in clear text (prefer an SSH "
+                        "tunnel to the Unix socket)")
+    parser.add_argument("--token-file", type=Path, metavar="PATH",
+                        help="the API token for --tcp, in an owner-only file, created with a "
+                        "random token if missing (default STATE_DIR/api-token)")
+    parser.add_argument("--allow-path", type=_directory, action="append", default=[],
+                        metavar="DIR", help="a directory whose files requests over TCP may "
+                        "name (besides the bundled images and STATE_DIR/storage); repeatable")
+    parser.add_argument("--restrict-paths", action="store_true",
+                        help="hold requests on the Unix socket to the same paths as TCP ones")
+
+
+def _directory(text: str) -> Path:
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: not a directory")
+    return Path(text)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the VMM until SIGINT or SIGTERM; then every guest is killed."""
     tcp = None
     if args.tcp:
-        host, _, port = args.tcp.rpartition(":")
-        if not port.isdigit() or not _is_loopback(host):
-            print(f"popek serve: error: --tcp {args.tcp}: use a loopback HOST:PORT such as "
-                  "127.0.0.1:8080 (the API has no authentication)", file=sys.stderr)
-            return 2
-        tcp = (host, int(port))
+        tcp = _host_port(args.tcp)
+        if tcp is None:
+            return _serve_error(f"--tcp {args.tcp}: use HOST:PORT, such as 127.0.0.1:8080")
+        if not _is_loopback(tcp[0]):
+            if not args.allow_remote:
+                return _serve_error(f"--tcp {args.tcp}: not a loopback address; the API is "
+                                    "plain HTTP, so add --allow-remote to send its token in "
+                                    "clear text")
+            print(f"popek serve: warning: --tcp {args.tcp}: the API token and all traffic "
+                  "cross the network unencrypted", file=sys.stderr)
     import asyncio
 
-    from popek.vmm.service import serve
+    from popek.api.token import TokenError
+    from popek.vmm.service import prepare_access, serve
+    from popek.vmm.statedir import StateDirError
 
-    return asyncio.run(serve(args.socket or default_socket(), tcp))
+    try:
+        access = prepare_access(args.state_dir or default_state_dir(), tcp=tcp is not None,
+                                token_file=args.token_file, allow=args.allow_path,
+                                restrict_unix=args.restrict_paths)
+    except (StateDirError, TokenError) as err:
+        return _serve_error(str(err))
+    return asyncio.run(serve(args.socket or default_socket(), tcp, access))
+
+
+def _serve_error(message: str) -> int:
+    print(f"popek serve: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _host_port(text: str) -> tuple[str, int] | None:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) as (host, port), or None."""
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or int(port) > 65535:
+        return None
+    return host.removeprefix("[").removesuffix("]"), int(port)
 
 
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
 
 
 # -- popek vm ---------------------------------------------------------------------------------
+def _tcp_url(text: str) -> str:
+    address = _host_port(text)
+    if address is None:
+        raise argparse.ArgumentTypeError(f"{text}: use HOST:PORT, such as 127.0.0.1:8080")
+    host, port = address
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def _percent(text: str) -> float:
     try:
         value = float(text.rstrip("%"))
@@ -65,23 +122,18 @@ def _percent(text: str) -> float:
 def add_vm_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--socket", type=Path, default=None,
                         help=f"the VMM's socket (default {default_socket()})")
+    parser.add_argument("--tcp", metavar="HOST:PORT", type=_tcp_url,
+                        help="reach the VMM over TCP (popek serve --tcp) instead")
+    parser.add_argument("--token-file", type=Path, metavar="PATH",
+                        help=f"the VMM's API token, for --tcp (default "
+                        f"{default_token_file()}, where popek serve makes it)")
     sub = parser.add_subparsers(dest="vm_command", required=True, metavar="COMMAND")
 
     create = sub.add_parser("create", help="create a VM and start it (prints its id)")
     create.add_argument("--name", help="a unique name (default vmN)")
-    create.add_argument("--kernel", type=Path, help="kernel Image or ELF (bundled Linux)")
-    create.add_argument("--initrd", type=Path, help="initramfs (bundled, with the bundled "
-                        "kernel)")
-    create.add_argument("--append", default="console=ttyS0", help="kernel command line")
-    create.add_argument("--disk", type=parse_disk, action="append", default=[],
-                        metavar="PATH[,ro]", help="raw virtio-blk image; repeatable")
-    create.add_argument("--mem", type=parse_size, default=256 << 20, metavar="SIZE",
-                        help="guest RAM, e.g. 256M or 1G (256M)")
-    create.add_argument("--cpus", type=int, default=1, metavar="N", help="harts (1)")
-    create.add_argument("--bios", default="none", metavar="none|opensbi|PATH",
-                        help="M-mode firmware, as for popek run (none)")
+    add_config_args(create)
     _cpu_args(create)
-    create.add_argument("--mem-overhead", type=parse_size, metavar="SIZE",
+    create.add_argument("--mem-overhead", type=cli_type(parse_size), metavar="SIZE",
                         help="host memory the VM may use beyond its RAM (512M)")
     create.add_argument("--no-start", action="store_true", help="create only")
 

@@ -18,9 +18,14 @@ from typing import Any
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
+from rich.text import Text
 
 from popek import images
+from popek.api import token
 from popek.api.client import ApiError, Client
+from popek.api.endpoint import default_token_file
+from popek.api.token import TokenError
+from popek.machine.config import config_from_args, config_to_json
 
 EXIT_ERROR = 1
 err_console = Console(stderr=True, soft_wrap=True)
@@ -32,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     """Run one `popek vm` subcommand; returns the exit status."""
     try:
         return asyncio.run(_vm(args))
-    except ApiError as err:
+    except (ApiError, TokenError) as err:
         err_console.print(f"popek vm {args.vm_command}: error: {err}", markup=False)
         return EXIT_ERROR
     except KeyboardInterrupt:
@@ -40,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _vm(args: argparse.Namespace) -> int:
-    async with Client(args.socket) as client:
+    secret = token.read(args.token_file or default_token_file()) if args.tcp else None
+    async with Client(args.socket, url=args.tcp, token=secret) as client:
         command = _COMMANDS[args.vm_command]
         return await command(client, args) or 0
 
@@ -55,15 +61,9 @@ def _cpu_opts(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _create(client: Client, args: argparse.Namespace) -> None:
-    bundled = args.kernel is None
-    spec: dict[str, Any] = {
-        "kernel": str((images.KERNEL if bundled else args.kernel).absolute()),
-        "append": args.append, "mem": args.mem, "cpus": args.cpus, "bios": args.bios,
-        "disks": [{"path": str(d.path.absolute()), "readonly": d.readonly} for d in args.disk],
-        "start": not args.no_start, **_cpu_opts(args)}
-    initrd = args.initrd or (images.INITRD if bundled else None)
-    if initrd is not None:
-        spec["initrd"] = str(initrd.absolute())
+    config = images.with_bundled_guest(config_from_args(args)).absolute()
+    spec: dict[str, Any] = {**config_to_json(config), "start": not args.no_start,
+                            **_cpu_opts(args)}
     if args.name:
         spec["name"] = args.name
     if args.mem_overhead is not None:
@@ -146,11 +146,26 @@ async def _info(client: Client, args: argparse.Namespace) -> None:
              ("instructions", f"{vm['instructions']:,} ({_mips(vm)} MIPS)"),
              ("traps", ", ".join(f"{k} {v:,}" for k, v in vm["traps"].items()) or "none"),
              ("memory", ", ".join(f"{k.removesuffix('_bytes')} {_size(v)}"
-                                  for k, v in vm["memory"].items())),
-             ("console", f"{vm['console']['bytes']:,} bytes")]
+                                  for k, v in vm["memory"].items() if v is not None)),
+             ("console", f"{vm['console']['bytes']:,} bytes"), *_confinement(vm)]
     for key, value in rows:
         table.add_row(key, value)
     out_console.print(table)
+
+
+def _confinement(vm: dict[str, Any]) -> list[tuple[str, str | Text]]:
+    """What confines the worker, as the kernel reported it, and what is weaker than it
+    should be (shown as warnings)."""
+    jail = vm.get("confinement") or {}
+    if not jail:
+        return []
+    caps = "no capabilities" if not int(jail["capabilities"], 16) else \
+        f"capabilities {jail['capabilities']}"
+    rows = [("confinement", f"uid {jail['uid']}, gid {jail['gid']}, {caps}, "
+                            f"{'no_new_privs, ' if jail['no_new_privs'] else ''}"
+                            f"seccomp {jail['seccomp']}"),
+            ("limits held by", jail["limits"])]
+    return rows + [("warning", Text(w, style="yellow")) for w in jail["warnings"]]
 
 
 def _each(action: str, verb: str) -> Callable[[Client, argparse.Namespace], Awaitable[int]]:

@@ -21,3 +21,9 @@ class Conflict(VmmError):
     """The VM is not in a state that allows the operation (e.g. resume a running VM)."""
 
     status = 409
+
+
+class Forbidden(VmmError):
+    """The request names something the VMM's policy keeps from its caller (a host path)."""
+
+    status = 403

@@ -2,8 +2,9 @@
 
 Requests are checked here before any process starts, so a bad request (unknown field
 value, missing image, broken snapshot) is answered with an error and leaves the set of
-VMs as it was. Each VM's worker is a separate process; this module never runs guest
-code, so no guest can take it down.
+VMs as it was. Every host path a request names passes the caller's
+:class:`~popek.vmm.paths.PathPolicy` first, before anything opens it. Each VM's worker
+is a separate process; this module never runs guest code, so no guest can take it down.
 """
 
 from __future__ import annotations
@@ -11,14 +12,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import os
 import secrets
 from typing import Any
 
-from popek.machine.virt import ConfigError
+from popek import images
+from popek.machine.config import (
+    CONFIG_FIELDS,
+    ConfigError,
+    MachineConfig,
+    config_from_json,
+    config_to_json,
+)
 from popek.vmm import scheduler
-from popek.vmm.config import config_from_json, config_to_json
 from popek.vmm.errors import BadRequest, NotFound
+from popek.vmm.paths import PathPolicy
+from popek.vmm.snapshot import SnapshotError, read_config
 from popek.vmm.vm import Vm
 
 SAMPLE_INTERVAL = 1.0  # seconds between CPU share measurements
@@ -26,7 +34,6 @@ DEFAULT_MEM_OVERHEAD = 512 << 20  # address space a worker may add beyond guest 
 MAX_MEM_OVERHEAD = 1 << 40  # more is no limit, and overflows the worker's RLIMIT_AS
 DEFAULT_SHUTDOWN_LINE = "poweroff\n"
 _VM_FIELDS = {"name", "start", "cpu_weight", "cpu_cap", "mem_overhead"}
-_CONFIG_FIELDS = {"kernel", "initrd", "append", "disks", "mem", "cpus", "bios", "rng"}
 
 
 class Vmm:
@@ -92,40 +99,52 @@ class Vmm:
         return Vm(secrets.token_hex(6), name, cpu_weight=weight, cpu_cap=cap,
                   mem_overhead=overhead, source=source)
 
-    async def create(self, body: dict[str, Any]) -> Vm:
-        vm, spec = self.check_create(body)
+    async def create(self, body: dict[str, Any], paths: PathPolicy) -> Vm:
+        """A VM of the configuration in ``body`` (the bundled guest if it names no kernel),
+        whose host paths ``paths`` allows."""
+        vm, spec = self.check_create(body, paths)
         await self._launch(vm, spec, body.get("start", True))
         return vm
 
-    def check_create(self, body: dict[str, Any]) -> tuple[Vm, dict[str, Any]]:
-        """The VM a create request asks for and its worker's spec; BadRequest if the request
-        is malformed. Nothing is started (so the checks can be tried alone)."""
-        unknown = set(body) - _VM_FIELDS - _CONFIG_FIELDS
+    def check_create(self, body: dict[str, Any], paths: PathPolicy) -> tuple[Vm, dict[str, Any]]:
+        """The VM a create request asks for and its worker's spec; BadRequest (or the
+        policy's refusal) if the request is malformed. Nothing is started (so the checks
+        can be tried alone)."""
+        unknown = set(body) - _VM_FIELDS - CONFIG_FIELDS
         if unknown:
             raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
         try:
-            config = config_from_json({k: v for k, v in body.items() if k in _CONFIG_FIELDS})
+            config = config_from_json({k: v for k, v in body.items() if k in CONFIG_FIELDS})
         except ConfigError as err:
             raise BadRequest(str(err)) from None
-        for path in [config.kernel, config.initrd, *(d.path for d in config.disks)]:
-            if path is not None and not os.path.isabs(path):
-                raise BadRequest(f"{path}: paths must be absolute (the VMM has its own cwd)")
-        return self._new_vm(body), {"config": config_to_json(config)}
+        config = images.with_bundled_guest(config)
+        paths.check_config(config)
+        vm = self._new_vm(body)
+        _assign_macs(config, vm.id)
+        return vm, {"config": config_to_json(config)}
 
-    async def restore(self, body: dict[str, Any]) -> Vm:
-        """A new VM from a snapshot file; restoring one file many times makes clones."""
-        vm, spec = self.check_restore(body)
+    async def restore(self, body: dict[str, Any], paths: PathPolicy) -> Vm:
+        """A new VM from a snapshot file; restoring one file many times makes clones.
+        ``paths`` must allow the file and every host path its machine opens."""
+        vm, spec = await self.check_restore(body, paths)
         await self._launch(vm, spec, body.get("start", True))
         return vm
 
-    def check_restore(self, body: dict[str, Any]) -> tuple[Vm, dict[str, Any]]:
+    async def check_restore(self, body: dict[str, Any],
+                            paths: PathPolicy) -> tuple[Vm, dict[str, Any]]:
         """Like :meth:`check_create`, for a restore request."""
         unknown = set(body) - _VM_FIELDS - {"path"}
         if unknown:
             raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
         path = body.get("path")
-        if not isinstance(path, str) or not os.path.isabs(path):
+        if not isinstance(path, str):
             raise BadRequest("'path' must be the absolute path of a snapshot file")
+        paths.check(path)
+        try:
+            recorded = await asyncio.to_thread(read_config, path)
+        except SnapshotError as err:
+            raise BadRequest(str(err)) from None
+        paths.check_config(recorded)
         return self._new_vm(body, source=path), {"restore": path}
 
     async def _launch(self, vm: Vm, spec: dict[str, Any], start: bool) -> None:
@@ -170,11 +189,21 @@ class Vmm:
         await vm.set_cpu(weight, cap, clear_cap="cpu_cap" in body and cap is None)
         return vm
 
-    async def snapshot(self, ref: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def snapshot(self, ref: str, body: dict[str, Any],
+                       paths: PathPolicy) -> dict[str, Any]:
         path = body.get("path")
-        if not isinstance(path, str) or not os.path.isabs(path):
-            raise BadRequest("'path' must be an absolute file path")
+        if not isinstance(path, str):
+            raise BadRequest("'path' must be the absolute path of the snapshot file")
+        paths.check(path)
         return await self.get(ref).snapshot(path)
+
+
+def _assign_macs(config: MachineConfig, vm_id: str) -> None:
+    """NICs without a MAC get one of their own, from the VM's random id: guests on one
+    switch must differ, and a snapshot or a migration keeps the address."""
+    for index, nic in enumerate(config.nics):
+        if nic.mac is None:
+            nic.mac = "52:54:" + ":".join(vm_id[i:i + 2] for i in (0, 2, 4)) + f":{index:02x}"
 
 
 def _check_cpu(weight: Any, cap: Any) -> None:

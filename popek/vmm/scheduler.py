@@ -1,5 +1,6 @@
-"""CPU policy across guests: weights become nice levels, caps go to the workers, and
-every guest's share is measured from the host's accounting.
+"""CPU policy across guests where no cgroup holds them (:mod:`popek.vmm.limits`): weights
+become nice levels, caps go to the workers; and every guest's share is measured from the
+host's accounting.
 
 Each guest is one worker process, so the host kernel's fair scheduler time-slices
 them over every core. A weight (1 to 10000, 100 by default, as cgroup v2's

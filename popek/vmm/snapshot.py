@@ -23,9 +23,12 @@ nothing else happens.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import stat
 import struct
+import tempfile
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -34,8 +37,14 @@ from pathlib import Path
 from typing import Any
 
 from popek.cpu.physmem import PAGE_SIZE, PhysicalMemory
-from popek.machine.virt import MAX_RAM, MIN_RAM, RAM_BASE, ConfigError, MachineConfig, VirtMachine
-from popek.vmm.config import config_from_json, config_to_json
+from popek.machine.config import (
+    MAX_RAM,
+    ConfigError,
+    MachineConfig,
+    config_from_json,
+    config_to_json,
+)
+from popek.machine.virt import RAM_BASE, VirtMachine
 
 MAGIC = b"POPEKSNP"
 FORMAT_VERSION = 1
@@ -46,11 +55,11 @@ _CRC = struct.Struct("<I")
 _SCAN = 256 * PAGE_SIZE  # scan RAM a MiB at a time; most of an idle guest's RAM is zero
 _ZERO_SCAN = bytes(_SCAN)
 _ZERO_PAGE = bytes(PAGE_SIZE)
-# Metadata is hart and device state (about 70 KB a hart) plus the list of stored page runs
-# (under 32 bytes a run, at most one run every other page): a header claiming more is
-# forged, and is refused before that much memory is allocated to read it.
+# Bounds on the metadata, so a forged header cannot make a reader (the VMM checks a file
+# before its worker does) allocate without limit: device state, plus the page list at
+# its longest (every other page stored: one [first, count, crc] run per two pages).
 _META_BASE = 16 << 20
-_META_PER_PAGE = 16
+_META_PER_PAGE = 24
 
 
 class SnapshotError(Exception):
@@ -75,34 +84,66 @@ class Snapshot:
     meta: dict[str, Any]
     config: MachineConfig
     memory: PhysicalMemory
+    opener: Callable[..., int] = os.open  # for the machine's disks
 
     def machine(self, console_out: Callable[[bytes], None]) -> VirtMachine:
-        """The saved machine, carrying on where it stopped (disks reopened by path)."""
+        """The saved machine, carrying on where it stopped (disks reopened)."""
         try:
             return VirtMachine(self.config, console_out, memory=self.memory,
-                               state=self.meta["machine"])
+                               state=self.meta["machine"], opener=self.opener)
         except ConfigError as err:
             raise SnapshotError(f"{self.path}: bad machine configuration: {err}") from None
         except (KeyError, TypeError, ValueError) as err:
             raise SnapshotError(f"{self.path}: machine state does not fit: {err}") from None
 
 
+class NewFile:
+    """A snapshot file being written: beside its final name, owner-only (it holds the
+    guest's memory), renamed into place when the ``with`` block succeeds, removed when it
+    fails. The block gets the descriptor (a VMM hands it to the worker that writes)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.partial: str | None = None
+        self.fd = -1
+
+    def __enter__(self) -> int:
+        try:
+            self.fd, self.partial = tempfile.mkstemp(
+                prefix=f".{self.path.name}.", suffix=".partial", dir=self.path.parent)
+        except OSError as err:
+            raise SnapshotError(f"cannot write {self.path}: {err.strerror}") from None
+        return self.fd
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        os.close(self.fd)
+        try:
+            if kind is None:
+                os.replace(self.partial, self.path)
+        except OSError as err:
+            raise SnapshotError(f"cannot write {self.path}: {err.strerror}") from None
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.partial)
+
+
 def save(path: Path, machine: VirtMachine, extra: dict[str, Any] | None = None) -> SavedSnapshot:
-    """Write ``machine`` (stopped between slices by the caller) to ``path``.
+    """Write ``machine`` (stopped between slices by the caller) to ``path``."""
+    with NewFile(path) as fd:
+        return write(fd, Path(path), machine, extra)
+
+
+def write(fd: int, path: Path, machine: VirtMachine,
+          extra: dict[str, Any] | None = None) -> SavedSnapshot:
+    """Write ``machine`` into the new, empty file ``fd`` (``path`` names it in messages).
 
     Disks are flushed first, so the image files on the host match what the saved guest
     believes it wrote; their paths are recorded, their contents are not copied.
     """
     start = time.monotonic()
-    path = Path(path)
-    for disk in machine.disks:
-        os.fsync(disk.fd)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    except OSError as err:
-        raise SnapshotError(f"cannot write {path}: {err.strerror}") from None
-    try:
+        for disk in machine.disks:
+            os.fsync(disk.fd)
         runs, stored = _write_ram(fd, machine.mem)
         meta = json.dumps({
             "created": time.time(),
@@ -118,15 +159,8 @@ def save(path: Path, machine: VirtMachine, extra: dict[str, Any] | None = None) 
         os.pwrite(fd, head + _CRC.pack(zlib.crc32(head)), 0)
         os.ftruncate(fd, file_size)
         os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        os.replace(partial, path)
     except OSError as err:
         raise SnapshotError(f"cannot write {path}: {err.strerror}") from None
-    finally:
-        if fd >= 0:
-            os.close(fd)
-        partial.unlink(missing_ok=True)
     return SavedSnapshot(path, file_size, stored, time.monotonic() - start)
 
 
@@ -167,21 +201,14 @@ def _nonzero_runs(mem: PhysicalMemory) -> Iterator[tuple[int, int]]:
         yield first, mem.size // PAGE_SIZE - first
 
 
-def load(path: Path) -> Snapshot:
-    """Check ``path`` completely and map its RAM; raises SnapshotError, changing nothing."""
+def load(path: Path, opener: Callable[..., int] = os.open) -> Snapshot:
+    """Check ``path`` completely and map its RAM; raises SnapshotError, changing nothing.
+    ``opener`` opens the snapshot and the disks it names, as os.open does."""
     path = Path(path)
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as err:
-        raise SnapshotError(f"cannot open snapshot {path}: {err.strerror}") from None
-    except ValueError:  # a NUL in the path, which no file name holds
-        raise SnapshotError(f"cannot open snapshot {str(path)!r}: not a file name") from None
+    fd = _open(path, opener)
     try:
         meta, ram_size = _read_checked_meta(path, fd)
-        try:
-            config = config_from_json(meta.get("config"))
-        except ConfigError as err:
-            raise SnapshotError(f"{path}: bad machine configuration: {err}") from None
+        config = _config(path, meta)
         if config.mem != ram_size:
             raise SnapshotError(f"{path}: RAM of {ram_size} bytes, configuration says "
                                 f"{config.mem}")
@@ -200,7 +227,40 @@ def load(path: Path) -> Snapshot:
             raise
     finally:
         os.close(fd)  # the mapping keeps the file
-    return Snapshot(path, meta, config, memory)
+    return Snapshot(path, meta, config, memory, opener)
+
+
+def read_config(path: Path) -> MachineConfig:
+    """The machine configuration ``path`` records, checked as :func:`load` checks it but
+    without mapping RAM: the VMM checks the host paths in it before a worker opens them."""
+    path = Path(path)
+    fd = _open(path)
+    try:
+        return _config(path, _read_checked_meta(path, fd)[0])
+    finally:
+        os.close(fd)
+
+
+def _open(path: Path, opener: Callable[..., int] = os.open) -> int:
+    """A descriptor of ``path``, which must be a regular file (``O_NONBLOCK``: a FIFO put
+    in its place cannot stall the caller, the VMM included)."""
+    try:
+        fd = opener(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as err:
+        raise SnapshotError(f"cannot open snapshot {path}: {err.strerror}") from None
+    except ValueError:  # a NUL in the path, which no file name holds
+        raise SnapshotError(f"cannot open snapshot {str(path)!r}: not a file name") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise SnapshotError(f"{path} is not a popek snapshot (not a regular file)")
+    return fd
+
+
+def _config(path: Path, meta: dict[str, Any]) -> MachineConfig:
+    try:
+        return config_from_json(meta.get("config"))
+    except ConfigError as err:
+        raise SnapshotError(f"{path}: bad machine configuration: {err}") from None
 
 
 def _read_checked_meta(path: Path, fd: int) -> tuple[dict[str, Any], int]:
@@ -222,10 +282,9 @@ def _read_checked_meta(path: Path, fd: int) -> tuple[dict[str, Any], int]:
         raise SnapshotError(f"{path}: {kind}: {actual} bytes, the header says {file_size}")
     if ram_size % PAGE_SIZE or file_size != MEM_OFFSET + ram_size + meta_len:
         raise SnapshotError(f"{path}: inconsistent header (corrupt file)")
-    if not MIN_RAM <= ram_size <= MAX_RAM:  # no machine has it: do not even map it
-        raise SnapshotError(f"{path}: RAM of {ram_size} bytes is impossible (corrupt file)")
-    if meta_len > _META_BASE + _META_PER_PAGE * (ram_size // PAGE_SIZE):
-        raise SnapshotError(f"{path}: {meta_len} bytes of metadata is impossible (corrupt file)")
+    if ram_size > MAX_RAM or meta_len > _META_BASE + ram_size // PAGE_SIZE * _META_PER_PAGE:
+        raise SnapshotError(f"{path}: sizes in the header beyond what a snapshot can need "
+                            "(corrupt file)")
     raw = os.pread(fd, meta_len, MEM_OFFSET + ram_size)
     if zlib.crc32(raw) != meta_crc:
         raise SnapshotError(f"{path}: metadata checksum mismatch (corrupt file)")

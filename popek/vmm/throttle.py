@@ -1,4 +1,4 @@
-"""A CPU cap a worker enforces on itself: a token bucket of CPU time.
+"""A CPU cap a worker enforces on itself, where no cgroup can: a token bucket of CPU time.
 
 Each wall-clock second earns the worker ``cap`` seconds of CPU; running spends them.
 When the bucket is empty the worker sleeps (still answering the VMM) until it has

@@ -23,10 +23,13 @@ import time
 from typing import Any
 
 from popek.cpu import causes
-from popek.vmm import procstat, scheduler, worker
+from popek.machine.config import ConfigError
+from popek.machine.loader import ImageError
+from popek.vmm import hostfiles, jail, procstat, scheduler, snapshot, worker
 from popek.vmm.channel import INPUT, JSON, OUTPUT, ChannelClosed, ProtocolError, VmmEnd
 from popek.vmm.console import ConsoleBuffer
 from popek.vmm.errors import BadRequest, Conflict
+from popek.vmm.limits import VmLimits
 
 READY_TIMEOUT = 120.0  # seconds a worker may take to load images or a snapshot
 REPLY_TIMEOUT = 600.0  # seconds for a command (a snapshot of a large guest)
@@ -39,11 +42,15 @@ _IRQ_NAMES = {causes.INTERRUPT_BIT | getattr(causes, n): n.lower() for n in (
     "IRQ_S_SOFT", "IRQ_M_SOFT", "IRQ_S_TIMER", "IRQ_M_TIMER", "IRQ_S_EXT", "IRQ_M_EXT")}
 
 
+# What the worker fork server imports before it forks (tests add a test build's hooks).
+WORKER_PRELOAD = ["popek.vmm.warm"]
+
+
 def _worker_context() -> multiprocessing.context.BaseContext:
     """Workers fork from a server that has imported popek once: fast starts, and no
     state of the VMM (event loop, sockets, threads) leaks into a guest's process."""
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["popek.vmm.warm"])
+    ctx.set_forkserver_preload(WORKER_PRELOAD)
     return ctx
 
 
@@ -69,7 +76,10 @@ class Vm:
         self.started: float | None = None
         self.process: multiprocessing.process.BaseProcess | None = None
         self.meter: scheduler.CpuMeter | None = None
+        self.limits: VmLimits | None = None
+        self.confinement: dict[str, Any] = {}  # as the kernel reports it, once ready
         self._chan: VmmEnd | None = None
+        self._file_socket: socket.socket | None = None  # hands the worker files later
         self._ids = itertools.count(1)
         self._replies: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._ready: asyncio.Future[dict[str, Any]] | None = None
@@ -79,14 +89,28 @@ class Vm:
     # -- worker -----------------------------------------------------------------------------
     async def launch(self, spec: dict[str, Any]) -> None:
         """Start the worker and wait until its machine is built; BadRequest if it cannot be."""
+        try:
+            files = await asyncio.to_thread(hostfiles.HostFiles.for_spec, spec)
+        except (ConfigError, ImageError, snapshot.SnapshotError) as err:
+            raise BadRequest(str(err)) from None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        spec = {**spec, "cpu_cap": self.cpu_cap, "mem_overhead": self.mem_overhead}
+        self._file_socket, their_files = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.limits = VmLimits(self.id, self.cpu_cap)
+        spec = {**spec, **self.limits.worker_spec(self.cpu_cap, self.mem_overhead),
+                "files": files, "file_socket": their_files, "ids": jail.guest_ids(self.id)}
         self.process = _worker_context().Process(
             target=worker.main, args=(theirs, spec), name=f"popek-vm-{self.id}", daemon=True)
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self.process.start)
+        try:
+            await loop.run_in_executor(None, self.process.start)
+        except BaseException:
+            self.limits.ended()
+            raise
+        finally:
+            files.close()  # the worker has its own copies
+            their_files.close()
         theirs.close()
-        self.nice = scheduler.apply_weight(self.process.pid, self.cpu_weight)
+        self.nice = self.limits.set_weight(self.process.pid, self.cpu_weight)
         self.meter = scheduler.CpuMeter(self.process.pid)
         self._chan = await VmmEnd.open(ours)
         self._ready = loop.create_future()
@@ -100,8 +124,23 @@ class Vm:
             await self._stopped.wait()
             raise BadRequest(ready["error"])
         self.config = ready["config"]
+        await self._confined(ready.get("warnings", []))
         self.console.total = ready.get("console_bytes", 0)
         self.state = "created"
+
+    async def _confined(self, warnings: list[str]) -> None:
+        """The worker is ready: finish its limits and record, from the kernel's view, what
+        confines it; a worker that escaped its cgroup is stopped."""
+        try:
+            self.limits.ready(self.process.pid, self.config["mem"], self.mem_overhead)
+        except OSError as err:
+            self.kill(failure=f"cannot confine the worker: {err}")
+            await self._stopped.wait()
+            raise BadRequest(self.failure) from None
+        if self.limits.fallback:
+            warnings = [*warnings, f"limits held by the worker itself: {self.limits.fallback}"]
+        self.confinement = {**jail.status(self.process.pid), "limits": self.limits.mechanism,
+                            "warnings": warnings}
 
     async def _receive_all(self) -> None:
         try:
@@ -137,16 +176,17 @@ class Vm:
     async def _reap(self) -> None:
         """The channel closed: collect the worker's exit and settle the final state."""
         self._chan.close()
+        self._file_socket.close()
         await asyncio.get_running_loop().run_in_executor(None, self.process.join, 10)
-        code = self.process.exitcode
+        self.failure = self.failure or self.limits.ended()
         if self.state == "creating":
             if not self._ready.done():
-                self._ready.set_result({"error": self.failure or _died(code)})
+                self._ready.set_result({"error": self.failure or _died(self.process)})
         elif self.exit is not None:
             self.state = "stopped"
         else:
             self.state = "failed"
-            self.failure = self.failure or _died(code)
+            self.failure = self.failure or _died(self.process)
         for future in self._replies.values():
             if not future.done():
                 future.set_result({"ok": False, "error": f"the guest is {self.state}"})
@@ -221,16 +261,22 @@ class Vm:
         await self._stopped.wait()
 
     async def snapshot(self, path: str) -> dict[str, Any]:
+        """The VMM makes the file, the worker (which cannot) writes into it."""
         self._require("snapshot", "created", "running", "paused")
-        return await self._call("snapshot", path=path)
+        try:
+            with snapshot.NewFile(path) as fd:
+                hostfiles.send(self._file_socket, fd)
+                return await self._call("snapshot", path=path)
+        except snapshot.SnapshotError as err:
+            raise BadRequest(str(err)) from None
 
     async def set_cpu(self, weight: int | None, cap: float | None, clear_cap: bool) -> None:
         if weight is not None:
             self.cpu_weight = weight
             if self.alive:
-                self.nice = scheduler.apply_weight(self.process.pid, weight)
+                self.nice = self.limits.set_weight(self.process.pid, weight)
         if cap is not None or clear_cap:
-            if self.alive:
+            if self.alive and not self.limits.set_cap(cap):
                 await self._call("cap", percent=cap)
             self.cpu_cap = cap
 
@@ -261,18 +307,24 @@ class Vm:
                     "percent": round(cpu_percent, 1),
                     "host_share_percent": round(cpu_percent / scheduler.HOST_CPUS, 1),
                     "vcpu_seconds": stats.get("cpu_seconds", 0.0),
-                    "throttled_seconds": stats.get("throttled_seconds", 0.0)},
+                    "throttled_seconds": self.limits.throttled_seconds(
+                        stats.get("throttled_seconds", 0.0)) if self.limits else 0.0},
             "instructions": stats.get("instructions", 0),
             "traps": traps,
             "memory": {"guest_bytes": self.config.get("mem", 0),
                        "overhead_limit_bytes": self.mem_overhead,
+                       "limit_bytes": self.limits.memory_limit if self.limits else None,
                        **({f"{k}_bytes": v for k, v in procstat.memory(self.process.pid).items()}
                           if self.alive else {})},
             "console": {"bytes": self.console.total, "dropped_bytes": self.console.dropped},
+            "confinement": self.confinement,
         }
 
 
-def _died(exitcode: int | None) -> str:
+def _died(process: multiprocessing.process.BaseProcess) -> str:
+    exitcode = process.exitcode
+    if exitcode == -signal.SIGSYS:
+        return "worker " + jail.violation(process.pid)
     if exitcode is not None and exitcode < 0:
         return f"worker killed by signal {-exitcode} ({signal.Signals(-exitcode).name})"
     return f"worker exited with status {exitcode}"

@@ -2,10 +2,13 @@
 
 A worker builds (or restores) its machine, reports ``ready``, then runs slices while
 the VMM lets it, between slices answering commands from its channel: start, pause,
-resume, console input, snapshot, CPU cap. A guest can only hurt its own worker: a
-popek bug it triggers ends this process (reported as ``failed``), its memory is held
-under ``RLIMIT_AS``, and a flood of output blocks only this worker's sends. Paused,
-the worker sleeps in ``select`` and the guest's clock stands still.
+resume, console input, snapshot, CPU cap. A guest can only hurt its own worker: the
+worker confines itself before it reads any guest input (:mod:`popek.vmm.jail`: its own
+uid, no capabilities, a seccomp filter) and uses only files the VMM opened for it; a
+popek bug the guest triggers ends this process (reported as ``failed``), its CPU and
+memory are held by its cgroup (or, failing that, by itself: the CPU cap and
+``RLIMIT_AS``), and a flood of output blocks only this worker's sends. Paused, the
+worker sleeps in ``select`` and the guest's clock stands still.
 """
 
 from __future__ import annotations
@@ -19,13 +22,14 @@ import time
 import traceback
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from popek.machine.config import ConfigError, config_from_json
 from popek.machine.loader import ImageError
-from popek.machine.virt import ConfigError, VirtMachine
-from popek.vmm import snapshot
+from popek.machine.virt import VirtMachine
+from popek.vmm import hostfiles, jail, snapshot
 from popek.vmm.channel import INPUT, JSON, OUTPUT, ChannelClosed, WorkerEnd
-from popek.vmm.config import config_from_json
 from popek.vmm.throttle import CpuCap
 
 STATS_INTERVAL = 0.25  # seconds between the statistics a running worker pushes
@@ -34,10 +38,18 @@ EXIT_FAILED = 3
 
 def main(sock: socket.socket, spec: dict[str, Any]) -> None:
     """Process entry point. ``spec``: ``{"config": ...}`` to boot or ``{"restore": path}``,
-    plus ``cpu_cap`` (percent or None) and ``mem_overhead`` (bytes or None)."""
+    the ``files`` they name (:class:`~popek.vmm.hostfiles.HostFiles`) and a ``file_socket``
+    that brings files opened later, plus ``cpu_cap`` (percent or None) and ``mem_overhead``
+    (bytes or None) to enforce, ``cgroup_procs`` (files) to join and ``ids`` (uid, gid) to
+    take. The worker confines itself first of all."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the VMM, which stops us
     chan = WorkerEnd(sock)
+    try:
+        warnings = jail.confine(spec.get("cgroup_procs", ()), spec.get("ids"))
+    except Exception as err:  # it must not run unconfined
+        _fail(chan, f"cannot confine the worker: {err}")
     worker = Worker(chan, spec)
+    worker.warnings = warnings
     try:
         worker.serve()
     except ChannelClosed:
@@ -74,6 +86,7 @@ class Worker:
         self.cap = CpuCap(spec.get("cpu_cap"))
         self.machine: VirtMachine | None = None
         self.lift_memory_limit: Callable[[], None] = lambda: None
+        self.warnings: list[str] = []  # about its confinement, for the VMM to show
 
     # -- life cycle -----------------------------------------------------------------------
     def serve(self) -> None:
@@ -85,20 +98,21 @@ class Worker:
         self._limit_memory()
         self.frozen_clock = self.machine.clint.save_state()
         self.chan.send(JSON, {"op": "ready", "config": self.spec.get("config"),
-                              "console_bytes": self.console_bytes})
+                              "console_bytes": self.console_bytes, "warnings": self.warnings})
         self._loop()
 
     def _build(self, fresh: bool = False) -> VirtMachine:
         """The machine from the spec: restored from its snapshot, or (``fresh``, and after
         a reboot) booted from its images."""
         if "restore" in self.spec and not fresh:
-            snap = snapshot.load(self.spec["restore"])
+            snap = snapshot.load(self.spec["restore"], self.spec["files"].open)
             self.spec["config"] = snap.meta["config"]
             self.console_bytes = int(snap.meta.get("console_bytes", 0))
             machine = snap.machine(self._console_out)
             self.instret_offset -= sum(hart.instret for hart in machine.harts)
         else:
-            machine = VirtMachine(config_from_json(self.spec["config"]), self._console_out)
+            machine = VirtMachine(config_from_json(self.spec["config"]), self._console_out,
+                                  opener=self.spec["files"].open)
         self._count_traps(machine)
         return machine
 
@@ -195,7 +209,12 @@ class Worker:
     def _snapshot(self, path: str) -> dict[str, Any]:
         if not self.running:
             self.machine.clint.load_state(self.frozen_clock)  # mtime as it stood at pause
-        saved = snapshot.save(path, self.machine, {"console_bytes": self.console_bytes})
+        fd = hostfiles.receive(self.spec["file_socket"])  # the VMM made the file
+        try:
+            saved = snapshot.write(fd, Path(path), self.machine,
+                                   {"console_bytes": self.console_bytes})
+        finally:
+            os.close(fd)
         return {"path": str(saved.path), "file_bytes": saved.file_bytes,
                 "ram_bytes": saved.ram_bytes, "seconds": saved.seconds,
                 "console_bytes": self.console_bytes}

@@ -2,20 +2,24 @@
 
 A request passes through the server's body parser (``popek.api.server._body``), the
 VMM's checks of its operation (:class:`popek.vmm.manager.Vmm`: create, restore,
-update, shutdown, snapshot), and, for a create or restore that passed, what the worker
-process does with the spec: build the machine from the configuration or read the
-snapshot (``Worker._build``, then its memory limit). The acceptable outcomes are
-success or the VMM's own errors (BadRequest, NotFound, Conflict), and, in the worker,
-the errors it reports as a failed start (ConfigError, ImageError, SnapshotError,
-OSError); anything else would be a 500 from the API or a crashed worker.
+update, shutdown, snapshot, with its path policy), and, for a create or restore that
+passed, what a launch does with the spec: the VMM opens the files it names
+(``HostFiles.for_spec``), the worker builds the machine from the configuration or reads
+the snapshot (``Worker._build``, then its memory limit). The acceptable outcomes are
+success or the VMM's own errors (BadRequest, Forbidden, NotFound, Conflict), the errors
+a launch answers with 400, and, in the worker, those it reports as a failed start
+(ConfigError, ImageError, SnapshotError, OSError); anything else would be a 500 from
+the API or a crashed worker.
 
 No worker process is started: the VMs a request can name are never launched (in every
 life-cycle state), and the worker's steps run here. The first byte of an input picks
 the operation and whether the rest is a raw body (with a Content-Type of the fuzzer's
 choosing) or a request built from the bytes (fields the operation knows, and others,
 with values drawn from what each field expects and from everything else JSON holds).
-A worker step runs only when every path in the request is one of the target's own, so
-the fuzzer never opens host files a mutation happened to name.
+The VMM's path policy is the owner's (any path) or a TCP caller's (only the bundled
+images). A launch (the VMM opening the files, the worker building) runs only when
+every path in the request is one of the target's own, so the fuzzer never opens host
+files a mutation happened to name.
 """
 
 from __future__ import annotations
@@ -32,15 +36,18 @@ from aiohttp.test_utils import make_mocked_request
 from atheris import FuzzedDataProvider
 
 from popek.api.server import _body
+from popek.machine.config import ConfigError, config_from_json
 from popek.machine.loader import ImageError
-from popek.machine.virt import ConfigError
 from popek.vmm.errors import VmmError
+from popek.vmm.hostfiles import HostFiles
 from popek.vmm.manager import Vmm
+from popek.vmm.paths import PathPolicy
 from popek.vmm.snapshot import SnapshotError
 from popek.vmm.vm import Vm
 from popek.vmm.worker import Worker
-from tests.fuzz.harness import MemFile, Target, idle_snapshot
+from tests.fuzz.harness import ROOT, MemFile, Target, idle_snapshot
 
+LAUNCH_ERRORS = (ConfigError, ImageError, SnapshotError)  # what Vm.launch answers with 400
 WORKER_ERRORS = (ConfigError, ImageError, SnapshotError, OSError)  # as Worker.serve reports
 STATES = ("creating", "created", "running", "paused", "stopped", "failed")
 IDS = [f"{i:x}{i:x}{state[:2]}" for i, state in enumerate(STATES)]  # ids of _vmm()'s VMs
@@ -65,7 +72,7 @@ NUMBERS = [0, 1, -1, 50, 100, 10_000, 10_001, 2**31, 2**63, 2**64, 10**30, 16 <<
 # What each operation's fields expect: a kind of value drawn from the tables above.
 FIELDS = {
     "create": {"kernel": "path", "initrd": "path", "append": "str", "disks": "disks",
-               "mem": "number", "cpus": "number", "bios": "bios", "rng": "any",
+               "mem": "number", "cpus": "number", "bios": "bios", "rng": "any", "nics": "any",
                "name": "name", "start": "any", "cpu_weight": "number", "cpu_cap": "number",
                "mem_overhead": "number"},
     "restore": {"path": "path", "name": "name", "start": "any", "cpu_weight": "number",
@@ -92,7 +99,9 @@ def one(data: bytes) -> None:
             ref = fdp.PickValueInList(REFS) if fdp.ConsumeBool() else fdp.ConsumeUnicode(6)
             raw = json.dumps(_request(fdp, operation)).encode()
             body = _loop.run_until_complete(_parse("application/json", raw))
-        _loop.run_until_complete(_operate(_vmm(), operation, ref, body))
+        # The owner's socket checks no path; TCP (or --restrict-paths) allows some roots.
+        paths = PathPolicy([ROOT / "images"] if data[0] & 0x40 else None)
+        _loop.run_until_complete(_operate(_vmm(), operation, ref, body, paths))
     except VmmError:
         pass
 
@@ -121,43 +130,44 @@ async def _parse(content_type: str | None, raw: bytes) -> Any:
     return await _body(request)
 
 
-async def _operate(vmm: Vmm, operation: str, ref: str, body: dict[str, Any]) -> None:
+async def _operate(vmm: Vmm, operation: str, ref: str, body: dict[str, Any],
+                   paths: PathPolicy) -> None:
     if operation == "create":
-        _build(*vmm.check_create(body))
+        _build(*vmm.check_create(body, paths))
     elif operation == "restore":
-        _build(*vmm.check_restore(body))
+        _build(*await vmm.check_restore(body, paths))
     elif operation == "update":
         await vmm.update(ref, body)
     elif operation == "shutdown":
         await vmm.shutdown(ref, body)
     else:
-        await vmm.snapshot(ref, body)
+        await vmm.snapshot(ref, body, paths)
 
 
 def _build(vm: Vm, spec: dict[str, Any]) -> None:
-    """What the worker does with a spec: build its machine, then limit its memory."""
+    """What a launch does with a spec: the VMM opens the files it names, then the worker
+    builds its machine from them and limits its memory."""
     json.dumps(spec)  # it travels to the worker as JSON
-    if not _paths_of(spec) <= SAFE_PATHS:
+    named = [spec["restore"]] if "restore" in spec else \
+        config_from_json(spec["config"]).host_paths()
+    if not {str(path) for path in named} <= SAFE_PATHS:
         return
-    worker = Worker(None, {**spec, "cpu_cap": vm.cpu_cap, "mem_overhead": vm.mem_overhead})
     try:
-        worker._build()
+        files = HostFiles.for_spec(spec)
+    except LAUNCH_ERRORS:
+        return
+    worker = Worker(None, {**spec, "files": files, "cpu_cap": vm.cpu_cap,
+                           "mem_overhead": vm.mem_overhead})
+    try:
+        machine = worker._build()
     except WORKER_ERRORS:
         return
+    finally:
+        files.close()
     worker._limit_memory()
     worker.lift_memory_limit()
-
-
-def _paths_of(spec: dict[str, Any]) -> set[str]:
-    if "restore" in spec:
-        return {spec["restore"]}
-    config = spec["config"]
-    paths = {config["kernel"], *(d["path"] for d in config["disks"])}
-    if config["initrd"] is not None:
-        paths.add(config["initrd"])
-    if config["bios"] not in ("none", "opensbi"):
-        paths.add(config["bios"])
-    return paths
+    for disk in machine.disks:
+        disk.close()
 
 
 # -- requests built from the bytes --------------------------------------------------------

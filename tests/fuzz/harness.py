@@ -101,7 +101,8 @@ class MemFile:
 def idle_snapshot(disk: Path | None = None) -> bytes:
     """A real snapshot file: a tiny bare-metal guest (16 MiB) waiting for interrupts, with
     ``disk`` as its virtio disk if given."""
-    from popek.machine.virt import DiskSpec, MachineConfig, VirtMachine
+    from popek.machine.config import DiskSpec, MachineConfig
+    from popek.machine.virt import VirtMachine
     from popek.vmm import snapshot
     from tests.vmm_guests import guest
 

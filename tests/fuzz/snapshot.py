@@ -1,5 +1,5 @@
-"""Fuzz target: the snapshot reader (``popek.vmm.snapshot.load``, then ``Snapshot.machine``,
-as a VMM worker restores a snapshot).
+"""Fuzz target: the snapshot reader (``popek.vmm.snapshot.read_config`` as the VMM checks a
+snapshot, then ``load`` and ``Snapshot.machine`` as its worker restores it).
 
 A snapshot file may be truncated, corrupt, from another version or forged; whatever it
 holds, restoring it ends in :class:`SnapshotError` or in a machine that works, never in
@@ -41,7 +41,9 @@ from popek.cpu.physmem import PAGE_SIZE
 from popek.devices.virtio import SLOT_BASE
 from popek.devices.virtio.mmio import Reg
 from popek.machine import virt
+from popek.machine.loader import ImageError
 from popek.machine.virt import VirtMachine
+from popek.vmm.hostfiles import HostFiles
 from popek.vmm.snapshot import _CRC, _HEAD, FORMAT_VERSION, MAGIC, MEM_OFFSET, SnapshotError
 from popek.vmm.worker import Worker
 from tests.fuzz.harness import MemFile, Target, idle_snapshot
@@ -73,11 +75,20 @@ def one(data: bytes) -> None:
         meta = copy.deepcopy(meta)
         meta = _Edits(body).apply(meta)
         _seal(flags | FIX_PAGE_CRCS, json.dumps(meta).encode(), ram)
-    try:  # as a VMM worker restores: load, read what the metadata says, build the machine
-        machine = Worker(None, {"restore": str(_file.path)})._build()
+    spec = {"restore": str(_file.path)}
+    try:  # the VMM reads the configuration and opens the files it names ...
+        files = HostFiles.for_spec(spec)
+    except (SnapshotError, ImageError):  # (ImageError: a disk it names cannot be opened)
+        return
+    try:  # ... then a worker restores: load, read what the metadata says, build the machine
+        machine = Worker(None, {**spec, "files": files})._build()
     except SnapshotError:
         return
+    finally:
+        files.close()
     _probe(machine)
+    for disk in machine.disks:
+        disk.close()
 
 
 # -- what a guest can do to a restored machine ------------------------------------------

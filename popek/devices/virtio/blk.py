@@ -12,6 +12,7 @@ import errno
 import os
 import stat
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from popek.devices.virtio.queue import Chain, Virtqueue, VirtqueueError
@@ -55,10 +56,12 @@ class VirtioBlk:
     device_id = DEVICE_ID_BLOCK
 
     def __init__(self, path: str | os.PathLike[str], *, readonly: bool = False,
-                 serial: str = "") -> None:
+                 serial: str = "", opener: Callable[..., int] = os.open) -> None:
+        """``opener`` opens ``path`` as os.open does (a VMM worker's finds the descriptor
+        the VMM opened for it)."""
         self.fd = -1
         try:
-            self.fd = os.open(path, os.O_RDONLY if readonly else os.O_RDWR)
+            self.fd = opener(path, os.O_RDONLY if readonly else os.O_RDWR)
         except FileNotFoundError:
             raise ImageNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT),
                                      os.fspath(path)) from None
