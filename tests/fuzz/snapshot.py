@@ -23,9 +23,10 @@ and (flag 4) page checksums are right, flag 8 drops leftover RAM bytes into a ho
 bits 4..7 extend the metadata with a sparse hole of 2^(20 + n) bytes, a length field far
 beyond any real snapshot's (the file really is that long).
 
-The real snapshot is made at start-up from a tiny bare-metal guest with a disk. Disk
-paths in the metadata that are not the target's own are replaced by harmless ones: the
-target must not open host files that a mutation happened to name.
+The real snapshot is made at start-up from a tiny bare-metal guest with a disk. Host
+paths in the metadata (which the VMM opens for a restore) that are not the target's own
+are replaced by harmless ones: the target must not open host files that a mutation
+happened to name.
 """
 
 from __future__ import annotations
@@ -56,9 +57,9 @@ DISK_BYTES = 64 << 10
 MAX_SEALED_RAM = 1 << 40
 _file = MemFile("fuzz-snapshot")
 _disk = MemFile("fuzz-snapshot-disk")
-# What a disk path in the metadata becomes, picked by its length.
-_DISK_PATHS = (str(_disk.path), "/nonexistent/popek-fuzz-disk", "/", "relative/disk.img",
-               "/dev/null")
+# What a host path in the metadata becomes, picked by its length.
+_HARMLESS_PATHS = (str(_disk.path), "/nonexistent/popek-fuzz-disk", "/", "relative/disk.img",
+                   "/dev/null")
 
 
 def one(data: bytes) -> None:
@@ -132,7 +133,7 @@ def _seal(flags: int, meta_bytes: bytes, ram: bytes) -> None:
             mem = config.get("mem")
             if type(mem) is int and 0 <= mem <= MAX_SEALED_RAM and mem % PAGE_SIZE == 0:
                 ram_size = mem
-            _harmless_disks(config)
+            _harmless_paths(config)
         ram = _place_runs(meta.get("pages"), ram, ram_size, pieces, flags & FIX_PAGE_CRCS)
         meta_bytes = json.dumps(meta).encode()  # nests no deeper than what loads() read
     if flags & STRAY_BYTES and ram and len(ram) <= ram_size:
@@ -150,13 +151,20 @@ def _seal(flags: int, meta_bytes: bytes, ram: bytes) -> None:
     _file.put(MEM_OFFSET + ram_size, meta_bytes)
 
 
-def _harmless_disks(config: dict[str, Any]) -> None:
+def _harmless_paths(config: dict[str, Any]) -> None:
+    """Host paths the VMM opens for a restore (disks; kernel, initrd and firmware for the
+    guest's reboots) become the target's own or harmless ones."""
+    places: list[tuple[Any, Any]] = [(config, "kernel"), (config, "initrd")]
+    if config.get("bios") not in ("none", "opensbi"):
+        places.append((config, "bios"))
     disks = config.get("disks")
     if isinstance(disks, list):
-        for disk in disks:
-            path = disk.get("path") if isinstance(disk, dict) else None
-            if isinstance(path, str) and path not in _DISK_PATHS:
-                disk["path"] = _DISK_PATHS[len(path) % len(_DISK_PATHS)]
+        places += [(disk, "path") for disk in disks if isinstance(disk, dict)]
+    ours = {*_HARMLESS_PATHS, _base()[0]["config"]["kernel"]}
+    for holder, key in places:
+        path = holder.get(key)
+        if isinstance(path, str) and path not in ours:
+            holder[key] = _HARMLESS_PATHS[len(path) % len(_HARMLESS_PATHS)]
 
 
 def _place_runs(runs: Any, ram: bytes, ram_size: int, pieces: list[tuple[int, bytes]],
