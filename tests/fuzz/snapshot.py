@@ -163,7 +163,8 @@ def _harmless_paths(config: dict[str, Any]) -> None:
     ours = {*_HARMLESS_PATHS, _base()[0]["config"]["kernel"]}
     for holder, key in places:
         path = holder.get(key)
-        if isinstance(path, str) and path not in ours:
+        # (A NUL in a path names no file: kept, the VMM must refuse it as it opens it.)
+        if isinstance(path, str) and path not in ours and "\0" not in path:
             holder[key] = _HARMLESS_PATHS[len(path) % len(_HARMLESS_PATHS)]
 
 
