@@ -244,7 +244,8 @@ def main() -> int:
         tmp = Path(tmp_name)
         sock = tmp / "vmm.sock"
         serve = subprocess.Popen([sys.executable, "-m", "popek", "serve", "--socket", str(sock),
-                                  "--state-dir", str(tmp / "state")], stderr=subprocess.DEVNULL)
+                                  "--state-dir", str(tmp / "state"), "--stop-guests",
+                                  "--stop-timeout", "0"], stderr=subprocess.DEVNULL)
         try:
             while not sock.exists():
                 time.sleep(0.01)

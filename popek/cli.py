@@ -15,7 +15,7 @@ from collections.abc import Callable
 from popek.isa.disasm import DisasmError, disassemble_elf
 from popek.machine.cli import add_run_args, cmd_run
 from popek.user.cli import EXEC_HELP, add_exec_args, cmd_exec
-from popek.vmm.cli import add_serve_args, add_vm_args, cmd_serve, cmd_vm
+from popek.vmm.cli import add_net_args, add_serve_args, add_vm_args, cmd_net, cmd_serve, cmd_vm
 
 EXIT_USAGE = 2  # like argparse: the input was unusable
 # A running guest's code cache is hundreds of thousands of long-lived objects that seldom
@@ -53,6 +53,7 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Han
               cmd_serve),
     "vm": ("manage guests through the VMM: create, ls, stop, snapshot, restore...",
            add_vm_args, cmd_vm),
+    "net": ("manage the VMM's virtual switches: create, ls, info, rm", add_net_args, cmd_net),
 }
 
 

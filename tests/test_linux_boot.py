@@ -32,6 +32,7 @@ echo "machine: $(uname -m)"
 echo "isa: $(grep -m1 '^isa' /proc/cpuinfo | cut -d: -f2)"
 echo "hwrng bytes: $(head -c 64 /dev/hwrng | wc -c)"
 echo "rng: $(cat /sys/class/misc/hw_random/rng_current)"
+echo "clock: $(date +%s)"
 echo "ro flag: $(cat /sys/block/vdb/ro)"
 mkdir /tmp/ro && mount -t ext4 /dev/vdb /tmp/ro 2>/dev/null
 echo "ro mounted: $(ls /tmp/ro | wc -l) entries"
@@ -39,7 +40,7 @@ touch /tmp/ro/new 2>/dev/null && echo "ro file: written"
 dd if=/dev/zero of=/dev/vdb bs=4096 count=1 conv=notrunc 2>/dev/null && echo "ro raw: written"
 echo partial; exit 7
 """
-KEYS = ["marker", "machine", "isa", "hwrng bytes", "rng", "ro flag", "ro mounted"]
+KEYS = ["marker", "machine", "isa", "hwrng bytes", "rng", "clock", "ro flag", "ro mounted"]
 
 
 @dataclass
@@ -75,6 +76,8 @@ class TestOneCommandAcrossAGuestReboot:
         assert run.report["isa"].strip().startswith("rv64imafdc")
         assert run.report["hwrng bytes"].strip() == "64"
         assert run.report["rng"].startswith("virtio_rng")
+        # date reads the time CSR in user mode (the vDSO): the firmware must allow it
+        assert run.report["clock"].isdigit()
 
     def test_only_the_command_output_and_its_exit_status_come_out(self, run: RebootedRun
                                                                   ) -> None:

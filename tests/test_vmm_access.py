@@ -32,6 +32,7 @@ from popek.api.client import ApiError, Client
 from popek.vmm import statedir
 from popek.vmm.errors import BadRequest, Forbidden
 from popek.vmm.paths import PathPolicy
+from tests.test_vmm_service import STOP_GUESTS
 from tests.vmm_guests import guest
 
 MEM = 32 << 20
@@ -194,7 +195,8 @@ def vmm(request: pytest.FixtureRequest,
     with open(log, "wb") as stderr:
         proc = subprocess.Popen([sys.executable, "-m", "popek", "serve", "--socket", str(sock),
                                  "--state-dir", str(dirs / "state"), "--tcp", "127.0.0.1:0",
-                                 "--allow-path", str(dirs / "allowed"), *flags], stderr=stderr)
+                                 "--allow-path", str(dirs / "allowed"), *STOP_GUESTS, *flags],
+                                stderr=stderr)
     try:
         deadline = time.monotonic() + PATIENCE
         while not (found := re.search(r"http://127\.0\.0\.1:\d+", log.read_text())):

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from popek.vmm import jail, procstat
-from tests.test_vmm_service import MEM, Api
+from tests.test_vmm_service import MEM, STOP_GUESTS, Api
 
 CAP_SECONDS = 4.0
 
@@ -42,7 +42,8 @@ def _serve(tmp: Path, build: str, prefix: list[str] | None = None,
     env = {**os.environ, **(env or {}), "POPEK_TEST_BUILD": build}
     with open(log, "wb") as stderr:
         proc = subprocess.Popen([*(prefix or []), sys.executable, "-m", "tests.vmm_test_build",
-                                 "serve", "--socket", str(sock)], stderr=stderr, env=env)
+                                 "serve", "--socket", str(sock), "--state-dir",
+                                 str(tmp / "state"), *STOP_GUESTS], stderr=stderr, env=env)
     api = Api(sock)
     try:
         api.wait("the VMM socket", sock.exists)

@@ -11,6 +11,8 @@ import asyncio
 import os
 import re
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -26,6 +28,9 @@ from tests.vmm_guests import guest
 
 MEM = 32 << 20
 PATIENCE = 90.0  # seconds before a condition that should hold soon is declared false
+# A test's VMM kills its guests as it exits (guests outlive a VMM by default): none is
+# left behind, whatever the test did.
+STOP_GUESTS = ["--stop-guests", "--stop-timeout", "0"]
 
 
 class Api:
@@ -62,6 +67,18 @@ class Api:
         return self.wait(f"{pattern!r} from {vm['name']}",
                          lambda: re.search(pattern, self.log(vm)) and self.log(vm))
 
+    def type_line(self, vm: dict[str, Any], line: bytes) -> bytes:
+        """Type ``line`` on the console WebSocket; what it showed until the line came
+        back (the scrollback first)."""
+        async def type_line() -> bytes:
+            async with Client(self.socket_path) as client, client.console(vm["id"]) as ws:
+                await ws.send_bytes(line)
+                seen = b""
+                while line.strip() not in seen:
+                    seen += (await asyncio.wait_for(ws.receive(), PATIENCE)).data
+                return seen
+        return asyncio.run(type_line())
+
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Api, int]]:
@@ -69,7 +86,8 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Api, int
     log = sock.with_name("vmm.log")
     with open(log, "wb") as stderr:
         proc = subprocess.Popen([sys.executable, "-m", "popek", "serve", "--socket", str(sock),
-                                 "--state-dir", str(sock.with_name("state"))], stderr=stderr)
+                                 "--state-dir", str(sock.with_name("state")), *STOP_GUESTS],
+                                stderr=stderr)
     api = Api(sock)
     try:
         api.wait("the VMM socket", sock.exists)
@@ -110,15 +128,7 @@ def test_three_guests_run_different_workloads_at_once(api: Api) -> None:
 def test_console_input_reaches_the_guest_over_the_websocket(api: Api) -> None:
     echo = api.create("echo")
     api.wait_log(echo, b"echo ready\n")
-
-    async def type_line() -> bytes:
-        async with Client(api.socket_path) as client, client.console(echo["id"]) as ws:
-            await ws.send_bytes(b"hello popek\n")
-            seen = b""
-            while b"hello popek" not in seen:
-                seen += (await asyncio.wait_for(ws.receive(), PATIENCE)).data
-            return seen
-    assert b"echo ready" in asyncio.run(type_line())  # the scrollback came first
+    assert b"echo ready" in api.type_line(echo, b"hello popek\n")  # the scrollback first
     assert b"hello popek" in api.log(echo)
 
 
@@ -358,3 +368,85 @@ def test_cli_creates_lists_snapshots_and_restores(api: Api, tmp_path: Path) -> N
     assert "instructions" in popek_vm("info", "twin-1")
     assert popek_vm("kill", "cli-vm").strip() == "cli-vm"
     assert "stopped (killed" in popek_vm("ls")
+
+
+# -- networks: the VMM opens each NIC's host end, the worker only uses it ---------------------
+def send_frame(path: Path) -> socket.socket:
+    """Connect to a NIC's listening socket and send it one Ethernet frame."""
+    frame = b"\xff" * 12 + b"\x88\xb5" + bytes(50)
+    peer = socket.socket(socket.AF_UNIX)
+    peer.connect(str(path))
+    peer.sendall(struct.pack(">I", len(frame)) + frame)
+    return peer
+
+
+def test_a_nic_socket_opened_by_the_vmm_wakes_the_idle_worker(api: Api, tmp_path: Path
+                                                              ) -> None:
+    """The guest has no driver, so the NIC drops the frame and counts it: proof that the
+    VMM's listening socket reached the worker and that its runner woke for the frame."""
+    path, pcap = tmp_path / "nic.sock", tmp_path / "nic.pcap"
+    vm = api.create("idle", nics=[{"type": "stream", "listen": str(path), "pcap": str(pcap)}])
+    api.wait_log(vm, b"idle ready")
+    assert re.fullmatch(r"52:54:([0-9a-f]{2}:){3}00", api.info(vm)["config"]["nics"][0]["mac"])
+    peer = send_frame(path)
+    api.wait("the frame to reach the NIC", lambda: api.info(vm)["nics"][0]["rx_not_ready"])
+    peer.close()
+    dump = subprocess.run(["tcpdump", "-nn", "-e", "-r", str(pcap)], capture_output=True,
+                          text=True, check=True).stdout  # the worker wrote what the VMM opened
+    assert "ethertype Unknown (0x88b5), length 64" in dump
+    api("delete", vm["id"])
+    assert not path.exists()  # the VMM bound it, the VMM removed it
+
+
+def test_a_restored_nic_gets_its_host_end_opened_again(api: Api, tmp_path: Path) -> None:
+    path = tmp_path / "nic.sock"
+    vm = api.create("idle", nics=[{"type": "stream", "listen": str(path)}])
+    api.wait_log(vm, b"idle ready")
+    api("snapshot", vm["id"], tmp_path / "nic.snap")
+    api("delete", vm["id"])
+    clone = api("restore", tmp_path / "nic.snap")
+    assert clone["config"]["nics"][0]["mac"] == vm["config"]["nics"][0]["mac"]
+    peer = send_frame(path)
+    api.wait("the frame to reach the clone's NIC",
+             lambda: api.info(clone)["nics"][0]["rx_not_ready"])
+    peer.close()
+
+
+def test_no_passt_outlives_its_vm(api: Api, service: tuple[Api, int]) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    vm = api.create("idle", nics=[{"type": "user", "hostfwd": [
+        {"host_addr": "127.0.0.1", "host_port": port, "guest_port": 80}]}])
+    passt = [pid for pid in _children(service[1]) if _comm(pid).startswith("passt")]
+    assert len(passt) == 1
+    socket.create_connection(("127.0.0.1", port), timeout=10).close()  # passt forwards it
+    api("delete", vm["id"])
+    assert _comm(passt[0]) in ("", "<zombie>"), "passt outlived its VM"
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=10)
+    with pytest.raises(ApiError, match="passt failed"):  # the port is the first guest's
+        taken = socket.socket()
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        try:
+            api.create("idle", nics=[{"type": "user", "hostfwd": [
+                {"host_addr": "127.0.0.1", "host_port": port, "guest_port": 80}]}])
+        finally:
+            taken.close()
+
+
+def _children(pid: int) -> list[int]:
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += [int(c) for c in (task / "children").read_text().split()]
+    return children
+
+
+def _comm(pid: int) -> str:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return ""
+    return "<zombie>" if stat.rsplit(")", 1)[1].split()[0] == "Z" else \
+        stat[stat.index("(") + 1:stat.rindex(")")]

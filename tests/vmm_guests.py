@@ -54,6 +54,21 @@ static void poweroff(unsigned code) {
     *FINISHER = code ? (code << 16) | 0x3333 : 0x5555;
     for (;;) {}
 }
+static unsigned long now(void) {  /* guest time, 10 MHz */
+    unsigned long t;
+    __asm__ volatile("rdtime %0" : "=r"(t));
+    return t;
+}
+/* Sleep in WFI until guest time ``when`` (an SBI timer), as an idle kernel does: an idle
+   guest's time follows the host's clock. */
+static void sleep_until(unsigned long when) {
+    __asm__ volatile("csrs sie, %0" : : "r"(1UL << 5));  /* STIE; SIE stays off */
+    register unsigned long a0 __asm__("a0") = when;
+    register unsigned long a6 __asm__("a6") = 0, a7 __asm__("a7") = 0x54494D45;
+    __asm__ volatile("ecall" : "+r"(a0) : "r"(a6), "r"(a7) : "a1", "memory");
+    unsigned long sip;
+    do { __asm__ volatile("wfi\n csrr %0, sip" : "=r"(sip)); } while (!(sip & (1UL << 5)));
+}
 """
 
 # Hart 1 enters at second_start (SBI hart_start) with a stack of its own and runs second().
@@ -88,6 +103,14 @@ void main(void) {
 void main(void) { say("hello from the guest\n"); poweroff(0); }""",
     "exit7": r"""
 void main(void) { say("exiting with 7\n"); poweroff(7); }""",
+    # Powers off with status 5 once 3 s of guest time have passed.
+    "exit5-later": r"""
+void main(void) {
+    say("waiting\n");
+    sleep_until(now() + 30000000UL);
+    say("bye\n");
+    poweroff(5);
+}""",
     # Computes primes, prints each 500th, forever: a different workload from the counter.
     "primes": r"""
 void main(void) {
@@ -192,6 +215,14 @@ void main(void) {
         say("hart "); num(h); say(" time "); num(took[h][0]); say(" instret "); num(took[h][1]);
         put('\n');
     }
+    poweroff(0);
+}""",
+    # Sleeps in WFI on an SBI timer a millisecond away, twenty times over, then powers off:
+    # every wake-up is the guest's timer ending an idle host's wait.
+    "timer": r"""
+void main(void) {
+    for (int i = 0; i < 20; i++) sleep_until(now() + 10000);
+    say("woke 20 times\n");
     poweroff(0);
 }""",
     # Each hart keeps incrementing bytes in its own half of 256 pages, a subset of the

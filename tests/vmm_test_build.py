@@ -57,7 +57,7 @@ if "misbehave" in BUILD:
 
 if __name__ == "__main__":
     from popek.cli import main
-    from popek.vmm import vm
+    from popek.vmm import workerprocess
 
-    vm.WORKER_PRELOAD.insert(0, "tests.vmm_test_build")
+    workerprocess.WORKER_PRELOAD.insert(0, "tests.vmm_test_build")
     sys.exit(main())

@@ -109,6 +109,19 @@ class Client:
     async def console_log(self, vm: str) -> bytes:
         return await self.request("GET", f"/v1/vms/{vm}/console/log")
 
+    async def networks(self) -> list[dict[str, Any]]:
+        return await self.request("GET", "/v1/networks")
+
+    async def create_network(self, name: str, **options: Any) -> dict[str, Any]:
+        """``subnet`` (a CIDR, "auto" or None for a plain segment) and ``nat``."""
+        return await self.request("POST", "/v1/networks", {"name": name, **options})
+
+    async def network(self, name: str) -> dict[str, Any]:
+        return await self.request("GET", f"/v1/networks/{name}")
+
+    async def delete_network(self, name: str) -> None:
+        await self.request("DELETE", f"/v1/networks/{name}")
+
     @contextlib.asynccontextmanager
     async def console(self, vm: str,
                       replay: bool = True) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:

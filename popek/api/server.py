@@ -2,9 +2,14 @@
 
 Routes are thin: parse JSON, call :class:`popek.vmm.manager.Vmm`, answer JSON. Errors
 are ``{"error": message}`` with the status the VMM chose (400 bad request, 403 a path
-the policy refuses, 404 no such VM, 409 wrong state). The console is a WebSocket
-carrying raw bytes both ways. Who may call, and which paths a request may name, is
-:mod:`popek.api.access`'s middleware's decision; routes pass its path policy on.
+the policy refuses, 404 no such VM or network, 409 wrong state or in use). The console
+is a WebSocket carrying raw bytes both ways. Who may call, and which paths a request may
+name, is :mod:`popek.api.access`'s middleware's decision; routes pass its path policy on.
+
+When the VMM stops, its guests run on, and so would their console sessions: the
+application's shutdown closes each one (``1001 going away``), and cuts off at once a
+client that does not read, whose socket would otherwise hold the VMM's exit for as long
+as aiohttp waits for a handler (a minute).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from popek import __version__
 from popek.api.access import PATHS, Access
@@ -23,6 +28,8 @@ from popek.vmm.manager import Vmm
 
 API_VERSION = 1
 VMM_KEY = web.AppKey("vmm", Vmm)
+CONSOLES_KEY = web.AppKey("consoles", dict)  # each console's WebSocket, and its transport
+CLOSE_GRACE = 1.0  # seconds a console client has to take the closing frame
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -87,6 +94,25 @@ async def delete_vm(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+async def list_networks(request: web.Request) -> web.Response:
+    return web.json_response(_vmm(request).networks.list())
+
+
+async def create_network(request: web.Request) -> web.Response:
+    networks = _vmm(request).networks
+    switch = networks.create(await _body(request))
+    return web.json_response(networks.info(switch.name), status=201)
+
+
+async def get_network(request: web.Request) -> web.Response:
+    return web.json_response(_vmm(request).networks.info(request.match_info["net"]))
+
+
+async def delete_network(request: web.Request) -> web.Response:
+    await _vmm(request).networks.delete(request.match_info["net"])
+    return web.Response(status=204)
+
+
 def _action(name: str) -> Handler:
     async def act(request: web.Request) -> web.Response:
         vm = _vmm(request).get(request.match_info["vm"])
@@ -113,7 +139,7 @@ async def snapshot_vm(request: web.Request) -> web.Response:
 
 async def console_log(request: web.Request) -> web.Response:
     vm = _vmm(request).get(request.match_info["vm"])
-    return web.Response(body=bytes(vm.console.scrollback),
+    return web.Response(body=bytes(vm.console.data),
                         content_type="application/octet-stream")
 
 
@@ -124,9 +150,10 @@ async def console(request: web.Request) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(max_msg_size=1 << 20)
     await ws.prepare(request)
     queue = vm.console.attach()
+    request.app[CONSOLES_KEY][ws] = request.transport
     try:
-        if request.query.get("replay") in ("1", "true") and vm.console.scrollback:
-            await ws.send_bytes(bytes(vm.console.scrollback))
+        if request.query.get("replay") in ("1", "true") and vm.console.data:
+            await ws.send_bytes(bytes(vm.console.data))
         if not vm.alive:
             return ws
         keys = asyncio.create_task(_to_guest(ws, vm))
@@ -139,9 +166,23 @@ async def console(request: web.Request) -> web.WebSocketResponse:
             await ws.send_bytes(output.result())
         keys.cancel()
     finally:
+        request.app[CONSOLES_KEY].pop(ws, None)
         vm.console.detach(queue)
         await ws.close()
     return ws
+
+
+async def _close_consoles(app: web.Application) -> None:
+    """The VMM is stopping: end every console session, the guests' lives aside."""
+    async def close(ws: web.WebSocketResponse, transport: asyncio.Transport | None) -> None:
+        try:
+            await asyncio.wait_for(ws.close(code=WSCloseCode.GOING_AWAY,
+                                            message=b"the VMM is stopping"), CLOSE_GRACE)
+        except (TimeoutError, ConnectionError):
+            pass
+        if transport is not None:
+            transport.abort()  # a client that does not read is cut off
+    await asyncio.gather(*(close(*session) for session in list(app[CONSOLES_KEY].items())))
 
 
 async def _to_guest(ws: web.WebSocketResponse, vm: Any) -> None:
@@ -167,11 +208,17 @@ def routes() -> list[web.RouteDef]:
         web.post("/v1/vms/{vm}/snapshot", snapshot_vm),
         web.get("/v1/vms/{vm}/console", console),
         web.get("/v1/vms/{vm}/console/log", console_log),
+        web.get("/v1/networks", list_networks),
+        web.post("/v1/networks", create_network),
+        web.get("/v1/networks/{net}", get_network),
+        web.delete("/v1/networks/{net}", delete_network),
     ]
 
 
 def make_app(vmm: Vmm, access: Access) -> web.Application:
     app = web.Application(middlewares=[access.admit, _errors], client_max_size=1 << 20)
     app[VMM_KEY] = vmm
+    app[CONSOLES_KEY] = {}
+    app.on_shutdown.append(_close_consoles)
     app.add_routes(routes())
     return app

@@ -55,6 +55,16 @@ class Device(Protocol):
     def load_state(self, state: dict[str, Any]) -> None: ...
 
 
+class HostEvents(Protocol):
+    """Where a device that receives from the host (a NIC) registers the host descriptor
+    it waits on: the machine runner, which sleeps on every such descriptor at once while
+    the harts idle and calls back when one is ready. A device never polls."""
+
+    def watch(self, fd: int, readable: Callable[[], None] | None,
+              writable: Callable[[], None] | None = None) -> None:
+        """Call ``readable``/``writable`` when ``fd`` is; both None: stop watching it."""
+
+
 S = TypeVar("S")
 
 

@@ -61,6 +61,13 @@ class GoldfishRtc:
         if self.s.alarm_running and self.now() >= self.s.alarm_next:
             self._fire()
 
+    def seconds_to_alarm(self) -> float | None:
+        """How long until the armed alarm fires (None: none is armed), so a host whose
+        harts all idle knows when to wake up for it."""
+        if not self.s.alarm_running:
+            return None
+        return max(0, self.s.alarm_next - self.now()) / 1e9
+
     def _fire(self) -> None:
         self.s.alarm_running = False
         self.s.irq_pending = True

@@ -124,6 +124,9 @@ class Sbi:
         hart.csr[0x302] = MEDELEG  # medeleg
         hart.csr[0x303] = MIDELEG  # mideleg
         hart.csr[0x306] = 0xFFFF_FFFF  # mcounteren: let S-mode read the counters
+        # scounteren too, as OpenSBI's hart set-up does: Linux without a PMU driver never
+        # writes it, yet its vDSO reads the time CSR in U-mode (clock_gettime).
+        hart.csr[0x106] = 0xFFFF_FFFF
         hart.priv = PRIV_S
         hart.mmu.flush()
         hart.x[A0] = hart.hartid

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from popek import images
+from popek.devices.virtio.net import default_mac
 from popek.machine.config import (
     ConfigError,
     DiskSpec,
@@ -20,7 +21,9 @@ from popek.machine.config import (
 )
 from popek.machine.console import HostConsole
 from popek.machine.loader import ImageError
+from popek.machine.runner import MachineRunner
 from popek.machine.virt import VirtMachine
+from popek.net import open_nics
 from popek.stats import instruction_summary
 
 EXIT_USAGE = 2
@@ -44,6 +47,8 @@ def machine_config(args: argparse.Namespace) -> MachineConfig:
     config = images.with_bundled_guest(config_from_args(args))
     if config.kernel == images.KERNEL and not hasattr(args, "disks"):
         config.disks = [DiskSpec(images.default_disk())]
+    for index, nic in enumerate(config.nics):
+        nic.mac = nic.mac or default_mac(index)
     if args.command is not None:
         encoded = base64.b64encode(args.command.encode()).decode()
         config.append += f" quiet popek.cmd={encoded}"
@@ -137,25 +142,43 @@ class RunStats:
 def _run_until_poweroff(config: MachineConfig, console: HostConsole,
                         guest_out: Callable[[bytes], None], stats: RunStats,
                         on_reboot: Callable[[], None] | None) -> int:
-    """Run the guest, rebooting it when it asks, until it powers off or the user quits."""
-    while True:
-        machine = VirtMachine(config, guest_out)
-        try:
-            while machine.exit is None and not console.quit_requested:
-                ran = machine.run_slice()
+    """Run the guest, rebooting it when it asks, until it powers off or the user quits.
+
+    The network's host ends are opened once, here (this process is both the VMM and the
+    worker), and outlive reboots as a cable outlives a reset."""
+    opened = open_nics(config.nics, [nic.mac for nic in config.nics])
+    nets = [nic.end.backend() for nic in opened]
+    runner = MachineRunner()
+
+    def console_input() -> None:
+        data = console.read(0.0)
+        if data:
+            runner.machine.feed_input(data)
+        if console.eof:
+            runner.sources.watch(console.fileno(), None)
+    runner.sources.watch(console.fileno(), console_input)
+    try:
+        while True:
+            machine = runner.machine = VirtMachine(config, guest_out, nets=nets,
+                                                   events=runner.sources)
+            try:
+                while machine.exit is None and not console.quit_requested:
+                    runner.step()
+                    console.flush()
+            finally:
                 console.flush()
-                data = console.read(0.0 if ran else machine.idle_seconds())
-                if data:
-                    machine.feed_input(data)
-        finally:
-            console.flush()
-            stats.instructions += sum(hart.instret for hart in machine.harts)
-            for disk in machine.disks:
-                disk.close()
-        if console.quit_requested:
-            return 0
-        kind, code = machine.exit
-        if kind != "reboot":
-            return code
-        if on_reboot is not None:
-            on_reboot()
+                stats.instructions += sum(hart.instret for hart in machine.harts)
+                machine.close()
+            if console.quit_requested:
+                return 0
+            kind, code = machine.exit
+            if kind != "reboot":
+                return code
+            if on_reboot is not None:
+                on_reboot()
+    finally:
+        runner.close()
+        for backend in nets:
+            backend.close()
+        for nic in opened:
+            nic.close()

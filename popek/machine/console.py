@@ -43,6 +43,14 @@ class HostConsole:
         if self._saved_tty is not None:
             termios.tcsetattr(self.stdin_fd, termios.TCSADRAIN, self._saved_tty)
 
+    def fileno(self) -> int:
+        return self.stdin_fd
+
+    @property
+    def eof(self) -> bool:
+        """stdin has ended (a pipe's writer closed it): there is nothing more to wait for."""
+        return self._eof
+
     def write(self, data: bytes) -> None:
         """Guest output (buffered until :meth:`flush`)."""
         self._out += data

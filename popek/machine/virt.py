@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +23,20 @@ from popek.cpu.physmem import PhysicalMemory
 from popek.devices import boot_rom
 from popek.devices.boot_rom import BootRom
 from popek.devices.clint import Clint
+from popek.devices.device import HostEvents
 from popek.devices.goldfish_rtc import GoldfishRtc
 from popek.devices.plic import Plic
 from popek.devices.test_finisher import Finisher
 from popek.devices.uart16550 import Uart16550
 from popek.devices.virtio import FIRST_IRQ, SLOT_BASE, SLOT_COUNT, SLOT_SIZE, VirtioBlk, VirtioMMIO
+from popek.devices.virtio.net import VirtioNet, default_mac
 from popek.devices.virtio.rng import VirtioRng
 from popek.firmware.sbi import Sbi
 from popek.machine import fdt
 from popek.machine.clock import GuestClock
 from popek.machine.config import ConfigError, MachineConfig, check
 from popek.machine.loader import ImageError, load_kernel, read_image
+from popek.net.backend import NetBackend
 
 RAM_BASE = 0x8000_0000
 TEST_BASE, TEST_SIZE = 0x10_0000, 0x1000
@@ -61,17 +64,22 @@ class VirtMachine:
                  memory: PhysicalMemory | None = None,
                  state: dict[str, Any] | None = None,
                  clock: GuestClock | None = None,
+                 nets: Sequence[NetBackend] = (),
+                 events: HostEvents | None = None,
                  opener: Callable[..., int] = os.open) -> None:
         """Boot ``config`` from its images, or, given the ``state`` a machine saved (and
         ``memory`` holding its RAM), carry on exactly where that machine was. ``clock``
         is guest time (by default the host's, see GuestClock). ``opener`` opens the host
         files the configuration names, as os.open does; a VMM worker's hands out the
-        descriptors the VMM opened for it, and opens nothing."""
+        descriptors the VMM opened for it, and opens nothing. Likewise ``nets`` are the
+        open backends of ``config.nics``, one each, and ``events`` the machine runner
+        their NICs wait on: the board is handed its network, it opens nothing itself."""
         check(config)
         if config.kernel is None:
             raise ConfigError("no kernel: the machine needs --kernel")
-        if config.nics:
-            raise ConfigError("--nic: this popek has no network devices yet")
+        if len(nets) != len(config.nics) or (nets and events is None):
+            raise ConfigError(f"{len(config.nics)} NICs configured but {len(nets)} network "
+                              "backends given" + ("" if events else " and no runner"))
         self.config = config
         self.opener = opener
         self.console_out = console_out
@@ -98,6 +106,12 @@ class VirtMachine:
                 self._add_virtio(disk)
         except OSError as err:
             raise ConfigError(str(err)) from None
+        # NICs after the disks (whose slots stay where they were) and before the rng.
+        self.nics: list[VirtioNet] = []
+        for index, (spec, backend) in enumerate(zip(config.nics, nets, strict=True)):
+            nic = VirtioNet(backend, spec.mac or default_mac(index), events)
+            self.nics.append(nic)
+            nic.attach(self._add_virtio(nic))
         if config.rng:
             self._add_virtio(VirtioRng())
         self.sbi = Sbi(self) if config.bios == "none" else None
@@ -114,13 +128,22 @@ class VirtMachine:
             self.load_state(state)
 
     # -- building -----------------------------------------------------------------------
-    def _add_virtio(self, backend) -> None:
+    def _add_virtio(self, backend) -> VirtioMMIO:
         n = len(self.virtio)
         if n >= SLOT_COUNT:
             raise ConfigError(f"at most {SLOT_COUNT} virtio devices")
         dev = VirtioMMIO(self.mem, backend, self.plic.irq_line(FIRST_IRQ + n))
         self.mem.add_device(SLOT_BASE + n * SLOT_SIZE, SLOT_SIZE, dev)
         self.virtio.append(dev)
+        return dev
+
+    def close(self) -> None:
+        """The machine is done (powered off, or replaced by a reboot): close its disks
+        and stop its NICs watching their backends, which their owner keeps or closes."""
+        for disk in self.disks:
+            disk.close()
+        for nic in self.nics:
+            nic.detach()
 
     def device_tree(self, initrd: tuple[int, int] | None) -> bytes:
         """The board as the guest sees it (like QEMU's generated virt device tree)."""
@@ -322,13 +345,19 @@ class VirtMachine:
             taken = self.uart.push_input(bytes(self._input))
             del self._input[:taken]
 
-    def idle_seconds(self) -> float:
-        """How long the host may sleep: every hart waits for an interrupt."""
-        deadlines = [d for d in (self.clint.next_deadline(),
-                                 self.sbi.next_deadline() if self.sbi else None) if d is not None]
-        if not deadlines:
-            return 0.05
-        return max(0.0, min(0.05, (min(deadlines) - self.clint.mtime()) / TIMEBASE_HZ))
+    def idle_seconds(self) -> float | None:
+        """How long the host may sleep while every hart waits for an interrupt: until the
+        earliest timer (None: no timer is armed, only a host event can wake the guest).
+        Zero if a hart can run already: a timer that fired as the devices were updated,
+        after the harts were looked at, has raised its interrupt and left no deadline."""
+        if any(self._runnable(hart) for hart in self.harts):
+            return 0.0
+        ticks = [d for d in (self.clint.next_deadline(),
+                             self.sbi.next_deadline() if self.sbi else None) if d is not None]
+        waits = [self.rtc.seconds_to_alarm()]
+        if ticks:
+            waits.append(max(0.0, (min(ticks) - self.clint.mtime()) / TIMEBASE_HZ))
+        return min((w for w in waits if w is not None), default=None)
 
     def run_slice(self) -> bool:
         """Give every runnable hart one slice; False if all of them were waiting."""

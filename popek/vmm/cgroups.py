@@ -154,6 +154,16 @@ def create(name: str) -> VmCgroup:
     return cgroup
 
 
+def existing(name: str) -> VmCgroup:
+    """The cgroup ``name`` that a VMM before this one made (its VM's worker outlived that
+    VMM); Unavailable if it is not there."""
+    cgroup = VmCgroup(_hierarchy(), name)
+    missing = [d for d in cgroup.dirs if not d.is_dir()]
+    if missing:
+        raise Unavailable(f"the VM's cgroup {missing[0]} is gone")
+    return cgroup
+
+
 def _enable_controllers(cgroup: Path) -> None:
     """v2 hands controllers down one level at a time; a cgroup holding processes (other
     than the root) cannot hand them down, so the VMM needs a delegated cgroup there."""

@@ -1,4 +1,14 @@
-"""Frames between the VMM and a worker process over one Unix stream socket.
+"""The channel between the VMM and a worker: how a VMM reaches its worker, and the frames.
+
+A worker listens on a Unix socket of its own, ``STATE_DIR/vms/ID/worker.sock``
+(:mod:`popek.vmm.records`): the VMM binds it, in its owner-only state directory, and the
+worker listens on it (so the kernel records the worker's pid as the listener's, which
+the VMM reads with ``SO_PEERCRED``). Whoever connects must be the VMM's user: the worker
+checks ``SO_PEERCRED`` and drops anyone else. The VMM that started the worker connects
+first; when a VMM goes away the worker keeps its guest running and waits for the next
+one on the same socket; a worker whose socket refuses connections has ended. Each
+connection begins with the VMM handing the worker, with ``SCM_RIGHTS``, a socket of its
+own that later brings files (snapshot files the VMM creates); then frames flow.
 
 A frame is a 4-byte little-endian length, a 1-byte tag and the payload: ``J`` a JSON
 object (commands, replies, events), ``O`` guest console output, ``I`` console input.
@@ -11,9 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import select
 import socket
 import struct
+from pathlib import Path
 from typing import Any
 
 JSON = b"J"
@@ -21,6 +31,8 @@ OUTPUT = b"O"
 INPUT = b"I"
 MAX_FRAME = 4 << 20
 _LEN = struct.Struct("<I")
+_CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+HANDSHAKE_TIMEOUT = 10.0  # seconds a connecting VMM has to hand over its file socket
 
 Message = tuple[bytes, Any]  # (tag, decoded JSON object or raw bytes)
 
@@ -53,7 +65,8 @@ def _decode(tag: bytes, data: bytes) -> Message:
 
 
 class WorkerEnd:
-    """The worker's side: blocking sends, and a poll that waits for commands."""
+    """The worker's side: blocking sends, and reads when the machine runner finds the
+    socket readable."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -67,17 +80,18 @@ class WorkerEnd:
         except OSError:
             raise ChannelClosed from None
 
-    def poll(self, timeout: float | None) -> list[Message]:
-        """Every complete frame that arrives within ``timeout`` seconds (None: wait)."""
-        ready, _, _ = select.select([self.sock], [], [], timeout)
-        if ready:
-            try:
-                data = self.sock.recv(1 << 16)
-            except OSError:
-                data = b""
-            if not data:
-                raise ChannelClosed
-            self._buf += data
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def receive(self) -> list[Message]:
+        """Every complete frame, after one read of the (readable) socket."""
+        try:
+            data = self.sock.recv(1 << 16)
+        except OSError:
+            data = b""
+        if not data:
+            raise ChannelClosed
+        self._buf += data
         messages = []
         while len(self._buf) >= 4:
             size = _LEN.unpack_from(self._buf)[0]
@@ -122,3 +136,50 @@ class VmmEnd:
 
     def close(self) -> None:
         self.writer.close()
+
+
+async def connect(path: Path) -> tuple[VmmEnd, socket.socket, int]:
+    """The VMM's side: reach the worker listening at ``path``. Returns the channel, the
+    socket that carries files to the worker, and the worker's pid as the kernel knows it.
+    ConnectionRefusedError or FileNotFoundError: no worker listens there (it has ended)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, str(path))
+        pid = peer_credentials(sock)[0]
+        files, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with theirs:  # one byte into an empty socket: never blocks
+            socket.send_fds(sock, [b"F"], [theirs.fileno()])
+    except BaseException:
+        sock.close()
+        raise
+    return await VmmEnd.open(sock), files, pid
+
+
+def accept(listener: socket.socket, vmm_uid: int) -> tuple[WorkerEnd, socket.socket] | None:
+    """The worker's side, once ``listener`` is readable: the channel of the VMM that
+    connected and its file socket; None (the connection dropped) if the caller is not the
+    VMM's user or does not complete the handshake."""
+    try:
+        conn, _ = listener.accept()
+    except OSError:
+        return None
+    try:
+        if peer_credentials(conn)[1] != vmm_uid:
+            conn.close()
+            return None
+        conn.settimeout(HANDSHAKE_TIMEOUT)
+        _, fds, _, _ = socket.recv_fds(conn, 1, 1)
+    except OSError:
+        conn.close()
+        return None
+    if len(fds) != 1:
+        conn.close()
+        return None
+    conn.settimeout(None)
+    return WorkerEnd(conn), socket.socket(fileno=fds[0])
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the other end, as the kernel recorded them."""
+    return _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))

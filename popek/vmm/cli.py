@@ -1,9 +1,10 @@
-"""``popek serve`` (the VMM service) and ``popek vm ...`` (its command-line client).
+"""``popek serve`` (the VMM service) and ``popek vm ...``/``popek net ...`` (its
+command-line clients).
 
-``popek vm`` speaks only the REST API, like ``docker`` to ``dockerd``: anything it does,
-a script can do with the SDK (:mod:`popek.api.client`) or curl on the socket. Only the
-argument parsers live here; the server and the commands (aiohttp, rich) are imported
-when used, so other ``popek`` commands start without them.
+``popek vm`` and ``popek net`` speak only the REST API, like ``docker`` to ``dockerd``:
+anything they do, a script can do with the SDK (:mod:`popek.api.client`) or curl on the
+socket. Only the argument parsers live here; the server and the commands (aiohttp, rich)
+are imported when used, so other ``popek`` commands start without them.
 """
 
 from __future__ import annotations
@@ -41,6 +42,13 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         "name (besides the bundled images and STATE_DIR/storage); repeatable")
     parser.add_argument("--restrict-paths", action="store_true",
                         help="hold requests on the Unix socket to the same paths as TCP ones")
+    parser.add_argument("--stop-guests", action="store_true",
+                        help="on SIGTERM or SIGINT, power every guest off (as popek vm stop "
+                        "does) before exiting; without it the guests keep running, and the "
+                        "next popek serve with this state directory adopts them")
+    parser.add_argument("--stop-timeout", type=float, default=30, metavar="SECONDS",
+                        help="with --stop-guests, how long a guest has to power off before "
+                        "it is killed (30)")
 
 
 def _directory(text: str) -> Path:
@@ -50,7 +58,7 @@ def _directory(text: str) -> Path:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Run the VMM until SIGINT or SIGTERM; then every guest is killed."""
+    """Run the VMM until SIGINT or SIGTERM; the guests outlive it unless --stop-guests."""
     tcp = None
     if args.tcp:
         tcp = _host_port(args.tcp)
@@ -66,16 +74,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from popek.api.token import TokenError
-    from popek.vmm.service import prepare_access, serve
-    from popek.vmm.statedir import StateDirError
+    from popek.vmm import statedir
+    from popek.vmm.service import ServeError, prepare_access, serve
 
+    state_dir = args.state_dir or default_state_dir()
     try:
-        access = prepare_access(args.state_dir or default_state_dir(), tcp=tcp is not None,
-                                token_file=args.token_file, allow=args.allow_path,
-                                restrict_unix=args.restrict_paths)
-    except (StateDirError, TokenError) as err:
+        access = prepare_access(state_dir, tcp=tcp is not None, token_file=args.token_file,
+                                allow=args.allow_path, restrict_unix=args.restrict_paths)
+        statedir.lock(state_dir)  # held until this process ends
+        return asyncio.run(serve(args.socket or default_socket(), tcp, access, state_dir,
+                                 args.stop_timeout if args.stop_guests else None))
+    except (statedir.StateDirError, TokenError, ServeError) as err:
         return _serve_error(str(err))
-    return asyncio.run(serve(args.socket or default_socket(), tcp, access))
 
 
 def _serve_error(message: str) -> int:
@@ -183,5 +193,33 @@ def _cpu_args(parser: argparse.ArgumentParser) -> None:
 
 def cmd_vm(args: argparse.Namespace) -> int:
     from popek.vmm.commands import run
+
+    return run(args)
+
+
+# -- popek net --------------------------------------------------------------------------------
+def add_net_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--socket", type=Path, default=None,
+                        help=f"the VMM's socket (default {default_socket()})")
+    sub = parser.add_subparsers(dest="net_command", required=True, metavar="COMMAND")
+    create = sub.add_parser("create", help="create a virtual switch (VMs join it with "
+                            "--nic switch=NAME)")
+    create.add_argument("name")
+    create.add_argument("--subnet", default="auto", metavar="CIDR|none",
+                        help="the subnet its DHCP serves; none: a plain Ethernet segment "
+                        "(default: the first free 192.168.N.0/24 from 192.168.122.0/24)")
+    create.add_argument("--nat", action="store_true",
+                        help="the guests reach outside, and the host's loopback through "
+                        "the gateway (needs passt)")
+    sub.add_parser("ls", help="list virtual switches")
+    info = sub.add_parser("info", help="a switch's ports, counters and leases")
+    info.add_argument("name")
+    info.add_argument("--json", action="store_true", help="the API's JSON")
+    rm = sub.add_parser("rm", help="remove switches that no VM uses")
+    rm.add_argument("names", nargs="+", metavar="NAME")
+
+
+def cmd_net(args: argparse.Namespace) -> int:
+    from popek.vmm.net_commands import run
 
     return run(args)

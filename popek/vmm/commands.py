@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from aiohttp import WSCloseCode
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -259,6 +260,9 @@ async def _console(client: Client, args: argparse.Namespace) -> int:
                     host.flush()
             finally:
                 loop.remove_reader(host.stdin_fd)
+        if ws.close_code == WSCloseCode.GOING_AWAY:
+            err_console.print(f"The VMM stopped; {args.vms} runs on (popek vm console "
+                              f"{args.vms} attaches again once a VMM runs).")
     return 0
 
 

@@ -84,13 +84,30 @@ class HostFiles:
         self.fds.clear()
 
     def __reduce__(self) -> tuple[Any, ...]:
-        """Pickled for the worker's start, each descriptor crosses as multiprocessing
-        passes sockets (over the fork server's Unix socket)."""
-        return _received, ({key: reduction.DupFd(fd) for key, fd in self.fds.items()},)
+        return _received, ({key: PassedFd(fd) for key, fd in self.fds.items()},)
 
 
-def _received(dupfds: dict[_Key, Any]) -> HostFiles:
-    return HostFiles({key: dupfd.detach() for key, dupfd in dupfds.items()})
+def _received(passed: dict[_Key, PassedFd]) -> HostFiles:
+    return HostFiles({key: fd.detach() for key, fd in passed.items()})
+
+
+class PassedFd:
+    """A descriptor in a worker's arguments: pickled for the worker's start, it crosses as
+    multiprocessing passes sockets (over the fork server's Unix socket)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def detach(self) -> int:
+        """The descriptor, in the process that unpickled this."""
+        return self.fd
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _passed, (reduction.DupFd(self.fd),)
+
+
+def _passed(dupfd: Any) -> PassedFd:
+    return PassedFd(dupfd.detach())
 
 
 def _open(path: Path, writable: bool, what: str) -> int:

@@ -64,7 +64,10 @@ SYSCALLS: dict[str, tuple[str, ...]] = {
     # CPython imports a module on first use and reads source lines into a traceback
     # (openat itself is limited to reading, below)
     "paths": ("getdents64", "getcwd"),
-    # the VMM's channel, and network backends' sockets: only ones it was given
+    # the VMM's channel, and network backends' sockets: only ones it was given. A worker
+    # outlives its VMM and waits for the next on the listening socket the VMM bound (it
+    # called listen before this filter): accept4 takes the VMM, getsockopt reads its
+    # SO_PEERCRED, recvmsg brings its file socket (SCM_RIGHTS)
     "sockets": ("sendto", "recvfrom", "sendmsg", "recvmsg", "shutdown", "getsockname",
                 "getpeername", "getsockopt", "accept", "accept4"),
     # waiting for the VMM or a device backend
@@ -232,9 +235,16 @@ def status(pid: int) -> dict[str, Any]:
 def violation(pid: int) -> str:
     """Why a worker died of SIGSYS: the seccomp filter, and the call if the kernel logged
     it (its audit record, in the kernel log the VMM may read when it is root)."""
+    return logged_violation(pid) or \
+        "killed by signal SIGSYS: the seccomp filter refused a system call"
+
+
+def logged_violation(pid: int) -> str | None:
+    """The seccomp filter's killing of ``pid``, if the kernel logged one: how a VMM that
+    is not a worker's parent (and so never learns its exit status) can still tell."""
     call = _logged_syscall(pid)
     if call is None:
-        return "killed by signal SIGSYS: the seccomp filter refused a system call"
+        return None
     name = ""
     if seccomp is not None:
         name = seccomp.resolve_syscall(seccomp.Arch.NATIVE, call).decode()

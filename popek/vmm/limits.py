@@ -18,21 +18,45 @@ FALLBACK = "worker (nice, self-throttle, RLIMIT_AS)"
 
 class VmLimits:
     """One VM's limits; its :class:`~popek.vmm.vm.Vm` calls these as the worker starts,
-    as the limits change, and when the worker has ended."""
+    as the limits change, and when the worker has ended. They outlive the VMM with the
+    worker: the cgroup stays, and the next VMM finds it by the VM's id (:meth:`adopt`)."""
 
-    def __init__(self, vm_id: str, cap: float | None) -> None:
-        self.fallback: str | None = None  # why the kernel does not hold them
-        self.memory_limit: int | None = None  # bytes in all, once the guest's RAM is known
-        self._throttled_at_end = 0.0
-        self.cgroup: cgroups.VmCgroup | None = None
+    def __init__(self, cgroup: cgroups.VmCgroup | None, fallback: str | None = None,
+                 memory_limit: int | None = None, throttled_at_end: float = 0.0) -> None:
+        self.cgroup = cgroup
+        self.fallback = fallback  # why the kernel does not hold them
+        self.memory_limit = memory_limit  # bytes in all, once the guest's RAM is known
+        self._throttled_at_end = throttled_at_end
+
+    @classmethod
+    def create(cls, vm_id: str, cap: float | None) -> VmLimits:
+        """For a new worker: a cgroup of its own, or why it gets none."""
+        cgroup = None
         try:
-            self.cgroup = cgroups.create(vm_id)
-            self.cgroup.set_cap(cap)
+            cgroup = cgroups.create(vm_id)
+            cgroup.set_cap(cap)
         except (cgroups.Unavailable, OSError) as why:
-            if self.cgroup is not None:
-                self.cgroup.remove()
-                self.cgroup = None
-            self.fallback = str(why)
+            if cgroup is not None:
+                cgroup.remove()
+            return cls(None, str(why))
+        return cls(cgroup)
+
+    @classmethod
+    def adopt(cls, vm_id: str, recorded: dict[str, Any], running: bool) -> VmLimits:
+        """The limits a VMM before this one gave ``vm_id`` (as :meth:`record` kept them),
+        with its cgroup if its worker may still be ``running``."""
+        limits = cls(None, recorded.get("fallback"), recorded.get("memory_limit"),
+                     recorded.get("throttled_seconds", 0.0))
+        if running and limits.fallback is None:
+            try:
+                limits.cgroup = cgroups.existing(vm_id)
+            except (cgroups.Unavailable, OSError) as why:
+                limits.fallback = str(why)
+        return limits
+
+    def record(self) -> dict[str, Any]:
+        return {"fallback": self.fallback, "memory_limit": self.memory_limit,
+                "throttled_seconds": self._throttled_at_end}
 
     @property
     def mechanism(self) -> str:

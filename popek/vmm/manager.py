@@ -5,6 +5,11 @@ value, missing image, broken snapshot) is answered with an error and leaves the 
 VMs as it was. Every host path a request names passes the caller's
 :class:`~popek.vmm.paths.PathPolicy` first, before anything opens it. Each VM's worker
 is a separate process; this module never runs guest code, so no guest can take it down.
+
+The VMs are recorded in the state directory (:mod:`popek.vmm.records`), and their
+workers outlive the VMM: a VMM starts by adopting every VM its predecessor recorded
+(:meth:`Vmm.__aenter__`), and on its way out either leaves the guests running
+(:meth:`Vmm.close`) or powers them off first (:meth:`Vmm.stop_guests`).
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import asyncio
 import contextlib
 import itertools
 import secrets
+import sys
+from pathlib import Path
 from typing import Any
 
 from popek import images
@@ -23,11 +30,13 @@ from popek.machine.config import (
     config_from_json,
     config_to_json,
 )
-from popek.vmm import scheduler
+from popek.net import OpenedNic, open_nics
+from popek.vmm import records, scheduler
 from popek.vmm.errors import BadRequest, NotFound
+from popek.vmm.networks import Networks
 from popek.vmm.paths import PathPolicy
 from popek.vmm.snapshot import SnapshotError, read_config
-from popek.vmm.vm import Vm
+from popek.vmm.vm import LIVE, Vm
 
 SAMPLE_INTERVAL = 1.0  # seconds between CPU share measurements
 DEFAULT_MEM_OVERHEAD = 512 << 20  # address space a worker may add beyond guest RAM
@@ -39,27 +48,63 @@ _VM_FIELDS = {"name", "start", "cpu_weight", "cpu_cap", "mem_overhead"}
 class Vmm:
     """Owns the VMs; every public coroutine is one API operation."""
 
-    def __init__(self) -> None:
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
         self.vms: dict[str, Vm] = {}
+        self.networks = Networks()
+        self._watchers: set[asyncio.Task[None]] = set()  # VMs whose ports leave on stop
         self._numbers = itertools.count(1)
         self._sampler: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Vmm:
+        await self._adopt_all()
         self._sampler = asyncio.create_task(self._sample_forever())
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    async def _adopt_all(self) -> None:
+        """Every VM recorded in the state directory, as it is now: its worker attached
+        if it runs, else how it ended. A record that cannot be read is left alone."""
+        found = []
+        for files in records.all_vms(self.state_dir):
+            try:
+                found.append(Vm.from_record(files, files.load()))
+            except records.RecordError as err:
+                print(f"popek VMM: warning: {err}; left as it is", file=sys.stderr)
+        await asyncio.gather(*(vm.adopt() for vm in found if vm.state in LIVE[1:]))
+        for vm in found:
+            if vm.state == "creating":
+                await vm.abandon()
+                vm.files.remove()
+        for vm in sorted(found, key=lambda vm: vm.created):
+            if vm.state != "creating":
+                self.vms[vm.id] = vm
+
     async def close(self) -> None:
-        """Kill every guest (the VMM is going away; a worker never outlives it)."""
+        """The VMM is going away: every guest keeps running, for the next VMM to adopt."""
         if self._sampler is not None:
             self._sampler.cancel()
-        for vm in list(self.vms.values()):
-            vm.kill()
-        for vm in list(self.vms.values()):
-            if vm.process is not None:
-                await vm.wait_stopped()
+        for task in self._watchers:
+            task.cancel()
+        for vm in self.vms.values():
+            vm.detach()
+        await self.networks.close()
+
+    async def stop_guests(self, timeout: float) -> None:
+        """Power every guest off as ``popek vm stop`` does, killing those that have not
+        within ``timeout`` seconds (a paused guest is resumed to be asked, one that never
+        started is killed)."""
+        async def stop(vm: Vm) -> None:
+            with contextlib.suppress(Exception):
+                if vm.state == "paused":
+                    await vm.resume()
+                if vm.state != "running" or not await vm.shutdown(DEFAULT_SHUTDOWN_LINE,
+                                                                  timeout):
+                    vm.kill()
+            await vm.wait_stopped()
+        await asyncio.gather(*(stop(vm) for vm in self.vms.values() if vm.alive))
 
     async def _sample_forever(self) -> None:
         while True:
@@ -86,8 +131,9 @@ class Vmm:
 
     # -- creation -------------------------------------------------------------------------
     def _new_vm(self, body: dict[str, Any], source: str | None = None) -> Vm:
-        name = body.get("name") or f"vm{next(self._numbers)}"
-        if not isinstance(name, str) or any(vm.name == name for vm in self.vms.values()):
+        taken = {vm.name for vm in self.vms.values()}
+        name = body.get("name") or next(f"vm{n}" for n in self._numbers if f"vm{n}" not in taken)
+        if not isinstance(name, str) or name in taken:
             raise BadRequest(f"name {name!r} is taken or not a string")
         weight = body.get("cpu_weight", scheduler.DEFAULT_WEIGHT)
         cap = body.get("cpu_cap")
@@ -96,20 +142,22 @@ class Vmm:
         if overhead is not None and (not isinstance(overhead, int)
                                      or not 64 << 20 <= overhead <= MAX_MEM_OVERHEAD):
             raise BadRequest("'mem_overhead' must be 64 MiB to 1 TiB (bytes) or null")
-        return Vm(secrets.token_hex(6), name, cpu_weight=weight, cpu_cap=cap,
-                  mem_overhead=overhead, source=source)
+        vm_id = secrets.token_hex(6)
+        return Vm(vm_id, name, records.VmFiles(self.state_dir, vm_id), cpu_weight=weight,
+                  cpu_cap=cap, mem_overhead=overhead, source=source)
 
     async def create(self, body: dict[str, Any], paths: PathPolicy) -> Vm:
         """A VM of the configuration in ``body`` (the bundled guest if it names no kernel),
         whose host paths ``paths`` allows."""
-        vm, spec = self.check_create(body, paths)
-        await self._launch(vm, spec, body.get("start", True))
+        vm, spec, config = self.check_create(body, paths)
+        await self._launch(vm, spec, body.get("start", True), config)
         return vm
 
-    def check_create(self, body: dict[str, Any], paths: PathPolicy) -> tuple[Vm, dict[str, Any]]:
-        """The VM a create request asks for and its worker's spec; BadRequest (or the
-        policy's refusal) if the request is malformed. Nothing is started (so the checks
-        can be tried alone)."""
+    def check_create(self, body: dict[str, Any],
+                     paths: PathPolicy) -> tuple[Vm, dict[str, Any], MachineConfig]:
+        """The VM a create request asks for, its worker's spec and the configuration whose
+        NICs the VMM opens; BadRequest (or the policy's refusal) if the request is
+        malformed. Nothing is started or opened (so the checks can be tried alone)."""
         unknown = set(body) - _VM_FIELDS - CONFIG_FIELDS
         if unknown:
             raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
@@ -118,20 +166,21 @@ class Vmm:
         except ConfigError as err:
             raise BadRequest(str(err)) from None
         config = images.with_bundled_guest(config)
+        self.networks.check(config)
         paths.check_config(config)
         vm = self._new_vm(body)
         _assign_macs(config, vm.id)
-        return vm, {"config": config_to_json(config)}
+        return vm, {"config": config_to_json(config)}, config
 
     async def restore(self, body: dict[str, Any], paths: PathPolicy) -> Vm:
         """A new VM from a snapshot file; restoring one file many times makes clones.
         ``paths`` must allow the file and every host path its machine opens."""
-        vm, spec = await self.check_restore(body, paths)
-        await self._launch(vm, spec, body.get("start", True))
+        vm, spec, config = await self.check_restore(body, paths)
+        await self._launch(vm, spec, body.get("start", True), config)
         return vm
 
     async def check_restore(self, body: dict[str, Any],
-                            paths: PathPolicy) -> tuple[Vm, dict[str, Any]]:
+                            paths: PathPolicy) -> tuple[Vm, dict[str, Any], MachineConfig]:
         """Like :meth:`check_create`, for a restore request."""
         unknown = set(body) - _VM_FIELDS - {"path"}
         if unknown:
@@ -145,26 +194,57 @@ class Vmm:
         except SnapshotError as err:
             raise BadRequest(str(err)) from None
         paths.check_config(recorded)
-        return self._new_vm(body, source=path), {"restore": path}
+        self.networks.check(recorded)
+        return self._new_vm(body, source=path), {"restore": path}, recorded
 
-    async def _launch(self, vm: Vm, spec: dict[str, Any], start: bool) -> None:
+    async def _launch(self, vm: Vm, spec: dict[str, Any], start: bool,
+                      config: MachineConfig) -> None:
+        """Open the guest's NICs here (workers open nothing), then start its worker. Its
+        switch NICs get their ports now, and lose them when it stops."""
         try:
-            await vm.launch(spec)
+            nics = await self._host_ends(vm, config)
+        except ConfigError as err:
+            raise BadRequest(str(err)) from None
+        try:
+            await vm.launch(spec, nics)
         except BaseException:
             with contextlib.suppress(Exception):
                 vm.kill()
+            if vm.worker is None:  # no worker to reap them
+                vm.release_nics()
+            self.networks.disconnect(vm.id)
+            vm.files.remove()
             raise
         self.vms[vm.id] = vm
+        self._watchers.add(task := asyncio.create_task(self._leave_networks(vm)))
+        task.add_done_callback(self._watchers.discard)
         if start:
             await vm.start()
+
+    async def _host_ends(self, vm: Vm, config: MachineConfig) -> list[OpenedNic]:
+        """The host end of each of ``config``'s NICs, all or none (ConfigError). A
+        ``switch=`` NIC's end is one end of a socket pair whose other end is a new port of
+        its switch (made here, in the event loop the switch lives in); the others are
+        opened in a thread (passt takes ~30 ms to start)."""
+        ports = self.networks.connect(vm.id, vm.name, config)
+        try:
+            return await asyncio.to_thread(
+                open_nics, config.nics, [nic.mac for nic in config.nics], ports)
+        except ConfigError:
+            self.networks.disconnect(vm.id)
+            raise
+
+    async def _leave_networks(self, vm: Vm) -> None:
+        await vm.wait_stopped()
+        self.networks.disconnect(vm.id)
 
     # -- operations -----------------------------------------------------------------------
     async def delete(self, ref: str) -> None:
         vm = self.get(ref)
         vm.kill()
-        if vm.process is not None:
-            await vm.wait_stopped()
+        await vm.wait_stopped()
         del self.vms[vm.id]
+        vm.files.remove()
 
     async def shutdown(self, ref: str, body: dict[str, Any]) -> Vm:
         """Graceful power-off; after ``timeout`` seconds, kill if ``force`` (as docker stop)."""

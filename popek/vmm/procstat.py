@@ -1,4 +1,4 @@
-"""What the host kernel says about a worker process: CPU time and memory.
+"""What the host kernel says about a worker process: CPU time, memory, parent, start time.
 
 The VMM reads these from ``/proc`` itself rather than trusting the worker's reports,
 so a guest's share and footprint are measured by the host, as ``top`` would.
@@ -11,15 +11,32 @@ import os
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of ``pid``, None if it is gone."""
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state first), None if gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             stat = f.read()
     except OSError:
         return None
-    fields = stat[stat.rindex(")") + 2:].split()  # the command name may hold spaces
-    return (int(fields[11]) + int(fields[12])) / _TICK
+    return stat[stat.rindex(")") + 2:].split()  # the command name may hold spaces
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of ``pid``, None if it is gone."""
+    fields = _stat(pid)
+    return (int(fields[11]) + int(fields[12])) / _TICK if fields else None
+
+
+def parent(pid: int) -> int | None:
+    fields = _stat(pid)
+    return int(fields[1]) if fields else None
+
+
+def start_time(pid: int) -> int | None:
+    """When ``pid`` started, in clock ticks after boot (None if there is no such process):
+    with the pid, it names one process for as long as the host runs."""
+    fields = _stat(pid)
+    return int(fields[19]) if fields else None
 
 
 def memory(pid: int) -> dict[str, int]:

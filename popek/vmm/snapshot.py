@@ -86,11 +86,12 @@ class Snapshot:
     memory: PhysicalMemory
     opener: Callable[..., int] = os.open  # for the machine's disks
 
-    def machine(self, console_out: Callable[[bytes], None]) -> VirtMachine:
-        """The saved machine, carrying on where it stopped (disks reopened)."""
+    def machine(self, console_out: Callable[[bytes], None], **board: Any) -> VirtMachine:
+        """The saved machine, carrying on where it stopped (disks reopened); its NICs need
+        ``board``'s ``nets`` and ``events``, as for a booted VirtMachine."""
         try:
             return VirtMachine(self.config, console_out, memory=self.memory,
-                               state=self.meta["machine"], opener=self.opener)
+                               state=self.meta["machine"], opener=self.opener, **board)
         except ConfigError as err:
             raise SnapshotError(f"{self.path}: bad machine configuration: {err}") from None
         except (KeyError, TypeError, ValueError) as err:

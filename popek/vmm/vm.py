@@ -1,4 +1,4 @@
-"""One guest as the VMM sees it: its worker process, life-cycle state and statistics.
+"""One guest as the VMM sees it: its worker process, life-cycle state, statistics, record.
 
 States::
 
@@ -7,8 +7,16 @@ States::
        +------------------+-- poweroff, kill --------+--> stopped
        +------------------+-- worker died -----------+--> failed
 
-The VMM talks to the worker only through its channel and the process id; anything the
-worker does wrong (dies, sends garbage) turns this VM ``failed`` and nothing else.
+The VMM talks to the worker only through its channel and holds its process by a pidfd
+(:mod:`popek.vmm.workerprocess`); anything the worker does wrong (dies, sends garbage)
+turns this VM ``failed`` and nothing else.
+
+Every change is written to the VM's record in the state directory
+(:mod:`popek.vmm.records`) before the API answers, and the worker does not need its VMM
+to run: a VMM that goes away (:meth:`Vm.detach`, or SIGKILL) leaves the guest running,
+and the next VMM rebuilds the VM from its record and attaches to the worker again
+(:meth:`Vm.adopt`): state, configuration, console history and statistics as they were.
+A worker that ended meanwhile is listed stopped or failed, as its exit record says.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import multiprocessing
+import os
 import signal
 import socket
 import time
@@ -25,14 +33,20 @@ from typing import Any
 from popek.cpu import causes
 from popek.machine.config import ConfigError
 from popek.machine.loader import ImageError
-from popek.vmm import hostfiles, jail, procstat, scheduler, snapshot, worker
+from popek.net import OpenedNic
+from popek.vmm import channel, hostfiles, jail, procstat, scheduler, snapshot, worker
 from popek.vmm.channel import INPUT, JSON, OUTPUT, ChannelClosed, ProtocolError, VmmEnd
 from popek.vmm.console import ConsoleBuffer
 from popek.vmm.errors import BadRequest, Conflict
 from popek.vmm.limits import VmLimits
+from popek.vmm.records import VmFiles
+from popek.vmm.workerprocess import WorkerProcess, start
 
 READY_TIMEOUT = 120.0  # seconds a worker may take to load images or a snapshot
+ADOPT_TIMEOUT = 10.0  # seconds a running worker has to answer a VMM that adopts it
 REPLY_TIMEOUT = 600.0  # seconds for a command (a snapshot of a large guest)
+REAP_TIMEOUT = 10.0  # seconds a worker whose channel closed may take to be gone
+LIVE = ("creating", "created", "running", "paused")  # states with a worker
 
 _CAUSE_NAMES = {getattr(causes, n): n.lower() for n in (
     "INSN_MISALIGNED", "INSN_ACCESS", "ILLEGAL_INSN", "BREAKPOINT", "LOAD_MISALIGNED",
@@ -40,27 +54,21 @@ _CAUSE_NAMES = {getattr(causes, n): n.lower() for n in (
     "INSN_PAGE_FAULT", "LOAD_PAGE_FAULT", "STORE_PAGE_FAULT")}
 _IRQ_NAMES = {causes.INTERRUPT_BIT | getattr(causes, n): n.lower() for n in (
     "IRQ_S_SOFT", "IRQ_M_SOFT", "IRQ_S_TIMER", "IRQ_M_TIMER", "IRQ_S_EXT", "IRQ_M_EXT")}
-
-
-# What the worker fork server imports before it forks (tests add a test build's hooks).
-WORKER_PRELOAD = ["popek.vmm.warm"]
-
-
-def _worker_context() -> multiprocessing.context.BaseContext:
-    """Workers fork from a server that has imported popek once: fast starts, and no
-    state of the VMM (event loop, sockets, threads) leaks into a guest's process."""
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(WORKER_PRELOAD)
-    return ctx
+_UNEXPLAINED = ("the worker ended without a word (its exit status goes to the VMM that "
+                "started it, not to one that adopted it): killed by a signal such as "
+                "SIGKILL, or the host restarted")
 
 
 class Vm:
-    """A guest: call :meth:`launch` once, then the life-cycle methods."""
+    """A guest: call :meth:`launch` once (or :meth:`adopt` for a recorded one), then the
+    life-cycle methods."""
 
-    def __init__(self, vm_id: str, name: str, *, cpu_weight: int, cpu_cap: float | None,
-                 mem_overhead: int | None, source: str | None = None) -> None:
+    def __init__(self, vm_id: str, name: str, files: VmFiles, *, cpu_weight: int,
+                 cpu_cap: float | None, mem_overhead: int | None,
+                 source: str | None = None) -> None:
         self.id = vm_id
         self.name = name
+        self.files = files
         self.state = "creating"
         self.created = time.time()
         self.cpu_weight = cpu_weight
@@ -72,9 +80,12 @@ class Vm:
         self.stats: dict[str, Any] = {}
         self.exit: dict[str, Any] | None = None
         self.failure: str | None = None
+        self.snapshots: list[dict[str, Any]] = []  # taken of it: path, time
         self.nice = 0
         self.started: float | None = None
-        self.process: multiprocessing.process.BaseProcess | None = None
+        self.pid: int | None = None
+        self.pid_start: int | None = None  # the worker's start time: its pid's identity
+        self.worker: WorkerProcess | None = None
         self.meter: scheduler.CpuMeter | None = None
         self.limits: VmLimits | None = None
         self.confinement: dict[str, Any] = {}  # as the kernel reports it, once ready
@@ -85,62 +96,160 @@ class Vm:
         self._ready: asyncio.Future[dict[str, Any]] | None = None
         self._stopped = asyncio.Event()
         self._pump: asyncio.Task[None] | None = None
+        self._detached = False
+        self.nics: list[OpenedNic] = []  # host ends the VMM opened; the worker uses copies
+        self.nic_paths: list[str] = []  # the Unix socket paths they bound, removed at the end
+
+    # -- the record -----------------------------------------------------------------------------
+    _RECORDED = ("id", "name", "state", "created", "started", "source", "config", "cpu_weight",
+                 "cpu_cap", "mem_overhead", "exit", "failure", "snapshots", "pid",
+                 "pid_start", "confinement", "stats", "nic_paths")
+
+    def record(self) -> dict[str, Any]:
+        return {**{key: getattr(self, key) for key in self._RECORDED},
+                "limits": self.limits.record() if self.limits else {}}
+
+    def save(self) -> None:
+        self.files.save(self.record())
+
+    @classmethod
+    def from_record(cls, files: VmFiles, record: dict[str, Any]) -> Vm:
+        """The VM as a VMM before this one recorded it; :meth:`adopt` settles the rest."""
+        vm = cls(files.id, str(record.get("name", files.id)), files,
+                 cpu_weight=record.get("cpu_weight", scheduler.DEFAULT_WEIGHT),
+                 cpu_cap=record.get("cpu_cap"), mem_overhead=record.get("mem_overhead"))
+        for key in cls._RECORDED[2:]:
+            if key in record:
+                setattr(vm, key, record[key])
+        vm.limits = VmLimits.adopt(vm.id, record.get("limits", {}), vm.state in LIVE)
+        said = files.read_exit()
+        if said is not None:
+            vm._take_console(*said)
+        if vm.state not in LIVE:
+            vm._stopped.set()
+        return vm
 
     # -- worker -----------------------------------------------------------------------------
-    async def launch(self, spec: dict[str, Any]) -> None:
-        """Start the worker and wait until its machine is built; BadRequest if it cannot be."""
+    async def launch(self, spec: dict[str, Any], nics: list[OpenedNic] = ()) -> None:
+        """Start the worker and wait until its machine is built; BadRequest if it cannot be.
+
+        ``nics`` are the host ends of the guest's NICs, opened by the VMM: the worker gets
+        copies of their descriptors; passt and bound paths stay here until it is gone."""
+        self.nics = list(nics)
+        self.nic_paths = [path for nic in self.nics for path in nic.paths]
         try:
             files = await asyncio.to_thread(hostfiles.HostFiles.for_spec, spec)
         except (ConfigError, ImageError, snapshot.SnapshotError) as err:
             raise BadRequest(str(err)) from None
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._file_socket, their_files = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.limits = VmLimits(self.id, self.cpu_cap)
-        spec = {**spec, **self.limits.worker_spec(self.cpu_cap, self.mem_overhead),
-                "files": files, "file_socket": their_files, "ids": jail.guest_ids(self.id)}
-        self.process = _worker_context().Process(
-            target=worker.main, args=(theirs, spec), name=f"popek-vm-{self.id}", daemon=True)
-        loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(None, self.process.start)
+            exit_record, log = self.files.create()
+            self.save()
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         except BaseException:
-            self.limits.ended()
+            files.close()
+            raise
+        try:
+            old_mask = os.umask(0o077)  # only the VMM's user may reach the worker
+            try:
+                listener.bind(str(self.files.socket))
+            finally:
+                os.umask(old_mask)
+            self.limits = VmLimits.create(self.id, self.cpu_cap)
+            spec = {**spec, **self.limits.worker_spec(self.cpu_cap, self.mem_overhead),
+                    "files": files, "vm_id": self.id, "vmm_uid": os.geteuid(),
+                    "exit_record": hostfiles.PassedFd(exit_record),
+                    "log": hostfiles.PassedFd(log),
+                    "ids": jail.guest_ids(self.id), "nics": [nic.end for nic in self.nics]}
+            await start(worker.main, (listener, spec), f"popek-vm-{self.id}")
+        except BaseException:
+            if self.limits is not None:
+                self.limits.ended()
             raise
         finally:
             files.close()  # the worker has its own copies
-            their_files.close()
-        theirs.close()
-        self.nice = self.limits.set_weight(self.process.pid, self.cpu_weight)
-        self.meter = scheduler.CpuMeter(self.process.pid)
-        self._chan = await VmmEnd.open(ours)
-        self._ready = loop.create_future()
-        self._pump = asyncio.create_task(self._receive_all())
+            listener.close()
+            os.close(exit_record)
+            os.close(log)
+            for nic in self.nics:  # the worker holds the ends now: when it ends, they close
+                nic.end.close()
         try:
-            ready = await asyncio.wait_for(asyncio.shield(self._ready), READY_TIMEOUT)
-        except TimeoutError:
-            self.kill(failure="not ready in time")
-            raise BadRequest(f"the guest was not ready in {READY_TIMEOUT:.0f} s") from None
+            ready = await self._attach(READY_TIMEOUT)
+        except (OSError, TimeoutError) as err:
+            failure = f"the worker did not get ready ({err or 'timed out'})"
+            self.kill(failure=failure)
+            raise BadRequest(failure) from None
         if "error" in ready:
             await self._stopped.wait()
             raise BadRequest(ready["error"])
         self.config = ready["config"]
         await self._confined(ready.get("warnings", []))
-        self.console.total = ready.get("console_bytes", 0)
         self.state = "created"
+        self.save()
+
+    async def adopt(self) -> None:
+        """A VMM before this one started this VM's worker: attach to it if it still runs
+        (the VM carries on as the worker says), else settle how the VM ended."""
+        recorded_pid = self.pid
+        try:
+            ready = await self._attach(ADOPT_TIMEOUT, recorded_pid, self.pid_start)
+        except (ConnectionRefusedError, FileNotFoundError, ProcessLookupError):
+            await self._reap(recorded_pid)  # it ended while no VMM was attached
+            return
+        except (OSError, TimeoutError) as err:
+            self.kill(failure="the worker did not answer the VMM that adopted it "
+                              f"({err or 'timed out'})")
+            return
+        self.state = ready.get("state", self.state)
+        with contextlib.suppress(BadRequest):  # one that escaped its cgroup is stopped
+            await self._confined(ready.get("warnings", []))
+        self.save()
+
+    async def abandon(self) -> None:
+        """Its VMM ended while it created this VM, whose creator got no id: the VM never
+        was. Its worker, if it runs, is killed; the caller removes the record."""
+        with contextlib.suppress(OSError, TimeoutError):
+            self._chan, self._file_socket, peer = await asyncio.wait_for(
+                channel.connect(self.files.socket), ADOPT_TIMEOUT)
+            self.worker = WorkerProcess.open(peer)
+            self.worker.kill()
+            await self.worker.wait(REAP_TIMEOUT)
+        self._close_channel()
+        if self.worker is not None:
+            self.worker.close()
+        self.limits.ended()
+
+    async def _attach(self, timeout: float, pid: int | None = None,
+                      pid_start: int | None = None) -> dict[str, Any]:
+        """Connect to the worker, hold it by a pidfd, and wait for its ``ready``, which
+        the pump (:meth:`_receive_all`) takes in. ``pid_start``: the recorded start time
+        of the worker ``pid``, which the connected one must match if it has that pid."""
+        self._chan, self._file_socket, peer = await channel.connect(self.files.socket)
+        try:
+            self.worker = WorkerProcess.open(peer, pid_start if peer == pid else None)
+        except BaseException:
+            self._close_channel()
+            raise
+        self.pid, self.pid_start = self.worker.pid, self.worker.start_time
+        self._ready = asyncio.get_running_loop().create_future()
+        self._pump = asyncio.create_task(self._receive_all())
+        return await asyncio.wait_for(asyncio.shield(self._ready), timeout)
 
     async def _confined(self, warnings: list[str]) -> None:
         """The worker is ready: finish its limits and record, from the kernel's view, what
         confines it; a worker that escaped its cgroup is stopped."""
+        pid = self.worker.pid
         try:
-            self.limits.ready(self.process.pid, self.config["mem"], self.mem_overhead)
+            self.limits.ready(pid, self.config["mem"], self.mem_overhead)
         except OSError as err:
             self.kill(failure=f"cannot confine the worker: {err}")
             await self._stopped.wait()
             raise BadRequest(self.failure) from None
         if self.limits.fallback:
             warnings = [*warnings, f"limits held by the worker itself: {self.limits.fallback}"]
-        self.confinement = {**jail.status(self.process.pid), "limits": self.limits.mechanism,
+        self.confinement = {**jail.status(pid), "limits": self.limits.mechanism,
                             "warnings": warnings}
+        self.nice = self.limits.set_weight(pid, self.cpu_weight)
+        self.meter = scheduler.CpuMeter(pid)
 
     async def _receive_all(self) -> None:
         try:
@@ -154,7 +263,8 @@ class Vm:
             pass
         except ProtocolError as err:
             self.kill(failure=f"worker broke the protocol: {err}")
-        await self._reap()
+        if not self._detached:
+            await self._reap(self.pid)
 
     def _event(self, msg: dict[str, Any]) -> None:
         op = msg.get("op")
@@ -165,6 +275,8 @@ class Vm:
             if future is not None and not future.done():
                 future.set_result(msg)
         elif op == "ready" and not self._ready.done():
+            # What follows is the console's history, if the worker has some to hand over.
+            self.console.total = msg.get("console_bytes", 0) - msg.get("history_bytes", 0)
             self._ready.set_result(msg)
         elif op == "error" and not self._ready.done():
             self._ready.set_result({"error": msg.get("message", "unknown error")})
@@ -173,29 +285,86 @@ class Vm:
         elif op == "failed":
             self.failure = str(msg.get("reason"))
 
-    async def _reap(self) -> None:
-        """The channel closed: collect the worker's exit and settle the final state."""
-        self._chan.close()
-        self._file_socket.close()
-        await asyncio.get_running_loop().run_in_executor(None, self.process.join, 10)
+    async def _reap(self, pid: int | None) -> None:
+        """The worker (``pid``, if known) is ending or has ended: settle the VM's final
+        state and why, from the best witness: the worker's own word (on the channel, or
+        its exit record), else the kernel's (a cgroup OOM kill, this VMM's child's exit
+        status, the seccomp filter's log)."""
+        self._close_channel()
+        if self.worker is not None and not await self.worker.wait(REAP_TIMEOUT):
+            self.worker.kill()  # it closed its channel but lives on: it is broken
+            await self.worker.wait(REAP_TIMEOUT)
+        said = self.files.read_exit()
+        if said is not None and self.exit is None and self.failure is None:
+            how = said[0]
+            if "failure" in how:
+                self.failure = str(how["failure"])
+            else:
+                self.exit = {"kind": how.get("kind"), "code": how.get("code")}
         self.failure = self.failure or self.limits.ended()
-        if self.state == "creating":
+        status = self.worker.status() if self.worker is not None else None
+        if self.state == "creating":  # its launch fails, and the VM is not kept
             if not self._ready.done():
-                self._ready.set_result({"error": self.failure or _died(self.process)})
+                self._ready.set_result({"error": self.failure or status or _UNEXPLAINED})
         elif self.exit is not None:
             self.state = "stopped"
         else:
             self.state = "failed"
-            self.failure = self.failure or _died(self.process)
+            self.failure = self.failure or status or \
+                (pid is not None and jail.logged_violation(pid)) or _UNEXPLAINED
+        if said is None:
+            with contextlib.suppress(OSError):
+                self.files.write_exit({"failure": self.failure} if self.state == "failed"
+                                      else {**(self.exit or {})}, bytes(self.console.data))
+        if self.worker is not None:
+            self.worker.close()
         for future in self._replies.values():
             if not future.done():
                 future.set_result({"ok": False, "error": f"the guest is {self.state}"})
         self.console.close()
+        await asyncio.to_thread(self.release_nics)
+        if self.state != "creating":
+            self.save()
         self._stopped.set()
+
+    def release_nics(self) -> None:
+        """The worker is gone: let each passt exit, remove the sockets the VMM bound (also
+        those a VMM before this one bound for an adopted VM, as its record says; that
+        VMM's passts were not this one's children, and exit by themselves)."""
+        nics, self.nics = self.nics, []
+        for nic in nics:
+            nic.close()
+        for path in self.nic_paths:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+    def _take_console(self, how: dict[str, Any], console: bytes) -> None:
+        """The end of the console as the worker's exit record kept it."""
+        self.console.total = int(how.get("console_bytes", len(console))) - len(console)
+        self.console.append(console)
+
+    def _close_channel(self) -> None:
+        if self._chan is not None:
+            self._chan.close()
+        if self._file_socket is not None:
+            self._file_socket.close()
+
+    def detach(self) -> None:
+        """The VMM is going away and leaves the guest running: close the channel (the
+        worker waits for the next VMM) and the consoles attached to it."""
+        if not self.alive:
+            return
+        self._detached = True
+        if self._pump is not None:
+            self._pump.cancel()
+        self._close_channel()
+        self.worker.close()
+        self.console.close()
+        self.save()
 
     @property
     def alive(self) -> bool:
-        return not self._stopped.is_set() and self.process is not None
+        return not self._stopped.is_set() and self.worker is not None and not self._detached
 
     async def _call(self, op: str, **args: Any) -> dict[str, Any]:
         if not self.alive:
@@ -224,16 +393,19 @@ class Vm:
         await self._call("start")
         self.state = "running"
         self.started = time.time()
+        self.save()
 
     async def pause(self) -> None:
         self._require("pause", "running")
         await self._call("pause")
         self.state = "paused"
+        self.save()
 
     async def resume(self) -> None:
         self._require("resume", "paused")
         await self._call("resume")
         self.state = "running"
+        self.save()
 
     async def shutdown(self, line: str, timeout: float) -> bool:
         """Ask the guest to power off by typing ``line`` on its console (the bundled init's
@@ -249,13 +421,12 @@ class Vm:
     def kill(self, failure: str | None = None) -> None:
         """Stop the worker at once (SIGKILL): the guest gets no say. With ``failure`` the
         VMM gave up on the worker, and the VM ends ``failed`` for that reason."""
-        if self.alive and self.process.pid is not None:
+        if self.alive:
             if failure is not None:
                 self.failure = failure
             elif self.exit is None:
                 self.exit = {"kind": "killed", "code": -signal.SIGKILL}
-            with contextlib.suppress(ProcessLookupError):
-                self.process.kill()
+            self.worker.kill()
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
@@ -266,19 +437,23 @@ class Vm:
         try:
             with snapshot.NewFile(path) as fd:
                 hostfiles.send(self._file_socket, fd)
-                return await self._call("snapshot", path=path)
+                result = await self._call("snapshot", path=path)
         except snapshot.SnapshotError as err:
             raise BadRequest(str(err)) from None
+        self.snapshots.append({"path": result["path"], "created": time.time()})
+        self.save()
+        return result
 
     async def set_cpu(self, weight: int | None, cap: float | None, clear_cap: bool) -> None:
         if weight is not None:
             self.cpu_weight = weight
             if self.alive:
-                self.nice = self.limits.set_weight(self.process.pid, weight)
+                self.nice = self.limits.set_weight(self.worker.pid, weight)
         if cap is not None or clear_cap:
             if self.alive and not self.limits.set_cap(cap):
                 await self._call("cap", percent=cap)
             self.cpu_cap = cap
+        self.save()
 
     def send_input(self, data: bytes) -> bool:
         """Console input; False if the guest is gone or has not read what it was sent."""
@@ -296,10 +471,11 @@ class Vm:
             "id": self.id,
             "name": self.name,
             "state": self.state,
-            "pid": self.process.pid if self.process is not None else None,
+            "pid": self.pid,
             "created": self.created,
             "started": self.started,
             "source_snapshot": self.source,
+            "snapshots": self.snapshots,
             "config": self.config,
             "exit": self.exit,
             "failure": self.failure,
@@ -314,17 +490,9 @@ class Vm:
             "memory": {"guest_bytes": self.config.get("mem", 0),
                        "overhead_limit_bytes": self.mem_overhead,
                        "limit_bytes": self.limits.memory_limit if self.limits else None,
-                       **({f"{k}_bytes": v for k, v in procstat.memory(self.process.pid).items()}
+                       **({f"{k}_bytes": v for k, v in procstat.memory(self.pid).items()}
                           if self.alive else {})},
             "console": {"bytes": self.console.total, "dropped_bytes": self.console.dropped},
+            "nics": stats.get("nics", []),
             "confinement": self.confinement,
         }
-
-
-def _died(process: multiprocessing.process.BaseProcess) -> str:
-    exitcode = process.exitcode
-    if exitcode == -signal.SIGSYS:
-        return "worker " + jail.violation(process.pid)
-    if exitcode is not None and exitcode < 0:
-        return f"worker killed by signal {-exitcode} ({signal.Signals(-exitcode).name})"
-    return f"worker exited with status {exitcode}"

@@ -7,12 +7,25 @@ worker confines itself before it reads any guest input (:mod:`popek.vmm.jail`: i
 uid, no capabilities, a seccomp filter) and uses only files the VMM opened for it; a
 popek bug the guest triggers ends this process (reported as ``failed``), its CPU and
 memory are held by its cgroup (or, failing that, by itself: the CPU cap and
-``RLIMIT_AS``), and a flood of output blocks only this worker's sends. Paused, the
-worker sleeps in ``select`` and the guest's clock stands still.
+``RLIMIT_AS``), and a flood of output blocks only this worker's sends. The machine runs
+through the one machine runner (:mod:`popek.machine.runner`), whose host event sources
+are the VMM's channel and the NICs' sockets; paused, the worker waits on them alone and
+the guest's clock stands still.
+
+A worker outlives its VMM (:mod:`popek.vmm.workerprocess`). When its channel closes it
+carries on as it was, running or paused, keeping the console's last output in a bounded
+ring, and the runner watches its listening socket for the next VMM
+(:func:`popek.vmm.channel.accept`) instead; to that one it reports ``ready`` again, with
+its state, and hands over the ring, so the new VMM shows the console's history, output
+printed while no VMM was there included. However the
+worker ends, if it can it writes its exit record first (:mod:`popek.vmm.records`):
+how the guest ended, or why the worker failed, and the ring; so a guest that powers off
+while no VMM runs is listed stopped, with its exit code and last words, by the next.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import resource
@@ -27,79 +40,174 @@ from typing import Any
 
 from popek.machine.config import ConfigError, config_from_json
 from popek.machine.loader import ImageError
+from popek.machine.runner import EventSources, MachineRunner
 from popek.machine.virt import VirtMachine
-from popek.vmm import hostfiles, jail, snapshot
-from popek.vmm.channel import INPUT, JSON, OUTPUT, ChannelClosed, WorkerEnd
+from popek.vmm import channel, hostfiles, jail, records, snapshot, workerprocess
+from popek.vmm.channel import INPUT, JSON, OUTPUT, ChannelClosed, Message, WorkerEnd
+from popek.vmm.console import Scrollback
 from popek.vmm.throttle import CpuCap
 
 STATS_INTERVAL = 0.25  # seconds between the statistics a running worker pushes
+FIRST_VMM_TIMEOUT = 120.0  # seconds the VMM that started a worker has to connect
 EXIT_FAILED = 3
 
 
-def main(sock: socket.socket, spec: dict[str, Any]) -> None:
-    """Process entry point. ``spec``: ``{"config": ...}`` to boot or ``{"restore": path}``,
-    the ``files`` they name (:class:`~popek.vmm.hostfiles.HostFiles`) and a ``file_socket``
-    that brings files opened later, plus ``cpu_cap`` (percent or None) and ``mem_overhead``
-    (bytes or None) to enforce, ``cgroup_procs`` (files) to join and ``ids`` (uid, gid) to
-    take. The worker confines itself first of all."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the VMM, which stops us
-    chan = WorkerEnd(sock)
+def main(listener: socket.socket, spec: dict[str, Any]) -> None:
+    """Process entry point. ``listener``: the socket the VMM bound for this VM, on which
+    the worker listens for its VMM, this one and the next. ``spec``: ``{"config": ...}``
+    to boot or ``{"restore": path}``, the ``files`` they name
+    (:class:`~popek.vmm.hostfiles.HostFiles`), ``nics`` (the host end of each NIC, opened
+    by the VMM: :class:`~popek.net.HostEnd`), the ``vm_id``, the ``vmm_uid`` that may
+    connect, the ``exit_record`` to write as it ends and the ``log`` for its stdout and
+    stderr, plus ``cpu_cap`` (percent or None) and ``mem_overhead`` (bytes or None) to
+    enforce, ``cgroup_procs`` (files) to join and ``ids`` (uid, gid) to take. The worker
+    detaches from the VMM and confines itself first of all."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the VMM
+    workerprocess.detach(listener.listen, spec["log"].detach())
+    worker = Worker(listener, spec)
     try:
-        warnings = jail.confine(spec.get("cgroup_procs", ()), spec.get("ids"))
+        worker.warnings = jail.confine(spec.get("cgroup_procs", ()), spec.get("ids"))
     except Exception as err:  # it must not run unconfined
-        _fail(chan, f"cannot confine the worker: {err}")
-    worker = Worker(chan, spec)
-    worker.warnings = warnings
+        worker.fail(f"cannot confine the worker: {err}")
     try:
         worker.serve()
-    except ChannelClosed:
-        os._exit(0)  # the VMM is gone: nobody is left to run for
     except MemoryError:
         worker.lift_memory_limit()  # first, allocating nothing: room to report the failure
-        _fail(chan, "the guest made popek exceed the VM's memory limit")
+        worker.fail("the guest made popek exceed the VM's memory limit")
     except Exception:  # any popek bug the guest triggers ends only this VM
-        _fail(chan, "internal error: " + traceback.format_exc(limit=-3).strip())
+        worker.fail("internal error: " + traceback.format_exc(limit=-3).strip())
+    os._exit(0)
 
 
-def _fail(chan: WorkerEnd, reason: str) -> None:
-    try:
-        chan.send(JSON, {"op": "failed", "reason": reason})
-    except ChannelClosed:
-        pass
-    os._exit(EXIT_FAILED)
+class VmmLink:
+    """The worker's end of its link to a VMM: at most one VMM at a time, none at times.
+
+    The runner's event sources watch the attached VMM's channel, or, while none is
+    attached, the listening socket. Sends while no VMM is attached are dropped (the
+    console's output stays in the worker's ring); a channel that fails detaches the VMM,
+    and the worker waits for the next."""
+
+    def __init__(self, listener: socket.socket, vmm_uid: int, sources: EventSources,
+                 on_attach: Callable[[], None],
+                 on_frames: Callable[[list[Message]], None]) -> None:
+        self.listener = listener
+        self.vmm_uid = vmm_uid
+        self.sources = sources
+        self.on_attach = on_attach
+        self.on_frames = on_frames
+        self.chan: WorkerEnd | None = None
+        self.files: socket.socket | None = None  # brings the attached VMM's files
+        sources.watch(listener.fileno(), self._accept)
+
+    def send(self, tag: bytes, payload: Any) -> None:
+        if self.chan is not None:
+            try:
+                self.chan.send(tag, payload)
+            except ChannelClosed:
+                self.detach()
+
+    def detach(self) -> None:
+        self.sources.watch(self.chan.fileno(), None)
+        self.chan.sock.close()
+        self.files.close()
+        self.chan = self.files = None
+        self.sources.watch(self.listener.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        attached = channel.accept(self.listener, self.vmm_uid)
+        if attached is not None:
+            self.chan, self.files = attached
+            self.sources.watch(self.listener.fileno(), None)
+            self.sources.watch(self.chan.fileno(), self._receive)
+            self.on_attach()
+
+    def _receive(self) -> None:
+        try:
+            frames = self.chan.receive()
+        except ChannelClosed:
+            self.detach()
+            return
+        self.on_frames(frames)
+
+    def wait_for_vmm(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.chan is None and time.monotonic() < deadline:
+            self.sources.dispatch(deadline - time.monotonic())
+        return self.chan is not None
 
 
 class Worker:
     """The guest's machine and the loop that runs it between the VMM's commands."""
 
-    def __init__(self, chan: WorkerEnd, spec: dict[str, Any]) -> None:
-        self.chan = chan
+    def __init__(self, listener: socket.socket, spec: dict[str, Any]) -> None:
         self.spec = spec
+        self.exit_record: int = spec["exit_record"].detach()
         self.out = bytearray()
-        self.console_bytes = 0  # everything the guest ever printed, for snapshot offsets
+        # The console's last output and everything the guest ever printed (for snapshot
+        # offsets): the history a VMM that attaches gets.
+        self.console = Scrollback()
         self.traps: Counter[int] = Counter()
         # Added to the harts' instret to count what this VM executed: the instructions of
         # machines a reboot replaced, less the count a restored machine started with.
         self.instret_offset = 0
         self.running = False
+        self.started = False
+        self.machine_ready = False
         self.frozen_clock: dict[str, Any] | None = None
         self.cap = CpuCap(spec.get("cpu_cap"))
+        self.runner = MachineRunner(self.cap)
+        self.runner.running = False
+        self.link = VmmLink(listener, spec["vmm_uid"], self.runner.sources, self._greet,
+                            self._commands)
+        # The network outlives the machine: a reboot builds a new one on the same ends.
+        self.nets = [end.backend() for end in spec.get("nics", [])]
         self.machine: VirtMachine | None = None
         self.lift_memory_limit: Callable[[], None] = lambda: None
         self.warnings: list[str] = []  # about its confinement, for the VMM to show
 
     # -- life cycle -----------------------------------------------------------------------
     def serve(self) -> None:
+        if not self.link.wait_for_vmm(FIRST_VMM_TIMEOUT):
+            self._record_exit({"failure": "no VMM connected to the new worker"})
+            return
         try:
             self.machine = self._build()
         except (ConfigError, ImageError, snapshot.SnapshotError, OSError) as err:
-            self.chan.send(JSON, {"op": "error", "message": str(err)})
+            self.link.send(JSON, {"op": "error", "message": str(err)})
+            self._record_exit({"failure": str(err)})
             return
         self._limit_memory()
         self.frozen_clock = self.machine.clint.save_state()
-        self.chan.send(JSON, {"op": "ready", "config": self.spec.get("config"),
-                              "console_bytes": self.console_bytes, "warnings": self.warnings})
+        self.machine_ready = True
+        self._greet()
         self._loop()
+
+    def _greet(self) -> None:
+        """A VMM attached: once the machine is built, tell it what it needs to show this
+        VM (the first one, that it is ready; a later one, its state and history too)."""
+        if not self.machine_ready:
+            return
+        state = "running" if self.running else "paused" if self.started else "created"
+        self.link.send(JSON, {"op": "ready", "vm": self.spec["vm_id"], "state": state,
+                              "config": self.spec.get("config"),
+                              "console_bytes": self.console.total,
+                              "history_bytes": len(self.console.data),
+                              "warnings": self.warnings})
+        if self.console.data:
+            self.link.send(OUTPUT, self.console.data)
+        self._send_stats()
+
+    def fail(self, reason: str) -> None:
+        """End the worker for ``reason``, telling the VMM if one is attached."""
+        self.link.send(JSON, {"op": "failed", "reason": reason})
+        self._record_exit({"failure": reason})
+        os._exit(EXIT_FAILED)
+
+    def _record_exit(self, how: dict[str, Any]) -> None:
+        with contextlib.suppress(OSError):  # a full disk must not keep the worker alive
+            records.write_exit_fd(self.exit_record, {**how,
+                                                     "console_bytes": self.console.total},
+                                  self.console.data)
 
     def _build(self, fresh: bool = False) -> VirtMachine:
         """The machine from the spec: restored from its snapshot, or (``fresh``, and after
@@ -107,13 +215,16 @@ class Worker:
         if "restore" in self.spec and not fresh:
             snap = snapshot.load(self.spec["restore"], self.spec["files"].open)
             self.spec["config"] = snap.meta["config"]
-            self.console_bytes = int(snap.meta.get("console_bytes", 0))
-            machine = snap.machine(self._console_out)
+            self.console.total = int(snap.meta.get("console_bytes", 0))
+            machine = snap.machine(self._console_out, nets=self.nets,
+                                   events=self.runner.sources)
             self.instret_offset -= sum(hart.instret for hart in machine.harts)
         else:
             machine = VirtMachine(config_from_json(self.spec["config"]), self._console_out,
+                                  nets=self.nets, events=self.runner.sources,
                                   opener=self.spec["files"].open)
         self._count_traps(machine)
+        self.runner.machine = machine
         return machine
 
     def _limit_memory(self) -> None:
@@ -142,39 +253,38 @@ class Worker:
         self.out += data
 
     def _loop(self) -> None:
+        """The machine runner's steps; between them, output and statistics go to the VMM
+        (if one is attached). Paused, the runner waits on its event sources alone."""
         next_stats = 0.0
         while True:
-            machine = self.machine
-            wait: float | None = None
+            self.runner.step(max(0.0, next_stats - time.monotonic()) if self.running else None)
             if self.running:
-                wait = self.cap.delay()
-                if not wait:
-                    wait = 0.0 if machine.run_slice() else machine.idle_seconds()
-                    self._flush_output()
-                    if machine.exit is not None and not self._guest_finished():
-                        return
-                else:
-                    self.cap.slept(wait)
+                self._flush_output()
+                if self.machine.exit is not None and not self._guest_finished():
+                    return
             if time.monotonic() >= next_stats:
                 self._send_stats()
                 next_stats = time.monotonic() + STATS_INTERVAL
-            for tag, payload in self.chan.poll(wait):
-                if tag == INPUT:
-                    machine.feed_input(payload)
-                elif tag == JSON:
-                    self._command(payload)
+
+    def _commands(self, frames: list[Message]) -> None:
+        self._flush_output()  # what the guest printed comes before any reply (and snapshot)
+        for tag, payload in frames:
+            if tag == INPUT:
+                self.machine.feed_input(payload)
+            elif tag == JSON:
+                self._command(payload)
 
     def _guest_finished(self) -> bool:
         """The guest powered off (False: stop) or rebooted (True: carry on, fresh)."""
         kind, code = self.machine.exit
         if kind == "reboot":
             self.instret_offset += self._instret()
-            for disk in self.machine.disks:
-                disk.close()
+            self.machine.close()
             self.machine = self._build(fresh=True)
             return True
         self._send_stats()
-        self.chan.send(JSON, {"op": "exit", "kind": kind, "code": code})
+        self.link.send(JSON, {"op": "exit", "kind": kind, "code": code})
+        self._record_exit({"kind": kind, "code": code})
         return False
 
     # -- commands -------------------------------------------------------------------------
@@ -195,35 +305,36 @@ class Worker:
         except (ValueError, snapshot.SnapshotError) as err:
             reply.update(ok=False, error=str(err))
         self._send_stats()
-        self.chan.send(JSON, reply)
+        self.link.send(JSON, reply)
 
     def _set_running(self, running: bool) -> None:
         """The guest's clock stops while it is paused and resumes where it stood."""
         if running and not self.running:
+            self.started = True
             self.machine.clint.load_state(self.frozen_clock)
             self.cap.delay()  # no allowance is earned while paused
         elif not running and self.running:
             self.frozen_clock = self.machine.clint.save_state()
-        self.running = running
+        self.running = self.runner.running = running
 
     def _snapshot(self, path: str) -> dict[str, Any]:
         if not self.running:
             self.machine.clint.load_state(self.frozen_clock)  # mtime as it stood at pause
-        fd = hostfiles.receive(self.spec["file_socket"])  # the VMM made the file
+        fd = hostfiles.receive(self.link.files)  # the VMM made the file
         try:
             saved = snapshot.write(fd, Path(path), self.machine,
-                                   {"console_bytes": self.console_bytes})
+                                   {"console_bytes": self.console.total})
         finally:
             os.close(fd)
         return {"path": str(saved.path), "file_bytes": saved.file_bytes,
                 "ram_bytes": saved.ram_bytes, "seconds": saved.seconds,
-                "console_bytes": self.console_bytes}
+                "console_bytes": self.console.total}
 
     # -- reporting ------------------------------------------------------------------------
     def _flush_output(self) -> None:
         if self.out:
-            self.console_bytes += len(self.out)
-            self.chan.send(OUTPUT, self.out)
+            self.console.append(self.out)
+            self.link.send(OUTPUT, self.out)
             self.out.clear()
 
     def _instret(self) -> int:
@@ -231,13 +342,14 @@ class Worker:
 
     def _send_stats(self) -> None:
         usage = resource.getrusage(resource.RUSAGE_SELF)
-        self.chan.send(JSON, {
+        self.link.send(JSON, {
             "op": "stats", "running": self.running,
             "instructions": self.instret_offset + self._instret(),
             "traps": {str(cause): n for cause, n in self.traps.items()},
             "cpu_seconds": usage.ru_utime + usage.ru_stime,
             "throttled_seconds": self.cap.throttled,
-            "console_bytes": self.console_bytes,
+            "console_bytes": self.console.total,
+            "nics": [nic.stats() for nic in self.machine.nics],
         })
 
 

@@ -27,7 +27,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
@@ -36,16 +38,16 @@ from aiohttp.test_utils import make_mocked_request
 from atheris import FuzzedDataProvider
 
 from popek.api.server import _body
-from popek.machine.config import ConfigError, config_from_json
+from popek.machine.config import ConfigError, MachineConfig, config_from_json
 from popek.machine.loader import ImageError
 from popek.vmm.errors import VmmError
 from popek.vmm.hostfiles import HostFiles
 from popek.vmm.manager import Vmm
 from popek.vmm.paths import PathPolicy
+from popek.vmm.records import VmFiles
 from popek.vmm.snapshot import SnapshotError
 from popek.vmm.vm import Vm
-from popek.vmm.worker import Worker
-from tests.fuzz.harness import ROOT, MemFile, Target, idle_snapshot
+from tests.fuzz.harness import ROOT, MemFile, Target, idle_snapshot, scratch_dir, worker
 
 LAUNCH_ERRORS = (ConfigError, ImageError, SnapshotError)  # what Vm.launch answers with 400
 WORKER_ERRORS = (ConfigError, ImageError, SnapshotError, OSError)  # as Worker.serve reports
@@ -108,14 +110,16 @@ def one(data: bytes) -> None:
 
 
 def _vmm(operation: str) -> Vmm:
-    """A VMM holding a VM in every state, none of them with a worker. (For a snapshot, a
-    live VM's state is left out: the VMM would create the file, where a mutation says,
-    before it asks the worker that is not there.)"""
-    vmm = Vmm()
+    """A VMM holding a VM in every state, none of them with a worker, each with its
+    directory in the VMM's state directory. (For a snapshot, a live VM's state is left
+    out: the VMM would create the file, where a mutation says, before it asks the worker
+    that is not there.)"""
+    vmm = Vmm(_state_dir())
     for vm_id, state in zip(IDS, STATES, strict=True):
         if operation == "snapshot" and state in LIVE:
             continue
-        vm = Vm(vm_id, state, cpu_weight=100, cpu_cap=None, mem_overhead=None)
+        vm = Vm(vm_id, state, VmFiles(vmm.state_dir, vm_id), cpu_weight=100, cpu_cap=None,
+                mem_overhead=None)
         vm.state = state
         vm._stopped.set()  # so a shutdown's wait ends at once, as for a guest that powered off
         vmm.vms[vm.id] = vm
@@ -149,9 +153,10 @@ async def _operate(vmm: Vmm, operation: str, ref: str, body: dict[str, Any],
         await vmm.snapshot(ref, body, paths)
 
 
-def _build(vm: Vm, spec: dict[str, Any]) -> None:
-    """What a launch does with a spec: the VMM opens the files it names, then the worker
-    builds its machine from them and limits its memory."""
+def _build(vm: Vm, spec: dict[str, Any], config: MachineConfig) -> None:
+    """What a launch does with a spec: the VMM opens the files it names (and the NICs of
+    ``config``: here, sockets of the target's), then the worker builds its machine from
+    them and limits its memory."""
     json.dumps(spec)  # it travels to the worker as JSON
     named = [spec["restore"]] if "restore" in spec else \
         config_from_json(spec["config"]).host_paths()
@@ -161,18 +166,18 @@ def _build(vm: Vm, spec: dict[str, Any]) -> None:
         files = HostFiles.for_spec(spec)
     except LAUNCH_ERRORS:
         return
-    worker = Worker(None, {**spec, "files": files, "cpu_cap": vm.cpu_cap,
-                           "mem_overhead": vm.mem_overhead})
-    try:
-        machine = worker._build()
-    except WORKER_ERRORS:
-        return
-    finally:
-        files.close()
-    worker._limit_memory()
-    worker.lift_memory_limit()
-    for disk in machine.disks:
-        disk.close()
+    with worker({**spec, "files": files, "cpu_cap": vm.cpu_cap,
+                 "mem_overhead": vm.mem_overhead}, len(config.nics)) as building:
+        try:
+            machine = building._build()
+        except WORKER_ERRORS:
+            return
+        finally:
+            files.close()
+        building._limit_memory()
+        building.lift_memory_limit()
+        for disk in machine.disks:
+            disk.close()
 
 
 # -- requests built from the bytes --------------------------------------------------------
@@ -228,6 +233,16 @@ _VALUES: dict[str, Callable[[FuzzedDataProvider], Any]] = {
     "str": _typed(lambda fdp: fdp.ConsumeUnicode(fdp.ConsumeIntInRange(0, 24))),
     "any": lambda fdp: _json(fdp, 2),
 }
+
+
+@functools.cache
+def _state_dir() -> Path:
+    """The VMM's state directory, with the directory of every VM :func:`_vmm` holds."""
+    state_dir = scratch_dir("api")
+    for vm_id in IDS:
+        for fd in VmFiles(state_dir, vm_id).create():
+            os.close(fd)
+    return state_dir
 
 
 @functools.cache

@@ -22,11 +22,14 @@ popek with it) under atheris's instrumentation.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import shutil
+import socket
 import tempfile
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -98,24 +101,68 @@ class MemFile:
 
 
 @functools.cache
-def idle_snapshot(disk: Path | None = None) -> bytes:
+def idle_snapshot(disk: Path | None = None, nic: bool = False) -> bytes:
     """A real snapshot file: a tiny bare-metal guest (16 MiB) waiting for interrupts, with
-    ``disk`` as its virtio disk if given."""
-    from popek.machine.config import DiskSpec, MachineConfig
+    ``disk`` as its virtio disk if given, and a NIC (a stream socket's) if ``nic``."""
+    from popek.machine.config import DiskSpec, MachineConfig, NicSpec
+    from popek.machine.runner import EventSources
     from popek.machine.virt import VirtMachine
+    from popek.net.stream import StreamBackend
     from popek.vmm import snapshot
     from tests.vmm_guests import guest
 
     out = bytearray()
     config = MachineConfig(kernel=guest("idle"), mem=16 << 20,
-                           disks=[DiskSpec(disk)] if disk else [])
-    machine = VirtMachine(config, out.extend)
-    while b"idle ready" not in out:
-        machine.run_slice()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "idle.snap"
-        snapshot.save(path, machine, {"console_bytes": len(out)})
-        return path.read_bytes()
+                           disks=[DiskSpec(disk)] if disk else [],
+                           nics=[NicSpec("stream", connect="/nonexistent/popek-fuzz.sock")]
+                           if nic else [])
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        machine = VirtMachine(config, out.extend, nets=[StreamBackend(ours)] if nic else [],
+                              events=EventSources())
+        while b"idle ready" not in out:
+            machine.run_slice()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "idle.snap"
+            snapshot.save(path, machine, {"console_bytes": len(out)})
+            return path.read_bytes()
+
+
+@contextlib.contextmanager
+def worker(spec: dict[str, Any], nics: int = 0) -> Iterator[Any]:
+    """A VMM worker (:class:`popek.vmm.worker.Worker`) given ``spec`` as a launch gives
+    it, without the process: its listening socket and exit record are throwaway ones, and
+    it gets ``nics`` NIC host ends (stream sockets whose peers stay silent). Everything is
+    closed on the way out."""
+    from popek.net import HostEnd
+    from popek.vmm.hostfiles import PassedFd
+    from popek.vmm.worker import Worker
+
+    pairs = [socket.socketpair() for _ in range(nics)]
+    with socket.socket(socket.AF_UNIX) as listener, open(os.devnull, "wb") as record:
+        try:
+            yield Worker(listener, {**spec, "vm_id": "fuzz", "vmm_uid": os.geteuid(),
+                                    "exit_record": PassedFd(record.fileno()),
+                                    "nics": [HostEnd("stream", ours) for ours, _ in pairs]})
+        finally:
+            for ours, theirs in pairs:
+                ours.close()
+                theirs.close()
+
+
+def scratch_dir(name: str) -> Path:
+    """A directory of this process's own, for a target whose component needs a real one
+    (the VMM's state directory). libFuzzer's exit() skips Python's clean-up, so each run
+    removes those that processes no longer running left behind."""
+    base = Path(tempfile.gettempdir())
+    for old in base.glob(f"popek-fuzz-{name}-*"):
+        pid = old.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(old, ignore_errors=True)
+    path = base / f"popek-fuzz-{name}-{os.getpid()}"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(mode=0o700)
+    return path
 
 
 def corpus_files(name: str) -> list[Path]:

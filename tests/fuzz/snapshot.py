@@ -23,7 +23,8 @@ and (flag 4) page checksums are right, flag 8 drops leftover RAM bytes into a ho
 bits 4..7 extend the metadata with a sparse hole of 2^(20 + n) bytes, a length field far
 beyond any real snapshot's (the file really is that long).
 
-The real snapshot is made at start-up from a tiny bare-metal guest with a disk. Host
+The real snapshot is made at start-up from a tiny bare-metal guest with a disk and a NIC
+(whose host end, in the worker, is a socket with a silent peer). Host
 paths in the metadata (which the VMM opens for a restore) that are not the target's own
 are replaced by harmless ones: the target must not open host files that a mutation
 happened to name.
@@ -43,11 +44,19 @@ from popek.devices.virtio import SLOT_BASE
 from popek.devices.virtio.mmio import Reg
 from popek.machine import virt
 from popek.machine.loader import ImageError
+from popek.machine.runner import EventSources
 from popek.machine.virt import VirtMachine
 from popek.vmm.hostfiles import HostFiles
-from popek.vmm.snapshot import _CRC, _HEAD, FORMAT_VERSION, MAGIC, MEM_OFFSET, SnapshotError
-from popek.vmm.worker import Worker
-from tests.fuzz.harness import MemFile, Target, idle_snapshot
+from popek.vmm.snapshot import (
+    _CRC,
+    _HEAD,
+    FORMAT_VERSION,
+    MAGIC,
+    MEM_OFFSET,
+    SnapshotError,
+    read_config,
+)
+from tests.fuzz.harness import MemFile, Target, idle_snapshot, worker
 
 RAW, SEALED, EDIT = 0, 1, 2
 FIX_PAGE_CRCS, STRAY_BYTES = 4, 8
@@ -77,19 +86,22 @@ def one(data: bytes) -> None:
         meta = _Edits(body).apply(meta)
         _seal(flags | FIX_PAGE_CRCS, json.dumps(meta).encode(), ram)
     spec = {"restore": str(_file.path)}
-    try:  # the VMM reads the configuration and opens the files it names ...
+    try:  # the VMM reads the configuration, opens the files and NICs it names ...
+        nics = len(read_config(_file.path).nics)
         files = HostFiles.for_spec(spec)
     except (SnapshotError, ImageError):  # (ImageError: a disk it names cannot be opened)
         return
-    try:  # ... then a worker restores: load, read what the metadata says, build the machine
-        machine = Worker(None, {**spec, "files": files})._build()
-    except SnapshotError:
-        return
-    finally:
-        files.close()
-    _probe(machine)
-    for disk in machine.disks:
-        disk.close()
+    # ... then a worker restores: load, read what the metadata says, build the machine
+    with worker({**spec, "files": files}, nics) as restoring:
+        try:
+            machine = restoring._build()
+        except SnapshotError:
+            return
+        finally:
+            files.close()
+        _probe(machine, restoring.runner.sources)
+        for disk in machine.disks:
+            disk.close()
 
 
 # -- what a guest can do to a restored machine ------------------------------------------
@@ -105,8 +117,9 @@ _PROBES = [  # (base, offsets read, (offset, value) written)
 ]
 
 
-def _probe(machine: VirtMachine) -> None:
-    """Every register a guest might touch, then a slice of the guest's own code."""
+def _probe(machine: VirtMachine, sources: EventSources) -> None:
+    """Every register a guest might touch, a slice of the guest's own code, then the host
+    events its devices wait for."""
     for base, reads, writes in _PROBES:
         if machine.mem.device_at(base) is None:
             continue  # a machine without virtio devices: the guest gets an access fault
@@ -116,6 +129,7 @@ def _probe(machine: VirtMachine) -> None:
         for offset, value in writes:
             machine.mem.store(base + offset, 4, value)
     machine.run_slice()
+    sources.dispatch(0)
     json.dumps(machine.save_state())  # a restored machine can be saved again
 
 
@@ -244,9 +258,10 @@ _DELETE = object()
 
 @functools.cache
 def _base() -> tuple[dict[str, Any], bytes]:
-    """A real snapshot's metadata and the bytes of its RAM runs; its guest has a disk."""
+    """A real snapshot's metadata and the bytes of its RAM runs; its guest has a disk and
+    a NIC."""
     _disk.set(bytes(DISK_BYTES))
-    raw = idle_snapshot(_disk.path)
+    raw = idle_snapshot(_disk.path, nic=True)
     meta = json.loads(raw[MEM_OFFSET + BASE_RAM:])
     ram = b"".join(raw[MEM_OFFSET + first * PAGE_SIZE:MEM_OFFSET + (first + count) * PAGE_SIZE]
                    for first, count, _ in meta["pages"])

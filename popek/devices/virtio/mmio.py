@@ -10,6 +10,7 @@ register file is written once. Like QEMU's virt board, slot ``n`` sits at
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Protocol
@@ -243,16 +244,28 @@ class VirtioMMIO:
                 queue.s.device_addr = _set_high(queue.s.device_addr, value)
 
     def _notify(self, index: int) -> None:
-        if index >= len(self.queues):
-            return
+        if index < len(self.queues):
+            self.serve(index, self.backend.process)
+
+    def serve(self, index: int, work: Callable[[int, Virtqueue], None]) -> None:
+        """Let ``work`` consume queue ``index``, then interrupt the driver if it asked to
+        hear of the buffers used. Guest kicks come here, and so does work that host
+        events start (a frame arrived, a socket drained), so a broken ring ends in
+        DEVICE_NEEDS_RESET whoever walked it."""
         queue = self.queues[index]
         try:
-            self.backend.process(index, queue)
+            work(index, queue)
         except VirtqueueError as err:
             self._needs_reset(queue, err)
         if queue.needs_interrupt():
             self.s.interrupt_status |= INT_VRING
             self._update_irq()
+
+    @property
+    def driver_ok(self) -> bool:
+        """The driver has set the device up and the device has not asked for a reset."""
+        return self.s.status & (STATUS_DRIVER_OK | STATUS_DEVICE_NEEDS_RESET) \
+            == STATUS_DRIVER_OK
 
     def _needs_reset(self, queue: Virtqueue, err: VirtqueueError) -> None:
         """Stop the queue and tell the driver, as virtio 1.1 section 2.1.2 asks."""

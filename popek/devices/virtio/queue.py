@@ -208,6 +208,21 @@ class Virtqueue:
                 return segments
             index = nxt
 
+    def rewind(self, count: int) -> None:
+        """Take back the last ``count`` popped chains, unused (a device that found too
+        little room for a whole packet leaves the buffers for later)."""
+        self.s.last_avail_idx = (self.s.last_avail_idx - count) & 0xFFFF
+
+    def request_kick(self) -> None:
+        """Ask the driver to notify the device when it makes the next buffer available,
+        even though it has not used all the earlier ones (with the event index, a driver
+        only notifies for buffers past ``avail_event``); without the event index it
+        always notifies, since this device never sets VIRTQ_USED_F_NO_NOTIFY."""
+        s = self.s
+        if s.ready and not s.broken and s.event_idx:
+            self._put_u16(self._used_off + 4 + USED_ELEM_SIZE * s.num,
+                          self._u16(self._avail_off + 2))
+
     def push_used(self, head: int, written: int) -> None:
         """Return chain ``head`` to the driver, ``written`` bytes having been stored in it."""
         s = self.s
