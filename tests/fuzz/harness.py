@@ -14,8 +14,10 @@ atheris's ``FuzzedDataProvider``, the virtio target reads a fake driver's progra
 fixed-size records, the snapshot target edits a real snapshot's metadata. So one engine,
 one corpus format and one runner serve every target.
 
-A target is a module ``tests/fuzz/<name>.py`` defining ``TARGET``. Its ``one`` takes an
-input and lets only the component's own errors pass; any other exception is a finding.
+A target is a module ``tests/fuzz/<name>.py`` defining ``TARGET``, and nothing else needs
+to name it: the test suite, ``run.py`` and ``bench/fuzz.py`` find it by its file. Its
+``one`` takes an input and lets only the component's own errors pass; any other exception
+is a finding.
 This module imports nothing from popek, so that the runner can import the target (and
 popek with it) under atheris's instrumentation.
 """
@@ -36,7 +38,11 @@ from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parents[2]
 CORPUS = Path(__file__).resolve().parent / "corpus"
-TARGETS = ("decoder", "virtio", "snapshot", "kernel", "elf", "api")
+# Every module here but these is a target: adding one is adding its file (and, once
+# something was found, its corpus directory).
+_NOT_TARGETS = {"__init__", "harness", "run"}
+TARGETS = tuple(sorted(p.stem for p in Path(__file__).parent.glob("*.py")
+                       if p.stem not in _NOT_TARGETS and not p.stem.startswith("test_")))
 
 R = TypeVar("R")
 CI_SEED = 1

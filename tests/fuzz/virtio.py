@@ -15,6 +15,12 @@ or DEVICE_NEEDS_RESET; the checks after every record:
   DEVICE_NEEDS_RESET;
 - at the end, the transport's state survives JSON (as in a snapshot) and a reload.
 
+A device with a host side (virtio-net: a stream socket speaking QEMU's framing, see
+``virtio_net``) also meets the host: records send it bytes (whole frames of any size, or
+raw bytes that break the framing) and drain what it sent, and between records its host
+events are dispatched, as the machine runner does, under the same checks. Whatever the
+guest's transmit chains hold, the host receives whole frames of legal length.
+
 Each device type is one entry of ``DEVICES``: a context manager that builds the backend
 (and cleans up after it). A new device needs only an entry here and a seed or two.
 """
@@ -22,6 +28,7 @@ Each device type is one entry of ``DEVICES``: a context manager that builds the 
 from __future__ import annotations
 
 import json
+import socket
 import struct
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -51,6 +58,9 @@ from popek.devices.virtio.queue import (
     VIRTQ_DESC_F_WRITE,
     Chain,
 )
+from popek.machine.runner import EventSources
+from popek.net.backend import MAX_FRAME, MIN_FRAME
+from popek.net.stream import LENGTH
 from tests.fuzz.harness import MemFile, Target
 
 RAM_BASE = 0x8000_0000
@@ -59,23 +69,27 @@ DISK_SECTORS = 64
 _disk = MemFile("fuzz-disk")
 
 
+Device = tuple[Any, socket.socket | None]  # the backend, and the host's end of its host side
+
+
 @contextmanager
-def _blk(readonly: bool) -> Iterator[VirtioBlk]:
+def _blk(readonly: bool, events: EventSources) -> Iterator[Device]:
     _disk.set(bytes(range(256)) * (DISK_SECTORS * SECTOR_SIZE // 256))  # the same disk each run
     dev = VirtioBlk(_disk.path, readonly=readonly)
     try:
-        yield dev
+        yield dev, None
     finally:
         dev.close()
 
 
 @contextmanager
-def _rng(readonly: bool) -> Iterator[VirtioRng]:
-    yield VirtioRng()
+def _rng(readonly: bool, events: EventSources) -> Iterator[Device]:
+    yield VirtioRng(), None
 
 
 # name -> a context manager giving a fresh backend; the flag is a fuzzed choice of shape.
-DEVICES: dict[str, Callable[[bool], Any]] = {"blk": _blk, "rng": _rng}
+# (virtio-net, with its host side, is a target of its own: tests/fuzz/virtio_net.py.)
+DEVICES: dict[str, Callable[[bool, EventSources], Any]] = {"blk": _blk, "rng": _rng}
 
 # The records. Addresses below RAM_SIZE mean RAM_BASE + address (easy for the fuzzer to
 # hit RAM); anything else is taken as it is.
@@ -87,6 +101,11 @@ DESC = struct.Struct("<QHQIHH")  # table, index, addr, len, flags, next
 OFFER = struct.Struct("<BHH")  # queue, head, how far to move the available index (0: 1)
 NOTIFY = struct.Struct("<I")  # the value written to QueueNotify
 RECORDS = (REG_WRITE, REG_READ, RAM_WRITE, SETUP, DESC, OFFER, NOTIFY)
+# For a device with a host side, one more: the host sends, how (bit 0: the bytes raw,
+# else framed as one frame; bit 1: the frame padded to 32 times the length given) and a
+# length, then that many bytes; a length of 0 drains what the device sent instead.
+HOST = struct.Struct("<BH")
+RAW_BYTES, PADDED = 1, 2
 
 
 def _addr(value: int) -> int:
@@ -96,10 +115,15 @@ def _addr(value: int) -> int:
 class FakeDriver:
     """Runs the records against one transport and checks it after each."""
 
-    def __init__(self, backend: Any) -> None:
+    def __init__(self, backend: Any, events: EventSources,
+                 host: socket.socket | None) -> None:
         self.mem = PhysicalMemory(RAM_BASE, RAM_SIZE)
         self.levels: list[bool] = [False]
         self.dev = VirtioMMIO(self.mem, backend, self.levels.append)
+        self.events = events
+        self.host = host
+        self.wire = bytearray()  # what the device sent the host, not yet parsed
+        self.records = RECORDS if host is None else (*RECORDS, HOST)
         self.avail_idx = [0] * len(self.dev.queues)
         self.writes: list[tuple[int, int]] = []
         self.popped: list[Chain] = []
@@ -114,6 +138,8 @@ class FakeDriver:
         self.mem.write = watched_write  # type: ignore[method-assign]
         for queue in self.dev.queues:
             self._watch_pops(queue)
+        if hasattr(backend, "attach"):
+            backend.attach(self.dev)
 
     def _watch_pops(self, queue: Any) -> None:
         pop = queue.pop
@@ -128,15 +154,46 @@ class FakeDriver:
 
     # -- the device's side, watched -------------------------------------------------------
     def device_write(self, offset: int, size: int, value: int) -> None:
+        self.watched(lambda: self.dev.write(offset, size, value))
+
+    def watched(self, action: Callable[[], None]) -> None:
+        """Run what makes the device work (a register write, a host event), then check."""
         self.writes.clear()
         self.popped.clear()
         self.watching = True
         try:
-            self.dev.write(offset, size, value)
+            action()
         finally:
             self.watching = False
         self._check_writes()
         self._check_status()
+
+    # -- the host's side ------------------------------------------------------------------
+    def host_send(self, how: int, data: bytes, length: int) -> None:
+        if not how & RAW_BYTES:
+            frame = data.ljust(32 * length, b"\0") if how & PADDED else data
+            data = LENGTH.pack(len(frame)) + frame
+        try:  # what does not fit in the socket now is lost, as on a cut cable
+            self.host.send(data)
+        except BlockingIOError:
+            pass
+
+    def host_drain(self) -> None:
+        """Read what the device sent: whole frames of legal length, QEMU-framed."""
+        while True:
+            try:
+                data = self.host.recv(1 << 20)
+            except BlockingIOError:
+                break
+            if not data:
+                break
+            self.wire += data
+        while len(self.wire) >= LENGTH.size:
+            size = LENGTH.unpack_from(self.wire)[0]
+            assert MIN_FRAME <= size <= MAX_FRAME, f"the NIC sent a frame of {size} bytes"
+            if len(self.wire) < LENGTH.size + size:
+                break
+            del self.wire[:LENGTH.size + size]
 
     def device_read(self, offset: int, size: int) -> None:
         value = self.dev.read(offset, size)
@@ -196,8 +253,7 @@ class FakeDriver:
     def run(self, data: bytes) -> None:
         pos = 0
         while pos < len(data):
-            kind = data[pos] % len(RECORDS)
-            record = RECORDS[kind]
+            record = self.records[data[pos] % len(self.records)]
             if pos + 1 + record.size > len(data):
                 return
             fields = record.unpack_from(data, pos + 1)
@@ -224,8 +280,19 @@ class FakeDriver:
                     self.mem.write(pa, struct.pack("<QIHH", _addr(addr), length, flags, nxt))
             elif record is OFFER:
                 self.offer(*fields)
-            else:
+            elif record is NOTIFY:
                 self.device_write(Reg.QUEUE_NOTIFY, 4, fields[0])
+            else:
+                how, length = fields
+                if length:
+                    self.host_send(how, data[pos:pos + length], length)
+                    pos += length
+                else:
+                    self.host_drain()
+            if self.host is not None:  # the runner looks at the host's side between slices
+                self.watched(lambda: self.events.dispatch(0))
+        if self.host is not None:
+            self.host_drain()
 
     def check_state_round_trip(self) -> None:
         """What a snapshot does with the transport: JSON, then a reload, gives it back."""
@@ -239,12 +306,15 @@ def _size(code: int) -> int:
     return (4, 4, 1, 2, 8, 4, 3, 4)[code % 8]
 
 
-def one(data: bytes) -> None:
+def one(data: bytes, devices: dict[str, Callable[[bool, EventSources], Any]] = DEVICES) -> None:
+    """The first byte picks the device of ``devices`` and its shape; the rest is the
+    driver's program."""
     if len(data) < 1:
         return
-    names = sorted(DEVICES)
-    with DEVICES[names[data[0] % len(names)]](bool(data[0] & 0x80)) as backend:
-        driver = FakeDriver(backend)
+    names = sorted(devices)
+    events = EventSources()
+    with devices[names[data[0] % len(names)]](bool(data[0] & 0x80), events) as (backend, host):
+        driver = FakeDriver(backend, events, host)
         driver.run(data[1:])
         driver.check_state_round_trip()
 
@@ -255,7 +325,7 @@ _DESC, _AVAIL, _USED, _INDIRECT, _DATA = 0x1000, 0x2000, 0x3000, 0x4000, 0x8000
 
 
 def _record(record: struct.Struct, *fields: int, tail: bytes = b"") -> bytes:
-    return bytes([RECORDS.index(record)]) + record.pack(*fields) + tail
+    return bytes([(*RECORDS, HOST).index(record)]) + record.pack(*fields) + tail
 
 
 def _program(chain: list[tuple[int, int, int]], *, indirect: bool = False,
@@ -264,13 +334,21 @@ def _program(chain: list[tuple[int, int, int]], *, indirect: bool = False,
     out = _record(SETUP, features, 0, 16, _DESC, _AVAIL, _USED)
     for offset, data in ram:
         out += _record(RAM_WRITE, offset, len(data), tail=data)
-    table = _INDIRECT if indirect else _DESC
+    return out + _chain(0, chain, _DESC, indirect=indirect)
+
+
+def _chain(queue: int, chain: list[tuple[int, int, int]], table: int, *,
+           indirect: bool = False) -> bytes:
+    """``chain`` in the descriptor table at ``table`` (from its first entry), offered on
+    ``queue`` and kicked."""
+    out = b""
+    inner = _INDIRECT if indirect else table
     for i, (addr, length, flags) in enumerate(chain):
         more = VIRTQ_DESC_F_NEXT if i + 1 < len(chain) else 0
-        out += _record(DESC, table, i, addr, length, flags | more, i + 1)
+        out += _record(DESC, inner, i, addr, length, flags | more, i + 1)
     if indirect:
-        out += _record(DESC, _DESC, 0, _INDIRECT, DESC_SIZE * len(chain), VIRTQ_DESC_F_INDIRECT, 0)
-    return out + _record(OFFER, 0, 0, 1) + _record(NOTIFY, 0)
+        out += _record(DESC, table, 0, _INDIRECT, DESC_SIZE * len(chain), VIRTQ_DESC_F_INDIRECT, 0)
+    return out + _record(OFFER, queue, 0, 1) + _record(NOTIFY, queue)
 
 
 def _blk_request(kind: int, sector: int, data_len: int, *, indirect: bool = False) -> bytes:
