@@ -87,6 +87,14 @@ def unpack_state(cls: type[S], version: int, data: dict[str, Any]) -> S:
     field takes no bool, a list[int] only ints): a device never runs on a value its code
     cannot handle; fields declared with :func:`bits` must also fit their width."""
     check_version(data, version)
+    return unpack_fields(cls, data)
+
+
+def unpack_fields(cls: type[S], data: Any) -> S:
+    """Rebuild a state dataclass from the plain dict of its fields (``asdict``'s output,
+    as a part of a device's state), checked as :func:`unpack_state` checks them."""
+    if not isinstance(data, dict):
+        raise ValueError(f"saved {cls.__name__} is a {type(data).__name__}, not an object")
     hints = get_type_hints(cls)
     values = {}
     for f in fields(cls):

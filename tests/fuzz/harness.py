@@ -138,13 +138,16 @@ def idle_snapshot(disk: Path | None = None, nic: bool = False) -> bytes:
 def worker(spec: dict[str, Any], nics: int = 0) -> Iterator[Any]:
     """A VMM worker (:class:`popek.vmm.worker.Worker`) given ``spec`` as a launch gives
     it, without the process: its listening socket and exit record are throwaway ones, and
-    it gets ``nics`` NIC host ends (stream sockets whose peers stay silent). Everything is
-    closed on the way out."""
+    it gets ``nics`` NIC host ends (stream sockets whose peers have sent one broadcast
+    frame, QEMU-framed, and then stay silent). Everything is closed on the way out."""
     from popek.net import HostEnd
     from popek.vmm.hostfiles import PassedFd
     from popek.vmm.worker import Worker
 
     pairs = [socket.socketpair() for _ in range(nics)]
+    frame = b"\xff" * 6 + bytes.fromhex("525400abcdef0800") + bytes(46)
+    for _, theirs in pairs:
+        theirs.send(len(frame).to_bytes(4, "big") + frame)
     with socket.socket(socket.AF_UNIX) as listener, open(os.devnull, "wb") as record:
         try:
             yield Worker(listener, {**spec, "vm_id": "fuzz", "vmm_uid": os.geteuid(),
