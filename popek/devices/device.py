@@ -13,19 +13,11 @@ mistakes (a malformed saved state, an invalid interrupt source) do raise.
 from __future__ import annotations
 
 import copy
-import types
 from collections.abc import Callable
 from dataclasses import asdict, fields
-from typing import (
-    Any,
-    Protocol,
-    TypeVar,
-    Union,
-    get_args,
-    get_origin,
-    get_type_hints,
-    runtime_checkable,
-)
+from typing import Any, Protocol, TypeVar, get_type_hints, runtime_checkable
+
+from popek.jsontypes import has_type
 
 IrqLine = Callable[[bool], None]
 """One interrupt wire into the PLIC: call with the line's new level."""
@@ -101,7 +93,7 @@ def unpack_fields(cls: type[S], data: Any) -> S:
         if f.name not in data:
             raise ValueError(f"saved {cls.__name__} lacks {f.name!r}")
         value = data[f.name]
-        if not _has_type(value, hints[f.name]):
+        if not has_type(value, hints[f.name]):
             raise ValueError(f"saved {cls.__name__}.{f.name} is not {hints[f.name]}: "
                              f"{value!r:.40}")
         width = f.metadata.get("bits")
@@ -111,18 +103,6 @@ def unpack_fields(cls: type[S], data: Any) -> S:
                              f"{value!r:.40}")
         values[f.name] = copy.deepcopy(data[f.name])
     return cls(**values)
-
-
-def _has_type(value: Any, hint: Any) -> bool:
-    origin = get_origin(hint)
-    if origin is list:
-        (item,) = get_args(hint)
-        return type(value) is list and all(_has_type(v, item) for v in value)
-    if origin in (Union, types.UnionType):
-        return any(_has_type(value, arm) for arm in get_args(hint))
-    if hint is None or hint is type(None):
-        return value is None
-    return type(value) is hint
 
 
 def check_version(data: dict[str, Any], version: int) -> None:

@@ -47,7 +47,15 @@ from popek.vmm.paths import PathPolicy
 from popek.vmm.records import VmFiles
 from popek.vmm.snapshot import SnapshotError
 from popek.vmm.vm import Vm
-from tests.fuzz.harness import ROOT, MemFile, Target, idle_snapshot, scratch_dir, worker
+from tests.fuzz.harness import (
+    ROOT,
+    MemFile,
+    Target,
+    idle_snapshot,
+    json_value,
+    scratch_dir,
+    worker,
+)
 
 LAUNCH_ERRORS = (ConfigError, ImageError, SnapshotError)  # what Vm.launch answers with 400
 WORKER_ERRORS = (ConfigError, ImageError, SnapshotError, OSError)  # as Worker.serve reports
@@ -189,34 +197,13 @@ def _request(fdp: FuzzedDataProvider, operation: str) -> dict[str, Any]:
             name = fdp.PickValueInList(sorted(fields))
             body[name] = _VALUES[fields[name]](fdp)
         else:
-            body[fdp.ConsumeUnicodeNoSurrogates(8)] = _json(fdp, 2)
+            body[fdp.ConsumeUnicodeNoSurrogates(8)] = json_value(fdp, 2, NUMBERS)
     return body
-
-
-def _json(fdp: FuzzedDataProvider, depth: int) -> Any:
-    """Any JSON value (NaN and infinities included, as Python's json reads them)."""
-    kind = fdp.ConsumeIntInRange(0, 7 if depth > 0 else 5)
-    if kind == 0:
-        return None
-    if kind == 1:
-        return fdp.ConsumeBool()
-    if kind == 2:
-        return fdp.ConsumeInt(fdp.ConsumeIntInRange(1, 16))
-    if kind == 3:
-        return fdp.ConsumeFloat()
-    if kind == 4:
-        return fdp.ConsumeUnicode(fdp.ConsumeIntInRange(0, 16))
-    if kind == 5:
-        return fdp.PickValueInList(NUMBERS)
-    if kind == 6:
-        return [_json(fdp, depth - 1) for _ in range(fdp.ConsumeIntInRange(0, 3))]
-    return {fdp.ConsumeUnicode(4): _json(fdp, depth - 1)
-            for _ in range(fdp.ConsumeIntInRange(0, 3))}
 
 
 def _typed(draw: Callable[[FuzzedDataProvider], Any]) -> Callable[[FuzzedDataProvider], Any]:
     """A value of the field's kind mostly, anything else sometimes."""
-    return lambda fdp: draw(fdp) if fdp.ConsumeProbability() < 0.8 else _json(fdp, 2)
+    return lambda fdp: draw(fdp) if fdp.ConsumeProbability() < 0.8 else json_value(fdp, 2, NUMBERS)
 
 
 def _disks(fdp: FuzzedDataProvider) -> list[Any]:
@@ -231,7 +218,7 @@ _VALUES: dict[str, Callable[[FuzzedDataProvider], Any]] = {
     "number": _typed(lambda fdp: fdp.PickValueInList(NUMBERS)),
     "name": _typed(lambda fdp: fdp.PickValueInList([*STATES, "new", ""])),
     "str": _typed(lambda fdp: fdp.ConsumeUnicode(fdp.ConsumeIntInRange(0, 24))),
-    "any": lambda fdp: _json(fdp, 2),
+    "any": lambda fdp: json_value(fdp, 2, NUMBERS),
 }
 
 

@@ -29,6 +29,7 @@ import functools
 import os
 import shutil
 import socket
+import struct
 import tempfile
 import tracemalloc
 from collections.abc import Callable, Iterator
@@ -134,6 +135,91 @@ def idle_snapshot(disk: Path | None = None, nic: bool = False) -> bytes:
             return path.read_bytes()
 
 
+class JsonEdits:
+    """Edits to a JSON tree, read from bytes (a file that checksums or a schema guard is
+    best fuzzed through its parsed tree, so every field meets wrong types and values
+    while the JSON stays valid): walk down (a byte with its top bit set, then
+    a child index), then a value: null, true, false, a 64-bit or a small integer, a
+    double (NaN and infinities too), a string, an empty list or object, deletion, or the
+    old string with some hex digits changed (hart registers are saved as hex)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def _byte(self) -> int:
+        self.pos += 1
+        return self.data[self.pos - 1] if self.pos <= len(self.data) else 0
+
+    def _take(self, n: int) -> bytes:
+        self.pos += n
+        return self.data[self.pos - n:self.pos].ljust(n, b"\0")
+
+    def apply(self, tree: Any) -> Any:
+        while self.pos < len(self.data):
+            parent, key, node = None, None, tree
+            while isinstance(node, dict | list) and node and self._byte() & 0x80:
+                keys = list(node) if isinstance(node, dict) else range(len(node))
+                parent, key = node, keys[self._byte() % len(keys)]
+                node = node[key]
+            value = self._value(node)
+            if parent is None:
+                tree = None if value is DELETE else value
+            elif value is DELETE:
+                del parent[key]
+            else:
+                parent[key] = value
+        return tree
+
+    def _value(self, old: Any) -> Any:
+        kind = self._byte() % 11
+        if kind == 10 and type(old) is str and old:  # the same string, some digits changed
+            at, digits = self._byte() * 2 % len(old), self._take(self._byte() % 8)
+            patch = "".join("0123456789abcdef"[b % 16] for b in digits)
+            return (old[:at] + patch + old[at + len(patch):])[:len(old)]
+        if kind < 3:
+            return (None, True, False)[kind]
+        if kind == 3:
+            return struct.unpack("<q", self._take(8))[0]
+        if kind == 4:
+            return self._byte() - 128
+        if kind == 5:
+            return struct.unpack("<d", self._take(8))[0]
+        if kind == 6:
+            return self._take(self._byte() % 32).decode("latin-1")
+        return ([], {}, DELETE, DELETE)[kind - 7]
+
+
+
+
+
+DELETE = object()
+
+
+def json_value(fdp: Any, depth: int, favourites: list[Any]) -> Any:
+    """Any JSON value drawn from atheris's ``FuzzedDataProvider`` (NaN and infinities
+    included, as Python's json reads them), sometimes one of the ``favourites`` (the
+    values a component's checks turn on)."""
+    kind = fdp.ConsumeIntInRange(0, 7 if depth > 0 else 5)
+    if kind == 0:
+        return None
+    if kind == 1:
+        return fdp.ConsumeBool()
+    if kind == 2:
+        return fdp.ConsumeInt(fdp.ConsumeIntInRange(1, 16))
+    if kind == 3:
+        return fdp.ConsumeFloat()
+    if kind == 4:
+        return fdp.ConsumeUnicode(fdp.ConsumeIntInRange(0, 16))
+    if kind == 5:
+        return fdp.PickValueInList(favourites)
+    if kind == 6:
+        return [json_value(fdp, depth - 1, favourites)
+                for _ in range(fdp.ConsumeIntInRange(0, 3))]
+    return {fdp.ConsumeUnicode(4): json_value(fdp, depth - 1, favourites)
+            for _ in range(fdp.ConsumeIntInRange(0, 3))}
+
+
 @contextlib.contextmanager
 def worker(spec: dict[str, Any], nics: int = 0) -> Iterator[Any]:
     """A VMM worker (:class:`popek.vmm.worker.Worker`) given ``spec`` as a launch gives
@@ -162,8 +248,10 @@ def worker(spec: dict[str, Any], nics: int = 0) -> Iterator[Any]:
 def scratch_dir(name: str) -> Path:
     """A directory of this process's own, for a target whose component needs a real one
     (the VMM's state directory). libFuzzer's exit() skips Python's clean-up, so each run
-    removes those that processes no longer running left behind."""
-    base = Path(tempfile.gettempdir())
+    removes those that processes no longer running left behind. In memory where the
+    host has /dev/shm: components that flush files to disk (atomic records) cost little
+    there."""
+    base = Path("/dev/shm") if os.path.isdir("/dev/shm") else Path(tempfile.gettempdir())
     for old in base.glob(f"popek-fuzz-{name}-*"):
         pid = old.name.rsplit("-", 1)[1]
         if pid.isdigit() and not Path(f"/proc/{pid}").exists():

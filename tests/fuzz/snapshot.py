@@ -35,7 +35,6 @@ from __future__ import annotations
 import copy
 import functools
 import json
-import struct
 import zlib
 from typing import Any
 
@@ -56,7 +55,7 @@ from popek.vmm.snapshot import (
     SnapshotError,
     read_config,
 )
-from tests.fuzz.harness import MemFile, Target, idle_snapshot, worker
+from tests.fuzz.harness import JsonEdits, MemFile, Target, idle_snapshot, worker
 
 RAW, SEALED, EDIT = 0, 1, 2
 FIX_PAGE_CRCS, STRAY_BYTES = 4, 8
@@ -83,7 +82,7 @@ def one(data: bytes) -> None:
     else:
         meta, ram = _base()
         meta = copy.deepcopy(meta)
-        meta = _Edits(body).apply(meta)
+        meta = JsonEdits(body).apply(meta)
         _seal(flags | FIX_PAGE_CRCS, json.dumps(meta).encode(), ram)
     spec = {"restore": str(_file.path)}
     try:  # the VMM reads the configuration, opens the files and NICs it names ...
@@ -200,60 +199,6 @@ def _place_runs(runs: Any, ram: bytes, ram_size: int, pieces: list[tuple[int, by
     return ram
 
 
-class _Edits:
-    """Edits to a JSON tree, read from bytes: walk down (a byte with its top bit set, then
-    a child index), then a value: null, true, false, a 64-bit or a small integer, a
-    double (NaN and infinities too), a string, an empty list or object, deletion, or the
-    old string with some hex digits changed (hart registers are saved as hex)."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.pos = 0
-
-    def _byte(self) -> int:
-        self.pos += 1
-        return self.data[self.pos - 1] if self.pos <= len(self.data) else 0
-
-    def _take(self, n: int) -> bytes:
-        self.pos += n
-        return self.data[self.pos - n:self.pos].ljust(n, b"\0")
-
-    def apply(self, tree: Any) -> Any:
-        while self.pos < len(self.data):
-            parent, key, node = None, None, tree
-            while isinstance(node, dict | list) and node and self._byte() & 0x80:
-                keys = list(node) if isinstance(node, dict) else range(len(node))
-                parent, key = node, keys[self._byte() % len(keys)]
-                node = node[key]
-            value = self._value(node)
-            if parent is None:
-                tree = None if value is _DELETE else value
-            elif value is _DELETE:
-                del parent[key]
-            else:
-                parent[key] = value
-        return tree
-
-    def _value(self, old: Any) -> Any:
-        kind = self._byte() % 11
-        if kind == 10 and type(old) is str and old:  # the same string, some digits changed
-            at, digits = self._byte() * 2 % len(old), self._take(self._byte() % 8)
-            patch = "".join("0123456789abcdef"[b % 16] for b in digits)
-            return (old[:at] + patch + old[at + len(patch):])[:len(old)]
-        if kind < 3:
-            return (None, True, False)[kind]
-        if kind == 3:
-            return struct.unpack("<q", self._take(8))[0]
-        if kind == 4:
-            return self._byte() - 128
-        if kind == 5:
-            return struct.unpack("<d", self._take(8))[0]
-        if kind == 6:
-            return self._take(self._byte() % 32).decode("latin-1")
-        return ([], {}, _DELETE, _DELETE)[kind - 7]
-
-
-_DELETE = object()
 
 
 @functools.cache
