@@ -55,4 +55,4 @@ def _check_decoded(word: int) -> None:
     assert isinstance(d.imm, int), (hex(word), d)
 
 
-TARGET = Target(one=one, ci_runs=50_000, max_len=64)
+TARGET = Target(one=one, ci_runs=30_000, max_len=64)

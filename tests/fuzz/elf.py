@@ -59,4 +59,4 @@ def seeds() -> dict[str, bytes]:
             "bare-metal-static": guest("hello").read_bytes()}
 
 
-TARGET = Target(one=one, ci_runs=1_000, max_len=1 << 16, seeds=seeds, address_space=None)
+TARGET = Target(one=one, ci_runs=400, max_len=1 << 16, seeds=seeds, address_space=None)

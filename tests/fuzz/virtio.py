@@ -372,4 +372,4 @@ def seeds() -> dict[str, bytes]:
     }
 
 
-TARGET = Target(one=one, ci_runs=5_000, max_len=1024, seeds=seeds)
+TARGET = Target(one=one, ci_runs=3_000, max_len=1024, seeds=seeds)
