@@ -32,7 +32,7 @@ import socket
 import struct
 import tempfile
 import tracemalloc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -218,6 +218,26 @@ def json_value(fdp: Any, depth: int, favourites: list[Any]) -> Any:
                 for _ in range(fdp.ConsumeIntInRange(0, 3))]
     return {fdp.ConsumeUnicode(4): json_value(fdp, depth - 1, favourites)
             for _ in range(fdp.ConsumeIntInRange(0, 3))}
+
+
+def read_records(data: bytes, kinds: Sequence[struct.Struct],
+                 with_bytes: Collection[struct.Struct] = ()
+                 ) -> Iterator[tuple[struct.Struct, tuple[Any, ...], bytes]]:
+    """A target's input read as a program of records: each a byte choosing one of
+    ``kinds`` (modulo their number), then that struct's fields; a record of ``with_bytes``
+    is followed by as many bytes as its last field says (fewer at the input's end). Yields
+    (kind, fields, those bytes); stops at a record the input cuts short."""
+    pos = 0
+    while pos < len(data):
+        kind = kinds[data[pos] % len(kinds)]
+        if pos + 1 + kind.size > len(data):
+            return
+        fields = kind.unpack_from(data, pos + 1)
+        pos += 1 + kind.size
+        tail = b""
+        if kind in with_bytes:
+            tail, pos = data[pos:pos + fields[-1]], pos + fields[-1]
+        yield kind, fields, tail
 
 
 @contextlib.contextmanager

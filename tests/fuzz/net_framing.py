@@ -26,7 +26,7 @@ from typing import Any
 from popek.net.backend import MAX_FRAME
 from popek.net.dgram import RECEIVE_BATCH, DgramBackend
 from popek.net.stream import LENGTH, RECV_CHUNK, StreamBackend, StreamListener
-from tests.fuzz.harness import Target
+from tests.fuzz.harness import Target, read_records
 
 KINDS = ("stream", "listen", "dgram")
 # Records: a byte picks one, a struct gives its fields.
@@ -231,17 +231,9 @@ def one(data: bytes) -> None:
         return
     wire = _Wire(KINDS[data[0] % len(KINDS)])
     try:
-        pos = 1
-        while pos < len(data):
-            record = RECORDS[data[pos] % len(RECORDS)]
-            if pos + 1 + record.size > len(data):
-                break
-            fields = record.unpack_from(data, pos + 1)
-            pos += 1 + record.size
+        for record, fields, chunk in read_records(data[1:], RECORDS, (PEER_WRITE,)):
             if record is PEER_WRITE:
-                raw, length = fields
-                chunk, pos = data[pos:pos + length], pos + length
-                if raw & 1:
+                if fields[0] & 1:
                     wire.peer_write(chunk)
                 else:
                     wire.peer_frame(chunk)

@@ -42,7 +42,7 @@ from popek.net.packets import (
 )
 from popek.net.stream import LENGTH
 from popek.net.switch import MACS_PER_PORT, PORT_QUEUE, SOURCE_QUEUE, Port, Switch
-from tests.fuzz.harness import Target
+from tests.fuzz.harness import Target, read_records
 
 PORTS = 3
 SUBNETS = ("192.168.50.0/24", "10.9.0.0/29")  # a /29 runs dry: leases are taken back
@@ -180,16 +180,8 @@ def one(data: bytes) -> None:
         return
     lan = _in_loop(lambda: _Lan(SUBNETS[data[0] % len(SUBNETS)]))
     try:
-        pos = 1
-        while pos < len(data):
-            record = RECORDS[data[pos] % len(RECORDS)]
-            if pos + 1 + record.size > len(data):
-                break
-            fields = record.unpack_from(data, pos + 1)
-            pos += 1 + record.size
+        for record, fields, body in read_records(data[1:], RECORDS, (FRAME, DHCP, RAW)):
             guest = lan.guests[fields[0] % PORTS]
-            if record in (FRAME, DHCP, RAW):
-                body, pos = data[pos:pos + fields[-1]], pos + fields[-1]
             if record is FRAME:
                 _, src, dst, _ = fields
                 guest.send(lan.mac(dst, guest) + lan.mac(src, guest) + body)

@@ -61,7 +61,7 @@ from popek.devices.virtio.queue import (
 from popek.machine.runner import EventSources
 from popek.net.backend import MAX_FRAME, MIN_FRAME
 from popek.net.stream import LENGTH
-from tests.fuzz.harness import MemFile, Target
+from tests.fuzz.harness import MemFile, Target, read_records
 
 RAM_BASE = 0x8000_0000
 RAM_SIZE = 0x10000
@@ -251,24 +251,15 @@ class FakeDriver:
                 self.mem.write(pa, data)
 
     def run(self, data: bytes) -> None:
-        pos = 0
-        while pos < len(data):
-            record = self.records[data[pos] % len(self.records)]
-            if pos + 1 + record.size > len(data):
-                return
-            fields = record.unpack_from(data, pos + 1)
-            pos += 1 + record.size
+        for record, fields, tail in read_records(data, self.records, (RAM_WRITE, HOST)):
             if record is REG_WRITE:
                 offset, size, value = fields
                 self.device_write(offset & 0x1FF, _size(size), value & ((1 << 8 * _size(size)) - 1))
             elif record is REG_READ:
                 self.device_read(fields[0] & 0x1FF, _size(fields[1]))
             elif record is RAM_WRITE:
-                offset, n = fields
-                chunk = data[pos:pos + n]
-                pos += n
-                offset %= RAM_SIZE
-                self.mem.write(RAM_BASE + offset, chunk[:RAM_SIZE - offset])
+                offset = fields[0] % RAM_SIZE
+                self.mem.write(RAM_BASE + offset, tail[:RAM_SIZE - offset])
             elif record is SETUP:
                 features, index, num, desc, driver, device = fields
                 self.setup(features, index, num, _addr(desc), _addr(driver), _addr(device))
@@ -285,8 +276,7 @@ class FakeDriver:
             else:
                 how, length = fields
                 if length:
-                    self.host_send(how, data[pos:pos + length], length)
-                    pos += length
+                    self.host_send(how, tail, length)
                 else:
                     self.host_drain()
             if self.host is not None:  # the runner looks at the host's side between slices
