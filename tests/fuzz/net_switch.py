@@ -249,4 +249,4 @@ def seeds() -> dict[str, bytes]:
     }
 
 
-TARGET = Target(one=one, ci_runs=800, max_len=4096, seeds=seeds)
+TARGET = Target(one=one, ci_runs=1_000, max_len=4096, seeds=seeds)

@@ -216,4 +216,4 @@ def seeds() -> dict[str, bytes]:
     }
 
 
-TARGET = Target(one=one, ci_runs=600, max_len=4096, seeds=seeds)
+TARGET = Target(one=one, ci_runs=800, max_len=4096, seeds=seeds)
