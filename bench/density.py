@@ -129,10 +129,12 @@ class Serve:
 
     def __init__(self, tmp: Path, name: str, *extra: str) -> None:
         self.sock = tmp / f"{name}.sock"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "popek", "serve", "--socket", str(self.sock),
-             "--state-dir", str(tmp / f"{name}-state"), "--stop-guests", "--stop-timeout",
-             "0", *extra], stderr=subprocess.DEVNULL)
+        self.log = tmp / f"{name}.log"
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "popek", "serve", "--socket", str(self.sock),
+                 "--state-dir", str(tmp / f"{name}-state"), "--stop-guests",
+                 "--stop-timeout", "0", *extra], stderr=log)
         while not self.sock.exists():
             if self.proc.poll() is not None:
                 raise RuntimeError(f"popek serve {' '.join(extra)} exited")
@@ -141,9 +143,11 @@ class Serve:
     def pids(self) -> list[int]:
         return descendants(self.proc.pid)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(timeout=120)
+        if failed:
+            print(f"popek serve's log:\n{self.log.read_text()[-3000:]}", file=sys.stderr)
 
 
 async def wait_console(client: Client, vm: str, pattern: bytes, timeout: float) -> None:
@@ -332,8 +336,10 @@ def main() -> int:
                     figures = asyncio.run(popek_clones(serve, n, mem, args.idle, tmp, breakdown))
                 else:
                     figures = asyncio.run(popek_booted(serve, n, mem, args.idle))
-            finally:
-                serve.close()
+            except BaseException:
+                serve.close(failed=True)
+                raise
+            serve.close()
             rows.append((label, {**figures, "n": n}))
             print(f"{label}: {figures}", file=sys.stderr)
         ksm = pagesharing.host_counters()

@@ -223,7 +223,9 @@ async def _update(client: Client, args: argparse.Namespace) -> None:
         changes["balloon"] = args.balloon
     vm = await client.update(args.vms, **changes)
     print(f"{vm['name']}: weight {vm['cpu']['weight']} (nice {vm['cpu']['nice']}), "
-          f"cap {vm['cpu']['cap_percent'] or 'none'}")
+          f"cap {vm['cpu']['cap_percent'] or 'none'}"
+          + (f", balloon target {_size(args.balloon)} left to the guest"
+             if args.balloon is not None else ""))
 
 
 async def _logs(client: Client, args: argparse.Namespace) -> None:
