@@ -444,6 +444,15 @@ class Vm:
         self.save()
         return result
 
+    async def replug(self, nic: int, sock: socket.socket) -> None:
+        """Hand the worker a new host end for switch NIC ``nic`` (this VMM adopted the
+        guest, and the port its predecessor made went with it)."""
+        try:
+            hostfiles.send(self._file_socket, sock.fileno())
+        finally:
+            sock.close()  # the worker has its copy
+        await self._call("replug", nic=nic)
+
     async def set_cpu(self, weight: int | None, cap: float | None, clear_cap: bool) -> None:
         if weight is not None:
             self.cpu_weight = weight
