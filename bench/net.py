@@ -45,6 +45,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.vmm import own_vmm  # noqa: E402
 from popek import images  # noqa: E402
 from popek.api.client import Client  # noqa: E402
 from popek.net.dhcp import MTU  # noqa: E402
@@ -330,18 +331,9 @@ async def _popek_g2g(sock: Path, kernel: Path, mib: int, engine: str) -> float:
 
 def popek_g2g(kernel: Path, mib: int, engine: str, where: Path) -> float:
     """popek's pair under a ``popek serve`` of its own, on a popek switch."""
-    sock = where / "vmm.sock"
-    serve = subprocess.Popen([sys.executable, "-m", "popek", "serve", "--socket", str(sock),
-                              "--state-dir", str(where / "state"), "--stop-guests",
-                              "--stop-timeout", "0"], stderr=subprocess.DEVNULL)
-    try:
-        while not sock.exists():
-            time.sleep(0.05)
+    with own_vmm(where) as (sock, _):
         return asyncio.run(asyncio.wait_for(_popek_g2g(sock, kernel, mib, engine),
                                             BOOT_TIMEOUT + 60 * mib))
-    finally:
-        serve.terminate()
-        serve.wait(60)
 
 
 def main() -> int:
