@@ -388,7 +388,7 @@ def main() -> int:
     print(f"Guest networking: popek (--engine {args.engine}, --nic user = passt, popek "
           "switch) beside qemu-system-riscv64 (-netdev user = slirp, -netdev stream); same "
           "kernel, initramfs and scripts")
-    print(f"  {'':<42}{'popek':>12}{'QEMU':>12}{'popek/QEMU':>12}")
+    print(f"  {'':<48}{'popek':>12}{'QEMU':>12}{'popek/QEMU':>12}")
     rows = [
         (f"{mib} MiB guest -> host (host GETs from httpd)", "g2h", "s"),
         (f"{mib} MiB host -> guest (guest wget via 10.0.2.2)", "h2g", "s"),
@@ -398,7 +398,7 @@ def main() -> int:
     ]
     for label, key, unit in rows:
         scale = 1000 if unit == "ms" else 1
-        print(f"  {label:<42}{p[key] * scale:10.2f}{unit:>2}{q[key] * scale:10.2f}{unit:>2}"
+        print(f"  {label:<48}{p[key] * scale:10.2f}{unit:>2}{q[key] * scale:10.2f}{unit:>2}"
               f"{p[key] / q[key]:11.1f}x")
     print(f"  QEMU's guests through a popek switch: {via_switch:.2f} s, "
           f"{via_switch / q['g2g']:.2f}x QEMU's direct link")
