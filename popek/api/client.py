@@ -1,14 +1,15 @@
-"""The Python SDK: an asyncio client for the VMM's REST API.
+"""The Python SDK: an asyncio client for the VMM's REST API (``popek.AsyncClient``;
+``popek.Client`` is the same with blocking methods, :mod:`popek.api.sync_client`).
 
 ``popek vm ...`` is built on it, and so can be any program that manages guests::
 
-    async with Client() as vmm:
+    async with AsyncClient() as vmm:
         vm = await vmm.create(kernel="/path/Image", mem=256 << 20)
         await vmm.snapshot(vm["id"], "/tmp/vm.snap")
 
-Over TCP, pass the VMM's API token (:func:`popek.api.token.read` reads its file)::
+Over TCP, pass the VMM's URL and API token (:func:`popek.api.token.read` reads its file)::
 
-    async with Client(url="http://127.0.0.1:8080", token=token) as vmm: ...
+    async with AsyncClient("http://127.0.0.1:8080", token=token) as vmm: ...
 """
 
 from __future__ import annotations
@@ -35,10 +36,13 @@ class ApiError(Exception):
 
 
 class Client:
-    """One connection pool to a VMM on a Unix socket (or ``url`` for TCP, with ``token``)."""
+    """One connection pool to a VMM on a Unix socket (or ``url`` for TCP, with ``token``).
+    The first argument may be the socket's path or the URL."""
 
-    def __init__(self, socket_path: Path | None = None, url: str | None = None,
+    def __init__(self, socket_path: str | Path | None = None, url: str | None = None,
                  token: str | None = None) -> None:
+        if isinstance(socket_path, str) and socket_path.startswith(("http://", "https://")):
+            socket_path, url = None, socket_path
         self.socket_path = socket_path or default_socket()
         self.url = url
         self.base = url or "http://popek"
@@ -98,6 +102,22 @@ class Client:
     async def action(self, vm: str, action: str, **body: Any) -> dict[str, Any]:
         """start, pause, resume, kill or shutdown (``line``, ``timeout``, ``force``)."""
         return await self.request("POST", f"/v1/vms/{vm}/{action}", body or None)
+
+    async def start(self, vm: str) -> dict[str, Any]:
+        return await self.action(vm, "start")
+
+    async def pause(self, vm: str) -> dict[str, Any]:
+        return await self.action(vm, "pause")
+
+    async def resume(self, vm: str) -> dict[str, Any]:
+        return await self.action(vm, "resume")
+
+    async def kill(self, vm: str) -> dict[str, Any]:
+        return await self.action(vm, "kill")
+
+    async def stop(self, vm: str, **opts: Any) -> dict[str, Any]:
+        """As ``popek vm stop``: the guest powers off (``timeout`` seconds), else is killed."""
+        return await self.action(vm, "shutdown", **opts)
 
     async def delete(self, vm: str) -> None:
         await self.request("DELETE", f"/v1/vms/{vm}")

@@ -30,10 +30,10 @@ import socket
 import time
 from typing import Any
 
-from popek.cpu import causes
 from popek.machine.config import ConfigError
 from popek.machine.loader import ImageError
 from popek.net import OpenedNic
+from popek.stats import trap_names
 from popek.vmm import channel, hostfiles, jail, procstat, scheduler, snapshot, worker
 from popek.vmm.channel import INPUT, JSON, OUTPUT, ChannelClosed, ProtocolError, VmmEnd
 from popek.vmm.console import ConsoleBuffer
@@ -48,12 +48,6 @@ REPLY_TIMEOUT = 600.0  # seconds for a command (a snapshot of a large guest)
 REAP_TIMEOUT = 10.0  # seconds a worker whose channel closed may take to be gone
 LIVE = ("creating", "created", "running", "paused")  # states with a worker
 
-_CAUSE_NAMES = {getattr(causes, n): n.lower() for n in (
-    "INSN_MISALIGNED", "INSN_ACCESS", "ILLEGAL_INSN", "BREAKPOINT", "LOAD_MISALIGNED",
-    "LOAD_ACCESS", "STORE_MISALIGNED", "STORE_ACCESS", "ECALL_U", "ECALL_S", "ECALL_M",
-    "INSN_PAGE_FAULT", "LOAD_PAGE_FAULT", "STORE_PAGE_FAULT")}
-_IRQ_NAMES = {causes.INTERRUPT_BIT | getattr(causes, n): n.lower() for n in (
-    "IRQ_S_SOFT", "IRQ_M_SOFT", "IRQ_S_TIMER", "IRQ_M_TIMER", "IRQ_S_EXT", "IRQ_M_EXT")}
 _UNEXPLAINED = ("the worker ended without a word (its exit status goes to the VMM that "
                 "started it, not to one that adopted it): killed by a signal such as "
                 "SIGKILL, or the host restarted")
@@ -462,10 +456,7 @@ class Vm:
     # -- reporting ----------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
         stats = self.stats
-        traps: dict[str, int] = {}
-        for cause, n in stats.get("traps", {}).items():
-            name = _CAUSE_NAMES.get(int(cause)) or _IRQ_NAMES.get(int(cause)) or cause
-            traps[name] = n
+        traps = trap_names({int(cause): n for cause, n in stats.get("traps", {}).items()})
         cpu_percent = self.meter.percent if self.meter and self.alive else 0.0
         return {
             "id": self.id,

@@ -42,6 +42,7 @@ from popek.machine.config import ConfigError, config_from_json
 from popek.machine.loader import ImageError
 from popek.machine.runner import EventSources, MachineRunner
 from popek.machine.virt import VirtMachine
+from popek.stats import count_traps
 from popek.vmm import channel, hostfiles, jail, records, snapshot, workerprocess
 from popek.vmm.channel import INPUT, JSON, OUTPUT, ChannelClosed, Message, WorkerEnd
 from popek.vmm.console import Scrollback
@@ -223,7 +224,7 @@ class Worker:
             machine = VirtMachine(config_from_json(self.spec["config"]), self._console_out,
                                   nets=self.nets, events=self.runner.sources,
                                   opener=self.spec["files"].open)
-        self._count_traps(machine)
+        count_traps(machine.harts, self.traps)
         self.runner.machine = machine
         return machine
 
@@ -238,16 +239,6 @@ class Worker:
             self.lift_memory_limit = functools.partial(
                 resource.setrlimit, resource.RLIMIT_AS, (hard, hard))
             resource.setrlimit(resource.RLIMIT_AS, (_address_space() + overhead, hard))
-
-    def _count_traps(self, machine: VirtMachine) -> None:
-        for hart in machine.harts:
-            inner = hart.on_trap
-
-            def on_trap(cause: int, tval: int, pc: int, inner=inner) -> int:
-                self.traps[cause] += 1
-                return inner(cause, tval, pc)
-
-            hart.on_trap = on_trap
 
     def _console_out(self, data: bytes) -> None:
         self.out += data
