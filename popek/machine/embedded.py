@@ -145,14 +145,14 @@ class Machine:
 
     def stats(self) -> dict[str, Any]:
         """Instructions retired (across reboots), traps by cause, and memory: the guest's
-        RAM and this process's resident set."""
+        RAM and this process's resident set. After the guest stopped: its final ones."""
         def gather() -> dict[str, Any]:
             session = self._session
             return {"instructions": session.instructions,
                     "traps": trap_names(dict(session.traps)),
                     "memory": {"guest_bytes": self.config.mem,
                                "rss_bytes": procstat.memory(os.getpid()).get("rss")}}
-        return self._call(gather)
+        return gather() if self._finished else self._call(gather)
 
     # -- the machine's thread -----------------------------------------------------------------
     def _run(self) -> None:

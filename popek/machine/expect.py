@@ -85,7 +85,7 @@ class Console:
                     return match
                 left = deadline - time.monotonic()
                 if self._closed or left <= 0:
-                    tail = self._joined[self._pos:][-300:]
+                    tail = self._joined[-300:]
                     what = "the guest stopped" if self._closed else f"{timeout:g} s passed"
                     error = ConsoleClosed if self._closed else TimeoutError
                     raise error(f"{what} before {regex.pattern!r} appeared; last output: "
