@@ -1,5 +1,6 @@
-"""The Python API: ``popek.Machine`` (a guest in this process) and ``popek.Client`` (the
-REST API of ``popek serve`` as blocking methods).
+"""Guests driven by programs: the Python API, ``popek.Machine`` (a guest in this process)
+and ``popek.Client`` (the REST API of ``popek serve`` as blocking methods), and
+``popek vm console`` in shell scripts.
 
 Machine's operations are tested on the tiny bare-metal guests of tests/vmm_guests.py,
 which boot in milliseconds; the README's example, which boots the bundled Linux once,
@@ -187,6 +188,41 @@ def test_client_reports_a_vmm_that_is_not_there(tmp_path: Path) -> None:
     with popek.Client(tmp_path / "none.sock") as client, \
             pytest.raises(popek.ApiError, match="is 'popek serve' running"):
         client.list()
+
+
+# -- popek vm console in a script ----------------------------------------------------------------
+def _vm_console(vmm: Path, name: str, stdin: bytes, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "popek", "vm", "--socket", str(vmm),
+                           "console", name, *flags], input=stdin, capture_output=True,
+                          timeout=PATIENCE)
+
+
+def test_a_scripted_console_sends_its_input_and_exits_once_output_settles(vmm: Path) -> None:
+    with popek.Client(vmm) as client:
+        client.create(name="echo", kernel=str(guest("echo")), mem=32 << 20)
+        _wait("the guest", lambda: b"echo ready" in client.console_log("echo"))
+        start = time.monotonic()
+        result = _vm_console(vmm, "echo", b"first line\nsecond\n", "--wait", "1.5")
+        took = time.monotonic() - start
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == b"first line\nsecond\n"  # the echo; no history replayed
+        assert 1.5 <= took < 20
+        # A guest that stops ends the command at once, whatever --wait says.
+        start = time.monotonic()
+        result = _vm_console(vmm, "echo", b"poweroff\n", "--wait", "30")
+        assert result.stdout == b"poweroff\ngoodbye\n" and time.monotonic() - start < 20
+        assert client.info("echo")["exit"]["code"] == 0
+        client.delete("echo")
+
+
+def test_a_console_without_stdin_shows_output_and_ignores_its_input(vmm: Path) -> None:
+    with popek.Client(vmm) as client:
+        client.create(name="bye", kernel=str(guest("exit5-later")), mem=32 << 20)
+        result = _vm_console(vmm, "bye", b"ignored\n", "--no-stdin")
+        assert result.returncode == 0, result.stderr
+        assert b"bye\n" in result.stdout and b"ignored" not in result.stdout
+        assert client.info("bye")["exit"]["code"] == 5
+        client.delete("bye")
 
 
 # -- the README's example -----------------------------------------------------------------------
