@@ -16,6 +16,7 @@ _EXPORTS = {
     "Machine": "popek.machine.embedded", "MachineError": "popek.machine.embedded",
     "ConsoleClosed": "popek.machine.expect", "ConfigError": "popek.machine.config",
     "Client": "popek.api.sync_client", "ApiError": "popek.api.client",
+    "AgentError": "popek.machine.agent",
 }
 __all__ = ["AsyncClient", *_EXPORTS]
 

@@ -238,6 +238,8 @@ class MachineConfig:
                         "popek's own SBI in Python, opensbi = Debian's fw_jump.bin, or a "
                         "firmware file")
     rng: bool = setting(True, cli=False, help="a virtio-rng entropy device")
+    agent: bool = setting(True, cli=False, help="a virtio console port for popek's guest "
+                          "agent (vm exec, vm cp, Machine.exec)")
     engine: str | None = setting(None, choices=TIERS, help="highest execution tier",
                                  cli_default="$POPEK_ENGINE, else jit when llvmlite is "
                                  "installed, else translate")

@@ -16,15 +16,19 @@ from __future__ import annotations
 
 import os
 import queue
+import subprocess
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any, TypeVar
 
+from popek.machine.agent import NO_AGENT, AgentError
 from popek.machine.cli import run_defaults
 from popek.machine.config import MachineConfig, config_from_settings
-from popek.machine.expect import Console
+from popek.machine.expect import DEFAULT_TIMEOUT, Console
 from popek.machine.session import GuestSession
 from popek.stats import trap_names
 from popek.vmm import procstat
@@ -153,6 +157,51 @@ class Machine:
                     "memory": {"guest_bytes": self.config.mem,
                                "rss_bytes": procstat.memory(os.getpid()).get("rss")}}
         return gather() if self._finished else self._call(gather)
+
+    # -- the guest agent ----------------------------------------------------------------------
+    def exec(self, command: str | Sequence[str], input: bytes | str = b"",  # noqa: A002
+             timeout: float | None = DEFAULT_TIMEOUT) -> subprocess.CompletedProcess:
+        """Run ``command`` (a list of arguments, or a string for ``sh -c``) in the guest
+        through its agent, waiting for the agent up to ``timeout`` seconds if the guest is
+        still booting; stdout and stderr are bytes, exactly as the command wrote them.
+        AgentError if the guest has no agent, TimeoutError if the command overruns."""
+        argv = ["sh", "-c", command] if isinstance(command, str) else list(command)
+        data = input.encode() if isinstance(input, str) else bytes(input)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        link = self._call(lambda: self._session.agent)
+        if link is None:
+            raise AgentError("this machine has no agent port (agent=False)")
+        if not link.opened.wait(timeout):
+            raise AgentError(f"{NO_AGENT} (waited {timeout:g} s)")
+        outcome: Future = Future()
+
+        def done(result: subprocess.CompletedProcess | Exception) -> None:
+            if isinstance(result, Exception):
+                outcome.set_exception(result)
+            else:
+                outcome.set_result(result)
+        self._call(lambda: self._session.agent.start(argv, data, done))
+        try:
+            return outcome.result(None if deadline is None else
+                                  max(0.0, deadline - time.monotonic()))
+        except FutureTimeout:
+            self._call(lambda: link.abandon("timed out"))
+            raise TimeoutError(f"{argv!r} ran longer than {timeout:g} s in the guest") from None
+
+    def copy_in(self, source: str | Path, guest_path: str) -> None:
+        """Copy the host file ``source`` to ``guest_path`` in the guest (as ``vm cp``)."""
+        self._check(self.exec(["sh", "-c", 'cat > "$1"', "sh", guest_path],
+                              Path(source).read_bytes()), guest_path)
+
+    def copy_out(self, guest_path: str, target: str | Path) -> None:
+        """Copy the guest's file ``guest_path`` to the host file ``target``."""
+        Path(target).write_bytes(self._check(self.exec(["cat", guest_path]), guest_path))
+
+    @staticmethod
+    def _check(result: subprocess.CompletedProcess, path: str) -> bytes:
+        if result.returncode:
+            raise AgentError(f"{path}: {result.stderr.decode(errors='replace').strip()}")
+        return result.stdout
 
     # -- the machine's thread -----------------------------------------------------------------
     def _run(self) -> None:

@@ -37,6 +37,7 @@ class Console:
         self._changed = threading.Condition()
         self._closed = False
         self._markers = itertools.count(1)
+        self._quiet = False  # run() has turned the shell's echo off
 
     # -- the machine's side --------------------------------------------------------------------
     def output(self, data: bytes) -> None:
@@ -104,12 +105,20 @@ class Console:
 
     def run(self, command: str, timeout: float = DEFAULT_TIMEOUT) -> tuple[str, int]:
         """Run ``command`` in the guest's shell (waiting for the prompt first); returns
-        what it printed (stdout and stderr, ``\\n`` line ends) and its exit status."""
+        what it printed (stdout and stderr, ``\\n`` line ends) and its exit status.
+
+        The first call turns the terminal's echo off (``stty -echo``), which also turns
+        busybox ash's line editing off, so that what follows a command is its output
+        alone, however long the command line."""
         self.wait_for_shell(timeout)
+        if not self._quiet:
+            self.sendline("stty -echo")
+            self._quiet = True
+            self.wait_for_shell(timeout)
         n = next(self._markers)
-        # The quotes keep the echoed command line from matching the marker.
+        start = self._pos
+        # The quotes keep the command line, should something echo it, from matching.
         self.sendline(f'{command}; echo "POPEK-RUN-""{n}-END $?"')
-        start = self.expect(r"\n", timeout).end()  # the shell's echo of the command line
         end = self.expect(rf"POPEK-RUN-{n}-END (\d+)\r?\n", timeout)
         output = end.string[start:end.start()].replace("\r\n", "\n")
         return output, int(end.group(1))

@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from popek.machine.agent import AgentLink
 from popek.machine.config import MachineConfig
 from popek.machine.runner import MachineRunner
 from popek.machine.virt import VirtMachine
@@ -34,6 +35,7 @@ class GuestSession:
         self.runner = MachineRunner()
         self.traps: Counter[int] = Counter()
         self.exit_code: int | None = None
+        self.agent: AgentLink | None = None  # the current machine's guest agent
         self._counted = 0  # instructions of the machines reboots replaced (less a restored one's)
         self._opened = open_nics(config.nics, [nic.mac for nic in config.nics])
         self._nets = [nic.end.backend() for nic in self._opened]
@@ -66,6 +68,9 @@ class GuestSession:
     def _use(self, machine: VirtMachine) -> None:
         count_traps(machine.harts, self.traps)
         self.runner.machine = machine
+        if self.agent is not None:
+            self.agent.abandon("the guest rebooted")
+        self.agent = AgentLink(machine.agent_port) if machine.agent_port else None
 
     def step(self, max_wait: float | None = None) -> bool:
         """One turn of the runner; False once the guest has powered off (``exit_code``)."""
@@ -78,6 +83,8 @@ class GuestSession:
         self.machine.close()
         if kind != "reboot":
             self.exit_code = code
+            if self.agent is not None:
+                self.agent.abandon(f"the guest powered off (exit code {code})")
             return False
         self._counted += self._instret()
         self._boot()
@@ -86,6 +93,8 @@ class GuestSession:
         return True
 
     def close(self) -> None:
+        if self.agent is not None:
+            self.agent.abandon("the machine stopped")
         if self.runner.machine is not None and self.exit_code is None:
             self.runner.machine.close()
         self.runner.close()
