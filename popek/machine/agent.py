@@ -35,11 +35,21 @@ def frame(kind: bytes, payload: bytes = b"") -> bytes:
     return FRAME.pack(kind, len(payload)) + payload
 
 
+def relink(previous: AgentLink | None, port: VirtioConsole | None,
+           max_output: int = MAX_OUTPUT) -> AgentLink | None:
+    """The link to a new machine's agent ``port`` (a boot, a reboot, a restore), the
+    command running on the ``previous`` machine's failing as that machine is gone."""
+    if previous is not None:
+        previous.abandon("the guest rebooted")
+    return AgentLink(port, max_output) if port is not None else None
+
+
 class AgentLink:
     """Commands for the agent behind ``port``, and their results."""
 
-    def __init__(self, port: VirtioConsole) -> None:
+    def __init__(self, port: VirtioConsole, max_output: int = MAX_OUTPUT) -> None:
         self.port = port
+        self.max_output = max_output
         self.opened = threading.Event()  # a guest program holds the port open
         if port.guest_open:
             self.opened.set()
@@ -92,7 +102,7 @@ class AgentLink:
         self._inbox += data
         while len(self._inbox) >= FRAME.size:
             kind, length = FRAME.unpack_from(self._inbox)
-            if kind not in b"ORX" or length > MAX_OUTPUT or (kind == b"X" and length != 4):
+            if kind not in b"ORX" or length > self.max_output or (kind == b"X" and length != 4):
                 self._inbox.clear()
                 self._discarding = False
                 if self._done is not None:
@@ -116,5 +126,5 @@ class AgentLink:
             return
         stream = self._out[kind == b"R"]
         stream += payload
-        if len(self._out[0]) + len(self._out[1]) > MAX_OUTPUT:
-            self.abandon(f"the command's output passed {MAX_OUTPUT >> 20} MiB")
+        if len(self._out[0]) + len(self._out[1]) > self.max_output:
+            self.abandon(f"the command's output passed {self.max_output >> 10} KiB")

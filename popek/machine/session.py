@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from popek.machine.agent import AgentLink
+from popek.machine.agent import AgentLink, relink
 from popek.machine.config import MachineConfig
 from popek.machine.runner import MachineRunner
 from popek.machine.virt import VirtMachine
@@ -68,9 +68,7 @@ class GuestSession:
     def _use(self, machine: VirtMachine) -> None:
         count_traps(machine.harts, self.traps)
         self.runner.machine = machine
-        if self.agent is not None:
-            self.agent.abandon("the guest rebooted")
-        self.agent = AgentLink(machine.agent_port) if machine.agent_port else None
+        self.agent = relink(self.agent, machine.agent_port)
 
     def step(self, max_wait: float | None = None) -> bool:
         """One turn of the runner; False once the guest has powered off (``exit_code``)."""

@@ -181,6 +181,16 @@ def add_vm_args(parser: argparse.ArgumentParser) -> None:
     console.add_argument("--no-stdin", action="store_true",
                          help="attach without reading stdin: show output until detached")
 
+    run = sub.add_parser("exec", help="run a command in a VM through its guest agent: "
+                         "stdin in, stdout, stderr and exit status out")
+    run.add_argument("--timeout", type=float, default=60, help="seconds (60)")
+    run.add_argument("vms", metavar="VM")
+    run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
+    cp = sub.add_parser("cp", help="copy a file into or out of a VM through its guest "
+                        "agent: popek vm cp FILE VM:PATH, popek vm cp VM:PATH FILE")
+    cp.add_argument("source")
+    cp.add_argument("target")
+
     snap = sub.add_parser("snapshot", help="save a VM (running or paused) to a file")
     snap.add_argument("vms", metavar="VM")
     snap.add_argument("file", type=Path)

@@ -27,6 +27,7 @@ from popek.api.client import ApiError, Client
 from popek.api.endpoint import default_token_file
 from popek.api.token import TokenError
 from popek.machine.config import config_from_args, config_to_json
+from popek.vmm import agent_commands
 
 EXIT_ERROR = 1
 err_console = Console(stderr=True, soft_wrap=True)
@@ -276,5 +277,6 @@ async def _console(client: Client, args: argparse.Namespace) -> int:
 _COMMANDS: dict[str, Callable[[Client, argparse.Namespace], Awaitable[Any]]] = {
     "create": _create, "ls": _ls, "info": _info, "stop": _stop, "update": _update,
     "logs": _logs, "snapshot": _snapshot, "restore": _restore, "console": _console,
+    "exec": agent_commands.exec_command, "cp": agent_commands.cp_command,
     **{name: _each(name, name) for name in ("start", "pause", "resume", "kill", "rm")},
 }

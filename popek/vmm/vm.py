@@ -360,7 +360,7 @@ class Vm:
     def alive(self) -> bool:
         return not self._stopped.is_set() and self.worker is not None and not self._detached
 
-    async def _call(self, op: str, **args: Any) -> dict[str, Any]:
+    async def _call(self, op: str, timeout: float = REPLY_TIMEOUT, **args: Any) -> dict[str, Any]:
         if not self.alive:
             raise Conflict(f"VM {self.name} is {self.state}")
         msg_id = next(self._ids)
@@ -370,7 +370,7 @@ class Vm:
             del self._replies[msg_id]
             raise Conflict(f"VM {self.name}'s worker is not reading its commands")
         try:
-            reply = await asyncio.wait_for(future, REPLY_TIMEOUT)
+            reply = await asyncio.wait_for(future, timeout)
         finally:
             self._replies.pop(msg_id, None)
         if not reply.get("ok"):
@@ -437,6 +437,18 @@ class Vm:
         self.snapshots.append({"path": result["path"], "created": time.time()})
         self.save()
         return result
+
+    async def exec(self, argv: list[str], stdin: str, timeout: float) -> dict[str, Any]:
+        """Run ``argv`` in the guest through its agent (``stdin`` and the output base64):
+        ``status``, ``stdout``, ``stderr``; Conflict if the guest has no agent, or the
+        command overran ``timeout`` (the agent is then told to give it up)."""
+        self._require("exec in", "running")
+        try:
+            return await self._call("exec", timeout, argv=argv, stdin=stdin)
+        except TimeoutError:
+            await self._call("exec_abandon")
+            raise Conflict(f"{argv[0]} ran longer than {timeout:g} s in VM {self.name}") \
+                from None
 
     async def set_cpu(self, weight: int | None, cap: float | None, clear_cap: bool) -> None:
         if weight is not None:
