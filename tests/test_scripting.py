@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import pytest
 import popek
 from tests.linux_guest import BOOT_TIMEOUT
 from tests.vmm_guests import guest
+from tests.vmm_process import popek_serve
 
 REPO = Path(__file__).resolve().parent.parent
 MEM = "32M"
@@ -129,19 +129,8 @@ def test_bad_settings_are_refused_before_anything_starts(tmp_path: Path) -> None
 # -- Client -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def vmm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    sock = tmp_path_factory.mktemp("vmm") / "vmm.sock"
-    with open(sock.with_name("vmm.log"), "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "popek", "serve", "--socket", str(sock),
-                                 "--state-dir", str(sock.with_name("state")), "--stop-guests",
-                                 "--stop-timeout", "0"], stderr=log)
-    try:
-        deadline = time.monotonic() + PATIENCE
-        while not sock.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
+    with popek_serve(tmp_path_factory.mktemp("vmm")) as sock:
         yield sock
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
 
 
 def _wait(what: str, check) -> object:

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 import popek
-from tests.test_vmm_service import STOP_GUESTS
 from tests.vmm_guests import guest
+from tests.vmm_process import popek_serve
 
 BOOT_PATIENCE = 300.0
 
@@ -37,17 +37,7 @@ class Vmm:
 
 @pytest.fixture(scope="class")
 def vmm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Vmm]:
-    root = tmp_path_factory.mktemp("agent")
-    sock = root / "vmm.sock"
-    with open(root / "vmm.log", "wb") as log:
-        serve = subprocess.Popen([sys.executable, "-m", "popek", "serve", "--socket",
-                                  str(sock), "--state-dir", str(root / "state"),
-                                  *STOP_GUESTS], stderr=log)
-    try:
-        deadline = time.monotonic() + 60
-        while not sock.exists():
-            assert time.monotonic() < deadline, "the VMM did not start"
-            time.sleep(0.05)
+    with popek_serve(tmp_path_factory.mktemp("agent")) as sock:
         vmm = Vmm(sock)
         created = vmm.vm("create", "--name", "linux", "--mem", "128M")
         assert created.returncode == 0, created.stderr
@@ -57,9 +47,6 @@ def vmm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Vmm]:
             assert time.monotonic() < deadline, "the guest agent never answered"
             time.sleep(1)
         yield vmm
-    finally:
-        serve.terminate()
-        serve.wait(timeout=60)
 
 
 @pytest.mark.boots_linux
