@@ -80,45 +80,46 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     return inst
 
 
-def test_the_version_is_declared_once_and_names_both_distributions(installed: Installed) -> None:
-    assert installed.wheel.name == f"popek-{popek.__version__}-py3-none-any.whl"
-    assert installed.sdist.name == f"popek-{popek.__version__}.tar.gz"
-
-
-def test_the_wheel_carries_the_bundled_images_byte_for_byte(installed: Installed) -> None:
-    with zipfile.ZipFile(installed.wheel) as wheel:
-        for path in BUNDLED:
-            data = wheel.read(f"popek/guest/{path}")
-            assert hashlib.sha256(data).hexdigest() == _manifest_sha256(path), path
-        assert not [n for n in wheel.namelist() if "/recipes/" in n or "/src/" in n]
-
-
-def test_the_sdist_carries_the_images_so_a_wheel_can_be_built_from_it(
-        installed: Installed) -> None:
-    with tarfile.open(installed.sdist) as sdist:
-        names = sdist.getnames()
-        for path in BUNDLED:
-            member = sdist.getmember(f"{installed.sdist.name[:-7]}/popek/guest/{path}")
-            assert member.isfile(), path  # the content, not the checkout's link
-    assert any(n.endswith("/pyproject.toml") for n in names)
-
-
-def test_installed_popek_finds_its_images_inside_the_installed_package(
-        installed: Installed) -> None:
-    where = installed.run("python", "-c", "from popek import images; print(images.KERNEL)")
-    kernel = Path(where.stdout.strip())
-    assert kernel.is_relative_to(installed.env) and kernel.is_file(), where
-
-
-def test_installed_popek_exec_runs_a_bundled_program(installed: Installed) -> None:
-    where = installed.run("python", "-c", "from popek import images; print(images.PROGRAMS)")
-    busybox = Path(where.stdout.strip()) / "busybox"
-    result = installed.run("popek", "exec", str(busybox), "sh", "-c", "echo packaged; exit 3")
-    assert (result.returncode, result.stdout) == (3, "packaged\n"), result.stderr
-
-
 @pytest.mark.boots_linux
-def test_installed_popek_run_boots_the_bundled_linux(installed: Installed) -> None:
-    result = installed.run("popek", "run", "-c", "uname -m; ls /mnt/bin", timeout=BOOT_TIMEOUT)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["riscv64", "hello-dynamic", "hello-static", "lua"]
+class TestTheBuiltPackage:
+    """One build and install (module fixture) serves these, and one boot: a class keeps
+    them in one xdist worker, so two workers never build in the same checkout at once."""
+
+    def test_the_version_is_declared_once_and_names_both_distributions(
+            self, installed: Installed) -> None:
+        assert installed.wheel.name == f"popek-{popek.__version__}-py3-none-any.whl"
+        assert installed.sdist.name == f"popek-{popek.__version__}.tar.gz"
+
+    def test_the_wheel_carries_the_bundled_images_byte_for_byte(
+            self, installed: Installed) -> None:
+        with zipfile.ZipFile(installed.wheel) as wheel:
+            for path in BUNDLED:
+                data = wheel.read(f"popek/guest/{path}")
+                assert hashlib.sha256(data).hexdigest() == _manifest_sha256(path), path
+            assert not [n for n in wheel.namelist() if "/recipes/" in n or "/src/" in n]
+
+    def test_the_sdist_carries_the_images_so_a_wheel_can_be_built_from_it(
+            self, installed: Installed) -> None:
+        with tarfile.open(installed.sdist) as sdist:
+            names = sdist.getnames()
+            for path in BUNDLED:
+                member = sdist.getmember(f"{installed.sdist.name[:-7]}/popek/guest/{path}")
+                assert member.isfile(), path  # the content, not the checkout's link
+        assert any(n.endswith("/pyproject.toml") for n in names)
+
+    def test_installed_popek_finds_its_images_inside_the_installed_package(
+            self, installed: Installed) -> None:
+        where = installed.run("python", "-c", "from popek import images; print(images.KERNEL)")
+        kernel = Path(where.stdout.strip())
+        assert kernel.is_relative_to(installed.env) and kernel.is_file(), where
+
+    def test_installed_popek_exec_runs_a_bundled_program(self, installed: Installed) -> None:
+        where = installed.run("python", "-c", "from popek import images; print(images.PROGRAMS)")
+        busybox = Path(where.stdout.strip()) / "busybox"
+        result = installed.run("popek", "exec", str(busybox), "sh", "-c", "echo packaged; exit 3")
+        assert (result.returncode, result.stdout) == (3, "packaged\n"), result.stderr
+
+    def test_installed_popek_run_boots_the_bundled_linux(self, installed: Installed) -> None:
+        result = installed.run("popek", "run", "-c", "uname -m; ls /mnt/bin", timeout=BOOT_TIMEOUT)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split() == ["riscv64", "hello-dynamic", "hello-static", "lua"]
