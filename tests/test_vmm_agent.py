@@ -66,7 +66,7 @@ class TestGuestAgent:
         assert summed.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
 
     def test_cp_round_trip_keeps_every_byte(self, vmm: Vmm, tmp_path: Path) -> None:
-        data = os.urandom(3 << 20)  # more than one piece each way
+        data = os.urandom((2 << 20) + 4096)  # more than one piece each way
         source, back = tmp_path / "in.bin", tmp_path / "out.bin"
         source.write_bytes(data)
         assert vmm.vm("cp", str(source), "linux:/tmp/copied.bin").returncode == 0
