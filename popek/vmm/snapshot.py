@@ -92,6 +92,8 @@ class Snapshot:
         try:
             return VirtMachine(self.config, console_out, memory=self.memory,
                                state=self.meta["machine"], opener=self.opener, **board)
+        except ConfigError as err:
+            raise SnapshotError(f"{self.path}: bad machine configuration: {err}") from None
         except (KeyError, TypeError, ValueError) as err:
             raise SnapshotError(f"{self.path}: machine state does not fit: {err}") from None
 
@@ -211,6 +213,12 @@ def load(path: Path, opener: Callable[..., int] = os.open) -> Snapshot:
         if config.mem != ram_size:
             raise SnapshotError(f"{path}: RAM of {ram_size} bytes, configuration says "
                                 f"{config.mem}")
+        if not isinstance(meta.get("machine"), dict):  # a machine without it would boot
+            raise SnapshotError(f"{path}: no machine state (corrupt file)")
+        console_bytes = meta.get("console_bytes", 0)  # what the guest had printed (VMM's)
+        if type(console_bytes) is not int or console_bytes < 0:
+            raise SnapshotError(f"{path}: console byte count {console_bytes!r:.40} "
+                                "(corrupt file)")
         memory = PhysicalMemory(RAM_BASE, ram_size, backing=(fd, MEM_OFFSET))
         try:
             runs = _check_pages(path, memory, meta.get("pages"))
@@ -241,6 +249,8 @@ def _open(path: Path, opener: Callable[..., int] = os.open) -> int:
         fd = opener(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as err:
         raise SnapshotError(f"cannot open snapshot {path}: {err.strerror}") from None
+    except ValueError:  # a NUL in the path, which no file name holds
+        raise SnapshotError(f"cannot open snapshot {str(path)!r}: not a file name") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise SnapshotError(f"{path} is not a popek snapshot (not a regular file)")
