@@ -23,7 +23,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from popek import __version__
 from popek.api.access import PATHS, Access
-from popek.vmm import pagesharing
+from popek.vmm import agent_exec, pagesharing
 from popek.vmm.errors import BadRequest, VmmError
 from popek.vmm.manager import Vmm
 
@@ -143,6 +143,12 @@ async def snapshot_vm(request: web.Request) -> web.Response:
                                      request[PATHS]), status=201)
 
 
+async def exec_in_vm(request: web.Request) -> web.Response:
+    argv, stdin, timeout = agent_exec.request(await _body(request))
+    vm = _vmm(request).get(request.match_info["vm"])
+    return web.json_response(await vm.exec(argv, stdin, timeout))
+
+
 async def console_log(request: web.Request) -> web.Response:
     vm = _vmm(request).get(request.match_info["vm"])
     return web.Response(body=bytes(vm.console.data),
@@ -212,6 +218,7 @@ def routes() -> list[web.RouteDef]:
           for name in ("start", "pause", "resume", "kill")),
         web.post("/v1/vms/{vm}/shutdown", shutdown_vm),
         web.post("/v1/vms/{vm}/snapshot", snapshot_vm),
+        web.post("/v1/vms/{vm}/exec", exec_in_vm),
         web.get("/v1/vms/{vm}/console", console),
         web.get("/v1/vms/{vm}/console/log", console_log),
         web.get("/v1/networks", list_networks),

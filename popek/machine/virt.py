@@ -30,6 +30,7 @@ from popek.devices.test_finisher import Finisher
 from popek.devices.uart16550 import Uart16550
 from popek.devices.virtio import FIRST_IRQ, SLOT_BASE, SLOT_COUNT, SLOT_SIZE, VirtioBlk, VirtioMMIO
 from popek.devices.virtio.balloon import VirtioBalloon
+from popek.devices.virtio.console import VirtioConsole
 from popek.devices.virtio.net import VirtioNet, default_mac
 from popek.devices.virtio.rng import VirtioRng
 from popek.firmware.sbi import Sbi
@@ -115,8 +116,13 @@ class VirtMachine:
             nic.attach(self._add_virtio(nic))
         if config.rng:
             self._add_virtio(VirtioRng())
+        # Last, so that the slots of the devices before it stay where they were.
+        self.agent_port: VirtioConsole | None = None
+        if config.agent:
+            self.agent_port = VirtioConsole()
+            self.agent_port.attach(self._add_virtio(self.agent_port))
         self.balloon: VirtioBalloon | None = None
-        if config.balloon:  # last, so every other device keeps its slot
+        if config.balloon:  # after the agent's port, for the same reason
             self.balloon = VirtioBalloon(self.mem)
             self.balloon.attach(self._add_virtio(self.balloon))
         self.sbi = Sbi(self) if config.bios == "none" else None

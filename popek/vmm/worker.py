@@ -38,11 +38,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from popek.machine.agent import AgentLink, relink
 from popek.machine.config import ConfigError, config_from_json
 from popek.machine.loader import ImageError
 from popek.machine.runner import EventSources, MachineRunner
 from popek.machine.virt import VirtMachine
-from popek.vmm import channel, hostfiles, jail, pagesharing, records, snapshot, workerprocess
+from popek.stats import count_traps
+from popek.vmm import (
+    agent_exec,
+    channel,
+    hostfiles,
+    jail,
+    pagesharing,
+    records,
+    snapshot,
+    workerprocess,
+)
 from popek.vmm.channel import INPUT, JSON, OUTPUT, ChannelClosed, Message, WorkerEnd
 from popek.vmm.console import Scrollback
 from popek.vmm.throttle import CpuCap
@@ -165,6 +176,7 @@ class Worker:
         # The network outlives the machine: a reboot builds a new one on the same ends.
         self.nets = [end.backend() for end in spec.get("nics", [])]
         self.machine: VirtMachine | None = None
+        self.agent: AgentLink | None = None  # the guest agent (vm exec), per machine
         self.lift_memory_limit: Callable[[], None] = lambda: None
         self.warnings: list[str] = []  # about its confinement, for the VMM to show
         self.next_balloon_stats = 0.0
@@ -229,8 +241,9 @@ class Worker:
                                   opener=self.spec["files"].open)
         if self.spec.get("page_sharing"):
             pagesharing.share_guest_ram(machine.mem.ram)
-        self._count_traps(machine)
+        count_traps(machine.harts, self.traps)
         self.runner.machine = machine
+        self.agent = relink(self.agent, machine.agent_port, agent_exec.MAX_OUTPUT)
         return machine
 
     def _limit_memory(self) -> None:
@@ -244,16 +257,6 @@ class Worker:
             self.lift_memory_limit = functools.partial(
                 resource.setrlimit, resource.RLIMIT_AS, (hard, hard))
             resource.setrlimit(resource.RLIMIT_AS, (_address_space() + overhead, hard))
-
-    def _count_traps(self, machine: VirtMachine) -> None:
-        for hart in machine.harts:
-            inner = hart.on_trap
-
-            def on_trap(cause: int, tval: int, pc: int, inner=inner) -> int:
-                self.traps[cause] += 1
-                return inner(cause, tval, pc)
-
-            hart.on_trap = on_trap
 
     def _console_out(self, data: bytes) -> None:
         self.out += data
@@ -296,6 +299,9 @@ class Worker:
     # -- commands -------------------------------------------------------------------------
     def _command(self, msg: dict[str, Any]) -> None:
         op = msg.get("op")
+        if op in agent_exec.OPS:  # replies when the guest's command ends
+            agent_exec.worker_command(self.agent, msg, lambda r: self.link.send(JSON, r))
+            return
         reply: dict[str, Any] = {"op": "reply", "id": msg.get("id"), "ok": True}
         try:
             if op in ("start", "resume"):
@@ -308,6 +314,8 @@ class Worker:
                 self._balloon(msg.get("bytes"))
             elif op == "snapshot":
                 reply["result"] = self._snapshot(msg["path"])
+            elif op == "replug":
+                self._replug(msg.get("nic"))
             else:
                 raise ValueError(f"unknown command {op!r}")
         except (ValueError, snapshot.SnapshotError) as err:
@@ -347,6 +355,18 @@ class Worker:
         return {"path": str(saved.path), "file_bytes": saved.file_bytes,
                 "ram_bytes": saved.ram_bytes, "seconds": saved.seconds,
                 "console_bytes": self.console.total}
+
+    def _replug(self, index: object) -> None:
+        """A VMM that adopted this guest made its switch port anew: NIC ``index`` carries
+        on over the socket the VMM handed over."""
+        sock = socket.socket(fileno=hostfiles.receive(self.link.files))
+        nets = self.nets
+        if not isinstance(index, int) or not 0 <= index < len(nets) or \
+                not hasattr(nets[index], "replug"):
+            sock.close()
+            raise ValueError(f"NIC {index!r} cannot be replugged")
+        nets[index].replug(sock)
+        self.machine.nics[index].replugged()
 
     # -- reporting ------------------------------------------------------------------------
     def _flush_output(self) -> None:
