@@ -168,7 +168,7 @@ def _write_ram(fd: int, mem: PhysicalMemory) -> tuple[list[list[int]], int]:
     runs: list[list[int]] = []
     stored = 0
     with memoryview(mem.ram) as ram:
-        for first, count in _nonzero_runs(mem):
+        for first, count in nonzero_runs(mem):
             data = ram[first * PAGE_SIZE:(first + count) * PAGE_SIZE]
             os.pwrite(fd, data, MEM_OFFSET + first * PAGE_SIZE)
             runs.append([first, count, zlib.crc32(data)])
@@ -177,7 +177,7 @@ def _write_ram(fd: int, mem: PhysicalMemory) -> tuple[list[list[int]], int]:
     return runs, stored
 
 
-def _nonzero_runs(mem: PhysicalMemory) -> Iterator[tuple[int, int]]:
+def nonzero_runs(mem: PhysicalMemory) -> Iterator[tuple[int, int]]:
     """(first page, count) of each maximal run of pages holding a non-zero byte.
 
     Comparing slices reads untouched anonymous pages through the shared zero page, so
