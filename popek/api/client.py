@@ -106,6 +106,11 @@ class Client:
         return await self.request("POST", f"/v1/vms/{vm}/snapshot",
                                   {"path": str(Path(path).absolute())})
 
+    async def migrate(self, vm: str, to: str, **options: Any) -> dict[str, Any]:
+        """Start a live migration to the VMM ``to`` (a Unix socket path, or tcp:HOST:PORT
+        with ``token``); ``info(vm)["migration"]`` shows how it goes."""
+        return await self.request("POST", f"/v1/vms/{vm}/migrate", {"to": to, **options})
+
     async def console_log(self, vm: str) -> bytes:
         return await self.request("GET", f"/v1/vms/{vm}/console/log")
 

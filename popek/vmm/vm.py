@@ -6,6 +6,8 @@ States::
        |                  |                          |
        +------------------+-- poweroff, kill --------+--> stopped
        +------------------+-- worker died -----------+--> failed
+                          +-- migrate ---------------------> migrated (it runs elsewhere)
+    incoming --the source connects--> creating --> running (or paused: see migration.py)
 
 The VMM talks to the worker only through its channel and holds its process by a pidfd
 (:mod:`popek.vmm.workerprocess`); anything the worker does wrong (dies, sends garbage)
@@ -99,6 +101,7 @@ class Vm:
         self._detached = False
         self.nics: list[OpenedNic] = []  # host ends the VMM opened; the worker uses copies
         self.nic_paths: list[str] = []  # the Unix socket paths they bound, removed at the end
+        self.migration: dict[str, Any] | None = None  # the last one: where to, how it went
 
     # -- the record -----------------------------------------------------------------------------
     _RECORDED = ("id", "name", "state", "created", "started", "source", "config", "cpu_weight",
@@ -130,7 +133,8 @@ class Vm:
         return vm
 
     # -- worker -----------------------------------------------------------------------------
-    async def launch(self, spec: dict[str, Any], nics: list[OpenedNic] = ()) -> None:
+    async def launch(self, spec: dict[str, Any], nics: list[OpenedNic] = (),
+                     ready_timeout: float = READY_TIMEOUT) -> None:
         """Start the worker and wait until its machine is built; BadRequest if it cannot be.
 
         ``nics`` are the host ends of the guest's NICs, opened by the VMM: the worker gets
@@ -173,7 +177,7 @@ class Vm:
             for nic in self.nics:  # the worker holds the ends now: when it ends, they close
                 nic.end.close()
         try:
-            ready = await self._attach(READY_TIMEOUT)
+            ready = await self._attach(ready_timeout)
         except (OSError, TimeoutError) as err:
             failure = f"the worker did not get ready ({err or 'timed out'})"
             self.kill(failure=failure)
@@ -183,7 +187,9 @@ class Vm:
             raise BadRequest(ready["error"])
         self.config = ready["config"]
         await self._confined(ready.get("warnings", []))
-        self.state = "created"
+        self.state = ready.get("state", "created")  # a guest that migrated here runs already
+        if self.state == "running":
+            self.started = time.time()
         self.save()
 
     async def adopt(self) -> None:
@@ -307,7 +313,7 @@ class Vm:
             if not self._ready.done():
                 self._ready.set_result({"error": self.failure or status or _UNEXPLAINED})
         elif self.exit is not None:
-            self.state = "stopped"
+            self.state = "migrated" if self.exit.get("kind") == "migrated" else "stopped"
         else:
             self.state = "failed"
             self.failure = self.failure or status or \
@@ -444,6 +450,24 @@ class Vm:
         self.save()
         return result
 
+    def check_migratable(self) -> None:
+        self._require("migrate", "running")
+        if self.migration is not None and self.migration["state"] == "migrating":
+            raise Conflict(f"VM {self.name} is migrating already")
+
+    async def migrate(self, sock: socket.socket, to: str,
+                      max_downtime: float) -> asyncio.Task[dict[str, Any]]:
+        """Hand the worker the connection to the destination and start the migration;
+        the task ends with its figures, or Conflict saying why it failed (the guest then
+        runs on here). Progress shows in :meth:`info`."""
+        self.check_migratable()
+        try:
+            hostfiles.send(self._file_socket, sock.fileno())
+        finally:
+            sock.close()
+        self.migration = {"to": to, "state": "migrating", "started": time.time()}
+        return asyncio.create_task(self._call("migrate", max_downtime=max_downtime))
+
     async def set_cpu(self, weight: int | None, cap: float | None, clear_cap: bool) -> None:
         if weight is not None:
             self.cpu_weight = weight
@@ -495,4 +519,6 @@ class Vm:
             "console": {"bytes": self.console.total, "dropped_bytes": self.console.dropped},
             "nics": stats.get("nics", []),
             "confinement": self.confinement,
+            "migration": {**stats.get("migration", {}), **self.migration}
+            if self.migration else None,
         }

@@ -25,6 +25,7 @@ while no VMM runs is listed stopped, with its exit code and last words, by the n
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
 import os
@@ -45,6 +46,7 @@ from popek.machine.virt import VirtMachine
 from popek.vmm import channel, hostfiles, jail, records, snapshot, workerprocess
 from popek.vmm.channel import INPUT, JSON, OUTPUT, ChannelClosed, Message, WorkerEnd
 from popek.vmm.console import Scrollback
+from popek.vmm.migration import Arrival, Emigration, MigrationError, immigrate
 from popek.vmm.throttle import CpuCap
 
 STATS_INTERVAL = 0.25  # seconds between the statistics a running worker pushes
@@ -164,6 +166,9 @@ class Worker:
         self.machine: VirtMachine | None = None
         self.lift_memory_limit: Callable[[], None] = lambda: None
         self.warnings: list[str] = []  # about its confinement, for the VMM to show
+        self.migration: Emigration | None = None  # this guest leaving, live
+        self.migration_id: Any = None  # the VMM's command, answered when it is over
+        self.arrival: Arrival | None = None  # this guest came by migration
 
     # -- life cycle -----------------------------------------------------------------------
     def serve(self) -> None:
@@ -172,13 +177,17 @@ class Worker:
             return
         try:
             self.machine = self._build()
-        except (ConfigError, ImageError, snapshot.SnapshotError, OSError) as err:
+        except (ConfigError, ImageError, snapshot.SnapshotError, MigrationError,
+                OSError) as err:
             self.link.send(JSON, {"op": "error", "message": str(err)})
             self._record_exit({"failure": str(err)})
             return
         self._limit_memory()
         self.frozen_clock = self.machine.clint.save_state()
         self.machine_ready = True
+        if self.arrival is not None:
+            self.started = True
+            self._set_running(self.arrival.go)  # without GO it waits, paused (migration.py)
         self._greet()
         self._loop()
 
@@ -219,6 +228,8 @@ class Worker:
             machine = snap.machine(self._console_out, nets=self.nets,
                                    events=self.runner.sources)
             self.instret_offset -= sum(hart.instret for hart in machine.harts)
+        elif "incoming" in self.spec and not fresh:
+            machine = self._immigrate()
         else:
             machine = VirtMachine(config_from_json(self.spec["config"]), self._console_out,
                                   nets=self.nets, events=self.runner.sources,
@@ -257,7 +268,10 @@ class Worker:
         (if one is attached). Paused, the runner waits on its event sources alone."""
         next_stats = 0.0
         while True:
-            self.runner.step(max(0.0, next_stats - time.monotonic()) if self.running else None)
+            self.runner.step(0.0 if self.migration is not None else
+                             max(0.0, next_stats - time.monotonic()) if self.running else None)
+            if self.migration is not None and self._migrate_step():
+                return
             if self.running:
                 self._flush_output()
                 if self.machine.exit is not None and not self._guest_finished():
@@ -292,6 +306,11 @@ class Worker:
         op = msg.get("op")
         reply: dict[str, Any] = {"op": "reply", "id": msg.get("id"), "ok": True}
         try:
+            if self.migration is not None and op in ("pause", "snapshot", "migrate"):
+                raise ValueError(f"cannot {op}: the guest is migrating")
+            if op == "migrate":
+                self._emigrate(msg)
+                return  # answered when the migration is over
             if op in ("start", "resume"):
                 self._set_running(True)
             elif op == "pause":
@@ -302,7 +321,7 @@ class Worker:
                 reply["result"] = self._snapshot(msg["path"])
             else:
                 raise ValueError(f"unknown command {op!r}")
-        except (ValueError, snapshot.SnapshotError) as err:
+        except (ValueError, snapshot.SnapshotError, MigrationError) as err:
             reply.update(ok=False, error=str(err))
         self._send_stats()
         self.link.send(JSON, reply)
@@ -330,6 +349,74 @@ class Worker:
                 "ram_bytes": saved.ram_bytes, "seconds": saved.seconds,
                 "console_bytes": self.console.total}
 
+    # -- live migration (popek.vmm.migration) ---------------------------------------------
+    def _emigrate(self, msg: dict[str, Any]) -> None:
+        """Start sending the guest over the connection the VMM made and hands over now;
+        the loop drives it between slices (:meth:`_migrate_step`)."""
+        sock = socket.socket(fileno=hostfiles.receive(self.link.files))
+        if not self.running:
+            sock.close()
+            raise MigrationError("only a running guest migrates")
+        max_downtime = msg.get("max_downtime")
+        try:
+            self.migration = Emigration(self.machine, sock, float(max_downtime))
+        except MigrationError:
+            sock.close()
+            raise
+        self.migration_id = msg.get("id")
+
+    def _migrate_step(self) -> bool:
+        """One chunk of the migration; True once the guest has left (the worker ends).
+        A failed migration leaves the guest running here, as it was."""
+        migration = self.migration
+        result = None
+        try:
+            if not migration.pump():
+                return False
+            self._set_running(False)  # the guest's clock stops with it
+            self._flush_output()
+            result = migration.finish({
+                "machine": self.machine.save_state(), "console_bytes": self.console.total,
+                "console": base64.b64encode(self.console.data).decode(),
+                "instructions": self.instret_offset + self._instret(),
+                "traps": {str(cause): n for cause, n in self.traps.items()}})
+            reply = {"ok": True, "result": result}
+        except MigrationError as err:
+            reply = {"ok": False, "error": str(err)}
+        migration.close()
+        self.migration = None
+        self._send_stats()
+        self.link.send(JSON, {"op": "reply", "id": self.migration_id, **reply})
+        if result is None:
+            self._set_running(True)
+            return False
+        self.link.send(JSON, {"op": "exit", "kind": "migrated", "code": 0})
+        self._record_exit({"kind": "migrated", "code": 0})
+        return True
+
+    def _immigrate(self) -> VirtMachine:
+        """The machine, as the source sends it over the connection the VMM accepted."""
+        config = config_from_json(self.spec["config"])
+
+        def build(memory: Any, state: dict[str, Any]) -> VirtMachine:
+            return VirtMachine(config, self._console_out, memory=memory,
+                               state=state["machine"], nets=self.nets,
+                               events=self.runner.sources, opener=self.spec["files"].open)
+
+        sock = socket.socket(fileno=self.spec["incoming"].detach())
+        self.arrival = immigrate(sock, config, build)
+        machine, state = self.arrival.machine, self.arrival.state
+        try:
+            history = base64.b64decode(state.get("console", ""))
+            self.console.total = int(state.get("console_bytes", 0)) - len(history)
+            self.console.append(history)
+            self.instret_offset = int(state.get("instructions", 0)) - \
+                sum(hart.instret for hart in machine.harts)
+            self.traps.update({int(k): int(v) for k, v in state.get("traps", {}).items()})
+        except (TypeError, ValueError, AttributeError):
+            pass  # counters and history are for show; the guest itself arrived whole
+        return machine
+
     # -- reporting ------------------------------------------------------------------------
     def _flush_output(self) -> None:
         if self.out:
@@ -350,6 +437,7 @@ class Worker:
             "throttled_seconds": self.cap.throttled,
             "console_bytes": self.console.total,
             "nics": [nic.stats() for nic in self.machine.nics],
+            **({"migration": self.migration.progress.as_json()} if self.migration else {}),
         })
 
 
