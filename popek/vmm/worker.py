@@ -188,6 +188,8 @@ class Worker:
         if self.arrival is not None:
             self.started = True
             self._set_running(self.arrival.go)  # without GO it waits, paused (migration.py)
+            for nic in self.machine.nics:
+                nic.announce()  # switches learn where the guest is now
         self._greet()
         self._loop()
 
