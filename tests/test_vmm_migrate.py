@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from popek import images
 from popek.api.client import ApiError
 from tests.test_vmm_service import STOP_GUESTS, Api
 from tests.vmm_guests import guest
@@ -169,3 +170,30 @@ def test_destination_killed_mid_migration_leaves_the_source_running(
     b.api.wait("the destination to drop it", lambda: b.api("list") == [])
     time.sleep(0.5)
     assert a.api.info(vm)["state"] == "running"
+
+
+@pytest.mark.boots_linux
+def test_linux_guest_migrates_there_and_back_with_its_processes(
+        pair: tuple[Vmm, Vmm]) -> None:
+    """The bundled Linux (one boot): a shell loop printing a counter, and a sleeping
+    process, both started before the migrations, go on after A -> B -> A."""
+    a, b = pair
+    vm = a.api("create", kernel=str(images.KERNEL), initrd=str(images.INITRD), mem=128 << 20,
+               name="linux")
+    a.api.wait_log(vm, rb"popek guest: Linux")
+    a.api.type_line(vm, b"sleep 100000 & echo sleeper-$!; (i=0; while true; do "
+                        b"echo count-$i; i=$((i+1)); sleep 0.2; done) &\n")
+    sleeper = re.search(rb"sleeper-(\d+)", a.api.wait_log(vm, rb"sleeper-\d+"))[1]
+    counts = a.api.wait_log(vm, rb"count-5\r?\n")
+    for source, dest, to in ((a, b, str(b.socket)), (b, a, str(a.socket))):
+        last = int(re.findall(rb"count-(\d+)", counts)[-1])
+        source.api("migrate", vm["id"], to)
+        info = _wait_migrated(source.api, vm)
+        assert info["migration"]["state"] == "done", info["migration"]
+        assert info["migration"]["bytes_sent"] < 128 << 20  # touched pages only
+        counts = dest.api.wait_log(vm, rb"count-%d\r?\n" % (last + 5))
+    out = a.api.type_line(vm, b"kill -0 %s && echo still-$((1+1))-alive\n" % sleeper)
+    a.api.wait_log(vm, rb"still-2-alive")
+    numbers = [int(n) for n in re.findall(rb"count-(\d+)\r?\n", a.api.log(vm))]
+    assert numbers == list(range(len(numbers))), numbers  # no gap, no repeat
+    assert out
