@@ -175,6 +175,9 @@ def add_vm_args(parser: argparse.ArgumentParser) -> None:
     snap = sub.add_parser("snapshot", help="save a VM (running or paused) to a file")
     snap.add_argument("vms", metavar="VM")
     snap.add_argument("file", type=Path)
+    snap.add_argument("--diff", type=Path, metavar="BASE",
+                      help="store only the pages written since BASE, this VM's latest "
+                      "snapshot (a restore lays them over BASE)")
 
     migrate = sub.add_parser("migrate", help="move a running VM to another VMM, live")
     migrate.add_argument("vms", metavar="VM")

@@ -219,7 +219,7 @@ async def _logs(client: Client, args: argparse.Namespace) -> None:
 
 async def _snapshot(client: Client, args: argparse.Namespace) -> None:
     with err_console.status(f"Saving {args.vms} to {args.file}…"):
-        result = await client.snapshot(args.vms, args.file)
+        result = await client.snapshot(args.vms, args.file, args.diff)
     err_console.print(f"Saved {result['path']}: {_size(result['ram_bytes'])} of RAM stored "
                       f"(file {_size(result['file_bytes'])}, sparse) in "
                       f"{result['seconds'] * 1000:.0f} ms")

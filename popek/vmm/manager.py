@@ -36,7 +36,7 @@ from popek.vmm import migration_peers, records, scheduler
 from popek.vmm.errors import BadRequest, Conflict, NotFound
 from popek.vmm.networks import Networks
 from popek.vmm.paths import PathPolicy
-from popek.vmm.snapshot import SnapshotError, read_config
+from popek.vmm.snapshot import SnapshotError, chain, read_config
 from popek.vmm.vm import LIVE, READY_TIMEOUT, Vm
 
 SAMPLE_INTERVAL = 1.0  # seconds between CPU share measurements
@@ -178,6 +178,8 @@ class Vmm:
         paths.check(path)
         try:
             recorded = await asyncio.to_thread(read_config, path)
+            for base in (await asyncio.to_thread(chain, path))[1:]:  # a diff's bases
+                paths.check(base)
         except SnapshotError as err:
             raise BadRequest(str(err)) from None
         paths.check_config(recorded)
@@ -276,7 +278,12 @@ class Vmm:
         if not isinstance(path, str):
             raise BadRequest("'path' must be the absolute path of the snapshot file")
         paths.check(path)
-        return await self.get(ref).snapshot(path)
+        diff = body.get("diff")
+        if diff is not None:
+            if not isinstance(diff, str):
+                raise BadRequest("'diff' must be the absolute path of the base snapshot")
+            paths.check(diff)
+        return await self.get(ref).snapshot(path, diff)
 
     async def migrate(self, ref: str, body: dict[str, Any], paths: PathPolicy) -> Vm:
         """Start a live migration (:mod:`popek.vmm.migration_peers`)."""

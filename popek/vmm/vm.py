@@ -437,13 +437,15 @@ class Vm:
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
 
-    async def snapshot(self, path: str) -> dict[str, Any]:
-        """The VMM makes the file, the worker (which cannot) writes into it."""
+    async def snapshot(self, path: str, diff: str | None = None) -> dict[str, Any]:
+        """The VMM makes the file, the worker (which cannot) writes into it; ``diff``: only
+        the pages written since that snapshot, this VM's latest."""
         self._require("snapshot", "created", "running", "paused")
         try:
             with snapshot.NewFile(path) as fd:
                 hostfiles.send(self._file_socket, fd)
-                result = await self._call("snapshot", path=path)
+                result = await self._call("snapshot", path=path,
+                                          **({"diff": diff} if diff else {}))
         except snapshot.SnapshotError as err:
             raise BadRequest(str(err)) from None
         self.snapshots.append({"path": result["path"], "created": time.time()})

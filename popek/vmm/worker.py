@@ -39,6 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from popek.cpu.physmem import DirtyLog
 from popek.machine.config import ConfigError, config_from_json
 from popek.machine.loader import ImageError
 from popek.machine.runner import EventSources, MachineRunner
@@ -169,6 +170,9 @@ class Worker:
         self.migration: Emigration | None = None  # this guest leaving, live
         self.migration_id: Any = None  # the VMM's command, answered when it is over
         self.arrival: Arrival | None = None  # this guest came by migration
+        # The latest snapshot this worker wrote, and the pages written since (for a diff)
+        self.last_snapshot: snapshot.Base | None = None
+        self.snapshot_log: DirtyLog | None = None
 
     # -- life cycle -----------------------------------------------------------------------
     def serve(self) -> None:
@@ -294,6 +298,7 @@ class Worker:
         """The guest powered off (False: stop) or rebooted (True: carry on, fresh)."""
         kind, code = self.machine.exit
         if kind == "reboot":
+            self._forget_snapshot_base()  # the new machine has new memory
             self.instret_offset += self._instret()
             self.machine.close()
             self.machine = self._build(fresh=True)
@@ -320,7 +325,7 @@ class Worker:
             elif op == "cap":
                 self.cap.set(msg.get("percent"))
             elif op == "snapshot":
-                reply["result"] = self._snapshot(msg["path"])
+                reply["result"] = self._snapshot(msg["path"], msg.get("diff"))
             else:
                 raise ValueError(f"unknown command {op!r}")
         except (ValueError, snapshot.SnapshotError, MigrationError) as err:
@@ -338,18 +343,40 @@ class Worker:
             self.frozen_clock = self.machine.clint.save_state()
         self.running = self.runner.running = running
 
-    def _snapshot(self, path: str) -> dict[str, Any]:
+    def _snapshot(self, path: str, diff: str | None = None) -> dict[str, Any]:
+        """A full snapshot, or (``diff``: the path of this VM's latest snapshot) only the
+        pages written since that one; either is the base of the next diff."""
         if not self.running:
             self.machine.clint.load_state(self.frozen_clock)  # mtime as it stood at pause
         fd = hostfiles.receive(self.link.files)  # the VMM made the file
         try:
-            saved = snapshot.write(fd, Path(path), self.machine,
-                                   {"console_bytes": self.console.total})
+            if diff is not None and (self.last_snapshot is None
+                                     or self.last_snapshot.path != diff):
+                raise ValueError(f"--diff {diff}: not the latest snapshot of this VM "
+                                 f"({self.last_snapshot.path if self.last_snapshot else 'none'})")
+            written = self.snapshot_log.take() if diff is not None else []
+            try:
+                saved = snapshot.write(fd, Path(path), self.machine,
+                                       {"console_bytes": self.console.total},
+                                       self.last_snapshot if diff is not None else None, written)
+            except snapshot.SnapshotError:
+                if diff is not None:  # the pages taken are in no file: no diff on this base
+                    self._forget_snapshot_base()
+                raise
         finally:
             os.close(fd)
+        if diff is None:
+            self._forget_snapshot_base()
+            self.snapshot_log = self.machine.mem.dirty_log()
+        self.last_snapshot = snapshot.Base(str(saved.path), saved.meta_crc)
         return {"path": str(saved.path), "file_bytes": saved.file_bytes,
                 "ram_bytes": saved.ram_bytes, "seconds": saved.seconds,
                 "console_bytes": self.console.total}
+
+    def _forget_snapshot_base(self) -> None:
+        if self.snapshot_log is not None:
+            self.snapshot_log.close()
+        self.snapshot_log = self.last_snapshot = None
 
     # -- live migration (popek.vmm.migration) ---------------------------------------------
     def _emigrate(self, msg: dict[str, Any]) -> None:
