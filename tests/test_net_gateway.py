@@ -13,14 +13,14 @@ import socket
 from ipaddress import IPv4Network
 
 from net_guests import running
-from net_stations import Station, mac, run
+from net_stations import Station, frame, mac, run
 from scapy.layers.dhcp import BOOTP, DHCP
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import ARP, Ether
 
 from popek.net.dhcp import LEASES_PER_PORT
 from popek.net.gateway import Gateway
-from popek.net.packets import mac_text
+from popek.net.packets import BROADCAST, mac_text
 from popek.net.switch import Switch
 
 SUBNET = "192.168.50.0/24"
@@ -170,6 +170,22 @@ def test_the_gateway_answers_arp_for_its_address_and_nobody_may_claim_it() -> No
                            / DHCP(options=[("message-type", "offer"), "end"])))
         assert await a.receive() == []
         assert sw.info()["gateway_counters"]["refused"] == 2
+        await sw.close()
+
+    run(scenario)
+
+
+def test_no_guest_may_send_from_the_gateways_mac() -> None:
+    """Found by the switch fuzz target: such frames reached the other guests, and the
+    switch learned the gateway's MAC behind the forger's port."""
+    async def scenario() -> None:
+        sw = lan()
+        a, b = Station(sw, mac(1)), Station(sw, mac(2))
+        gateway_mac = bytes.fromhex(sw.info()["gateway_mac"].replace(":", ""))
+        await b.send(frame(mac(2), mac(2)))  # b is known behind its port
+        await a.send(frame(mac(2), gateway_mac), frame(BROADCAST, gateway_mac))
+        assert await b.receive(0.1) == []
+        assert sw.port_of(gateway_mac) is None and a.port.counters.dropped_in == 2
         await sw.close()
 
     run(scenario)

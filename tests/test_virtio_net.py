@@ -566,6 +566,20 @@ def test_state_round_trips_and_refuses_another_nics(drv: NetDriver) -> None:
         other.close()
 
 
+@pytest.mark.parametrize("counters", [{"rx_not_ready": "3"}, {"tx_frames": True},
+                                      {"rx_bytes": None}, {"rx_frames": 1.5}, "none"])
+def test_state_with_counters_that_are_not_counts_is_refused(drv: NetDriver,
+                                                           counters: object) -> None:
+    """Found by the snapshot fuzz target: such a snapshot restored, and the first frame
+    then raised TypeError in the worker."""
+    state = json.loads(json.dumps(drv.dev.save_state()))
+    good = state["backend"]["counters"]
+    state["backend"]["counters"] = {**good, **counters} if isinstance(counters, dict) \
+        else counters
+    with pytest.raises(ValueError, match="NetCounters"):
+        drv.dev.load_state(state)
+
+
 def watched(drv: NetDriver) -> tuple:
     """(readable, writable) handlers the device has registered for its backend."""
     return drv.events._handlers.get(drv.backend.fileno(), (None, None))

@@ -186,6 +186,18 @@ def test_forbidden_system_call_kills_the_worker_and_fails_only_its_vm(
         info := confined.info(bystander))["instructions"] > before and info["state"] == "running")
 
 
+def test_a_worker_that_sends_malformed_statistics_fails_only_its_vm(
+        confined: Api, vms: list) -> None:
+    """Found by the records fuzz target: such statistics were kept, and every listing of
+    the VMs (GET /v1/vms) failed from then on."""
+    bystander = _create(vms, confined, "counter")
+    liar = _create(vms, confined, "liar")
+    failed = confined.wait("the liar to fail", lambda: (
+        info := confined.info(liar))["state"] == "failed" and info)
+    assert "broke the protocol" in failed["failure"] and "'traps'" in failed["failure"]
+    assert {vm["id"]: vm["state"] for vm in confined("list")}[bystander["id"]] == "running"
+
+
 def test_kernel_holds_the_cap_of_a_worker_that_ignores_it(confined: Api, vms: list) -> None:
     vm = _create(vms, confined, "greedy", cpu_cap=10)  # its worker stops throttling itself
     assert vm["confinement"]["limits"] == "cgroup v1", vm["confinement"]

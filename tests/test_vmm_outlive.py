@@ -10,6 +10,7 @@ small and busy.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -226,6 +227,27 @@ def test_guest_whose_worker_was_killed_without_a_vmm_is_listed_failed(serve: Ser
     failed = api.info(vm)
     assert failed["state"] == "failed" and "without a word" in failed["failure"], failed
     assert "SIGKILL" in failed["failure"]
+
+
+def test_corrupt_records_are_left_alone_and_fail_no_other_vm(serve: Serve) -> None:
+    """Found by the records fuzz target: records like these made every listing of the
+    VMs fail (GET /v1/vms, so popek vm ls), or had the VM's directory removed."""
+    api = serve.start()
+    kept, *spoilt = [api.create("exit7") for _ in range(4)]
+    for vm in (kept, *spoilt):
+        api.wait("the guest to power off", lambda vm=vm: api.info(vm)["state"] == "stopped")
+    serve.stop()
+    texts = {}
+    for vm, corruption in zip(spoilt, ({"stats": None}, {"limits": []}, {"state": None}),
+                              strict=True):
+        record = serve.home / "state" / "vms" / vm["id"] / "vm.json"
+        texts[record] = json.dumps({**json.loads(record.read_text()), **corruption})
+        record.write_text(texts[record])
+    serve.start()
+    assert [vm["id"] for vm in api("list")] == [kept["id"]]
+    for record, text in texts.items():
+        assert f"its record {record} is corrupt" in serve.log()
+        assert record.read_text() == text  # left for a person to look at
 
 
 def test_stop_guests_powers_them_off_before_the_vmm_exits(serve: Serve) -> None:

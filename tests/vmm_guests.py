@@ -181,14 +181,16 @@ void main(void) {
 }""",
     # Write a status that only a test build's finisher knows (tests/vmm_test_build.py):
     # the worker then makes a system call its seccomp filter forbids, tries to open a
-    # root-only file and powers off with the errno (0: it could), or stops throttling
-    # itself to its CPU cap (and the guest spins).
+    # root-only file and powers off with the errno (0: it could), stops throttling
+    # itself to its CPU cap (and the guest spins), or sends its VMM malformed statistics.
     "forbidden": r"""
 void main(void) { say("about to misbehave\n"); delay(100000); *FINISHER = 0xbad0; for (;;) {} }""",
     "peek": r"""
 void main(void) { say("peeking\n"); *FINISHER = 0xbad1; for (;;) {} }""",
     "greedy": r"""
 void main(void) { *FINISHER = 0xbad2; say("spinning\n"); for (;;) {} }""",
+    "liar": r"""
+void main(void) { say("lying\n"); *FINISHER = 0xbad3; for (;;) {} }""",
     # Panics: jumps to address 0, where nothing answers, with no trap handler set up.
     "crash": r"""
 void main(void) { say("crashing\n"); ((void (*)(void))0)(); }""",

@@ -8,7 +8,9 @@ nothing in popek itself has these paths:
   deliberate worker bugs: :data:`FORBIDDEN_CALL` makes the worker call ``chroot`` (a
   system call its seccomp filter forbids); :data:`PEEK` makes it open
   ``$POPEK_TEST_SECRET`` and power the guest off with the errno (0: it could read it);
-  :data:`IGNORE_CAP` makes it stop throttling itself to the CPU cap it was given.
+  :data:`IGNORE_CAP` makes it stop throttling itself to the CPU cap it was given;
+  :data:`LIE` makes it send its VMM statistics no worker sends (as a compromised one
+  might).
 - ``no-seccomp``: libseccomp's binding cannot be imported, as on a host without it.
 """
 
@@ -21,6 +23,7 @@ import sys
 FORBIDDEN_CALL = 0xBAD0
 PEEK = 0xBAD1
 IGNORE_CAP = 0xBAD2
+LIE = 0xBAD3
 BUILD = set(filter(None, os.environ.get("POPEK_TEST_BUILD", "").split(",")))
 
 if "no-seccomp" in BUILD:
@@ -28,17 +31,22 @@ if "no-seccomp" in BUILD:
 
 if "misbehave" in BUILD:
     from popek.devices.test_finisher import Finisher
+    from popek.vmm.channel import JSON
     from popek.vmm.throttle import CpuCap
+    from popek.vmm.worker import Worker
 
     _finisher_write = Finisher.write
     _cap_delay = CpuCap.delay
-    _ignoring_cap = False  # set in a worker whose guest asked
+    _send_stats = Worker._send_stats
+    _ignoring_cap = _lying = False  # set in a worker whose guest asked
 
     def _misbehaving_write(self: Finisher, offset: int, size: int, value: int) -> None:
-        global _ignoring_cap
+        global _ignoring_cap, _lying
         status = value & 0xFFFF
         if status == IGNORE_CAP:
             _ignoring_cap = True
+        elif status == LIE:
+            _lying = True
         elif status == FORBIDDEN_CALL:
             os.chroot("/")
         elif status == PEEK:
@@ -51,7 +59,14 @@ if "misbehave" in BUILD:
         else:
             _finisher_write(self, offset, size, value)
 
+    def _lying_stats(self: Worker) -> None:
+        if _lying:  # a trap cause that is no number
+            self.link.send(JSON, {"op": "stats", "traps": {"x": 1}})
+        else:
+            _send_stats(self)
+
     Finisher.write = _misbehaving_write  # type: ignore[method-assign]
+    Worker._send_stats = _lying_stats  # type: ignore[method-assign]
     CpuCap.delay = lambda self: 0.0 if _ignoring_cap else _cap_delay(self)  # type: ignore
 
 

@@ -46,8 +46,13 @@ async def _body(request: web.Request) -> dict[str, Any]:
         return {}
     try:
         body = await request.json()
-    except json.JSONDecodeError:
-        raise BadRequest("the request body is not JSON") from None
+        # JSON may escape unpaired surrogates ("\ud800"), which no file name, console or
+        # command line can hold: such a body is not text.
+        json.dumps(body, ensure_ascii=False).encode()
+    # ValueError: not JSON, or not text in its charset; LookupError: an unknown charset;
+    # RecursionError: arrays nested deeper than the parser goes.
+    except (ValueError, LookupError, RecursionError):
+        raise BadRequest("the request body is not JSON text") from None
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     return body

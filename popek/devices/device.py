@@ -15,7 +15,9 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import asdict, fields
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, TypeVar, get_type_hints, runtime_checkable
+
+from popek.jsontypes import has_type
 
 IrqLine = Callable[[bool], None]
 """One interrupt wire into the PLIC: call with the line's new level."""
@@ -58,20 +60,53 @@ class HostEvents(Protocol):
 S = TypeVar("S")
 
 
+def bits(n: int) -> dict[str, int]:
+    """Metadata for a state field that holds an ``n``-bit register (or, for a list field,
+    one per source, context or hart): :func:`unpack_state` refuses saved values outside
+    0 .. 2**n - 1, which the guest could otherwise read back or feed into arithmetic."""
+    return {"bits": n}
+
+
 def pack_state(version: int, state: Any) -> dict[str, Any]:
     """A device's state dataclass as a versioned plain dict (deep copy: no aliasing)."""
     return {"version": version, **asdict(state)}
 
 
 def unpack_state(cls: type[S], version: int, data: dict[str, Any]) -> S:
-    """Rebuild a state dataclass from :func:`pack_state` output, refusing other versions."""
+    """Rebuild a state dataclass from :func:`pack_state` output, refusing other versions.
+
+    Saved state comes from a file, so every field must have its declared type (an int
+    field takes no bool, a list[int] only ints): a device never runs on a value its code
+    cannot handle; fields declared with :func:`bits` must also fit their width."""
     check_version(data, version)
-    try:
-        return cls(**{f.name: copy.deepcopy(data[f.name]) for f in fields(cls)})
-    except KeyError as missing:
-        raise ValueError(f"saved {cls.__name__} lacks {missing}") from None
+    return unpack_fields(cls, data)
+
+
+def unpack_fields(cls: type[S], data: Any) -> S:
+    """Rebuild a state dataclass from the plain dict of its fields (``asdict``'s output,
+    as a part of a device's state), checked as :func:`unpack_state` checks them."""
+    if not isinstance(data, dict):
+        raise ValueError(f"saved {cls.__name__} is a {type(data).__name__}, not an object")
+    hints = get_type_hints(cls)
+    values = {}
+    for f in fields(cls):
+        if f.name not in data:
+            raise ValueError(f"saved {cls.__name__} lacks {f.name!r}")
+        value = data[f.name]
+        if not has_type(value, hints[f.name]):
+            raise ValueError(f"saved {cls.__name__}.{f.name} is not {hints[f.name]}: "
+                             f"{value!r:.40}")
+        width = f.metadata.get("bits")
+        if width is not None and not all(v is None or 0 <= v < 1 << width
+                                         for v in (value if type(value) is list else [value])):
+            raise ValueError(f"saved {cls.__name__}.{f.name} does not fit {width} bits: "
+                             f"{value!r:.40}")
+        values[f.name] = copy.deepcopy(data[f.name])
+    return cls(**values)
 
 
 def check_version(data: dict[str, Any], version: int) -> None:
+    if not isinstance(data, dict):
+        raise ValueError(f"saved state is a {type(data).__name__}, not an object")
     if data.get("version") != version:
         raise ValueError(f"saved state version {data.get('version')!r}, expected {version}")

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from popek.devices.device import MASK32, MASK64, IrqLine, pack_state, unpack_state
+from popek.devices.device import MASK32, MASK64, IrqLine, bits, pack_state, unpack_state
 
 SIZE = 0x1000
 STATE_VERSION = 1
@@ -31,8 +31,9 @@ CLEAR_INTERRUPT = 0x1C
 @dataclass
 class RtcState:
     offset_ns: int = 0  # guest time minus host wall-clock time
-    time_high: int = 0  # latched by reading TIME_LOW, so the two halves are consistent
-    alarm_next: int = 0
+    # latched by reading TIME_LOW, so the two halves are consistent
+    time_high: int = field(default=0, metadata=bits(32))
+    alarm_next: int = field(default=0, metadata=bits(64))
     alarm_running: bool = False
     irq_pending: bool = False
     irq_enabled: bool = False

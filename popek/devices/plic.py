@@ -13,13 +13,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from popek.devices.device import MASK32, InterruptTarget, IrqLine, pack_state, unpack_state
+from popek.devices.device import (
+    MASK32,
+    InterruptTarget,
+    IrqLine,
+    bits,
+    pack_state,
+    unpack_state,
+)
 
 MEIP_BIT = 11
 SEIP_BIT = 9
 
 NUM_SOURCES = 96
-PRIORITY_MASK = 7  # QEMU virt: 7 priority levels, the register is WARL over 3 bits
+PRIORITY_BITS = 3  # QEMU virt: 7 priority levels, the register is WARL over 3 bits
+PRIORITY_MASK = (1 << PRIORITY_BITS) - 1
 WORDS = NUM_SOURCES // 32
 PENDING_BASE = 0x1000
 ENABLE_BASE = 0x2000
@@ -32,11 +40,14 @@ STATE_VERSION = 1
 
 @dataclass
 class PlicState:
-    priority: list[int] = field(default_factory=lambda: [0] * NUM_SOURCES)
-    level: int = 0  # input lines, bit per source
-    claimed: int = 0  # bit per source: claimed and not yet completed
-    enable: list[int] = field(default_factory=list)  # bitmask per context
-    threshold: list[int] = field(default_factory=list)  # per context
+    priority: list[int] = field(default_factory=lambda: [0] * NUM_SOURCES,
+                                metadata=bits(PRIORITY_BITS))
+    level: int = field(default=0, metadata=bits(NUM_SOURCES))  # input lines, bit per source
+    # bit per source: claimed and not yet completed
+    claimed: int = field(default=0, metadata=bits(NUM_SOURCES))
+    # bitmask per context
+    enable: list[int] = field(default_factory=list, metadata=bits(NUM_SOURCES))
+    threshold: list[int] = field(default_factory=list, metadata=bits(PRIORITY_BITS))
 
 
 class Plic:

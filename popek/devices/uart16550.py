@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from popek.devices.device import IrqLine, pack_state, unpack_state
+from popek.devices.device import IrqLine, bits, pack_state, unpack_state
 
 SIZE = 0x100
 STATE_VERSION = 1
@@ -66,13 +66,14 @@ TRIGGER_LEVELS = (1, 4, 8, 14)
 
 @dataclass
 class UartState:
-    rx: list[int] = field(default_factory=list)  # received bytes not yet read
-    ier: int = 0
-    lcr: int = 0
-    mcr: int = MCR_OUT2
-    fcr: int = 0
-    scr: int = 0
-    divisor: int = 0x0C  # 9600 baud from the 1.8432 MHz reference, as QEMU resets to
+    rx: list[int] = field(default_factory=list, metadata=bits(8))  # received, not yet read
+    ier: int = field(default=0, metadata=bits(8))
+    lcr: int = field(default=0, metadata=bits(8))
+    mcr: int = field(default=MCR_OUT2, metadata=bits(8))
+    fcr: int = field(default=0, metadata=bits(8))
+    scr: int = field(default=0, metadata=bits(8))
+    # 9600 baud from the 1.8432 MHz reference, as QEMU resets to
+    divisor: int = field(default=0x0C, metadata=bits(16))
     overrun: bool = False
     thr_ipending: bool = False  # THRE interrupt armed (QEMU's thr_ipending)
 
@@ -249,6 +250,6 @@ class Uart16550:
 
     def load_state(self, state: dict[str, Any]) -> None:
         s = unpack_state(UartState, STATE_VERSION, state)
-        s.rx = [b & 0xFF for b in s.rx][:FIFO_SIZE]
+        s.rx = s.rx[:FIFO_SIZE]
         self.s = s
         self._drive_irq()

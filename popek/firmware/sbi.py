@@ -16,6 +16,7 @@ from typing import Protocol
 
 from popek.cpu.causes import IRQ_S_SOFT, IRQ_S_TIMER, Trap
 from popek.cpu.state import PRIV_S
+from popek.devices.device import check_version
 
 SPEC_VERSION = (2 << 24) | 0  # SBI 2.0
 IMPL_ID = 0x706F  # "po": not an ID assigned by the SBI spec; identifies popek
@@ -64,6 +65,8 @@ class HartStatus(IntEnum):
     SUSPENDED = 4
 
 
+_HART_STATUSES = frozenset(HartStatus)
+
 # Traps the firmware hands to the S-mode kernel (as OpenSBI does, plus illegal
 # instruction and access faults, which only the kernel can handle).
 MEDELEG = sum(1 << c for c in (0, 1, 2, 3, 4, 5, 6, 7, 8, 12, 13, 15))
@@ -93,8 +96,17 @@ class FirmwareState:
         return {"version": 1, "status": list(self.status), "timer": list(self.timer_deadline)}
 
     def load(self, state: dict) -> None:
-        self.status = list(state["status"])
-        self.timer_deadline = list(state["timer"])
+        """Raises ValueError unless ``state`` is what :meth:`save` writes for as many harts."""
+        check_version(state, 1)
+        status, timer, n = state.get("status"), state.get("timer"), len(self.status)
+        if not (type(status) is list and len(status) == n
+                and all(type(s) is int and s in _HART_STATUSES for s in status)):
+            raise ValueError(f"saved firmware hart status {status!r:.40} is not {n} statuses")
+        if not (type(timer) is list and len(timer) == n
+                and all(t is None or type(t) is int and 0 <= t < 1 << 64 for t in timer)):
+            raise ValueError(f"saved firmware timers {timer!r:.40} are not {n} deadlines")
+        self.status = status
+        self.timer_deadline = timer
 
 
 class Sbi:

@@ -13,20 +13,24 @@ pairing ``auipc``/``lui`` with the instruction that adds the low part.
 from __future__ import annotations
 
 import re
+import zlib
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
+from typing import TypeVar
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
-from elftools.elf.sections import Section
+from elftools.elf.relocation import RelocationSection
+from elftools.elf.sections import Section, SymbolTableSection
 
 from popek.cpu.state import X_SINK
 from popek.isa.decoder import Decoded, decode
 
 M64 = (1 << 64) - 1
+T = TypeVar("T")
 
 XREGS = (
     "zero ra sp gp tp t0 t1 t2 s0 s1 a0 a1 a2 a3 a4 a5 a6 a7 s2 s3 s4 s5 s6 s7 s8 s9 s10 s11 "
@@ -568,11 +572,11 @@ class _Versions:
                 self.versym = [int.from_bytes(data[i:i + 2], "little")
                                for i in range(0, len(data), 2)]
             elif sec["sh_type"] == "SHT_GNU_verdef":
-                for vd, aux in sec.iter_versions():
+                for vd, aux in _entries(sec, sec.iter_versions()):
                     self.verdef[vd["vd_ndx"]] = (vd["vd_flags"], next(aux).name)
             elif sec["sh_type"] == "SHT_GNU_verneed":
-                for _vn, auxes in sec.iter_versions():
-                    for aux in auxes:
+                for _vn, auxes in _entries(sec, sec.iter_versions()):
+                    for aux in _entries(sec, auxes):
                         self.verneed[aux["vna_other"]] = aux.name
         self.enabled = bool(self.versym) and bool(self.verdef or self.verneed)
 
@@ -597,6 +601,15 @@ class _Versions:
         return f"{name}{'@' if hidden else '@@'}{version}"
 
 
+def _entries(sec: Section, entries: Iterator[T]) -> Iterator[T]:
+    """A version section's entries, each at least 16 bytes: a count in the file that says
+    more (entries chained to themselves, say) is corrupt, not a reason to loop 2^32 times."""
+    for n, entry in enumerate(entries):
+        if n >= sec["sh_size"] // 16:
+            raise ValueError(f"section {sec.name} holds more versions than fit in it")
+        yield entry
+
+
 def _arch_extensions(arch: str) -> frozenset[str]:
     """The multi-letter extensions of an ISA string such as ``rv64i2p1_m2p0_zicsr2p0``."""
     return frozenset(re.sub(r"\d+(p\d+)?$", "", part) for part in arch.lower().split("_")[1:])
@@ -607,11 +620,14 @@ def _extensions(elf: ELFFile) -> frozenset[str]:
     sec = elf.get_section_by_name(".riscv.attributes")
     if sec is None or not hasattr(sec, "iter_subsections"):
         return frozenset()
-    for sub in sec.iter_subsections():
-        for subsub in sub.iter_subsubsections():
-            for attr in subsub.iter_attributes():
-                if attr.tag == "TAG_ARCH":
-                    return _arch_extensions(str(attr.value))
+    try:
+        for sub in sec.iter_subsections():
+            for subsub in sub.iter_subsubsections():
+                for attr in subsub.iter_attributes():
+                    if attr.tag == "TAG_ARCH":
+                        return _arch_extensions(str(attr.value))
+    except TypeError:  # pyelftools on a corrupt tag: a malformed file, as its other errors
+        raise ValueError("corrupt .riscv.attributes section") from None
     return frozenset()
 
 
@@ -631,7 +647,8 @@ class ElfImage:
                 self._load(elf)
         except OSError as e:
             raise DisasmError(f"{path}: {e.strerror or e}") from None
-        except (ELFError, ValueError, LookupError, MemoryError) as e:  # a corrupt file
+        # A corrupt file (zlib.error: a compressed section that does not decompress).
+        except (ELFError, ValueError, LookupError, MemoryError, OverflowError, zlib.error) as e:
             raise DisasmError(f"{path}: malformed ELF file ({e})") from None
 
     def _load(self, elf: ELFFile) -> None:
@@ -644,6 +661,8 @@ class ElfImage:
         self.relocatable = elf["e_type"] == "ET_REL"
         self.extensions = _extensions(elf)
         symtab = elf.get_section_by_name(".symtab")
+        if not isinstance(symtab, SymbolTableSection):  # a section merely named so
+            symtab = None
         dynsym = next((s for s in sections if s["sh_type"] == "SHT_DYNSYM"), None)
         dynamic = self._symbols(dynsym, sections, _Versions(elf)) if dynsym else []
         own = self._symbols(symtab, sections, None) if symtab else []
@@ -695,7 +714,8 @@ class ElfImage:
         """objdump's synthetic ``name@plt`` symbols, one per .rela.plt entry."""
         by_name = {s.name: (i, s) for i, s in enumerate(sections)}
         relplt, plt = by_name.get(".rela.plt"), by_name.get(".plt")
-        if not dynamic or relplt is None or plt is None or relplt[1]["sh_link"] != dynsym_index:
+        if not dynamic or relplt is None or plt is None or relplt[1]["sh_link"] != dynsym_index \
+                or not isinstance(relplt[1], RelocationSection):
             return []
         plt_index, plt_sec = plt
         out = []

@@ -21,6 +21,7 @@ from elftools.elf.elffile import ELFFile
 IMAGE_MAGIC2 = b"RSC\x05"  # offset 56 of a RISC-V Linux Image header
 IMAGE_HEADER_SIZE = 64
 EM_RISCV = 243
+PHDR_SIZE = 56  # an Elf64_Phdr
 
 
 class ImageError(Exception):
@@ -46,32 +47,41 @@ class Kernel:
         return max(s.addr + s.memsz for s in self.segments)
 
 
-def read_image(path: Path, what: str, opener: Callable[..., int] = os.open) -> bytes:
+def read_image(path: Path, what: str, limit: int,
+               opener: Callable[..., int] = os.open) -> bytes:
     """The file's bytes, decompressed if it is xz or gzip. ``opener`` opens ``path`` as
-    os.open does (a VMM worker's finds the descriptor the VMM opened for it)."""
+    os.open does (a VMM worker's finds the descriptor the VMM opened for it).
+
+    An image larger than ``limit`` bytes (the guest's RAM, which no loadable image
+    exceeds) is refused before more is read or decompressed: a small compressed file
+    may expand to any size, and a path may name an endless file."""
     try:
         with open(opener(path, os.O_RDONLY), "rb") as image:
-            raw = image.read()
+            raw = image.read(limit + 1)
     except FileNotFoundError:
         raise ImageError(f"{what} not found: {path}") from None
     except IsADirectoryError:
         raise ImageError(f"{what} is a directory: {path}") from None
     except OSError as err:
         raise ImageError(f"cannot read {what} {path}: {err.strerror}") from None
+    except ValueError:  # a NUL in the path, which no file name holds
+        raise ImageError(f"{what} {str(path)!r} is not a file name") from None
     try:
         if raw.startswith(b"\xfd7zXZ\0"):
-            return lzma.decompress(raw)
-        if raw.startswith(b"\x1f\x8b"):
-            return gzip.decompress(raw)
+            raw = lzma.LZMAFile(io.BytesIO(raw)).read(limit + 1)
+        elif raw.startswith(b"\x1f\x8b"):
+            raw = gzip.GzipFile(fileobj=io.BytesIO(raw)).read(limit + 1)
     except (lzma.LZMAError, EOFError, OSError) as err:
         raise ImageError(f"{what} {path} is corrupt or truncated ({err})") from None
+    if len(raw) > limit:
+        raise ImageError(f"{what} {path} is larger than the guest's {limit >> 20} MiB of RAM")
     return raw
 
 
 def load_kernel(path: Path, ram_base: int, ram_size: int,
                 opener: Callable[..., int] = os.open) -> Kernel:
     """Parse a kernel as QEMU's ``-kernel`` would: an ELF, or a RISC-V Linux Image."""
-    data = read_image(path, "kernel", opener)
+    data = read_image(path, "kernel", ram_size, opener)
     if data.startswith(b"\x7fELF"):
         return _load_elf(path, data, ram_base, ram_size)
     if len(data) < IMAGE_HEADER_SIZE:
@@ -118,17 +128,26 @@ def _load_elf(path: Path, data: bytes, ram_base: int, ram_size: int) -> Kernel:
         elf = ELFFile(io.BytesIO(data))
         if elf["e_machine"] != "EM_RISCV" or elf.elfclass != 64:
             raise ImageError(f"kernel {path} is not a 64-bit RISC-V ELF ({elf['e_machine']})")
+        # Whole program headers, in the file: else pyelftools may read one entry 65535 times.
+        if elf["e_phentsize"] != PHDR_SIZE or \
+                elf["e_phoff"] + PHDR_SIZE * elf["e_phnum"] > len(data):
+            raise ImageError(f"kernel {path} has a malformed program header table")
         segments = []
         for seg in elf.iter_segments():
-            if seg["p_type"] != "PT_LOAD":
+            if seg["p_type"] != "PT_LOAD" or not seg["p_memsz"]:  # (empty: nothing to load)
                 continue
-            seg_data = seg.data()
-            if len(seg_data) < seg["p_filesz"]:
+            offset, size = seg["p_offset"], seg["p_filesz"]
+            if offset + size > len(data):
                 raise ImageError(f"kernel {path} is truncated")
-            segments.append(Segment(_place(seg["p_paddr"], ram_base, ram_size), seg_data,
-                                    seg["p_memsz"]))
+            if size > seg["p_memsz"]:  # the ELF spec forbids it; RAM is checked for memsz
+                raise ImageError(f"kernel {path} has a segment larger in the file than "
+                                 "in memory")
+            segments.append(Segment(_place(seg["p_paddr"], ram_base, ram_size),
+                                    data[offset:offset + size], seg["p_memsz"]))
         entry = _place(elf["e_entry"], ram_base, ram_size)
-    except ELFError as err:
+    except (ELFError, OverflowError, ValueError) as err:
+        # pyelftools trusts the offsets in a file's headers: seeking to one beyond 2^63
+        # overflows, a malformed name fails to decode (ValueError).
         raise ImageError(f"kernel {path} is not a valid ELF file ({err})") from None
     if not segments:
         raise ImageError(f"kernel {path} has nothing to load")

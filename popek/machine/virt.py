@@ -218,7 +218,7 @@ class VirtMachine:
             self.mem.write(seg.addr, seg.data)
         initrd_range = None
         if cfg.initrd is not None:
-            data = read_image(cfg.initrd, "initrd", self.opener)
+            data = read_image(cfg.initrd, "initrd", cfg.mem, self.opener)
             start = max(_align_up(kernel.end, 1 << 21), RAM_BASE + min(cfg.mem // 2, 128 << 20))
             if start + len(data) > ram_end - (2 << 20):
                 raise ConfigError(f"initrd {cfg.initrd} does not fit in {cfg.mem >> 20}M of RAM")
@@ -231,7 +231,7 @@ class VirtMachine:
             self.sbi.boot_hart(self.harts[0], kernel.entry, dtb_addr)
             self._route_ecalls_to_sbi()
             return
-        fw = read_image(firmware, "firmware", self.opener)
+        fw = read_image(firmware, "firmware", cfg.mem, self.opener)
         if RAM_BASE + len(fw) > kernel.segments[0].addr:
             raise ConfigError(f"firmware {firmware} overlaps the kernel")
         self.mem.write(RAM_BASE, fw)
@@ -275,6 +275,8 @@ class VirtMachine:
         Harts first, then devices, which re-drive their interrupt lines into ``mip``.
         Raises ValueError (or KeyError/TypeError) if ``state`` does not fit this machine.
         """
+        if not isinstance(state, dict):
+            raise ValueError(f"machine state is a {type(state).__name__}, not an object")
         if state.get("version") != STATE_VERSION or state.get("byteorder") != sys.byteorder:
             raise ValueError(f"machine state version {state.get('version')!r} "
                              f"({state.get('byteorder')}-endian) is not {STATE_VERSION} "
@@ -293,7 +295,11 @@ class VirtMachine:
                 if len(data) != len(buf) * buf.itemsize:
                     raise ValueError(f"saved hart {hart.hartid} {name} has {len(data)} bytes")
                 buf[:] = array(buf.typecode, data)
-            hart.reservation = saved["reservation"]
+            reservation = saved["reservation"]
+            if reservation is not None and not (type(reservation) is int
+                                                and 0 <= reservation < 1 << 64):
+                raise ValueError(f"saved hart {hart.hartid} reservation {reservation!r:.40}")
+            hart.reservation = reservation
             hart.mmu.flush()
             hart.engine.flush()
         if self.sbi is not None:

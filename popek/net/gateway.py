@@ -7,7 +7,8 @@ and hands every other frame a guest sends to that MAC to the guest's NAT uplink
 (:mod:`popek.net.nat`), or drops it when the switch has no NAT.
 
 It also keeps guests from impersonating it: an ARP message claiming one of its addresses
-and a DHCP server's reply coming from a guest are dropped, so a hostile guest can neither
+and a DHCP server's reply coming from a guest are dropped (and the switch drops frames
+from its MAC, see :class:`~popek.net.switch.Services`), so a hostile guest can neither
 steal the gateway's traffic nor hand its neighbours addresses.
 """
 

@@ -20,7 +20,8 @@ Every port is untrusted, and no port can hurt the switch or the other ports:
   dropped and counted, so a flooding port loses its own frames, not its neighbours', and
   the switch never blocks on a peer;
 - a port may teach the switch at most :data:`MACS_PER_PORT` addresses, so forged source
-  addresses cannot push every other guest out of the table.
+  addresses cannot push every other guest out of the table, and a frame from a group
+  address or from the services' own (the gateway's) is dropped and counted.
 """
 
 from __future__ import annotations
@@ -185,6 +186,8 @@ class Services(Protocol):
     frames before they are switched: it answers for its addresses and keeps guests from
     forging them."""
 
+    mac: bytes  # the services' station address: no port may send from it
+
     def intercept(self, port: Port, frame: bytes) -> bool:
         """True if the frame was for the services (consumed) or refused (dropped)."""
 
@@ -225,8 +228,10 @@ class Switch:
     def _frame(self, port: Port, frame: bytes) -> None:
         now = time.monotonic()
         src = frame[6:12]
-        if is_multicast(src):
-            port.counters.dropped_in += 1  # no station sends from a group address
+        if is_multicast(src) or (self.services is not None and src == self.services.mac):
+            # No station sends from a group address, and none but the services from theirs
+            # (the switch would learn it behind the forger's port).
+            port.counters.dropped_in += 1
             return
         self._learn(port, src, now)
         if self.services is not None and self.services.intercept(port, frame):

@@ -21,6 +21,7 @@ from popek.user.address_space import (
     PROT_EXEC,
     PROT_READ,
     PROT_WRITE,
+    USER_TOP,
     AddressSpace,
     page_ceil,
     page_floor,
@@ -31,6 +32,7 @@ ELF_MAGIC = b"\x7fELF"
 EM_RISCV = "EM_RISCV"
 PIE_BASE = 0x2AAAAAB000  # where ET_DYN programs go, as qemu puts them (2/3 of the space)
 PF_X, PF_W, PF_R = 1, 2, 4
+PHDR_SIZE = 56  # an Elf64_Phdr
 
 
 class ExecError(Exception):
@@ -102,6 +104,12 @@ def parse(path: str, data: bytes) -> ElfImage:
                             Errno.ENOEXEC)
         if header["e_type"] not in ("ET_EXEC", "ET_DYN"):
             raise ExecError(f"{path}: not an executable ({header['e_type']})", Errno.ENOEXEC)
+        # binfmt_elf's checks: whole 64-bit program headers, at most 64 KiB of them (and
+        # here: in the file), so a header cannot make the loader read one entry 65535 times.
+        table = PHDR_SIZE * header["e_phnum"]
+        if header["e_phentsize"] != PHDR_SIZE or not 0 < table <= 65536 \
+                or header["e_phoff"] + table > len(data):
+            raise ExecError(f"{path}: malformed program header table", Errno.ENOEXEC)
         segments, interpreter, phdr = [], None, None
         for seg in elf.iter_segments():
             kind = seg["p_type"]
@@ -115,15 +123,21 @@ def parse(path: str, data: bytes) -> ElfImage:
                 interpreter = seg.get_interp_name()
             elif kind == "PT_PHDR":
                 phdr = seg["p_vaddr"]
-    except ELFError as e:
+    except (ELFError, OverflowError, ValueError) as e:
+        # pyelftools trusts header offsets (a seek beyond 2^63 overflows) and decodes the
+        # interpreter's name as UTF-8 (ValueError): both are malformed files to execve.
         raise ExecError(f"{path}: malformed ELF: {e}", Errno.ENOEXEC) from None
     if not segments:
         raise ExecError(f"{path}: no loadable segments", Errno.ENOEXEC)
+    dynamic = header["e_type"] == "ET_DYN"
     for s in segments:
         if s.filesz > s.memsz or s.offset + s.filesz > len(data) or \
                 (s.vaddr - s.offset) % 4096:
             raise ExecError(f"{path}: malformed segment at {s.vaddr:#x}", Errno.ENOEXEC)
-    return ElfImage(path, data, header["e_type"] == "ET_DYN", header["e_entry"],
+        if not dynamic and s.vaddr + s.memsz > USER_TOP:  # (where ET_DYN goes is popek's)
+            raise ExecError(f"{path}: segment at {s.vaddr:#x} ends beyond the address space",
+                            Errno.ENOMEM)
+    return ElfImage(path, data, dynamic, header["e_entry"],
                     header["e_phoff"], header["e_phentsize"], header["e_phnum"],
                     tuple(segments), interpreter, phdr)
 

@@ -120,6 +120,8 @@ def _open(path: Path, writable: bool, what: str) -> int:
         raise ImageError(f"{what} not found: {path}") from None
     except OSError as err:
         raise ImageError(f"cannot open {what} {path}: {err.strerror}") from None
+    except ValueError:  # a NUL in the path, which no file name holds
+        raise ImageError(f"{what} {str(path)!r} is not a file name") from None
     mode = os.fstat(fd).st_mode
     if not (stat.S_ISREG(mode) or (what == "disk image" and stat.S_ISBLK(mode))):
         os.close(fd)

@@ -54,6 +54,10 @@ class VmLimits:
                 limits.fallback = str(why)
         return limits
 
+    # What the record keeps, and the types a record read back must have.
+    RECORDED: dict[str, Any] = {"fallback": str | None, "memory_limit": int | None,
+                                "throttled_seconds": float | int}
+
     def record(self) -> dict[str, Any]:
         return {"fallback": self.fallback, "memory_limit": self.memory_limit,
                 "throttled_seconds": self._throttled_at_end}

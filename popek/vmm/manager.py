@@ -41,6 +41,7 @@ from popek.vmm.vm import LIVE, READY_TIMEOUT, Vm
 
 SAMPLE_INTERVAL = 1.0  # seconds between CPU share measurements
 DEFAULT_MEM_OVERHEAD = 512 << 20  # address space a worker may add beyond guest RAM
+MAX_MEM_OVERHEAD = 1 << 40  # more is no limit, and overflows the worker's RLIMIT_AS
 DEFAULT_SHUTDOWN_LINE = "poweroff\n"
 _VM_FIELDS = {"name", "start", "cpu_weight", "cpu_cap", "mem_overhead"}
 
@@ -141,8 +142,9 @@ class Vmm:
         cap = body.get("cpu_cap")
         overhead = body.get("mem_overhead", DEFAULT_MEM_OVERHEAD)
         _check_cpu(weight, cap)
-        if overhead is not None and (not isinstance(overhead, int) or overhead < 64 << 20):
-            raise BadRequest("'mem_overhead' must be at least 64 MiB (bytes) or null")
+        if overhead is not None and (not isinstance(overhead, int)
+                                     or not 64 << 20 <= overhead <= MAX_MEM_OVERHEAD):
+            raise BadRequest("'mem_overhead' must be 64 MiB to 1 TiB (bytes) or null")
         vm_id = vm_id or secrets.token_hex(6)
         return Vm(vm_id, name, records.VmFiles(self.state_dir, vm_id), cpu_weight=weight,
                   cpu_cap=cap, mem_overhead=overhead, source=source)
@@ -150,6 +152,15 @@ class Vmm:
     async def create(self, body: dict[str, Any], paths: PathPolicy) -> Vm:
         """A VM of the configuration in ``body`` (the bundled guest if it names no kernel),
         whose host paths ``paths`` allows."""
+        vm, spec, config = self.check_create(body, paths)
+        await self._launch(vm, spec, body.get("start", True), config)
+        return vm
+
+    def check_create(self, body: dict[str, Any],
+                     paths: PathPolicy) -> tuple[Vm, dict[str, Any], MachineConfig]:
+        """The VM a create request asks for, its worker's spec and the configuration whose
+        NICs the VMM opens; BadRequest (or the policy's refusal) if the request is
+        malformed. Nothing is started or opened (so the checks can be tried alone)."""
         unknown = set(body) - _VM_FIELDS - CONFIG_FIELDS
         if unknown:
             raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
@@ -162,13 +173,18 @@ class Vmm:
         paths.check_config(config)
         vm = self._new_vm(body)
         _assign_macs(config, vm.id)
-        await self._launch(vm, {"config": config_to_json(config)}, body.get("start", True),
-                           config)
-        return vm
+        return vm, {"config": config_to_json(config)}, config
 
     async def restore(self, body: dict[str, Any], paths: PathPolicy) -> Vm:
         """A new VM from a snapshot file; restoring one file many times makes clones.
         ``paths`` must allow the file and every host path its machine opens."""
+        vm, spec, config = await self.check_restore(body, paths)
+        await self._launch(vm, spec, body.get("start", True), config)
+        return vm
+
+    async def check_restore(self, body: dict[str, Any],
+                            paths: PathPolicy) -> tuple[Vm, dict[str, Any], MachineConfig]:
+        """Like :meth:`check_create`, for a restore request."""
         unknown = set(body) - _VM_FIELDS - {"path"}
         if unknown:
             raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
@@ -178,15 +194,12 @@ class Vmm:
         paths.check(path)
         try:
             recorded = await asyncio.to_thread(read_config, path)
-            for base in (await asyncio.to_thread(chain, path))[1:]:  # a diff's bases
-                paths.check(base)
+            await asyncio.to_thread(chain, path, paths.check)  # a diff's bases
         except SnapshotError as err:
             raise BadRequest(str(err)) from None
         paths.check_config(recorded)
         self.networks.check(recorded)
-        vm = self._new_vm(body, source=path)
-        await self._launch(vm, {"restore": path}, body.get("start", True), recorded)
-        return vm
+        return self._new_vm(body, source=path), {"restore": path}, recorded
 
     async def _launch(self, vm: Vm, spec: dict[str, Any], start: bool,
                       config: MachineConfig, ready_timeout: float = READY_TIMEOUT) -> None:

@@ -32,6 +32,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from popek.jsontypes import wrong_field
 from popek.vmm import statedir
 
 VMS = "vms"
@@ -125,6 +126,11 @@ def encode_exit(info: dict[str, Any], console: bytes) -> bytes:
     return json.dumps(info, separators=(",", ":")).encode() + b"\n" + console
 
 
+# What an exit record's first line must hold (the worker's word; the VMM's in its place).
+_EXIT_FIELDS: dict[str, Any] = {"kind": str | None, "code": int | None, "failure": str,
+                                "console_bytes": int}
+
+
 def decode_exit(data: bytes) -> tuple[dict[str, Any], bytes] | None:
     """None for an empty (the worker has not ended) or unreadable record."""
     head, newline, console = data.partition(b"\n")
@@ -132,7 +138,9 @@ def decode_exit(data: bytes) -> tuple[dict[str, Any], bytes] | None:
         info = json.loads(head) if newline else None
     except ValueError:
         return None
-    return (info, console) if isinstance(info, dict) else None
+    if not isinstance(info, dict) or wrong_field(info, _EXIT_FIELDS) is not None:
+        return None
+    return info, console
 
 
 def write_exit_fd(fd: int, info: dict[str, Any], console: bytes) -> None:

@@ -108,6 +108,8 @@ class Snapshot:
         try:
             return VirtMachine(self.config, console_out, memory=self.memory,
                                state=self.meta["machine"], opener=self.opener, **board)
+        except ConfigError as err:
+            raise SnapshotError(f"{self.path}: bad machine configuration: {err}") from None
         except (KeyError, TypeError, ValueError) as err:
             raise SnapshotError(f"{self.path}: machine state does not fit: {err}") from None
 
@@ -231,6 +233,12 @@ def load(path: Path, opener: Callable[..., int] = os.open, depth: int = 0) -> Sn
         if config.mem != ram_size:
             raise SnapshotError(f"{path}: RAM of {ram_size} bytes, configuration says "
                                 f"{config.mem}")
+        if not isinstance(meta.get("machine"), dict):  # a machine without it would boot
+            raise SnapshotError(f"{path}: no machine state (corrupt file)")
+        console_bytes = meta.get("console_bytes", 0)  # what the guest had printed (VMM's)
+        if type(console_bytes) is not int or console_bytes < 0:
+            raise SnapshotError(f"{path}: console byte count {console_bytes!r:.40} "
+                                "(corrupt file)")
         base = _base_of(path, meta, depth)
         memory = PhysicalMemory(RAM_BASE, ram_size, backing=(fd, MEM_OFFSET))
         try:
@@ -280,8 +288,9 @@ def _laid_over(path: Path, base: Base, config: MachineConfig, diff: PhysicalMemo
     return under.memory
 
 
-def chain(path: Path) -> list[Path]:
-    """``path`` and the snapshots under it, if it is a diff: what a restore opens."""
+def chain(path: Path, check: Callable[[Path], object] = lambda _: None) -> list[Path]:
+    """``path`` and the snapshots under it, if it is a diff: what a restore opens. Each
+    base passes ``check`` (the VMM's path policy) before it is opened."""
     paths = [Path(path)]
     while True:
         fd = _open(paths[-1])
@@ -291,6 +300,7 @@ def chain(path: Path) -> list[Path]:
             os.close(fd)
         if base is None:
             return paths
+        check(Path(base.path))
         paths.append(Path(base.path))
 
 
@@ -312,6 +322,8 @@ def _open(path: Path, opener: Callable[..., int] = os.open) -> int:
         fd = opener(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as err:
         raise SnapshotError(f"cannot open snapshot {path}: {err.strerror}") from None
+    except ValueError:  # a NUL in the path, which no file name holds
+        raise SnapshotError(f"cannot open snapshot {str(path)!r}: not a file name") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise SnapshotError(f"{path} is not a popek snapshot (not a regular file)")

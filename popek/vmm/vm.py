@@ -33,7 +33,8 @@ import time
 from typing import Any
 
 from popek.cpu import causes
-from popek.machine.config import ConfigError
+from popek.jsontypes import wrong_field
+from popek.machine.config import ConfigError, config_from_json
 from popek.machine.loader import ImageError
 from popek.net import OpenedNic
 from popek.vmm import channel, hostfiles, jail, procstat, scheduler, snapshot, worker
@@ -41,7 +42,7 @@ from popek.vmm.channel import INPUT, JSON, OUTPUT, ChannelClosed, ProtocolError,
 from popek.vmm.console import ConsoleBuffer
 from popek.vmm.errors import BadRequest, Conflict
 from popek.vmm.limits import VmLimits
-from popek.vmm.records import VmFiles
+from popek.vmm.records import RecordError, VmFiles
 from popek.vmm.workerprocess import WorkerProcess, start
 
 READY_TIMEOUT = 120.0  # seconds a worker may take to load images or a snapshot
@@ -104,9 +105,13 @@ class Vm:
         self.migration: dict[str, Any] | None = None  # the last one: where to, how it went
 
     # -- the record -----------------------------------------------------------------------------
-    _RECORDED = ("id", "name", "state", "created", "started", "source", "config", "cpu_weight",
-                 "cpu_cap", "mem_overhead", "exit", "failure", "snapshots", "pid",
-                 "pid_start", "confinement", "stats", "nic_paths")
+    # What the record keeps, and the types a record read back must have.
+    _RECORDED: dict[str, Any] = {
+        "id": str, "name": str, "state": str, "created": float, "started": float | None,
+        "source": str | None, "config": dict, "cpu_weight": int, "cpu_cap": float | int | None,
+        "mem_overhead": int | None, "exit": dict | None, "failure": str | None,
+        "snapshots": list[dict], "pid": int | None, "pid_start": int | None,
+        "confinement": dict, "stats": dict, "nic_paths": list[str]}
 
     def record(self) -> dict[str, Any]:
         return {**{key: getattr(self, key) for key in self._RECORDED},
@@ -117,11 +122,14 @@ class Vm:
 
     @classmethod
     def from_record(cls, files: VmFiles, record: dict[str, Any]) -> Vm:
-        """The VM as a VMM before this one recorded it; :meth:`adopt` settles the rest."""
-        vm = cls(files.id, str(record.get("name", files.id)), files,
+        """The VM as a VMM before this one recorded it; :meth:`adopt` settles the rest.
+        RecordError if the record is not one a VMM wrote (a field of the wrong type, a
+        state or configuration no VM has, statistics a worker would not send)."""
+        _check_record(files, record)
+        vm = cls(files.id, record.get("name", files.id), files,
                  cpu_weight=record.get("cpu_weight", scheduler.DEFAULT_WEIGHT),
                  cpu_cap=record.get("cpu_cap"), mem_overhead=record.get("mem_overhead"))
-        for key in cls._RECORDED[2:]:
+        for key in list(cls._RECORDED)[2:]:
             if key in record:
                 setattr(vm, key, record[key])
         vm.limits = VmLimits.adopt(vm.id, record.get("limits", {}), vm.state in LIVE)
@@ -274,6 +282,9 @@ class Vm:
 
     def _event(self, msg: dict[str, Any]) -> None:
         op = msg.get("op")
+        wrong = wrong_message(msg)
+        if wrong is not None:
+            raise ProtocolError(f"a {op!r} message whose {wrong}")
         if op == "stats":
             self.stats = msg
         elif op == "reply":
@@ -524,3 +535,51 @@ class Vm:
             "migration": {**stats.get("migration", {}), **self.migration}
             if self.migration else None,
         }
+
+
+# What each message a worker sends must hold: a compromised worker's malformed message
+# fails its VM (as a malformed frame does), and nothing the VMM shows of it can break.
+_MESSAGES: dict[str, dict[str, Any]] = {
+    "stats": {"running": bool, "instructions": int, "traps": dict, "cpu_seconds": float | int,
+              "throttled_seconds": float | int, "console_bytes": int, "nics": list[dict]},
+    "reply": {"id": int, "ok": bool, "error": str, "result": dict},
+    "ready": {"vm": str, "state": str, "config": dict, "console_bytes": int,
+              "history_bytes": int, "warnings": list[str]},
+    "error": {"message": str},
+    "exit": {"kind": str | None, "code": int | None},
+    "failed": {"reason": str},
+}
+STATES = (*LIVE, "stopped", "failed")
+
+
+def wrong_message(msg: dict[str, Any]) -> str | None:
+    """What is wrong with a worker's message (or its statistics, as a record keeps them),
+    in a few words; None if nothing."""
+    if type(msg.get("op")) is not str:
+        return f"'op' is {msg.get('op')!r:.40}"
+    wrong = wrong_field(msg, _MESSAGES.get(msg["op"], {}))
+    if wrong is not None:
+        return wrong
+    if msg.get("op") == "ready" and msg.get("state", "created") not in STATES:
+        return f"state {msg['state']!r:.40} is no VM's"
+    traps = msg.get("traps", {}) if msg.get("op") == "stats" else {}
+    if not all(cause.isascii() and cause.isdigit() and type(n) is int
+               for cause, n in traps.items()):
+        return "'traps' are not counts by cause number"
+    return None
+
+
+def _check_record(files: VmFiles, record: dict[str, Any]) -> None:
+    wrong = wrong_field(record, Vm._RECORDED) or wrong_field(record, {"limits": dict}) or \
+        wrong_field(record.get("limits", {}), VmLimits.RECORDED)
+    if wrong is None and record.get("state") not in STATES:
+        wrong = f"'state' is {record.get('state')!r:.40}"
+    if wrong is None and "stats" in record:
+        wrong = wrong_message({**record["stats"], "op": "stats"})
+    if wrong is None and record.get("config"):
+        try:
+            config_from_json(record["config"])
+        except ConfigError as err:
+            wrong = f"'config' is wrong: {err}"
+    if wrong is not None:
+        raise RecordError(f"VM {files.id}: its record {files.record} is corrupt: {wrong}")

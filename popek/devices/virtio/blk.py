@@ -59,14 +59,18 @@ class VirtioBlk:
                  serial: str = "", opener: Callable[..., int] = os.open) -> None:
         """``opener`` opens ``path`` as os.open does (a VMM worker's finds the descriptor
         the VMM opened for it)."""
+        self.fd = -1
         try:
             self.fd = opener(path, os.O_RDONLY if readonly else os.O_RDWR)
         except FileNotFoundError:
             raise ImageNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT),
                                      os.fspath(path)) from None
+        except ValueError:  # a NUL in the path, which no file name holds
+            raise OSError(errno.EINVAL, "a disk image path cannot hold a NUL",
+                          os.fspath(path)) from None
         self.path = os.fspath(path)
         if stat.S_ISDIR(os.fstat(self.fd).st_mode):
-            os.close(self.fd)
+            self.close()
             raise IsADirectoryError(errno.EISDIR, "a disk image cannot be a directory", self.path)
         self.readonly = readonly
         self.serial = serial.encode("ascii")[:ID_BYTES].ljust(ID_BYTES, b"\0")
@@ -79,7 +83,13 @@ class VirtioBlk:
         self.config = _CONFIG.pack(self.capacity, 0, QUEUE_SIZE - 2, 0, 0, 0, SECTOR_SIZE)
 
     def close(self) -> None:
-        os.close(self.fd)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self) -> None:
+        """A disk dropped unclosed (its machine failed to build) closes, as a file does."""
+        self.close()
 
     def process(self, index: int, queue: Virtqueue) -> None:
         while (chain := queue.pop()) is not None:

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Protocol
 
 from popek.cpu.physmem import PhysicalMemory
-from popek.devices.device import IrqLine, pack_state, unpack_state
+from popek.devices.device import IrqLine, bits, pack_state, unpack_state
 from popek.devices.virtio.queue import Virtqueue, VirtqueueError
 
 log = logging.getLogger(__name__)
@@ -88,12 +88,12 @@ STATE_VERSION = 1
 class TransportState:
     """The transport's registers, as a snapshot carries them."""
 
-    status: int = 0
-    device_features_sel: int = 0
-    driver_features_sel: int = 0
-    driver_features: int = 0
-    queue_sel: int = 0
-    interrupt_status: int = 0
+    status: int = field(default=0, metadata=bits(8))
+    device_features_sel: int = field(default=0, metadata=bits(32))
+    driver_features_sel: int = field(default=0, metadata=bits(32))
+    driver_features: int = field(default=0, metadata=bits(64))
+    queue_sel: int = field(default=0, metadata=bits(32))
+    interrupt_status: int = field(default=0, metadata=bits(32))
     error: str | None = None  # why the device last entered DEVICE_NEEDS_RESET
 
 

@@ -29,7 +29,7 @@ import struct
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from popek.devices.device import HostEvents, check_version
+from popek.devices.device import HostEvents, check_version, unpack_fields
 from popek.devices.virtio.mmio import VirtioMMIO
 from popek.devices.virtio.queue import Virtqueue, VirtqueueError
 from popek.net.backend import MAX_FRAME, MIN_FRAME, NetBackend
@@ -276,7 +276,7 @@ class VirtioNet:
         check_version(state, STATE_VERSION)
         if state["mac"] != self.mac:
             raise ValueError(f"snapshot NIC has MAC {state['mac']}, this one {self.mac}")
-        self.counters = NetCounters(**state["counters"])
+        self.counters = unpack_fields(NetCounters, state["counters"])
         self._pending = None
         self._rx_stalled = False
         self._rearm()

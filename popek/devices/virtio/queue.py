@@ -10,11 +10,11 @@ which the transport turns into the DEVICE_NEEDS_RESET state.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from popek.cpu.physmem import PhysicalMemory
-from popek.devices.device import pack_state, unpack_state
+from popek.devices.device import bits, pack_state, unpack_state
 
 VIRTQ_DESC_F_NEXT = 1
 VIRTQ_DESC_F_WRITE = 2
@@ -92,17 +92,19 @@ class Chain:
 class QueueState:
     """What a snapshot carries to resume a queue mid-stream."""
 
-    num: int
+    num: int = field(metadata=bits(32))
     ready: bool = False
     broken: bool = False  # the guest broke the protocol: serve nothing until reset
-    desc_addr: int = 0
-    driver_addr: int = 0
-    device_addr: int = 0
+    desc_addr: int = field(default=0, metadata=bits(64))
+    driver_addr: int = field(default=0, metadata=bits(64))
+    device_addr: int = field(default=0, metadata=bits(64))
     event_idx: bool = False
     indirect: bool = False
-    last_avail_idx: int = 0
-    used_idx: int = 0  # the device's own copy, so scribbles on the used ring change nothing
-    signalled_used: int = 0  # used index when the driver was last considered for a signal
+    last_avail_idx: int = field(default=0, metadata=bits(16))
+    # the device's own copy, so scribbles on the used ring change nothing
+    used_idx: int = field(default=0, metadata=bits(16))
+    # used index when the driver was last considered for a signal
+    signalled_used: int = field(default=0, metadata=bits(16))
 
 
 class Virtqueue:
