@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -92,22 +93,30 @@ async def measure_popek(tmp: Path) -> dict[str, dict[str, float]]:
 
 # -- QEMU ------------------------------------------------------------------------------------------
 class Qemu:
-    """qemu-system-riscv64 with QMP and its serial console on Unix sockets."""
+    """qemu-system-riscv64 with QMP on a Unix socket and its serial console on pipes."""
 
     def __init__(self, tmp: Path, name: str, kernel: Path, *extra: str) -> None:
-        self.qmp_path, self.serial_path = tmp / f"{name}.qmp", tmp / f"{name}.serial"
+        self.qmp_path = tmp / f"{name}.qmp"
         self.proc = subprocess.Popen(
             ["qemu-system-riscv64", "-M", "virt", "-m", f"{MEM >> 20}M", "-display", "none",
              "-kernel", str(kernel), "-initrd", str(images.INITRD),
              "-append", "console=ttyS0", "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
-             "-serial", f"unix:{self.serial_path},server=on,wait=off", *extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             "-serial", "stdio", *extra],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.output = b""
+        threading.Thread(target=self._read, daemon=True).start()
         self.qmp = self._connect(self.qmp_path)
         self.qmp_file = self.qmp.makefile("rwb")
         self.qmp_file.readline()  # the greeting
         self.command("qmp_capabilities")
-        self.serial = self._connect(self.serial_path)
-        self.output = b""
+
+    def _read(self) -> None:
+        while chunk := self.proc.stdout.read1(65536):
+            self.output += chunk
+
+    def type(self, line: bytes) -> None:
+        self.proc.stdin.write(line)
+        self.proc.stdin.flush()
 
     @staticmethod
     def _connect(path: Path) -> socket.socket:
@@ -135,14 +144,10 @@ class Qemu:
 
     def until(self, pattern: bytes) -> None:
         deadline = time.monotonic() + PATIENCE
-        self.serial.settimeout(1)
         while not re.search(pattern, self.output):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"QEMU's guest never printed {pattern!r}")
-            try:
-                self.output += self.serial.recv(65536)
-            except TimeoutError:
-                pass
+            time.sleep(0.1)
 
     def migrate_to(self, port: int) -> dict[str, float]:
         self.command("migrate-set-parameters", **{"downtime-limit": 50,
@@ -182,7 +187,7 @@ def measure_qemu(tmp: Path) -> dict[str, dict[str, float]]:
             dest = Qemu(tmp, f"q{index + 1}", kernel, "-incoming", f"tcp:127.0.0.1:{port}")
             machines.append(dest)
             if kind == "dirtying":
-                source.serial.sendall(DIRTIER)
+                source.type(DIRTIER)
                 source.until(DIRTYING)
                 time.sleep(3)
             results[kind] = source.migrate_to(port)
@@ -209,6 +214,7 @@ def report(popek: dict[str, dict[str, float]], qemu: dict[str, dict[str, float]]
 def main() -> int:
     with tempfile.TemporaryDirectory(prefix="popek-migrate-") as tmp:
         popek = asyncio.run(measure_popek(Path(tmp)))
+        print(f"popek: {popek}", flush=True)
         qemu = measure_qemu(Path(tmp)) if shutil.which("qemu-system-riscv64") else None
         if qemu is None:
             print("(qemu-system-riscv64 not found: apt-get install qemu-system-misc)")

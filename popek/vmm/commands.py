@@ -139,6 +139,12 @@ async def _info(client: Client, args: argparse.Namespace) -> None:
         rows.append(("failure", vm["failure"]))
     if vm["source_snapshot"]:
         rows.append(("restored from", vm["source_snapshot"]))
+    if vm.get("migration"):
+        m = vm["migration"]
+        rows.append(("migration", f"to {m['to']}: {m['state']}" + (
+            f" ({m['error']})" if m.get("error") else
+            f", downtime {m['downtime_ms']:.0f} ms, {_size(m['bytes_sent'])} sent"
+            if m["state"] == "done" else f", {m.get('phase', '')}")))
     rows += [(key, str(value)) for key, value in vm["config"].items()]
     cpu = vm["cpu"]
     rows += [("cpu", f"{cpu['percent']}% of a core ({cpu['host_share_percent']}% of the "
