@@ -26,6 +26,7 @@ two running copies, and a copy that can run always exists.
 
 from __future__ import annotations
 
+import select
 import socket
 import time
 from collections import deque
@@ -160,7 +161,7 @@ class Emigration:
         sent = 0
         ram = memoryview(self.machine.mem.ram)
         try:
-            while self.pending and (budget is None or sent < budget):
+            while self.pending and (budget is None or sent < budget and self._writable()):
                 first, count = self.pending.popleft()
                 take = min(count, wire.MAX_PAGES_PER_FRAME)
                 if take < count:
@@ -179,6 +180,11 @@ class Emigration:
             self._send_seconds += time.monotonic() - start
             self.progress.bytes_sent = self.conn.sent
             self.progress.bandwidth = self._bandwidth()
+
+    def _writable(self) -> bool:
+        """Whether the socket takes more now: while the link is behind, the guest runs
+        instead of waiting in a send (a frame already begun may still wait its turn)."""
+        return bool(select.select([], [self.conn.sock], [], 0)[1])
 
     def _bandwidth(self) -> float:
         return max(self.conn.sent / max(self._send_seconds, 1e-6), 1.0)
