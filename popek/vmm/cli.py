@@ -184,8 +184,10 @@ def add_vm_args(parser: argparse.ArgumentParser) -> None:
     migrate.add_argument("--to", required=True, metavar="DEST",
                          help="the destination popek serve: its Unix socket path, or "
                          "tcp:HOST:PORT (with --dest-token-file)")
-    migrate.add_argument("--dest-token-file", type=Path, metavar="PATH",
-                         help="the destination's API token, for a tcp: destination")
+    migrate.add_argument("--dest-token-file", "--token-file", type=Path, metavar="PATH",
+                         dest="dest_token_file", help="the destination's API token, for "
+                         "a tcp: destination (after 'migrate'; before it, --token-file is "
+                         "the token of the VMM this command talks to)")
     migrate.add_argument("--max-downtime", type=_milliseconds, default=50, metavar="MS",
                          help="longest pause of the guest at the handover (50)")
 

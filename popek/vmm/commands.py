@@ -236,13 +236,13 @@ async def _migrate(client: Client, args: argparse.Namespace) -> int:
     request refused before anything moved exits with status 2."""
     options: dict[str, Any] = {"max_downtime": args.max_downtime / 1000}
     to = args.to
-    if args.dest_token_file is not None:
-        options["token"] = token.read(args.dest_token_file)
-    elif not to.startswith("tcp:"):
-        to = str(Path(to).absolute())
     try:
+        if args.dest_token_file is not None:
+            options["token"] = token.read(args.dest_token_file)
+        if not to.startswith("tcp:"):
+            to = str(Path(to).absolute())
         vm = await client.migrate(args.vms, to, **options)
-    except ApiError as err:
+    except (ApiError, TokenError) as err:
         err_console.print(f"popek vm migrate: error: {err}", markup=False)
         return EXIT_USAGE
     migration = vm["migration"]
