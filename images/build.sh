@@ -2,7 +2,7 @@
 # Rebuild every popek guest artifact from Debian packages, then verify with QEMU.
 #   images/build.sh            everything (deps, sources, programs, kernels, initramfs, disk, verify, manifest)
 #   images/build.sh STEP...    only the named steps, in the given order
-# Steps: deps sources busybox lua hello linux linux-smp initramfs disk verify manifest
+# Steps: deps sources busybox lua hello agent linux linux-smp initramfs disk verify manifest
 # Idempotent: build trees persist in images/work/ (gitignored) and outputs are
 # reproducible, so a rerun leaves `git status` clean.
 set -euo pipefail
@@ -17,6 +17,7 @@ run_step() {
         busybox)   bash "$R/busybox.sh" ;;
         lua)       bash "$R/lua.sh" ;;
         hello)     bash "$R/hello.sh" ;;
+        agent)     bash "$R/agent.sh" ;;
         linux)     bash "$R/linux.sh" virt ;;
         linux-smp) bash "$R/linux.sh" virt-smp ;;
         initramfs) bash "$R/initramfs.sh" ;;
@@ -29,5 +30,5 @@ run_step() {
 }
 
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(deps sources busybox lua hello linux linux-smp initramfs disk verify manifest)
+[ ${#steps[@]} -gt 0 ] || steps=(deps sources busybox lua hello agent linux linux-smp initramfs disk verify manifest)
 for s in "${steps[@]}"; do run_step "$s"; done

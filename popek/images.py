@@ -1,8 +1,14 @@
-"""Where popek finds the guest images it bundles, and the writable copy of its disk."""
+"""Where popek finds the guest images it bundles, and the writable copy of its disk.
+
+The images are package data: ``popek/guest`` is, in a checkout, a link to ``images/``
+(where ``images/build.sh`` writes them) and, in an installed wheel, a directory holding
+their copies. ``$POPEK_IMAGES`` names another directory of the same layout.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import lzma
 import os
 import shutil
@@ -10,7 +16,16 @@ from pathlib import Path
 
 from popek.machine.config import MachineConfig
 
-IMAGES = Path(os.environ.get("POPEK_IMAGES", Path(__file__).resolve().parent.parent / "images"))
+
+def _bundled() -> Path:
+    """The package's image directory, resolved (the VMM's path policy compares real paths)."""
+    guest = importlib.resources.files("popek") / "guest"
+    if not isinstance(guest, Path):  # e.g. a zip import: the images must be real files
+        raise RuntimeError(f"popek's bundled images are not files on disk: {guest}")
+    return guest.resolve()
+
+
+IMAGES = Path(os.environ["POPEK_IMAGES"]) if os.environ.get("POPEK_IMAGES") else _bundled()
 KERNEL = IMAGES / "linux" / "Image.xz"
 KERNEL_SMP = IMAGES / "linux" / "Image-smp.xz"
 INITRD = IMAGES / "linux" / "initramfs.cpio.gz"

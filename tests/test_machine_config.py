@@ -34,7 +34,7 @@ def _everything_set() -> MachineConfig:
               NicSpec.parse("stream,connect=/run/net.sock"),
               NicSpec.parse("dgram,local=127.0.0.1:9000,remote=127.0.0.1:9001"),
               NicSpec.parse("switch=lan")],
-        mem=512 << 20, cpus=2, bios="opensbi", rng=False, engine="interp")
+        mem=512 << 20, cpus=2, bios="opensbi", rng=False, agent=False, engine="interp")
 
 
 def test_every_field_survives_the_json_round_trip() -> None:
@@ -69,7 +69,7 @@ def test_flags_give_the_same_machine_as_json() -> None:
                     "--nic", "dgram,local=127.0.0.1:9000,remote=127.0.0.1:9001",
                     "--nic", "switch=lan", "--mem", "512M", "--cpus", "2",
                     "--bios", "opensbi", "--engine", "interp")
-    assert config == dataclasses.replace(_everything_set(), rng=True)
+    assert config == dataclasses.replace(_everything_set(), rng=True, agent=True)
 
 
 def test_flags_not_given_keep_the_declared_defaults() -> None:

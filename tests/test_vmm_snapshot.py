@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from popek.machine.config import DiskSpec, MachineConfig
+from popek.machine.config import DiskSpec, MachineConfig, config_to_json
 from popek.machine.virt import VirtMachine
 from popek.vmm import snapshot
 from popek.vmm.snapshot import SnapshotError
@@ -241,3 +241,15 @@ def test_a_header_promising_huge_metadata_is_refused_before_reading_it(
     for read in (snapshot.read_config, snapshot.load):
         with pytest.raises(SnapshotError, match="beyond what a snapshot can need"):
             read(good_snapshot)
+
+
+def test_a_snapshot_from_before_the_agent_port_restores_without_one(tmp_path: Path) -> None:
+    out = bytearray()
+    original = _machine("counter", out, agent=False)
+    _run_until(original, out, rb"tick 2\n")
+    older = {k: v for k, v in config_to_json(original.config).items() if k != "agent"}
+    snapshot.save(tmp_path / "old.snap", original, {"config": older})  # as popek wrote it
+    after = bytearray()
+    restored = snapshot.load(tmp_path / "old.snap").machine(after.extend)
+    assert restored.agent_port is None and len(restored.virtio) == len(original.virtio)
+    _run_until(restored, after, rb"tick 5\n")

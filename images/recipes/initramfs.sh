@@ -1,6 +1,7 @@
 #!/bin/bash
-# Pack linux/initramfs.cpio.gz: static busybox + applet symlinks + src/init, and the
-# network bring-up: src/net-up as /sbin/net-up, src/udhcpc.script as udhcpc's default script.
+# Pack linux/initramfs.cpio.gz: static busybox + applet symlinks + src/init, the
+# network bring-up: src/net-up as /sbin/net-up, src/udhcpc.script as udhcpc's default script,
+# and the guest agent (programs/popek-agent, recipes/agent.sh) as /sbin/popek-agent.
 # Uses the kernel's own usr/gen_init_cpio, which writes device nodes and fixed
 # ownership/timestamps from a text list, so no root and no host cpio quirks are
 # involved and the archive is byte-for-byte reproducible.
@@ -9,6 +10,8 @@ source "$(dirname "$0")/common.sh"
 bb="$IMAGES/programs/busybox"
 links="$IMAGES/programs/busybox.links"
 [ -f "$bb" ] && [ -f "$links" ] || die "run recipes/busybox.sh first"
+agent="$IMAGES/programs/popek-agent"
+[ -f "$agent" ] || die "run recipes/agent.sh first"
 
 out="$WORK/initramfs"
 rm -rf "$out"; mkdir -p "$out"
@@ -26,7 +29,9 @@ install -m 0755 "$bb" "$out/busybox"
 install -m 0755 "$IMAGES/src/init" "$out/init"
 install -m 0755 "$IMAGES/src/net-up" "$out/net-up"
 install -m 0755 "$IMAGES/src/udhcpc.script" "$out/udhcpc.script"
-touch -d "@$SOURCE_DATE_EPOCH" "$out/busybox" "$out/init" "$out/net-up" "$out/udhcpc.script"
+install -m 0755 "$agent" "$out/popek-agent"
+touch -d "@$SOURCE_DATE_EPOCH" "$out/busybox" "$out/init" "$out/net-up" "$out/udhcpc.script" \
+    "$out/popek-agent"
 
 list="$out/initramfs.list"
 {
@@ -48,6 +53,8 @@ list="$out/initramfs.list"
     echo "file /sbin/net-up $out/net-up 0755 0 0"
     echo "dir /etc/udhcpc 0755 0 0"
     echo "file /etc/udhcpc/default.script $out/udhcpc.script 0755 0 0"
+    # The guest agent, which /init starts in the background.
+    echo "file /sbin/popek-agent $out/popek-agent 0755 0 0"
 } >"$list"
 "$gen" -t "$SOURCE_DATE_EPOCH" "$list" >"$out/initramfs.cpio"
 gzip -9 -n -c "$out/initramfs.cpio" >"$IMAGES/linux/initramfs.cpio.gz"

@@ -64,6 +64,8 @@ def main() -> None:
         ("programs/hello-static", [glibc], "recipes/hello.sh", "src/hello.c, static"),
         ("programs/hello-dynamic", [glibc], "recipes/hello.sh",
          "src/hello.c, dynamic, PT_INTERP /lib/ld-linux-riscv64-lp64d.so.1"),
+        ("programs/popek-agent", [glibc], "recipes/agent.sh",
+         "src/popek-agent.c, static: the guest agent on the virtio console port"),
         ("linux/Image.xz", [linux], "recipes/linux.sh virt",
          "arch/riscv/boot/Image, tinyconfig + config/linux-virt.config, xz -9"),
         ("linux/Image.config", [linux], "recipes/linux.sh virt", "full resolved .config of Image"),
@@ -72,7 +74,7 @@ def main() -> None:
         ("linux/Image-smp.config", [linux], "recipes/linux.sh virt-smp", "full resolved .config of Image-smp"),
         ("linux/initramfs.cpio.gz", [busybox, linux], "recipes/initramfs.sh",
          "newc cpio (kernel usr/gen_init_cpio), gzip -9: busybox + links + src/init"
-         " + src/net-up + src/udhcpc.script"),
+         " + src/net-up + src/udhcpc.script + programs/popek-agent"),
         ("linux/disk.ext4.xz", [e2fs, lua, glibc], "recipes/disk.sh",
          "16 MiB ext4 (mke2fs -d): README, lua, hello-*, glibc loader + libc; xz -9"),
     ]

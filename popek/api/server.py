@@ -23,6 +23,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from popek import __version__
 from popek.api.access import PATHS, Access
+from popek.vmm import agent_exec
 from popek.vmm.errors import BadRequest, VmmError
 from popek.vmm.manager import Vmm
 
@@ -149,6 +150,12 @@ async def incoming_migration(request: web.Request) -> web.Response:
     return web.json_response(offer, status=201)
 
 
+async def exec_in_vm(request: web.Request) -> web.Response:
+    argv, stdin, timeout = agent_exec.request(await _body(request))
+    vm = _vmm(request).get(request.match_info["vm"])
+    return web.json_response(await vm.exec(argv, stdin, timeout))
+
+
 async def console_log(request: web.Request) -> web.Response:
     vm = _vmm(request).get(request.match_info["vm"])
     return web.Response(body=bytes(vm.console.data),
@@ -220,6 +227,7 @@ def routes() -> list[web.RouteDef]:
         web.post("/v1/vms/{vm}/snapshot", snapshot_vm),
         web.post("/v1/vms/{vm}/migrate", migrate_vm),
         web.post("/v1/migrations", incoming_migration),
+        web.post("/v1/vms/{vm}/exec", exec_in_vm),
         web.get("/v1/vms/{vm}/console", console),
         web.get("/v1/vms/{vm}/console/log", console_log),
         web.get("/v1/networks", list_networks),

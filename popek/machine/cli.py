@@ -21,9 +21,7 @@ from popek.machine.config import (
 )
 from popek.machine.console import HostConsole
 from popek.machine.loader import ImageError
-from popek.machine.runner import MachineRunner
-from popek.machine.virt import VirtMachine
-from popek.net import open_nics
+from popek.machine.session import GuestSession
 from popek.stats import instruction_summary
 
 EXIT_USAGE = 2
@@ -42,16 +40,24 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
 
 
 def machine_config(args: argparse.Namespace) -> MachineConfig:
-    """The flags' machine. The bundled guest also gets, unless ``--disk`` says otherwise, a
-    writable copy of the bundled disk; ``-c`` travels to its init on the command line."""
-    config = images.with_bundled_guest(config_from_args(args))
-    if config.kernel == images.KERNEL and not hasattr(args, "disks"):
-        config.disks = [DiskSpec(images.default_disk())]
-    for index, nic in enumerate(config.nics):
-        nic.mac = nic.mac or default_mac(index)
+    """The flags' machine, with ``popek run``'s defaults; ``-c`` travels to the bundled
+    init on the command line."""
+    config = run_defaults(config_from_args(args), disks_given=hasattr(args, "disks"))
     if args.command is not None:
         encoded = base64.b64encode(args.command.encode()).decode()
         config.append += f" quiet popek.cmd={encoded}"
+    return config
+
+
+def run_defaults(config: MachineConfig, disks_given: bool) -> MachineConfig:
+    """``config`` as ``popek run`` (and ``popek.Machine``) completes it: the bundled kernel
+    and initramfs where it names no kernel, then, unless disks were given, a writable copy
+    of the bundled disk; each NIC's default MAC."""
+    config = images.with_bundled_guest(config)
+    if config.kernel == images.KERNEL and not disks_given:
+        config.disks = [DiskSpec(images.default_disk())]
+    for index, nic in enumerate(config.nics):
+        nic.mac = nic.mac or default_mac(index)
     return config
 
 
@@ -142,43 +148,21 @@ class RunStats:
 def _run_until_poweroff(config: MachineConfig, console: HostConsole,
                         guest_out: Callable[[bytes], None], stats: RunStats,
                         on_reboot: Callable[[], None] | None) -> int:
-    """Run the guest, rebooting it when it asks, until it powers off or the user quits.
-
-    The network's host ends are opened once, here (this process is both the VMM and the
-    worker), and outlive reboots as a cable outlives a reset."""
-    opened = open_nics(config.nics, [nic.mac for nic in config.nics])
-    nets = [nic.end.backend() for nic in opened]
-    runner = MachineRunner()
+    """Run the guest, rebooting it when it asks, until it powers off or the user quits."""
+    session = GuestSession(config, guest_out, on_reboot=on_reboot)
 
     def console_input() -> None:
         data = console.read(0.0)
         if data:
-            runner.machine.feed_input(data)
+            session.machine.feed_input(data)
         if console.eof:
-            runner.sources.watch(console.fileno(), None)
-    runner.sources.watch(console.fileno(), console_input)
+            session.runner.sources.watch(console.fileno(), None)
+    session.runner.sources.watch(console.fileno(), console_input)
     try:
-        while True:
-            machine = runner.machine = VirtMachine(config, guest_out, nets=nets,
-                                                   events=runner.sources)
-            try:
-                while machine.exit is None and not console.quit_requested:
-                    runner.step()
-                    console.flush()
-            finally:
-                console.flush()
-                stats.instructions += sum(hart.instret for hart in machine.harts)
-                machine.close()
-            if console.quit_requested:
-                return 0
-            kind, code = machine.exit
-            if kind != "reboot":
-                return code
-            if on_reboot is not None:
-                on_reboot()
+        while not console.quit_requested and session.step():
+            console.flush()
     finally:
-        runner.close()
-        for backend in nets:
-            backend.close()
-        for nic in opened:
-            nic.close()
+        console.flush()
+        stats.instructions = session.instructions
+        session.close()
+    return 0 if session.exit_code is None else session.exit_code

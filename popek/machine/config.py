@@ -238,6 +238,8 @@ class MachineConfig:
                         "popek's own SBI in Python, opensbi = Debian's fw_jump.bin, or a "
                         "firmware file")
     rng: bool = setting(True, cli=False, help="a virtio-rng entropy device")
+    agent: bool = setting(True, cli=False, help="a virtio console port for popek's guest "
+                          "agent (vm exec, vm cp, Machine.exec)")
     engine: str | None = setting(None, choices=TIERS, help="highest execution tier",
                                  cli_default="$POPEK_ENGINE, else jit when llvmlite is "
                                  "installed, else translate")
@@ -489,3 +491,37 @@ def _schema(cls: type) -> dict[str, Any]:
 def config_schema() -> dict[str, Any]:
     """The JSON Schema of :func:`config_to_json`'s output and :func:`config_from_json`'s input."""
     return _schema(MachineConfig)
+
+
+# -- Python keyword arguments ---------------------------------------------------------------
+def config_from_settings(**settings: Any) -> MachineConfig:
+    """A machine from Python keyword arguments named after the settings (``popek.Machine``'s).
+
+    A value may be what the command line takes (``mem="256M"``, ``disks=["x.img,ro"]``,
+    ``nics=["user,hostfwd=tcp::8080-:80"]``) or the setting's own type (``mem=256 << 20``,
+    a :class:`DiskSpec`, a path). Raises ConfigError naming a setting that is unknown or
+    wrong, as the flags would."""
+    unknown = sorted(set(settings) - CONFIG_FIELDS)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; the settings are "
+                          f"{', '.join(f.name for f in dataclasses.fields(MachineConfig))}")
+    values = {}
+    for f in dataclasses.fields(MachineConfig):
+        if f.name in settings:
+            values[f.name] = _setting_value(f, settings[f.name])
+    config = MachineConfig(**values)
+    check(config)
+    return config
+
+
+def _setting_value(f: dataclasses.Field, value: Any) -> Any:
+    parse = f.metadata["parse"]
+    if f.metadata["repeat"]:
+        if isinstance(value, str | bytes) or not hasattr(value, "__iter__"):
+            raise ConfigError(f"{f.name} must be a list (of {f.metadata['metavar']})")
+        return [parse(v) if isinstance(v, str) else v for v in value]
+    if isinstance(value, str) and parse is not None:
+        return parse(value)
+    if isinstance(value, str | Path) and _hint(f.name)[0] is Path:
+        return Path(value)
+    return value

@@ -84,6 +84,24 @@ class MachineRunner:
         self.running = True
         self.cap = cap
         self.idle_waits = 0  # waits entered because every hart was idle
+        self._frozen_clock: dict | None = None
+
+    def pause(self) -> None:
+        """Stop the harts and the guest's clock: a paused guest does not see time jump."""
+        if self.running:
+            self._frozen_clock = self.machine.clint.save_state()
+            self.running = False
+
+    def hold_clock(self) -> None:
+        """Paused, put the guest's clock back where it stopped (a snapshot records it)."""
+        if not self.running:
+            self.machine.clint.load_state(self._frozen_clock)
+
+    def resume(self) -> None:
+        """Run the harts again, the guest's clock carrying on where it stood."""
+        if not self.running:
+            self.machine.clint.load_state(self._frozen_clock)
+            self.running = True
 
     def step(self, max_wait: float | None = None) -> None:
         """One turn: a slice of every runnable hart, or a wait of up to the guest's next

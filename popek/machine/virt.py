@@ -29,6 +29,7 @@ from popek.devices.plic import Plic
 from popek.devices.test_finisher import Finisher
 from popek.devices.uart16550 import Uart16550
 from popek.devices.virtio import FIRST_IRQ, SLOT_BASE, SLOT_COUNT, SLOT_SIZE, VirtioBlk, VirtioMMIO
+from popek.devices.virtio.console import VirtioConsole
 from popek.devices.virtio.net import VirtioNet, default_mac
 from popek.devices.virtio.rng import VirtioRng
 from popek.firmware.sbi import Sbi
@@ -114,6 +115,11 @@ class VirtMachine:
             nic.attach(self._add_virtio(nic))
         if config.rng:
             self._add_virtio(VirtioRng())
+        # Last, so that the slots of the devices before it stay where they were.
+        self.agent_port: VirtioConsole | None = None
+        if config.agent:
+            self.agent_port = VirtioConsole()
+            self.agent_port.attach(self._add_virtio(self.agent_port))
         self.sbi = Sbi(self) if config.bios == "none" else None
         for base, size, dev in (
             (TEST_BASE, TEST_SIZE, self.finisher), (RTC_BASE, RTC_SIZE, self.rtc),

@@ -17,6 +17,8 @@ from pathlib import Path
 from popek.api.endpoint import default_socket, default_state_dir, default_token_file
 from popek.machine.config import add_config_args, cli_type, parse_size
 
+DEFAULT_WAIT = 1.0  # seconds of silence that end a scripted `popek vm console`
+
 
 # -- popek serve ------------------------------------------------------------------------------
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
@@ -169,8 +171,25 @@ def add_vm_args(parser: argparse.ArgumentParser) -> None:
     _cpu_args(update)
     update.add_argument("--no-cap", action="store_true", help="remove the CPU cap")
 
-    console = sub.add_parser("console", help="attach to a VM's console (Ctrl-A X detaches)")
+    console = sub.add_parser("console", help="attach to a VM's console (Ctrl-A X detaches); "
+                             "with stdin not a terminal, send it, show the output until it "
+                             "settles, exit")
     console.add_argument("vms", metavar="VM")
+    console.add_argument("--wait", type=float, default=DEFAULT_WAIT, metavar="SECONDS",
+                         help="scripted: exit once the guest has printed nothing for "
+                         f"SECONDS ({DEFAULT_WAIT:g})")
+    console.add_argument("--no-stdin", action="store_true",
+                         help="attach without reading stdin: show output until detached")
+
+    run = sub.add_parser("exec", help="run a command in a VM through its guest agent: "
+                         "stdin in, stdout, stderr and exit status out")
+    run.add_argument("--timeout", type=float, default=60, help="seconds (60)")
+    run.add_argument("vms", metavar="VM")
+    run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
+    cp = sub.add_parser("cp", help="copy a file into or out of a VM through its guest "
+                        "agent: popek vm cp FILE VM:PATH, popek vm cp VM:PATH FILE")
+    cp.add_argument("source")
+    cp.add_argument("target")
 
     snap = sub.add_parser("snapshot", help="save a VM (running or paused) to a file")
     snap.add_argument("vms", metavar="VM")

@@ -27,6 +27,7 @@ from popek.api.client import ApiError, Client
 from popek.api.endpoint import default_token_file
 from popek.api.token import TokenError
 from popek.machine.config import config_from_args, config_to_json
+from popek.vmm import agent_commands
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2  # the request was refused, nothing changed
@@ -282,8 +283,13 @@ async def _restore(client: Client, args: argparse.Namespace) -> None:
 
 async def _console(client: Client, args: argparse.Namespace) -> int:
     from popek.machine.console import HostConsole
+    from popek.vmm.console_script import send_and_settle
 
     host = HostConsole()
+    if not host.interactive and not args.no_stdin:
+        await send_and_settle(client, args.vms, sys.stdin.buffer.read(), args.wait,
+                              sys.stdout.buffer)
+        return 0
     loop = asyncio.get_running_loop()
     async with client.console(args.vms) as ws:
         if host.interactive:
@@ -298,13 +304,15 @@ async def _console(client: Client, args: argparse.Namespace) -> int:
             if host.quit_requested:
                 loop.create_task(ws.close())
         with host:
-            loop.add_reader(host.stdin_fd, keys)
+            if not args.no_stdin:
+                loop.add_reader(host.stdin_fd, keys)
             try:
                 async for msg in ws:
                     host.write(msg.data if isinstance(msg.data, bytes) else msg.data.encode())
                     host.flush()
             finally:
-                loop.remove_reader(host.stdin_fd)
+                if not args.no_stdin:
+                    loop.remove_reader(host.stdin_fd)
         if ws.close_code == WSCloseCode.GOING_AWAY:
             err_console.print(f"The VMM stopped; {args.vms} runs on (popek vm console "
                               f"{args.vms} attaches again once a VMM runs).")
@@ -315,5 +323,6 @@ _COMMANDS: dict[str, Callable[[Client, argparse.Namespace], Awaitable[Any]]] = {
     "create": _create, "ls": _ls, "info": _info, "stop": _stop, "update": _update,
     "logs": _logs, "snapshot": _snapshot, "restore": _restore, "console": _console,
     "migrate": _migrate,
+    "exec": agent_commands.exec_command, "cp": agent_commands.cp_command,
     **{name: _each(name, name) for name in ("start", "pause", "resume", "kill", "rm")},
 }

@@ -331,8 +331,12 @@ def _open(path: Path, opener: Callable[..., int] = os.open) -> int:
 
 
 def _config(path: Path, meta: dict[str, Any]) -> MachineConfig:
+    config = meta.get("config")
+    if isinstance(config, dict) and "agent" not in config:
+        # Saved before machines had the agent's port: the machine it holds has none.
+        config = {**config, "agent": False}
     try:
-        return config_from_json(meta.get("config"))
+        return config_from_json(config)
     except ConfigError as err:
         raise SnapshotError(f"{path}: bad machine configuration: {err}") from None
 

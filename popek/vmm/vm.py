@@ -32,11 +32,11 @@ import socket
 import time
 from typing import Any
 
-from popek.cpu import causes
 from popek.jsontypes import wrong_field
 from popek.machine.config import ConfigError, config_from_json
 from popek.machine.loader import ImageError
 from popek.net import OpenedNic
+from popek.stats import trap_names
 from popek.vmm import channel, hostfiles, jail, procstat, scheduler, snapshot, worker
 from popek.vmm.channel import INPUT, JSON, OUTPUT, ChannelClosed, ProtocolError, VmmEnd
 from popek.vmm.console import ConsoleBuffer
@@ -51,12 +51,6 @@ REPLY_TIMEOUT = 600.0  # seconds for a command (a snapshot of a large guest)
 REAP_TIMEOUT = 10.0  # seconds a worker whose channel closed may take to be gone
 LIVE = ("creating", "created", "running", "paused")  # states with a worker
 
-_CAUSE_NAMES = {getattr(causes, n): n.lower() for n in (
-    "INSN_MISALIGNED", "INSN_ACCESS", "ILLEGAL_INSN", "BREAKPOINT", "LOAD_MISALIGNED",
-    "LOAD_ACCESS", "STORE_MISALIGNED", "STORE_ACCESS", "ECALL_U", "ECALL_S", "ECALL_M",
-    "INSN_PAGE_FAULT", "LOAD_PAGE_FAULT", "STORE_PAGE_FAULT")}
-_IRQ_NAMES = {causes.INTERRUPT_BIT | getattr(causes, n): n.lower() for n in (
-    "IRQ_S_SOFT", "IRQ_M_SOFT", "IRQ_S_TIMER", "IRQ_M_TIMER", "IRQ_S_EXT", "IRQ_M_EXT")}
 _UNEXPLAINED = ("the worker ended without a word (its exit status goes to the VMM that "
                 "started it, not to one that adopted it): killed by a signal such as "
                 "SIGKILL, or the host restarted")
@@ -383,7 +377,7 @@ class Vm:
     def alive(self) -> bool:
         return not self._stopped.is_set() and self.worker is not None and not self._detached
 
-    async def _call(self, op: str, **args: Any) -> dict[str, Any]:
+    async def _call(self, op: str, timeout: float = REPLY_TIMEOUT, **args: Any) -> dict[str, Any]:
         if not self.alive:
             raise Conflict(f"VM {self.name} is {self.state}")
         msg_id = next(self._ids)
@@ -393,7 +387,7 @@ class Vm:
             del self._replies[msg_id]
             raise Conflict(f"VM {self.name}'s worker is not reading its commands")
         try:
-            reply = await asyncio.wait_for(future, REPLY_TIMEOUT)
+            reply = await asyncio.wait_for(future, timeout)
         finally:
             self._replies.pop(msg_id, None)
         if not reply.get("ok"):
@@ -481,6 +475,18 @@ class Vm:
         self.migration = {"to": to, "state": "migrating", "started": time.time()}
         return asyncio.create_task(self._call("migrate", max_downtime=max_downtime))
 
+    async def exec(self, argv: list[str], stdin: str, timeout: float) -> dict[str, Any]:
+        """Run ``argv`` in the guest through its agent (``stdin`` and the output base64):
+        ``status``, ``stdout``, ``stderr``; Conflict if the guest has no agent, or the
+        command overran ``timeout`` (the agent is then told to give it up)."""
+        self._require("exec in", "running")
+        try:
+            return await self._call("exec", timeout, argv=argv, stdin=stdin)
+        except TimeoutError:
+            await self._call("exec_abandon")
+            raise Conflict(f"{argv[0]} ran longer than {timeout:g} s in VM {self.name}") \
+                from None
+
     async def set_cpu(self, weight: int | None, cap: float | None, clear_cap: bool) -> None:
         if weight is not None:
             self.cpu_weight = weight
@@ -499,10 +505,7 @@ class Vm:
     # -- reporting ----------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
         stats = self.stats
-        traps: dict[str, int] = {}
-        for cause, n in stats.get("traps", {}).items():
-            name = _CAUSE_NAMES.get(int(cause)) or _IRQ_NAMES.get(int(cause)) or cause
-            traps[name] = n
+        traps = trap_names({int(cause): n for cause, n in stats.get("traps", {}).items()})
         cpu_percent = self.meter.percent if self.meter and self.alive else 0.0
         return {
             "id": self.id,

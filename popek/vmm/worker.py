@@ -40,11 +40,13 @@ from pathlib import Path
 from typing import Any
 
 from popek.cpu.physmem import DirtyLog
+from popek.machine.agent import AgentLink, relink
 from popek.machine.config import ConfigError, config_from_json
 from popek.machine.loader import ImageError
 from popek.machine.runner import EventSources, MachineRunner
 from popek.machine.virt import VirtMachine
-from popek.vmm import channel, hostfiles, jail, records, snapshot, workerprocess
+from popek.stats import count_traps
+from popek.vmm import agent_exec, channel, hostfiles, jail, records, snapshot, workerprocess
 from popek.vmm.channel import INPUT, JSON, OUTPUT, ChannelClosed, Message, WorkerEnd
 from popek.vmm.console import Scrollback
 from popek.vmm.migration import Arrival, Emigration, MigrationError, immigrate
@@ -165,6 +167,7 @@ class Worker:
         # The network outlives the machine: a reboot builds a new one on the same ends.
         self.nets = [end.backend() for end in spec.get("nics", [])]
         self.machine: VirtMachine | None = None
+        self.agent: AgentLink | None = None  # the guest agent (vm exec), per machine
         self.lift_memory_limit: Callable[[], None] = lambda: None
         self.warnings: list[str] = []  # about its confinement, for the VMM to show
         self.migration: Emigration | None = None  # this guest leaving, live
@@ -240,8 +243,9 @@ class Worker:
             machine = VirtMachine(config_from_json(self.spec["config"]), self._console_out,
                                   nets=self.nets, events=self.runner.sources,
                                   opener=self.spec["files"].open)
-        self._count_traps(machine)
+        count_traps(machine.harts, self.traps)
         self.runner.machine = machine
+        self.agent = relink(self.agent, machine.agent_port, agent_exec.MAX_OUTPUT)
         return machine
 
     def _limit_memory(self) -> None:
@@ -255,16 +259,6 @@ class Worker:
             self.lift_memory_limit = functools.partial(
                 resource.setrlimit, resource.RLIMIT_AS, (hard, hard))
             resource.setrlimit(resource.RLIMIT_AS, (_address_space() + overhead, hard))
-
-    def _count_traps(self, machine: VirtMachine) -> None:
-        for hart in machine.harts:
-            inner = hart.on_trap
-
-            def on_trap(cause: int, tval: int, pc: int, inner=inner) -> int:
-                self.traps[cause] += 1
-                return inner(cause, tval, pc)
-
-            hart.on_trap = on_trap
 
     def _console_out(self, data: bytes) -> None:
         self.out += data
@@ -311,6 +305,9 @@ class Worker:
     # -- commands -------------------------------------------------------------------------
     def _command(self, msg: dict[str, Any]) -> None:
         op = msg.get("op")
+        if op in agent_exec.OPS:  # replies when the guest's command ends
+            agent_exec.worker_command(self.agent, msg, lambda r: self.link.send(JSON, r))
+            return
         reply: dict[str, Any] = {"op": "reply", "id": msg.get("id"), "ok": True}
         try:
             if self.migration is not None and op in ("pause", "snapshot", "migrate"):

@@ -42,6 +42,7 @@ from popek.devices.virtio.blk import (
     VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT,
 )
+from popek.devices.virtio.console import VirtioConsole
 from popek.devices.virtio.mmio import (
     STATUS_ACKNOWLEDGE,
     STATUS_DEVICE_NEEDS_RESET,
@@ -87,9 +88,18 @@ def _rng(readonly: bool, events: EventSources) -> Iterator[Device]:
     yield VirtioRng(), None
 
 
+@contextmanager
+def _console(readonly: bool, events: EventSources) -> Iterator[Device]:
+    """The agent's port, with bytes from the host waiting for the guest's buffers."""
+    port = VirtioConsole()
+    port.send(b"from the host" * (64 if readonly else 1))
+    yield port, None
+
+
 # name -> a context manager giving a fresh backend; the flag is a fuzzed choice of shape.
 # (virtio-net, with its host side, is a target of its own: tests/fuzz/virtio_net.py.)
-DEVICES: dict[str, Callable[[bool, EventSources], Any]] = {"blk": _blk, "rng": _rng}
+DEVICES: dict[str, Callable[[bool, EventSources], Any]] = {"blk": _blk, "console": _console,
+                                                          "rng": _rng}
 
 # The records. Addresses below RAM_SIZE mean RAM_BASE + address (easy for the fuzzer to
 # hit RAM); anything else is taken as it is.
@@ -349,13 +359,37 @@ def _blk_request(kind: int, sector: int, data_len: int, *, indirect: bool = Fals
     return _program(chain, indirect=indirect, ram=((_DATA, header),))
 
 
+def _console_program() -> bytes:
+    features = (1 << 32) | (1 << 1)  # VERSION_1, MULTIPORT
+    rings = [(0x1000 + 0x400 * q, 0x2000 + 0x100 * q, 0x3000 + 0x200 * q) for q in range(4)]
+    out = _record(SETUP, features, 0, 16, *rings[0])  # resets, sets queue 0 up, DRIVER_OK
+    for queue in (1, 2, 3):  # the other queues, register by register
+        out += _record(REG_WRITE, Reg.QUEUE_SEL, 0, queue) + \
+            _record(REG_WRITE, Reg.QUEUE_NUM, 0, 16)
+        for reg, addr in zip((Reg.QUEUE_DESC_LOW, Reg.QUEUE_DRIVER_LOW, Reg.QUEUE_DEVICE_LOW),
+                             rings[queue], strict=True):
+            out += _record(REG_WRITE, reg, 0, RAM_BASE + addr)
+        out += _record(REG_WRITE, Reg.QUEUE_READY, 0, 1)
+    messages = struct.pack("<IHH", 0xFFFF_FFFF, 0, 1) + struct.pack("<IHH", 0, 3, 1)
+    out += _record(RAM_WRITE, _DATA, len(messages), tail=messages)
+    out += _chain(2, [(_DATA + 0x100, 256, VIRTQ_DESC_F_WRITE)], 0x1800)
+    out += _chain(3, [(_DATA, 8, 0)], 0x1C00)  # DEVICE_READY
+    out += _record(DESC, 0x1C00, 1, _DATA + 8, 8, 0, 0)  # PORT_READY, head 1
+    out += _record(OFFER, 3, 1, 1) + _record(NOTIFY, 3)
+    return out + _chain(0, [(_DATA + 0x400, 128, VIRTQ_DESC_F_WRITE)], 0x1000)
+
+
 def seeds() -> dict[str, bytes]:
     blk, rng = bytes([sorted(DEVICES).index("blk")]), bytes([sorted(DEVICES).index("rng")])
+    console = bytes([sorted(DEVICES).index("console")])
     return {
         "blk-read": blk + _blk_request(VIRTIO_BLK_T_IN, 2, 2 * SECTOR_SIZE),
         "blk-write": blk + _blk_request(VIRTIO_BLK_T_OUT, 60, SECTOR_SIZE),
         "blk-write-readonly": bytes([blk[0] | 0x80]) + _blk_request(VIRTIO_BLK_T_OUT, 1, 512),
         "blk-get-id-indirect": blk + _blk_request(VIRTIO_BLK_T_GET_ID, 0, 20, indirect=True),
+        # The multiport handshake (DEVICE_READY then PORT_READY on the control transmit
+        # queue, a buffer for the answers), then a receive buffer for the host's bytes.
+        "console": console + _console_program(),
         "rng": rng + _program([(_DATA, 64, VIRTQ_DESC_F_WRITE)]),
         "rng-indirect": rng + _program([(_DATA, 32, VIRTQ_DESC_F_WRITE),
                                         (_DATA + 64, 32, VIRTQ_DESC_F_WRITE)], indirect=True),
