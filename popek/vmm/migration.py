@@ -94,7 +94,11 @@ class Emigration:
         self.log = machine.mem.dirty_log()  # before the first pass reads a page
         self.pending: deque[tuple[int, int]] = deque(nonzero_runs(machine.mem))
         self.progress.pages_left = sum(count for _, count in self.pending)
-        self._guarded(self._hello)
+        try:
+            self._guarded(self._hello)
+        except MigrationError:
+            self.log.close()  # the caller closes the socket
+            raise
 
     def _hello(self) -> None:
         self.conn.send_preamble()
