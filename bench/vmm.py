@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -234,6 +234,23 @@ def report(popek: dict[str, float], qemu: dict[str, float] | None) -> None:
           "migration to a file at its default migration bandwidth.")
 
 
+@contextlib.contextmanager
+def own_vmm(where: Path) -> Iterator[tuple[Path, subprocess.Popen[bytes]]]:
+    """A ``popek serve`` of the benchmark's own, on a socket and state directory in
+    ``where``: (its socket, its process). Its guests end with it."""
+    sock = where / "vmm.sock"
+    serve = subprocess.Popen([sys.executable, "-m", "popek", "serve", "--socket", str(sock),
+                              "--state-dir", str(where / "state"), "--stop-guests",
+                              "--stop-timeout", "0"], stderr=subprocess.DEVNULL)
+    try:
+        while not sock.exists():
+            time.sleep(0.01)
+        yield sock, serve
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(timeout=60)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--guests", type=int, default=10, help="guests and clones to start")
@@ -242,17 +259,8 @@ def main() -> int:
     mem = args.mem << 20
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        sock = tmp / "vmm.sock"
-        serve = subprocess.Popen([sys.executable, "-m", "popek", "serve", "--socket", str(sock),
-                                  "--state-dir", str(tmp / "state"), "--stop-guests",
-                                  "--stop-timeout", "0"], stderr=subprocess.DEVNULL)
-        try:
-            while not sock.exists():
-                time.sleep(0.01)
+        with own_vmm(tmp) as (sock, serve):
             popek = asyncio.run(measure_popek(sock, serve.pid, args.guests, mem, tmp))
-        finally:
-            serve.send_signal(signal.SIGTERM)
-            serve.wait(timeout=60)
         qemu_bin = shutil.which("qemu-system-riscv64")
         qemu = measure_qemu(qemu_bin, mem, tmp) if qemu_bin else None
         if qemu_bin is None:

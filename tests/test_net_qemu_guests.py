@@ -160,7 +160,7 @@ class TestQemuGuestsOnSwitches:
         assert leases == {lab.a.mac: lab.a_ip, lab.b.mac: lab.b_ip}
 
     def test_guests_on_one_switch_talk_and_the_outsider_reaches_neither(self, lab: Lab) -> None:
-        check_switched_guests(lab.a, lab.b, lab.outsider, lab.a_ip, lab.b_ip)
+        check_switched_guests(lab.a, lab.b, lab.a_ip, lab.b_ip, outsider=lab.outsider)
         lan = lab.host.info("lan")
         learned = {mac for port in lan["ports"] for mac in port["learned"]}
         assert lab.outsider.mac not in learned and {lab.a.mac, lab.b.mac} <= learned

@@ -15,14 +15,16 @@ from collections.abc import Iterator
 import pytest
 
 from popek.api.client import ApiError
-from tests.test_vmm_service import MEM, Api
+from tests.test_vmm_service import MEM, STOP_GUESTS, Api
 from tests.vmm_guests import guest
 
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
-    sock = tmp_path_factory.mktemp("vmm-networks") / "vmm.sock"
-    serve = subprocess.Popen([sys.executable, "-m", "popek", "serve", "--socket", str(sock)],
+    where = tmp_path_factory.mktemp("vmm-networks")
+    sock = where / "vmm.sock"
+    serve = subprocess.Popen([sys.executable, "-m", "popek", "serve", "--socket", str(sock),
+                              "--state-dir", str(where / "state"), *STOP_GUESTS],
                              stderr=subprocess.DEVNULL)
     try:
         api = Api(sock)

@@ -363,3 +363,34 @@ def _refused(port: int) -> bool:
     except ConnectionRefusedError:
         return True
     return False
+
+
+def test_networks_outlive_the_vmm_and_adopted_guests_rejoin_them(serve: Serve) -> None:
+    """A new VMM makes the switches of the one before again (same subnet, same gateway MAC,
+    so guests' leases and ARP caches stay right) and plugs the adopted guests' switch NICs
+    into new ports. A port stays up only while the worker holds its other end: the old
+    VMM's went with it, and the new one keeps no copy of the worker's."""
+    api = serve.start()
+    api("create_network", "lan", subnet="192.168.55.0/24")
+    api("create_network", "plain", subnet=None)
+    vm = api.create("idle", name="member", nics=[{"type": "switch", "switch": "lan"},
+                                                 {"type": "switch", "switch": "plain"}])
+    api.wait_log(vm, b"idle ready")
+    before = api("network", "lan")
+    serve.stop(signal.SIGKILL)
+    serve.start()
+    time.sleep(1)  # a port whose peer were gone would be down by now
+    lan, plain = api("network", "lan"), api("network", "plain")
+    assert (lan["subnet"], lan["gateway_mac"]) == ("192.168.55.0/24", before["gateway_mac"])
+    assert plain["subnet"] is None
+    for network in (lan, plain):
+        assert [(p["vm_name"], p["state"]) for p in network["ports"]] == [("member", "up")]
+    with pytest.raises(ApiError) as refused:
+        api("delete_network", "lan")
+    assert refused.value.status == 409
+    api("delete", vm["id"])
+    assert api("network", "lan")["ports"] == []  # the adopted guest's ports left with it
+    api("delete_network", "plain")
+    serve.stop()
+    serve.start()
+    assert [n["name"] for n in api("networks")] == ["lan"]

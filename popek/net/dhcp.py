@@ -135,6 +135,7 @@ class DhcpServer:
     router: IPv4Address | None = None
     dns: IPv4Address | None = None
     leases: dict[bytes, Lease] = field(default_factory=dict)
+    on_bound: Callable[[], None] = lambda: None  # a lease was granted or renewed
     ignored: int = 0  # malformed or forged requests
     _declined: set[IPv4Address] = field(default_factory=set)
 
@@ -167,6 +168,7 @@ class DhcpServer:
         if lease is None or lease.address != wanted:
             return self._reply(msg, NAK, None)
         lease.bound = time.time()
+        self.on_bound()
         name = _HOSTNAME.match(msg.options.get(OPT_HOSTNAME, b""))
         lease.hostname = name.group().decode() if name else lease.hostname
         return self._reply(msg, ACK, lease.address)
@@ -241,4 +243,13 @@ class DhcpServer:
     def info(self) -> list[dict[str, Any]]:
         return [lease.info() for lease in sorted(self.leases.values(),
                                                  key=lambda lease: lease.address)]
+
+    def restore(self, leases: list[dict[str, Any]]) -> None:
+        """Bound leases as :meth:`info` listed them (a VMM before this one granted them:
+        its guests still use the addresses)."""
+        for lease in leases:
+            if lease.get("bound"):
+                mac = bytes.fromhex(lease["mac"].replace(":", ""))
+                self.leases[mac] = Lease(mac, IPv4Address(lease["address"]), None,
+                                         lease.get("hostname", ""), lease["bound"])
 

@@ -51,9 +51,9 @@ class Gateway:
     ``attached(mac)`` tells whether a station is on the switch now."""
 
     def __init__(self, subnet: IPv4Network, nat: bool,
-                 attached: Callable[[bytes], bool]) -> None:
+                 attached: Callable[[bytes], bool], mac: bytes | None = None) -> None:
         self.subnet = subnet
-        self.mac = random_mac()
+        self.mac = mac or random_mac()
         self.address = subnet.network_address + 1
         self.dns = subnet.network_address + 2 if nat else None
         self.addresses = frozenset(a for a in (self.address, self.dns) if a is not None)

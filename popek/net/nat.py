@@ -36,10 +36,10 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
+from popek.net import passt
 from popek.net.packets import is_multicast, mac_text
 from popek.net.switch import Port
 
-PASST = "passt"
 RESTART_DELAY = 5.0  # seconds before a guest whose passt failed gets another
 STOP_GRACE = 2.0  # seconds a passt has to exit on its own once its socket closed
 _NOISE = ("Failed to send", "Don't run as root")  # what passt says when all is well
@@ -50,7 +50,7 @@ class NatUnavailable(Exception):
 
 
 def check_available() -> None:
-    if shutil.which(PASST) is None:
+    if shutil.which(passt.PROGRAM) is None:
         raise NatUnavailable("NAT needs passt: install the Debian package 'passt'")
 
 
@@ -121,10 +121,9 @@ class Nat:
         return uplink
 
     def _command(self, fd: int, address: IPv4Address) -> list[str]:
-        return [PASST, "--foreground", "--quiet", "--ipv4-only", "--no-dhcp",
-                "--fd", str(fd), "--address", str(address),
-                "--netmask", str(self.subnet.prefixlen), "--gateway", str(self.gateway),
-                "--mac-addr", mac_text(self.gateway_mac), "--dns-forward", str(self.dns)]
+        return passt.arguments(fd, str(address), self.subnet.prefixlen, str(self.gateway),
+                               dhcp=False, mac=mac_text(self.gateway_mac),
+                               dns_forward=str(self.dns))
 
     async def _run(self, uplink: Uplink, theirs: socket.socket) -> None:
         """Start the passt, keep the last thing it complained about, reap it."""

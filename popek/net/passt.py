@@ -32,10 +32,12 @@ import socket
 import struct
 import subprocess
 import tempfile
+from collections.abc import Sequence
 
-from popek.machine.config import ConfigError, NicSpec
+from popek.machine.config import ConfigError, HostForward, NicSpec
 from popek.net.stream import LENGTH
 
+PROGRAM = "passt"
 GUEST = "10.0.2.15"
 GATEWAY = "10.0.2.2"
 PREFIX = 24
@@ -45,15 +47,27 @@ SO_SNDBUFFORCE = 32  # Linux; not exported by Python's socket module
 _ARP = struct.Struct(">6s6sH HHBBH 6s4s6s4s")
 
 
-def command(passt: str, nic: NicSpec, fd: int) -> list[str]:
-    """passt's arguments for ``nic`` on the connected socket ``fd``."""
-    cmd = [passt, "--foreground", "--quiet", "--stderr", "--fd", str(fd), "--ipv4-only",
-           "--address", GUEST, "--netmask", str(PREFIX), "--gateway", GATEWAY]
-    for fwd in nic.hostfwd:
+def arguments(fd: int, address: str, prefix: int, gateway: str, *, dhcp: bool = True,
+              mac: str | None = None, dns_forward: str | None = None,
+              forwards: Sequence[HostForward] = ()) -> list[str]:
+    """passt's arguments (the program's name first) for one guest at ``address``/``prefix``
+    behind ``gateway`` (which reaches the host's loopback), on the connected socket
+    ``fd``: with its own DHCP server or none, the gateway's MAC, a DNS address to relay
+    to the host's resolver, and ``hostfwd=`` port forwards. Both ``--nic user`` and a
+    switch's NAT uplinks (:mod:`popek.net.nat`) start passt with these."""
+    args = [PROGRAM, "--foreground", "--quiet", "--stderr", "--ipv4-only", "--fd", str(fd),
+            "--address", address, "--netmask", str(prefix), "--gateway", gateway]
+    if not dhcp:
+        args.append("--no-dhcp")
+    if mac is not None:
+        args += ["--mac-addr", mac]
+    if dns_forward is not None:
+        args += ["--dns-forward", dns_forward]
+    for fwd in forwards:
         ports = f"{fwd.host_port}:{fwd.guest_port}"
-        cmd += ["--tcp-ports" if fwd.protocol == "tcp" else "--udp-ports",
-                f"{fwd.host_addr}/{ports}" if fwd.host_addr else ports]
-    return cmd
+        args += ["--tcp-ports" if fwd.protocol == "tcp" else "--udp-ports",
+                 f"{fwd.host_addr}/{ports}" if fwd.host_addr else ports]
+    return args
 
 
 def start(nic: NicSpec, mac: str) -> tuple[socket.socket, subprocess.Popen[bytes]]:
@@ -62,8 +76,7 @@ def start(nic: NicSpec, mac: str) -> tuple[socket.socket, subprocess.Popen[bytes
 
     Returns once passt answers on the socket, so a forward it could not set up (a host
     port in use) is a ConfigError here with passt's own words, not a silent dead link."""
-    passt = shutil.which("passt")
-    if passt is None:
+    if shutil.which(PROGRAM) is None:
         raise ConfigError("--nic user needs passt, which is not installed "
                           "(apt-get install passt)")
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -72,7 +85,8 @@ def start(nic: NicSpec, mac: str) -> tuple[socket.socket, subprocess.Popen[bytes
     try:
         # A session of its own, as a VMM worker has: a guest outlives its VMM, network
         # included, so signals to the VMM's process group (Ctrl-C) must not reach passt.
-        proc = subprocess.Popen(command(passt, nic, theirs.fileno()), pass_fds=(theirs.fileno(),),
+        proc = subprocess.Popen(arguments(theirs.fileno(), GUEST, PREFIX, GATEWAY,
+                                          forwards=nic.hostfwd), pass_fds=(theirs.fileno(),),
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
                                 start_new_session=True)
     except OSError as err:

@@ -9,6 +9,7 @@ cannot be written (disk full), capturing stops and frames keep flowing.
 from __future__ import annotations
 
 import os
+import socket
 import struct
 import time
 
@@ -59,6 +60,9 @@ class CapturedBackend:
 
     def fileno(self) -> int | None:
         return self.inner.fileno()
+
+    def replug(self, sock: socket.socket) -> None:
+        self.inner.replug(sock)  # AttributeError if the inner one cannot
 
     def receive(self) -> bytes | None:
         frame = self.inner.receive()

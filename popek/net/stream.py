@@ -37,6 +37,17 @@ class StreamBackend:
         # new socket while the runner may still have it registered.
         return None if self.hung_up else self.sock.fileno()
 
+    def replug(self, sock: socket.socket) -> None:
+        """Carry on over ``sock``, a new connection to the same network (a VMM that adopted
+        the guest made its switch port anew); whatever the old one held is lost."""
+        self.sock.close()
+        sock.setblocking(False)
+        self.sock = sock
+        self.hung_up = False
+        self._in = bytearray()
+        self._pos = self._skip = 0
+        self._out = memoryview(b"")
+
     # -- receiving ------------------------------------------------------------------------
     def receive(self) -> bytes | None:
         """The next whole frame; reads the socket at most once, so a peer that keeps it

@@ -52,7 +52,7 @@ class Vmm:
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
         self.vms: dict[str, Vm] = {}
-        self.networks = Networks()
+        self.networks = Networks(state_dir)
         self._watchers: set[asyncio.Task[None]] = set()  # VMs whose ports leave on stop
         self._numbers = itertools.count(1)
         self._sampler: asyncio.Task[None] | None = None
@@ -68,7 +68,9 @@ class Vmm:
 
     async def _adopt_all(self) -> None:
         """Every VM recorded in the state directory, as it is now: its worker attached
-        if it runs, else how it ended. A record that cannot be read is left alone."""
+        if it runs, else how it ended; the networks first, so that the adopted guests'
+        switch NICs get new ports. A record that cannot be read is left alone."""
+        self.networks.restore()
         found = []
         for files in records.all_vms(self.state_dir):
             try:
@@ -83,6 +85,29 @@ class Vmm:
         for vm in sorted(found, key=lambda vm: vm.created):
             if vm.state != "creating":
                 self.vms[vm.id] = vm
+            if vm.alive:
+                await self._replug(vm)
+
+    async def _replug(self, vm: Vm) -> None:
+        """New ports for an adopted guest's switch NICs (its old ones went with the VMM
+        that made them); they leave their switches when it stops."""
+        config = config_from_json(vm.config)
+        try:
+            ports = self.networks.connect(vm.id, vm.name, config)
+        except BadRequest as err:
+            print(f"popek VMM: warning: VM {vm.name}: {err}; its NIC stays unplugged",
+                  file=sys.stderr)
+            return
+        for index, sock in ports.items():
+            try:
+                await vm.replug(index, sock)
+            except (Conflict, OSError, TimeoutError) as err:
+                print(f"popek VMM: warning: VM {vm.name}: NIC {index} cannot be plugged "
+                      f"into network {config.nics[index].switch} again ({err})",
+                      file=sys.stderr)
+        if ports:
+            self._watchers.add(task := asyncio.create_task(self._leave_networks(vm)))
+            task.add_done_callback(self._watchers.discard)
 
     async def close(self) -> None:
         """The VMM is going away: every guest keeps running, for the next VMM to adopt."""

@@ -18,21 +18,28 @@ plain Ethernet segment whose guests configure themselves.
 
 from __future__ import annotations
 
+import json
 import re
 import socket
+import sys
 from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
 from typing import Any
 
 from popek.machine.config import MachineConfig
 from popek.net.gateway import Gateway, check_subnet
 from popek.net.nat import NatUnavailable, check_available
+from popek.net.packets import mac_text
 from popek.net.switch import Switch
+from popek.vmm import statedir
 from popek.vmm.errors import BadRequest, Conflict, NotFound
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
 AUTO = "auto"
 FIRST_AUTO = 122  # 192.168.122.0/24 first, as libvirt's default network
 _FIELDS = {"name", "subnet", "nat"}
+FILE = "networks.json"
+FORMAT = 1
 _PLAIN = {"subnet": None, "gateway": None, "gateway_mac": None, "dns": None, "nat": False,
           "leases": [], "uplinks": []}
 
@@ -40,8 +47,11 @@ _PLAIN = {"subnet": None, "gateway": None, "gateway_mac": None, "dns": None, "na
 class Networks:
     """The switches, by name; every public method is one API operation or a VM's hook."""
 
-    def __init__(self) -> None:
+    def __init__(self, state_dir: Path | None = None) -> None:
+        """``state_dir``: where the definitions are kept (None: nowhere, as for a switch
+        host of the tests')."""
         self.switches: dict[str, Switch] = {}
+        self._file = state_dir / FILE if state_dir is not None else None
 
     # -- the API ------------------------------------------------------------------------------
     def create(self, body: dict[str, Any]) -> Switch:
@@ -66,15 +76,75 @@ class Networks:
                 check_available()
             except NatUnavailable as err:
                 raise BadRequest(str(err)) from None
+        try:
+            network = None if subnet is None else \
+                self._free_subnet() if subnet == AUTO else check_subnet(subnet)
+        except ValueError as err:
+            raise BadRequest(str(err)) from None
+        switch = self._make(name, network, nat)
+        self.save()
+        return switch
+
+    def _make(self, name: str, subnet: IPv4Network | None, nat: bool,
+              gateway_mac: bytes | None = None) -> Switch:
         switch = Switch(name)
         if subnet is not None:
-            try:
-                network = self._free_subnet() if subnet == AUTO else check_subnet(subnet)
-            except ValueError as err:
-                raise BadRequest(str(err)) from None
-            switch.services = Gateway(network, nat, switch.port_of)
+            gateway = Gateway(subnet, nat, switch.port_of, gateway_mac)
+            gateway.dhcp.on_bound = self.save
+            switch.services = gateway
         self.switches[name] = switch
         return switch
+
+    # -- kept in the state directory ----------------------------------------------------------
+    def save(self) -> None:
+        if self._file is None:
+            return
+        networks = []
+        for name, switch in self.switches.items():
+            gateway = switch.services
+            networks.append({"name": name} if not isinstance(gateway, Gateway) else {
+                "name": name, "subnet": str(gateway.subnet), "nat": gateway.nat is not None,
+                "gateway_mac": mac_text(gateway.mac), "leases": gateway.dhcp.info()})
+        statedir.write_atomic(self._file, json.dumps({"format": FORMAT, "networks": networks},
+                                                     indent=1).encode())
+
+    def restore(self) -> None:
+        """The networks a VMM before this one kept; one that cannot be made again is left
+        out, with a warning."""
+        if self._file is None or not self._file.exists():
+            return
+        try:
+            kept = json.loads(self._file.read_bytes())
+            if kept.get("format") != FORMAT:
+                raise ValueError(f"not of format {FORMAT}")
+            networks = list(kept["networks"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            _warn(f"the networks in {self._file} cannot be read ({err}); none kept")
+            return
+        for net in networks:
+            try:
+                self._restore(net)
+            except (ValueError, KeyError, TypeError, AttributeError) as err:
+                _warn(f"network {net.get('name') if isinstance(net, dict) else net!r} "
+                      f"cannot be made again ({err}); left out")
+
+    def _restore(self, net: dict[str, Any]) -> None:
+        name = net["name"]
+        if not isinstance(name, str) or not NAME.fullmatch(name) or name in self.switches:
+            raise ValueError(f"bad or repeated name {name!r}")
+        subnet = net.get("subnet")
+        nat = bool(net.get("nat"))
+        if nat:
+            try:
+                check_available()
+            except NatUnavailable as err:
+                _warn(f"network {name}: {err}; kept without NAT")
+                nat = False
+        mac = net.get("gateway_mac")
+        switch = self._make(name, check_subnet(subnet) if subnet else None, nat,
+                            bytes.fromhex(mac.replace(":", "")) if mac else None)
+        if isinstance(switch.services, Gateway):
+            switch.services.dhcp.restore(net.get("leases", []))
 
     def get(self, name: str) -> Switch:
         switch = self.switches.get(name)
@@ -94,6 +164,7 @@ class Networks:
         if vms:
             raise Conflict(f"network {name} has VMs attached: {', '.join(vms)}")
         del self.switches[name]
+        self.save()
         await switch.close()
 
     async def close(self) -> None:
@@ -137,6 +208,10 @@ class Networks:
             if not any(candidate.overlaps(net) for net in taken):
                 return candidate
         raise ValueError("no free 192.168.N.0/24 is left: give a subnet")
+
+
+def _warn(message: str) -> None:
+    print(f"popek VMM: warning: {message}", file=sys.stderr)
 
 
 def host_networks() -> list[IPv4Network]:

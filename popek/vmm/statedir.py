@@ -1,11 +1,11 @@
 """The VMM's state directory: what the VMM keeps beyond one process.
 
-It holds the VMM's own files (the API token, ``lock``, and under ``vms/`` the record of
-each VM, :mod:`popek.vmm.records`) and ``storage/``, the one part requests may name
-(disks, snapshots). The VMM's own files stay out of reach of requests, so no request can
-read the token through a guest disk or overwrite the VMM's records. All of it is
-owner-only: anyone else able to write there could plant files for the VMM to open, or
-reach a worker's socket.
+It holds the VMM's own files (the API token, ``lock``, under ``vms/`` the record of
+each VM, :mod:`popek.vmm.records`, and ``networks.json``, :mod:`popek.vmm.networks`)
+and ``storage/``, the one part requests may name (disks, snapshots). The VMM's own
+files stay out of reach of requests, so no request can read the token through a guest
+disk or overwrite the VMM's records. All of it is owner-only: anyone else able to write
+there could plant files for the VMM to open, or reach a worker's socket.
 
 One VMM at a time uses a state directory (:func:`lock`): two would both adopt the same
 workers. Files are replaced whole (:func:`write_atomic`), so a VMM killed at any moment,

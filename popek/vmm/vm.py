@@ -475,6 +475,15 @@ class Vm:
         self.migration = {"to": to, "state": "migrating", "started": time.time()}
         return asyncio.create_task(self._call("migrate", max_downtime=max_downtime))
 
+    async def replug(self, nic: int, sock: socket.socket) -> None:
+        """Hand the worker a new host end for switch NIC ``nic`` (this VMM adopted the
+        guest, and the port its predecessor made went with it)."""
+        try:
+            hostfiles.send(self._file_socket, sock.fileno())
+        finally:
+            sock.close()  # the worker has its copy
+        await self._call("replug", nic=nic)
+
     async def exec(self, argv: list[str], stdin: str, timeout: float) -> dict[str, Any]:
         """Run ``argv`` in the guest through its agent (``stdin`` and the output base64):
         ``status``, ``stdout``, ``stderr``; Conflict if the guest has no agent, or the

@@ -323,6 +323,8 @@ class Worker:
                 self.cap.set(msg.get("percent"))
             elif op == "snapshot":
                 reply["result"] = self._snapshot(msg["path"], msg.get("diff"))
+            elif op == "replug":
+                self._replug(msg.get("nic"))
             else:
                 raise ValueError(f"unknown command {op!r}")
         except (ValueError, snapshot.SnapshotError, MigrationError) as err:
@@ -442,6 +444,18 @@ class Worker:
         except (TypeError, ValueError, AttributeError):
             pass  # counters and history are for show; the guest itself arrived whole
         return machine
+
+    def _replug(self, index: object) -> None:
+        """A VMM that adopted this guest made its switch port anew: NIC ``index`` carries
+        on over the socket the VMM handed over."""
+        sock = socket.socket(fileno=hostfiles.receive(self.link.files))
+        nets = self.nets
+        if not isinstance(index, int) or not 0 <= index < len(nets) or \
+                not hasattr(nets[index], "replug"):
+            sock.close()
+            raise ValueError(f"NIC {index!r} cannot be replugged")
+        nets[index].replug(sock)
+        self.machine.nics[index].replugged()
 
     # -- reporting ------------------------------------------------------------------------
     def _flush_output(self) -> None:

@@ -125,6 +125,11 @@ class VirtioNet:
         self.transport = transport
         self._rearm()
 
+    def replugged(self) -> None:
+        """The backend carries on over a new socket: watch that one."""
+        self._rx_stalled = False
+        self._rearm()
+
     def detach(self) -> None:
         """The machine is going away; the backend stays open for its owner."""
         if self._watched is not None:
