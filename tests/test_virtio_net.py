@@ -255,6 +255,16 @@ def test_transmitted_frames_reach_the_peer_in_stream_framing(drv: NetDriver) -> 
     assert drv.net.counters.tx_frames == 2
 
 
+def test_announce_broadcasts_a_rarp_from_the_mac(drv: NetDriver) -> None:
+    drv.net.announce()  # as a guest that migrated here does
+    frame = drv.read_from_host(1)[0]
+    mac = bytes.fromhex(MAC.replace(":", ""))
+    assert len(frame) == 60 and frame[:6] == b"\xff" * 6 and frame[6:12] == mac
+    assert frame[12:14] == b"\x80\x35"  # RARP
+    assert struct.unpack(">HHBBH", frame[14:22]) == (1, 0x0800, 6, 4, 3)
+    assert frame[22:28] == mac and frame[32:38] == mac
+
+
 def test_a_header_split_across_descriptors_is_read_as_one_stream(drv: NetDriver) -> None:
     frame = eth(b"split")
     drv.transmit(frame, split=5)

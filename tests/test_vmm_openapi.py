@@ -45,5 +45,6 @@ def test_every_operation_answers_401_and_those_naming_host_paths_403() -> None:
                 continue
             statuses = set(operation["responses"])
             assert "401" in statuses, (method, path)
-            takes_paths = operation["operationId"] in ("createVm", "restoreVm", "snapshotVm")
+            takes_paths = operation["operationId"] in ("createVm", "restoreVm", "snapshotVm",
+                                                       "migrateVm", "expectMigration")
             assert ("403" in statuses) == takes_paths, (method, path)

@@ -165,6 +165,26 @@ def test_snapshot_of_a_running_counter_restores_without_repeating_or_skipping(
     assert ticks == list(range(len(ticks)))
 
 
+def test_diff_snapshot_stores_what_changed_and_restores_over_its_base(
+        api: Api, tmp_path: Path) -> None:
+    original = api.create("counter", name="differ")
+    api.wait_log(original, rb"tick 2\n")
+    full = api("snapshot", original["id"], tmp_path / "full.snap")
+    api.wait_log(original, rb"tick 6\n")
+    diff = api("snapshot", original["id"], tmp_path / "diff.snap", tmp_path / "full.snap")
+    assert diff["ram_bytes"] < full["ram_bytes"] // 16  # a stack page or two, not the table
+    with pytest.raises(ApiError, match="not the latest snapshot"):
+        api("snapshot", original["id"], tmp_path / "x.snap", tmp_path / "full.snap")
+    api("action", original["id"], "kill")
+    before = api.log(original)[:diff["console_bytes"]]
+    restored = api("restore", tmp_path / "diff.snap", name="from-diff")
+    after = api.wait("ticks after the diff's", lambda: (
+        out := api.log(restored)) and max(_ticks(out), default=-1) >= _ticks(before)[-1] + 3
+        and out)
+    ticks = _ticks(before + after)
+    assert ticks == list(range(len(ticks)))
+
+
 def test_snapshot_of_a_paused_guest_and_clones_that_share_its_memory(
         api: Api, tmp_path: Path) -> None:
     original = api.create("counter")

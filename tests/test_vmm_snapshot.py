@@ -82,6 +82,29 @@ def test_saved_state_round_trips_through_a_restore(tmp_path: Path) -> None:
     assert bytes(restored.mem.ram) == bytes(original.mem.ram)
 
 
+def test_diff_snapshot_holds_the_pages_written_since_its_base(tmp_path: Path) -> None:
+    out = bytearray()
+    machine = _machine("counter", out)
+    _run_until(machine, out, rb"tick 1\n")
+    base = snapshot.save(tmp_path / "base.snap", machine)
+    log = machine.mem.dirty_log()
+    _run_until(machine, out, rb"tick 4\n")
+    with snapshot.NewFile(tmp_path / "diff.snap") as fd:
+        diff = snapshot.write(fd, tmp_path / "diff.snap", machine,
+                              base=snapshot.Base(str(base.path), base.meta_crc),
+                              written=log.take())
+    assert 0 < diff.ram_bytes < base.ram_bytes // 16
+    restored = snapshot.load(diff.path)
+    assert bytes(restored.memory.ram) == bytes(machine.mem.ram)
+    before, after = bytes(out), bytearray()
+    _run_until(restored.machine(after.extend), after, rb"tick 8\n")
+    ticks = _ticks(before + bytes(after))
+    assert ticks == list(range(len(ticks)))
+    snapshot.save(tmp_path / "base.snap", machine)  # the base replaced by another
+    with pytest.raises(SnapshotError, match="not the snapshot it was taken after"):
+        snapshot.load(diff.path)
+
+
 def test_zero_pages_are_holes_in_the_file(tmp_path: Path) -> None:
     out = bytearray()
     machine = _machine("counter", out)

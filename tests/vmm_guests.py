@@ -268,6 +268,33 @@ void main(void) {
         }
     }
 }""",
+    # QEMU's migration test idea: each hart (one, or two if hart 1 starts) increments the
+    # first byte of every page of its share of 8 MiB at 0x8040_0000, pass after pass, and
+    # checks each byte holds the pass it expects: a lost or repeated increment (a page
+    # copied stale) stops it with MISMATCH. Hart 0 prints "pass N" every 16 passes.
+    "migrant": _SMP + r"""
+#define AREA ((volatile unsigned char *)0x80400000UL)
+#define PAGES 2048
+static int harts = 1;
+static void increment(unsigned long h) {
+    for (unsigned long pass = 0;; pass++) {
+        for (unsigned long p = h; p < PAGES; p += harts) {
+            if (AREA[p * 4096] != (unsigned char)pass) {
+                say("MISMATCH page "); num(p); say(" pass "); num(pass); put('\n');
+                poweroff(1);
+            }
+            AREA[p * 4096] = (unsigned char)(pass + 1);
+        }
+        if (h == 0 && pass % 16 == 0) { say("pass "); num(pass); put('\n'); }
+    }
+}
+void second(void) { increment(1); }
+void main(void) {
+    harts = 2;
+    if (start_hart1() != 0) harts = 1;
+    say("migrant ready\n");
+    increment(0);
+}""",
     # Hart 0 reserves a word with lr.w, hart 1 stores to it, then hart 0's sc.w must fail.
     "lrsc": _SMP + r"""
 FLAG(word); FLAG(reserved); FLAG(stored);

@@ -130,9 +130,17 @@ class Client:
     async def delete(self, vm: str) -> None:
         await self.request("DELETE", f"/v1/vms/{vm}")
 
-    async def snapshot(self, vm: str, path: str | Path) -> dict[str, Any]:
-        return await self.request("POST", f"/v1/vms/{vm}/snapshot",
-                                  {"path": str(Path(path).absolute())})
+    async def snapshot(self, vm: str, path: str | Path,
+                       diff: str | Path | None = None) -> dict[str, Any]:
+        """``diff``: only the pages written since that snapshot, the VM's latest."""
+        return await self.request("POST", f"/v1/vms/{vm}/snapshot", {
+            "path": str(Path(path).absolute()),
+            **({"diff": str(Path(diff).absolute())} if diff is not None else {})})
+
+    async def migrate(self, vm: str, to: str, **options: Any) -> dict[str, Any]:
+        """Start a live migration to the VMM ``to`` (a Unix socket path, or tcp:HOST:PORT
+        with ``token``); ``info(vm)["migration"]`` shows how it goes."""
+        return await self.request("POST", f"/v1/vms/{vm}/migrate", {"to": to, **options})
 
     async def exec(self, vm: str, argv: list[str], stdin: bytes = b"",
                    timeout: float = 60.0) -> subprocess.CompletedProcess:

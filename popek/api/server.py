@@ -143,6 +143,18 @@ async def snapshot_vm(request: web.Request) -> web.Response:
                                      request[PATHS]), status=201)
 
 
+async def migrate_vm(request: web.Request) -> web.Response:
+    vm = await _vmm(request).migrate(request.match_info["vm"], await _body(request),
+                                     request[PATHS])
+    return web.json_response(vm.info(), status=202)
+
+
+async def incoming_migration(request: web.Request) -> web.Response:
+    local = request.transport.get_extra_info("sockname") if request.transport else None
+    offer = await _vmm(request).expect_incoming(await _body(request), request[PATHS], local)
+    return web.json_response(offer, status=201)
+
+
 async def exec_in_vm(request: web.Request) -> web.Response:
     argv, stdin, timeout = agent_exec.request(await _body(request))
     vm = _vmm(request).get(request.match_info["vm"])
@@ -218,6 +230,8 @@ def routes() -> list[web.RouteDef]:
           for name in ("start", "pause", "resume", "kill")),
         web.post("/v1/vms/{vm}/shutdown", shutdown_vm),
         web.post("/v1/vms/{vm}/snapshot", snapshot_vm),
+        web.post("/v1/vms/{vm}/migrate", migrate_vm),
+        web.post("/v1/migrations", incoming_migration),
         web.post("/v1/vms/{vm}/exec", exec_in_vm),
         web.get("/v1/vms/{vm}/console", console),
         web.get("/v1/vms/{vm}/console/log", console_log),

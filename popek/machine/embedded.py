@@ -67,7 +67,7 @@ class Machine:
         self._snapshot = snap
         self._log_path = console_log
         self._log = None
-        self.console = Console(self._type)
+        self.console = Console(self._type, restored=snap is not None)
         self._session: GuestSession | None = None
         self._thread: threading.Thread | None = None
         self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Future]] = queue.SimpleQueue()

@@ -9,6 +9,7 @@ calls is missed.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import itertools
 import re
 import threading
@@ -28,7 +29,9 @@ class ConsoleClosed(EOFError):
 class Console:
     """The guest's serial console. ``send`` types; ``expect``/``read_until`` wait for output."""
 
-    def __init__(self, send: Callable[[bytes], None]) -> None:
+    def __init__(self, send: Callable[[bytes], None], *, restored: bool = False) -> None:
+        """``restored``: the guest carries on from a snapshot, so its shell may have
+        printed its prompt before this console existed."""
         self._send = send
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._text: list[str] = []
@@ -38,6 +41,8 @@ class Console:
         self._closed = False
         self._markers = itertools.count(1)
         self._quiet = False  # run() has turned the shell's echo off
+        self._at_prompt = False  # the shell's latest prompt has been consumed, nothing sent since
+        self._restored = restored
 
     # -- the machine's side --------------------------------------------------------------------
     def output(self, data: bytes) -> None:
@@ -66,6 +71,7 @@ class Console:
 
     def send(self, text: str | bytes) -> None:
         """Type ``text`` on the guest's console (a str is sent as UTF-8)."""
+        self._at_prompt = False
         self._send(text.encode() if isinstance(text, str) else text)
 
     def sendline(self, text: str = "") -> None:
@@ -100,8 +106,14 @@ class Console:
         return match.string[start:match.end()]
 
     def wait_for_shell(self, timeout: float = DEFAULT_TIMEOUT) -> None:
-        """Wait until the guest's shell prompts (the bundled guest's, after its boot)."""
+        """Wait until the guest's shell prompts (the bundled guest's, after its boot). A
+        restored guest's shell printed its prompt before the snapshot: an empty line asks
+        it for a new one, as someone attaching to a console presses Enter."""
+        if self._restored:
+            self._restored = False
+            self.sendline()
         self.expect(PROMPT, timeout)
+        self._at_prompt = True
 
     def run(self, command: str, timeout: float = DEFAULT_TIMEOUT) -> tuple[str, int]:
         """Run ``command`` in the guest's shell (waiting for the prompt first); returns
@@ -110,7 +122,8 @@ class Console:
         The first call turns the terminal's echo off (``stty -echo``), which also turns
         busybox ash's line editing off, so that what follows a command is its output
         alone, however long the command line."""
-        self.wait_for_shell(timeout)
+        if not self._at_prompt:
+            self.wait_for_shell(timeout)
         if not self._quiet:
             self.sendline("stty -echo")
             self._quiet = True
@@ -121,4 +134,9 @@ class Console:
         self.sendline(f'{command}; echo "POPEK-RUN-""{n}-END $?"')
         end = self.expect(rf"POPEK-RUN-{n}-END (\d+)\r?\n", timeout)
         output = end.string[start:end.start()].replace("\r\n", "\n")
+        # The prompt that follows is consumed too: it must not open the next command's
+        # output, nor be missing from a snapshot taken now. (A command such as poweroff
+        # may leave no shell to prompt.)
+        with contextlib.suppress(ConsoleClosed):
+            self.wait_for_shell(timeout)
         return output, int(end.group(1))

@@ -67,7 +67,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Run the VMM until SIGINT or SIGTERM; the guests outlive it unless --stop-guests."""
     tcp = None
     if args.tcp:
-        tcp = _host_port(args.tcp)
+        tcp = host_port(args.tcp)
         if tcp is None:
             return _serve_error(f"--tcp {args.tcp}: use HOST:PORT, such as 127.0.0.1:8080")
         if not _is_loopback(tcp[0]):
@@ -100,7 +100,7 @@ def _serve_error(message: str) -> int:
     return 2
 
 
-def _host_port(text: str) -> tuple[str, int] | None:
+def host_port(text: str) -> tuple[str, int] | None:
     """``HOST:PORT`` (``[::1]:PORT`` for IPv6) as (host, port), or None."""
     host, _, port = text.rpartition(":")
     if not host or not port.isdigit() or int(port) > 65535:
@@ -119,7 +119,7 @@ def _is_loopback(host: str) -> bool:
 
 # -- popek vm ---------------------------------------------------------------------------------
 def _tcp_url(text: str) -> str:
-    address = _host_port(text)
+    address = host_port(text)
     if address is None:
         raise argparse.ArgumentTypeError(f"{text}: use HOST:PORT, such as 127.0.0.1:8080")
     host, port = address
@@ -202,6 +202,21 @@ def add_vm_args(parser: argparse.ArgumentParser) -> None:
     snap = sub.add_parser("snapshot", help="save a VM (running or paused) to a file")
     snap.add_argument("vms", metavar="VM")
     snap.add_argument("file", type=Path)
+    snap.add_argument("--diff", type=Path, metavar="BASE",
+                      help="store only the pages written since BASE, this VM's latest "
+                      "snapshot (a restore lays them over BASE)")
+
+    migrate = sub.add_parser("migrate", help="move a running VM to another VMM, live")
+    migrate.add_argument("vms", metavar="VM")
+    migrate.add_argument("--to", required=True, metavar="DEST",
+                         help="the destination popek serve: its Unix socket path, or "
+                         "tcp:HOST:PORT (with --dest-token-file)")
+    migrate.add_argument("--dest-token-file", "--token-file", type=Path, metavar="PATH",
+                         dest="dest_token_file", help="the destination's API token, for "
+                         "a tcp: destination (after 'migrate'; before it, --token-file is "
+                         "the token of the VMM this command talks to)")
+    migrate.add_argument("--max-downtime", type=_milliseconds, default=50, metavar="MS",
+                         help="longest pause of the guest at the handover (50)")
 
     restore = sub.add_parser("restore", help="a new VM from a snapshot (clones with --count)")
     restore.add_argument("file", type=Path)
@@ -209,6 +224,16 @@ def add_vm_args(parser: argparse.ArgumentParser) -> None:
     restore.add_argument("--count", type=int, default=1, help="clones to start (1)")
     _cpu_args(restore)
     restore.add_argument("--no-start", action="store_true")
+
+
+def _milliseconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of milliseconds: {text!r}") from None
+    if not 0 < value <= 60_000:
+        raise argparse.ArgumentTypeError("from 0 (excluded) to 60000 ms")
+    return value
 
 
 def _cpu_args(parser: argparse.ArgumentParser) -> None:

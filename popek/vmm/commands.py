@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import WSCloseCode
 from rich.console import Console
-from rich.progress import Progress
+from rich.progress import Progress, TextColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -30,6 +30,8 @@ from popek.machine.config import config_from_args, config_to_json
 from popek.vmm import agent_commands
 
 EXIT_ERROR = 1
+EXIT_USAGE = 2  # the request was refused, nothing changed
+MIGRATE_POLL = 0.2  # seconds between looks at a migration's progress
 err_console = Console(stderr=True, soft_wrap=True)
 # Piped output is not cut to 80 columns: ids and states must stay whole for scripts.
 out_console = Console(width=None if sys.stdout.isatty() else 160)
@@ -138,6 +140,12 @@ async def _info(client: Client, args: argparse.Namespace) -> None:
         rows.append(("failure", vm["failure"]))
     if vm["source_snapshot"]:
         rows.append(("restored from", vm["source_snapshot"]))
+    if vm.get("migration"):
+        m = vm["migration"]
+        rows.append(("migration", f"to {m['to']}: {m['state']}" + (
+            f" ({m['error']})" if m.get("error") else
+            f", downtime {m['downtime_ms']:.0f} ms, {_size(m['bytes_sent'])} sent"
+            if m["state"] == "done" else f", {m.get('phase', '')}")))
     rows += [(key, str(value)) for key, value in vm["config"].items()]
     cpu = vm["cpu"]
     rows += [("cpu", f"{cpu['percent']}% of a core ({cpu['host_share_percent']}% of the "
@@ -236,10 +244,47 @@ async def _logs(client: Client, args: argparse.Namespace) -> None:
 
 async def _snapshot(client: Client, args: argparse.Namespace) -> None:
     with err_console.status(f"Saving {args.vms} to {args.file}…"):
-        result = await client.snapshot(args.vms, args.file)
+        result = await client.snapshot(args.vms, args.file, args.diff)
     err_console.print(f"Saved {result['path']}: {_size(result['ram_bytes'])} of RAM stored "
                       f"(file {_size(result['file_bytes'])}, sparse) in "
                       f"{result['seconds'] * 1000:.0f} ms")
+
+
+async def _migrate(client: Client, args: argparse.Namespace) -> int:
+    """Start the migration, follow it with a progress bar, then say how it went. A
+    request refused before anything moved exits with status 2."""
+    options: dict[str, Any] = {"max_downtime": args.max_downtime / 1000}
+    to = args.to
+    try:
+        if args.dest_token_file is not None:
+            options["token"] = token.read(args.dest_token_file)
+        if not to.startswith("tcp:"):
+            to = str(Path(to).absolute())
+        vm = await client.migrate(args.vms, to, **options)
+    except (ApiError, TokenError) as err:
+        err_console.print(f"popek vm migrate: error: {err}", markup=False)
+        return EXIT_USAGE
+    migration = vm["migration"]
+    with Progress(*Progress.get_default_columns(), TextColumn("{task.fields[detail]}"),
+                  console=err_console, transient=True) as progress:
+        task = progress.add_task(f"Migrating {vm['name']} to {args.to}", total=None,
+                                 detail="")
+        while migration["state"] == "migrating":
+            await asyncio.sleep(MIGRATE_POLL)
+            migration = (await client.info(vm["id"]))["migration"]
+            sent, left = migration.get("pages_sent", 0), migration.get("pages_left", 0)
+            progress.update(task, completed=sent, total=sent + left, detail=(
+                f"{migration.get('phase', '')}, round {migration.get('round', 0)}, "
+                f"{_size(migration.get('bytes_sent', 0))} sent"))
+    if migration["state"] == "failed":
+        err_console.print(f"popek vm migrate: {vm['name']}: migration failed: "
+                          f"{migration['error']} ({vm['name']} runs on here)", markup=False)
+        return EXIT_ERROR
+    err_console.print(f"Migrated {vm['name']} to {args.to}: downtime "
+                      f"{migration['downtime_ms']:.0f} ms, total "
+                      f"{migration['total_seconds']:.2f} s, {_size(migration['bytes_sent'])} "
+                      f"sent in {migration['rounds']} round(s)")
+    return 0
 
 
 async def _restore(client: Client, args: argparse.Namespace) -> None:
@@ -295,6 +340,7 @@ async def _console(client: Client, args: argparse.Namespace) -> int:
 _COMMANDS: dict[str, Callable[[Client, argparse.Namespace], Awaitable[Any]]] = {
     "create": _create, "ls": _ls, "info": _info, "stop": _stop, "update": _update,
     "logs": _logs, "snapshot": _snapshot, "restore": _restore, "console": _console,
+    "migrate": _migrate,
     "exec": agent_commands.exec_command, "cp": agent_commands.cp_command,
     **{name: _each(name, name) for name in ("start", "pause", "resume", "kill", "rm")},
 }

@@ -40,13 +40,14 @@ class HostFiles:
         SnapshotError, in one line."""
         if "restore" in spec:
             path = Path(spec["restore"])
-            return cls.for_machine(snapshot.read_config(path), path)
+            return cls.for_machine(snapshot.read_config(path), *snapshot.chain(path))
         return cls.for_machine(config_from_json(spec["config"]))
 
     @classmethod
-    def for_machine(cls, config: MachineConfig, restore: Path | None = None) -> HostFiles:
-        """Open what ``config`` names (and the snapshot to ``restore``) as the VMM's user;
-        ImageError says which file cannot be opened and why."""
+    def for_machine(cls, config: MachineConfig, *restore: Path) -> HostFiles:
+        """Open what ``config`` names (and the snapshot to ``restore``, with the bases of a
+        diff snapshot) as the VMM's user; ImageError says which file cannot be opened and
+        why."""
         wanted: list[tuple[Path, bool, str]] = []
         if config.kernel is not None:
             wanted.append((config.kernel, False, "kernel"))
@@ -56,8 +57,7 @@ class HostFiles:
         if firmware is not None:
             wanted.append((firmware, False, "firmware"))
         wanted += [(disk.path, not disk.readonly, "disk image") for disk in config.disks]
-        if restore is not None:
-            wanted.append((restore, False, "snapshot"))
+        wanted += [(path, False, "snapshot") for path in restore]
         files = cls()
         try:
             for path, writable, what in wanted:

@@ -19,6 +19,7 @@ import contextlib
 import itertools
 import secrets
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +32,12 @@ from popek.machine.config import (
     config_to_json,
 )
 from popek.net import OpenedNic, open_nics
-from popek.vmm import records, scheduler
+from popek.vmm import migration_peers, records, scheduler
 from popek.vmm.errors import BadRequest, Conflict, NotFound
 from popek.vmm.networks import Networks
 from popek.vmm.paths import PathPolicy
-from popek.vmm.snapshot import SnapshotError, read_config
-from popek.vmm.vm import LIVE, Vm
+from popek.vmm.snapshot import SnapshotError, chain, read_config
+from popek.vmm.vm import LIVE, READY_TIMEOUT, Vm
 
 SAMPLE_INTERVAL = 1.0  # seconds between CPU share measurements
 DEFAULT_MEM_OVERHEAD = 512 << 20  # address space a worker may add beyond guest RAM
@@ -56,6 +57,7 @@ class Vmm:
         self._watchers: set[asyncio.Task[None]] = set()  # VMs whose ports leave on stop
         self._numbers = itertools.count(1)
         self._sampler: asyncio.Task[None] | None = None
+        self.instance = secrets.token_hex(8)  # tells a migration to itself from one elsewhere
 
     async def __aenter__(self) -> Vmm:
         await self._adopt_all()
@@ -156,7 +158,8 @@ class Vmm:
         return [vm.info() for vm in self.vms.values()]
 
     # -- creation -------------------------------------------------------------------------
-    def _new_vm(self, body: dict[str, Any], source: str | None = None) -> Vm:
+    def _new_vm(self, body: dict[str, Any], source: str | None = None,
+                vm_id: str | None = None) -> Vm:
         taken = {vm.name for vm in self.vms.values()}
         name = body.get("name") or next(f"vm{n}" for n in self._numbers if f"vm{n}" not in taken)
         if not isinstance(name, str) or name in taken:
@@ -168,7 +171,7 @@ class Vmm:
         if overhead is not None and (not isinstance(overhead, int)
                                      or not 64 << 20 <= overhead <= MAX_MEM_OVERHEAD):
             raise BadRequest("'mem_overhead' must be 64 MiB to 1 TiB (bytes) or null")
-        vm_id = secrets.token_hex(6)
+        vm_id = vm_id or secrets.token_hex(6)
         return Vm(vm_id, name, records.VmFiles(self.state_dir, vm_id), cpu_weight=weight,
                   cpu_cap=cap, mem_overhead=overhead, source=source)
 
@@ -217,6 +220,7 @@ class Vmm:
         paths.check(path)
         try:
             recorded = await asyncio.to_thread(read_config, path)
+            await asyncio.to_thread(chain, path, paths.check)  # a diff's bases
         except SnapshotError as err:
             raise BadRequest(str(err)) from None
         paths.check_config(recorded)
@@ -224,7 +228,7 @@ class Vmm:
         return self._new_vm(body, source=path), {"restore": path}, recorded
 
     async def _launch(self, vm: Vm, spec: dict[str, Any], start: bool,
-                      config: MachineConfig) -> None:
+                      config: MachineConfig, ready_timeout: float = READY_TIMEOUT) -> None:
         """Open the guest's NICs here (workers open nothing), then start its worker. Its
         switch NICs get their ports now, and lose them when it stops."""
         try:
@@ -232,7 +236,8 @@ class Vmm:
         except ConfigError as err:
             raise BadRequest(str(err)) from None
         try:
-            await vm.launch({**spec, "page_sharing": self.page_sharing}, nics)
+            await vm.launch({**spec, "page_sharing": self.page_sharing}, nics,
+                            ready_timeout)
         except BaseException:
             with contextlib.suppress(Exception):
                 vm.kill()
@@ -264,9 +269,21 @@ class Vmm:
         await vm.wait_stopped()
         self.networks.disconnect(vm.id)
 
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` in the background for as long as this VMM runs."""
+        self._watchers.add(task := asyncio.create_task(work))
+        task.add_done_callback(self._watchers.discard)
+
+    def forget(self, vm: Vm) -> None:
+        """Drop a VM that has no worker (one that migrated away) and its record."""
+        del self.vms[vm.id]
+        vm.files.remove()
+
     # -- operations -----------------------------------------------------------------------
     async def delete(self, ref: str) -> None:
         vm = self.get(ref)
+        if vm.state in ("incoming", "creating"):
+            raise Conflict(f"VM {vm.name} is arriving; delete it once it has")
         vm.kill()
         await vm.wait_stopped()
         del self.vms[vm.id]
@@ -306,7 +323,22 @@ class Vmm:
         if not isinstance(path, str):
             raise BadRequest("'path' must be the absolute path of the snapshot file")
         paths.check(path)
-        return await self.get(ref).snapshot(path)
+        diff = body.get("diff")
+        if diff is not None:
+            if not isinstance(diff, str):
+                raise BadRequest("'diff' must be the absolute path of the base snapshot")
+            paths.check(diff)
+        return await self.get(ref).snapshot(path, diff)
+
+    async def migrate(self, ref: str, body: dict[str, Any], paths: PathPolicy) -> Vm:
+        """Start a live migration (:mod:`popek.vmm.migration_peers`)."""
+        vm = self.get(ref)
+        await migration_peers.migrate_out(self, vm, body, paths)
+        return vm
+
+    async def expect_incoming(self, body: dict[str, Any], paths: PathPolicy,
+                              local: Any) -> dict[str, Any]:
+        return await migration_peers.expect_incoming(self, body, paths, local)
 
 
 def _assign_macs(config: MachineConfig, vm_id: str) -> None:

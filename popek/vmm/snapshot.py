@@ -10,6 +10,12 @@ Layout, integers little-endian::
                 harts, firmware and devices, and the runs of non-zero pages with a CRC-32
                 of each
 
+A diff snapshot (Firecracker's, ``popek vm snapshot --diff BASE``) stores only the pages
+written since its base snapshot, as the base's dirty log names them
+(:meth:`PhysicalMemory.dirty_log`), and records the base (its path and the CRC of its
+metadata); a restore maps the base (itself perhaps a diff, up to :data:`MAX_CHAIN`
+deep) and lays the diff's pages over it. Holes in a diff mean "as in the base".
+
 RAM sits page-aligned at a fixed offset so a restore can map it copy-on-write
 (``MAP_PRIVATE``): a restored guest reads pages from the page cache on first touch and
 copies one only when it writes it, so many clones of one snapshot share every page
@@ -60,6 +66,7 @@ _ZERO_PAGE = bytes(PAGE_SIZE)
 # its longest (every other page stored: one [first, count, crc] run per two pages).
 _META_BASE = 16 << 20
 _META_PER_PAGE = 24
+MAX_CHAIN = 16  # diff snapshots on diff snapshots on a full one
 
 
 class SnapshotError(Exception):
@@ -74,6 +81,15 @@ class SavedSnapshot:
     file_bytes: int  # apparent size
     ram_bytes: int  # non-zero RAM actually stored
     seconds: float
+    meta_crc: int = 0  # what a diff snapshot of this one records, to know it again
+
+
+@dataclass(frozen=True)
+class Base:
+    """The snapshot a diff snapshot holds the changes since."""
+
+    path: str
+    meta_crc: int
 
 
 @dataclass
@@ -134,9 +150,10 @@ def save(path: Path, machine: VirtMachine, extra: dict[str, Any] | None = None) 
         return write(fd, Path(path), machine, extra)
 
 
-def write(fd: int, path: Path, machine: VirtMachine,
-          extra: dict[str, Any] | None = None) -> SavedSnapshot:
-    """Write ``machine`` into the new, empty file ``fd`` (``path`` names it in messages).
+def write(fd: int, path: Path, machine: VirtMachine, extra: dict[str, Any] | None = None,
+          base: Base | None = None, written: list[tuple[int, int]] = ()) -> SavedSnapshot:
+    """Write ``machine`` into the new, empty file ``fd`` (``path`` names it in messages);
+    with ``base``, only the runs of pages ``written`` since that snapshot (a diff).
 
     Disks are flushed first, so the image files on the host match what the saved guest
     believes it wrote; their paths are recorded, their contents are not copied.
@@ -145,8 +162,9 @@ def write(fd: int, path: Path, machine: VirtMachine,
     try:
         for disk in machine.disks:
             os.fsync(disk.fd)
-        runs, stored = _write_ram(fd, machine.mem)
+        runs, stored = _write_ram(fd, machine.mem, None if base is None else written)
         meta = json.dumps({
+            **({"base": {"path": base.path, "meta_crc": base.meta_crc}} if base else {}),
             "created": time.time(),
             "config": config_to_json(machine.config),
             "machine": machine.save_state(),
@@ -162,15 +180,17 @@ def write(fd: int, path: Path, machine: VirtMachine,
         os.fsync(fd)
     except OSError as err:
         raise SnapshotError(f"cannot write {path}: {err.strerror}") from None
-    return SavedSnapshot(path, file_size, stored, time.monotonic() - start)
+    return SavedSnapshot(path, file_size, stored, time.monotonic() - start, zlib.crc32(meta))
 
 
-def _write_ram(fd: int, mem: PhysicalMemory) -> tuple[list[list[int]], int]:
-    """Store the non-zero runs of pages; returns [[first page, pages, CRC-32]...], bytes."""
+def _write_ram(fd: int, mem: PhysicalMemory,
+               only: list[tuple[int, int]] | None) -> tuple[list[list[int]], int]:
+    """Store the non-zero runs of pages (or, for a diff, the runs ``only``, zero or not);
+    returns [[first page, pages, CRC-32]...], bytes."""
     runs: list[list[int]] = []
     stored = 0
     with memoryview(mem.ram) as ram:
-        for first, count in _nonzero_runs(mem):
+        for first, count in nonzero_runs(mem) if only is None else only:
             data = ram[first * PAGE_SIZE:(first + count) * PAGE_SIZE]
             os.pwrite(fd, data, MEM_OFFSET + first * PAGE_SIZE)
             runs.append([first, count, zlib.crc32(data)])
@@ -179,7 +199,7 @@ def _write_ram(fd: int, mem: PhysicalMemory) -> tuple[list[list[int]], int]:
     return runs, stored
 
 
-def _nonzero_runs(mem: PhysicalMemory) -> Iterator[tuple[int, int]]:
+def nonzero_runs(mem: PhysicalMemory) -> Iterator[tuple[int, int]]:
     """(first page, count) of each maximal run of pages holding a non-zero byte.
 
     Comparing slices reads untouched anonymous pages through the shared zero page, so
@@ -202,13 +222,13 @@ def _nonzero_runs(mem: PhysicalMemory) -> Iterator[tuple[int, int]]:
         yield first, mem.size // PAGE_SIZE - first
 
 
-def load(path: Path, opener: Callable[..., int] = os.open) -> Snapshot:
+def load(path: Path, opener: Callable[..., int] = os.open, depth: int = 0) -> Snapshot:
     """Check ``path`` completely and map its RAM; raises SnapshotError, changing nothing.
-    ``opener`` opens the snapshot and the disks it names, as os.open does."""
+    ``opener`` opens the snapshot (and its base) and the disks it names, as os.open does."""
     path = Path(path)
     fd = _open(path, opener)
     try:
-        meta, ram_size = _read_checked_meta(path, fd)
+        meta, ram_size, _ = _read_checked_meta(path, fd)
         config = _config(path, meta)
         if config.mem != ram_size:
             raise SnapshotError(f"{path}: RAM of {ram_size} bytes, configuration says "
@@ -219,16 +239,69 @@ def load(path: Path, opener: Callable[..., int] = os.open) -> Snapshot:
         if type(console_bytes) is not int or console_bytes < 0:
             raise SnapshotError(f"{path}: console byte count {console_bytes!r:.40} "
                                 "(corrupt file)")
+        base = _base_of(path, meta, depth)
         memory = PhysicalMemory(RAM_BASE, ram_size, backing=(fd, MEM_OFFSET))
         try:
             runs = _check_pages(path, memory, meta.get("pages"))
-            _check_holes(path, fd, memory, runs)
+            if base is None:
+                _check_holes(path, fd, memory, runs)
+            else:
+                memory = _laid_over(path, base, config, memory, runs, opener, depth)
         except SnapshotError:
             memory.ram.close()
             raise
     finally:
         os.close(fd)  # the mapping keeps the file
     return Snapshot(path, meta, config, memory, opener)
+
+
+def _base_of(path: Path, meta: dict[str, Any], depth: int) -> Base | None:
+    base = meta.get("base")
+    if base is None:
+        return None
+    if not (isinstance(base, dict) and isinstance(base.get("path"), str)
+            and isinstance(base.get("meta_crc"), int) and os.path.isabs(base["path"])):
+        raise SnapshotError(f"{path}: malformed base snapshot record (corrupt file)")
+    if depth >= MAX_CHAIN:
+        raise SnapshotError(f"{path}: more than {MAX_CHAIN} diff snapshots on one another")
+    return Base(base["path"], base["meta_crc"])
+
+
+def _laid_over(path: Path, base: Base, config: MachineConfig, diff: PhysicalMemory,
+               runs: list[tuple[int, int]], opener: Callable[..., int],
+               depth: int) -> PhysicalMemory:
+    """The base's RAM with the diff's (checked) pages over it."""
+    under = load(Path(base.path), opener, depth + 1)
+    fd = _open(Path(base.path), opener)
+    try:
+        crc = _read_checked_meta(Path(base.path), fd)[2]
+    finally:
+        os.close(fd)
+    if crc != base.meta_crc or under.config != config:
+        under.memory.ram.close()
+        raise SnapshotError(f"{path}: its base {base.path} is not the snapshot it was "
+                            "taken after (replaced since?)")
+    for first, end in runs:
+        under.memory.ram[first * PAGE_SIZE:end * PAGE_SIZE] = \
+            diff.ram[first * PAGE_SIZE:end * PAGE_SIZE]
+    diff.ram.close()
+    return under.memory
+
+
+def chain(path: Path, check: Callable[[Path], object] = lambda _: None) -> list[Path]:
+    """``path`` and the snapshots under it, if it is a diff: what a restore opens. Each
+    base passes ``check`` (the VMM's path policy) before it is opened."""
+    paths = [Path(path)]
+    while True:
+        fd = _open(paths[-1])
+        try:
+            base = _base_of(paths[-1], _read_checked_meta(paths[-1], fd)[0], len(paths) - 1)
+        finally:
+            os.close(fd)
+        if base is None:
+            return paths
+        check(Path(base.path))
+        paths.append(Path(base.path))
 
 
 def read_config(path: Path) -> MachineConfig:
@@ -268,7 +341,9 @@ def _config(path: Path, meta: dict[str, Any]) -> MachineConfig:
         raise SnapshotError(f"{path}: bad machine configuration: {err}") from None
 
 
-def _read_checked_meta(path: Path, fd: int) -> tuple[dict[str, Any], int]:
+def _read_checked_meta(path: Path, fd: int) -> tuple[dict[str, Any], int, int]:
+    """The metadata, the RAM size and the metadata's CRC (a diff snapshot's record of
+    its base)."""
     head = os.pread(fd, _HEAD.size + _CRC.size, 0)
     if len(head) < 12 or head[:8] != MAGIC:
         raise SnapshotError(f"{path} is not a popek snapshot")
@@ -299,7 +374,7 @@ def _read_checked_meta(path: Path, fd: int) -> tuple[dict[str, Any], int]:
         raise SnapshotError(f"{path}: metadata is not JSON (corrupt file)") from None
     if not isinstance(meta, dict):
         raise SnapshotError(f"{path}: metadata is not an object (corrupt file)")
-    return meta, ram_size
+    return meta, ram_size, meta_crc
 
 
 def _check_pages(path: Path, memory: PhysicalMemory, runs: Any) -> list[tuple[int, int]]:

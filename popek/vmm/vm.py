@@ -6,6 +6,8 @@ States::
        |                  |                          |
        +------------------+-- poweroff, kill --------+--> stopped
        +------------------+-- worker died -----------+--> failed
+                          +-- migrate ---------------------> migrated (it runs elsewhere)
+    incoming --the source connects--> creating --> running (or paused: see migration.py)
 
 The VMM talks to the worker only through its channel and holds its process by a pidfd
 (:mod:`popek.vmm.workerprocess`); anything the worker does wrong (dies, sends garbage)
@@ -94,6 +96,7 @@ class Vm:
         self._detached = False
         self.nics: list[OpenedNic] = []  # host ends the VMM opened; the worker uses copies
         self.nic_paths: list[str] = []  # the Unix socket paths they bound, removed at the end
+        self.migration: dict[str, Any] | None = None  # the last one: where to, how it went
 
     # -- the record -----------------------------------------------------------------------------
     # What the record keeps, and the types a record read back must have.
@@ -132,7 +135,8 @@ class Vm:
         return vm
 
     # -- worker -----------------------------------------------------------------------------
-    async def launch(self, spec: dict[str, Any], nics: list[OpenedNic] = ()) -> None:
+    async def launch(self, spec: dict[str, Any], nics: list[OpenedNic] = (),
+                     ready_timeout: float = READY_TIMEOUT) -> None:
         """Start the worker and wait until its machine is built; BadRequest if it cannot be.
 
         ``nics`` are the host ends of the guest's NICs, opened by the VMM: the worker gets
@@ -175,7 +179,7 @@ class Vm:
             for nic in self.nics:  # the worker holds the ends now: when it ends, they close
                 nic.end.close()
         try:
-            ready = await self._attach(READY_TIMEOUT)
+            ready = await self._attach(ready_timeout)
         except (OSError, TimeoutError) as err:
             failure = f"the worker did not get ready ({err or 'timed out'})"
             self.kill(failure=failure)
@@ -185,7 +189,9 @@ class Vm:
             raise BadRequest(ready["error"])
         self.config = ready["config"]
         await self._confined(ready.get("warnings", []))
-        self.state = "created"
+        self.state = ready.get("state", "created")  # a guest that migrated here runs already
+        if self.state == "running":
+            self.started = time.time()
         self.save()
 
     async def adopt(self) -> None:
@@ -312,7 +318,7 @@ class Vm:
             if not self._ready.done():
                 self._ready.set_result({"error": self.failure or status or _UNEXPLAINED})
         elif self.exit is not None:
-            self.state = "stopped"
+            self.state = "migrated" if self.exit.get("kind") == "migrated" else "stopped"
         else:
             self.state = "failed"
             self.failure = self.failure or status or \
@@ -436,18 +442,38 @@ class Vm:
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
 
-    async def snapshot(self, path: str) -> dict[str, Any]:
-        """The VMM makes the file, the worker (which cannot) writes into it."""
+    async def snapshot(self, path: str, diff: str | None = None) -> dict[str, Any]:
+        """The VMM makes the file, the worker (which cannot) writes into it; ``diff``: only
+        the pages written since that snapshot, this VM's latest."""
         self._require("snapshot", "created", "running", "paused")
         try:
             with snapshot.NewFile(path) as fd:
                 hostfiles.send(self._file_socket, fd)
-                result = await self._call("snapshot", path=path)
+                result = await self._call("snapshot", path=path,
+                                          **({"diff": diff} if diff else {}))
         except snapshot.SnapshotError as err:
             raise BadRequest(str(err)) from None
         self.snapshots.append({"path": result["path"], "created": time.time()})
         self.save()
         return result
+
+    def check_migratable(self) -> None:
+        self._require("migrate", "running")
+        if self.migration is not None and self.migration["state"] == "migrating":
+            raise Conflict(f"VM {self.name} is migrating already")
+
+    async def migrate(self, sock: socket.socket, to: str,
+                      max_downtime: float) -> asyncio.Task[dict[str, Any]]:
+        """Hand the worker the connection to the destination and start the migration;
+        the task ends with its figures, or Conflict saying why it failed (the guest then
+        runs on here). Progress shows in :meth:`info`."""
+        self.check_migratable()
+        try:
+            hostfiles.send(self._file_socket, sock.fileno())
+        finally:
+            sock.close()
+        self.migration = {"to": to, "state": "migrating", "started": time.time()}
+        return asyncio.create_task(self._call("migrate", max_downtime=max_downtime))
 
     async def replug(self, nic: int, sock: socket.socket) -> None:
         """Hand the worker a new host end for switch NIC ``nic`` (this VMM adopted the
@@ -526,6 +552,8 @@ class Vm:
             "nics": stats.get("nics", []),
             "balloon": stats.get("balloon"),
             "confinement": self.confinement,
+            "migration": {**stats.get("migration", {}), **self.migration}
+            if self.migration else None,
         }
 
 

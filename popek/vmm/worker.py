@@ -25,6 +25,7 @@ while no VMM runs is listed stopped, with its exit code and last words, by the n
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
 import os
@@ -38,6 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from popek.cpu.physmem import DirtyLog
 from popek.machine.agent import AgentLink, relink
 from popek.machine.config import ConfigError, config_from_json
 from popek.machine.loader import ImageError
@@ -56,6 +58,7 @@ from popek.vmm import (
 )
 from popek.vmm.channel import INPUT, JSON, OUTPUT, ChannelClosed, Message, WorkerEnd
 from popek.vmm.console import Scrollback
+from popek.vmm.migration import Arrival, Emigration, MigrationError, immigrate
 from popek.vmm.throttle import CpuCap
 
 STATS_INTERVAL = 0.25  # seconds between the statistics a running worker pushes
@@ -180,6 +183,12 @@ class Worker:
         self.lift_memory_limit: Callable[[], None] = lambda: None
         self.warnings: list[str] = []  # about its confinement, for the VMM to show
         self.next_balloon_stats = 0.0
+        self.migration: Emigration | None = None  # this guest leaving, live
+        self.migration_id: Any = None  # the VMM's command, answered when it is over
+        self.arrival: Arrival | None = None  # this guest came by migration
+        # The latest snapshot this worker wrote, and the pages written since (for a diff)
+        self.last_snapshot: snapshot.Base | None = None
+        self.snapshot_log: DirtyLog | None = None
 
     # -- life cycle -----------------------------------------------------------------------
     def serve(self) -> None:
@@ -188,13 +197,19 @@ class Worker:
             return
         try:
             self.machine = self._build()
-        except (ConfigError, ImageError, snapshot.SnapshotError, OSError) as err:
+        except (ConfigError, ImageError, snapshot.SnapshotError, MigrationError,
+                OSError) as err:
             self.link.send(JSON, {"op": "error", "message": str(err)})
             self._record_exit({"failure": str(err)})
             return
         self._limit_memory()
         self.frozen_clock = self.machine.clint.save_state()
         self.machine_ready = True
+        if self.arrival is not None:
+            self.started = True
+            self._set_running(self.arrival.go)  # without GO it waits, paused (migration.py)
+            for nic in self.machine.nics:
+                nic.announce()  # switches learn where the guest is now
         self._greet()
         self._loop()
 
@@ -235,6 +250,8 @@ class Worker:
             machine = snap.machine(self._console_out, nets=self.nets,
                                    events=self.runner.sources)
             self.instret_offset -= sum(hart.instret for hart in machine.harts)
+        elif "incoming" in self.spec and not fresh:
+            machine = self._immigrate()
         else:
             machine = VirtMachine(config_from_json(self.spec["config"]), self._console_out,
                                   nets=self.nets, events=self.runner.sources,
@@ -266,7 +283,10 @@ class Worker:
         (if one is attached). Paused, the runner waits on its event sources alone."""
         next_stats = 0.0
         while True:
-            self.runner.step(max(0.0, next_stats - time.monotonic()) if self.running else None)
+            self.runner.step(0.0 if self.migration is not None else
+                             max(0.0, next_stats - time.monotonic()) if self.running else None)
+            if self.migration is not None and self._migrate_step():
+                return
             if self.running:
                 self._flush_output()
                 if self.machine.exit is not None and not self._guest_finished():
@@ -287,6 +307,7 @@ class Worker:
         """The guest powered off (False: stop) or rebooted (True: carry on, fresh)."""
         kind, code = self.machine.exit
         if kind == "reboot":
+            self._forget_snapshot_base()  # the new machine has new memory
             self.instret_offset += self._instret()
             self.machine.close()
             self.machine = self._build(fresh=True)
@@ -304,6 +325,11 @@ class Worker:
             return
         reply: dict[str, Any] = {"op": "reply", "id": msg.get("id"), "ok": True}
         try:
+            if self.migration is not None and op in ("pause", "snapshot", "migrate"):
+                raise ValueError(f"cannot {op}: the guest is migrating")
+            if op == "migrate":
+                self._emigrate(msg)
+                return  # answered when the migration is over
             if op in ("start", "resume"):
                 self._set_running(True)
             elif op == "pause":
@@ -313,12 +339,12 @@ class Worker:
             elif op == "balloon":
                 self._balloon(msg.get("bytes"))
             elif op == "snapshot":
-                reply["result"] = self._snapshot(msg["path"])
+                reply["result"] = self._snapshot(msg["path"], msg.get("diff"))
             elif op == "replug":
                 self._replug(msg.get("nic"))
             else:
                 raise ValueError(f"unknown command {op!r}")
-        except (ValueError, snapshot.SnapshotError) as err:
+        except (ValueError, snapshot.SnapshotError, MigrationError) as err:
             reply.update(ok=False, error=str(err))
         self._send_stats()
         self.link.send(JSON, reply)
@@ -343,18 +369,108 @@ class Worker:
             raise ValueError(f"a balloon target is 0 to {size} bytes of guest RAM")
         balloon.set_target((size - guest_bytes) >> 12)
 
-    def _snapshot(self, path: str) -> dict[str, Any]:
+    def _snapshot(self, path: str, diff: str | None = None) -> dict[str, Any]:
+        """A full snapshot, or (``diff``: the path of this VM's latest snapshot) only the
+        pages written since that one; either is the base of the next diff."""
         if not self.running:
             self.machine.clint.load_state(self.frozen_clock)  # mtime as it stood at pause
         fd = hostfiles.receive(self.link.files)  # the VMM made the file
         try:
-            saved = snapshot.write(fd, Path(path), self.machine,
-                                   {"console_bytes": self.console.total})
+            if diff is not None and (self.last_snapshot is None
+                                     or self.last_snapshot.path != diff):
+                raise ValueError(f"--diff {diff}: not the latest snapshot of this VM "
+                                 f"({self.last_snapshot.path if self.last_snapshot else 'none'})")
+            written = self.snapshot_log.take() if diff is not None else []
+            try:
+                saved = snapshot.write(fd, Path(path), self.machine,
+                                       {"console_bytes": self.console.total},
+                                       self.last_snapshot if diff is not None else None, written)
+            except snapshot.SnapshotError:
+                if diff is not None:  # the pages taken are in no file: no diff on this base
+                    self._forget_snapshot_base()
+                raise
         finally:
             os.close(fd)
+        if diff is None:
+            self._forget_snapshot_base()
+            self.snapshot_log = self.machine.mem.dirty_log()
+        self.last_snapshot = snapshot.Base(str(saved.path), saved.meta_crc)
         return {"path": str(saved.path), "file_bytes": saved.file_bytes,
                 "ram_bytes": saved.ram_bytes, "seconds": saved.seconds,
                 "console_bytes": self.console.total}
+
+    def _forget_snapshot_base(self) -> None:
+        if self.snapshot_log is not None:
+            self.snapshot_log.close()
+        self.snapshot_log = self.last_snapshot = None
+
+    # -- live migration (popek.vmm.migration) ---------------------------------------------
+    def _emigrate(self, msg: dict[str, Any]) -> None:
+        """Start sending the guest over the connection the VMM made and hands over now;
+        the loop drives it between slices (:meth:`_migrate_step`)."""
+        sock = socket.socket(fileno=hostfiles.receive(self.link.files))
+        if not self.running:
+            sock.close()
+            raise MigrationError("only a running guest migrates")
+        max_downtime = msg.get("max_downtime")
+        try:
+            self.migration = Emigration(self.machine, sock, float(max_downtime))
+        except MigrationError:
+            sock.close()
+            raise
+        self.migration_id = msg.get("id")
+
+    def _migrate_step(self) -> bool:
+        """One chunk of the migration; True once the guest has left (the worker ends).
+        A failed migration leaves the guest running here, as it was."""
+        migration = self.migration
+        result = None
+        try:
+            if not migration.pump():
+                return False
+            self._set_running(False)  # the guest's clock stops with it
+            self._flush_output()
+            result = migration.finish({
+                "machine": self.machine.save_state(), "console_bytes": self.console.total,
+                "console": base64.b64encode(self.console.data).decode(),
+                "instructions": self.instret_offset + self._instret(),
+                "traps": {str(cause): n for cause, n in self.traps.items()}})
+            reply = {"ok": True, "result": result}
+        except MigrationError as err:
+            reply = {"ok": False, "error": str(err)}
+        migration.close()
+        self.migration = None
+        self._send_stats()
+        self.link.send(JSON, {"op": "reply", "id": self.migration_id, **reply})
+        if result is None:
+            self._set_running(True)
+            return False
+        self.link.send(JSON, {"op": "exit", "kind": "migrated", "code": 0})
+        self._record_exit({"kind": "migrated", "code": 0})
+        return True
+
+    def _immigrate(self) -> VirtMachine:
+        """The machine, as the source sends it over the connection the VMM accepted."""
+        config = config_from_json(self.spec["config"])
+
+        def build(memory: Any, state: dict[str, Any]) -> VirtMachine:
+            return VirtMachine(config, self._console_out, memory=memory,
+                               state=state["machine"], nets=self.nets,
+                               events=self.runner.sources, opener=self.spec["files"].open)
+
+        sock = socket.socket(fileno=self.spec["incoming"].detach())
+        self.arrival = immigrate(sock, config, build)
+        machine, state = self.arrival.machine, self.arrival.state
+        try:
+            history = base64.b64decode(state.get("console", ""))
+            self.console.total = int(state.get("console_bytes", 0)) - len(history)
+            self.console.append(history)
+            self.instret_offset = int(state.get("instructions", 0)) - \
+                sum(hart.instret for hart in machine.harts)
+            self.traps.update({int(k): int(v) for k, v in state.get("traps", {}).items()})
+        except (TypeError, ValueError, AttributeError):
+            pass  # counters and history are for show; the guest itself arrived whole
+        return machine
 
     def _replug(self, index: object) -> None:
         """A VMM that adopted this guest made its switch port anew: NIC ``index`` carries
@@ -389,6 +505,7 @@ class Worker:
             "console_bytes": self.console.total,
             "nics": [nic.stats() for nic in self.machine.nics],
             **({"balloon": self._balloon_report()} if self.machine.balloon else {}),
+            **({"migration": self.migration.progress.as_json()} if self.migration else {}),
         })
 
     def _balloon_report(self) -> dict[str, Any]:

@@ -81,6 +81,9 @@ def default_mac(index: int) -> str:
     return ":".join(f"{b:02x}" for b in value.to_bytes(6, "big"))
 
 
+ETHERTYPE_RARP = 0x8035
+
+
 @dataclass
 class NetCounters:
     """What the NIC passed and dropped, both ways (visible in the device's state)."""
@@ -253,6 +256,18 @@ class VirtioNet:
                     c.tx_frames += 1
                     c.tx_bytes += size
             queue.push_used(chain.head, 0)
+
+    def announce(self) -> None:
+        """Tell the network this MAC is here now (the guest moved: a live migration), as
+        QEMU's announce-self does: a broadcast RARP request from the MAC, so that a
+        learning switch sends the guest's frames to its new port. A full socket drops it."""
+        mac = bytes.fromhex(self.mac.replace(":", ""))
+        rarp = struct.pack(">HHBBH", 1, 0x0800, 6, 4, 3) + mac + bytes(4) + mac + bytes(4)
+        frame = (b"\xff" * 6 + mac + struct.pack(">H", ETHERTYPE_RARP) + rarp).ljust(60, b"\0")
+        if self.backend.ready_to_send():
+            self.backend.send(frame)
+            self.counters.tx_frames += 1
+            self.counters.tx_bytes += len(frame)
 
     # -- reporting and snapshots ----------------------------------------------------------
     def stats(self) -> dict[str, int]:

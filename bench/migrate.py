@@ -1,0 +1,226 @@
+"""Live migration benchmark: popek beside QEMU, the same Linux guest, in one run.
+
+The bundled Linux (kernel and initramfs, 256 MiB of RAM) boots once under two
+``popek serve`` instances' care and once under qemu-system-riscv64; each then migrates
+twice on this host: idle, and while a shell loop keeps rewriting a 4 MiB file (a guest
+dirtying memory at a steady rate). popek's figures come from ``GET /v1/vms/{vm}``
+(``migration``), QEMU's from QMP's ``query-migrate`` (its ``downtime``, ``total-time``
+and ``ram.transferred``). Both get a 50 ms downtime budget and no bandwidth cap.
+
+    python bench/migrate.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import lzma
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from popek import images  # noqa: E402
+from popek.api.client import Client  # noqa: E402
+
+MEM = 256 << 20
+BOOTED = rb"popek guest: Linux"
+DIRTIER = (b"dd if=/dev/urandom of=/tmp/src bs=1M count=4 2>/dev/null; (while true; do "
+           b"dd if=/tmp/src of=/tmp/d bs=1M conv=notrunc 2>/dev/null; sleep 0.1; done) & "
+           b"echo dirtier-$((6*7))\n")
+DIRTYING = rb"dirtier-42"
+PATIENCE = 600.0
+
+
+# -- popek -----------------------------------------------------------------------------------------
+async def _until(client: Client, vm: str, pattern: bytes) -> None:
+    deadline = time.monotonic() + PATIENCE
+    while not re.search(pattern, await client.console_log(vm)):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the guest never printed {pattern!r}")
+        await asyncio.sleep(0.2)
+
+
+async def _migrate(client: Client, vm: str, to: Path) -> dict[str, Any]:
+    await client.migrate(vm, str(to), max_downtime=0.05)
+    while (info := await client.info(vm))["migration"]["state"] == "migrating":
+        await asyncio.sleep(0.05)
+    if info["migration"]["state"] != "done":
+        raise RuntimeError(f"popek's migration failed: {info['migration']['error']}")
+    return info["migration"]
+
+
+async def measure_popek(tmp: Path) -> dict[str, dict[str, float]]:
+    socks, procs = [], []
+    for name in ("a", "b"):
+        sock = tmp / f"{name}.sock"
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "popek", "serve", "--socket", str(sock), "--state-dir",
+             str(tmp / f"state-{name}"), "--stop-guests", "--stop-timeout", "0"],
+            stderr=subprocess.DEVNULL))
+        socks.append(sock)
+    try:
+        while not all(sock.exists() for sock in socks):
+            await asyncio.sleep(0.1)
+        async with Client(socks[0]) as a, Client(socks[1]) as b:
+            vm = (await a.create(kernel=str(images.KERNEL), initrd=str(images.INITRD),
+                                 mem=MEM))["id"]
+            await _until(a, vm, BOOTED)
+            await asyncio.sleep(2)
+            idle = await _migrate(a, vm, socks[1])
+            await _until(b, vm, BOOTED)  # (its history came along; it runs on B now)
+            async with b.console(vm, replay=False) as ws:
+                await ws.send_bytes(DIRTIER)
+            await _until(b, vm, DIRTYING)
+            await asyncio.sleep(3)
+            busy = await _migrate(b, vm, socks[0])
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+    return {kind: {"downtime_ms": m["downtime_ms"], "total_s": m["total_seconds"],
+                   "sent_mib": m["bytes_sent"] / 2**20, "rounds": m["rounds"]}
+            for kind, m in (("idle", idle), ("dirtying", busy))}
+
+
+# -- QEMU ------------------------------------------------------------------------------------------
+class Qemu:
+    """qemu-system-riscv64 with QMP on a Unix socket and its serial console on pipes."""
+
+    def __init__(self, tmp: Path, name: str, kernel: Path, *extra: str) -> None:
+        self.qmp_path = tmp / f"{name}.qmp"
+        self.proc = subprocess.Popen(
+            ["qemu-system-riscv64", "-M", "virt", "-m", f"{MEM >> 20}M", "-display", "none",
+             "-kernel", str(kernel), "-initrd", str(images.INITRD),
+             "-append", "console=ttyS0", "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+             "-serial", "stdio", *extra],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.output = b""
+        threading.Thread(target=self._read, daemon=True).start()
+        self.qmp = self._connect(self.qmp_path)
+        self.qmp_file = self.qmp.makefile("rwb")
+        self.qmp_file.readline()  # the greeting
+        self.command("qmp_capabilities")
+
+    def _read(self) -> None:
+        while chunk := self.proc.stdout.read1(65536):
+            self.output += chunk
+
+    def type(self, line: bytes) -> None:
+        self.proc.stdin.write(line)
+        self.proc.stdin.flush()
+
+    @staticmethod
+    def _connect(path: Path) -> socket.socket:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                sock = socket.socket(socket.AF_UNIX)
+                sock.connect(str(path))
+                return sock
+            except OSError:
+                sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def command(self, name: str, **arguments: Any) -> Any:
+        self.qmp_file.write(json.dumps({"execute": name, "arguments": arguments}).encode())
+        self.qmp_file.flush()
+        while True:
+            reply = json.loads(self.qmp_file.readline())
+            if "return" in reply:
+                return reply["return"]
+            if "error" in reply:
+                raise RuntimeError(f"QMP {name}: {reply['error']}")
+
+    def until(self, pattern: bytes) -> None:
+        deadline = time.monotonic() + PATIENCE
+        while not re.search(pattern, self.output):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"QEMU's guest never printed {pattern!r}")
+            time.sleep(0.1)
+
+    def migrate_to(self, port: int) -> dict[str, float]:
+        self.command("migrate-set-parameters", **{"downtime-limit": 50,
+                                                  "max-bandwidth": 1 << 40})
+        self.command("migrate", uri=f"tcp:127.0.0.1:{port}")
+        while (status := self.command("query-migrate"))["status"] not in ("completed",
+                                                                         "failed"):
+            time.sleep(0.05)
+        if status["status"] != "completed":
+            raise RuntimeError(f"QEMU's migration failed: {status}")
+        return {"downtime_ms": float(status["downtime"]),
+                "total_s": status["total-time"] / 1000,
+                "sent_mib": status["ram"]["transferred"] / 2**20, "rounds": None}
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def measure_qemu(tmp: Path) -> dict[str, dict[str, float]]:
+    kernel = tmp / "Image"
+    kernel.write_bytes(lzma.decompress(images.KERNEL.read_bytes()))
+    source = Qemu(tmp, "q0", kernel)
+    machines = [source]
+    try:
+        source.until(BOOTED)
+        time.sleep(2)
+        results = {}
+        for index, kind in enumerate(("idle", "dirtying")):
+            port = _free_port()
+            dest = Qemu(tmp, f"q{index + 1}", kernel, "-incoming", f"tcp:127.0.0.1:{port}")
+            machines.append(dest)
+            if kind == "dirtying":
+                source.type(DIRTIER)
+                source.until(DIRTYING)
+                time.sleep(3)
+            results[kind] = source.migrate_to(port)
+            source = dest
+        return results
+    finally:
+        for machine in machines:
+            machine.close()
+
+
+def report(popek: dict[str, dict[str, float]], qemu: dict[str, dict[str, float]] | None) -> None:
+    print(f"{'live migration, 256 MiB Linux':34} {'popek':>10} {'QEMU':>10} {'ratio':>7}")
+    for kind in ("idle", "dirtying"):
+        for key, unit in (("downtime_ms", "ms"), ("total_s", "s"), ("sent_mib", "MiB")):
+            ours = popek[kind][key]
+            theirs = qemu[kind][key] if qemu else None
+            ratio = f"{ours / theirs:6.2f}x" if theirs else "     -"
+            shown = f"{theirs:10.1f}" if theirs is not None else f"{'-':>10}"
+            print(f"{kind + ' ' + key.split('_')[0] + ' (' + unit + ')':34} {ours:10.1f} "
+                  f"{shown} {ratio}")
+        print(f"{kind + ' rounds (popek)':34} {popek[kind]['rounds']:10d}")
+
+
+def main() -> int:
+    with tempfile.TemporaryDirectory(prefix="popek-migrate-") as tmp:
+        popek = asyncio.run(measure_popek(Path(tmp)))
+        print(f"popek: {popek}", flush=True)
+        qemu = measure_qemu(Path(tmp)) if shutil.which("qemu-system-riscv64") else None
+        if qemu is None:
+            print("(qemu-system-riscv64 not found: apt-get install qemu-system-misc)")
+    report(popek, qemu)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

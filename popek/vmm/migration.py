@@ -1,0 +1,315 @@
+"""Live migration of one machine: pre-copy from the source, rebuild on the destination.
+
+Both ends run in workers, on one connection (:mod:`popek.vmm.migration_wire`); the
+VMMs only set it up and settle the outcome (:mod:`popek.vmm.migrate`).
+
+The source (:class:`Emigration`) is driven between the guest's slices, so the guest runs
+on while its memory moves. It starts a dirty log (:meth:`PhysicalMemory.dirty_log`),
+sends every non-zero page once (pages never touched and zero pages are not sent), then,
+round after round, the pages the log names as written meanwhile. Once the pages left
+would go in less than the downtime budget at the bandwidth measured so far, the caller
+pauses the guest and :meth:`Emigration.finish` sends the last dirty pages and the
+machine's state (the guest clock with it: it stood still while the guest was paused, so
+the guest sees no jump). A guest that writes faster than the link drains is throttled
+(auto-converge): each round that does not converge doubles what is sent between two of
+the guest's slices, and after :data:`MAX_ROUNDS` the copy stops regardless.
+
+The destination (:func:`immigrate`) checks every frame before it uses it, writes pages
+into RAM of its own that no machine runs yet, builds the machine from the state, and only
+then says READY. The source answers GO, which commits it: from then on it never runs
+the guest again. The destination runs the guest once GO has come; if the link fails
+between READY and GO, neither end can know what the other did, so the destination keeps
+the guest paused and the source's VMM, which knows, settles it over the API (resumes the
+destination's copy if the source committed, deletes it otherwise). So there are never
+two running copies, and a copy that can run always exists.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from popek.cpu.physmem import PAGE_SHIFT, PAGE_SIZE, PhysicalMemory
+from popek.machine.config import (
+    ConfigError,
+    MachineConfig,
+    config_from_json,
+    config_to_json,
+)
+from popek.machine.virt import RAM_BASE, VirtMachine
+from popek.vmm import migration_wire as wire
+from popek.vmm.migration_wire import Connection, WireError
+from popek.vmm.snapshot import nonzero_runs
+
+DEFAULT_MAX_DOWNTIME = 0.05  # seconds the guest may stand still at the handover
+LINK_TIMEOUT = 30.0  # seconds a send or receive may stall before the link counts as lost
+HANDOVER_TIMEOUT = 60.0  # seconds the destination may take to build the machine
+FIRST_CHUNK = 1 << 20  # bytes sent between two slices of the guest, at first
+MAX_CHUNK = 64 << 20
+MAX_ROUNDS = 30
+_ZERO_FRAME = bytes(wire.MAX_PAGES_PER_FRAME * PAGE_SIZE)
+
+
+class MigrationError(Exception):
+    """The migration failed; the message says why, in one line."""
+
+
+@dataclass
+class Progress:
+    """What ``GET /v1/vms/{vm}`` shows while a migration runs."""
+
+    phase: str = "first pass"  # then "dirty rounds", "stop-and-copy", "done"
+    round: int = 0
+    bytes_sent: int = 0
+    pages_sent: int = 0
+    pages_left: int = 0  # in this round
+    dirty_rate: float = 0.0  # bytes the guest dirtied per second, last round
+    bandwidth: float = 0.0  # bytes per second the link took
+    expected_downtime_ms: float | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {key: round(value, 1) if isinstance(value, float) else value
+                for key, value in asdict(self).items()}
+
+
+class Emigration:
+    """The source's side of one migration of ``machine`` over ``sock``."""
+
+    def __init__(self, machine: VirtMachine, sock: socket.socket,
+                 max_downtime: float = DEFAULT_MAX_DOWNTIME) -> None:
+        self.machine = machine
+        self.max_downtime = max_downtime
+        self.progress = Progress()
+        self.started = time.monotonic()
+        self.chunk = FIRST_CHUNK
+        self._send_seconds = 0.0
+        self._round_started = self.started
+        sock.settimeout(LINK_TIMEOUT)
+        self.conn = Connection(sock)
+        self.log = machine.mem.dirty_log()  # before the first pass reads a page
+        self.pending: deque[tuple[int, int]] = deque(nonzero_runs(machine.mem))
+        self.progress.pages_left = sum(count for _, count in self.pending)
+        try:
+            self._guarded(self._hello)
+        except MigrationError:
+            self.log.close()  # the caller closes the socket
+            raise
+
+    def _hello(self) -> None:
+        self.conn.send_preamble()
+        self.conn.send_json(wire.HELLO, {"config": config_to_json(self.machine.config),
+                                         "ram_bytes": self.machine.mem.size})
+
+    def pump(self) -> bool:
+        """Send up to one chunk of the pages still to go; True once what is left fits the
+        downtime budget: the caller then pauses the guest and calls :meth:`finish`."""
+        if self.pending:
+            self._guarded(self._send_pages, self.chunk)
+            return False
+        runs = self.log.take()
+        now = time.monotonic()
+        left = sum(count for _, count in runs)
+        progress = self.progress
+        progress.round += 1
+        progress.phase = "dirty rounds"
+        progress.pages_left = left
+        progress.dirty_rate = left * PAGE_SIZE / max(now - self._round_started, 1e-6)
+        progress.expected_downtime_ms = 1000 * left * PAGE_SIZE / self._bandwidth()
+        self._round_started = now
+        self.pending.extend(runs)
+        if progress.expected_downtime_ms <= 1000 * self.max_downtime or \
+                progress.round >= MAX_ROUNDS:
+            return True
+        if progress.dirty_rate * self.max_downtime > left * PAGE_SIZE / 2:
+            self.chunk = min(2 * self.chunk, MAX_CHUNK)  # auto-converge: throttle the guest
+        return False
+
+    def finish(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The guest is paused: send the last pages and ``state``, wait for the
+        destination's READY and commit with GO. Returns the figures of the migration;
+        MigrationError (the guest may run on here) if the handover did not happen."""
+        paused = time.monotonic()
+        self.progress.phase = "stop-and-copy"
+        self.pending.extend(self.log.take())
+        self._guarded(self._send_pages, None)
+        self._guarded(self.conn.send_json, wire.STATE, state)
+        self._guarded(self.conn.send, wire.END)
+        self.conn.sock.settimeout(HANDOVER_TIMEOUT)
+        reply = self._guarded(self.conn.receive)
+        if reply.kind == wire.ERROR:
+            raise MigrationError(f"the destination refused the guest: {_reason(reply)}")
+        if reply.kind != wire.READY:
+            raise MigrationError(f"the destination answered {reply.name}, not READY")
+        self._guarded(self.conn.send, wire.GO)  # the commitment: the guest never runs here again
+        done = time.monotonic()
+        self.progress.phase = "done"
+        self.progress.bytes_sent = self.conn.sent
+        return {"downtime_ms": round(1000 * (done - paused), 1),
+                "total_seconds": round(done - self.started, 3),
+                "bytes_sent": self.conn.sent, "pages_sent": self.progress.pages_sent,
+                "rounds": self.progress.round, "ram_bytes": self.machine.mem.size}
+
+    def close(self) -> None:
+        self.log.close()
+        self.conn.close()
+
+    # -- sending --------------------------------------------------------------------------------
+    def _send_pages(self, budget: int | None) -> None:
+        """Send pending runs, up to ``budget`` bytes (None: all), each page as it is now."""
+        start = time.monotonic()
+        sent = 0
+        ram = memoryview(self.machine.mem.ram)
+        try:
+            while self.pending and (budget is None or sent < budget and self._writable()):
+                first, count = self.pending.popleft()
+                take = min(count, wire.MAX_PAGES_PER_FRAME)
+                if take < count:
+                    self.pending.appendleft((first + take, count - take))
+                data = ram[first << PAGE_SHIFT:(first + take) << PAGE_SHIFT]
+                if data == _ZERO_FRAME[:len(data)]:
+                    self.conn.send_run(wire.ZERO, first, take)
+                else:
+                    self.conn.send_run(wire.PAGES, first, take, data)
+                    sent += len(data)
+                data.release()
+                self.progress.pages_sent += take
+                self.progress.pages_left -= take
+        finally:
+            ram.release()
+            self._send_seconds += time.monotonic() - start
+            self.progress.bytes_sent = self.conn.sent
+            self.progress.bandwidth = self._bandwidth()
+
+    def _writable(self) -> bool:
+        """Whether the socket takes more now: while the link is behind, the guest runs
+        instead of waiting in a send (a frame already begun may still wait its turn)."""
+        return bool(select.select([], [self.conn.sock], [], 0)[1])
+
+    def _bandwidth(self) -> float:
+        return max(self.conn.sent / max(self._send_seconds, 1e-6), 1.0)
+
+    def _guarded(self, action: Callable[..., Any], *args: Any) -> Any:
+        """``action``; a failed link or a refusal becomes MigrationError, with the
+        destination's own reason when it sent one before it closed."""
+        try:
+            return action(*args)
+        except WireError as err:
+            raise MigrationError(f"the destination sent garbage: {err}") from None
+        except OSError as err:
+            raise MigrationError(self._their_reason() or
+                                 f"lost the link to the destination ({_os_reason(err)})") \
+                from None
+
+    def _their_reason(self) -> str | None:
+        try:
+            self.conn.sock.settimeout(1.0)
+            frame = self.conn.receive()
+        except (OSError, WireError):
+            return None
+        return f"the destination refused the guest: {_reason(frame)}" \
+            if frame.kind == wire.ERROR else None
+
+
+# -- the destination -------------------------------------------------------------------------------
+Builder = Callable[[PhysicalMemory, dict[str, Any]], VirtMachine]
+
+
+@dataclass
+class Arrival:
+    """A machine that came in: whether its source said GO, and the worker's extras."""
+
+    machine: VirtMachine
+    state: dict[str, Any]
+    go: bool
+
+
+def immigrate(sock: socket.socket, config: MachineConfig, build: Builder) -> Arrival:
+    """Take a guest from the source on ``sock``: RAM for ``config``, filled from the
+    stream, and ``build`` (RAM, the source's STATE) making the machine. MigrationError if
+    the stream is refused (the source is told why) or the link fails before READY."""
+    sock.settimeout(LINK_TIMEOUT)
+    conn = Connection(sock)
+    try:
+        memory, state = _receive(conn, config)
+        try:
+            machine = build(memory, state)
+        except (KeyError, TypeError, ValueError) as err:
+            raise WireError(f"the machine state does not fit: {err}") from None
+        conn.send(wire.READY)
+    except WireError as err:
+        _tell(conn, str(err))
+        raise MigrationError(f"refused the incoming guest: {err}") from None
+    except OSError as err:
+        conn.close()
+        raise MigrationError(f"lost the link to the source ({_os_reason(err)})") from None
+    except MigrationError:
+        conn.close()
+        raise
+    try:
+        conn.sock.settimeout(HANDOVER_TIMEOUT)
+        go = conn.receive().kind == wire.GO
+    except (OSError, WireError):
+        go = False  # the source's VMM settles it
+    conn.close()
+    return Arrival(machine, state, go)
+
+
+def _receive(conn: Connection, config: MachineConfig) -> tuple[PhysicalMemory, dict[str, Any]]:
+    conn.receive_preamble()
+    hello = conn.receive()
+    if hello.kind != wire.HELLO:
+        raise WireError(f"the stream begins with {hello.name}, not HELLO")
+    _check_hello(hello.json(), config)
+    memory = PhysicalMemory(RAM_BASE, config.mem)
+    pages = config.mem >> PAGE_SHIFT
+    state = None
+    while True:
+        frame = conn.receive()
+        if frame.kind in (wire.PAGES, wire.ZERO):
+            first, count = frame.run()
+            if first + count > pages:
+                raise WireError(f"pages {first}..{first + count - 1} lie outside the "
+                                f"{pages} pages of RAM (corrupt stream)")
+            if frame.kind == wire.PAGES:
+                memory.write(RAM_BASE + (first << PAGE_SHIFT), frame.pages())
+            else:
+                memory.discard(first << PAGE_SHIFT, count << PAGE_SHIFT)
+        elif frame.kind == wire.STATE:
+            state = frame.json()
+        elif frame.kind == wire.END and state is not None:
+            return memory, state
+        elif frame.kind == wire.ERROR:
+            raise MigrationError(f"the source gave up: {_reason(frame)}")
+        else:
+            raise WireError(f"unexpected {frame.name} frame (corrupt stream)")
+
+
+def _check_hello(hello: dict[str, Any], config: MachineConfig) -> None:
+    try:
+        theirs = config_from_json(hello.get("config"))
+    except ConfigError as err:
+        raise WireError(f"the source's machine configuration is not valid: {err}") from None
+    if theirs != config or hello.get("ram_bytes") != config.mem:
+        raise WireError("the source's machine is not the one the destination prepared")
+
+
+def _tell(conn: Connection, reason: str) -> None:
+    try:
+        conn.send_json(wire.ERROR, {"error": reason})
+    except OSError:
+        pass
+    conn.close()
+
+
+def _reason(frame: wire.Frame) -> str:
+    return str(frame.json().get("error", "no reason given")) if frame.kind == wire.ERROR \
+        else frame.name
+
+
+def _os_reason(err: OSError) -> str:
+    return err.strerror or str(err) or type(err).__name__

@@ -1,0 +1,220 @@
+"""Live migration of a machine, both ends in this process over a socket pair.
+
+The guest is QEMU's migration test idea (tests/vmm_guests.py's ``migrant``): it keeps
+incrementing a byte in every page of 8 MiB and checks each holds the pass it expects.
+After the handover the destination's memory must hold a consistent pattern (each hart's
+pages a run of pass v+1 then a run of pass v, nothing else) and the guest must go on
+without noticing. The VMM-level migration (two ``popek serve``) is in test_vmm_migrate.py.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from popek.cpu.physmem import PAGE_SIZE
+from popek.engine.engine import TIERS
+from popek.machine.config import MachineConfig
+from popek.machine.virt import VirtMachine
+from popek.vmm import migration
+from popek.vmm import migration_wire as wire
+from popek.vmm.migration import Arrival, Emigration, MigrationError, immigrate
+from tests.vmm_guests import guest
+
+MEM = 32 << 20
+AREA, PAGES = 0x8040_0000, 2048
+
+
+def _run_until(machine: VirtMachine, out: bytearray, pattern: bytes) -> re.Match[bytes]:
+    for _ in range(100_000):
+        if match := re.search(pattern, out):
+            return match
+        machine.run_slice()
+    raise AssertionError(f"guest never printed {pattern!r}; got {bytes(out[-200:])!r}")
+
+
+def _passes(out: bytes) -> list[int]:
+    return [int(n) for n in re.findall(rb"pass (\d+)\n", out)]
+
+
+def _builder(config: MachineConfig, out: bytearray) -> Callable[..., VirtMachine]:
+    return lambda memory, state: VirtMachine(config, out.extend, memory=memory,
+                                             state=state["machine"])
+
+
+def migrate(source: VirtMachine, dest_out: bytearray, *, max_downtime: float = 0.05,
+            tamper: Callable[[socket.socket], socket.socket] | None = None,
+            ) -> tuple[dict[str, Any] | MigrationError, Arrival | MigrationError]:
+    """Run ``source`` while it migrates; (the source's figures or error, the arrival or
+    the destination's error)."""
+    ours, theirs = socket.socketpair()
+    if tamper is not None:
+        ours = tamper(ours)
+    arrived: list[Arrival | MigrationError] = []
+
+    def destination() -> None:
+        try:
+            arrived.append(immigrate(theirs, source.config, _builder(source.config, dest_out)))
+        except MigrationError as err:
+            arrived.append(err)
+
+    thread = threading.Thread(target=destination)
+    thread.start()
+    try:
+        outcome: dict[str, Any] | MigrationError
+        try:
+            emigration = Emigration(source, ours, max_downtime)
+            try:
+                while not emigration.pump():
+                    source.run_slice()
+                outcome = emigration.finish({"machine": source.save_state()})
+            finally:
+                emigration.close()
+        except MigrationError as err:
+            outcome = err
+    finally:
+        thread.join(60)
+    return outcome, arrived[0]
+
+
+def _consistent(machine: VirtMachine, harts: int) -> None:
+    """Each hart's pages: pass v+1 up to where it was, pass v after (mod 256)."""
+    for hart in range(harts):
+        values = [machine.mem.read(AREA + p * PAGE_SIZE, 1)[0] for p in range(hart, PAGES, harts)]
+        low = values[-1]
+        cut = next((i for i, v in enumerate(values) if v == low), len(values))
+        assert values[cut:] == [low] * (len(values) - cut), f"hart {hart}: {values}"
+        assert values[:cut] == [(low + 1) % 256] * cut, f"hart {hart}: {values}"
+
+
+@pytest.mark.parametrize(("engine", "cpus"), [
+    *((tier, 1) for tier in TIERS), ("translate", 2)])
+def test_migrated_guest_keeps_every_increment_and_goes_on(engine: str, cpus: int) -> None:
+    config = MachineConfig(kernel=guest("migrant"), mem=MEM, engine=engine, cpus=cpus)
+    out, dest_out = bytearray(), bytearray()
+    source = VirtMachine(config, out.extend)
+    _run_until(source, out, rb"pass 32\n")
+    # Both ends share this process (and its GIL): a budget the link here can meet.
+    figures, arrival = migrate(source, dest_out, max_downtime=1.0)
+    assert isinstance(figures, dict) and isinstance(arrival, Arrival), (figures, arrival)
+    assert arrival.go
+    # Only what the guest touched moved: its 8 MiB and its program, not the 32 MiB.
+    assert PAGES * PAGE_SIZE <= figures["bytes_sent"] < 3 * PAGES * PAGE_SIZE + (4 << 20)
+    dest = arrival.machine
+    _consistent(dest, cpus)
+    assert dest.mem.ram[:] == source.mem.ram[:]
+    last = _passes(bytes(out))[-1]
+    _run_until(dest, dest_out, rb"pass %d\n" % (last + 48))
+    assert b"MISMATCH" not in dest_out
+    passes = _passes(bytes(out) + bytes(dest_out))
+    assert passes == sorted(set(passes)) and passes[-1] - passes[0] == 16 * (len(passes) - 1)
+
+
+def test_a_guest_dirtying_faster_than_the_link_still_converges(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(migration, "MAX_ROUNDS", 4)
+    config = MachineConfig(kernel=guest("migrant"), mem=MEM, engine="translate")
+    out, dest_out = bytearray(), bytearray()
+    source = VirtMachine(config, out.extend)
+    _run_until(source, out, rb"pass 16\n")
+    figures, arrival = migrate(source, dest_out, max_downtime=0.0001)
+    assert isinstance(arrival, Arrival) and arrival.go, (figures, arrival)
+    assert figures["rounds"] == 4
+    _consistent(arrival.machine, 1)
+
+
+class CorruptingSocket:
+    """A socket that flips a bit in the checksum of the ``nth`` page frame it sends."""
+
+    def __init__(self, sock: socket.socket, nth: int) -> None:
+        self.sock = sock
+        self.frames = nth
+
+    def sendmsg(self, parts: list[Any]) -> int:
+        if len(parts) == 2:  # a frame's header and its pages
+            self.frames -= 1
+            if self.frames == 0:
+                head = bytearray(parts[0])
+                head[8] ^= 1
+                parts = [head, parts[1]]
+        return self.sock.sendmsg(parts)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
+def test_corrupt_chunk_is_refused_and_the_source_can_go_on() -> None:
+    config = MachineConfig(kernel=guest("migrant"), mem=MEM, engine="translate")
+    out, dest_out = bytearray(), bytearray()
+    source = VirtMachine(config, out.extend)
+    _run_until(source, out, rb"pass 16\n")
+    figures, arrival = migrate(source, dest_out,
+                               tamper=lambda sock: CorruptingSocket(sock, 3))
+    assert isinstance(arrival, MigrationError) and "checksum" in str(arrival)
+    assert isinstance(figures, MigrationError) and "PAGES frame fails its checksum" in str(figures)
+    last = _passes(bytes(out))[-1]
+    _run_until(source, out, rb"pass %d\n" % (last + 32))
+    assert b"MISMATCH" not in out and dest_out == b""
+
+
+def test_destination_gone_mid_migration_fails_cleanly() -> None:
+    config = MachineConfig(kernel=guest("migrant"), mem=MEM, engine="translate")
+    out = bytearray()
+    source = VirtMachine(config, out.extend)
+    _run_until(source, out, rb"pass 16\n")
+    ours, theirs = socket.socketpair()
+    emigration = Emigration(source, ours)  # the destination took nothing, and now dies
+    theirs.close()
+    with pytest.raises(MigrationError, match="lost the link"):
+        while not emigration.pump():
+            source.run_slice()
+        emigration.finish({"machine": source.save_state()})
+    emigration.close()
+    last = _passes(bytes(out))[-1]
+    _run_until(source, out, rb"pass %d\n" % (last + 32))
+    assert b"MISMATCH" not in out
+
+
+# -- the wire format's reader ----------------------------------------------------------------------
+def _stream() -> bytes:
+    return (wire.preamble() + wire.encode_json(wire.HELLO, {"config": {}, "ram_bytes": 4096})
+            + wire.header(wire.PAGES, bytes(PAGE_SIZE), first=3, count=1) + bytes(PAGE_SIZE)
+            + wire.header(wire.ZERO, b"", first=4, count=2) + wire.encode(wire.END))
+
+
+def test_reader_decodes_a_stream_it_wrote() -> None:
+    frames = wire.decode_stream(_stream())
+    assert [f.name for f in frames] == ["HELLO", "PAGES", "ZERO", "END"]
+    assert frames[1].run() == (3, 1) and len(frames[1].pages()) == PAGE_SIZE
+    assert frames[2].run() == (4, 2)
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda d: d.__setitem__(slice(8, 12), (2).to_bytes(4, "little")),
+     "format 2 is newer than this popek reads"),
+    (lambda d: d.__setitem__(0, 0), "bad magic"),
+    (lambda d: d.__setitem__(100, d[100] ^ 4), "fails its checksum"),
+    (lambda d: d.__setitem__(wire.PREAMBLE_SIZE, 99), "unknown frame kind 99"),
+    (lambda d: d.__delitem__(slice(-3, None)), "truncated"),
+    (lambda d: d.__setitem__(slice(wire.PREAMBLE_SIZE + 4, wire.PREAMBLE_SIZE + 8),
+                             (1 << 31).to_bytes(4, "little")), "more than the"),
+])
+def test_reader_refuses_damaged_streams(damage: Callable[[bytearray], None], message: str) -> None:
+    data = bytearray(_stream())
+    damage(data)
+    with pytest.raises(wire.WireError, match=message):
+        wire.decode_stream(bytes(data))
+
+
+def test_reader_refuses_frames_of_the_wrong_shape() -> None:
+    bad = [wire.encode(wire.HELLO, b"[1]"), wire.encode(wire.STATE, b"{"),
+           wire.encode(wire.PAGES, (1).to_bytes(4, "little") + (2).to_bytes(4, "little")),
+           wire.encode(wire.ZERO, bytes(8))]
+    for frame in bad:
+        with pytest.raises(wire.WireError):
+            wire.decode_stream(wire.preamble() + frame)

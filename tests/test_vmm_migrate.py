@@ -1,0 +1,199 @@
+"""Live migration between two ``popek serve`` instances, through the CLI and the API.
+
+The guest is QEMU's migration test idea (``migrant`` in tests/vmm_guests.py): it checks
+every page of 8 MiB holds the pass it expects before it increments it, so a page that
+arrived stale stops it with MISMATCH. It moves from VMM A to VMM B (over TCP, with B's
+token and under B's path policy, by ``popek vm migrate``) and back (to A's Unix socket,
+by the API), and its passes go on without a gap or a repeat. Bad requests and a
+destination that dies mid-migration leave the guest running on its source.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from popek import images
+from popek.api.client import ApiError
+from tests.test_vmm_service import STOP_GUESTS, Api
+from tests.vmm_guests import guest
+
+
+class Vmm:
+    def __init__(self, root: Path, name: str, tcp: bool) -> None:
+        self.dir = root / name
+        self.dir.mkdir()
+        self.socket = self.dir / "vmm.sock"
+        self.log = self.dir / "vmm.log"
+        self.token_file = self.dir / "state" / "api-token"
+        with open(self.log, "wb") as stderr:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "popek", "serve", "--socket", str(self.socket),
+                 "--state-dir", str(self.dir / "state"), *STOP_GUESTS,
+                 *(["--tcp", "127.0.0.1:0", "--allow-path", str(guest("migrant").parent)]
+                   if tcp else [])], stderr=stderr)
+        self.api = Api(self.socket)
+        self.api.wait(f"VMM {name}", lambda: "listening" in self.log.read_text())
+        found = re.search(r"http://127\.0\.0\.1:(\d+)", self.log.read_text())
+        self.tcp = f"tcp:127.0.0.1:{found[1]}" if found else None
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "popek", "vm", "--socket",
+                               str(self.socket), *args], capture_output=True, text=True,
+                              timeout=300)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=60)
+        log = self.log.read_text()
+        assert self.proc.returncode == 0 and "Traceback" not in log, log
+
+
+@pytest.fixture(scope="module")
+def vmms(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Vmm, Vmm]]:
+    root = tmp_path_factory.mktemp("migrate")
+    a = Vmm(root, "a", tcp=False)
+    b = Vmm(root, "b", tcp=True)
+    try:
+        yield a, b
+    finally:
+        a.stop()
+        b.stop()
+
+
+@pytest.fixture
+def pair(vmms: tuple[Vmm, Vmm]) -> Iterator[tuple[Vmm, Vmm]]:
+    yield vmms
+    for vmm in vmms:
+        for vm in vmm.api("list"):
+            if vm["state"] not in ("incoming", "creating"):
+                vmm.api("delete", vm["id"])
+
+
+def _passes(out: bytes) -> list[int]:
+    return [int(n) for n in re.findall(rb"pass (\d+)\n", out)]
+
+
+def _wait_migrated(api: Api, vm: dict[str, Any]) -> dict[str, Any]:
+    return api.wait("the migration's end",
+                    lambda: (info := api.info(vm))["migration"]["state"] != "migrating"
+                    and info)
+
+
+def _carries_on(api: Api, vm: dict[str, Any], after: int) -> bytes:
+    out = api.wait_log(vm, rb"pass %d\n" % (after + 64))
+    assert b"MISMATCH" not in out
+    return out
+
+
+def test_guest_migrates_there_and_back_and_goes_on(pair: tuple[Vmm, Vmm]) -> None:
+    a, b = pair
+    vm = a.api.create("migrant", name="mover", engine="translate")
+    last = _passes(a.api.wait_log(vm, rb"pass 64\n"))[-1]
+
+    done = a.cli("migrate", "mover", "--to", b.tcp, "--dest-token-file", str(b.token_file),
+                 "--max-downtime", "300")
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"Migrated mover to tcp:.*: downtime \d+ ms, total [\d.]+ s", done.stderr)
+    left = a.api.info(vm)
+    assert left["state"] == "migrated" and left["migration"]["state"] == "done"
+    arrived = b.api.info(vm)
+    assert (arrived["id"], arrived["name"], arrived["state"]) == (vm["id"], "mover", "running")
+    assert arrived["config"] == left["config"]
+    out = _carries_on(b.api, vm, last)
+    assert out.startswith(a.api.log(vm)[:1000])  # the console's history came along
+    last = _passes(out)[-1]
+
+    b.api("migrate", vm["id"], str(a.socket), max_downtime=0.3)  # back, by the API
+    info = _wait_migrated(b.api, vm)
+    assert info["migration"]["state"] == "done", info["migration"]
+    assert info["migration"]["downtime_ms"] > 0 and info["migration"]["bytes_sent"] > 8 << 20
+    back = a.api.wait("the guest back on A", lambda: a.api.info(vm)["state"] == "running")
+    assert back
+    out = _carries_on(a.api, vm, last)
+    passes = _passes(out)
+    assert passes == list(range(0, passes[-1] + 1, 16))  # not one pass lost or repeated
+    assert a.api.info(vm)["instructions"] > arrived["instructions"]
+
+
+def test_bad_requests_are_refused_with_status_2_and_change_nothing(
+        pair: tuple[Vmm, Vmm], tmp_path: Path) -> None:
+    a, b = pair
+    vm = a.api.create("migrant", name="stayer")
+    a.api.wait_log(vm, rb"pass 16\n")
+    paused = a.api.create("idle", name="sleeper")
+    a.api("action", paused["id"], "pause")
+    cases = [
+        (("nosuchvm", "--to", str(b.socket)), "no such VM"),
+        (("stayer", "--to", str(a.socket)), "the destination is the source itself"),
+        (("stayer", "--to", str(tmp_path / "nobody.sock")), "cannot reach the VMM"),
+        (("stayer", "--to", b.tcp), "needs its API token"),
+        (("sleeper", "--to", str(b.socket)), "it is paused"),
+    ]
+    for args, message in cases:
+        refused = a.cli("migrate", *args)
+        assert refused.returncode == 2, (args, refused.stderr)
+        assert message in refused.stderr and refused.stderr.count("\n") == 1, refused.stderr
+    assert a.api.info(vm)["state"] == "running" and a.api.info(vm)["migration"] is None
+    assert b.api("list") == []
+    with pytest.raises(ApiError, match="unknown field"):
+        a.api("migrate", vm["id"], str(b.socket), speed=1)
+
+
+def test_destination_killed_mid_migration_leaves_the_source_running(
+        pair: tuple[Vmm, Vmm]) -> None:
+    a, b = pair
+    vm = a.api.create("migrant", name="survivor")
+    last = _passes(a.api.wait_log(vm, rb"pass 16\n"))[-1]
+    # A budget the guest, which writes all its 8 MiB every pass, never meets: the rounds
+    # go on until the destination's worker is stopped, then killed.
+    a.api("migrate", vm["id"], str(b.socket), max_downtime=1e-9)
+    pid = b.api.wait("the destination's worker",
+                     lambda: [v["pid"] for v in b.api("list") if v["pid"]])[0]
+    os.kill(pid, signal.SIGSTOP)
+    assert a.api.info(vm)["migration"]["state"] == "migrating"
+    os.kill(pid, signal.SIGKILL)
+    info = _wait_migrated(a.api, vm)
+    assert info["migration"]["state"] == "failed"
+    assert "destination" in info["migration"]["error"]
+    assert info["state"] == "running"
+    _carries_on(a.api, vm, last)
+    b.api.wait("the destination to drop it", lambda: b.api("list") == [])
+    time.sleep(0.5)
+    assert a.api.info(vm)["state"] == "running"
+
+
+@pytest.mark.boots_linux
+def test_linux_guest_migrates_there_and_back_with_its_processes(
+        pair: tuple[Vmm, Vmm]) -> None:
+    """The bundled Linux (one boot): a shell loop printing a counter, and a sleeping
+    process, both started before the migrations, go on after A -> B -> A."""
+    a, b = pair
+    vm = a.api("create", kernel=str(images.KERNEL), initrd=str(images.INITRD), mem=128 << 20,
+               name="linux")
+    a.api.wait_log(vm, rb"popek guest: Linux")
+    a.api.type_line(vm, b"sleep 100000 & echo sleeper-$!; (i=0; while true; do "
+                        b"echo count-$i; i=$((i+1)); sleep 0.2; done) &\n")
+    sleeper = re.search(rb"sleeper-(\d+)", a.api.wait_log(vm, rb"sleeper-\d+"))[1]
+    counts = a.api.wait_log(vm, rb"count-5\r?\n")
+    for source, dest, to in ((a, b, str(b.socket)), (b, a, str(a.socket))):
+        last = int(re.findall(rb"count-(\d+)", counts)[-1])
+        source.api("migrate", vm["id"], to)
+        info = _wait_migrated(source.api, vm)
+        assert info["migration"]["state"] == "done", info["migration"]
+        assert info["migration"]["bytes_sent"] < 128 << 20  # touched pages only
+        counts = dest.api.wait_log(vm, rb"count-%d\r?\n" % (last + 5))
+    out = a.api.type_line(vm, b"kill -0 %s && echo still-$((1+1))-alive\n" % sleeper)
+    a.api.wait_log(vm, rb"still-2-alive")
+    numbers = [int(n) for n in re.findall(rb"count-(\d+)\r?\n", a.api.log(vm))]
+    assert numbers == list(range(len(numbers))), numbers  # no gap, no repeat
+    assert out
