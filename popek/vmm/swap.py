@@ -80,21 +80,21 @@ class SwapFile:
 
 
 class Swapper:
-    """Swaps one machine's RAM out to its file and back in. Make it with the machine,
-    before the guest runs: from then on its dirty log tells which pages were written."""
+    """Swaps one machine's RAM out to a file (the same one every time) and back in. Make
+    it with the machine, before the guest runs: its dirty log tells which pages the
+    guest wrote since the file took them."""
 
     def __init__(self, mem: PhysicalMemory, pagemap: int | None) -> None:
         """``pagemap``: a descriptor of this process's ``/proc/self/pagemap`` (restored
         RAM cannot swap out without it)."""
         self.mem = mem
         self.pagemap = pagemap
-        self.file: SwapFile | None = None  # the VMM hands it over at the first swap-out
         pages = mem.size >> PAGE_SHIFT
         self.in_file = bytearray(pages)  # 1: the file holds the page as it is now
         self.log = mem.dirty_log()
 
-    def swap_out(self) -> int:
-        """Move the guest's RAM to the file, keeping nothing resident; returns the bytes
+    def swap_out(self, file: SwapFile) -> int:
+        """Move the guest's RAM to ``file``, keeping nothing resident; returns the bytes
         now absent (held by the file). SwapError, with the guest as it was, if the file
         cannot take them."""
         mem = self.mem
@@ -105,14 +105,14 @@ class Swapper:
                for run in _runs_in(self.in_file[first:first + count].translate(_NOT), first)]
         try:
             with memoryview(mem.ram) as ram:
-                self.file.store(new, ram)
+                file.store(new, ram)
         except OSError as err:
             raise SwapError(f"cannot swap out: writing the swap file failed: "
                             f"{err.strerror or err}") from None
         for first, count in new:
             self.in_file[first:first + count] = b"\1" * count
         if keep:
-            mem.mark_absent(keep, self.file)
+            mem.mark_absent(keep, file)
         mem.ram.madvise(mmap.MADV_DONTNEED)  # what is left reads the same when dropped
         return mem.absent_pages << PAGE_SHIFT
 
