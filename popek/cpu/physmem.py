@@ -93,6 +93,7 @@ Mark and fetch on the machine's thread, between the harts' slices, like a dirty 
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import re
 from bisect import bisect_right
@@ -208,6 +209,9 @@ class PhysicalMemory:
         # merged with neighbouring anonymous memory (thread stacks, which Linux 6.7 maps
         # without huge pages too; malloc's large blocks), so /proc shows guest RAM alone.
         self.ram.madvise(mmap.MADV_DONTDUMP)
+        view = ctypes.c_char.from_buffer(self.ram)
+        self.ram_address = ctypes.addressof(view)  # for native code and the host's page map
+        del view  # the export would pin the mapping, which lives as long as this memory
         self._dev_starts: list[int] = []
         self._devices: list[tuple[int, int, Device]] = []
         # Write watching (see the module docstring).

@@ -29,7 +29,6 @@ the error says why. Swap out and in on the machine's thread, between the harts' 
 
 from __future__ import annotations
 
-import ctypes
 import mmap
 import os
 import re
@@ -42,7 +41,6 @@ _NOT = bytes.maketrans(b"\0\1", b"\1\0")
 # The top byte of a pagemap entry: bit 7 present, 6 swapped, 5 a file page (or shared).
 _COPIED = bytes(1 if b & 0xC0 and not b & 0x20 else 0 for b in range(256))
 PAGEMAP = "/proc/self/pagemap"
-
 
 
 class SwapError(Exception):
@@ -129,7 +127,7 @@ class Swapper:
             raise SwapError("cannot swap out: the worker cannot read its page map")
         pages = mem.size >> PAGE_SHIFT
         try:
-            entries = os.pread(self.pagemap, 8 * pages, 8 * (_address(mem.ram) >> PAGE_SHIFT))
+            entries = os.pread(self.pagemap, 8 * pages, 8 * (mem.ram_address >> PAGE_SHIFT))
         except OSError as err:
             raise SwapError(f"cannot swap out: reading {PAGEMAP}: {err.strerror}") from None
         return _runs_in(entries[7::8].translate(_COPIED), 0)  # absent ones are not present
@@ -137,14 +135,6 @@ class Swapper:
     def close(self) -> None:
         """The machine is gone (its absent pages with it)."""
         self.log.close()
-
-
-def _address(ram: mmap.mmap) -> int:
-    view = ctypes.c_char.from_buffer(ram)
-    try:
-        return ctypes.addressof(view)
-    finally:
-        del view  # the export would pin the mapping
 
 
 def _runs_in(flags: bytes | bytearray, offset: int) -> list[tuple[int, int]]:
