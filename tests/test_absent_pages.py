@@ -210,3 +210,34 @@ def test_restored_ram_writes_only_the_pages_copied_since(tmp_path: Path) -> None
     swapper.close()
     file.close()
     os.close(pagemap)
+
+
+class RecordingSource:
+    """A page source holding pages in memory (as a post-copy migration's would hold what
+    the source VMM sent), recording what it was asked for."""
+
+    def __init__(self, mem: PhysicalMemory) -> None:
+        self.pages = bytes(mem.ram)
+        self.asked: list[tuple[int, int]] = []
+
+    def fetch(self, runs: list[tuple[int, int]], ram: memoryview) -> None:
+        self.asked += runs
+        for first, count in runs:
+            start, end = first << PAGE_SHIFT, (first + count) << PAGE_SHIFT
+            ram[start:end] = self.pages[start:end]
+
+
+def test_a_write_fetches_only_the_absent_pages_it_overwrites_in_part() -> None:
+    mem = PhysicalMemory(RAM_BASE, 1 << 20)
+    mem.write(RAM_BASE, bytes(range(256)) * (64 * PAGE_SIZE // 256))
+    source = RecordingSource(mem)
+    mem.mark_absent([(0, 64)], source)
+    mem.write(RAM_BASE + 40 * PAGE_SIZE, b"\1" * (3 * PAGE_SIZE))  # three whole pages
+    assert source.asked == [] and mem.absent_pages == 61
+    mem.write(RAM_BASE + 10 * PAGE_SIZE - 8, b"\2" * (PAGE_SIZE + 16))  # 9 and 11 in part
+    # page 9 and the readahead after it, less page 10 (forgotten); then page 11 is back
+    assert source.asked == [(9, 1), (11, 14)]
+    assert mem.read(RAM_BASE + 9 * PAGE_SIZE, 3 * PAGE_SIZE) == \
+        source.pages[9 * PAGE_SIZE:10 * PAGE_SIZE - 8] + b"\2" * (PAGE_SIZE + 16) + \
+        source.pages[11 * PAGE_SIZE + 8:12 * PAGE_SIZE]
+    assert mem.read(RAM_BASE + 40 * PAGE_SIZE, 3 * PAGE_SIZE) == b"\1" * (3 * PAGE_SIZE)

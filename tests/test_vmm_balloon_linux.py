@@ -5,8 +5,9 @@ One boot (tens of seconds) of a 256 MiB guest with a balloon and a 64 MiB disk. 
 guest first reads the whole disk, which fills its page cache, so the host holds that
 much more of its RAM; ``popek vm update --balloon 32M`` then has its driver take about
 all its memory, reclaiming that cache: the host drops the pages it hands over (and those
-the guest reports free on the way), and the guest RAM the host holds falls. Given everything back, the guest's shell still answers,
-and its own memory statistics and free page reports reach ``popek vm info``.
+the guest reports free on the way), and the guest RAM the host holds falls. Given
+everything back, the guest's shell still answers, and its own memory statistics and free
+page reports reach ``popek vm info``.
 
 Swapped out (``popek vm swap-out``), paused, the guest's RAM leaves the host and comes
 back whole (a snapshot before and after holds the same RAM); swapped out while it runs,

@@ -71,7 +71,9 @@ write the pages' contents back in place:
 - the few readers of ``ram`` itself outside a TLB (the virtqueue's rings and descriptor
   tables) and whole-RAM readers (snapshots, migration), which call ``make_present``.
 
-``discard`` forgets absent pages instead of fetching them (they become zeros). Bringing a
+``discard`` forgets absent pages instead of fetching them (they become zeros), and so does
+``write`` for the pages it overwrites whole (DMA, pages pushed to a post-copy
+destination): only the pages it writes in part are fetched first. Bringing a
 page back is not a write: its contents are what the guest last saw, so dirty logs and
 write watches hear nothing, and decoded code stays valid. The fast path pays nothing:
 absent pages are in no TLB, and the doors test one integer, ``absent_pages``, that is 0
@@ -287,7 +289,7 @@ class PhysicalMemory:
         if off is None or off + len(data) > self.size:
             raise BusError(pa)
         if self.absent_pages:
-            self.make_present(off, len(data))
+            self._present_for_write(off, len(data))
         self._before_write(off, len(data))
         self.ram[off:off + len(data)] = data
 
@@ -423,6 +425,18 @@ class PhysicalMemory:
         with memoryview(self.ram) as ram:
             self._source.fetch(runs, ram)
         self._forget_absent(first, end)
+
+    def _present_for_write(self, off: int, length: int) -> None:
+        """``[off, off + length)`` is about to be overwritten: the absent pages it covers
+        whole are forgotten (their old contents are never needed: DMA into a swapped-out
+        page, a page a post-copy migration pushes), and those it covers in part fetched."""
+        first, end = (off + PAGE_MASK) >> PAGE_SHIFT, (off + length) >> PAGE_SHIFT
+        if first >= end:  # no page whole
+            self.make_present(off, length)
+            return
+        self._forget_absent(first, end)
+        self.make_present(off, (first << PAGE_SHIFT) - off)  # the head, the tail: in part
+        self.make_present(end << PAGE_SHIFT, off + length - (end << PAGE_SHIFT))
 
     def absent_runs(self) -> list[tuple[int, int]]:
         """The (first page, count) runs of absent pages, in ascending order."""
