@@ -533,6 +533,9 @@ class Vm:
                            f"{err.strerror}") from None
         try:
             hostfiles.send(self._file_socket, fd)
+        except OSError as err:
+            raise Conflict(f"VM {self.name}'s worker cannot take its swap file: "
+                           f"{err.strerror}") from None
         finally:
             os.close(fd)  # the worker has its copy
         return await self._call("swap_out")
