@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -128,3 +129,160 @@ def test_run_session_matches_qemu_system(tier: str, programs, qemu_system_sessio
     assert (qemu_first, ours_first) == ("0x0000000000001000 in ?? ()",
                                         "0x0000000080000000 in _start ()")
     assert ours_rest == qemu_rest
+
+
+def test_exec_watchpoints_stop_after_the_write(tier: str, programs, tmp_path):
+    """A write watchpoint (qemu-riscv64 has none to compare with) stops right after each
+    store to the variable, with the old and new values, under every tier."""
+    port = free_port()
+    script = ("watch counter\ncontinue\ncontinue\ndelete\nwatch watched\ncontinue\n"
+              "p watched == $a0\ndelete\ncontinue\n")
+    out = gdb_session(popek("exec", "--engine", tier, "--gdb", f"localhost:{port}",
+                            str(programs["user"])), port, programs["user"], script, tmp_path)
+    assert re.search(r"Hardware watchpoint 1: counter\s+Old value = 0\s+New value = 1\s", out)
+    assert re.search(r"Old value = 1\s+New value = 2\s", out)
+    assert re.search(r"Hardware watchpoint 2: watched\s+Old value = 0\s+New value = \d+", out)
+    # Stopped after the store: at the line after it, with the stored value in memory.
+    assert re.search(r"watched\s+Old value = 0\s+New value = \d+\s+"
+                     r"0x\w+ in work .*\n\d+\t\s+return acc;", out)
+    assert "$1 = 1" in out
+    assert "[Inferior 1 exited with code " in out
+
+
+test_exec_watchpoints_stop_after_the_write = pytest.mark.parametrize("tier", TIERS)(
+    test_exec_watchpoints_stop_after_the_write)
+
+
+class RemoteClient:
+    """The debugger's end of the protocol, written here from the specification: lets a
+    test send what gdb never would."""
+
+    def __init__(self, port: int) -> None:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self.sock = socket.create_connection(("localhost", port), timeout=30)
+                break
+            except ConnectionRefusedError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        self.pending = b""
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def packet(self, payload: bytes) -> bytes:
+        return b"$%s#%02x" % (payload, sum(payload) & 0xFF)
+
+    def read_reply(self) -> bytes:
+        """The next packet's payload (acknowledged), skipping the stub's '+' acks."""
+        while True:
+            start = self.pending.find(b"$")
+            end = self.pending.find(b"#", start)
+            if start >= 0 and end >= 0 and len(self.pending) >= end + 3:
+                payload = self.pending[start + 1:end]
+                assert int(self.pending[end + 1:end + 3], 16) == sum(payload) & 0xFF
+                self.pending = self.pending[end + 3:]
+                self.sock.sendall(b"+")
+                return payload
+            self.pending += self._recv()
+
+    def read_ack(self) -> bytes:
+        while not self.pending:
+            self.pending += self._recv()
+        ack, self.pending = self.pending[:1], self.pending[1:]
+        return ack
+
+    def _recv(self) -> bytes:
+        data = self.sock.recv(65536)
+        assert data, "the stub hung up"
+        return data
+
+    def ask(self, payload: bytes) -> bytes:
+        self.send_raw(self.packet(payload))
+        assert self.read_ack() == b"+"
+        return self.read_reply()
+
+
+def symbol(program: Path, name: str) -> int:
+    from elftools.elf.elffile import ELFFile
+
+    with open(program, "rb") as f:
+        return ELFFile(f).get_section_by_name(".symtab").get_symbol_by_name(name)[0]["st_value"]
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_exec_ctrl_c_then_a_watchpoint_in_hot_code(tier: str, programs):
+    """Ctrl-C stops a program spinning in code every tier has compiled by then; a watchpoint
+    set there stops after exactly one more store; kill ends popek."""
+    port = free_port()
+    proc = subprocess.Popen(popek("exec", "--engine", tier, "--gdb", f"localhost:{port}",
+                                  str(programs["user"]), "spin"),
+                            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        gdb = RemoteClient(port)
+        assert gdb.ask(b"?").startswith(b"T05")
+        gdb.send_raw(gdb.packet(b"c"))
+        assert gdb.read_ack() == b"+"
+        time.sleep(1.0)
+        gdb.send_raw(b"\x03")
+        assert gdb.read_reply() == b"T02thread:1;"
+        counter = symbol(programs["user"], "counter")
+        before = int.from_bytes(bytes.fromhex(gdb.ask(b"m%x,8" % counter).decode()), "little")
+        assert before > 1000  # it did spin
+        assert gdb.ask(b"Z2,%x,8" % counter) == b"OK"
+        assert gdb.ask(b"c") == b"T05watch:%x;thread:1;" % counter
+        after = int.from_bytes(bytes.fromhex(gdb.ask(b"m%x,8" % counter).decode()), "little")
+        assert after == before + 1
+        assert gdb.ask(b"z2,%x,8" % counter) == b"OK"
+        gdb.send_raw(gdb.packet(b"k"))
+        assert proc.wait(timeout=TIMEOUT) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_malformed_packets_get_error_replies_and_the_session_goes_on(programs):
+    port = free_port()
+    proc = subprocess.Popen(popek("run", "--mem", "128M", "--cpus", "2", "--kernel",
+                                  str(programs["bare"]), "--gdb", f"localhost:{port}"),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        gdb = RemoteClient(port)
+        gdb.send_raw(b"$g#00")  # bad checksum: resend, please
+        assert gdb.read_ack() == b"-"
+        gdb.send_raw(b"garbage+")  # bytes between packets are skipped
+        gdb.send_raw(b"$" + b"A" * 70000)  # far longer than PacketSize, and no end
+        assert gdb.read_ack() == b"-"
+        for bad in (b"m", b"mzz,4", b"m0,ffffffffffffffffff", b"M80000000,4:zz",
+                    b"M80000000,10:00", b"X80000000,4:ab", b"Z0,xyz,4", b"Z2,0,0",
+                    b"P1000=00", b"Pzz", b"Hg99", b"T99", b"vCont;x", b"Qqemu.PhyMemMode:7",
+                    b"qXfer:features:read:other.xml:0,100", b"qXfer:features:read:target.xml:"):
+            reply = gdb.ask(bad)
+            assert reply.startswith(b"E"), (bad, reply)
+        assert gdb.ask(b"qUnknownQuery") == b""
+        assert gdb.ask(b"m0,ffffffff") == b"E0e"  # nothing at address 0 in the page tables
+        entry = symbol(programs["bare"], "_start")
+        # The session still works: registers, threads (a hart each), physical memory.
+        assert len(gdb.ask(b"g")) == 33 * 16
+        assert gdb.ask(b"qfThreadInfo") == b"m1,2"
+        assert gdb.ask(b"Hg2") == b"OK"
+        assert len(gdb.ask(b"p20")) == 16  # hart 1's pc (its firmware holds it stopped)
+        assert gdb.ask(b"Hg1") == b"OK"
+        assert gdb.ask(b"p20") == entry.to_bytes(8, "little").hex().encode()
+        assert gdb.ask(b"Qqemu.PhyMemMode:1") == b"OK"
+        assert gdb.ask(b"qqemu.PhyMemMode") == b"1"
+        first = gdb.ask(b"m%x,4" % entry)
+        with open(programs["bare"], "rb") as f:
+            from elftools.elf.elffile import ELFFile
+
+            text = ELFFile(f).get_section_by_name(".text").data()
+        assert bytes.fromhex(first.decode()) == text[:4]
+        gdb.send_raw(gdb.packet(b"D"))
+        assert gdb.read_ack() == b"+" and gdb.read_reply() == b"OK"
+        assert proc.wait(timeout=TIMEOUT) != 0  # detached, the guest ran to its end
+    finally:
+        proc.kill()
+        proc.wait()

@@ -87,7 +87,7 @@ class GdbStub:
         self.passing = False  # let watched writes through: the stub steps past one
         self.physical = False
         self.swbreak = self.hwbreak = False  # the debugger understands these stop reasons
-        self.stop_reply = b"S%02x" % SIGTRAP
+        self.stop_reply = b"T%02xthread:1;" % SIGTRAP
         self.target.pause()
 
     # -- the connection -------------------------------------------------------------------
