@@ -9,6 +9,7 @@ handling of malformed packets are checked against what they must do.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shutil
 import socket
@@ -19,7 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from popek.api.client import ApiError, Client
 from popek.engine.engine import TIERS
+from tests.vmm_process import popek_serve
 
 HERE = Path(__file__).resolve().parent / "gdb"
 CC = "riscv64-linux-gnu-gcc"
@@ -40,11 +43,12 @@ def programs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("gdb")
     cc = tool(CC, "gcc-riscv64-linux-gnu")
     source = str(HERE / "target.c")
-    built = {"user": out / "user", "bare": out / "bare"}
+    built = {"user": out / "user", "bare": out / "bare", "bare-spin": out / "bare-spin"}
     subprocess.run([cc, *CFLAGS, "-o", built["user"], source], check=True)
-    subprocess.run([cc, *CFLAGS, "-ffreestanding", "-mcmodel=medany", "-DBARE_METAL",
-                    "-T", str(HERE / "bare.ld"), "-Wl,--build-id=none",
-                    "-Wl,--no-warn-rwx-segments", "-o", built["bare"], source], check=True)
+    for name, spin in (("bare", "0"), ("bare-spin", "1")):
+        subprocess.run([cc, *CFLAGS, "-ffreestanding", "-mcmodel=medany", "-DBARE_METAL",
+                        f'-DSPIN="{spin}"', "-T", str(HERE / "bare.ld"), "-Wl,--build-id=none",
+                        "-Wl,--no-warn-rwx-segments", "-o", built[name], source], check=True)
     return built
 
 
@@ -286,3 +290,38 @@ def test_malformed_packets_get_error_replies_and_the_session_goes_on(programs):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_vm_debug_relays_gdb_through_the_vmm(programs, tmp_path):
+    """``popek vm debug`` halts a running VMM guest for gdb (through the VMM's API, the
+    guest's only door): registers, a step, a watchpoint; the guest runs on after gdb
+    detaches, and a second debugger meanwhile is refused."""
+    with popek_serve(tmp_path) as vmm:
+        vm_cli = popek("vm", "--socket", str(vmm))
+        created = subprocess.run([*vm_cli, "create", "--kernel", str(programs["bare-spin"]),
+                                  "--mem", "32M", "--name", "spinner"],
+                                 capture_output=True, text=True, check=True)
+        assert created.stdout.strip()
+        port = free_port()
+        script = "p counter > 0\nwatch counter\ncontinue\ninfo registers pc\ndelete\ndetach\n"
+        out = gdb_session([*vm_cli, "debug", "spinner", "--gdb", f"localhost:{port}"], port,
+                          programs["bare-spin"], script, tmp_path)
+        assert "$1 = 1" in out
+        assert re.search(r"Hardware watchpoint 1: counter\s+Old value = \d+\s+New value = \d+",
+                         out)
+        assert re.search(r"pc\s+0x8\w+\s+0x8\w+ <start_c\+\d+>", out)
+        info = subprocess.run([*vm_cli, "info", "spinner"], capture_output=True, text=True,
+                              check=True).stdout
+        assert re.search(r"state\s+running", info), info
+
+        async def second_debugger_refused() -> None:
+            async with Client(vmm) as client, client.debugger("spinner") as ws:
+                await ws.send_bytes(b"$?#3f")
+                seen = b""
+                while b"#" not in seen:
+                    seen += (await asyncio.wait_for(ws.receive(), TIMEOUT)).data
+                assert seen.startswith(b"+$T05thread:1;")
+                with pytest.raises(ApiError, match="HTTP 409"):
+                    async with client.debugger("spinner"):
+                        pass
+        asyncio.run(second_debugger_refused())

@@ -196,6 +196,38 @@ async def console(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
+async def debugger(request: web.Request) -> web.WebSocketResponse:
+    """A gdb remote-protocol stream as a WebSocket (``popek vm debug`` relays gdb's TCP
+    connection): binary frames both ways; the guest halts while it opens, and runs on
+    when either side closes. One debugger per VM (409 for a second)."""
+    vm = _vmm(request).get(request.match_info["vm"])
+    stub_out = await vm.debug()
+    ws = web.WebSocketResponse(max_msg_size=1 << 20)
+    try:
+        await ws.prepare(request)
+        request.app[CONSOLES_KEY][ws] = request.transport
+        incoming = asyncio.create_task(_to_stub(ws, vm))
+        while True:
+            output = asyncio.create_task(stub_out.get())
+            await asyncio.wait({output, incoming}, return_when=asyncio.FIRST_COMPLETED)
+            if incoming.done() or output.result() is None:
+                output.cancel()
+                break
+            await ws.send_bytes(output.result())
+        incoming.cancel()
+    finally:
+        request.app[CONSOLES_KEY].pop(ws, None)
+        vm.end_debug()
+        await ws.close()
+    return ws
+
+
+async def _to_stub(ws: web.WebSocketResponse, vm: Any) -> None:
+    async for msg in ws:
+        if msg.type == WSMsgType.BINARY:
+            vm.send_debug(msg.data)
+
+
 async def _close_consoles(app: web.Application) -> None:
     """The VMM is stopping: end every console session, the guests' lives aside."""
     async def close(ws: web.WebSocketResponse, transport: asyncio.Transport | None) -> None:
@@ -235,6 +267,7 @@ def routes() -> list[web.RouteDef]:
         web.post("/v1/vms/{vm}/exec", exec_in_vm),
         web.get("/v1/vms/{vm}/console", console),
         web.get("/v1/vms/{vm}/console/log", console_log),
+        web.get("/v1/vms/{vm}/gdb", debugger),
         web.get("/v1/networks", list_networks),
         web.get("/v1/host", host),
         web.post("/v1/networks", create_network),

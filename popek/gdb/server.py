@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from popek.gdb.stub import Exited, GdbStub
+from popek.gdb.stub import Exited, GdbStub, Link
 from popek.gdb.targets import MachineTarget, ProcessTarget
 
 if TYPE_CHECKING:
-    from popek.machine.session import GuestSession
+    from popek.machine.runner import MachineRunner
     from popek.user.process import Process
 
 KILLED_STATUS = 0  # popek's exit status when the debugger kills the target, as QEMU's
@@ -58,6 +58,20 @@ def wait_for_debugger(listener: socket.socket, address: str) -> socket.socket:
     return conn
 
 
+def receive(conn: socket.socket, stub: GdbStub) -> None:
+    """Bytes from the debugger's socket are waiting: hand them to the stub."""
+    try:
+        data = conn.recv(65536)
+    except (BlockingIOError, InterruptedError):
+        return
+    except OSError:
+        data = b""
+    if data:
+        stub.feed(data)
+    else:
+        stub.detach()
+
+
 def debug_process(process: Process, address: str) -> int:
     """Run ``process`` under the debugger that connects at ``address``; its exit status."""
     listener = listen(address)
@@ -73,13 +87,13 @@ def debug_process(process: Process, address: str) -> int:
     try:
         while not stub.closed:
             if stub.halted:
-                select.select([stub], [], [])
-                stub.readable()
+                select.select([conn], [], [])
+                receive(conn, stub)
                 continue
             target.run()
             stub.after_run()
-            if not stub.closed and select.select([stub], [], [], 0)[0]:
-                stub.readable()
+            if not stub.closed and select.select([conn], [], [], 0)[0]:
+                receive(conn, stub)
     except Exited as end:
         stub.exited(end)
         return _status(end)
@@ -96,58 +110,78 @@ def _status(end: Exited) -> int:
 
 
 class MachineDebugger:
-    """The debugger of a ``popek run`` machine: one connection at a time, on the machine
-    runner's event sources; a debugger may attach again after one detaches."""
+    """The debugger of a machine on a runner, one at a time: ``popek run``'s (through
+    :class:`DebuggerPort`) or a VMM worker's (through its channel)."""
 
-    def __init__(self, session: GuestSession, address: str) -> None:
-        self.session = session
-        self.address = address
-        self.listener = listen(address)
-        self.target = MachineTarget(session)
+    def __init__(self, runner: MachineRunner) -> None:
+        self.target = MachineTarget(runner)
         self.stub: GdbStub | None = None
         self.killed = False
+
+    def attach(self, conn: Link) -> GdbStub:
+        """A debugger connects: the machine halts until it continues."""
+        self.stub = GdbStub(self.target, conn)
+        return self.stub
+
+    def after_step(self) -> bool:
+        """After a turn of the runner: report a stop; False once the debugger killed it."""
+        stub = self.stub
+        if stub is not None and not stub.halted and not stub.closed:
+            stub.apply_breakpoints()  # a rebooted machine has new harts
+            stub.after_run()
+        if stub is not None and stub.closed:
+            self.stub = None
+            self.killed = stub.killed
+        return not self.killed
+
+    def powered_off(self, code: int) -> None:
+        if self.stub is not None and not self.stub.closed:
+            self.stub.exited(Exited(code))
+        self.stub = None
+
+
+class DebuggerPort:
+    """``popek run --gdb``: the listening socket, whose debugger (one at a time) the
+    machine runner serves among its event sources; another may attach after one leaves."""
+
+    def __init__(self, runner: MachineRunner, address: str) -> None:
+        self.runner = runner
+        self.debugger = MachineDebugger(runner)
+        self.listener = listen(address)
+        self.conn: socket.socket | None = None
+        self.fd = -1  # the connection's, kept: a closed socket forgets its descriptor
         self._attach(wait_for_debugger(self.listener, address))
 
     def _attach(self, conn: socket.socket) -> None:
-        self.stub = GdbStub(self.target, conn)
-        self.session.runner.sources.watch(self.stub.fileno(), self._readable)
-        self.session.runner.sources.watch(self.listener.fileno(), None)
+        self.conn, self.fd = conn, conn.fileno()
+        stub = self.debugger.attach(conn)
+        self.runner.sources.watch(self.fd, lambda: self._receive(conn, stub))
+        self.runner.sources.watch(self.listener.fileno(), None)
 
-    def _readable(self) -> None:
-        stub = self.stub
-        fd = stub.fileno()
-        stub.readable()
-        self._check(stub, fd)
-
-    def _check(self, stub: GdbStub, fd: int) -> None:
-        if not stub.closed:
-            return
-        self.session.runner.sources.watch(fd, None)
-        self.stub = None
-        self.killed = stub.killed
-        if not self.killed:
-            self.session.runner.sources.watch(self.listener.fileno(), self._accept)
+    def _receive(self, conn: socket.socket, stub: GdbStub) -> None:
+        receive(conn, stub)
+        self.after_step()
 
     def _accept(self) -> None:
         conn, _ = self.listener.accept()
         self._attach(conn)
 
     def after_step(self) -> bool:
-        """After a turn of the session: report a stop; False once the debugger killed it."""
-        stub = self.stub
-        if stub is not None and not stub.halted:
-            fd = stub.fileno()
-            stub.apply_breakpoints()  # a rebooted machine has new harts
-            stub.after_run()
-            self._check(stub, fd)
-        return not self.killed
+        """After a turn of the runner (see MachineDebugger.after_step)."""
+        conn = self.conn
+        going = self.debugger.after_step()
+        if conn is not None and self.debugger.stub is None:  # that debugger has gone
+            self.runner.sources.watch(self.fd, None)
+            conn.close()
+            self.conn = None
+            if going:
+                self.runner.sources.watch(self.listener.fileno(), self._accept)
+        return going
 
     def powered_off(self, code: int) -> None:
-        if self.stub is not None:
-            self.stub.exited(Exited(code))
-            self.stub = None
+        self.debugger.powered_off(code)
 
     def close(self) -> None:
-        if self.stub is not None and not self.stub.closed:
-            self.stub.conn.close()
+        if self.conn is not None:
+            self.conn.close()
         self.listener.close()

@@ -16,7 +16,6 @@ Everything the debugger sends is untrusted: a malformed command gets an error re
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
@@ -67,10 +66,19 @@ class DebugTarget(Protocol):
     def resume(self) -> None: ...
 
 
-class GdbStub:
-    """One debugger's session with ``target``, over the connected socket ``conn``."""
+class Link(Protocol):
+    """The debugger's connection (a socket, or a VMM channel carrying its bytes)."""
 
-    def __init__(self, target: DebugTarget, conn: socket.socket) -> None:
+    def sendall(self, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class GdbStub:
+    """One debugger's session with ``target``, over ``conn``; what the debugger sends
+    comes in through :meth:`feed`, its hanging up through :meth:`detach`."""
+
+    def __init__(self, target: DebugTarget, conn: Link) -> None:
         self.target = target
         self.conn = conn
         self.reader = rsp.PacketReader()
@@ -91,22 +99,6 @@ class GdbStub:
         self.target.pause()
 
     # -- the connection -------------------------------------------------------------------
-    def fileno(self) -> int:
-        return self.conn.fileno()
-
-    def readable(self) -> None:
-        """Bytes from the debugger are waiting: read and answer them."""
-        try:
-            data = self.conn.recv(65536)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self.detach()
-            return
-        self.feed(data)
-
     def feed(self, data: bytes) -> None:
         for event in self.reader.feed(data):
             if self.closed:

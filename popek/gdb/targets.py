@@ -14,7 +14,7 @@ from popek.user.control import ProcessExit, Terminated
 if TYPE_CHECKING:
     from popek.cpu.hart import Hart
     from popek.cpu.physmem import PhysicalMemory
-    from popek.machine.session import GuestSession
+    from popek.machine.runner import MachineRunner
     from popek.user.process import Process
 
 
@@ -24,16 +24,16 @@ class MachineTarget:
 
     attached = True  # a debugger leaving lets the machine run on, as QEMU's
 
-    def __init__(self, session: GuestSession) -> None:
-        self.session = session
+    def __init__(self, runner: MachineRunner) -> None:
+        self.runner = runner
 
     @property
     def harts(self) -> list[Hart]:
-        return self.session.machine.harts  # a reboot brings new harts
+        return self.runner.machine.harts  # a reboot brings new harts
 
     @property
     def mem(self) -> PhysicalMemory:
-        return self.session.machine.mem
+        return self.runner.machine.mem
 
     def translate(self, hart: Hart, vaddr: int) -> int:
         return debug_translate(hart, vaddr)
@@ -42,10 +42,10 @@ class MachineTarget:
         hart.step(interrupts=False)
 
     def pause(self) -> None:
-        self.session.runner.pause()
+        self.runner.pause()
 
     def resume(self) -> None:
-        self.session.runner.resume()
+        self.runner.resume()
 
 
 class ProcessTarget:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from popek import images
 from popek.devices.virtio.net import default_mac
-from popek.gdb.server import KILLED_STATUS, AddressError, MachineDebugger
+from popek.gdb.server import KILLED_STATUS, AddressError, DebuggerPort
 from popek.machine.config import (
     ConfigError,
     DiskSpec,
@@ -156,7 +156,7 @@ def _run_until_poweroff(config: MachineConfig, console: HostConsole,
     (or the debugger at ``gdb``, if any, kills it)."""
     session = GuestSession(config, guest_out, on_reboot=on_reboot)
     try:
-        debugger = MachineDebugger(session, gdb) if gdb else None
+        debugger = DebuggerPort(session.runner, gdb) if gdb else None
     except BaseException:
         session.close()
         raise

@@ -42,17 +42,21 @@ __attribute__((noinline)) void finish(unsigned long code) {
     for (;;) {}
 }
 
+#ifndef SPIN
+#define SPIN "0"
+#endif
+
 void start_c(unsigned long spin) {
     unsigned long r = warm(20000);
     r ^= work(20);
-    while (spin)  /* popek exec target x: waits for the debugger's Ctrl-C */
+    while (spin)  /* until a debugger changes its mind (or interrupts it) */
         counter = counter + 1;
     finish(r & 0x3f);
 }
 
 asm(".section .text.start\n.globl _start\n_start:\n"
 #ifdef BARE_METAL
-    "  li a0, 0\n"
+    "  li a0, " SPIN "\n"  /* -DSPIN="1": the VMM's guest waits for its debugger */
 #else
     "  ld a0, 0(sp)\n"
     "  addi a0, a0, -1\n"  /* spin if given an argument */
