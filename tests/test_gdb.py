@@ -136,16 +136,20 @@ def test_run_session_matches_qemu_system(tier: str, programs, qemu_system_sessio
 
 
 def test_exec_watchpoints_stop_after_the_write(tier: str, programs, tmp_path):
-    """A write watchpoint (qemu-riscv64 has none to compare with) stops right after each
-    store to the variable, with the old and new values, under every tier."""
+    """Watchpoints (qemu-riscv64 has none to compare with) stop right after each access
+    to the variable: write ones with the old and new values, read ones with the value
+    read, under every tier."""
     port = free_port()
-    script = ("watch counter\ncontinue\ncontinue\ndelete\nwatch watched\ncontinue\n"
-              "p watched == $a0\ndelete\ncontinue\n")
+    script = ("watch counter\ncontinue\ncontinue\ndelete\nrwatch counter\ncontinue\n"
+              "delete\nawatch watched\ncontinue\np watched == $a0\ndelete\ncontinue\n")
     out = gdb_session(popek("exec", "--engine", tier, "--gdb", f"localhost:{port}",
                             str(programs["user"])), port, programs["user"], script, tmp_path)
     assert re.search(r"Hardware watchpoint 1: counter\s+Old value = 0\s+New value = 1\s", out)
     assert re.search(r"Old value = 1\s+New value = 2\s", out)
-    assert re.search(r"Hardware watchpoint 2: watched\s+Old value = 0\s+New value = \d+", out)
+    assert re.search(r"Hardware read watchpoint 2: counter\s+Value = 2\s+0x\w+ in work .*\n"
+                     r"\d+\t\s+counter = counter \+ 1;", out)  # after the load, before the add
+    assert re.search(r"Hardware access \(read/write\) watchpoint 3: watched\s+Old value = 0\s+"
+                     r"New value = \d+", out)
     # Stopped after the store: at the line after it, with the stored value in memory.
     assert re.search(r"watched\s+Old value = 0\s+New value = \d+\s+"
                      r"0x\w+ in work .*\n\d+\t\s+return acc;", out)

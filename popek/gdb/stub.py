@@ -3,11 +3,13 @@
 The stub is all-stop, as QEMU's: when one hart stops (a breakpoint, a watched write, a
 step, Ctrl-C) the whole target stops, and each hart is a thread (thread ``n + 1`` is
 hart ``n``). Breakpoints (software and hardware alike) are the engines' own
-(:meth:`popek.engine.engine.Engine.set_breakpoints`); write watchpoints are write
-watches on guest memory (:meth:`popek.cpu.physmem.PhysicalMemory.watch`): the watched
-write raises a :class:`~popek.cpu.causes.DebugStop` before it lands, and the stub then
-steps that one instruction with the watch let through, so the debugger sees the hart
-stopped after the write, as QEMU reports it. Addresses are virtual, translated through
+(:meth:`popek.engine.engine.Engine.set_breakpoints`); watchpoints are write watches
+on guest memory (:meth:`popek.cpu.physmem.PhysicalMemory.watch`), and read watches for
+read and access watchpoints: the watched access raises a
+:class:`~popek.cpu.causes.DebugStop` before it happens, and the stub then steps that
+one instruction with the watches let through, so the debugger sees the hart stopped
+after the access, as QEMU reports it. Only a hart's instructions trip them, not a
+system call, firmware or a device writing guest memory. Addresses are virtual, translated through
 the guest's page tables as the selected hart sees them (with A/D bits untouched), or
 physical after ``Qqemu.PhyMemMode:1``.
 
@@ -33,7 +35,11 @@ MAX_TRANSFER = (rsp.PACKET_SIZE - 16) // 2  # bytes of memory an 'm' reply carri
 E_INVALID, E_FAULT = b"E16", b"E0e"  # EINVAL, EFAULT as QEMU answers them
 SUPPORTED = (b"PacketSize=%x;qXfer:features:read+;swbreak+;hwbreak+;QStartNoAckMode+;"
              b"vContSupported+" % rsp.PACKET_SIZE)
-SOFTWARE, HARDWARE, WRITE_WATCH = 0, 1, 2
+SOFTWARE, HARDWARE, WRITE_WATCH, READ_WATCH, ACCESS_WATCH = range(5)
+# The stop reason each watchpoint kind reports, and which accesses trip it.
+WATCH_REASONS = {WRITE_WATCH: "watch", READ_WATCH: "rwatch", ACCESS_WATCH: "awatch"}
+TRIPPED_BY_WRITES = (WRITE_WATCH, ACCESS_WATCH)
+TRIPPED_BY_READS = (READ_WATCH, ACCESS_WATCH)
 
 
 class Exited(Exception):
@@ -90,8 +96,11 @@ class GdbStub:
         self.regs = RegisterMap.of(target.harts[0])
         self.g_thread = self.c_thread = 0  # hart indexes for registers/memory and running
         self.points: dict[int, set[int]] = {SOFTWARE: set(), HARDWARE: set()}
-        self.watches: dict[tuple[int, int], list[tuple[int, int]]] = {}  # -> host ranges
-        self.watched_pages: set[int] = set()
+        # (kind, address, length) -> the host offset ranges it covers
+        self.watches: dict[tuple[int, int, int], list[tuple[int, int]]] = {}
+        self.watched_pages: set[int] = set()  # write-watched: for every kind (a read
+        # watchpoint must see AMOs, which read through the write TLB)
+        self.read_watched_pages: set[int] = set()
         self.passing = False  # let watched writes through: the stub steps past one
         self.physical = False
         self.swbreak = self.hwbreak = False  # the debugger understands these stop reasons
@@ -162,9 +171,10 @@ class GdbStub:
 
     def _report(self, index: int, stop: DebugStop) -> None:
         thread = b"thread:%x;" % (index + 1)
-        if stop.reason == "watch":
+        if stop.reason in WATCH_REASONS.values():
             self._pass_watch(index)
-            self._halt(index, b"T%02xwatch:%x;%s" % (SIGTRAP, stop.addr, thread))
+            self._halt(index, b"T%02x%s:%x;%s" % (SIGTRAP, stop.reason.encode(), stop.addr,
+                                                   thread))
         elif stop.addr in self.points[HARDWARE] and self.hwbreak:
             self._halt(index, b"T%02xhwbreak:;%s" % (SIGTRAP, thread))
         else:
@@ -172,7 +182,7 @@ class GdbStub:
             self._halt(index, b"T%02x%s%s" % (SIGTRAP, why, thread))
 
     def _pass_watch(self, index: int) -> None:
-        """Complete the instruction whose watched write stopped hart ``index``."""
+        """Complete the instruction whose watched access stopped hart ``index``."""
         self.passing = True
         try:
             self.target.step(self.target.harts[index])
@@ -208,27 +218,42 @@ class GdbStub:
         for hart in self.target.harts:
             hart.engine.set_breakpoints(pcs)
 
-    # -- watchpoints (the physmem write-watch mechanism) ------------------------------------
+    # -- watchpoints (guest memory's write watches, and read watches) ----------------------
     def page_written(self, page: int, offset: int, size: int) -> bool:
         if page not in self.watched_pages:
             return False
-        if self.passing or not any(h.engine.executing for h in self.target.harts):
-            return True  # the stub's own step, a system call or DMA: not an instruction
-        start, end = page + offset, page + offset + size
-        for (addr, _), ranges in self.watches.items():
-            if any(lo < end and start < hi for lo, hi in ranges):
-                raise DebugStop("watch", addr)
+        self._check_access(page + offset, size, TRIPPED_BY_WRITES)
         return True
 
+    def page_read(self, page: int, offset: int, size: int) -> None:
+        self._check_access(page + offset, size, TRIPPED_BY_READS)
+
+    def _check_access(self, start: int, size: int, kinds: tuple[int, ...]) -> None:
+        """Stop the hart before an access to host offsets ``[start, start + size)`` that
+        trips a watchpoint of ``kinds``."""
+        if self.passing or not any(h.engine.executing for h in self.target.harts):
+            return  # the stub's own step, a system call, firmware or DMA: no instruction
+        end = start + size
+        for (kind, addr, _), ranges in self.watches.items():
+            if kind in kinds and any(lo < end and start < hi for lo, hi in ranges):
+                raise DebugStop(WATCH_REASONS[kind], addr)
+
     def _watch_pages(self) -> None:
-        pages = {p for ranges in self.watches.values() for lo, hi in ranges
-                 for p in range(lo & ~PAGE_MASK, hi, PAGE_SIZE)}
+        def pages(kinds: tuple[int, ...]) -> set[int]:
+            return {p for (kind, _, _), ranges in self.watches.items() if kind in kinds
+                    for lo, hi in ranges for p in range(lo & ~PAGE_MASK, hi, PAGE_SIZE)}
+
         mem = self.target.mem
-        for page in self.watched_pages - pages:
+        written, read = pages(tuple(WATCH_REASONS)), pages(TRIPPED_BY_READS)
+        for page in self.watched_pages - written:
             mem.unwatch(page, self)
-        for page in pages - self.watched_pages:
+        for page in written - self.watched_pages:
             mem.watch(page, self)
-        self.watched_pages = pages
+        for page in self.read_watched_pages - read:
+            mem.watch_reads(page, None)
+        for page in read - self.read_watched_pages:
+            mem.watch_reads(page, self)
+        self.watched_pages, self.read_watched_pages = written, read
 
     def _host_ranges(self, addr: int, length: int) -> list[tuple[int, int]]:
         ranges = []
@@ -399,14 +424,14 @@ class GdbStub:
         if kind in (SOFTWARE, HARDWARE):
             (self.points[kind].add if insert else self.points[kind].discard)(addr)
             return b"OK"
-        if kind != WRITE_WATCH:
-            return b""  # read and access watchpoints: not supported
+        if kind not in WATCH_REASONS:
+            return b""
         if not 0 < size <= PAGE_SIZE:
             return E_INVALID
         if insert:
-            self.watches[(addr, size)] = self._host_ranges(addr, size)
+            self.watches[(kind, addr, size)] = self._host_ranges(addr, size)
         else:
-            self.watches.pop((addr, size), None)
+            self.watches.pop((kind, addr, size), None)
         self._watch_pages()
         return b"OK"
 
