@@ -252,9 +252,11 @@ def test_exec_ctrl_c_then_a_watchpoint_in_hot_code(tier: str, programs):
 
 
 def test_malformed_packets_get_error_replies_and_the_session_goes_on(programs):
+    """Then threads, physical memory, Ctrl-C, detach, a second debugger and kill, on a
+    ``popek run`` machine."""
     port = free_port()
     proc = subprocess.Popen(popek("run", "--mem", "128M", "--cpus", "2", "--kernel",
-                                  str(programs["bare"]), "--gdb", f"localhost:{port}"),
+                                  str(programs["bare-spin"]), "--gdb", f"localhost:{port}"),
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     try:
@@ -272,7 +274,7 @@ def test_malformed_packets_get_error_replies_and_the_session_goes_on(programs):
             assert reply.startswith(b"E"), (bad, reply)
         assert gdb.ask(b"qUnknownQuery") == b""
         assert gdb.ask(b"m0,ffffffff") == b"E0e"  # nothing at address 0 in the page tables
-        entry = symbol(programs["bare"], "_start")
+        entry = symbol(programs["bare-spin"], "_start")
         # The session still works: registers, threads (a hart each), physical memory.
         assert len(gdb.ask(b"g")) == 33 * 16
         assert gdb.ask(b"qfThreadInfo") == b"m1,2"
@@ -283,14 +285,27 @@ def test_malformed_packets_get_error_replies_and_the_session_goes_on(programs):
         assert gdb.ask(b"Qqemu.PhyMemMode:1") == b"OK"
         assert gdb.ask(b"qqemu.PhyMemMode") == b"1"
         first = gdb.ask(b"m%x,4" % entry)
-        with open(programs["bare"], "rb") as f:
+        with open(programs["bare-spin"], "rb") as f:
             from elftools.elf.elffile import ELFFile
 
             text = ELFFile(f).get_section_by_name(".text").data()
         assert bytes.fromhex(first.decode()) == text[:4]
+        gdb.send_raw(gdb.packet(b"c"))
+        assert gdb.read_ack() == b"+"
+        time.sleep(0.5)
+        gdb.send_raw(b"\x03")
+        assert gdb.read_reply() == b"T02thread:1;"
+        counter = symbol(programs["bare-spin"], "counter")
+        assert gdb.ask(b"Qqemu.PhyMemMode:0") == b"OK"
+        assert int.from_bytes(bytes.fromhex(gdb.ask(b"m%x,8" % counter).decode()), "little")
         gdb.send_raw(gdb.packet(b"D"))
         assert gdb.read_ack() == b"+" and gdb.read_reply() == b"OK"
-        assert proc.wait(timeout=TIMEOUT) != 0  # detached, the guest ran to its end
+        time.sleep(0.2)
+        assert proc.poll() is None  # detached, the guest spins on
+        again = RemoteClient(port)  # and the next debugger finds it halted
+        assert again.ask(b"?") == b"T05thread:1;"
+        again.send_raw(again.packet(b"k"))
+        assert proc.wait(timeout=TIMEOUT) == 0
     finally:
         proc.kill()
         proc.wait()

@@ -180,15 +180,7 @@ async def console(request: web.Request) -> web.WebSocketResponse:
             await ws.send_bytes(bytes(vm.console.data))
         if not vm.alive:
             return ws
-        keys = asyncio.create_task(_to_guest(ws, vm))
-        while True:
-            output = asyncio.create_task(queue.get())
-            await asyncio.wait({output, keys}, return_when=asyncio.FIRST_COMPLETED)
-            if keys.done() or output.result() is None:
-                output.cancel()
-                break
-            await ws.send_bytes(output.result())
-        keys.cancel()
+        await _relay(queue, ws, asyncio.create_task(_to_guest(ws, vm)))
     finally:
         request.app[CONSOLES_KEY].pop(ws, None)
         vm.console.detach(queue)
@@ -206,20 +198,26 @@ async def debugger(request: web.Request) -> web.WebSocketResponse:
     try:
         await ws.prepare(request)
         request.app[CONSOLES_KEY][ws] = request.transport
-        incoming = asyncio.create_task(_to_stub(ws, vm))
-        while True:
-            output = asyncio.create_task(stub_out.get())
-            await asyncio.wait({output, incoming}, return_when=asyncio.FIRST_COMPLETED)
-            if incoming.done() or output.result() is None:
-                output.cancel()
-                break
-            await ws.send_bytes(output.result())
-        incoming.cancel()
+        await _relay(stub_out, ws, asyncio.create_task(_to_stub(ws, vm)))
     finally:
         request.app[CONSOLES_KEY].pop(ws, None)
         vm.end_debug()
         await ws.close()
     return ws
+
+
+async def _relay(queue: asyncio.Queue[bytes | None], ws: web.WebSocketResponse,
+                 incoming: asyncio.Task[None]) -> None:
+    """Send ``queue``'s bytes to the client until they end (None) or ``incoming``, the
+    task taking the client's messages, does (the client went away)."""
+    while True:
+        output = asyncio.create_task(queue.get())
+        await asyncio.wait({output, incoming}, return_when=asyncio.FIRST_COMPLETED)
+        if incoming.done() or output.result() is None:
+            output.cancel()
+            break
+        await ws.send_bytes(output.result())
+    incoming.cancel()
 
 
 async def _to_stub(ws: web.WebSocketResponse, vm: Any) -> None:

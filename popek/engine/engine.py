@@ -418,16 +418,16 @@ class Engine:
                             pc &= XLEN_MASK
                             blk = self._block_at(pc, base, mode, single)
                         if blk.special:
-                            if blk.breakpoint and pc in self.breakpoints:
-                                blk = None  # stop before it (an alias may share the block)
-                                raise DebugStop("breakpoint", pc)
-                            if blk.native is not None:
+                            if blk.native is not None:  # (never a breakpoint's block)
                                 pc, retired, trap = self._enter(blk, pc, mode, budget - executed)
                                 executed += retired
                                 if trap is not None:
                                     blk = None  # pc is the faulting instruction's already
                                     raise trap
                                 continue
+                            if blk.breakpoint and pc in self.breakpoints:
+                                blk = None  # stop before it (an alias may share the block)
+                                raise DebugStop("breakpoint", pc)
                             if blk.fp:
                                 csr[MSTATUS] |= MSTATUS_FS_DIRTY_SD
                             if blk.system:  # its CSR access may read instret: make it exact
