@@ -344,6 +344,7 @@ async def _debug(client: Client, args: argparse.Namespace) -> int:
     either side hangs up; the guest halts while the debugger holds it."""
     from popek.gdb.server import AddressError, listen
 
+    await client.info(args.vms)  # no such VM: say so now, not once gdb has connected
     try:
         listener = listen(args.gdb)
     except AddressError as err:
