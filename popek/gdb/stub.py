@@ -124,10 +124,12 @@ class GdbStub:
                 self._halt(self.c_thread, b"T%02xthread:%x;" % (SIGINT, self.c_thread + 1))
 
     def _send_raw(self, data: bytes) -> None:
+        if self.closed:
+            return
         try:
             self.conn.sendall(data)
-        except OSError:
-            self.closed = True
+        except OSError:  # the debugger is gone: its breakpoints must not hold the target
+            self.detach()
 
     def send(self, payload: bytes) -> None:
         self.last_sent = rsp.frame(payload)
