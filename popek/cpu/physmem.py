@@ -92,7 +92,8 @@ class Device(Protocol):
 
 
 class WriteTlb(Protocol):
-    """A hart's cache of writable pages (its MMU), which must forget pages on demand."""
+    """A hart's cache of translations (its MMU), which must forget writable (or
+    readable) pages on demand."""
 
     def drop_writable(self, page: int | None) -> None:
         """Forget every writable translation to the RAM page at host offset ``page``
