@@ -313,8 +313,8 @@ def test_malformed_packets_get_error_replies_and_the_session_goes_on(programs):
 
 def test_vm_debug_relays_gdb_through_the_vmm(programs, tmp_path):
     """``popek vm debug`` halts a running VMM guest for gdb (through the VMM's API, the
-    guest's only door): registers, a step, a watchpoint; the guest runs on after gdb
-    detaches, and a second debugger meanwhile is refused."""
+    guest's only door): a watchpoint, registers; the guest runs on after gdb detaches;
+    a second debugger is refused while one holds it, and gdb's kill stops it."""
     with popek_serve(tmp_path) as vmm:
         vm_cli = popek("vm", "--socket", str(vmm))
         created = subprocess.run([*vm_cli, "create", "--kernel", str(programs["bare-spin"]),
@@ -333,7 +333,7 @@ def test_vm_debug_relays_gdb_through_the_vmm(programs, tmp_path):
                               check=True).stdout
         assert re.search(r"state\s+running", info), info
 
-        async def second_debugger_refused() -> None:
+        async def second_debugger_refused_and_kill() -> None:
             async with Client(vmm) as client, client.debugger("spinner") as ws:
                 await ws.send_bytes(b"$?#3f")
                 seen = b""
@@ -343,4 +343,10 @@ def test_vm_debug_relays_gdb_through_the_vmm(programs, tmp_path):
                 with pytest.raises(ApiError, match="HTTP 409"):
                     async with client.debugger("spinner"):
                         pass
-        asyncio.run(second_debugger_refused())
+                await ws.send_bytes(b"$k#6b")  # and gdb's kill stops the guest
+                deadline = time.monotonic() + TIMEOUT
+                while (vm := await client.info("spinner"))["state"] != "stopped":
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.1)
+                assert vm["exit"]["kind"] == "killed"
+        asyncio.run(second_debugger_refused_and_kill())
