@@ -32,7 +32,8 @@ def listen(address: str) -> socket.socket:
             path = address[5:]
             if not path:
                 raise AddressError("--gdb unix:PATH needs a path")
-            Path(path).unlink(missing_ok=True)
+            if Path(path).is_socket():  # a stale one (a file of another kind stays)
+                Path(path).unlink()
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.bind(path)
         else:
@@ -48,6 +49,13 @@ def listen(address: str) -> socket.socket:
     except OSError as err:
         raise AddressError(f"--gdb {address}: {err.strerror or err}") from None
     return sock
+
+
+def close_listener(listener: socket.socket) -> None:
+    """Stop listening; a Unix socket's file goes too."""
+    if listener.family == socket.AF_UNIX:
+        Path(listener.getsockname()).unlink(missing_ok=True)
+    listener.close()
 
 
 def wait_for_debugger(listener: socket.socket, address: str) -> socket.socket:
@@ -78,7 +86,7 @@ def debug_process(process: Process, address: str) -> int:
     try:
         conn = wait_for_debugger(listener, address)
     finally:
-        listener.close()
+        close_listener(listener)
     target = ProcessTarget(process)
     stub = GdbStub(target, conn)
     parent = os.getpid()
@@ -184,4 +192,4 @@ class DebuggerPort:
     def close(self) -> None:
         if self.conn is not None:
             self.conn.close()
-        self.listener.close()
+        close_listener(self.listener)

@@ -342,7 +342,7 @@ async def _console(client: Client, args: argparse.Namespace) -> int:
 async def _debug(client: Client, args: argparse.Namespace) -> int:
     """Wait for gdb at ``--gdb``, then relay its bytes to the VM's stub and back until
     either side hangs up; the guest halts while the debugger holds it."""
-    from popek.gdb.server import AddressError, listen
+    from popek.gdb.server import AddressError, close_listener, listen
 
     await client.info(args.vms)  # no such VM: say so now, not once gdb has connected
     try:
@@ -351,10 +351,12 @@ async def _debug(client: Client, args: argparse.Namespace) -> int:
         err_console.print(f"popek vm debug: error: {err}", markup=False)
         return EXIT_USAGE
     loop = asyncio.get_running_loop()
-    with listener:
+    try:
         listener.setblocking(False)
         err_console.print(f"Waiting for gdb on {args.gdb} to debug {args.vms}…")
         conn, _ = await loop.sock_accept(listener)
+    finally:
+        close_listener(listener)
     with conn:
         async with client.debugger(args.vms) as ws:
             async def to_stub() -> None:
