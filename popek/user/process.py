@@ -187,13 +187,15 @@ class Process:
 
     def run_slice(self, budget: int = SLICE, step: bool = False) -> None:
         """Run about ``budget`` instructions (``step``: exactly one, as a debugger steps),
-        then deliver pending signals; raises ProcessExit or Terminated when it ends."""
+        then deliver pending signals, unless a debugger stopped the hart at an instruction
+        (they wait until it runs on); raises ProcessExit or Terminated when it ends."""
         hart = self.hart
         if step:
             hart.step(interrupts=False)
         else:
             hart.run(budget)
-        hart.pc = self.signals.deliver_pending(hart.pc)
+        if hart.engine.debug_stop is None:
+            hart.pc = self.signals.deliver_pending(hart.pc)
 
     def on_trap(self, cause: int, tval: int, pc: int) -> int:
         if cause == causes.ECALL_U:
