@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from elftools.elf.elffile import ELFFile
 
 from popek.api.client import ApiError, Client
 from popek.engine.engine import TIERS
@@ -212,10 +213,19 @@ class RemoteClient:
         assert self.read_ack() == b"+"
         return self.read_reply()
 
+    def continue_then_interrupt(self, seconds: float) -> bytes:
+        """Continue, let the target run ``seconds``, Ctrl-C: the stop reply."""
+        self.send_raw(self.packet(b"c"))
+        assert self.read_ack() == b"+"
+        time.sleep(seconds)
+        self.send_raw(b"\x03")
+        return self.read_reply()
+
+    def read_u64(self, addr: int) -> int:
+        return int.from_bytes(bytes.fromhex(self.ask(b"m%x,8" % addr).decode()), "little")
+
 
 def symbol(program: Path, name: str) -> int:
-    from elftools.elf.elffile import ELFFile
-
     with open(program, "rb") as f:
         return ELFFile(f).get_section_by_name(".symtab").get_symbol_by_name(name)[0]["st_value"]
 
@@ -231,18 +241,13 @@ def test_exec_ctrl_c_then_a_watchpoint_in_hot_code(tier: str, programs):
     try:
         gdb = RemoteClient(port)
         assert gdb.ask(b"?").startswith(b"T05")
-        gdb.send_raw(gdb.packet(b"c"))
-        assert gdb.read_ack() == b"+"
-        time.sleep(1.0)
-        gdb.send_raw(b"\x03")
-        assert gdb.read_reply() == b"T02thread:1;"
+        assert gdb.continue_then_interrupt(1.0) == b"T02thread:1;"
         counter = symbol(programs["user"], "counter")
-        before = int.from_bytes(bytes.fromhex(gdb.ask(b"m%x,8" % counter).decode()), "little")
+        before = gdb.read_u64(counter)
         assert before > 1000  # it did spin
         assert gdb.ask(b"Z2,%x,8" % counter) == b"OK"
         assert gdb.ask(b"c") == b"T05watch:%x;thread:1;" % counter
-        after = int.from_bytes(bytes.fromhex(gdb.ask(b"m%x,8" % counter).decode()), "little")
-        assert after == before + 1
+        assert gdb.read_u64(counter) == before + 1
         assert gdb.ask(b"z2,%x,8" % counter) == b"OK"
         gdb.send_raw(gdb.packet(b"k"))
         assert proc.wait(timeout=TIMEOUT) == 0
@@ -286,18 +291,11 @@ def test_malformed_packets_get_error_replies_and_the_session_goes_on(programs):
         assert gdb.ask(b"qqemu.PhyMemMode") == b"1"
         first = gdb.ask(b"m%x,4" % entry)
         with open(programs["bare-spin"], "rb") as f:
-            from elftools.elf.elffile import ELFFile
-
             text = ELFFile(f).get_section_by_name(".text").data()
         assert bytes.fromhex(first.decode()) == text[:4]
-        gdb.send_raw(gdb.packet(b"c"))
-        assert gdb.read_ack() == b"+"
-        time.sleep(0.5)
-        gdb.send_raw(b"\x03")
-        assert gdb.read_reply() == b"T02thread:1;"
-        counter = symbol(programs["bare-spin"], "counter")
+        assert gdb.continue_then_interrupt(0.5) == b"T02thread:1;"
         assert gdb.ask(b"Qqemu.PhyMemMode:0") == b"OK"
-        assert int.from_bytes(bytes.fromhex(gdb.ask(b"m%x,8" % counter).decode()), "little")
+        assert gdb.read_u64(symbol(programs["bare-spin"], "counter"))
         gdb.send_raw(gdb.packet(b"D"))
         assert gdb.read_ack() == b"+" and gdb.read_reply() == b"OK"
         time.sleep(0.2)
