@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from popek.cpu import extensions
 from popek.cpu.causes import ACCESS_FAULT_FOR_ACCESS, ACCESS_READ, ACCESS_WRITE, Trap
 from popek.cpu.csr import (
     ENVCFG_CBCFE,
@@ -28,7 +29,7 @@ from popek.cpu.state import CTL_PRIV, PRIV_M, PRIV_U
 if TYPE_CHECKING:
     from popek.cpu.hart import Hart
 
-BLOCK_SIZE = 64
+BLOCK_SIZE = extensions.CACHE_BLOCK_SIZE
 ZERO_BLOCK = bytes(BLOCK_SIZE)
 
 # What each operation's kind number asks of the envcfg registers (see popek.isa.system).
