@@ -9,6 +9,8 @@ programs loop, with the tier-up thresholds lowered, so translated and native cod
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from rvasm import CLOCK, RAM_BASE, WFI, assemble, code, csrr, load, make_hart
 
@@ -27,6 +29,9 @@ from popek.cpu.pmp import A_NAPOT, PMP_A_SHIFT, PMP_R, PMP_X, PMPADDR0, PMPCFG0
 from popek.cpu.state import PRIV_M, PRIV_S, PRIV_U
 from popek.engine import engine as engine_module
 from popek.isa import rv64b
+from popek.machine.config import MachineConfig
+from popek.machine.virt import VirtMachine
+from tests.vmm_guests import guest
 
 TIERS = ("interp", "translate", "jit")
 M64 = (1 << 64) - 1
@@ -373,3 +378,17 @@ def test_stip_follows_time_against_stimecmp_and_software_cannot_write_it() -> No
     assert hart.csr[C.MIP] & stip
     write(STIMECMP, M64)  # a write re-evaluates at once
     assert not hart.csr[C.MIP] & stip
+
+
+def test_bare_metal_guest_programs_its_timer_through_stimecmp() -> None:
+    out = bytearray()
+    machine = VirtMachine(MachineConfig(kernel=guest("sstc"), mem=32 << 20, rng=False),
+                          out.extend)
+    for _ in range(10_000):
+        if machine.exit is not None:
+            break
+        machine.run_slice()
+        if machine.idle_seconds():  # every hart waits: sleep until the guest's deadline
+            time.sleep(machine.idle_seconds())
+    assert machine.exit == ("poweroff", 0), bytes(out)
+    assert out == b"pending at the deadline\ncleared by a write\ninterrupt taken\nsbi timer\n"
