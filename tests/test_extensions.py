@@ -9,8 +9,13 @@ programs loop, with the tier-up thresholds lowered, so translated and native cod
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
 
+import bitmanip_program
 import pytest
 from rvasm import CLOCK, RAM_BASE, WFI, assemble, code, csrr, load, make_hart
 
@@ -333,6 +338,34 @@ def test_cbo_zero_where_pmp_forbids_writes_is_a_store_access_fault() -> None:
     hart.x[11] = DATA + 0x40
     trap = step(hart, cbo("zero", 11), PRIV_S)
     assert (trap.cause, trap.tval) == (STORE_ACCESS, DATA + 0x40)
+
+
+USER_CBO = r"""
+#include <stdio.h>
+static char buf[256] __attribute__((aligned(64)));
+int main(void) {
+    for (int i = 0; i < 256; i++) buf[i] = i | 1;
+    __asm__ volatile(".option arch, +zicboz\ncbo.zero (%0)" : : "r"(buf + 70) : "memory");
+    __asm__ volatile(".option arch, +zicbop\nprefetch.w 0(%0)" : : "r"(buf + 300));
+    int zeros = 0;
+    for (int i = 0; i < 256; i++) zeros += buf[i] == 0;
+    printf("%d zero bytes, then %d and %d\n", zeros, buf[63], buf[128]);
+    return 0;
+}
+"""
+
+
+def test_user_programs_may_zero_cache_blocks(tmp_path: Path) -> None:
+    # qemu-riscv64 7.2 has no Zicboz to compare with; Linux lets user space use cbo.zero.
+    gcc = shutil.which(bitmanip_program.GCC)
+    if gcc is None:
+        pytest.fail(f"{bitmanip_program.GCC} not found: apt-get install gcc-riscv64-linux-gnu")
+    (tmp_path / "cbo.c").write_text(USER_CBO)
+    subprocess.run([gcc, "-O2", "-static", "-o", str(tmp_path / "cbo"), str(tmp_path / "cbo.c")],
+                   check=True)
+    done = subprocess.run([sys.executable, "-m", "popek", "exec", str(tmp_path / "cbo")],
+                          capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout) == (0, "64 zero bytes, then 63 and 129\n"), done.stderr
 
 
 # -- Sstc: the supervisor timer compare -------------------------------------------------------

@@ -72,11 +72,6 @@ def rev8(v: int) -> int:
     return int.from_bytes(v.to_bytes(8, "little"), "big")
 
 
-def orc_b(v: int) -> int:
-    """Each byte of ``v`` that is not zero becomes 0xff."""
-    return int.from_bytes(bytes(0xFF if b else 0 for b in v.to_bytes(8, "little")), "little")
-
-
 def clmul(a: int, b: int) -> int:
     """The 128-bit carry-less product of two 64-bit values."""
     product = 0
@@ -109,7 +104,6 @@ __all__ = [
     "cpop",
     "ctz",
     "div_trunc",
-    "orc_b",
     "rem_trunc",
     "rev8",
     "sext16",

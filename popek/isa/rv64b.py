@@ -3,8 +3,8 @@
 These are the extensions RVA22 profiles and distributions compile for: address generation
 (``sh1add``...), basic bit manipulation (counts, rotates, min/max, byte reversal),
 carry-less multiplication and single-bit operations, and branchless select (``czero``).
-Semantics that need more than the lowering's arithmetic (counting bits, reversing bytes,
-carry-less products) call the helpers in :mod:`popek.isa.helpers`.
+Semantics that need more than plain arithmetic (counting bits, reversing bytes, carry-less
+products) call the helpers in :mod:`popek.isa.helpers`.
 """
 
 from popek.isa.spec import Insn, insn
@@ -79,8 +79,11 @@ ZBB = [
     _r("rorw", "0110000", "101", _rotate(_ROR, 32, "X[rs2] & 31"), "Zbb", op="0111011"),
     insn("roriw", "0110000 ..... ..... 101 ..... 0011011", "SH5", _rotate(_ROR, 32, "imm"),
          _RRI, ext="Zbb"),
-    insn("orc.b", "001010000111 ..... 101 ..... 0010011", "R", "X[rd] = orc_b(X[rs1])", _RR,
-         ext="Zbb"),
+    # A byte is non-zero exactly when adding 0x7f to its low seven bits carries into its
+    # top bit, or that bit is set already; no carry crosses into the next byte.
+    insn("orc.b", "001010000111 ..... 101 ..... 0010011", "R",
+         "t = ((X[rs1] & 0x7F7F7F7F7F7F7F7F) + 0x7F7F7F7F7F7F7F7F) | X[rs1]\n"
+         "X[rd] = ((t & 0x8080808080808080) >> 7) * 0xFF", _RR, ext="Zbb"),
     insn("rev8", "011010111000 ..... 101 ..... 0010011", "R", "X[rd] = rev8(X[rs1])", _RR,
          ext="Zbb"),
 ]
