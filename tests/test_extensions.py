@@ -425,3 +425,21 @@ def test_bare_metal_guest_programs_its_timer_through_stimecmp() -> None:
             time.sleep(machine.idle_seconds())
     assert machine.exit == ("poweroff", 0), bytes(out)
     assert out == b"pending at the deadline\ncleared by a write\ninterrupt taken\nsbi timer\n"
+
+
+def test_a_stopped_stimecmp_is_no_deadline_for_an_idle_host() -> None:
+    # Linux stops an idle hart's timer by writing all ones to stimecmp: the host must wait
+    # for events alone, not ask its poll for a 58,000-year timeout (which it refuses).
+    machine = VirtMachine(MachineConfig(kernel=guest("idle"), mem=32 << 20, rng=False),
+                          lambda data: None)
+    hart = machine.harts[0]
+    for _ in range(100):
+        machine.run_slice()
+        if hart.waiting:
+            break
+    assert hart.waiting and hart.csr[C.MENVCFG] & C.ENVCFG_STCE  # popek's SBI enabled Sstc
+    hart.csrs.op(STIMECMP, 0, M64, False, True)
+    assert hart.csrs.stimecmp_deadline() == M64
+    assert machine.idle_seconds() is None
+    hart.csrs.op(STIMECMP, 0, machine.clint.mtime() + 10_000_000, False, True)
+    assert 0.5 < machine.idle_seconds() <= 1.0

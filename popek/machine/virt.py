@@ -49,6 +49,8 @@ PLIC_BASE, PLIC_SIZE, PLIC_NDEV = 0xC00_0000, 0x60_0000, 95
 UART_BASE, UART_SIZE, UART_IRQ = 0x1000_0000, 0x100, 10
 TIMEBASE_HZ = 10_000_000
 KERNEL_OFFSET = 0x20_0000  # where firmware jumps to: RAM base + 2 MiB, as on QEMU
+NEVER_SECONDS = 24 * 24 * 3600.0  # a timer further away than this counts as stopped (poll
+# takes a timeout in milliseconds in a C int: ~24.8 days)
 SLICE = 20_000  # instructions a hart runs before devices and timers are looked at
 STATE_VERSION = 2  # of save_state(): bump when its layout changes (2: ctl holds the LR reservation)
 HART_BUFFERS = ("x", "f", "ctl", "csr")
@@ -376,7 +378,11 @@ class VirtMachine:
                  if d is not None]
         waits = [self.rtc.seconds_to_alarm()]
         if ticks:
-            waits.append(max(0.0, (min(ticks) - self.clint.mtime()) / TIMEBASE_HZ))
+            wait = max(0.0, (min(ticks) - self.clint.mtime()) / TIMEBASE_HZ)
+            # A compare register set to all ones (how Linux and OpenSBI stop a timer) is
+            # 58,000 years away, beyond what the host's poll can wait: no deadline at all.
+            if wait < NEVER_SECONDS:
+                waits.append(wait)
         return min((w for w in waits if w is not None), default=None)
 
     def run_slice(self) -> bool:
