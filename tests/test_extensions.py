@@ -357,15 +357,46 @@ int main(void) {
 
 def test_user_programs_may_zero_cache_blocks(tmp_path: Path) -> None:
     # qemu-riscv64 7.2 has no Zicboz to compare with; Linux lets user space use cbo.zero.
+    done = run_c(tmp_path, USER_CBO)
+    assert (done.returncode, done.stdout) == (0, "64 zero bytes, then 63 and 129\n"), done.stderr
+
+
+HWPROBE = r"""
+#include <errno.h>
+#include <stdio.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+struct pair { long key; unsigned long value; };
+int main(void) {
+    struct pair pairs[] = {{3, 7}, {4, 7}, {6, 7}, {99, 7}, {0, 7}};
+    long rc = syscall(258, pairs, 5, 0, NULL, 0);  /* riscv_hwprobe */
+    printf("%ld", rc);
+    for (int i = 0; i < 5; i++) printf(" %ld:%#lx", pairs[i].key, pairs[i].value);
+    rc = syscall(258, pairs, 1, 0, NULL, 1);  /* no flags are defined */
+    printf(" %ld %d\n", rc, errno);
+    return 0;
+}
+"""
+
+
+def run_c(tmp_path: Path, source: str) -> subprocess.CompletedProcess[str]:
+    """Build ``source`` for riscv64 Linux and run it under ``popek exec``."""
     gcc = shutil.which(bitmanip_program.GCC)
     if gcc is None:
         pytest.fail(f"{bitmanip_program.GCC} not found: apt-get install gcc-riscv64-linux-gnu")
-    (tmp_path / "cbo.c").write_text(USER_CBO)
-    subprocess.run([gcc, "-O2", "-static", "-o", str(tmp_path / "cbo"), str(tmp_path / "cbo.c")],
-                   check=True)
-    done = subprocess.run([sys.executable, "-m", "popek", "exec", str(tmp_path / "cbo")],
+    (tmp_path / "prog.c").write_text(source)
+    subprocess.run([gcc, "-O2", "-static", "-o", str(tmp_path / "prog"),
+                    str(tmp_path / "prog.c")], check=True)
+    return subprocess.run([sys.executable, "-m", "popek", "exec", str(tmp_path / "prog")],
                           capture_output=True, text=True, timeout=120)
-    assert (done.returncode, done.stdout) == (0, "64 zero bytes, then 63 and 129\n"), done.stderr
+
+
+def test_riscv_hwprobe_reports_the_extensions_user_programs_may_use(tmp_path: Path) -> None:
+    # Linux's asm/hwprobe.h: base behaviour IMA; IMA_EXT_0 bits FD 0, C 1, Zba 3, Zbb 4,
+    # Zbs 5, Zicboz 6, Zbc 7, Zicond 35, Zihintpause 36, Zicntr 50; Zicboz block size.
+    ext = sum(1 << b for b in (0, 1, 3, 4, 5, 6, 7, 35, 36, 50))
+    done = run_c(tmp_path, HWPROBE)
+    assert done.stdout == f"0 3:0x1 4:{ext:#x} 6:0x40 -1:0 0:0 -1 22\n", done.stderr
 
 
 # -- Sstc: the supervisor timer compare -------------------------------------------------------
