@@ -67,8 +67,9 @@ def applets(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def environment(path: Path | None = None, **extra: str) -> dict[str, str]:
     """The same small environment for both runs (popek also needs to import itself)."""
     search = f"{path}:/usr/bin:/bin" if path else "/usr/bin:/bin"
+    tier = {"POPEK_ENGINE": os.environ["POPEK_ENGINE"]} if "POPEK_ENGINE" in os.environ else {}
     return {"PATH": search, "LC_ALL": "C", "HOME": "/nonexistent", "TZ": "UTC",
-            "PYTHONPATH": str(REPO), **extra}
+            "PYTHONPATH": str(REPO), **tier, **extra}
 
 
 def run_popek(args: list[str], *, stdin: bytes = b"", cwd: Path | None = None,
