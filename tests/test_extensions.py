@@ -310,15 +310,15 @@ def translated_hart(flags: int) -> Hart:
 
 
 @pytest.mark.parametrize("name", ["zero", "clean", "flush", "inval"])
-def test_cbo_without_a_mapping_is_a_store_page_fault_at_the_block(name: str) -> None:
+def test_cbo_without_a_mapping_is_a_store_page_fault_at_the_address_in_rs1(name: str) -> None:
     trap = step(translated_hart(PTE_V), cbo(name, 11), PRIV_S)  # V only: reserved leaf
-    assert (trap.cause, trap.tval) == (STORE_PAGE_FAULT, 0x4000_0080)
+    assert (trap.cause, trap.tval) == (STORE_PAGE_FAULT, 0x4000_0088)
 
 
 def test_cbo_zero_needs_write_permission_but_clean_a_read_is_enough() -> None:
     hart = translated_hart(PTE_V | PTE_R | PTE_A)
     trap = step(hart, cbo("zero", 11), PRIV_S)
-    assert (trap.cause, trap.tval) == (STORE_PAGE_FAULT, 0x4000_0080)
+    assert (trap.cause, trap.tval) == (STORE_PAGE_FAULT, 0x4000_0088)
     assert step(hart, cbo("clean", 11), PRIV_S) is None
     hart = translated_hart(PTE_V | PTE_X | PTE_A)  # execute-only: no load, no store
     assert step(hart, cbo("flush", 11), PRIV_S).cause == STORE_PAGE_FAULT
@@ -335,9 +335,9 @@ def test_cbo_zero_where_pmp_forbids_writes_is_a_store_access_fault() -> None:
     na = A_NAPOT << PMP_A_SHIFT
     hart.csrs.op(PMPCFG0, 0, (PMP_R | na) | (PMP_R | PMP_X | na) << 8, False, True)
     hart.csr[C.MENVCFG] = C.ENVCFG_CBZE
-    hart.x[11] = DATA + 0x40
+    hart.x[11] = DATA + 0x44
     trap = step(hart, cbo("zero", 11), PRIV_S)
-    assert (trap.cause, trap.tval) == (STORE_ACCESS, DATA + 0x40)
+    assert (trap.cause, trap.tval) == (STORE_ACCESS, DATA + 0x44)
 
 
 USER_CBO = r"""

@@ -5,8 +5,10 @@ popek has no caches to clean, flush or invalidate, so ``cbo.clean``/``cbo.flush`
 may execute them (the CBIE/CBCFE/CBZE fields of ``menvcfg`` and, for U-mode, of
 ``senvcfg``; else illegal instruction) and that a load or a store may reach the block
 (else a store page or access fault). ``cbo.zero`` zeroes the block, a store as far as
-translation, PMP and the write watchers are concerned. The block size is the one the
-device tree advertises (``riscv,cbom-block-size``/``riscv,cboz-block-size``), QEMU's 64.
+translation, PMP and the write watchers are concerned. A fault's tval is the address in
+rs1, not the block's, as the Sail reference model has it (QEMU reports the block's). The
+block size is the one the device tree advertises (``riscv,cbom-block-size``,
+``riscv,cboz-block-size``), QEMU's 64.
 """
 
 from __future__ import annotations
@@ -58,7 +60,13 @@ def operate(hart: Hart, kind: int, addr: int) -> None:
         allowed = _field(hart, ENVCFG_CBCFE)
     if not allowed:
         raise illegal()
-    base = addr & ~(BLOCK_SIZE - 1)
+    try:
+        _access(hart, kind, addr & ~(BLOCK_SIZE - 1))
+    except Trap as trap:  # the fault reports the address the instruction named
+        raise Trap(trap.cause, addr) from None
+
+
+def _access(hart: Hart, kind: int, base: int) -> None:
     mmu = hart.mmu
     if kind == ZERO:
         pa, off = mmu.resolve(base, BLOCK_SIZE, ACCESS_WRITE)
