@@ -18,7 +18,7 @@ which marks it dirty at that moment (as TinyEMU marks a page dirty when it enter
 loaders, the process VM's system calls, the page walker's A/D bits, and harts' stores
 that miss the TLB) goes through :meth:`~PhysicalMemory.store`, :meth:`~PhysicalMemory.write`,
 :meth:`~PhysicalMemory.discard` or :meth:`~PhysicalMemory.move`, which mark the pages
-and tell their watchers. Every hart's MMU registers its TLB (:class:`WriteTlb`), since
+and tell their watchers. Every hart's MMU registers its TLB (:class:`HartTlb`), since
 the harts of a machine share one memory.
 
 - A dirty log (:meth:`~PhysicalMemory.dirty_log`) belongs to one consumer (a
@@ -39,6 +39,11 @@ the harts of a machine share one memory.
   blocks when a write overlaps the code); copy-on-write of shared pages and post-copy
   migration are further watchers. Watches are keyed by the page's host offset, as TLB
   entries are.
+
+- A read watch (:meth:`~PhysicalMemory.watch_reads`), a debugger's read watchpoint,
+  keeps a page out of every read TLB (:meth:`~PhysicalMemory.admit_read` refuses it), so
+  each hart load from it takes the MMU's slow path, which tells the watcher
+  (:meth:`~PhysicalMemory.before_read`) before it reads.
 
 A migration, say, starts a log, copies all of RAM once, then copies what each round's
 ``take`` names until little is left; a diff snapshot keeps a log from its base::
@@ -129,11 +134,14 @@ class Device(Protocol):
 
 class HartTlb(Protocol):
     """A hart's cache of translations to RAM pages (its MMU), which must forget pages on
-    demand."""
+    demand: writable (or readable) ones, or all."""
 
     def drop_writable(self, page: int | None) -> None:
         """Forget every writable translation to the RAM page at host offset ``page``
         (None: to any page), so that the next write to it takes the slow path."""
+
+    def drop_readable(self, page: int) -> None:
+        """Forget every readable translation to the RAM page at host offset ``page``."""
 
     def flush(self) -> None:
         """Forget every translation, so that the next access to any page fills again."""
@@ -156,6 +164,12 @@ class WriteWatcher(Protocol):
     def page_written(self, page: int, offset: int, size: int) -> bool:
         """Bytes ``[offset, offset + size)`` of the RAM page at host offset ``page`` are
         about to change; return whether to go on watching the page."""
+
+
+class ReadWatcher(Protocol):
+    """Someone who must hear of hart loads from a page before they read it."""
+
+    def page_read(self, page: int, offset: int, size: int) -> None: ...
 
 
 class DirtyLog:
@@ -220,6 +234,7 @@ class PhysicalMemory:
         self._tlbs: list[HartTlb] = []
         self._logs: list[mmap.mmap] = []
         self._watches: dict[int, list[WriteWatcher]] = {}
+        self._read_watches: dict[int, ReadWatcher] = {}
         # Absent pages (see the module docstring): a byte a page, made on first use (the
         # process VM's RAM spans 2**26 pages and never has any).
         self.absent_pages = 0
@@ -358,6 +373,26 @@ class PhysicalMemory:
             watchers.remove(watcher)
             if not watchers:
                 del self._watches[page]
+
+    def admit_read(self, page: int) -> bool:
+        """Whether a read TLB may cache the RAM page at host offset ``page``."""
+        return page not in self._read_watches
+
+    def watch_reads(self, page: int, watcher: ReadWatcher | None) -> None:
+        """Have ``watcher`` hear of every hart load from the RAM page at host offset
+        ``page`` (None: stop), keeping the page out of read TLBs meanwhile."""
+        if watcher is None:
+            self._read_watches.pop(page, None)
+            return
+        self._read_watches[page] = watcher
+        for tlb in self._tlbs:
+            tlb.drop_readable(page)
+
+    def before_read(self, off: int, size: int) -> None:
+        """A hart is about to load ``size`` bytes at host offset ``off`` (slow path)."""
+        watcher = self._read_watches.get(off & ~PAGE_MASK)
+        if watcher is not None:
+            watcher.page_read(off & ~PAGE_MASK, off & PAGE_MASK, size)
 
     def _before_write(self, off: int, size: int) -> None:
         """``size`` bytes at host offset ``off`` are about to change outside the write
