@@ -82,8 +82,8 @@ destination): only the pages it writes in part are fetched first. Bringing a
 page back is not a write: its contents are what the guest last saw, so dirty logs and
 write watches hear nothing, and decoded code stays valid. The fast path pays nothing:
 absent pages are in no TLB, and the doors test one integer, ``absent_pages``, that is 0
-unless something is absent. A fault brings back up to :data:`READAHEAD` pages at once
-(the faulting page and the absent ones after it), so a guest that walks a buffer does not
+unless something is absent. A fault brings back the absent pages among the
+:data:`READAHEAD` pages from the first it needs, so a guest that walks a buffer does not
 fault page by page. One source holds a memory's absent pages at a time::
 
     class SwapFile:                          # a PageSource
@@ -113,7 +113,7 @@ MAP_NORESERVE = 0x4000  # Linux; not exported by Python 3.11's mmap module
 _DIRTY_RUN = re.compile(rb"\x01+")
 _DIRTY = 1
 _ABSENT_RUN = _DIRTY_RUN  # the absent map is one byte a page too: 1 = absent
-READAHEAD = 16  # pages a fault brings back at most beyond those the access needs
+READAHEAD = 16  # a fault brings back the absent pages among this many from the first it needs
 
 
 class BusError(Exception):
@@ -446,8 +446,9 @@ class PhysicalMemory:
             tlb.flush()
 
     def make_present(self, off: int, length: int) -> None:
-        """Bring back the absent pages among host offsets ``[off, off + length)`` (and up
-        to READAHEAD absent pages after them) from their source, before an access."""
+        """Bring back the absent pages among host offsets ``[off, off + length)`` (and
+        those among the READAHEAD pages from its first) from their source, before an
+        access."""
         absent = self._absent
         if not self.absent_pages or absent is None or length <= 0:
             return
