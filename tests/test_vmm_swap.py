@@ -3,8 +3,9 @@ as the guest touches it, by command or when guests hold more than ``--mem-limit`
 
 The guests are bare-metal "sharer"s (tests/vmm_guests.py): each fills 2 MiB with a
 pattern and prints its checksum when "s" is typed, reading every word of it, so a page
-lost or mangled on its way out or back shows as a different sum. A VMM whose files
-cannot grow (RLIMIT_FSIZE, as a full disk) keeps the guest resident and says why.
+lost or mangled on its way out or back shows as a different sum. A swapped-out guest
+outlives its VMM like any other. A VMM whose files cannot grow (RLIMIT_FSIZE, as a full
+disk) keeps the guest resident and says why.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 
 from popek.api.client import ApiError
+from tests.test_vmm_outlive import Serve, serve  # noqa: F401 (a fixture)
 from tests.test_vmm_page_sharing import AREA, _checksum, _vmm
 from tests.test_vmm_service import Api
 
@@ -59,6 +61,22 @@ def test_swap_out_and_in_keeps_the_guest_and_its_memory(tmp_path: Path) -> None:
         assert _checksum(api, vm) == checksum
         api("delete", vm["id"])
         assert not _swap_file(tmp_path, vm).exists()
+
+
+def test_a_swapped_out_guest_outlives_its_vmm(serve: Serve) -> None:  # noqa: F811
+    """The worker holds its swap file open: the next VMM adopts the guest as it was, and
+    can swap it out (into the same file) and in again."""
+    api = serve.start()
+    vm = _sharer(api)
+    checksum = _checksum(api, vm)
+    api("swap_out", vm["id"])
+    serve.stop()
+    api = serve.start()
+    assert _memory(api, vm)["swapped_bytes"] >= SWAPPED
+    assert _checksum(api, vm) == checksum
+    assert api("swap_out", vm["id"])["memory"]["swapped_bytes"] >= SWAPPED
+    assert api("swap_in", vm["id"])["memory"]["swapped_bytes"] == 0
+    assert _checksum(api, vm) == checksum
 
 
 def _small_files() -> None:
