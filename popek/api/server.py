@@ -132,6 +132,13 @@ def _action(name: str) -> Handler:
     return act
 
 
+def _swap(direction: str) -> Handler:
+    async def swap(request: web.Request) -> web.Response:
+        return web.json_response(await _vmm(request).swap(request.match_info["vm"], direction))
+
+    return swap
+
+
 async def shutdown_vm(request: web.Request) -> web.Response:
     vm = await _vmm(request).shutdown(request.match_info["vm"], await _body(request))
     return web.json_response(vm.info())
@@ -259,6 +266,8 @@ def routes() -> list[web.RouteDef]:
         *(web.post(f"/v1/vms/{{vm}}/{name}", _action(name))
           for name in ("start", "pause", "resume", "kill")),
         web.post("/v1/vms/{vm}/shutdown", shutdown_vm),
+        web.post("/v1/vms/{vm}/swap-out", _swap("out")),
+        web.post("/v1/vms/{vm}/swap-in", _swap("in")),
         web.post("/v1/vms/{vm}/snapshot", snapshot_vm),
         web.post("/v1/vms/{vm}/migrate", migrate_vm),
         web.post("/v1/migrations", incoming_migration),

@@ -239,6 +239,26 @@ async def _update(client: Client, args: argparse.Namespace) -> None:
              if args.balloon is not None else ""))
 
 
+def _swap(direction: str) -> Callable[[Client, argparse.Namespace], Awaitable[int]]:
+    async def swap(client: Client, args: argparse.Namespace) -> int:
+        status = 0
+        for ref in args.vms:
+            try:
+                with err_console.status(f"Swapping {ref} {direction}…"):
+                    vm = await (client.swap_out(ref) if direction == "out"
+                                else client.swap_in(ref))
+            except ApiError as err:
+                err_console.print(f"popek vm swap-{direction}: {ref}: {err}", markup=False)
+                status = EXIT_ERROR
+                continue
+            memory = vm["memory"]
+            print(f"{vm['name']}: {_size(memory.get('swapped_bytes'))} swapped out, "
+                  f"{_size(memory.get('guest_touched_bytes'))} of guest RAM resident")
+        return status
+
+    return swap
+
+
 async def _logs(client: Client, args: argparse.Namespace) -> None:
     sys.stdout.buffer.write(await client.console_log(args.vms))
     sys.stdout.flush()
@@ -381,7 +401,7 @@ async def _debug(client: Client, args: argparse.Namespace) -> int:
 _COMMANDS: dict[str, Callable[[Client, argparse.Namespace], Awaitable[Any]]] = {
     "create": _create, "ls": _ls, "info": _info, "stop": _stop, "update": _update,
     "logs": _logs, "snapshot": _snapshot, "restore": _restore, "console": _console,
-    "migrate": _migrate, "debug": _debug,
+    "migrate": _migrate, "debug": _debug, "swap-out": _swap("out"), "swap-in": _swap("in"),
     "exec": agent_commands.exec_command, "cp": agent_commands.cp_command,
     **{name: _each(name, name) for name in ("start", "pause", "resume", "kill", "rm")},
 }

@@ -39,7 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from popek.cpu.physmem import DirtyLog
+from popek.cpu.physmem import PAGE_SHIFT, DirtyLog
 from popek.gdb.server import MachineDebugger
 from popek.machine.agent import AgentLink, relink
 from popek.machine.config import ConfigError, config_from_json
@@ -55,6 +55,7 @@ from popek.vmm import (
     pagesharing,
     records,
     snapshot,
+    swap,
     workerprocess,
 )
 from popek.vmm.channel import (
@@ -92,6 +93,8 @@ def main(listener: socket.socket, spec: dict[str, Any]) -> None:
     worker = Worker(listener, spec)
     if spec.get("page_sharing"):
         pagesharing.share_process_memory()  # before confinement: prctl is not allowed after
+    with contextlib.suppress(OSError):  # nor is reading its own page map, once another uid
+        worker.pagemap = os.open(swap.PAGEMAP, os.O_RDONLY | os.O_CLOEXEC)
     try:
         worker.warnings = jail.confine(spec.get("cgroup_procs", ()), spec.get("ids"))
     except Exception as err:  # it must not run unconfined
@@ -214,6 +217,11 @@ class Worker:
         # The latest snapshot this worker wrote, and the pages written since (for a diff)
         self.last_snapshot: snapshot.Base | None = None
         self.snapshot_log: DirtyLog | None = None
+        # Swap-out: the machine's swapper, the file the VMM made (kept for the worker's
+        # life), and this process's page map (opened before confinement, or None).
+        self.swapper: swap.Swapper | None = None
+        self.swap_file: swap.SwapFile | None = None
+        self.pagemap: int | None = None
 
     # -- life cycle -----------------------------------------------------------------------
     def serve(self) -> None:
@@ -288,6 +296,7 @@ class Worker:
         if self.spec.get("page_sharing"):
             pagesharing.share_guest_ram(machine.mem.ram)
         count_traps(machine.harts, self.traps)
+        self.swapper = swap.Swapper(machine.mem, self.pagemap)
         self.runner.machine = machine
         self.agent = relink(self.agent, machine.agent_port, agent_exec.MAX_OUTPUT)
         return machine
@@ -345,6 +354,7 @@ class Worker:
         kind, code = self.machine.exit
         if kind == "reboot":
             self._forget_snapshot_base()  # the new machine has new memory
+            self.swapper.close()
             self.instret_offset += self._instret()
             self.machine.close()
             self.machine = self._build(fresh=True)
@@ -362,7 +372,8 @@ class Worker:
             return
         reply: dict[str, Any] = {"op": "reply", "id": msg.get("id"), "ok": True}
         try:
-            if self.migration is not None and op in ("pause", "snapshot", "migrate", "debug"):
+            if self.migration is not None and op in ("pause", "snapshot", "migrate", "debug",
+                                                     "swap_out"):
                 raise ValueError(f"cannot {op}: the guest is migrating")
             if self.debugger.stub is not None and op in ("pause", "resume", "migrate", "debug"):
                 raise ValueError(f"cannot {op}: a debugger holds the guest")
@@ -383,9 +394,14 @@ class Worker:
                 reply["result"] = self._snapshot(msg["path"], msg.get("diff"))
             elif op == "replug":
                 self._replug(msg.get("nic"))
+            elif op == "swap_out":
+                reply["result"] = self._swap_out()
+            elif op == "swap_in":
+                self.swapper.swap_in()
+                reply["result"] = {"swapped_bytes": 0}
             else:
                 raise ValueError(f"unknown command {op!r}")
-        except (ValueError, snapshot.SnapshotError, MigrationError) as err:
+        except (ValueError, snapshot.SnapshotError, MigrationError, swap.SwapError) as err:
             reply.update(ok=False, error=str(err))
         self._send_stats()
         self.link.send(JSON, reply)
@@ -446,6 +462,16 @@ class Worker:
         return {"path": str(saved.path), "file_bytes": saved.file_bytes,
                 "ram_bytes": saved.ram_bytes, "seconds": saved.seconds,
                 "console_bytes": self.console.total}
+
+    def _swap_out(self) -> dict[str, Any]:
+        """Move the guest's RAM to the swap file the VMM made (the same one every time:
+        the first is kept, later copies closed); the guest runs on as it was."""
+        fd = hostfiles.receive(self.link.files)
+        if self.swap_file is None:
+            self.swap_file = swap.SwapFile(fd)
+        else:
+            os.close(fd)
+        return {"swapped_bytes": self.swapper.swap_out(self.swap_file)}
 
     def _forget_snapshot_base(self) -> None:
         if self.snapshot_log is not None:
@@ -551,15 +577,16 @@ class Worker:
             "cpu_seconds": usage.ru_utime + usage.ru_stime,
             "throttled_seconds": self.cap.throttled,
             "console_bytes": self.console.total,
+            "swapped_bytes": self.machine.mem.absent_pages << PAGE_SHIFT,
             "nics": [nic.stats() for nic in self.machine.nics],
             **({"balloon": self._balloon_report()} if self.machine.balloon else {}),
             **({"migration": self.migration.progress.as_json()} if self.migration else {}),
         })
 
     def _balloon_report(self) -> dict[str, Any]:
-        """The balloon's figures; the guest is asked for fresh statistics every few
-        seconds (its driver wakes to fill them in)."""
-        if time.monotonic() >= self.next_balloon_stats:
+        """The balloon's figures; a running guest is asked for fresh statistics every few
+        seconds (its driver wakes to fill them in; a paused one's RAM stays as it was)."""
+        if self.running and time.monotonic() >= self.next_balloon_stats:
             self.machine.balloon.request_stats()
             self.next_balloon_stats = time.monotonic() + BALLOON_STATS_INTERVAL
         return self.machine.balloon.report()
