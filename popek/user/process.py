@@ -32,13 +32,13 @@ from popek.user.linux_errno import Errno
 from popek.user.strace import Strace
 from popek.user.syscalls import dispatch
 from popek.user.syscalls.files import DirStream
+from popek.user.threads import Scheduler
 
 TRAMPOLINE = USER_TOP - PAGE_SIZE  # the last page holds the signal return code
 STACK_TOP = TRAMPOLINE
 STACK_SIZE = 8 << 20
 MMAP_TOP = STACK_TOP - STACK_SIZE - (128 << 20)  # mmap grows down from below the stack gap
 ARG_MAX = STACK_SIZE // 4  # Linux allows arguments and environment a quarter of the stack
-SLICE = 100_000  # instructions between looks at host signals
 MSTATUS_FS_DIRTY = 3 << 13
 COUNTERS = 0b111  # cycle, time, instret readable from U-mode
 LIBRARY_PREFIXES = (b"/lib/", b"/lib64/", b"/usr/lib/", b"/usr/lib64/")
@@ -65,7 +65,7 @@ class ExecOptions:
 
 
 class Process:
-    """One single-threaded Linux process running on the process VM."""
+    """One Linux process running on the process VM; its threads are the scheduler's."""
 
     def __init__(self, options: ExecOptions) -> None:
         self.options = options
@@ -75,6 +75,7 @@ class Process:
         self.space.on_revoke = self.hart.mmu.flush
         self.hart.on_trap = self.on_trap
         self.signals = signals.Signals(self.hart, self.space, TRAMPOLINE)
+        self.scheduler = Scheduler(self)
         self.strace = Strace(self) if options.strace else None
         self.exe = ""  # host path of the running program (/proc/self/exe)
         self.comm = b""  # its name for prctl(PR_GET_NAME)
@@ -83,6 +84,7 @@ class Process:
         self.rlimits: dict[int, tuple[int, int]] = {}  # limits kept for the guest only
         self.vfork_done_fd = -1  # a vfork child's end of the pipe its parent waits on
         self.dir_streams: dict[int, DirStream] = {}  # getdents64 state by descriptor
+        self.syscall_pc = 0  # the ecall of the system call being made
 
     # -- images -------------------------------------------------------------------------
     def execve(self, path: str, argv: list[bytes], envp: list[bytes], *,
@@ -114,6 +116,7 @@ class Process:
         self.dynamic = interp is not None
         self._reset_hart(loaded.entry, sp)
         self.signals.reset_for_exec()
+        self.scheduler.keep_only_current(os.getpid())
         self.close_on_exec()
 
     def _reset_hart(self, entry: int, sp: int) -> None:
@@ -177,12 +180,8 @@ class Process:
     # -- running ------------------------------------------------------------------------
     def run(self) -> int:
         """Run until the process exits; returns its exit status (128 + signal if killed)."""
-        hart = self.hart
-        sig = self.signals
         try:
-            while True:
-                hart.run(SLICE)
-                hart.pc = sig.deliver_pending(hart.pc)
+            self.scheduler.run()
         except ProcessExit as e:
             return e.status
         except Terminated as e:

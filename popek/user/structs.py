@@ -39,6 +39,9 @@ TMS = Struct("<qqqq")
 # struct sysinfo, 112 bytes.
 SYSINFO = Struct("<q3Q6QH6xQQI4x")
 # struct sigaction as the kernel takes it: riscv has no sa_restorer.
+CLONE_ARGS = Struct("<8Q")  # clone3: flags, pidfd, child_tid, parent_tid, exit_signal,
+# stack, stack_size, tls (version 0 of struct clone_args)
+ROBUST_LIST_HEAD = Struct("<QqQ")  # next, futex_offset, list_op_pending
 SIGACTION = Struct("<QQQ")  # sa_handler, sa_flags, sa_mask
 # stack_t: ss_sp, ss_flags, ss_size.
 STACK_T = Struct("<Qi4xQ")

@@ -1,8 +1,9 @@
 """The Linux system call layer of the process VM.
 
 Handlers live in one module per area (files, file system, memory, processes,
-signals, time, system information, terminals) and register by name; importing this
-package registers them all. :func:`dispatch` is what the hart's ``ecall`` reaches.
+threads, futexes, signals, time, system information, terminals) and register by
+name; importing this package registers them all. :func:`dispatch` is what the hart's
+``ecall`` reaches.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from popek.user.syscalls import (  # noqa: F401 - imported to register their han
     clock,
     files,
     filesystem,
+    futex,
     memory,
     proc,
     signal_calls,
     system,
     terminal,
+    thread_calls,
 )
 from popek.user.syscalls.registry import HANDLERS, M64
 
@@ -35,6 +38,7 @@ def dispatch(p: Process, pc: int) -> int:
     args = (x[10], x[11], x[12], x[13], x[14], x[15])
     strace = p.strace
     head = strace.enter(nr, args) if strace else ""
+    p.syscall_pc = pc
     entry = HANDLERS.get(nr)
     try:
         if entry is None:

@@ -53,7 +53,7 @@ def wait_ready(p: Process, fd: int, events: int) -> None:
     """Block until ``fd`` is ready, unless it is non-blocking (then the call says EAGAIN)."""
     if not os.get_blocking(fd):
         return
-    p.signals.wait([(fd, events)], None)
+    p.scheduler.wait([(fd, events)], None)
 
 
 def _read(p: Process, fd: int, count: int) -> bytes:
@@ -329,7 +329,7 @@ def ppoll(p: Process, fds: int, nfds: int, timeout_ptr: int, sigmask: int) -> in
     timeout = _timeout(p, timeout_ptr)
     _temporary_mask(p, sigmask)
     watched = [(fd, events) for fd, events, _ in polled if fd >= 0]
-    ready = dict(p.signals.wait(watched, timeout, restartable=False))
+    ready = dict(p.scheduler.wait(watched, timeout, restartable=False))
     count = 0
     for i, (fd, events, _) in enumerate(polled):
         revents = ready.get(fd, 0) if fd >= 0 else 0
@@ -364,7 +364,7 @@ def pselect6(p: Process, nfds: int, readfds: int, writefds: int, exceptfds: int,
         mask_ptr, _ = structs.IOVEC.unpack(p.space.read(sigdata, structs.IOVEC.size))
         _temporary_mask(p, mask_ptr)
     start = time.monotonic()
-    ready = dict(p.signals.wait(list(events.items()), timeout, restartable=False))
+    ready = dict(p.scheduler.wait(list(events.items()), timeout, restartable=False))
     if any(revents & select.POLLNVAL for revents in ready.values()):
         raise SyscallError(Errno.EBADF)
     results = [0, 0, 0]

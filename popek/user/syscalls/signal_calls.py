@@ -83,7 +83,7 @@ def rt_sigsuspend(p: Process, mask: int, sigsetsize: int) -> int:
     p.signals.restore_mask = p.signals.mask
     p.signals.set_mask(temporary)
     while True:
-        p.signals.wait([], None, restartable=False)  # ends only by Interrupted
+        p.scheduler.wait([], None, restartable=False)  # ends only by Interrupted
 
 
 @syscall("rt_sigreturn")

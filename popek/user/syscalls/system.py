@@ -144,11 +144,6 @@ def sched_getaffinity(p: Process, pid: int, size: int, mask: int) -> int:
     return length
 
 
-@syscall("sched_yield")
-def sched_yield(p: Process) -> int:
-    return 0
-
-
 @syscall("getcpu")
 def getcpu(p: Process, cpu: int, node: int) -> int:
     for addr in (cpu, node):
