@@ -1,7 +1,7 @@
 """The Linux system call layer of the process VM.
 
 Handlers live in one module per area (files, file system, memory, processes,
-threads, futexes, signals, time, system information, terminals) and register by
+threads, futexes, event descriptors, signals, time, system information, terminals) and register by
 name; importing this package registers them all. :func:`dispatch` is what the hart's
 ``ecall`` reaches.
 """
@@ -15,6 +15,7 @@ from popek.user.control import ControlFlow, Interrupted, Resume
 from popek.user.linux_errno import Errno, SyscallError, from_host
 from popek.user.syscalls import (  # noqa: F401 - imported to register their handlers
     clock,
+    events,
     files,
     filesystem,
     futex,

@@ -311,7 +311,7 @@ def _timeout(p: Process, timeout_ptr: int) -> float | None:
     return sec + nsec / 1e9
 
 
-def _temporary_mask(p: Process, mask_ptr: int) -> None:
+def temporary_mask(p: Process, mask_ptr: int) -> None:
     """ppoll/pselect's mask for the duration of the wait (the caller's returns after)."""
     if mask_ptr:
         mask = p.space.read_u64(mask_ptr)
@@ -327,7 +327,7 @@ def ppoll(p: Process, fds: int, nfds: int, timeout_ptr: int, sigmask: int) -> in
     raw = bytearray(p.space.read(fds, nfds * size))
     polled = [structs.POLLFD.unpack_from(raw, i * size) for i in range(nfds)]
     timeout = _timeout(p, timeout_ptr)
-    _temporary_mask(p, sigmask)
+    temporary_mask(p, sigmask)
     watched = [(fd, events) for fd, events, _ in polled if fd >= 0]
     ready = dict(p.scheduler.wait(watched, timeout, restartable=False))
     count = 0
@@ -362,7 +362,7 @@ def pselect6(p: Process, nfds: int, readfds: int, writefds: int, exceptfds: int,
     timeout = _timeout(p, timeout_ptr)
     if sigdata:
         mask_ptr, _ = structs.IOVEC.unpack(p.space.read(sigdata, structs.IOVEC.size))
-        _temporary_mask(p, mask_ptr)
+        temporary_mask(p, mask_ptr)
     start = time.monotonic()
     ready = dict(p.scheduler.wait(list(events.items()), timeout, restartable=False))
     if any(revents & select.POLLNVAL for revents in ready.values()):

@@ -1,0 +1,147 @@
+"""Event descriptors: epoll, eventfd and timerfd, as event loops and Go's netpoller use them.
+
+Each is the host's own object behind a guest descriptor (guest descriptors are host
+descriptors), so readiness, edge triggering, one-shot events and timer expiry are
+the host kernel's; popek translates the structures that differ (struct epoll_event
+is packed on x86-64 and naturally aligned on riscv64) and waits through the
+scheduler, so an epoll_pwait blocks only its own thread. Python's select.epoll keeps
+no user data per descriptor and closes its descriptor when collected, so the calls
+go to the C library directly.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import select
+import time
+from typing import TYPE_CHECKING
+
+from popek.user import fileflags as ff
+from popek.user import structs
+from popek.user.address_space import PROT_WRITE
+from popek.user.linux_errno import Errno, SyscallError
+from popek.user.syscalls.files import check_fd, temporary_mask
+from popek.user.syscalls.registry import i32, syscall
+
+if TYPE_CHECKING:
+    from popek.user.process import Process
+
+EPOLL_EVENT = structs.EPOLL_EVENT  # the guest's: events, 4 bytes of padding, data
+EPOLL_MAX_EVENTS = 1 << 16
+EFD_SEMAPHORE = 1
+TFD_TIMER_FLAGS = 3  # TFD_TIMER_ABSTIME | TFD_TIMER_CANCEL_ON_SET
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _HostEpollEvent(ctypes.Structure):
+    _pack_ = 4 if platform.machine() == "x86_64" else 8
+    _fields_ = [("events", ctypes.c_uint32), ("data", ctypes.c_uint64)]
+
+
+def _check(result: int) -> int:
+    if result < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    return result
+
+
+def _fd_flags(flags: int, allowed: int) -> int:
+    """CLOEXEC and NONBLOCK in guest encoding as the host's, rejecting anything else."""
+    if flags & ~allowed:
+        raise SyscallError(Errno.EINVAL)
+    return ff.open_flags_to_host(flags & (ff.O_CLOEXEC | ff.O_NONBLOCK))
+
+
+# -- epoll ------------------------------------------------------------------------------
+@syscall("epoll_create1")
+def epoll_create1(p: Process, flags: int) -> int:
+    return _check(_libc.epoll_create1(_fd_flags(flags, ff.O_CLOEXEC)))
+
+
+@syscall("epoll_ctl")
+def epoll_ctl(p: Process, epfd: int, op: int, fd: int, event: int) -> int:
+    epfd, fd = check_fd(p, epfd), check_fd(p, fd)
+    host = _HostEpollEvent()
+    if event:
+        host.events, host.data = EPOLL_EVENT.unpack(p.space.read(event, EPOLL_EVENT.size))
+    return _check(_libc.epoll_ctl(epfd, i32(op), fd, ctypes.byref(host)))
+
+
+def _epoll_wait(p: Process, epfd: int, events: int, maxevents: int, timeout: float | None,
+                sigmask: int) -> int:
+    epfd = check_fd(p, epfd)
+    maxevents = i32(maxevents)
+    if not 0 < maxevents <= EPOLL_MAX_EVENTS:
+        raise SyscallError(Errno.EINVAL)
+    p.space.check(events, maxevents * EPOLL_EVENT.size, PROT_WRITE)
+    temporary_mask(p, sigmask)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    ready = (_HostEpollEvent * maxevents)()
+    while True:
+        count = _check(_libc.epoll_wait(epfd, ready, maxevents, 0))
+        left = None if deadline is None else deadline - time.monotonic()
+        if count or (left is not None and left <= 0):
+            break
+        p.scheduler.wait([(epfd, select.POLLIN)], left, restartable=False)
+    p.space.write(events, b"".join(EPOLL_EVENT.pack(e.events, e.data) for e in ready[:count]))
+    return count
+
+
+@syscall("epoll_pwait")
+def epoll_pwait(p: Process, epfd: int, events: int, maxevents: int, timeout: int,
+                sigmask: int) -> int:
+    ms = i32(timeout)
+    return _epoll_wait(p, epfd, events, maxevents, None if ms < 0 else ms / 1000, sigmask)
+
+
+@syscall("epoll_pwait2")
+def epoll_pwait2(p: Process, epfd: int, events: int, maxevents: int, timeout: int,
+                 sigmask: int) -> int:
+    seconds = None
+    if timeout:
+        sec, nsec = structs.TIMESPEC.unpack(p.space.read(timeout, structs.TIMESPEC.size))
+        if sec < 0 or not 0 <= nsec < 10**9:
+            raise SyscallError(Errno.EINVAL)
+        seconds = sec + nsec / 1e9
+    return _epoll_wait(p, epfd, events, maxevents, seconds, sigmask)
+
+
+# -- eventfd ----------------------------------------------------------------------------
+@syscall("eventfd2")
+def eventfd2(p: Process, initval: int, flags: int) -> int:
+    host = _fd_flags(flags & ~EFD_SEMAPHORE, ff.O_CLOEXEC | ff.O_NONBLOCK)
+    return os.eventfd(initval & 0xFFFFFFFF,
+                      (os.EFD_SEMAPHORE if flags & EFD_SEMAPHORE else 0)
+                      | (os.EFD_CLOEXEC if host & os.O_CLOEXEC else 0)
+                      | (os.EFD_NONBLOCK if host & os.O_NONBLOCK else 0))
+
+
+# -- timerfd ----------------------------------------------------------------------------
+@syscall("timerfd_create")
+def timerfd_create(p: Process, clock: int, flags: int) -> int:
+    return _check(_libc.timerfd_create(i32(clock), _fd_flags(flags, ff.O_CLOEXEC | ff.O_NONBLOCK)))
+
+
+@syscall("timerfd_settime")
+def timerfd_settime(p: Process, fd: int, flags: int, new: int, old: int) -> int:
+    fd = check_fd(p, fd)
+    if flags & ~TFD_TIMER_FLAGS:
+        raise SyscallError(Errno.EINVAL)
+    # struct itimerspec is four 64-bit fields on both sides.
+    value = ctypes.create_string_buffer(p.space.read(new, structs.ITIMERSPEC.size))
+    previous = ctypes.create_string_buffer(structs.ITIMERSPEC.size)
+    _check(_libc.timerfd_settime(fd, i32(flags), value, previous))
+    if old:
+        p.space.write(old, previous.raw)
+    return 0
+
+
+@syscall("timerfd_gettime")
+def timerfd_gettime(p: Process, fd: int, current: int) -> int:
+    fd = check_fd(p, fd)
+    value = ctypes.create_string_buffer(structs.ITIMERSPEC.size)
+    _check(_libc.timerfd_gettime(fd, value))
+    p.space.write(current, value.raw)
+    return 0
