@@ -73,6 +73,9 @@ class Thread:
     robust_list: int = 0  # set_robust_list's head
     glet: greenlet | None = None
     wait: Wait | None = None
+    # Instructions other threads retired while this one was parked inside a run of the
+    # engine, whose instret count at the end of that run cannot know of them.
+    foreign_instret: int = 0
 
 
 class Scheduler:
@@ -116,6 +119,9 @@ class Scheduler:
             while True:
                 hart.pc = signals.deliver_pending(hart.pc)
                 hart.run(SLICE)
+                if thread.foreign_instret:
+                    hart.instret += thread.foreign_instret
+                    thread.foreign_instret = 0
                 if len(threads) > 1:
                     self.runnable.append(thread)
                     self._to_hub()
@@ -186,11 +192,19 @@ class Scheduler:
         """Give the hart away; returns once the hub runs this thread again."""
         self.hub.switch()
 
+    def _park_in_call(self) -> None:
+        """Give the hart away from inside a system call, counting what others retire."""
+        hart = self.process.hart
+        thread = self.current
+        before = hart.instret
+        self._to_hub()
+        thread.foreign_instret += hart.instret - before
+
     def yield_slice(self) -> None:
         """sched_yield: let every other runnable thread run first."""
         if self.runnable:
             self.runnable.append(self.current)
-            self._to_hub()
+            self._park_in_call()
 
     # -- waiting ------------------------------------------------------------------------
     def wait(self, fds: list[tuple[int, int]], timeout: float | None, *,
@@ -223,7 +237,7 @@ class Scheduler:
             thread.wait = Wait(fds, deadline, any_signal)
             self.parked.append(thread)
             try:
-                self._to_hub()
+                self._park_in_call()
             finally:
                 thread.wait = None
 
