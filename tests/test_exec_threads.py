@@ -1,11 +1,12 @@
-"""Threaded programs under popek exec against qemu-riscv64.
+"""Threaded and networked programs under popek exec against qemu-riscv64.
 
 C programs in tests/user are cross-built here with Debian's riscv64 gcc (static, so
 both runs use the same C library) and must print the same and exit with the same
 status under popek's process VM as under qemu-riscv64: pthread mutexes, condition
 variables, barriers, rwlocks, TLS, cancellation and timed waits; signals directed
 to threads, per-thread masks and alternate stacks, a blocked read interrupted while
-other threads run; an epoll loop over a pipe, an eventfd and a timerfd fed by a thread.
+other threads run; an epoll loop over a pipe, an eventfd and a timerfd fed by a thread;
+TCP, UDP and IPv6 on loopback, Unix stream and datagram sockets and SCM_RIGHTS.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from tests.test_exec import assert_same_as_qemu
 SOURCES = Path(__file__).resolve().parent / "user"
 CC = "riscv64-linux-gnu-gcc"
 INSTALL = "apt-get install gcc-riscv64-linux-gnu libc6-riscv64-cross (./quickstart does)"
-PROGRAMS = ("pthreads", "thread_signals", "epoll_loop")
+PROGRAMS = ("pthreads", "thread_signals", "epoll_loop", "sockets")
 
 
 @pytest.fixture(scope="session")
@@ -38,5 +39,5 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize("name", PROGRAMS)
-def test_threaded_program_matches_qemu(built: Path, name: str):
-    assert_same_as_qemu([str(built / name)])
+def test_program_matches_qemu(built: Path, name: str, tmp_path: Path):
+    assert_same_as_qemu([str(built / name), str(tmp_path)])  # a directory for its sockets

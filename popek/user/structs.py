@@ -20,6 +20,7 @@ RLIMIT = Struct("<QQ")  # rlim_cur, rlim_max
 POLLFD = Struct("<ihh")  # fd, events, revents
 ITIMERVAL = Struct("<qqqq")  # it_interval, it_value (timevals)
 ITIMERSPEC = Struct("<qqqq")  # it_interval, it_value (timespecs)
+MSGHDR = Struct("<QI4xQQQQi4x")  # name, namelen, iov, iovlen, control, controllen, flags
 EPOLL_EVENT = Struct("<I4xQ")  # events, data: naturally aligned on riscv64
 WINSIZE_SIZE = 8
 TERMIOS_SIZE = 36  # 4 tcflag_t, c_line, c_cc[19]

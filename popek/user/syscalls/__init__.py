@@ -1,9 +1,9 @@
 """The Linux system call layer of the process VM.
 
 Handlers live in one module per area (files, file system, memory, processes,
-threads, futexes, event descriptors, signals, time, system information, terminals) and register by
-name; importing this package registers them all. :func:`dispatch` is what the hart's
-``ecall`` reaches.
+threads, futexes, event descriptors, sockets, signals, time, system information,
+terminals) and register by name; importing this package registers them all.
+:func:`dispatch` is what the hart's ``ecall`` reaches.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from popek.user.syscalls import (  # noqa: F401 - imported to register their han
     memory,
     proc,
     signal_calls,
+    sockets,
     system,
     terminal,
     thread_calls,

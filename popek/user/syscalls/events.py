@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from popek.user import fileflags as ff
 from popek.user import structs
 from popek.user.address_space import PROT_WRITE
+from popek.user.hostlibc import check, libc
 from popek.user.linux_errno import Errno, SyscallError
 from popek.user.syscalls.files import check_fd, temporary_mask
 from popek.user.syscalls.registry import i32, syscall
@@ -32,19 +33,11 @@ EPOLL_EVENT = structs.EPOLL_EVENT  # the guest's: events, 4 bytes of padding, da
 EPOLL_MAX_EVENTS = 1 << 16
 EFD_SEMAPHORE = 1
 TFD_TIMER_FLAGS = 3  # TFD_TIMER_ABSTIME | TFD_TIMER_CANCEL_ON_SET
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class _HostEpollEvent(ctypes.Structure):
     _pack_ = 4 if platform.machine() == "x86_64" else 8
     _fields_ = [("events", ctypes.c_uint32), ("data", ctypes.c_uint64)]
-
-
-def _check(result: int) -> int:
-    if result < 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-    return result
 
 
 def _fd_flags(flags: int, allowed: int) -> int:
@@ -57,7 +50,7 @@ def _fd_flags(flags: int, allowed: int) -> int:
 # -- epoll ------------------------------------------------------------------------------
 @syscall("epoll_create1")
 def epoll_create1(p: Process, flags: int) -> int:
-    return _check(_libc.epoll_create1(_fd_flags(flags, ff.O_CLOEXEC)))
+    return check(libc.epoll_create1(_fd_flags(flags, ff.O_CLOEXEC)))
 
 
 @syscall("epoll_ctl")
@@ -66,7 +59,7 @@ def epoll_ctl(p: Process, epfd: int, op: int, fd: int, event: int) -> int:
     host = _HostEpollEvent()
     if event:
         host.events, host.data = EPOLL_EVENT.unpack(p.space.read(event, EPOLL_EVENT.size))
-    return _check(_libc.epoll_ctl(epfd, i32(op), fd, ctypes.byref(host)))
+    return check(libc.epoll_ctl(epfd, i32(op), fd, ctypes.byref(host)))
 
 
 def _epoll_wait(p: Process, epfd: int, events: int, maxevents: int, timeout: float | None,
@@ -80,7 +73,7 @@ def _epoll_wait(p: Process, epfd: int, events: int, maxevents: int, timeout: flo
     deadline = None if timeout is None else time.monotonic() + timeout
     ready = (_HostEpollEvent * maxevents)()
     while True:
-        count = _check(_libc.epoll_wait(epfd, ready, maxevents, 0))
+        count = check(libc.epoll_wait(epfd, ready, maxevents, 0))
         left = None if deadline is None else deadline - time.monotonic()
         if count or (left is not None and left <= 0):
             break
@@ -121,7 +114,7 @@ def eventfd2(p: Process, initval: int, flags: int) -> int:
 # -- timerfd ----------------------------------------------------------------------------
 @syscall("timerfd_create")
 def timerfd_create(p: Process, clock: int, flags: int) -> int:
-    return _check(_libc.timerfd_create(i32(clock), _fd_flags(flags, ff.O_CLOEXEC | ff.O_NONBLOCK)))
+    return check(libc.timerfd_create(i32(clock), _fd_flags(flags, ff.O_CLOEXEC | ff.O_NONBLOCK)))
 
 
 @syscall("timerfd_settime")
@@ -132,7 +125,7 @@ def timerfd_settime(p: Process, fd: int, flags: int, new: int, old: int) -> int:
     # struct itimerspec is four 64-bit fields on both sides.
     value = ctypes.create_string_buffer(p.space.read(new, structs.ITIMERSPEC.size))
     previous = ctypes.create_string_buffer(structs.ITIMERSPEC.size)
-    _check(_libc.timerfd_settime(fd, i32(flags), value, previous))
+    check(libc.timerfd_settime(fd, i32(flags), value, previous))
     if old:
         p.space.write(old, previous.raw)
     return 0
@@ -142,6 +135,6 @@ def timerfd_settime(p: Process, fd: int, flags: int, new: int, old: int) -> int:
 def timerfd_gettime(p: Process, fd: int, current: int) -> int:
     fd = check_fd(p, fd)
     value = ctypes.create_string_buffer(structs.ITIMERSPEC.size)
-    _check(_libc.timerfd_gettime(fd, value))
+    check(libc.timerfd_gettime(fd, value))
     p.space.write(current, value.raw)
     return 0
