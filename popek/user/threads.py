@@ -73,9 +73,7 @@ class Thread:
     robust_list: int = 0  # set_robust_list's head
     glet: greenlet | None = None
     wait: Wait | None = None
-    # Instructions other threads retired while this one was parked inside a run of the
-    # engine, whose instret count at the end of that run cannot know of them.
-    foreign_instret: int = 0
+    instret: int = 0  # instructions it retired: each thread counts its own
 
 
 class Scheduler:
@@ -92,6 +90,7 @@ class Scheduler:
         self.hub: greenlet | None = None
         self.next_tid = THREAD_ID_BASE
         self.futexes: dict[int, list[Waiter]] = {}  # futex address -> its wait queue
+        self.exited_instret = 0  # instructions retired by threads that have ended
         self.signal_epoch = 0  # counts host signals seen, for waits that any signal ends
         # Greenlets of threads dropped by fork or execve: kept, so that collecting them
         # never unwinds their stale frames onto the hart.
@@ -119,14 +118,17 @@ class Scheduler:
             while True:
                 hart.pc = signals.deliver_pending(hart.pc)
                 hart.run(SLICE)
-                if thread.foreign_instret:
-                    hart.instret += thread.foreign_instret
-                    thread.foreign_instret = 0
                 if len(threads) > 1:
                     self.runnable.append(thread)
                     self._to_hub()
         except ThreadExit:
-            return
+            self.exited_instret += hart.instret
+
+    def instructions_retired(self) -> int:
+        """By every thread of the process, ended ones included."""
+        on_hart = self.process.hart.instret
+        return self.exited_instret + sum(on_hart if t is self.on_hart else t.instret
+                                         for t in self.threads.values())
 
     def spawn(self, regs: list[int], pc: int) -> Thread:
         """A new thread (clone) starting at ``pc`` with ``regs`` and the running thread's
@@ -170,6 +172,7 @@ class Scheduler:
         thread.f = hart.f.tolist()
         thread.fcsr = hart.csr[FCSR]
         thread.pc = hart.pc
+        thread.instret = hart.instret
 
     def _load(self, thread: Thread) -> None:
         self.current = thread
@@ -185,6 +188,7 @@ class Scheduler:
             hart.f[i] = value
         hart.csr[FCSR] = thread.fcsr
         hart.pc = thread.pc
+        hart.instret = thread.instret
         hart.reservation = None
         self.on_hart = thread
 
@@ -192,19 +196,11 @@ class Scheduler:
         """Give the hart away; returns once the hub runs this thread again."""
         self.hub.switch()
 
-    def _park_in_call(self) -> None:
-        """Give the hart away from inside a system call, counting what others retire."""
-        hart = self.process.hart
-        thread = self.current
-        before = hart.instret
-        self._to_hub()
-        thread.foreign_instret += hart.instret - before
-
     def yield_slice(self) -> None:
         """sched_yield: let every other runnable thread run first."""
         if self.runnable:
             self.runnable.append(self.current)
-            self._park_in_call()
+            self._to_hub()
 
     # -- waiting ------------------------------------------------------------------------
     def wait(self, fds: list[tuple[int, int]], timeout: float | None, *,
@@ -237,7 +233,7 @@ class Scheduler:
             thread.wait = Wait(fds, deadline, any_signal)
             self.parked.append(thread)
             try:
-                self._park_in_call()
+                self._to_hub()
             finally:
                 thread.wait = None
 
