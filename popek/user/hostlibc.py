@@ -7,6 +7,13 @@ import ctypes
 import os
 
 libc = ctypes.CDLL(None, use_errno=True)
+for _name in ("send", "sendto", "recvfrom", "sendmsg", "recvmsg"):
+    getattr(libc, _name).restype = ctypes.c_ssize_t
+libc.send.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int]
+libc.sendto.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int,
+                        ctypes.c_char_p, ctypes.c_uint32]
+libc.recvfrom.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int,
+                          ctypes.c_char_p, ctypes.c_void_p]
 
 
 def check(result: int) -> int:

@@ -1,6 +1,7 @@
 /* pthreads under popek exec and qemu-riscv64: mutex, condition variable, barrier,
    thread-local storage, join with results, detached threads, cancellation, rwlock,
-   once, timed waits. Prints only what is deterministic. */
+   once, timed waits, a pipe between two threads carrying more than it holds.
+   Prints only what is deterministic. */
 #include <errno.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -61,6 +62,36 @@ static void *detached(void *arg) {
     return NULL;
 }
 
+#define PIPED (256 * 1024)
+static int pipefd[2];
+
+static void *pipe_reader(void *arg) {
+    unsigned long sum = 0, got = 0;
+    static unsigned char buf[8192];
+    ssize_t n;
+    while ((n = read(pipefd[0], buf, sizeof buf)) > 0)
+        for (ssize_t i = 0; i < n; i++, got++)
+            sum = sum * 31 + buf[i];
+    *(unsigned long *)arg = sum ^ got;
+    return NULL;
+}
+
+static void pipe_between_threads(void) {
+    static unsigned char data[PIPED];
+    unsigned long expect = 0, result = 0;
+    for (int i = 0; i < PIPED; i++) {
+        data[i] = (unsigned char)(i * 7 + i / 1000);
+        expect = expect * 31 + data[i];
+    }
+    pipe(pipefd);
+    pthread_t r;
+    pthread_create(&r, NULL, pipe_reader, &result);
+    ssize_t written = write(pipefd[1], data, PIPED); /* one call, 4x the pipe's size */
+    close(pipefd[1]);
+    pthread_join(r, NULL);
+    printf("pipe: wrote %zd, reader agrees %d\n", written, result == (expect ^ PIPED));
+}
+
 int main(void) {
     pthread_t t[N], s, d;
     pthread_barrier_init(&barrier, NULL, N);
@@ -98,5 +129,6 @@ int main(void) {
     int timed = pthread_cond_timedwait(&cond, &lock, &deadline);
     pthread_mutex_unlock(&lock);
     printf("detached %d timedwait %s\n", detached_done, timed == ETIMEDOUT ? "ETIMEDOUT" : "?");
+    pipe_between_threads();
     return 0;
 }

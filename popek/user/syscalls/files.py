@@ -3,12 +3,14 @@
 Guest descriptors are host descriptors, as in qemu-user: inheritance across fork
 and redirection by dup2 then work with no bookkeeping. Python makes every new
 descriptor close-on-exec, so calls that should not do that say so explicitly.
-Calls that can block wait through the signal layer, so a signal the guest handles
-interrupts them as the kernel would.
+Calls that can block wait in the scheduler first, so other threads run meanwhile and
+a signal the guest handles interrupts them as the kernel would.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import fcntl
 import os
 import select
@@ -20,12 +22,16 @@ from typing import TYPE_CHECKING
 from popek.user import fileflags as ff
 from popek.user import structs
 from popek.user.address_space import PROT_WRITE
+from popek.user.control import Interrupted
+from popek.user.hostlibc import check, libc
 from popek.user.linux_errno import Errno, SyscallError
 from popek.user.syscalls.registry import i32, i64, syscall
 
 if TYPE_CHECKING:
     from popek.user.process import Process
 
+PIPE_BUF = 4096  # a pipe that polls writable takes this much without blocking
+MSG_DONTWAIT = 0x40
 IO_LIMIT = 1 << 24  # bytes moved per call at most; callers loop, as with any short read
 IOV_MAX = 1024
 CLOSE_RANGE_CLOEXEC = 4
@@ -70,10 +76,35 @@ def read(p: Process, fd: int, buf: int, count: int) -> int:
     return len(data)
 
 
+def _write(p: Process, fd: int, data: bytes) -> int:
+    """write(2). With other threads, a blocking write into a pipe or socket goes in
+    pieces that cannot block the host, as the reader may be one of those threads."""
+    if len(p.scheduler.threads) == 1 or not os.get_blocking(fd):
+        return os.write(fd, data)
+    mode = os.fstat(fd).st_mode
+    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+        return os.write(fd, data)
+    written = 0
+    while written < len(data):
+        try:
+            p.scheduler.wait([(fd, select.POLLOUT)], None)
+        except Interrupted:
+            if written:
+                return written
+            raise
+        piece = data[written:written + PIPE_BUF]
+        if stat.S_ISSOCK(mode):
+            sent = libc.send(fd, piece, len(piece), MSG_DONTWAIT)
+            written += check(sent) if sent >= 0 or ctypes.get_errno() != errno.EAGAIN else 0
+        else:
+            written += os.write(fd, piece)  # poll said a pipe buffer is free: cannot block
+    return written
+
+
 @syscall("write")
 def write(p: Process, fd: int, buf: int, count: int) -> int:
     fd = check_fd(p, fd)
-    return os.write(fd, p.space.read(buf, min(count, IO_LIMIT)))
+    return _write(p, fd, p.space.read(buf, min(count, IO_LIMIT)))
 
 
 @syscall("pread64")
@@ -126,7 +157,7 @@ def readv(p: Process, fd: int, iov: int, iovcnt: int) -> int:
 @syscall("writev")
 def writev(p: Process, fd: int, iov: int, iovcnt: int) -> int:
     fd = check_fd(p, fd)
-    return os.write(fd, _gather(p, _iovecs(p, iov, iovcnt)))
+    return _write(p, fd, _gather(p, _iovecs(p, iov, iovcnt)))
 
 
 @syscall("preadv")

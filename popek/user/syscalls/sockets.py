@@ -23,7 +23,7 @@ from popek.user import structs
 from popek.user.address_space import PROT_WRITE
 from popek.user.hostlibc import check, libc
 from popek.user.linux_errno import Errno, SyscallError
-from popek.user.syscalls.files import IO_LIMIT, IOV_MAX, check_fd, wait_ready
+from popek.user.syscalls.files import IO_LIMIT, IOV_MAX, MSG_DONTWAIT, check_fd, wait_ready
 from popek.user.syscalls.registry import i32, syscall
 
 if TYPE_CHECKING:
@@ -32,16 +32,8 @@ if TYPE_CHECKING:
 SOCKADDR_MAX = 128  # sizeof(struct sockaddr_storage)
 OPTION_MAX = 4096
 CONTROL_MAX = 1 << 16
-MSG_DONTWAIT = 0x40
 SOL_SOCKET, SO_ERROR = 1, 4
 EINPROGRESS = 115  # Linux's number on every architecture
-
-for _name in ("sendto", "recvfrom", "sendmsg", "recvmsg"):
-    getattr(libc, _name).restype = ctypes.c_ssize_t
-libc.sendto.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int,
-                        ctypes.c_char_p, ctypes.c_uint32]
-libc.recvfrom.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int,
-                          ctypes.c_char_p, ctypes.c_void_p]
 
 
 class _IoVec(ctypes.Structure):
