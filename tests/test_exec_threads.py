@@ -7,7 +7,8 @@ variables, barriers, rwlocks, TLS, cancellation and timed waits; futex calls mad
 directly (timeouts, requeue, bitsets, wake-op), a robust mutex; signals directed
 to threads, per-thread masks and alternate stacks, a blocked read interrupted while
 other threads run; an epoll loop over a pipe, an eventfd and a timerfd fed by a thread;
-TCP, UDP and IPv6 on loopback, Unix stream and datagram sockets and SCM_RIGHTS.
+TCP, UDP and IPv6 on loopback, Unix stream and datagram sockets and SCM_RIGHTS;
+inotify events for a directory.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from tests.test_exec import assert_same_as_qemu
 SOURCES = Path(__file__).resolve().parent / "user"
 CC = "riscv64-linux-gnu-gcc"
 INSTALL = "apt-get install gcc-riscv64-linux-gnu libc6-riscv64-cross (./quickstart does)"
-PROGRAMS = ("pthreads", "futex", "thread_signals", "epoll_loop", "sockets")
+PROGRAMS = ("pthreads", "futex", "thread_signals", "epoll_loop", "sockets", "inotify")
 
 
 @pytest.fixture(scope="session")

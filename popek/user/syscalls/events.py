@@ -1,8 +1,9 @@
-"""Event descriptors: epoll, eventfd and timerfd, as event loops and Go's netpoller use them.
+"""Event descriptors: epoll, eventfd, timerfd and inotify, as event loops and Go's
+netpoller use them.
 
 Each is the host's own object behind a guest descriptor (guest descriptors are host
-descriptors), so readiness, edge triggering, one-shot events and timer expiry are
-the host kernel's; popek translates the structures that differ (struct epoll_event
+descriptors), so readiness, edge triggering, one-shot events, timer expiry and file
+events are the host kernel's; popek translates the structures that differ (struct epoll_event
 is packed on x86-64 and naturally aligned on riscv64) and waits through the
 scheduler, so an epoll_pwait blocks only its own thread. Python's select.epoll keeps
 no user data per descriptor and closes its descriptor when collected, so the calls
@@ -24,6 +25,7 @@ from popek.user.address_space import PROT_WRITE
 from popek.user.hostlibc import check, libc
 from popek.user.linux_errno import Errno, SyscallError
 from popek.user.syscalls.files import check_fd, temporary_mask
+from popek.user.syscalls.filesystem import _path as guest_path
 from popek.user.syscalls.registry import i32, syscall
 
 if TYPE_CHECKING:
@@ -138,3 +140,21 @@ def timerfd_gettime(p: Process, fd: int, current: int) -> int:
     check(libc.timerfd_gettime(fd, value))
     p.space.write(current, value.raw)
     return 0
+
+
+# -- inotify ----------------------------------------------------------------------------
+@syscall("inotify_init1")
+def inotify_init1(p: Process, flags: int) -> int:
+    return check(libc.inotify_init1(_fd_flags(flags, ff.O_CLOEXEC | ff.O_NONBLOCK)))
+
+
+@syscall("inotify_add_watch")
+def inotify_add_watch(p: Process, fd: int, path: int, mask: int) -> int:
+    """struct inotify_event, which read() returns, is laid out the same on both sides."""
+    name = guest_path(p, path)  # resolved as every path-taking call resolves it
+    return check(libc.inotify_add_watch(check_fd(p, fd), name, ctypes.c_uint32(mask)))
+
+
+@syscall("inotify_rm_watch")
+def inotify_rm_watch(p: Process, fd: int, wd: int) -> int:
+    return check(libc.inotify_rm_watch(check_fd(p, fd), i32(wd)))
