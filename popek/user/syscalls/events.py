@@ -121,11 +121,11 @@ def timerfd_create(p: Process, clock: int, flags: int) -> int:
 
 @syscall("timerfd_settime")
 def timerfd_settime(p: Process, fd: int, flags: int, new: int, old: int) -> int:
+    # struct itimerspec is four 64-bit fields on both sides; Linux reads it first.
+    value = ctypes.create_string_buffer(p.space.read(new, structs.ITIMERSPEC.size))
     fd = check_fd(p, fd)
     if flags & ~TFD_TIMER_FLAGS:
         raise SyscallError(Errno.EINVAL)
-    # struct itimerspec is four 64-bit fields on both sides.
-    value = ctypes.create_string_buffer(p.space.read(new, structs.ITIMERSPEC.size))
     previous = ctypes.create_string_buffer(structs.ITIMERSPEC.size)
     check(libc.timerfd_settime(fd, i32(flags), value, previous))
     if old:

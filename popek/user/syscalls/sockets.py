@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 SOCKADDR_MAX = 128  # sizeof(struct sockaddr_storage)
 OPTION_MAX = 4096
 CONTROL_MAX = 1 << 16
-SOL_SOCKET, SO_ERROR = 1, 4
+SOL_SOCKET, SO_ERROR, SO_ACCEPTCONN = 1, 4, 30
 EINPROGRESS = 115  # Linux's number on every architecture
 
 
@@ -85,6 +85,15 @@ class _NameOut:
             self.p.space.write(self.addrlen, structs.U32.pack(self.length.value))
 
 
+def _option(fd: int, name: int) -> int:
+    """An int socket option of the host socket (0 if it is no socket)."""
+    value = ctypes.c_int(0)
+    size = ctypes.c_uint32(4)
+    if libc.getsockopt(fd, SOL_SOCKET, name, ctypes.byref(value), ctypes.byref(size)) < 0:
+        return 0
+    return value.value
+
+
 def _without_blocking(p: Process, fd: int, events: int, flags: int,
                       call: Callable[[int], int]) -> int:
     """``call(flags | MSG_DONTWAIT)``; on a blocking socket, waits and retries until it
@@ -128,7 +137,8 @@ def listen(p: Process, fd: int, backlog: int) -> int:
 def accept4(p: Process, fd: int, addr: int, addrlen: int, flags: int) -> int:
     fd = check_fd(p, fd)
     name = _NameOut(p, addr, addrlen)
-    wait_ready(p, fd, select.POLLIN)
+    if _option(fd, SO_ACCEPTCONN):  # else accept fails at once, as it should
+        wait_ready(p, fd, select.POLLIN)
     new = check(libc.accept4(fd, *name.args, i32(flags)))
     name.store()
     return new
@@ -158,11 +168,9 @@ def connect(p: Process, fd: int, addr: int, addrlen: int) -> int:
     if error != EINPROGRESS:
         raise OSError(error, os.strerror(error))
     p.scheduler.wait([(fd, select.POLLOUT)], None, restartable=False)
-    status = ctypes.c_int(0)
-    size = ctypes.c_uint32(4)
-    check(libc.getsockopt(fd, SOL_SOCKET, SO_ERROR, ctypes.byref(status), ctypes.byref(size)))
-    if status.value:
-        raise OSError(status.value, os.strerror(status.value))
+    error = _option(fd, SO_ERROR)
+    if error:
+        raise OSError(error, os.strerror(error))
     return 0
 
 
@@ -276,8 +284,9 @@ def recvmsg(p: Process, fd: int, msg: int, flags: int) -> int:
 @syscall("setsockopt")
 def setsockopt(p: Process, fd: int, level: int, name: int, value: int, length: int) -> int:
     length = i32(length)
-    if not 0 <= length <= OPTION_MAX:
+    if length < 0:
         raise SyscallError(Errno.EINVAL)
+    length = min(length, OPTION_MAX)  # no option is longer: Linux reads what it needs
     data = p.space.read(value, length) if value else None
     return check(libc.setsockopt(check_fd(p, fd), i32(level), i32(name), data, length))
 
