@@ -9,7 +9,7 @@ status under popek's process VM as under qemu-riscv64:
 - a main thread that leaves first, and a process ended by one thread's exit while
   others block and spin;
 - signals directed to threads, per-thread masks and alternate stacks, a blocked read
-  interrupted while other threads run;
+  interrupted while other threads run, sigwait in a collector thread;
 - an epoll loop over a pipe, an eventfd and a timerfd fed by a thread;
 - TCP, UDP and IPv6 on loopback, Unix stream and datagram sockets, SCM_RIGHTS;
 - inotify events for a directory;
@@ -29,8 +29,8 @@ from tests.test_exec import assert_same_as_qemu
 SOURCES = Path(__file__).resolve().parent / "user"
 CC = "riscv64-linux-gnu-gcc"
 INSTALL = "apt-get install gcc-riscv64-linux-gnu libc6-riscv64-cross (./quickstart does)"
-PROGRAMS = ("pthreads", "futex", "thread_signals", "thread_exit", "epoll_loop", "sockets",
-            "inotify", "hostile")
+PROGRAMS = ("pthreads", "futex", "thread_signals", "sigwait", "thread_exit", "epoll_loop",
+            "sockets", "inotify", "hostile")
 
 
 @pytest.fixture(scope="session")

@@ -237,6 +237,27 @@ class Signals:
                 self.pending.setdefault(sig, siginfo(sig, SI_USER))
         return bool(data)
 
+    def pending_in(self, wanted: int) -> bool:
+        """Whether a signal of the set ``wanted`` is pending for the running thread."""
+        return any(wanted & bit(sig) for sig in (*self.thread.pending, *self.pending))
+
+    def take(self, wanted: int) -> tuple[int, bytes] | None:
+        """Dequeue a pending signal of the set ``wanted`` (sigwait), the running thread's
+        first; also one the host holds pending because the guest blocks it."""
+        self.poll_host()
+        for pending in (self.thread.pending, self.pending):
+            for sig in sorted(pending):
+                if wanted & bit(sig):
+                    return sig, pending.pop(sig)
+        hosts = {h for s in SIGNAL_NAMES if wanted & bit(s) and (h := host_signal(s))}
+        if hosts & signal.sigpending():
+            got = signal.sigtimedwait(hosts, 0)
+            if got is not None:
+                sig = _GUEST_BY_HOST[got.si_signo]
+                return sig, siginfo(sig, got.si_code,
+                                    structs.SIGINFO_KILL.pack(got.si_pid, got.si_uid))
+        return None
+
     # -- the guest's view ---------------------------------------------------------------
     def set_action(self, sig: int, action: SigAction) -> None:
         self.actions[sig] = action
