@@ -130,7 +130,7 @@ def _iovecs(p: Process, iov: int, iovcnt: int) -> list[tuple[int, int]]:
     return [structs.IOVEC.unpack_from(raw, i * structs.IOVEC.size) for i in range(iovcnt)]
 
 
-def _scatter(p: Process, vecs: list[tuple[int, int]], data: bytes) -> None:
+def scatter(p: Process, vecs: list[tuple[int, int]], data: bytes) -> None:
     pos = 0
     for base, length in vecs:
         if pos >= len(data):
@@ -139,7 +139,7 @@ def _scatter(p: Process, vecs: list[tuple[int, int]], data: bytes) -> None:
         pos += length
 
 
-def _gather(p: Process, vecs: list[tuple[int, int]]) -> bytes:
+def gather(p: Process, vecs: list[tuple[int, int]]) -> bytes:
     return b"".join(p.space.read(base, length) for base, length in vecs)
 
 
@@ -150,14 +150,14 @@ def readv(p: Process, fd: int, iov: int, iovcnt: int) -> int:
     for base, length in vecs:
         p.space.check(base, length, PROT_WRITE)
     data = _read(p, fd, sum(length for _, length in vecs))
-    _scatter(p, vecs, data)
+    scatter(p, vecs, data)
     return len(data)
 
 
 @syscall("writev")
 def writev(p: Process, fd: int, iov: int, iovcnt: int) -> int:
     fd = check_fd(p, fd)
-    return _write(p, fd, _gather(p, _iovecs(p, iov, iovcnt)))
+    return _write(p, fd, gather(p, _iovecs(p, iov, iovcnt)))
 
 
 @syscall("preadv")
@@ -165,14 +165,14 @@ def preadv(p: Process, fd: int, iov: int, iovcnt: int, offset: int) -> int:
     fd = check_fd(p, fd)
     vecs = _iovecs(p, iov, iovcnt)
     data = os.pread(fd, min(sum(length for _, length in vecs), IO_LIMIT), i64(offset))
-    _scatter(p, vecs, data)
+    scatter(p, vecs, data)
     return len(data)
 
 
 @syscall("pwritev")
 def pwritev(p: Process, fd: int, iov: int, iovcnt: int, offset: int) -> int:
     fd = check_fd(p, fd)
-    return os.pwrite(fd, _gather(p, _iovecs(p, iov, iovcnt)), i64(offset))
+    return os.pwrite(fd, gather(p, _iovecs(p, iov, iovcnt)), i64(offset))
 
 
 @syscall("sendfile")

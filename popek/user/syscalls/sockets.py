@@ -16,14 +16,23 @@ from __future__ import annotations
 import ctypes
 import os
 import select
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from popek.user import structs
-from popek.user.address_space import PROT_WRITE
+from popek.user.address_space import PROT_WRITE, GuestFault
 from popek.user.hostlibc import check, libc
 from popek.user.linux_errno import Errno, SyscallError
-from popek.user.syscalls.files import IO_LIMIT, IOV_MAX, MSG_DONTWAIT, check_fd, wait_ready
+from popek.user.syscalls.files import (
+    IO_LIMIT,
+    IOV_MAX,
+    MSG_DONTWAIT,
+    check_fd,
+    gather,
+    scatter,
+    wait_ready,
+)
 from popek.user.syscalls.registry import i32, syscall
 
 if TYPE_CHECKING:
@@ -31,6 +40,8 @@ if TYPE_CHECKING:
 
 SOCKADDR_MAX = 128  # sizeof(struct sockaddr_storage)
 OPTION_MAX = 4096
+MMSGHDR_SIZE = structs.MSGHDR.size + 8  # struct mmsghdr: the msghdr, msg_len, padding
+MSG_WAITFORONE = 0x10000
 CONTROL_MAX = 1 << 16
 SOL_SOCKET, SO_ERROR, SO_ACCEPTCONN = 1, 4, 30
 EINPROGRESS = 115  # Linux's number on every architecture
@@ -234,7 +245,7 @@ def sendmsg(p: Process, fd: int, msg: int, flags: int) -> int:
     vecs, (name, namelen, _, _, control, controllen, _) = _message(p, msg)
     if name and namelen > SOCKADDR_MAX:
         raise SyscallError(Errno.EINVAL)
-    data = b"".join(p.space.read(base, length) for base, length in vecs)[:IO_LIMIT]
+    data = gather(p, vecs)[:IO_LIMIT]
     name_bytes = p.space.read(name, namelen) if name else b""
     control_bytes = p.space.read(control, controllen) if control else b""
     buffers = [ctypes.create_string_buffer(b, len(b)) for b in (data, name_bytes, control_bytes)]
@@ -264,13 +275,7 @@ def recvmsg(p: Process, fd: int, msg: int, flags: int) -> int:
                      controllen if control else 0, 0)
     count = _without_blocking(p, fd, select.POLLIN, i32(flags),
                               lambda f: libc.recvmsg(fd, ctypes.byref(header), f))
-    received = data.raw[:min(count, size)]
-    pos = 0
-    for base, length in vecs:
-        if pos >= len(received):
-            break
-        p.space.write(base, received[pos:pos + length])
-        pos += length
+    scatter(p, vecs, data.raw[:min(count, size)])
     if name:
         p.space.write(name, name_buf.raw[:min(namelen, header.namelen)])
     if control:
@@ -279,6 +284,52 @@ def recvmsg(p: Process, fd: int, msg: int, flags: int) -> int:
                                            control, header.controllen if control else 0,
                                            header.flags))
     return count
+
+
+@syscall("sendmmsg")
+def sendmmsg(p: Process, fd: int, msgvec: int, vlen: int, flags: int) -> int:
+    """Several sendmsg; after the first, an error ends the batch (glibc's resolver sends
+    its A and AAAA queries this way)."""
+    sent = 0
+    for i in range(min(vlen, IOV_MAX)):
+        entry = msgvec + i * MMSGHDR_SIZE
+        try:
+            count = sendmsg(p, fd, entry, flags)
+        except (SyscallError, OSError, GuestFault):
+            if sent:
+                break
+            raise
+        p.space.write(entry + structs.MSGHDR.size, structs.U32.pack(count))
+        sent += 1
+    return sent
+
+
+@syscall("recvmmsg")
+def recvmmsg(p: Process, fd: int, msgvec: int, vlen: int, flags: int, timeout: int) -> int:
+    """Several recvmsg; MSG_WAITFORONE waits for the first only. As in Linux, the timeout
+    is looked at between messages, never while waiting for one."""
+    deadline = None
+    if timeout:
+        sec, nsec = structs.TIMESPEC.unpack(p.space.read(timeout, structs.TIMESPEC.size))
+        deadline = time.monotonic() + sec + nsec / 1e9
+    flags = i32(flags)
+    received = 0
+    for i in range(min(vlen, IOV_MAX)):
+        entry = msgvec + i * MMSGHDR_SIZE
+        each = flags & ~MSG_WAITFORONE
+        if received and flags & MSG_WAITFORONE:
+            each |= MSG_DONTWAIT
+        try:
+            count = recvmsg(p, fd, entry, each)
+        except (SyscallError, OSError, GuestFault):
+            if received:
+                break
+            raise
+        p.space.write(entry + structs.MSGHDR.size, structs.U32.pack(count))
+        received += 1
+        if deadline is not None and time.monotonic() >= deadline:
+            break
+    return received
 
 
 @syscall("setsockopt")
