@@ -333,7 +333,8 @@ def ftruncate(p: Process, fd: int, length: int) -> int:
     return 0
 
 
-def _timeout(p: Process, timeout_ptr: int) -> float | None:
+def timeout_seconds(p: Process, timeout_ptr: int) -> float | None:
+    """The struct timespec at ``timeout_ptr`` in seconds (None for NULL: no timeout)."""
     if not timeout_ptr:
         return None
     sec, nsec = structs.TIMESPEC.unpack(p.space.read(timeout_ptr, structs.TIMESPEC.size))
@@ -357,7 +358,7 @@ def ppoll(p: Process, fds: int, nfds: int, timeout_ptr: int, sigmask: int) -> in
         raise SyscallError(Errno.EINVAL)
     raw = bytearray(p.space.read(fds, nfds * size))
     polled = [structs.POLLFD.unpack_from(raw, i * size) for i in range(nfds)]
-    timeout = _timeout(p, timeout_ptr)
+    timeout = timeout_seconds(p, timeout_ptr)
     temporary_mask(p, sigmask)
     watched = [(fd, events) for fd, events, _ in polled if fd >= 0]
     ready = dict(p.scheduler.wait(watched, timeout, restartable=False))
@@ -390,7 +391,7 @@ def pselect6(p: Process, nfds: int, readfds: int, writefds: int, exceptfds: int,
         for bits, event in zip(sets, SELECT_EVENTS, strict=True):
             if bits >> fd & 1:
                 events[fd] = events.get(fd, 0) | event
-    timeout = _timeout(p, timeout_ptr)
+    timeout = timeout_seconds(p, timeout_ptr)
     if sigdata:
         mask_ptr, _ = structs.IOVEC.unpack(p.space.read(sigdata, structs.IOVEC.size))
         temporary_mask(p, mask_ptr)

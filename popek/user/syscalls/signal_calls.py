@@ -10,6 +10,7 @@ from popek.user.address_space import GuestFault
 from popek.user.control import Resume
 from popek.user.linux_errno import Errno, SyscallError
 from popek.user.signals import SigAction
+from popek.user.syscalls.files import timeout_seconds
 from popek.user.syscalls.registry import i32, syscall
 
 if TYPE_CHECKING:
@@ -93,12 +94,8 @@ def rt_sigtimedwait(p: Process, uset: int, uinfo: int, uts: int, sigsetsize: int
     """sigwait: take a pending signal of the set instead of running its handler."""
     _sigset_size(sigsetsize)
     wanted = p.space.read_u64(uset) & ~signals.UNBLOCKABLE
-    deadline = None
-    if uts:
-        sec, nsec = structs.TIMESPEC.unpack(p.space.read(uts, structs.TIMESPEC.size))
-        if sec < 0 or not 0 <= nsec < 10**9:
-            raise SyscallError(Errno.EINVAL)
-        deadline = time.monotonic() + sec + nsec / 1e9
+    timeout = timeout_seconds(p, uts)
+    deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         got = p.signals.take(wanted)
         if got is not None:

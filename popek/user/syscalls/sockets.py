@@ -31,6 +31,7 @@ from popek.user.syscalls.files import (
     check_fd,
     gather,
     scatter,
+    timeout_seconds,
     wait_ready,
 )
 from popek.user.syscalls.registry import i32, syscall
@@ -185,20 +186,21 @@ def connect(p: Process, fd: int, addr: int, addrlen: int) -> int:
     return 0
 
 
-@syscall("getsockname")
-def getsockname(p: Process, fd: int, addr: int, addrlen: int) -> int:
+def _get_name(p: Process, fd: int, addr: int, addrlen: int, call: Callable[..., int]) -> int:
     name = _NameOut(p, addr, addrlen)
-    check(libc.getsockname(check_fd(p, fd), *name.args))
+    check(call(check_fd(p, fd), *name.args))
     name.store()
     return 0
+
+
+@syscall("getsockname")
+def getsockname(p: Process, fd: int, addr: int, addrlen: int) -> int:
+    return _get_name(p, fd, addr, addrlen, libc.getsockname)
 
 
 @syscall("getpeername")
 def getpeername(p: Process, fd: int, addr: int, addrlen: int) -> int:
-    name = _NameOut(p, addr, addrlen)
-    check(libc.getpeername(check_fd(p, fd), *name.args))
-    name.store()
-    return 0
+    return _get_name(p, fd, addr, addrlen, libc.getpeername)
 
 
 @syscall("sendto")
@@ -308,10 +310,8 @@ def sendmmsg(p: Process, fd: int, msgvec: int, vlen: int, flags: int) -> int:
 def recvmmsg(p: Process, fd: int, msgvec: int, vlen: int, flags: int, timeout: int) -> int:
     """Several recvmsg; MSG_WAITFORONE waits for the first only. As in Linux, the timeout
     is looked at between messages, never while waiting for one."""
-    deadline = None
-    if timeout:
-        sec, nsec = structs.TIMESPEC.unpack(p.space.read(timeout, structs.TIMESPEC.size))
-        deadline = time.monotonic() + sec + nsec / 1e9
+    seconds = timeout_seconds(p, timeout)
+    deadline = None if seconds is None else time.monotonic() + seconds
     flags = i32(flags)
     received = 0
     for i in range(min(vlen, IOV_MAX)):
