@@ -212,6 +212,8 @@ class Signals:
         blocked = -1
         for thread in self.threads:
             blocked &= thread.mask
+            if not blocked:
+                break
         hosts = set()
         for sig in SIGNAL_NAMES:
             host = host_signal(sig)
@@ -297,6 +299,8 @@ class Signals:
     def deliverable(self, thread: ThreadSignals | None = None) -> int | None:
         """The signal ``thread`` (the running one by default) would take next, if any."""
         thread = thread or self.thread
+        if not thread.pending and not self.pending:
+            return None
         for pending in (thread.pending, self.pending):
             for sig in sorted(pending):
                 if not thread.mask & bit(sig):
