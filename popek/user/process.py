@@ -145,9 +145,14 @@ class Process:
             try:
                 if fcntl.fcntl(fd, fcntl.F_GETFD) & FD_CLOEXEC:
                     os.close(fd)
-                    self.dir_streams.pop(fd, None)
+                    self.forget_fd(fd)
             except OSError:
                 pass
+
+    def forget_fd(self, fd: int) -> None:
+        """What popek kept about guest descriptor ``fd``, which is closed or reused."""
+        self.dir_streams.pop(fd, None)
+        self.signals.forget_signalfd(fd)
 
     @property
     def internal_fds(self) -> frozenset[int]:
