@@ -1,10 +1,12 @@
 /* Sockets under popek exec and qemu-riscv64: a TCP echo server in a thread (its
    blocking accept and reads must not stop the client in the main thread), IPv6 and
    UDP on loopback, a Unix stream server in a forked child, a Unix datagram pair, and
-   a descriptor passed with SCM_RIGHTS. Prints nothing that varies between runs. */
+   a descriptor passed with SCM_RIGHTS, batches, a receive timeout. Prints nothing that
+   varies between runs. */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <ctype.h>
+#include <errno.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <pthread.h>
@@ -121,6 +123,12 @@ static void udp_and_ipv6(void) {
     for (int i = 0; i < m; i++)
         printf(" %.*s(%u)", (int)got[i].msg_len, slots[i], got[i].msg_len);
     printf("\n");
+
+    struct timeval limit = {0, 20000};
+    setsockopt(b, SOL_SOCKET, SO_RCVTIMEO, &limit, sizeof limit);
+    errno = 0;
+    printf("recv past SO_RCVTIMEO: %zd %s\n", recv(b, buf, sizeof buf, 0),
+           errno == EAGAIN ? "EAGAIN" : "?");
     close(a);
     close(b);
 
