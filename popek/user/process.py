@@ -78,7 +78,6 @@ class Process:
         self.scheduler = Scheduler(self)
         self.strace = Strace(self) if options.strace else None
         self.exe = ""  # host path of the running program (/proc/self/exe)
-        self.comm = b""  # its name for prctl(PR_GET_NAME)
         self.dynamic = False  # has an ELF interpreter: library paths go to the sysroot
         self.brk_start = self.brk = 0
         self.rlimits: dict[int, tuple[int, int]] = {}  # limits kept for the guest only
@@ -112,11 +111,11 @@ class Process:
                                  execfn if execfn is not None else os.fsencode(path))
         self.brk_start = self.brk = loaded.brk
         self.exe = os.path.abspath(path)
-        self.comm = os.fsencode(os.path.basename(path))[:15]
         self.dynamic = interp is not None
         self._reset_hart(loaded.entry, sp)
         self.signals.reset_for_exec()
         self.scheduler.keep_only_current(os.getpid())
+        self.scheduler.current.comm = os.fsencode(os.path.basename(path))[:15]
         self.close_on_exec()
 
     def _reset_hart(self, entry: int, sp: int) -> None:

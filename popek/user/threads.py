@@ -76,6 +76,7 @@ class Thread:
     glet: greenlet | None = None
     wait: Wait | None = None
     instret: int = 0  # instructions it retired: each thread counts its own
+    comm: bytes = b""  # its name (prctl PR_SET_NAME, pthread_setname_np)
 
 
 class Scheduler:
@@ -140,7 +141,7 @@ class Scheduler:
         hart = self.process.hart
         signals = self.process.signals
         thread = Thread(tid=self.next_tid, x=regs, f=list(hart.f), fcsr=hart.csr[FCSR], pc=pc,
-                        signals=ThreadSignals(mask=signals.mask))
+                        signals=ThreadSignals(mask=signals.mask), comm=self.current.comm)
         self.next_tid += 1
         thread.glet = greenlet(lambda: self._body(thread), parent=self.hub)
         self.threads[thread.tid] = thread

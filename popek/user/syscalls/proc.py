@@ -117,10 +117,10 @@ def not_provided(p: Process) -> int:
 def prctl(p: Process, option: int, arg2: int) -> int:
     option = i32(option)
     if option == PR_SET_NAME:
-        p.comm = p.space.read_cstr(arg2, 4096)[:15]
+        p.scheduler.current.comm = p.space.read_cstr(arg2, 4096)[:15]
         return 0
     if option == PR_GET_NAME:
-        p.space.write(arg2, p.comm.ljust(16, b"\0"))
+        p.space.write(arg2, p.scheduler.current.comm.ljust(16, b"\0"))
         return 0
     raise SyscallError(Errno.EINVAL)
 
