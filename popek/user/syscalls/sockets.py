@@ -304,22 +304,30 @@ def recvmsg(p: Process, fd: int, msg: int, flags: int) -> int:
     return count
 
 
-@syscall("sendmmsg")
-def sendmmsg(p: Process, fd: int, msgvec: int, vlen: int, flags: int) -> int:
-    """Several sendmsg; after the first, an error ends the batch (glibc's resolver sends
-    its A and AAAA queries this way)."""
-    sent = 0
+def _batch(p: Process, msgvec: int, vlen: int, one: Callable[[int, int], int],
+           more: Callable[[], bool] = lambda: True) -> int:
+    """``one(entry, done)`` for each struct mmsghdr of the vector, its result stored in the
+    entry's msg_len; an error after the first ends the batch, as does ``more()`` false."""
+    done = 0
     for i in range(min(vlen, IOV_MAX)):
         entry = msgvec + i * MMSGHDR_SIZE
         try:
-            count = sendmsg(p, fd, entry, flags)
+            count = one(entry, done)
         except (SyscallError, OSError, GuestFault):
-            if sent:
+            if done:
                 break
             raise
         p.space.write(entry + structs.MSGHDR.size, structs.U32.pack(count))
-        sent += 1
-    return sent
+        done += 1
+        if not more():
+            break
+    return done
+
+
+@syscall("sendmmsg")
+def sendmmsg(p: Process, fd: int, msgvec: int, vlen: int, flags: int) -> int:
+    """Several sendmsg (glibc's resolver sends its A and AAAA queries this way)."""
+    return _batch(p, msgvec, vlen, lambda entry, done: sendmsg(p, fd, entry, flags))
 
 
 @syscall("recvmmsg")
@@ -329,23 +337,14 @@ def recvmmsg(p: Process, fd: int, msgvec: int, vlen: int, flags: int, timeout: i
     seconds = timeout_seconds(p, timeout)
     deadline = None if seconds is None else time.monotonic() + seconds
     flags = i32(flags)
-    received = 0
-    for i in range(min(vlen, IOV_MAX)):
-        entry = msgvec + i * MMSGHDR_SIZE
-        each = flags & ~MSG_WAITFORONE
-        if received and flags & MSG_WAITFORONE:
-            each |= MSG_DONTWAIT
-        try:
-            count = recvmsg(p, fd, entry, each)
-        except (SyscallError, OSError, GuestFault):
-            if received:
-                break
-            raise
-        p.space.write(entry + structs.MSGHDR.size, structs.U32.pack(count))
-        received += 1
-        if deadline is not None and time.monotonic() >= deadline:
-            break
-    return received
+    each = flags & ~MSG_WAITFORONE
+
+    def one(entry: int, done: int) -> int:
+        nowait = MSG_DONTWAIT if done and flags & MSG_WAITFORONE else 0
+        return recvmsg(p, fd, entry, each | nowait)
+
+    return _batch(p, msgvec, vlen, one,
+                  lambda: deadline is None or time.monotonic() < deadline)
 
 
 @syscall("setsockopt")
