@@ -28,9 +28,11 @@ from popek.user.syscalls.files import (
     IO_LIMIT,
     IOV_MAX,
     MSG_DONTWAIT,
+    SOL_SOCKET,
     check_fd,
     gather,
     scatter,
+    socket_timeout,
     timeout_seconds,
     wait_ready,
 )
@@ -44,7 +46,7 @@ OPTION_MAX = 4096
 MMSGHDR_SIZE = structs.MSGHDR.size + 8  # struct mmsghdr: the msghdr, msg_len, padding
 MSG_WAITFORONE = 0x10000
 CONTROL_MAX = 1 << 16
-SOL_SOCKET, SO_ERROR, SO_RCVTIMEO, SO_SNDTIMEO, SO_ACCEPTCONN = 1, 4, 20, 21, 30
+SO_ERROR, SO_ACCEPTCONN = 4, 30
 EINPROGRESS = 115  # Linux's number on every architecture
 
 
@@ -119,21 +121,12 @@ def _without_blocking(p: Process, fd: int, events: int, flags: int,
             if not blocking:
                 raise
         if deadline is None:
-            limit = _timeout_option(fd, SO_RCVTIMEO if events == select.POLLIN else SO_SNDTIMEO)
-            deadline = time.monotonic() + limit if limit else float("inf")
+            limit = socket_timeout(fd, events)
+            deadline = float("inf") if limit is None else time.monotonic() + limit
         left = deadline - time.monotonic()
         if left <= 0:
             raise SyscallError(Errno.EAGAIN)
         p.scheduler.wait([(fd, events)], None if left == float("inf") else left)
-
-
-def _timeout_option(fd: int, name: int) -> float:
-    """SO_RCVTIMEO or SO_SNDTIMEO in seconds, 0 for none (struct timeval, same layouts)."""
-    value = ctypes.create_string_buffer(structs.TIMESPEC.size)
-    size = ctypes.c_uint32(structs.TIMESPEC.size)
-    check(libc.getsockopt(fd, SOL_SOCKET, name, value, ctypes.byref(size)))
-    sec, usec = structs.TIMESPEC.unpack(value.raw)
-    return sec + usec / 1e6
 
 
 @syscall("socket")
