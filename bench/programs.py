@@ -1,9 +1,13 @@
 """CPU-bound real programs: popek exec (each tier) beside qemu-riscv64, same inputs.
 
-Workloads: Lua 5.4 running a CPU-bound script, and busybox sha256sum and gzip of
-generated data. Guest instruction counts come from ``popek exec --stats``; the
-program and input are deterministic, so QEMU retires the same instructions and
-its MIPS is that count over its own wall time.
+Workloads: Lua 5.4 running a CPU-bound script, busybox sha256sum and gzip of
+generated data, a pthread program (tests/user/pthreads.c, cross-built here when
+riscv64-linux-gnu-gcc is installed) and the Go-built esbuild from npm bundling and
+minifying tests/user/typescript (fetched with npm into ~/.cache/popek/npm). Guest
+instruction counts come from ``popek exec --stats``; the program and input are
+deterministic, so QEMU retires the same instructions and its MIPS is that count over
+its own wall time (for the threaded programs, whose threads may spin or sleep
+differently, only roughly).
 
     python bench/programs.py [--size-kib N] [--tiers jit,translate,interp]
 
@@ -27,6 +31,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from popek import images  # noqa: E402
+from tests import npm_packages  # noqa: E402
+
+TESTS = Path(__file__).resolve().parent.parent / "tests"
 
 LUA_SCRIPT = """
 local function fib(n) if n < 2 then return n end return fib(n - 1) + fib(n - 2) end
@@ -77,6 +84,22 @@ def main() -> int:
             f"sha256sum {args.size_kib} KiB": [busybox, "sha256sum", str(data)],
             f"gzip {args.size_kib} KiB": [busybox, "gzip", "-c", "-6", str(data)],
         }
+        cc = shutil.which("riscv64-linux-gnu-gcc")
+        if cc:
+            threaded = Path(tmp) / "pthreads"
+            subprocess.run([cc, "-O2", "-static", "-pthread", "-o", str(threaded),
+                            str(TESTS / "user" / "pthreads.c")], check=True)
+            workloads["pthreads (5 threads)"] = [str(threaded)]
+        else:
+            print("(no riscv64-linux-gnu-gcc: the pthread workload is left out)")
+        try:
+            esbuild = str(npm_packages.esbuild())
+        except RuntimeError as e:
+            print(f"(esbuild is left out: {e})")
+        else:
+            workloads["esbuild bundle+minify"] = [
+                esbuild, str(TESTS / "user" / "typescript" / "src" / "main.ts"), "--bundle",
+                "--minify", "--target=es2017", "--format=esm"]
         print(f"{'workload':<22}{'emulator':<22}{'wall s':>9}{'CPU s':>9}{'M insns':>10}"
               f"{'MIPS':>9}{'vs qemu':>10}")
         for name, cmd in workloads.items():

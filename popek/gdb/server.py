@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from popek.gdb.stub import Exited, GdbStub, Link
-from popek.gdb.targets import MachineTarget, ProcessTarget
+from popek.gdb.targets import MachineTarget, ProcessTarget, process_ending
+from popek.user.control import ProcessExit
 
 if TYPE_CHECKING:
     from popek.machine.runner import MachineRunner
@@ -81,34 +82,46 @@ def receive(conn: socket.socket, stub: GdbStub) -> None:
 
 
 def debug_process(process: Process, address: str) -> int:
-    """Run ``process`` under the debugger that connects at ``address``; its exit status."""
+    """Run ``process`` under the debugger that connects at ``address``; its exit status.
+
+    The process runs in its own scheduler (its threads take turns on the hart); before
+    each slice the scheduler hands control here, through ``process.before_slice``, to
+    report stops and take the debugger's commands: the first time, before the program's
+    first instruction."""
     listener = listen(address)
     try:
         conn = wait_for_debugger(listener, address)
     finally:
         close_listener(listener)
-    target = ProcessTarget(process)
-    stub = GdbStub(target, conn)
+    stub = GdbStub(ProcessTarget(process), conn)
     parent = os.getpid()
     # A child the program forks runs on without the debugger, which follows the parent.
     os.register_at_fork(after_in_child=lambda: stub.detach() if os.getpid() != parent else None)
-    try:
+
+    def serve() -> None:
+        """Report a stop, then take commands, waiting while the debugger holds the
+        process halted; once it leaves, the process runs on (or ends, if killed)."""
+        stub.after_run()
         while not stub.closed:
             if stub.halted:
                 select.select([conn], [], [])
-                receive(conn, stub)
-                continue
-            target.run()
-            stub.after_run()
-            if not stub.closed and select.select([conn], [], [], 0)[0]:
-                receive(conn, stub)
+            elif not select.select([conn], [], [], 0)[0]:
+                return
+            receive(conn, stub)
+        process.before_slice = None
+        if stub.killed:
+            print("popek exec: terminated by the debugger", file=sys.stderr)
+            raise ProcessExit(KILLED_STATUS)
+
+    process.before_slice = serve
+    try:
+        with process_ending():
+            process.scheduler.run()
     except Exited as end:
-        stub.exited(end)
+        if not stub.closed:
+            stub.exited(end)
         return _status(end)
-    if stub.killed:
-        print("popek exec: terminated by the debugger", file=sys.stderr)
-        return KILLED_STATUS
-    return process.run()
+    raise AssertionError("the scheduler returns only by raising")
 
 
 def _status(end: Exited) -> int:

@@ -69,13 +69,8 @@ class ProcessTarget:
             raise Trap(LOAD_PAGE_FAULT, vaddr)
         return vaddr
 
-    def run(self) -> None:
-        """One slice of the process; raises Exited when it ends."""
-        with _ending():
-            self.process.run_slice()
-
     def step(self, hart: Hart) -> None:
-        with _ending():
+        with process_ending():
             self.process.run_slice(step=True)
 
     def pause(self) -> None:
@@ -86,7 +81,7 @@ class ProcessTarget:
 
 
 @contextmanager
-def _ending() -> Iterator[None]:
+def process_ending() -> Iterator[None]:
     """Turns the process's end into the stub's Exited."""
     try:
         yield

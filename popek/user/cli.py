@@ -79,8 +79,8 @@ def cmd_exec(args: argparse.Namespace) -> int:
     start, pid = time.monotonic(), os.getpid()
     status = process.run()
     if os.getpid() == pid:  # not in a child the program forked
-        print(instruction_summary(process.hart.instret, time.monotonic() - start),
-              file=sys.stderr)
+        retired = process.scheduler.instructions_retired()
+        print(instruction_summary(retired, time.monotonic() - start), file=sys.stderr)
     return status
 
 

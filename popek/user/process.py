@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from popek.cpu import causes
@@ -32,13 +33,13 @@ from popek.user.linux_errno import Errno
 from popek.user.strace import Strace
 from popek.user.syscalls import dispatch
 from popek.user.syscalls.files import DirStream
+from popek.user.threads import SLICE, Scheduler
 
 TRAMPOLINE = USER_TOP - PAGE_SIZE  # the last page holds the signal return code
 STACK_TOP = TRAMPOLINE
 STACK_SIZE = 8 << 20
 MMAP_TOP = STACK_TOP - STACK_SIZE - (128 << 20)  # mmap grows down from below the stack gap
 ARG_MAX = STACK_SIZE // 4  # Linux allows arguments and environment a quarter of the stack
-SLICE = 100_000  # instructions between looks at host signals
 MSTATUS_FS_DIRTY = 3 << 13
 COUNTERS = 0b111  # cycle, time, instret readable from U-mode
 LIBRARY_PREFIXES = (b"/lib/", b"/lib64/", b"/usr/lib/", b"/usr/lib64/")
@@ -65,7 +66,7 @@ class ExecOptions:
 
 
 class Process:
-    """One single-threaded Linux process running on the process VM."""
+    """One Linux process running on the process VM; its threads are the scheduler's."""
 
     def __init__(self, options: ExecOptions) -> None:
         self.options = options
@@ -75,14 +76,17 @@ class Process:
         self.space.on_revoke = self.hart.mmu.flush
         self.hart.on_trap = self.on_trap
         self.signals = signals.Signals(self.hart, self.space, TRAMPOLINE)
+        self.scheduler = Scheduler(self)
+        # Called before each slice while a debugger is attached (popek exec --gdb).
+        self.before_slice: Callable[[], None] | None = None
         self.strace = Strace(self) if options.strace else None
         self.exe = ""  # host path of the running program (/proc/self/exe)
-        self.comm = b""  # its name for prctl(PR_GET_NAME)
         self.dynamic = False  # has an ELF interpreter: library paths go to the sysroot
         self.brk_start = self.brk = 0
         self.rlimits: dict[int, tuple[int, int]] = {}  # limits kept for the guest only
         self.vfork_done_fd = -1  # a vfork child's end of the pipe its parent waits on
         self.dir_streams: dict[int, DirStream] = {}  # getdents64 state by descriptor
+        self.syscall_pc = 0  # the ecall of the system call being made
 
     # -- images -------------------------------------------------------------------------
     def execve(self, path: str, argv: list[bytes], envp: list[bytes], *,
@@ -110,10 +114,11 @@ class Process:
                                  execfn if execfn is not None else os.fsencode(path))
         self.brk_start = self.brk = loaded.brk
         self.exe = os.path.abspath(path)
-        self.comm = os.fsencode(os.path.basename(path))[:15]
         self.dynamic = interp is not None
         self._reset_hart(loaded.entry, sp)
         self.signals.reset_for_exec()
+        self.scheduler.keep_only_current(os.getpid())
+        self.scheduler.current.comm = os.fsencode(os.path.basename(path))[:15]
         self.close_on_exec()
 
     def _reset_hart(self, entry: int, sp: int) -> None:
@@ -145,9 +150,14 @@ class Process:
             try:
                 if fcntl.fcntl(fd, fcntl.F_GETFD) & FD_CLOEXEC:
                     os.close(fd)
-                    self.dir_streams.pop(fd, None)
+                    self.forget_fd(fd)
             except OSError:
                 pass
+
+    def forget_fd(self, fd: int) -> None:
+        """What popek kept about guest descriptor ``fd``, which is closed or reused."""
+        self.dir_streams.pop(fd, None)
+        self.signals.forget_signalfd(fd)
 
     @property
     def internal_fds(self) -> frozenset[int]:
@@ -181,24 +191,24 @@ class Process:
     def run(self) -> int:
         """Run until the process exits; returns its exit status (128 + signal if killed)."""
         try:
-            while True:
-                self.run_slice()
+            self.scheduler.run()
         except ProcessExit as e:
             return e.status
         except Terminated as e:
             return 128 + e.sig
 
     def run_slice(self, budget: int = SLICE, step: bool = False) -> None:
-        """Run about ``budget`` instructions (``step``: exactly one, as a debugger steps),
-        then deliver pending signals, unless a debugger stopped the hart at an instruction
-        (they wait until it runs on); raises ProcessExit or Terminated when it ends."""
+        """Deliver pending signals, unless a debugger holds the hart stopped at an
+        instruction (they wait until it runs on), then run the current thread for about
+        ``budget`` instructions (``step``: exactly one, as a debugger steps); raises
+        ProcessExit or Terminated when the process ends."""
         hart = self.hart
+        if hart.engine.debug_stop is None:
+            hart.pc = self.signals.deliver_pending(hart.pc)
         if step:
             hart.step(interrupts=False)
         else:
             hart.run(budget)
-        if hart.engine.debug_stop is None:
-            hart.pc = self.signals.deliver_pending(hart.pc)
 
     def on_trap(self, cause: int, tval: int, pc: int) -> int:
         if cause == causes.ECALL_U:

@@ -20,15 +20,13 @@ from __future__ import annotations
 import fcntl
 import os
 import resource
-import select
 import signal
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from popek.cpu.csr import FCSR
 from popek.user import structs
 from popek.user.address_space import AddressSpace, GuestFault
-from popek.user.control import Interrupted, Terminated
+from popek.user.control import Terminated
 
 # Signal numbers (asm-generic/signal.h); real-time signals are 32..64.
 GUEST_SIGNALS: dict[str, int] = {
@@ -84,6 +82,27 @@ _GUEST_BY_HOST = {h: g for g in SIGNAL_NAMES if (h := host_signal(g)) is not Non
 
 
 @dataclass
+class ThreadSignals:
+    """What Linux keeps per thread: the mask, signals sent to the thread, the alternate
+    stack, and rt_sigsuspend's caller mask (saved in the next frame, else restored)."""
+
+    mask: int = 0
+    pending: dict[int, bytes] = field(default_factory=dict)  # signal -> siginfo
+    altstack: tuple[int, int, int] = (0, SS_DISABLE, 0)  # ss_sp, ss_flags, ss_size
+    restore_mask: int | None = None
+
+
+@dataclass
+class SignalFd:
+    """A signalfd: the guest reads its pipe's end; popek keeps one byte in the pipe while a
+    signal of ``mask`` is pending, so poll and epoll see it readable."""
+
+    mask: int
+    write_end: int
+    ready: bool = False
+
+
+@dataclass
 class SigAction:
     handler: int = SIG_DFL
     flags: int = 0
@@ -110,19 +129,23 @@ def terminate(sig: int) -> None:
 
 
 class Signals:
-    """The signal state of the process and its mirror on the host."""
+    """The signal state of the process and its mirror on the host.
+
+    Dispositions and signals sent to the process are shared; the mask, the alternate
+    stack and thread-directed signals are the running thread's (``thread``, which the
+    scheduler switches), and ``threads`` holds every live thread's.
+    """
 
     def __init__(self, hart, space: AddressSpace, trampoline: int) -> None:
         self.hart = hart
         self.space = space
         self.trampoline = trampoline
         self.actions = [SigAction() for _ in range(NSIG + 1)]
-        self.pending: dict[int, bytes] = {}  # signal -> siginfo
-        self.altstack = (0, SS_DISABLE, 0)  # ss_sp, ss_flags, ss_size
+        self.pending: dict[int, bytes] = {}  # sent to the process: signal -> siginfo
+        self.thread = ThreadSignals()
+        self.threads = [self.thread]
         self.wake_r = self.wake_w = -1
-        self.mask = 0
-        # rt_sigsuspend's caller mask: saved in the next frame, else restored afterwards.
-        self.restore_mask: int | None = None
+        self.signalfds: dict[int, SignalFd] = {}  # by the guest's descriptor
         # Undo what Python changed at startup: SIGINT raises KeyboardInterrupt unless it
         # was ignored, SIGPIPE and SIGXFSZ are ignored.
         if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
@@ -136,9 +159,30 @@ class Signals:
                 self.actions[sig].handler = SIG_IGN
         for host in signal.pthread_sigmask(signal.SIG_BLOCK, ()):
             if host in _GUEST_BY_HOST:
-                self.mask |= bit(_GUEST_BY_HOST[host])
+                self.thread.mask |= bit(_GUEST_BY_HOST[host])
         self.open_wakeup_pipe()
         self._set_host_action(SIGCHLD)
+
+    # -- the running thread's state ----------------------------------------------------
+    @property
+    def mask(self) -> int:
+        return self.thread.mask
+
+    @property
+    def altstack(self) -> tuple[int, int, int]:
+        return self.thread.altstack
+
+    @altstack.setter
+    def altstack(self, value: tuple[int, int, int]) -> None:
+        self.thread.altstack = value
+
+    @property
+    def restore_mask(self) -> int | None:
+        return self.thread.restore_mask
+
+    @restore_mask.setter
+    def restore_mask(self, value: int | None) -> None:
+        self.thread.restore_mask = value
 
     # -- the host side ------------------------------------------------------------------
     def open_wakeup_pipe(self) -> None:
@@ -155,7 +199,55 @@ class Signals:
 
     @property
     def internal_fds(self) -> frozenset[int]:
-        return frozenset({self.wake_r, self.wake_w})
+        return frozenset({self.wake_r, self.wake_w,
+                          *(sfd.write_end for sfd in self.signalfds.values())})
+
+    # -- signalfd -----------------------------------------------------------------------
+    @property
+    def signalfd_mask(self) -> int:
+        mask = 0
+        for sfd in self.signalfds.values():
+            mask |= sfd.mask
+        return mask
+
+    def open_signalfd(self, mask: int, host_flags: int) -> int:
+        """A new signalfd for the signals of ``mask``; returns the guest's descriptor."""
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        write_end = fcntl.fcntl(w, fcntl.F_DUPFD_CLOEXEC, WAKEUP_FD_MIN)
+        os.close(w)
+        os.set_blocking(r, not host_flags & os.O_NONBLOCK)
+        os.set_inheritable(r, not host_flags & os.O_CLOEXEC)
+        self.signalfds[r] = SignalFd(0, write_end)
+        self.set_signalfd_mask(r, mask)
+        return r
+
+    def set_signalfd_mask(self, fd: int, mask: int) -> None:
+        self.signalfds[fd].mask = mask & ~UNBLOCKABLE
+        for sig in SIGNAL_NAMES:  # they must reach the wakeup pipe even if left default
+            self._set_host_action(sig)
+        self._set_host_mask()
+        self.refresh_signalfds()
+
+    def forget_signalfd(self, fd: int) -> None:
+        sfd = self.signalfds.pop(fd, None)
+        if sfd is not None:
+            os.close(sfd.write_end)
+            for sig in SIGNAL_NAMES:
+                self._set_host_action(sig)
+            self._set_host_mask()
+
+    def refresh_signalfds(self) -> None:
+        """Make each signalfd readable exactly while a signal of its mask is pending."""
+        for fd, sfd in self.signalfds.items():
+            ready = self.pending_in(sfd.mask)
+            if ready and not sfd.ready:
+                os.write(sfd.write_end, b"!")
+            elif sfd.ready and not ready:
+                try:
+                    os.read(fd, 1)
+                except BlockingIOError:
+                    pass
+            sfd.ready = ready
 
     def _set_host_action(self, sig: int) -> None:
         host = host_signal(sig)
@@ -164,7 +256,7 @@ class Signals:
         handler = self.actions[sig].handler
         if handler == SIG_IGN:
             signal.signal(host, signal.SIG_IGN)
-        elif handler == SIG_DFL and sig != SIGCHLD:
+        elif handler == SIG_DFL and sig != SIGCHLD and not self.signalfd_mask & bit(sig):
             signal.signal(host, signal.SIG_DFL)
         else:  # a guest handler, or SIGCHLD, which wakes up a blocking wait4
             signal.signal(host, _record)
@@ -173,13 +265,20 @@ class Signals:
         """Block on the host what the guest blocks and leaves to the default action.
 
         Signals with a recording handler stay unblocked: the guest mask is applied
-        when they are delivered, and SIGCHLD keeps waking up a blocking wait4.
+        when they are delivered, and SIGCHLD keeps waking up a blocking wait4. With
+        several threads, only what every thread blocks is blocked on the host.
         """
+        blocked = -1
+        for thread in self.threads:
+            blocked &= thread.mask
+            if not blocked:
+                break
         hosts = set()
         for sig in SIGNAL_NAMES:
             host = host_signal(sig)
-            if (host is not None and self.mask & bit(sig) and sig not in SYNCHRONOUS
-                    and sig != SIGCHLD and self.actions[sig].handler == SIG_DFL):
+            if (host is not None and blocked & bit(sig) and sig not in SYNCHRONOUS
+                    and sig != SIGCHLD and self.actions[sig].handler == SIG_DFL
+                    and not self.signalfd_mask & bit(sig)):
                 hosts.add(host)
         signal.pthread_sigmask(signal.SIG_SETMASK, hosts)
 
@@ -194,43 +293,39 @@ class Signals:
             data = os.read(self.wake_r, 512)
         except BlockingIOError:
             return False
+        wanted = self.signalfd_mask
         for host in data:
             sig = _GUEST_BY_HOST.get(host)
-            if sig is not None and self.actions[sig].handler not in (SIG_DFL, SIG_IGN):
+            if sig is not None and (self.actions[sig].handler not in (SIG_DFL, SIG_IGN)
+                                    or wanted & bit(sig)):
                 self.pending.setdefault(sig, siginfo(sig, SI_USER))
+        if self.signalfds:
+            self.refresh_signalfds()
         return bool(data)
 
-    def wait(self, fds: list[tuple[int, int]], timeout: float | None, *,
-             any_signal: bool = False, restartable: bool = True) -> list[tuple[int, int]]:
-        """Block until an fd in ``fds`` is ready or ``timeout`` seconds pass; the ready ones.
+    def pending_in(self, wanted: int) -> bool:
+        """Whether a signal of the set ``wanted`` is pending for the running thread."""
+        return any(wanted & bit(sig) for sig in (*self.thread.pending, *self.pending))
 
-        With ``any_signal``, any host signal ends the wait too (wait4 wakes on SIGCHLD).
-
-        Raises Interrupted when a signal the guest handles becomes deliverable: the
-        blocking system call then returns -EINTR or, if it is ``restartable`` and the
-        handler has SA_RESTART, runs again after the handler.
-        """
-        poller = select.poll()
-        for fd, events in fds:
-            poller.register(fd, events)
-        poller.register(self.wake_r, select.POLLIN)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        wait_ms: float | None = 0  # the first look does not block
-        while True:
-            ready = [(fd, ev) for fd, ev in poller.poll(wait_ms) if fd != self.wake_r]
-            woke = self.poll_host()
-            if ready or (woke and any_signal):
-                return ready
-            sig = self.deliverable()
-            if sig is not None:
-                raise Interrupted(restartable and bool(self.actions[sig].flags & SA_RESTART))
-            if deadline is None:
-                wait_ms = None
-            else:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return []
-                wait_ms = left * 1000
+    def take(self, wanted: int) -> tuple[int, bytes] | None:
+        """Dequeue a pending signal of the set ``wanted`` (sigwait), the running thread's
+        first; also one the host holds pending because the guest blocks it."""
+        self.poll_host()
+        for pending in (self.thread.pending, self.pending):
+            for sig in sorted(pending):
+                if wanted & bit(sig):
+                    info = pending.pop(sig)
+                    if self.signalfds:
+                        self.refresh_signalfds()
+                    return sig, info
+        hosts = {h for s in SIGNAL_NAMES if wanted & bit(s) and (h := host_signal(s))}
+        if hosts & signal.sigpending():
+            got = signal.sigtimedwait(hosts, 0)
+            if got is not None:
+                sig = _GUEST_BY_HOST[got.si_signo]
+                return sig, siginfo(sig, got.si_code,
+                                    structs.SIGINFO_KILL.pack(got.si_pid, got.si_uid))
+        return None
 
     # -- the guest's view ---------------------------------------------------------------
     def set_action(self, sig: int, action: SigAction) -> None:
@@ -238,11 +333,18 @@ class Signals:
         if action.handler == SIG_IGN or (action.handler == SIG_DFL
                                          and sig in IGNORED_BY_DEFAULT):
             self.pending.pop(sig, None)
+            for thread in self.threads:
+                thread.pending.pop(sig, None)
         self._set_host_action(sig)
         self._set_host_mask()
 
+    def set_threads(self, threads: list[ThreadSignals]) -> None:
+        """The process's threads changed (clone, exit, fork, execve)."""
+        self.threads = threads
+        self._set_host_mask()
+
     def set_mask(self, mask: int) -> None:
-        self.mask = mask & ~UNBLOCKABLE & ((1 << NSIG) - 1)
+        self.thread.mask = mask & ~UNBLOCKABLE & ((1 << NSIG) - 1)
         self._set_host_mask()
 
     def reset_for_exec(self) -> None:
@@ -252,31 +354,42 @@ class Signals:
                 self.set_action(sig, SigAction())
         self.altstack = (0, SS_DISABLE, 0)
 
-    def raise_signal(self, sig: int, info: bytes) -> None:
-        """A signal sent to this process by itself (kill, tgkill, a broken pipe)."""
+    def raise_signal(self, sig: int, info: bytes, thread: ThreadSignals | None = None) -> None:
+        """A signal sent to this process by itself (kill, a broken pipe), or to one of
+        its threads (tgkill)."""
         action = self.actions[sig]
         if action.handler == SIG_IGN:
             return
         if action.handler == SIG_DFL:
             if sig in IGNORED_BY_DEFAULT:
                 return
-            if not self.mask & bit(sig):
+            if not (thread or self.thread).mask & bit(sig):
                 self._default_action(sig)
                 return
-        self.pending.setdefault(sig, info)
+        (self.pending if thread is None else thread.pending).setdefault(sig, info)
+        if self.signalfds:
+            self.refresh_signalfds()
 
-    def deliverable(self) -> int | None:
-        for sig in sorted(self.pending):
-            if not self.mask & bit(sig):
-                return sig
+    def deliverable(self, thread: ThreadSignals | None = None) -> int | None:
+        """The signal ``thread`` (the running one by default) would take next, if any."""
+        thread = thread or self.thread
+        if not thread.pending and not self.pending:
+            return None
+        for pending in (thread.pending, self.pending):
+            for sig in sorted(pending):
+                if not thread.mask & bit(sig):
+                    return sig
         return None
 
     def deliver_pending(self, pc: int) -> int:
         """Enter the handler of a deliverable pending signal; returns where to resume."""
         self.poll_host()
-        sig = self.deliverable() if self.pending else None
+        thread = self.thread
+        sig = self.deliverable() if self.pending or thread.pending else None
         if sig is not None:
-            info = self.pending.pop(sig)
+            info = thread.pending.pop(sig, None) or self.pending.pop(sig)
+            if self.signalfds:
+                self.refresh_signalfds()
             handler = self.actions[sig].handler
             if handler == SIG_DFL:
                 self._default_action(sig)

@@ -19,6 +19,9 @@ IOVEC = Struct("<QQ")  # iov_base, iov_len
 RLIMIT = Struct("<QQ")  # rlim_cur, rlim_max
 POLLFD = Struct("<ihh")  # fd, events, revents
 ITIMERVAL = Struct("<qqqq")  # it_interval, it_value (timevals)
+ITIMERSPEC = Struct("<qqqq")  # it_interval, it_value (timespecs)
+MSGHDR = Struct("<QI4xQQQQi4x")  # name, namelen, iov, iovlen, control, controllen, flags
+EPOLL_EVENT = Struct("<I4xQ")  # events, data: naturally aligned on riscv64
 WINSIZE_SIZE = 8
 TERMIOS_SIZE = 36  # 4 tcflag_t, c_line, c_cc[19]
 UTSNAME_FIELD = 65  # six fields of this many bytes
@@ -39,12 +42,16 @@ TMS = Struct("<qqqq")
 # struct sysinfo, 112 bytes.
 SYSINFO = Struct("<q3Q6QH6xQQI4x")
 # struct sigaction as the kernel takes it: riscv has no sa_restorer.
+CLONE_ARGS = Struct("<8Q")  # clone3: flags, pidfd, child_tid, parent_tid, exit_signal,
+# stack, stack_size, tls (version 0 of struct clone_args)
+ROBUST_LIST_HEAD = Struct("<QqQ")  # next, futex_offset, list_op_pending
 SIGACTION = Struct("<QQQ")  # sa_handler, sa_flags, sa_mask
 # stack_t: ss_sp, ss_flags, ss_size.
 STACK_T = Struct("<Qi4xQ")
 # siginfo_t is 128 bytes: signo, errno, code, then a union at offset 16.
 SIGINFO_SIZE = 128
 SIGINFO_HEAD = Struct("<iii4x")
+SIGINFO_FIELDS = Struct("<iii4xIIi")  # signo, errno, code; pid, uid, status (SIGCHLD)
 SIGINFO_ADDR = Struct("<Q")  # faults: si_addr
 SIGINFO_KILL = Struct("<iI")  # kill, tgkill: si_pid, si_uid
 

@@ -1,8 +1,9 @@
 """The Linux system call layer of the process VM.
 
 Handlers live in one module per area (files, file system, memory, processes,
-signals, time, system information, terminals) and register by name; importing this
-package registers them all. :func:`dispatch` is what the hart's ``ecall`` reaches.
+threads, futexes, event descriptors, sockets, signals, time, system information,
+terminals) and register by name; importing this package registers them all.
+:func:`dispatch` is what the hart's ``ecall`` reaches.
 """
 
 from __future__ import annotations
@@ -14,13 +15,17 @@ from popek.user.control import ControlFlow, Interrupted, Resume
 from popek.user.linux_errno import Errno, SyscallError, from_host
 from popek.user.syscalls import (  # noqa: F401 - imported to register their handlers
     clock,
+    events,
     files,
     filesystem,
+    futex,
     memory,
     proc,
     signal_calls,
+    sockets,
     system,
     terminal,
+    thread_calls,
 )
 from popek.user.syscalls.registry import HANDLERS, M64
 
@@ -35,6 +40,7 @@ def dispatch(p: Process, pc: int) -> int:
     args = (x[10], x[11], x[12], x[13], x[14], x[15])
     strace = p.strace
     head = strace.enter(nr, args) if strace else ""
+    p.syscall_pc = pc
     entry = HANDLERS.get(nr)
     try:
         if entry is None:

@@ -83,7 +83,7 @@ def _sleep(p: Process, clock: int, ns: int, rem: int) -> int:
     """Sleep ``ns`` on the host clock; on a signal, store what is left in ``rem``."""
     deadline = time.clock_gettime_ns(clock) + ns
     try:
-        p.signals.wait([], ns / 1e9, restartable=False)
+        p.scheduler.wait([], ns / 1e9, restartable=False)
     except Interrupted:
         if rem:
             left = max(deadline - time.clock_gettime_ns(clock), 0)

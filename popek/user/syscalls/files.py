@@ -3,12 +3,13 @@
 Guest descriptors are host descriptors, as in qemu-user: inheritance across fork
 and redirection by dup2 then work with no bookkeeping. Python makes every new
 descriptor close-on-exec, so calls that should not do that say so explicitly.
-Calls that can block wait through the signal layer, so a signal the guest handles
-interrupts them as the kernel would.
+Calls that can block wait in the scheduler first, so other threads run meanwhile and
+a signal the guest handles interrupts them as the kernel would.
 """
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import os
 import select
@@ -20,12 +21,17 @@ from typing import TYPE_CHECKING
 from popek.user import fileflags as ff
 from popek.user import structs
 from popek.user.address_space import PROT_WRITE
+from popek.user.control import Interrupted
+from popek.user.hostlibc import check, libc
 from popek.user.linux_errno import Errno, SyscallError
 from popek.user.syscalls.registry import i32, i64, syscall
 
 if TYPE_CHECKING:
     from popek.user.process import Process
 
+SOL_SOCKET, SO_RCVTIMEO, SO_SNDTIMEO = 1, 20, 21
+PIPE_BUF = 4096  # a pipe that polls writable takes this much without blocking
+MSG_DONTWAIT = 0x40
 IO_LIMIT = 1 << 24  # bytes moved per call at most; callers loop, as with any short read
 IOV_MAX = 1024
 CLOSE_RANGE_CLOEXEC = 4
@@ -50,13 +56,37 @@ def check_fd(p: Process, fd: int) -> int:
 
 
 def wait_ready(p: Process, fd: int, events: int) -> None:
-    """Block until ``fd`` is ready, unless it is non-blocking (then the call says EAGAIN)."""
-    if not os.get_blocking(fd):
+    """Block until ``fd`` is ready, unless it is non-blocking (then the call says EAGAIN);
+    a socket waits no longer than its SO_RCVTIMEO or SO_SNDTIMEO (then EAGAIN too)."""
+    if not os.get_blocking(fd) or _ready_now(fd, events):
         return
-    p.signals.wait([(fd, events)], None)
+    if not p.scheduler.wait([(fd, events)], socket_timeout(fd, events)):
+        raise SyscallError(Errno.EAGAIN)
+
+
+def _ready_now(fd: int, events: int) -> bool:
+    poller = select.poll()
+    poller.register(fd, events)
+    return bool(poller.poll(0))
+
+
+def socket_timeout(fd: int, events: int) -> float | None:
+    """The socket's SO_RCVTIMEO (waiting to read) or SO_SNDTIMEO in seconds; None if it
+    has none or is no socket. struct timeval is laid out alike on both sides."""
+    name = SO_RCVTIMEO if events & select.POLLIN else SO_SNDTIMEO
+    value = ctypes.create_string_buffer(structs.TIMESPEC.size)
+    size = ctypes.c_uint32(structs.TIMESPEC.size)
+    if libc.getsockopt(fd, SOL_SOCKET, name, value, ctypes.byref(size)) < 0:
+        return None
+    sec, usec = structs.TIMESPEC.unpack(value.raw)
+    return sec + usec / 1e6 or None
 
 
 def _read(p: Process, fd: int, count: int) -> bytes:
+    if fd in p.signals.signalfds:
+        from popek.user.syscalls.events import read_signalfd  # events builds on this module
+
+        return read_signalfd(p, fd, count)
     wait_ready(p, fd, select.POLLIN)
     return os.read(fd, min(count, IO_LIMIT))
 
@@ -70,10 +100,39 @@ def read(p: Process, fd: int, buf: int, count: int) -> int:
     return len(data)
 
 
+def _write(p: Process, fd: int, data: bytes) -> int:
+    """write(2). With other threads, a blocking write into a pipe or socket goes in
+    pieces that cannot block the host, as the reader may be one of those threads."""
+    if len(p.scheduler.threads) == 1 or not os.get_blocking(fd):
+        return os.write(fd, data)
+    mode = os.fstat(fd).st_mode
+    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+        return os.write(fd, data)
+    written = 0
+    limit = socket_timeout(fd, select.POLLOUT)
+    while written < len(data):
+        try:
+            if not p.scheduler.wait([(fd, select.POLLOUT)], limit):
+                raise SyscallError(Errno.EAGAIN)  # SO_SNDTIMEO passed
+        except (Interrupted, SyscallError):
+            if written:
+                return written
+            raise
+        piece = data[written:written + PIPE_BUF]
+        if stat.S_ISSOCK(mode):
+            try:
+                written += check(libc.send(fd, piece, len(piece), MSG_DONTWAIT))
+            except BlockingIOError:
+                pass  # another writer took the room first: wait again
+        else:
+            written += os.write(fd, piece)  # poll said a pipe buffer is free: cannot block
+    return written
+
+
 @syscall("write")
 def write(p: Process, fd: int, buf: int, count: int) -> int:
     fd = check_fd(p, fd)
-    return os.write(fd, p.space.read(buf, min(count, IO_LIMIT)))
+    return _write(p, fd, p.space.read(buf, min(count, IO_LIMIT)))
 
 
 @syscall("pread64")
@@ -99,7 +158,7 @@ def _iovecs(p: Process, iov: int, iovcnt: int) -> list[tuple[int, int]]:
     return [structs.IOVEC.unpack_from(raw, i * structs.IOVEC.size) for i in range(iovcnt)]
 
 
-def _scatter(p: Process, vecs: list[tuple[int, int]], data: bytes) -> None:
+def scatter(p: Process, vecs: list[tuple[int, int]], data: bytes) -> None:
     pos = 0
     for base, length in vecs:
         if pos >= len(data):
@@ -108,7 +167,7 @@ def _scatter(p: Process, vecs: list[tuple[int, int]], data: bytes) -> None:
         pos += length
 
 
-def _gather(p: Process, vecs: list[tuple[int, int]]) -> bytes:
+def gather(p: Process, vecs: list[tuple[int, int]]) -> bytes:
     return b"".join(p.space.read(base, length) for base, length in vecs)
 
 
@@ -119,14 +178,14 @@ def readv(p: Process, fd: int, iov: int, iovcnt: int) -> int:
     for base, length in vecs:
         p.space.check(base, length, PROT_WRITE)
     data = _read(p, fd, sum(length for _, length in vecs))
-    _scatter(p, vecs, data)
+    scatter(p, vecs, data)
     return len(data)
 
 
 @syscall("writev")
 def writev(p: Process, fd: int, iov: int, iovcnt: int) -> int:
     fd = check_fd(p, fd)
-    return os.write(fd, _gather(p, _iovecs(p, iov, iovcnt)))
+    return _write(p, fd, gather(p, _iovecs(p, iov, iovcnt)))
 
 
 @syscall("preadv")
@@ -134,14 +193,14 @@ def preadv(p: Process, fd: int, iov: int, iovcnt: int, offset: int) -> int:
     fd = check_fd(p, fd)
     vecs = _iovecs(p, iov, iovcnt)
     data = os.pread(fd, min(sum(length for _, length in vecs), IO_LIMIT), i64(offset))
-    _scatter(p, vecs, data)
+    scatter(p, vecs, data)
     return len(data)
 
 
 @syscall("pwritev")
 def pwritev(p: Process, fd: int, iov: int, iovcnt: int, offset: int) -> int:
     fd = check_fd(p, fd)
-    return os.pwrite(fd, _gather(p, _iovecs(p, iov, iovcnt)), i64(offset))
+    return os.pwrite(fd, gather(p, _iovecs(p, iov, iovcnt)), i64(offset))
 
 
 @syscall("sendfile")
@@ -174,7 +233,7 @@ def lseek(p: Process, fd: int, offset: int, whence: int) -> int:
 def close(p: Process, fd: int) -> int:
     fd = check_fd(p, fd)
     os.close(fd)
-    p.dir_streams.pop(fd, None)
+    p.forget_fd(fd)
     return 0
 
 
@@ -188,7 +247,7 @@ def close_range(p: Process, first: int, last: int, flags: int) -> int:
                     os.set_inheritable(fd, False)
                 else:
                     os.close(fd)
-                    p.dir_streams.pop(fd, None)
+                    p.forget_fd(fd)
             except OSError:
                 pass
     return 0
@@ -204,7 +263,7 @@ def dup3(p: Process, oldfd: int, newfd: int, flags: int) -> int:
     oldfd, newfd = check_fd(p, oldfd), check_fd(p, newfd)
     if oldfd == newfd or flags & ~ff.O_CLOEXEC:
         raise SyscallError(Errno.EINVAL)
-    p.dir_streams.pop(newfd, None)
+    p.forget_fd(newfd)
     return os.dup2(oldfd, newfd, inheritable=not flags & ff.O_CLOEXEC)
 
 
@@ -302,7 +361,8 @@ def ftruncate(p: Process, fd: int, length: int) -> int:
     return 0
 
 
-def _timeout(p: Process, timeout_ptr: int) -> float | None:
+def timeout_seconds(p: Process, timeout_ptr: int) -> float | None:
+    """The struct timespec at ``timeout_ptr`` in seconds (None for NULL: no timeout)."""
     if not timeout_ptr:
         return None
     sec, nsec = structs.TIMESPEC.unpack(p.space.read(timeout_ptr, structs.TIMESPEC.size))
@@ -311,7 +371,7 @@ def _timeout(p: Process, timeout_ptr: int) -> float | None:
     return sec + nsec / 1e9
 
 
-def _temporary_mask(p: Process, mask_ptr: int) -> None:
+def temporary_mask(p: Process, mask_ptr: int) -> None:
     """ppoll/pselect's mask for the duration of the wait (the caller's returns after)."""
     if mask_ptr:
         mask = p.space.read_u64(mask_ptr)
@@ -326,10 +386,10 @@ def ppoll(p: Process, fds: int, nfds: int, timeout_ptr: int, sigmask: int) -> in
         raise SyscallError(Errno.EINVAL)
     raw = bytearray(p.space.read(fds, nfds * size))
     polled = [structs.POLLFD.unpack_from(raw, i * size) for i in range(nfds)]
-    timeout = _timeout(p, timeout_ptr)
-    _temporary_mask(p, sigmask)
+    timeout = timeout_seconds(p, timeout_ptr)
+    temporary_mask(p, sigmask)
     watched = [(fd, events) for fd, events, _ in polled if fd >= 0]
-    ready = dict(p.signals.wait(watched, timeout, restartable=False))
+    ready = dict(p.scheduler.wait(watched, timeout, restartable=False))
     count = 0
     for i, (fd, events, _) in enumerate(polled):
         revents = ready.get(fd, 0) if fd >= 0 else 0
@@ -359,12 +419,12 @@ def pselect6(p: Process, nfds: int, readfds: int, writefds: int, exceptfds: int,
         for bits, event in zip(sets, SELECT_EVENTS, strict=True):
             if bits >> fd & 1:
                 events[fd] = events.get(fd, 0) | event
-    timeout = _timeout(p, timeout_ptr)
+    timeout = timeout_seconds(p, timeout_ptr)
     if sigdata:
         mask_ptr, _ = structs.IOVEC.unpack(p.space.read(sigdata, structs.IOVEC.size))
-        _temporary_mask(p, mask_ptr)
+        temporary_mask(p, mask_ptr)
     start = time.monotonic()
-    ready = dict(p.signals.wait(list(events.items()), timeout, restartable=False))
+    ready = dict(p.scheduler.wait(list(events.items()), timeout, restartable=False))
     if any(revents & select.POLLNVAL for revents in ready.values()):
         raise SyscallError(Errno.EBADF)
     results = [0, 0, 0]

@@ -5,7 +5,7 @@ included, which is what fork means. A vfork-style clone is a fork whose parent
 waits until the child has executed or exited, so the order of their output is
 what the program expects. execve runs a RISC-V program in place and hands
 anything else (a native binary, a script for a native interpreter) to the host's
-execve, as qemu-user does. Threads are not supported.
+execve, as qemu-user does. A clone with CLONE_THREAD is a thread (thread_calls).
 """
 
 from __future__ import annotations
@@ -13,42 +13,37 @@ from __future__ import annotations
 import fcntl
 import os
 import resource
-import time
 from typing import TYPE_CHECKING
 
 from popek.user import elf_loader, signals, structs
 from popek.user.address_space import StringTooLong
-from popek.user.control import ProcessExit, Resume
+from popek.user.control import Resume
 from popek.user.linux_errno import Errno, SyscallError
 from popek.user.signals import WAKEUP_FD_MIN
 from popek.user.syscalls.registry import i32, syscall
+from popek.user.syscalls.thread_calls import (
+    CLONE_CHILD_SETTID,
+    CLONE_PARENT_SETTID,
+    CLONE_SETTLS,
+    CLONE_THREAD,
+    CLONE_VM,
+    clone_thread,
+    signal_thread,
+)
 
 if TYPE_CHECKING:
     from popek.user.process import Process
 
-CLONE_VM = 0x100
 CLONE_VFORK = 0x4000
-CLONE_THREAD = 0x10000
-CLONE_SETTLS = 0x80000
-CLONE_PARENT_SETTID = 0x100000
-CLONE_CHILD_SETTID = 0x1000000
 WNOHANG, WUNTRACED, WCONTINUED = 1, 2, 8
 PR_SET_NAME, PR_GET_NAME = 15, 16
-FUTEX_CMD_MASK = 0x7F  # without FUTEX_PRIVATE_FLAG and FUTEX_CLOCK_REALTIME
-FUTEX_WAIT, FUTEX_WAKE, FUTEX_REQUEUE, FUTEX_CMP_REQUEUE, FUTEX_WAKE_OP = 0, 1, 3, 4, 5
-FUTEX_WAIT_BITSET, FUTEX_WAKE_BITSET = 9, 10
 SHEBANG_LIMIT = 256
 PATH_MAX = 4096
 MAX_ARG_STRLEN = 32 * 4096  # one argument or environment string, at most
 WAIT4_POLL = 0.25  # seconds
 
 
-@syscall("exit", "exit_group")
-def exit_group(p: Process, status: int) -> int:
-    raise ProcessExit(status & 0xFF)
-
-
-@syscall("getpid", "gettid")
+@syscall("getpid")
 def getpid(p: Process) -> int:
     return os.getpid()
 
@@ -112,19 +107,9 @@ def setsid(p: Process) -> int:
     return os.getpid()
 
 
-@syscall("set_tid_address")
-def set_tid_address(p: Process, tidptr: int) -> int:
-    return os.getpid()  # single-threaded: nobody waits for the clear at exit
-
-
-@syscall("set_robust_list")
-def set_robust_list(p: Process, head: int, length: int) -> int:
-    return 0 if length == 24 else -Errno.EINVAL
-
-
-@syscall("rseq", "clone3")
+@syscall("rseq")
 def not_provided(p: Process) -> int:
-    """Optional features the C library falls back from when they fail with ENOSYS."""
+    """An optional feature the C library falls back from when it fails with ENOSYS."""
     return -Errno.ENOSYS
 
 
@@ -132,10 +117,10 @@ def not_provided(p: Process) -> int:
 def prctl(p: Process, option: int, arg2: int) -> int:
     option = i32(option)
     if option == PR_SET_NAME:
-        p.comm = p.space.read_cstr(arg2, 4096)[:15]
+        p.scheduler.current.comm = p.space.read_cstr(arg2, 4096)[:15]
         return 0
     if option == PR_GET_NAME:
-        p.space.write(arg2, p.comm.ljust(16, b"\0"))
+        p.space.write(arg2, p.scheduler.current.comm.ljust(16, b"\0"))
         return 0
     raise SyscallError(Errno.EINVAL)
 
@@ -143,8 +128,10 @@ def prctl(p: Process, option: int, arg2: int) -> int:
 # -- fork -----------------------------------------------------------------------------
 @syscall("clone")
 def clone(p: Process, flags: int, newsp: int, ptid: int, tls: int, ctid: int) -> int:
-    if flags & CLONE_THREAD or (flags & CLONE_VM and not flags & CLONE_VFORK):
-        raise SyscallError(Errno.EAGAIN)  # a thread: not supported
+    if flags & CLONE_THREAD:
+        return clone_thread(p, flags, newsp, ptid, tls, ctid)
+    if flags & CLONE_VM and not flags & CLONE_VFORK:
+        raise SyscallError(Errno.EINVAL)  # a process sharing memory: not emulated
     done_r = done_w = -1
     if flags & CLONE_VFORK:
         r, w = os.pipe2(os.O_CLOEXEC)
@@ -153,6 +140,7 @@ def clone(p: Process, flags: int, newsp: int, ptid: int, tls: int, ctid: int) ->
         os.close(w)
     pid = os.fork()
     if pid == 0:
+        p.scheduler.keep_only_current(os.getpid())
         _child(p, flags, newsp, tls, ctid, done_r, done_w)
         return 0
     if done_r >= 0:
@@ -180,6 +168,19 @@ def _child(p: Process, flags: int, newsp: int, tls: int, ctid: int, done_r: int,
         x[4] = tls
     if flags & CLONE_CHILD_SETTID:
         p.space.write(ctid, structs.I32.pack(os.getpid()))
+
+
+@syscall("clone3")
+def clone3(p: Process, args: int, size: int) -> int:
+    """clone3 as the equivalent clone: glibc creates threads and spawns with it."""
+    if size < structs.CLONE_ARGS.size:
+        raise SyscallError(Errno.EINVAL)
+    flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls = \
+        structs.CLONE_ARGS.unpack(p.space.read(args, structs.CLONE_ARGS.size))
+    if pidfd or exit_signal > signals.NSIG or flags >> 32:
+        raise SyscallError(Errno.EINVAL)  # pidfds and the newer flags are not emulated
+    return clone(p, flags | exit_signal, stack + stack_size if stack else 0, parent_tid, tls,
+                 child_tid)
 
 
 # -- execve ---------------------------------------------------------------------------
@@ -253,7 +254,7 @@ def wait4(p: Process, pid: int, status: int, options: int, rusage: int) -> int:
         if child or options & WNOHANG:
             break
         # SIGCHLD ends the wait; the timeout covers children whose SIGCHLD is ignored.
-        p.signals.wait([], WAIT4_POLL, any_signal=True)
+        p.scheduler.wait([], WAIT4_POLL, any_signal=True)
     if child and status:
         p.space.write(status, structs.I32.pack(raw_status))
     if child and rusage:
@@ -276,6 +277,8 @@ def pack_rusage(usage: resource.struct_rusage) -> bytes:
 def _send(p: Process, pid: int, sig: int, code: int) -> int:
     if not 0 <= sig <= signals.NSIG:
         raise SyscallError(Errno.EINVAL)
+    if code == signals.SI_TKILL and signal_thread(p, pid, sig):
+        return 0
     if pid == os.getpid():
         if sig:
             info = signals.siginfo(sig, code, structs.SIGINFO_KILL.pack(pid, os.getuid()))
@@ -300,28 +303,6 @@ def tkill(p: Process, tid: int, sig: int) -> int:
 
 @syscall("tgkill")
 def tgkill(p: Process, tgid: int, tid: int, sig: int) -> int:
+    if i32(tgid) == os.getpid() and not signal_thread(p, i32(tid), 0):
+        raise SyscallError(Errno.ESRCH)
     return _send(p, i32(tid), i32(sig), signals.SI_TKILL)
-
-
-# -- futex ----------------------------------------------------------------------------
-@syscall("futex")
-def futex(p: Process, uaddr: int, op: int, val: int, timeout: int) -> int:
-    """One thread: a wait either fails at once (value changed) or sleeps until a signal
-    or the timeout, as nothing else could wake it; wakes find no waiters."""
-    cmd = i32(op) & FUTEX_CMD_MASK
-    if cmd in (FUTEX_WAIT, FUTEX_WAIT_BITSET):
-        (current,) = structs.U32.unpack(p.space.read(uaddr, 4))
-        if current != val & 0xFFFFFFFF:
-            raise SyscallError(Errno.EAGAIN)
-        seconds = None
-        if timeout:
-            sec, nsec = structs.TIMESPEC.unpack(p.space.read(timeout, structs.TIMESPEC.size))
-            seconds = sec + nsec / 1e9
-            if cmd == FUTEX_WAIT_BITSET:  # an absolute CLOCK_MONOTONIC deadline
-                seconds -= time.monotonic()
-        p.signals.wait([], seconds, restartable=False)
-        raise SyscallError(Errno.ETIMEDOUT)
-    if cmd in (FUTEX_WAKE, FUTEX_WAKE_BITSET, FUTEX_REQUEUE, FUTEX_CMP_REQUEUE, FUTEX_WAKE_OP):
-        return 0
-    raise SyscallError(Errno.ENOSYS)
-

@@ -175,17 +175,15 @@ def umask(p: Process, mask: int) -> int:
 @syscall("sched_getaffinity")
 def sched_getaffinity(p: Process, pid: int, size: int, mask: int) -> int:
     """The host's CPUs, as qemu reports them (nproc sizes thread pools from this)."""
-    cpus = os.sched_getaffinity(i32(pid)) if hasattr(os, "sched_getaffinity") else {0}
+    pid = i32(pid)
+    if pid in p.scheduler.threads:  # a thread of ours: the host knows it as this process
+        pid = 0
+    cpus = os.sched_getaffinity(pid) if hasattr(os, "sched_getaffinity") else {0}
     length = (max(cpus) // 64 + 1) * 8
     if size < length or size & 7:
         raise SyscallError(Errno.EINVAL)
     p.space.write(mask, sum(1 << cpu for cpu in cpus).to_bytes(length, "little"))
     return length
-
-
-@syscall("sched_yield")
-def sched_yield(p: Process) -> int:
-    return 0
 
 
 @syscall("getcpu")
