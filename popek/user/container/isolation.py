@@ -1,0 +1,84 @@
+"""What makes a process VM a container: the rules its system calls follow inside one.
+
+A :class:`Process` with a :class:`Container` resolves every path through the
+container's :class:`RootFS`, sees pids through its :class:`Namespace`, is uid and gid
+0 (the invoking user outside: files that user owns look like root's, others like
+nobody's), reaches only loopback addresses when the network is ``none``, and may map
+no more guest memory than the limit. Without one, a process sees the host as
+``popek exec`` always has.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+from dataclasses import dataclass, field
+
+from popek.user.container.namespace import Namespace
+from popek.user.container.rootfs import RootFS
+
+OVERFLOW_ID = 65534  # what Linux shows for an id with no mapping in the namespace
+SUN_PATH_MAX = 108
+
+
+@dataclass
+class Container:
+    rootfs: RootFS
+    namespace: Namespace
+    network: str = "host"  # or "none": loopback only
+    host_uid: int = field(default_factory=os.getuid)
+    host_gid: int = field(default_factory=os.getgid)
+
+    # -- ids ------------------------------------------------------------------------------
+    def uid_in(self, host_uid: int) -> int:
+        return 0 if host_uid == self.host_uid else OVERFLOW_ID
+
+    def gid_in(self, host_gid: int) -> int:
+        return 0 if host_gid == self.host_gid else OVERFLOW_ID
+
+    def uid_out(self, guest_uid: int) -> int:
+        """A uid the guest passes (chown): only its own maps; -1 means unchanged."""
+        if guest_uid in (0, -1):
+            return self.host_uid if guest_uid == 0 else -1
+        raise OSError(errno.EINVAL, "uid not mapped in the container")
+
+    def gid_out(self, guest_gid: int) -> int:
+        if guest_gid in (0, -1):
+            return self.host_gid if guest_gid == 0 else -1
+        raise OSError(errno.EINVAL, "gid not mapped in the container")
+
+    # -- network --------------------------------------------------------------------------
+    def sockaddr(self, name: bytes) -> bytes:
+        """A guest sockaddr as the host should see it: a Unix socket's path resolved in the
+        container, other addresses refused unless loopback when the network is none."""
+        if len(name) < 2:
+            return name
+        family = struct.unpack_from("<H", name)[0]
+        if family == socket.AF_UNIX:
+            return self._unix_address(name)
+        if self.network == "none" and not _is_loopback(family, name):
+            raise OSError(errno.ENETUNREACH, "the container has no network")
+        return name
+
+    def _unix_address(self, name: bytes) -> bytes:
+        path = name[2:].split(b"\0", 1)[0]
+        if not path:  # the abstract namespace, shared with the host
+            if self.network == "none":
+                raise OSError(errno.ECONNREFUSED, "no abstract sockets without a network")
+            return name
+        host = self.rootfs.resolve(path)
+        if len(host) >= SUN_PATH_MAX:
+            raise OSError(errno.ENAMETOOLONG, "socket path too long on the host")
+        return name[:2] + host + b"\0"
+
+
+def _is_loopback(family: int, name: bytes) -> bool:
+    if family == socket.AF_INET and len(name) >= 8:
+        return name[4] == 127
+    if family == socket.AF_INET6 and len(name) >= 24:
+        address = name[8:24]
+        return address == socket.inet_pton(socket.AF_INET6, "::1") or \
+            (address[:12] == b"\0" * 10 + b"\xff\xff" and address[12] == 127)
+    return family not in (socket.AF_INET, socket.AF_INET6)

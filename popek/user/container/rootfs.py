@@ -1,0 +1,196 @@
+"""A container's file namespace: its root directory, bind mounts and /proc, as one resolver.
+
+Every guest path is resolved here, one component at a time, the way the kernel walks
+a path under chroot: ``..`` stops at the root, an absolute symlink starts again at the
+root, a relative one continues where it is, and a bind mount's directory replaces the
+guest directory it is mounted on (its ``..`` is that directory's parent, in the guest).
+What comes out is a host path with no symlink left in it (except, when asked, the last
+component), so the host call that uses it cannot leave the container: gVisor's rule
+that every path resolves inside the sandbox's root.
+
+/proc is the host's, seen through the container's PID space: ``/proc/self`` and
+``/proc/N`` name the container's own processes only, and the magic links under a
+process (root, cwd, exe, fd/N) lead back into the guest's tree, never to the host's.
+The walk and the host call are separate steps, so another process that swaps a
+directory for a symlink between them could win a race; guest processes do not share
+the host's view, so only something outside the container can try that.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+MAX_SYMLINKS = 40  # Linux's limit on links followed in one resolution (ELOOP)
+
+
+@dataclass(frozen=True)
+class Mount:
+    """``host`` (a directory) seen at guest path ``guest`` (components); maybe read-only."""
+
+    guest: tuple[bytes, ...]
+    host: bytes
+    read_only: bool = False
+
+
+class RootFS:
+    """Resolves guest paths to host paths inside ``root`` and the bind mounts.
+
+    ``host_pid`` maps a guest pid to the host's (None if it is not the container's);
+    ``self_pid`` is the calling process's guest pid and ``self_exe`` the host path of the
+    program it runs (the host's /proc would name popek's interpreter).
+    """
+
+    def __init__(self, root: str, mounts: list[Mount], *, host_pid: Callable[[int], int | None],
+                 self_pid: Callable[[], int], self_exe: Callable[[], bytes]) -> None:
+        self.mounts = [Mount((), os.fsencode(os.path.realpath(root))), *mounts]
+        self.mounts.sort(key=lambda m: len(m.guest))  # the deepest mount wins: searched last
+        self.host_pid = host_pid
+        self.self_pid = self_pid
+        self.self_exe = self_exe
+
+    # -- guest to host ---------------------------------------------------------------------
+    def resolve(self, path: bytes, base: bytes | None = None, *, follow: bool = True) -> bytes:
+        """The host path of guest ``path``; relative paths start at host directory ``base``
+        (the current directory if None). Raises OSError(ENOENT...) as the kernel would."""
+        parts = self._walk(self._start(path, base), path.split(b"/"), follow)
+        if isinstance(parts, bytes):
+            return parts
+        host = self._host_of(parts)
+        return host + b"/" if path.endswith(b"/") and not host.endswith(b"/") else host
+
+    def _start(self, path: bytes, base: bytes | None) -> list[bytes]:
+        if not path:
+            raise OSError(errno.ENOENT, "empty path")
+        if path.startswith(b"/"):
+            return []
+        return list(self.guest_components(base if base is not None else os.getcwdb()))
+
+    def _walk(self, done: list[bytes], todo: list[bytes], follow: bool) -> list[bytes] | bytes:
+        """Resolved guest components, or a host path where the walk ends on a /proc link
+        to an object with no name in any tree (a pipe, a socket)."""
+        pending = list(reversed(todo))
+        links = 0
+        while pending:
+            name = pending.pop()
+            if name in (b"", b"."):
+                continue
+            if name == b"..":
+                if done:
+                    done.pop()
+                continue
+            last = not any(n not in (b"", b".") for n in pending)
+            candidate = [*done, name]
+            if not follow and last:
+                done = candidate
+                continue
+            target = self._link_target(candidate)
+            if target is None:
+                done = candidate
+                continue
+            links += 1
+            if links > MAX_SYMLINKS:
+                raise OSError(errno.ELOOP, "too many levels of symbolic links")
+            if not target.startswith(b"/") and len(candidate) > 2 and candidate[0] == b"proc" \
+                    and candidate[1].isdigit():
+                if last:
+                    return self._host_of(candidate)  # pipe:[123]: the host reopens it
+                raise OSError(errno.ENOTDIR, "not a directory")
+            if target.startswith(b"/"):
+                done = []
+            pending.extend(reversed(target.split(b"/")))
+        return done
+
+    def readlink(self, path: bytes, base: bytes | None = None) -> bytes:
+        """What the symlink at guest ``path`` says, in guest terms (EINVAL if no link)."""
+        parts = self._walk(self._start(path, base), path.split(b"/"), follow=False)
+        target = None if isinstance(parts, bytes) or not parts else self._link_target(parts)
+        if target is None:
+            raise OSError(errno.EINVAL, "not a symbolic link")
+        return target
+
+    def _link_target(self, parts: list[bytes]) -> bytes | None:
+        """What the symlink at guest ``parts`` points to, in guest terms; None if no link."""
+        if parts[0] == b"proc" and len(parts) >= 2:
+            return self._proc_link(parts)
+        try:
+            target = os.readlink(self._host_of(parts))
+        except OSError as e:
+            if e.errno in (errno.EINVAL, errno.ENOENT):
+                return None  # not a link, or nothing there (yet)
+            raise
+        return target
+
+    def _proc_link(self, parts: list[bytes]) -> bytes | None:
+        """Links in /proc: ``self`` is the caller's guest pid; under a process, ``root`` is
+        the guest's root and the others (cwd, exe, fd/N, task/T/...) are mapped back from
+        host paths, or name objects without one (``pipe:[123]``)."""
+        if len(parts) == 2 and parts[1] in (b"self", b"thread-self"):
+            return b"/proc/%d" % self.self_pid()
+        if len(parts) == 3 and parts[2] == b"exe":
+            exe = self.self_exe() if parts[1] == b"%d" % self.self_pid() else None
+            return self.to_guest(exe) if exe else None
+        try:
+            target = os.readlink(self._host_of(parts))
+        except OSError as e:
+            if e.errno in (errno.EINVAL, errno.ENOENT):
+                return None
+            raise
+        if len(parts) == 2 or not parts[1].isdigit():
+            return target  # /proc/mounts -> self/mounts, an ordinary link
+        if parts[-1] == b"root":
+            return b"/"
+        if not target.startswith(b"/"):
+            return target
+        guest = self.to_guest(target)
+        if guest is None:
+            raise OSError(errno.ENOENT, "outside the container")
+        return guest
+
+    def _host_of(self, parts: list[bytes] | tuple[bytes, ...]) -> bytes:
+        """The host path of resolved guest components (no symlinks left among them)."""
+        if parts and parts[0] == b"proc" and len(parts) >= 2 and parts[1].isdigit():
+            host = self.host_pid(int(parts[1]))
+            if host is None:
+                raise OSError(errno.ENOENT, "no such process in this container")
+            return b"/".join((b"/proc", b"%d" % host, *parts[2:]))
+        if parts and parts[0] == b"proc":
+            return b"/".join((b"/proc", *parts[1:]))
+        mount = self.mount_of(parts)
+        rest = parts[len(mount.guest):]
+        return b"/".join((mount.host, *rest)) if rest else mount.host
+
+    def mount_of(self, parts: list[bytes] | tuple[bytes, ...]) -> Mount:
+        for mount in reversed(self.mounts):
+            if tuple(parts[:len(mount.guest)]) == mount.guest:
+                return mount
+        raise AssertionError("the root mount holds every path")
+
+    def check_writable(self, host: bytes) -> None:
+        """Raise EROFS if ``host`` lies in a read-only bind mount."""
+        guest = self.to_guest(host)
+        if guest is not None and self.mount_of(self.guest_components(guest)).read_only:
+            raise OSError(errno.EROFS, "read-only file system")
+
+    # -- host to guest ---------------------------------------------------------------------
+    def to_guest(self, host: bytes) -> bytes | None:
+        """The guest path of a host path inside the container's tree; None if outside."""
+        host = os.path.normpath(host)
+        for mount in reversed(self.mounts):
+            if host == mount.host or host.startswith(mount.host.rstrip(b"/") + b"/"):
+                rest = host[len(mount.host):].strip(b"/")
+                return b"/" + b"/".join(p for p in (*mount.guest, rest) if p)
+        return None
+
+    def guest_components(self, host: bytes) -> tuple[bytes, ...]:
+        guest = self.to_guest(host) if not host.startswith(b"/proc/") else host
+        if guest is None:
+            raise OSError(errno.ENOENT, "the current directory is outside the container")
+        return tuple(p for p in guest.split(b"/") if p)
+
+    def is_proc(self, host_dir: bytes) -> bool:
+        """Whether ``host_dir`` is /proc itself, whose process entries are filtered."""
+        return os.path.normpath(host_dir) == b"/proc"
+
