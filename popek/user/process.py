@@ -13,6 +13,7 @@ import errno
 import fcntl
 import os
 import signal
+import time
 from dataclasses import dataclass
 
 from popek.cpu import causes
@@ -203,6 +204,15 @@ class Process:
         if write:
             rootfs.check_writable(host)
         return host
+
+    def end_of_slice(self) -> None:
+        """Between time slices: a container's CPU cap sleeps off what was overspent."""
+        cap = self.options.container.cpu_cap if self.options.container else None
+        if cap is not None:
+            delay = cap.delay()
+            if delay:
+                time.sleep(delay)
+                cap.slept(delay)
 
     # -- identity (the host's, or the container's view of it) -------------------------------
     @property

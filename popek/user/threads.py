@@ -117,6 +117,7 @@ class Scheduler:
             while True:
                 hart.pc = signals.deliver_pending(hart.pc)
                 hart.run(SLICE)
+                self.process.end_of_slice()
                 if len(threads) > 1:
                     self.runnable.append(thread)
                     self._to_hub()

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from popek.user.container.namespace import Namespace
 from popek.user.container.rootfs import RootFS
+from popek.vmm.throttle import CpuCap
 
 OVERFLOW_ID = 65534  # what Linux shows for an id with no mapping in the namespace
 SUN_PATH_MAX = 108
@@ -28,6 +29,7 @@ class Container:
     rootfs: RootFS
     namespace: Namespace
     network: str = "host"  # or "none": loopback only
+    cpu_cap: CpuCap | None = None  # each process's share of one host core
     host_uid: int = field(default_factory=os.getuid)
     host_gid: int = field(default_factory=os.getgid)
 
