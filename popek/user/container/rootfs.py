@@ -171,7 +171,7 @@ class RootFS:
     def check_writable(self, host: bytes) -> None:
         """Raise EROFS if ``host`` lies in a read-only bind mount."""
         guest = self.to_guest(host)
-        if guest is not None and self.mount_of(self.guest_components(guest)).read_only:
+        if guest is not None and self.mount_of(_components(guest)).read_only:
             raise OSError(errno.EROFS, "read-only file system")
 
     # -- host to guest ---------------------------------------------------------------------
@@ -188,9 +188,13 @@ class RootFS:
         guest = self.to_guest(host) if not host.startswith(b"/proc/") else host
         if guest is None:
             raise OSError(errno.ENOENT, "the current directory is outside the container")
-        return tuple(p for p in guest.split(b"/") if p)
+        return _components(guest)
 
     def is_proc(self, host_dir: bytes) -> bool:
         """Whether ``host_dir`` is /proc itself, whose process entries are filtered."""
         return os.path.normpath(host_dir) == b"/proc"
 
+
+
+def _components(path: bytes) -> tuple[bytes, ...]:
+    return tuple(p for p in path.split(b"/") if p)
