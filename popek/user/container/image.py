@@ -23,6 +23,7 @@ import os
 import secrets
 import shutil
 import tarfile
+import zlib
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -56,24 +57,34 @@ def unpack(tarball: str, cache: str) -> ImageSpec:
         outer = tarfile.open(tarball, "r:*")
     except (OSError, tarfile.TarError) as e:
         raise ImageError(f"{tarball}: not a readable tar archive ({e})") from None
-    with outer:
-        files = {_clean(m.name): m for m in outer.getmembers() if m.isfile()}
-        config_name, layer_names = _manifest(outer, files)
-        config_bytes = _read(outer, files, config_name)
-        config = _json(config_bytes, config_name)
-        _check_platform(config)
-        key = hashlib.sha256(config_bytes)
-        for name in layer_names:
-            key.update(_digest(outer, files, name).encode())
-        target = os.path.join(cache, key.hexdigest())
-        if not os.path.isdir(target):
-            _unpack_layers(outer, files, layer_names, cache, target)
+    try:
+        with outer:
+            return _unpack(outer, cache)
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise ImageError(f"{tarball}: malformed image description ({type(e).__name__}: "
+                         f"{e})") from None
+    except (tarfile.TarError, EOFError, zlib.error) as e:
+        raise ImageError(f"{tarball}: damaged archive ({e})") from None
+
+
+def _unpack(outer: tarfile.TarFile, cache: str) -> ImageSpec:
+    files = {_clean(m.name): m for m in outer.getmembers() if m.isfile()}
+    config_name, layer_names = _manifest(outer, files)
+    config_bytes = _read(outer, files, config_name)
+    config = _json(config_bytes, config_name)
+    _check_platform(config)
+    key = hashlib.sha256(config_bytes)
+    for name in layer_names:
+        key.update(_digest(outer, files, name).encode())
+    target = os.path.join(cache, key.hexdigest())
+    if not os.path.isdir(target):
+        _unpack_layers(outer, files, layer_names, cache, target)
     settings = config.get("config") or {}
     return ImageSpec(rootfs=os.path.join(target, "rootfs"),
-                     entrypoint=list(settings.get("Entrypoint") or []),
-                     cmd=list(settings.get("Cmd") or []),
-                     env=list(settings.get("Env") or []),
-                     workdir=settings.get("WorkingDir") or "")
+                     entrypoint=[str(a) for a in settings.get("Entrypoint") or []],
+                     cmd=[str(a) for a in settings.get("Cmd") or []],
+                     env=[str(e) for e in settings.get("Env") or []],
+                     workdir=str(settings.get("WorkingDir") or ""))
 
 
 # -- reading the archive --------------------------------------------------------------------
