@@ -212,6 +212,8 @@ class Signals:
         blocked = -1
         for thread in self.threads:
             blocked &= thread.mask
+            if not blocked:
+                break
         hosts = set()
         for sig in SIGNAL_NAMES:
             host = host_signal(sig)
@@ -236,6 +238,27 @@ class Signals:
             if sig is not None and self.actions[sig].handler not in (SIG_DFL, SIG_IGN):
                 self.pending.setdefault(sig, siginfo(sig, SI_USER))
         return bool(data)
+
+    def pending_in(self, wanted: int) -> bool:
+        """Whether a signal of the set ``wanted`` is pending for the running thread."""
+        return any(wanted & bit(sig) for sig in (*self.thread.pending, *self.pending))
+
+    def take(self, wanted: int) -> tuple[int, bytes] | None:
+        """Dequeue a pending signal of the set ``wanted`` (sigwait), the running thread's
+        first; also one the host holds pending because the guest blocks it."""
+        self.poll_host()
+        for pending in (self.thread.pending, self.pending):
+            for sig in sorted(pending):
+                if wanted & bit(sig):
+                    return sig, pending.pop(sig)
+        hosts = {h for s in SIGNAL_NAMES if wanted & bit(s) and (h := host_signal(s))}
+        if hosts & signal.sigpending():
+            got = signal.sigtimedwait(hosts, 0)
+            if got is not None:
+                sig = _GUEST_BY_HOST[got.si_signo]
+                return sig, siginfo(sig, got.si_code,
+                                    structs.SIGINFO_KILL.pack(got.si_pid, got.si_uid))
+        return None
 
     # -- the guest's view ---------------------------------------------------------------
     def set_action(self, sig: int, action: SigAction) -> None:
@@ -276,6 +299,8 @@ class Signals:
     def deliverable(self, thread: ThreadSignals | None = None) -> int | None:
         """The signal ``thread`` (the running one by default) would take next, if any."""
         thread = thread or self.thread
+        if not thread.pending and not self.pending:
+            return None
         for pending in (thread.pending, self.pending):
             for sig in sorted(pending):
                 if not thread.mask & bit(sig):

@@ -42,7 +42,9 @@ if TYPE_CHECKING:
 SLICE = 100_000  # instructions a thread runs before the next runnable one gets the hart
 # Thread ids above any host pid (pid_max is at most 2^22), so a tid never names a process.
 THREAD_ID_BASE = 1 << 22
+MAX_THREADS = 4096  # per process: a clone beyond fails with EAGAIN, as at RLIMIT_NPROC
 NREGS = 32
+POLL_INTERVAL = 0.002  # seconds: how often the hub looks at the host while threads run
 
 
 class ThreadExit(ControlFlow):
@@ -85,7 +87,8 @@ class Scheduler:
         self.current = main
         self.on_hart: Thread | None = main  # whose registers the hart holds
         self.runnable: deque[Thread] = deque()
-        self.parked: list[Thread] = []
+        self.parked: dict[Thread, None] = {}  # an ordered set
+        self.polled = 0.0  # when the hub last looked at the host
         self.hub: greenlet | None = None
         self.next_tid = THREAD_ID_BASE
         self.futexes: dict[int, list[Waiter]] = {}  # futex address -> its wait queue
@@ -103,7 +106,8 @@ class Scheduler:
         main.glet = greenlet(lambda: self._body(main), parent=self.hub)
         self.runnable.append(main)
         while True:
-            if self.parked:
+            if self.parked and (not self.runnable
+                                or time.monotonic() - self.polled >= POLL_INTERVAL):
                 self._poll_host(block=not self.runnable)
             thread = self.runnable.popleft()
             self._load(thread)
@@ -231,7 +235,7 @@ class Scheduler:
             if deadline is not None and time.monotonic() >= deadline:
                 return []
             thread.wait = Wait(fds, deadline, any_signal)
-            self.parked.append(thread)
+            self.parked[thread] = None
             try:
                 self._to_hub()
             finally:
@@ -241,7 +245,7 @@ class Scheduler:
         """Let a parked ``thread`` look again at what it waits for (a futex wake, a signal
         sent to it)."""
         if thread in self.parked:
-            self.parked.remove(thread)
+            del self.parked[thread]
             self.runnable.append(thread)
 
     def _poll_host(self, block: bool) -> None:
@@ -259,16 +263,17 @@ class Scheduler:
         if block:
             timeout_ms = None if deadline is None else max(deadline - time.monotonic(), 0) * 1000
         ready = {fd for fd, _ in _poll(list(events.items()), timeout_ms)}
+        self.polled = time.monotonic()
         if signals.poll_host():
             self.signal_epoch += 1
         now = time.monotonic()
         for thread in list(self.parked):
             wait = thread.wait
-            if (any(fd in ready for fd, _ in wait.fds)
+            if ((wait.fds and any(fd in ready for fd, _ in wait.fds))
                     or (wait.deadline is not None and now >= wait.deadline)
                     or (wait.any_signal and signals.wake_r in ready)
                     or signals.deliverable(thread.signals) is not None):
-                self.parked.remove(thread)
+                del self.parked[thread]
                 self.runnable.append(thread)
 
 

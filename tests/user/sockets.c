@@ -95,6 +95,32 @@ static void udp_and_ipv6(void) {
     socklen_t flen = sizeof from;
     ssize_t n = recvfrom(b, buf, sizeof buf, 0, (struct sockaddr *)&from, &flen);
     printf("udp: %.*s from %s\n", (int)n, buf, inet_ntoa(from.sin_addr));
+
+    /* A batch each way, as glibc's resolver sends its queries. */
+    struct iovec out[3] = {{"a", 1}, {"bb", 2}, {"ccc", 3}};
+    struct mmsghdr batch[3];
+    memset(batch, 0, sizeof batch);
+    for (int i = 0; i < 3; i++) {
+        batch[i].msg_hdr.msg_iov = &out[i];
+        batch[i].msg_hdr.msg_iovlen = 1;
+        batch[i].msg_hdr.msg_name = &addr;
+        batch[i].msg_hdr.msg_namelen = sizeof addr;
+    }
+    printf("sendmmsg: %d\n", sendmmsg(a, batch, 3, 0));
+    char slots[4][8];
+    struct iovec in[4];
+    struct mmsghdr got[4];
+    memset(got, 0, sizeof got);
+    for (int i = 0; i < 4; i++) {
+        in[i] = (struct iovec){slots[i], sizeof slots[i]};
+        got[i].msg_hdr.msg_iov = &in[i];
+        got[i].msg_hdr.msg_iovlen = 1;
+    }
+    int m = recvmmsg(b, got, 4, MSG_WAITFORONE, NULL);
+    printf("recvmmsg: %d:", m);
+    for (int i = 0; i < m; i++)
+        printf(" %.*s(%u)", (int)got[i].msg_len, slots[i], got[i].msg_len);
+    printf("\n");
     close(a);
     close(b);
 

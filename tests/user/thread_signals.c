@@ -1,7 +1,8 @@
 /* Signals and threads: pthread_kill reaches the named thread (its handler runs there,
    on that thread's alternate stack), per-thread masks steer a process-directed signal
-   to the thread that does not block it, and a thread blocked in read() is interrupted
-   with EINTR while the others run on. */
+   to the thread that does not block it, and a thread blocked in read() goes on reading
+   after an SA_RESTART handler and fails with EINTR after another, while the others
+   run on. */
 #include <errno.h>
 #include <pthread.h>
 #include <signal.h>
@@ -49,11 +50,12 @@ int main(void) {
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = handler;
-    sa.sa_flags = SA_ONSTACK;
+    sa.sa_flags = SA_ONSTACK | SA_RESTART; /* the read goes on after these handlers */
     sigaction(SIGUSR1, &sa, NULL);
     sigaction(SIGUSR2, &sa, NULL);
-    sigaction(SIGHUP, &sa, NULL);
     sigaction(SIGTERM, &sa, NULL);
+    sa.sa_flags = SA_ONSTACK; /* but ends with EINTR after this one */
+    sigaction(SIGHUP, &sa, NULL);
     pipe(pipefd);
     pthread_barrier_init(&ready, NULL, 2);
     pthread_t t;

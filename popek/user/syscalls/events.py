@@ -24,7 +24,7 @@ from popek.user import structs
 from popek.user.address_space import PROT_WRITE
 from popek.user.hostlibc import check, libc
 from popek.user.linux_errno import Errno, SyscallError
-from popek.user.syscalls.files import check_fd, temporary_mask
+from popek.user.syscalls.files import check_fd, temporary_mask, timeout_seconds
 from popek.user.syscalls.filesystem import _path as guest_path
 from popek.user.syscalls.registry import i32, syscall
 
@@ -94,13 +94,7 @@ def epoll_pwait(p: Process, epfd: int, events: int, maxevents: int, timeout: int
 @syscall("epoll_pwait2")
 def epoll_pwait2(p: Process, epfd: int, events: int, maxevents: int, timeout: int,
                  sigmask: int) -> int:
-    seconds = None
-    if timeout:
-        sec, nsec = structs.TIMESPEC.unpack(p.space.read(timeout, structs.TIMESPEC.size))
-        if sec < 0 or not 0 <= nsec < 10**9:
-            raise SyscallError(Errno.EINVAL)
-        seconds = sec + nsec / 1e9
-    return _epoll_wait(p, epfd, events, maxevents, seconds, sigmask)
+    return _epoll_wait(p, epfd, events, maxevents, timeout_seconds(p, timeout), sigmask)
 
 
 # -- eventfd ----------------------------------------------------------------------------
@@ -121,11 +115,11 @@ def timerfd_create(p: Process, clock: int, flags: int) -> int:
 
 @syscall("timerfd_settime")
 def timerfd_settime(p: Process, fd: int, flags: int, new: int, old: int) -> int:
+    # struct itimerspec is four 64-bit fields on both sides; Linux reads it first.
+    value = ctypes.create_string_buffer(p.space.read(new, structs.ITIMERSPEC.size))
     fd = check_fd(p, fd)
     if flags & ~TFD_TIMER_FLAGS:
         raise SyscallError(Errno.EINVAL)
-    # struct itimerspec is four 64-bit fields on both sides.
-    value = ctypes.create_string_buffer(p.space.read(new, structs.ITIMERSPEC.size))
     previous = ctypes.create_string_buffer(structs.ITIMERSPEC.size)
     check(libc.timerfd_settime(fd, i32(flags), value, previous))
     if old:

@@ -131,7 +131,7 @@ def _iovecs(p: Process, iov: int, iovcnt: int) -> list[tuple[int, int]]:
     return [structs.IOVEC.unpack_from(raw, i * structs.IOVEC.size) for i in range(iovcnt)]
 
 
-def _scatter(p: Process, vecs: list[tuple[int, int]], data: bytes) -> None:
+def scatter(p: Process, vecs: list[tuple[int, int]], data: bytes) -> None:
     pos = 0
     for base, length in vecs:
         if pos >= len(data):
@@ -140,7 +140,7 @@ def _scatter(p: Process, vecs: list[tuple[int, int]], data: bytes) -> None:
         pos += length
 
 
-def _gather(p: Process, vecs: list[tuple[int, int]]) -> bytes:
+def gather(p: Process, vecs: list[tuple[int, int]]) -> bytes:
     return b"".join(p.space.read(base, length) for base, length in vecs)
 
 
@@ -151,14 +151,14 @@ def readv(p: Process, fd: int, iov: int, iovcnt: int) -> int:
     for base, length in vecs:
         p.space.check(base, length, PROT_WRITE)
     data = _read(p, fd, sum(length for _, length in vecs))
-    _scatter(p, vecs, data)
+    scatter(p, vecs, data)
     return len(data)
 
 
 @syscall("writev")
 def writev(p: Process, fd: int, iov: int, iovcnt: int) -> int:
     fd = check_fd(p, fd)
-    return _write(p, fd, _gather(p, _iovecs(p, iov, iovcnt)))
+    return _write(p, fd, gather(p, _iovecs(p, iov, iovcnt)))
 
 
 @syscall("preadv")
@@ -166,14 +166,14 @@ def preadv(p: Process, fd: int, iov: int, iovcnt: int, offset: int) -> int:
     fd = check_fd(p, fd)
     vecs = _iovecs(p, iov, iovcnt)
     data = os.pread(fd, min(sum(length for _, length in vecs), IO_LIMIT), i64(offset))
-    _scatter(p, vecs, data)
+    scatter(p, vecs, data)
     return len(data)
 
 
 @syscall("pwritev")
 def pwritev(p: Process, fd: int, iov: int, iovcnt: int, offset: int) -> int:
     fd = check_fd(p, fd)
-    return os.pwrite(fd, _gather(p, _iovecs(p, iov, iovcnt)), i64(offset))
+    return os.pwrite(fd, gather(p, _iovecs(p, iov, iovcnt)), i64(offset))
 
 
 @syscall("sendfile")
@@ -353,7 +353,8 @@ def ftruncate(p: Process, fd: int, length: int) -> int:
     return 0
 
 
-def _timeout(p: Process, timeout_ptr: int) -> float | None:
+def timeout_seconds(p: Process, timeout_ptr: int) -> float | None:
+    """The struct timespec at ``timeout_ptr`` in seconds (None for NULL: no timeout)."""
     if not timeout_ptr:
         return None
     sec, nsec = structs.TIMESPEC.unpack(p.space.read(timeout_ptr, structs.TIMESPEC.size))
@@ -377,7 +378,7 @@ def ppoll(p: Process, fds: int, nfds: int, timeout_ptr: int, sigmask: int) -> in
         raise SyscallError(Errno.EINVAL)
     raw = bytearray(p.space.read(fds, nfds * size))
     polled = [structs.POLLFD.unpack_from(raw, i * size) for i in range(nfds)]
-    timeout = _timeout(p, timeout_ptr)
+    timeout = timeout_seconds(p, timeout_ptr)
     temporary_mask(p, sigmask)
     watched = [(fd, events) for fd, events, _ in polled if fd >= 0]
     ready = dict(p.scheduler.wait(watched, timeout, restartable=False))
@@ -410,7 +411,7 @@ def pselect6(p: Process, nfds: int, readfds: int, writefds: int, exceptfds: int,
         for bits, event in zip(sets, SELECT_EVENTS, strict=True):
             if bits >> fd & 1:
                 events[fd] = events.get(fd, 0) | event
-    timeout = _timeout(p, timeout_ptr)
+    timeout = timeout_seconds(p, timeout_ptr)
     if sigdata:
         mask_ptr, _ = structs.IOVEC.unpack(p.space.read(sigdata, structs.IOVEC.size))
         temporary_mask(p, mask_ptr)

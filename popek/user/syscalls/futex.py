@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from popek.user import structs
 from popek.user.linux_errno import Errno, SyscallError
+from popek.user.syscalls.files import timeout_seconds
 from popek.user.syscalls.registry import i32, syscall
 
 if TYPE_CHECKING:
@@ -62,16 +63,11 @@ def wake(sched: Scheduler, addr: int, count: int, bitset: int = BITSET_ALL) -> i
 
 def _wait(p: Process, addr: int, val: int, timeout: int, bitset: int, absolute: bool,
           realtime: bool) -> int:
+    seconds = timeout_seconds(p, timeout)  # Linux reads it before the futex word
+    if seconds is not None and absolute:
+        seconds -= time.time() if realtime else time.monotonic()
     if _word(p, addr) != val & M32:
         raise SyscallError(Errno.EAGAIN)
-    seconds = None
-    if timeout:
-        sec, nsec = structs.TIMESPEC.unpack(p.space.read(timeout, structs.TIMESPEC.size))
-        if sec < 0 or not 0 <= nsec < 10**9:
-            raise SyscallError(Errno.EINVAL)
-        seconds = sec + nsec / 1e9
-        if absolute:
-            seconds -= time.time() if realtime else time.monotonic()
     sched = p.scheduler
     waiter = Waiter(sched.current, addr, bitset)
     sched.futexes.setdefault(addr, []).append(waiter)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 from popek.user import signals, structs
@@ -9,12 +10,14 @@ from popek.user.address_space import GuestFault
 from popek.user.control import Resume
 from popek.user.linux_errno import Errno, SyscallError
 from popek.user.signals import SigAction
+from popek.user.syscalls.files import timeout_seconds
 from popek.user.syscalls.registry import i32, syscall
 
 if TYPE_CHECKING:
     from popek.user.process import Process
 
 SIGSET_SIZE = 8
+HOST_PENDING_POLL = 0.05  # seconds between looks for host-pending signals in sigwait
 MINSIGSTKSZ = 2048
 
 
@@ -84,6 +87,28 @@ def rt_sigsuspend(p: Process, mask: int, sigsetsize: int) -> int:
     p.signals.set_mask(temporary)
     while True:
         p.scheduler.wait([], None, restartable=False)  # ends only by Interrupted
+
+
+@syscall("rt_sigtimedwait")
+def rt_sigtimedwait(p: Process, uset: int, uinfo: int, uts: int, sigsetsize: int) -> int:
+    """sigwait: take a pending signal of the set instead of running its handler."""
+    _sigset_size(sigsetsize)
+    wanted = p.space.read_u64(uset) & ~signals.UNBLOCKABLE
+    timeout = timeout_seconds(p, uts)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        got = p.signals.take(wanted)
+        if got is not None:
+            sig, info = got
+            if uinfo:
+                p.space.write(uinfo, info)
+            return sig
+        left = HOST_PENDING_POLL if deadline is None else deadline - time.monotonic()
+        if left <= 0:
+            raise SyscallError(Errno.EAGAIN)
+        # A signal the host holds blocked wakes no one: look again now and then.
+        p.scheduler.wait([], min(left, HOST_PENDING_POLL), restartable=False,
+                         until=lambda: p.signals.pending_in(wanted))
 
 
 @syscall("rt_sigreturn")

@@ -16,14 +16,24 @@ from __future__ import annotations
 import ctypes
 import os
 import select
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from popek.user import structs
-from popek.user.address_space import PROT_WRITE
+from popek.user.address_space import PROT_WRITE, GuestFault
 from popek.user.hostlibc import check, libc
 from popek.user.linux_errno import Errno, SyscallError
-from popek.user.syscalls.files import IO_LIMIT, IOV_MAX, MSG_DONTWAIT, check_fd, wait_ready
+from popek.user.syscalls.files import (
+    IO_LIMIT,
+    IOV_MAX,
+    MSG_DONTWAIT,
+    check_fd,
+    gather,
+    scatter,
+    timeout_seconds,
+    wait_ready,
+)
 from popek.user.syscalls.registry import i32, syscall
 
 if TYPE_CHECKING:
@@ -31,8 +41,10 @@ if TYPE_CHECKING:
 
 SOCKADDR_MAX = 128  # sizeof(struct sockaddr_storage)
 OPTION_MAX = 4096
+MMSGHDR_SIZE = structs.MSGHDR.size + 8  # struct mmsghdr: the msghdr, msg_len, padding
+MSG_WAITFORONE = 0x10000
 CONTROL_MAX = 1 << 16
-SOL_SOCKET, SO_ERROR = 1, 4
+SOL_SOCKET, SO_ERROR, SO_ACCEPTCONN = 1, 4, 30
 EINPROGRESS = 115  # Linux's number on every architecture
 
 
@@ -86,6 +98,15 @@ class _NameOut:
             self.p.space.write(self.addrlen, structs.U32.pack(self.length.value))
 
 
+def _option(fd: int, name: int) -> int:
+    """An int socket option of the host socket (0 if it is no socket)."""
+    value = ctypes.c_int(0)
+    size = ctypes.c_uint32(4)
+    if libc.getsockopt(fd, SOL_SOCKET, name, ctypes.byref(value), ctypes.byref(size)) < 0:
+        return 0
+    return value.value
+
+
 def _without_blocking(p: Process, fd: int, events: int, flags: int,
                       call: Callable[[int], int]) -> int:
     """``call(flags | MSG_DONTWAIT)``; on a blocking socket, waits and retries until it
@@ -129,7 +150,8 @@ def listen(p: Process, fd: int, backlog: int) -> int:
 def accept4(p: Process, fd: int, addr: int, addrlen: int, flags: int) -> int:
     fd = check_fd(p, fd)
     name = _NameOut(p, addr, addrlen)
-    wait_ready(p, fd, select.POLLIN)
+    if _option(fd, SO_ACCEPTCONN):  # else accept fails at once, as it should
+        wait_ready(p, fd, select.POLLIN)
     new = check(libc.accept4(fd, *name.args, i32(flags)))
     name.store()
     return new
@@ -159,28 +181,27 @@ def connect(p: Process, fd: int, addr: int, addrlen: int) -> int:
     if error != EINPROGRESS:
         raise OSError(error, os.strerror(error))
     p.scheduler.wait([(fd, select.POLLOUT)], None, restartable=False)
-    status = ctypes.c_int(0)
-    size = ctypes.c_uint32(4)
-    check(libc.getsockopt(fd, SOL_SOCKET, SO_ERROR, ctypes.byref(status), ctypes.byref(size)))
-    if status.value:
-        raise OSError(status.value, os.strerror(status.value))
+    error = _option(fd, SO_ERROR)
+    if error:
+        raise OSError(error, os.strerror(error))
+    return 0
+
+
+def _get_name(p: Process, fd: int, addr: int, addrlen: int, call: Callable[..., int]) -> int:
+    name = _NameOut(p, addr, addrlen)
+    check(call(check_fd(p, fd), *name.args))
+    name.store()
     return 0
 
 
 @syscall("getsockname")
 def getsockname(p: Process, fd: int, addr: int, addrlen: int) -> int:
-    name = _NameOut(p, addr, addrlen)
-    check(libc.getsockname(check_fd(p, fd), *name.args))
-    name.store()
-    return 0
+    return _get_name(p, fd, addr, addrlen, libc.getsockname)
 
 
 @syscall("getpeername")
 def getpeername(p: Process, fd: int, addr: int, addrlen: int) -> int:
-    name = _NameOut(p, addr, addrlen)
-    check(libc.getpeername(check_fd(p, fd), *name.args))
-    name.store()
-    return 0
+    return _get_name(p, fd, addr, addrlen, libc.getpeername)
 
 
 @syscall("sendto")
@@ -225,7 +246,7 @@ def _message(p: Process, msg: int) -> tuple[list[tuple[int, int]], tuple[int, ..
 def sendmsg(p: Process, fd: int, msg: int, flags: int) -> int:
     fd = check_fd(p, fd)
     vecs, (name, namelen, _, _, control, controllen, _) = _message(p, msg)
-    data = b"".join(p.space.read(base, length) for base, length in vecs)[:IO_LIMIT]
+    data = gather(p, vecs)[:IO_LIMIT]
     name_bytes = _sockaddr(p, name, namelen) or b""
     control_bytes = p.space.read(control, controllen) if control else b""
     buffers = [ctypes.create_string_buffer(b, len(b)) for b in (data, name_bytes, control_bytes)]
@@ -255,13 +276,7 @@ def recvmsg(p: Process, fd: int, msg: int, flags: int) -> int:
                      controllen if control else 0, 0)
     count = _without_blocking(p, fd, select.POLLIN, i32(flags),
                               lambda f: libc.recvmsg(fd, ctypes.byref(header), f))
-    received = data.raw[:min(count, size)]
-    pos = 0
-    for base, length in vecs:
-        if pos >= len(received):
-            break
-        p.space.write(base, received[pos:pos + length])
-        pos += length
+    scatter(p, vecs, data.raw[:min(count, size)])
     if name:
         p.space.write(name, name_buf.raw[:min(namelen, header.namelen)])
     if control:
@@ -272,11 +287,56 @@ def recvmsg(p: Process, fd: int, msg: int, flags: int) -> int:
     return count
 
 
+@syscall("sendmmsg")
+def sendmmsg(p: Process, fd: int, msgvec: int, vlen: int, flags: int) -> int:
+    """Several sendmsg; after the first, an error ends the batch (glibc's resolver sends
+    its A and AAAA queries this way)."""
+    sent = 0
+    for i in range(min(vlen, IOV_MAX)):
+        entry = msgvec + i * MMSGHDR_SIZE
+        try:
+            count = sendmsg(p, fd, entry, flags)
+        except (SyscallError, OSError, GuestFault):
+            if sent:
+                break
+            raise
+        p.space.write(entry + structs.MSGHDR.size, structs.U32.pack(count))
+        sent += 1
+    return sent
+
+
+@syscall("recvmmsg")
+def recvmmsg(p: Process, fd: int, msgvec: int, vlen: int, flags: int, timeout: int) -> int:
+    """Several recvmsg; MSG_WAITFORONE waits for the first only. As in Linux, the timeout
+    is looked at between messages, never while waiting for one."""
+    seconds = timeout_seconds(p, timeout)
+    deadline = None if seconds is None else time.monotonic() + seconds
+    flags = i32(flags)
+    received = 0
+    for i in range(min(vlen, IOV_MAX)):
+        entry = msgvec + i * MMSGHDR_SIZE
+        each = flags & ~MSG_WAITFORONE
+        if received and flags & MSG_WAITFORONE:
+            each |= MSG_DONTWAIT
+        try:
+            count = recvmsg(p, fd, entry, each)
+        except (SyscallError, OSError, GuestFault):
+            if received:
+                break
+            raise
+        p.space.write(entry + structs.MSGHDR.size, structs.U32.pack(count))
+        received += 1
+        if deadline is not None and time.monotonic() >= deadline:
+            break
+    return received
+
+
 @syscall("setsockopt")
 def setsockopt(p: Process, fd: int, level: int, name: int, value: int, length: int) -> int:
     length = i32(length)
-    if not 0 <= length <= OPTION_MAX:
+    if length < 0:
         raise SyscallError(Errno.EINVAL)
+    length = min(length, OPTION_MAX)  # no option is longer: Linux reads what it needs
     data = p.space.read(value, length) if value else None
     return check(libc.setsockopt(check_fd(p, fd), i32(level), i32(name), data, length))
 

@@ -13,6 +13,7 @@ from popek.user.control import ProcessExit
 from popek.user.linux_errno import Errno, SyscallError
 from popek.user.syscalls.futex import wake
 from popek.user.syscalls.registry import i32, syscall
+from popek.user.threads import MAX_THREADS
 
 if TYPE_CHECKING:
     from popek.user.process import Process
@@ -37,6 +38,8 @@ def clone_thread(p: Process, flags: int, newsp: int, ptid: int, tls: int, ctid: 
     """clone with CLONE_THREAD: a thread of this process, returning its id."""
     if flags & (CLONE_VM | CLONE_SIGHAND) != CLONE_VM | CLONE_SIGHAND:
         raise SyscallError(Errno.EINVAL)
+    if len(p.scheduler.threads) >= MAX_THREADS:
+        raise SyscallError(Errno.EAGAIN)
     regs = p.hart.x[:32].tolist()
     regs[10] = 0  # the child's clone returns 0
     if newsp:
