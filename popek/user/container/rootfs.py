@@ -24,6 +24,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 MAX_SYMLINKS = 40  # Linux's limit on links followed in one resolution (ELOOP)
+# Entries of a process in /proc that would reach popek itself rather than the guest.
+PROC_HIDDEN = frozenset({b"mem", b"map_files", b"pagemap", b"environ", b"auxv", b"cmdline"})
+DEVICES = (b"null", b"zero", b"full", b"random", b"urandom")  # bound into every /dev
+STANDARD_STREAMS = {b"stdin": b"/proc/self/fd/0", b"stdout": b"/proc/self/fd/1",
+                    b"stderr": b"/proc/self/fd/2"}
+
+
+class HeldObject(Exception):
+    """A /proc/<pid>/fd link to what the process holds but the container cannot name (a
+    pipe, a socket, a file outside handed in as a standard stream): it is reopened through
+    /proc itself, which grants nothing the descriptor did not."""
+
+    def __init__(self, target: bytes) -> None:
+        super().__init__(target)
+        self.target = target
 
 
 @dataclass(frozen=True)
@@ -45,7 +60,8 @@ class RootFS:
 
     def __init__(self, root: str, mounts: list[Mount], *, host_pid: Callable[[int], int | None],
                  self_pid: Callable[[], int], self_exe: Callable[[], bytes]) -> None:
-        self.mounts = [Mount((), os.fsencode(os.path.realpath(root))), *mounts]
+        devices = [Mount((b"dev", name), b"/dev/" + name) for name in DEVICES]
+        self.mounts = [Mount((), os.fsencode(os.path.realpath(root))), *devices, *mounts]
         self.mounts.sort(key=lambda m: len(m.guest))  # the deepest mount wins: searched last
         self.host_pid = host_pid
         self.self_pid = self_pid
@@ -86,18 +102,18 @@ class RootFS:
             if not follow and last:
                 done = candidate
                 continue
-            target = self._link_target(candidate)
+            try:
+                target = self._link_target(candidate)
+            except HeldObject:
+                if last:
+                    return self._host_of(candidate)
+                raise OSError(errno.ENOTDIR, "not a directory") from None
             if target is None:
                 done = candidate
                 continue
             links += 1
             if links > MAX_SYMLINKS:
                 raise OSError(errno.ELOOP, "too many levels of symbolic links")
-            if not target.startswith(b"/") and len(candidate) > 2 and candidate[0] == b"proc" \
-                    and candidate[1].isdigit():
-                if last:
-                    return self._host_of(candidate)  # pipe:[123]: the host reopens it
-                raise OSError(errno.ENOTDIR, "not a directory")
             if target.startswith(b"/"):
                 done = []
             pending.extend(reversed(target.split(b"/")))
@@ -106,7 +122,10 @@ class RootFS:
     def readlink(self, path: bytes, base: bytes | None = None) -> bytes:
         """What the symlink at guest ``path`` says, in guest terms (EINVAL if no link)."""
         parts = self._walk(self._start(path, base), path.split(b"/"), follow=False)
-        target = None if isinstance(parts, bytes) or not parts else self._link_target(parts)
+        try:
+            target = None if isinstance(parts, bytes) or not parts else self._link_target(parts)
+        except HeldObject as held:
+            return held.target
         if target is None:
             raise OSError(errno.EINVAL, "not a symbolic link")
         return target
@@ -115,6 +134,9 @@ class RootFS:
         """What the symlink at guest ``parts`` points to, in guest terms; None if no link."""
         if parts[0] == b"proc" and len(parts) >= 2:
             return self._proc_link(parts)
+        if len(parts) == 2 and parts[0] == b"dev" and parts[1] in STANDARD_STREAMS and \
+                not os.path.lexists(self._host_of(parts)):
+            return STANDARD_STREAMS[parts[1]]
         try:
             target = os.readlink(self._host_of(parts))
         except OSError as e:
@@ -142,12 +164,12 @@ class RootFS:
             return target  # /proc/mounts -> self/mounts, an ordinary link
         if parts[-1] == b"root":
             return b"/"
-        if not target.startswith(b"/"):
-            return target
-        guest = self.to_guest(target)
-        if guest is None:
-            raise OSError(errno.ENOENT, "outside the container")
-        return guest
+        guest = self.to_guest(target) if target.startswith(b"/") else None
+        if guest is not None:
+            return guest
+        if parts[-2] == b"fd":
+            raise HeldObject(target)
+        raise OSError(errno.ENOENT, "outside the container")
 
     def _host_of(self, parts: list[bytes] | tuple[bytes, ...]) -> bytes:
         """The host path of resolved guest components (no symlinks left among them)."""
@@ -155,6 +177,8 @@ class RootFS:
             host = self.host_pid(int(parts[1]))
             if host is None:
                 raise OSError(errno.ENOENT, "no such process in this container")
+            if PROC_HIDDEN.intersection(parts[2:]):
+                raise OSError(errno.EACCES, "popek's own memory and arguments stay hidden")
             return b"/".join((b"/proc", b"%d" % host, *parts[2:]))
         if parts and parts[0] == b"proc":
             return b"/".join((b"/proc", *parts[1:]))
@@ -169,7 +193,13 @@ class RootFS:
         raise AssertionError("the root mount holds every path")
 
     def check_writable(self, host: bytes) -> None:
-        """Raise EROFS if ``host`` lies in a read-only bind mount."""
+        """Raise EROFS if ``host`` lies in a read-only bind mount, or in /proc except a
+        process's descriptors (/proc/sys would change the host)."""
+        if host.startswith(b"/proc/"):
+            parts = host.split(b"/")
+            if not (len(parts) == 5 and parts[2].isdigit() and parts[3] == b"fd"):
+                raise OSError(errno.EROFS, "read-only file system")
+            return
         guest = self.to_guest(host)
         if guest is not None and self.mount_of(_components(guest)).read_only:
             raise OSError(errno.EROFS, "read-only file system")

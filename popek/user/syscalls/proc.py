@@ -242,6 +242,8 @@ def _replace(p: Process, path: str, argv: list[bytes], envp: list[bytes], execfn
 
 
 def _host_execve(p: Process, host: bytes, argv: list[bytes], envp: list[bytes]) -> None:
+    if p.options.container:  # a native program would see the host, not the container
+        raise SyscallError(Errno.ENOEXEC)
     env = dict(e.split(b"=", 1) for e in envp if b"=" in e)
     p.signals.prepare_host_exec()
     os.execve(host, argv or [host], env)
