@@ -144,15 +144,42 @@ def test_dynamic_program_and_lua_print_what_they_print_under_qemu(site: Path):
         assert inside.returncode == reference.returncode
 
 
-def test_shell_environment_workdir_and_volume(site: Path):
+def test_shell_environment_workdir_volume_devices_and_ids(site: Path, tmp_path: Path):
+    """-e, -w, a writable volume, /dev, a read-only /proc, and owners: the invoking user's
+    files are root's inside, anyone else's are nobody's (65534)."""
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "mine").write_text("")
+    expected_etc = 0 if os.getuid() == 0 else 65534
     result = run_container("--rootfs", str(site / "root"), "-e", "GREETING=hi there",
                            "-w", "/data", "-v", f"{site / 'volume'}:/data",
-                           "--hostname", "shell-box", "--cpus", "0.5", "--",
+                           "-v", f"{other}:/other:ro", "-v", "/etc:/hostetc:ro",
+                           "--hostname", "shell-box", "--",
                            "sh", "-c", 'echo "$GREETING" $HOSTNAME; pwd; hostname; id -u; '
-                           "cat volume.txt; echo made > made.txt; cat /proc/self/root/marker")
+                           "cat volume.txt; echo made > made.txt; cat /proc/self/root/marker; "
+                           "echo to-stdout > /dev/stdout; echo gone > /dev/null; "
+                           "echo 1 > /proc/sys/kernel/hostname || echo refused; "
+                           "ls -ln /other/mine /hostetc/passwd | while read m l u rest; "
+                           "do echo $u; done")
     assert result.stdout.decode() == ("hi there shell-box\n/data\nshell-box\n0\n"
-                                      "from the volume\ninside\n"), result.stderr
+                                      "from the volume\ninside\nto-stdout\nrefused\n"
+                                      f"{expected_etc}\n0\n"), result.stderr
     assert (site / "volume" / "made.txt").read_text() == "made\n"
+
+
+def test_cpus_caps_the_share_of_a_core(site: Path):
+    """--cpus 0.25: a busy loop gets about a quarter of a core (CPU time over wall time,
+    popek's start-up included, which the cap does not slow)."""
+    before = os.times()
+    start = time.monotonic()
+    result = run_container("--rootfs", str(site / "root"), "--cpus", "0.25", "--", "sh", "-c",
+                           "i=0; while [ $i -lt 1500 ]; do i=$((i+1)); done; echo $i")
+    wall = time.monotonic() - start
+    after = os.times()
+    cpu = after.children_user + after.children_system - before.children_user \
+        - before.children_system
+    assert result.stdout == b"1500\n", result.stderr
+    assert cpu / wall < 0.6, f"{cpu:.2f} s of CPU in {wall:.2f} s"
 
 
 @pytest.mark.parametrize("args, message", [
@@ -242,6 +269,13 @@ def test_image_runs_with_its_config_and_whiteouts(build, tmp_path: Path):
     image = tmp_path / "image.tar"
     image.write_bytes(build(_busybox_layers(), CONFIG))
     cache = tmp_path / "cache"
+    racing = [subprocess.Popen([sys.executable, "-m", "popek", "container", "run", "--image",
+                                str(image), "--cache", str(cache)], env=environment(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+              for _ in range(2)]
+    for run in racing:  # two runs unpacking the same image at once both succeed
+        out, err = run.communicate(timeout=TIMEOUT)
+        assert out.startswith(b"kept\n"), err
     result = run_container("--image", str(image), "--cache", str(cache))
     assert result.stdout.decode() == ("kept\n/etc:\nkept.txt\n\n/old:\nfresh.txt\n"
                                       "hello from the image\n/work\n"), result.stderr

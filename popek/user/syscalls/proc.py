@@ -305,7 +305,10 @@ def _send(p: Process, pid: int, sig: int, code: int) -> int:
     host = signals.host_signal(sig) if sig else 0
     if host is None:
         raise SyscallError(Errno.EINVAL)
-    for target in p.host_kill_targets(pid):
+    targets = p.host_kill_targets(pid)
+    if not targets:
+        raise SyscallError(Errno.ESRCH)  # kill(-1) in a container with no other process
+    for target in targets:
         os.kill(target, host)
     return 0
 
