@@ -32,7 +32,7 @@ SOURCES = Path(__file__).resolve().parent / "user"
 CC = "riscv64-linux-gnu-gcc"
 INSTALL = "apt-get install gcc-riscv64-linux-gnu libc6-riscv64-cross (./quickstart does)"
 TIMEOUT = 300
-APPLETS = ("sh", "cat", "ls", "echo", "hostname", "id", "pwd", "mkdir", "rm")
+APPLETS = ("sh", "cat", "ls", "echo", "hostname", "id", "pwd", "mkdir", "rm", "ps")
 LOADER = "ld-linux-riscv64-lp64d.so.1"
 
 
@@ -160,10 +160,13 @@ def test_shell_environment_workdir_volume_devices_and_ids(site: Path, tmp_path: 
                            "echo to-stdout > /dev/stdout; echo gone > /dev/null; "
                            "echo 1 > /proc/sys/kernel/hostname || echo refused; "
                            "ls -ln /other/mine /hostetc/passwd | while read m l u rest; "
-                           "do echo $u; done")
-    assert result.stdout.decode() == ("hi there shell-box\n/data\nshell-box\n0\n"
-                                      "from the volume\ninside\nto-stdout\nrefused\n"
-                                      f"{expected_etc}\n0\n"), result.stderr
+                           "do echo $u; done; ps; echo end")
+    lines = result.stdout.decode().splitlines()
+    assert lines[:-4] == ["hi there shell-box", "/data", "shell-box", "0", "from the volume",
+                          "inside", "to-stdout", "refused", str(expected_etc), "0"], \
+        result.stderr
+    processes = [line.split() for line in lines[-3:-1]]  # ps: only the container's own
+    assert processes[0] == ["1", "0", "[sh]"] and processes[1][1:] == ["0", "[ps]"], lines
     assert (site / "volume" / "made.txt").read_text() == "made\n"
 
 

@@ -126,7 +126,7 @@ class Process:
                                  (uid, euid, gid, egid))
         self.brk_start = self.brk = loaded.brk
         self.exe = os.path.abspath(path)
-        self.comm = os.fsencode(os.path.basename(path))[:15]
+        self.set_comm(os.path.basename(execfn if execfn is not None else os.fsencode(path)))
         self.dynamic = interp is not None
         self._reset_hart(loaded.entry, sp)
         self.signals.reset_for_exec()
@@ -204,6 +204,12 @@ class Process:
         if write:
             rootfs.check_writable(host)
         return host
+
+    def set_comm(self, name: bytes) -> None:
+        """The process's name (prctl, /proc/N/stat); a container's other processes see it."""
+        self.comm = name[:15]
+        if self.options.container:
+            self.options.container.namespace.set_comm(self.comm)
 
     def end_of_slice(self) -> None:
         """Between time slices: a container's CPU cap sleeps off what was overspent."""

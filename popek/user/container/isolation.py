@@ -51,6 +51,44 @@ class Container:
             return self.host_gid if guest_gid == 0 else -1
         raise OSError(errno.EINVAL, "gid not mapped in the container")
 
+    # -- /proc -----------------------------------------------------------------------------
+    def proc_file(self, host: bytes) -> bytes | None:
+        """The text of /proc/N/stat or status (host path ``host``) as the container sees
+        it: its pids, its ids, the program's name; None for any other file."""
+        parts = host.split(b"/")
+        if len(parts) != 4 or parts[1] != b"proc" or not parts[2].isdigit() or \
+                parts[3] not in (b"stat", b"status"):
+            return None
+        with open(host, "rb") as f:
+            text = f.read()
+        guest = self.namespace.to_guest(int(parts[2]))
+        comm = self.namespace.comm(guest)
+        if parts[3] == b"stat":
+            return self._stat(text, guest, comm)
+        return self._status(text, guest, comm)
+
+    def _stat(self, text: bytes, guest: int, comm: bytes) -> bytes:
+        fields = text[text.rindex(b")") + 2:].split(b" ")
+        for i in (1, 2, 3, 5):  # ppid, pgrp, session, tpgid
+            fields[i] = b"%d" % self.namespace.to_guest(int(fields[i]))
+        return b"%d (%s) " % (guest, comm) + b" ".join(fields)
+
+    def _status(self, text: bytes, guest: int, comm: bytes) -> bytes:
+        lines = []
+        for line in text.split(b"\n"):
+            key, _, value = line.partition(b":")
+            if key == b"Name":
+                line = b"Name:\t" + comm
+            elif key in (b"Tgid", b"Pid", b"NStgid", b"NSpid"):
+                line = key + b":\t%d" % guest
+            elif key in (b"PPid", b"NSpgid", b"NSsid"):
+                line = key + b":\t%d" % self.namespace.to_guest(int(value.split()[0]))
+            elif key in (b"Uid", b"Gid"):
+                inside = self.uid_in if key == b"Uid" else self.gid_in
+                line = key + b":\t" + b"\t".join(b"%d" % inside(int(v)) for v in value.split())
+            lines.append(line)
+        return b"\n".join(lines)
+
     # -- network --------------------------------------------------------------------------
     def sockaddr(self, name: bytes) -> bytes:
         """A guest sockaddr as the host should see it: a Unix socket's path resolved in the

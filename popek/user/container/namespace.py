@@ -19,9 +19,11 @@ import struct
 MAX_PIDS = 4096  # guest pids 1..MAX_PIDS-1; fork fails with EAGAIN beyond
 HOSTNAME_MAX = 64  # __NEW_UTS_LEN
 HEADER = struct.Struct("<i68s")  # next pid to try, hostname (NUL-terminated)
+COMM_SIZE = 16  # TASK_COMM_LEN
 PID_TABLE = HEADER.size
 MEMORY_TABLE = PID_TABLE + 4 * MAX_PIDS
-SIZE = MEMORY_TABLE + 8 * MAX_PIDS
+COMM_TABLE = MEMORY_TABLE + 8 * MAX_PIDS
+SIZE = COMM_TABLE + COMM_SIZE * MAX_PIDS
 FIRST_CHILD = 2
 
 
@@ -35,7 +37,7 @@ class Namespace:
     def __init__(self, hostname: bytes, memory_limit: int | None) -> None:
         self._shared = mmap.mmap(-1, SIZE)  # MAP_SHARED | MAP_ANONYMOUS: kept across fork
         self._pids = memoryview(self._shared)[PID_TABLE:MEMORY_TABLE].cast("i")
-        self._memory = memoryview(self._shared)[MEMORY_TABLE:SIZE].cast("q")
+        self._memory = memoryview(self._shared)[MEMORY_TABLE:COMM_TABLE].cast("q")
         self._lock = multiprocessing.get_context("fork").Lock()
         self.memory_limit = memory_limit
         HEADER.pack_into(self._shared, 0, FIRST_CHILD, hostname[:HOSTNAME_MAX])
@@ -55,6 +57,8 @@ class Namespace:
                 if not self._pids[guest]:
                     self._pids[guest] = host_pid
                     self._memory[guest] = 0
+                    self._shared[COMM_TABLE + COMM_SIZE * guest:
+                                 COMM_TABLE + COMM_SIZE * (guest + 1)] = bytes(COMM_SIZE)
                     struct.pack_into("<i", self._shared, 0, guest + 1)
                     return guest
         raise NoPidLeft
@@ -92,6 +96,15 @@ class Namespace:
     def members(self) -> list[int]:
         """Host pids of every process of the container."""
         return [pid for pid in self._pids[1:] if pid]
+
+    def set_comm(self, comm: bytes) -> None:
+        """The calling process's name, for /proc/N/stat and status as others read them."""
+        start = COMM_TABLE + COMM_SIZE * self.self_pid()
+        self._shared[start:start + COMM_SIZE] = comm[:COMM_SIZE - 1].ljust(COMM_SIZE, b"\0")
+
+    def comm(self, guest_pid: int) -> bytes:
+        start = COMM_TABLE + COMM_SIZE * guest_pid
+        return self._shared[start:start + COMM_SIZE].split(b"\0", 1)[0]
 
     # -- UTS ---------------------------------------------------------------------------
     @property

@@ -57,7 +57,14 @@ def openat(p: Process, dirfd: int, path: int, flags: int, mode: int) -> int:
     writes = flags & (ff.O_ACCMODE | named["O_CREAT"] | named["O_TRUNC"])
     host = _path(p, path, dirfd, follow=not (exclusive or flags & named["O_NOFOLLOW"]),
                  write=bool(writes))
-    fd = os.open(host, ff.open_flags_to_host(flags), mode & 0o7777, dir_fd=_dirfd(p, dirfd))
+    text = p.options.container.proc_file(host) if p.options.container else None
+    if text is not None:
+        fd = os.memfd_create("proc")  # a copy with the container's pids and ids
+        os.write(fd, text)
+        os.lseek(fd, 0, os.SEEK_SET)
+    else:
+        fd = os.open(host, ff.open_flags_to_host(flags), mode & 0o7777,
+                     dir_fd=_dirfd(p, dirfd))
     if not flags & ff.O_CLOEXEC:
         os.set_inheritable(fd, True)
     p.dir_streams.pop(fd, None)

@@ -120,7 +120,7 @@ def not_provided(p: Process) -> int:
 def prctl(p: Process, option: int, arg2: int) -> int:
     option = i32(option)
     if option == PR_SET_NAME:
-        p.comm = p.space.read_cstr(arg2, 4096)[:15]
+        p.set_comm(p.space.read_cstr(arg2, 4096))
         return 0
     if option == PR_GET_NAME:
         p.space.write(arg2, p.comm.ljust(16, b"\0"))
@@ -144,6 +144,7 @@ def clone(p: Process, flags: int, newsp: int, ptid: int, tls: int, ctid: int) ->
     pid = os.fork()
     if pid == 0:
         p.scheduler.keep_only_current(p.pid)
+        p.set_comm(p.comm)
         _child(p, flags, newsp, tls, ctid, done_r, done_w)
         return 0
     pid = p.new_child(pid)
