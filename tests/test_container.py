@@ -295,11 +295,13 @@ def _hostile_layers(outside: Path) -> dict[str, list[bytes]]:
         "symlink parent": [_tar([_entry("etc", tarfile.SYMTYPE, str(outside))]),
                            _tar([_file("etc/escaped.txt", b"x")])],
         "hard link out": [_tar([_entry("passwd", tarfile.LNKTYPE, "../../../etc/passwd")])],
+        "truncated layer": [_tar([_file("big", b"x" * 5000)])[:1500]],
     }
 
 
 @pytest.mark.parametrize("case", ["dotdot", "absolute", "device", "symlink parent",
-                                  "hard link out", "amd64", "bad digest"])
+                                  "hard link out", "truncated layer", "amd64", "bad digest",
+                                  "malformed index"])
 def test_hostile_image_is_refused_and_writes_nothing_outside(case: str, tmp_path: Path):
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -307,7 +309,9 @@ def test_hostile_image_is_refused_and_writes_nothing_outside(case: str, tmp_path
     if case == "amd64":
         config = {**CONFIG, "architecture": "amd64"}
     image = tmp_path / "image.tar"
-    image.write_bytes(_oci_layout(layers, config, corrupt=case == "bad digest"))
+    image.write_bytes(_oci_layout(layers, config, corrupt=case == "bad digest")
+                      if case != "malformed index" else
+                      _tar([_file("index.json", b'{"manifests": [{"digest": 5}]}')]))
     cache = tmp_path / "cache"
     result = run_container("--image", str(image), "--cache", str(cache), "--", "sh")
     assert result.returncode == 2, result.stderr

@@ -55,8 +55,10 @@ def unpack(tarball: str, cache: str) -> ImageSpec:
     """The image in ``tarball``, its root filesystem unpacked in ``cache`` (once)."""
     try:
         outer = tarfile.open(tarball, "r:*")
-    except (OSError, tarfile.TarError) as e:
-        raise ImageError(f"{tarball}: not a readable tar archive ({e})") from None
+    except OSError as e:
+        raise ImageError(f"{tarball}: {e.strerror}") from None
+    except tarfile.TarError:
+        raise ImageError(f"{tarball}: not a tar archive (plain or compressed)") from None
     try:
         with outer:
             return _unpack(outer, cache)
