@@ -10,7 +10,8 @@ status under popek's process VM as under qemu-riscv64:
   others block and spin;
 - signals directed to threads, per-thread masks and alternate stacks, a blocked read
   interrupted while other threads run, sigwait in a collector thread;
-- an epoll loop over a pipe, an eventfd and a timerfd fed by a thread;
+- an epoll loop over a pipe, an eventfd and a timerfd fed by a thread, and one over a
+  signalfd;
 - TCP, UDP and IPv6 on loopback, Unix stream and datagram sockets, SCM_RIGHTS;
 - inotify events for a directory;
 - bad arguments to all of these, errno for errno.
@@ -30,7 +31,7 @@ SOURCES = Path(__file__).resolve().parent / "user"
 CC = "riscv64-linux-gnu-gcc"
 INSTALL = "apt-get install gcc-riscv64-linux-gnu libc6-riscv64-cross (./quickstart does)"
 PROGRAMS = ("pthreads", "futex", "thread_signals", "sigwait", "thread_exit", "epoll_loop",
-            "sockets", "inotify", "hostile")
+            "signalfd", "sockets", "inotify", "hostile")
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 
 from popek.cpu import causes
-from popek.cpu.csr import FCSR, MCOUNTEREN, MSTATUS, SCOUNTEREN
+from popek.cpu.csr import ENVCFG_CBZE, FCSR, MCOUNTEREN, MENVCFG, MSTATUS, SCOUNTEREN, SENVCFG
 from popek.cpu.hart import Hart
 from popek.cpu.physmem import PAGE_SIZE, PhysicalMemory
 from popek.cpu.state import PRIV_U
@@ -144,6 +144,9 @@ class Process:
         hart.priv = PRIV_U
         hart.csr[MSTATUS] |= MSTATUS_FS_DIRTY
         hart.csr[MCOUNTEREN] = hart.csr[SCOUNTEREN] = COUNTERS
+        # User programs may zero cache blocks (cbo.zero), as Linux lets them where the
+        # hart has Zicboz; clean, flush and invalidate stay the kernel's.
+        hart.csr[MENVCFG] = hart.csr[SENVCFG] = ENVCFG_CBZE
         hart.csr[FCSR] = 0
         hart.mmu.flush()
 
@@ -159,9 +162,14 @@ class Process:
             try:
                 if fcntl.fcntl(fd, fcntl.F_GETFD) & FD_CLOEXEC:
                     os.close(fd)
-                    self.dir_streams.pop(fd, None)
+                    self.forget_fd(fd)
             except OSError:
                 pass
+
+    def forget_fd(self, fd: int) -> None:
+        """What popek kept about guest descriptor ``fd``, which is closed or reused."""
+        self.dir_streams.pop(fd, None)
+        self.signals.forget_signalfd(fd)
 
     @property
     def internal_fds(self) -> frozenset[int]:

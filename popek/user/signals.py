@@ -93,6 +93,16 @@ class ThreadSignals:
 
 
 @dataclass
+class SignalFd:
+    """A signalfd: the guest reads its pipe's end; popek keeps one byte in the pipe while a
+    signal of ``mask`` is pending, so poll and epoll see it readable."""
+
+    mask: int
+    write_end: int
+    ready: bool = False
+
+
+@dataclass
 class SigAction:
     handler: int = SIG_DFL
     flags: int = 0
@@ -135,6 +145,7 @@ class Signals:
         self.thread = ThreadSignals()
         self.threads = [self.thread]
         self.wake_r = self.wake_w = -1
+        self.signalfds: dict[int, SignalFd] = {}  # by the guest's descriptor
         # Undo what Python changed at startup: SIGINT raises KeyboardInterrupt unless it
         # was ignored, SIGPIPE and SIGXFSZ are ignored.
         if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
@@ -188,7 +199,55 @@ class Signals:
 
     @property
     def internal_fds(self) -> frozenset[int]:
-        return frozenset({self.wake_r, self.wake_w})
+        return frozenset({self.wake_r, self.wake_w,
+                          *(sfd.write_end for sfd in self.signalfds.values())})
+
+    # -- signalfd -----------------------------------------------------------------------
+    @property
+    def signalfd_mask(self) -> int:
+        mask = 0
+        for sfd in self.signalfds.values():
+            mask |= sfd.mask
+        return mask
+
+    def open_signalfd(self, mask: int, host_flags: int) -> int:
+        """A new signalfd for the signals of ``mask``; returns the guest's descriptor."""
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        write_end = fcntl.fcntl(w, fcntl.F_DUPFD_CLOEXEC, WAKEUP_FD_MIN)
+        os.close(w)
+        os.set_blocking(r, not host_flags & os.O_NONBLOCK)
+        os.set_inheritable(r, not host_flags & os.O_CLOEXEC)
+        self.signalfds[r] = SignalFd(0, write_end)
+        self.set_signalfd_mask(r, mask)
+        return r
+
+    def set_signalfd_mask(self, fd: int, mask: int) -> None:
+        self.signalfds[fd].mask = mask & ~UNBLOCKABLE
+        for sig in SIGNAL_NAMES:  # they must reach the wakeup pipe even if left default
+            self._set_host_action(sig)
+        self._set_host_mask()
+        self.refresh_signalfds()
+
+    def forget_signalfd(self, fd: int) -> None:
+        sfd = self.signalfds.pop(fd, None)
+        if sfd is not None:
+            os.close(sfd.write_end)
+            for sig in SIGNAL_NAMES:
+                self._set_host_action(sig)
+            self._set_host_mask()
+
+    def refresh_signalfds(self) -> None:
+        """Make each signalfd readable exactly while a signal of its mask is pending."""
+        for fd, sfd in self.signalfds.items():
+            ready = self.pending_in(sfd.mask)
+            if ready and not sfd.ready:
+                os.write(sfd.write_end, b"!")
+            elif sfd.ready and not ready:
+                try:
+                    os.read(fd, 1)
+                except BlockingIOError:
+                    pass
+            sfd.ready = ready
 
     def _set_host_action(self, sig: int) -> None:
         host = host_signal(sig)
@@ -197,7 +256,7 @@ class Signals:
         handler = self.actions[sig].handler
         if handler == SIG_IGN:
             signal.signal(host, signal.SIG_IGN)
-        elif handler == SIG_DFL and sig != SIGCHLD:
+        elif handler == SIG_DFL and sig != SIGCHLD and not self.signalfd_mask & bit(sig):
             signal.signal(host, signal.SIG_DFL)
         else:  # a guest handler, or SIGCHLD, which wakes up a blocking wait4
             signal.signal(host, _record)
@@ -218,7 +277,8 @@ class Signals:
         for sig in SIGNAL_NAMES:
             host = host_signal(sig)
             if (host is not None and blocked & bit(sig) and sig not in SYNCHRONOUS
-                    and sig != SIGCHLD and self.actions[sig].handler == SIG_DFL):
+                    and sig != SIGCHLD and self.actions[sig].handler == SIG_DFL
+                    and not self.signalfd_mask & bit(sig)):
                 hosts.add(host)
         signal.pthread_sigmask(signal.SIG_SETMASK, hosts)
 
@@ -233,10 +293,14 @@ class Signals:
             data = os.read(self.wake_r, 512)
         except BlockingIOError:
             return False
+        wanted = self.signalfd_mask
         for host in data:
             sig = _GUEST_BY_HOST.get(host)
-            if sig is not None and self.actions[sig].handler not in (SIG_DFL, SIG_IGN):
+            if sig is not None and (self.actions[sig].handler not in (SIG_DFL, SIG_IGN)
+                                    or wanted & bit(sig)):
                 self.pending.setdefault(sig, siginfo(sig, SI_USER))
+        if self.signalfds:
+            self.refresh_signalfds()
         return bool(data)
 
     def pending_in(self, wanted: int) -> bool:
@@ -250,7 +314,10 @@ class Signals:
         for pending in (self.thread.pending, self.pending):
             for sig in sorted(pending):
                 if wanted & bit(sig):
-                    return sig, pending.pop(sig)
+                    info = pending.pop(sig)
+                    if self.signalfds:
+                        self.refresh_signalfds()
+                    return sig, info
         hosts = {h for s in SIGNAL_NAMES if wanted & bit(s) and (h := host_signal(s))}
         if hosts & signal.sigpending():
             got = signal.sigtimedwait(hosts, 0)
@@ -295,6 +362,8 @@ class Signals:
                 self._default_action(sig)
                 return
         (self.pending if thread is None else thread.pending).setdefault(sig, info)
+        if self.signalfds:
+            self.refresh_signalfds()
 
     def deliverable(self, thread: ThreadSignals | None = None) -> int | None:
         """The signal ``thread`` (the running one by default) would take next, if any."""
@@ -314,6 +383,8 @@ class Signals:
         sig = self.deliverable() if self.pending or thread.pending else None
         if sig is not None:
             info = thread.pending.pop(sig, None) or self.pending.pop(sig)
+            if self.signalfds:
+                self.refresh_signalfds()
             handler = self.actions[sig].handler
             if handler == SIG_DFL:
                 self._default_action(sig)

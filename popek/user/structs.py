@@ -51,6 +51,7 @@ STACK_T = Struct("<Qi4xQ")
 # siginfo_t is 128 bytes: signo, errno, code, then a union at offset 16.
 SIGINFO_SIZE = 128
 SIGINFO_HEAD = Struct("<iii4x")
+SIGINFO_FIELDS = Struct("<iii4xIIi")  # signo, errno, code; pid, uid, status (SIGCHLD)
 SIGINFO_ADDR = Struct("<Q")  # faults: si_addr
 SIGINFO_KILL = Struct("<iI")  # kill, tgkill: si_pid, si_uid
 

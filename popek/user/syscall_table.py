@@ -98,7 +98,7 @@ ARG_KINDS: dict[str, str] = {
     "setsockopt": "dddxu", "getsockopt": "dddxx", "shutdown": "dd", "getsockname": "dxx",
     "getpeername": "dxx", "inotify_init1": "h", "inotify_add_watch": "dsh",
     "inotify_rm_watch": "dd", "rt_sigtimedwait": "xxxu",
-    "sendmmsg": "dxuh", "recvmmsg": "dxuhx",
+    "sendmmsg": "dxuh", "recvmmsg": "dxuhx", "signalfd4": "dxuh",
     "clock_gettime": "dx", "clock_getres": "dx", "clock_nanosleep": "ddxx",
     "sched_getaffinity": "dux", "sched_yield": "", "kill": "dS", "tkill": "dS", "tgkill": "ddS",
     "sigaltstack": "xx", "rt_sigsuspend": "xu", "rt_sigaction": "Sxxu", "rt_sigprocmask": "dxxu",

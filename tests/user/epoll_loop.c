@@ -54,7 +54,7 @@ int main(void) {
     int timer_events = 0, done = 0, words = 0;
     while (!done) {
         struct epoll_event got[8];
-        int n = epoll_wait(ep, got, 8, 1000);
+        int n = epoll_wait(ep, got, 8, 10000);
         if (n == 0) {
             printf("timeout\n");
             break;

@@ -31,10 +31,10 @@ static void *last(void *arg) {
 int main(void) {
     pthread_t t;
     pipe(pipefd);
+    printf("main: pthread_exit\n"); /* first: a loaded host may run the others late */
+    fflush(stdout);
     pthread_create(&t, NULL, blocked, NULL);
     pthread_create(&t, NULL, spinning, NULL);
     pthread_create(&t, NULL, last, NULL);
-    printf("main: pthread_exit\n");
-    fflush(stdout);
     pthread_exit(NULL);
 }

@@ -17,6 +17,7 @@ static volatile int handled_by[4];
 static volatile int on_altstack[4];
 static pthread_barrier_t ready;
 static int pipefd[2];
+static volatile int read_done;
 
 static void handler(int sig) {
     int probe;
@@ -41,7 +42,9 @@ static void *second(void *arg) {
     pthread_barrier_wait(&ready);
     char c;
     ssize_t n = read(pipefd[0], &c, 1); /* interrupted by SIGHUP */
-    printf("second: read %zd %s\n", n, n < 0 && errno == EINTR ? "EINTR" : "?");
+    int error = errno;
+    read_done = 1;
+    printf("second: read %zd %s\n", n, n < 0 && error == EINTR ? "EINTR" : "?");
     return NULL;
 }
 
@@ -65,7 +68,10 @@ int main(void) {
     pthread_kill(t, SIGUSR1);
     pthread_kill(pthread_self(), SIGUSR2);
     kill(getpid(), SIGTERM);
-    pthread_kill(t, SIGHUP);
+    while (!read_done) { /* again, in case the first came before the read began */
+        pthread_kill(t, SIGHUP);
+        usleep(5000);
+    }
     pthread_join(t, NULL);
     printf("SIGUSR1 ran on thread %d (altstack %d)\n", handled_by[0], on_altstack[0]);
     printf("SIGUSR2 ran on thread %d (altstack %d)\n", handled_by[1], on_altstack[1]);

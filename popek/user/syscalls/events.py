@@ -1,11 +1,13 @@
-"""Event descriptors: epoll, eventfd, timerfd and inotify, as event loops and Go's
-netpoller use them.
+"""Event descriptors: epoll, eventfd, timerfd, inotify and signalfd, as event loops and
+Go's netpoller use them.
 
 Each is the host's own object behind a guest descriptor (guest descriptors are host
 descriptors), so readiness, edge triggering, one-shot events, timer expiry and file
 events are the host kernel's; popek translates the structures that differ (struct epoll_event
 is packed on x86-64 and naturally aligned on riscv64) and waits through the
-scheduler, so an epoll_pwait blocks only its own thread. Python's select.epoll keeps
+scheduler, so an epoll_pwait blocks only its own thread. signalfd is popek's own,
+as signals are: a pipe the signal layer keeps readable while a signal of its mask is
+pending, whose reads take those signals. Python's select.epoll keeps
 no user data per descriptor and closes its descriptor when collected, so the calls
 go to the C library directly.
 """
@@ -24,6 +26,7 @@ from popek.user import structs
 from popek.user.address_space import PROT_WRITE
 from popek.user.hostlibc import check, libc
 from popek.user.linux_errno import Errno, SyscallError
+from popek.user.signals import SIGCHLD
 from popek.user.syscalls.files import check_fd, temporary_mask, timeout_seconds
 from popek.user.syscalls.filesystem import _path as guest_path
 from popek.user.syscalls.registry import i32, syscall
@@ -34,7 +37,10 @@ if TYPE_CHECKING:
 EPOLL_EVENT = structs.EPOLL_EVENT  # the guest's: events, 4 bytes of padding, data
 EPOLL_MAX_EVENTS = 1 << 16
 EFD_SEMAPHORE = 1
-TFD_TIMER_FLAGS = 3  # TFD_TIMER_ABSTIME | TFD_TIMER_CANCEL_ON_SET
+TFD_TIMER_FLAGS = 3
+# struct signalfd_siginfo: signo, errno, code, pid, uid, then fd, tid, band, overrun,
+# trapno, status (the only other field filled), padded to 128 bytes.
+SIGNALFD_SIGINFO = structs.Struct("<IiiII20xi84x")  # TFD_TIMER_ABSTIME | TFD_TIMER_CANCEL_ON_SET
 
 
 class _HostEpollEvent(ctypes.Structure):
@@ -152,3 +158,41 @@ def inotify_add_watch(p: Process, fd: int, path: int, mask: int) -> int:
 @syscall("inotify_rm_watch")
 def inotify_rm_watch(p: Process, fd: int, wd: int) -> int:
     return check(libc.inotify_rm_watch(check_fd(p, fd), i32(wd)))
+
+
+# -- signalfd ---------------------------------------------------------------------------
+@syscall("signalfd4")
+def signalfd4(p: Process, fd: int, mask: int, sizemask: int, flags: int) -> int:
+    if sizemask != 8:
+        raise SyscallError(Errno.EINVAL)
+    wanted = p.space.read_u64(mask)
+    host = _fd_flags(flags, ff.O_CLOEXEC | ff.O_NONBLOCK)
+    fd = i32(fd)
+    if fd == -1:
+        return p.signals.open_signalfd(wanted, host)
+    if check_fd(p, fd) not in p.signals.signalfds:
+        raise SyscallError(Errno.EINVAL)
+    p.signals.set_signalfd_mask(fd, wanted)
+    return fd
+
+
+def read_signalfd(p: Process, fd: int, count: int) -> bytes:
+    """As many struct signalfd_siginfo as fit in ``count`` bytes, one per signal taken."""
+    if count < SIGNALFD_SIGINFO.size:
+        raise SyscallError(Errno.EINVAL)
+    signals = p.signals
+    while True:
+        out = []
+        while len(out) < count // SIGNALFD_SIGINFO.size:
+            got = signals.take(signals.signalfds[fd].mask)
+            if got is None:
+                break
+            sig, info = got
+            _, errno, code, pid, uid, status = structs.SIGINFO_FIELDS.unpack_from(info)
+            out.append(SIGNALFD_SIGINFO.pack(sig, errno, code, pid, uid,
+                                             status if sig == SIGCHLD else 0))
+        if out:
+            return b"".join(out)
+        if not os.get_blocking(fd):
+            raise SyscallError(Errno.EAGAIN)
+        p.scheduler.wait([(fd, select.POLLIN)], None)

@@ -64,6 +64,10 @@ def wait_ready(p: Process, fd: int, events: int) -> None:
 
 
 def _read(p: Process, fd: int, count: int) -> bytes:
+    if fd in p.signals.signalfds:
+        from popek.user.syscalls.events import read_signalfd  # events builds on this module
+
+        return read_signalfd(p, fd, count)
     wait_ready(p, fd, select.POLLIN)
     return os.read(fd, min(count, IO_LIMIT))
 
@@ -206,7 +210,7 @@ def lseek(p: Process, fd: int, offset: int, whence: int) -> int:
 def close(p: Process, fd: int) -> int:
     fd = check_fd(p, fd)
     os.close(fd)
-    p.dir_streams.pop(fd, None)
+    p.forget_fd(fd)
     return 0
 
 
@@ -220,7 +224,7 @@ def close_range(p: Process, first: int, last: int, flags: int) -> int:
                     os.set_inheritable(fd, False)
                 else:
                     os.close(fd)
-                    p.dir_streams.pop(fd, None)
+                    p.forget_fd(fd)
             except OSError:
                 pass
     return 0
@@ -236,7 +240,7 @@ def dup3(p: Process, oldfd: int, newfd: int, flags: int) -> int:
     oldfd, newfd = check_fd(p, oldfd), check_fd(p, newfd)
     if oldfd == newfd or flags & ~ff.O_CLOEXEC:
         raise SyscallError(Errno.EINVAL)
-    p.dir_streams.pop(newfd, None)
+    p.forget_fd(newfd)
     return os.dup2(oldfd, newfd, inheritable=not flags & ff.O_CLOEXEC)
 
 
