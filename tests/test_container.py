@@ -93,6 +93,7 @@ readlink proc self root: /
 readlink up: ../../../../../..
 proc other pid: ENOENT
 child 3 (parent 1): kill(-1) = 0
+kill(0) = 0, pgrp 1
 reaped 3 and 2, status 7
 init urged: 0
 connect 192.0.2.1: ENETUNREACH
@@ -111,7 +112,8 @@ time.sleep(120)
 
 def test_probe_stays_inside_its_container(site: Path, tmp_path: Path):
     """Escapes land inside; pids, uid, hostname, /proc, network and memory are the
-    container's; kill(-1) reaches the container's processes and no host process."""
+    container's; kill(-1) and kill(0) reach the container's processes and no host
+    process (the sentinel shares the test's process group)."""
     urged = tmp_path / "urged"
     sentinel = subprocess.Popen([sys.executable, "-c", SENTINEL, str(urged)],
                                 stdout=subprocess.PIPE, text=True)
@@ -128,7 +130,7 @@ def test_probe_stays_inside_its_container(site: Path, tmp_path: Path):
     assert "SECRET" not in stdout
     assert stdout == PROBE_OUTPUT, result.stderr.decode()[-2000:]
     assert result.returncode == 0
-    assert not urged.exists(), "kill(-1) in the container reached a host process"
+    assert not urged.exists(), "a kill in the container reached a host process"
     assert not (site / "volume" / "new").exists()
 
 

@@ -121,6 +121,7 @@ static void processes(void) {
     if (sender == 0) {
         usleep(200000);
         printf("child %d (parent %d): kill(-1) = %d\n", getpid(), getppid(), kill(-1, SIGURG));
+        printf("kill(0) = %d, pgrp %d\n", kill(0, SIGURG), getpgrp());
         fflush(stdout);
         _exit(0);
     }

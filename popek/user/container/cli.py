@@ -126,12 +126,42 @@ def _run_in(args: argparse.Namespace, root: str, spec: ImageSpec) -> int:
         print(f"popek container: {argv[0]}: {e}", file=sys.stderr)
         return CANNOT_RUN
     libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    pid = os.getpid()
+    pid, terminal_group = os.getpid(), _lead_process_group()
     try:
         return process.run()
     finally:
         if os.getpid() == pid:
             _end_namespace(namespace)
+            if terminal_group is not None:
+                _give_terminal(terminal_group)
+
+
+def _lead_process_group() -> int | None:
+    """Make PID 1 lead a process group of the container's own, so kill(0) and Ctrl-C
+    reach the container and nothing beside it; if the terminal was ours, the new group
+    gets it. Returns the group to give the terminal back to, if any."""
+    before = os.getpgrp()
+    try:
+        os.setpgid(0, 0)
+    except OSError:  # already a session leader: the group is ours alone anyway
+        return None
+    try:
+        if os.tcgetpgrp(0) != before:
+            return None
+    except OSError:  # no terminal
+        return None
+    _give_terminal(os.getpgrp())
+    return before
+
+
+def _give_terminal(group: int) -> None:
+    previous = signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # as shells do for tcsetpgrp
+    try:
+        os.tcsetpgrp(0, group)
+    except OSError:
+        pass
+    finally:
+        signal.signal(signal.SIGTTOU, previous)
 
 
 def _find_program(rootfs: RootFS, name: bytes, env: list[bytes]) -> bytes:
