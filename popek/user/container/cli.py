@@ -108,7 +108,8 @@ def _run_in(args: argparse.Namespace, root: str, spec: ImageSpec) -> int:
     process: Process | None = None
     rootfs = RootFS(root, [parse_volume(v) for v in args.volume],
                     host_pid=namespace.to_host, self_pid=namespace.self_pid,
-                    self_exe=lambda: os.fsencode(process.exe))
+                    self_exe=lambda: os.fsencode(process.exe),
+                    hidden_fds=lambda: process.internal_fds)
     cap = CpuCap(min(args.cpus, 1.0) * 100) if args.cpus is not None else None
     container = Container(rootfs, namespace, args.network, cpu_cap=cap)
     env = _environment(spec.env, args.env, hostname)

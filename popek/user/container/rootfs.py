@@ -55,17 +55,20 @@ class RootFS:
 
     ``host_pid`` maps a guest pid to the host's (None if it is not the container's);
     ``self_pid`` is the calling process's guest pid and ``self_exe`` the host path of the
-    program it runs (the host's /proc would name popek's interpreter).
+    program it runs (the host's /proc would name popek's interpreter); ``hidden_fds`` are
+    popek's own descriptors, which /proc/self/fd does not show.
     """
 
     def __init__(self, root: str, mounts: list[Mount], *, host_pid: Callable[[int], int | None],
-                 self_pid: Callable[[], int], self_exe: Callable[[], bytes]) -> None:
+                 self_pid: Callable[[], int], self_exe: Callable[[], bytes],
+                 hidden_fds: Callable[[], frozenset[int]] = frozenset) -> None:
         devices = [Mount((b"dev", name), b"/dev/" + name) for name in DEVICES]
         self.mounts = [Mount((), os.fsencode(os.path.realpath(root))), *devices, *mounts]
         self.mounts.sort(key=lambda m: len(m.guest))  # the deepest mount wins: searched last
         self.host_pid = host_pid
         self.self_pid = self_pid
         self.self_exe = self_exe
+        self.hidden_fds = hidden_fds
 
     # -- guest to host ---------------------------------------------------------------------
     def resolve(self, path: bytes, base: bytes | None = None, *, follow: bool = True) -> bytes:
@@ -179,6 +182,9 @@ class RootFS:
                 raise OSError(errno.ENOENT, "no such process in this container")
             if PROC_HIDDEN.intersection(parts[2:]):
                 raise OSError(errno.EACCES, "popek's own memory and arguments stay hidden")
+            if len(parts) >= 4 and parts[2] == b"fd" and parts[3].isdigit() and \
+                    host == os.getpid() and int(parts[3]) in self.hidden_fds():
+                raise OSError(errno.ENOENT, "no such descriptor")
             return b"/".join((b"/proc", b"%d" % host, *parts[2:]))
         if parts and parts[0] == b"proc":
             return b"/".join((b"/proc", *parts[1:]))

@@ -299,8 +299,15 @@ def getdents64(p: Process, fd: int, dirp: int, count: int) -> int:
 
 
 def _entry_filter(p: Process, fd: int) -> Callable[[bytes], bytes | None] | None:
-    """In a container, /proc lists the container's processes only, by their guest pids."""
-    if not p.options.container or os.readlink(f"/proc/self/fd/{fd}") != "/proc":
+    """In a container, /proc lists the container's processes only, by their guest pids,
+    and /proc/self/fd the guest's descriptors only."""
+    if not p.options.container:
+        return None
+    directory = os.readlink(f"/proc/self/fd/{fd}")
+    if directory == f"/proc/{os.getpid()}/fd":
+        internal = p.internal_fds
+        return lambda name: None if int(name) in internal else name
+    if directory != "/proc":
         return None
 
     def rename(name: bytes) -> bytes | None:
