@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from popek.user.container.rootfs import RootFS
 from tests.test_exec import PROGRAMS, environment, program, run_qemu, sysroot
 
 SOURCES = Path(__file__).resolve().parent / "user"
@@ -320,3 +321,22 @@ def test_hostile_image_is_refused_and_writes_nothing_outside(case: str, tmp_path
     assert result.stderr.count(b"\n") == 1 and result.stderr.startswith(b"popek container: ")
     assert os.listdir(outside) == []
     assert not cache.exists() or os.listdir(cache) == []
+
+
+def test_directory_swapped_for_a_symlink_after_resolution_stays_inside(tmp_path: Path):
+    """What another process of the container could do between a path's resolution and
+    the host call: the resolved name still means the directory that was resolved."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "a").mkdir(parents=True)
+    outside.mkdir()
+    (root / "a" / "f").write_text("inside")
+    (outside / "f").write_text("SECRET")
+    rootfs = RootFS(str(root), [], host_pid=lambda pid: None, self_pid=lambda: 1,
+                    self_exe=lambda: b"")
+    host = rootfs.resolve(b"/a/f")
+    (root / "a").rename(root / "a-before")
+    (root / "a").symlink_to(outside)
+    with open(host) as f:
+        assert f.read() == "inside"
+    with pytest.raises(FileNotFoundError):  # a new resolution follows the link inside
+        rootfs.resolve(b"/a/f")

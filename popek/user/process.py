@@ -125,7 +125,7 @@ class Process:
                                  execfn if execfn is not None else os.fsencode(path),
                                  (uid, euid, gid, egid))
         self.brk_start = self.brk = loaded.brk
-        self.exe = os.path.abspath(path)
+        self.exe = os.path.realpath(path) if self.options.container else os.path.abspath(path)
         self.set_comm(os.path.basename(execfn if execfn is not None else os.fsencode(path)))
         self.dynamic = interp is not None
         self._reset_hart(loaded.entry, sp)
@@ -174,7 +174,10 @@ class Process:
     @property
     def internal_fds(self) -> frozenset[int]:
         """The emulator's own descriptors, which the guest may not touch."""
-        return self.signals.internal_fds | {self.vfork_done_fd}
+        internal = self.signals.internal_fds | {self.vfork_done_fd}
+        if self.options.container:
+            internal |= frozenset(self.options.container.rootfs.directory_fds)
+        return internal
 
     @staticmethod
     def open_fds() -> list[int]:
@@ -207,11 +210,7 @@ class Process:
 
     def _container_path(self, path: bytes, base: bytes | None = None, *, follow: bool = True,
                         write: bool = False) -> bytes:
-        rootfs = self.options.container.rootfs
-        host = rootfs.resolve(path, base, follow=follow)
-        if write:
-            rootfs.check_writable(host)
-        return host
+        return self.options.container.rootfs.resolve(path, base, follow=follow, write=write)
 
     def set_comm(self, name: bytes) -> None:
         """The process's name (prctl, /proc/N/stat); a container's other processes see it."""

@@ -4,22 +4,23 @@ Every guest path is resolved here, one component at a time, the way the kernel w
 a path under chroot: ``..`` stops at the root, an absolute symlink starts again at the
 root, a relative one continues where it is, and a bind mount's directory replaces the
 guest directory it is mounted on (its ``..`` is that directory's parent, in the guest).
-What comes out is a host path with no symlink left in it (except, when asked, the last
-component), so the host call that uses it cannot leave the container: gVisor's rule
-that every path resolves inside the sandbox's root.
+What comes out names the resolved directory by a descriptor, opened one component at
+a time from the mount's directory with O_NOFOLLOW (``/proc/self/fd/N/name``), so the
+host call that uses it cannot leave the container even if another process swaps a
+directory on the way for a symlink after the walk: gVisor's rule that every path
+resolves inside the sandbox's root.
 
 /proc is the host's, seen through the container's PID space: ``/proc/self`` and
 ``/proc/N`` name the container's own processes only, and the magic links under a
 process (root, cwd, exe, fd/N) lead back into the guest's tree, never to the host's.
-The walk and the host call are separate steps, so another process that swaps a
-directory for a symlink between them could win a race; guest processes do not share
-the host's view, so only something outside the container can try that.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,6 +28,9 @@ MAX_SYMLINKS = 40  # Linux's limit on links followed in one resolution (ELOOP)
 # Entries of a process in /proc that would reach popek itself rather than the guest.
 PROC_HIDDEN = frozenset({b"mem", b"map_files", b"pagemap", b"environ", b"auxv", b"cmdline"})
 DEVICES = (b"null", b"zero", b"full", b"random", b"urandom")  # bound into every /dev
+DIRECTORY_FDS_KEPT = 4  # a call resolves at most two paths; older descriptors are closed
+DIRECTORY_FD_MIN = 900  # out of the guest's way, below the signal layer's 1000
+WALK_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC
 STANDARD_STREAMS = {b"stdin": b"/proc/self/fd/0", b"stdout": b"/proc/self/fd/1",
                     b"stderr": b"/proc/self/fd/2"}
 
@@ -69,16 +73,44 @@ class RootFS:
         self.self_pid = self_pid
         self.self_exe = self_exe
         self.hidden_fds = hidden_fds
+        self.directory_fds: deque[int] = deque()  # of the last resolutions, popek's own
 
     # -- guest to host ---------------------------------------------------------------------
-    def resolve(self, path: bytes, base: bytes | None = None, *, follow: bool = True) -> bytes:
+    def resolve(self, path: bytes, base: bytes | None = None, *, follow: bool = True,
+                write: bool = False) -> bytes:
         """The host path of guest ``path``; relative paths start at host directory ``base``
-        (the current directory if None). Raises OSError(ENOENT...) as the kernel would."""
+        (the current directory if None). Raises OSError(ENOENT...) as the kernel would,
+        and EROFS for a call that would ``write`` to a read-only mount or /proc."""
         parts = self._walk(self._start(path, base), path.split(b"/"), follow)
-        if isinstance(parts, bytes):
-            return parts
-        host = self._host_of(parts)
+        if isinstance(parts, bytes) or parts[:1] == [b"proc"]:
+            host = parts if isinstance(parts, bytes) else self._host_of(parts)
+            if write:
+                self._check_proc_write(host)
+        else:
+            mount = self.mount_of(parts)
+            if write and mount.read_only:
+                raise OSError(errno.EROFS, "read-only file system")
+            host = self._pinned(mount, parts[len(mount.guest):])
         return host + b"/" if path.endswith(b"/") and not host.endswith(b"/") else host
+
+    def _pinned(self, mount: Mount, rest: list[bytes]) -> bytes:
+        """``mount.host/rest`` as ``/proc/self/fd/N/last``, N the directory reached from the
+        mount's one component at a time, never through a symlink."""
+        if not rest:
+            return mount.host
+        fd = os.open(mount.host, WALK_FLAGS)
+        try:
+            for name in rest[:-1]:
+                inner = os.open(name, WALK_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = inner
+            kept = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, DIRECTORY_FD_MIN)
+        finally:
+            os.close(fd)
+        self.directory_fds.append(kept)
+        while len(self.directory_fds) > DIRECTORY_FDS_KEPT:
+            os.close(self.directory_fds.popleft())
+        return b"/proc/self/fd/%d/%s" % (kept, rest[-1])
 
     def _start(self, path: bytes, base: bytes | None) -> list[bytes]:
         if not path:
@@ -198,16 +230,12 @@ class RootFS:
                 return mount
         raise AssertionError("the root mount holds every path")
 
-    def check_writable(self, host: bytes) -> None:
-        """Raise EROFS if ``host`` lies in a read-only bind mount, or in /proc except a
-        process's descriptors (/proc/sys would change the host)."""
-        if host.startswith(b"/proc/"):
-            parts = host.split(b"/")
-            if not (len(parts) == 5 and parts[2].isdigit() and parts[3] == b"fd"):
-                raise OSError(errno.EROFS, "read-only file system")
-            return
-        guest = self.to_guest(host)
-        if guest is not None and self.mount_of(_components(guest)).read_only:
+    @staticmethod
+    def _check_proc_write(host: bytes) -> None:
+        """/proc is read-only but for a process's descriptors (/proc/sys would change the
+        host)."""
+        parts = host.split(b"/")
+        if not (len(parts) == 5 and parts[2].isdigit() and parts[3] == b"fd"):
             raise OSError(errno.EROFS, "read-only file system")
 
     # -- host to guest ---------------------------------------------------------------------
