@@ -187,8 +187,9 @@ class RootFS:
         if len(parts) == 2 and parts[1] in (b"self", b"thread-self"):
             return b"/proc/%d" % self.self_pid()
         if len(parts) == 3 and parts[2] == b"exe":
-            exe = self.self_exe() if parts[1] == b"%d" % self.self_pid() else None
-            return self.to_guest(exe) if exe else None
+            if parts[1] != b"%d" % self.self_pid():  # the host's would name popek's Python
+                raise OSError(errno.ENOENT, "another process's program is not known")
+            return self.to_guest(self.self_exe())
         try:
             target = os.readlink(self._host_of(parts))
         except OSError as e:
