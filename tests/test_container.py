@@ -33,7 +33,7 @@ SOURCES = Path(__file__).resolve().parent / "user"
 CC = "riscv64-linux-gnu-gcc"
 INSTALL = "apt-get install gcc-riscv64-linux-gnu libc6-riscv64-cross (./quickstart does)"
 TIMEOUT = 300
-APPLETS = ("sh", "cat", "ls", "echo", "hostname", "id", "pwd", "mkdir", "rm", "ps")
+APPLETS = ("sh", "cat", "ls", "echo", "hostname", "id", "pwd", "mkdir", "rm", "ps", "sleep")
 LOADER = "ld-linux-riscv64-lp64d.so.1"
 
 
@@ -171,6 +171,16 @@ def test_shell_environment_workdir_volume_devices_and_ids(site: Path, tmp_path: 
     processes = [line.split() for line in lines[-3:-1]]  # ps: only the container's own
     assert processes[0] == ["1", "0", "[sh]"] and processes[1][1:] == ["0", "[ps]"], lines
     assert (site / "volume" / "made.txt").read_text() == "made\n"
+
+
+def test_processes_left_when_pid_1_ends_are_killed(site: Path):
+    """As when a PID namespace's init exits: a background job does not outlive it."""
+    late = site / "root" / "tmp" / "late"
+    result = run_container("--rootfs", str(site / "root"), "--", "sh", "-c",
+                           "(sleep 2; echo late > /tmp/late) & echo started")
+    assert result.stdout == b"started\n", result.stderr
+    time.sleep(3)
+    assert not late.exists()
 
 
 def test_cpus_caps_the_share_of_a_core(site: Path):
