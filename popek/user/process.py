@@ -86,7 +86,6 @@ class Process:
         self.scheduler = Scheduler(self)
         self.strace = Strace(self) if options.strace else None
         self.exe = ""  # host path of the running program (/proc/self/exe)
-        self.comm = b""  # its name for prctl(PR_GET_NAME)
         self.dynamic = False  # has an ELF interpreter: library paths go to the sysroot
         self.brk_start = self.brk = 0
         self.rlimits: dict[int, tuple[int, int]] = {}  # limits kept for the guest only
@@ -126,11 +125,11 @@ class Process:
                                  (uid, euid, gid, egid))
         self.brk_start = self.brk = loaded.brk
         self.exe = os.path.realpath(path) if self.options.container else os.path.abspath(path)
-        self.set_comm(os.path.basename(execfn if execfn is not None else os.fsencode(path)))
         self.dynamic = interp is not None
         self._reset_hart(loaded.entry, sp)
         self.signals.reset_for_exec()
         self.scheduler.keep_only_current(self.pid)
+        self.set_comm(os.path.basename(execfn if execfn is not None else os.fsencode(path)))
         self.close_on_exec()
 
     def _reset_hart(self, entry: int, sp: int) -> None:
@@ -213,10 +212,11 @@ class Process:
         return self.options.container.rootfs.resolve(path, base, follow=follow, write=write)
 
     def set_comm(self, name: bytes) -> None:
-        """The process's name (prctl, /proc/N/stat); a container's other processes see it."""
-        self.comm = name[:15]
+        """The running thread's name (prctl, /proc/N/stat); in a container, its other
+        processes see it."""
+        self.scheduler.current.comm = name[:15]
         if self.options.container:
-            self.options.container.namespace.set_comm(self.comm)
+            self.options.container.namespace.set_comm(name[:15])
 
     def end_of_slice(self) -> None:
         """Between time slices: a container's CPU cap sleeps off what was overspent."""

@@ -338,6 +338,11 @@ class Signals:
         self._set_host_action(sig)
         self._set_host_mask()
 
+    def set_threads(self, threads: list[ThreadSignals]) -> None:
+        """The process's threads changed (clone, exit, fork, execve)."""
+        self.threads = threads
+        self._set_host_mask()
+
     def set_mask(self, mask: int) -> None:
         self.thread.mask = mask & ~UNBLOCKABLE & ((1 << NSIG) - 1)
         self._set_host_mask()

@@ -75,6 +75,7 @@ class Thread:
     glet: greenlet | None = None
     wait: Wait | None = None
     instret: int = 0  # instructions it retired: each thread counts its own
+    comm: bytes = b""  # its name (prctl PR_SET_NAME, pthread_setname_np)
 
 
 class Scheduler:
@@ -140,11 +141,11 @@ class Scheduler:
         hart = self.process.hart
         signals = self.process.signals
         thread = Thread(tid=self.next_tid, x=regs, f=list(hart.f), fcsr=hart.csr[FCSR], pc=pc,
-                        signals=ThreadSignals(mask=signals.mask))
+                        signals=ThreadSignals(mask=signals.mask), comm=self.current.comm)
         self.next_tid += 1
         thread.glet = greenlet(lambda: self._body(thread), parent=self.hub)
         self.threads[thread.tid] = thread
-        signals.threads.append(thread.signals)
+        signals.set_threads([*signals.threads, thread.signals])
         self.runnable.append(thread)
         return thread
 
@@ -152,7 +153,8 @@ class Scheduler:
         """The running thread ends (never returns); the last thread's exit is the caller's."""
         thread = self.current
         del self.threads[thread.tid]
-        self.process.signals.threads.remove(thread.signals)
+        signals = self.process.signals
+        signals.set_threads([t for t in signals.threads if t is not thread.signals])
         self.on_hart = None
         raise ThreadExit()
 
@@ -167,7 +169,7 @@ class Scheduler:
         self.runnable.clear()
         self.parked.clear()
         self.futexes.clear()
-        self.process.signals.threads[:] = [current.signals]
+        self.process.signals.set_threads([current.signals])
 
     # -- switching ----------------------------------------------------------------------
     def _save(self, thread: Thread) -> None:

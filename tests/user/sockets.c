@@ -1,10 +1,13 @@
 /* Sockets under popek exec and qemu-riscv64: a TCP echo server in a thread (its
    blocking accept and reads must not stop the client in the main thread), IPv6 and
    UDP on loopback, a Unix stream server in a forked child, a Unix datagram pair, and
-   a descriptor passed with SCM_RIGHTS. Prints nothing that varies between runs. */
+   a descriptor passed with SCM_RIGHTS, batches, a receive timeout, and one write()
+   larger than a socket holds, read by another thread. Prints nothing that varies
+   between runs. */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <ctype.h>
+#include <errno.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <pthread.h>
@@ -121,6 +124,12 @@ static void udp_and_ipv6(void) {
     for (int i = 0; i < m; i++)
         printf(" %.*s(%u)", (int)got[i].msg_len, slots[i], got[i].msg_len);
     printf("\n");
+
+    struct timeval limit = {0, 20000};
+    setsockopt(b, SOL_SOCKET, SO_RCVTIMEO, &limit, sizeof limit);
+    errno = 0;
+    printf("recv past SO_RCVTIMEO: %zd %s\n", recv(b, buf, sizeof buf, 0),
+           errno == EAGAIN ? "EAGAIN" : "?");
     close(a);
     close(b);
 
@@ -221,10 +230,38 @@ static void unix_sockets(const char *dir) {
     printf("rights: level %d type %d: %.*s\n", rcm->cmsg_level, rcm->cmsg_type, (int)n, buf);
 }
 
+#define STREAMED (1024 * 1024)
+static int stream_pair[2];
+
+static void *stream_reader(void *arg) {
+    static char buf[65536];
+    long got = 0;
+    ssize_t n;
+    while ((n = read(stream_pair[1], buf, sizeof buf)) > 0)
+        got += n;
+    *(long *)arg = got;
+    return NULL;
+}
+
+/* One write() of more than the socket holds, read by another thread. */
+static void big_write_to_a_thread(void) {
+    static char data[STREAMED];
+    memset(data, 'z', sizeof data);
+    socketpair(AF_UNIX, SOCK_STREAM, 0, stream_pair);
+    long got = 0;
+    pthread_t t;
+    pthread_create(&t, NULL, stream_reader, &got);
+    ssize_t written = write(stream_pair[0], data, sizeof data);
+    shutdown(stream_pair[0], SHUT_WR);
+    pthread_join(t, NULL);
+    printf("big write: %zd written, %ld read\n", written, got);
+}
+
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IONBF, 0);
     tcp();
     udp_and_ipv6();
     unix_sockets(argc > 1 ? argv[1] : "/tmp");
+    big_write_to_a_thread();
     return 0;
 }

@@ -9,8 +9,6 @@ a signal the guest handles interrupts them as the kernel would.
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import fcntl
 import os
 import select
@@ -99,8 +97,10 @@ def _write(p: Process, fd: int, data: bytes) -> int:
             raise
         piece = data[written:written + PIPE_BUF]
         if stat.S_ISSOCK(mode):
-            sent = libc.send(fd, piece, len(piece), MSG_DONTWAIT)
-            written += check(sent) if sent >= 0 or ctypes.get_errno() != errno.EAGAIN else 0
+            try:
+                written += check(libc.send(fd, piece, len(piece), MSG_DONTWAIT))
+            except BlockingIOError:
+                pass  # another writer took the room first: wait again
         else:
             written += os.write(fd, piece)  # poll said a pipe buffer is free: cannot block
     return written

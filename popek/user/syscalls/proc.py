@@ -123,7 +123,7 @@ def prctl(p: Process, option: int, arg2: int) -> int:
         p.set_comm(p.space.read_cstr(arg2, 4096))
         return 0
     if option == PR_GET_NAME:
-        p.space.write(arg2, p.comm.ljust(16, b"\0"))
+        p.space.write(arg2, p.scheduler.current.comm.ljust(16, b"\0"))
         return 0
     raise SyscallError(Errno.EINVAL)
 
@@ -144,7 +144,7 @@ def clone(p: Process, flags: int, newsp: int, ptid: int, tls: int, ctid: int) ->
     pid = os.fork()
     if pid == 0:
         p.scheduler.keep_only_current(p.pid)
-        p.set_comm(p.comm)
+        p.set_comm(p.scheduler.current.comm)
         _child(p, flags, newsp, tls, ctid, done_r, done_w)
         return 0
     pid = p.new_child(pid)

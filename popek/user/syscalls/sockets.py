@@ -7,8 +7,8 @@ the SOCK_*/MSG_* flags the same on riscv64 as on a 64-bit little-endian host, so
 addresses and options pass as raw bytes through the C library; only msghdr's and
 iovec's guest pointers become host buffers. A call on a blocking socket never blocks
 the host: it is made with MSG_DONTWAIT (connect on a socket made non-blocking for the
-moment), and if it would block, the thread waits in the scheduler for the socket and
-tries again while the other threads run.
+moment), and if it would block, the thread waits in the scheduler for the socket (as
+long as SO_RCVTIMEO or SO_SNDTIMEO allow) and tries again while the other threads run.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ OPTION_MAX = 4096
 MMSGHDR_SIZE = structs.MSGHDR.size + 8  # struct mmsghdr: the msghdr, msg_len, padding
 MSG_WAITFORONE = 0x10000
 CONTROL_MAX = 1 << 16
-SOL_SOCKET, SO_ERROR, SO_ACCEPTCONN = 1, 4, 30
+SOL_SOCKET, SO_ERROR, SO_RCVTIMEO, SO_SNDTIMEO, SO_ACCEPTCONN = 1, 4, 20, 21, 30
 EINPROGRESS = 115  # Linux's number on every architecture
 
 
@@ -110,15 +110,31 @@ def _option(fd: int, name: int) -> int:
 def _without_blocking(p: Process, fd: int, events: int, flags: int,
                       call: Callable[[int], int]) -> int:
     """``call(flags | MSG_DONTWAIT)``; on a blocking socket, waits and retries until it
-    would no longer block."""
+    would no longer block, or until the socket's SO_RCVTIMEO or SO_SNDTIMEO passes."""
     blocking = not flags & MSG_DONTWAIT and os.get_blocking(fd)
+    deadline: float | None = None
     while True:
         try:
             return check(call(flags | MSG_DONTWAIT))
         except BlockingIOError:
             if not blocking:
                 raise
-        p.scheduler.wait([(fd, events)], None)
+        if deadline is None:
+            limit = _timeout_option(fd, SO_RCVTIMEO if events == select.POLLIN else SO_SNDTIMEO)
+            deadline = time.monotonic() + limit if limit else float("inf")
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise SyscallError(Errno.EAGAIN)
+        p.scheduler.wait([(fd, events)], None if left == float("inf") else left)
+
+
+def _timeout_option(fd: int, name: int) -> float:
+    """SO_RCVTIMEO or SO_SNDTIMEO in seconds, 0 for none (struct timeval, same layouts)."""
+    value = ctypes.create_string_buffer(structs.TIMESPEC.size)
+    size = ctypes.c_uint32(structs.TIMESPEC.size)
+    check(libc.getsockopt(fd, SOL_SOCKET, name, value, ctypes.byref(size)))
+    sec, usec = structs.TIMESPEC.unpack(value.raw)
+    return sec + usec / 1e6
 
 
 @syscall("socket")
