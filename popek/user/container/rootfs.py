@@ -255,10 +255,6 @@ class RootFS:
             raise OSError(errno.ENOENT, "the current directory is outside the container")
         return _components(guest)
 
-    def is_proc(self, host_dir: bytes) -> bool:
-        """Whether ``host_dir`` is /proc itself, whose process entries are filtered."""
-        return os.path.normpath(host_dir) == b"/proc"
-
 
 
 def _components(path: bytes) -> tuple[bytes, ...]:
