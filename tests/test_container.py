@@ -148,8 +148,9 @@ def test_dynamic_program_and_lua_print_what_they_print_under_qemu(site: Path):
 
 
 def test_shell_environment_workdir_volume_devices_and_ids(site: Path, tmp_path: Path):
-    """-e, -w, a writable volume, /dev, a read-only /proc, and owners: the invoking user's
-    files are root's inside, anyone else's are nobody's (65534)."""
+    """-e, -w, a writable volume, /dev, a read-only /proc, owners (the invoking user's
+    files are root's inside, anyone else's nobody's, 65534), and a hostname one process
+    sets and the next reads."""
     other = tmp_path / "other"
     other.mkdir()
     (other / "mine").write_text("")
@@ -163,10 +164,11 @@ def test_shell_environment_workdir_volume_devices_and_ids(site: Path, tmp_path: 
                            "echo to-stdout > /dev/stdout; echo gone > /dev/null; "
                            "echo 1 > /proc/sys/kernel/hostname || echo refused; "
                            "ls -ln /other/mine /hostetc/passwd | while read m l u rest; "
-                           "do echo $u; done; ps; echo end")
+                           "do echo $u; done; hostname renamed; hostname; ps; echo end")
     lines = result.stdout.decode().splitlines()
     assert lines[:-4] == ["hi there shell-box", "/data", "shell-box", "0", "from the volume",
-                          "inside", "to-stdout", "refused", str(expected_etc), "0"], \
+                          "inside", "to-stdout", "refused", str(expected_etc), "0",
+                          "renamed"], \
         result.stderr
     processes = [line.split() for line in lines[-3:-1]]  # ps: only the container's own
     assert processes[0] == ["1", "0", "[sh]"] and processes[1][1:] == ["0", "[ps]"], lines
