@@ -219,7 +219,8 @@ class Process:
             self.options.container.namespace.set_comm(name[:15])
 
     def end_of_slice(self) -> None:
-        """Between time slices: a container's CPU cap sleeps off what was overspent."""
+        """Between time slices: a container's CPU cap sleeps off what all its processes
+        overspent together."""
         cap = self.options.container.cpu_cap if self.options.container else None
         if cap is not None:
             delay = cap.delay()

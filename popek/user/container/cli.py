@@ -58,7 +58,7 @@ def add_container_args(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--memory", metavar="SIZE",
                      help="limit on the container's mapped memory (e.g. 64m, 1g)")
     run.add_argument("--cpus", type=float, metavar="N",
-                     help="CPU cap of each process, in cores (e.g. 0.5)")
+                     help="CPU cap of the whole container, in cores (e.g. 0.5, 2)")
     run.add_argument("--strace", action="store_true",
                      help="print every system call and its result on stderr")
     run.add_argument("--engine", choices=TIERS, default=DEFAULT_TIER,
@@ -110,7 +110,11 @@ def _run_in(args: argparse.Namespace, root: str, spec: ImageSpec) -> int:
                     host_pid=namespace.to_host, self_pid=namespace.self_pid,
                     self_exe=lambda: os.fsencode(process.exe),
                     hidden_fds=lambda: process.internal_fds)
-    cap = CpuCap(min(args.cpus, 1.0) * 100) if args.cpus is not None else None
+    cap = None
+    if args.cpus is not None:  # N cores: the container's CPU time counted in Nths
+        scale = max(args.cpus, 1.0)
+        cap = CpuCap(min(args.cpus, 1.0) * 100,
+                     cpu_clock=lambda: namespace.cpu_seconds() / scale)
     container = Container(rootfs, namespace, args.network, cpu_cap=cap)
     env = _environment(spec.env, args.env, hostname)
     workdir = (args.workdir or spec.workdir or "/").encode()

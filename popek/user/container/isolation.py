@@ -29,7 +29,7 @@ class Container:
     rootfs: RootFS
     namespace: Namespace
     network: str = "host"  # or "none": loopback only
-    cpu_cap: CpuCap | None = None  # each process's share of one host core
+    cpu_cap: CpuCap | None = None  # on the container's CPU time, checked by each process
     host_uid: int = field(default_factory=os.getuid)
     host_gid: int = field(default_factory=os.getgid)
 

@@ -1,4 +1,4 @@
-"""What a container's processes share: the PID table, the hostname and memory in use.
+"""What a container's processes share: the PID table, hostname, memory and CPU in use.
 
 A container's processes are host processes (fork is the host's fork), so what they
 share lives in one anonymous shared mapping made before the first fork: every
@@ -15,6 +15,7 @@ import mmap
 import multiprocessing
 import os
 import struct
+import time
 
 MAX_PIDS = 4096  # guest pids 1..MAX_PIDS-1; fork fails with EAGAIN beyond
 HOSTNAME_MAX = 64  # __NEW_UTS_LEN
@@ -23,7 +24,8 @@ COMM_SIZE = 16  # TASK_COMM_LEN
 PID_TABLE = HEADER.size
 MEMORY_TABLE = PID_TABLE + 4 * MAX_PIDS
 COMM_TABLE = MEMORY_TABLE + 8 * MAX_PIDS
-SIZE = COMM_TABLE + COMM_SIZE * MAX_PIDS
+CPU_TABLE = COMM_TABLE + COMM_SIZE * MAX_PIDS
+SIZE = CPU_TABLE + 8 * MAX_PIDS
 FIRST_CHILD = 2
 
 
@@ -38,6 +40,7 @@ class Namespace:
         self._shared = mmap.mmap(-1, SIZE)  # MAP_SHARED | MAP_ANONYMOUS: kept across fork
         self._pids = memoryview(self._shared)[PID_TABLE:MEMORY_TABLE].cast("i")
         self._memory = memoryview(self._shared)[MEMORY_TABLE:COMM_TABLE].cast("q")
+        self._cpu = memoryview(self._shared)[CPU_TABLE:SIZE].cast("d")
         self._lock = multiprocessing.get_context("fork").Lock()
         self.memory_limit = memory_limit
         HEADER.pack_into(self._shared, 0, FIRST_CHILD, hostname[:HOSTNAME_MAX])
@@ -57,6 +60,7 @@ class Namespace:
                 if not self._pids[guest]:
                     self._pids[guest] = host_pid
                     self._memory[guest] = 0
+                    self._cpu[guest] = 0.0
                     self._shared[COMM_TABLE + COMM_SIZE * guest:
                                  COMM_TABLE + COMM_SIZE * (guest + 1)] = bytes(COMM_SIZE)
                     struct.pack_into("<i", self._shared, 0, guest + 1)
@@ -105,6 +109,13 @@ class Namespace:
     def comm(self, guest_pid: int) -> bytes:
         start = COMM_TABLE + COMM_SIZE * guest_pid
         return self._shared[start:start + COMM_SIZE].split(b"\0", 1)[0]
+
+    # -- CPU -----------------------------------------------------------------------------
+    def cpu_seconds(self) -> float:
+        """CPU time of the container's live processes, this one's brought up to date."""
+        self._cpu[self.self_pid()] = time.process_time()
+        return sum(seconds for pid, seconds in zip(self._pids.tolist(), self._cpu.tolist(),
+                                                   strict=True) if pid)
 
     # -- UTS ---------------------------------------------------------------------------
     @property
