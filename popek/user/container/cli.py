@@ -122,7 +122,11 @@ def _run_in(args: argparse.Namespace, root: str, spec: ImageSpec) -> int:
         os.chdir(rootfs.resolve(workdir))
     except OSError as e:
         raise UsageError(f"working directory {workdir.decode()}: {e.strerror}") from None
-    process = Process(ExecOptions(strace=args.strace, engine=args.engine, container=container))
+    try:
+        process = Process(ExecOptions(strace=args.strace, engine=args.engine,
+                                      container=container))
+    except OSError as e:  # e.g. the host refuses to reserve the guest's address space
+        raise UsageError(f"cannot create the process VM: {e}") from None
     program = _find_program(rootfs, argv[0].encode(), env)
     try:
         process.execve(os.fsdecode(program), [a.encode() for a in argv], env,
