@@ -130,6 +130,9 @@ static void udp_and_ipv6(void) {
     errno = 0;
     printf("recv past SO_RCVTIMEO: %zd %s\n", recv(b, buf, sizeof buf, 0),
            errno == EAGAIN ? "EAGAIN" : "?");
+    errno = 0;
+    printf("read past SO_RCVTIMEO: %zd %s\n", read(b, buf, sizeof buf),
+           errno == EAGAIN ? "EAGAIN" : "?");
     close(a);
     close(b);
 

@@ -9,6 +9,7 @@ a signal the guest handles interrupts them as the kernel would.
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import os
 import select
@@ -29,6 +30,7 @@ from popek.user.syscalls.registry import i32, i64, syscall
 if TYPE_CHECKING:
     from popek.user.process import Process
 
+SOL_SOCKET, SO_RCVTIMEO, SO_SNDTIMEO = 1, 20, 21
 PIPE_BUF = 4096  # a pipe that polls writable takes this much without blocking
 MSG_DONTWAIT = 0x40
 IO_LIMIT = 1 << 24  # bytes moved per call at most; callers loop, as with any short read
@@ -55,10 +57,30 @@ def check_fd(p: Process, fd: int) -> int:
 
 
 def wait_ready(p: Process, fd: int, events: int) -> None:
-    """Block until ``fd`` is ready, unless it is non-blocking (then the call says EAGAIN)."""
-    if not os.get_blocking(fd):
+    """Block until ``fd`` is ready, unless it is non-blocking (then the call says EAGAIN);
+    a socket waits no longer than its SO_RCVTIMEO or SO_SNDTIMEO (then EAGAIN too)."""
+    if not os.get_blocking(fd) or _ready_now(fd, events):
         return
-    p.scheduler.wait([(fd, events)], None)
+    if not p.scheduler.wait([(fd, events)], socket_timeout(fd, events)):
+        raise SyscallError(Errno.EAGAIN)
+
+
+def _ready_now(fd: int, events: int) -> bool:
+    poller = select.poll()
+    poller.register(fd, events)
+    return bool(poller.poll(0))
+
+
+def socket_timeout(fd: int, events: int) -> float | None:
+    """The socket's SO_RCVTIMEO (waiting to read) or SO_SNDTIMEO in seconds; None if it
+    has none or is no socket. struct timeval is laid out alike on both sides."""
+    name = SO_RCVTIMEO if events & select.POLLIN else SO_SNDTIMEO
+    value = ctypes.create_string_buffer(structs.TIMESPEC.size)
+    size = ctypes.c_uint32(structs.TIMESPEC.size)
+    if libc.getsockopt(fd, SOL_SOCKET, name, value, ctypes.byref(size)) < 0:
+        return None
+    sec, usec = structs.TIMESPEC.unpack(value.raw)
+    return sec + usec / 1e6 or None
 
 
 def _read(p: Process, fd: int, count: int) -> bytes:
@@ -88,10 +110,12 @@ def _write(p: Process, fd: int, data: bytes) -> int:
     if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
         return os.write(fd, data)
     written = 0
+    limit = socket_timeout(fd, select.POLLOUT)
     while written < len(data):
         try:
-            p.scheduler.wait([(fd, select.POLLOUT)], None)
-        except Interrupted:
+            if not p.scheduler.wait([(fd, select.POLLOUT)], limit):
+                raise SyscallError(Errno.EAGAIN)  # SO_SNDTIMEO passed
+        except (Interrupted, SyscallError):
             if written:
                 return written
             raise

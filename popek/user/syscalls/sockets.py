@@ -28,9 +28,11 @@ from popek.user.syscalls.files import (
     IO_LIMIT,
     IOV_MAX,
     MSG_DONTWAIT,
+    SOL_SOCKET,
     check_fd,
     gather,
     scatter,
+    socket_timeout,
     timeout_seconds,
     wait_ready,
 )
@@ -44,7 +46,7 @@ OPTION_MAX = 4096
 MMSGHDR_SIZE = structs.MSGHDR.size + 8  # struct mmsghdr: the msghdr, msg_len, padding
 MSG_WAITFORONE = 0x10000
 CONTROL_MAX = 1 << 16
-SOL_SOCKET, SO_ERROR, SO_RCVTIMEO, SO_SNDTIMEO, SO_ACCEPTCONN = 1, 4, 20, 21, 30
+SO_ERROR, SO_ACCEPTCONN = 4, 30
 EINPROGRESS = 115  # Linux's number on every architecture
 
 
@@ -120,21 +122,12 @@ def _without_blocking(p: Process, fd: int, events: int, flags: int,
             if not blocking:
                 raise
         if deadline is None:
-            limit = _timeout_option(fd, SO_RCVTIMEO if events == select.POLLIN else SO_SNDTIMEO)
-            deadline = time.monotonic() + limit if limit else float("inf")
+            limit = socket_timeout(fd, events)
+            deadline = float("inf") if limit is None else time.monotonic() + limit
         left = deadline - time.monotonic()
         if left <= 0:
             raise SyscallError(Errno.EAGAIN)
         p.scheduler.wait([(fd, events)], None if left == float("inf") else left)
-
-
-def _timeout_option(fd: int, name: int) -> float:
-    """SO_RCVTIMEO or SO_SNDTIMEO in seconds, 0 for none (struct timeval, same layouts)."""
-    value = ctypes.create_string_buffer(structs.TIMESPEC.size)
-    size = ctypes.c_uint32(structs.TIMESPEC.size)
-    check(libc.getsockopt(fd, SOL_SOCKET, name, value, ctypes.byref(size)))
-    sec, usec = structs.TIMESPEC.unpack(value.raw)
-    return sec + usec / 1e6
 
 
 @syscall("socket")
@@ -303,22 +296,30 @@ def recvmsg(p: Process, fd: int, msg: int, flags: int) -> int:
     return count
 
 
-@syscall("sendmmsg")
-def sendmmsg(p: Process, fd: int, msgvec: int, vlen: int, flags: int) -> int:
-    """Several sendmsg; after the first, an error ends the batch (glibc's resolver sends
-    its A and AAAA queries this way)."""
-    sent = 0
+def _batch(p: Process, msgvec: int, vlen: int, one: Callable[[int, int], int],
+           more: Callable[[], bool] = lambda: True) -> int:
+    """``one(entry, done)`` for each struct mmsghdr of the vector, its result stored in the
+    entry's msg_len; an error after the first ends the batch, as does ``more()`` false."""
+    done = 0
     for i in range(min(vlen, IOV_MAX)):
         entry = msgvec + i * MMSGHDR_SIZE
         try:
-            count = sendmsg(p, fd, entry, flags)
+            count = one(entry, done)
         except (SyscallError, OSError, GuestFault):
-            if sent:
+            if done:
                 break
             raise
         p.space.write(entry + structs.MSGHDR.size, structs.U32.pack(count))
-        sent += 1
-    return sent
+        done += 1
+        if not more():
+            break
+    return done
+
+
+@syscall("sendmmsg")
+def sendmmsg(p: Process, fd: int, msgvec: int, vlen: int, flags: int) -> int:
+    """Several sendmsg (glibc's resolver sends its A and AAAA queries this way)."""
+    return _batch(p, msgvec, vlen, lambda entry, done: sendmsg(p, fd, entry, flags))
 
 
 @syscall("recvmmsg")
@@ -328,23 +329,14 @@ def recvmmsg(p: Process, fd: int, msgvec: int, vlen: int, flags: int, timeout: i
     seconds = timeout_seconds(p, timeout)
     deadline = None if seconds is None else time.monotonic() + seconds
     flags = i32(flags)
-    received = 0
-    for i in range(min(vlen, IOV_MAX)):
-        entry = msgvec + i * MMSGHDR_SIZE
-        each = flags & ~MSG_WAITFORONE
-        if received and flags & MSG_WAITFORONE:
-            each |= MSG_DONTWAIT
-        try:
-            count = recvmsg(p, fd, entry, each)
-        except (SyscallError, OSError, GuestFault):
-            if received:
-                break
-            raise
-        p.space.write(entry + structs.MSGHDR.size, structs.U32.pack(count))
-        received += 1
-        if deadline is not None and time.monotonic() >= deadline:
-            break
-    return received
+    each = flags & ~MSG_WAITFORONE
+
+    def one(entry: int, done: int) -> int:
+        nowait = MSG_DONTWAIT if done and flags & MSG_WAITFORONE else 0
+        return recvmsg(p, fd, entry, each | nowait)
+
+    return _batch(p, msgvec, vlen, one,
+                  lambda: deadline is None or time.monotonic() < deadline)
 
 
 @syscall("setsockopt")
