@@ -27,11 +27,9 @@ from pathlib import Path
 import pytest
 
 from popek.user.container.rootfs import RootFS
+from tests.cross_built import CC, INSTALL, SOURCES, build
 from tests.test_exec import PROGRAMS, environment, program, run_qemu, sysroot
 
-SOURCES = Path(__file__).resolve().parent / "user"
-CC = "riscv64-linux-gnu-gcc"
-INSTALL = "apt-get install gcc-riscv64-linux-gnu libc6-riscv64-cross (./quickstart does)"
 TIMEOUT = 300
 APPLETS = ("sh", "cat", "ls", "echo", "hostname", "id", "pwd", "mkdir", "rm", "ps", "sleep")
 LOADER = "ld-linux-riscv64-lp64d.so.1"
@@ -145,6 +143,16 @@ def test_dynamic_program_and_lua_print_what_they_print_under_qemu(site: Path):
         assert inside.stdout == reference.stdout.replace(str(PROGRAMS / name).encode(),
                                                          name.encode()), inside.stderr
         assert inside.returncode == reference.returncode
+
+
+def test_socket_program_prints_what_it_prints_under_qemu(site: Path, tmp_path: Path):
+    """TCP, UDP, IPv6 and Unix sockets (bound inside the container's /tmp) between
+    threads, as under qemu-riscv64 outside."""
+    sockets = build(site / "root" / "bin", "sockets")
+    reference = run_qemu([str(sockets), str(tmp_path)])
+    inside = run_container("--rootfs", str(site / "root"), "--", "/bin/sockets", "/tmp")
+    assert inside.stdout == reference.stdout, inside.stderr[-2000:]
+    assert inside.returncode == reference.returncode
 
 
 def test_shell_environment_workdir_volume_devices_and_ids(site: Path, tmp_path: Path):
