@@ -352,8 +352,8 @@ def test_directory_swapped_for_a_symlink_after_resolution_stays_inside(tmp_path:
     outside.mkdir()
     (root / "a" / "f").write_text("inside")
     (outside / "f").write_text("SECRET")
-    rootfs = RootFS(str(root), [], host_pid=lambda pid: None, self_pid=lambda: 1,
-                    self_exe=lambda: b"")
+    rootfs = RootFS(str(root), [], host_pid=lambda pid: None, guest_pid=lambda pid: 0,
+                    self_pid=lambda: 1, self_exe=lambda: b"")
     host = rootfs.resolve(b"/a/f")
     (root / "a").rename(root / "a-before")
     (root / "a").symlink_to(outside)

@@ -107,7 +107,8 @@ def _run_in(args: argparse.Namespace, root: str, spec: ImageSpec) -> int:
     namespace = Namespace(hostname.encode(), memory)
     process: Process | None = None
     rootfs = RootFS(root, [parse_volume(v) for v in args.volume],
-                    host_pid=namespace.to_host, self_pid=namespace.self_pid,
+                    host_pid=namespace.to_host, guest_pid=namespace.to_guest,
+                    self_pid=namespace.self_pid,
                     self_exe=lambda: os.fsencode(process.exe),
                     hidden_fds=lambda: process.internal_fds)
     cap = None

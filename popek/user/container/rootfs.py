@@ -57,19 +57,22 @@ class Mount:
 class RootFS:
     """Resolves guest paths to host paths inside ``root`` and the bind mounts.
 
-    ``host_pid`` maps a guest pid to the host's (None if it is not the container's);
+    ``host_pid`` maps a guest pid to the host's (None if it is not the container's),
+    ``guest_pid`` back (0 if it is not);
     ``self_pid`` is the calling process's guest pid and ``self_exe`` the host path of the
     program it runs (the host's /proc would name popek's interpreter); ``hidden_fds`` are
     popek's own descriptors, which /proc/self/fd does not show.
     """
 
     def __init__(self, root: str, mounts: list[Mount], *, host_pid: Callable[[int], int | None],
-                 self_pid: Callable[[], int], self_exe: Callable[[], bytes],
+                 guest_pid: Callable[[int], int], self_pid: Callable[[], int],
+                 self_exe: Callable[[], bytes],
                  hidden_fds: Callable[[], frozenset[int]] = frozenset) -> None:
         devices = [Mount((b"dev", name), b"/dev/" + name) for name in DEVICES]
         self.mounts = [Mount((), os.fsencode(os.path.realpath(root))), *devices, *mounts]
         self.mounts.sort(key=lambda m: len(m.guest))  # the deepest mount wins: searched last
         self.host_pid = host_pid
+        self.guest_pid = guest_pid
         self.self_pid = self_pid
         self.self_exe = self_exe
         self.hidden_fds = hidden_fds
@@ -250,7 +253,13 @@ class RootFS:
         return None
 
     def guest_components(self, host: bytes) -> tuple[bytes, ...]:
-        guest = self.to_guest(host) if not host.startswith(b"/proc/") else host
+        """The guest components of host directory ``host`` (a relative path's start)."""
+        if host == b"/proc" or host.startswith(b"/proc/"):
+            parts = list(_components(host))
+            if len(parts) > 1 and parts[1].isdigit():  # /proc/<host pid>/...
+                parts[1] = b"%d" % self.guest_pid(int(parts[1]))
+            return tuple(parts)
+        guest = self.to_guest(host)
         if guest is None:
             raise OSError(errno.ENOENT, "the current directory is outside the container")
         return _components(guest)
