@@ -15,6 +15,8 @@ from collections.abc import Callable
 from popek.isa.disasm import DisasmError, disassemble_elf
 from popek.machine.cli import add_run_args, cmd_run
 from popek.user.cli import EXEC_HELP, add_exec_args, cmd_exec
+from popek.user.container.cli import HELP as CONTAINER_HELP
+from popek.user.container.cli import add_container_args, cmd_container
 from popek.vmm.cli import add_net_args, add_serve_args, add_vm_args, cmd_net, cmd_serve, cmd_vm
 
 EXIT_USAGE = 2  # like argparse: the input was unusable
@@ -48,6 +50,7 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Han
     "run": ("boot a guest on the virt board (default: the bundled Linux)", add_run_args,
             cmd_run),
     "exec": (EXEC_HELP, add_exec_args, cmd_exec),
+    "container": (CONTAINER_HELP, add_container_args, cmd_container),
     "disasm": ("disassemble an ELF file's code like objdump -d", _disasm_args, cmd_disasm),
     "serve": ("run the VMM: guests in worker processes behind a REST API", add_serve_args,
               cmd_serve),

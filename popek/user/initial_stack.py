@@ -39,8 +39,9 @@ HWCAP = sum(1 << (ord(letter) - ord("a")) for letter in "imafdc")
 
 
 def build(space: AddressSpace, top: int, loaded: LoadedProgram, argv: list[bytes],
-          envp: list[bytes], execfn: bytes) -> int:
-    """Write the initial stack below ``top``; returns the initial sp."""
+          envp: list[bytes], execfn: bytes, ids: tuple[int, int, int, int]) -> int:
+    """Write the initial stack below ``top``; returns the initial sp. ``ids`` are the
+    uid, euid, gid and egid the program sees."""
     pos = top
 
     def push(data: bytes) -> int:
@@ -57,8 +58,8 @@ def build(space: AddressSpace, top: int, loaded: LoadedProgram, argv: list[bytes
     auxv = [
         (AT_PHDR, loaded.phdr), (AT_PHENT, loaded.phentsize), (AT_PHNUM, loaded.phnum),
         (AT_PAGESZ, PAGE_SIZE), (AT_BASE, loaded.interp_base), (AT_FLAGS, 0),
-        (AT_ENTRY, loaded.program_entry), (AT_UID, os.getuid()), (AT_EUID, os.geteuid()),
-        (AT_GID, os.getgid()), (AT_EGID, os.getegid()), (AT_HWCAP, HWCAP),
+        (AT_ENTRY, loaded.program_entry), (AT_UID, ids[0]), (AT_EUID, ids[1]),
+        (AT_GID, ids[2]), (AT_EGID, ids[3]), (AT_HWCAP, HWCAP),
         (AT_CLKTCK, CLOCK_TICKS), (AT_SECURE, 0), (AT_RANDOM, random_addr),
         (AT_EXECFN, execfn_addr), (AT_NULL, 0),
     ]

@@ -9,8 +9,11 @@ copying it is exactly right) and execve replaces the image in place.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,6 +30,8 @@ from popek.user.address_space import (
     USER_TOP,
     AddressSpace,
 )
+from popek.user.container.isolation import Container
+from popek.user.container.namespace import NoPidLeft
 from popek.user.control import ProcessExit, Terminated
 from popek.user.fileflags import FD_CLOEXEC
 from popek.user.linux_errno import Errno
@@ -44,6 +49,8 @@ MSTATUS_FS_DIRTY = 3 << 13
 COUNTERS = 0b111  # cycle, time, instret readable from U-mode
 LIBRARY_PREFIXES = (b"/lib/", b"/lib64/", b"/usr/lib/", b"/usr/lib64/")
 SELF_EXE = (b"/proc/self/exe", b"/proc/thread-self/exe")
+STAT_EXTRA_FIELDS = ("st_atime", "st_mtime", "st_ctime", "st_atime_ns", "st_mtime_ns",
+                     "st_ctime_ns", "st_blksize", "st_blocks", "st_rdev")
 
 # Exceptions other than ecall, as the signal and si_code Linux sends for them.
 FAULT_SIGNALS: dict[int, tuple[int, int]] = {
@@ -63,6 +70,7 @@ class ExecOptions:
     sysroot: str | None = None
     strace: bool = False
     engine: str | None = None  # execution tier; None: the default tier
+    container: Container | None = None  # None: the process sees the host
 
 
 class Process:
@@ -101,7 +109,10 @@ class Process:
         if strings > ARG_MAX:
             raise elf_loader.ExecError(f"{path}: argument list too long", Errno.E2BIG)
         interp = None
-        if image.interpreter:
+        if image.interpreter and self.options.container:
+            interp = elf_loader.read_image(os.fsdecode(self._container_path(
+                os.fsencode(image.interpreter))))
+        elif image.interpreter:
             interp = elf_loader.read_image(
                 elf_loader.resolve_interpreter(image.interpreter, self.options.sysroot))
         self.space.clear()
@@ -110,15 +121,18 @@ class Process:
         self.space.map(STACK_TOP - STACK_SIZE, STACK_SIZE, PROT_READ | PROT_WRITE)
         self.space.map(TRAMPOLINE, PAGE_SIZE, PROT_READ | PROT_EXEC)
         self.mem.write(TRAMPOLINE, signals.SIGRETURN_CODE)
+        uid, gid = self.guest_ids(os.getuid(), os.getgid())
+        euid, egid = self.guest_ids(os.geteuid(), os.getegid())
         sp = initial_stack.build(self.space, STACK_TOP, loaded, argv, envp,
-                                 execfn if execfn is not None else os.fsencode(path))
+                                 execfn if execfn is not None else os.fsencode(path),
+                                 (uid, euid, gid, egid))
         self.brk_start = self.brk = loaded.brk
-        self.exe = os.path.abspath(path)
+        self.exe = os.path.realpath(path) if self.options.container else os.path.abspath(path)
         self.dynamic = interp is not None
         self._reset_hart(loaded.entry, sp)
         self.signals.reset_for_exec()
-        self.scheduler.keep_only_current(os.getpid())
-        self.scheduler.current.comm = os.fsencode(os.path.basename(path))[:15]
+        self.scheduler.keep_only_current(self.pid)
+        self.set_comm(os.path.basename(execfn if execfn is not None else os.fsencode(path)))
         self.close_on_exec()
 
     def _reset_hart(self, entry: int, sp: int) -> None:
@@ -162,7 +176,10 @@ class Process:
     @property
     def internal_fds(self) -> frozenset[int]:
         """The emulator's own descriptors, which the guest may not touch."""
-        return self.signals.internal_fds | {self.vfork_done_fd}
+        internal = self.signals.internal_fds | {self.vfork_done_fd}
+        if self.options.container:
+            internal |= frozenset(self.options.container.rootfs.directory_fds)
+        return internal
 
     @staticmethod
     def open_fds() -> list[int]:
@@ -171,13 +188,19 @@ class Process:
         except OSError:
             return list(range(os.sysconf("SC_OPEN_MAX")))
 
-    @staticmethod
-    def is_self_exe(path: bytes) -> bool:
-        return path in SELF_EXE or path == b"/proc/%d/exe" % os.getpid()
+    def is_self_exe(self, path: bytes) -> bool:
+        return not self.options.container and \
+            (path in SELF_EXE or path == b"/proc/%d/exe" % os.getpid())
 
-    def host_path(self, path: bytes) -> bytes:
-        """Where a guest path is on the host: the guest sees the host's files, except
-        its own /proc/self/exe and, for dynamic programs, libraries from the sysroot."""
+    def host_path(self, path: bytes, base: bytes | None = None, *, follow: bool = True,
+                  write: bool = False) -> bytes:
+        """Where a guest path is on the host. In a container, it is resolved inside the
+        container (relative to host directory ``base``, or the current directory; the
+        last component's symlink followed if ``follow``; EROFS in a read-only mount if
+        the call would ``write``). Otherwise the guest sees the host's files, except its
+        own /proc/self/exe and, for dynamic programs, libraries from the sysroot."""
+        if self.options.container:
+            return self._container_path(path, base, follow=follow, write=write)
         if self.is_self_exe(path):
             return os.fsencode(self.exe)
         sysroot = self.options.sysroot
@@ -186,6 +209,110 @@ class Process:
             if os.path.lexists(candidate):
                 return candidate
         return path
+
+    def _container_path(self, path: bytes, base: bytes | None = None, *, follow: bool = True,
+                        write: bool = False) -> bytes:
+        return self.options.container.rootfs.resolve(path, base, follow=follow, write=write)
+
+    def set_comm(self, name: bytes) -> None:
+        """The running thread's name (prctl, /proc/N/stat); in a container, its other
+        processes see it."""
+        self.scheduler.current.comm = name[:15]
+        if self.options.container:
+            self.options.container.namespace.set_comm(name[:15])
+
+    def end_of_slice(self) -> None:
+        """Between time slices: a container's CPU cap sleeps off what all its processes
+        overspent together."""
+        cap = self.options.container.cpu_cap if self.options.container else None
+        if cap is not None:
+            delay = cap.delay()
+            if delay:
+                time.sleep(delay)
+                cap.slept(delay)
+
+    # -- identity (the host's, or the container's view of it) -------------------------------
+    @property
+    def pid(self) -> int:
+        """This process's pid as the guest sees it."""
+        container = self.options.container
+        return container.namespace.self_pid() if container else os.getpid()
+
+    def guest_pid(self, host_pid: int) -> int:
+        container = self.options.container
+        return container.namespace.to_guest(host_pid) if container else host_pid
+
+    def guest_stat(self, st: os.stat_result) -> os.stat_result:
+        """``st`` with the owner and group the guest sees."""
+        container = self.options.container
+        if not container:
+            return st
+        values = list(st)
+        values[4], values[5] = container.uid_in(st.st_uid), container.gid_in(st.st_gid)
+        extra = {name: getattr(st, name) for name in STAT_EXTRA_FIELDS if hasattr(st, name)}
+        return os.stat_result(values, extra)
+
+    def guest_ids(self, host_uid: int, host_gid: int) -> tuple[int, int]:
+        container = self.options.container
+        if not container:
+            return host_uid, host_gid
+        return container.uid_in(host_uid), container.gid_in(host_gid)
+
+    def host_ids(self, uid: int, gid: int) -> tuple[int, int]:
+        """The host ids a guest's chown names (-1: unchanged)."""
+        container = self.options.container
+        return (container.uid_out(uid), container.gid_out(gid)) if container else (uid, gid)
+
+    def may_map(self, length: int) -> bool:
+        """Whether ``length`` more bytes of accessible memory keep a container within its
+        memory limit (every process's mappings count; PROT_NONE reservations do not)."""
+        container = self.options.container
+        if not container or container.namespace.memory_limit is None:
+            return True
+        mapped = sum(vma.end - vma.start for vma in self.space.vmas if vma.prot)
+        return container.namespace.charge(mapped, length)
+
+    def new_child(self, host_pid: int) -> int:
+        """The pid the guest sees for a child it just forked."""
+        container = self.options.container
+        if not container:
+            return host_pid
+        try:
+            return container.namespace.register(host_pid)
+        except NoPidLeft:
+            os.kill(host_pid, signal.SIGKILL)
+            os.waitpid(host_pid, 0)
+            raise OSError(errno.EAGAIN, "no pid left in the container") from None
+
+    def reaped(self, host_pid: int) -> int:
+        """A child's guest pid, given up now that it has been waited for."""
+        guest = self.guest_pid(host_pid)
+        if self.options.container:
+            self.options.container.namespace.release(host_pid)
+        return guest
+
+    def host_kill_targets(self, pid: int) -> list[int]:
+        """Host pids (or -pgids) that kill(``pid``) reaches: in a container, -1 means
+        every other process of the container except its init, as in a PID namespace."""
+        container = self.options.container
+        if not container:
+            return [pid]
+        if pid == -1:
+            init = container.namespace.to_host(1)
+            return [h for h in container.namespace.members() if h not in (os.getpid(), init)]
+        if pid < -1:
+            return [-self.host_pid(-pid)]
+        return [self.host_pid(pid)] if pid > 0 else [0]
+
+    def host_pid(self, guest_pid: int) -> int:
+        """The host pid of a guest pid (ESRCH if the container has no such process)."""
+        container = self.options.container
+        if not container:
+            return guest_pid
+        host = container.namespace.to_host(guest_pid)
+        if host is None:
+            raise OSError(errno.ESRCH, "no such process")
+        return host
 
     # -- running ------------------------------------------------------------------------
     def run(self) -> int:

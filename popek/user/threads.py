@@ -21,7 +21,6 @@ the others, and the call's Python frames simply continue where they parked.
 
 from __future__ import annotations
 
-import os
 import select
 import time
 from collections import deque
@@ -84,7 +83,7 @@ class Scheduler:
 
     def __init__(self, process: Process) -> None:
         self.process = process
-        main = Thread(tid=os.getpid(), signals=process.signals.thread)
+        main = Thread(tid=process.pid, signals=process.signals.thread)
         self.threads: dict[int, Thread] = {main.tid: main}
         self.current = main
         self.on_hart: Thread | None = main  # whose registers the hart holds
@@ -122,6 +121,7 @@ class Scheduler:
                 if process.before_slice is not None:
                     process.before_slice()  # a debugger's turn (the first: before any instruction)
                 process.run_slice()
+                process.end_of_slice()
                 if len(self.threads) > 1:
                     self.runnable.append(thread)
                     self._to_hub()

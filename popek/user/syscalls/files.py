@@ -15,6 +15,7 @@ import os
 import select
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -306,7 +307,8 @@ def getdents64(p: Process, fd: int, dirp: int, count: int) -> int:
         raise SyscallError(Errno.ENOTDIR)
     stream = p.dir_streams.get(fd)
     if stream is None or stream.ident != (st.st_dev, st.st_ino):
-        stream = p.dir_streams[fd] = DirStream((st.st_dev, st.st_ino), _dir_records(fd, st))
+        stream = p.dir_streams[fd] = DirStream((st.st_dev, st.st_ino),
+                                               _dir_records(fd, st, _entry_filter(p, fd)))
     out = bytearray()
     while stream.cursor < len(stream.records):
         record = stream.records[stream.cursor]
@@ -320,8 +322,30 @@ def getdents64(p: Process, fd: int, dirp: int, count: int) -> int:
     return len(out)
 
 
-def _dir_records(fd: int, st: os.stat_result) -> list[bytes]:
-    """The directory's entries in the host's readdir order, with . and .. first."""
+def _entry_filter(p: Process, fd: int) -> Callable[[bytes], bytes | None] | None:
+    """In a container, /proc lists the container's processes only, by their guest pids,
+    and /proc/self/fd the guest's descriptors only."""
+    if not p.options.container:
+        return None
+    directory = os.readlink(f"/proc/self/fd/{fd}")
+    if directory == f"/proc/{os.getpid()}/fd":
+        internal = p.internal_fds
+        return lambda name: None if int(name) in internal else name
+    if directory != "/proc":
+        return None
+
+    def rename(name: bytes) -> bytes | None:
+        if not name.isdigit():
+            return name
+        guest = p.guest_pid(int(name))
+        return b"%d" % guest if guest else None
+    return rename
+
+
+def _dir_records(fd: int, st: os.stat_result,
+                 rename: Callable[[bytes], bytes | None] | None = None) -> list[bytes]:
+    """The directory's entries in the host's readdir order, with . and .. first; ``rename``
+    gives an entry's name as the guest sees it, or None to hide it."""
     try:
         parent = os.stat("..", dir_fd=fd).st_ino
     except OSError:
@@ -330,7 +354,10 @@ def _dir_records(fd: int, st: os.stat_result) -> list[bytes]:
     entries = [(st.st_ino, dt_dir, b"."), (parent, dt_dir, b"..")]
     with os.scandir(fd) as it:
         for entry in it:
-            entries.append((entry.inode(), _dtype(entry), os.fsencode(entry.name)))
+            name = os.fsencode(entry.name)
+            shown = rename(name) if rename else name
+            if shown is not None:
+                entries.append((entry.inode(), _dtype(entry), shown))
     return [structs.pack_dirent64(ino, i + 1, dtype, name)
             for i, (ino, dtype, name) in enumerate(entries)]
 

@@ -57,7 +57,7 @@ def brk(p: Process, addr: int) -> int:
         return p.brk
     old_end, new_end = page_ceil(p.brk), page_ceil(addr)
     if new_end > old_end:
-        if not p.space.is_free(old_end, new_end):
+        if not p.space.is_free(old_end, new_end) or not p.may_map(new_end - old_end):
             return p.brk
         p.space.map(old_end, new_end - old_end, PROT_READ | PROT_WRITE)
     elif new_end < old_end:
@@ -89,6 +89,8 @@ def mmap(p: Process, addr: int, length: int, prot: int, flags: int, fd: int,
         if found is None:
             raise SyscallError(Errno.ENOMEM)
         addr = found
+    if prot and not p.may_map(length):
+        raise SyscallError(Errno.ENOMEM)
     p.space.map(addr, length, _prot(prot))
     if data:
         p.mem.write(addr, data)
@@ -140,6 +142,8 @@ def mremap(p: Process, old: int, old_size: int, new_size: int, flags: int,
         if new_size < old_size:
             p.space.unmap(old + new_size, old_size - new_size)
         return old
+    if vma.prot and not p.may_map(new_size - old_size):
+        raise SyscallError(Errno.ENOMEM)
     if p.space.is_free(old + old_size, old + new_size):
         p.space.map(old + old_size, new_size - old_size, vma.prot)
         return old

@@ -45,37 +45,37 @@ WAIT4_POLL = 0.25  # seconds
 
 @syscall("getpid")
 def getpid(p: Process) -> int:
-    return os.getpid()
+    return p.pid
 
 
 @syscall("getppid")
 def getppid(p: Process) -> int:
-    return os.getppid()
+    return p.guest_pid(os.getppid())
 
 
 @syscall("getuid")
 def getuid(p: Process) -> int:
-    return os.getuid()
+    return p.guest_ids(os.getuid(), os.getgid())[0]
 
 
 @syscall("geteuid")
 def geteuid(p: Process) -> int:
-    return os.geteuid()
+    return p.guest_ids(os.geteuid(), os.getegid())[0]
 
 
 @syscall("getgid")
 def getgid(p: Process) -> int:
-    return os.getgid()
+    return p.guest_ids(os.getuid(), os.getgid())[1]
 
 
 @syscall("getegid")
 def getegid(p: Process) -> int:
-    return os.getegid()
+    return p.guest_ids(os.geteuid(), os.getegid())[1]
 
 
 @syscall("getgroups")
 def getgroups(p: Process, size: int, groups: int) -> int:
-    ids = os.getgroups()
+    ids = os.getgroups() if not p.options.container else [0]
     size = i32(size)
     if size == 0:
         return len(ids)
@@ -87,24 +87,27 @@ def getgroups(p: Process, size: int, groups: int) -> int:
 
 @syscall("setpgid")
 def setpgid(p: Process, pid: int, pgid: int) -> int:
-    os.setpgid(i32(pid), i32(pgid))
+    pid, pgid = i32(pid), i32(pgid)
+    os.setpgid(p.host_pid(pid) if pid else 0, p.host_pid(pgid) if pgid else 0)
     return 0
 
 
 @syscall("getpgid")
 def getpgid(p: Process, pid: int) -> int:
-    return os.getpgid(i32(pid))
+    pid = i32(pid)
+    return p.guest_pid(os.getpgid(p.host_pid(pid) if pid else 0))
 
 
 @syscall("getsid")
 def getsid(p: Process, pid: int) -> int:
-    return os.getsid(i32(pid))
+    pid = i32(pid)
+    return p.guest_pid(os.getsid(p.host_pid(pid) if pid else 0))
 
 
 @syscall("setsid")
 def setsid(p: Process) -> int:
     os.setsid()
-    return os.getpid()
+    return p.pid
 
 
 @syscall("rseq")
@@ -117,7 +120,7 @@ def not_provided(p: Process) -> int:
 def prctl(p: Process, option: int, arg2: int) -> int:
     option = i32(option)
     if option == PR_SET_NAME:
-        p.scheduler.current.comm = p.space.read_cstr(arg2, 4096)[:15]
+        p.set_comm(p.space.read_cstr(arg2, 4096))
         return 0
     if option == PR_GET_NAME:
         p.space.write(arg2, p.scheduler.current.comm.ljust(16, b"\0"))
@@ -140,9 +143,11 @@ def clone(p: Process, flags: int, newsp: int, ptid: int, tls: int, ctid: int) ->
         os.close(w)
     pid = os.fork()
     if pid == 0:
-        p.scheduler.keep_only_current(os.getpid())
+        p.scheduler.keep_only_current(p.pid)
+        p.set_comm(p.scheduler.current.comm)
         _child(p, flags, newsp, tls, ctid, done_r, done_w)
         return 0
+    pid = p.new_child(pid)
     if done_r >= 0:
         os.close(done_w)
         while os.read(done_r, 1):  # EOF once the child executes or exits
@@ -167,7 +172,7 @@ def _child(p: Process, flags: int, newsp: int, tls: int, ctid: int, done_r: int,
     if flags & CLONE_SETTLS:
         x[4] = tls
     if flags & CLONE_CHILD_SETTID:
-        p.space.write(ctid, structs.I32.pack(os.getpid()))
+        p.space.write(ctid, structs.I32.pack(p.pid))
 
 
 @syscall("clone3")
@@ -238,6 +243,8 @@ def _replace(p: Process, path: str, argv: list[bytes], envp: list[bytes], execfn
 
 
 def _host_execve(p: Process, host: bytes, argv: list[bytes], envp: list[bytes]) -> None:
+    if p.options.container:  # a native program would see the host, not the container
+        raise SyscallError(Errno.ENOEXEC)
     env = dict(e.split(b"=", 1) for e in envp if b"=" in e)
     p.signals.prepare_host_exec()
     os.execve(host, argv or [host], env)
@@ -246,7 +253,7 @@ def _host_execve(p: Process, host: bytes, argv: list[bytes], envp: list[bytes]) 
 # -- waiting and signalling -------------------------------------------------------------
 @syscall("wait4")
 def wait4(p: Process, pid: int, status: int, options: int, rusage: int) -> int:
-    pid, options = i32(pid), i32(options)
+    pid, options = _host_wait_target(p, i32(pid)), i32(options)
     host_options = ((os.WUNTRACED if options & WUNTRACED else 0)
                     | (os.WCONTINUED if options & WCONTINUED else 0))
     while True:
@@ -259,7 +266,18 @@ def wait4(p: Process, pid: int, status: int, options: int, rusage: int) -> int:
         p.space.write(status, structs.I32.pack(raw_status))
     if child and rusage:
         p.space.write(rusage, pack_rusage(usage))
-    return child
+    if child and (os.WIFEXITED(raw_status) or os.WIFSIGNALED(raw_status)):
+        return p.reaped(child)
+    return p.guest_pid(child)
+
+
+def _host_wait_target(p: Process, pid: int) -> int:
+    """wait4's pid argument (a child, -pgid, 0 or -1) in host numbers."""
+    if pid > 0:
+        return p.host_pid(pid)
+    if pid < -1:
+        return -p.host_pid(-pid)
+    return pid
 
 
 def pack_rusage(usage: resource.struct_rusage) -> bytes:
@@ -279,15 +297,20 @@ def _send(p: Process, pid: int, sig: int, code: int) -> int:
         raise SyscallError(Errno.EINVAL)
     if code == signals.SI_TKILL and signal_thread(p, pid, sig):
         return 0
-    if pid == os.getpid():
+    if pid == p.pid:
         if sig:
-            info = signals.siginfo(sig, code, structs.SIGINFO_KILL.pack(pid, os.getuid()))
+            uid = p.guest_ids(os.getuid(), os.getgid())[0]
+            info = signals.siginfo(sig, code, structs.SIGINFO_KILL.pack(pid, uid))
             p.signals.raise_signal(sig, info)
         return 0
     host = signals.host_signal(sig) if sig else 0
     if host is None:
         raise SyscallError(Errno.EINVAL)
-    os.kill(pid, host)
+    targets = p.host_kill_targets(pid)
+    if not targets:
+        raise SyscallError(Errno.ESRCH)  # kill(-1) in a container with no other process
+    for target in targets:
+        os.kill(target, host)
     return 0
 
 
@@ -303,6 +326,6 @@ def tkill(p: Process, tid: int, sig: int) -> int:
 
 @syscall("tgkill")
 def tgkill(p: Process, tgid: int, tid: int, sig: int) -> int:
-    if i32(tgid) == os.getpid() and not signal_thread(p, i32(tid), 0):
+    if i32(tgid) == p.pid and not signal_thread(p, i32(tid), 0):
         raise SyscallError(Errno.ESRCH)
     return _send(p, i32(tid), i32(sig), signals.SI_TKILL)

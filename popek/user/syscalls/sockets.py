@@ -71,7 +71,8 @@ def _sockaddr(p: Process, addr: int, length: int) -> bytes | None:
         return None
     if not 0 <= length <= SOCKADDR_MAX:
         raise SyscallError(Errno.EINVAL)
-    return p.space.read(addr, length)
+    name = p.space.read(addr, length)
+    return p.options.container.sockaddr(name) if p.options.container else name
 
 
 class _NameOut:
@@ -254,10 +255,8 @@ def _message(p: Process, msg: int) -> tuple[list[tuple[int, int]], tuple[int, ..
 def sendmsg(p: Process, fd: int, msg: int, flags: int) -> int:
     fd = check_fd(p, fd)
     vecs, (name, namelen, _, _, control, controllen, _) = _message(p, msg)
-    if name and namelen > SOCKADDR_MAX:
-        raise SyscallError(Errno.EINVAL)
     data = gather(p, vecs)[:IO_LIMIT]
-    name_bytes = p.space.read(name, namelen) if name else b""
+    name_bytes = _sockaddr(p, name, namelen) or b""
     control_bytes = p.space.read(control, controllen) if control else b""
     buffers = [ctypes.create_string_buffer(b, len(b)) for b in (data, name_bytes, control_bytes)]
     iovec = _IoVec(ctypes.cast(buffers[0], ctypes.c_void_p), len(data))

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from popek.cpu import extensions
 from popek.user import structs
+from popek.user.container.namespace import HOSTNAME_MAX
 from popek.user.linux_errno import Errno, SyscallError
 from popek.user.syscalls.proc import pack_rusage
 from popek.user.syscalls.registry import i32, syscall
@@ -77,8 +78,22 @@ def riscv_hwprobe(p: Process, pairs: int, count: int, cpusetsize: int, cpus: int
 @syscall("uname")
 def uname(p: Process, buf: int) -> int:
     host = os.uname()
-    p.space.write(buf, structs.pack_utsname(host.sysname, host.nodename, host.release,
+    container = p.options.container
+    nodename = container.namespace.hostname.decode(errors="replace") if container \
+        else host.nodename
+    p.space.write(buf, structs.pack_utsname(host.sysname, nodename, host.release,
                                             host.version, MACHINE, "(none)"))
+    return 0
+
+
+@syscall("sethostname")
+def sethostname(p: Process, name: int, length: int) -> int:
+    """Only a container's own hostname can be changed (its UTS namespace)."""
+    if not p.options.container:
+        raise SyscallError(Errno.EPERM)
+    if not 0 <= i32(length) <= HOSTNAME_MAX:
+        raise SyscallError(Errno.EINVAL)
+    p.options.container.namespace.hostname = p.space.read(name, length)
     return 0
 
 
@@ -132,7 +147,7 @@ def _set_limit(p: Process, which: int, cur: int, high: int) -> None:
 @syscall("prlimit64")
 def prlimit64(p: Process, pid: int, which: int, new: int, old: int) -> int:
     which = i32(which)
-    if i32(pid) not in (0, os.getpid()):
+    if i32(pid) not in (0, p.pid):
         raise SyscallError(Errno.EPERM)
     if which not in RLIMIT_NAMES or not hasattr(resource, RLIMIT_NAMES[which]):
         raise SyscallError(Errno.EINVAL)

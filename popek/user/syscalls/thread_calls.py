@@ -143,8 +143,8 @@ def signal_thread(p: Process, tid: int, sig: int) -> bool:
     if thread is None:
         return False
     if sig:
-        info = signals.siginfo(sig, signals.SI_TKILL, structs.SIGINFO_KILL.pack(os.getpid(),
-                                                                                os.getuid()))
+        sender = structs.SIGINFO_KILL.pack(p.pid, p.guest_ids(os.getuid(), os.getgid())[0])
+        info = signals.siginfo(sig, signals.SI_TKILL, sender)
         p.signals.raise_signal(sig, info, thread.signals)
         p.scheduler.wake(thread)  # a blocking call it is in may end with EINTR
     return True
