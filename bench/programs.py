@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from popek import images  # noqa: E402
-from tests import npm_packages  # noqa: E402
+from tests import registry_packages  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent.parent / "tests"
 
@@ -93,7 +93,7 @@ def main() -> int:
         else:
             print("(no riscv64-linux-gnu-gcc: the pthread workload is left out)")
         try:
-            esbuild = str(npm_packages.esbuild())
+            esbuild = str(registry_packages.esbuild())
         except RuntimeError as e:
             print(f"(esbuild is left out: {e})")
         else:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import npm_packages
+from tests import registry_packages
 from tests.test_exec import assert_same_as_qemu
 
 PROJECT = Path(__file__).resolve().parent / "user" / "typescript"
@@ -22,7 +22,7 @@ PROJECT = Path(__file__).resolve().parent / "user" / "typescript"
 
 def test_esbuild_bundles_and_minifies_typescript_like_qemu():
     try:
-        esbuild = npm_packages.esbuild()
+        esbuild = registry_packages.esbuild()
     except RuntimeError as e:
         pytest.fail(str(e))
     done = assert_same_as_qemu([str(esbuild), "src/main.ts", "--bundle", "--minify",
