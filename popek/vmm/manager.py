@@ -19,7 +19,7 @@ import contextlib
 import itertools
 import secrets
 import sys
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,8 @@ class Vmm:
         self.vms: dict[str, Vm] = {}
         self.networks = Networks(state_dir)
         self._watchers: set[asyncio.Task[None]] = set()  # VMs whose ports leave on stop
+        self._launches: set[asyncio.Task[Any]] = set()  # requests creating a VM
+        self.stopping = False  # stop_guests has begun: no new VM
         self._numbers = itertools.count(1)
         self._sampler: asyncio.Task[None] | None = None
         self.instance = secrets.token_hex(8)  # tells a migration to itself from one elsewhere
@@ -123,7 +125,12 @@ class Vmm:
     async def stop_guests(self, timeout: float) -> None:
         """Power every guest off as ``popek vm stop`` does, killing those that have not
         within ``timeout`` seconds (a paused guest is resumed to be asked, one that never
-        started is killed)."""
+        started is killed). VMs being created are waited for and stopped too: their
+        workers would otherwise run on, unknown to anyone; no new VM is made."""
+        self.stopping = True
+        if self._launches:
+            await asyncio.wait(self._launches)
+
         async def stop(vm: Vm) -> None:
             with contextlib.suppress(Exception):
                 if vm.state == "paused":
@@ -178,9 +185,22 @@ class Vmm:
     async def create(self, body: dict[str, Any], paths: PathPolicy) -> Vm:
         """A VM of the configuration in ``body`` (the bundled guest if it names no kernel),
         whose host paths ``paths`` allows."""
-        vm, spec, config = self.check_create(body, paths)
-        await self._launch(vm, spec, body.get("start", True), config)
+        with self._launching():
+            vm, spec, config = self.check_create(body, paths)
+            await self._launch(vm, spec, body.get("start", True), config)
         return vm
+
+    @contextlib.contextmanager
+    def _launching(self) -> Iterator[None]:
+        """The current request makes a VM: :meth:`stop_guests` waits for it to finish."""
+        if self.stopping:
+            raise Conflict("the VMM is stopping its guests")
+        task = asyncio.current_task()
+        self._launches.add(task)
+        try:
+            yield
+        finally:
+            self._launches.discard(task)
 
     def check_create(self, body: dict[str, Any],
                      paths: PathPolicy) -> tuple[Vm, dict[str, Any], MachineConfig]:
@@ -204,8 +224,9 @@ class Vmm:
     async def restore(self, body: dict[str, Any], paths: PathPolicy) -> Vm:
         """A new VM from a snapshot file; restoring one file many times makes clones.
         ``paths`` must allow the file and every host path its machine opens."""
-        vm, spec, config = await self.check_restore(body, paths)
-        await self._launch(vm, spec, body.get("start", True), config)
+        with self._launching():
+            vm, spec, config = await self.check_restore(body, paths)
+            await self._launch(vm, spec, body.get("start", True), config)
         return vm
 
     async def check_restore(self, body: dict[str, Any],
