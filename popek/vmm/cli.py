@@ -55,6 +55,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="let the host merge identical guest pages across guests (KSM: "
                         "guest RAM advised mergeable; as root, KSM is started if it is off) "
                         "(on)")
+    parser.add_argument("--restore-templates", choices=["on", "off"], default="on",
+                        help="fork the clones of a snapshot from a template process that "
+                        "restored it once, sharing its memory (machines without NICs or "
+                        "disks; off: each clone restores the file itself) (on)")
 
 
 def _directory(text: str) -> Path:
@@ -90,7 +94,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         statedir.lock(state_dir)  # held until this process ends
         return asyncio.run(serve(args.socket or default_socket(), tcp, access, state_dir,
                                  args.stop_timeout if args.stop_guests else None,
-                                 page_sharing=args.page_sharing == "on"))
+                                 page_sharing=args.page_sharing == "on",
+                                 restore_templates=args.restore_templates == "on"))
     except (statedir.StateDirError, TokenError, ServeError) as err:
         return _serve_error(str(err))
 
