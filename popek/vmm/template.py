@@ -56,7 +56,8 @@ from popek.machine.virt import VirtMachine
 from popek.vmm import jail, snapshot, workerprocess
 from popek.vmm.workerprocess import WorkerProcess
 
-PROBE_SECONDS = 5.0  # at most, of the probe's run
+PROBE_SECONDS = 5.0  # of wall time at most, for the probe's run
+PROBE_CPU_SECONDS = 1.0  # and of CPU time (a guest that spins never goes idle)
 MAX_PROBE_KEYS = 200_000  # blocks a probe may name
 MAX_MESSAGE = 1 << 20  # bytes of a clone's pickled arguments
 MAX_FDS = 250  # descriptors that come with them (SCM_RIGHTS' limit is 253)
@@ -148,14 +149,16 @@ def _warm(restored: Restored, probe_ids: tuple[int, int] | None) -> None:
 
 def _probe(restored: Restored) -> bytes:
     """Run the guest (in the probe) until it has answered an empty console line and is
-    idle again, for at most :data:`PROBE_SECONDS`; the code-cache keys of every hart."""
+    idle again, for at most :data:`PROBE_SECONDS` (:data:`PROBE_CPU_SECONDS` of CPU); the
+    code-cache keys of every hart."""
     machine = restored.machine
     runner = MachineRunner()
     runner.machine = machine
     printed = len(restored.console)
     machine.feed_input(b"\n")
     deadline = time.monotonic() + PROBE_SECONDS
-    while time.monotonic() < deadline:
+    cpu_deadline = time.process_time() + PROBE_CPU_SECONDS
+    while time.monotonic() < deadline and time.process_time() < cpu_deadline:
         idle = runner.idle_waits
         runner.step(0.01)
         if runner.idle_waits > idle and len(restored.console) > printed:

@@ -73,6 +73,7 @@ class Vm:
         self.cpu_cap = cpu_cap
         self.mem_overhead = mem_overhead
         self.source = source  # the snapshot it was restored from
+        self.template_pid: int | None = None  # the restore template its worker forked from
         self.config: dict[str, Any] = {}
         self.console = ConsoleBuffer()
         self.stats: dict[str, Any] = {}
@@ -173,6 +174,7 @@ class Vm:
                 if template is None:
                     raise TemplateEnded("no template")
                 await template.fork((listener, spec))
+                self.template_pid = template.process.pid
             except TemplateEnded:  # the worker restores the snapshot itself
                 await start(worker.main, (listener, spec), f"popek-vm-{self.id}")
         except BaseException:
@@ -536,6 +538,7 @@ class Vm:
             "created": self.created,
             "started": self.started,
             "source_snapshot": self.source,
+            "template_pid": self.template_pid,
             "snapshots": self.snapshots,
             "config": self.config,
             "exit": self.exit,
