@@ -56,6 +56,8 @@ from popek.machine.virt import VirtMachine
 from popek.vmm import jail, snapshot, workerprocess
 from popek.vmm.workerprocess import WorkerProcess
 
+PROBE_INPUT = b"\n"  # what the probe types: an empty line, as a console client sends first
+PROBE_QUIET_SECONDS = 0.2  # idle and silent for this long after printing: done
 PROBE_SECONDS = 5.0  # of wall time at most, for the probe's run
 PROBE_CPU_SECONDS = 1.0  # and of CPU time (a guest that spins never goes idle)
 MAX_PROBE_KEYS = 200_000  # blocks a probe may name
@@ -148,21 +150,25 @@ def _warm(restored: Restored, probe_ids: tuple[int, int] | None) -> None:
 
 
 def _probe(restored: Restored) -> bytes:
-    """Run the guest (in the probe) until it has answered an empty console line and is
-    idle again, for at most :data:`PROBE_SECONDS` (:data:`PROBE_CPU_SECONDS` of CPU); the
-    code-cache keys of every hart."""
+    """Run the guest (in the probe) until it has answered :data:`PROBE_INPUT` and been
+    idle for :data:`PROBE_QUIET_SECONDS` since, for at most :data:`PROBE_SECONDS`
+    (:data:`PROBE_CPU_SECONDS` of CPU); the code-cache keys of every hart."""
     machine = restored.machine
     runner = MachineRunner()
     runner.machine = machine
-    printed = len(restored.console)
-    machine.feed_input(b"\n")
+    machine.feed_input(PROBE_INPUT)
     deadline = time.monotonic() + PROBE_SECONDS
     cpu_deadline = time.process_time() + PROBE_CPU_SECONDS
+    quiet_since, printed = None, 0
     while time.monotonic() < deadline and time.process_time() < cpu_deadline:
         idle = runner.idle_waits
         runner.step(0.01)
-        if runner.idle_waits > idle and len(restored.console) > printed:
-            break
+        if runner.idle_waits == idle or len(restored.console) != printed:
+            quiet_since, printed = None, len(restored.console)  # busy, or printing
+        elif quiet_since is None:
+            quiet_since = time.monotonic()
+        elif printed and time.monotonic() - quiet_since >= PROBE_QUIET_SECONDS:
+            break  # it answered, and has been idle since
     keys = array("Q")
     for hart in machine.harts:
         cached = list(hart.engine.blocks)[:MAX_PROBE_KEYS // len(machine.harts)]
