@@ -125,10 +125,7 @@ def _warm(restored: Restored, probe_ids: tuple[int, int] | None) -> None:
     pid = os.fork()
     if pid == 0:
         try:
-            for fd in [int(name) for name in os.listdir("/proc/self/fd")]:
-                if fd not in (0, 1, 2, keys_w):  # the VMM's socket above all
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
+            workerprocess.close_descriptors({0, 1, 2, keys_w})  # the VMM's socket above all
             jail.confine((), probe_ids)
             os.write(keys_w, _probe(restored))
         finally:

@@ -101,12 +101,17 @@ def detach(ready: Callable[[], None], log: int) -> None:
     os.close(null)
     keep = {0, 1, 2, done_w, *(multiprocessing.forkserver.get_inherited_fds() or ())}
     keep.discard(log)
+    close_descriptors(keep)
+    os.write(done_w, b"1")
+    os.close(done_w)
+
+
+def close_descriptors(keep: set[int]) -> None:
+    """Close every descriptor of this process but ``keep``."""
     for fd in [int(name) for name in os.listdir("/proc/self/fd")]:
         if fd not in keep:
             with contextlib.suppress(OSError):
                 os.close(fd)
-    os.write(done_w, b"1")
-    os.close(done_w)
 
 
 class WorkerProcess:
