@@ -307,7 +307,8 @@ def report(args: argparse.Namespace, rows: list[tuple[str, dict[str, float]]],
            qemu_n: dict[str, float] | None, breakdowns: dict[str, dict[str, int]],
            ksm: dict[str, object]) -> None:
     print(f"Idle Linux 6.1 guests (bundled kernel + initramfs, {args.mem} MiB, 1 hart); "
-          f"idle CPU over {args.idle:.0f} s; PSS totals include the VMM and fork server")
+          f"idle CPU over {args.idle:.0f} s; PSS totals include the VMM, its fork server "
+          "and restore template")
     print(f"{'':46}{'guests':>7}{'total PSS':>11}{'PSS/guest':>11}{'idle CPU':>10}"
           f"{'restore (CPU)':>15}")
     for label, r in rows:
