@@ -112,7 +112,10 @@ def main(control: socket.socket, spec: dict[str, Any]) -> None:
         if not message:
             os._exit(0)  # the VMM dropped this template, or ended
         status = _fork_clone(control, message, fds, restored)
-        control.send(json.dumps({"status": status}).encode())
+        try:
+            control.send(json.dumps({"status": status}).encode())
+        except OSError:
+            os._exit(0)  # the VMM went away meanwhile
 
 
 def _warm(restored: Restored, probe_ids: tuple[int, int] | None) -> None:
