@@ -2,14 +2,16 @@
 
 Issue 19's consolidation figures. popek: one guest of the bundled Linux (kernel +
 initramfs) boots under ``popek serve``, is snapshotted, and N clones are restored from
-the snapshot (default 50); each must answer its console (an ``echo`` with its own
-number). Then, once the host's KSM has scanned everything twice (steady state), while
-they idle: total and per-guest PSS (``/proc/PID/smaps_rollup``), the CPU they use
-together over 30 s (percent of one core), and the time from the restore requests (all
-sent at once) to the last clone's answer. Separately, a smaller number of guests booted
-one by one (no clone: nothing shared by a snapshot) with page sharing on and off. QEMU
-has no clones, so the same count of ``qemu-system-riscv64`` guests boot the same kernel
-and initramfs; their PSS and idle CPU are measured the same way, in the same run.
+the snapshot (default 50), forked from the VMM's restore template of it; then again, to
+compare, by a VMM with ``--restore-templates off``, where each clone restores the file
+itself. Each clone must answer its console (an ``echo`` with its own number). Then,
+once the host's KSM has scanned everything twice (steady state), while they idle: total
+and per-guest PSS (``/proc/PID/smaps_rollup``), the CPU they use together over 30 s
+(percent of one core), and the time from the restore requests (all sent at once) to the
+last clone's answer. Separately, a smaller number of guests booted one by one (no
+clone: nothing shared by a snapshot) with page sharing on and off. QEMU has no clones,
+so the same count of ``qemu-system-riscv64`` guests boot the same kernel and initramfs;
+their PSS and idle CPU are measured the same way, in the same run.
 
 Then every guest of each popek run is swapped out (``popek vm swap-out``) and left idle a
 few seconds: what each then holds (its worker's RSS and PSS, and of that the guest RAM
@@ -18,14 +20,16 @@ the last answer (the pages each shell touches come back from the files). A clone
 is mostly its snapshot's pages, which are dropped, not written; a booted guest's is its
 own. QEMU has no swap-out: beside these figures stand its idle guests' RSS and PSS.
 
-Totals count every process of the platform: popek's workers plus the VMM and its fork
-server; QEMU's processes. Idle CPU includes the host's ``ksmd`` (page merging), which
-both platforms use: QEMU advises its guest RAM mergeable by default. A PSS breakdown
-of one idle clone shows where its memory goes (guest RAM touched, LLVM, Python and
-other libraries, the heap it shares with the fork server or through KSM, and its private
-heap: decoded and translated code, LLVM's heap and native code, the machine's objects).
+Totals count every process of the platform: popek's workers plus the VMM, its fork
+server and the restore template; QEMU's processes. Idle CPU includes the host's
+``ksmd`` (page merging), which both platforms use: QEMU advises its guest RAM mergeable
+by default. A PSS breakdown of one idle clone shows where its memory goes (guest RAM
+touched, LLVM, Python and other libraries, the heap it shares with the fork server or
+its template or through KSM, and its private heap: decoded and translated code, LLVM's
+heap and native code, the machine's objects).
 
     python bench/density.py [--guests 50] [--booted 4] [--mem 128] [--idle 30] [--no-qemu]
+                            [--no-plain]
 """
 
 from __future__ import annotations
@@ -101,7 +105,7 @@ def mappings(pid: int) -> list[tuple[int, str, str, dict[str, int]]]:
     return found
 
 
-SHARED_HEAP = "heap shared (with the fork server, or merged by KSM)"
+SHARED_HEAP = "heap shared (fork server, template, KSM merges)"
 PRIVATE_HEAP = "private heap (code cache, LLVM heap, machine)"
 
 
@@ -131,6 +135,11 @@ def pss_breakdown(pid: int, guest_mem: int) -> dict[str, int]:
 
 
 # -- popek -----------------------------------------------------------------------------
+CLONES = "popek, clones forked from a restore template"
+PLAIN_CLONES = "popek, clones restoring the file themselves"
+SHORT = {CLONES: "template", PLAIN_CLONES: "no template"}
+
+
 class Serve:
     """One ``popek serve`` in a directory of its own."""
 
@@ -235,26 +244,36 @@ async def swapped_figures(client: Client, vms: list[str]) -> dict[str, float]:
             "swapped_answer_s": time.perf_counter() - begin}
 
 
-async def popek_clones(serve: Serve, n: int, mem: int, idle: float, tmp: Path,
-                       breakdown: dict[str, int]) -> dict[str, float]:
+async def popek_snapshot(serve: Serve, mem: int, snap: Path) -> None:
+    """Boot one guest, let it answer, and snapshot it idle in its shell."""
     async with Client(serve.sock) as client:
         vm = await client.create(kernel=str(images.KERNEL), initrd=str(images.INITRD), mem=mem)
         await wait_console(client, vm["id"], PROMPT, BOOT_PATIENCE)
         await answer(client, [vm["id"]])
         await asyncio.sleep(2)  # its shell is back in its read
-        snap = tmp / "idle.snap"
         await client.action(vm["id"], "pause")
         await client.snapshot(vm["id"], snap)
         await client.delete(vm["id"])
+
+
+async def popek_clones(serve: Serve, snap: Path, n: int, mem: int, idle: float,
+                       breakdown: dict[str, int]) -> dict[str, float]:
+    async with Client(serve.sock) as client:
+        cpu_before = sum(procstat.cpu_seconds(pid) or 0.0 for pid in serve.pids())
         begin = time.perf_counter()
         clones = [vm["id"] for vm in await asyncio.gather(
             *(client.restore(snap) for _ in range(n)))]  # all requests at once
+        restored = time.perf_counter() - begin
         await answer(client, clones)
         restore_seconds = time.perf_counter() - begin
+        # CPU the platform spent on it (VMM, template, workers): what a restore costs
+        # whatever else the host runs, where the wall time depends on that.
+        restore_cpu = sum(procstat.cpu_seconds(pid) or 0.0 for pid in serve.pids()) - cpu_before
         await asyncio.sleep(5)  # settle: output flushed, first merges
         workers = [v["pid"] for v in await client.list()]
         figures = idle_figures(serve.pids(), workers, idle)
-        figures["restore_s"] = restore_seconds
+        figures.update(restore_s=restore_seconds, restore_requests_s=restored,
+                       restore_cpu_s=restore_cpu, load=os.getloadavg()[0])
         breakdown.update(pss_breakdown(workers[0], mem))
         figures.update(await swapped_figures(client, clones))
         for clone in clones:
@@ -319,15 +338,22 @@ def _qemu_expect(proc: subprocess.Popen, pattern: bytes, timeout: float = 300) -
 
 # -- report ----------------------------------------------------------------------------
 def report(args: argparse.Namespace, rows: list[tuple[str, dict[str, float]]],
-           qemu_n: dict[str, float] | None, breakdown: dict[str, int],
+           qemu_n: dict[str, float] | None, breakdowns: dict[str, dict[str, int]],
            ksm: dict[str, object]) -> None:
     print(f"Idle Linux 6.1 guests (bundled kernel + initramfs, {args.mem} MiB, 1 hart); "
-          f"idle CPU over {args.idle:.0f} s; PSS totals include the VMM and fork server")
-    print(f"{'':44}{'guests':>7}{'total PSS':>11}{'PSS/guest':>11}{'idle CPU':>10}"
-          f"{'restore':>9}")
+          f"idle CPU over {args.idle:.0f} s; PSS totals include the VMM, its fork server "
+          "and restore template")
+    print(f"{'':46}{'guests':>7}{'total PSS':>11}{'PSS/guest':>11}{'idle CPU':>10}"
+          f"{'restore (CPU)':>15}")
     for label, r in rows:
-        print(f"{label:44}{int(r['n']):7d}{r['total_pss']:9.0f} M{r['per_guest_pss']:9.1f} M"
-              f"{r['cpu']:9.1f}%" + (f"{r['restore_s']:8.1f}s" if "restore_s" in r else ""))
+        print(f"{label:46}{int(r['n']):7d}{r['total_pss']:9.0f} M{r['per_guest_pss']:9.1f} M"
+              f"{r['cpu']:9.1f}%" + (f"{r['restore_s']:7.1f}s ({r['restore_cpu_s']:.1f}s)"
+                                     if "restore_s" in r else ""))
+    for label, r in rows:
+        if "restore_s" in r:
+            print(f"{label}: all restore requests answered after {r['restore_requests_s']:.1f} s"
+                  f", the last echo after {r['restore_s']:.1f} s, load average "
+                  f"{r['load']:.1f}")
     if qemu_n:
         clones = rows[0][1]
         print(f"popek clones / QEMU: total PSS {clones['total_pss'] / qemu_n['total_pss']:.2f}x, "
@@ -348,10 +374,13 @@ def report(args: argparse.Namespace, rows: list[tuple[str, dict[str, float]]],
               f"PSS {qemu_n['per_guest_pss']:.1f} M each; popek clones swapped out / QEMU "
               f"idle: RSS {clones['swapped_rss'] / qemu_n['per_guest_rss']:.2f}x, "
               f"PSS {clones['swapped_pss'] / qemu_n['per_guest_pss']:.2f}x")
-    print("\nPSS of one idle clone:")
-    for part, size in breakdown.items():
-        print(f"  {part:52}{size / MIB:8.1f} MiB")
-    print(f"  {'total':52}{sum(breakdown.values()) / MIB:8.1f} MiB")
+    labels = [label for label in (CLONES, PLAIN_CLONES) if label in breakdowns]
+    print("\nPSS of one idle clone, MiB:" + "".join(f"{SHORT[label]:>14}" for label in labels))
+    for part in breakdowns[CLONES]:
+        print(f"  {part:52}" + "".join(f"{breakdowns[label][part] / MIB:14.1f}"
+                                       for label in labels))
+    print(f"  {'total':52}" + "".join(f"{sum(breakdowns[label].values()) / MIB:14.1f}"
+                                      for label in labels))
     print(f"\nhost KSM at the end: {ksm}")
 
 
@@ -364,25 +393,34 @@ def main() -> int:
     parser.add_argument("--mem", type=int, default=128, help="guest RAM in MiB (128)")
     parser.add_argument("--idle", type=float, default=30.0, help="seconds of idle CPU to count")
     parser.add_argument("--no-qemu", action="store_true")
+    parser.add_argument("--no-plain", dest="plain", action="store_false",
+                        help="skip the clones restored without a template (before/after)")
     args = parser.parse_args()
     mem = args.mem * MIB
     qemu = None if args.no_qemu else shutil.which("qemu-system-riscv64")
     if not args.no_qemu and qemu is None:
         sys.exit("bench/density.py needs qemu-system-riscv64: apt-get install qemu-system-misc")
     rows: list[tuple[str, dict[str, float]]] = []
-    breakdown: dict[str, int] = {}
+    breakdowns: dict[str, dict[str, int]] = {}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        runs = [("popek, clones of one snapshot", (), args.guests, "clones")]
+        runs = [(CLONES, (), args.guests, "clones")]
+        if args.plain:
+            runs.append((PLAIN_CLONES, ("--restore-templates", "off"), args.guests, "clones"))
         if args.booted:
             runs += [("popek, booted one by one", (), args.booted, "booted"),
                      ("popek, booted, --page-sharing off", ("--page-sharing", "off"),
                       args.booted, "booted")]
+        snap = tmp / "idle.snap"
         for i, (label, extra, n, how) in enumerate(runs):
             serve = Serve(tmp, f"vmm{i}", *extra)
             try:
                 if how == "clones":
-                    figures = asyncio.run(popek_clones(serve, n, mem, args.idle, tmp, breakdown))
+                    if not snap.exists():
+                        asyncio.run(popek_snapshot(serve, mem, snap))
+                    breakdowns[label] = {}
+                    figures = asyncio.run(popek_clones(serve, snap, n, mem, args.idle,
+                                                       breakdowns[label]))
                 else:
                     figures = asyncio.run(popek_booted(serve, n, mem, args.idle))
             except BaseException:
@@ -401,7 +439,7 @@ def main() -> int:
                 rows.append(("qemu-system-riscv64 7.2 (TCG), booted", {**figures, "n": n}))
                 if n == args.guests:
                     qemu_n = figures
-    report(args, rows, qemu_n, breakdown, ksm)
+    report(args, rows, qemu_n, breakdowns, ksm)
     return 0
 
 

@@ -14,13 +14,14 @@ STOP_GUESTS = ["--stop-guests", "--stop-timeout", "0"]
 
 
 @contextlib.contextmanager
-def popek_serve(root: Path, timeout: float = 60.0) -> Iterator[Path]:
+def popek_serve(root: Path, *flags: str, timeout: float = 60.0) -> Iterator[Path]:
     """The VMM's socket (``root``/vmm.sock) once it listens; state in ``root``/state, its
-    log in ``root``/vmm.log. It must exit cleanly on SIGTERM."""
+    log in ``root``/vmm.log; ``flags`` for ``popek serve``. It must exit cleanly on
+    SIGTERM."""
     sock = root / "vmm.sock"
     with open(root / "vmm.log", "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "popek", "serve", "--socket", str(sock),
-                                 "--state-dir", str(root / "state"), *STOP_GUESTS],
+                                 "--state-dir", str(root / "state"), *STOP_GUESTS, *flags],
                                 stderr=log)
     try:
         deadline = time.monotonic() + timeout

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from popek.cpu import trap as trap_unit
 from popek.cpu.causes import ILLEGAL_INSN, DebugStop, Trap
@@ -317,6 +317,25 @@ class Engine:
             self.page_blocks.setdefault(page, []).append(key)
             self._watch_code(page, start, off)
         return block
+
+    def predecode(self, keys: Iterable[int]) -> int:
+        """Decode the blocks at code-cache ``keys`` (host offset of the first instruction
+        plus mode bits, as :attr:`blocks` holds them) now rather than on first run; returns
+        how many. A restore template warms its clones' cache so, with keys a throwaway
+        copy of the guest ran (:mod:`popek.vmm.template`): each block is decoded from
+        this hart's RAM, as a run would decode it there, so the keys are only hints, and
+        one that is no block start of RAM (or straddles a page) is passed over."""
+        decoded = 0
+        for key in keys:
+            mode = key & FS_ON_KEY
+            offset = key - mode
+            off = offset & (PAGE_SIZE - 1)
+            if key in self.blocks or not 0 <= offset < self.hart.mem.size or \
+                    key & ~FS_ON_KEY != offset or off > PAGE_SIZE - 4:
+                continue
+            self.decode_block(offset - off, off, mode)
+            decoded += 1
+        return decoded
 
     def _straddling_bits(self, page: int, pc: int) -> int:
         """The bits of the 4-byte instruction at the last two bytes of ``page`` (at ``pc``)."""

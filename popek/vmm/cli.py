@@ -59,6 +59,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="guest RAM all guests may hold resident together; above it the "
                         "VMM swaps out the guest whose console was idle longest (its RAM "
                         "goes to a file and comes back as it touches it) (host memory)")
+    parser.add_argument("--restore-templates", choices=["on", "off"], default="on",
+                        help="fork the clones of a snapshot from a template process that "
+                        "restored it once, sharing its memory (machines without NICs or "
+                        "disks; off: each clone restores the file itself) (on)")
 
 
 def _directory(text: str) -> Path:
@@ -95,7 +99,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return asyncio.run(serve(args.socket or default_socket(), tcp, access, state_dir,
                                  args.stop_timeout if args.stop_guests else None,
                                  page_sharing=args.page_sharing == "on",
-                                 mem_limit=args.mem_limit))
+                                 mem_limit=args.mem_limit,
+                                 restore_templates=args.restore_templates == "on"))
     except (statedir.StateDirError, TokenError, ServeError) as err:
         return _serve_error(str(err))
 

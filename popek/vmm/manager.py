@@ -21,7 +21,8 @@ import os
 import secrets
 import sys
 import time
-from collections.abc import Coroutine
+from collections import OrderedDict
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +35,12 @@ from popek.machine.config import (
     config_to_json,
 )
 from popek.net import OpenedNic, open_nics
-from popek.vmm import migration_peers, pagesharing, procstat, records, scheduler
+from popek.vmm import hostfiles, migration_peers, pagesharing, procstat, records, scheduler
 from popek.vmm.errors import BadRequest, Conflict, NotFound
 from popek.vmm.networks import Networks
 from popek.vmm.paths import PathPolicy
 from popek.vmm.snapshot import SnapshotError, chain, read_config
+from popek.vmm.template import Template, suits
 from popek.vmm.vm import LIVE, READY_TIMEOUT, Vm
 
 SAMPLE_INTERVAL = 1.0  # seconds between CPU share measurements
@@ -48,20 +50,27 @@ DEFAULT_SHUTDOWN_LINE = "poweroff\n"
 HOST_MEMORY = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 SWAP_FLOOR = 1 << 20  # guest RAM held below which a guest is not worth swapping out
 _VM_FIELDS = {"name", "start", "cpu_weight", "cpu_cap", "mem_overhead"}
+MAX_TEMPLATES = 4  # snapshots whose restore templates are kept (the latest restored)
 
 
 class Vmm:
     """Owns the VMs; every public coroutine is one API operation."""
 
     def __init__(self, state_dir: Path, *, page_sharing: bool = True,
-                 mem_limit: int = HOST_MEMORY) -> None:
+                 mem_limit: int = HOST_MEMORY, restore_templates: bool = True) -> None:
         self.state_dir = state_dir
         self.page_sharing = page_sharing  # new workers advise their RAM mergeable
         self.mem_limit = mem_limit  # guest RAM all guests may hold resident together
         self._swapping: asyncio.Task[None] | None = None
+        self.restore_templates = restore_templates  # clones fork from a template
+        # By snapshot file (path and identity), latest used last.
+        self._templates: OrderedDict[tuple[Any, ...], asyncio.Task[Template]] = \
+            OrderedDict()
         self.vms: dict[str, Vm] = {}
         self.networks = Networks(state_dir)
         self._watchers: set[asyncio.Task[None]] = set()  # VMs whose ports leave on stop
+        self._launches: set[asyncio.Task[Any]] = set()  # requests creating a VM
+        self.stopping = False  # stop_guests has begun: no new VM
         self._numbers = itertools.count(1)
         self._sampler: asyncio.Task[None] | None = None
         self.instance = secrets.token_hex(8)  # tells a migration to itself from one elsewhere
@@ -125,12 +134,19 @@ class Vmm:
             task.cancel()
         for vm in self.vms.values():
             vm.detach()
+        while self._templates:
+            await self._drop_template(next(iter(self._templates)))
         await self.networks.close()
 
     async def stop_guests(self, timeout: float) -> None:
         """Power every guest off as ``popek vm stop`` does, killing those that have not
         within ``timeout`` seconds (a paused guest is resumed to be asked, one that never
-        started is killed)."""
+        started is killed). VMs being created are waited for and stopped too: their
+        workers would otherwise run on, unknown to anyone; no new VM is made."""
+        self.stopping = True
+        if self._launches:
+            await asyncio.wait(self._launches)
+
         async def stop(vm: Vm) -> None:
             with contextlib.suppress(Exception):
                 if vm.state == "paused":
@@ -210,9 +226,22 @@ class Vmm:
     async def create(self, body: dict[str, Any], paths: PathPolicy) -> Vm:
         """A VM of the configuration in ``body`` (the bundled guest if it names no kernel),
         whose host paths ``paths`` allows."""
-        vm, spec, config = self.check_create(body, paths)
-        await self._launch(vm, spec, body.get("start", True), config)
+        with self._launching():
+            vm, spec, config = self.check_create(body, paths)
+            await self._launch(vm, spec, body.get("start", True), config)
         return vm
+
+    @contextlib.contextmanager
+    def _launching(self) -> Iterator[None]:
+        """The current request makes a VM: :meth:`stop_guests` waits for it to finish."""
+        if self.stopping:
+            raise Conflict("the VMM is stopping its guests")
+        task = asyncio.current_task()
+        self._launches.add(task)
+        try:
+            yield
+        finally:
+            self._launches.discard(task)
 
     def check_create(self, body: dict[str, Any],
                      paths: PathPolicy) -> tuple[Vm, dict[str, Any], MachineConfig]:
@@ -236,9 +265,59 @@ class Vmm:
     async def restore(self, body: dict[str, Any], paths: PathPolicy) -> Vm:
         """A new VM from a snapshot file; restoring one file many times makes clones.
         ``paths`` must allow the file and every host path its machine opens."""
-        vm, spec, config = await self.check_restore(body, paths)
-        await self._launch(vm, spec, body.get("start", True), config)
+        with self._launching():
+            vm, spec, config = await self.check_restore(body, paths)
+            await self._launch(vm, spec, body.get("start", True), config,
+                               template=await self._template(spec["restore"], config))
         return vm
+
+    async def _template(self, path: str, config: MachineConfig) -> Template | None:
+        """The restore template of the snapshot ``path`` (:mod:`popek.vmm.template`),
+        started by its first restore; None where clones restore the file themselves (off,
+        a machine with NICs or disks, or a template that could not start, logged)."""
+        if not self.restore_templates or not suits(config):
+            return None
+        try:
+            info = os.stat(path)
+        except OSError:
+            return None
+        key = (path, info.st_dev, info.st_ino, info.st_mtime_ns, info.st_size)
+        task = self._templates.get(key)
+        if task is not None and task.done() and \
+                (task.exception() is not None or not task.result().alive):
+            await self._drop_template(key)
+            task = None
+        if task is None:
+            task = self._templates[key] = asyncio.create_task(self._start_template(path))
+            while len(self._templates) > MAX_TEMPLATES:
+                await self._drop_template(next(iter(self._templates)))
+        if key in self._templates:
+            self._templates.move_to_end(key)
+        try:
+            return await asyncio.shield(task)
+        except OSError as err:
+            print(f"popek VMM: warning: {err}; its clones restore it themselves",
+                  file=sys.stderr, flush=True)
+            return None
+
+    async def _start_template(self, path: str) -> Template:
+        files = await asyncio.to_thread(hostfiles.HostFiles.for_spec, {"restore": path})
+        try:
+            log = os.open(self.state_dir / "templates.log",
+                          os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        except OSError:
+            files.close()
+            raise
+        try:
+            return await Template.start(path, files, log)
+        finally:
+            files.close()
+            os.close(log)
+
+    async def _drop_template(self, key: tuple[Any, ...]) -> None:
+        task = self._templates.pop(key, None)
+        with contextlib.suppress(Exception):
+            await (await task).close()
 
     async def check_restore(self, body: dict[str, Any],
                             paths: PathPolicy) -> tuple[Vm, dict[str, Any], MachineConfig]:
@@ -260,7 +339,8 @@ class Vmm:
         return self._new_vm(body, source=path), {"restore": path}, recorded
 
     async def _launch(self, vm: Vm, spec: dict[str, Any], start: bool,
-                      config: MachineConfig, ready_timeout: float = READY_TIMEOUT) -> None:
+                      config: MachineConfig, ready_timeout: float = READY_TIMEOUT,
+                      template: Template | None = None) -> None:
         """Open the guest's NICs here (workers open nothing), then start its worker. Its
         switch NICs get their ports now, and lose them when it stops."""
         try:
@@ -269,7 +349,7 @@ class Vmm:
             raise BadRequest(str(err)) from None
         try:
             await vm.launch({**spec, "page_sharing": self.page_sharing}, nics,
-                            ready_timeout)
+                            ready_timeout, template)
         except BaseException:
             with contextlib.suppress(Exception):
                 vm.kill()

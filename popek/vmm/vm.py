@@ -52,6 +52,7 @@ from popek.vmm.console import ConsoleBuffer
 from popek.vmm.errors import BadRequest, Conflict
 from popek.vmm.limits import VmLimits
 from popek.vmm.records import RecordError, VmFiles
+from popek.vmm.template import Template, TemplateEnded
 from popek.vmm.workerprocess import WorkerProcess, start
 
 READY_TIMEOUT = 120.0  # seconds a worker may take to load images or a snapshot
@@ -81,6 +82,7 @@ class Vm:
         self.cpu_cap = cpu_cap
         self.mem_overhead = mem_overhead
         self.source = source  # the snapshot it was restored from
+        self.template_pid: int | None = None  # the restore template its worker forked from
         self.config: dict[str, Any] = {}
         self.console = ConsoleBuffer()
         self.stats: dict[str, Any] = {}
@@ -150,11 +152,13 @@ class Vm:
 
     # -- worker -----------------------------------------------------------------------------
     async def launch(self, spec: dict[str, Any], nics: list[OpenedNic] = (),
-                     ready_timeout: float = READY_TIMEOUT) -> None:
+                     ready_timeout: float = READY_TIMEOUT,
+                     template: Template | None = None) -> None:
         """Start the worker and wait until its machine is built; BadRequest if it cannot be.
 
         ``nics`` are the host ends of the guest's NICs, opened by the VMM: the worker gets
-        copies of their descriptors; passt and bound paths stay here until it is gone."""
+        copies of their descriptors; passt and bound paths stay here until it is gone.
+        ``template``: the worker forks from it, with the spec's snapshot restored."""
         self.nics = list(nics)
         self.nic_paths = [path for nic in self.nics for path in nic.paths]
         try:
@@ -180,7 +184,13 @@ class Vm:
                     "exit_record": hostfiles.PassedFd(exit_record),
                     "log": hostfiles.PassedFd(log),
                     "ids": jail.guest_ids(self.id), "nics": [nic.end for nic in self.nics]}
-            await start(worker.main, (listener, spec), f"popek-vm-{self.id}")
+            try:
+                if template is None:
+                    raise TemplateEnded("no template")
+                await template.fork((listener, spec))
+                self.template_pid = template.process.pid
+            except TemplateEnded:  # the worker restores the snapshot itself
+                await start(worker.main, (listener, spec), f"popek-vm-{self.id}")
         except BaseException:
             if self.limits is not None:
                 self.limits.ended()
@@ -599,6 +609,7 @@ class Vm:
             "created": self.created,
             "started": self.started,
             "source_snapshot": self.source,
+            "template_pid": self.template_pid,
             "snapshots": self.snapshots,
             "config": self.config,
             "exit": self.exit,

@@ -70,6 +70,7 @@ from popek.vmm.channel import (
 )
 from popek.vmm.console import Scrollback
 from popek.vmm.migration import Arrival, Emigration, MigrationError, immigrate
+from popek.vmm.template import Restored
 from popek.vmm.throttle import CpuCap
 
 STATS_INTERVAL = 0.25  # seconds between the statistics a running worker pushes
@@ -78,7 +79,8 @@ FIRST_VMM_TIMEOUT = 120.0  # seconds the VMM that started a worker has to connec
 EXIT_FAILED = 3
 
 
-def main(listener: socket.socket, spec: dict[str, Any]) -> None:
+def main(listener: socket.socket, spec: dict[str, Any],
+         restored: Restored | None = None) -> None:
     """Process entry point. ``listener``: the socket the VMM bound for this VM, on which
     the worker listens for its VMM, this one and the next. ``spec``: ``{"config": ...}``
     to boot or ``{"restore": path}``, the ``files`` they name
@@ -87,10 +89,12 @@ def main(listener: socket.socket, spec: dict[str, Any]) -> None:
     connect, the ``exit_record`` to write as it ends and the ``log`` for its stdout and
     stderr, plus ``cpu_cap`` (percent or None) and ``mem_overhead`` (bytes or None) to
     enforce, ``cgroup_procs`` (files) to join and ``ids`` (uid, gid) to take. The worker
-    detaches from the VMM and confines itself first of all."""
+    detaches from the VMM and confines itself first of all. ``restored``: the machine of
+    the spec's snapshot, which the restore template this worker forked from built
+    (:mod:`popek.vmm.template`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the VMM
     workerprocess.detach(listener.listen, spec["log"].detach())
-    worker = Worker(listener, spec)
+    worker = Worker(listener, spec, restored)
     if spec.get("page_sharing"):
         pagesharing.share_process_memory()  # before confinement: prctl is not allowed after
     with contextlib.suppress(OSError):  # nor is reading its own page map, once another uid
@@ -183,10 +187,13 @@ class _DebugLink:
 class Worker:
     """The guest's machine and the loop that runs it between the VMM's commands."""
 
-    def __init__(self, listener: socket.socket, spec: dict[str, Any]) -> None:
+    def __init__(self, listener: socket.socket, spec: dict[str, Any],
+                 restored: Restored | None = None) -> None:
         self.spec = spec
+        self.restored = restored  # the machine to start with, if a template built it
         self.exit_record: int = spec["exit_record"].detach()
-        self.out = bytearray()
+        # What the machine printed since the last flush (a template's machine prints here)
+        self.out = restored.console if restored is not None else bytearray()
         # The console's last output and everything the guest ever printed (for snapshot
         # offsets): the history a VMM that attaches gets.
         self.console = Scrollback()
@@ -281,11 +288,15 @@ class Worker:
         """The machine from the spec: restored from its snapshot, or (``fresh``, and after
         a reboot) booted from its images."""
         if "restore" in self.spec and not fresh:
-            snap = snapshot.load(self.spec["restore"], self.spec["files"].open)
-            self.spec["config"] = snap.meta["config"]
-            self.console.total = int(snap.meta.get("console_bytes", 0))
-            machine = snap.machine(self._console_out, nets=self.nets,
-                                   events=self.runner.sources)
+            if self.restored is not None:
+                machine, meta = self.restored.machine, self.restored.meta
+                self.restored = None  # a reboot boots afresh
+            else:
+                snap = snapshot.load(self.spec["restore"], self.spec["files"].open)
+                machine, meta = snap.machine(self._console_out, nets=self.nets,
+                                             events=self.runner.sources), snap.meta
+            self.spec["config"] = meta["config"]
+            self.console.total = int(meta.get("console_bytes", 0))
             self.instret_offset -= sum(hart.instret for hart in machine.harts)
         elif "incoming" in self.spec and not fresh:
             machine = self._immigrate()

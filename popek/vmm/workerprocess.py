@@ -32,9 +32,11 @@ import asyncio
 import contextlib
 import ctypes
 import multiprocessing
+import multiprocessing.connection
 import multiprocessing.forkserver
 import os
 import signal
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -43,6 +45,12 @@ from popek.vmm import jail, procstat
 # What the worker fork server imports before it forks (tests add a test build's hooks).
 WORKER_PRELOAD = ["popek.vmm.warm"]
 _PR_SET_CHILD_SUBREAPER = 36
+# multiprocessing's Process is not thread-safe: each start() polls every earlier child
+# (multiprocessing.process._cleanup), and a poll reads the child's exit status from the
+# fork server's pipe. A join() polling the same child in another thread then reads the
+# pipe's end instead and records exit status 255: with dozens of workers starting at
+# once, one VMM request in a few hundred failed so. Every start and join holds this.
+_PROCESSES = threading.Lock()
 
 
 def become_subreaper() -> None:
@@ -60,11 +68,19 @@ async def start(target: Callable[..., None], args: tuple[Any, ...], name: str) -
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(WORKER_PRELOAD)
     starter = ctx.Process(target=target, args=args, name=name)
-    loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, starter.start)
-    await loop.run_in_executor(None, starter.join)  # exits as soon as the worker is detached
+    await asyncio.get_running_loop().run_in_executor(None, _start_and_join, starter)
     if starter.exitcode != 0:
         raise OSError(f"the worker did not start (exit status {starter.exitcode})")
+
+
+def _start_and_join(starter: multiprocessing.Process) -> None:
+    """Start ``starter`` and wait for it to exit (as soon as the worker is detached),
+    its exit status read under the lock that starts hold (:data:`_PROCESSES`)."""
+    with _PROCESSES:
+        starter.start()
+    multiprocessing.connection.wait([starter.sentinel])
+    with _PROCESSES:
+        starter.join()
 
 
 def detach(ready: Callable[[], None], log: int) -> None:
@@ -85,12 +101,17 @@ def detach(ready: Callable[[], None], log: int) -> None:
     os.close(null)
     keep = {0, 1, 2, done_w, *(multiprocessing.forkserver.get_inherited_fds() or ())}
     keep.discard(log)
+    close_descriptors(keep)
+    os.write(done_w, b"1")
+    os.close(done_w)
+
+
+def close_descriptors(keep: set[int]) -> None:
+    """Close every descriptor of this process but ``keep``."""
     for fd in [int(name) for name in os.listdir("/proc/self/fd")]:
         if fd not in keep:
             with contextlib.suppress(OSError):
                 os.close(fd)
-    os.write(done_w, b"1")
-    os.close(done_w)
 
 
 class WorkerProcess:
