@@ -43,25 +43,28 @@ def _passes(out: bytes) -> list[int]:
 
 
 def _builder(config: MachineConfig, out: bytearray) -> Callable[..., VirtMachine]:
-    return lambda memory, state: VirtMachine(config, out.extend, memory=memory,
-                                             state=state["machine"])
+    return lambda memory: VirtMachine(config, out.extend, memory=memory, blank=True)
 
 
 def migrate(source: VirtMachine, dest_out: bytearray, *, max_downtime: float = 0.05,
             tamper: Callable[[socket.socket], socket.socket] | None = None,
-            ) -> tuple[dict[str, Any] | MigrationError, Arrival | MigrationError]:
+            ) -> tuple[dict[str, Any] | MigrationError, Arrival | MigrationError, bool]:
     """Run ``source`` while it migrates; (the source's figures or error, the arrival or
-    the destination's error)."""
+    the destination's error, whether GO came)."""
     ours, theirs = socket.socketpair()
     if tamper is not None:
         ours = tamper(ours)
     arrived: list[Arrival | MigrationError] = []
+    went: list[bool] = []
 
     def destination() -> None:
         try:
-            arrived.append(immigrate(theirs, source.config, _builder(source.config, dest_out)))
+            arrival = immigrate(theirs, source.config, _builder(source.config, dest_out))
         except MigrationError as err:
             arrived.append(err)
+            return
+        arrived.append(arrival)
+        went.append(arrival.wait_for_go())
 
     thread = threading.Thread(target=destination)
     thread.start()
@@ -79,7 +82,7 @@ def migrate(source: VirtMachine, dest_out: bytearray, *, max_downtime: float = 0
             outcome = err
     finally:
         thread.join(60)
-    return outcome, arrived[0]
+    return outcome, arrived[0], bool(went and went[0])
 
 
 def _consistent(machine: VirtMachine, harts: int) -> None:
@@ -100,9 +103,9 @@ def test_migrated_guest_keeps_every_increment_and_goes_on(engine: str, cpus: int
     source = VirtMachine(config, out.extend)
     _run_until(source, out, rb"pass 32\n")
     # Both ends share this process (and its GIL): a budget the link here can meet.
-    figures, arrival = migrate(source, dest_out, max_downtime=1.0)
+    figures, arrival, went = migrate(source, dest_out, max_downtime=1.0)
     assert isinstance(figures, dict) and isinstance(arrival, Arrival), (figures, arrival)
-    assert arrival.go
+    assert went
     # Only what the guest touched moved: its 8 MiB and its program, not the 32 MiB.
     assert PAGES * PAGE_SIZE <= figures["bytes_sent"] < 3 * PAGES * PAGE_SIZE + (4 << 20)
     dest = arrival.machine
@@ -122,8 +125,8 @@ def test_a_guest_dirtying_faster_than_the_link_still_converges(
     out, dest_out = bytearray(), bytearray()
     source = VirtMachine(config, out.extend)
     _run_until(source, out, rb"pass 16\n")
-    figures, arrival = migrate(source, dest_out, max_downtime=0.0001)
-    assert isinstance(arrival, Arrival) and arrival.go, (figures, arrival)
+    figures, arrival, went = migrate(source, dest_out, max_downtime=0.0001)
+    assert isinstance(arrival, Arrival) and went, (figures, arrival)
     assert figures["rounds"] == 4
     _consistent(arrival.machine, 1)
 
@@ -153,8 +156,8 @@ def test_corrupt_chunk_is_refused_and_the_source_can_go_on() -> None:
     out, dest_out = bytearray(), bytearray()
     source = VirtMachine(config, out.extend)
     _run_until(source, out, rb"pass 16\n")
-    figures, arrival = migrate(source, dest_out,
-                               tamper=lambda sock: CorruptingSocket(sock, 3))
+    figures, arrival, _ = migrate(source, dest_out,
+                                  tamper=lambda sock: CorruptingSocket(sock, 3))
     assert isinstance(arrival, MigrationError) and "checksum" in str(arrival)
     assert isinstance(figures, MigrationError) and "PAGES frame fails its checksum" in str(figures)
     last = _passes(bytes(out))[-1]

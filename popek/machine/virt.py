@@ -68,9 +68,13 @@ class VirtMachine:
                  clock: GuestClock | None = None,
                  nets: Sequence[NetBackend] = (),
                  events: HostEvents | None = None,
-                 opener: Callable[..., int] = os.open) -> None:
+                 opener: Callable[..., int] = os.open,
+                 blank: bool = False) -> None:
         """Boot ``config`` from its images, or, given the ``state`` a machine saved (and
-        ``memory`` holding its RAM), carry on exactly where that machine was. ``clock``
+        ``memory`` holding its RAM), carry on exactly where that machine was; ``blank``,
+        neither: the board is built and waits for :meth:`load_state` (a migration's
+        destination builds it while RAM arrives, so that the guest's downtime does not
+        include the building). ``clock``
         is guest time (by default the host's, see GuestClock). ``opener`` opens the host
         files the configuration names, as os.open does; a VMM worker's hands out the
         descriptors the VMM opened for it, and opens nothing. Likewise ``nets`` are the
@@ -133,10 +137,10 @@ class VirtMachine:
         ):
             self.mem.add_device(base, size, dev)
         self._input = bytearray()
-        if state is None:
-            self.boot()
-        else:
+        if state is not None:
             self.load_state(state)
+        elif not blank:
+            self.boot()
 
     # -- building -----------------------------------------------------------------------
     def _add_virtio(self, backend) -> VirtioMMIO:

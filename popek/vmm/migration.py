@@ -14,10 +14,11 @@ the guest sees no jump). A guest that writes faster than the link drains is thro
 (auto-converge): each round that does not converge doubles what is sent between two of
 the guest's slices, and after :data:`MAX_ROUNDS` the copy stops regardless.
 
-The destination (:func:`immigrate`) checks every frame before it uses it, writes pages
-into RAM of its own that no machine runs yet, builds the machine from the state, and only
-then says READY. The source answers GO, which commits it: from then on it never runs
-the guest again. The destination runs the guest once GO has come; if the link fails
+The destination (:func:`immigrate`) checks every frame before it uses it, builds the
+machine (blank) as soon as the HELLO names it, so that building is not part of the
+downtime, writes pages into its RAM while no one runs it, loads the state at the end and
+only then says READY. The source answers GO, which commits it: from then on it never
+runs the guest again. The destination runs the guest once GO has come; if the link fails
 between READY and GO, neither end can know what the other did, so the destination keeps
 the guest paused and the source's VMM, which knows, settles it over the API (resumes the
 destination's copy if the source committed, deletes it otherwise). So there are never
@@ -216,30 +217,40 @@ class Emigration:
 
 
 # -- the destination -------------------------------------------------------------------------------
-Builder = Callable[[PhysicalMemory, dict[str, Any]], VirtMachine]
+Builder = Callable[[PhysicalMemory], VirtMachine]  # the board on this RAM, blank (not booted)
 
 
 @dataclass
 class Arrival:
-    """A machine that came in: whether its source said GO, and the worker's extras."""
+    """A machine that came in, its state loaded, READY said: it runs once
+    :meth:`wait_for_go` says the source committed."""
 
     machine: VirtMachine
-    state: dict[str, Any]
-    go: bool
+    state: dict[str, Any]  # the source's STATE: "machine" and the worker's extras
+    conn: Connection
+
+    def wait_for_go(self) -> bool:
+        """Whether the source said GO; False if the link failed first (the source's VMM
+        settles it). The caller does all it can before, so that the guest runs the
+        moment GO comes."""
+        try:
+            self.conn.sock.settimeout(HANDOVER_TIMEOUT)
+            return self.conn.receive().kind == wire.GO
+        except (OSError, WireError):
+            return False
+        finally:
+            self.conn.close()
 
 
 def immigrate(sock: socket.socket, config: MachineConfig, build: Builder) -> Arrival:
-    """Take a guest from the source on ``sock``: RAM for ``config``, filled from the
-    stream, and ``build`` (RAM, the source's STATE) making the machine. MigrationError if
-    the stream is refused (the source is told why) or the link fails before READY."""
+    """Take a guest from the source on ``sock``: RAM for ``config``, the machine ``build``
+    makes on it (at once, while the pages come), filled from the stream and given the
+    source's STATE (``"machine"``). MigrationError if the stream is refused (the source is
+    told why), the machine cannot be built, or the link fails before READY."""
     sock.settimeout(LINK_TIMEOUT)
     conn = Connection(sock)
     try:
-        memory, state = _receive(conn, config)
-        try:
-            machine = build(memory, state)
-        except (KeyError, TypeError, ValueError) as err:
-            raise WireError(f"the machine state does not fit: {err}") from None
+        machine, state = _receive(conn, config, build)
         conn.send(wire.READY)
     except WireError as err:
         _tell(conn, str(err))
@@ -247,25 +258,24 @@ def immigrate(sock: socket.socket, config: MachineConfig, build: Builder) -> Arr
     except OSError as err:
         conn.close()
         raise MigrationError(f"lost the link to the source ({_os_reason(err)})") from None
-    except MigrationError:
-        conn.close()
+    except MigrationError as err:
+        _tell(conn, str(err))
         raise
-    try:
-        conn.sock.settimeout(HANDOVER_TIMEOUT)
-        go = conn.receive().kind == wire.GO
-    except (OSError, WireError):
-        go = False  # the source's VMM settles it
-    conn.close()
-    return Arrival(machine, state, go)
+    return Arrival(machine, state, conn)
 
 
-def _receive(conn: Connection, config: MachineConfig) -> tuple[PhysicalMemory, dict[str, Any]]:
+def _receive(conn: Connection, config: MachineConfig,
+             build: Builder) -> tuple[VirtMachine, dict[str, Any]]:
     conn.receive_preamble()
     hello = conn.receive()
     if hello.kind != wire.HELLO:
         raise WireError(f"the stream begins with {hello.name}, not HELLO")
     _check_hello(hello.json(), config)
     memory = PhysicalMemory(RAM_BASE, config.mem)
+    try:
+        machine = build(memory)
+    except (ConfigError, OSError) as err:
+        raise MigrationError(f"the destination cannot build the machine: {err}") from None
     pages = config.mem >> PAGE_SHIFT
     state = None
     while True:
@@ -282,7 +292,11 @@ def _receive(conn: Connection, config: MachineConfig) -> tuple[PhysicalMemory, d
         elif frame.kind == wire.STATE:
             state = frame.json()
         elif frame.kind == wire.END and state is not None:
-            return memory, state
+            try:
+                machine.load_state(state["machine"])
+            except (KeyError, TypeError, ValueError, AttributeError) as err:
+                raise WireError(f"the machine state does not fit: {err}") from None
+            return machine, state
         elif frame.kind == wire.ERROR:
             raise MigrationError(f"the source gave up: {_reason(frame)}")
         else:

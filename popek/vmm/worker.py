@@ -205,9 +205,9 @@ class Worker:
         self._limit_memory()
         self.frozen_clock = self.machine.clint.save_state()
         self.machine_ready = True
-        if self.arrival is not None:
+        if self.arrival is not None:  # all else is done: the guest runs the moment GO comes
             self.started = True
-            self._set_running(self.arrival.go)  # without GO it waits, paused (migration.py)
+            self._set_running(self.arrival.wait_for_go())  # no GO: paused (migration.py)
             for nic in self.machine.nics:
                 nic.announce()  # switches learn where the guest is now
         self._greet()
@@ -453,10 +453,10 @@ class Worker:
         """The machine, as the source sends it over the connection the VMM accepted."""
         config = config_from_json(self.spec["config"])
 
-        def build(memory: Any, state: dict[str, Any]) -> VirtMachine:
-            return VirtMachine(config, self._console_out, memory=memory,
-                               state=state["machine"], nets=self.nets,
-                               events=self.runner.sources, opener=self.spec["files"].open)
+        def build(memory: Any) -> VirtMachine:
+            return VirtMachine(config, self._console_out, memory=memory, blank=True,
+                               nets=self.nets, events=self.runner.sources,
+                               opener=self.spec["files"].open)
 
         sock = socket.socket(fileno=self.spec["incoming"].detach())
         self.arrival = immigrate(sock, config, build)
