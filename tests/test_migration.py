@@ -75,7 +75,7 @@ def migrate(source: VirtMachine, dest_out: bytearray, *, max_downtime: float = 0
             try:
                 while not emigration.pump():
                     source.run_slice()
-                outcome = emigration.finish({"machine": source.save_state()})
+                outcome = emigration.finish(lambda: {"machine": source.save_state()})
             finally:
                 emigration.close()
         except MigrationError as err:
@@ -176,7 +176,7 @@ def test_destination_gone_mid_migration_fails_cleanly() -> None:
     with pytest.raises(MigrationError, match="lost the link"):
         while not emigration.pump():
             source.run_slice()
-        emigration.finish({"machine": source.save_state()})
+        emigration.finish(lambda: {"machine": source.save_state()})
     emigration.close()
     last = _passes(bytes(out))[-1]
     _run_until(source, out, rb"pass %d\n" % (last + 32))

@@ -58,7 +58,6 @@ right after a restore) reads all of it once and then follows its log.
 from __future__ import annotations
 
 import mmap
-import re
 from bisect import bisect_right
 from typing import Protocol
 
@@ -66,7 +65,6 @@ PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
 PAGE_MASK = PAGE_SIZE - 1
 MAP_NORESERVE = 0x4000  # Linux; not exported by Python 3.11's mmap module
-_DIRTY_RUN = re.compile(rb"\x01+")
 _DIRTY = 1
 
 
@@ -115,7 +113,13 @@ class DirtyLog:
     def take(self) -> list[tuple[int, int]]:
         """The (first page, count) runs of pages written since the log started or was
         last taken, in ascending order; the log starts over empty."""
-        runs = [(m.start(), m.end() - m.start()) for m in _DIRTY_RUN.finditer(self.bits)]
+        bits, runs = self.bits, []
+        start = bits.find(b"\1")
+        while start >= 0:  # memchr-speed finds: a sparse log (the last round) costs microseconds
+            end = bits.find(b"\0", start)
+            end = len(bits) if end < 0 else end
+            runs.append((start, end - start))
+            start = bits.find(b"\1", end)
         self.bits.madvise(mmap.MADV_DONTNEED)  # private anonymous pages read as zero again
         self._mem.drop_writable(None)
         return runs

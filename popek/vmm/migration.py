@@ -27,6 +27,7 @@ two running copies, and a copy that can run always exists.
 
 from __future__ import annotations
 
+import json
 import select
 import socket
 import time
@@ -130,12 +131,14 @@ class Emigration:
             self.chunk = min(2 * self.chunk, MAX_CHUNK)  # auto-converge: throttle the guest
         return False
 
-    def finish(self, state: dict[str, Any]) -> dict[str, Any]:
-        """The guest is paused: send the last pages and ``state``, wait for the
-        destination's READY and commit with GO. Returns the figures of the migration;
-        MigrationError (the guest may run on here) if the handover did not happen."""
-        paused = time.monotonic()
+    def finish(self, capture: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """The guest was paused just now: send the last pages and the state ``capture``
+        takes (``"machine"`` and the caller's extras), wait for the destination's READY
+        and commit with GO. Returns the figures of the migration; MigrationError (the
+        guest may run on here) if the handover did not happen."""
+        paused, paused_at = time.monotonic(), time.time()
         self.progress.phase = "stop-and-copy"
+        state = capture()
         self.pending.extend(self.log.take())
         self._guarded(self._send_pages, None)
         self._guarded(self.conn.send_json, wire.STATE, state)
@@ -150,7 +153,7 @@ class Emigration:
         done = time.monotonic()
         self.progress.phase = "done"
         self.progress.bytes_sent = self.conn.sent
-        return {"downtime_ms": round(1000 * (done - paused), 1),
+        return {"downtime_ms": round(1000 * (done - paused), 1), "paused_at": paused_at,
                 "total_seconds": round(done - self.started, 3),
                 "bytes_sent": self.conn.sent, "pages_sent": self.progress.pages_sent,
                 "rounds": self.progress.round, "ram_bytes": self.machine.mem.size}
@@ -274,6 +277,9 @@ def _receive(conn: Connection, config: MachineConfig,
     memory = PhysicalMemory(RAM_BASE, config.mem)
     try:
         machine = build(memory)
+        # Loading the blank board's own state once warms what loading the source's will
+        # run (type checks, lazily built tables) before the guest stands still for it.
+        machine.load_state(json.loads(json.dumps(machine.save_state())))
     except (ConfigError, OSError) as err:
         raise MigrationError(f"the destination cannot build the machine: {err}") from None
     pages = config.mem >> PAGE_SHIFT

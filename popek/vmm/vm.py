@@ -190,6 +190,8 @@ class Vm:
         self.config = ready["config"]
         await self._confined(ready.get("warnings", []))
         self.state = ready.get("state", "created")  # a guest that migrated here runs already
+        if "resumed_at" in ready:
+            self.migration = {"state": "arrived", "resumed_at": ready["resumed_at"]}
         if self.state == "running":
             self.started = time.time()
         self.save()
@@ -564,7 +566,7 @@ _MESSAGES: dict[str, dict[str, Any]] = {
               "throttled_seconds": float | int, "console_bytes": int, "nics": list[dict]},
     "reply": {"id": int, "ok": bool, "error": str, "result": dict},
     "ready": {"vm": str, "state": str, "config": dict, "console_bytes": int,
-              "history_bytes": int, "warnings": list[str]},
+              "history_bytes": int, "warnings": list[str], "resumed_at": float},
     "error": {"message": str},
     "exit": {"kind": str | None, "code": int | None},
     "failed": {"reason": str},

@@ -186,6 +186,7 @@ class Worker:
         self.migration: Emigration | None = None  # this guest leaving, live
         self.migration_id: Any = None  # the VMM's command, answered when it is over
         self.arrival: Arrival | None = None  # this guest came by migration
+        self.resumed_at: float | None = None  # and ran here from then (wall clock)
         # The latest snapshot this worker wrote, and the pages written since (for a diff)
         self.last_snapshot: snapshot.Base | None = None
         self.snapshot_log: DirtyLog | None = None
@@ -208,6 +209,7 @@ class Worker:
         if self.arrival is not None:  # all else is done: the guest runs the moment GO comes
             self.started = True
             self._set_running(self.arrival.wait_for_go())  # no GO: paused (migration.py)
+            self.resumed_at = time.time() if self.running else None
             for nic in self.machine.nics:
                 nic.announce()  # switches learn where the guest is now
         self._greet()
@@ -223,7 +225,8 @@ class Worker:
                               "config": self.spec.get("config"),
                               "console_bytes": self.console.total,
                               "history_bytes": len(self.console.data),
-                              "warnings": self.warnings})
+                              "warnings": self.warnings,
+                              **({"resumed_at": self.resumed_at} if self.resumed_at else {})})
         if self.console.data:
             self.link.send(OUTPUT, self.console.data)
         self._send_stats()
@@ -429,12 +432,7 @@ class Worker:
             if not migration.pump():
                 return False
             self._set_running(False)  # the guest's clock stops with it
-            self._flush_output()
-            result = migration.finish({
-                "machine": self.machine.save_state(), "console_bytes": self.console.total,
-                "console": base64.b64encode(self.console.data).decode(),
-                "instructions": self.instret_offset + self._instret(),
-                "traps": {str(cause): n for cause, n in self.traps.items()}})
+            result = migration.finish(self._departing_state)
             reply = {"ok": True, "result": result}
         except MigrationError as err:
             reply = {"ok": False, "error": str(err)}
@@ -448,6 +446,15 @@ class Worker:
         self.link.send(JSON, {"op": "exit", "kind": "migrated", "code": 0})
         self._record_exit({"kind": "migrated", "code": 0})
         return True
+
+    def _departing_state(self) -> dict[str, Any]:
+        """What goes to the destination beside RAM, the guest paused: the machine, and
+        the console history and counters the VM keeps showing there."""
+        self._flush_output()
+        return {"machine": self.machine.save_state(), "console_bytes": self.console.total,
+                "console": base64.b64encode(self.console.data).decode(),
+                "instructions": self.instret_offset + self._instret(),
+                "traps": {str(cause): n for cause, n in self.traps.items()}}
 
     def _immigrate(self) -> VirtMachine:
         """The machine, as the source sends it over the connection the VMM accepted."""
