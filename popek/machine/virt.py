@@ -90,6 +90,9 @@ class VirtMachine:
         self.opener = opener
         self.console_out = console_out
         self.exit: tuple[str, int] | None = None
+        # Instructions a hart runs per slice: a live migration's auto-converge lowers it,
+        # so that a slice cannot dirty more than the link can drain.
+        self.slice_instructions = SLICE
         if memory is not None and (memory.base, memory.size) != (RAM_BASE, config.mem):
             raise ConfigError(f"RAM of {memory.size >> 20}M at {memory.base:#x} does not fit "
                               f"--mem {config.mem >> 20}M")
@@ -380,8 +383,9 @@ class VirtMachine:
         for hart in self.harts:
             if self._runnable(hart):
                 # The harts that would run side by side on real hardware share this thread.
-                self.clock.start_slice(sum(map(self._runnable, self.harts)), SLICE)
-                self.clock.end_slice(hart.run(SLICE))
+                budget = self.slice_instructions
+                self.clock.start_slice(sum(map(self._runnable, self.harts)), budget)
+                self.clock.end_slice(hart.run(budget))
                 # Other harts and devices write memory before this hart runs again, and
                 # nothing here watches its reserved address: its next sc must fail.
                 hart.reservation = None

@@ -7,12 +7,21 @@ The source (:class:`Emigration`) is driven between the guest's slices, so the gu
 on while its memory moves. It starts a dirty log (:meth:`PhysicalMemory.dirty_log`),
 sends every non-zero page once (pages never touched and zero pages are not sent), then,
 round after round, the pages the log names as written meanwhile. Once the pages left
-would go in less than the downtime budget at the bandwidth measured so far, the caller
-pauses the guest and :meth:`Emigration.finish` sends the last dirty pages and the
-machine's state (the guest clock with it: it stood still while the guest was paused, so
-the guest sees no jump). A guest that writes faster than the link drains is throttled
-(auto-converge): each round that does not converge doubles what is sent between two of
-the guest's slices, and after :data:`MAX_ROUNDS` the copy stops regardless.
+would go in less than the downtime budget at the bandwidth measured so far, and another
+round would not shrink them much, the caller pauses the guest and
+:meth:`Emigration.finish` sends the last dirty pages and the machine's state (the guest
+clock with it: it stood still while the guest was paused, so the guest sees no jump).
+
+Auto-converge, exact: the log counts every page the guest wrote in a round, and the
+round's bytes sent are what the link drained meanwhile, so their ratio is the guest's
+dirty rate over the link's drain rate, with no sampling. While that ratio is above
+:data:`CONVERGE`, the guest's share shrinks in proportion (QEMU throttles its vCPUs by a
+guessed step; popek knows by how much): each hart's slice gets that share of its
+instruction budget (so one slice cannot dirty more than the link drains), and after each
+slice the source sends, its sends waiting on the link, for as long as the share leaves
+to it. A guest that dirties faster than the link drains is slowed until it does not, so
+the migration always finishes; should even :data:`MIN_SHARE` not shrink the rounds, the
+copy stops anyway and the downtime is what it is.
 
 The destination (:func:`immigrate`) checks every frame before it uses it, builds the
 machine (blank) as soon as the HELLO names it, so that building is not part of the
@@ -43,7 +52,7 @@ from popek.machine.config import (
     config_from_json,
     config_to_json,
 )
-from popek.machine.virt import RAM_BASE, VirtMachine
+from popek.machine.virt import RAM_BASE, SLICE, VirtMachine
 from popek.vmm import migration_wire as wire
 from popek.vmm.migration_wire import Connection, WireError
 from popek.vmm.snapshot import nonzero_runs
@@ -51,9 +60,10 @@ from popek.vmm.snapshot import nonzero_runs
 DEFAULT_MAX_DOWNTIME = 0.05  # seconds the guest may stand still at the handover
 LINK_TIMEOUT = 30.0  # seconds a send or receive may stall before the link counts as lost
 HANDOVER_TIMEOUT = 60.0  # seconds the destination may take to build the machine
-FIRST_CHUNK = 1 << 20  # bytes sent between two slices of the guest, at first
-MAX_CHUNK = 64 << 20
-MAX_ROUNDS = 30
+CHUNK = 1 << 20  # bytes sent between two slices of an unthrottled guest, at most
+CONVERGE = 0.5  # a round may leave to the next this share of what it sent
+MIN_SHARE = 0.01  # the least share of time a throttled guest keeps
+SHORT_ENOUGH = 0.001  # seconds: a stop-and-copy this short is not worth another round
 _ZERO_FRAME = bytes(wire.MAX_PAGES_PER_FRAME * PAGE_SIZE)
 
 
@@ -73,6 +83,7 @@ class Progress:
     dirty_rate: float = 0.0  # bytes the guest dirtied per second, last round
     bandwidth: float = 0.0  # bytes per second the link took
     expected_downtime_ms: float | None = None
+    throttle_percent: float = 0.0  # of the guest's time, taken by auto-converge
 
     def as_json(self) -> dict[str, Any]:
         return {key: round(value, 1) if isinstance(value, float) else value
@@ -88,9 +99,12 @@ class Emigration:
         self.max_downtime = max_downtime
         self.progress = Progress()
         self.started = time.monotonic()
-        self.chunk = FIRST_CHUNK
+        self.share = 1.0  # of time the guest runs; auto-converge lowers it
         self._send_seconds = 0.0
         self._round_started = self.started
+        self._round_sent = 0  # conn.sent when the round began
+        self._last_left: int | None = None  # pages the previous round left
+        self._guest_ran_from = self.started  # when pump last returned
         sock.settimeout(LINK_TIMEOUT)
         self.conn = Connection(sock)
         self.log = machine.mem.dirty_log()  # before the first pass reads a page
@@ -108,28 +122,56 @@ class Emigration:
                                          "ram_bytes": self.machine.mem.size})
 
     def pump(self) -> bool:
-        """Send up to one chunk of the pages still to go; True once what is left fits the
-        downtime budget: the caller then pauses the guest and calls :meth:`finish`."""
+        """Send pages, for as long as the guest's share leaves to the migration since
+        the guest last ran (unthrottled: up to a chunk, as fast as the link takes it);
+        True once what is left is best sent with the guest paused: the caller then
+        pauses it and calls :meth:`finish`."""
         if self.pending:
-            self._guarded(self._send_pages, self.chunk)
+            now = time.monotonic()
+            if self.share < 1.0:
+                until = now + (now - self._guest_ran_from) * (1 - self.share) / self.share
+                self._guarded(self._send_pages, lambda sent: time.monotonic() < until)
+            else:
+                self._guarded(self._send_pages,
+                              lambda sent: sent < CHUNK and self._writable())
+            self._guest_ran_from = time.monotonic()
             return False
+        return self._next_round()
+
+    def _next_round(self) -> bool:
         runs = self.log.take()
         now = time.monotonic()
         left = sum(count for _, count in runs)
+        dirtied, drained = left * PAGE_SIZE, max(self.conn.sent - self._round_sent, 1)
         progress = self.progress
         progress.round += 1
         progress.phase = "dirty rounds"
         progress.pages_left = left
-        progress.dirty_rate = left * PAGE_SIZE / max(now - self._round_started, 1e-6)
-        progress.expected_downtime_ms = 1000 * left * PAGE_SIZE / self._bandwidth()
-        self._round_started = now
+        progress.dirty_rate = dirtied / max(now - self._round_started, 1e-6)
+        expected = dirtied / self._bandwidth()
+        progress.expected_downtime_ms = 1000 * expected
+        shrinking = self._last_left is None or 2 * left <= self._last_left
+        growing = self._last_left is not None and left >= self._last_left
+        self._round_started, self._round_sent, self._last_left = now, self.conn.sent, left
         self.pending.extend(runs)
-        if progress.expected_downtime_ms <= 1000 * self.max_downtime or \
-                progress.round >= MAX_ROUNDS:
+        if expected <= self.max_downtime and (expected <= SHORT_ENOUGH or not shrinking):
             return True
-        if progress.dirty_rate * self.max_downtime > left * PAGE_SIZE / 2:
-            self.chunk = min(2 * self.chunk, MAX_CHUNK)  # auto-converge: throttle the guest
+        if dirtied > CONVERGE * drained:  # the guest outruns the link: slow it down
+            if self.share <= MIN_SHARE and not shrinking:
+                return True  # even the least share does not converge: copy it now
+            # A round no smaller than the last: the guest rewrote its whole working set,
+            # so its true rate is higher still than the log's count: cut twice as hard.
+            cut = CONVERGE * drained / dirtied * (CONVERGE if growing else 1.0)
+            self._throttle(max(MIN_SHARE, self.share * cut))
+        elif expected > self.max_downtime:  # converging: give the guest back some time
+            self._throttle(min(1.0, self.share * CONVERGE * drained / max(dirtied, 1)))
+        self._guest_ran_from = time.monotonic()
         return False
+
+    def _throttle(self, share: float) -> None:
+        self.share = share
+        self.machine.slice_instructions = max(1, int(SLICE * share))
+        self.progress.throttle_percent = 100 * (1 - share)
 
     def finish(self, capture: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """The guest was paused just now: send the last pages and the state ``capture``
@@ -140,7 +182,7 @@ class Emigration:
         self.progress.phase = "stop-and-copy"
         state = capture()
         self.pending.extend(self.log.take())
-        self._guarded(self._send_pages, None)
+        self._guarded(self._send_pages, lambda sent: True)
         self._guarded(self.conn.send_json, wire.STATE, state)
         self._guarded(self.conn.send, wire.END)
         self.conn.sock.settimeout(HANDOVER_TIMEOUT)
@@ -156,20 +198,22 @@ class Emigration:
         return {"downtime_ms": round(1000 * (done - paused), 1), "paused_at": paused_at,
                 "total_seconds": round(done - self.started, 3),
                 "bytes_sent": self.conn.sent, "pages_sent": self.progress.pages_sent,
-                "rounds": self.progress.round, "ram_bytes": self.machine.mem.size}
+                "rounds": self.progress.round, "ram_bytes": self.machine.mem.size,
+                "throttle_percent": round(self.progress.throttle_percent, 1)}
 
     def close(self) -> None:
+        self.machine.slice_instructions = SLICE  # should the guest run on here
         self.log.close()
         self.conn.close()
 
     # -- sending --------------------------------------------------------------------------------
-    def _send_pages(self, budget: int | None) -> None:
-        """Send pending runs, up to ``budget`` bytes (None: all), each page as it is now."""
+    def _send_pages(self, more: Callable[[int], bool]) -> None:
+        """Send pending runs, each page as it is now, while ``more(bytes sent so far)``."""
         start = time.monotonic()
         sent = 0
         ram = memoryview(self.machine.mem.ram)
         try:
-            while self.pending and (budget is None or sent < budget and self._writable()):
+            while self.pending and more(sent):
                 first, count = self.pending.popleft()
                 take = min(count, wire.MAX_PAGES_PER_FRAME)
                 if take < count:

@@ -424,7 +424,7 @@ class Worker:
         self.migration_id = msg.get("id")
 
     def _migrate_step(self) -> bool:
-        """One chunk of the migration; True once the guest has left (the worker ends).
+        """One turn of the migration; True once the guest has left (the worker ends).
         A failed migration leaves the guest running here, as it was."""
         migration = self.migration
         result = None
