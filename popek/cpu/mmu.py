@@ -7,7 +7,8 @@ a page-crossing access, MMIO, a PMP region smaller than a page, a write to a pag
 someone watches, such as one holding decoded code) takes the slow path, which
 translates, checks, and fills. Pages enter the write TLB only as guest memory admits
 them (``PhysicalMemory.admit_write``), which is how dirty logs and write watches see
-every write without the fast path doing anything.
+every write without the fast path doing anything; an absent page (dropped, its contents
+elsewhere) is brought back before it enters any of the three.
 
 ``translate`` is pluggable: the system emulator walks the guest page tables
 (:mod:`popek.cpu.pagewalk`); the process VM looks up its own address-space map.
@@ -69,7 +70,7 @@ class Mmu:
         # The (read, write, execute) translations of privileges not running now: a system
         # call returns to the same user pages, a trap handler runs on the same kernel pages.
         self.saved: dict[int, tuple[dict[int, int], dict[int, int], dict[int, int]]] = {}
-        mem.add_write_tlb(self)
+        mem.add_tlb(self)
         self.accessors = self._make_accessors()
         self.mirror: TlbMirror | None = None
 
@@ -148,6 +149,8 @@ class Mmu:
             pa, span, needs_sum = self.translate(vaddr, access), PAGE_SHIFT, False
         off = self.mem.ram_offset(pa)
         cacheable = off is not None
+        if cacheable and self.mem.absent_pages:
+            self.mem.make_present(off, size)  # every tier's accesses to RAM pass here first
         if self.system:
             priv = pagewalk.effective_priv(self.hart, access)
             page = pa & ~_PAGE_MASK

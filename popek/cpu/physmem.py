@@ -53,6 +53,42 @@ A log starts empty, and pages count as written only once a writer changes them: 
 restored guest's pages are the snapshot it came from, the base of every log started
 afterwards. A consumer that needs the whole memory (a migration's first pass, even
 right after a restore) reads all of it once and then follows its log.
+
+Absent pages, brought back on first touch
+------------------------------------------
+A RAM page can be *absent*: its host memory dropped (``MADV_DONTNEED``) while its
+contents live elsewhere, in a :class:`PageSource` (a swap file for a swapped-out VM; the
+source VMM for a post-copy migration). :meth:`~PhysicalMemory.mark_absent` records the
+pages, drops them, and flushes every hart's TLB (:class:`HartTlb`), so no tier holds a
+translation to them. From then on, every door to RAM brings a page back before the
+access proceeds, through :meth:`~PhysicalMemory.make_present`, which asks the source to
+write the pages' contents back in place:
+
+- a hart's TLB fill (read, write or fetch; every tier fills through the MMU's ``resolve``,
+  and the native tier's tables and jump cache only mirror what it filled);
+- the slow-path doors above (``load``/``store``/``read``/``write``/``move``), which page
+  walks, device DMA, loaders, firmware and system calls use;
+- the few readers of ``ram`` itself outside a TLB (the virtqueue's rings and descriptor
+  tables) and whole-RAM readers (snapshots, migration), which call ``make_present``.
+
+``discard`` forgets absent pages instead of fetching them (they become zeros). Bringing a
+page back is not a write: its contents are what the guest last saw, so dirty logs and
+write watches hear nothing, and decoded code stays valid. The fast path pays nothing:
+absent pages are in no TLB, and the doors test one integer, ``absent_pages``, that is 0
+unless something is absent. A fault brings back up to :data:`READAHEAD` pages at once
+(the faulting page and the absent ones after it), so a guest that walks a buffer does not
+fault page by page. One source holds a memory's absent pages at a time::
+
+    class SwapFile:                          # a PageSource
+        def fetch(self, runs, ram):          # [(first page, count), ...], memoryview of RAM
+            for first, count in runs:
+                os.preadv(fd, [ram[first * PAGE_SIZE:(first + count) * PAGE_SIZE]],
+                          first * PAGE_SIZE)
+
+    save(pages)                              # the contents, somewhere the source finds them
+    mem.mark_absent(runs, swap_file)         # dropped; back on first touch
+
+Mark and fetch on the machine's thread, between the harts' slices, like a dirty log's take.
 """
 
 from __future__ import annotations
@@ -66,6 +102,8 @@ PAGE_SIZE = 1 << PAGE_SHIFT
 PAGE_MASK = PAGE_SIZE - 1
 MAP_NORESERVE = 0x4000  # Linux; not exported by Python 3.11's mmap module
 _DIRTY = 1
+_ABSENT_RUN = _DIRTY_RUN  # the absent map is one byte a page too: 1 = absent
+READAHEAD = 16  # pages a fault brings back at most beyond those the access needs
 
 
 class BusError(Exception):
@@ -84,12 +122,27 @@ class Device(Protocol):
     def write(self, offset: int, size: int, value: int) -> None: ...
 
 
-class WriteTlb(Protocol):
-    """A hart's cache of writable pages (its MMU), which must forget pages on demand."""
+class HartTlb(Protocol):
+    """A hart's cache of translations to RAM pages (its MMU), which must forget pages on
+    demand."""
 
     def drop_writable(self, page: int | None) -> None:
         """Forget every writable translation to the RAM page at host offset ``page``
         (None: to any page), so that the next write to it takes the slow path."""
+
+    def flush(self) -> None:
+        """Forget every translation, so that the next access to any page fills again."""
+
+
+class PageSource(Protocol):
+    """Where the contents of absent pages are (see "Absent pages" in the module docstring):
+    a swap file, a migration's source VMM. It holds each page it was given until the page
+    is fetched, and may be asked for a page again after it was marked absent again."""
+
+    def fetch(self, runs: list[tuple[int, int]], ram: memoryview) -> None:
+        """Write the contents of the (first page, count) runs into ``ram`` (all of guest
+        RAM) at their places, ``ram[first * PAGE_SIZE:(first + count) * PAGE_SIZE]``.
+        Raise OSError when they cannot be had: the access that needed them fails."""
 
 
 class WriteWatcher(Protocol):
@@ -162,9 +215,14 @@ class PhysicalMemory:
         self._dev_starts: list[int] = []
         self._devices: list[tuple[int, int, Device]] = []
         # Write watching (see the module docstring).
-        self._tlbs: list[WriteTlb] = []
+        self._tlbs: list[HartTlb] = []
         self._logs: list[mmap.mmap] = []
         self._watches: dict[int, list[WriteWatcher]] = {}
+        # Absent pages (see the module docstring): a byte a page, made on first use (the
+        # process VM's RAM spans 2**26 pages and never has any).
+        self.absent_pages = 0
+        self._absent: bytearray | None = None
+        self._source: PageSource | None = None
 
     # -- layout -------------------------------------------------------------------------
     def add_device(self, base: int, size: int, device: Device) -> None:
@@ -192,6 +250,8 @@ class PhysicalMemory:
     def load(self, pa: int, size: int) -> int:
         off = pa - self.base
         if 0 <= off and off + size <= self.size:
+            if self.absent_pages:
+                self.make_present(off, size)
             return int.from_bytes(self.ram[off:off + size], "little")
         hit = self.device_at(pa)
         if hit is None:
@@ -201,6 +261,8 @@ class PhysicalMemory:
     def store(self, pa: int, size: int, value: int) -> None:
         off = pa - self.base
         if 0 <= off and off + size <= self.size:
+            if self.absent_pages:
+                self.make_present(off, size)
             self._before_write(off, size)
             self.ram[off:off + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
             return
@@ -214,6 +276,8 @@ class PhysicalMemory:
         off = self.ram_offset(pa)
         if off is None or off + n > self.size:
             raise BusError(pa)
+        if self.absent_pages:
+            self.make_present(off, n)
         return self.ram[off:off + n]
 
     def write(self, pa: int, data: bytes) -> None:
@@ -222,12 +286,16 @@ class PhysicalMemory:
         off = self.ram_offset(pa)
         if off is None or off + len(data) > self.size:
             raise BusError(pa)
+        if self.absent_pages:
+            self.make_present(off, len(data))
         self._before_write(off, len(data))
         self.ram[off:off + len(data)] = data
 
     def discard(self, off: int, length: int) -> None:
         """Zero the whole pages at host offsets ``[off, off + length)`` and give their
-        memory back to the host."""
+        memory back to the host; absent ones are forgotten, not fetched."""
+        if self.absent_pages:
+            self._forget_absent(off >> PAGE_SHIFT, (off + length) >> PAGE_SHIFT)
         self._before_write(off, length)
         self.ram.madvise(mmap.MADV_DONTNEED, off, length)
         if self.backed:
@@ -237,12 +305,16 @@ class PhysicalMemory:
 
     def move(self, dst: int, src: int, length: int) -> None:
         """Copy ``length`` bytes from host offset ``src`` to ``dst`` (they may overlap)."""
+        if self.absent_pages:
+            self.make_present(src, length)
+            self.make_present(dst, length)
         self._before_write(dst, length)
         self.ram.move(dst, src, length)
 
     # -- write watching (see the module docstring) --------------------------------------
-    def add_write_tlb(self, tlb: WriteTlb) -> None:
-        """A hart's MMU: it caches pages for writing only as ``admit_write`` allows."""
+    def add_tlb(self, tlb: HartTlb) -> None:
+        """A hart's MMU: it caches pages for writing only as ``admit_write`` allows, and
+        forgets them all when pages go absent."""
         self._tlbs.append(tlb)
 
     def admit_write(self, page: int) -> bool:
@@ -315,3 +387,55 @@ class PhysicalMemory:
         for watcher in list(self._watches.get(page, ())):
             if not watcher.page_written(page, offset, size):
                 self.unwatch(page, watcher)
+
+    # -- absent pages (see the module docstring) ----------------------------------------
+    def mark_absent(self, runs: list[tuple[int, int]], source: PageSource) -> None:
+        """Drop the (first page, count) runs of RAM, whose contents ``source`` now holds:
+        their next access of any kind fetches them from it. Every hart's TLB forgets all
+        its pages. Raises ValueError while another source still holds absent pages."""
+        if self.absent_pages and source is not self._source:
+            raise ValueError("guest memory already has absent pages from another source")
+        if self._absent is None:
+            self._absent = bytearray(self.size >> PAGE_SHIFT)
+        absent = self._absent
+        for first, count in runs:
+            if first < 0 or count <= 0 or first + count > len(absent):
+                raise ValueError(f"pages {first}+{count} are outside guest RAM")
+            self.absent_pages += count - absent.count(1, first, first + count)
+            absent[first:first + count] = b"\1" * count
+            self.ram.madvise(mmap.MADV_DONTNEED, first << PAGE_SHIFT, count << PAGE_SHIFT)
+        self._source = source
+        for tlb in self._tlbs:
+            tlb.flush()
+
+    def make_present(self, off: int, length: int) -> None:
+        """Bring back the absent pages among host offsets ``[off, off + length)`` (and up
+        to READAHEAD absent pages after them) from their source, before an access."""
+        absent = self._absent
+        if not self.absent_pages or absent is None or length <= 0:
+            return
+        first, end = off >> PAGE_SHIFT, ((off + length - 1) >> PAGE_SHIFT) + 1
+        if absent.find(1, first, end) < 0:
+            return
+        end = min(len(absent), max(end, first + READAHEAD))
+        runs = [(m.start(), m.end() - m.start())
+                for m in _ABSENT_RUN.finditer(absent, first, end)]
+        with memoryview(self.ram) as ram:
+            self._source.fetch(runs, ram)
+        self._forget_absent(first, end)
+
+    def absent_runs(self) -> list[tuple[int, int]]:
+        """The (first page, count) runs of absent pages, in ascending order."""
+        if not self.absent_pages or self._absent is None:
+            return []
+        return [(m.start(), m.end() - m.start()) for m in _ABSENT_RUN.finditer(self._absent)]
+
+    def _forget_absent(self, first: int, end: int) -> None:
+        """Pages ``[first, end)`` are no longer absent (fetched, or discarded)."""
+        absent = self._absent
+        if absent is None:
+            return
+        self.absent_pages -= absent.count(1, first, end)
+        absent[first:end] = bytes(end - first)
+        if not self.absent_pages:
+            self._source = None

@@ -108,6 +108,7 @@ class Emigration:
         sock.settimeout(LINK_TIMEOUT)
         self.conn = Connection(sock)
         self.log = machine.mem.dirty_log()  # before the first pass reads a page
+        machine.mem.make_present(0, machine.mem.size)  # a swapped-out guest's too
         self.pending: deque[tuple[int, int]] = deque(nonzero_runs(machine.mem))
         self.progress.pages_left = sum(count for _, count in self.pending)
         try:

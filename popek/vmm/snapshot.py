@@ -189,6 +189,7 @@ def _write_ram(fd: int, mem: PhysicalMemory,
     returns [[first page, pages, CRC-32]...], bytes."""
     runs: list[list[int]] = []
     stored = 0
+    mem.make_present(0, mem.size)  # a swapped-out guest's pages are read back first
     with memoryview(mem.ram) as ram:
         for first, count in nonzero_runs(mem) if only is None else only:
             data = ram[first * PAGE_SIZE:(first + count) * PAGE_SIZE]

@@ -146,6 +146,8 @@ class Virtqueue:
 
     # -- guest memory ---------------------------------------------------------------------
     def _u16(self, off: int) -> int:
+        if self.mem.absent_pages:
+            self.mem.make_present(off, 2)
         return _U16.unpack_from(self.mem.ram, off)[0]
 
     def _put_u16(self, off: int, value: int) -> None:
@@ -182,6 +184,8 @@ class Virtqueue:
             steps += 1
             if steps > entries:  # a chain can visit each entry once, so this is a loop
                 raise VirtqueueError(f"descriptor chain from {head} loops")
+            if self.mem.absent_pages:
+                self.mem.make_present(table + DESC_SIZE * index, DESC_SIZE)
             addr, length, flags, nxt = _DESC.unpack_from(ram, table + DESC_SIZE * index)
             if flags & VIRTQ_DESC_F_INDIRECT:
                 if not self.s.indirect:
