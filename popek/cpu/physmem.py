@@ -102,8 +102,22 @@ PAGE_SIZE = 1 << PAGE_SHIFT
 PAGE_MASK = PAGE_SIZE - 1
 MAP_NORESERVE = 0x4000  # Linux; not exported by Python 3.11's mmap module
 _DIRTY = 1
-_ABSENT_RUN = _DIRTY_RUN  # the absent map is one byte a page too: 1 = absent
 READAHEAD = 16  # pages a fault brings back at most beyond those the access needs
+
+
+def _runs_of_ones(bits: mmap.mmap | bytearray, start: int = 0,
+                  end: int | None = None) -> list[tuple[int, int]]:
+    """The (first, count) runs of 1 bytes in a byte-a-page map, from ``start`` to ``end``,
+    found at memchr speed: a sparse map (a migration's last round) costs microseconds."""
+    end = len(bits) if end is None else end
+    runs = []
+    first = bits.find(b"\1", start, end)
+    while first >= 0:
+        stop = bits.find(b"\0", first, end)
+        stop = end if stop < 0 else stop
+        runs.append((first, stop - first))
+        first = bits.find(b"\1", stop, end)
+    return runs
 
 
 class BusError(Exception):
@@ -166,13 +180,7 @@ class DirtyLog:
     def take(self) -> list[tuple[int, int]]:
         """The (first page, count) runs of pages written since the log started or was
         last taken, in ascending order; the log starts over empty."""
-        bits, runs = self.bits, []
-        start = bits.find(b"\1")
-        while start >= 0:  # memchr-speed finds: a sparse log (the last round) costs microseconds
-            end = bits.find(b"\0", start)
-            end = len(bits) if end < 0 else end
-            runs.append((start, end - start))
-            start = bits.find(b"\1", end)
+        runs = _runs_of_ones(self.bits)
         self.bits.madvise(mmap.MADV_DONTNEED)  # private anonymous pages read as zero again
         self._mem.drop_writable(None)
         return runs
@@ -418,8 +426,7 @@ class PhysicalMemory:
         if absent.find(1, first, end) < 0:
             return
         end = min(len(absent), max(end, first + READAHEAD))
-        runs = [(m.start(), m.end() - m.start())
-                for m in _ABSENT_RUN.finditer(absent, first, end)]
+        runs = _runs_of_ones(absent, first, end)
         with memoryview(self.ram) as ram:
             self._source.fetch(runs, ram)
         self._forget_absent(first, end)
@@ -428,7 +435,7 @@ class PhysicalMemory:
         """The (first page, count) runs of absent pages, in ascending order."""
         if not self.absent_pages or self._absent is None:
             return []
-        return [(m.start(), m.end() - m.start()) for m in _ABSENT_RUN.finditer(self._absent)]
+        return _runs_of_ones(self._absent)
 
     def _forget_absent(self, first: int, end: int) -> None:
         """Pages ``[first, end)`` are no longer absent (fetched, or discarded)."""
