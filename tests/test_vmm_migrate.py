@@ -35,14 +35,19 @@ class Vmm:
         self.socket = self.dir / "vmm.sock"
         self.log = self.dir / "vmm.log"
         self.token_file = self.dir / "state" / "api-token"
+        self.name, self.tcp_args = name, (
+            ["--tcp", "127.0.0.1:0", "--allow-path", str(guest("migrant").parent)]
+            if tcp else [])
+        self.start()
+
+    def start(self) -> None:
         with open(self.log, "wb") as stderr:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "popek", "serve", "--socket", str(self.socket),
-                 "--state-dir", str(self.dir / "state"), *STOP_GUESTS,
-                 *(["--tcp", "127.0.0.1:0", "--allow-path", str(guest("migrant").parent)]
-                   if tcp else [])], stderr=stderr)
+                 "--state-dir", str(self.dir / "state"), *STOP_GUESTS, *self.tcp_args],
+                stderr=stderr)
         self.api = Api(self.socket)
-        self.api.wait(f"VMM {name}", lambda: "listening" in self.log.read_text())
+        self.api.wait(f"VMM {self.name}", lambda: "listening" in self.log.read_text())
         found = re.search(r"http://127\.0\.0\.1:(\d+)", self.log.read_text())
         self.tcp = f"tcp:127.0.0.1:{found[1]}" if found else None
 
@@ -104,8 +109,11 @@ def test_guest_migrates_there_and_back_and_goes_on(pair: tuple[Vmm, Vmm]) -> Non
                  "--max-downtime", "300")
     assert done.returncode == 0, done.stderr
     assert re.search(r"Migrated mover to tcp:.*: downtime \d+ ms, total [\d.]+ s", done.stderr)
+    a.stop()  # the record keeps it listed, migrated, across a restart of its old VMM
+    a.start()
     left = a.api.info(vm)
     assert left["state"] == "migrated" and left["migration"]["state"] == "done"
+    assert left["migration"]["to"] == b.tcp and left["migration"]["rounds"] >= 1
     arrived = b.api.info(vm)
     assert (arrived["id"], arrived["name"], arrived["state"]) == (vm["id"], "mover", "running")
     assert arrived["config"] == left["config"]

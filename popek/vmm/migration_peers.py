@@ -156,12 +156,22 @@ async def _settle(vmm: Vmm, vm: Vm, dest: Destination,
         result = await call
     except VmmError as err:
         vm.migration.update(state="failed", error=str(err))
+        vm.save()
         await settle_destination(dest, vm.id, committed=False)
         return
     vm.migration.update(state="done", finished=time.time(), **result)
+    vm.save()
     await settle_destination(dest, vm.id, committed=True)
     await vm.wait_stopped()
-    await asyncio.sleep(MIGRATED_LINGER)
+    await forget_migrated(vmm, vm)
+
+
+async def forget_migrated(vmm: Vmm, vm: Vm) -> None:
+    """Remove a VM that migrated away once it has been listed ``migrated`` for
+    :data:`MIGRATED_LINGER` seconds (its record keeps it listed across VMM restarts)."""
+    finished = (vm.migration or {}).get("finished")
+    since = time.time() - finished if isinstance(finished, float) else 0.0
+    await asyncio.sleep(max(0.0, MIGRATED_LINGER - since))
     if vmm.vms.get(vm.id) is vm:
         vmm.forget(vm)
 

@@ -105,7 +105,7 @@ class Vm:
         "source": str | None, "config": dict, "cpu_weight": int, "cpu_cap": float | int | None,
         "mem_overhead": int | None, "exit": dict | None, "failure": str | None,
         "snapshots": list[dict], "pid": int | None, "pid_start": int | None,
-        "confinement": dict, "stats": dict, "nic_paths": list[str]}
+        "confinement": dict, "stats": dict, "nic_paths": list[str], "migration": dict | None}
 
     def record(self) -> dict[str, Any]:
         return {**{key: getattr(self, key) for key in self._RECORDED},
@@ -321,6 +321,9 @@ class Vm:
                 self._ready.set_result({"error": self.failure or status or _UNEXPLAINED})
         elif self.exit is not None:
             self.state = "migrated" if self.exit.get("kind") == "migrated" else "stopped"
+            if self.state == "migrated" and (self.migration or {}).get("state") == "migrating":
+                # its worker committed while no VMM listened (this one adopted it since)
+                self.migration.update(state="done", finished=time.time())
         else:
             self.state = "failed"
             self.failure = self.failure or status or \
@@ -594,7 +597,7 @@ def wrong_message(msg: dict[str, Any]) -> str | None:
 def _check_record(files: VmFiles, record: dict[str, Any]) -> None:
     wrong = wrong_field(record, Vm._RECORDED) or wrong_field(record, {"limits": dict}) or \
         wrong_field(record.get("limits", {}), VmLimits.RECORDED)
-    if wrong is None and record.get("state") not in STATES:
+    if wrong is None and record.get("state") not in (*STATES, "migrated"):
         wrong = f"'state' is {record.get('state')!r:.40}"
     if wrong is None and "stats" in record:
         wrong = wrong_message({**record["stats"], "op": "stats"})
