@@ -9,18 +9,21 @@ without noticing. The VMM-level migration (two ``popek serve``) is in test_vmm_m
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import re
 import socket
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from popek.cpu.physmem import PAGE_SIZE
 from popek.engine.engine import TIERS
-from popek.machine.config import MachineConfig
+from popek.machine.config import DiskSpec, MachineConfig
 from popek.machine.virt import VirtMachine
 from popek.vmm import migration
 from popek.vmm import migration_wire as wire
@@ -50,9 +53,12 @@ def _builder(config: MachineConfig, out: bytearray) -> Callable[..., VirtMachine
 def migrate(source: VirtMachine, dest_out: bytearray, *, max_downtime: float = 0.05,
             tamper: Callable[[socket.socket], Any] | None = None,
             watch: Callable[[migration.Progress], None] = lambda progress: None,
+            dest_config: MachineConfig | None = None, copy_disks: tuple[int, ...] = (),
+            at_handover: Callable[[], None] = lambda: None,
             ) -> tuple[dict[str, Any] | MigrationError, Arrival | MigrationError, bool]:
     """Run ``source`` while it migrates; (the source's figures or error, the arrival or
-    the destination's error, whether GO came)."""
+    the destination's error, whether GO came). ``at_handover`` runs once the destination
+    is READY, before it goes."""
     ours, theirs = socket.socketpair()
     if tamper is not None:
         ours = tamper(ours)
@@ -61,11 +67,13 @@ def migrate(source: VirtMachine, dest_out: bytearray, *, max_downtime: float = 0
 
     def destination() -> None:
         try:
-            arrival = immigrate(theirs, source.config, _builder(source.config, dest_out))
+            config = dest_config or source.config
+            arrival = immigrate(theirs, config, _builder(config, dest_out))
         except MigrationError as err:
             arrived.append(err)
             return
         arrived.append(arrival)
+        at_handover()
         went.append(arrival.wait_for_go())
 
     thread = threading.Thread(target=destination)
@@ -73,7 +81,7 @@ def migrate(source: VirtMachine, dest_out: bytearray, *, max_downtime: float = 0
     try:
         outcome: dict[str, Any] | MigrationError
         try:
-            emigration = Emigration(source, ours, max_downtime)
+            emigration = Emigration(source, ours, max_downtime, copy_disks)
             try:
                 while not emigration.pump():
                     watch(emigration.progress)
@@ -163,6 +171,37 @@ def test_a_guest_dirtying_faster_than_the_link_converges_throttled() -> None:
     assert b"MISMATCH" not in dest_out
 
 
+def test_copied_disk_arrives_whole_with_the_writes_made_meanwhile(tmp_path: Path) -> None:
+    """--copy-disks: the guest rewrites every block of its disk's first MiB, pass after
+    pass, while the migration copies the disk to a new image; at the handover the new
+    image is the old one byte for byte, and the guest carries on, on it, finding each
+    block as it left it (its own check: no MISMATCH)."""
+    source_image, dest_image = tmp_path / "disk.img", tmp_path / "copy.img"
+    source_image.write_bytes(b"".join(bytes([0, sector // 8 % 256]) + bytes(510)
+                                      for sector in range(2048)) + bytes(3 << 20))
+    dest_image.write_bytes(bytes(4 << 20))  # what the destination's VMM creates
+    config = MachineConfig(kernel=guest("scribe"), mem=MEM, engine="translate",
+                           disks=[DiskSpec(source_image)])
+    out, dest_out = bytearray(), bytearray()
+    source = VirtMachine(config, out.extend)
+    _run_until(source, out, rb"disk pass 8\n")
+    digests: list[tuple[str, str]] = []
+    figures, arrival, went = migrate(
+        source, dest_out, dest_config=dataclasses.replace(config, disks=[DiskSpec(dest_image)]),
+        copy_disks=(0,), at_handover=lambda: digests.append(
+            (_sha256(source_image), _sha256(dest_image))))
+    assert isinstance(arrival, Arrival) and went, (figures, arrival)
+    assert isinstance(figures, dict) and figures["bytes_sent"] > 1 << 20
+    assert digests[0][0] == digests[0][1]  # nothing the guest wrote was lost
+    last = int(re.findall(rb"disk pass (\d+)", out)[-1])
+    _run_until(arrival.machine, dest_out, rb"disk pass %d\n" % (last + 8))
+    assert b"MISMATCH" not in dest_out and b"IOERR" not in dest_out
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 class CorruptingSocket:
     """A socket that flips a bit in the checksum of the ``nth`` page frame it sends."""
 
@@ -230,8 +269,8 @@ def test_reader_decodes_a_stream_it_wrote() -> None:
 
 
 @pytest.mark.parametrize(("damage", "message"), [
-    (lambda d: d.__setitem__(slice(8, 12), (2).to_bytes(4, "little")),
-     "format 2 is newer than this popek reads"),
+    (lambda d: d.__setitem__(slice(8, 12), (3).to_bytes(4, "little")),
+     "format 3 is newer than this popek reads"),
     (lambda d: d.__setitem__(0, 0), "bad magic"),
     (lambda d: d.__setitem__(100, d[100] ^ 4), "fails its checksum"),
     (lambda d: d.__setitem__(wire.PREAMBLE_SIZE, 99), "unknown frame kind 99"),

@@ -105,7 +105,7 @@ _DIRTY = 1
 READAHEAD = 16  # pages a fault brings back at most beyond those the access needs
 
 
-def _runs_of_ones(bits: mmap.mmap | bytearray, start: int = 0,
+def runs_of_ones(bits: mmap.mmap | bytearray, start: int = 0,
                   end: int | None = None) -> list[tuple[int, int]]:
     """The (first, count) runs of 1 bytes in a byte-a-page map, from ``start`` to ``end``,
     found at memchr speed: a sparse map (a migration's last round) costs microseconds."""
@@ -180,7 +180,7 @@ class DirtyLog:
     def take(self) -> list[tuple[int, int]]:
         """The (first page, count) runs of pages written since the log started or was
         last taken, in ascending order; the log starts over empty."""
-        runs = _runs_of_ones(self.bits)
+        runs = runs_of_ones(self.bits)
         self.bits.madvise(mmap.MADV_DONTNEED)  # private anonymous pages read as zero again
         self._mem.drop_writable(None)
         return runs
@@ -426,7 +426,7 @@ class PhysicalMemory:
         if absent.find(1, first, end) < 0:
             return
         end = min(len(absent), max(end, first + READAHEAD))
-        runs = _runs_of_ones(absent, first, end)
+        runs = runs_of_ones(absent, first, end)
         with memoryview(self.ram) as ram:
             self._source.fetch(runs, ram)
         self._forget_absent(first, end)
@@ -435,7 +435,7 @@ class PhysicalMemory:
         """The (first page, count) runs of absent pages, in ascending order."""
         if not self.absent_pages or self._absent is None:
             return []
-        return _runs_of_ones(self._absent)
+        return runs_of_ones(self._absent)
 
     def _forget_absent(self, first: int, end: int) -> None:
         """Pages ``[first, end)`` are no longer absent (fetched, or discarded)."""

@@ -36,16 +36,19 @@ two running copies, and a copy that can run always exists.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import select
 import socket
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from popek.cpu.physmem import PAGE_SHIFT, PAGE_SIZE, PhysicalMemory
+from popek.devices.virtio.blk import LOG_BLOCK, SECTOR_SIZE, VirtioBlk, WriteLog
 from popek.machine.config import (
     ConfigError,
     MachineConfig,
@@ -84,17 +87,56 @@ class Progress:
     bandwidth: float = 0.0  # bytes per second the link took
     expected_downtime_ms: float | None = None
     throttle_percent: float = 0.0  # of the guest's time, taken by auto-converge
+    disk_bytes_left: int = 0  # of the disks it copies, in this round
 
     def as_json(self) -> dict[str, Any]:
         return {key: round(value, 1) if isinstance(value, float) else value
                 for key, value in asdict(self).items()}
 
 
+class DiskCopy:
+    """A disk the migration copies (``--copy-disks``): its blocks still to send, and the
+    log of the guest's writes to it, which names the blocks to send again."""
+
+    def __init__(self, index: int, disk: VirtioBlk) -> None:
+        self.index, self.disk = index, disk
+        self.size = disk.capacity * SECTOR_SIZE
+        self.log = WriteLog(disk)  # before the first pass reads a block
+        self.pending: deque[tuple[int, int]] = deque([(0, len(self.log.bits))])
+        self.first_pass = True  # the destination's new image reads zeros: skip them
+
+    def take(self) -> int:
+        """The blocks written since the last take join the pending ones; returns how many."""
+        runs = self.log.take()
+        self.first_pass = False
+        self.pending.extend(runs)
+        return sum(count for _, count in runs)
+
+    def send_next(self, conn: Connection) -> int:
+        """Send the next piece (up to a DISK frame's worth) as it is on the disk now;
+        the bytes sent."""
+        first, count = self.pending.popleft()
+        take = min(count, wire.MAX_DISK_BYTES // LOG_BLOCK)
+        if take < count:
+            self.pending.appendleft((first + take, count - take))
+        offset = first * LOG_BLOCK
+        data = os.pread(self.disk.fd, min(take * LOG_BLOCK, self.size - offset), offset)
+        if self.first_pass and data.count(0) == len(data):
+            return 0
+        conn.send_disk(self.index, offset, data)
+        return len(data)
+
+    def close(self) -> None:
+        self.log.close()
+
+
 class Emigration:
-    """The source's side of one migration of ``machine`` over ``sock``."""
+    """The source's side of one migration of ``machine`` over ``sock``, copying the
+    disks ``copy_disks`` names (indexes into ``machine.disks``)."""
 
     def __init__(self, machine: VirtMachine, sock: socket.socket,
-                 max_downtime: float = DEFAULT_MAX_DOWNTIME) -> None:
+                 max_downtime: float = DEFAULT_MAX_DOWNTIME,
+                 copy_disks: Sequence[int] = ()) -> None:
         self.machine = machine
         self.max_downtime = max_downtime
         self.progress = Progress()
@@ -108,26 +150,32 @@ class Emigration:
         sock.settimeout(LINK_TIMEOUT)
         self.conn = Connection(sock)
         self.log = machine.mem.dirty_log()  # before the first pass reads a page
+        self.disks = [DiskCopy(index, machine.disks[index]) for index in copy_disks]
         machine.mem.make_present(0, machine.mem.size)  # a swapped-out guest's too
         self.pending: deque[tuple[int, int]] = deque(nonzero_runs(machine.mem))
         self.progress.pages_left = sum(count for _, count in self.pending)
+        self.progress.disk_bytes_left = sum(copy.size for copy in self.disks)
         try:
             self._guarded(self._hello)
         except MigrationError:
-            self.log.close()  # the caller closes the socket
+            self._close_logs()  # the caller closes the socket
             raise
 
     def _hello(self) -> None:
         self.conn.send_preamble()
-        self.conn.send_json(wire.HELLO, {"config": config_to_json(self.machine.config),
-                                         "ram_bytes": self.machine.mem.size})
+        self.conn.send_json(wire.HELLO, {
+            "config": config_to_json(self.machine.config), "ram_bytes": self.machine.mem.size,
+            "disks": [{"index": copy.index, "bytes": copy.size} for copy in self.disks]})
+
+    def _pending(self) -> bool:
+        return bool(self.pending) or any(copy.pending for copy in self.disks)
 
     def pump(self) -> bool:
         """Send pages, for as long as the guest's share leaves to the migration since
         the guest last ran (unthrottled: up to a chunk, as fast as the link takes it);
         True once what is left is best sent with the guest paused: the caller then
         pauses it and calls :meth:`finish`."""
-        if self.pending:
+        if self._pending():
             now = time.monotonic()
             if self.share < 1.0:
                 until = now + (now - self._guest_ran_from) * (1 - self.share) / self.share
@@ -143,17 +191,20 @@ class Emigration:
         runs = self.log.take()
         now = time.monotonic()
         left = sum(count for _, count in runs)
-        dirtied, drained = left * PAGE_SIZE, max(self.conn.sent - self._round_sent, 1)
+        disk_left = sum(copy.take() for copy in self.disks) * LOG_BLOCK
+        dirtied, drained = left * PAGE_SIZE + disk_left, max(self.conn.sent - self._round_sent, 1)
         progress = self.progress
         progress.round += 1
         progress.phase = "dirty rounds"
-        progress.pages_left = left
+        progress.pages_left, progress.disk_bytes_left = left, disk_left
         progress.dirty_rate = dirtied / max(now - self._round_started, 1e-6)
         expected = dirtied / self._bandwidth()
         progress.expected_downtime_ms = 1000 * expected
-        shrinking = self._last_left is None or 2 * left <= self._last_left
-        growing = self._last_left is not None and left >= self._last_left
-        self._round_started, self._round_sent, self._last_left = now, self.conn.sent, left
+        units = left + disk_left // PAGE_SIZE  # what is left, in pages
+        shrinking = self._last_left is None or 2 * units <= self._last_left
+        growing = self._last_left is not None and units >= self._last_left
+        self._round_started, self._round_sent = now, self.conn.sent
+        self._last_left = units
         self.pending.extend(runs)
         if expected <= self.max_downtime and (expected <= SHORT_ENOUGH or not shrinking):
             return True
@@ -183,6 +234,8 @@ class Emigration:
         self.progress.phase = "stop-and-copy"
         state = capture()
         self.pending.extend(self.log.take())
+        for copy in self.disks:
+            copy.take()
         self._guarded(self._send_pages, lambda sent: True)
         self._guarded(self.conn.send_json, wire.STATE, state)
         self._guarded(self.conn.send, wire.END)
@@ -204,12 +257,18 @@ class Emigration:
 
     def close(self) -> None:
         self.machine.slice_instructions = SLICE  # should the guest run on here
-        self.log.close()
+        self._close_logs()
         self.conn.close()
+
+    def _close_logs(self) -> None:
+        self.log.close()
+        for copy in self.disks:
+            copy.close()
 
     # -- sending --------------------------------------------------------------------------------
     def _send_pages(self, more: Callable[[int], bool]) -> None:
-        """Send pending runs, each page as it is now, while ``more(bytes sent so far)``."""
+        """Send pending runs, each page as it is now, then the disks' pending blocks, while
+        ``more(bytes sent so far)``."""
         start = time.monotonic()
         sent = 0
         ram = memoryview(self.machine.mem.ram)
@@ -228,6 +287,11 @@ class Emigration:
                 data.release()
                 self.progress.pages_sent += take
                 self.progress.pages_left -= take
+            for copy in self.disks:
+                while copy.pending and more(sent):
+                    done = copy.send_next(self.conn)
+                    sent += done
+                    self.progress.disk_bytes_left = max(0, self.progress.disk_bytes_left - done)
         finally:
             ram.release()
             self._send_seconds += time.monotonic() - start
@@ -318,7 +382,7 @@ def _receive(conn: Connection, config: MachineConfig,
     hello = conn.receive()
     if hello.kind != wire.HELLO:
         raise WireError(f"the stream begins with {hello.name}, not HELLO")
-    _check_hello(hello.json(), config)
+    copied = _check_hello(hello.json(), config)
     memory = PhysicalMemory(RAM_BASE, config.mem)
     try:
         machine = build(memory)
@@ -327,6 +391,7 @@ def _receive(conn: Connection, config: MachineConfig,
         machine.load_state(json.loads(json.dumps(machine.save_state())))
     except (ConfigError, OSError) as err:
         raise MigrationError(f"the destination cannot build the machine: {err}") from None
+    disks = _copied_disks(machine, copied)
     pages = config.mem >> PAGE_SHIFT
     state = None
     while True:
@@ -340,6 +405,14 @@ def _receive(conn: Connection, config: MachineConfig,
                 memory.write(RAM_BASE + (first << PAGE_SHIFT), frame.pages())
             else:
                 memory.discard(first << PAGE_SHIFT, count << PAGE_SHIFT)
+        elif frame.kind == wire.DISK:
+            index, offset, data = frame.disk()
+            disk = disks.get(index)
+            if disk is None or offset + len(data) > disk.capacity * SECTOR_SIZE:
+                raise WireError(f"{len(data)} bytes at {offset} of disk {index}, which is not "
+                                "one the source copies or is smaller (corrupt stream)")
+            if os.pwrite(disk.fd, data, offset) != len(data):
+                raise MigrationError(f"the destination's disk {disk.path} took a short write")
         elif frame.kind == wire.STATE:
             state = frame.json()
         elif frame.kind == wire.END and state is not None:
@@ -347,6 +420,8 @@ def _receive(conn: Connection, config: MachineConfig,
                 machine.load_state(state["machine"])
             except (KeyError, TypeError, ValueError, AttributeError) as err:
                 raise WireError(f"the machine state does not fit: {err}") from None
+            for disk in disks.values():
+                os.fsync(disk.fd)  # the copy is on the destination's disk before READY
             return machine, state
         elif frame.kind == wire.ERROR:
             raise MigrationError(f"the source gave up: {_reason(frame)}")
@@ -354,13 +429,38 @@ def _receive(conn: Connection, config: MachineConfig,
             raise WireError(f"unexpected {frame.name} frame (corrupt stream)")
 
 
-def _check_hello(hello: dict[str, Any], config: MachineConfig) -> None:
+def _copied_disks(machine: VirtMachine, copied: dict[int, int]) -> dict[int, VirtioBlk]:
+    """The destination's disks the source copies into, by index, once each fits."""
+    disks = {}
+    for index, size in copied.items():
+        disk = machine.disks[index] if index < len(machine.disks) else None
+        if disk is None or disk.readonly or disk.capacity * SECTOR_SIZE != size:
+            raise MigrationError(f"the destination has no writable disk {index} of {size} "
+                                 "bytes to copy the source's into")
+        disks[index] = disk
+    return disks
+
+
+def _check_hello(hello: dict[str, Any], config: MachineConfig) -> dict[int, int]:
+    """The disks the source copies (index: bytes), once its machine is the one
+    ``config`` describes (but for the paths of the disks it copies)."""
     try:
         theirs = config_from_json(hello.get("config"))
     except ConfigError as err:
         raise WireError(f"the source's machine configuration is not valid: {err}") from None
+    disks = hello.get("disks", [])
+    if not isinstance(disks, list) or not all(
+            isinstance(d, dict) and type(d.get("index")) is int and type(d.get("bytes")) is int
+            for d in disks):
+        raise WireError("the HELLO's disks are not a list of disk indexes and sizes")
+    copied = {d["index"]: d["bytes"] for d in disks}
+    if len(theirs.disks) == len(config.disks):  # a copied disk may live elsewhere here
+        theirs = dataclasses.replace(theirs, disks=[
+            dataclasses.replace(disk, path=ours.path) if index in copied else disk
+            for index, (disk, ours) in enumerate(zip(theirs.disks, config.disks, strict=True))])
     if theirs != config or hello.get("ram_bytes") != config.mem:
         raise WireError("the source's machine is not the one the destination prepared")
+    return copied
 
 
 def _tell(conn: Connection, reason: str) -> None:
