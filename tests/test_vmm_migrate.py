@@ -133,6 +133,30 @@ def test_guest_migrates_there_and_back_and_goes_on(pair: tuple[Vmm, Vmm]) -> Non
     assert a.api.info(vm)["instructions"] > arrived["instructions"]
 
 
+def test_guest_moves_with_a_copy_of_its_disk(pair: tuple[Vmm, Vmm]) -> None:
+    """--copy-disks: the guest (scribe) rewrites its disk throughout; the destination
+    writes the copy to a new file (--disk-path) and the guest goes on with it, finding
+    every block as it left it. A copy never overwrites a file: exit status 2."""
+    a, b = pair
+    folder = guest("scribe").parent  # B's path policy allows it
+    image, copy = folder / "scribe.img", folder / "scribe-copy.img"
+    image.write_bytes(b"".join(bytes([0, sector // 8 % 256]) + bytes(510)
+                               for sector in range(2048)))
+    copy.unlink(missing_ok=True)
+    vm = a.api.create("scribe", name="scribe", disks=[{"path": str(image)}])
+    a.api.wait_log(vm, rb"disk pass 8\n")
+    to = ("--to", b.tcp, "--dest-token-file", str(b.token_file), "--copy-disks")
+    refused = a.cli("migrate", "scribe", *to, "--disk-path", str(image))
+    assert refused.returncode == 2 and "exists on the destination" in refused.stderr
+    assert refused.stderr.count("\n") == 1 and a.api.info(vm)["state"] == "running"
+    done = a.cli("migrate", "scribe", *to, "--disk-path", str(copy))
+    assert done.returncode == 0, done.stderr
+    last = int(re.findall(rb"disk pass (\d+)", a.api.log(vm))[-1])
+    assert b.api.info(vm)["config"]["disks"][0]["path"] == str(copy)
+    out = b.api.wait_log(vm, rb"disk pass %d\n" % (last + 8))
+    assert b"MISMATCH" not in out and b"IOERR" not in out
+
+
 def test_bad_requests_are_refused_with_status_2_and_change_nothing(
         pair: tuple[Vmm, Vmm], tmp_path: Path) -> None:
     a, b = pair

@@ -254,6 +254,12 @@ async def _migrate(client: Client, args: argparse.Namespace) -> int:
     """Start the migration, follow it with a progress bar, then say how it went. A
     request refused before anything moved exits with status 2."""
     options: dict[str, Any] = {"max_downtime": args.max_downtime / 1000}
+    if args.copy_disks:
+        options["copy_disks"] = True
+    if args.disk_paths:
+        options["disk_paths"] = [str(Path(path).absolute()) for path in args.disk_paths]
+    if args.postcopy:
+        options["postcopy"] = True
     to = args.to
     try:
         if args.dest_token_file is not None:

@@ -467,8 +467,8 @@ class Vm:
         if self.migration is not None and self.migration["state"] == "migrating":
             raise Conflict(f"VM {self.name} is migrating already")
 
-    async def migrate(self, sock: socket.socket, to: str,
-                      max_downtime: float) -> asyncio.Task[dict[str, Any]]:
+    async def migrate(self, sock: socket.socket, to: str, max_downtime: float,
+                      copy_disks: list[int], postcopy: bool) -> asyncio.Task[dict[str, Any]]:
         """Hand the worker the connection to the destination and start the migration;
         the task ends with its figures, or Conflict saying why it failed (the guest then
         runs on here). Progress shows in :meth:`info`."""
@@ -477,8 +477,10 @@ class Vm:
             hostfiles.send(self._file_socket, sock.fileno())
         finally:
             sock.close()
-        self.migration = {"to": to, "state": "migrating", "started": time.time()}
-        return asyncio.create_task(self._call("migrate", max_downtime=max_downtime))
+        self.migration = {"to": to, "state": "migrating", "started": time.time(),
+                          "copy_disks": copy_disks, "postcopy": postcopy}
+        return asyncio.create_task(self._call("migrate", max_downtime=max_downtime,
+                                              copy_disks=copy_disks, postcopy=postcopy))
 
     async def replug(self, nic: int, sock: socket.socket) -> None:
         """Hand the worker a new host end for switch NIC ``nic`` (this VMM adopted the

@@ -417,7 +417,8 @@ class Worker:
             raise MigrationError("only a running guest migrates")
         max_downtime = msg.get("max_downtime")
         try:
-            self.migration = Emigration(self.machine, sock, float(max_downtime))
+            self.migration = Emigration(self.machine, sock, float(max_downtime),
+                                        [int(index) for index in msg.get("copy_disks", [])])
         except MigrationError:
             sock.close()
             raise
