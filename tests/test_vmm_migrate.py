@@ -133,6 +133,22 @@ def test_guest_migrates_there_and_back_and_goes_on(pair: tuple[Vmm, Vmm]) -> Non
     assert a.api.info(vm)["instructions"] > arrived["instructions"]
 
 
+def test_postcopy_guest_runs_there_at_once_and_goes_on(pair: tuple[Vmm, Vmm]) -> None:
+    """--postcopy: the guest runs on the destination after one pass and pulls the pages
+    it rewrote since; the source's worker serves them, then ends (migrated)."""
+    a, b = pair
+    vm = a.api.create("migrant", name="jumper", engine="translate")
+    last = _passes(a.api.wait_log(vm, rb"pass 64\n"))[-1]
+    done = a.cli("migrate", "jumper", "--to", str(b.socket), "--postcopy")
+    assert done.returncode == 0, done.stderr
+    info = a.api.info(vm)
+    assert info["state"] in ("running", "migrated") and info["migration"]["state"] == "done"
+    assert info["migration"]["postcopy_pages"] > 0 and info["migration"]["rounds"] == 0
+    assert "postcopy_error" not in info["migration"]
+    _carries_on(b.api, vm, last)
+    a.api.wait("the source's worker to end", lambda: a.api.info(vm)["state"] == "migrated")
+
+
 def test_guest_moves_with_a_copy_of_its_disk(pair: tuple[Vmm, Vmm]) -> None:
     """--copy-disks: the guest (scribe) rewrites its disk throughout; the destination
     writes the copy to a new file (--disk-path) and the guest goes on with it, finding

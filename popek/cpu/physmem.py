@@ -431,6 +431,21 @@ class PhysicalMemory:
             self._source.fetch(runs, ram)
         self._forget_absent(first, end)
 
+    def fill_absent(self, first: int, data: bytes | memoryview) -> None:
+        """Contents that came unasked for the pages from ``first`` on (a post-copy
+        migration's source pushes the pages its destination has not touched yet): the
+        pages still absent take them and are present from then on; the others, brought
+        back since and maybe written, are left alone. Like a fetch, this is no write."""
+        absent = self._absent
+        count = len(data) >> PAGE_SHIFT
+        if not self.absent_pages or absent is None:
+            return
+        for start, run in runs_of_ones(absent, first, min(first + count, len(absent))):
+            at = (start - first) << PAGE_SHIFT
+            self.ram[start << PAGE_SHIFT:(start + run) << PAGE_SHIFT] = \
+                data[at:at + (run << PAGE_SHIFT)]
+            self._forget_absent(start, start + run)
+
     def absent_runs(self) -> list[tuple[int, int]]:
         """The (first page, count) runs of absent pages, in ascending order."""
         if not self.absent_pages or self._absent is None:

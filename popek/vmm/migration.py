@@ -74,6 +74,12 @@ class MigrationError(Exception):
     """The migration failed; the message says why, in one line."""
 
 
+class PagesLost(OSError):
+    """A post-copy's destination cannot get a page its guest needs: the source is gone.
+    The guest cannot go on (as under QEMU's post-copy: from the handover until every
+    page has come, the guest needs both hosts)."""
+
+
 @dataclass
 class Progress:
     """What ``GET /v1/vms/{vm}`` shows while a migration runs."""
@@ -136,8 +142,9 @@ class Emigration:
 
     def __init__(self, machine: VirtMachine, sock: socket.socket,
                  max_downtime: float = DEFAULT_MAX_DOWNTIME,
-                 copy_disks: Sequence[int] = ()) -> None:
+                 copy_disks: Sequence[int] = (), postcopy: bool = False) -> None:
         self.machine = machine
+        self.postcopy = postcopy
         self.max_downtime = max_downtime
         self.progress = Progress()
         self.started = time.monotonic()
@@ -185,7 +192,7 @@ class Emigration:
                               lambda sent: sent < CHUNK and self._writable())
             self._guest_ran_from = time.monotonic()
             return False
-        return self._next_round()
+        return self.postcopy or self._next_round()  # post-copy: hand over after one pass
 
     def _next_round(self) -> bool:
         runs = self.log.take()
@@ -229,11 +236,17 @@ class Emigration:
         """The guest was paused just now: send the last pages and the state ``capture``
         takes (``"machine"`` and the caller's extras), wait for the destination's READY
         and commit with GO. Returns the figures of the migration; MigrationError (the
-        guest may run on here) if the handover did not happen."""
+        guest may run on here) if the handover did not happen. In a post-copy it returns
+        once the destination has every page (or the link failed after the handover: the
+        figures say so, and the guest is the destination's all the same)."""
         paused, paused_at = time.monotonic(), time.time()
         self.progress.phase = "stop-and-copy"
         state = capture()
-        self.pending.extend(self.log.take())
+        later = self.log.take() if self.postcopy else []  # the destination fetches these
+        if later:
+            state = {**state, "postcopy": later}
+        else:
+            self.pending.extend(self.log.take())
         for copy in self.disks:
             copy.take()
         self._guarded(self._send_pages, lambda sent: True)
@@ -246,14 +259,66 @@ class Emigration:
         if reply.kind != wire.READY:
             raise MigrationError(f"the destination answered {reply.name}, not READY")
         self._guarded(self.conn.send, wire.GO)  # the commitment: the guest never runs here again
+        went = time.monotonic()
+        failed = None
+        if later:
+            try:  # committed: whatever happens now, the guest never runs here again
+                self._guarded(self._serve_postcopy, later)
+            except MigrationError as err:
+                failed = str(err)
         done = time.monotonic()
         self.progress.phase = "done"
         self.progress.bytes_sent = self.conn.sent
-        return {"downtime_ms": round(1000 * (done - paused), 1), "paused_at": paused_at,
+        return {"downtime_ms": round(1000 * (went - paused), 1), "paused_at": paused_at,
                 "total_seconds": round(done - self.started, 3),
                 "bytes_sent": self.conn.sent, "pages_sent": self.progress.pages_sent,
                 "rounds": self.progress.round, "ram_bytes": self.machine.mem.size,
-                "throttle_percent": round(self.progress.throttle_percent, 1)}
+                "throttle_percent": round(self.progress.throttle_percent, 1),
+                "postcopy_pages": sum(count for _, count in later),
+                "postcopy_seconds": round(done - went, 3),
+                **({"postcopy_error": failed} if failed else {})}
+
+    def _serve_postcopy(self, later: list[tuple[int, int]]) -> None:
+        """The guest runs on the destination, which lacks the pages ``later`` names: send
+        those it asks for at once, push the rest meanwhile, say DONE, and answer what it
+        asked in the meantime until it hangs up. The guest's RAM here stands still."""
+        self.progress.phase = "post-copy"
+        self.conn.sock.settimeout(LINK_TIMEOUT)
+        left = bytearray(self.machine.mem.size >> PAGE_SHIFT)
+        for first, count in later:
+            left[first:first + count] = b"\1" * count
+        self.progress.pages_left = sum(count for _, count in later)
+        cursor = 0
+        while (cursor := left.find(b"\1", cursor)) >= 0:
+            if select.select([self.conn.sock], [], [], 0)[0]:
+                self._answer(self.conn.receive(), left)
+                continue
+            end = left.find(b"\0", cursor)
+            end = len(left) if end < 0 else min(end, cursor + wire.MAX_PAGES_PER_FRAME)
+            self._send_later(cursor, end - cursor, left)
+        self.conn.send(wire.DONE)
+        while True:
+            try:
+                frame = self.conn.receive()
+            except ConnectionResetError:
+                return  # the destination has every page and hung up
+            self._answer(frame, left)
+
+    def _answer(self, frame: wire.Frame, left: bytearray) -> None:
+        if frame.kind != wire.REQUEST:
+            raise WireError(f"a {frame.name} frame during post-copy, not a REQUEST")
+        for first, count in frame.runs():
+            if first + count > len(left):
+                raise WireError(f"a REQUEST for pages {first}+{count}, beyond RAM")
+            self._send_later(first, count, left)
+
+    def _send_later(self, first: int, count: int, left: bytearray) -> None:
+        with memoryview(self.machine.mem.ram) as ram:
+            self.conn.send_run(wire.PAGES, first, count,
+                               ram[first << PAGE_SHIFT:(first + count) << PAGE_SHIFT])
+        self.progress.pages_left -= left.count(1, first, first + count)
+        left[first:first + count] = bytes(count)
+        self.progress.pages_sent += count
 
     def close(self) -> None:
         self.machine.slice_instructions = SLICE  # should the guest run on here
@@ -340,18 +405,72 @@ class Arrival:
     machine: VirtMachine
     state: dict[str, Any]  # the source's STATE: "machine" and the worker's extras
     conn: Connection
+    postcopy: PostCopy | None  # the pages still at the source, if any
 
     def wait_for_go(self) -> bool:
         """Whether the source said GO; False if the link failed first (the source's VMM
         settles it). The caller does all it can before, so that the guest runs the
-        moment GO comes."""
+        moment GO comes. In a post-copy the connection then stays open for the pages
+        (:class:`PostCopy`)."""
         try:
             self.conn.sock.settimeout(HANDOVER_TIMEOUT)
-            return self.conn.receive().kind == wire.GO
+            go = self.conn.receive().kind == wire.GO
         except (OSError, WireError):
-            return False
-        finally:
+            go = False
+        if not go or self.postcopy is None:
             self.conn.close()
+        else:
+            self.conn.sock.settimeout(LINK_TIMEOUT)
+        return go
+
+
+class PostCopy:
+    """The page source of a post-copy's destination (see "Absent pages" in
+    :mod:`popek.cpu.physmem`): the pages the guest had not got at the handover are absent,
+    and the first touch of one asks the source for it (and the absent ones after it)
+    while the source pushes the rest, which :meth:`take_pushed` installs as the runner
+    finds them on the connection. No userfaultfd: the software MMU is the one door."""
+
+    def __init__(self, conn: Connection, memory: PhysicalMemory) -> None:
+        self.conn, self.mem = conn, memory
+        self.done = False  # the source has sent every page
+
+    def fetch(self, runs: list[tuple[int, int]], ram: memoryview) -> None:
+        wanted = {first + i for first, count in runs for i in range(count)}
+        try:
+            for at in range(0, len(runs), wire.MAX_REQUEST_RUNS):
+                self.conn.send_request(runs[at:at + wire.MAX_REQUEST_RUNS])
+            while wanted:
+                self._take(self.conn.receive(), wanted, ram)
+        except (OSError, WireError) as err:
+            raise PagesLost(f"post-copy: the source cannot send pages the guest needs "
+                            f"({_os_reason(err) if isinstance(err, OSError) else err})") \
+                from None
+
+    def take_pushed(self) -> None:
+        """Install the next frame the source sent unasked (the runner saw it arrive)."""
+        self._take(self.conn.receive(), set(), None)
+
+    def _take(self, frame: wire.Frame, wanted: set[int], ram: memoryview | None) -> None:
+        if frame.kind == wire.DONE:
+            self.done = True
+            return
+        if frame.kind != wire.PAGES:
+            raise WireError(f"a {frame.name} frame during post-copy, not PAGES")
+        first, count = frame.run()
+        if first + count > self.mem.size >> PAGE_SHIFT:
+            raise WireError(f"pages {first}+{count} lie outside RAM (corrupt stream)")
+        data = frame.pages()
+        if not wanted:
+            self.mem.fill_absent(first, data)
+            return
+        for page in range(first, first + count):
+            at = (page - first) << PAGE_SHIFT
+            if page in wanted:  # make_present marks them present once all are in
+                ram[page << PAGE_SHIFT:(page + 1) << PAGE_SHIFT] = data[at:at + PAGE_SIZE]
+                wanted.discard(page)
+            else:
+                self.mem.fill_absent(page, data[at:at + PAGE_SIZE])
 
 
 def immigrate(sock: socket.socket, config: MachineConfig, build: Builder) -> Arrival:
@@ -363,6 +482,7 @@ def immigrate(sock: socket.socket, config: MachineConfig, build: Builder) -> Arr
     conn = Connection(sock)
     try:
         machine, state = _receive(conn, config, build)
+        postcopy = _absent_from_source(conn, machine.mem, state.get("postcopy"))
         conn.send(wire.READY)
     except WireError as err:
         _tell(conn, str(err))
@@ -373,7 +493,22 @@ def immigrate(sock: socket.socket, config: MachineConfig, build: Builder) -> Arr
     except MigrationError as err:
         _tell(conn, str(err))
         raise
-    return Arrival(machine, state, conn)
+    return Arrival(machine, state, conn, postcopy)
+
+
+def _absent_from_source(conn: Connection, memory: PhysicalMemory,
+                        runs: Any) -> PostCopy | None:
+    """The pages a post-copy's source still holds, absent here (fetched on first touch)."""
+    if runs is None:
+        return None
+    pages = memory.size >> PAGE_SHIFT
+    if not isinstance(runs, list) or not all(
+            isinstance(r, list) and len(r) == 2 and all(type(n) is int for n in r)
+            and 0 <= r[0] and 0 < r[1] and r[0] + r[1] <= pages for r in runs):
+        raise WireError("the post-copy's pages are not runs within RAM (corrupt stream)")
+    source = PostCopy(conn, memory)
+    memory.mark_absent([(first, count) for first, count in runs], source)
+    return source
 
 
 def _receive(conn: Connection, config: MachineConfig,

@@ -242,6 +242,9 @@ class Connection:
     def send_json(self, kind: int, obj: dict[str, Any]) -> None:
         self._send(encode_json(kind, obj))
 
+    def send_request(self, runs: list[tuple[int, int]]) -> None:
+        self._send(encode_request(runs))
+
     def send_disk(self, index: int, offset: int, data: bytes) -> None:
         self._send(encode_disk(index, offset, data))
 

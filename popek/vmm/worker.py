@@ -58,7 +58,8 @@ from popek.vmm import (
 )
 from popek.vmm.channel import INPUT, JSON, OUTPUT, ChannelClosed, Message, WorkerEnd
 from popek.vmm.console import Scrollback
-from popek.vmm.migration import Arrival, Emigration, MigrationError, immigrate
+from popek.vmm.migration import Arrival, Emigration, MigrationError, PagesLost, immigrate
+from popek.vmm.migration_wire import WireError
 from popek.vmm.throttle import CpuCap
 
 STATS_INTERVAL = 0.25  # seconds between the statistics a running worker pushes
@@ -91,6 +92,8 @@ def main(listener: socket.socket, spec: dict[str, Any]) -> None:
     except MemoryError:
         worker.lift_memory_limit()  # first, allocating nothing: room to report the failure
         worker.fail("the guest made popek exceed the VM's memory limit")
+    except PagesLost as err:
+        worker.fail(str(err))
     except Exception:  # any popek bug the guest triggers ends only this VM
         worker.fail("internal error: " + traceback.format_exc(limit=-3).strip())
     os._exit(0)
@@ -210,6 +213,8 @@ class Worker:
             self.started = True
             self._set_running(self.arrival.wait_for_go())  # no GO: paused (migration.py)
             self.resumed_at = time.time() if self.running else None
+            if self.running and self.arrival.postcopy is not None:
+                self.runner.sources.watch(self.arrival.conn.sock.fileno(), self._pushed_page)
             for nic in self.machine.nics:
                 nic.announce()  # switches learn where the guest is now
         self._greet()
@@ -418,7 +423,8 @@ class Worker:
         max_downtime = msg.get("max_downtime")
         try:
             self.migration = Emigration(self.machine, sock, float(max_downtime),
-                                        [int(index) for index in msg.get("copy_disks", [])])
+                                        [int(index) for index in msg.get("copy_disks", [])],
+                                        bool(msg.get("postcopy")))
         except MigrationError:
             sock.close()
             raise
@@ -447,6 +453,17 @@ class Worker:
         self.link.send(JSON, {"op": "exit", "kind": "migrated", "code": 0})
         self._record_exit({"kind": "migrated", "code": 0})
         return True
+
+    def _pushed_page(self) -> None:
+        """Post-copy: the source pushed pages (or said it has sent them all)."""
+        arrival = self.arrival
+        try:
+            arrival.postcopy.take_pushed()
+        except (OSError, WireError) as err:
+            self.fail(f"post-copy: the source cannot send the pages left ({err})")
+        if arrival.postcopy.done:
+            self.runner.sources.watch(arrival.conn.sock.fileno(), None)
+            arrival.conn.close()
 
     def _departing_state(self) -> dict[str, Any]:
         """What goes to the destination beside RAM, the guest paused: the machine, and
