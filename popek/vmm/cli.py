@@ -217,6 +217,9 @@ def add_vm_args(parser: argparse.ArgumentParser) -> None:
                          "the token of the VMM this command talks to)")
     migrate.add_argument("--max-downtime", type=_milliseconds, default=50, metavar="MS",
                          help="longest pause of the guest at the handover (50)")
+    migrate.add_argument("--max-bandwidth", type=cli_type(parse_size), metavar="SIZE",
+                         help="the most the migration may send a second, such as 8M "
+                         "(default: as fast as the link goes)")
     migrate.add_argument("--copy-disks", action="store_true",
                          help="copy the writable disk images too, with the writes made "
                          "meanwhile (no shared storage needed)")

@@ -260,6 +260,8 @@ async def _migrate(client: Client, args: argparse.Namespace) -> int:
         options["disk_paths"] = [str(Path(path).absolute()) for path in args.disk_paths]
     if args.postcopy:
         options["postcopy"] = True
+    if args.max_bandwidth is not None:
+        options["max_bandwidth"] = args.max_bandwidth
     to = args.to
     try:
         if args.dest_token_file is not None:

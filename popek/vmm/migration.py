@@ -67,6 +67,7 @@ CHUNK = 1 << 20  # bytes sent between two slices of an unthrottled guest, at mos
 CONVERGE = 0.5  # a round may leave to the next this share of what it sent
 MIN_SHARE = 0.01  # the least share of time a throttled guest keeps
 SHORT_ENOUGH = 0.001  # seconds: a stop-and-copy this short is not worth another round
+PACING_CREDIT = 0.1  # seconds of unused bandwidth cap that may be spent in a burst
 _ZERO_FRAME = bytes(wire.MAX_PAGES_PER_FRAME * PAGE_SIZE)
 
 
@@ -142,9 +143,11 @@ class Emigration:
 
     def __init__(self, machine: VirtMachine, sock: socket.socket,
                  max_downtime: float = DEFAULT_MAX_DOWNTIME,
-                 copy_disks: Sequence[int] = (), postcopy: bool = False) -> None:
+                 copy_disks: Sequence[int] = (), postcopy: bool = False,
+                 max_bandwidth: float | None = None) -> None:
         self.machine = machine
         self.postcopy = postcopy
+        self.max_bandwidth = max_bandwidth  # bytes a second the link may take, if capped
         self.max_downtime = max_downtime
         self.progress = Progress()
         self.started = time.monotonic()
@@ -154,6 +157,7 @@ class Emigration:
         self._round_sent = 0  # conn.sent when the round began
         self._last_left: int | None = None  # pages the previous round left
         self._guest_ran_from = self.started  # when pump last returned
+        self._paced_from = (self.started, 0)  # (time, conn.sent) the cap counts from
         sock.settimeout(LINK_TIMEOUT)
         self.conn = Connection(sock)
         self.log = machine.mem.dirty_log()  # before the first pass reads a page
@@ -186,10 +190,12 @@ class Emigration:
             now = time.monotonic()
             if self.share < 1.0:
                 until = now + (now - self._guest_ran_from) * (1 - self.share) / self.share
-                self._guarded(self._send_pages, lambda sent: time.monotonic() < until)
+                self._guarded(self._send_pages,
+                              lambda sent: time.monotonic() < until and self._paced(True))
             else:
                 self._guarded(self._send_pages,
-                              lambda sent: sent < CHUNK and self._writable())
+                              lambda sent: sent < CHUNK and self._writable() and
+                              self._paced(False))
             self._guest_ran_from = time.monotonic()
             return False
         return self.postcopy or self._next_round()  # post-copy: hand over after one pass
@@ -249,7 +255,7 @@ class Emigration:
             self.pending.extend(self.log.take())
         for copy in self.disks:
             copy.take()
-        self._guarded(self._send_pages, lambda sent: True)
+        self._guarded(self._send_pages, lambda sent: self._paced(True))
         self._guarded(self.conn.send_json, wire.STATE, state)
         self._guarded(self.conn.send, wire.END)
         self.conn.sock.settimeout(HANDOVER_TIMEOUT)
@@ -295,6 +301,7 @@ class Emigration:
                 continue
             end = left.find(b"\0", cursor)
             end = len(left) if end < 0 else min(end, cursor + wire.MAX_PAGES_PER_FRAME)
+            self._paced(True)
             self._send_later(cursor, end - cursor, left)
         self.conn.send(wire.DONE)
         while True:
@@ -368,8 +375,26 @@ class Emigration:
         instead of waiting in a send (a frame already begun may still wait its turn)."""
         return bool(select.select([], [self.conn.sock], [], 0)[1])
 
+    def _paced(self, wait: bool) -> bool:
+        """Whether the bandwidth cap lets the next frame go now (``wait``: once it does,
+        sleeping till then). At most :data:`PACING_CREDIT` seconds of unused link carry
+        over, so an idle spell does not buy a burst."""
+        if self.max_bandwidth is None:
+            return True
+        now = time.monotonic()
+        since, sent = self._paced_from
+        ahead = (self.conn.sent - sent) / self.max_bandwidth - (now - since)
+        if ahead < -PACING_CREDIT:
+            self._paced_from = (now - PACING_CREDIT, self.conn.sent)
+        elif ahead > 0:
+            if not wait:
+                return False
+            time.sleep(ahead)
+        return True
+
     def _bandwidth(self) -> float:
-        return max(self.conn.sent / max(self._send_seconds, 1e-6), 1.0)
+        measured = max(self.conn.sent / max(self._send_seconds, 1e-6), 1.0)
+        return min(measured, self.max_bandwidth or measured)
 
     def _guarded(self, action: Callable[..., Any], *args: Any) -> Any:
         """``action``; a failed link or a refusal becomes MigrationError, with the

@@ -98,7 +98,7 @@ async def migrate_out(vmm: Vmm, vm: Vm, body: dict[str, Any], paths: PathPolicy)
     """Start moving ``vm`` to the destination ``body`` names; returns once the guest's
     worker streams (the outcome shows in the VM's ``migration``)."""
     unknown = set(body) - {"to", "token", "max_downtime", "copy_disks", "disk_paths",
-                           "postcopy"}
+                           "postcopy", "max_bandwidth"}
     if unknown:
         raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
     dest = parse_destination(body.get("to"), body.get("token"), paths)
@@ -108,6 +108,11 @@ async def migrate_out(vmm: Vmm, vm: Vm, body: dict[str, Any], paths: PathPolicy)
     postcopy = body.get("postcopy", False)
     if not isinstance(postcopy, bool):
         raise BadRequest("'postcopy' must be true or false")
+    max_bandwidth = body.get("max_bandwidth")
+    if max_bandwidth is not None and (not isinstance(max_bandwidth, int | float)
+                                      or isinstance(max_bandwidth, bool)
+                                      or not max_bandwidth >= 4096):
+        raise BadRequest("'max_bandwidth' must be bytes a second, at least 4096")
     config, copied = _disk_copies(vm.config, body.get("copy_disks", False),
                                   body.get("disk_paths"))
     vm.check_migratable()
@@ -131,7 +136,7 @@ async def migrate_out(vmm: Vmm, vm: Vm, body: dict[str, Any], paths: PathPolicy)
         raise BadRequest(f"destination {dest.text}: cannot open the migration connection "
                          f"({err or type(err).__name__})") from None
     call = await vm.migrate(sock, dest.text, float(max_downtime),
-                            [int(index) for index in copied], postcopy)
+                            [int(index) for index in copied], postcopy, max_bandwidth)
     vmm.spawn(_settle(vmm, vm, dest, call))
 
 

@@ -468,7 +468,8 @@ class Vm:
             raise Conflict(f"VM {self.name} is migrating already")
 
     async def migrate(self, sock: socket.socket, to: str, max_downtime: float,
-                      copy_disks: list[int], postcopy: bool) -> asyncio.Task[dict[str, Any]]:
+                      copy_disks: list[int], postcopy: bool,
+                      max_bandwidth: float | None) -> asyncio.Task[dict[str, Any]]:
         """Hand the worker the connection to the destination and start the migration;
         the task ends with its figures, or Conflict saying why it failed (the guest then
         runs on here). Progress shows in :meth:`info`."""
@@ -478,9 +479,11 @@ class Vm:
         finally:
             sock.close()
         self.migration = {"to": to, "state": "migrating", "started": time.time(),
-                          "copy_disks": copy_disks, "postcopy": postcopy}
+                          "copy_disks": copy_disks, "postcopy": postcopy,
+                          "max_bandwidth": max_bandwidth}
         return asyncio.create_task(self._call("migrate", max_downtime=max_downtime,
-                                              copy_disks=copy_disks, postcopy=postcopy))
+                                              copy_disks=copy_disks, postcopy=postcopy,
+                                              max_bandwidth=max_bandwidth))
 
     async def replug(self, nic: int, sock: socket.socket) -> None:
         """Hand the worker a new host end for switch NIC ``nic`` (this VMM adopted the

@@ -424,7 +424,7 @@ class Worker:
         try:
             self.migration = Emigration(self.machine, sock, float(max_downtime),
                                         [int(index) for index in msg.get("copy_disks", [])],
-                                        bool(msg.get("postcopy")))
+                                        bool(msg.get("postcopy")), msg.get("max_bandwidth"))
         except MigrationError:
             sock.close()
             raise
