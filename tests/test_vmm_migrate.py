@@ -186,6 +186,9 @@ def test_bad_requests_are_refused_with_status_2_and_change_nothing(
         (("stayer", "--to", str(tmp_path / "nobody.sock")), "cannot reach the VMM"),
         (("stayer", "--to", b.tcp), "needs its API token"),
         (("sleeper", "--to", str(b.socket)), "it is paused"),
+        (("stayer", "--to", str(b.socket), "--copy-disks"), "no writable disk to copy"),
+        (("stayer", "--to", str(b.socket), "--disk-path", "/x.img"), "goes with copy_disks"),
+        (("stayer", "--to", str(b.socket), "--max-bandwidth", "1K"), "at least 4096"),
     ]
     for args, message in cases:
         refused = a.cli("migrate", *args)
@@ -224,7 +227,8 @@ def test_destination_killed_mid_migration_leaves_the_source_running(
 def test_linux_guest_migrates_there_and_back_with_its_processes(
         pair: tuple[Vmm, Vmm]) -> None:
     """The bundled Linux (one boot): a shell loop printing a counter, and a sleeping
-    process, both started before the migrations, go on after A -> B -> A."""
+    process, both started before the migrations, go on after A -> B (pre-copy) -> A
+    (post-copy: Linux runs on A while it pulls the pages it wrote since the first pass)."""
     a, b = pair
     vm = a.api("create", kernel=str(images.KERNEL), initrd=str(images.INITRD), mem=128 << 20,
                name="linux")
@@ -233,12 +237,14 @@ def test_linux_guest_migrates_there_and_back_with_its_processes(
                         b"echo count-$i; i=$((i+1)); sleep 0.2; done) &\n")
     sleeper = re.search(rb"sleeper-(\d+)", a.api.wait_log(vm, rb"sleeper-\d+"))[1]
     counts = a.api.wait_log(vm, rb"count-5\r?\n")
-    for source, dest, to in ((a, b, str(b.socket)), (b, a, str(a.socket))):
+    for source, dest, to, postcopy in ((a, b, str(b.socket), False),
+                                       (b, a, str(a.socket), True)):
         last = int(re.findall(rb"count-(\d+)", counts)[-1])
-        source.api("migrate", vm["id"], to)
+        source.api("migrate", vm["id"], to, postcopy=postcopy)
         info = _wait_migrated(source.api, vm)
         assert info["migration"]["state"] == "done", info["migration"]
         assert info["migration"]["bytes_sent"] < 128 << 20  # touched pages only
+        assert (info["migration"]["postcopy_pages"] > 0) == postcopy
         counts = dest.api.wait_log(vm, rb"count-%d\r?\n" % (last + 5))
     out = a.api.type_line(vm, b"kill -0 %s && echo still-$((1+1))-alive\n" % sleeper)
     a.api.wait_log(vm, rb"still-2-alive")

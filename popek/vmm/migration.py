@@ -155,7 +155,7 @@ class Emigration:
         self._send_seconds = 0.0
         self._round_started = self.started
         self._round_sent = 0  # conn.sent when the round began
-        self._last_left: int | None = None  # pages the previous round left
+        self._last_left = 0  # pages (disk blocks counted as pages) the last round left
         self._guest_ran_from = self.started  # when pump last returned
         self._paced_from = (self.started, 0)  # (time, conn.sent) the cap counts from
         sock.settimeout(LINK_TIMEOUT)
@@ -166,6 +166,7 @@ class Emigration:
         self.pending: deque[tuple[int, int]] = deque(nonzero_runs(machine.mem))
         self.progress.pages_left = sum(count for _, count in self.pending)
         self.progress.disk_bytes_left = sum(copy.size for copy in self.disks)
+        self._last_left = self.progress.pages_left + self.progress.disk_bytes_left // PAGE_SIZE
         try:
             self._guarded(self._hello)
         except MigrationError:
@@ -214,13 +215,12 @@ class Emigration:
         expected = dirtied / self._bandwidth()
         progress.expected_downtime_ms = 1000 * expected
         units = left + disk_left // PAGE_SIZE  # what is left, in pages
-        shrinking = self._last_left is None or 2 * units <= self._last_left
-        growing = self._last_left is not None and units >= self._last_left
+        shrinking, growing = 2 * units <= self._last_left, units >= self._last_left
         self._round_started, self._round_sent = now, self.conn.sent
         self._last_left = units
         self.pending.extend(runs)
-        if expected <= self.max_downtime and (expected <= SHORT_ENOUGH or not shrinking):
-            return True
+        if expected <= self.max_downtime:  # fits: stop, unless another round halves it
+            return expected <= SHORT_ENOUGH or not shrinking
         if dirtied > CONVERGE * drained:  # the guest outruns the link: slow it down
             if self.share <= MIN_SHARE and not shrinking:
                 return True  # even the least share does not converge: copy it now
@@ -228,7 +228,7 @@ class Emigration:
             # so its true rate is higher still than the log's count: cut twice as hard.
             cut = CONVERGE * drained / dirtied * (CONVERGE if growing else 1.0)
             self._throttle(max(MIN_SHARE, self.share * cut))
-        elif expected > self.max_downtime:  # converging: give the guest back some time
+        else:  # converging: give the guest back some time
             self._throttle(min(1.0, self.share * CONVERGE * drained / max(dirtied, 1)))
         self._guest_ran_from = time.monotonic()
         return False
