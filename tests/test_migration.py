@@ -56,11 +56,13 @@ def migrate(source: VirtMachine, dest_out: bytearray, *, max_downtime: float = 0
             watch: Callable[[migration.Progress], None] = lambda progress: None,
             dest_config: MachineConfig | None = None, copy_disks: tuple[int, ...] = (),
             at_handover: Callable[[], None] = lambda: None, postcopy: bool = False,
+            lost: list[migration.PagesLost] | None = None,
             ) -> tuple[dict[str, Any] | MigrationError, Arrival | MigrationError, bool]:
     """Run ``source`` while it migrates; (the source's figures or error, the arrival or
     the destination's error, whether GO came). ``at_handover`` runs once the destination
     is READY, before it goes. In a post-copy the destination runs at once, installing
-    the pages the source pushes as they come, until it has them all."""
+    the pages the source pushes as they come, until it has them all (or, ``lost``, until
+    it cannot get one)."""
     ours, theirs = socket.socketpair()
     if tamper is not None:
         ours = tamper(ours)
@@ -78,11 +80,15 @@ def migrate(source: VirtMachine, dest_out: bytearray, *, max_downtime: float = 0
         at_handover()
         went.append(arrival.wait_for_go())
         if went[0] and arrival.postcopy is not None:
-            while not arrival.postcopy.done:
-                if select.select([arrival.conn.sock], [], [], 0)[0]:
-                    arrival.postcopy.take_pushed()
-                else:
-                    arrival.machine.run_slice()
+            try:
+                while not arrival.postcopy.done:
+                    if select.select([arrival.conn.sock], [], [], 0)[0]:
+                        arrival.postcopy.take_pushed()
+                    else:
+                        arrival.machine.run_slice()
+            except migration.PagesLost as err:
+                assert lost is not None, err
+                lost.append(err)
             arrival.conn.close()
 
     thread = threading.Thread(target=destination)
@@ -182,6 +188,38 @@ def test_postcopy_guest_runs_there_at_once_and_pulls_its_pages(
     assert b"MISMATCH" not in dest_out
     passes = _passes(bytes(out) + bytes(dest_out))
     assert passes == sorted(set(passes)) and passes[-1] - passes[0] == 16 * (len(passes) - 1)
+
+
+class CutAfterGo:
+    """A link that fails right after the source's GO went through."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def sendall(self, data: bytes) -> None:
+        self.sock.sendall(data)
+        if data[0] == wire.GO:
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
+def test_postcopy_link_lost_after_the_handover_fails_the_guest_once() -> None:
+    """From GO on the guest is the destination's: a link lost then fails it there, with
+    one line, when it touches a page it lacks; the source reports the loss and never
+    runs the guest again (no second copy)."""
+    config = MachineConfig(kernel=guest("migrant"), mem=MEM, engine="translate")
+    out, dest_out = bytearray(), bytearray()
+    source = VirtMachine(config, out.extend)
+    _run_until(source, out, rb"pass 16\n")
+    lost: list[migration.PagesLost] = []
+    figures, arrival, went = migrate(source, dest_out, postcopy=True, lost=lost,
+                                     tamper=CutAfterGo)
+    assert isinstance(figures, dict) and went, figures  # committed all the same
+    assert "postcopy_error" in figures
+    assert len(lost) == 1 and "\n" not in str(lost[0])
+    assert "the source cannot send pages the guest needs" in str(lost[0])
 
 
 def test_a_guest_dirtying_faster_than_the_link_converges_throttled() -> None:

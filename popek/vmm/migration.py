@@ -36,6 +36,7 @@ two running copies, and a copy that can run always exists.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -43,7 +44,7 @@ import select
 import socket
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -462,19 +463,26 @@ class PostCopy:
 
     def fetch(self, runs: list[tuple[int, int]], ram: memoryview) -> None:
         wanted = {first + i for first, count in runs for i in range(count)}
-        try:
+        with self._needed():
             for at in range(0, len(runs), wire.MAX_REQUEST_RUNS):
                 self.conn.send_request(runs[at:at + wire.MAX_REQUEST_RUNS])
             while wanted:
                 self._take(self.conn.receive(), wanted, ram)
+
+    def take_pushed(self) -> None:
+        """Install the next frame the source sent unasked (the runner saw it arrive)."""
+        with self._needed():
+            self._take(self.conn.receive(), set(), None)
+
+    @contextlib.contextmanager
+    def _needed(self) -> Iterator[None]:
+        """Failing to get pages is PagesLost, one line."""
+        try:
+            yield
         except (OSError, WireError) as err:
             raise PagesLost(f"post-copy: the source cannot send pages the guest needs "
                             f"({_os_reason(err) if isinstance(err, OSError) else err})") \
                 from None
-
-    def take_pushed(self) -> None:
-        """Install the next frame the source sent unasked (the runner saw it arrive)."""
-        self._take(self.conn.receive(), set(), None)
 
     def _take(self, frame: wire.Frame, wanted: set[int], ram: memoryview | None) -> None:
         if frame.kind == wire.DONE:

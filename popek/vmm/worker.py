@@ -59,7 +59,6 @@ from popek.vmm import (
 from popek.vmm.channel import INPUT, JSON, OUTPUT, ChannelClosed, Message, WorkerEnd
 from popek.vmm.console import Scrollback
 from popek.vmm.migration import Arrival, Emigration, MigrationError, PagesLost, immigrate
-from popek.vmm.migration_wire import WireError
 from popek.vmm.throttle import CpuCap
 
 STATS_INTERVAL = 0.25  # seconds between the statistics a running worker pushes
@@ -459,8 +458,8 @@ class Worker:
         arrival = self.arrival
         try:
             arrival.postcopy.take_pushed()
-        except (OSError, WireError) as err:
-            self.fail(f"post-copy: the source cannot send the pages left ({err})")
+        except PagesLost as err:
+            self.fail(str(err))
         if arrival.postcopy.done:
             self.runner.sources.watch(arrival.conn.sock.fileno(), None)
             arrival.conn.close()
