@@ -8,7 +8,8 @@ on while its memory moves. It starts a dirty log (:meth:`PhysicalMemory.dirty_lo
 sends every non-zero page once (pages never touched and zero pages are not sent), then,
 round after round, the pages the log names as written meanwhile. Once the pages left
 would go in less than the downtime budget at the bandwidth measured so far, and another
-round would not shrink them much, the caller pauses the guest and
+round would not shrink them (a round that left more than an earlier one did gets
+another try, a few times), the caller pauses the guest and
 :meth:`Emigration.finish` sends the last dirty pages and the machine's state (the guest
 clock with it: it stood still while the guest was paused, so the guest sees no jump).
 
@@ -68,6 +69,7 @@ CHUNK = 1 << 20  # bytes sent between two slices of an unthrottled guest, at mos
 CONVERGE = 0.5  # a round may leave to the next this share of what it sent
 MIN_SHARE = 0.01  # the least share of time a throttled guest keeps
 SHORT_ENOUGH = 0.001  # seconds: a stop-and-copy this short is not worth another round
+MAX_FITTING_ROUNDS = 8  # more rounds that fit the budget, hoping for a smaller rest
 PACING_CREDIT = 0.1  # seconds of unused bandwidth cap that may be spent in a burst
 _ZERO_FRAME = bytes(wire.MAX_PAGES_PER_FRAME * PAGE_SIZE)
 
@@ -157,6 +159,8 @@ class Emigration:
         self._round_started = self.started
         self._round_sent = 0  # conn.sent when the round began
         self._last_left = 0  # pages (disk blocks counted as pages) the last round left
+        self._fitting_rounds = 0  # rounds whose rest fitted the budget
+        self._smallest_fit = 1 << 62  # the least any of them left, in pages
         self._guest_ran_from = self.started  # when pump last returned
         self._paced_from = (self.started, 0)  # (time, conn.sent) the cap counts from
         sock.settimeout(LINK_TIMEOUT)
@@ -220,8 +224,11 @@ class Emigration:
         self._round_started, self._round_sent = now, self.conn.sent
         self._last_left = units
         self.pending.extend(runs)
-        if expected <= self.max_downtime:  # fits: stop, unless another round halves it
-            return expected <= SHORT_ENOUGH or not shrinking
+        if expected <= self.max_downtime:  # fits: stop, unless another round may do better
+            self._fitting_rounds += 1
+            smallest, self._smallest_fit = self._smallest_fit, min(self._smallest_fit, units)
+            return expected <= SHORT_ENOUGH or self._fitting_rounds > MAX_FITTING_ROUNDS or \
+                (not shrinking and units <= smallest)
         if dirtied > CONVERGE * drained:  # the guest outruns the link: slow it down
             if self.share <= MIN_SHARE and not shrinking:
                 return True  # even the least share does not converge: copy it now
