@@ -29,6 +29,7 @@ from popek.machine.virt import VirtMachine
 from popek.vmm import migration
 from popek.vmm import migration_wire as wire
 from popek.vmm.migration import Arrival, Emigration, MigrationError, immigrate
+from popek.vmm.migration_postcopy import PagesLost, PostCopy
 from tests.vmm_guests import guest
 
 MEM = 32 << 20
@@ -56,7 +57,7 @@ def migrate(source: VirtMachine, dest_out: bytearray, *, max_downtime: float = 0
             watch: Callable[[migration.Progress], None] = lambda progress: None,
             dest_config: MachineConfig | None = None, copy_disks: tuple[int, ...] = (),
             at_handover: Callable[[], None] = lambda: None, postcopy: bool = False,
-            lost: list[migration.PagesLost] | None = None,
+            lost: list[PagesLost] | None = None,
             ) -> tuple[dict[str, Any] | MigrationError, Arrival | MigrationError, bool]:
     """Run ``source`` while it migrates; (the source's figures or error, the arrival or
     the destination's error, whether GO came). ``at_handover`` runs once the destination
@@ -86,7 +87,7 @@ def migrate(source: VirtMachine, dest_out: bytearray, *, max_downtime: float = 0
                         arrival.postcopy.take_pushed()
                     else:
                         arrival.machine.run_slice()
-            except migration.PagesLost as err:
+            except PagesLost as err:
                 assert lost is not None, err
                 lost.append(err)
             arrival.conn.close()
@@ -173,8 +174,8 @@ def test_postcopy_guest_runs_there_at_once_and_pulls_its_pages(
     source = VirtMachine(config, out.extend)
     _run_until(source, out, rb"pass 32\n")
     fetched: list[int] = []
-    fetch = migration.PostCopy.fetch
-    monkeypatch.setattr(migration.PostCopy, "fetch", lambda self, runs, ram: (
+    fetch = PostCopy.fetch
+    monkeypatch.setattr(PostCopy, "fetch", lambda self, runs, ram: (
         fetched.append(sum(count for _, count in runs)), fetch(self, runs, ram))[1])
     figures, arrival, went = migrate(source, dest_out, postcopy=True)
     assert isinstance(figures, dict) and isinstance(arrival, Arrival) and went, figures
@@ -213,7 +214,7 @@ def test_postcopy_link_lost_after_the_handover_fails_the_guest_once() -> None:
     out, dest_out = bytearray(), bytearray()
     source = VirtMachine(config, out.extend)
     _run_until(source, out, rb"pass 16\n")
-    lost: list[migration.PagesLost] = []
+    lost: list[PagesLost] = []
     figures, arrival, went = migrate(source, dest_out, postcopy=True, lost=lost,
                                      tamper=CutAfterGo)
     assert isinstance(figures, dict) and went, figures  # committed all the same

@@ -1,7 +1,9 @@
 """Live migration of one machine: pre-copy from the source, rebuild on the destination.
 
 Both ends run in workers, on one connection (:mod:`popek.vmm.migration_wire`); the
-VMMs only set it up and settle the outcome (:mod:`popek.vmm.migrate`).
+VMMs only set it up and settle the outcome (:mod:`popek.vmm.migration_peers`). Copied
+disks travel with the memory (:mod:`popek.vmm.migration_disks`); a post-copy's
+destination fetches what it lacks through :mod:`popek.vmm.migration_postcopy`.
 
 The source (:class:`Emigration`) is driven between the guest's slices, so the guest runs
 on while its memory moves. It starts a dirty log (:meth:`PhysicalMemory.dirty_log`),
@@ -37,20 +39,18 @@ two running copies, and a copy that can run always exists.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import os
 import select
 import socket
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from popek.cpu.physmem import PAGE_SHIFT, PAGE_SIZE, PhysicalMemory
-from popek.devices.virtio.blk import LOG_BLOCK, SECTOR_SIZE, VirtioBlk, WriteLog
+from popek.devices.virtio.blk import LOG_BLOCK
 from popek.machine.config import (
     ConfigError,
     MachineConfig,
@@ -58,8 +58,11 @@ from popek.machine.config import (
     config_to_json,
 )
 from popek.machine.virt import RAM_BASE, SLICE, VirtMachine
+from popek.vmm import migration_disks
 from popek.vmm import migration_wire as wire
-from popek.vmm.migration_wire import Connection, WireError
+from popek.vmm.migration_disks import DiskCopy, MissingDisk
+from popek.vmm.migration_postcopy import PostCopy, absent_from_source
+from popek.vmm.migration_wire import Connection, WireError, os_reason
 from popek.vmm.snapshot import nonzero_runs
 
 DEFAULT_MAX_DOWNTIME = 0.05  # seconds the guest may stand still at the handover
@@ -76,12 +79,6 @@ _ZERO_FRAME = bytes(wire.MAX_PAGES_PER_FRAME * PAGE_SIZE)
 
 class MigrationError(Exception):
     """The migration failed; the message says why, in one line."""
-
-
-class PagesLost(OSError):
-    """A post-copy's destination cannot get a page its guest needs: the source is gone.
-    The guest cannot go on (as under QEMU's post-copy: from the handover until every
-    page has come, the guest needs both hosts)."""
 
 
 @dataclass
@@ -102,42 +99,6 @@ class Progress:
     def as_json(self) -> dict[str, Any]:
         return {key: round(value, 1) if isinstance(value, float) else value
                 for key, value in asdict(self).items()}
-
-
-class DiskCopy:
-    """A disk the migration copies (``--copy-disks``): its blocks still to send, and the
-    log of the guest's writes to it, which names the blocks to send again."""
-
-    def __init__(self, index: int, disk: VirtioBlk) -> None:
-        self.index, self.disk = index, disk
-        self.size = disk.capacity * SECTOR_SIZE
-        self.log = WriteLog(disk)  # before the first pass reads a block
-        self.pending: deque[tuple[int, int]] = deque([(0, len(self.log.bits))])
-        self.first_pass = True  # the destination's new image reads zeros: skip them
-
-    def take(self) -> int:
-        """The blocks written since the last take join the pending ones; returns how many."""
-        runs = self.log.take()
-        self.first_pass = False
-        self.pending.extend(runs)
-        return sum(count for _, count in runs)
-
-    def send_next(self, conn: Connection) -> int:
-        """Send the next piece (up to a DISK frame's worth) as it is on the disk now;
-        the bytes sent."""
-        first, count = self.pending.popleft()
-        take = min(count, wire.MAX_DISK_BYTES // LOG_BLOCK)
-        if take < count:
-            self.pending.appendleft((first + take, count - take))
-        offset = first * LOG_BLOCK
-        data = os.pread(self.disk.fd, min(take * LOG_BLOCK, self.size - offset), offset)
-        if self.first_pass and data.count(0) == len(data):
-            return 0
-        conn.send_disk(self.index, offset, data)
-        return len(data)
-
-    def close(self) -> None:
-        self.log.close()
 
 
 class Emigration:
@@ -413,7 +374,7 @@ class Emigration:
             raise MigrationError(f"the destination sent garbage: {err}") from None
         except OSError as err:
             raise MigrationError(self._their_reason() or
-                                 f"lost the link to the destination ({_os_reason(err)})") \
+                                 f"lost the link to the destination ({os_reason(err)})") \
                 from None
 
     def _their_reason(self) -> str | None:
@@ -457,62 +418,6 @@ class Arrival:
         return go
 
 
-class PostCopy:
-    """The page source of a post-copy's destination (see "Absent pages" in
-    :mod:`popek.cpu.physmem`): the pages the guest had not got at the handover are absent,
-    and the first touch of one asks the source for it (and the absent ones after it)
-    while the source pushes the rest, which :meth:`take_pushed` installs as the runner
-    finds them on the connection. No userfaultfd: the software MMU is the one door."""
-
-    def __init__(self, conn: Connection, memory: PhysicalMemory) -> None:
-        self.conn, self.mem = conn, memory
-        self.done = False  # the source has sent every page
-
-    def fetch(self, runs: list[tuple[int, int]], ram: memoryview) -> None:
-        wanted = {first + i for first, count in runs for i in range(count)}
-        with self._needed():
-            for at in range(0, len(runs), wire.MAX_REQUEST_RUNS):
-                self.conn.send_request(runs[at:at + wire.MAX_REQUEST_RUNS])
-            while wanted:
-                self._take(self.conn.receive(), wanted, ram)
-
-    def take_pushed(self) -> None:
-        """Install the next frame the source sent unasked (the runner saw it arrive)."""
-        with self._needed():
-            self._take(self.conn.receive(), set(), None)
-
-    @contextlib.contextmanager
-    def _needed(self) -> Iterator[None]:
-        """Failing to get pages is PagesLost, one line."""
-        try:
-            yield
-        except (OSError, WireError) as err:
-            raise PagesLost(f"post-copy: the source cannot send pages the guest needs "
-                            f"({_os_reason(err) if isinstance(err, OSError) else err})") \
-                from None
-
-    def _take(self, frame: wire.Frame, wanted: set[int], ram: memoryview | None) -> None:
-        if frame.kind == wire.DONE:
-            self.done = True
-            return
-        if frame.kind != wire.PAGES:
-            raise WireError(f"a {frame.name} frame during post-copy, not PAGES")
-        first, count = frame.run()
-        if first + count > self.mem.size >> PAGE_SHIFT:
-            raise WireError(f"pages {first}+{count} lie outside RAM (corrupt stream)")
-        data = frame.pages()
-        if not wanted:
-            self.mem.fill_absent(first, data)
-            return
-        for page in range(first, first + count):
-            at = (page - first) << PAGE_SHIFT
-            if page in wanted:  # make_present marks them present once all are in
-                ram[page << PAGE_SHIFT:(page + 1) << PAGE_SHIFT] = data[at:at + PAGE_SIZE]
-                wanted.discard(page)
-            else:
-                self.mem.fill_absent(page, data[at:at + PAGE_SIZE])
-
-
 def immigrate(sock: socket.socket, config: MachineConfig, build: Builder) -> Arrival:
     """Take a guest from the source on ``sock``: RAM for ``config``, the machine ``build``
     makes on it (at once, while the pages come), filled from the stream and given the
@@ -522,33 +427,18 @@ def immigrate(sock: socket.socket, config: MachineConfig, build: Builder) -> Arr
     conn = Connection(sock)
     try:
         machine, state = _receive(conn, config, build)
-        postcopy = _absent_from_source(conn, machine.mem, state.get("postcopy"))
+        postcopy = absent_from_source(conn, machine.mem, state.get("postcopy"))
         conn.send(wire.READY)
     except WireError as err:
         _tell(conn, str(err))
         raise MigrationError(f"refused the incoming guest: {err}") from None
     except OSError as err:
         conn.close()
-        raise MigrationError(f"lost the link to the source ({_os_reason(err)})") from None
+        raise MigrationError(f"lost the link to the source ({os_reason(err)})") from None
     except MigrationError as err:
         _tell(conn, str(err))
         raise
     return Arrival(machine, state, conn, postcopy)
-
-
-def _absent_from_source(conn: Connection, memory: PhysicalMemory,
-                        runs: Any) -> PostCopy | None:
-    """The pages a post-copy's source still holds, absent here (fetched on first touch)."""
-    if runs is None:
-        return None
-    pages = memory.size >> PAGE_SHIFT
-    if not isinstance(runs, list) or not all(
-            isinstance(r, list) and len(r) == 2 and all(type(n) is int for n in r)
-            and 0 <= r[0] and 0 < r[1] and r[0] + r[1] <= pages for r in runs):
-        raise WireError("the post-copy's pages are not runs within RAM (corrupt stream)")
-    source = PostCopy(conn, memory)
-    memory.mark_absent([(first, count) for first, count in runs], source)
-    return source
 
 
 def _receive(conn: Connection, config: MachineConfig,
@@ -566,7 +456,10 @@ def _receive(conn: Connection, config: MachineConfig,
         machine.load_state(json.loads(json.dumps(machine.save_state())))
     except (ConfigError, OSError) as err:
         raise MigrationError(f"the destination cannot build the machine: {err}") from None
-    disks = _copied_disks(machine, copied)
+    try:
+        disks = migration_disks.copied_disks(machine, copied)
+    except MissingDisk as err:
+        raise MigrationError(str(err)) from None
     pages = config.mem >> PAGE_SHIFT
     state = None
     while True:
@@ -581,13 +474,7 @@ def _receive(conn: Connection, config: MachineConfig,
             else:
                 memory.discard(first << PAGE_SHIFT, count << PAGE_SHIFT)
         elif frame.kind == wire.DISK:
-            index, offset, data = frame.disk()
-            disk = disks.get(index)
-            if disk is None or offset + len(data) > disk.capacity * SECTOR_SIZE:
-                raise WireError(f"{len(data)} bytes at {offset} of disk {index}, which is not "
-                                "one the source copies or is smaller (corrupt stream)")
-            if os.pwrite(disk.fd, data, offset) != len(data):
-                raise MigrationError(f"the destination's disk {disk.path} took a short write")
+            migration_disks.write(disks, frame)
         elif frame.kind == wire.STATE:
             state = frame.json()
         elif frame.kind == wire.END and state is not None:
@@ -595,25 +482,12 @@ def _receive(conn: Connection, config: MachineConfig,
                 machine.load_state(state["machine"])
             except (KeyError, TypeError, ValueError, AttributeError) as err:
                 raise WireError(f"the machine state does not fit: {err}") from None
-            for disk in disks.values():
-                os.fsync(disk.fd)  # the copy is on the destination's disk before READY
+            migration_disks.sync(disks)
             return machine, state
         elif frame.kind == wire.ERROR:
             raise MigrationError(f"the source gave up: {_reason(frame)}")
         else:
             raise WireError(f"unexpected {frame.name} frame (corrupt stream)")
-
-
-def _copied_disks(machine: VirtMachine, copied: dict[int, int]) -> dict[int, VirtioBlk]:
-    """The destination's disks the source copies into, by index, once each fits."""
-    disks = {}
-    for index, size in copied.items():
-        disk = machine.disks[index] if index < len(machine.disks) else None
-        if disk is None or disk.readonly or disk.capacity * SECTOR_SIZE != size:
-            raise MigrationError(f"the destination has no writable disk {index} of {size} "
-                                 "bytes to copy the source's into")
-        disks[index] = disk
-    return disks
 
 
 def _check_hello(hello: dict[str, Any], config: MachineConfig) -> dict[int, int]:
@@ -651,5 +525,3 @@ def _reason(frame: wire.Frame) -> str:
         else frame.name
 
 
-def _os_reason(err: OSError) -> str:
-    return err.strerror or str(err) or type(err).__name__

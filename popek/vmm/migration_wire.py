@@ -224,6 +224,11 @@ def decode_stream(data: bytes) -> list[Frame]:
     return frames
 
 
+def os_reason(err: OSError) -> str:
+    """A failed link's reason, in a few words."""
+    return err.strerror or str(err) or type(err).__name__
+
+
 # -- a socket --------------------------------------------------------------------------------------
 class Connection:
     """Frames over a connected, blocking stream socket. OSError (a timeout included)

@@ -58,7 +58,8 @@ from popek.vmm import (
 )
 from popek.vmm.channel import INPUT, JSON, OUTPUT, ChannelClosed, Message, WorkerEnd
 from popek.vmm.console import Scrollback
-from popek.vmm.migration import Arrival, Emigration, MigrationError, PagesLost, immigrate
+from popek.vmm.migration import Arrival, Emigration, MigrationError, immigrate
+from popek.vmm.migration_postcopy import PagesLost
 from popek.vmm.throttle import CpuCap
 
 STATS_INTERVAL = 0.25  # seconds between the statistics a running worker pushes
