@@ -11,6 +11,13 @@ one by one (no clone: nothing shared by a snapshot) with page sharing on and off
 has no clones, so the same count of ``qemu-system-riscv64`` guests boot the same kernel
 and initramfs; their PSS and idle CPU are measured the same way, in the same run.
 
+Then every guest of each popek run is swapped out (``popek vm swap-out``) and left idle a
+few seconds: what each then holds (its worker's RSS and PSS, and of that the guest RAM
+the host holds), what its swap file holds, and the time from typing on every console to
+the last answer (the pages each shell touches come back from the files). A clone's RAM
+is mostly its snapshot's pages, which are dropped, not written; a booted guest's is its
+own. QEMU has no swap-out: beside these figures stand its idle guests' RSS and PSS.
+
 Totals count every process of the platform: popek's workers plus the VMM and its fork
 server; QEMU's processes. Idle CPU includes the host's ``ksmd`` (page merging), which
 both platforms use: QEMU advises its guest RAM mergeable by default. A PSS breakdown
@@ -159,13 +166,15 @@ async def wait_console(client: Client, vm: str, pattern: bytes, timeout: float) 
         await asyncio.sleep(0.25)
 
 
-async def answer(client: Client, vms: list[str], timeout: float = 300) -> None:
-    """Each VM's shell echoes a line of its own (so all of them really run)."""
-    for i, vm in enumerate(vms):
+async def answer(client: Client, vms: list[str], timeout: float = 300,
+                 first: int = 1000) -> None:
+    """Each VM's shell echoes a line of its own (so all of them really run), numbered from
+    ``first`` (a number no earlier answer printed)."""
+    for i, vm in enumerate(vms, first):
         async with client.console(vm, replay=False) as ws:
-            await ws.send_bytes(f"echo answer-$((1000+{i}))\n".encode())
-    await asyncio.gather(*(wait_console(client, vm, f"answer-{1000 + i}".encode(), timeout)
-                           for i, vm in enumerate(vms)))
+            await ws.send_bytes(f"echo answer-$((0+{i}))\n".encode())
+    await asyncio.gather(*(wait_console(client, vm, f"answer-{i}".encode(), timeout)
+                           for i, vm in enumerate(vms, first)))
 
 
 def ksmd() -> list[int]:
@@ -195,12 +204,35 @@ def settle(timeout: float = 180.0) -> float:
     return time.monotonic() - start
 
 
+def mean_mib(values: list[int]) -> float:
+    return sum(values) / len(values) / MIB
+
+
 def idle_figures(pids: list[int], worker_pids: list[int], seconds: float) -> dict[str, float]:
     settled = settle()
     cpu = cpu_percent(pids + ksmd(), seconds)
-    workers = [procstat.memory(pid).get("pss", 0) for pid in worker_pids]
-    return {"total_pss": total_pss(pids) / MIB, "per_guest_pss": sum(workers) / len(workers) / MIB,
+    workers = [procstat.memory(pid) for pid in worker_pids]
+    return {"total_pss": total_pss(pids) / MIB,
+            "per_guest_pss": mean_mib([w.get("pss", 0) for w in workers]),
+            "per_guest_rss": mean_mib([w.get("rss", 0) for w in workers]),
             "cpu": cpu, "settle_s": settled}
+
+
+async def swapped_figures(client: Client, vms: list[str]) -> dict[str, float]:
+    """Swap every guest out, let them idle, then what each holds and how soon all answer."""
+    held = [(await client.info(vm))["memory"]["guest_touched_bytes"] for vm in vms]
+    for vm in vms:
+        await client.swap_out(vm)
+    await asyncio.sleep(5)  # idle: each fetches back what its timer ticks touch
+    memory = [(await client.info(vm))["memory"] for vm in vms]
+    begin = time.perf_counter()
+    await answer(client, vms, first=2000)
+    return {"resident_guest_ram": mean_mib(held),
+            "swapped_rss": mean_mib([m["rss_bytes"] for m in memory]),
+            "swapped_pss": mean_mib([m["pss_bytes"] for m in memory]),
+            "swapped_guest_ram": mean_mib([m["guest_touched_bytes"] for m in memory]),
+            "swapped_file": mean_mib([m["swapped_bytes"] for m in memory]),
+            "swapped_answer_s": time.perf_counter() - begin}
 
 
 async def popek_clones(serve: Serve, n: int, mem: int, idle: float, tmp: Path,
@@ -224,6 +256,7 @@ async def popek_clones(serve: Serve, n: int, mem: int, idle: float, tmp: Path,
         figures = idle_figures(serve.pids(), workers, idle)
         figures["restore_s"] = restore_seconds
         breakdown.update(pss_breakdown(workers[0], mem))
+        figures.update(await swapped_figures(client, clones))
         for clone in clones:
             await client.delete(clone)
     return figures
@@ -240,6 +273,7 @@ async def popek_booted(serve: Serve, n: int, mem: int, idle: float) -> dict[str,
         await answer(client, vms)
         await asyncio.sleep(5)
         figures = idle_figures(serve.pids(), [v["pid"] for v in await client.list()], idle)
+        figures.update(await swapped_figures(client, vms))
         for vm in vms:
             await client.delete(vm)
     return figures
@@ -299,6 +333,21 @@ def report(args: argparse.Namespace, rows: list[tuple[str, dict[str, float]]],
         print(f"popek clones / QEMU: total PSS {clones['total_pss'] / qemu_n['total_pss']:.2f}x, "
               f"per guest {clones['per_guest_pss'] / qemu_n['per_guest_pss']:.2f}x, "
               f"idle CPU {clones['cpu'] / max(qemu_n['cpu'], 0.01):.2f}x")
+    print("\nSwapped out (popek vm swap-out, then idle 5 s), per guest: its worker's RSS and "
+          "PSS, the guest RAM the host holds, its swap file, and the time until every "
+          "guest answered an echo")
+    for label, r in rows:
+        if "swapped_rss" in r:
+            print(f"{label:44}RSS {r['swapped_rss']:5.1f} M  PSS {r['swapped_pss']:5.1f} M  "
+                  f"guest RAM {r['swapped_guest_ram']:5.1f} M (was "
+                  f"{r['resident_guest_ram']:5.1f} M)  swap file "
+                  f"{r['swapped_file']:5.1f} M  answered in {r['swapped_answer_s']:.2f} s")
+    if qemu_n:
+        clones = rows[0][1]
+        print(f"QEMU has no swap-out; its idle guests: RSS {qemu_n['per_guest_rss']:.1f} M, "
+              f"PSS {qemu_n['per_guest_pss']:.1f} M each; popek clones swapped out / QEMU "
+              f"idle: RSS {clones['swapped_rss'] / qemu_n['per_guest_rss']:.2f}x, "
+              f"PSS {clones['swapped_pss'] / qemu_n['per_guest_pss']:.2f}x")
     print("\nPSS of one idle clone:")
     for part, size in breakdown.items():
         print(f"  {part:52}{size / MIB:8.1f} MiB")

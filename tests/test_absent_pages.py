@@ -107,9 +107,8 @@ def test_a_program_swapped_out_midway_ends_as_one_never_swapped(
         assert any(b.native is not None for b in swapped.engine.blocks.values())
     mem = swapped.mem
     before = zlib.crc32(mem.ram)
-    swapper = Swapper(mem, None)
-    swapper.file = swap_file(tmp_path / "swap")
-    assert swapper.swap_out() == len([0, *range(32, 48), 96, 128]) * PAGE_SIZE
+    swapper, file = Swapper(mem, None), swap_file(tmp_path / "swap")
+    assert swapper.swap_out(file) == len([0, *range(32, 48), 96, 128]) * PAGE_SIZE
     assert absent(mem) == {0, *range(page(DATA_OFF), page(DATA_OFF) + 16),
                            page(FAR_OFF), page(HANDLER_OFF)}
     assert not any(mem.ram[:])  # dropped: the host holds none of it
@@ -120,12 +119,12 @@ def test_a_program_swapped_out_midway_ends_as_one_never_swapped(
     assert bytes(mem.ram) == bytes(resident.mem.ram)
     assert list(swapped.x) == list(resident.x)
 
-    swapper.swap_out()  # again: the pages the file holds unchanged are not written again
+    swapper.swap_out(file)  # again: the pages the file holds unchanged are not written again
     swapper.swap_in()
     assert mem.absent_pages == 0
     assert bytes(mem.ram) == bytes(resident.mem.ram) != before
     swapper.close()
-    swapper.file.close()
+    file.close()
 
 
 def test_dma_reads_and_writes_absent_pages(tmp_path: Path) -> None:
@@ -135,8 +134,7 @@ def test_dma_reads_and_writes_absent_pages(tmp_path: Path) -> None:
     image.write_bytes(bytes(range(256)) * (8 * SECTOR // 256))
     device = VirtioBlk(image, serial="swapped")
     drv = Driver(device).start()
-    swapper = Swapper(drv.mem, None)
-    swapper.file = swap_file(tmp_path / "swap")
+    swapper, file = Swapper(drv.mem, None), swap_file(tmp_path / "swap")
     payload = os.urandom(SECTOR)
     out = [(drv.put(struct.pack("<IIQ", VIRTIO_BLK_T_OUT, 0, 3)), 16, False),
            (drv.put(payload), SECTOR, False), (drv.buffer(1), 1, True)]
@@ -147,7 +145,7 @@ def test_dma_reads_and_writes_absent_pages(tmp_path: Path) -> None:
     drv.offer(drv.chain(out))
     drv.offer(drv.chain(read))
     before = bytes(drv.mem.ram)
-    assert swapper.swap_out() > 0
+    assert swapper.swap_out(file) > 0
     drv.kick()
     assert drv.mem.read(out[2][0], 1)[0] == VIRTIO_BLK_S_OK
     assert drv.mem.read(read[2][0], 1)[0] == VIRTIO_BLK_S_OK
@@ -162,35 +160,33 @@ def test_dma_reads_and_writes_absent_pages(tmp_path: Path) -> None:
     # the used ring, the data page, and the page of both status bytes: nothing else moved
     assert changed == {page(addr - RAM_BASE) for addr in (drv.used_ring, buf, out[2][0])}
     swapper.close()
-    swapper.file.close()
+    file.close()
     device.close()
 
 
 def test_discarding_an_absent_page_forgets_it_as_zeros(tmp_path: Path) -> None:
     mem = PhysicalMemory(RAM_BASE, 1 << 20)
     mem.write(RAM_BASE, b"\xff" * (4 * PAGE_SIZE))
-    swapper = Swapper(mem, None)
-    swapper.file = swap_file(tmp_path / "swap")
-    swapper.swap_out()
+    swapper, file = Swapper(mem, None), swap_file(tmp_path / "swap")
+    swapper.swap_out(file)
     mem.discard(PAGE_SIZE, PAGE_SIZE)  # a balloon inflating over a swapped-out page
     assert absent(mem) == {0, 2, 3}
     assert mem.read(RAM_BASE, 3 * PAGE_SIZE) == b"\xff" * PAGE_SIZE + bytes(PAGE_SIZE) + \
         b"\xff" * PAGE_SIZE
     swapper.close()
-    swapper.file.close()
+    file.close()
 
 
 def test_a_full_swap_file_leaves_the_guest_resident() -> None:
     mem = PhysicalMemory(RAM_BASE, 1 << 20)
     mem.write(RAM_BASE, os.urandom(8 * PAGE_SIZE))
     checksum = zlib.crc32(mem.ram)
-    swapper = Swapper(mem, None)
-    swapper.file = SwapFile(os.open("/dev/full", os.O_RDWR | os.O_CLOEXEC))
+    swapper, file = Swapper(mem, None), SwapFile(os.open("/dev/full", os.O_RDWR))
     with pytest.raises(SwapError, match="^cannot swap out: .*No space left on device$"):
-        swapper.swap_out()
+        swapper.swap_out(file)
     assert mem.absent_pages == 0 and zlib.crc32(mem.ram) == checksum
     swapper.close()
-    swapper.file.close()
+    file.close()
 
 
 def test_restored_ram_writes_only_the_pages_copied_since(tmp_path: Path) -> None:
@@ -206,12 +202,42 @@ def test_restored_ram_writes_only_the_pages_copied_since(tmp_path: Path) -> None
     mem.discard(9 * PAGE_SIZE, 2 * PAGE_SIZE)  # zeros, not the snapshot's bytes
     checksum = zlib.crc32(mem.ram)
     pagemap = os.open(PAGEMAP, os.O_RDONLY | os.O_CLOEXEC)
-    swapper = Swapper(mem, pagemap)
-    swapper.file = swap_file(tmp_path / "swap")
-    assert swapper.swap_out() == 3 * PAGE_SIZE
+    swapper, file = Swapper(mem, pagemap), swap_file(tmp_path / "swap")
+    assert swapper.swap_out(file) == 3 * PAGE_SIZE
     assert absent(mem) == {5, 9, 10}
     assert os.stat(tmp_path / "swap").st_blocks * 512 <= 4 * PAGE_SIZE
     assert zlib.crc32(mem.read(RAM_BASE, RAM_SIZE)) == checksum
     swapper.close()
-    swapper.file.close()
+    file.close()
     os.close(pagemap)
+
+
+class RecordingSource:
+    """A page source holding pages in memory (as a post-copy migration's would hold what
+    the source VMM sent), recording what it was asked for."""
+
+    def __init__(self, mem: PhysicalMemory) -> None:
+        self.pages = bytes(mem.ram)
+        self.asked: list[tuple[int, int]] = []
+
+    def fetch(self, runs: list[tuple[int, int]], ram: memoryview) -> None:
+        self.asked += runs
+        for first, count in runs:
+            start, end = first << PAGE_SHIFT, (first + count) << PAGE_SHIFT
+            ram[start:end] = self.pages[start:end]
+
+
+def test_a_write_fetches_only_the_absent_pages_it_overwrites_in_part() -> None:
+    mem = PhysicalMemory(RAM_BASE, 1 << 20)
+    mem.write(RAM_BASE, bytes(range(256)) * (64 * PAGE_SIZE // 256))
+    source = RecordingSource(mem)
+    mem.mark_absent([(0, 64)], source)
+    mem.write(RAM_BASE + 40 * PAGE_SIZE, b"\1" * (3 * PAGE_SIZE))  # three whole pages
+    assert source.asked == [] and mem.absent_pages == 61
+    mem.write(RAM_BASE + 10 * PAGE_SIZE - 8, b"\2" * (PAGE_SIZE + 16))  # 9 and 11 in part
+    # page 9 and the readahead after it, less page 10 (forgotten); then page 11 is back
+    assert source.asked == [(9, 1), (11, 14)]
+    assert mem.read(RAM_BASE + 9 * PAGE_SIZE, 3 * PAGE_SIZE) == \
+        source.pages[9 * PAGE_SIZE:10 * PAGE_SIZE - 8] + b"\2" * (PAGE_SIZE + 16) + \
+        source.pages[11 * PAGE_SIZE + 8:12 * PAGE_SIZE]
+    assert mem.read(RAM_BASE + 40 * PAGE_SIZE, 3 * PAGE_SIZE) == b"\1" * (3 * PAGE_SIZE)

@@ -32,13 +32,14 @@ AREA = 2 << 20  # bytes each sharer fills with the common pattern
 
 
 @contextlib.contextmanager
-def _vmm(tmp: Path, *extra: str) -> Iterator[Api]:
+def _vmm(tmp: Path, *extra: str, **popen: Any) -> Iterator[Api]:
+    """``popek serve`` with ``extra`` arguments (and ``popen``'s for subprocess.Popen)."""
     sock = tmp / "vmm.sock"
     log = tmp / "vmm.log"
     with open(log, "wb") as stderr:
         proc = subprocess.Popen([sys.executable, "-m", "popek", "serve", "--socket", str(sock),
                                  "--state-dir", str(tmp / "state"), *STOP_GUESTS, *extra],
-                                stderr=stderr)
+                                stderr=stderr, **popen)
     api = Api(sock)
     try:
         api.wait("the VMM socket", sock.exists)

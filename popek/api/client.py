@@ -108,7 +108,8 @@ class Client:
         return await self.request("PATCH", f"/v1/vms/{vm}", changes)
 
     async def action(self, vm: str, action: str, **body: Any) -> dict[str, Any]:
-        """start, pause, resume, kill or shutdown (``line``, ``timeout``, ``force``)."""
+        """start, pause, resume, kill, swap-out, swap-in or shutdown (``line``,
+        ``timeout``, ``force``)."""
         return await self.request("POST", f"/v1/vms/{vm}/{action}", body or None)
 
     async def start(self, vm: str) -> dict[str, Any]:
@@ -126,6 +127,13 @@ class Client:
     async def stop(self, vm: str, **opts: Any) -> dict[str, Any]:
         """As ``popek vm stop``: the guest powers off (``timeout`` seconds), else is killed."""
         return await self.action(vm, "shutdown", **opts)
+
+    async def swap_out(self, vm: str) -> dict[str, Any]:
+        """Move the guest's RAM to its swap file; it comes back as the guest touches it."""
+        return await self.action(vm, "swap-out")
+
+    async def swap_in(self, vm: str) -> dict[str, Any]:
+        return await self.action(vm, "swap-in")
 
     async def delete(self, vm: str) -> None:
         await self.request("DELETE", f"/v1/vms/{vm}")
@@ -204,6 +212,18 @@ class Client:
 
     async def delete_network(self, name: str) -> None:
         await self.request("DELETE", f"/v1/networks/{name}")
+
+    @contextlib.asynccontextmanager
+    async def debugger(self, vm: str) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
+        """A WebSocket (``async with``) carrying a gdb remote-protocol stream to the VM's
+        gdb stub: the guest halts until the debugger continues."""
+        try:
+            ws = await self._session.ws_connect(f"{self.base}/v1/vms/{vm}/gdb")
+        except aiohttp.WSServerHandshakeError as err:
+            raise ApiError(UNAUTHORIZED if err.status == 401 else
+                           f"cannot debug {vm} (HTTP {err.status})", err.status) from None
+        async with ws:
+            yield ws
 
     @contextlib.asynccontextmanager
     async def console(self, vm: str,

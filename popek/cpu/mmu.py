@@ -49,7 +49,8 @@ class TlbMirror(Protocol):
 TLB_LIMIT = 8192  # entries per dict before it is simply cleared
 _PAGE_MASK = PAGE_SIZE - 1
 PAGE_SHIFT = 12
-_SUPERPAGE_SHIFTS = (21, 30, 39)  # megapages, gigapages, terapages (Sv48)
+# 64 KiB NAPOT pages (Svnapot), megapages, gigapages, terapages (Sv48).
+_SUPERPAGE_SHIFTS = (16, 21, 30, 39)
 
 
 class Mmu:
@@ -136,6 +137,15 @@ class Mmu:
         if self.mirror is not None:
             self.mirror.drop_writable()
 
+    def drop_readable(self, page: int) -> None:
+        """Forget the readable translations to host page ``page``, those of privileges set
+        aside too: guest memory asks when a debugger starts watching its reads."""
+        for tlb_r in [self.tlb_r, *(s[0] for s in self.saved.values())]:
+            for vpn in [vpn for vpn, base in tlb_r.items() if base == page]:
+                del tlb_r[vpn]
+        if self.mirror is not None:
+            self.mirror.flush()
+
     # -- slow path ----------------------------------------------------------------------
     def resolve(self, vaddr: int, size: int, access: int) -> tuple[int, int | None]:
         """Translate and check one access within a page: (physical address, host offset).
@@ -160,6 +170,8 @@ class Mmu:
                     raise Trap(ACCESS_FAULT_FOR_ACCESS[access], vaddr)
         if access == ACCESS_WRITE and cacheable:
             cacheable = self.mem.admit_write(off & ~_PAGE_MASK)
+        elif access == ACCESS_READ and cacheable:
+            cacheable = self.mem.admit_read(off & ~_PAGE_MASK)
         if cacheable:
             tlb = (self.tlb_r, self.tlb_w, self.tlb_x)[access]
             if len(tlb) >= TLB_LIMIT:
@@ -200,6 +212,7 @@ class Mmu:
             return low | (high << (8 * first))
         pa, off = self.resolve(vaddr, size, access)
         if off is not None:
+            self.mem.before_read(off, size)
             return int.from_bytes(self.mem.ram[off:off + size], "little")
         try:
             return self.mem.load(pa, size)

@@ -18,7 +18,7 @@ which marks it dirty at that moment (as TinyEMU marks a page dirty when it enter
 loaders, the process VM's system calls, the page walker's A/D bits, and harts' stores
 that miss the TLB) goes through :meth:`~PhysicalMemory.store`, :meth:`~PhysicalMemory.write`,
 :meth:`~PhysicalMemory.discard` or :meth:`~PhysicalMemory.move`, which mark the pages
-and tell their watchers. Every hart's MMU registers its TLB (:class:`WriteTlb`), since
+and tell their watchers. Every hart's MMU registers its TLB (:class:`HartTlb`), since
 the harts of a machine share one memory.
 
 - A dirty log (:meth:`~PhysicalMemory.dirty_log`) belongs to one consumer (a
@@ -39,6 +39,11 @@ the harts of a machine share one memory.
   blocks when a write overlaps the code); copy-on-write of shared pages and post-copy
   migration are further watchers. Watches are keyed by the page's host offset, as TLB
   entries are.
+
+- A read watch (:meth:`~PhysicalMemory.watch_reads`), a debugger's read watchpoint,
+  keeps a page out of every read TLB (:meth:`~PhysicalMemory.admit_read` refuses it), so
+  each hart load from it takes the MMU's slow path, which tells the watcher
+  (:meth:`~PhysicalMemory.before_read`) before it reads.
 
 A migration, say, starts a log, copies all of RAM once, then copies what each round's
 ``take`` names until little is left; a diff snapshot keeps a log from its base::
@@ -71,12 +76,14 @@ write the pages' contents back in place:
 - the few readers of ``ram`` itself outside a TLB (the virtqueue's rings and descriptor
   tables) and whole-RAM readers (snapshots, migration), which call ``make_present``.
 
-``discard`` forgets absent pages instead of fetching them (they become zeros). Bringing a
+``discard`` forgets absent pages instead of fetching them (they become zeros), and so does
+``write`` for the pages it overwrites whole (DMA, pages pushed to a post-copy
+destination): only the pages it writes in part are fetched first. Bringing a
 page back is not a write: its contents are what the guest last saw, so dirty logs and
 write watches hear nothing, and decoded code stays valid. The fast path pays nothing:
 absent pages are in no TLB, and the doors test one integer, ``absent_pages``, that is 0
-unless something is absent. A fault brings back up to :data:`READAHEAD` pages at once
-(the faulting page and the absent ones after it), so a guest that walks a buffer does not
+unless something is absent. A fault brings back the absent pages among the
+:data:`READAHEAD` pages from the first it needs, so a guest that walks a buffer does not
 fault page by page. One source holds a memory's absent pages at a time::
 
     class SwapFile:                          # a PageSource
@@ -93,6 +100,7 @@ Mark and fetch on the machine's thread, between the harts' slices, like a dirty 
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 from bisect import bisect_right
 from typing import Protocol
@@ -102,7 +110,7 @@ PAGE_SIZE = 1 << PAGE_SHIFT
 PAGE_MASK = PAGE_SIZE - 1
 MAP_NORESERVE = 0x4000  # Linux; not exported by Python 3.11's mmap module
 _DIRTY = 1
-READAHEAD = 16  # pages a fault brings back at most beyond those the access needs
+READAHEAD = 16  # a fault brings back the absent pages among this many from the first it needs
 
 
 def runs_of_ones(bits: mmap.mmap | bytearray, start: int = 0,
@@ -138,11 +146,14 @@ class Device(Protocol):
 
 class HartTlb(Protocol):
     """A hart's cache of translations to RAM pages (its MMU), which must forget pages on
-    demand."""
+    demand: writable (or readable) ones, or all."""
 
     def drop_writable(self, page: int | None) -> None:
         """Forget every writable translation to the RAM page at host offset ``page``
         (None: to any page), so that the next write to it takes the slow path."""
+
+    def drop_readable(self, page: int) -> None:
+        """Forget every readable translation to the RAM page at host offset ``page``."""
 
     def flush(self) -> None:
         """Forget every translation, so that the next access to any page fills again."""
@@ -165,6 +176,12 @@ class WriteWatcher(Protocol):
     def page_written(self, page: int, offset: int, size: int) -> bool:
         """Bytes ``[offset, offset + size)`` of the RAM page at host offset ``page`` are
         about to change; return whether to go on watching the page."""
+
+
+class ReadWatcher(Protocol):
+    """Someone who must hear of hart loads from a page before they read it."""
+
+    def page_read(self, page: int, offset: int, size: int) -> None: ...
 
 
 class DirtyLog:
@@ -220,12 +237,16 @@ class PhysicalMemory:
         # merged with neighbouring anonymous memory (thread stacks, which Linux 6.7 maps
         # without huge pages too; malloc's large blocks), so /proc shows guest RAM alone.
         self.ram.madvise(mmap.MADV_DONTDUMP)
+        view = ctypes.c_char.from_buffer(self.ram)
+        self.ram_address = ctypes.addressof(view)  # for native code and the host's page map
+        del view  # the export would pin the mapping, which lives as long as this memory
         self._dev_starts: list[int] = []
         self._devices: list[tuple[int, int, Device]] = []
         # Write watching (see the module docstring).
         self._tlbs: list[HartTlb] = []
         self._logs: list[mmap.mmap] = []
         self._watches: dict[int, list[WriteWatcher]] = {}
+        self._read_watches: dict[int, ReadWatcher] = {}
         # Absent pages (see the module docstring): a byte a page, made on first use (the
         # process VM's RAM spans 2**26 pages and never has any).
         self.absent_pages = 0
@@ -295,7 +316,7 @@ class PhysicalMemory:
         if off is None or off + len(data) > self.size:
             raise BusError(pa)
         if self.absent_pages:
-            self.make_present(off, len(data))
+            self._present_for_write(off, len(data))
         self._before_write(off, len(data))
         self.ram[off:off + len(data)] = data
 
@@ -365,6 +386,26 @@ class PhysicalMemory:
             if not watchers:
                 del self._watches[page]
 
+    def admit_read(self, page: int) -> bool:
+        """Whether a read TLB may cache the RAM page at host offset ``page``."""
+        return page not in self._read_watches
+
+    def watch_reads(self, page: int, watcher: ReadWatcher | None) -> None:
+        """Have ``watcher`` hear of every hart load from the RAM page at host offset
+        ``page`` (None: stop), keeping the page out of read TLBs meanwhile."""
+        if watcher is None:
+            self._read_watches.pop(page, None)
+            return
+        self._read_watches[page] = watcher
+        for tlb in self._tlbs:
+            tlb.drop_readable(page)
+
+    def before_read(self, off: int, size: int) -> None:
+        """A hart is about to load ``size`` bytes at host offset ``off`` (slow path)."""
+        watcher = self._read_watches.get(off & ~PAGE_MASK)
+        if watcher is not None:
+            watcher.page_read(off & ~PAGE_MASK, off & PAGE_MASK, size)
+
     def _before_write(self, off: int, size: int) -> None:
         """``size`` bytes at host offset ``off`` are about to change outside the write
         TLBs: mark their pages in every dirty log and tell the pages' watchers."""
@@ -417,8 +458,9 @@ class PhysicalMemory:
             tlb.flush()
 
     def make_present(self, off: int, length: int) -> None:
-        """Bring back the absent pages among host offsets ``[off, off + length)`` (and up
-        to READAHEAD absent pages after them) from their source, before an access."""
+        """Bring back the absent pages among host offsets ``[off, off + length)`` (and
+        those among the READAHEAD pages from its first) from their source, before an
+        access."""
         absent = self._absent
         if not self.absent_pages or absent is None or length <= 0:
             return
@@ -445,6 +487,18 @@ class PhysicalMemory:
             self.ram[start << PAGE_SHIFT:(start + run) << PAGE_SHIFT] = \
                 data[at:at + (run << PAGE_SHIFT)]
             self._forget_absent(start, start + run)
+
+    def _present_for_write(self, off: int, length: int) -> None:
+        """``[off, off + length)`` is about to be overwritten: the absent pages it covers
+        whole are forgotten (their old contents are never needed: DMA into a swapped-out
+        page, a loader's image), and those it covers in part fetched."""
+        first, end = (off + PAGE_MASK) >> PAGE_SHIFT, (off + length) >> PAGE_SHIFT
+        if first >= end:  # no page whole
+            self.make_present(off, length)
+            return
+        self._forget_absent(first, end)
+        self.make_present(off, (first << PAGE_SHIFT) - off)  # the head, the tail: in part
+        self.make_present(end << PAGE_SHIFT, off + length - (end << PAGE_SHIFT))
 
     def absent_runs(self) -> list[tuple[int, int]]:
         """The (first page, count) runs of absent pages, in ascending order."""

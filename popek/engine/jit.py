@@ -116,14 +116,6 @@ def _target_machine():
     return llvm.Target.from_default_triple().create_target_machine(opt=CODEGEN_LEVEL, jit=True)
 
 
-def _address(buffer) -> int:
-    """Host address of a buffer (an array or mmap) that lives as long as the hart."""
-    view = ctypes.c_char.from_buffer(buffer)
-    addr = ctypes.addressof(view)
-    del view  # the export would pin the mmap; the hart keeps the buffer alive instead
-    return addr
-
-
 # -- IR emission ------------------------------------------------------------------------------
 
 class _Emitter:
@@ -503,7 +495,7 @@ class NativeRuntime:
         # Native TLB tables per privilege, like the MMU's sets: a trap or return switches.
         self.tables: dict[int, tuple[array, array]] = {}
         self.jumps = array("Q", bytes(16 * JUMP_ENTRIES))
-        self.ram_addr = _address(hart.mem.ram)
+        self.ram_addr = hart.mem.ram_address
         self.pending: BaseException | None = None
         self.restarts = 0  # times the code cache filled up and started over
         # (token, function address) of blocks compiled on the compiler thread, and what

@@ -55,6 +55,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="let the host merge identical guest pages across guests (KSM: "
                         "guest RAM advised mergeable; as root, KSM is started if it is off) "
                         "(on)")
+    parser.add_argument("--mem-limit", type=cli_type(parse_size), metavar="SIZE",
+                        help="guest RAM all guests may hold resident together; above it the "
+                        "VMM swaps out the guest whose console was idle longest (its RAM "
+                        "goes to a file and comes back as it touches it) (host memory)")
 
 
 def _directory(text: str) -> Path:
@@ -90,7 +94,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         statedir.lock(state_dir)  # held until this process ends
         return asyncio.run(serve(args.socket or default_socket(), tcp, access, state_dir,
                                  args.stop_timeout if args.stop_guests else None,
-                                 page_sharing=args.page_sharing == "on"))
+                                 page_sharing=args.page_sharing == "on",
+                                 mem_limit=args.mem_limit))
     except (statedir.StateDirError, TokenError, ServeError) as err:
         return _serve_error(str(err))
 
@@ -158,7 +163,10 @@ def add_vm_args(parser: argparse.ArgumentParser) -> None:
     for name, text in (("info", "show everything about a VM"),
                        ("start", "start created VMs"), ("pause", "pause running VMs"),
                        ("resume", "resume paused VMs"), ("kill", "stop VMs at once"),
-                       ("rm", "kill and remove VMs"), ("logs", "print a VM's recent console")):
+                       ("rm", "kill and remove VMs"), ("logs", "print a VM's recent console"),
+                       ("swap-out", "move VMs' RAM to their swap files; it comes back as "
+                        "each guest touches it"),
+                       ("swap-in", "bring swapped-out VMs' RAM back now")):
         p = sub.add_parser(name, help=text)
         p.add_argument("vms", nargs="+" if name not in ("info", "logs") else None,
                        metavar="VM")
@@ -188,6 +196,12 @@ def add_vm_args(parser: argparse.ArgumentParser) -> None:
                          f"SECONDS ({DEFAULT_WAIT:g})")
     console.add_argument("--no-stdin", action="store_true",
                          help="attach without reading stdin: show output until detached")
+
+    debug = sub.add_parser("debug", help="debug a running VM with gdb: listen at --gdb, "
+                           "relay the debugger through the VMM to the guest's gdb stub")
+    debug.add_argument("vms", metavar="VM")
+    debug.add_argument("--gdb", default="localhost:1234", metavar="HOST:PORT",
+                       help="where gdb connects (HOST:PORT or unix:PATH; localhost:1234)")
 
     run = sub.add_parser("exec", help="run a command in a VM through its guest agent: "
                          "stdin in, stdout, stderr and exit status out")

@@ -60,7 +60,10 @@ SYSCALLS: dict[str, tuple[str, ...]] = {
     # descriptors it holds: images, disks, snapshot files, stdio
     "open files": ("read", "write", "readv", "writev", "pread64", "pwrite64", "preadv",
                    "pwritev", "lseek", "fstat", "newfstatat", "statx", "fsync", "fdatasync",
-                   "ftruncate", "close", "dup", "dup2", "dup3", "fcntl"),
+                   "ftruncate", "close", "dup", "dup2", "dup3", "fcntl",
+                   # the swap file: Python's os.preadv and os.pwritev, and its pages leave
+                   # the host's page cache once on disk
+                   "preadv2", "pwritev2", "fadvise64"),
     # CPython imports a module on first use and reads source lines into a traceback
     # (openat itself is limited to reading, below)
     "paths": ("getdents64", "getcwd"),

@@ -17,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
 import secrets
 import sys
+import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,7 @@ from popek.machine.config import (
     config_to_json,
 )
 from popek.net import OpenedNic, open_nics
-from popek.vmm import migration_peers, records, scheduler
+from popek.vmm import migration_peers, pagesharing, procstat, records, scheduler
 from popek.vmm.errors import BadRequest, Conflict, NotFound
 from popek.vmm.networks import Networks
 from popek.vmm.paths import PathPolicy
@@ -43,15 +45,20 @@ SAMPLE_INTERVAL = 1.0  # seconds between CPU share measurements
 DEFAULT_MEM_OVERHEAD = 512 << 20  # address space a worker may add beyond guest RAM
 MAX_MEM_OVERHEAD = 1 << 40  # more is no limit, and overflows the worker's RLIMIT_AS
 DEFAULT_SHUTDOWN_LINE = "poweroff\n"
+HOST_MEMORY = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+SWAP_FLOOR = 1 << 20  # guest RAM held below which a guest is not worth swapping out
 _VM_FIELDS = {"name", "start", "cpu_weight", "cpu_cap", "mem_overhead"}
 
 
 class Vmm:
     """Owns the VMs; every public coroutine is one API operation."""
 
-    def __init__(self, state_dir: Path, *, page_sharing: bool = True) -> None:
+    def __init__(self, state_dir: Path, *, page_sharing: bool = True,
+                 mem_limit: int = HOST_MEMORY) -> None:
         self.state_dir = state_dir
         self.page_sharing = page_sharing  # new workers advise their RAM mergeable
+        self.mem_limit = mem_limit  # guest RAM all guests may hold resident together
+        self._swapping: asyncio.Task[None] | None = None
         self.vms: dict[str, Vm] = {}
         self.networks = Networks(state_dir)
         self._watchers: set[asyncio.Task[None]] = set()  # VMs whose ports leave on stop
@@ -142,6 +149,31 @@ class Vmm:
             for vm in self.vms.values():
                 if vm.alive and vm.meter is not None:
                     vm.meter.sample()
+            if self._swapping is None or self._swapping.done():
+                self._swapping = asyncio.create_task(self._hold_memory_limit())
+
+    async def _hold_memory_limit(self) -> None:
+        """Overcommit: while the guests hold more RAM resident than ``mem_limit``, swap
+        out the one idle longest (its console quiet longest), one guest per sample."""
+        live = [vm for vm in self.vms.values() if vm.alive and vm.state in LIVE[1:]]
+        if sum(procstat.resident(vm.pid) for vm in live) <= self.mem_limit:
+            return  # the workers' whole resident sets are an upper bound: no closer look
+        held = await asyncio.to_thread(lambda: {
+            vm.id: pagesharing.guest_ram(vm.pid, vm.config.get("mem", 0)).get("touched", 0)
+            for vm in live})
+        if sum(held.values()) <= self.mem_limit:
+            return
+        idle = [vm for vm in live if held[vm.id] > SWAP_FLOOR]
+        if not idle:
+            return
+        vm = min(idle, key=lambda vm: vm.last_active)
+        try:
+            await vm.swap_out()
+        except (Conflict, TimeoutError) as err:
+            print(f"popek VMM: warning: guests hold {sum(held.values()) >> 20} MiB, above "
+                  f"--mem-limit {self.mem_limit >> 20} MiB, but {vm.name} cannot swap out: "
+                  f"{err}", file=sys.stderr, flush=True)
+            vm.last_active = time.monotonic()  # another one next time
 
     # -- lookup ---------------------------------------------------------------------------
     def get(self, ref: str) -> Vm:
@@ -331,6 +363,13 @@ class Vmm:
                 raise BadRequest("'diff' must be the absolute path of the base snapshot")
             paths.check(diff)
         return await self.get(ref).snapshot(path, diff)
+
+    async def swap(self, ref: str, direction: str) -> dict[str, Any]:
+        """``popek vm swap-out`` (``direction`` "out") or ``swap-in``: the VM's info (its
+        worker's statistics come before its reply, ``swapped_bytes`` among them)."""
+        vm = self.get(ref)
+        await (vm.swap_out() if direction == "out" else vm.swap_in())
+        return vm.info()
 
     async def migrate(self, ref: str, body: dict[str, Any], paths: PathPolicy) -> Vm:
         """Start a live migration (:mod:`popek.vmm.migration_peers`)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 _TICK = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def _stat(pid: int) -> list[str] | None:
@@ -37,6 +38,15 @@ def start_time(pid: int) -> int | None:
     with the pid, it names one process for as long as the host runs."""
     fields = _stat(pid)
     return int(fields[19]) if fields else None
+
+
+def resident(pid: int) -> int:
+    """Bytes of ``pid`` resident in host memory (0 if it is gone): cheap, from statm."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 def memory(pid: int) -> dict[str, int]:

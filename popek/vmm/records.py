@@ -20,6 +20,10 @@ Each VM has a directory ``STATE_DIR/vms/ID/``, owner-only like the whole state d
 ``worker.log``
     the worker's standard output and error (Python's warnings, a crash's traceback),
     so that a worker holds no terminal or pipe of the VMM that started it.
+``swap``
+    the guest's RAM once it was swapped out (:mod:`popek.vmm.swap`), sparse, made by the
+    VMM at the first swap-out and held open by the worker, so it outlives a VMM restart
+    with the guest; removed with the VM.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ class VmFiles:
         self.socket = self.dir / "worker.sock"
         self.exit = self.dir / "exit"
         self.log = self.dir / "worker.log"
+        self.swap = self.dir / "swap"
 
     def create(self) -> tuple[int, int]:
         """The VM's directory, with an empty exit record and log; returns descriptors of

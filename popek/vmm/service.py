@@ -56,7 +56,7 @@ def prepare_access(state_dir: Path, *, tcp: bool, token_file: Path | None, allow
 
 async def serve(socket_path: Path, tcp: tuple[str, int] | None, access: Access,
                 state_dir: Path, stop_guests: float | None = None, *,
-                page_sharing: bool = True) -> int:
+                page_sharing: bool = True, mem_limit: int | None = None) -> int:
     """Serve until SIGINT or SIGTERM; then leave the guests running, or with
     ``stop_guests`` (seconds each may take) power them off first. ServeError if another
     VMM listens on ``socket_path``."""
@@ -68,7 +68,8 @@ async def serve(socket_path: Path, tcp: tuple[str, int] | None, access: Access,
     await _claim(socket_path)
     if page_sharing:
         print(f"popek VMM: {pagesharing.start_ksm()}", file=sys.stderr, flush=True)
-    async with Vmm(state_dir, page_sharing=page_sharing) as vmm:
+    limit = {} if mem_limit is None else {"mem_limit": mem_limit}
+    async with Vmm(state_dir, page_sharing=page_sharing, **limit) as vmm:
         _report_adopted(vmm)
         runner = web.AppRunner(make_app(vmm, access), handle_signals=False,
                                shutdown_timeout=SHUTDOWN_GRACE)

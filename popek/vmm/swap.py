@@ -29,7 +29,6 @@ the error says why. Swap out and in on the machine's thread, between the harts' 
 
 from __future__ import annotations
 
-import ctypes
 import mmap
 import os
 import re
@@ -42,7 +41,6 @@ _NOT = bytes.maketrans(b"\0\1", b"\1\0")
 # The top byte of a pagemap entry: bit 7 present, 6 swapped, 5 a file page (or shared).
 _COPIED = bytes(1 if b & 0xC0 and not b & 0x20 else 0 for b in range(256))
 PAGEMAP = "/proc/self/pagemap"
-
 
 
 class SwapError(Exception):
@@ -80,21 +78,21 @@ class SwapFile:
 
 
 class Swapper:
-    """Swaps one machine's RAM out to its file and back in. Make it with the machine,
-    before the guest runs: from then on its dirty log tells which pages were written."""
+    """Swaps one machine's RAM out to a file (the same one every time) and back in. Make
+    it with the machine, before the guest runs: its dirty log tells which pages the
+    guest wrote since the file took them."""
 
     def __init__(self, mem: PhysicalMemory, pagemap: int | None) -> None:
         """``pagemap``: a descriptor of this process's ``/proc/self/pagemap`` (restored
         RAM cannot swap out without it)."""
         self.mem = mem
         self.pagemap = pagemap
-        self.file: SwapFile | None = None  # the VMM hands it over at the first swap-out
         pages = mem.size >> PAGE_SHIFT
         self.in_file = bytearray(pages)  # 1: the file holds the page as it is now
         self.log = mem.dirty_log()
 
-    def swap_out(self) -> int:
-        """Move the guest's RAM to the file, keeping nothing resident; returns the bytes
+    def swap_out(self, file: SwapFile) -> int:
+        """Move the guest's RAM to ``file``, keeping nothing resident; returns the bytes
         now absent (held by the file). SwapError, with the guest as it was, if the file
         cannot take them."""
         mem = self.mem
@@ -105,14 +103,14 @@ class Swapper:
                for run in _runs_in(self.in_file[first:first + count].translate(_NOT), first)]
         try:
             with memoryview(mem.ram) as ram:
-                self.file.store(new, ram)
+                file.store(new, ram)
         except OSError as err:
             raise SwapError(f"cannot swap out: writing the swap file failed: "
                             f"{err.strerror or err}") from None
         for first, count in new:
             self.in_file[first:first + count] = b"\1" * count
         if keep:
-            mem.mark_absent(keep, self.file)
+            mem.mark_absent(keep, file)
         mem.ram.madvise(mmap.MADV_DONTNEED)  # what is left reads the same when dropped
         return mem.absent_pages << PAGE_SHIFT
 
@@ -129,7 +127,7 @@ class Swapper:
             raise SwapError("cannot swap out: the worker cannot read its page map")
         pages = mem.size >> PAGE_SHIFT
         try:
-            entries = os.pread(self.pagemap, 8 * pages, 8 * (_address(mem.ram) >> PAGE_SHIFT))
+            entries = os.pread(self.pagemap, 8 * pages, 8 * (mem.ram_address >> PAGE_SHIFT))
         except OSError as err:
             raise SwapError(f"cannot swap out: reading {PAGEMAP}: {err.strerror}") from None
         return _runs_in(entries[7::8].translate(_COPIED), 0)  # absent ones are not present
@@ -137,14 +135,6 @@ class Swapper:
     def close(self) -> None:
         """The machine is gone (its absent pages with it)."""
         self.log.close()
-
-
-def _address(ram: mmap.mmap) -> int:
-    view = ctypes.c_char.from_buffer(ram)
-    try:
-        return ctypes.addressof(view)
-    finally:
-        del view  # the export would pin the mapping
 
 
 def _runs_in(flags: bytes | bytearray, offset: int) -> list[tuple[int, int]]:

@@ -38,7 +38,16 @@ from popek.machine.loader import ImageError
 from popek.net import OpenedNic
 from popek.stats import trap_names
 from popek.vmm import channel, hostfiles, jail, pagesharing, procstat, scheduler, snapshot, worker
-from popek.vmm.channel import INPUT, JSON, OUTPUT, ChannelClosed, ProtocolError, VmmEnd
+from popek.vmm.channel import (
+    DEBUG_IN,
+    DEBUG_OUT,
+    INPUT,
+    JSON,
+    OUTPUT,
+    ChannelClosed,
+    ProtocolError,
+    VmmEnd,
+)
 from popek.vmm.console import ConsoleBuffer
 from popek.vmm.errors import BadRequest, Conflict
 from popek.vmm.limits import VmLimits
@@ -97,6 +106,11 @@ class Vm:
         self.nics: list[OpenedNic] = []  # host ends the VMM opened; the worker uses copies
         self.nic_paths: list[str] = []  # the Unix socket paths they bound, removed at the end
         self.migration: dict[str, Any] | None = None  # the last one: where to, how it went
+        # When its console last moved either way (or it started): the VMM swaps out the
+        # guest idle longest when guests hold more than --mem-limit.
+        self.last_active = time.monotonic()
+        # The gdb stub's bytes for the attached debugger (popek vm debug); None at its end.
+        self._debugger: asyncio.Queue[bytes | None] | None = None
 
     # -- the record -----------------------------------------------------------------------------
     # What the record keeps, and the types a record read back must have.
@@ -267,6 +281,9 @@ class Vm:
                 tag, payload = await self._chan.receive()
                 if tag == OUTPUT:
                     self.console.append(payload)
+                    self.last_active = time.monotonic()
+                elif tag == DEBUG_OUT and self._debugger is not None:
+                    self._debugger.put_nowait(payload or None)
                 elif tag == JSON:
                     self._event(payload)
         except ChannelClosed:
@@ -338,6 +355,8 @@ class Vm:
             if not future.done():
                 future.set_result({"ok": False, "error": f"the guest is {self.state}"})
         self.console.close()
+        if self._debugger is not None:
+            self._debugger.put_nowait(None)
         await asyncio.to_thread(self.release_nics)
         if self.state != "creating":
             self.save()
@@ -406,6 +425,7 @@ class Vm:
 
     async def start(self) -> None:
         self._require("start", "created")
+        self.last_active = time.monotonic()
         await self._call("start")
         self.state = "running"
         self.started = time.time()
@@ -521,9 +541,60 @@ class Vm:
         """Leave the guest ``guest_bytes`` of RAM; its balloon driver gives back the rest."""
         await self._call("balloon", bytes=guest_bytes)
 
+    async def debug(self) -> asyncio.Queue[bytes | None]:
+        """Attach a debugger (one at a time): the guest halts in its worker's gdb stub.
+        Returns the queue of the stub's bytes (None: it hung up); send with
+        :meth:`send_debug`, and :meth:`end_debug` when the debugger goes."""
+        self._require("debug", "running")
+        if self._debugger is not None:
+            raise Conflict(f"a debugger is attached to VM {self.name} already")
+        self._debugger = asyncio.Queue()
+        try:
+            await self._call("debug")
+        except BaseException:
+            self._debugger = None
+            raise
+        return self._debugger
+
+    def send_debug(self, data: bytes) -> bool:
+        return bool(data) and self.alive and self._chan.send(DEBUG_IN, data)
+
+    def end_debug(self) -> None:
+        """The debugger went away: its stub lets the guest run on."""
+        if self._debugger is not None:
+            self._debugger = None
+            if self.alive:
+                self._chan.send(DEBUG_IN, b"")
+
     def send_input(self, data: bytes) -> bool:
         """Console input; False if the guest is gone or has not read what it was sent."""
+        self.last_active = time.monotonic()
         return self.alive and self._chan.send(INPUT, data)
+
+    async def swap_out(self) -> dict[str, Any]:
+        """Move the guest's RAM to its swap file (made here: the worker cannot), to come
+        back page by page as the guest touches it; Conflict says why if it cannot, and
+        the guest then stays resident as it was."""
+        self._require("swap out", "created", "running", "paused")
+        try:
+            fd = os.open(self.files.swap, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as err:
+            raise Conflict(f"cannot swap out: cannot make {self.files.swap}: "
+                           f"{err.strerror}") from None
+        try:
+            hostfiles.send(self._file_socket, fd)
+        except OSError as err:
+            raise Conflict(f"VM {self.name}'s worker cannot take its swap file: "
+                           f"{err.strerror}") from None
+        finally:
+            os.close(fd)  # the worker has its copy
+        return await self._call("swap_out")
+
+    async def swap_in(self) -> dict[str, Any]:
+        """Bring every page of a swapped-out guest back now."""
+        self._require("swap in", "created", "running", "paused")
+        self.last_active = time.monotonic()
+        return await self._call("swap_in")
 
     # -- reporting ----------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -557,7 +628,8 @@ class Vm:
                           if self.alive else {}),
                        **({f"guest_{k}_bytes": v for k, v in pagesharing.guest_ram(
                            self.pid, self.config.get("mem", 0)).items()}
-                          if self.alive else {})},
+                          if self.alive else {}),
+                       "swapped_bytes": stats.get("swapped_bytes", 0) if self.alive else 0},
             "console": {"bytes": self.console.total, "dropped_bytes": self.console.dropped},
             "nics": stats.get("nics", []),
             "balloon": stats.get("balloon"),
@@ -571,7 +643,8 @@ class Vm:
 # fails its VM (as a malformed frame does), and nothing the VMM shows of it can break.
 _MESSAGES: dict[str, dict[str, Any]] = {
     "stats": {"running": bool, "instructions": int, "traps": dict, "cpu_seconds": float | int,
-              "throttled_seconds": float | int, "console_bytes": int, "nics": list[dict]},
+              "throttled_seconds": float | int, "console_bytes": int, "nics": list[dict],
+              "swapped_bytes": int},
     "reply": {"id": int, "ok": bool, "error": str, "result": dict},
     "ready": {"vm": str, "state": str, "config": dict, "console_bytes": int,
               "history_bytes": int, "warnings": list[str], "resumed_at": float},

@@ -39,7 +39,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from popek.cpu.physmem import DirtyLog
+from popek.cpu.physmem import PAGE_SHIFT, DirtyLog
+from popek.gdb.server import MachineDebugger
 from popek.machine.agent import AgentLink, relink
 from popek.machine.config import ConfigError, config_from_json
 from popek.machine.loader import ImageError
@@ -54,9 +55,19 @@ from popek.vmm import (
     pagesharing,
     records,
     snapshot,
+    swap,
     workerprocess,
 )
-from popek.vmm.channel import INPUT, JSON, OUTPUT, ChannelClosed, Message, WorkerEnd
+from popek.vmm.channel import (
+    DEBUG_IN,
+    DEBUG_OUT,
+    INPUT,
+    JSON,
+    OUTPUT,
+    ChannelClosed,
+    Message,
+    WorkerEnd,
+)
 from popek.vmm.console import Scrollback
 from popek.vmm.migration import Arrival, Emigration, MigrationError, immigrate
 from popek.vmm.migration_postcopy import PagesLost
@@ -83,6 +94,8 @@ def main(listener: socket.socket, spec: dict[str, Any]) -> None:
     worker = Worker(listener, spec)
     if spec.get("page_sharing"):
         pagesharing.share_process_memory()  # before confinement: prctl is not allowed after
+    with contextlib.suppress(OSError):  # nor is reading its own page map, once another uid
+        worker.pagemap = os.open(swap.PAGEMAP, os.O_RDONLY | os.O_CLOEXEC)
     try:
         worker.warnings = jail.confine(spec.get("cgroup_procs", ()), spec.get("ids"))
     except Exception as err:  # it must not run unconfined
@@ -156,6 +169,20 @@ class VmmLink:
         return self.chan is not None
 
 
+class _DebugLink:
+    """A debugger's connection that the VMM relays: the stub's bytes go on the channel."""
+
+    def __init__(self, link: VmmLink) -> None:
+        self.link = link
+
+    def sendall(self, data: bytes) -> None:
+        if data:
+            self.link.send(DEBUG_OUT, data)
+
+    def close(self) -> None:
+        self.link.send(DEBUG_OUT, b"")
+
+
 class Worker:
     """The guest's machine and the loop that runs it between the VMM's commands."""
 
@@ -179,6 +206,7 @@ class Worker:
         self.runner.running = False
         self.link = VmmLink(listener, spec["vmm_uid"], self.runner.sources, self._greet,
                             self._commands)
+        self.debugger = MachineDebugger(self.runner)  # popek vm debug
         # The network outlives the machine: a reboot builds a new one on the same ends.
         self.nets = [end.backend() for end in spec.get("nics", [])]
         self.machine: VirtMachine | None = None
@@ -193,6 +221,11 @@ class Worker:
         # The latest snapshot this worker wrote, and the pages written since (for a diff)
         self.last_snapshot: snapshot.Base | None = None
         self.snapshot_log: DirtyLog | None = None
+        # Swap-out: the machine's swapper, the file the VMM made (kept for the worker's
+        # life), and this process's page map (opened before confinement, or None).
+        self.swapper: swap.Swapper | None = None
+        self.swap_file: swap.SwapFile | None = None
+        self.pagemap: int | None = None
 
     # -- life cycle -----------------------------------------------------------------------
     def serve(self) -> None:
@@ -222,7 +255,11 @@ class Worker:
 
     def _greet(self) -> None:
         """A VMM attached: once the machine is built, tell it what it needs to show this
-        VM (the first one, that it is ready; a later one, its state and history too)."""
+        VM (the first one, that it is ready; a later one, its state and history too). A
+        debugger the last VMM relayed has gone with it."""
+        if self.debugger.stub is not None:
+            self.debugger.stub.detach()
+            self.debugger.after_step()
         if not self.machine_ready:
             return
         state = "running" if self.running else "paused" if self.started else "created"
@@ -267,6 +304,7 @@ class Worker:
         if self.spec.get("page_sharing"):
             pagesharing.share_guest_ram(machine.mem.ram)
         count_traps(machine.harts, self.traps)
+        self.swapper = swap.Swapper(machine.mem, self.pagemap)
         self.runner.machine = machine
         self.agent = relink(self.agent, machine.agent_port, agent_exec.MAX_OUTPUT)
         return machine
@@ -293,6 +331,9 @@ class Worker:
         while True:
             self.runner.step(0.0 if self.migration is not None else
                              max(0.0, next_stats - time.monotonic()) if self.running else None)
+            if not self.debugger.after_step():  # the debugger killed the guest
+                self.debugger.killed = False
+                self.machine.request_shutdown("killed", 0)
             if self.migration is not None and self._migrate_step():
                 return
             if self.running:
@@ -308,6 +349,11 @@ class Worker:
         for tag, payload in frames:
             if tag == INPUT:
                 self.machine.feed_input(payload)
+            elif tag == DEBUG_IN and self.debugger.stub is not None:
+                if payload:
+                    self.debugger.stub.feed(payload)
+                else:
+                    self.debugger.stub.detach()
             elif tag == JSON:
                 self._command(payload)
 
@@ -316,6 +362,7 @@ class Worker:
         kind, code = self.machine.exit
         if kind == "reboot":
             self._forget_snapshot_base()  # the new machine has new memory
+            self.swapper.close()
             self.instret_offset += self._instret()
             self.machine.close()
             self.machine = self._build(fresh=True)
@@ -333,8 +380,11 @@ class Worker:
             return
         reply: dict[str, Any] = {"op": "reply", "id": msg.get("id"), "ok": True}
         try:
-            if self.migration is not None and op in ("pause", "snapshot", "migrate"):
+            if self.migration is not None and op in ("pause", "snapshot", "migrate", "debug",
+                                                     "swap_out"):
                 raise ValueError(f"cannot {op}: the guest is migrating")
+            if self.debugger.stub is not None and op in ("pause", "resume", "migrate", "debug"):
+                raise ValueError(f"cannot {op}: a debugger holds the guest")
             if op == "migrate":
                 self._emigrate(msg)
                 return  # answered when the migration is over
@@ -342,6 +392,8 @@ class Worker:
                 self._set_running(True)
             elif op == "pause":
                 self._set_running(False)
+            elif op == "debug":
+                self._debug()
             elif op == "cap":
                 self.cap.set(msg.get("percent"))
             elif op == "balloon":
@@ -350,12 +402,24 @@ class Worker:
                 reply["result"] = self._snapshot(msg["path"], msg.get("diff"))
             elif op == "replug":
                 self._replug(msg.get("nic"))
+            elif op == "swap_out":
+                reply["result"] = self._swap_out()
+            elif op == "swap_in":
+                self.swapper.swap_in()
+                reply["result"] = {"swapped_bytes": 0}
             else:
                 raise ValueError(f"unknown command {op!r}")
-        except (ValueError, snapshot.SnapshotError, MigrationError) as err:
+        except (ValueError, snapshot.SnapshotError, MigrationError, swap.SwapError) as err:
             reply.update(ok=False, error=str(err))
         self._send_stats()
         self.link.send(JSON, reply)
+
+    def _debug(self) -> None:
+        """A debugger attaches through the VMM (``popek vm debug``): the guest halts
+        until it continues, and its bytes travel on this channel."""
+        if not self.running:
+            raise ValueError("cannot debug: the guest is not running (start or resume it)")
+        self.debugger.attach(_DebugLink(self.link))
 
     def _set_running(self, running: bool) -> None:
         """The guest's clock stops while it is paused and resumes where it stood."""
@@ -406,6 +470,16 @@ class Worker:
         return {"path": str(saved.path), "file_bytes": saved.file_bytes,
                 "ram_bytes": saved.ram_bytes, "seconds": saved.seconds,
                 "console_bytes": self.console.total}
+
+    def _swap_out(self) -> dict[str, Any]:
+        """Move the guest's RAM to the swap file the VMM made (the same one every time:
+        the first is kept, later copies closed); the guest runs on as it was."""
+        fd = hostfiles.receive(self.link.files)
+        if self.swap_file is None:
+            self.swap_file = swap.SwapFile(fd)
+        else:
+            os.close(fd)
+        return {"swapped_bytes": self.swapper.swap_out(self.swap_file)}
 
     def _forget_snapshot_base(self) -> None:
         if self.snapshot_log is not None:
@@ -528,15 +602,16 @@ class Worker:
             "cpu_seconds": usage.ru_utime + usage.ru_stime,
             "throttled_seconds": self.cap.throttled,
             "console_bytes": self.console.total,
+            "swapped_bytes": self.machine.mem.absent_pages << PAGE_SHIFT,
             "nics": [nic.stats() for nic in self.machine.nics],
             **({"balloon": self._balloon_report()} if self.machine.balloon else {}),
             **({"migration": self.migration.progress.as_json()} if self.migration else {}),
         })
 
     def _balloon_report(self) -> dict[str, Any]:
-        """The balloon's figures; the guest is asked for fresh statistics every few
-        seconds (its driver wakes to fill them in)."""
-        if time.monotonic() >= self.next_balloon_stats:
+        """The balloon's figures; a running guest is asked for fresh statistics every few
+        seconds (its driver wakes to fill them in; a paused one's RAM stays as it was)."""
+        if self.running and time.monotonic() >= self.next_balloon_stats:
             self.machine.balloon.request_stats()
             self.next_balloon_stats = time.monotonic() + BALLOON_STATS_INTERVAL
         return self.machine.balloon.report()
