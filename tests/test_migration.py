@@ -44,6 +44,17 @@ def _run_until(machine: VirtMachine, out: bytearray, pattern: bytes) -> re.Match
     raise AssertionError(f"guest never printed {pattern!r}; got {bytes(out[-200:])!r}")
 
 
+def _migrant(engine: str = "translate", cpus: int = 1,
+             passes: int = 16) -> tuple[VirtMachine, bytearray, bytearray]:
+    """The migrant guest, run to its ``passes``-th pass; (the machine, its output, an
+    empty buffer for the destination's)."""
+    out = bytearray()
+    source = VirtMachine(MachineConfig(kernel=guest("migrant"), mem=MEM, engine=engine,
+                                       cpus=cpus), out.extend)
+    _run_until(source, out, rb"pass %d\n" % passes)
+    return source, out, bytearray()
+
+
 def _passes(out: bytes) -> list[int]:
     return [int(n) for n in re.findall(rb"pass (\d+)\n", out)]
 
@@ -125,10 +136,7 @@ def _consistent(machine: VirtMachine, harts: int) -> None:
 @pytest.mark.parametrize(("engine", "cpus"), [
     *((tier, 1) for tier in TIERS), ("translate", 2)])
 def test_migrated_guest_keeps_every_increment_and_goes_on(engine: str, cpus: int) -> None:
-    config = MachineConfig(kernel=guest("migrant"), mem=MEM, engine=engine, cpus=cpus)
-    out, dest_out = bytearray(), bytearray()
-    source = VirtMachine(config, out.extend)
-    _run_until(source, out, rb"pass 32\n")
+    source, out, dest_out = _migrant(engine=engine, cpus=cpus, passes=32)
     # Both ends share this process (and its GIL): a budget the link here can meet.
     figures, arrival, went = migrate(source, dest_out, max_downtime=1.0)
     assert isinstance(figures, dict) and isinstance(arrival, Arrival), (figures, arrival)
@@ -169,10 +177,7 @@ def test_postcopy_guest_runs_there_at_once_and_pulls_its_pages(
     """--postcopy: after one pass the guest, which rewrites all its 8 MiB every pass, runs
     on the destination with the pages it wrote since absent; its first touch of each
     (any tier's TLB fill) fetches it from the source, which pushes the rest meanwhile."""
-    config = MachineConfig(kernel=guest("migrant"), mem=MEM, engine=engine)
-    out, dest_out = bytearray(), bytearray()
-    source = VirtMachine(config, out.extend)
-    _run_until(source, out, rb"pass 32\n")
+    source, out, dest_out = _migrant(engine=engine, passes=32)
     fetched: list[int] = []
     fetch = PostCopy.fetch
     monkeypatch.setattr(PostCopy, "fetch", lambda self, runs, ram: (
@@ -210,10 +215,7 @@ def test_postcopy_link_lost_after_the_handover_fails_the_guest_once() -> None:
     """From GO on the guest is the destination's: a link lost then fails it there, with
     one line, when it touches a page it lacks; the source reports the loss and never
     runs the guest again (no second copy)."""
-    config = MachineConfig(kernel=guest("migrant"), mem=MEM, engine="translate")
-    out, dest_out = bytearray(), bytearray()
-    source = VirtMachine(config, out.extend)
-    _run_until(source, out, rb"pass 16\n")
+    source, out, dest_out = _migrant()
     lost: list[PagesLost] = []
     figures, arrival, went = migrate(source, dest_out, postcopy=True, lost=lost,
                                      tamper=CutAfterGo)
@@ -226,10 +228,7 @@ def test_postcopy_link_lost_after_the_handover_fails_the_guest_once() -> None:
 def test_a_guest_dirtying_faster_than_the_link_converges_throttled() -> None:
     """The guest rewrites its 8 MiB every ~15 ms: far beyond a 32 MiB/s link, so no round
     would ever be smaller than the last without auto-converge."""
-    config = MachineConfig(kernel=guest("migrant"), mem=MEM, engine="translate")
-    out, dest_out = bytearray(), bytearray()
-    source = VirtMachine(config, out.extend)
-    _run_until(source, out, rb"pass 16\n")
+    source, out, dest_out = _migrant()
     throttles: list[float] = []
     figures, arrival, went = migrate(source, dest_out, max_downtime=0.05,
                                      tamper=lambda sock: SlowSocket(sock, 32 << 20),
@@ -299,10 +298,7 @@ class CorruptingSocket:
 
 
 def test_corrupt_chunk_is_refused_and_the_source_can_go_on() -> None:
-    config = MachineConfig(kernel=guest("migrant"), mem=MEM, engine="translate")
-    out, dest_out = bytearray(), bytearray()
-    source = VirtMachine(config, out.extend)
-    _run_until(source, out, rb"pass 16\n")
+    source, out, dest_out = _migrant()
     figures, arrival, _ = migrate(source, dest_out,
                                   tamper=lambda sock: CorruptingSocket(sock, 3))
     assert isinstance(arrival, MigrationError) and "checksum" in str(arrival)
