@@ -35,14 +35,19 @@ class Vmm:
         self.socket = self.dir / "vmm.sock"
         self.log = self.dir / "vmm.log"
         self.token_file = self.dir / "state" / "api-token"
+        self.name, self.tcp_args = name, (
+            ["--tcp", "127.0.0.1:0", "--allow-path", str(guest("migrant").parent)]
+            if tcp else [])
+        self.start()
+
+    def start(self) -> None:
         with open(self.log, "wb") as stderr:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "popek", "serve", "--socket", str(self.socket),
-                 "--state-dir", str(self.dir / "state"), *STOP_GUESTS,
-                 *(["--tcp", "127.0.0.1:0", "--allow-path", str(guest("migrant").parent)]
-                   if tcp else [])], stderr=stderr)
+                 "--state-dir", str(self.dir / "state"), *STOP_GUESTS, *self.tcp_args],
+                stderr=stderr)
         self.api = Api(self.socket)
-        self.api.wait(f"VMM {name}", lambda: "listening" in self.log.read_text())
+        self.api.wait(f"VMM {self.name}", lambda: "listening" in self.log.read_text())
         found = re.search(r"http://127\.0\.0\.1:(\d+)", self.log.read_text())
         self.tcp = f"tcp:127.0.0.1:{found[1]}" if found else None
 
@@ -104,8 +109,11 @@ def test_guest_migrates_there_and_back_and_goes_on(pair: tuple[Vmm, Vmm]) -> Non
                  "--max-downtime", "300")
     assert done.returncode == 0, done.stderr
     assert re.search(r"Migrated mover to tcp:.*: downtime \d+ ms, total [\d.]+ s", done.stderr)
+    a.stop()  # the record keeps it listed, migrated, across a restart of its old VMM
+    a.start()
     left = a.api.info(vm)
     assert left["state"] == "migrated" and left["migration"]["state"] == "done"
+    assert left["migration"]["to"] == b.tcp and left["migration"]["rounds"] >= 1
     arrived = b.api.info(vm)
     assert (arrived["id"], arrived["name"], arrived["state"]) == (vm["id"], "mover", "running")
     assert arrived["config"] == left["config"]
@@ -125,6 +133,46 @@ def test_guest_migrates_there_and_back_and_goes_on(pair: tuple[Vmm, Vmm]) -> Non
     assert a.api.info(vm)["instructions"] > arrived["instructions"]
 
 
+def test_postcopy_guest_runs_there_at_once_and_goes_on(pair: tuple[Vmm, Vmm]) -> None:
+    """--postcopy: the guest runs on the destination after one pass and pulls the pages
+    it rewrote since; the source's worker serves them, then ends (migrated)."""
+    a, b = pair
+    vm = a.api.create("migrant", name="jumper", engine="translate")
+    last = _passes(a.api.wait_log(vm, rb"pass 64\n"))[-1]
+    done = a.cli("migrate", "jumper", "--to", str(b.socket), "--postcopy")
+    assert done.returncode == 0, done.stderr
+    info = a.api.info(vm)
+    assert info["state"] in ("running", "migrated") and info["migration"]["state"] == "done"
+    assert info["migration"]["postcopy_pages"] > 0 and info["migration"]["rounds"] == 0
+    assert "postcopy_error" not in info["migration"]
+    _carries_on(b.api, vm, last)
+    a.api.wait("the source's worker to end", lambda: a.api.info(vm)["state"] == "migrated")
+
+
+def test_guest_moves_with_a_copy_of_its_disk(pair: tuple[Vmm, Vmm]) -> None:
+    """--copy-disks: the guest (scribe) rewrites its disk throughout; the destination
+    writes the copy to a new file (--disk-path) and the guest goes on with it, finding
+    every block as it left it. A copy never overwrites a file: exit status 2."""
+    a, b = pair
+    folder = guest("scribe").parent  # B's path policy allows it
+    image, copy = folder / "scribe.img", folder / "scribe-copy.img"
+    image.write_bytes(b"".join(bytes([0, sector // 8 % 256]) + bytes(510)
+                               for sector in range(2048)))
+    copy.unlink(missing_ok=True)
+    vm = a.api.create("scribe", name="scribe", disks=[{"path": str(image)}])
+    a.api.wait_log(vm, rb"disk pass 8\n")
+    to = ("--to", b.tcp, "--dest-token-file", str(b.token_file), "--copy-disks")
+    refused = a.cli("migrate", "scribe", *to, "--disk-path", str(image))
+    assert refused.returncode == 2 and "exists on the destination" in refused.stderr
+    assert refused.stderr.count("\n") == 1 and a.api.info(vm)["state"] == "running"
+    done = a.cli("migrate", "scribe", *to, "--disk-path", str(copy))
+    assert done.returncode == 0, done.stderr
+    last = int(re.findall(rb"disk pass (\d+)", a.api.log(vm))[-1])
+    assert b.api.info(vm)["config"]["disks"][0]["path"] == str(copy)
+    out = b.api.wait_log(vm, rb"disk pass %d\n" % (last + 8))
+    assert b"MISMATCH" not in out and b"IOERR" not in out
+
+
 def test_bad_requests_are_refused_with_status_2_and_change_nothing(
         pair: tuple[Vmm, Vmm], tmp_path: Path) -> None:
     a, b = pair
@@ -138,6 +186,9 @@ def test_bad_requests_are_refused_with_status_2_and_change_nothing(
         (("stayer", "--to", str(tmp_path / "nobody.sock")), "cannot reach the VMM"),
         (("stayer", "--to", b.tcp), "needs its API token"),
         (("sleeper", "--to", str(b.socket)), "it is paused"),
+        (("stayer", "--to", str(b.socket), "--copy-disks"), "no writable disk to copy"),
+        (("stayer", "--to", str(b.socket), "--disk-path", "/x.img"), "goes with copy_disks"),
+        (("stayer", "--to", str(b.socket), "--max-bandwidth", "1K"), "at least 4096"),
     ]
     for args, message in cases:
         refused = a.cli("migrate", *args)
@@ -176,7 +227,8 @@ def test_destination_killed_mid_migration_leaves_the_source_running(
 def test_linux_guest_migrates_there_and_back_with_its_processes(
         pair: tuple[Vmm, Vmm]) -> None:
     """The bundled Linux (one boot): a shell loop printing a counter, and a sleeping
-    process, both started before the migrations, go on after A -> B -> A."""
+    process, both started before the migrations, go on after A -> B (pre-copy) -> A
+    (post-copy: Linux runs on A while it pulls the pages it wrote since the first pass)."""
     a, b = pair
     vm = a.api("create", kernel=str(images.KERNEL), initrd=str(images.INITRD), mem=128 << 20,
                name="linux")
@@ -185,12 +237,14 @@ def test_linux_guest_migrates_there_and_back_with_its_processes(
                         b"echo count-$i; i=$((i+1)); sleep 0.2; done) &\n")
     sleeper = re.search(rb"sleeper-(\d+)", a.api.wait_log(vm, rb"sleeper-\d+"))[1]
     counts = a.api.wait_log(vm, rb"count-5\r?\n")
-    for source, dest, to in ((a, b, str(b.socket)), (b, a, str(a.socket))):
+    for source, dest, to, postcopy in ((a, b, str(b.socket), False),
+                                       (b, a, str(a.socket), True)):
         last = int(re.findall(rb"count-(\d+)", counts)[-1])
-        source.api("migrate", vm["id"], to)
+        source.api("migrate", vm["id"], to, postcopy=postcopy)
         info = _wait_migrated(source.api, vm)
         assert info["migration"]["state"] == "done", info["migration"]
         assert info["migration"]["bytes_sent"] < 128 << 20  # touched pages only
+        assert (info["migration"]["postcopy_pages"] > 0) == postcopy
         counts = dest.api.wait_log(vm, rb"count-%d\r?\n" % (last + 5))
     out = a.api.type_line(vm, b"kill -0 %s && echo still-$((1+1))-alive\n" % sleeper)
     a.api.wait_log(vm, rb"still-2-alive")

@@ -295,6 +295,65 @@ void main(void) {
     say("migrant ready\n");
     increment(0);
 }""",
+    # The migrant's idea for a disk (virtio-blk in slot 0, polled): every pass reads each
+    # 4 KiB block of the first 1 MiB, checks each of its sectors holds (pass, block) in
+    # its first two bytes, and writes (pass + 1, block) back.
+    "scribe": r"""
+#define MMIO(off) (*(volatile unsigned int *)(0x10001000UL + (off)))
+#define BLOCKS 256
+struct desc { unsigned long addr; unsigned int len; unsigned short flags, next; };
+static struct desc desc[4] __attribute__((aligned(16)));
+static volatile struct { unsigned short flags, idx, ring[4], event; } avail
+    __attribute__((aligned(2)));
+static volatile struct { unsigned short flags, idx; struct { unsigned int id, len; } ring[4];
+                         unsigned short event; } used __attribute__((aligned(4)));
+static struct { unsigned int type, reserved; unsigned long sector; } req;
+static unsigned char buf[4096] __attribute__((aligned(4096)));
+static volatile unsigned char status;
+static void request(unsigned int type, unsigned long sector) {
+    unsigned short seen = used.idx;
+    req.type = type; req.reserved = 0; req.sector = sector;
+    desc[0] = (struct desc){(unsigned long)&req, 16, 1, 1};
+    desc[1] = (struct desc){(unsigned long)buf, 4096, type == 0 ? 3 : 1, 2};
+    desc[2] = (struct desc){(unsigned long)&status, 1, 2, 0};
+    status = 0xff;
+    avail.ring[avail.idx % 4] = 0;
+    __asm__ volatile("fence" ::: "memory");
+    avail.idx++;
+    __asm__ volatile("fence" ::: "memory");
+    MMIO(0x50) = 0;
+    while (used.idx == seen) {}
+    __asm__ volatile("fence" ::: "memory");
+    if (status != 0) { say("IOERR\n"); poweroff(1); }
+}
+void main(void) {
+    if (MMIO(0) != 0x74726976 || MMIO(8) != 2) { say("no disk\n"); poweroff(1); }
+    MMIO(0x70) = 0; MMIO(0x70) = 1; MMIO(0x70) = 3;
+    MMIO(0x24) = 1; MMIO(0x20) = 1;  /* VIRTIO_F_VERSION_1, nothing else */
+    MMIO(0x24) = 0; MMIO(0x20) = 0;
+    MMIO(0x70) = 11;
+    MMIO(0x30) = 0; MMIO(0x38) = 4;
+    MMIO(0x80) = (unsigned long)desc; MMIO(0x84) = 0;
+    MMIO(0x90) = (unsigned long)&avail; MMIO(0x94) = 0;
+    MMIO(0xa0) = (unsigned long)&used; MMIO(0xa4) = 0;
+    MMIO(0x44) = 1;
+    MMIO(0x70) = 15;
+    say("scribe ready\n");
+    for (unsigned long pass = 0;; pass++) {
+        for (unsigned long b = 0; b < BLOCKS; b++) {
+            request(0, b * 8);
+            for (int i = 0; i < 4096; i += 512) {
+                if (buf[i] != (unsigned char)pass || buf[i + 1] != (unsigned char)b) {
+                    say("MISMATCH block "); num(b); say(" pass "); num(pass); put('\n');
+                    poweroff(1);
+                }
+                buf[i] = (unsigned char)(pass + 1);
+            }
+            request(1, b * 8);
+        }
+        if (pass % 4 == 0) { say("disk pass "); num(pass); put('\n'); }
+    }
+}""",
     # Programs its timer through Sstc's stimecmp (as Linux does when the ISA has sstc): STIP
     # pends at the deadline and not before, a write clears it, the interrupt is taken, and
     # an SBI set_timer (which popek's SBI now forwards to stimecmp) still wakes it.

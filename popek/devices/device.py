@@ -13,6 +13,7 @@ mistakes (a malformed saved state, an invalid interrupt source) do raise.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 from dataclasses import asdict, fields
 from typing import Any, Protocol, TypeVar, get_type_hints, runtime_checkable
@@ -87,7 +88,7 @@ def unpack_fields(cls: type[S], data: Any) -> S:
     as a part of a device's state), checked as :func:`unpack_state` checks them."""
     if not isinstance(data, dict):
         raise ValueError(f"saved {cls.__name__} is a {type(data).__name__}, not an object")
-    hints = get_type_hints(cls)
+    hints = _type_hints(cls)
     values = {}
     for f in fields(cls):
         if f.name not in data:
@@ -103,6 +104,13 @@ def unpack_fields(cls: type[S], data: Any) -> S:
                              f"{value!r:.40}")
         values[f.name] = copy.deepcopy(data[f.name])
     return cls(**values)
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    """A state class's field types, evaluated once: a migration's destination loads every
+    device's state while the guest stands still."""
+    return get_type_hints(cls)
 
 
 def check_version(data: dict[str, Any], version: int) -> None:

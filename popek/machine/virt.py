@@ -70,9 +70,13 @@ class VirtMachine:
                  clock: GuestClock | None = None,
                  nets: Sequence[NetBackend] = (),
                  events: HostEvents | None = None,
-                 opener: Callable[..., int] = os.open) -> None:
+                 opener: Callable[..., int] = os.open,
+                 blank: bool = False) -> None:
         """Boot ``config`` from its images, or, given the ``state`` a machine saved (and
-        ``memory`` holding its RAM), carry on exactly where that machine was. ``clock``
+        ``memory`` holding its RAM), carry on exactly where that machine was; ``blank``,
+        neither: the board is built and waits for :meth:`load_state` (a migration's
+        destination builds it while RAM arrives, so that the guest's downtime does not
+        include the building). ``clock``
         is guest time (by default the host's, see GuestClock). ``opener`` opens the host
         files the configuration names, as os.open does; a VMM worker's hands out the
         descriptors the VMM opened for it, and opens nothing. Likewise ``nets`` are the
@@ -88,6 +92,9 @@ class VirtMachine:
         self.opener = opener
         self.console_out = console_out
         self.exit: tuple[str, int] | None = None
+        # Instructions a hart runs per slice: a live migration's auto-converge lowers it,
+        # so that a slice cannot dirty more than the link can drain.
+        self.slice_instructions = SLICE
         if memory is not None and (memory.base, memory.size) != (RAM_BASE, config.mem):
             raise ConfigError(f"RAM of {memory.size >> 20}M at {memory.base:#x} does not fit "
                               f"--mem {config.mem >> 20}M")
@@ -135,10 +142,10 @@ class VirtMachine:
         ):
             self.mem.add_device(base, size, dev)
         self._input = bytearray()
-        if state is None:
-            self.boot()
-        else:
+        if state is not None:
             self.load_state(state)
+        elif not blank:
+            self.boot()
 
     # -- building -----------------------------------------------------------------------
     def _add_virtio(self, backend) -> VirtioMMIO:
@@ -391,8 +398,9 @@ class VirtMachine:
         for hart in self.harts:
             if self._runnable(hart):
                 # The harts that would run side by side on real hardware share this thread.
-                self.clock.start_slice(sum(map(self._runnable, self.harts)), SLICE)
-                self.clock.end_slice(hart.run(SLICE))
+                budget = self.slice_instructions
+                self.clock.start_slice(sum(map(self._runnable, self.harts)), budget)
+                self.clock.end_slice(hart.run(budget))
                 # Other harts and devices write memory before this hart runs again, and
                 # nothing here watches its reserved address: its next sc must fail.
                 hart.reservation = None

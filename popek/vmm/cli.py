@@ -236,6 +236,18 @@ def add_vm_args(parser: argparse.ArgumentParser) -> None:
                          "the token of the VMM this command talks to)")
     migrate.add_argument("--max-downtime", type=_milliseconds, default=50, metavar="MS",
                          help="longest pause of the guest at the handover (50)")
+    migrate.add_argument("--max-bandwidth", type=cli_type(parse_size), metavar="SIZE",
+                         help="the most the migration may send a second, such as 8M "
+                         "(default: as fast as the link goes)")
+    migrate.add_argument("--copy-disks", action="store_true",
+                         help="copy the writable disk images too, with the writes made "
+                         "meanwhile (no shared storage needed)")
+    migrate.add_argument("--disk-path", action="append", metavar="PATH", dest="disk_paths",
+                         help="with --copy-disks, where the destination writes the next "
+                         "writable disk's copy, a new file (default: the same path there)")
+    migrate.add_argument("--postcopy", action="store_true",
+                         help="after the first pass, run the guest on the destination at "
+                         "once; it fetches the pages still missing as it touches them")
 
     restore = sub.add_parser("restore", help="a new VM from a snapshot (clones with --count)")
     restore.add_argument("file", type=Path)

@@ -276,6 +276,14 @@ async def _migrate(client: Client, args: argparse.Namespace) -> int:
     """Start the migration, follow it with a progress bar, then say how it went. A
     request refused before anything moved exits with status 2."""
     options: dict[str, Any] = {"max_downtime": args.max_downtime / 1000}
+    if args.copy_disks:
+        options["copy_disks"] = True
+    if args.disk_paths:
+        options["disk_paths"] = [str(Path(path).absolute()) for path in args.disk_paths]
+    if args.postcopy:
+        options["postcopy"] = True
+    if args.max_bandwidth is not None:
+        options["max_bandwidth"] = args.max_bandwidth
     to = args.to
     try:
         if args.dest_token_file is not None:
@@ -295,9 +303,11 @@ async def _migrate(client: Client, args: argparse.Namespace) -> int:
             await asyncio.sleep(MIGRATE_POLL)
             migration = (await client.info(vm["id"]))["migration"]
             sent, left = migration.get("pages_sent", 0), migration.get("pages_left", 0)
+            throttle = migration.get("throttle_percent", 0)
             progress.update(task, completed=sent, total=sent + left, detail=(
                 f"{migration.get('phase', '')}, round {migration.get('round', 0)}, "
-                f"{_size(migration.get('bytes_sent', 0))} sent"))
+                f"{_size(migration.get('bytes_sent', 0))} sent"
+                + (f", guest throttled {throttle:.0f}%" if throttle else "")))
     if migration["state"] == "failed":
         err_console.print(f"popek vm migrate: {vm['name']}: migration failed: "
                           f"{migration['error']} ({vm['name']} runs on here)", markup=False)
@@ -305,7 +315,9 @@ async def _migrate(client: Client, args: argparse.Namespace) -> int:
     err_console.print(f"Migrated {vm['name']} to {args.to}: downtime "
                       f"{migration['downtime_ms']:.0f} ms, total "
                       f"{migration['total_seconds']:.2f} s, {_size(migration['bytes_sent'])} "
-                      f"sent in {migration['rounds']} round(s)")
+                      f"sent in {migration['rounds']} round(s)"
+                      + (f", the guest throttled {migration['throttle_percent']:.0f}% at the end"
+                         if migration.get("throttle_percent") else ""))
     return 0
 
 

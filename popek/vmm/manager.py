@@ -102,6 +102,8 @@ class Vmm:
         for vm in sorted(found, key=lambda vm: vm.created):
             if vm.state != "creating":
                 self.vms[vm.id] = vm
+            if vm.state == "migrated":
+                self.spawn(migration_peers.forget_migrated(self, vm))
             if vm.alive:
                 await self._replug(vm)
 

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from popek.api.client import ApiError, Client
-from popek.machine.config import ConfigError, config_from_json, config_to_json
+from popek.machine.config import ConfigError, MachineConfig, config_from_json, config_to_json
 from popek.vmm.errors import BadRequest, Conflict, VmmError
 from popek.vmm.hostfiles import PassedFd
 from popek.vmm.migration import DEFAULT_MAX_DOWNTIME
@@ -55,7 +55,7 @@ SETTLE_TIMEOUT = 120.0  # seconds the source's VMM tries to settle the destinati
 MIGRATED_LINGER = 30.0  # seconds a migrated VM stays listed on its source
 TICKET_BYTES = 16
 _INCOMING_FIELDS = {"id", "name", "config", "cpu_weight", "cpu_cap", "mem_overhead",
-                    "source_vmm"}
+                    "source_vmm", "disk_bytes"}
 
 
 @dataclass(frozen=True)
@@ -97,20 +97,32 @@ def parse_destination(to: Any, token: Any, paths: PathPolicy) -> Destination:
 async def migrate_out(vmm: Vmm, vm: Vm, body: dict[str, Any], paths: PathPolicy) -> None:
     """Start moving ``vm`` to the destination ``body`` names; returns once the guest's
     worker streams (the outcome shows in the VM's ``migration``)."""
-    unknown = set(body) - {"to", "token", "max_downtime"}
+    unknown = set(body) - {"to", "token", "max_downtime", "copy_disks", "disk_paths",
+                           "postcopy", "max_bandwidth"}
     if unknown:
         raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
     dest = parse_destination(body.get("to"), body.get("token"), paths)
     max_downtime = body.get("max_downtime", DEFAULT_MAX_DOWNTIME)
     if not isinstance(max_downtime, int | float) or not 0 < max_downtime <= 60:
         raise BadRequest("'max_downtime' must be a number of seconds in (0, 60]")
+    postcopy = body.get("postcopy", False)
+    if not isinstance(postcopy, bool):
+        raise BadRequest("'postcopy' must be true or false")
+    max_bandwidth = body.get("max_bandwidth")
+    if max_bandwidth is not None and (not isinstance(max_bandwidth, int | float)
+                                      or isinstance(max_bandwidth, bool)
+                                      or not max_bandwidth >= 4096):
+        raise BadRequest("'max_bandwidth' must be bytes a second, at least 4096")
+    config, copied = _disk_copies(vm.config, body.get("copy_disks", False),
+                                  body.get("disk_paths"))
     vm.check_migratable()
     try:
         async with dest.client() as peer:
             offer = await peer.request("POST", "/v1/migrations", {
-                "id": vm.id, "name": vm.name, "config": vm.config,
+                "id": vm.id, "name": vm.name, "config": config,
                 "cpu_weight": vm.cpu_weight, "cpu_cap": vm.cpu_cap,
-                "mem_overhead": vm.mem_overhead, "source_vmm": vmm.instance})
+                "mem_overhead": vm.mem_overhead, "source_vmm": vmm.instance,
+                "disk_bytes": copied})
     except ApiError as err:
         raise BadRequest(f"destination {dest.text}: {err}") from None
     try:
@@ -123,8 +135,38 @@ async def migrate_out(vmm: Vmm, vm: Vm, body: dict[str, Any], paths: PathPolicy)
         vmm.spawn(settle_destination(dest, vm.id, committed=False))
         raise BadRequest(f"destination {dest.text}: cannot open the migration connection "
                          f"({err or type(err).__name__})") from None
-    call = await vm.migrate(sock, dest.text, float(max_downtime))
+    call = await vm.migrate(sock, dest.text, float(max_downtime),
+                            [int(index) for index in copied], postcopy, max_bandwidth)
     vmm.spawn(_settle(vmm, vm, dest, call))
+
+
+def _disk_copies(config: dict[str, Any], copy: Any, disk_paths: Any,
+                 ) -> tuple[dict[str, Any], dict[str, int]]:
+    """The configuration the destination gets, and the disks copied (index: bytes): with
+    ``copy``, every writable disk, each to the next of ``disk_paths`` (else its path)."""
+    if not isinstance(copy, bool):
+        raise BadRequest("'copy_disks' must be true or false")
+    if disk_paths is not None and (not copy or not isinstance(disk_paths, list) or
+                                   not all(isinstance(p, str) and p for p in disk_paths)):
+        raise BadRequest("'disk_paths' goes with copy_disks, a list of paths")
+    if not copy:
+        return config, {}
+    disks = [dict(disk) for disk in config.get("disks", [])]
+    writable = [index for index, disk in enumerate(disks) if not disk.get("readonly")]
+    if not writable:
+        raise BadRequest("--copy-disks: the VM has no writable disk to copy")
+    if disk_paths is not None and len(disk_paths) != len(writable):
+        raise BadRequest(f"--disk-path: {len(disk_paths)} given for {len(writable)} "
+                         "writable disk(s)")
+    copied = {}
+    for n, index in enumerate(writable):
+        try:
+            copied[str(index)] = os.stat(disks[index]["path"]).st_size
+        except OSError as err:
+            raise BadRequest(f"disk {disks[index]['path']}: {err.strerror}") from None
+        if disk_paths is not None:
+            disks[index]["path"] = disk_paths[n]
+    return {**config, "disks": disks}, copied
 
 
 def _connect(address: str, ticket: str) -> socket.socket:
@@ -156,12 +198,22 @@ async def _settle(vmm: Vmm, vm: Vm, dest: Destination,
         result = await call
     except VmmError as err:
         vm.migration.update(state="failed", error=str(err))
+        vm.save()
         await settle_destination(dest, vm.id, committed=False)
         return
     vm.migration.update(state="done", finished=time.time(), **result)
+    vm.save()
     await settle_destination(dest, vm.id, committed=True)
     await vm.wait_stopped()
-    await asyncio.sleep(MIGRATED_LINGER)
+    await forget_migrated(vmm, vm)
+
+
+async def forget_migrated(vmm: Vmm, vm: Vm) -> None:
+    """Remove a VM that migrated away once it has been listed ``migrated`` for
+    :data:`MIGRATED_LINGER` seconds (its record keeps it listed across VMM restarts)."""
+    finished = (vm.migration or {}).get("finished")
+    since = time.time() - finished if isinstance(finished, float) else 0.0
+    await asyncio.sleep(max(0.0, MIGRATED_LINGER - since))
     if vmm.vms.get(vm.id) is vm:
         vmm.forget(vm)
 
@@ -216,6 +268,7 @@ async def expect_incoming(vmm: Vmm, body: dict[str, Any], paths: PathPolicy,
             if old.state != "migrated":
                 raise Conflict(f"VM {old.name} ({old.id}) exists on the destination")
             vmm.forget(old)  # it left from here before, and now comes back
+    created = _create_disk_copies(config, body.get("disk_bytes") or {})
     vm = vmm._new_vm({k: v for k, v in body.items() if k in ("name", "cpu_weight", "cpu_cap",
                                                              "mem_overhead")}, vm_id=vm_id)
     vm.state = "incoming"
@@ -223,7 +276,7 @@ async def expect_incoming(vmm: Vmm, body: dict[str, Any], paths: PathPolicy,
     listener, address = _listen(vmm.state_dir, vm_id, local)
     ticket = secrets.token_hex(TICKET_BYTES)
     vmm.vms[vm.id] = vm
-    vmm.spawn(_take_incoming(vmm, vm, listener, ticket))
+    vmm.spawn(_take_incoming(vmm, vm, listener, ticket, created))
     return {"id": vm.id, "address": address, "ticket": ticket}
 
 
@@ -247,12 +300,49 @@ def _listen(state_dir: Path, vm_id: str, local: Any) -> tuple[socket.socket, str
     return sock, str(path)
 
 
-async def _take_incoming(vmm: Vmm, vm: Vm, listener: socket.socket, ticket: str) -> None:
-    """Accept the source's connection (with the ticket) and start the worker on it."""
+def _create_disk_copies(config: MachineConfig, sizes: Any) -> list[Path]:
+    """The new images the source copies its disks into (index: bytes), made empty at
+    their size; Conflict if one exists (a copy never overwrites a file)."""
+    if not isinstance(sizes, dict) or not all(
+            isinstance(k, str) and k.isdigit() and int(k) < len(config.disks)
+            and not config.disks[int(k)].readonly and type(v) is int and v >= 0
+            for k, v in sizes.items()):
+        raise BadRequest("'disk_bytes' must map writable disk indexes to sizes")
+    created: list[Path] = []
+    try:
+        for index, size in sizes.items():
+            path = Path(config.disks[int(index)].path)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            created.append(path)
+            try:
+                os.ftruncate(fd, size)
+            finally:
+                os.close(fd)
+    except OSError as err:
+        _remove(created)
+        if isinstance(err, FileExistsError):
+            raise Conflict(f"{err.filename} exists on the destination: a disk copy goes "
+                           "to a new file (name one with --disk-path)") from None
+        raise BadRequest(f"cannot create {err.filename} on the destination: "
+                         f"{err.strerror}") from None
+    return created
+
+
+def _remove(paths: list[Path]) -> None:
+    for path in paths:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+async def _take_incoming(vmm: Vmm, vm: Vm, listener: socket.socket, ticket: str,
+                         created: list[Path]) -> None:
+    """Accept the source's connection (with the ticket) and start the worker on it; the
+    disk copies ``created`` for it go if the guest does not arrive."""
     try:
         conn = await _accept(listener, ticket.encode())
     except (OSError, TimeoutError):
         vmm.vms.pop(vm.id, None)
+        _remove(created)
         return
     finally:
         if listener.family == socket.AF_UNIX:
@@ -265,6 +355,7 @@ async def _take_incoming(vmm: Vmm, vm: Vm, listener: socket.socket, ticket: str)
                           False, config_from_json(vm.config), ready_timeout=MIGRATION_TIMEOUT)
     except VmmError as err:
         vmm.vms.pop(vm.id, None)
+        _remove(created)
         print(f"popek VMM: incoming VM {vm.name} ({vm.id}) did not arrive: {err}",
               file=sys.stderr, flush=True)
     finally:

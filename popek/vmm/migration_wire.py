@@ -9,12 +9,17 @@ connection. Integers are little-endian::
                bytes and the payload), payload
 
 Frames, in the order the source sends them: ``HELLO`` (JSON: the machine's
-configuration and RAM size), ``PAGES`` (u32 first page, u32 count, the pages' bytes) and
-``ZERO`` (u32 first page, u32 count: pages that are zero now), many times over as the
-pre-copy rounds go, then ``STATE`` (JSON: harts, firmware, devices, console, counters,
-taken while the guest is paused) and ``END``. The destination answers ``READY`` once it
-has built the machine (or ``ERROR``, JSON ``{"error": ...}``, and closes); the source
-then sends ``GO``, its commitment never to run the guest again.
+configuration and RAM size, and the sizes of the disks it copies, if any), ``PAGES`` (u32
+first page, u32 count, the pages' bytes), ``ZERO`` (u32 first page, u32 count: pages that
+are zero now) and ``DISK`` (u32 disk index, u64 byte offset, the bytes there), many times
+over as the pre-copy rounds go, then ``STATE`` (JSON: harts, firmware, devices, console,
+counters, taken while the guest is paused; for a post-copy, the pages still to come)
+and ``END``. The destination answers ``READY`` once it has built the machine (or
+``ERROR``, JSON ``{"error": ...}``, and closes); the source then sends ``GO``, its
+commitment never to run the guest again. In a post-copy the connection stays open after
+GO: the destination asks for pages its guest touched with ``REQUEST`` (u32 first page,
+u32 count, repeated), the source sends them and pushes the rest as ``PAGES`` and ends
+with ``DONE``.
 
 Reading is split in two. :func:`decode_preamble` and :func:`decode_frame` are pure
 functions of bytes: they check the magic, the version (a newer format is refused with
@@ -36,20 +41,24 @@ from typing import Any
 from popek.cpu.physmem import PAGE_SIZE
 
 MAGIC = b"POPEKMIG"
-FORMAT_VERSION = 1
-HELLO, PAGES, ZERO, STATE, END, READY, GO, ERROR = range(1, 9)
+FORMAT_VERSION = 2  # 2: DISK, REQUEST and DONE
+HELLO, PAGES, ZERO, STATE, END, READY, GO, ERROR, DISK, REQUEST, DONE = range(1, 12)
 KIND_NAMES = {HELLO: "HELLO", PAGES: "PAGES", ZERO: "ZERO", STATE: "STATE", END: "END",
-              READY: "READY", GO: "GO", ERROR: "ERROR"}
+              READY: "READY", GO: "GO", ERROR: "ERROR", DISK: "DISK", REQUEST: "REQUEST",
+              DONE: "DONE"}
 MAX_PAGES_PER_FRAME = 256  # 1 MiB of pages: a frame's checksum covers a bounded amount
 MAX_PAYLOAD = 32 << 20  # JSON state (hex hart buffers, a console ring) stays far below
+MAX_DISK_BYTES = 1 << 20  # of a DISK frame
+MAX_REQUEST_RUNS = 256
 _PREAMBLE = struct.Struct("<8sI")
 _CRC = struct.Struct("<I")
 _HEADER = struct.Struct("<B3xII")  # kind, length, CRC
 _RUN = struct.Struct("<II")  # first page, count
+_DISK = struct.Struct("<IQ")  # disk index, byte offset
 PREAMBLE_SIZE = _PREAMBLE.size + _CRC.size
 HEADER_SIZE = _HEADER.size
 _JSON_KINDS = (HELLO, STATE, ERROR)
-_EMPTY_KINDS = (END, READY, GO)
+_EMPTY_KINDS = (END, READY, GO, DONE)
 
 
 class WireError(Exception):
@@ -77,6 +86,15 @@ class Frame:
         """The bytes of a PAGES frame's pages."""
         return memoryview(self.payload)[_RUN.size:]
 
+    def disk(self) -> tuple[int, int, memoryview]:
+        """(disk index, byte offset, bytes) of a DISK frame."""
+        index, offset = _DISK.unpack_from(self.payload)
+        return index, offset, memoryview(self.payload)[_DISK.size:]
+
+    def runs(self) -> list[tuple[int, int]]:
+        """The (first page, count) runs a REQUEST frame asks for."""
+        return list(_RUN.iter_unpack(self.payload))
+
 
 # -- writing ---------------------------------------------------------------------------------------
 def preamble(version: int = FORMAT_VERSION) -> bytes:
@@ -94,6 +112,14 @@ def header(kind: int, payload: bytes | memoryview, *, first: int | None = None,
     head = _HEADER.pack(kind, length, 0)[:8]
     crc = zlib.crc32(payload, zlib.crc32(run, zlib.crc32(head)))
     return head + _CRC.pack(crc) + run
+
+
+def encode_disk(index: int, offset: int, data: bytes) -> bytes:
+    return encode(DISK, _DISK.pack(index, offset) + data)
+
+
+def encode_request(runs: list[tuple[int, int]]) -> bytes:
+    return encode(REQUEST, b"".join(_RUN.pack(first, count) for first, count in runs))
 
 
 def encode(kind: int, payload: bytes = b"") -> bytes:
@@ -132,7 +158,9 @@ def decode_header(data: bytes) -> tuple[int, int, int]:
     if kind not in KIND_NAMES or data[1:4] != b"\0\0\0":
         raise WireError(f"unknown frame kind {kind} (corrupt stream)")
     limit = _RUN.size + MAX_PAGES_PER_FRAME * PAGE_SIZE if kind == PAGES else \
-        _RUN.size if kind == ZERO else 0 if kind in _EMPTY_KINDS else MAX_PAYLOAD
+        _RUN.size if kind == ZERO else 0 if kind in _EMPTY_KINDS else \
+        _DISK.size + MAX_DISK_BYTES if kind == DISK else \
+        _RUN.size * MAX_REQUEST_RUNS if kind == REQUEST else MAX_PAYLOAD
     if length > limit:
         raise WireError(f"{KIND_NAMES[kind]} frame of {length} bytes, more than the "
                         f"{limit} it may hold (corrupt stream)")
@@ -166,6 +194,12 @@ def check_frame(kind: int, crc: int, head: bytes, payload: bytes) -> Frame:
         if not 0 < count <= MAX_PAGES_PER_FRAME or len(payload) != expected:
             raise WireError(f"{name} frame of {count} pages in {len(payload)} bytes "
                             "(corrupt stream)")
+    elif kind == DISK and len(payload) < _DISK.size:
+        raise WireError("DISK frame without its disk and offset (corrupt stream)")
+    elif kind == REQUEST and (not payload or len(payload) % _RUN.size or any(
+            not 0 < count <= MAX_PAGES_PER_FRAME for _, count in _RUN.iter_unpack(payload))):
+        raise WireError(f"REQUEST frame of {len(payload)} bytes is not page runs "
+                        "(corrupt stream)")
     elif kind in _JSON_KINDS:
         try:
             obj = json.loads(payload)
@@ -190,6 +224,11 @@ def decode_stream(data: bytes) -> list[Frame]:
     return frames
 
 
+def os_reason(err: OSError) -> str:
+    """A failed link's reason, in a few words."""
+    return err.strerror or str(err) or type(err).__name__
+
+
 # -- a socket --------------------------------------------------------------------------------------
 class Connection:
     """Frames over a connected, blocking stream socket. OSError (a timeout included)
@@ -207,6 +246,12 @@ class Connection:
 
     def send_json(self, kind: int, obj: dict[str, Any]) -> None:
         self._send(encode_json(kind, obj))
+
+    def send_request(self, runs: list[tuple[int, int]]) -> None:
+        self._send(encode_request(runs))
+
+    def send_disk(self, index: int, offset: int, data: bytes) -> None:
+        self._send(encode_disk(index, offset, data))
 
     def send_run(self, kind: int, first: int, count: int, pages: memoryview | bytes = b"") -> None:
         """A PAGES frame (``pages``: the bytes of ``count`` pages) or a ZERO frame."""

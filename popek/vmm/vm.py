@@ -121,7 +121,7 @@ class Vm:
         "source": str | None, "config": dict, "cpu_weight": int, "cpu_cap": float | int | None,
         "mem_overhead": int | None, "exit": dict | None, "failure": str | None,
         "snapshots": list[dict], "pid": int | None, "pid_start": int | None,
-        "confinement": dict, "stats": dict, "nic_paths": list[str]}
+        "confinement": dict, "stats": dict, "nic_paths": list[str], "migration": dict | None}
 
     def record(self) -> dict[str, Any]:
         return {**{key: getattr(self, key) for key in self._RECORDED},
@@ -214,6 +214,8 @@ class Vm:
         self.config = ready["config"]
         await self._confined(ready.get("warnings", []))
         self.state = ready.get("state", "created")  # a guest that migrated here runs already
+        if "resumed_at" in ready:
+            self.migration = {"state": "arrived", "resumed_at": ready["resumed_at"]}
         if self.state == "running":
             self.started = time.time()
         self.save()
@@ -346,6 +348,9 @@ class Vm:
                 self._ready.set_result({"error": self.failure or status or _UNEXPLAINED})
         elif self.exit is not None:
             self.state = "migrated" if self.exit.get("kind") == "migrated" else "stopped"
+            if self.state == "migrated" and (self.migration or {}).get("state") == "migrating":
+                # its worker committed while no VMM listened (this one adopted it since)
+                self.migration.update(state="done", finished=time.time())
         else:
             self.state = "failed"
             self.failure = self.failure or status or \
@@ -492,8 +497,9 @@ class Vm:
         if self.migration is not None and self.migration["state"] == "migrating":
             raise Conflict(f"VM {self.name} is migrating already")
 
-    async def migrate(self, sock: socket.socket, to: str,
-                      max_downtime: float) -> asyncio.Task[dict[str, Any]]:
+    async def migrate(self, sock: socket.socket, to: str, max_downtime: float,
+                      copy_disks: list[int], postcopy: bool,
+                      max_bandwidth: float | None) -> asyncio.Task[dict[str, Any]]:
         """Hand the worker the connection to the destination and start the migration;
         the task ends with its figures, or Conflict saying why it failed (the guest then
         runs on here). Progress shows in :meth:`info`."""
@@ -502,8 +508,12 @@ class Vm:
             hostfiles.send(self._file_socket, sock.fileno())
         finally:
             sock.close()
-        self.migration = {"to": to, "state": "migrating", "started": time.time()}
-        return asyncio.create_task(self._call("migrate", max_downtime=max_downtime))
+        self.migration = {"to": to, "state": "migrating", "started": time.time(),
+                          "copy_disks": copy_disks, "postcopy": postcopy,
+                          "max_bandwidth": max_bandwidth}
+        return asyncio.create_task(self._call("migrate", max_downtime=max_downtime,
+                                              copy_disks=copy_disks, postcopy=postcopy,
+                                              max_bandwidth=max_bandwidth))
 
     async def replug(self, nic: int, sock: socket.socket) -> None:
         """Hand the worker a new host end for switch NIC ``nic`` (this VMM adopted the
@@ -648,7 +658,7 @@ _MESSAGES: dict[str, dict[str, Any]] = {
               "swapped_bytes": int},
     "reply": {"id": int, "ok": bool, "error": str, "result": dict},
     "ready": {"vm": str, "state": str, "config": dict, "console_bytes": int,
-              "history_bytes": int, "warnings": list[str]},
+              "history_bytes": int, "warnings": list[str], "resumed_at": float},
     "error": {"message": str},
     "exit": {"kind": str | None, "code": int | None},
     "failed": {"reason": str},
@@ -676,7 +686,7 @@ def wrong_message(msg: dict[str, Any]) -> str | None:
 def _check_record(files: VmFiles, record: dict[str, Any]) -> None:
     wrong = wrong_field(record, Vm._RECORDED) or wrong_field(record, {"limits": dict}) or \
         wrong_field(record.get("limits", {}), VmLimits.RECORDED)
-    if wrong is None and record.get("state") not in STATES:
+    if wrong is None and record.get("state") not in (*STATES, "migrated"):
         wrong = f"'state' is {record.get('state')!r:.40}"
     if wrong is None and "stats" in record:
         wrong = wrong_message({**record["stats"], "op": "stats"})

@@ -70,6 +70,7 @@ from popek.vmm.channel import (
 )
 from popek.vmm.console import Scrollback
 from popek.vmm.migration import Arrival, Emigration, MigrationError, immigrate
+from popek.vmm.migration_postcopy import PagesLost
 from popek.vmm.template import Restored
 from popek.vmm.throttle import CpuCap
 
@@ -108,6 +109,8 @@ def main(listener: socket.socket, spec: dict[str, Any],
     except MemoryError:
         worker.lift_memory_limit()  # first, allocating nothing: room to report the failure
         worker.fail("the guest made popek exceed the VM's memory limit")
+    except PagesLost as err:
+        worker.fail(str(err))
     except Exception:  # any popek bug the guest triggers ends only this VM
         worker.fail("internal error: " + traceback.format_exc(limit=-3).strip())
     os._exit(0)
@@ -221,6 +224,7 @@ class Worker:
         self.migration: Emigration | None = None  # this guest leaving, live
         self.migration_id: Any = None  # the VMM's command, answered when it is over
         self.arrival: Arrival | None = None  # this guest came by migration
+        self.resumed_at: float | None = None  # and ran here from then (wall clock)
         # The latest snapshot this worker wrote, and the pages written since (for a diff)
         self.last_snapshot: snapshot.Base | None = None
         self.snapshot_log: DirtyLog | None = None
@@ -245,9 +249,12 @@ class Worker:
         self._limit_memory()
         self.frozen_clock = self.machine.clint.save_state()
         self.machine_ready = True
-        if self.arrival is not None:
+        if self.arrival is not None:  # all else is done: the guest runs the moment GO comes
             self.started = True
-            self._set_running(self.arrival.go)  # without GO it waits, paused (migration.py)
+            self._set_running(self.arrival.wait_for_go())  # no GO: paused (migration.py)
+            self.resumed_at = time.time() if self.running else None
+            if self.running and self.arrival.postcopy is not None:
+                self.runner.sources.watch(self.arrival.conn.sock.fileno(), self._pushed_page)
             for nic in self.machine.nics:
                 nic.announce()  # switches learn where the guest is now
         self._greet()
@@ -267,7 +274,8 @@ class Worker:
                               "config": self.spec.get("config"),
                               "console_bytes": self.console.total,
                               "history_bytes": len(self.console.data),
-                              "warnings": self.warnings})
+                              "warnings": self.warnings,
+                              **({"resumed_at": self.resumed_at} if self.resumed_at else {})})
         if self.console.data:
             self.link.send(OUTPUT, self.console.data)
         self._send_stats()
@@ -499,14 +507,16 @@ class Worker:
             raise MigrationError("only a running guest migrates")
         max_downtime = msg.get("max_downtime")
         try:
-            self.migration = Emigration(self.machine, sock, float(max_downtime))
+            self.migration = Emigration(self.machine, sock, float(max_downtime),
+                                        [int(index) for index in msg.get("copy_disks", [])],
+                                        bool(msg.get("postcopy")), msg.get("max_bandwidth"))
         except MigrationError:
             sock.close()
             raise
         self.migration_id = msg.get("id")
 
     def _migrate_step(self) -> bool:
-        """One chunk of the migration; True once the guest has left (the worker ends).
+        """One turn of the migration; True once the guest has left (the worker ends).
         A failed migration leaves the guest running here, as it was."""
         migration = self.migration
         result = None
@@ -514,12 +524,7 @@ class Worker:
             if not migration.pump():
                 return False
             self._set_running(False)  # the guest's clock stops with it
-            self._flush_output()
-            result = migration.finish({
-                "machine": self.machine.save_state(), "console_bytes": self.console.total,
-                "console": base64.b64encode(self.console.data).decode(),
-                "instructions": self.instret_offset + self._instret(),
-                "traps": {str(cause): n for cause, n in self.traps.items()}})
+            result = migration.finish(self._departing_state)
             reply = {"ok": True, "result": result}
         except MigrationError as err:
             reply = {"ok": False, "error": str(err)}
@@ -534,14 +539,34 @@ class Worker:
         self._record_exit({"kind": "migrated", "code": 0})
         return True
 
+    def _pushed_page(self) -> None:
+        """Post-copy: the source pushed pages (or said it has sent them all)."""
+        arrival = self.arrival
+        try:
+            arrival.postcopy.take_pushed()
+        except PagesLost as err:
+            self.fail(str(err))
+        if arrival.postcopy.done:
+            self.runner.sources.watch(arrival.conn.sock.fileno(), None)
+            arrival.conn.close()
+
+    def _departing_state(self) -> dict[str, Any]:
+        """What goes to the destination beside RAM, the guest paused: the machine, and
+        the console history and counters the VM keeps showing there."""
+        self._flush_output()
+        return {"machine": self.machine.save_state(), "console_bytes": self.console.total,
+                "console": base64.b64encode(self.console.data).decode(),
+                "instructions": self.instret_offset + self._instret(),
+                "traps": {str(cause): n for cause, n in self.traps.items()}}
+
     def _immigrate(self) -> VirtMachine:
         """The machine, as the source sends it over the connection the VMM accepted."""
         config = config_from_json(self.spec["config"])
 
-        def build(memory: Any, state: dict[str, Any]) -> VirtMachine:
-            return VirtMachine(config, self._console_out, memory=memory,
-                               state=state["machine"], nets=self.nets,
-                               events=self.runner.sources, opener=self.spec["files"].open)
+        def build(memory: Any) -> VirtMachine:
+            return VirtMachine(config, self._console_out, memory=memory, blank=True,
+                               nets=self.nets, events=self.runner.sources,
+                               opener=self.spec["files"].open)
 
         sock = socket.socket(fileno=self.spec["incoming"].detach())
         self.arrival = immigrate(sock, config, build)

@@ -105,9 +105,8 @@ def one(data: bytes) -> None:
     config = _source()[0]
     sources = EventSources()
 
-    def build(memory: Any, state: dict[str, Any]) -> VirtMachine:
-        return VirtMachine(config, lambda _: None, memory=memory, state=state["machine"],
-                           events=sources)
+    def build(memory: Any) -> VirtMachine:
+        return VirtMachine(config, lambda _: None, memory=memory, blank=True, events=sources)
 
     ours, theirs = socket.socketpair()
     with ours, theirs:
@@ -120,6 +119,7 @@ def one(data: bytes) -> None:
             arrival = immigrate(theirs, config, build)
         except MigrationError:
             return
+        arrival.wait_for_go()
     _probe(arrival.machine, sources)
 
 

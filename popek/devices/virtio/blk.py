@@ -15,6 +15,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
+from popek.cpu.physmem import runs_of_ones
 from popek.devices.virtio.queue import Chain, Virtqueue, VirtqueueError
 
 DEVICE_ID_BLOCK = 2
@@ -37,6 +38,7 @@ SECTOR_SIZE = 512
 ID_BYTES = 20
 QUEUE_SIZE = 256  # QEMU's default, so Linux sizes its requests as it would there
 IO_CHUNK = 1 << 20  # bounds host memory per step of a large request
+LOG_BLOCK = 1 << 16  # bytes of the image a write log counts as one block
 
 _HEADER = struct.Struct("<IIQ")  # type, reserved, sector
 # capacity, size_max, seg_max, geometry (cylinders, heads, sectors), blk_size
@@ -48,6 +50,25 @@ class ImageNotFoundError(FileNotFoundError):
 
     def __str__(self) -> str:
         return f"disk image not found: {self.filename}"
+
+
+class WriteLog:
+    """The blocks (:data:`LOG_BLOCK` bytes) of one disk the guest wrote since the log
+    started or was last taken: a live migration that copies the disk resends them."""
+
+    def __init__(self, disk: VirtioBlk) -> None:
+        self._disk = disk
+        self.bits = bytearray(-(-disk.capacity * SECTOR_SIZE // LOG_BLOCK))
+        disk.write_logs.append(self.bits)
+
+    def take(self) -> list[tuple[int, int]]:
+        """The (first block, count) runs written since; the log starts over empty."""
+        runs = runs_of_ones(self.bits)
+        self.bits[:] = bytes(len(self.bits))
+        return runs
+
+    def close(self) -> None:
+        self._disk.write_logs.remove(self.bits)
 
 
 class VirtioBlk:
@@ -81,6 +102,7 @@ class VirtioBlk:
         self.queue_sizes = (QUEUE_SIZE,)
         # The header and status take two descriptors of a chain; data gets the rest.
         self.config = _CONFIG.pack(self.capacity, 0, QUEUE_SIZE - 2, 0, 0, 0, SECTOR_SIZE)
+        self.write_logs: list[bytearray] = []  # of the WriteLogs open on this disk
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -129,6 +151,10 @@ class VirtioBlk:
             pos = sector * SECTOR_SIZE
             for done in range(0, data_out, IO_CHUNK):
                 data = chain.read(_HEADER.size + done, IO_CHUNK)
+                start = pos + done
+                first, end = start // LOG_BLOCK, -(-(start + len(data)) // LOG_BLOCK)
+                for bits in self.write_logs:  # before the write: a failed one may be partial
+                    bits[first:end] = b"\1" * (end - first)
                 if os.pwrite(self.fd, data, pos + done) != len(data):
                     return VIRTIO_BLK_S_IOERR, 0
             return VIRTIO_BLK_S_OK, 0
