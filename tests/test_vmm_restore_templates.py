@@ -124,3 +124,22 @@ def test_clones_restored_at_once_all_fork_from_one_template(
     infos = asyncio.run(restore_all())
     assert {info["state"] for info in infos} == {"created"}
     assert len({info["template_pid"] for info in infos}) == 1
+
+
+def test_a_clone_from_a_template_swaps_out_and_in_intact(
+        vmms: tuple[Api, Api, Path], tmp_path: Path) -> None:
+    """A clone's RAM maps the template's copy-on-write: dropping a page must not lose
+    what the template or the clone wrote, only what the snapshot file still holds."""
+    api, _, path = vmms
+    vm = _restore(api, path)
+    api("action", vm["id"], "start")
+    assert b"into the clone" in api.type_line(vm, b"into the clone\n")
+    api("action", vm["id"], "pause")
+    before = _snapshot_of(api, vm, tmp_path / "before.snap")
+    assert api("swap_out", vm["id"])["memory"]["swapped_bytes"] > 0
+    assert api("swap_in", vm["id"])["memory"]["swapped_bytes"] == 0
+    after = _snapshot_of(api, vm, tmp_path / "after.snap")
+    assert bytes(after.memory.ram) == bytes(before.memory.ram)
+    api("action", vm["id"], "resume")
+    assert b"after the swap" in api.type_line(vm, b"after the swap\n")
+    api("delete", vm["id"])
