@@ -217,9 +217,9 @@ class VirtioMMIO:
             self.reset()
             return
         if value & STATUS_FEATURES_OK and not self.s.status & STATUS_FEATURES_OK:
-            # Refuse what we did not offer, and the legacy interface we do not implement.
-            if self.s.driver_features & ~self.device_features \
-                    or not self.s.driver_features & VIRTIO_F_VERSION_1:
+            # Refuse what we did not offer. A driver that leaves out VERSION_1 still gets
+            # this modern interface, as from QEMU's virtio-mmio (xv6 never sets it).
+            if self.s.driver_features & ~self.device_features:
                 value &= ~STATUS_FEATURES_OK
         self.s.status = value | (self.s.status & STATUS_DEVICE_NEEDS_RESET)
 
