@@ -96,7 +96,7 @@ def test_trigger_csrs_say_there_are_no_triggers(hart):
     0x3A1,  # pmpcfg1 does not exist on RV64
     0x30C,  # mstateen0
     0x10C,  # sstateen0
-    0x14D,  # stimecmp: no Sstc
+    0x15D,  # stimecmph is RV32 only
     0x747,  # mseccfg: no Smepmp
     0xC80,  # cycleh is RV32 only
     0x7B0,  # dcsr: debug mode only
@@ -345,11 +345,14 @@ def test_epc_bit_zero_is_always_clear(hart, num):
     assert read(hart, num) == 0x8000_0002
 
 
-def test_envcfg_implements_only_fiom(hart):
-    write(hart, C.MENVCFG, (1 << 64) - 1)  # STCE, PBMTE, CBZE... are not implemented
-    assert read(hart, C.MENVCFG) == 1
+def test_envcfg_implements_fiom_the_cache_block_enables_pbmte_and_stce(hart):
+    write(hart, C.MENVCFG, (1 << 64) - 1)
+    assert read(hart, C.MENVCFG) == (1 << 63) | (1 << 62) | 0xF1  # STCE PBMTE CBZE CBCFE CBIE FIOM
     write(hart, C.SENVCFG, (1 << 64) - 1)
-    assert read(hart, C.SENVCFG) == 1
+    assert read(hart, C.SENVCFG) == 0xF1  # no PBMTE or STCE in senvcfg
+    hart.priv = PRIV_S
+    assert refused(hart, C.MENVCFG)
+    assert read(hart, C.SENVCFG) == 0xF1
 
 
 # -- satp ------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
+import bitmanip_program
 import pytest
 
 from popek.isa.decoder import ALL_INSNS, BY_NAME
@@ -151,6 +152,10 @@ def synthetic(tmp_path: Path, name: str, code: bytes, arch: str | None = None) -
     return path
 
 
+def test_bit_manipulation_program_disassembles_as_objdump(tmp_path: Path) -> None:
+    assert_matches_objdump(bitmanip_program.build(tmp_path))
+
+
 def test_every_compressed_encoding_as_objdump(tmp_path: Path) -> None:
     halves = [h for h in range(0x10000) if h & 3 != 3]
     code = b"".join(struct.pack("<H", h) for h in halves)
@@ -162,6 +167,25 @@ def test_random_instances_of_every_declared_instruction_as_objdump(tmp_path: Pat
     words = [instance(ins.pattern, rng) for ins in ALL_INSNS for _ in range(60)]
     rng.shuffle(words)
     assert_matches_objdump(synthetic(tmp_path, "insns.elf", words32(words)))
+
+
+def test_new_extensions_only_where_the_file_declares_them(tmp_path: Path) -> None:
+    """objdump 2.40 names Zb*/Zicbo* instructions only in files whose ISA string has them
+    (it does not know Zicond at all); random instances of every declared instruction."""
+    rng = random.Random(2026)
+    words = [instance(ins.pattern, rng) for ins in ALL_INSNS for _ in range(20)]
+    words += [0x00006013 | rd << 7 | kind << 20 | rng.getrandbits(12) << 20 & 0xFE000000
+              for kind in (0, 1, 3, 2) for rd in (0, 0, 5)]  # prefetch.i/r/w hints
+    rng.shuffle(words)
+    code = words32(words)
+    arch = (
+        "rv64i2p1_m2p0_a2p1_f2p2_d2p2_c2p0_zicsr2p0_zifencei2p0_zicbom1p0_zicbop1p0_zicboz1p0"
+        "_zba1p0_zbb1p0_zbc1p0_zbs1p0")
+    declared = synthetic(tmp_path, "zb.elf", code, arch=arch)
+    assert_matches_objdump(declared)
+    assert_matches_objdump(synthetic(tmp_path, "plain.elf", code))
+    text = "\n".join(disassemble_elf(declared))
+    assert "\tsh3add.uw\t" in text and "\tprefetch.w\t" in text and "\tcbo.zero\t" in text
 
 
 def test_every_csr_number_and_fence_as_objdump(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import bitmanip_program
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,8 +67,9 @@ def applets(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def environment(path: Path | None = None, **extra: str) -> dict[str, str]:
     """The same small environment for both runs (popek also needs to import itself)."""
     search = f"{path}:/usr/bin:/bin" if path else "/usr/bin:/bin"
+    tier = {"POPEK_ENGINE": os.environ["POPEK_ENGINE"]} if "POPEK_ENGINE" in os.environ else {}
     return {"PATH": search, "LC_ALL": "C", "HOME": "/nonexistent", "TZ": "UTC",
-            "PYTHONPATH": str(REPO), **extra}
+            "PYTHONPATH": str(REPO), **tier, **extra}
 
 
 def run_popek(args: list[str], *, stdin: bytes = b"", cwd: Path | None = None,
@@ -174,6 +176,12 @@ def test_lua_matches_qemu():
     ours = assert_same_as_qemu([program("lua"), str(LUA_SCRIPT)],
                                env=environment(POPEK_TEST_VAR="from the host"))
     assert b"coroutine\t0 1 1 2 3 5 8 13 21" in ours.stdout
+
+
+def test_bit_manipulation_program_matches_qemu(tmp_path: Path):
+    """Every Zba/Zbb/Zbc/Zbs instruction, hot enough for each tier to compile it."""
+    ours = assert_same_as_qemu([str(bitmanip_program.build(tmp_path))])
+    assert ours.stdout.count(b"\n") == 62
 
 
 def test_static_hello_matches_qemu():

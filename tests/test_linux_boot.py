@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from popek import images
+from popek.cpu import extensions
 from tests.linux_guest import BOOT_TIMEOUT, popek_run, scratch_disk
 
 MARKER = "written-before-reboot-4711"
@@ -116,13 +117,21 @@ def test_console_driven_through_a_pipe_under_opensbi() -> None:
 
 
 @pytest.mark.boots_linux
-def test_two_harts_boot_with_the_smp_kernel() -> None:
+def test_two_harts_boot_with_the_smp_kernel_and_see_the_extensions() -> None:
     # Under every tier: guest time gives each hart at least 10 MIPS, so Linux's tick no
     # longer eats the slow tiers' harts (an RCU stall that took many minutes).
+    # Both harts have the extensions the device tree names (Linux 6.1 lists those it
+    # knows), and each programs its timer through stimecmp rather than SBI calls.
     result = popek_run("--kernel", str(images.KERNEL_SMP), "--initrd", str(images.INITRD),
-                       "--cpus", "2", "-c", "grep -c ^processor /proc/cpuinfo; nproc")
+                       "--cpus", "2", "-c", "grep -c ^processor /proc/cpuinfo; nproc; "
+                       "grep ^isa /proc/cpuinfo; cat /proc/device-tree/cpus/cpu@1/riscv,isa; "
+                       "echo; dmesg | grep -c 'S-mode is available via sstc'")
     assert result.returncode == 0, result.stderr.decode()
-    assert result.stdout.decode().split() == ["2", "2"]
+    lines = result.stdout.decode().splitlines()
+    assert lines[:2] == ["2", "2"]
+    known = "rv64imafdc_sstc_svpbmt_zicbom_zihintpause"
+    assert [line.split(":", 1)[1].strip() for line in lines[2:4]] == [known, known]
+    assert [lines[4].rstrip("\0"), *lines[5:]] == [extensions.ISA_STRING, "1"]  # ends in NUL
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,8 @@ from popek.cpu.pagewalk import (
     PTE_A,
     PTE_D,
     PTE_G,
+    PTE_N,
+    PTE_PBMT_SHIFT,
     PTE_R,
     PTE_U,
     PTE_V,
@@ -185,9 +187,10 @@ def test_sv48_requires_bits_63_to_48_to_copy_bit_47(hart, sv48):
     RWX,  # V clear
     PTE_V | PTE_W,  # W without R is reserved
     PTE_V | PTE_W | PTE_X,
-    PTE_V | RWX | (1 << 63),  # N: Svnapot is not implemented
-    PTE_V | RWX | (1 << 61),  # PBMT: Svpbmt is not implemented
+    PTE_V | RWX | (1 << 63),  # N with PPN[3:0] = 0000: no NAPOT size has that encoding
+    PTE_V | RWX | (1 << 61),  # PBMT while menvcfg.PBMTE is clear
     PTE_V | RWX | (1 << 54),  # reserved
+    PTE_V | RWX | (1 << 60),  # reserved
 ])
 def test_invalid_or_reserved_leaf_is_a_page_fault(hart, sv39, flags):
     sv39.map(0x3000, DATA, flags)
@@ -208,6 +211,93 @@ def test_d_a_or_u_in_a_pointer_is_a_page_fault(hart, sv39, bit):
     top = sv39.root
     hart.mem.store(top, 8, hart.mem.load(top, 8) | bit)
     assert page_fault(hart, 0x3000, ACCESS_READ)
+
+
+@pytest.mark.parametrize("bit", [PTE_N, 1 << PTE_PBMT_SHIFT])
+def test_napot_or_pbmt_in_a_pointer_is_a_page_fault(hart, sv39, bit):
+    hart.csr[C.MENVCFG] = C.ENVCFG_PBMTE
+    sv39.map(0x3000, DATA, PTE_V | RWX)
+    top = sv39.root
+    hart.mem.store(top, 8, hart.mem.load(top, 8) | bit)
+    assert page_fault(hart, 0x3000, ACCESS_READ)
+
+
+# -- Svnapot and Svpbmt ----------------------------------------------------------------------
+NAPOT_VA = 0x4001_0000  # a 64 KiB-aligned region
+NAPOT_PA = RAM_BASE + 0x13_0000
+
+
+def map_napot(sv39, va: int = NAPOT_VA, pa: int = NAPOT_PA, flags: int = PTE_V | RWX) -> list:
+    """The sixteen PTEs of a 64 KiB NAPOT page, as a kernel writes them: each holds the
+    region's PPN with PPN[3:0] = 1000 (pa must be 64 KiB aligned)."""
+    ppn = (pa >> 12) & ~0xF | 0b1000
+    return [sv39.map(va + i * 0x1000, ppn << 12, flags | PTE_N) for i in range(16)]
+
+
+def test_napot_pte_maps_a_64k_page_with_the_low_ppn_bits_from_the_address(hart, sv39):
+    map_napot(sv39)
+    for offset in (0, 0x8abc, 0xFFF8):
+        for access in (ACCESS_READ, ACCESS_WRITE, ACCESS_EXEC):
+            assert translate(hart, NAPOT_VA + offset, access) == NAPOT_PA + offset
+
+
+def test_napot_pte_sets_a_and_d_in_the_pte_it_used(hart, sv39):
+    ptes = map_napot(sv39)
+    translate(hart, NAPOT_VA + 0x5008, ACCESS_WRITE)
+    assert sv39.pte(ptes[5]) & (PTE_A | PTE_D) == PTE_A | PTE_D
+    assert sv39.pte(ptes[4]) & PTE_A == 0
+
+
+@pytest.mark.parametrize("low_ppn", [0b0000, 0b0100, 0b1100, 0b0001, 0b1001])
+def test_napot_pte_with_a_reserved_size_encoding_is_a_page_fault(hart, sv39, low_ppn):
+    ppn = (NAPOT_PA >> 12) | low_ppn
+    sv39.map(NAPOT_VA, ppn << 12, PTE_V | RWX | PTE_N)
+    assert page_fault(hart, NAPOT_VA, ACCESS_READ)
+
+
+def test_napot_bit_in_a_superpage_leaf_is_a_page_fault(hart, sv39):
+    sv39.map(0x20_0000, RAM_BASE + 0x20_0000 | 0b1000 << 12, PTE_V | RWX | PTE_N, level=1)
+    assert page_fault(hart, 0x20_0000, ACCESS_READ)
+
+
+def test_sfence_vma_of_any_page_in_a_napot_page_drops_all_of_it(hart, sv39):
+    ld64 = hart.mmu.accessors["ld64"]
+    hart.mem.store(RAM_BASE + 0x3000, 8, 7)
+    map_napot(sv39)
+    ld64(NAPOT_VA)
+    ld64(NAPOT_VA + 0x3000)
+    map_napot(sv39, pa=RAM_BASE)
+    trap.sfence_vma(hart, NAPOT_VA + 0xF000, 0)  # the region's one PTE may have changed
+    assert ld64(NAPOT_VA + 0x3000) == 7
+
+
+@pytest.mark.parametrize("pbmt", [1, 2])  # NC, IO: no caches here, so only legality matters
+def test_pbmt_is_accepted_while_menvcfg_pbmte_is_set(hart, sv39, pbmt):
+    sv39.map(0x3000, DATA, PTE_V | RWX | pbmt << PTE_PBMT_SHIFT)
+    assert page_fault(hart, 0x3000, ACCESS_READ)
+    hart.mmu.flush()
+    hart.csr[C.MENVCFG] = C.ENVCFG_PBMTE
+    ld64 = hart.mmu.accessors["ld64"]
+    hart.mem.store(DATA + 8, 8, 42)
+    assert ld64(0x3008) == 42  # and the TLB holds the page now
+    hart.priv = PRIV_M
+    hart.csrs.op(C.MENVCFG, 0, 0, False, True)  # clearing PBMTE drops that translation
+    hart.priv = PRIV_S
+    with pytest.raises(Trap) as caught:
+        ld64(0x3008)
+    assert caught.value.cause == LOAD_PAGE_FAULT
+
+
+def test_pbmt_3_is_reserved(hart, sv39):
+    hart.csr[C.MENVCFG] = C.ENVCFG_PBMTE
+    sv39.map(0x3000, DATA, PTE_V | RWX | 3 << PTE_PBMT_SHIFT)
+    assert page_fault(hart, 0x3000, ACCESS_WRITE)
+
+
+def test_pbmt_on_a_napot_page_is_accepted(hart, sv39):
+    hart.csr[C.MENVCFG] = C.ENVCFG_PBMTE
+    map_napot(sv39, flags=PTE_V | PTE_R | 1 << PTE_PBMT_SHIFT)
+    assert translate(hart, NAPOT_VA + 0x1234, ACCESS_READ) == NAPOT_PA + 0x1234
 
 
 def test_pointer_at_the_last_level_is_a_page_fault(hart, sv39):

@@ -295,6 +295,43 @@ void main(void) {
     say("migrant ready\n");
     increment(0);
 }""",
+    # Programs its timer through Sstc's stimecmp (as Linux does when the ISA has sstc): STIP
+    # pends at the deadline and not before, a write clears it, the interrupt is taken, and
+    # an SBI set_timer (which popek's SBI now forwards to stimecmp) still wakes it.
+    "sstc": r"""
+static unsigned long sip(void) {
+    unsigned long v; __asm__ volatile("csrr %0, sip" : "=r"(v)); return v; }
+static unsigned long stimecmp(void) {
+    unsigned long v; __asm__ volatile("csrr %0, 0x14d" : "=r"(v)); return v; }
+static void set_stimecmp(unsigned long v) { __asm__ volatile("csrw 0x14d, %0" : : "r"(v)); }
+static void fail(int n) { say("FAIL "); num(n); put('\n'); poweroff(1); }
+static volatile unsigned long fired, fired_at;
+void on_timer(void) __attribute__((interrupt("supervisor"), aligned(4)));
+void on_timer(void) { fired_at = now(); fired++; set_stimecmp(-1UL); }
+void main(void) {
+    set_stimecmp(-1UL);
+    if (sip() & 32) fail(1);
+    unsigned long deadline = now() + 20000;  /* 2 ms */
+    set_stimecmp(deadline);
+    if (stimecmp() != deadline) fail(2);
+    __asm__ volatile("csrs sie, %0" : : "r"(32UL));  /* STIE; SIE stays off */
+    while (!(sip() & 32)) __asm__ volatile("wfi");
+    if (now() < deadline) fail(3);
+    say("pending at the deadline\n");
+    set_stimecmp(-1UL);
+    if (sip() & 32) fail(4);
+    say("cleared by a write\n");
+    __asm__ volatile("csrw stvec, %0\n csrs sstatus, 2" : : "r"(on_timer));
+    deadline = now() + 10000;
+    set_stimecmp(deadline);
+    while (!fired) __asm__ volatile("wfi");
+    if (fired != 1 || fired_at < deadline) fail(5);
+    say("interrupt taken\n");
+    __asm__ volatile("csrc sstatus, 2");
+    sleep_until(now() + 10000);
+    say("sbi timer\n");
+    poweroff(0);
+}""",
     # Hart 0 reserves a word with lr.w, hart 1 stores to it, then hart 0's sc.w must fail.
     "lrsc": _SMP + r"""
 FLAG(word); FLAG(reserved); FLAG(stored);

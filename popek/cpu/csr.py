@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from popek.cpu import pmp
-from popek.cpu.causes import ILLEGAL_INSN, Trap
+from popek.cpu.causes import ILLEGAL_INSN, IRQ_S_TIMER, Trap
 from popek.cpu.state import CTL_INSTRET, CTL_PRIV, PRIV_M, PRIV_S, PRIV_U, XLEN_MASK
 
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 # --- CSR numbers --------------------------------------------------------------------------
 FFLAGS, FRM, FCSR = 0x001, 0x002, 0x003
 SSTATUS, SIE, STVEC, SCOUNTEREN, SENVCFG = 0x100, 0x104, 0x105, 0x106, 0x10A
-SSCRATCH, SEPC, SCAUSE, STVAL, SIP = 0x140, 0x141, 0x142, 0x143, 0x144
+SSCRATCH, SEPC, SCAUSE, STVAL, SIP, STIMECMP = 0x140, 0x141, 0x142, 0x143, 0x144, 0x14D
 SATP = 0x180
 MSTATUS, MISA, MEDELEG, MIDELEG, MIE, MTVEC, MCOUNTEREN = (
     0x300, 0x301, 0x302, 0x303, 0x304, 0x305, 0x306)
@@ -88,7 +88,19 @@ MISA_VALUE = (XL_64 << 62) | sum(1 << (ord(e) - ord("A")) for e in "IMAFDCSU")
 SATP_MODE_SHIFT = 60
 SATP_BARE, SATP_SV39, SATP_SV48 = 0, 8, 9
 SATP_PPN_MASK = (1 << 44) - 1
+# envcfg fields: fence I/O implies memory, cache-block invalidate (00 illegal, 01 flush,
+# 11 invalidate; 10 is reserved), clean/flush and zero enables (Zicbom, Zicboz), page-based
+# memory types (Svpbmt) and the supervisor timer compare (Sstc); the last two in menvcfg only.
 ENVCFG_FIOM = 1
+ENVCFG_CBIE = 3 << 4
+ENVCFG_CBIE_RESERVED = 2 << 4
+ENVCFG_CBCFE = 1 << 6
+ENVCFG_CBZE = 1 << 7
+ENVCFG_PBMTE = 1 << 62
+ENVCFG_STCE = 1 << 63
+SENVCFG_WMASK = ENVCFG_FIOM | ENVCFG_CBIE | ENVCFG_CBCFE | ENVCFG_CBZE
+MENVCFG_WMASK = SENVCFG_WMASK | ENVCFG_PBMTE | ENVCFG_STCE
+COUNTEREN_TM = 1 << 1
 COUNTINHIBIT_CY, COUNTINHIBIT_IR = 1 << 0, 1 << 2
 COUNTINHIBIT_MASK = 0xFFFF_FFFD  # bit 1 (TM) does not exist: time is not a hart counter
 FS_DIRTY = MSTATUS_FS
@@ -173,7 +185,8 @@ class CsrFile:
         t[SIE] = (None, lambda: c[MIE] & c[MIDELEG], self._write_sie)
         t[STVEC] = (None, lambda: c[STVEC], lambda v: self._write_tvec(STVEC, v))
         plain(SCOUNTEREN, 0xFFFF_FFFF)
-        plain(SENVCFG, ENVCFG_FIOM)
+        t[SENVCFG] = (None, lambda: c[SENVCFG], lambda v: self._write_envcfg(SENVCFG, v))
+        t[STIMECMP] = (self._check_stimecmp, lambda: c[STIMECMP], self._write_stimecmp)
         plain(SSCRATCH)
         t[SEPC] = (None, lambda: c[SEPC], lambda v: self._set(SEPC, v & ~1))
         plain(SCAUSE)
@@ -188,13 +201,13 @@ class CsrFile:
         plain(MIE, ALL_INTERRUPTS)
         t[MTVEC] = (None, lambda: c[MTVEC], lambda v: self._write_tvec(MTVEC, v))
         plain(MCOUNTEREN, 0xFFFF_FFFF)
-        plain(MENVCFG, ENVCFG_FIOM)
+        t[MENVCFG] = (None, lambda: c[MENVCFG], lambda v: self._write_envcfg(MENVCFG, v))
         t[MCOUNTINHIBIT] = (None, lambda: c[MCOUNTINHIBIT], self._write_countinhibit)
         plain(MSCRATCH)
         t[MEPC] = (None, lambda: c[MEPC], lambda v: self._set(MEPC, v & ~1))
         plain(MCAUSE)
         plain(MTVAL)
-        plain(MIP, MIP_WMASK)
+        t[MIP] = (None, lambda: c[MIP], self._write_mip)
 
         for i in range(pmp.N_CFG_CSRS):
             num = pmp.PMPCFG0 + 2 * i  # RV64: only the even pmpcfg registers exist
@@ -279,6 +292,42 @@ class CsrFile:
             self.c[SATP] = v
             self.hart.mmu.flush()
 
+    def _write_mip(self, v: int) -> None:
+        """With Sstc enabled STIP follows stimecmp alone: software cannot write it."""
+        c = self.c
+        mask = MIP_WMASK & ~MIP_STIP if c[MENVCFG] & ENVCFG_STCE else MIP_WMASK
+        c[MIP] = (c[MIP] & ~mask) | (v & mask)
+
+    def _write_envcfg(self, num: int, v: int) -> None:
+        c = self.c
+        old = c[num]
+        new = v & (MENVCFG_WMASK if num == MENVCFG else SENVCFG_WMASK)
+        if new & ENVCFG_CBIE == ENVCFG_CBIE_RESERVED:  # WARL: keep the legal old value
+            new = (new & ~ENVCFG_CBIE) | (old & ENVCFG_CBIE)
+        c[num] = new
+        if (old ^ new) & ENVCFG_PBMTE:  # PTEs with PBMT bits become (in)valid
+            self.hart.mmu.flush()
+        if (old ^ new) & ENVCFG_STCE:
+            self.update_stimecmp()
+
+    def _write_stimecmp(self, v: int) -> None:
+        self.c[STIMECMP] = v
+        self.update_stimecmp()
+
+    def update_stimecmp(self) -> None:
+        """Sstc: STIP is pending exactly while time >= stimecmp (when menvcfg.STCE is set).
+        The machine calls this at its device updates, as it updates the CLINT."""
+        c = self.c
+        if c[MENVCFG] & ENVCFG_STCE:
+            self.hart.set_interrupt(IRQ_S_TIMER, self.hart.time() >= c[STIMECMP])
+
+    def stimecmp_deadline(self) -> int | None:
+        """The time at which Sstc will raise STIP, if it is armed and not yet pending."""
+        c = self.c
+        if c[MENVCFG] & ENVCFG_STCE and not c[MIP] & MIP_STIP:
+            return c[STIMECMP]
+        return None
+
     def _write_countinhibit(self, v: int) -> None:
         """Freeze or restart mcycle/minstret: a frozen counter's slot holds its value."""
         c = self.c
@@ -314,6 +363,12 @@ class CsrFile:
 
     def _check_satp(self) -> None:
         if self.hart.ctl[CTL_PRIV] == PRIV_S and self.c[MSTATUS] & MSTATUS_TVM:
+            raise illegal()
+
+    def _check_stimecmp(self) -> None:
+        """Below M-mode stimecmp exists only where M-mode enabled it and lets time be read."""
+        if self.hart.ctl[CTL_PRIV] != PRIV_M and (
+                not self.c[MENVCFG] & ENVCFG_STCE or not self.c[MCOUNTEREN] & COUNTEREN_TM):
             raise illegal()
 
     def _check_counter(self, bit: int) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from popek.cpu import cmo
 from popek.cpu import trap as trap_unit
 from popek.cpu.csr import CsrFile
 from popek.cpu.mmu import Mmu, Translate
@@ -91,6 +92,9 @@ class Hart(HartState):
 
     def sfence_vma(self, vaddr: int | None, asid: int) -> None:
         trap_unit.sfence_vma(self, vaddr, asid)
+
+    def cbo(self, kind: int, addr: int) -> None:
+        cmo.operate(self, kind, addr)
 
     def fence_i(self) -> None:
         """Nothing to do: decoded code is dropped at every store that overlaps it (the

@@ -48,7 +48,8 @@ class TlbMirror(Protocol):
 TLB_LIMIT = 8192  # entries per dict before it is simply cleared
 _PAGE_MASK = PAGE_SIZE - 1
 PAGE_SHIFT = 12
-_SUPERPAGE_SHIFTS = (21, 30, 39)  # megapages, gigapages, terapages (Sv48)
+# 64 KiB NAPOT pages (Svnapot), megapages, gigapages, terapages (Sv48).
+_SUPERPAGE_SHIFTS = (16, 21, 30, 39)
 
 
 class Mmu:

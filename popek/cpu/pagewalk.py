@@ -1,5 +1,10 @@
 """Sv39/Sv48 address translation: the page-table walk behind the software TLB.
 
+Leaf PTEs may use Svnapot (N set and PPN[3:0] = 1000 at level 0: one PTE of sixteen
+that together map a naturally aligned 64 KiB page) and Svpbmt (PBMT, bits 62:61, a
+memory type that a hart without caches ignores; legal only while menvcfg.PBMTE is set,
+and 3 is reserved). Every other use of bits 63:54 is reserved and faults.
+
 The MMU calls :func:`translate` on a TLB miss, once per page and access kind, and
 caches the answer; so a walk for a store sets the PTE's D bit and one for a load or
 fetch sets A, exactly as hardware that updates A/D itself (as QEMU does) would for
@@ -20,6 +25,8 @@ from popek.cpu.causes import (
     Trap,
 )
 from popek.cpu.csr import (
+    ENVCFG_PBMTE,
+    MENVCFG,
     MSTATUS,
     MSTATUS_MPP,
     MSTATUS_MPP_SHIFT,
@@ -41,7 +48,14 @@ if TYPE_CHECKING:
 
 PTE_V, PTE_R, PTE_W, PTE_X, PTE_U, PTE_G, PTE_A, PTE_D = (1 << i for i in range(8))
 PTE_PPN_SHIFT = 10
-PTE_RESERVED_SHIFT = 54  # bits 63:54 (N, PBMT, reserved): no Svnapot or Svpbmt, so must be 0
+PTE_N = 1 << 63
+PTE_PBMT_SHIFT = 61
+PTE_PBMT = 3 << PTE_PBMT_SHIFT
+PTE_PBMT_RESERVED = 3
+PTE_RESERVED = ((1 << 7) - 1) << 54  # bits 60:54
+PTE_HIGH = PTE_N | PTE_PBMT | PTE_RESERVED
+NAPOT_64K_PPN = 0b1000  # PPN[3:0] of a 64 KiB NAPOT PTE
+NAPOT_64K_SHIFT = 16
 PAGE_SHIFT = 12
 LEVEL_BITS = 9
 
@@ -90,16 +104,19 @@ def walk(hart: Hart, vaddr: int, access: int) -> tuple[int, int, bool]:
         shift = PAGE_SHIFT + LEVEL_BITS * level
         pte_addr = table + ((vaddr >> shift) & 0x1FF) * 8
         pte = _load_pte(hart, pte_addr, vaddr, access)
-        if not pte & PTE_V or pte & (PTE_R | PTE_W) == PTE_W or pte >> PTE_RESERVED_SHIFT:
+        if not pte & PTE_V or pte & (PTE_R | PTE_W) == PTE_W:
             raise Trap(page_fault, vaddr)
         if pte & (PTE_R | PTE_X):
             break
-        # A pointer at the last level, or one with D, A or U set (reserved in pointers).
-        if level == 0 or pte & (PTE_D | PTE_A | PTE_U):
+        # A pointer at the last level, or one with D, A, U or any of bits 63:54 set
+        # (reserved in pointers).
+        if level == 0 or pte & (PTE_D | PTE_A | PTE_U | PTE_HIGH):
             raise Trap(page_fault, vaddr)
         level -= 1
         table = ((pte >> PTE_PPN_SHIFT) & SATP_PPN_MASK) << PAGE_SHIFT
 
+    if pte & PTE_HIGH and not _high_bits_valid(pte, level, c[MENVCFG]):
+        raise Trap(page_fault, vaddr)
     status = c[MSTATUS]
     if pte & PTE_U:
         if priv == PRIV_S and (access == ACCESS_EXEC or not status & MSTATUS_SUM):
@@ -115,6 +132,9 @@ def walk(hart: Hart, vaddr: int, access: int) -> tuple[int, int, bool]:
     if not allowed:
         raise Trap(page_fault, vaddr)
     ppn = (pte >> PTE_PPN_SHIFT) & SATP_PPN_MASK
+    if pte & PTE_N:  # a 64 KiB page: the low PPN bits come from the address
+        shift = NAPOT_64K_SHIFT
+        ppn &= ~0xF
     offset_mask = (1 << shift) - 1
     if (ppn << PAGE_SHIFT) & offset_mask:
         raise Trap(page_fault, vaddr)  # misaligned superpage
@@ -124,6 +144,18 @@ def walk(hart: Hart, vaddr: int, access: int) -> tuple[int, int, bool]:
         _store_pte(hart, pte_addr, pte | wanted, vaddr, access)
     pa = (ppn << PAGE_SHIFT) | (vaddr & offset_mask)
     return pa, shift, priv == PRIV_S and bool(pte & PTE_U)
+
+
+def _high_bits_valid(pte: int, level: int, menvcfg: int) -> bool:
+    """Whether a leaf PTE's bits 63:54 hold only what Svnapot and Svpbmt define."""
+    if pte & PTE_RESERVED:
+        return False
+    pbmt = (pte & PTE_PBMT) >> PTE_PBMT_SHIFT
+    if pbmt and (pbmt == PTE_PBMT_RESERVED or not menvcfg & ENVCFG_PBMTE):
+        return False
+    if pte & PTE_N:
+        return level == 0 and (pte >> PTE_PPN_SHIFT) & 0xF == NAPOT_64K_PPN
+    return True
 
 
 def _load_pte(hart: Hart, pte_addr: int, vaddr: int, access: int) -> int:

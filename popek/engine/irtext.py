@@ -91,6 +91,7 @@ class _Phi(Value):
 class Function:
     def __init__(self, module: Module, ftype: FunctionType, name: str) -> None:
         self.name = name
+        self.module = module
         self.function_type = ftype
         self.args = [Value(t, f"%a{i}") for i, t in enumerate(ftype.args)]
         self.ref = f"@{name}"  # a function is a pointer value
@@ -125,9 +126,11 @@ class Module:
     def __init__(self, name: str = "") -> None:
         self.name = name
         self.functions: list[Function] = []
+        self.declarations: set[str] = set()  # of the intrinsics its functions call
 
     def __str__(self) -> str:
-        return "\n\n".join(str(f) for f in self.functions) + "\n"
+        return "\n".join(sorted(self.declarations)) + "\n\n" + \
+            "\n\n".join(str(f) for f in self.functions) + "\n"
 
 
 _UNSIGNED = {"==": "eq", "!=": "ne", "<": "ult", "<=": "ule", ">": "ugt", ">=": "uge"}
@@ -281,6 +284,13 @@ class IRBuilder:
         text = f"{marker}call {ftype.return_type} {fn.ref}(" \
                f"{', '.join(f'{a.type} {a.ref}' for a in args)})"
         return self._emit(ftype.return_type, text)
+
+    def intrinsic(self, name: str, ret: Type, args: list[Value]) -> Value:
+        """Call the LLVM intrinsic ``name`` (declared in the module on first use)."""
+        types = ", ".join(str(a.type) for a in args)
+        self.function.module.declarations.add(f"declare {ret} @{name}({types})")
+        operands = ", ".join(f"{a.type} {a.ref}" for a in args)
+        return self._emit(ret, f"call {ret} @{name}({operands})")
 
     # -- terminators --
     def _end(self, text: str) -> None:

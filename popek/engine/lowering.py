@@ -43,6 +43,7 @@ AMO_LOADS = {f"amo_ld{n}": n // 8 for n in (8, 16, 32, 64)}
 STORES = {f"st{n}": n // 8 for n in (8, 16, 32, 64)}
 SIGN_EXTENDERS = {"sext8": 8, "sext16": 16, "sext32": 32}  # to an unsigned 64-bit value
 SIGNED_READERS = {"signed": 64, "signed32": 32}  # the low bits read as a signed integer
+BIT_COUNTS = {"clz": "ctlz", "ctz": "cttz", "cpop": "ctpop"}  # helper: LLVM intrinsic
 CONSTANTS = {name: value for name in helpers.__all__
              if isinstance(value := getattr(helpers, name), int)}
 
@@ -613,6 +614,18 @@ class Lowering:
                 return self._signed_quotient(x, y)
             bound = min(big, max(abs(y.lo), abs(y.hi)))
             return Emitted(self._divide("srem", x, y), -bound, bound)
+        if name in BIT_COUNTS:  # clz(v, bits), ctz(v, bits): of the low ``bits`` bits
+            width = self._constant(args[1]) if len(args) > 1 else 64
+            v = self._expr(args[0])
+            if v.lo < 0 or v.hi >> width:
+                raise Unsupported(f"{name} of a value wider than {width} bits")
+            x = v.at(b, width)
+            extra = [ir.Constant(I1, 0)] if name != "cpop" else []  # zero input: ``width``
+            count = b.intrinsic(f"llvm.{BIT_COUNTS[name]}.i{width}", _int(width), [x, *extra])
+            return Emitted(count if width == 64 else b.zext(count, I64), 0, width)
+        if name == "rev8":
+            return Emitted(b.intrinsic("llvm.bswap.i64", I64, [self._u64(self._expr(args[0]))]),
+                           0, U64_MAX)
         if name == "int" and len(args) == 1:
             return self._expr(args[0])
         raise Unsupported(f"call {ast.unparse(call)!r}")

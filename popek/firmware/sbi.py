@@ -15,6 +15,15 @@ from enum import IntEnum
 from typing import Protocol
 
 from popek.cpu.causes import IRQ_S_SOFT, IRQ_S_TIMER, Trap
+from popek.cpu.csr import (
+    ENVCFG_CBCFE,
+    ENVCFG_CBIE,
+    ENVCFG_CBZE,
+    ENVCFG_PBMTE,
+    ENVCFG_STCE,
+    MENVCFG,
+    STIMECMP,
+)
 from popek.cpu.state import PRIV_S
 from popek.devices.device import check_version
 
@@ -127,6 +136,11 @@ class Sbi:
         # scounteren too, as OpenSBI's hart set-up does: Linux without a PMU driver never
         # writes it, yet its vDSO reads the time CSR in U-mode (clock_gettime).
         hart.csr[0x106] = 0xFFFF_FFFF
+        # menvcfg as OpenSBI sets it for a hart with Zicbom, Zicboz, Svpbmt and Sstc: S-mode
+        # may use the cache-block operations and page memory types, and programs its timer
+        # itself through stimecmp (Linux then makes no set_timer call).
+        hart.csr[MENVCFG] = (ENVCFG_CBIE | ENVCFG_CBCFE | ENVCFG_CBZE | ENVCFG_PBMTE
+                             | ENVCFG_STCE)
         hart.priv = PRIV_S
         hart.mmu.flush()
         hart.x[A0] = hart.hartid
@@ -148,6 +162,10 @@ class Sbi:
         return min(pending) if pending else None
 
     def _set_timer(self, hart, when: int) -> None:
+        if hart.csr[MENVCFG] & ENVCFG_STCE:  # STIP follows stimecmp: set the timer there
+            hart.csr[STIMECMP] = when & M64
+            hart.csrs.update_stimecmp()
+            return
         hart.set_interrupt(IRQ_S_TIMER, False)
         self.state.timer_deadline[hart.hartid] = when
         self.update_timers(hart.time())

@@ -11,13 +11,14 @@ from dataclasses import dataclass
 from functools import cache
 
 from popek.cpu.state import X_SINK
-from popek.isa import rv64a, rv64fd, rv64i, rv64m, system
+from popek.isa import rv64a, rv64b, rv64fd, rv64i, rv64m, system
 from popek.isa.rv64c import CINSNS, CInsn
 from popek.isa.spec import Insn
 
 ALL_INSNS: list[Insn] = [
     *rv64i.INSNS,
     *rv64m.INSNS,
+    *rv64b.INSNS,
     *rv64a.INSNS,
     *rv64fd.INSNS,
     *system.INSNS,

@@ -144,6 +144,9 @@ addiw        imm=0                        sext.w      {rd},{rs1}
 addiw        *                            addw        {rd},{rs1},{imm}
 andi         imm=255                      zext.b      {rd},{rs1}
 andi         *                            and         {rd},{rs1},{imm}
+ori          rd=0,imm&0x1f=0              prefetch.i  {pimm}({rs1})     zicbop
+ori          rd=0,imm&0x1f=1              prefetch.r  {pimm}({rs1})     zicbop
+ori          rd=0,imm&0x1f=3              prefetch.w  {pimm}({rs1})     zicbop
 ori          *                            or          {rd},{rs1},{imm}
 xori         imm=-1                       not         {rd},{rs1}
 xori         *                            xor         {rd},{rs1},{imm}
@@ -165,6 +168,13 @@ fence        word&0xf8f80=0,imm=0x833     fence.tso
 fence        word&0xf00f8f80=0            fence       {fence}
 fence        *                            .insn
 fence.i      word=0x0000100f              fence.i
+add.uw       rs2=0                        zext.w      {rd},{rs1}
+rori         *                            ror         {rd},{rs1},{shamt}
+roriw        *                            rorw        {rd},{rs1},{shamt}
+bclri        *                            bclr        {rd},{rs1},{shamt}
+bexti        *                            bext        {rd},{rs1},{shamt}
+binvi        *                            binv        {rd},{rs1},{shamt}
+bseti        *                            bset        {rd},{rs1},{shamt}
 fence.i      *                            .insn
 csrrw        rd=0,rs1=0,imm=0xc00         unimp
 csrrw        rd=0,imm=3                   fscsr       {rs1}
@@ -256,6 +266,10 @@ _ILLEGAL_NAMES = {0x0000: ("unimp", ""), 0x6101: ("add", "sp,sp,0")}
 # (value: the sum is sign-extended from 32 bits).
 _COMPRESSED_ADDRESS_IMM = {"c.addi": False, "c.addiw": True}
 
+# The extensions objdump knows without being told (its default rv64gc); instructions of
+# others (Zba, Zbb, ...) it prints only where the file's ISA string names their extension.
+DEFAULT_EXTENSIONS = frozenset({"I", "M", "A", "F", "D", "Zicsr", "Zifencei", "priv"})
+
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 
 
@@ -282,6 +296,7 @@ _RENDER: dict[str, Callable[[_Fields], str]] = {
     "imm": lambda f: str(f.d.imm),
     "uimm": lambda f: hex((f.d.imm >> 12) & 0xFFFFF),
     "shamt": lambda f: hex(f.d.imm),
+    "pimm": lambda f: str(f.d.imm & ~31),  # a prefetch's offset: its low bits name the kind
     "csr": lambda f: CSR_NAMES.get(f.d.imm, hex(f.d.imm)),
     "zimm": lambda f: str(f.d.rs1),
     "rm": lambda f: "" if f.rm == 7 else "," + _ROUNDING[f.rm],
@@ -353,6 +368,8 @@ def _rules(compressed: str | None, name: str) -> tuple[Alias, ...]:
 
 def _spell(d: Decoded, extensions: frozenset[str]) -> _Plan:
     """Choose objdump's spelling of a decoded instruction and pre-render its operands."""
+    if d.insn.ext not in DEFAULT_EXTENSIONS and d.insn.ext.lower() not in extensions:
+        return _Plan(*_unknown(d.word, d.length), "")
     fields = _Fields(d, 0 if d.rd == X_SINK else d.rd)
     ops = {"rd": fields.rd, "rs1": d.rs1, "rs2": d.rs2, "imm": d.imm, "word": d.word}
     rules = _rules(d.compressed.name if d.compressed else None, d.insn.name)

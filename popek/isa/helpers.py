@@ -53,6 +53,35 @@ def rem_trunc(a: int, b: int) -> int:
     return a - b * div_trunc(a, b)
 
 
+def clz(v: int, bits: int) -> int:
+    """Leading zeros of a ``bits``-wide value (``bits`` for zero)."""
+    return bits - v.bit_length()
+
+
+def ctz(v: int, bits: int) -> int:
+    """Trailing zeros of a ``bits``-wide value (``bits`` for zero)."""
+    return (v & -v).bit_length() - 1 if v else bits
+
+
+def cpop(v: int) -> int:
+    return v.bit_count()
+
+
+def rev8(v: int) -> int:
+    """The bytes of a 64-bit value in reverse order."""
+    return int.from_bytes(v.to_bytes(8, "little"), "big")
+
+
+def clmul(a: int, b: int) -> int:
+    """The 128-bit carry-less product of two 64-bit values."""
+    product = 0
+    while b:
+        low = b & -b
+        product ^= a << (low.bit_length() - 1)
+        b ^= low
+    return product
+
+
 def check_aligned(addr: int, size: int, cause: int) -> None:
     """Atomics must be naturally aligned; ordinary accesses need not be."""
     if addr & (size - 1):
@@ -70,8 +99,13 @@ __all__ = [
     "STORE_MISALIGNED",
     "Trap",
     "check_aligned",
+    "clmul",
+    "clz",
+    "cpop",
+    "ctz",
     "div_trunc",
     "rem_trunc",
+    "rev8",
     "sext16",
     "sext32",
     "sext8",

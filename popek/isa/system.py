@@ -1,4 +1,5 @@
-"""Zicsr and the privileged instructions: CSR access, environment calls, xRET, WFI.
+"""Zicsr and the privileged instructions: CSR access, environment calls, xRET, WFI, and
+the cache-block operations, whose permissions are privileged state.
 
 All of these end a block and are ``system``: the engine re-checks interrupts,
 privilege and FP state after them. Their behaviour lives in the hart's CSR file
@@ -39,6 +40,12 @@ INSNS = [
          "return hart.mret()", "", ext="priv", flags=_SYS),
     insn("wfi", "0001000 00101 00000 000 00000 1110011", "NONE",
          "hart.wfi()", "", ext="priv", flags=_SYS),
+    # Cache-block operations (Zicbom, Zicboz); kinds as popek.cpu.cmo numbers them.
+    *(insn(name, f"{funct12} ..... 010 00000 0001111", "R", f"hart.cbo({kind}, X[rs1])",
+           "({rs1})", ext=ext, flags="store")
+      for name, funct12, kind, ext in (
+          ("cbo.clean", "000000000001", 0, "Zicbom"), ("cbo.flush", "000000000010", 1, "Zicbom"),
+          ("cbo.inval", "000000000000", 2, "Zicbom"), ("cbo.zero", "000000000100", 3, "Zicboz"))),
     insn("sfence.vma", "0001001 ..... ..... 000 00000 1110011", "R",
          "hart.sfence_vma(X[rs1] if rs1 else None, X[rs2])", "{rs1},{rs2}", ext="priv",
          flags=_SYS),

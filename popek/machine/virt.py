@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from popek.cpu import extensions
 from popek.cpu import trap as trap_unit
 from popek.cpu.causes import ECALL_S
 from popek.cpu.hart import Hart
@@ -48,7 +49,8 @@ PLIC_BASE, PLIC_SIZE, PLIC_NDEV = 0xC00_0000, 0x60_0000, 95
 UART_BASE, UART_SIZE, UART_IRQ = 0x1000_0000, 0x100, 10
 TIMEBASE_HZ = 10_000_000
 KERNEL_OFFSET = 0x20_0000  # where firmware jumps to: RAM base + 2 MiB, as on QEMU
-ISA_STRING = "rv64imafdc_zicsr_zifencei"
+NEVER_SECONDS = 24 * 24 * 3600.0  # a timer further away than this counts as stopped (poll
+# takes a timeout in milliseconds in a C int: ~24.8 days)
 SLICE = 20_000  # instructions a hart runs before devices and timers are looked at
 STATE_VERSION = 2  # of save_state(): bump when its layout changes (2: ctl holds the LR reservation)
 HART_BUFFERS = ("x", "f", "ctl", "csr")
@@ -175,8 +177,13 @@ class VirtMachine:
         for hart in self.harts:
             cpu = cpus.add(f"cpu@{hart.hartid}", {
                 "device_type": "cpu", "reg": hart.hartid, "status": "okay",
-                "compatible": "riscv", "riscv,isa": ISA_STRING, "mmu-type": "riscv,sv48",
-                "phandle": 1 + hart.hartid})
+                "compatible": "riscv", "riscv,isa": extensions.ISA_STRING,
+                "riscv,isa-base": extensions.BASE,
+                "riscv,isa-extensions": list(extensions.EXTENSIONS),
+                "riscv,cbom-block-size": extensions.CACHE_BLOCK_SIZE,
+                "riscv,cbop-block-size": extensions.CACHE_BLOCK_SIZE,
+                "riscv,cboz-block-size": extensions.CACHE_BLOCK_SIZE,
+                "mmu-type": "riscv,sv48", "phandle": 1 + hart.hartid})
             cpu.add("interrupt-controller", {
                 "#interrupt-cells": 1, "interrupt-controller": b"",
                 "compatible": "riscv,cpu-intc", "phandle": intc[hart.hartid]})
@@ -359,6 +366,8 @@ class VirtMachine:
 
     def _update_devices(self) -> None:
         self.clint.update()
+        for hart in self.harts:
+            hart.csrs.update_stimecmp()
         self.rtc.update()
         if self.sbi is not None:
             self.sbi.update_timers(self.clint.mtime())
@@ -374,10 +383,16 @@ class VirtMachine:
         if any(self._runnable(hart) for hart in self.harts):
             return 0.0
         ticks = [d for d in (self.clint.next_deadline(),
-                             self.sbi.next_deadline() if self.sbi else None) if d is not None]
+                             self.sbi.next_deadline() if self.sbi else None,
+                             *(hart.csrs.stimecmp_deadline() for hart in self.harts))
+                 if d is not None]
         waits = [self.rtc.seconds_to_alarm()]
         if ticks:
-            waits.append(max(0.0, (min(ticks) - self.clint.mtime()) / TIMEBASE_HZ))
+            wait = max(0.0, (min(ticks) - self.clint.mtime()) / TIMEBASE_HZ)
+            # A compare register set to all ones (how Linux and OpenSBI stop a timer) is
+            # 58,000 years away, beyond what the host's poll can wait: no deadline at all.
+            if wait < NEVER_SECONDS:
+                waits.append(wait)
         return min((w for w in waits if w is not None), default=None)
 
     def run_slice(self) -> bool:

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 
 from popek.cpu import causes
-from popek.cpu.csr import FCSR, MCOUNTEREN, MSTATUS, SCOUNTEREN
+from popek.cpu.csr import ENVCFG_CBZE, FCSR, MCOUNTEREN, MENVCFG, MSTATUS, SCOUNTEREN, SENVCFG
 from popek.cpu.hart import Hart
 from popek.cpu.physmem import PAGE_SIZE, PhysicalMemory
 from popek.cpu.state import PRIV_U
@@ -127,6 +127,9 @@ class Process:
         hart.priv = PRIV_U
         hart.csr[MSTATUS] |= MSTATUS_FS_DIRTY
         hart.csr[MCOUNTEREN] = hart.csr[SCOUNTEREN] = COUNTERS
+        # User programs may zero cache blocks (cbo.zero), as Linux lets them where the
+        # hart has Zicboz; clean, flush and invalidate stay the kernel's.
+        hart.csr[MENVCFG] = hart.csr[SENVCFG] = ENVCFG_CBZE
         hart.csr[FCSR] = 0
         hart.mmu.flush()
 

@@ -52,8 +52,11 @@ ROUNDING_MODES = ("rne", "rtz", "rdn", "rup", "rmm", "?5", "?6", "dyn")
 
 # Instructions whose whole effect is privileged state or a trap. Unicorn does not emulate
 # trap entry (it hands the exception to the host, and reports ecall with the U-mode cause
-# whatever the privilege), so directed trap tests cover these instead.
-EXCLUDED_EXT = "priv"
+# whatever the privilege), so directed trap tests cover these instead. Nor does unicorn
+# (QEMU 5.0) know the extensions ratified since: tests/test_exec.py compares the bit
+# manipulation ones with qemu-riscv64 7.2, tests/test_extensions.py all of them with the
+# specification.
+EXCLUDED_EXTS = frozenset({"priv", "Zba", "Zbb", "Zbc", "Zbs", "Zicond", "Zicbom", "Zicboz"})
 
 _BY_NAME = {i.name: i for i in ALL_INSNS}
 
@@ -185,14 +188,14 @@ def _expansions(c: CInsn) -> Iterator[tuple[int, str]]:
 def kinds() -> dict[str, Kind]:
     """Every non-privileged declared instruction and compressed form, by name."""
     out = {i.name: Kind(i.name, i, overlaps=_overlapping(i))
-           for i in ALL_INSNS if i.ext != EXCLUDED_EXT}
+           for i in ALL_INSNS if i.ext not in EXCLUDED_EXTS}
     for c in CINSNS:
         groups: dict[str, list[int]] = {}
         for half, base in _expansions(c):
             groups.setdefault(base, []).append(half)
         for base, halves in groups.items():
             ins = _BY_NAME[base]
-            if ins.ext == EXCLUDED_EXT:
+            if ins.ext in EXCLUDED_EXTS:
                 continue
             name = c.name if len(groups) == 1 else f"{c.name}:{base}"
             out[name] = Kind(name, ins, c, tuple(halves))

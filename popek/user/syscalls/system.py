@@ -1,4 +1,6 @@
-"""System information and resources: uname, sysinfo, limits, usage, randomness, scheduling.
+"""System information and resources: uname, sysinfo, limits, usage, randomness, scheduling,
+and riscv_hwprobe, which tells a program the hart's extensions (glibc picks string
+functions by it).
 
 The guest learns about the host it runs on, except that the machine is riscv64.
 Resource limits that bound memory are kept for the guest but not applied to the
@@ -9,9 +11,11 @@ from __future__ import annotations
 
 import os
 import resource
+import struct
 import time
 from typing import TYPE_CHECKING
 
+from popek.cpu import extensions
 from popek.user import structs
 from popek.user.linux_errno import Errno, SyscallError
 from popek.user.syscalls.proc import pack_rusage
@@ -33,6 +37,41 @@ RLIM_INFINITY = (1 << 64) - 1
 RUSAGE_SELF, RUSAGE_CHILDREN, RUSAGE_THREAD = 0, -1, 1
 GRND_NONBLOCK, GRND_RANDOM, GRND_INSECURE = 1, 2, 4
 LOAD_SHIFT = 16
+
+
+# riscv_hwprobe keys and IMA_EXT_0 bits (Linux's asm/hwprobe.h). Zicbom is left out: user
+# programs may not clean or flush cache blocks (menvcfg/senvcfg in popek.user.process).
+HWPROBE_BASE_BEHAVIOR, HWPROBE_BASE_IMA = 3, 1
+HWPROBE_IMA_EXT_0 = 4
+HWPROBE_CPUPERF_0 = 5  # misaligned access speed: 0, unknown
+HWPROBE_ZICBOZ_BLOCK_SIZE = 6
+HWPROBE_EXT_BITS = {"d": 0, "c": 1, "zba": 3, "zbb": 4, "zbs": 5, "zicboz": 6, "zbc": 7,
+                    "zicond": 35, "zihintpause": 36, "zicntr": 50}  # d: F and D together
+HWPROBE_PAIR = struct.Struct("<qQ")
+
+
+def _hwprobe_values() -> dict[int, int]:
+    ext = sum(1 << HWPROBE_EXT_BITS[e] for e in extensions.EXTENSIONS if e in HWPROBE_EXT_BITS)
+    return {0: 0, 1: 0, 2: 0,  # mvendorid, marchid, mimpid: popek's harts read 0
+            HWPROBE_BASE_BEHAVIOR: HWPROBE_BASE_IMA, HWPROBE_IMA_EXT_0: ext,
+            HWPROBE_CPUPERF_0: 0, HWPROBE_ZICBOZ_BLOCK_SIZE: extensions.CACHE_BLOCK_SIZE}
+
+
+@syscall("riscv_hwprobe")
+def riscv_hwprobe(p: Process, pairs: int, count: int, cpusetsize: int, cpus: int,
+                  flags: int) -> int:
+    """Fill in the value of each (key, value) pair; an unknown key becomes -1 with value 0.
+    Every hart is alike, so the CPU set does not matter."""
+    if flags:
+        raise SyscallError(Errno.EINVAL)
+    values = _hwprobe_values()
+    for i in range(count):
+        addr = pairs + HWPROBE_PAIR.size * i
+        key, _ = HWPROBE_PAIR.unpack(p.space.read(addr, HWPROBE_PAIR.size))
+        value = values.get(key)
+        p.space.write(addr, HWPROBE_PAIR.pack(-1, 0) if value is None
+                      else HWPROBE_PAIR.pack(key, value))
+    return 0
 
 
 @syscall("uname")
