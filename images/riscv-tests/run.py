@@ -31,7 +31,8 @@ SUITES = {
     "rv64ui": "rv64g", "rv64um": "rv64g", "rv64ua": "rv64g", "rv64uf": "rv64g",
     "rv64ud": "rv64g", "rv64uc": "rv64g", "rv64si": "rv64g", "rv64mi": "rv64g",
     "rv64uzba": "rv64g_zba", "rv64uzbb": "rv64g_zbb", "rv64uzbc": "rv64g_zbc",
-    "rv64uzbs": "rv64g_zbs",
+    "rv64uzbs": "rv64g_zbs", "rv64uzicond": "rv64g_zicond", "rv64mzicbo": "rv64g_zicboz",
+    "rv64ssvnapot": "rv64g",
 }
 BUDGET = 20_000_000  # instructions: the longest test needs well under a million
 
