@@ -5,8 +5,9 @@ README): every hart starts at the ELF's entry in M-mode with a0 = its hartid and
 the device tree, sets up S-mode (delegation, PMP, satp 0), arms its CLINT timer with an
 M-mode handler that passes each tick on as a supervisor software interrupt, and `mret`s
 to S-mode; there hart 0 drives the virtio-blk disk on slot 0 (modern MMIO, without
-VERSION_1, as xv6 does) with PLIC interrupts, until every hart has seen its ticks. The
-same ELF and disk run on qemu-system-riscv64 and must print the same.
+VERSION_1, as xv6 does) with PLIC interrupts, and reads an empty slot's registers, until
+every hart has seen its ticks. The same ELF and disk run on qemu-system-riscv64 and must
+print the same.
 """
 
 from __future__ import annotations
@@ -196,6 +197,8 @@ static void disk_io(int write, unsigned long sector) {  /* one request, as xv6's
 static void disk(void) {
     say("virtio magic "); hex(*VIRTIO(0)); say(" version "); hex(*VIRTIO(4));
     say(" device "); hex(*VIRTIO(8)); put('\n');
+    say("empty slot 7 magic "); hex(*VIRTIO(0x7000)); say(" version "); hex(*VIRTIO(0x7004));
+    say(" device "); hex(*VIRTIO(0x7008)); say(" vendor "); hex(*VIRTIO(0x700c)); put('\n');
     unsigned int s = 0;
     *VIRTIO(0x070) = s;
     *VIRTIO(0x070) = s |= 1;

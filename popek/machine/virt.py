@@ -32,6 +32,7 @@ from popek.devices.uart16550 import Uart16550
 from popek.devices.virtio import FIRST_IRQ, SLOT_BASE, SLOT_COUNT, SLOT_SIZE, VirtioBlk, VirtioMMIO
 from popek.devices.virtio.balloon import VirtioBalloon
 from popek.devices.virtio.console import VirtioConsole
+from popek.devices.virtio.mmio import EmptySlot
 from popek.devices.virtio.net import VirtioNet, default_mac
 from popek.devices.virtio.rng import VirtioRng
 from popek.firmware.sbi import Sbi
@@ -127,6 +128,8 @@ class VirtMachine:
         if config.balloon:  # after the agent's port, for the same reason
             self.balloon = VirtioBalloon(self.mem)
             self.balloon.attach(self._add_virtio(self.balloon))
+        for n in range(len(self.virtio), SLOT_COUNT):
+            self.mem.add_device(SLOT_BASE + n * SLOT_SIZE, SLOT_SIZE, EmptySlot())
         self.sbi = Sbi(self) if config.bios == "popek" else None
         for base, size, dev in (
             (TEST_BASE, TEST_SIZE, self.finisher), (RTC_BASE, RTC_SIZE, self.rtc),
