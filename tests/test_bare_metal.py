@@ -23,7 +23,7 @@ from popek.engine.engine import TIERS
 from popek.machine.config import DiskSpec, MachineConfig
 from popek.machine.virt import VirtMachine
 from tests.linux_guest import popek_run
-from tests.vmm_guests import GCC
+from tests.vmm_guests import GCC, build
 
 CPUS = 3
 MEM = 128 << 20
@@ -252,31 +252,12 @@ void smain(void) {                                      /* S-mode, every hart */
 }
 """
 
-_LINK = """
-ENTRY(_start)
-SECTIONS {
-  . = 0x80000000;
-  .text : { *(.text.start) *(.text*) }
-  .rodata : { *(.rodata*) *(.srodata*) }
-  .data : { *(.data*) *(.sdata*) }
-  .bss : { *(.bss*) *(.sbss*) }
-}
-"""
-
-
 @pytest.fixture(scope="module")
 def guest(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if shutil.which(GCC) is None:
         pytest.fail(f"{GCC} is missing: apt-get install gcc-riscv64-linux-gnu (./quickstart)")
-    out = tmp_path_factory.mktemp("bare")
-    for name, text in (("start.S", _START), ("guest.c", _GUEST), ("link.ld", _LINK)):
-        (out / name).write_text(text)
-    subprocess.run([GCC, "-O2", "-march=rv64gc", "-mabi=lp64d", "-mcmodel=medany",
-                    "-ffreestanding", "-nostdlib", "-static", "-fno-pie", "-no-pie",
-                    "-Wl,--build-id=none", "-Wl,--no-warn-rwx-segments",
-                    "-T", str(out / "link.ld"), str(out / "start.S"), str(out / "guest.c"),
-                    "-o", str(out / "guest")], check=True, capture_output=True)
-    return out / "guest"
+    out = tmp_path_factory.mktemp("bare") / "guest"
+    return build(out, {"start.S": _START, "guest.c": _GUEST}, 0x8000_0000)
 
 
 def _disk(path: Path) -> Path:
