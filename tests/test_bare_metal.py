@@ -305,27 +305,29 @@ def test_xv6_boot_path_prints_what_qemu_prints(guest: Path, qemu_output: str, ti
     assert disk.read_bytes()[512:1024] == _expected_sector1()
 
 
-def _elf_at(tmp_path: Path, address: int) -> Path:
+def _elf_at(tmp_path: Path, address: int, *flags: str) -> Path:
     """A one-instruction ELF linked at ``address``."""
     src = tmp_path / "t.S"
     src.write_text(".globl _start\n_start: j _start\n")
     elf = tmp_path / "t.elf"
     subprocess.run([GCC, "-nostdlib", "-static", "-no-pie", f"-Wl,-Ttext={address:#x}",
-                    "-Wl,--build-id=none", "-Wl,--no-warn-rwx-segments", "-Wl,-N",
+                    "-Wl,--build-id=none", "-Wl,--no-warn-rwx-segments", "-Wl,-N", *flags,
                     str(src), "-o", str(elf)], check=True, capture_output=True)
     return elf
 
 
 @pytest.mark.parametrize(("make", "error"), [
     (lambda tmp: _disk(tmp / "raw.bin"),
-     "is not an ELF file (--bios none runs an ELF from its entry)"),
+     " is not an ELF file (--bios none runs an ELF from its entry)"),
     (lambda tmp: _elf_at(tmp, 0x4000_0000),
-     "loads at 0x40000000, outside guest RAM (0x80000000-0x87ffffff)"),
+     " loads at 0x40000000, outside guest RAM (0x80000000-0x87ffffff)"),
     (lambda tmp: _elf_at(tmp, 0x8800_0000),
-     "loads at 0x88000000, outside guest RAM (0x80000000-0x87ffffff)"),
+     " loads at 0x88000000, outside guest RAM (0x80000000-0x87ffffff)"),
+    (lambda tmp: _elf_at(tmp, 0x8000_0000, "-Wl,--entry=0x80100000"),
+     ": its entry 0x80100000 is not in what it loads"),
 ])
 def test_bad_bare_metal_kernel_gets_one_line(tmp_path: Path, make, error: str) -> None:
     kernel = make(tmp_path)
     done = popek_run("--bios", "none", "--kernel", str(kernel), "--mem", "128M", timeout=60)
     assert done.returncode == 2
-    assert done.stderr.decode() == f"popek run: error: kernel {kernel} {error}\n"
+    assert done.stderr.decode() == f"popek run: error: kernel {kernel}{error}\n"
