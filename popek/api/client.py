@@ -206,6 +206,18 @@ class Client:
         await self.request("DELETE", f"/v1/networks/{name}")
 
     @contextlib.asynccontextmanager
+    async def debugger(self, vm: str) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
+        """A WebSocket (``async with``) carrying a gdb remote-protocol stream to the VM's
+        gdb stub: the guest halts until the debugger continues."""
+        try:
+            ws = await self._session.ws_connect(f"{self.base}/v1/vms/{vm}/gdb")
+        except aiohttp.WSServerHandshakeError as err:
+            raise ApiError(UNAUTHORIZED if err.status == 401 else
+                           f"cannot debug {vm} (HTTP {err.status})", err.status) from None
+        async with ws:
+            yield ws
+
+    @contextlib.asynccontextmanager
     async def console(self, vm: str,
                       replay: bool = True) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
         """A WebSocket (``async with``): receive guest output, ``send_bytes`` keystrokes."""

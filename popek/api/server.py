@@ -180,20 +180,50 @@ async def console(request: web.Request) -> web.WebSocketResponse:
             await ws.send_bytes(bytes(vm.console.data))
         if not vm.alive:
             return ws
-        keys = asyncio.create_task(_to_guest(ws, vm))
-        while True:
-            output = asyncio.create_task(queue.get())
-            await asyncio.wait({output, keys}, return_when=asyncio.FIRST_COMPLETED)
-            if keys.done() or output.result() is None:
-                output.cancel()
-                break
-            await ws.send_bytes(output.result())
-        keys.cancel()
+        await _relay(queue, ws, asyncio.create_task(_to_guest(ws, vm)))
     finally:
         request.app[CONSOLES_KEY].pop(ws, None)
         vm.console.detach(queue)
         await ws.close()
     return ws
+
+
+async def debugger(request: web.Request) -> web.WebSocketResponse:
+    """A gdb remote-protocol stream as a WebSocket (``popek vm debug`` relays gdb's TCP
+    connection): binary frames both ways; the guest halts while it opens, and runs on
+    when either side closes. One debugger per VM (409 for a second)."""
+    vm = _vmm(request).get(request.match_info["vm"])
+    stub_out = await vm.debug()
+    ws = web.WebSocketResponse(max_msg_size=1 << 20)
+    try:
+        await ws.prepare(request)
+        request.app[CONSOLES_KEY][ws] = request.transport
+        await _relay(stub_out, ws, asyncio.create_task(_to_stub(ws, vm)))
+    finally:
+        request.app[CONSOLES_KEY].pop(ws, None)
+        vm.end_debug()
+        await ws.close()
+    return ws
+
+
+async def _relay(queue: asyncio.Queue[bytes | None], ws: web.WebSocketResponse,
+                 incoming: asyncio.Task[None]) -> None:
+    """Send ``queue``'s bytes to the client until they end (None) or ``incoming``, the
+    task taking the client's messages, does (the client went away)."""
+    while True:
+        output = asyncio.create_task(queue.get())
+        await asyncio.wait({output, incoming}, return_when=asyncio.FIRST_COMPLETED)
+        if incoming.done() or output.result() is None:
+            output.cancel()
+            break
+        await ws.send_bytes(output.result())
+    incoming.cancel()
+
+
+async def _to_stub(ws: web.WebSocketResponse, vm: Any) -> None:
+    async for msg in ws:
+        if msg.type == WSMsgType.BINARY:
+            vm.send_debug(msg.data)
 
 
 async def _close_consoles(app: web.Application) -> None:
@@ -235,6 +265,7 @@ def routes() -> list[web.RouteDef]:
         web.post("/v1/vms/{vm}/exec", exec_in_vm),
         web.get("/v1/vms/{vm}/console", console),
         web.get("/v1/vms/{vm}/console/log", console_log),
+        web.get("/v1/vms/{vm}/gdb", debugger),
         web.get("/v1/networks", list_networks),
         web.get("/v1/host", host),
         web.post("/v1/networks", create_network),

@@ -58,3 +58,19 @@ class Trap(Exception):
 
     def __repr__(self) -> str:
         return f"Trap(cause={self.cause}, tval={self.tval!r})"
+
+
+class DebugStop(Trap):
+    """Not an architectural trap: a debugger stops the hart before this instruction.
+
+    Raised like a trap (at a block start that holds a breakpoint, or by a watched write
+    before it lands) so that every tier's precise-trap path leaves exactly the state
+    before the instruction; the engine then returns instead of taking a trap.
+    ``reason`` and ``addr`` say why, for the debugger's stop reply."""
+
+    __slots__ = ("reason", "addr")
+
+    def __init__(self, reason: str, addr: int) -> None:
+        super().__init__(-1, 0)
+        self.reason = reason
+        self.addr = addr

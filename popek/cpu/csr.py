@@ -163,6 +163,20 @@ class CsrFile:
             write(value & XLEN_MASK)
         return old if do_read else 0
 
+    # -- a debugger's view: every CSR, with no privilege or FP-state check ------------------
+    def numbers(self) -> list[int]:
+        """The numbers of the CSRs this hart has, ascending."""
+        return sorted(self._table)
+
+    def debug_read(self, num: int) -> int:
+        return self._table[num][1]()
+
+    def debug_write(self, num: int, value: int) -> None:
+        """Write as ``csrrw`` would (WARL masks, side effects); read-only CSRs stay."""
+        write = self._table[num][2]
+        if write is not None and num < 0xC00:
+            write(value & XLEN_MASK)
+
     # -- table ---------------------------------------------------------------------------
     def _build(self) -> None:
         c = self.c

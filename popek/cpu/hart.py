@@ -57,10 +57,11 @@ class Hart(HartState):
         self.wake_if_interrupted()
         return self.engine.run(budget)
 
-    def step(self) -> int:
-        """Execute exactly one instruction (or take one trap); returns 1 if it retired."""
+    def step(self, interrupts: bool = True) -> int:
+        """Execute exactly one instruction (or take one trap); returns 1 if it retired.
+        ``interrupts`` False leaves pending interrupts pending (a debugger's step)."""
         self.wake_if_interrupted()
-        return self.engine.run(1, single=True)
+        return self.engine.run(1, single=True, interrupts=interrupts)
 
     @property
     def waiting(self) -> bool:

@@ -136,6 +136,15 @@ class Mmu:
         if self.mirror is not None:
             self.mirror.drop_writable()
 
+    def drop_readable(self, page: int) -> None:
+        """Forget the readable translations to host page ``page``, those of privileges set
+        aside too: guest memory asks when a debugger starts watching its reads."""
+        for tlb_r in [self.tlb_r, *(s[0] for s in self.saved.values())]:
+            for vpn in [vpn for vpn, base in tlb_r.items() if base == page]:
+                del tlb_r[vpn]
+        if self.mirror is not None:
+            self.mirror.flush()
+
     # -- slow path ----------------------------------------------------------------------
     def resolve(self, vaddr: int, size: int, access: int) -> tuple[int, int | None]:
         """Translate and check one access within a page: (physical address, host offset).
@@ -158,6 +167,8 @@ class Mmu:
                     raise Trap(ACCESS_FAULT_FOR_ACCESS[access], vaddr)
         if access == ACCESS_WRITE and cacheable:
             cacheable = self.mem.admit_write(off & ~_PAGE_MASK)
+        elif access == ACCESS_READ and cacheable:
+            cacheable = self.mem.admit_read(off & ~_PAGE_MASK)
         if cacheable:
             tlb = (self.tlb_r, self.tlb_w, self.tlb_x)[access]
             if len(tlb) >= TLB_LIMIT:
@@ -198,6 +209,7 @@ class Mmu:
             return low | (high << (8 * first))
         pa, off = self.resolve(vaddr, size, access)
         if off is not None:
+            self.mem.before_read(off, size)
             return int.from_bytes(self.mem.ram[off:off + size], "little")
         try:
             return self.mem.load(pa, size)

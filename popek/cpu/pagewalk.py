@@ -78,11 +78,20 @@ def translate(hart: Hart, vaddr: int, access: int) -> int:
     return walk(hart, vaddr, access)[0]
 
 
-def walk(hart: Hart, vaddr: int, access: int) -> tuple[int, int, bool]:
+def debug_translate(hart: Hart, vaddr: int) -> int:
+    """The physical address a debugger means by ``vaddr``: as the hart would read it (or
+    fetch it, for execute-only code), without setting A/D bits; a page fault if neither."""
+    try:
+        return walk(hart, vaddr, ACCESS_READ, update=False)[0]
+    except Trap:
+        return walk(hart, vaddr, ACCESS_EXEC, update=False)[0]
+
+
+def walk(hart: Hart, vaddr: int, access: int, update: bool = True) -> tuple[int, int, bool]:
     """:func:`translate`, plus what a TLB caching the answer needs to know to drop it in
     time: the log2 size of the mapping (an ``sfence.vma`` of any page in a superpage
     changes all of it) and whether only ``mstatus.SUM`` grants it (a user page reached
-    from S-mode)."""
+    from S-mode). ``update`` False leaves the PTE's A/D bits alone (a debugger's look)."""
     priv = effective_priv(hart, access)
     if priv == PRIV_M:
         return vaddr, PAGE_SHIFT, False
@@ -140,7 +149,7 @@ def walk(hart: Hart, vaddr: int, access: int) -> tuple[int, int, bool]:
         raise Trap(page_fault, vaddr)  # misaligned superpage
 
     wanted = PTE_A | PTE_D if access == ACCESS_WRITE else PTE_A
-    if pte & wanted != wanted:
+    if update and pte & wanted != wanted:
         _store_pte(hart, pte_addr, pte | wanted, vaddr, access)
     pa = (ppn << PAGE_SHIFT) | (vaddr & offset_mask)
     return pa, shift, priv == PRIV_S and bool(pte & PTE_U)

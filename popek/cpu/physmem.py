@@ -40,6 +40,11 @@ the harts of a machine share one memory.
   migration are further watchers. Watches are keyed by the page's host offset, as TLB
   entries are.
 
+- A read watch (:meth:`~PhysicalMemory.watch_reads`), a debugger's read watchpoint,
+  keeps a page out of every read TLB (:meth:`~PhysicalMemory.admit_read` refuses it), so
+  each hart load from it takes the MMU's slow path, which tells the watcher
+  (:meth:`~PhysicalMemory.before_read`) before it reads.
+
 A migration, say, starts a log, copies all of RAM once, then copies what each round's
 ``take`` names until little is left; a diff snapshot keeps a log from its base::
 
@@ -87,11 +92,15 @@ class Device(Protocol):
 
 
 class WriteTlb(Protocol):
-    """A hart's cache of writable pages (its MMU), which must forget pages on demand."""
+    """A hart's cache of translations (its MMU), which must forget writable (or
+    readable) pages on demand."""
 
     def drop_writable(self, page: int | None) -> None:
         """Forget every writable translation to the RAM page at host offset ``page``
         (None: to any page), so that the next write to it takes the slow path."""
+
+    def drop_readable(self, page: int) -> None:
+        """Forget every readable translation to the RAM page at host offset ``page``."""
 
 
 class WriteWatcher(Protocol):
@@ -100,6 +109,12 @@ class WriteWatcher(Protocol):
     def page_written(self, page: int, offset: int, size: int) -> bool:
         """Bytes ``[offset, offset + size)`` of the RAM page at host offset ``page`` are
         about to change; return whether to go on watching the page."""
+
+
+class ReadWatcher(Protocol):
+    """Someone who must hear of hart loads from a page before they read it."""
+
+    def page_read(self, page: int, offset: int, size: int) -> None: ...
 
 
 class DirtyLog:
@@ -161,6 +176,7 @@ class PhysicalMemory:
         self._tlbs: list[WriteTlb] = []
         self._logs: list[mmap.mmap] = []
         self._watches: dict[int, list[WriteWatcher]] = {}
+        self._read_watches: dict[int, ReadWatcher] = {}
 
     # -- layout -------------------------------------------------------------------------
     def add_device(self, base: int, size: int, device: Device) -> None:
@@ -280,6 +296,26 @@ class PhysicalMemory:
             watchers.remove(watcher)
             if not watchers:
                 del self._watches[page]
+
+    def admit_read(self, page: int) -> bool:
+        """Whether a read TLB may cache the RAM page at host offset ``page``."""
+        return page not in self._read_watches
+
+    def watch_reads(self, page: int, watcher: ReadWatcher | None) -> None:
+        """Have ``watcher`` hear of every hart load from the RAM page at host offset
+        ``page`` (None: stop), keeping the page out of read TLBs meanwhile."""
+        if watcher is None:
+            self._read_watches.pop(page, None)
+            return
+        self._read_watches[page] = watcher
+        for tlb in self._tlbs:
+            tlb.drop_readable(page)
+
+    def before_read(self, off: int, size: int) -> None:
+        """A hart is about to load ``size`` bytes at host offset ``off`` (slow path)."""
+        watcher = self._read_watches.get(off & ~PAGE_MASK)
+        if watcher is not None:
+            watcher.page_read(off & ~PAGE_MASK, off & PAGE_MASK, size)
 
     def _before_write(self, off: int, size: int) -> None:
         """``size`` bytes at host offset ``off`` are about to change outside the write

@@ -10,6 +10,12 @@ beside code costs a slow-path store, not a re-decode. Each block has one entry p
 ``run(pc)``: the reference tier interprets its decoded instructions; tier 1 replaces
 that with a translated Python function once the block is hot. Interrupts are checked
 at block boundaries: after every system instruction and at each slice start.
+
+A debugger stops a hart at an arbitrary pc without a check per block: setting
+breakpoints flushes the code cache (the one invalidation path), and blocks decoded while
+breakpoints exist end before each breakpoint, so a breakpoint is always a block's first
+instruction; such a block is ``special`` (the run loop's slow path looks at it) and never
+native (native code would chain into it without returning to the loop).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import struct
 from collections.abc import Callable
 
 from popek.cpu import trap as trap_unit
-from popek.cpu.causes import ILLEGAL_INSN, Trap
+from popek.cpu.causes import ILLEGAL_INSN, DebugStop, Trap
 from popek.cpu.physmem import PAGE_SIZE
 from popek.cpu.state import CTL_INSTRET, CTL_PRIV, CTL_WFI, XLEN_MASK
 from popek.engine import jit, translator
@@ -49,7 +55,7 @@ class Block:
     """One decoded block: its entry point and what the engine must do around it."""
 
     __slots__ = ("run", "count", "fp", "system", "special", "offsets", "decoded", "native",
-                 "native_addr", "key")
+                 "native_addr", "key", "breakpoint")
 
     def __init__(self, decoded: list[Decoded | None], offsets: tuple[int, ...], fp: bool,
                  system: bool) -> None:
@@ -63,6 +69,7 @@ class Block:
         self.native: Callable[[int, int], int] | None = None  # tier 2's entry point
         self.native_addr = 0
         self.key = -1  # in the code cache (Engine.blocks), if anywhere
+        self.breakpoint = False  # decoded at a debugger's breakpoint
 
     def go_native(self, fn: Callable[[int, int], int], addr: int) -> None:
         self.native, self.native_addr = fn, addr
@@ -98,6 +105,12 @@ class Engine:
         self.native_queue: list[Block] = []  # hot blocks waiting for native code
         # Native code compiled for blocks, waiting to be installed between runs.
         self.native_done = self.native.compiled if self.native is not None else ()
+        # A debugger's breakpoints (virtual pcs), where the hart stopped for it and
+        # whether it runs guest instructions now (not a trap handler: the process VM's
+        # system calls, the SBI), which a debugger's watched write must know.
+        self.breakpoints: frozenset[int] = frozenset()
+        self.debug_stop: DebugStop | None = None
+        self.executing = False
 
     # -- code cache ---------------------------------------------------------------------
     def _watch_code(self, page: int, start: int, end: int) -> None:
@@ -132,6 +145,14 @@ class Engine:
         if self.native is not None:
             self.native.forget_jumps()
 
+    def set_breakpoints(self, pcs: frozenset[int]) -> None:
+        """Stop before any instruction at a virtual pc in ``pcs`` (see the module
+        docstring): decoded blocks may run past them, so they are dropped."""
+        if pcs != self.breakpoints:
+            self.breakpoints = pcs
+            self.flush()
+            self.straddlers.clear()
+
     def _mode_key(self) -> int:
         return FS_ON_KEY if self.hart.csr[MSTATUS] & MSTATUS_FS else 0
 
@@ -153,7 +174,7 @@ class Engine:
             if None in block.decoded:
                 return
             block.run = translator.translate(self.namespace, block.decoded, block.offsets)
-            if native and self.native is not None:
+            if native and self.native is not None and not block.breakpoint:
                 block.run = self._count_for_native(block, block.run)
 
         return promote
@@ -231,7 +252,10 @@ class Engine:
         straddler = None  # the cache key of a block that is one page-straddling instruction
         off = pc & (PAGE_SIZE - 1)
         start = off
+        breakpoints = self.breakpoints if limit == MAX_BLOCK else frozenset()
         while len(decoded) < limit:
+            if decoded and breakpoints and ((pc + off - start) & XLEN_MASK) in breakpoints:
+                break  # a breakpoint starts a block of its own
             if page is not None and off + 2 <= PAGE_SIZE:
                 half = _u16(ram, page + off)[0]
                 if half & 3 != 3:
@@ -243,7 +267,8 @@ class Engine:
                 else:
                     word = self._straddling_bits(page, pc)
                     straddler = word | mode
-                    if limit == MAX_BLOCK and (block := self.straddlers.get(straddler)):
+                    if limit == MAX_BLOCK and not breakpoints and \
+                            (block := self.straddlers.get(straddler)):
                         return block
                     d, length, cacheable = decode32(word), 4, False
             else:
@@ -265,6 +290,8 @@ class Engine:
             if "ends_block" in d.insn.flags or off >= PAGE_SIZE or page is None:
                 break
         block = Block(decoded, tuple(offsets), fp, system)
+        if pc in breakpoints:
+            block.breakpoint = block.special = True
         ops = tuple(self._op(d) for d in decoded)
         if limit != MAX_BLOCK or not (cacheable or straddler is not None):
             block.run = interpret(ops, block.offsets)
@@ -308,7 +335,15 @@ class Engine:
         tval = t.tval
         if tval is None:  # illegal instruction: report its bits
             tval = self._instruction_bits(pc) if t.cause == ILLEGAL_INSN else 0
-        return self.hart.on_trap(t.cause, tval, pc)
+        return self._handle_trap(t.cause, tval, pc)
+
+    def _handle_trap(self, cause: int, tval: int, pc: int) -> int:
+        """The hart's trap handler, whose own memory writes are no instruction's."""
+        self.executing = False
+        try:
+            return self.hart.on_trap(cause, tval, pc)
+        finally:
+            self.executing = True
 
     def _instruction_bits(self, pc: int) -> int:
         try:
@@ -350,12 +385,14 @@ class Engine:
         cause = trap_unit.pending_interrupt(self.hart)  # already has INTERRUPT_BIT
         if cause is None:
             return pc
-        return self.hart.on_trap(cause, 0, pc)
+        return self._handle_trap(cause, 0, pc)
 
-    def run(self, budget: int, single: bool = False) -> int:
+    def run(self, budget: int, single: bool = False, interrupts: bool = True) -> int:
         """Execute about ``budget`` instructions (whole blocks); returns how many retired.
 
-        Stops early when the hart waits for an interrupt (WFI).
+        Stops early when the hart waits for an interrupt (WFI) or a debugger stops it
+        (``debug_stop``). ``interrupts`` False leaves pending interrupts for later (a
+        debugger's single step, as QEMU's steps without interrupts).
         """
         hart = self.hart
         ctl = hart.ctl
@@ -365,8 +402,11 @@ class Engine:
         pc = hart.pc
         executed = 0
         instret0 = ctl[CTL_INSTRET]
+        self.debug_stop = None
+        self.executing = True
         try:
-            pc = self.check_interrupts(pc)
+            if interrupts:
+                pc = self.check_interrupts(pc)
             mode = self._mode_key()
             while executed < budget and not ctl[CTL_WFI]:
                 blk = None
@@ -378,13 +418,16 @@ class Engine:
                             pc &= XLEN_MASK
                             blk = self._block_at(pc, base, mode, single)
                         if blk.special:
-                            if blk.native is not None:
+                            if blk.native is not None:  # (never a breakpoint's block)
                                 pc, retired, trap = self._enter(blk, pc, mode, budget - executed)
                                 executed += retired
                                 if trap is not None:
                                     blk = None  # pc is the faulting instruction's already
                                     raise trap
                                 continue
+                            if blk.breakpoint and pc in self.breakpoints:
+                                blk = None  # stop before it (an alias may share the block)
+                                raise DebugStop("breakpoint", pc)
                             if blk.fp:
                                 csr[MSTATUS] |= MSTATUS_FS_DIRTY_SD
                             if blk.system:  # its CSR access may read instret: make it exact
@@ -402,10 +445,14 @@ class Engine:
                         index = t.index
                         executed += index
                         pc = bpc + blk.offsets[index]
+                    if isinstance(t, DebugStop):
+                        self.debug_stop = t
+                        break
                     pc = self._take(t, pc)
                     mode = self._mode_key()
                     budget -= 1  # a trap is progress too: a trap loop must not pin the host
         finally:
+            self.executing = False
             hart.pc = pc
             ctl[CTL_INSTRET] = (instret0 + executed) & XLEN_MASK
         if self.native_queue or self.native_done:

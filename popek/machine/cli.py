@@ -12,6 +12,7 @@ from pathlib import Path
 
 from popek import images
 from popek.devices.virtio.net import default_mac
+from popek.gdb.server import KILLED_STATUS, AddressError, DebuggerPort
 from popek.machine.config import (
     ConfigError,
     DiskSpec,
@@ -35,6 +36,9 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
                         help="also write all console output to FILE")
     parser.add_argument("--stats", action="store_true",
                         help="at exit, print guest instructions, wall time and MIPS on stderr")
+    parser.add_argument("--gdb", metavar="HOST:PORT",
+                        help="wait for gdb at HOST:PORT (or unix:PATH) before the first "
+                             "instruction, like QEMU's -s -S")
     parser.add_argument("-c", dest="command", metavar="CMD",
                         help="run CMD in the guest shell, print its output, exit with its status")
 
@@ -115,8 +119,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         with console:
             status = _run_until_poweroff(config, console, guest_out, stats,
-                                         capture.restart if capture else None)
-    except (ConfigError, ImageError) as err:
+                                         capture.restart if capture else None, args.gdb)
+    except (ConfigError, ImageError, AddressError) as err:
         print(f"popek run: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
@@ -147,9 +151,15 @@ class RunStats:
 
 def _run_until_poweroff(config: MachineConfig, console: HostConsole,
                         guest_out: Callable[[bytes], None], stats: RunStats,
-                        on_reboot: Callable[[], None] | None) -> int:
-    """Run the guest, rebooting it when it asks, until it powers off or the user quits."""
+                        on_reboot: Callable[[], None] | None, gdb: str | None = None) -> int:
+    """Run the guest, rebooting it when it asks, until it powers off or the user quits
+    (or the debugger at ``gdb``, if any, kills it)."""
     session = GuestSession(config, guest_out, on_reboot=on_reboot)
+    try:
+        debugger = DebuggerPort(session.runner, gdb) if gdb else None
+    except BaseException:
+        session.close()
+        raise
 
     def console_input() -> None:
         data = console.read(0.0)
@@ -161,8 +171,14 @@ def _run_until_poweroff(config: MachineConfig, console: HostConsole,
     try:
         while not console.quit_requested and session.step():
             console.flush()
+            if debugger is not None and not debugger.after_step():
+                return KILLED_STATUS
     finally:
         console.flush()
         stats.instructions = session.instructions
+        if debugger is not None:
+            if session.exit_code is not None:
+                debugger.powered_off(session.exit_code)
+            debugger.close()
         session.close()
     return 0 if session.exit_code is None else session.exit_code

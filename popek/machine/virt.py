@@ -411,8 +411,8 @@ class VirtMachine:
                 hart.reservation = None
                 ran = True
             self._update_devices()
-            if self.exit is not None:
-                break
+            if self.exit is not None or hart.engine.debug_stop is not None:
+                break  # powered off, or a debugger stopped the machine
         if not ran:
             self.clock.idle()
         return ran

@@ -13,6 +13,7 @@ import sys
 import time
 
 from popek.engine.engine import DEFAULT_TIER, TIERS
+from popek.gdb.server import AddressError, debug_process
 from popek.stats import instruction_summary
 from popek.user.elf_loader import ExecError
 from popek.user.process import ExecOptions, Process
@@ -42,6 +43,9 @@ def add_exec_args(parser: argparse.ArgumentParser) -> None:
                         help=f"execution tier (default {DEFAULT_TIER}, or $POPEK_ENGINE)")
     parser.add_argument("--stats", action="store_true",
                         help="at exit, print guest instructions, wall time and MIPS on stderr")
+    parser.add_argument("--gdb", metavar="HOST:PORT",
+                        help="wait for gdb at HOST:PORT (or unix:PATH) before the first "
+                             "instruction, like qemu-riscv64 -g")
     parser.add_argument("program", help="the riscv64 executable")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="its arguments")
 
@@ -64,6 +68,12 @@ def cmd_exec(args: argparse.Namespace) -> int:
     except ExecError as e:
         print(f"popek exec: {e}", file=sys.stderr)
         return USAGE_ERROR
+    if args.gdb:
+        try:
+            return debug_process(process, args.gdb)
+        except AddressError as e:
+            print(f"popek exec: {e}", file=sys.stderr)
+            return USAGE_ERROR
     if not args.stats:
         return process.run()
     start, pid = time.monotonic(), os.getpid()

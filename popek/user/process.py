@@ -180,16 +180,25 @@ class Process:
     # -- running ------------------------------------------------------------------------
     def run(self) -> int:
         """Run until the process exits; returns its exit status (128 + signal if killed)."""
-        hart = self.hart
-        sig = self.signals
         try:
             while True:
-                hart.run(SLICE)
-                hart.pc = sig.deliver_pending(hart.pc)
+                self.run_slice()
         except ProcessExit as e:
             return e.status
         except Terminated as e:
             return 128 + e.sig
+
+    def run_slice(self, budget: int = SLICE, step: bool = False) -> None:
+        """Run about ``budget`` instructions (``step``: exactly one, as a debugger steps),
+        then deliver pending signals, unless a debugger stopped the hart at an instruction
+        (they wait until it runs on); raises ProcessExit or Terminated when it ends."""
+        hart = self.hart
+        if step:
+            hart.step(interrupts=False)
+        else:
+            hart.run(budget)
+        if hart.engine.debug_stop is None:
+            hart.pc = self.signals.deliver_pending(hart.pc)
 
     def on_trap(self, cause: int, tval: int, pc: int) -> int:
         if cause == causes.ECALL_U:

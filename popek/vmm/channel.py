@@ -11,7 +11,9 @@ connection begins with the VMM handing the worker, with ``SCM_RIGHTS``, a socket
 own that later brings files (snapshot files the VMM creates); then frames flow.
 
 A frame is a 4-byte little-endian length, a 1-byte tag and the payload: ``J`` a JSON
-object (commands, replies, events), ``O`` guest console output, ``I`` console input.
+object (commands, replies, events), ``O`` guest console output, ``I`` console input,
+``G`` bytes from a debugger to the worker's gdb stub and ``g`` the stub's bytes back
+(an empty ``G`` or ``g`` hangs the debugger up).
 Console bytes travel raw, so a guest flooding its console costs a memcpy, not an
 encoding. The VMM refuses frames over :data:`MAX_FRAME`, so a misbehaving worker
 cannot make it allocate without bound.
@@ -29,6 +31,8 @@ from typing import Any
 JSON = b"J"
 OUTPUT = b"O"
 INPUT = b"I"
+DEBUG_IN = b"G"
+DEBUG_OUT = b"g"
 MAX_FRAME = 4 << 20
 _LEN = struct.Struct("<I")
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -59,7 +63,7 @@ def _decode(tag: bytes, data: bytes) -> Message:
         if not isinstance(obj, dict):
             raise ProtocolError("a JSON frame that is not an object")
         return tag, obj
-    if tag in (OUTPUT, INPUT):
+    if tag in (OUTPUT, INPUT, DEBUG_IN, DEBUG_OUT):
         return tag, data
     raise ProtocolError(f"unknown frame tag {tag!r}")
 

@@ -189,6 +189,12 @@ def add_vm_args(parser: argparse.ArgumentParser) -> None:
     console.add_argument("--no-stdin", action="store_true",
                          help="attach without reading stdin: show output until detached")
 
+    debug = sub.add_parser("debug", help="debug a running VM with gdb: listen at --gdb, "
+                           "relay the debugger through the VMM to the guest's gdb stub")
+    debug.add_argument("vms", metavar="VM")
+    debug.add_argument("--gdb", default="localhost:1234", metavar="HOST:PORT",
+                       help="where gdb connects (HOST:PORT or unix:PATH; localhost:1234)")
+
     run = sub.add_parser("exec", help="run a command in a VM through its guest agent: "
                          "stdin in, stdout, stderr and exit status out")
     run.add_argument("--timeout", type=float, default=60, help="seconds (60)")

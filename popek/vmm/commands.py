@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp import WSCloseCode
 from rich.console import Console
 from rich.progress import Progress, TextColumn
@@ -337,10 +339,49 @@ async def _console(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _debug(client: Client, args: argparse.Namespace) -> int:
+    """Wait for gdb at ``--gdb``, then relay its bytes to the VM's stub and back until
+    either side hangs up; the guest halts while the debugger holds it."""
+    from popek.gdb.server import AddressError, close_listener, listen
+
+    await client.info(args.vms)  # no such VM: say so now, not once gdb has connected
+    try:
+        listener = listen(args.gdb)
+    except AddressError as err:
+        err_console.print(f"popek vm debug: error: {err}", markup=False)
+        return EXIT_USAGE
+    loop = asyncio.get_running_loop()
+    try:
+        listener.setblocking(False)
+        err_console.print(f"Waiting for gdb on {args.gdb} to debug {args.vms}…")
+        conn, _ = await loop.sock_accept(listener)
+    finally:
+        close_listener(listener)
+    with conn:
+        async with client.debugger(args.vms) as ws:
+            async def to_stub() -> None:
+                with contextlib.suppress(ConnectionError):
+                    while data := await loop.sock_recv(conn, 65536):
+                        await ws.send_bytes(data)
+                await ws.close()
+
+            sender = asyncio.create_task(to_stub())
+            try:
+                async for msg in ws:
+                    if msg.type == aiohttp.WSMsgType.BINARY:
+                        await loop.sock_sendall(conn, msg.data)
+            except ConnectionError:
+                pass
+            finally:
+                sender.cancel()
+    err_console.print(f"The debugger left {args.vms}.")
+    return 0
+
+
 _COMMANDS: dict[str, Callable[[Client, argparse.Namespace], Awaitable[Any]]] = {
     "create": _create, "ls": _ls, "info": _info, "stop": _stop, "update": _update,
     "logs": _logs, "snapshot": _snapshot, "restore": _restore, "console": _console,
-    "migrate": _migrate,
+    "migrate": _migrate, "debug": _debug,
     "exec": agent_commands.exec_command, "cp": agent_commands.cp_command,
     **{name: _each(name, name) for name in ("start", "pause", "resume", "kill", "rm")},
 }

@@ -38,7 +38,16 @@ from popek.machine.loader import ImageError
 from popek.net import OpenedNic
 from popek.stats import trap_names
 from popek.vmm import channel, hostfiles, jail, pagesharing, procstat, scheduler, snapshot, worker
-from popek.vmm.channel import INPUT, JSON, OUTPUT, ChannelClosed, ProtocolError, VmmEnd
+from popek.vmm.channel import (
+    DEBUG_IN,
+    DEBUG_OUT,
+    INPUT,
+    JSON,
+    OUTPUT,
+    ChannelClosed,
+    ProtocolError,
+    VmmEnd,
+)
 from popek.vmm.console import ConsoleBuffer
 from popek.vmm.errors import BadRequest, Conflict
 from popek.vmm.limits import VmLimits
@@ -97,6 +106,8 @@ class Vm:
         self.nics: list[OpenedNic] = []  # host ends the VMM opened; the worker uses copies
         self.nic_paths: list[str] = []  # the Unix socket paths they bound, removed at the end
         self.migration: dict[str, Any] | None = None  # the last one: where to, how it went
+        # The gdb stub's bytes for the attached debugger (popek vm debug); None at its end.
+        self._debugger: asyncio.Queue[bytes | None] | None = None
 
     # -- the record -----------------------------------------------------------------------------
     # What the record keeps, and the types a record read back must have.
@@ -268,6 +279,8 @@ class Vm:
                 tag, payload = await self._chan.receive()
                 if tag == OUTPUT:
                     self.console.append(payload)
+                elif tag == DEBUG_OUT and self._debugger is not None:
+                    self._debugger.put_nowait(payload or None)
                 elif tag == JSON:
                     self._event(payload)
         except ChannelClosed:
@@ -336,6 +349,8 @@ class Vm:
             if not future.done():
                 future.set_result({"ok": False, "error": f"the guest is {self.state}"})
         self.console.close()
+        if self._debugger is not None:
+            self._debugger.put_nowait(None)
         await asyncio.to_thread(self.release_nics)
         if self.state != "creating":
             self.save()
@@ -513,6 +528,31 @@ class Vm:
     async def set_balloon(self, guest_bytes: int) -> None:
         """Leave the guest ``guest_bytes`` of RAM; its balloon driver gives back the rest."""
         await self._call("balloon", bytes=guest_bytes)
+
+    async def debug(self) -> asyncio.Queue[bytes | None]:
+        """Attach a debugger (one at a time): the guest halts in its worker's gdb stub.
+        Returns the queue of the stub's bytes (None: it hung up); send with
+        :meth:`send_debug`, and :meth:`end_debug` when the debugger goes."""
+        self._require("debug", "running")
+        if self._debugger is not None:
+            raise Conflict(f"a debugger is attached to VM {self.name} already")
+        self._debugger = asyncio.Queue()
+        try:
+            await self._call("debug")
+        except BaseException:
+            self._debugger = None
+            raise
+        return self._debugger
+
+    def send_debug(self, data: bytes) -> bool:
+        return bool(data) and self.alive and self._chan.send(DEBUG_IN, data)
+
+    def end_debug(self) -> None:
+        """The debugger went away: its stub lets the guest run on."""
+        if self._debugger is not None:
+            self._debugger = None
+            if self.alive:
+                self._chan.send(DEBUG_IN, b"")
 
     def send_input(self, data: bytes) -> bool:
         """Console input; False if the guest is gone or has not read what it was sent."""

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from popek.cpu.physmem import DirtyLog
+from popek.gdb.server import MachineDebugger
 from popek.machine.agent import AgentLink, relink
 from popek.machine.config import ConfigError, config_from_json
 from popek.machine.loader import ImageError
@@ -56,7 +57,16 @@ from popek.vmm import (
     snapshot,
     workerprocess,
 )
-from popek.vmm.channel import INPUT, JSON, OUTPUT, ChannelClosed, Message, WorkerEnd
+from popek.vmm.channel import (
+    DEBUG_IN,
+    DEBUG_OUT,
+    INPUT,
+    JSON,
+    OUTPUT,
+    ChannelClosed,
+    Message,
+    WorkerEnd,
+)
 from popek.vmm.console import Scrollback
 from popek.vmm.migration import Arrival, Emigration, MigrationError, immigrate
 from popek.vmm.throttle import CpuCap
@@ -153,6 +163,20 @@ class VmmLink:
         return self.chan is not None
 
 
+class _DebugLink:
+    """A debugger's connection that the VMM relays: the stub's bytes go on the channel."""
+
+    def __init__(self, link: VmmLink) -> None:
+        self.link = link
+
+    def sendall(self, data: bytes) -> None:
+        if data:
+            self.link.send(DEBUG_OUT, data)
+
+    def close(self) -> None:
+        self.link.send(DEBUG_OUT, b"")
+
+
 class Worker:
     """The guest's machine and the loop that runs it between the VMM's commands."""
 
@@ -176,6 +200,7 @@ class Worker:
         self.runner.running = False
         self.link = VmmLink(listener, spec["vmm_uid"], self.runner.sources, self._greet,
                             self._commands)
+        self.debugger = MachineDebugger(self.runner)  # popek vm debug
         # The network outlives the machine: a reboot builds a new one on the same ends.
         self.nets = [end.backend() for end in spec.get("nics", [])]
         self.machine: VirtMachine | None = None
@@ -215,7 +240,11 @@ class Worker:
 
     def _greet(self) -> None:
         """A VMM attached: once the machine is built, tell it what it needs to show this
-        VM (the first one, that it is ready; a later one, its state and history too)."""
+        VM (the first one, that it is ready; a later one, its state and history too). A
+        debugger the last VMM relayed has gone with it."""
+        if self.debugger.stub is not None:
+            self.debugger.stub.detach()
+            self.debugger.after_step()
         if not self.machine_ready:
             return
         state = "running" if self.running else "paused" if self.started else "created"
@@ -285,6 +314,9 @@ class Worker:
         while True:
             self.runner.step(0.0 if self.migration is not None else
                              max(0.0, next_stats - time.monotonic()) if self.running else None)
+            if not self.debugger.after_step():  # the debugger killed the guest
+                self.debugger.killed = False
+                self.machine.request_shutdown("killed", 0)
             if self.migration is not None and self._migrate_step():
                 return
             if self.running:
@@ -300,6 +332,11 @@ class Worker:
         for tag, payload in frames:
             if tag == INPUT:
                 self.machine.feed_input(payload)
+            elif tag == DEBUG_IN and self.debugger.stub is not None:
+                if payload:
+                    self.debugger.stub.feed(payload)
+                else:
+                    self.debugger.stub.detach()
             elif tag == JSON:
                 self._command(payload)
 
@@ -325,8 +362,10 @@ class Worker:
             return
         reply: dict[str, Any] = {"op": "reply", "id": msg.get("id"), "ok": True}
         try:
-            if self.migration is not None and op in ("pause", "snapshot", "migrate"):
+            if self.migration is not None and op in ("pause", "snapshot", "migrate", "debug"):
                 raise ValueError(f"cannot {op}: the guest is migrating")
+            if self.debugger.stub is not None and op in ("pause", "resume", "migrate", "debug"):
+                raise ValueError(f"cannot {op}: a debugger holds the guest")
             if op == "migrate":
                 self._emigrate(msg)
                 return  # answered when the migration is over
@@ -334,6 +373,8 @@ class Worker:
                 self._set_running(True)
             elif op == "pause":
                 self._set_running(False)
+            elif op == "debug":
+                self._debug()
             elif op == "cap":
                 self.cap.set(msg.get("percent"))
             elif op == "balloon":
@@ -348,6 +389,13 @@ class Worker:
             reply.update(ok=False, error=str(err))
         self._send_stats()
         self.link.send(JSON, reply)
+
+    def _debug(self) -> None:
+        """A debugger attaches through the VMM (``popek vm debug``): the guest halts
+        until it continues, and its bytes travel on this channel."""
+        if not self.running:
+            raise ValueError("cannot debug: the guest is not running (start or resume it)")
+        self.debugger.attach(_DebugLink(self.link))
 
     def _set_running(self, running: bool) -> None:
         """The guest's clock stops while it is paused and resumes where it stood."""
