@@ -5,7 +5,7 @@ clock stops when the guest's init prints its first line (the POPEK-CMD-BEGIN
 marker), i.e. when userspace runs. popek's guest instruction count comes from
 ``popek run --stats`` (the whole run, including the short shutdown).
 
-    python bench/boot.py [--runs N] [--bios none|opensbi] [--tiers jit,translate,interp]
+    python bench/boot.py [--runs N] [--bios popek|opensbi] [--tiers jit,translate,interp]
 
 Each line also gives the CPU time the emulator process used (the whole run), which a
 busy host does not inflate the way it inflates wall time.
@@ -69,7 +69,7 @@ def time_to_marker(cmd: list[str], timeout: float = 900) -> tuple[float, float, 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=1, help="boots per emulator (best is kept)")
-    parser.add_argument("--bios", default="none", choices=["none", "opensbi"],
+    parser.add_argument("--bios", default="popek", choices=["popek", "opensbi"],
                         help="popek's firmware (QEMU always uses its default OpenSBI)")
     parser.add_argument("--tiers", default="jit,translate,interp",
                         help="popek engine tiers to boot (default jit,translate,interp)")

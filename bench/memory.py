@@ -8,7 +8,7 @@ of the whole process, and the resident part of the guest RAM mapping (the one
 anonymous mapping of exactly the guest's size, or QEMU's slightly larger one),
 i.e. the guest RAM actually touched. What remains is the emulator's own overhead.
 
-    python bench/memory.py [--engine jit|translate|interp] [--bios none|opensbi]
+    python bench/memory.py [--engine jit|translate|interp] [--bios popek|opensbi]
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--engine", default="jit", choices=["interp", "translate", "jit"],
                         help="popek's execution tier (default jit)")
-    parser.add_argument("--bios", default="none", choices=["none", "opensbi"],
+    parser.add_argument("--bios", default="popek", choices=["popek", "opensbi"],
                         help="popek's firmware (QEMU always uses its default OpenSBI)")
     args = parser.parse_args()
     qemu = shutil.which("qemu-system-riscv64")

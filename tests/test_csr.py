@@ -79,9 +79,18 @@ def test_identification_csrs_are_read_only(hart):
         assert refused(hart, num, 1)
 
 
+def test_trigger_csrs_say_there_are_no_triggers(hart):
+    """tselect and tdata1..3 exist (the ISA tests' breakpoint test writes them) but tdata1
+    keeps type 0, "no trigger here", whatever is written; tinfo lists only that type."""
+    for num in (0x7A0, 0x7A1, 0x7A2, 0x7A3):
+        write(hart, num, (2 << 60) | 0x44)
+        assert read(hart, num) == 0
+    assert read(hart, 0x7A4) == 1
+
+
 # -- existence and privilege -----------------------------------------------------------------
 @pytest.mark.parametrize("num", [
-    0x7A0,  # tselect: no debug triggers
+    0x7A5,  # tcontrol: no debug triggers
     0x015,  # seed: no Zkr
     0x600,  # hstatus: no H extension
     0x3A1,  # pmpcfg1 does not exist on RV64

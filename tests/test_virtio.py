@@ -243,6 +243,11 @@ def test_registers_identify_a_version_2_virtio_mmio_block_device(blk: Driver) ->
     assert blk.rd(Reg.SHM_LEN_LOW) == blk.rd(Reg.SHM_LEN_HIGH) == 0xFFFF_FFFF
 
 
+def test_a_driver_without_version_1_is_accepted_as_qemu_accepts_xv6s(blk: Driver) -> None:
+    assert blk.negotiate(VIRTIO_BLK_F_FLUSH)
+    assert blk.dev.s.driver_features == VIRTIO_BLK_F_FLUSH
+
+
 def test_config_space_holds_capacity_seg_max_and_block_size(blk: Driver) -> None:
     assert blk.dev.read(Reg.CONFIG, 4) == 64 and blk.dev.read(Reg.CONFIG + 4, 4) == 0
     assert blk.dev.read(Reg.CONFIG, 8) == 64
@@ -251,9 +256,8 @@ def test_config_space_holds_capacity_seg_max_and_block_size(blk: Driver) -> None
     assert blk.dev.read(Reg.CONFIG + 0x80, 4) == 0  # past the end of config
 
 
-def test_feature_negotiation_refuses_unoffered_bits_and_legacy_drivers(blk: Driver) -> None:
+def test_feature_negotiation_refuses_unoffered_bits(blk: Driver) -> None:
     assert not blk.negotiate(VIRTIO_F_VERSION_1 | 1 << 34)  # packed ring: not offered
-    assert not blk.negotiate(VIRTIO_BLK_F_FLUSH)  # no VERSION_1: legacy is not implemented
     assert blk.negotiate(VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH)
     blk.wr(Reg.DRIVER_FEATURES_SEL, 0)
     blk.wr(Reg.DRIVER_FEATURES, 0)  # frozen once FEATURES_OK is set

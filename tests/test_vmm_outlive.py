@@ -394,3 +394,21 @@ def test_networks_outlive_the_vmm_and_adopted_guests_rejoin_them(serve: Serve) -
     serve.stop()
     serve.start()
     assert [n["name"] for n in api("networks")] == ["lan"]
+
+
+def test_a_vm_recorded_before_bios_popek_starts_with_popeks_sbi(serve: Serve) -> None:
+    """VMMs before configurations had a version recorded "bios": "none" for popek's SBI,
+    which is "popek" now that "none" means no firmware, as on QEMU."""
+    api = serve.start()
+    vm = api.create("exit7", start=False)
+    serve.stop()
+    record = serve.home / "state" / "vms" / vm["id"] / "vm.json"
+    older = json.loads(record.read_text())
+    del older["config_version"]
+    older["config"]["bios"] = "none"
+    record.write_text(json.dumps(older))
+    serve.start()
+    assert api.info(vm)["config"]["bios"] == "popek"
+    api("action", vm["id"], "start")
+    api.wait("the guest to power off", lambda: api.info(vm)["state"] == "stopped")
+    assert api.info(vm)["exit"] == {"kind": "poweroff", "code": 7}

@@ -253,3 +253,25 @@ def test_a_snapshot_from_before_the_agent_port_restores_without_one(tmp_path: Pa
     restored = snapshot.load(tmp_path / "old.snap").machine(after.extend)
     assert restored.agent_port is None and len(restored.virtio) == len(original.virtio)
     _run_until(restored, after, rb"tick 5\n")
+
+
+def test_a_snapshot_from_before_bios_popek_restores_with_popeks_sbi(tmp_path: Path) -> None:
+    """Snapshots written before configurations had a version said "bios": "none" for
+    popek's SBI, which is "popek" now that "none" means no firmware, as on QEMU."""
+    out = bytearray()
+    original = _machine("counter", out)
+    _run_until(original, out, rb"tick 2\n")
+    older = {**config_to_json(original.config), "bios": "none"}
+    snapshot.save(tmp_path / "old.snap", original, {"config": older, "config_version": 1})
+    after = bytearray()
+    restored = snapshot.load(tmp_path / "old.snap").machine(after.extend)
+    assert restored.config.bios == "popek" and restored.sbi is not None
+    _run_until(restored, after, rb"tick 5\n")
+    ticks = _ticks(bytes(out) + bytes(after))
+    assert ticks == list(range(len(ticks)))
+
+    current = {**config_to_json(original.config), "bios": "none"}  # no firmware: not this one
+    snapshot.save(tmp_path / "wrong.snap", original, {"config": current})
+    with pytest.raises(SnapshotError, match="saved machine ran popek's SBI, this one has "
+                                            "--bios none"):
+        snapshot.load(tmp_path / "wrong.snap").machine(bytearray().extend)

@@ -30,13 +30,13 @@ stack_top:
 
 _LINK = """
 ENTRY(_start)
-SECTIONS {
-  . = 0x80200000;
-  .text : { *(.text.start) *(.text*) }
-  .rodata : { *(.rodata*) *(.srodata*) }
-  .data : { *(.data*) *(.sdata*) }
-  .bss : { *(.bss*) *(.sbss*) }
-}
+SECTIONS {{
+  . = {base:#x};
+  .text : {{ *(.text.start) *(.text*) }}
+  .rodata : {{ *(.rodata*) *(.srodata*) }}
+  .data : {{ *(.data*) *(.sdata*) }}
+  .bss : {{ *(.bss*) *(.sbss*) }}
+}}
 """
 
 _COMMON = r"""
@@ -422,13 +422,19 @@ def _build_dir() -> Path:
 def guest(name: str) -> Path:
     """The ELF of guest program ``name`` (built once per test process)."""
     out = _build_dir() / name
-    src = out.with_suffix(".c")
-    src.write_text(_COMMON + PROGRAMS[name])
-    (out.parent / "start.S").write_text(_START)
-    (out.parent / "link.ld").write_text(_LINK)
+    return build(out, {"start.S": _START, f"{name}.c": _COMMON + PROGRAMS[name]}, 0x8020_0000)
+
+
+def build(out: Path, sources: dict[str, str], base: int) -> Path:
+    """Compile ``sources`` (file name: text) into the freestanding ELF ``out``, linked at
+    ``base`` with ``.text.start`` first."""
+    for file, text in sources.items():
+        (out.parent / file).write_text(text)
+    link = out.parent / f"{out.name}.ld"
+    link.write_text(_LINK.format(base=base))
     subprocess.run([GCC, "-O2", "-march=rv64gc", "-mabi=lp64d", "-mcmodel=medany",
                     "-ffreestanding", "-nostdlib", "-static", "-fno-pie", "-no-pie",
-                    "-Wl,--build-id=none", "-Wl,--no-warn-rwx-segments",
-                    "-T", str(out.parent / "link.ld"), str(out.parent / "start.S"), str(src),
-                    "-o", str(out)], check=True, capture_output=True)
+                    "-Wl,--build-id=none", "-Wl,--no-warn-rwx-segments", "-T", str(link),
+                    *(str(out.parent / file) for file in sources), "-o", str(out)],
+                   check=True, capture_output=True)
     return out

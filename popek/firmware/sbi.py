@@ -1,6 +1,6 @@
 """SBI v2.0 implemented by the VMM: the guest kernel's hypercall interface.
 
-With ``--bios none`` no guest code runs in M-mode. The kernel starts in S-mode
+With ``--bios popek`` (the default) no guest code runs in M-mode. The kernel starts in S-mode
 with every delegable trap delegated to it; its ``ecall``s (environment calls from
 S-mode, the only traps left for M-mode) land here, in Python, and return to the
 next instruction. Extensions: base, TIME, IPI, RFENCE, HSM, SRST, DBCN and the

@@ -30,6 +30,10 @@ from popek.engine.engine import TIERS
 MIN_RAM = 16 << 20
 MAX_RAM = 64 << 30
 MAX_CPUS = 8
+BIOS_NAMES = ("popek", "none", "opensbi")  # --bios values that are not firmware files
+# The JSON form of a configuration: 2 since "bios": "none" means no firmware; in 1 it meant
+# popek's SBI, which 2 calls "popek". Records that hold configurations say which they hold.
+CONFIG_VERSION = 2
 
 
 class ConfigError(Exception):
@@ -240,8 +244,10 @@ class MachineConfig:
                        maximum=MAX_RAM, help="guest RAM in bytes; on the command line "
                        "e.g. 256M or 1G", cli_default="256M")
     cpus: int = setting(1, metavar="N", minimum=1, maximum=MAX_CPUS, help="harts")
-    bios: str = setting("none", metavar="none|opensbi|PATH", help="M-mode firmware: none = "
-                        "popek's own SBI in Python, opensbi = Debian's fw_jump.bin, or a "
+    bios: str = setting("popek", metavar="popek|none|opensbi|PATH", help="M-mode firmware: "
+                        "popek = popek's own SBI in Python (the kernel starts in S-mode), "
+                        "none = no firmware, as QEMU's -bios none (the --kernel ELF starts "
+                        "in M-mode on every hart), opensbi = Debian's fw_jump.bin, or a "
                         "firmware file")
     rng: bool = setting(True, cli=False, help="a virtio-rng entropy device")
     agent: bool = setting(True, cli=False, help="a virtio console port for popek's guest "
@@ -262,7 +268,7 @@ class MachineConfig:
         """Every host file this machine opens by name (what a path policy must check)."""
         paths = [p for p in (self.kernel, self.initrd) if p is not None]
         paths += [disk.path for disk in self.disks]
-        if self.bios not in ("none", "opensbi"):
+        if self.bios not in BIOS_NAMES:
             paths.append(Path(self.bios))
         for nic in self.nics:
             paths += [Path(v) for v in nic.socket_paths()]
@@ -283,7 +289,7 @@ class MachineConfig:
             nics.append(dataclasses.replace(nic, pcap=fix(nic.pcap), **endpoints))
         return dataclasses.replace(
             self, kernel=fix(self.kernel), initrd=fix(self.initrd),
-            bios=self.bios if self.bios in ("none", "opensbi") else str(fix(self.bios)),
+            bios=self.bios if self.bios in BIOS_NAMES else str(fix(self.bios)),
             disks=[dataclasses.replace(d, path=fix(d.path)) for d in self.disks], nics=nics)
 
 
@@ -455,8 +461,12 @@ def _value(cls: type, f: dataclasses.Field, raw: Any, path: str) -> Any:
 _TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false"}
 
 
-def config_from_json(data: Any) -> MachineConfig:
-    """Raises ConfigError naming the first field that is missing, unknown or wrong."""
+def config_from_json(data: Any, version: int = CONFIG_VERSION) -> MachineConfig:
+    """Raises ConfigError naming the first field that is missing, unknown or wrong.
+    ``version`` is the :data:`CONFIG_VERSION` of whoever wrote ``data`` (a snapshot, VM
+    record or migration source made by an older popek writes an older one)."""
+    if version < 2 and isinstance(data, dict) and data.get("bios", "none") == "none":
+        data = {**data, "bios": "popek"}  # its default and its "none" were popek's SBI
     config = _from_json(MachineConfig, data, "")
     check(config)
     return config

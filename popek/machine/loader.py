@@ -79,11 +79,17 @@ def read_image(path: Path, what: str, limit: int,
 
 
 def load_kernel(path: Path, ram_base: int, ram_size: int,
-                opener: Callable[..., int] = os.open) -> Kernel:
-    """Parse a kernel as QEMU's ``-kernel`` would: an ELF, or a RISC-V Linux Image."""
+                opener: Callable[..., int] = os.open, *, physical: bool = False) -> Kernel:
+    """Parse a kernel as QEMU's ``-kernel`` would: an ELF, or a RISC-V Linux Image.
+
+    ``physical`` (``--bios none``): only an ELF, loaded at its physical addresses and
+    nowhere else, since it runs from reset with no firmware to place it."""
     data = read_image(path, "kernel", ram_size, opener)
     if data.startswith(b"\x7fELF"):
-        return _load_elf(path, data, ram_base, ram_size)
+        return _load_elf(path, data, ram_base, ram_size, physical)
+    if physical:
+        raise ImageError(f"kernel {path} is not an ELF file (--bios none runs an ELF "
+                         "from its entry)")
     if len(data) < IMAGE_HEADER_SIZE:
         raise ImageError(f"kernel {path} is truncated ({len(data)} bytes)")
     if data[56:60] != IMAGE_MAGIC2:
@@ -123,7 +129,8 @@ def _place(addr: int, ram_base: int, ram_size: int) -> int:
     return (addr & 0x7FFFFFFF) | ram_base
 
 
-def _load_elf(path: Path, data: bytes, ram_base: int, ram_size: int) -> Kernel:
+def _load_elf(path: Path, data: bytes, ram_base: int, ram_size: int,
+              physical: bool) -> Kernel:
     try:
         elf = ELFFile(io.BytesIO(data))
         if elf["e_machine"] != "EM_RISCV" or elf.elfclass != 64:
@@ -142,9 +149,9 @@ def _load_elf(path: Path, data: bytes, ram_base: int, ram_size: int) -> Kernel:
             if size > seg["p_memsz"]:  # the ELF spec forbids it; RAM is checked for memsz
                 raise ImageError(f"kernel {path} has a segment larger in the file than "
                                  "in memory")
-            segments.append(Segment(_place(seg["p_paddr"], ram_base, ram_size),
-                                    data[offset:offset + size], seg["p_memsz"]))
-        entry = _place(elf["e_entry"], ram_base, ram_size)
+            addr = seg["p_paddr"] if physical else _place(seg["p_paddr"], ram_base, ram_size)
+            segments.append(Segment(addr, data[offset:offset + size], seg["p_memsz"]))
+        entry = elf["e_entry"] if physical else _place(elf["e_entry"], ram_base, ram_size)
     except (ELFError, OverflowError, ValueError) as err:
         # pyelftools trusts the offsets in a file's headers: seeking to one beyond 2^63
         # overflows, a malformed name fails to decode (ValueError).
@@ -153,5 +160,8 @@ def _load_elf(path: Path, data: bytes, ram_base: int, ram_size: int) -> Kernel:
         raise ImageError(f"kernel {path} has nothing to load")
     for s in segments:
         if not (ram_base <= s.addr and s.addr + s.memsz <= ram_base + ram_size):
-            raise ImageError(f"kernel {path} loads at {s.addr:#x}, outside guest RAM")
+            raise ImageError(f"kernel {path} loads at {s.addr:#x}, outside guest RAM "
+                             f"({ram_base:#x}-{ram_base + ram_size - 1:#x})")
+    if physical and not any(s.addr <= entry < s.addr + s.memsz for s in segments):
+        raise ImageError(f"kernel {path}: its entry {entry:#x} is not in what it loads")
     return Kernel(segments, entry)

@@ -32,6 +32,7 @@ from popek.devices.uart16550 import Uart16550
 from popek.devices.virtio import FIRST_IRQ, SLOT_BASE, SLOT_COUNT, SLOT_SIZE, VirtioBlk, VirtioMMIO
 from popek.devices.virtio.balloon import VirtioBalloon
 from popek.devices.virtio.console import VirtioConsole
+from popek.devices.virtio.mmio import EmptySlot
 from popek.devices.virtio.net import VirtioNet, default_mac
 from popek.devices.virtio.rng import VirtioRng
 from popek.firmware.sbi import Sbi
@@ -134,7 +135,9 @@ class VirtMachine:
         if config.balloon:  # after the agent's port, for the same reason
             self.balloon = VirtioBalloon(self.mem)
             self.balloon.attach(self._add_virtio(self.balloon))
-        self.sbi = Sbi(self) if config.bios == "none" else None
+        for n in range(len(self.virtio), SLOT_COUNT):
+            self.mem.add_device(SLOT_BASE + n * SLOT_SIZE, SLOT_SIZE, EmptySlot())
+        self.sbi = Sbi(self) if config.bios == "popek" else None
         for base, size, dev in (
             (TEST_BASE, TEST_SIZE, self.finisher), (RTC_BASE, RTC_SIZE, self.rtc),
             (CLINT_BASE, CLINT_SIZE, self.clint), (PLIC_BASE, PLIC_SIZE, self.plic),
@@ -231,11 +234,15 @@ class VirtMachine:
         return fdt.build(root)
 
     def boot(self) -> None:
-        """Place kernel, initrd, device tree (and firmware) in RAM and reset the harts."""
+        """Place kernel, initrd, device tree (and firmware) in RAM and reset the harts.
+
+        With popek's SBI the kernel starts in S-mode as firmware would leave it; otherwise
+        every hart starts in M-mode at the boot ROM, which jumps to the firmware, or with
+        ``--bios none`` to the kernel's entry, as QEMU's virt board does."""
         cfg = self.config
-        ram_end = RAM_BASE + cfg.mem
         firmware = firmware_path(cfg.bios)
-        kernel = load_kernel(cfg.kernel, RAM_BASE, cfg.mem, self.opener)
+        kernel = load_kernel(cfg.kernel, RAM_BASE, cfg.mem, self.opener,
+                             physical=cfg.bios == "none")
         if firmware is not None and kernel.entry != RAM_BASE + KERNEL_OFFSET:
             raise ConfigError(f"kernel entry {kernel.entry:#x}: firmware jumps to "
                               f"{RAM_BASE + KERNEL_OFFSET:#x}")
@@ -245,22 +252,25 @@ class VirtMachine:
         if cfg.initrd is not None:
             data = read_image(cfg.initrd, "initrd", cfg.mem, self.opener)
             start = max(_align_up(kernel.end, 1 << 21), RAM_BASE + min(cfg.mem // 2, 128 << 20))
-            if start + len(data) > ram_end - (2 << 20):
+            if start + len(data) > _dtb_address(cfg.mem):
                 raise ConfigError(f"initrd {cfg.initrd} does not fit in {cfg.mem >> 20}M of RAM")
             self.mem.write(start, data)
             initrd_range = (start, start + len(data))
         dtb = self.device_tree(initrd_range)
-        dtb_addr = (ram_end - (2 << 20)) & ~0xFFF
+        dtb_addr = _dtb_address(cfg.mem)
         self.mem.write(dtb_addr, dtb)
-        if firmware is None:
+        if self.sbi is not None:
             self.sbi.boot_hart(self.harts[0], kernel.entry, dtb_addr)
             self._route_ecalls_to_sbi()
             return
-        fw = read_image(firmware, "firmware", cfg.mem, self.opener)
-        if RAM_BASE + len(fw) > kernel.segments[0].addr:
-            raise ConfigError(f"firmware {firmware} overlaps the kernel")
-        self.mem.write(RAM_BASE, fw)
-        self.boot_rom = BootRom(RAM_BASE, dtb_addr)
+        start = kernel.entry
+        if firmware is not None:
+            fw = read_image(firmware, "firmware", cfg.mem, self.opener)
+            if RAM_BASE + len(fw) > kernel.segments[0].addr:
+                raise ConfigError(f"firmware {firmware} overlaps the kernel")
+            self.mem.write(RAM_BASE, fw)
+            start = RAM_BASE
+        self.boot_rom = BootRom(start, dtb_addr, kernel.entry)
         self.mem.add_device(boot_rom.BASE, boot_rom.SIZE, self.boot_rom)
         for hart in self.harts:
             hart.pc = boot_rom.BASE
@@ -310,8 +320,11 @@ class VirtMachine:
             raise ValueError(f"saved machine has {len(state['harts'])} harts and "
                              f"{len(state['virtio'])} virtio devices, this one "
                              f"{len(self.harts)} and {len(self.virtio)}")
+        if (state["firmware"] is None) != (self.sbi is None):
+            raise ValueError("saved machine ran " + ("other firmware" if state["firmware"] is None
+                             else "popek's SBI") + f", this one has --bios {self.config.bios}")
         if self.sbi is None:
-            self.boot_rom = BootRom(RAM_BASE, 0)
+            self.boot_rom = BootRom(RAM_BASE, 0, 0)
             self.mem.add_device(boot_rom.BASE, boot_rom.SIZE, self.boot_rom)
         for hart, saved in zip(self.harts, state["harts"], strict=True):
             for name in HART_BUFFERS:
@@ -425,8 +438,8 @@ def _sbi_trap_handler(hart: Hart, sbi: Sbi) -> Callable[[int, int, int], int]:
 
 
 def firmware_path(bios: str) -> Path | None:
-    """The firmware file ``--bios`` names (None: popek's own SBI)."""
-    if bios == "none":
+    """The firmware file ``--bios`` names (None: popek's own SBI, or none at all)."""
+    if bios in ("popek", "none"):
         return None
     if bios == "opensbi":
         for candidate in OPENSBI_PATHS:
@@ -439,6 +452,13 @@ def firmware_path(bios: str) -> Path | None:
 
 def _align_up(value: int, align: int) -> int:
     return (value + align - 1) & ~(align - 1)
+
+
+def _dtb_address(mem: int) -> int:
+    """Where the device tree goes, as on QEMU: the last 2 MiB boundary it fits below, from
+    the end of RAM or 3 GiB, whichever is lower (32-bit code reaches it). popek's tree is
+    a few KiB, so that is 2 MiB below."""
+    return min(RAM_BASE + mem, 0xC000_0000) - (2 << 20)
 
 
 __all__ = ["ConfigError", "ImageError", "VirtMachine"]

@@ -44,6 +44,7 @@ from typing import Any
 
 from popek.cpu.physmem import PAGE_SIZE, PhysicalMemory
 from popek.machine.config import (
+    CONFIG_VERSION,
     MAX_RAM,
     ConfigError,
     MachineConfig,
@@ -167,6 +168,7 @@ def write(fd: int, path: Path, machine: VirtMachine, extra: dict[str, Any] | Non
             **({"base": {"path": base.path, "meta_crc": base.meta_crc}} if base else {}),
             "created": time.time(),
             "config": config_to_json(machine.config),
+            "config_version": CONFIG_VERSION,
             "machine": machine.save_state(),
             "pages": runs,
             **(extra or {}),
@@ -337,8 +339,8 @@ def _config(path: Path, meta: dict[str, Any]) -> MachineConfig:
         # Saved before machines had the agent's port: the machine it holds has none.
         config = {**config, "agent": False}
     try:
-        return config_from_json(config)
-    except ConfigError as err:
+        return config_from_json(config, meta.get("config_version", 1))
+    except (ConfigError, TypeError) as err:
         raise SnapshotError(f"{path}: bad machine configuration: {err}") from None
 
 

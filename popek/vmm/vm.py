@@ -33,7 +33,7 @@ import time
 from typing import Any
 
 from popek.jsontypes import wrong_field
-from popek.machine.config import ConfigError, config_from_json
+from popek.machine.config import CONFIG_VERSION, ConfigError, config_from_json, config_to_json
 from popek.machine.loader import ImageError
 from popek.net import OpenedNic
 from popek.stats import trap_names
@@ -125,6 +125,7 @@ class Vm:
 
     def record(self) -> dict[str, Any]:
         return {**{key: getattr(self, key) for key in self._RECORDED},
+                "config_version": CONFIG_VERSION,
                 "limits": self.limits.record() if self.limits else {}}
 
     def save(self) -> None:
@@ -142,6 +143,8 @@ class Vm:
         for key in list(cls._RECORDED)[2:]:
             if key in record:
                 setattr(vm, key, record[key])
+        if vm.config:  # as this popek writes it (a VMM before it may have written it older)
+            vm.config = config_to_json(config_from_json(vm.config, record["config_version"]))
         vm.limits = VmLimits.adopt(vm.id, record.get("limits", {}), vm.state in LIVE)
         said = files.read_exit()
         if said is not None:
@@ -690,9 +693,12 @@ def _check_record(files: VmFiles, record: dict[str, Any]) -> None:
         wrong = f"'state' is {record.get('state')!r:.40}"
     if wrong is None and "stats" in record:
         wrong = wrong_message({**record["stats"], "op": "stats"})
+    record.setdefault("config_version", 1)  # recorded since version 2
+    if wrong is None and type(record["config_version"]) is not int:
+        wrong = "'config_version' is not an integer"
     if wrong is None and record.get("config"):
         try:
-            config_from_json(record["config"])
+            config_from_json(record["config"], record["config_version"])
         except ConfigError as err:
             wrong = f"'config' is wrong: {err}"
     if wrong is not None:

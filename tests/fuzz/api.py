@@ -38,7 +38,7 @@ from aiohttp.test_utils import make_mocked_request
 from atheris import FuzzedDataProvider
 
 from popek.api.server import _body
-from popek.machine.config import ConfigError, MachineConfig, config_from_json
+from popek.machine.config import BIOS_NAMES, ConfigError, MachineConfig, config_from_json
 from popek.machine.loader import ImageError
 from popek.vmm.errors import VmmError
 from popek.vmm.hostfiles import HostFiles
@@ -213,7 +213,7 @@ def _disks(fdp: FuzzedDataProvider) -> list[Any]:
 
 _VALUES: dict[str, Callable[[FuzzedDataProvider], Any]] = {
     "path": _typed(lambda fdp: fdp.PickValueInList(PATHS)),
-    "bios": _typed(lambda fdp: fdp.PickValueInList(["none", "opensbi", *PATHS])),
+    "bios": _typed(lambda fdp: fdp.PickValueInList([*BIOS_NAMES, *PATHS])),
     "disks": _typed(_disks),
     "number": _typed(lambda fdp: fdp.PickValueInList(NUMBERS)),
     "name": _typed(lambda fdp: fdp.PickValueInList([*STATES, "new", ""])),

@@ -73,10 +73,10 @@ def heap_checked(fn: Callable[..., R], limit: int) -> Callable[..., R]:
     mmap, and not counted); it slows every allocation, so targets wrap the parsers they
     test rather than the machine built around them."""
 
-    def checked(*args: Any) -> R:
+    def checked(*args: Any, **kwargs: Any) -> R:
         tracemalloc.start()
         try:
-            return fn(*args)
+            return fn(*args, **kwargs)
         finally:  # the component's own error may come after the allocation, as well
             grown = tracemalloc.get_traced_memory()[1]
             tracemalloc.stop()

@@ -6,8 +6,9 @@ VMM worker reports), never another exception, and never use more memory than the
 RAM could hold, whatever sizes the image's headers claim or its compressed stream
 expands to.
 
-The first byte of an input chooses the role of the rest (bits 0-1: kernel, initrd or
-firmware; the other two images are real ones) and how it is stored (bits 2-3: as it is,
+The first byte of an input chooses the role of the rest (bits 0-1: kernel, initrd,
+firmware, or a kernel for ``--bios none``, loaded at its physical addresses; the other
+images are real ones) and how it is stored (bits 2-3: as it is,
 gzip or xz), so mutations reach the parsers behind the decompressors too. The seeds are
 a real bare-metal ELF kernel, the header of the bundled Linux Image, and a decompression
 bomb.
@@ -30,7 +31,7 @@ RAM = 16 << 20
 # decompressor makes of it (no guest could use a larger one), never more.
 virt.load_kernel = heap_checked(virt.load_kernel, 4 * RAM)
 virt.read_image = heap_checked(virt.read_image, 4 * RAM)
-KERNEL, INITRD, FIRMWARE = 0, 1, 2
+KERNEL, INITRD, FIRMWARE, BARE_KERNEL = 0, 1, 2, 3
 PLAIN, GZIP, XZ = 0, 1, 2
 _image = MemFile("fuzz-image")
 _kernel = MemFile("fuzz-kernel")
@@ -60,6 +61,8 @@ def one(data: bytes) -> None:
         config.bios = str(_image.path)
     else:
         config.kernel = _image.path
+        if role == BARE_KERNEL:
+            config.bios = "none"
     try:
         VirtMachine(config, lambda out: None)
     except (ImageError, ConfigError):
@@ -79,6 +82,7 @@ def seeds() -> dict[str, bytes]:
     return {
         "elf-kernel": bytes([KERNEL | PLAIN << 2]) + kernel,
         "elf-kernel-gzip": bytes([KERNEL | GZIP << 2]) + kernel,
+        "elf-kernel-bare-metal": bytes([BARE_KERNEL | PLAIN << 2]) + kernel,
         "linux-image-head": bytes([KERNEL | PLAIN << 2]) + linux,
         "linux-image-head-as-firmware": bytes([FIRMWARE | PLAIN << 2]) + linux,
         "initrd-xz": bytes([INITRD | XZ << 2]) + b"070701" + bytes(200),

@@ -42,6 +42,7 @@ from popek.cpu.physmem import PAGE_SIZE
 from popek.devices.virtio import SLOT_BASE
 from popek.devices.virtio.mmio import Reg
 from popek.machine import virt
+from popek.machine.config import BIOS_NAMES
 from popek.machine.loader import ImageError
 from popek.machine.runner import EventSources
 from popek.machine.virt import VirtMachine
@@ -168,7 +169,7 @@ def _harmless_paths(config: dict[str, Any]) -> None:
     """Host paths the VMM opens for a restore (disks; kernel, initrd and firmware for the
     guest's reboots) become the target's own or harmless ones."""
     places: list[tuple[Any, Any]] = [(config, "kernel"), (config, "initrd")]
-    if config.get("bios") not in ("none", "opensbi"):
+    if config.get("bios") not in BIOS_NAMES:
         places.append((config, "bios"))
     disks = config.get("disks")
     if isinstance(disks, list):

@@ -16,7 +16,7 @@ from enum import IntEnum
 from typing import Any, Protocol
 
 from popek.cpu.physmem import PhysicalMemory
-from popek.devices.device import IrqLine, bits, pack_state, unpack_state
+from popek.devices.device import IrqLine, bits, check_version, pack_state, unpack_state
 from popek.devices.virtio.queue import Virtqueue, VirtqueueError
 
 log = logging.getLogger(__name__)
@@ -217,9 +217,9 @@ class VirtioMMIO:
             self.reset()
             return
         if value & STATUS_FEATURES_OK and not self.s.status & STATUS_FEATURES_OK:
-            # Refuse what we did not offer, and the legacy interface we do not implement.
-            if self.s.driver_features & ~self.device_features \
-                    or not self.s.driver_features & VIRTIO_F_VERSION_1:
+            # Refuse what we did not offer. A driver that leaves out VERSION_1 still gets
+            # this modern interface, as from QEMU's virtio-mmio (xv6 never sets it).
+            if self.s.driver_features & ~self.device_features:
                 value &= ~STATUS_FEATURES_OK
         self.s.status = value | (self.s.status & STATUS_DEVICE_NEEDS_RESET)
 
@@ -321,6 +321,31 @@ class VirtioMMIO:
         self.s = saved
         self._irq_level = saved.interrupt_status != 0
         self.irq(self._irq_level)  # the line's level is part of the state being restored
+
+
+class EmptySlot:
+    """A virtio-mmio slot with no device behind it, as QEMU's virt board leaves its unused
+    ones: magic, version and vendor as on any transport and DeviceID 0, "nothing here",
+    which drivers skip; every other register reads 0 and takes no writes. Bare-metal code
+    that probes all eight slots finds what it finds under QEMU, not an access fault."""
+
+    def read(self, offset: int, size: int) -> int:
+        if size != 4:
+            return 0
+        return {Reg.MAGIC_VALUE: MAGIC, Reg.VERSION: MMIO_VERSION,
+                Reg.VENDOR_ID: VENDOR_QEMU}.get(offset, 0)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        """Nothing to drive."""
+
+    def reset(self) -> None:
+        """Nothing to reset: the slot has no state."""
+
+    def save_state(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        check_version(state, STATE_VERSION)
 
 
 def _set_low(addr: int, value: int) -> int:
