@@ -31,6 +31,7 @@ from popek.cpu.state import CTL_INSTRET, CTL_PRIV, CTL_WFI, XLEN_MASK
 from popek.engine import jit, translator
 from popek.engine.handlers import Handler, bind_handlers, semantics_namespace
 from popek.engine.interpreter import BlockFn, Op, interpret
+from popek.engine.native_cache import CACHE, block_key
 from popek.isa.decoder import Decoded, decode16, decode32
 
 MSTATUS = 0x300
@@ -209,7 +210,17 @@ class Engine:
             self.flush()
             native.start_over()
             return
-        native.compile_later([(b, b.decoded, b.offsets, b.fp) for b in queue])
+        native.compile_later([(b, self._code_key(b), b.decoded, b.offsets, b.fp)
+                              for b in queue])
+
+    def _code_key(self, block: Block) -> bytes | None:
+        """The key of ``block``'s native code: the hash of its instructions' bytes, which
+        are all the code depends on (see native_cache); None without a disk cache."""
+        if not CACHE.enabled:
+            return None
+        start = block.key & ~FS_ON_KEY
+        end = start + block.offsets[-1] + block.decoded[-1].length
+        return block_key(self.hart.mem.ram[start:end])
 
     def finish_compiles(self) -> None:
         """Compile every queued block now and install the results: tests use it to make
@@ -316,6 +327,10 @@ class Engine:
             self.blocks[key] = block
             self.page_blocks.setdefault(page, []).append(key)
             self._watch_code(page, start, off)
+            if self.native is not None and not block.breakpoint and None not in decoded and \
+                    (code_key := self._code_key(block)) is not None and \
+                    (addr := self.native.native_for(code_key, decoded)) is not None:
+                block.go_native(jit.BLOCK_FN(addr), addr)  # compiled before: native at once
         return block
 
     def predecode(self, keys: Iterable[int]) -> int:

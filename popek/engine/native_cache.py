@@ -1,0 +1,339 @@
+"""Tier 2's native code kept on disk, so a second run of the same guest code starts native.
+
+What is kept: the object code LLVM made for a batch of hot blocks (MCJIT's object-cache
+hook hands it over as it compiles), with the key of each block whose function it holds.
+A block's native code depends on nothing but the bytes of its instructions: it takes its
+pc as an argument, reaches the hart's state, TLB and jump cache through ``env``, and
+calls a Python handler by the bits of the instruction it hands over
+(:mod:`popek.engine.jit`). So the key is a hash of those bytes, and the code serves any
+address, privilege, MMU mode, machine or process that runs them. What else shapes the
+code (the source of popek's engine, isa and cpu packages, llvmlite, LLVM and the target
+the code is generated for) names the directory the objects live in: a new popek starts
+an empty cache beside the old one, which the size bound then removes.
+
+Layout: ``ROOT/VERSION/PID-RANDOM.pack``. Each process appends records to a pack of its
+own, so writers never share a file and a writer killed at any point leaves a readable
+prefix (a pack is written as it goes rather than renamed into place at the end: a VMM
+worker or a forked guest process may end without running exit handlers). A record is
+checksummed (BLAKE2b); a torn, truncated or altered one fails the check and is ignored,
+never loaded, and so is the rest of its file. The packs are indexed once per process,
+when the first hart starts (a dict from block key to record: no file is opened per
+block), and a record's object is loaded into LLVM the first time one of its blocks is
+decoded, which then runs native at once.
+
+Bound: when the packs of every version together exceed the limit (512 MiB by default),
+the least recently used go first (a pack's mtime is refreshed when one of its objects is
+loaded); a pack whose writer still runs (it holds an ``flock`` on it) is never removed.
+A confined VMM worker reads the cache (indexed before it confines itself, for then it
+may not open the packs) and writes nothing (:meth:`NativeCache.prepare_confinement`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import mmap
+import os
+import secrets
+import struct
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_LIMIT = 512 << 20
+ENV_VAR = "POPEK_CODE_CACHE"  # a directory, or "off"
+PACK_MAGIC = b"popek native code pack 1\n"
+RECORD = struct.Struct("<4sI32s")  # magic, body length, BLAKE2b-256 of the body
+RECORD_MAGIC = b"REC1"
+BODY = struct.Struct("<II")  # number of blocks, length of the address table's name
+KEY_SIZE = 16
+SHAPING_PACKAGES = ("engine", "isa", "cpu")  # whose source shapes native code
+
+
+def default_root() -> Path | None:
+    """``$POPEK_CODE_CACHE`` ("off" for none), else ``$XDG_CACHE_HOME/popek/code``."""
+    chosen = os.environ.get(ENV_VAR)
+    if chosen == "off":
+        return None
+    if chosen:
+        return Path(chosen)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "popek" / "code"
+
+
+def block_key(code: bytes | memoryview) -> bytes:
+    """The key of a block whose instructions are the bytes ``code``."""
+    return hashlib.blake2b(code, digest_size=KEY_SIZE).digest()
+
+
+def checksum(body: bytes | memoryview) -> bytes:
+    return hashlib.blake2b(body, digest_size=RECORD.size - 8).digest()
+
+
+def source_version(toolchain: str) -> str:
+    """The name of the directory for code made by this popek with ``toolchain`` (what
+    llvmlite, LLVM and the target machine are)."""
+    digest = hashlib.blake2b(toolchain.encode(), digest_size=10)
+    package = Path(__file__).resolve().parent.parent
+    for name in SHAPING_PACKAGES:
+        for path in sorted((package / name).rglob("*.py")):
+            digest.update(str(path.relative_to(package)).encode() + b"\0")
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+@dataclass(eq=False)
+class Record:
+    """One batch's object code in a pack, and the keys of its blocks in table order."""
+
+    pack: Path
+    table: str  # the symbol of the object's table of block addresses
+    keys: tuple[bytes, ...]
+    body: memoryview  # what the checksum covers
+    digest: bytes
+    obj_offset: int  # where the object starts in ``body``
+    verified: bool = False
+    bad: bool = False
+
+    def object_code(self) -> bytes | None:
+        """The object, once its checksum holds (None if it does not)."""
+        if not self.verified and not self.bad:
+            self.bad = checksum(self.body) != self.digest
+            self.verified = not self.bad
+        return None if self.bad else bytes(self.body[self.obj_offset:])
+
+
+def read_pack(path: Path, data: memoryview) -> list[Record]:
+    """The records of a pack whose bytes are ``data``, up to the first that is torn or
+    malformed (a checksum that fails shows when the record is loaded)."""
+    if bytes(data[:len(PACK_MAGIC)]) != PACK_MAGIC:
+        return []
+    records, at = [], len(PACK_MAGIC)
+    while at + RECORD.size <= len(data):
+        magic, length, digest = RECORD.unpack_from(data, at)
+        body = data[at + RECORD.size:at + RECORD.size + length]
+        if magic != RECORD_MAGIC or len(body) < length or length < BODY.size:
+            break
+        count, name_len = BODY.unpack_from(body)
+        obj_offset = BODY.size + name_len + count * KEY_SIZE
+        if obj_offset > length:
+            break
+        table = bytes(body[BODY.size:BODY.size + name_len]).decode("ascii", "replace")
+        first = BODY.size + name_len
+        keys = tuple(bytes(body[first + i * KEY_SIZE:first + (i + 1) * KEY_SIZE])
+                     for i in range(count))
+        records.append(Record(path, table, keys, body, digest, obj_offset))
+        at += RECORD.size + length
+    return records
+
+
+def encode_record(keys: list[bytes], table: str, obj: bytes) -> bytes:
+    name = table.encode("ascii")
+    body = BODY.pack(len(keys), len(name)) + name + b"".join(keys) + obj
+    return RECORD.pack(RECORD_MAGIC, len(body), checksum(body)) + body
+
+
+@dataclass
+class CacheStats:
+    """What the cache did in this process (``--stats`` prints it; tests assert it)."""
+
+    indexed: int = 0  # block keys found on disk at start
+    loaded: int = 0  # objects loaded from disk
+    reused: int = 0  # blocks that ran native at first sight (code from disk or this run)
+    stored: int = 0  # blocks written
+    corrupt: int = 0  # records that failed their checksum
+
+    def summary(self) -> str:
+        return (f"popek: code cache: {self.reused} blocks native at first sight, "
+                f"{self.loaded} objects loaded of {self.indexed} blocks indexed, "
+                f"{self.stored} blocks stored, {self.corrupt} corrupt records ignored")
+
+
+@dataclass
+class NativeCache:
+    """The process's view of the cache: its index, its own pack, and the bound."""
+
+    root: Path | None = field(default_factory=default_root)
+    limit: int = DEFAULT_LIMIT
+    stats: CacheStats = field(default_factory=CacheStats)
+
+    def __post_init__(self) -> None:
+        self.index: dict[bytes, tuple[Record, int]] | None = None  # None: not read yet
+        self.toolchain: str | None = None
+        self.directory: Path | None = None
+        self._maps: list[mmap.mmap] = []
+        self._writer: int | None = None
+        self._confined = False  # may only append to an open pack
+        self._lock = threading.Lock()  # the compiler threads of several harts store
+
+    @property
+    def enabled(self) -> bool:
+        return self.root is not None
+
+    def configure(self, root: Path | None, limit: int = DEFAULT_LIMIT) -> None:
+        """Use the cache at ``root`` (None: none) from now on; read again when next used."""
+        self.close()
+        self.root, self.limit, self.stats = root, limit, CacheStats()
+        self.index, self.directory = None, None
+        self._confined = False
+
+    def close(self) -> None:
+        if self._writer is not None:
+            os.close(self._writer)
+            self._writer = None
+
+    def open(self, toolchain: str) -> None:
+        """Index the packs of this version once (a hart's native tier starts)."""
+        if self.index is not None or self.root is None:
+            return
+        self.index, self.toolchain = {}, toolchain
+        try:
+            self.directory = self.root / source_version(toolchain)
+            if not self._confined:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                self._evict()
+            packs = sorted(self.directory.glob("*.pack"))
+        except OSError:
+            self.root = None  # no usable cache here: run without one
+            return
+        for path in packs:
+            try:
+                with open(path, "rb") as f:
+                    if os.fstat(f.fileno()).st_size == 0:
+                        continue
+                    data = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+            except (OSError, ValueError):
+                continue
+            self._maps.append(data)
+            for record in read_pack(path, memoryview(data)):
+                for i, key in enumerate(record.keys):
+                    self.index.setdefault(key, (record, i))
+        self.stats.indexed = len(self.index)
+
+    def prepare_confinement(self) -> None:
+        """This process is about to be confined (:func:`popek.vmm.jail.confine`): index the
+        packs afresh now, for afterwards it may only read what it has mapped. It adds
+        nothing to the cache: a confined worker is the one process a hostile guest may
+        have subverted, and others would run the code it wrote. (The worker's native tier
+        started in the fork server it came from, which knows the toolchain; without one,
+        its first hart indexes what its uid may still read.)"""
+        if self.root is not None and self.toolchain is not None:
+            toolchain = self.toolchain
+            self.configure(self.root, self.limit)
+            self.open(toolchain)
+        self.close()
+        self._confined = True
+
+    def lookup(self, key: bytes) -> tuple[Record, int] | None:
+        return self.index.get(key) if self.index else None
+
+    def loaded(self, record: Record) -> None:
+        """``record``'s object was loaded: it was used recently."""
+        self.stats.loaded += 1
+        if not self._confined:
+            try:
+                os.utime(record.pack)
+            except OSError:
+                pass
+
+    def discard(self, record: Record) -> None:
+        """``record`` failed its checksum: forget its blocks."""
+        self.stats.corrupt += 1
+        for key in record.keys:
+            if self.index.get(key, (None,))[0] is record:
+                del self.index[key]
+
+    def store(self, keys: list[bytes], table: str, obj: bytes) -> None:
+        """Append the object code of blocks ``keys`` (with address table ``table``)."""
+        if self.root is None or self.directory is None:
+            return
+        data = encode_record(keys, table, obj)
+        with self._lock:
+            if self._writer is None and not self._confined:
+                self._open_writer()
+            if self._writer is None:
+                return
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self._writer, view):]
+            except OSError:  # a full disk, say: stop writing, keep running
+                self.close()
+                self._confined = True
+                return
+        self.stats.stored += len(keys)
+
+    def forget_writer(self) -> None:
+        """In a forked child: the pack is the parent's; write a pack of its own."""
+        if self._writer is not None:
+            os.close(self._writer)
+            self._writer = None
+        self._lock = threading.Lock()
+
+    def _open_writer(self) -> None:
+        path = self.directory / f"{os.getpid()}-{secrets.token_hex(4)}.pack"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND |
+                         os.O_CLOEXEC, 0o644)
+        except OSError:
+            self._confined = True  # read-only cache: use it, add nothing
+            return
+        fcntl.flock(fd, fcntl.LOCK_EX)  # tells _evict that its writer lives
+        os.write(fd, PACK_MAGIC)
+        self._writer = fd
+
+    def _evict(self) -> None:
+        """Remove the least recently used packs of any version until the rest fit."""
+        packs = []
+        for path in self.root.glob("*/*.pack"):
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            packs.append((st.st_mtime, st.st_size, path))
+        total = sum(size for _, size, _ in packs)
+        for _, size, path in sorted(packs):
+            if total <= self.limit:
+                return
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                path.unlink()
+                total -= size
+            except OSError:
+                pass  # its writer runs
+            finally:
+                os.close(fd)
+
+
+CACHE = NativeCache()
+os.register_at_fork(after_in_child=CACHE.forget_writer)
+
+
+def add_cache_args(parser: argparse.ArgumentParser) -> None:
+    """``--code-cache DIR`` and ``--no-code-cache``, for the commands that run guests."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--code-cache", type=Path, metavar="DIR",
+                       help="keep tier 2's native code in DIR, so the next run of the same "
+                       "guest code starts native (default $POPEK_CODE_CACHE, else "
+                       "$XDG_CACHE_HOME/popek/code)")
+    group.add_argument("--no-code-cache", action="store_true",
+                       help="neither read nor write native code on disk")
+
+
+def use_cache_args(args: argparse.Namespace, inherit: bool = False) -> None:
+    """Apply the flags to this process, and with ``inherit`` to the processes it starts
+    (the VMM's workers, through the environment)."""
+    if args.no_code_cache:
+        chosen = "off"
+    elif args.code_cache is not None:
+        chosen = str(args.code_cache.absolute())
+    else:
+        return
+    if inherit:
+        os.environ[ENV_VAR] = chosen
+    CACHE.configure(None if chosen == "off" else Path(chosen))
