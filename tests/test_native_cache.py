@@ -1,0 +1,205 @@
+"""Tier 2's native code outlives the process: a second run starts native, and the cache
+never changes what a guest computes (other code at the same address, code that rewrites
+itself, a corrupt, truncated or evicted pack, two writers at once, the cache turned off).
+
+Each test uses a cache directory of its own. In-process runs start a fresh view of the
+cache (``CACHE.configure``) and a fresh hart, as a new process would; the command-line
+tests run ``popek exec`` itself and read what ``--stats`` says the cache did.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from rvasm import RAM_BASE, assemble
+
+from popek.cpu.hart import Hart
+from popek.cpu.physmem import PhysicalMemory
+from popek.engine import engine as engine_module
+from popek.engine.native_cache import CACHE, PACK_MAGIC, RECORD, NativeCache, read_pack
+
+BASE = RAM_BASE
+HANDLER = BASE + 0x3000
+MTVEC, MSTATUS = 0x305, 0x300
+REPO = Path(__file__).resolve().parent.parent
+BUSYBOX = REPO / "images" / "programs" / "busybox"
+TIMEOUT = 120  # seconds for one popek exec (a few on an idle host)
+
+LOOP = """
+    li s0, 300
+    li a0, 0
+1:  addi a0, a0, {step}
+    xori a1, a0, 0x55
+    add  a2, a2, a1
+    addi s0, s0, -1
+    bnez s0, 1b
+    ebreak
+"""
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """An empty cache for this test, and blocks that go native after a few runs."""
+    monkeypatch.setattr(engine_module, "HOT_AFTER", 2)
+    monkeypatch.setattr(engine_module, "NATIVE_AFTER", 2)
+    before = CACHE.root
+    directory = tmp_path / "code"
+    CACHE.configure(directory)
+    yield directory
+    CACHE.configure(before)
+
+
+def run(code: bytes, tier: str = "jit") -> Hart:
+    """A fresh hart (as in a new process) runs ``code`` until its trap handler's WFI."""
+    mem = PhysicalMemory(BASE, 1 << 16)
+    mem.write(BASE, code)
+    mem.write(HANDLER, bytes.fromhex("73005010"))  # wfi
+    hart = Hart(mem, engine=tier)
+    hart.csr[MTVEC] = HANDLER
+    hart.pc = BASE
+    for _ in range(10_000):
+        hart.run(50)
+        hart.engine.finish_compiles()
+        if hart.waiting:
+            return hart
+    raise AssertionError("the program did not finish")
+
+
+def next_process(directory: Path) -> None:
+    """What a new process sees: the cache as it is on disk now."""
+    CACHE.configure(directory)
+
+
+def test_second_run_starts_native_from_the_cache(cache_dir: Path) -> None:
+    code = assemble(LOOP.format(step=1))
+    first = run(code)
+    assert CACHE.stats.stored > 0 and CACHE.stats.loaded == 0
+    next_process(cache_dir)
+    second = run(code)
+    assert CACHE.stats.loaded > 0 and CACHE.stats.reused > 0
+    assert CACHE.stats.stored == 0  # nothing compiled again
+    reference = run(code, tier="interp")
+    for hart in (first, second):
+        assert list(hart.x[:32]) == list(reference.x[:32])
+        assert hart.instret == reference.instret
+
+
+def test_other_code_at_the_same_address_never_runs_cached_code(cache_dir: Path) -> None:
+    run(assemble(LOOP.format(step=1)))
+    next_process(cache_dir)
+    changed = assemble(LOOP.format(step=3))
+    hart = run(changed)
+    assert list(hart.x[:32]) == list(run(changed, tier="interp").x[:32])
+    assert hart.x[10] == 900
+
+
+def test_code_rewriting_itself_is_seen_when_its_blocks_came_from_the_cache(
+        cache_dir: Path) -> None:
+    code = assemble("""
+        li s0, 400
+        la s1, 2f
+        li s2, 0x00250513        # addi a0, a0, 2
+        li s3, 200
+        li a0, 0
+    1:  addi s0, s0, -1
+        bne  s0, s3, 2f
+        sw   s2, 0(s1)           # patch the next instruction, once
+    2:  addi a0, a0, 1
+        bnez s0, 1b
+        ebreak
+    """)
+    assert run(code).x[10] == 200 + 2 * 200
+    next_process(cache_dir)
+    hart = run(code)
+    assert CACHE.stats.reused > 0
+    assert hart.x[10] == 200 + 2 * 200
+
+
+def test_corrupt_and_truncated_packs_are_ignored(cache_dir: Path) -> None:
+    code = assemble(LOOP.format(step=1))
+    reference = run(code, tier="interp").x[10]
+    run(code)
+    (pack,) = cache_dir.rglob("*.pack")
+    data = bytearray(pack.read_bytes())
+    (record,) = read_pack(pack, memoryview(bytes(data)))
+    pack.with_name("truncated.pack").write_bytes(data[:-7])  # a writer killed mid-record
+    data[len(PACK_MAGIC) + RECORD.size + record.obj_offset + 16] ^= 0xFF  # a bit flipped
+    pack.write_bytes(data)
+    next_process(cache_dir)
+    assert run(code).x[10] == reference
+    assert CACHE.stats.indexed > 0 and CACHE.stats.corrupt == 1
+    assert CACHE.stats.loaded == 0 and CACHE.stats.stored > 0  # compiled again
+
+
+def test_least_recently_used_packs_go_first_but_never_a_live_one(tmp_path: Path) -> None:
+    directory = tmp_path / "code"
+    writers = []
+    for n in range(3):
+        cache = NativeCache(directory)
+        cache.open("toolchain")
+        cache.store([bytes([n]) * 16], "t", bytes(1000))
+        writers.append(cache)
+    packs = sorted(directory.rglob("*.pack"), key=lambda p: p.stat().st_mtime)
+    for age, pack in enumerate(packs):
+        os.utime(pack, (1000 + age, 1000 + age))
+    writers[0].close()  # its writer ended; the other two still run
+    writers[1].close()
+    NativeCache(directory, limit=1).open("toolchain")
+    assert sorted(directory.rglob("*.pack")) == sorted(packs[2:])  # the live one stays
+    with open(packs[2], "rb") as f:  # and its writer still holds it
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+# -- the command line -------------------------------------------------------------------------
+
+STATS = re.compile(rb"code cache: (\d+) blocks native at first sight, (\d+) objects loaded "
+                   rb"of (\d+) blocks indexed, (\d+) blocks stored, (\d+) corrupt")
+
+
+def popek_exec(*args: str) -> tuple[bytes, dict[str, int]]:
+    """Run busybox under ``popek exec --stats``: its output and what the cache did."""
+    result = subprocess.run([sys.executable, "-m", "popek", "exec", "--stats", *args],
+                            capture_output=True, timeout=TIMEOUT, check=True)
+    match = STATS.search(result.stderr)
+    stats = dict(zip(("reused", "loaded", "indexed", "stored", "corrupt"),
+                     map(int, match.groups()), strict=True)) if match else {}
+    return result.stdout, stats
+
+
+def test_popek_exec_twice_with_two_cold_writers_at_once(tmp_path: Path) -> None:
+    data = tmp_path / "input"
+    data.write_bytes(bytes(range(256)) * 256)
+    cmd = ["--code-cache", str(tmp_path / "code"), str(BUSYBOX), "sha256sum", str(data)]
+    cold = [subprocess.Popen([sys.executable, "-m", "popek", "exec", "--stats", *cmd],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    outputs = [p.communicate(timeout=TIMEOUT) for p in cold]
+    assert all(p.returncode == 0 for p in cold)
+    assert outputs[0][0] == outputs[1][0]
+    assert all(int(STATS.search(err).group(4)) > 0 for _, err in outputs)  # both stored
+    assert len(list((tmp_path / "code").rglob("*.pack"))) == 2
+    out, warm = popek_exec(*cmd)
+    assert out == outputs[0][0]
+    assert out.split()[0].decode() == hashlib.sha256(data.read_bytes()).hexdigest()
+    assert warm["loaded"] > 0 and warm["reused"] > 0 and warm["corrupt"] == 0
+    assert warm["stored"] < int(STATS.search(outputs[0][1]).group(4))
+
+
+def test_no_code_cache_reads_and_writes_nothing(tmp_path: Path) -> None:
+    home = tmp_path / "cache-home"
+    env = {**os.environ, "XDG_CACHE_HOME": str(home)}
+    env.pop("POPEK_CODE_CACHE", None)
+    result = subprocess.run([sys.executable, "-m", "popek", "exec", "--stats",
+                             "--no-code-cache", str(BUSYBOX), "sha256sum", str(BUSYBOX)],
+                            capture_output=True, timeout=TIMEOUT, check=True, env=env)
+    assert len(result.stdout.split()[0]) == 64
+    assert not STATS.search(result.stderr)
+    assert not home.exists()
