@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import re
 import subprocess
@@ -25,6 +26,7 @@ from popek.cpu.hart import Hart
 from popek.cpu.physmem import PhysicalMemory
 from popek.engine import engine as engine_module
 from popek.engine.native_cache import CACHE, PACK_MAGIC, RECORD, NativeCache, read_pack
+from popek.vmm import jail
 
 BASE = RAM_BASE
 HANDLER = BASE + 0x3000
@@ -157,6 +159,32 @@ def test_least_recently_used_packs_go_first_but_never_a_live_one(tmp_path: Path)
     with open(packs[2], "rb") as f:  # and its writer still holds it
         with pytest.raises(BlockingIOError):
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_confined_worker_reads_the_cache_and_writes_nothing(cache_dir: Path) -> None:
+    """A VMM worker indexes the cache before it confines itself (seccomp would kill it
+    for opening, locking or touching files later) and runs what it finds, but adds none
+    of its own code: a subverted worker must not plant code that other processes run."""
+    code, other = assemble(LOOP.format(step=1)), assemble(LOOP.format(step=2))
+    run(code)
+    packs = {p: p.stat().st_size for p in cache_dir.rglob("*.pack")}
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            jail.confine()
+            run(other)  # new code: compiled, not written
+            hart = run(code)
+            report = [hart.x[10], CACHE.stats.loaded, CACHE.stats.stored]
+            os.write(write_end, json.dumps(report).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        report = json.loads(pipe.read() or b"null")
+    _, status = os.waitpid(pid, 0)
+    assert status == 0 and report == [300, 1, 0]
+    assert {p: p.stat().st_size for p in cache_dir.rglob("*.pack")} == packs
 
 
 # -- the command line -------------------------------------------------------------------------
