@@ -13,8 +13,8 @@ differently, only roughly).
 
 Each line gives wall time and the CPU time of the emulator process; MIPS are per
 wall second. Tier 2 runs each program twice: with an empty native code cache (cold)
-and with the cache the cold run left (warm). With every tier (the default) the run takes about half an hour, most of
-it in the interpreter; ``--tiers jit`` takes about a minute.
+and with the cache the cold run left (warm). With every tier (the default) the run
+takes about half an hour, most of it in the interpreter; ``--tiers jit`` about a minute.
 """
 
 from __future__ import annotations

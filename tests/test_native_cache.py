@@ -25,7 +25,7 @@ from rvasm import RAM_BASE, assemble
 from popek.cpu.hart import Hart
 from popek.cpu.physmem import PhysicalMemory
 from popek.engine import engine as engine_module
-from popek.engine.native_cache import CACHE, PACK_MAGIC, RECORD, NativeCache, read_pack
+from popek.engine.native_cache import CACHE, MAX_PACKS, NativeCache, read_pack
 from popek.vmm import jail
 
 BASE = RAM_BASE
@@ -131,9 +131,10 @@ def test_corrupt_and_truncated_packs_are_ignored(cache_dir: Path) -> None:
     run(code)
     (pack,) = cache_dir.rglob("*.pack")
     data = bytearray(pack.read_bytes())
-    (record,) = read_pack(pack, memoryview(bytes(data)))
+    with open(pack, "rb") as f:
+        (record,) = read_pack(pack.name, f.fileno())
     pack.with_name("truncated.pack").write_bytes(data[:-7])  # a writer killed mid-record
-    data[len(PACK_MAGIC) + RECORD.size + record.obj_offset + 16] ^= 0xFF  # a bit flipped
+    data[record.offset + record.obj_offset + 16] ^= 0xFF  # a bit flipped in the object
     pack.write_bytes(data)
     next_process(cache_dir)
     assert run(code).x[10] == reference
@@ -187,6 +188,26 @@ def test_confined_worker_reads_the_cache_and_writes_nothing(cache_dir: Path) -> 
     assert {p: p.stat().st_size for p in cache_dir.rglob("*.pack")} == packs
 
 
+def test_many_packs_are_merged_into_one_that_holds_every_record(tmp_path: Path) -> None:
+    directory = tmp_path / "code"
+    keys = [bytes([n]) * 16 for n in range(MAX_PACKS + 2)]
+    for key in keys:  # one process each, all ended
+        cache = NativeCache(directory)
+        cache.open("toolchain")
+        cache.store([key], "t", key * 10)
+        cache.close()
+    live = NativeCache(directory)  # and one still writing
+    live.open("toolchain")
+    live.store([b"live" * 4], "t", bytes(10))
+    live_pack = Path(os.readlink(f"/proc/self/fd/{live._writer}"))
+    reader = NativeCache(directory)
+    reader.open("toolchain")
+    assert len(list(directory.rglob("*.pack"))) <= 3  # merged when over MAX_PACKS
+    assert live_pack.exists()
+    assert reader.stats.indexed == len(keys) + 1
+    assert all(reader.object_code(reader.lookup(key)) == key * 10 for key in keys)
+
+
 # -- the command line -------------------------------------------------------------------------
 
 STATS = re.compile(rb"code cache: (\d+) blocks native at first sight, (\d+) objects loaded "
@@ -205,7 +226,7 @@ def popek_exec(*args: str) -> tuple[bytes, dict[str, int]]:
 
 def test_popek_exec_twice_with_two_cold_writers_at_once(tmp_path: Path) -> None:
     data = tmp_path / "input"
-    data.write_bytes(bytes(range(256)) * 256)
+    data.write_bytes(bytes(range(256)) * 2048)  # 512 KiB: the hot loop goes native early
     cmd = ["--code-cache", str(tmp_path / "code"), str(BUSYBOX), "sha256sum", str(data)]
     cold = [subprocess.Popen([sys.executable, "-m", "popek", "exec", "--stats", *cmd],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
@@ -217,7 +238,7 @@ def test_popek_exec_twice_with_two_cold_writers_at_once(tmp_path: Path) -> None:
     out, warm = popek_exec(*cmd)
     assert out == outputs[0][0]
     assert out.split()[0].decode() == hashlib.sha256(data.read_bytes()).hexdigest()
-    assert warm["loaded"] > 0 and warm["reused"] > 0 and warm["corrupt"] == 0
+    assert warm["loaded"] > 0 and warm["reused"] > 0 and warm["corrupt"] == 0, (warm, outputs)
     assert warm["stored"] < int(STATS.search(outputs[0][1]).group(4))
 
 

@@ -562,7 +562,7 @@ class NativeRuntime:
         # This engine's native code by block key (see native_cache): blocks of the same
         # bytes share it, wherever and whenever they were decoded.
         self.by_key: dict[bytes, int] = {}
-        self.loaded_records: set[Record] = set()
+        self.loaded_records: set[bytes] = set()  # their digests
 
     def _object_compiled(self, module, buffer: bytes) -> None:
         self._object = bytes(buffer)
@@ -671,15 +671,15 @@ class NativeRuntime:
     def _load(self, record: Record) -> bool:
         """Add ``record``'s object code to the engine and learn its blocks' addresses;
         False if its checksum fails. The caller holds LLVM_LOCK."""
-        if record in self.loaded_records:
+        if record.digest in self.loaded_records:
             return True
-        obj = record.object_code()
+        obj = CACHE.object_code(record)
         if obj is None:
             return False
         self.engine.add_object_file(llvm.ObjectFileRef.from_data(obj))
         self.engine.finalize_object()
         addrs = self._addresses(record.table, len(record.keys))
-        self.loaded_records.add(record)
+        self.loaded_records.add(record.digest)
         for key, addr in zip(record.keys, addrs, strict=True):
             self.by_key.setdefault(key, addr)
         self.native_blocks += len(addrs)
@@ -690,10 +690,9 @@ class NativeRuntime:
         engine has it or the disk cache does (then loaded now); None if neither."""
         addr = self.by_key.get(key)
         if addr is None:
-            found = CACHE.lookup(key)
-            if found is None:
+            record = CACHE.lookup(key)
+            if record is None:
                 return None
-            record, _ = found
             with LLVM_LOCK:
                 ok = self._load(record)
             if not ok:

@@ -18,22 +18,26 @@ worker or a forked guest process may end without running exit handlers). A recor
 checksummed (BLAKE2b); a torn, truncated or altered one fails the check and is ignored,
 never loaded, and so is the rest of its file. The packs are indexed once per process,
 when the first hart starts (a dict from block key to record: no file is opened per
-block), and a record's object is loaded into LLVM the first time one of its blocks is
-decoded, which then runs native at once.
+block), and a record's object is read and loaded into LLVM the first time one of its
+blocks is decoded, which then runs native at once. Packs are opened only while read
+(never mapped: a pack cut short under a reader must be a failed checksum, not a
+SIGBUS; nor held open: ``popek exec``'s descriptors are its guest's to close).
 
 Bound: when the packs of every version together exceed the limit (512 MiB by default),
 the least recently used go first (a pack's mtime is refreshed when one of its objects is
 loaded); a pack whose writer still runs (it holds an ``flock`` on it) is never removed.
-A confined VMM worker reads the cache (indexed before it confines itself, for then it
-may not open the packs) and writes nothing (:meth:`NativeCache.prepare_confinement`).
+More than MAX_PACKS packs of a version are merged into one by the next process to
+start. A confined VMM worker reads the cache (indexed before it confines itself, and
+opened through a directory descriptor it keeps) and writes nothing
+(:meth:`NativeCache.prepare_confinement`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import hashlib
-import mmap
 import os
 import secrets
 import struct
@@ -48,6 +52,7 @@ RECORD = struct.Struct("<4sI32s")  # magic, body length, BLAKE2b-256 of the body
 RECORD_MAGIC = b"REC1"
 BODY = struct.Struct("<II")  # number of blocks, length of the address table's name
 KEY_SIZE = 16
+MAX_PACKS = 16  # more, and a process starting merges the packs no writer holds
 SHAPING_PACKAGES = ("engine", "isa", "cpu")  # whose source shapes native code
 
 
@@ -85,52 +90,60 @@ def source_version(toolchain: str) -> str:
 
 @dataclass(eq=False)
 class Record:
-    """One batch's object code in a pack, and the keys of its blocks in table order."""
+    """One batch's object code in a pack, and the keys of its blocks in table order.
+    Its bytes stay on disk until loaded (:meth:`NativeCache.object_code`)."""
 
-    pack: Path
+    pack: str  # the pack's name in the version's directory
+    offset: int  # of the body, which the checksum covers
+    length: int
+    digest: bytes
     table: str  # the symbol of the object's table of block addresses
     keys: tuple[bytes, ...]
-    body: memoryview  # what the checksum covers
-    digest: bytes
-    obj_offset: int  # where the object starts in ``body``
-    verified: bool = False
+    obj_offset: int  # where the object starts in the body
     bad: bool = False
 
-    def object_code(self) -> bytes | None:
-        """The object, once its checksum holds (None if it does not)."""
-        if not self.verified and not self.bad:
-            self.bad = checksum(self.body) != self.digest
-            self.verified = not self.bad
-        return None if self.bad else bytes(self.body[self.obj_offset:])
+    def body(self, fd: int) -> bytes | None:
+        """The body, read from its pack open as ``fd``, if its checksum holds."""
+        if not self.bad:
+            try:
+                body = os.pread(fd, self.length, self.offset)
+            except OSError:
+                body = b""
+            if len(body) == self.length and checksum(body) == self.digest:
+                return body
+            self.bad = True
+        return None
 
 
-def read_pack(path: Path, data: memoryview) -> list[Record]:
-    """The records of a pack whose bytes are ``data``, up to the first that is torn or
+def read_pack(name: str, fd: int) -> list[Record]:
+    """The records of pack ``name``, open as ``fd``, up to the first that is torn or
     malformed (a checksum that fails shows when the record is loaded)."""
-    if bytes(data[:len(PACK_MAGIC)]) != PACK_MAGIC:
+    size = os.fstat(fd).st_size
+    if os.pread(fd, len(PACK_MAGIC), 0) != PACK_MAGIC:
         return []
     records, at = [], len(PACK_MAGIC)
-    while at + RECORD.size <= len(data):
-        magic, length, digest = RECORD.unpack_from(data, at)
-        body = data[at + RECORD.size:at + RECORD.size + length]
-        if magic != RECORD_MAGIC or len(body) < length or length < BODY.size:
-            break
-        count, name_len = BODY.unpack_from(body)
+    while at + RECORD.size + BODY.size <= size:
+        head = os.pread(fd, RECORD.size + BODY.size, at)
+        magic, length, digest = RECORD.unpack_from(head)
+        count, name_len = BODY.unpack_from(head, RECORD.size)
         obj_offset = BODY.size + name_len + count * KEY_SIZE
-        if obj_offset > length:
+        if magic != RECORD_MAGIC or at + RECORD.size + length > size or obj_offset > length:
             break
-        table = bytes(body[BODY.size:BODY.size + name_len]).decode("ascii", "replace")
-        first = BODY.size + name_len
-        keys = tuple(bytes(body[first + i * KEY_SIZE:first + (i + 1) * KEY_SIZE])
+        names = os.pread(fd, obj_offset - BODY.size, at + RECORD.size + BODY.size)
+        keys = tuple(names[name_len + i * KEY_SIZE:name_len + (i + 1) * KEY_SIZE]
                      for i in range(count))
-        records.append(Record(path, table, keys, body, digest, obj_offset))
+        records.append(Record(name, at + RECORD.size, length, digest,
+                              names[:name_len].decode("ascii", "replace"), keys, obj_offset))
         at += RECORD.size + length
     return records
 
 
 def encode_record(keys: list[bytes], table: str, obj: bytes) -> bytes:
     name = table.encode("ascii")
-    body = BODY.pack(len(keys), len(name)) + name + b"".join(keys) + obj
+    return encode_body(BODY.pack(len(keys), len(name)) + name + b"".join(keys) + obj)
+
+
+def encode_body(body: bytes) -> bytes:
     return RECORD.pack(RECORD_MAGIC, len(body), checksum(body)) + body
 
 
@@ -159,12 +172,13 @@ class NativeCache:
     stats: CacheStats = field(default_factory=CacheStats)
 
     def __post_init__(self) -> None:
-        self.index: dict[bytes, tuple[Record, int]] | None = None  # None: not read yet
+        self.index: dict[bytes, Record] | None = None  # None: not read yet
         self.toolchain: str | None = None
         self.directory: Path | None = None
-        self._maps: list[mmap.mmap] = []
+        # A confined process opens packs relative to the directory it opened before.
+        self._directory_fd: int | None = None
         self._writer: int | None = None
-        self._confined = False  # may only append to an open pack
+        self._confined = False  # may only read the packs indexed
         self._lock = threading.Lock()  # the compiler threads of several harts store
 
     @property
@@ -174,11 +188,15 @@ class NativeCache:
     def configure(self, root: Path | None, limit: int = DEFAULT_LIMIT) -> None:
         """Use the cache at ``root`` (None: none) from now on; read again when next used."""
         self.close()
+        if self._directory_fd is not None:
+            os.close(self._directory_fd)
+            self._directory_fd = None
         self.root, self.limit, self.stats = root, limit, CacheStats()
         self.index, self.directory = None, None
         self._confined = False
 
     def close(self) -> None:
+        """Close this process's pack: what it writes next goes to a new one."""
         if self._writer is not None:
             os.close(self._writer)
             self._writer = None
@@ -194,54 +212,78 @@ class NativeCache:
                 self.directory.mkdir(parents=True, exist_ok=True)
                 self._evict()
             packs = sorted(self.directory.glob("*.pack"))
+            if len(packs) > MAX_PACKS and not self._confined:
+                with contextlib.suppress(OSError):  # a full disk, say: index them as they are
+                    self._merge(packs)
+                packs = sorted(self.directory.glob("*.pack"))
         except OSError:
             self.root = None  # no usable cache here: run without one
             return
         for path in packs:
             try:
-                with open(path, "rb") as f:
-                    if os.fstat(f.fileno()).st_size == 0:
-                        continue
-                    data = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
-            except (OSError, ValueError):
-                continue
-            self._maps.append(data)
-            for record in read_pack(path, memoryview(data)):
-                for i, key in enumerate(record.keys):
-                    self.index.setdefault(key, (record, i))
+                fd = self._open_pack(path.name)
+            except OSError:
+                continue  # removed meanwhile
+            try:
+                for record in read_pack(path.name, fd):
+                    for key in record.keys:
+                        self.index.setdefault(key, record)
+            finally:
+                os.close(fd)
         self.stats.indexed = len(self.index)
+
+    def _open_pack(self, name: str) -> int:
+        """A pack, opened for reading for as long as it is read: the descriptors of
+        ``popek exec`` are the guest's, which may close any of them."""
+        if self._directory_fd is not None:
+            return os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self._directory_fd)
+        return os.open(self.directory / name, os.O_RDONLY | os.O_CLOEXEC)
+
+    def object_code(self, record: Record) -> bytes | None:
+        """``record``'s object, if its checksum holds."""
+        try:
+            fd = self._open_pack(record.pack)
+        except OSError:
+            return None  # removed meanwhile: a miss, not a corrupt record
+        try:
+            body = record.body(fd)
+        finally:
+            os.close(fd)
+        return None if body is None else body[record.obj_offset:]
 
     def prepare_confinement(self) -> None:
         """This process is about to be confined (:func:`popek.vmm.jail.confine`): index the
-        packs afresh now, for afterwards it may only read what it has mapped. It adds
+        packs afresh now, for afterwards it may only read what it has open. It adds
         nothing to the cache: a confined worker is the one process a hostile guest may
         have subverted, and others would run the code it wrote. (The worker's native tier
         started in the fork server it came from, which knows the toolchain; without one,
         its first hart indexes what its uid may still read.)"""
         if self.root is not None and self.toolchain is not None:
             toolchain = self.toolchain
+            self._directory_fd = None  # a worker closed every descriptor it did not know of
             self.configure(self.root, self.limit)
             self.open(toolchain)
+            with contextlib.suppress(OSError):
+                self._directory_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY |
+                                             os.O_CLOEXEC)
         self.close()
         self._confined = True
 
-    def lookup(self, key: bytes) -> tuple[Record, int] | None:
+    def lookup(self, key: bytes) -> Record | None:
         return self.index.get(key) if self.index else None
 
     def loaded(self, record: Record) -> None:
-        """``record``'s object was loaded: it was used recently."""
+        """``record``'s object was loaded: its pack was used recently."""
         self.stats.loaded += 1
         if not self._confined:
-            try:
-                os.utime(record.pack)
-            except OSError:
-                pass
+            with contextlib.suppress(OSError):
+                os.utime(self.directory / record.pack)
 
     def discard(self, record: Record) -> None:
-        """``record`` failed its checksum: forget its blocks."""
-        self.stats.corrupt += 1
+        """``record`` failed its checksum (or its pack was removed): forget its blocks."""
+        self.stats.corrupt += record.bad
         for key in record.keys:
-            if self.index.get(key, (None,))[0] is record:
+            if self.index.get(key) is record:
                 del self.index[key]
 
     def store(self, keys: list[bytes], table: str, obj: bytes) -> None:
@@ -272,16 +314,64 @@ class NativeCache:
         self._lock = threading.Lock()
 
     def _open_writer(self) -> None:
-        path = self.directory / f"{os.getpid()}-{secrets.token_hex(4)}.pack"
+        """This process's pack: locked (which tells other processes its writer lives)
+        before it takes a name they look at."""
+        name = f"{os.getpid()}-{secrets.token_hex(4)}.pack"
+        fresh = self.directory / f".{name}"
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND |
+            fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND |
                          os.O_CLOEXEC, 0o644)
         except OSError:
-            self._confined = True  # read-only cache: use it, add nothing
+            self._confined = True  # a read-only cache: use it, add nothing
             return
-        fcntl.flock(fd, fcntl.LOCK_EX)  # tells _evict that its writer lives
-        os.write(fd, PACK_MAGIC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.write(fd, PACK_MAGIC)
+            fresh.rename(self.directory / name)
+        except OSError:
+            os.close(fd)
+            fresh.unlink(missing_ok=True)
+            self._confined = True
+            return
         self._writer = fd
+
+    def _merge(self, packs: list[Path]) -> None:
+        """Merge the packs that no process writes into one, so a process indexes a few
+        files rather than one per process that ever compiled. Each is locked while it is
+        read, so no other process merges or removes it meanwhile; the merged pack is
+        renamed into place before they are removed, so a reader sees every record."""
+        held: list[tuple[Path, int]] = []
+        merged = self.directory / f".merging-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            for path in packs:
+                try:
+                    fd = self._open_pack(path.name)
+                except OSError:
+                    continue  # merged or removed by another process
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    os.close(fd)  # its writer runs, or another process merges it
+                    continue
+                held.append((path, fd))
+            if len(held) < 2:
+                return
+            seen: set[bytes] = set()
+            with open(merged, "wb") as out:
+                out.write(PACK_MAGIC)
+                for path, fd in held:
+                    for record in read_pack(path.name, fd):
+                        body = record.body(fd)
+                        if body is not None and record.digest not in seen:
+                            seen.add(record.digest)
+                            out.write(encode_body(body))
+            merged.rename(self.directory / f"{os.getpid()}-{secrets.token_hex(4)}.pack")
+            for path, _ in held:
+                path.unlink(missing_ok=True)
+        finally:
+            merged.unlink(missing_ok=True)
+            for _, fd in held:
+                os.close(fd)
 
     def _evict(self) -> None:
         """Remove the least recently used packs of any version until the rest fit."""
