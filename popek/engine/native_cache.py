@@ -53,6 +53,9 @@ RECORD_MAGIC = b"REC1"
 BODY = struct.Struct("<II")  # number of blocks, length of the address table's name
 KEY_SIZE = 16
 MAX_PACKS = 16  # more, and a process starting merges the packs no writer holds
+# Where this process's pack is kept open: out of the way of a popek exec guest, whose
+# descriptors are the host's (as popek.user.signals.WAKEUP_FD_MIN keeps popek's own).
+WRITER_FD_MIN = 1000
 SHAPING_PACKAGES = ("engine", "isa", "cpu")  # whose source shapes native code
 
 
@@ -325,6 +328,9 @@ class NativeCache:
             self._confined = True  # a read-only cache: use it, add nothing
             return
         try:
+            with contextlib.suppress(OSError):  # (a descriptor limit below it)
+                fd, low = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, WRITER_FD_MIN), fd
+                os.close(low)
             fcntl.flock(fd, fcntl.LOCK_EX)
             os.write(fd, PACK_MAGIC)
             fresh.rename(self.directory / name)
