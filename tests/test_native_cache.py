@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from rvasm import RAM_BASE, assemble
+from test_native_tier import SELF_PATCHING
 
 from popek.cpu.hart import Hart
 from popek.cpu.physmem import PhysicalMemory
@@ -105,19 +106,7 @@ def test_other_code_at_the_same_address_never_runs_cached_code(cache_dir: Path) 
 
 def test_code_rewriting_itself_is_seen_when_its_blocks_came_from_the_cache(
         cache_dir: Path) -> None:
-    code = assemble("""
-        li s0, 400
-        la s1, 2f
-        li s2, 0x00250513        # addi a0, a0, 2
-        li s3, 200
-        li a0, 0
-    1:  addi s0, s0, -1
-        bne  s0, s3, 2f
-        sw   s2, 0(s1)           # patch the next instruction, once
-    2:  addi a0, a0, 1
-        bnez s0, 1b
-        ebreak
-    """)
+    code = assemble(SELF_PATCHING)
     assert run(code).x[10] == 200 + 2 * 200
     next_process(cache_dir)
     hart = run(code)
