@@ -95,6 +95,19 @@ def test_second_run_starts_native_from_the_cache(cache_dir: Path) -> None:
         assert hart.instret == reference.instret
 
 
+def test_blocks_hot_on_tier_1_before_start_there(cache_dir: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine_module, "NATIVE_AFTER", 10**9)  # tier 1 at most
+    code = assemble(LOOP.format(step=1))
+    first = run(code)
+    CACHE.flush()  # (at exit, in a process of its own)
+    assert CACHE.stats.translated == 0 and CACHE.stats.stored == 0
+    next_process(cache_dir)
+    second = run(code)
+    assert CACHE.stats.translated > 0
+    assert list(second.x[:32]) == list(first.x[:32]) and second.instret == first.instret
+
+
 def test_other_code_at_the_same_address_never_runs_cached_code(cache_dir: Path) -> None:
     run(assemble(LOOP.format(step=1)))
     next_process(cache_dir)
@@ -194,13 +207,14 @@ def test_many_packs_are_merged_into_one_that_holds_every_record(tmp_path: Path) 
     assert len(list(directory.rglob("*.pack"))) <= 3  # merged when over MAX_PACKS
     assert live_pack.exists()
     assert reader.stats.indexed == len(keys) + 1
-    assert all(reader.object_code(reader.lookup(key)) == key * 10 for key in keys)
+    assert all(reader.payload(reader.lookup(key)) == key * 10 for key in keys)
 
 
 # -- the command line -------------------------------------------------------------------------
 
 STATS = re.compile(rb"code cache: (\d+) blocks native at first sight, (\d+) objects loaded "
-                   rb"of (\d+) blocks indexed, (\d+) blocks stored, (\d+) corrupt")
+                   rb"of (\d+) blocks indexed, (\d+) blocks stored, (\d+) blocks on tier 1 "
+                   rb"at first sight, (\d+) corrupt")
 
 
 def popek_exec(*args: str) -> tuple[bytes, dict[str, int]]:
@@ -208,7 +222,7 @@ def popek_exec(*args: str) -> tuple[bytes, dict[str, int]]:
     result = subprocess.run([sys.executable, "-m", "popek", "exec", "--stats", *args],
                             capture_output=True, timeout=TIMEOUT, check=True)
     match = STATS.search(result.stderr)
-    stats = dict(zip(("reused", "loaded", "indexed", "stored", "corrupt"),
+    stats = dict(zip(("reused", "loaded", "indexed", "stored", "translated", "corrupt"),
                      map(int, match.groups()), strict=True)) if match else {}
     return result.stdout, stats
 

@@ -169,12 +169,21 @@ class Engine:
                                   d.imm)
         return op
 
-    def _promote(self, block: Block, native: bool = True) -> Callable[[], None]:
-        """Tier 1 for ``block``, then (if ``native``) tier 2 once it stays hot."""
+    def _promote(self, block: Block, native: bool = True,
+                 code_key: bytes | None = None) -> Callable[[], None]:
+        """Tier 1 for ``block``, then (if ``native``) tier 2 once it stays hot. With the
+        block's ``code_key``, tier 1's code comes from the disk cache, or goes to it."""
         def promote() -> None:
             if None in block.decoded:
                 return
-            block.run = translator.translate(self.namespace, block.decoded, block.offsets)
+            code = None
+            if code_key is not None:
+                code = CACHE.translation(code_key)
+                if code is None:
+                    code = translator.block_code(block.decoded, block.offsets)
+                    CACHE.translated(code_key, code)
+            block.run = translator.translate(self.namespace, block.decoded, block.offsets,
+                                             code)
             if native and self.native is not None and not block.breakpoint:
                 block.run = self._count_for_native(block, block.run)
 
@@ -210,15 +219,15 @@ class Engine:
             self.flush()
             native.start_over()
             return
-        native.compile_later([(b, self._code_key(b), b.decoded, b.offsets, b.fp)
-                              for b in queue])
+        native.compile_later([(b, self._code_key(b, b.key & ~FS_ON_KEY), b.decoded,
+                               b.offsets, b.fp) for b in queue])
 
-    def _code_key(self, block: Block) -> bytes | None:
-        """The key of ``block``'s native code: the hash of its instructions' bytes, which
-        are all the code depends on (see native_cache); None without a disk cache."""
+    def _code_key(self, block: Block, start: int) -> bytes | None:
+        """The key of the code of ``block``, at host offset ``start``: the hash of its
+        instructions' bytes, which are all the code depends on (see native_cache); None
+        without a disk cache."""
         if not CACHE.enabled:
             return None
-        start = block.key & ~FS_ON_KEY
         end = start + block.offsets[-1] + block.decoded[-1].length
         return block_key(self.hart.mem.ram[start:end])
 
@@ -311,10 +320,14 @@ class Engine:
             elif self.tier != "interp":  # a single step runs tier-1 code too
                 self._promote(block, native=False)()
             return block
+        code_key = None
+        if straddler is None and self.native is not None and not block.breakpoint and \
+                None not in decoded:
+            code_key = self._code_key(block, page + start)
         if self.tier != "interp":
             # A straddler is found by its bits, not its pages, so native code, which jumps
             # to its successors without looking, must not run one: it stays on tier 1.
-            promote = self._promote(block, native=straddler is None)
+            promote = self._promote(block, native=straddler is None, code_key=code_key)
             block.run = interpret(ops, block.offsets, promote, HOT_AFTER)
         else:
             block.run = interpret(ops, block.offsets)
@@ -327,11 +340,19 @@ class Engine:
             self.blocks[key] = block
             self.page_blocks.setdefault(page, []).append(key)
             self._watch_code(page, start, off)
-            if self.native is not None and not block.breakpoint and None not in decoded and \
-                    (code_key := self._code_key(block)) is not None and \
-                    (addr := self.native.native_for(code_key, decoded)) is not None:
-                block.go_native(jit.BLOCK_FN(addr), addr)  # compiled before: native at once
+            if code_key is not None:
+                self._known_before(block, code_key, promote)
         return block
+
+    def _known_before(self, block: Block, code_key: bytes, promote: Callable[[], None]
+                      ) -> None:
+        """A block just decoded whose code an earlier run (or this one) made: native at
+        once, or on tier 1 at once if it got that hot before."""
+        addr = self.native.native_for(code_key, block.decoded)
+        if addr is not None:
+            block.go_native(jit.BLOCK_FN(addr), addr)
+        elif code_key in CACHE.translations:
+            promote()
 
     def predecode(self, keys: Iterable[int]) -> int:
         """Decode the blocks at code-cache ``keys`` (host offset of the first instruction

@@ -673,7 +673,7 @@ class NativeRuntime:
         False if its checksum fails. The caller holds LLVM_LOCK."""
         if record.digest in self.loaded_records:
             return True
-        obj = CACHE.object_code(record)
+        obj = CACHE.payload(record)
         if obj is None:
             return False
         self.engine.add_object_file(llvm.ObjectFileRef.from_data(obj))

@@ -35,21 +35,28 @@ opened through a directory descriptor it keeps) and writes nothing
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import fcntl
 import hashlib
+import marshal
 import os
 import secrets
 import struct
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import CodeType
 
 DEFAULT_LIMIT = 512 << 20
 ENV_VAR = "POPEK_CODE_CACHE"  # a directory, or "off"
 PACK_MAGIC = b"popek native code pack 1\n"
 RECORD = struct.Struct("<4sI32s")  # magic, body length, BLAKE2b-256 of the body
-RECORD_MAGIC = b"REC1"
+NATIVE = b"REC1"  # record kinds: a batch's object code
+TRANSLATED = b"PY01"  # tier 1's code objects (marshal) of blocks that got hot
+TRANSLATIONS_PER_RECORD = 128
+CODE_LENGTH = struct.Struct("<I")
 BODY = struct.Struct("<II")  # number of blocks, length of the address table's name
 KEY_SIZE = 16
 MAX_PACKS = 16  # more, and a process starting merges the packs no writer holds
@@ -82,7 +89,7 @@ def checksum(body: bytes | memoryview) -> bytes:
 def source_version(toolchain: str) -> str:
     """The name of the directory for code made by this popek with ``toolchain`` (what
     llvmlite, LLVM and the target machine are)."""
-    digest = hashlib.blake2b(toolchain.encode(), digest_size=10)
+    digest = hashlib.blake2b(f"{toolchain} python {sys.version}".encode(), digest_size=10)
     package = Path(__file__).resolve().parent.parent
     for name in SHAPING_PACKAGES:
         for path in sorted((package / name).rglob("*.py")):
@@ -96,6 +103,7 @@ class Record:
     """One batch's object code in a pack, and the keys of its blocks in table order.
     Its bytes stay on disk until loaded (:meth:`NativeCache.object_code`)."""
 
+    kind: bytes  # NATIVE or TRANSLATED
     pack: str  # the pack's name in the version's directory
     offset: int  # of the body, which the checksum covers
     length: int
@@ -130,24 +138,39 @@ def read_pack(name: str, fd: int) -> list[Record]:
         magic, length, digest = RECORD.unpack_from(head)
         count, name_len = BODY.unpack_from(head, RECORD.size)
         obj_offset = BODY.size + name_len + count * KEY_SIZE
-        if magic != RECORD_MAGIC or at + RECORD.size + length > size or obj_offset > length:
+        if magic not in (NATIVE, TRANSLATED) or at + RECORD.size + length > size or \
+                obj_offset > length:
             break
         names = os.pread(fd, obj_offset - BODY.size, at + RECORD.size + BODY.size)
         keys = tuple(names[name_len + i * KEY_SIZE:name_len + (i + 1) * KEY_SIZE]
                      for i in range(count))
-        records.append(Record(name, at + RECORD.size, length, digest,
+        records.append(Record(magic, name, at + RECORD.size, length, digest,
                               names[:name_len].decode("ascii", "replace"), keys, obj_offset))
         at += RECORD.size + length
     return records
 
 
-def encode_record(keys: list[bytes], table: str, obj: bytes) -> bytes:
+def encode_record(kind: bytes, keys: list[bytes], table: str, payload: bytes) -> bytes:
     name = table.encode("ascii")
-    return encode_body(BODY.pack(len(keys), len(name)) + name + b"".join(keys) + obj)
+    return encode_body(kind, BODY.pack(len(keys), len(name)) + name + b"".join(keys) + payload)
 
 
-def encode_body(body: bytes) -> bytes:
-    return RECORD.pack(RECORD_MAGIC, len(body), checksum(body)) + body
+def encode_body(kind: bytes, body: bytes) -> bytes:
+    return RECORD.pack(kind, len(body), checksum(body)) + body
+
+
+def encode_codes(codes: list[bytes]) -> bytes:
+    """A TRANSLATED record's payload: each marshalled code object, length first."""
+    return b"".join(CODE_LENGTH.pack(len(code)) + code for code in codes)
+
+
+def decode_codes(keys: tuple[bytes, ...], payload: bytes) -> dict[bytes, bytes]:
+    codes, at = {}, 0
+    for key in keys:
+        (length,) = CODE_LENGTH.unpack_from(payload, at)
+        codes[key] = payload[at + CODE_LENGTH.size:at + CODE_LENGTH.size + length]
+        at += CODE_LENGTH.size + length
+    return codes
 
 
 @dataclass
@@ -158,12 +181,14 @@ class CacheStats:
     loaded: int = 0  # objects loaded from disk
     reused: int = 0  # blocks that ran native at first sight (code from disk or this run)
     stored: int = 0  # blocks written
+    translated: int = 0  # blocks on tier 1 at first sight, their code from disk
     corrupt: int = 0  # records that failed their checksum
 
     def summary(self) -> str:
         return (f"popek: code cache: {self.reused} blocks native at first sight, "
                 f"{self.loaded} objects loaded of {self.indexed} blocks indexed, "
-                f"{self.stored} blocks stored, {self.corrupt} corrupt records ignored")
+                f"{self.stored} blocks stored, {self.translated} blocks on tier 1 at first "
+                f"sight, {self.corrupt} corrupt records ignored")
 
 
 @dataclass
@@ -176,6 +201,9 @@ class NativeCache:
 
     def __post_init__(self) -> None:
         self.index: dict[bytes, Record] | None = None  # None: not read yet
+        self.translations: dict[bytes, Record] = {}
+        self._codes: dict[bytes, dict[bytes, bytes]] = {}  # of records read, by digest
+        self._pending: list[tuple[bytes, bytes]] = []  # translations not written yet
         self.toolchain: str | None = None
         self.directory: Path | None = None
         # A confined process opens packs relative to the directory it opened before.
@@ -196,6 +224,7 @@ class NativeCache:
             self._directory_fd = None
         self.root, self.limit, self.stats = root, limit, CacheStats()
         self.index, self.directory = None, None
+        self.translations, self._codes, self._pending = {}, {}, []
         self._confined = False
 
     def close(self) -> None:
@@ -229,8 +258,9 @@ class NativeCache:
                 continue  # removed meanwhile
             try:
                 for record in read_pack(path.name, fd):
+                    index = self.index if record.kind == NATIVE else self.translations
                     for key in record.keys:
-                        self.index.setdefault(key, record)
+                        index.setdefault(key, record)
             finally:
                 os.close(fd)
         self.stats.indexed = len(self.index)
@@ -242,8 +272,8 @@ class NativeCache:
             return os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self._directory_fd)
         return os.open(self.directory / name, os.O_RDONLY | os.O_CLOEXEC)
 
-    def object_code(self, record: Record) -> bytes | None:
-        """``record``'s object, if its checksum holds."""
+    def payload(self, record: Record) -> bytes | None:
+        """``record``'s object code or code objects, if its checksum holds."""
         try:
             fd = self._open_pack(record.pack)
         except OSError:
@@ -285,15 +315,52 @@ class NativeCache:
     def discard(self, record: Record) -> None:
         """``record`` failed its checksum (or its pack was removed): forget its blocks."""
         self.stats.corrupt += record.bad
+        index = self.index if record.kind == NATIVE else self.translations
         for key in record.keys:
-            if self.index.get(key) is record:
-                del self.index[key]
+            if index.get(key) is record:
+                del index[key]
 
-    def store(self, keys: list[bytes], table: str, obj: bytes) -> None:
-        """Append the object code of blocks ``keys`` (with address table ``table``)."""
+    def translation(self, key: bytes) -> CodeType | None:
+        """Tier 1's code for the block with ``key``, if an earlier run translated it."""
+        record = self.translations.get(key)
+        if record is None:
+            return None
+        codes = self._codes.get(record.digest)
+        if codes is None:
+            payload = self.payload(record)
+            if payload is None:
+                self.discard(record)
+                return None
+            codes = self._codes[record.digest] = decode_codes(record.keys, payload)
+        try:
+            code = marshal.loads(codes[key])
+        except (ValueError, EOFError, TypeError):  # (checksummed: only a bug gets here)
+            return None
+        self.stats.translated += 1
+        return code if isinstance(code, CodeType) else None
+
+    def translated(self, key: bytes, code: CodeType) -> None:
+        """Tier 1 compiled ``code`` for the block with ``key``: written with the next
+        TRANSLATIONS_PER_RECORD, or at exit."""
+        if self.directory is not None and key not in self.translations:
+            self._pending.append((key, marshal.dumps(code)))
+            if len(self._pending) >= TRANSLATIONS_PER_RECORD:
+                self.flush()
+
+    def flush(self) -> None:
+        """Write the translations noted so far."""
+        pending, self._pending = self._pending, []
+        if pending:
+            self.store([key for key, _ in pending], "", encode_codes([c for _, c in pending]),
+                       kind=TRANSLATED)
+
+    def store(self, keys: list[bytes], table: str, payload: bytes,
+              kind: bytes = NATIVE) -> None:
+        """Append the object code of blocks ``keys`` (with address table ``table``), or
+        the ``kind`` TRANSLATED payload of code objects."""
         if self.root is None or self.directory is None:
             return
-        data = encode_record(keys, table, obj)
+        data = encode_record(kind, keys, table, payload)
         with self._lock:
             if self._writer is None and not self._confined:
                 self._open_writer()
@@ -307,7 +374,8 @@ class NativeCache:
                 self.close()
                 self._confined = True
                 return
-        self.stats.stored += len(keys)
+        if kind == NATIVE:
+            self.stats.stored += len(keys)
 
     def forget_writer(self) -> None:
         """In a forked child: the pack is the parent's; write a pack of its own."""
@@ -315,6 +383,7 @@ class NativeCache:
             os.close(self._writer)
             self._writer = None
         self._lock = threading.Lock()
+        self._pending = []  # the parent writes them
 
     def _open_writer(self) -> None:
         """This process's pack: locked (which tells other processes its writer lives)
@@ -370,7 +439,7 @@ class NativeCache:
                         body = record.body(fd)
                         if body is not None and record.digest not in seen:
                             seen.add(record.digest)
-                            out.write(encode_body(body))
+                            out.write(encode_body(record.kind, body))
             merged.rename(self.directory / f"{os.getpid()}-{secrets.token_hex(4)}.pack")
             for path, _ in held:
                 path.unlink(missing_ok=True)
@@ -408,6 +477,7 @@ class NativeCache:
 
 CACHE = NativeCache()
 os.register_at_fork(after_in_child=CACHE.forget_writer)
+atexit.register(CACHE.flush)
 
 
 def add_cache_args(parser: argparse.ArgumentParser) -> None:
