@@ -11,6 +11,11 @@ code (the source of popek's engine, isa and cpu packages, llvmlite, LLVM and the
 the code is generated for) names the directory the objects live in: a new popek starts
 an empty cache beside the old one, which the size bound then removes.
 
+Tier 1's code objects (``marshal``, so the Python version is part of the version too)
+are kept the same way, by the same keys: a block that got hot enough for tier 1 in an
+earlier run, but not for tier 2, starts on tier 1 without compiling (in a warm Linux
+boot, ~1,300 blocks and 10% of the time).
+
 Layout: ``ROOT/VERSION/PID-RANDOM.pack``. Each process appends records to a pack of its
 own, so writers never share a file and a writer killed at any point leaves a readable
 prefix (a pack is written as it goes rather than renamed into place at the end: a VMM
@@ -342,7 +347,7 @@ class NativeCache:
     def translated(self, key: bytes, code: CodeType) -> None:
         """Tier 1 compiled ``code`` for the block with ``key``: written with the next
         TRANSLATIONS_PER_RECORD, or at exit."""
-        if self.directory is not None and key not in self.translations:
+        if self.directory is not None and not self._confined and key not in self.translations:
             self._pending.append((key, marshal.dumps(code)))
             if len(self._pending) >= TRANSLATIONS_PER_RECORD:
                 self.flush()
