@@ -169,10 +169,11 @@ class Engine:
                                   d.imm)
         return op
 
-    def _promote(self, block: Block, native: bool = True,
-                 code_key: bytes | None = None) -> Callable[[], None]:
-        """Tier 1 for ``block``, then (if ``native``) tier 2 once it stays hot. With the
-        block's ``code_key``, tier 1's code comes from the disk cache, or goes to it."""
+    def _promote(self, block: Block, native: bool = True, code_key: bytes | None = None,
+                 native_after: int = 0) -> Callable[[], None]:
+        """Tier 1 for ``block``, then (if ``native``) tier 2 once it stays hot: after
+        ``native_after`` runs (NATIVE_AFTER if 0). With the block's ``code_key``, tier
+        1's code comes from the disk cache, or goes to it."""
         def promote() -> None:
             if None in block.decoded:
                 return
@@ -185,13 +186,14 @@ class Engine:
             block.run = translator.translate(self.namespace, block.decoded, block.offsets,
                                              code)
             if native and self.native is not None and not block.breakpoint:
-                block.run = self._count_for_native(block, block.run)
+                block.run = self._count_for_native(block, block.run,
+                                                   native_after or NATIVE_AFTER)
 
         return promote
 
-    def _count_for_native(self, block: Block, run: BlockFn) -> BlockFn:
-        """Tier 1's function, queueing the block for native code after NATIVE_AFTER runs."""
-        remaining = NATIVE_AFTER
+    def _count_for_native(self, block: Block, run: BlockFn, after: int) -> BlockFn:
+        """Tier 1's function, queueing the block for native code after ``after`` runs."""
+        remaining = after
         queue = self.native_queue
 
         def counted(pc: int) -> int:
@@ -341,18 +343,19 @@ class Engine:
             self.page_blocks.setdefault(page, []).append(key)
             self._watch_code(page, start, off)
             if code_key is not None:
-                self._known_before(block, code_key, promote)
+                self._known_before(block, code_key)
         return block
 
-    def _known_before(self, block: Block, code_key: bytes, promote: Callable[[], None]
-                      ) -> None:
+    def _known_before(self, block: Block, code_key: bytes) -> None:
         """A block just decoded whose code an earlier run (or this one) made: native at
-        once, or on tier 1 at once if it got that hot before."""
+        once, or on tier 1 at once if it got that hot before (and native after as many
+        runs in all as from the interpreter, so a second run compiles what the first
+        did, no more)."""
         addr = self.native.native_for(code_key, block.decoded)
         if addr is not None:
             block.go_native(jit.BLOCK_FN(addr), addr)
         elif code_key in CACHE.translations:
-            promote()
+            self._promote(block, code_key=code_key, native_after=HOT_AFTER + NATIVE_AFTER)()
 
     def predecode(self, keys: Iterable[int]) -> int:
         """Decode the blocks at code-cache ``keys`` (host offset of the first instruction
