@@ -9,7 +9,9 @@ to it) and checks each write against the 16-byte granules that hold code, so dat
 beside code costs a slow-path store, not a re-decode. Each block has one entry point,
 ``run(pc)``: the reference tier interprets its decoded instructions; tier 1 replaces
 that with a translated Python function once the block is hot. Interrupts are checked
-at block boundaries: after every system instruction and at each slice start.
+at block boundaries: after every system instruction and at each slice start. A block
+whose bytes an earlier run (or this one) compiled starts native, or on tier 1, at
+first sight (:mod:`popek.engine.native_cache`).
 
 A debugger stops a hart at an arbitrary pc without a check per block: setting
 breakpoints flushes the code cache (the one invalidation path), and blocks decoded while
