@@ -255,3 +255,14 @@ def test_no_code_cache_reads_and_writes_nothing(tmp_path: Path) -> None:
     assert len(result.stdout.split()[0]) == 64
     assert not STATS.search(result.stderr)
     assert not home.exists()
+
+
+def test_unusable_cache_directory_is_one_line_and_the_run_goes_on(tmp_path: Path) -> None:
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_bytes(b"")
+    result = subprocess.run([sys.executable, "-m", "popek", "exec", "--code-cache",
+                             str(not_a_directory), str(BUSYBOX), "echo", "hi"],
+                            capture_output=True, timeout=TIMEOUT, check=True)
+    assert result.stdout == b"hi\n"
+    assert result.stderr.decode().strip().endswith("Not a directory; running without it")
+    assert len(result.stderr.decode().strip().splitlines()) == 1

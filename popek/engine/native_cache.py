@@ -253,8 +253,10 @@ class NativeCache:
                 with contextlib.suppress(OSError):  # a full disk, say: index them as they are
                     self._merge(packs)
                 packs = sorted(self.directory.glob("*.pack"))
-        except OSError:
-            self.root = None  # no usable cache here: run without one
+        except OSError as err:
+            print(f"popek: code cache {self.root}: {err.strerror or err}; running without it",
+                  file=sys.stderr)
+            self.root = None
             return
         for path in packs:
             try:
