@@ -12,8 +12,9 @@ differently, only roughly).
     python bench/programs.py [--size-kib N] [--tiers jit,translate,interp]
 
 Each line gives wall time and the CPU time of the emulator process; MIPS are per
-wall second. With every tier (the default) the run takes about half an hour, most of
-it in the interpreter; ``--tiers jit`` takes about a minute.
+wall second. Tier 2 runs each program twice: with an empty native code cache (cold)
+and with the cache the cold run left (warm). With every tier (the default) the run
+takes about half an hour, most of it in the interpreter; ``--tiers jit`` about a minute.
 """
 
 from __future__ import annotations
@@ -100,23 +101,31 @@ def main() -> int:
             workloads["esbuild bundle+minify"] = [
                 esbuild, str(TESTS / "user" / "typescript" / "src" / "main.ts"), "--bundle",
                 "--minify", "--target=es2017", "--format=esm"]
-        print(f"{'workload':<22}{'emulator':<22}{'wall s':>9}{'CPU s':>9}{'M insns':>10}"
+        print(f"{'workload':<22}{'emulator':<24}{'wall s':>9}{'CPU s':>9}{'M insns':>10}"
               f"{'MIPS':>9}{'vs qemu':>10}")
         for name, cmd in workloads.items():
             q_time, q_cpu, q_out, _ = timed([qemu, *cmd])
             insns = 0
             rows = []
             for tier in tiers:
-                p_time, p_cpu, p_out, err = timed([sys.executable, "-m", "popek", "exec",
-                                                   "--stats", "--engine", tier, *cmd])
-                if p_out != q_out:
-                    raise RuntimeError(f"{name}: popek ({tier}) and qemu disagree on output")
-                match = re.search(r"(\d+) guest instructions", err)
-                insns = int(match.group(1)) if match else 0
-                rows.append((f"popek {tier}", p_time, p_cpu))
+                popek = [sys.executable, "-m", "popek", "exec", "--stats", "--engine", tier]
+                # tier 2 runs twice: with an empty native code cache, then with what the
+                # first run left in it; the other tiers have no native code to cache
+                cache = str(Path(tmp) / f"code-{len(rows)}-{tier}")
+                runs = {"jit, cold cache": ["--code-cache", cache],
+                        "jit, warm cache": ["--code-cache", cache]} if tier == "jit" \
+                    else {tier: ["--no-code-cache"]}
+                for label, options in runs.items():
+                    p_time, p_cpu, p_out, err = timed([*popek, *options, *cmd])
+                    if p_out != q_out:
+                        raise RuntimeError(f"{name}: popek ({label}) and qemu disagree on "
+                                           "output")
+                    match = re.search(r"(\d+) guest instructions", err)
+                    insns = int(match.group(1)) if match else 0
+                    rows.append((f"popek {label}", p_time, p_cpu))
             rows.append(("qemu-riscv64", q_time, q_cpu))
             for label, seconds, cpu in rows:
-                print(f"{name:<22}{label:<22}{seconds:9.2f}{cpu:9.2f}{insns / 1e6:10.1f}"
+                print(f"{name:<22}{label:<24}{seconds:9.2f}{cpu:9.2f}{insns / 1e6:10.1f}"
                       f"{insns / seconds / 1e6:9.2f}{seconds / q_time:9.1f}x", flush=True)
     return 0
 

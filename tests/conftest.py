@@ -1,6 +1,12 @@
-"""Session configuration shared by every test module: the order and spread of the tests."""
+"""Session configuration shared by every test module: the order and spread of the tests,
+and the on-disk native code cache they use."""
 
 from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 from xdist.remote import Producer
@@ -30,3 +36,22 @@ def pytest_xdist_make_scheduler(config: pytest.Config,
     if config.getvalue("dist") != "load":
         return None  # the user chose a distribution mode: keep it
     return ClassScopeScheduling(config, log)
+
+
+_CACHE_DIR = pytest.StashKey[str]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Every test process (and every popek it starts) uses a native code cache of its own,
+    empty at the start, never the user's ~/.cache: a test's outcome must not depend on
+    what an earlier run left there (CI starts with none)."""
+    from popek.engine.native_cache import CACHE, ENV_VAR
+
+    directory = tempfile.mkdtemp(prefix="popek-code-cache-")
+    config.stash[_CACHE_DIR] = directory
+    os.environ[ENV_VAR] = directory
+    CACHE.configure(Path(directory))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(config.stash.get(_CACHE_DIR, ""), ignore_errors=True)

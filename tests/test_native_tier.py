@@ -180,20 +180,24 @@ def test_fault_inside_a_native_block_is_precise() -> None:
     assert nat.x[11] == nat.x[13] + 1  # a1 counted the faulting pass; a3 did not
 
 
+# Counts to 200 + 2 * 200 in a0: halfway it rewrites the instruction that counts.
+SELF_PATCHING = """
+    li s0, 400
+    la s1, 2f
+    li s2, 0x00250513        # addi a0, a0, 2
+    li s3, 200
+    li a0, 0
+1:  addi s0, s0, -1
+    bne  s0, s3, 2f
+    sw   s2, 0(s1)           # patch the next instruction, once
+2:  addi a0, a0, 1
+    bnez s0, 1b
+    ebreak
+"""
+
+
 def test_code_rewritten_under_native_execution_is_seen() -> None:
-    nat, _, _ = same_state("""
-        li s0, 400
-        la s1, 2f
-        li s2, 0x00250513        # addi a0, a0, 2
-        li s3, 200
-        li a0, 0
-    1:  addi s0, s0, -1
-        bne  s0, s3, 2f
-        sw   s2, 0(s1)           # patch the next instruction, once
-    2:  addi a0, a0, 1
-        bnez s0, 1b
-        ebreak
-    """)
+    nat, _, _ = same_state(SELF_PATCHING)
     assert nat.x[10] == 200 + 2 * 200
 
 

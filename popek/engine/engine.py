@@ -9,7 +9,9 @@ to it) and checks each write against the 16-byte granules that hold code, so dat
 beside code costs a slow-path store, not a re-decode. Each block has one entry point,
 ``run(pc)``: the reference tier interprets its decoded instructions; tier 1 replaces
 that with a translated Python function once the block is hot. Interrupts are checked
-at block boundaries: after every system instruction and at each slice start.
+at block boundaries: after every system instruction and at each slice start. A block
+whose bytes an earlier run (or this one) compiled starts native, or on tier 1, at
+first sight (:mod:`popek.engine.native_cache`).
 
 A debugger stops a hart at an arbitrary pc without a check per block: setting
 breakpoints flushes the code cache (the one invalidation path), and blocks decoded while
@@ -31,6 +33,7 @@ from popek.cpu.state import CTL_INSTRET, CTL_PRIV, CTL_WFI, XLEN_MASK
 from popek.engine import jit, translator
 from popek.engine.handlers import Handler, bind_handlers, semantics_namespace
 from popek.engine.interpreter import BlockFn, Op, interpret
+from popek.engine.native_cache import CACHE, block_key
 from popek.isa.decoder import Decoded, decode16, decode32
 
 MSTATUS = 0x300
@@ -168,20 +171,31 @@ class Engine:
                                   d.imm)
         return op
 
-    def _promote(self, block: Block, native: bool = True) -> Callable[[], None]:
-        """Tier 1 for ``block``, then (if ``native``) tier 2 once it stays hot."""
+    def _promote(self, block: Block, native: bool = True, code_key: bytes | None = None,
+                 native_after: int = 0) -> Callable[[], None]:
+        """Tier 1 for ``block``, then (if ``native``) tier 2 once it stays hot: after
+        ``native_after`` runs (NATIVE_AFTER if 0). With the block's ``code_key``, tier
+        1's code comes from the disk cache, or goes to it."""
         def promote() -> None:
             if None in block.decoded:
                 return
-            block.run = translator.translate(self.namespace, block.decoded, block.offsets)
+            code = None
+            if code_key is not None:
+                code = CACHE.translation(code_key)
+                if code is None:
+                    code = translator.block_code(block.decoded, block.offsets)
+                    CACHE.translated(code_key, code)
+            block.run = translator.translate(self.namespace, block.decoded, block.offsets,
+                                             code)
             if native and self.native is not None and not block.breakpoint:
-                block.run = self._count_for_native(block, block.run)
+                block.run = self._count_for_native(block, block.run,
+                                                   native_after or NATIVE_AFTER)
 
         return promote
 
-    def _count_for_native(self, block: Block, run: BlockFn) -> BlockFn:
-        """Tier 1's function, queueing the block for native code after NATIVE_AFTER runs."""
-        remaining = NATIVE_AFTER
+    def _count_for_native(self, block: Block, run: BlockFn, after: int) -> BlockFn:
+        """Tier 1's function, queueing the block for native code after ``after`` runs."""
+        remaining = after
         queue = self.native_queue
 
         def counted(pc: int) -> int:
@@ -209,7 +223,17 @@ class Engine:
             self.flush()
             native.start_over()
             return
-        native.compile_later([(b, b.decoded, b.offsets, b.fp) for b in queue])
+        native.compile_later([(b, self._code_key(b, b.key & ~FS_ON_KEY), b.decoded,
+                               b.offsets, b.fp) for b in queue])
+
+    def _code_key(self, block: Block, start: int) -> bytes | None:
+        """The key of the code of ``block``, at host offset ``start``: the hash of its
+        instructions' bytes, which are all the code depends on (see native_cache); None
+        without a disk cache."""
+        if not CACHE.enabled:
+            return None
+        end = start + block.offsets[-1] + block.decoded[-1].length
+        return block_key(self.hart.mem.ram[start:end])
 
     def finish_compiles(self) -> None:
         """Compile every queued block now and install the results: tests use it to make
@@ -300,10 +324,14 @@ class Engine:
             elif self.tier != "interp":  # a single step runs tier-1 code too
                 self._promote(block, native=False)()
             return block
+        code_key = None
+        if straddler is None and self.native is not None and not block.breakpoint and \
+                None not in decoded:
+            code_key = self._code_key(block, page + start)
         if self.tier != "interp":
             # A straddler is found by its bits, not its pages, so native code, which jumps
             # to its successors without looking, must not run one: it stays on tier 1.
-            promote = self._promote(block, native=straddler is None)
+            promote = self._promote(block, native=straddler is None, code_key=code_key)
             block.run = interpret(ops, block.offsets, promote, HOT_AFTER)
         else:
             block.run = interpret(ops, block.offsets)
@@ -316,7 +344,20 @@ class Engine:
             self.blocks[key] = block
             self.page_blocks.setdefault(page, []).append(key)
             self._watch_code(page, start, off)
+            if code_key is not None:
+                self._known_before(block, code_key)
         return block
+
+    def _known_before(self, block: Block, code_key: bytes) -> None:
+        """A block just decoded whose code an earlier run (or this one) made: native at
+        once, or on tier 1 at once if it got that hot before (and native after as many
+        runs in all as from the interpreter, so a second run compiles what the first
+        did, no more)."""
+        addr = self.native.native_for(code_key, block.decoded)
+        if addr is not None:
+            block.go_native(jit.BLOCK_FN(addr), addr)
+        elif code_key in CACHE.translations:
+            self._promote(block, code_key=code_key, native_after=HOT_AFTER + NATIVE_AFTER)()
 
     def predecode(self, keys: Iterable[int]) -> int:
         """Decode the blocks at code-cache ``keys`` (host offset of the first instruction

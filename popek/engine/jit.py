@@ -27,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import importlib
 import importlib.util
+import secrets
 import threading
 from array import array
 from collections import deque
@@ -39,6 +40,7 @@ from popek.cpu.state import X_SINK
 from popek.engine import irtext as ir
 from popek.engine.compiler_thread import COMPILER, LLVM_LOCK
 from popek.engine.lowering import I32, I64, Lowering, Operand, Unsupported, reads_pc
+from popek.engine.native_cache import CACHE, Record
 from popek.isa.decoder import Decoded
 from popek.isa.spec import IMM_RANGES, WRITES_X, Insn
 
@@ -111,9 +113,23 @@ def _initialize() -> None:
 
 
 def _target_machine():
-    """A target machine for one execution engine (which takes ownership of it)."""
+    """A target machine for one execution engine (which takes ownership of it): generic
+    for the host's triple, so its code suits any host of that triple."""
     _initialize()
     return llvm.Target.from_default_triple().create_target_machine(opt=CODEGEN_LEVEL, jit=True)
+
+
+def toolchain() -> str:
+    """What, besides popek's source, shapes the native code: the on-disk cache's version."""
+    _initialize()
+    return (f"llvmlite {importlib.import_module('llvmlite').__version__} llvm "
+            f"{llvm.llvm_version_info} {llvm.get_default_triple()} codegen {CODEGEN_LEVEL}")
+
+
+def fallback_ref(d: Decoded) -> int:
+    """How native code names an instruction it runs through its Python handler: by its
+    bits, so the code means the same in any process (and can be cached on disk)."""
+    return d.word | d.length << 32
 
 
 # -- IR emission ------------------------------------------------------------------------------
@@ -504,8 +520,9 @@ class NativeRuntime:
         self.failure: BaseException | None = None
         self._batch_done = threading.Event()
         self._batch_done.set()
-        self._tables = 0  # names the address table of each module
-        self.fallbacks: list[tuple[Callable, int, int, int, int]] = []
+        # What native code runs through Python handlers, by ``fallback_ref``.
+        self.fallbacks: dict[int, tuple[Callable, int, int, int, int]] = {}
+        self._object: bytes | None = None  # what LLVM compiled last (the object cache hook)
         self.steps: dict[tuple[str, int], Callable | None] = {}
         env = self.env
         env.x = hart.x.buffer_info()[0]
@@ -518,6 +535,7 @@ class NativeRuntime:
                            EXEC_SLOW(self._exec_slow))
         env.load_slow, env.store_slow, env.exec_slow = (
             ctypes.cast(cb, ctypes.c_void_p).value for cb in self._callbacks)
+        CACHE.open(toolchain())
         with LLVM_LOCK:
             self._new_compiler()
         hart.mmu.mirror = self
@@ -527,6 +545,8 @@ class NativeRuntime:
         LLVM_LOCK."""
         target = _target_machine()
         engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), target)
+        engine.finalize_object()  # the empty module: from here on, each object is a batch's
+        engine.set_object_cache(self._object_compiled)
         # A short pipeline does what the lowering leaves to LLVM (the loads of registers a
         # block never reads, constants folded across instructions, branches folded); the
         # lowering already emits SSA at the widths values need. LLVM's standard levels cost
@@ -539,6 +559,13 @@ class NativeRuntime:
             speed_level=0))
         self.target, self.engine = target, engine
         self.native_blocks = 0
+        # This engine's native code by block key (see native_cache): blocks of the same
+        # bytes share it, wherever and whenever they were decoded.
+        self.by_key: dict[bytes, int] = {}
+        self.loaded_records: set[bytes] = set()  # their digests
+
+    def _object_compiled(self, module, buffer: bytes) -> None:
+        self._object = bytes(buffer)
 
     # -- TLB mirror (see Mmu.mirror) --
     def fill(self, access: int, vpn: int, host_page: int) -> None:
@@ -613,29 +640,78 @@ class NativeRuntime:
             return TRAP_PENDING if isinstance(e, Trap) else EXCEPTION
 
     # -- compiling --
-    def _with_table(self, module: ir.Module, names: list[str]) -> tuple[str, str]:
-        """The IR text of ``module`` plus a table of the addresses of functions ``names``,
-        and the table's name: one look-up finds them all (on the compiler thread, each
-        call into LLVM costs a round trip for the GIL)."""
-        self._tables += 1
-        table = f"addresses{self._tables}"
+    @staticmethod
+    def _with_table(module: ir.Module, table: str, names: list[str]) -> str:
+        """The IR text of ``module`` plus a ``table`` of the addresses of functions
+        ``names``: one look-up finds them all (on the compiler thread, each call into LLVM
+        costs a round trip for the GIL). Tables and blocks are named at random, so objects
+        from any process can share an engine (see native_cache)."""
         entries = ", ".join(f"ptr @{n}" for n in names)
-        return f"{module}\n@{table} = constant [{len(names)} x ptr] [{entries}]\n", table
+        return f"{module}\n@{table} = constant [{len(names)} x ptr] [{entries}]\n"
 
-    def _finalize(self, text: str, table: str, count: int) -> list[int]:
-        """Optimize and compile IR ``text``; the ``count`` addresses in its ``table``.
-        The caller holds LLVM_LOCK."""
+    def _addresses(self, table: str, count: int) -> list[int]:
+        return list((ctypes.c_uint64 * count).from_address(
+            self.engine.get_global_value_address(table)))
+
+    def _finalize(self, text: str, table: str, count: int) -> tuple[list[int], bytes | None]:
+        """Optimize and compile IR ``text``: the ``count`` addresses in its ``table``, and
+        the object code. The caller holds LLVM_LOCK."""
         mod = llvm.parse_assembly(text)
         self.passes.run(mod, self.pass_builder)
+        self._object = None
         self.engine.add_module(mod)
         self.engine.finalize_object()
-        addrs = list((ctypes.c_uint64 * count).from_address(
-            self.engine.get_global_value_address(table)))
+        addrs = self._addresses(table, count)
         # The machine code stays with the engine's memory manager; the IR is no longer
         # needed and would otherwise stay resident for every block ever compiled.
         self.engine.remove_module(mod)
         mod.close()
-        return addrs
+        return addrs, self._object
+
+    def _load(self, record: Record) -> bool:
+        """Add ``record``'s object code to the engine and learn its blocks' addresses;
+        False if its checksum fails. The caller holds LLVM_LOCK."""
+        if record.digest in self.loaded_records:
+            return True
+        obj = CACHE.payload(record)
+        if obj is None:
+            return False
+        self.engine.add_object_file(llvm.ObjectFileRef.from_data(obj))
+        self.engine.finalize_object()
+        addrs = self._addresses(record.table, len(record.keys))
+        self.loaded_records.add(record.digest)
+        for key, addr in zip(record.keys, addrs, strict=True):
+            self.by_key.setdefault(key, addr)
+        self.native_blocks += len(addrs)
+        return True
+
+    def native_for(self, key: bytes, decoded: list[Decoded]) -> int | None:
+        """Native code for the block of ``decoded`` instructions with ``key``, if this
+        engine has it or the disk cache does (then loaded now); None if neither."""
+        addr = self.by_key.get(key)
+        if addr is None:
+            record = CACHE.lookup(key)
+            if record is None:
+                return None
+            with LLVM_LOCK:
+                ok = self._load(record)
+            if not ok:
+                CACHE.discard(record)
+                return None
+            CACHE.loaded(record)
+            addr = self.by_key[key]
+        CACHE.stats.reused += 1
+        for d in decoded:
+            if not lowers(d.insn):
+                self._adopt_fallback(d)
+        return addr
+
+    def _adopt_fallback(self, d: Decoded) -> int:
+        ref = fallback_ref(d)
+        if ref not in self.fallbacks:
+            self.fallbacks[ref] = (self.handlers[(d.insn.name, d.length)],
+                                   d.rd, d.rs1, d.rs2, d.imm)
+        return ref
 
     @property
     def full(self) -> bool:
@@ -658,29 +734,47 @@ class NativeRuntime:
         """Whether the last batch handed to the compiler thread is not done yet."""
         return not self._batch_done.is_set()
 
-    def compile_later(self, blocks: list[tuple[object, list[Decoded], tuple[int, ...], bool]]
-                      ) -> None:
-        """Emit each (token, decoded, offsets, fp) block's IR now, in one module, and have
-        the compiler thread compile it: (token, address) pairs then appear in
-        ``compiled``. Blocks that should stay on tier 1 never appear there."""
+    def compile_later(self, blocks: list[tuple[object, bytes | None, list[Decoded],
+                                               tuple[int, ...], bool]]) -> None:
+        """Emit each (token, key, decoded, offsets, fp) block's IR now, in one module, and
+        have the compiler thread compile it: (token, address) pairs then appear in
+        ``compiled``. Blocks that should stay on tier 1 never appear there. A block with
+        a ``key`` (the disk cache is on) shares code with others of its key, and the
+        batch's object code goes to the disk cache."""
         module = ir.Module()
-        tokens, names = [], []
-        for token, decoded, offsets, fp in blocks:
-            name = self._emit_block(module, decoded, offsets, fp)
-            if name is not None:
-                tokens.append(token)
-                names.append(name)
-        if not names:
+        table = f"t{secrets.token_hex(8)}"
+        owners: list[list[object]] = []  # the tokens of each function emitted
+        keys: list[bytes | None] = []
+        emitted: dict[bytes, int] = {}
+        for token, key, decoded, offsets, fp in blocks:
+            if key is not None:
+                if (addr := self.by_key.get(key)) is not None:
+                    self.compiled.append((token, addr))
+                    continue
+                if key in emitted:
+                    owners[emitted[key]].append(token)
+                    continue
+            if self._emit_block(module, f"{table}_{len(owners)}", decoded, offsets, fp):
+                if key is not None:
+                    emitted[key] = len(owners)
+                owners.append([token])
+                keys.append(key)
+        if not owners:
             return
-        text, table = self._with_table(module, names)
+        text = self._with_table(module, table, [f"{table}_{i}" for i in range(len(owners))])
         engine, done = self.engine, threading.Event()
         self._batch_done = done
 
         def compile_batch() -> None:
             try:
                 if self.engine is engine:  # else the cache started over meanwhile
-                    addrs = self._finalize(text, table, len(names))
-                    self.compiled.extend(zip(tokens, addrs, strict=True))
+                    addrs, obj = self._finalize(text, table, len(owners))
+                    for tokens, key, addr in zip(owners, keys, addrs, strict=True):
+                        self.compiled.extend((token, addr) for token in tokens)
+                        if key is not None:
+                            self.by_key[key] = addr
+                    if obj is not None and None not in keys:
+                        CACHE.store(keys, table, obj)
             except BaseException as e:  # noqa: BLE001 - raised on the vCPU thread instead
                 self.failure = e
             finally:
@@ -701,15 +795,15 @@ class NativeRuntime:
         """Wait until every batch handed to the compiler thread is compiled."""
         COMPILER.wait_idle()
 
-    def _emit_block(self, module: ir.Module, decoded: list[Decoded], offsets: tuple[int, ...],
-                    fp: bool) -> str | None:
+    def _emit_block(self, module: ir.Module, name: str, decoded: list[Decoded],
+                    offsets: tuple[int, ...], fp: bool) -> bool:
+        """Emit function ``name`` for a block, unless it should stay on tier 1."""
         native = [lowers(d.insn) for d in decoded]
         if sum(native) * 2 < len(decoded):
-            return None  # mostly callbacks: tier 1 runs these faster
+            return False  # mostly callbacks: tier 1 runs these faster
         if not native[-1] and "ends_block" in decoded[-1].insn.flags:
-            return None  # control leaves through a Python handler
+            return False  # control leaves through a Python handler
         self.native_blocks += 1
-        name = f"b{self.native_blocks}"
         fn = ir.Function(module, BLOCK_TYPE, name)
         fn.attributes.add("nounwind")
         em = _BlockEmitter(fn, decoded, offsets, fp, _chain(module))
@@ -729,9 +823,7 @@ class NativeRuntime:
             if native[i]:
                 falls = Lowering(em, _operands(d), pc, d.length).lower(d.insn.sem)
             else:
-                self.fallbacks.append((self.handlers[(d.insn.name, d.length)],
-                                       d.rd, d.rs1, d.rs2, d.imm))
-                em.fallback(len(self.fallbacks) - 1, pc)
+                em.fallback(self._adopt_fallback(d), pc)
                 falls = "ends_block" not in d.insn.flags
             if not falls:
                 break
@@ -739,7 +831,7 @@ class NativeRuntime:
             end = offsets[-1] + decoded[-1].length
             em.jump(b.add(em.pc0, ir.Constant(I64, end)))
         em.finish()
-        return name
+        return True
 
     def step_function(self, ins: Insn, length: int) -> Callable | None:
         """Native code for one instruction with operands as arguments (single steps)."""
@@ -747,9 +839,10 @@ class NativeRuntime:
         if key not in self.steps:
             fn = None
             if lowers(ins):
-                text, table = self._with_table(_step_module(ins, length), ["step"])
+                table = f"t{secrets.token_hex(8)}"
+                text = self._with_table(_step_module(ins, length), table, ["step"])
                 with LLVM_LOCK:
-                    (addr,) = self._finalize(text, table, 1)
+                    (addr,), _ = self._finalize(text, table, 1)
                 fn = STEP_FN(addr)
             self.steps[key] = fn
         return self.steps[key]

@@ -201,8 +201,15 @@ def _compiled(src: str) -> CodeType:
     return compile(src, "<popek block>", "exec")
 
 
-def translate(namespace: dict[str, object], decoded: list[Decoded], offsets: list[int]) -> BlockFn:
-    """Compile a block into a function bound to the hart's semantics namespace."""
+def block_code(decoded: list[Decoded], offsets: list[int]) -> CodeType:
+    """The code object defining the block's function (what ``translate`` runs)."""
+    return _compiled(block_source("block", decoded, offsets))
+
+
+def translate(namespace: dict[str, object], decoded: list[Decoded], offsets: list[int],
+              code: CodeType | None = None) -> BlockFn:
+    """Compile a block into a function bound to the hart's semantics namespace; ``code``
+    is its ``block_code`` when that is known already (from the disk cache)."""
     local: dict[str, object] = {}
-    exec(_compiled(block_source("block", decoded, offsets)), namespace, local)  # noqa: S102
+    exec(code or block_code(decoded, offsets), namespace, local)  # noqa: S102
     return local["block"]  # type: ignore[return-value]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from popek import images
 from popek.devices.virtio.net import default_mac
+from popek.engine.native_cache import CACHE, add_cache_args, use_cache_args
 from popek.gdb.server import KILLED_STATUS, AddressError, DebuggerPort
 from popek.machine.config import (
     ConfigError,
@@ -36,6 +37,7 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
                         help="also write all console output to FILE")
     parser.add_argument("--stats", action="store_true",
                         help="at exit, print guest instructions, wall time and MIPS on stderr")
+    add_cache_args(parser)
     parser.add_argument("--gdb", metavar="HOST:PORT",
                         help="wait for gdb at HOST:PORT (or unix:PATH) before the first "
                              "instruction, like QEMU's -s -S")
@@ -100,6 +102,7 @@ class CommandOutput:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Boot the guest and connect its console to this terminal until it powers off."""
+    use_cache_args(args)
     try:
         config = machine_config(args)
         # Unbuffered, so the log is complete even if popek is killed.
@@ -130,6 +133,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             log.close()
         if args.stats:
             print(stats.summary(), file=sys.stderr)
+            if CACHE.enabled:
+                print(CACHE.stats.summary(), file=sys.stderr)
     if capture is not None:
         if capture.status is None:
             print("popek run: the guest stopped before the command finished", file=sys.stderr)

@@ -13,6 +13,7 @@ import sys
 import time
 
 from popek.engine.engine import DEFAULT_TIER, TIERS
+from popek.engine.native_cache import CACHE, add_cache_args, use_cache_args
 from popek.gdb.server import AddressError, debug_process
 from popek.stats import instruction_summary
 from popek.user.elf_loader import ExecError
@@ -43,6 +44,7 @@ def add_exec_args(parser: argparse.ArgumentParser) -> None:
                         help=f"execution tier (default {DEFAULT_TIER}, or $POPEK_ENGINE)")
     parser.add_argument("--stats", action="store_true",
                         help="at exit, print guest instructions, wall time and MIPS on stderr")
+    add_cache_args(parser)
     parser.add_argument("--gdb", metavar="HOST:PORT",
                         help="wait for gdb at HOST:PORT (or unix:PATH) before the first "
                              "instruction, like qemu-riscv64 -g")
@@ -57,6 +59,7 @@ def default_sysroot() -> str | None:
 def cmd_exec(args: argparse.Namespace) -> int:
     """Run the program; returns its exit status (128 + signal number if it was killed)."""
     sysroot = args.sysroot or default_sysroot()
+    use_cache_args(args)
     try:
         process = Process(ExecOptions(sysroot=sysroot, strace=args.strace, engine=args.engine))
     except OSError as e:  # e.g. the host refuses to reserve the guest's address space
@@ -81,6 +84,8 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if os.getpid() == pid:  # not in a child the program forked
         retired = process.scheduler.instructions_retired()
         print(instruction_summary(retired, time.monotonic() - start), file=sys.stderr)
+        if CACHE.enabled:
+            print(CACHE.stats.summary(), file=sys.stderr)
     return status
 
 

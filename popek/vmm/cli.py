@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from popek.api.endpoint import default_socket, default_state_dir, default_token_file
+from popek.engine.native_cache import add_cache_args, use_cache_args
 from popek.machine.config import add_config_args, cli_type, parse_size
 
 DEFAULT_WAIT = 1.0  # seconds of silence that end a scripted `popek vm console`
@@ -51,6 +52,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop-timeout", type=float, default=30, metavar="SECONDS",
                         help="with --stop-guests, how long a guest has to power off before "
                         "it is killed (30)")
+    add_cache_args(parser)
     parser.add_argument("--page-sharing", choices=["on", "off"], default="on",
                         help="let the host merge identical guest pages across guests (KSM: "
                         "guest RAM advised mergeable; as root, KSM is started if it is off) "
@@ -91,6 +93,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from popek.vmm import statedir
     from popek.vmm.service import ServeError, prepare_access, serve
 
+    use_cache_args(args, inherit=True)  # the workers' native code cache
     state_dir = args.state_dir or default_state_dir()
     try:
         access = prepare_access(state_dir, tcp=tcp is not None, token_file=args.token_file,

@@ -3,6 +3,8 @@
 At the top of its entry point, before it reads an image or a snapshot, a worker gives up
 everything a guest's process does not need, in an order that leaves no gap:
 
+0. tier 2's on-disk code cache is indexed while its files may still be opened; the
+   worker reads it and never writes it (:mod:`popek.engine.native_cache`);
 1. it joins the cgroup the VMM made for its VM (:mod:`popek.vmm.cgroups`) while it still
    may; the VMM checks the result in ``/proc``, it does not take the worker's word;
 2. core dumps off: a dying worker must not write guest memory to disk;
@@ -31,6 +33,8 @@ import re
 import resource
 from collections.abc import Iterable
 from typing import Any
+
+from popek.engine.native_cache import CACHE
 
 try:
     import pyseccomp as seccomp
@@ -136,6 +140,7 @@ def confine(cgroup_procs: Iterable[str] = (), ids: tuple[int, int] | None = None
     ``cgroup_procs``: the ``cgroup.procs`` files of the VM's cgroups to join; ``ids``:
     the (uid, gid) to run as, when the VMM is root.
     """
+    CACHE.prepare_confinement()
     for procs in cgroup_procs:
         with open(procs, "w") as f:
             f.write("0")  # 0: the writer itself

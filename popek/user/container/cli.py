@@ -19,6 +19,7 @@ import sys
 import tempfile
 
 from popek.engine.engine import DEFAULT_TIER, TIERS
+from popek.engine.native_cache import add_cache_args, use_cache_args
 from popek.user.container.image import ImageError, ImageSpec, unpack
 from popek.user.container.isolation import Container
 from popek.user.container.namespace import Namespace
@@ -63,6 +64,7 @@ def add_container_args(parser: argparse.ArgumentParser) -> None:
                      help="print every system call and its result on stderr")
     run.add_argument("--engine", choices=TIERS, default=DEFAULT_TIER,
                      help=f"execution tier (default {DEFAULT_TIER}, or $POPEK_ENGINE)")
+    add_cache_args(run)
     run.add_argument("--cache", metavar="DIR", help="image cache (default: "
                      "$XDG_CACHE_HOME/popek/images or ~/.cache/popek/images)")
     run.add_argument("command", nargs=argparse.REMAINDER,
@@ -70,6 +72,7 @@ def add_container_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_container(args: argparse.Namespace) -> int:
+    use_cache_args(args)
     try:
         return _run(args)
     except (UsageError, ImageError) as e:
