@@ -42,6 +42,8 @@ def open_beneath(dir_fd: int, path: bytes, flags: int, mode: int = 0) -> int:
     it (and ELOOP for /proc's magic links), with no window for a rename race to exploit."""
     if b"\0" in path:
         raise OSError(errno.EINVAL, "a path holds a NUL byte")
+    if not flags & os.O_CREAT:
+        mode = 0  # openat2 refuses a mode it would not use
     how = _OpenHow(flags | os.O_CLOEXEC, mode, RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)
     while True:
         result = libc.syscall(ctypes.c_long(SYS_OPENAT2), ctypes.c_int(dir_fd),

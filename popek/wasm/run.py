@@ -20,6 +20,7 @@ from popek.wasm.wasi import Preopen, Wasi, WasiExit
 HELP = "run a WebAssembly WASI (preview1) program"
 TRAP_STATUS = 134  # wasmtime's: 128 + SIGABRT
 USAGE_ERROR = 2  # nothing of the program ran
+ERROR_STATUS = 1  # wasmtime's for an error that is not a trap
 ENTRY = "_start"  # a WASI command's entry point
 
 
@@ -81,6 +82,9 @@ def _start(instance: wasm.Instance, name: str) -> int:
     except wasm.Trap as e:
         print(f"popek wasm run: {name}: wasm trap: {e.message}", file=sys.stderr)
         return TRAP_STATUS
+    except wasm.WasmError as e:  # a bad pointer handed to WASI: wasmtime's status too
+        print(f"popek wasm run: {name}: error: {e.message}", file=sys.stderr)
+        return ERROR_STATUS
     finally:
         sys.stdout.flush()
     return 0

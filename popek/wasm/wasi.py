@@ -5,8 +5,8 @@ standard streams, and the directories it was given (``--dir HOSTDIR[::GUESTDIR]`
 capabilities. Every path a program names is resolved by the kernel under one of those
 directories (openat2's RESOLVE_BENEATH: no ``..``, absolute path or symlink leads out),
 so nothing else on the host is reachable, whatever the module does. The program's
-pointers are checked against its linear memory here: a bad one is EFAULT, as in
-wasmtime, never a host exception.
+pointers are checked against its linear memory here: a bad one ends the program with
+:class:`MemoryFault`, as in wasmtime, never a host exception.
 
 Each call is a method whose annotations (:data:`I32`, :data:`I64`) declare its wasm
 signature; :meth:`Wasi.imports` turns them into the host functions of the
@@ -48,6 +48,11 @@ class WasiError(Exception):
         self.code = abi.ERRNO[name]
 
 
+class MemoryFault(wasm.WasmError):
+    """A call was handed a pointer outside the caller's linear memory: the program ends,
+    as in wasmtime (an error, not a trap, so its command line exits with 1)."""
+
+
 class WasiExit(Exception):  # noqa: N818 - an exit, not an error
     """``proc_exit``: unwinds the program's call; ``status`` is its exit status."""
 
@@ -80,11 +85,9 @@ class Descriptor:
 
 
 class GuestMemory:
-    """The calling instance's linear memory, every access checked: EFAULT outside it."""
+    """The calling instance's linear memory, every access checked before any is made."""
 
     def __init__(self, memory: wasm.Memory | None) -> None:
-        if memory is None:
-            raise WasiError("FAULT")  # a module without an exported memory passes no pointer
         self.memory = memory
 
     def read(self, addr: int, n: int) -> bytes:
@@ -96,8 +99,8 @@ class GuestMemory:
         self.memory.write(addr, data)
 
     def check(self, addr: int, n: int) -> None:
-        if addr + n > self.memory.size:
-            raise WasiError("FAULT")
+        if self.memory is None or addr + n > self.memory.size:
+            raise MemoryFault(f"pointer out of bounds: {n} bytes at {addr:#x}")
 
     def u32(self, addr: int) -> int:
         return int.from_bytes(self.read(addr, 4), "little")
@@ -545,6 +548,8 @@ class Wasi:
     def path_symlink(self, mem: GuestMemory, old_path: I32, old_path_len: I32, fd: I32,
                      new_path: I32, new_path_len: I32) -> None:
         target = mem.path(old_path, old_path_len)
+        if target.startswith(b"/"):
+            raise WasiError("PERM")  # it could never be followed (wasmtime refuses it too)
         self._path_call(fd, mem.path(new_path, new_path_len),
                         lambda parent, name: os.symlink(target, name, dir_fd=parent))
 
