@@ -1,0 +1,142 @@
+"""popek wasm run against wasmtime: real C programs (tests/wasi), compiled here with
+Debian's clang for wasm32-wasi against wasi-libc, give the same output, files and exit
+status under both, including when they try to leave their directory or hand WASI bad
+pointers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SOURCES = Path(__file__).resolve().parent / "wasi"
+WASMTIME_RUN = Path(__file__).resolve().parent / "wasmtime_run.py"
+CC = "clang-14"
+INSTALL = "apt-get install clang-14 lld-14 wasi-libc libclang-rt-14-dev-wasm32 (./quickstart does)"
+TIMEOUT = 60  # seconds; a run takes a few
+GUEST_DIR = "/sandbox"
+STDIN = b"hello world\nsecond line\n\tand a third, with UTF-8: \xc3\xa9t\xc3\xa9\n"
+
+
+@pytest.fixture(scope="module")
+def programs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/wasi/*.c as WASI command modules."""
+    if shutil.which(CC) is None or not Path("/usr/include/wasm32-wasi").is_dir():
+        pytest.fail(f"{CC} and wasi-libc build the test programs: {INSTALL}")
+    out = tmp_path_factory.mktemp("wasi")
+    for source in SOURCES.glob("*.c"):
+        subprocess.run([CC, "--target=wasm32-wasi", "-O2", "-Wall", "-Werror", "-o",
+                        str(out / f"{source.stem}.wasm"), str(source)], check=True,
+                       timeout=TIMEOUT)
+    return out
+
+
+def run(runner: list[str], program: Path, args: list[str], workdir: Path,
+        flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """``program`` under ``runner`` with ``workdir/sandbox`` given as /sandbox."""
+    return subprocess.run([*runner, "--dir", f"{workdir / 'sandbox'}::{GUEST_DIR}", *flags,
+                           str(program), *args], input=STDIN, capture_output=True,
+                          timeout=TIMEOUT, cwd=workdir)
+
+
+POPEK = [sys.executable, "-m", "popek", "wasm", "run"]
+WASMTIME = [sys.executable, str(WASMTIME_RUN)]
+
+
+def tree(root: Path) -> dict[str, str]:
+    """What a directory holds: each path's file contents or symlink target."""
+    found = {}
+    for path in sorted(root.rglob("*")):
+        name = str(path.relative_to(root))
+        found[name] = f"-> {os.readlink(path)}" if path.is_symlink() else \
+            "dir" if path.is_dir() else path.read_text(errors="replace")
+    return found
+
+
+def assert_same_as_wasmtime(program: Path, args: list[str], tmp_path: Path,
+                            flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Same stdout, exit status and files left behind (in and around the sandbox)."""
+    results = {}
+    for name, runner in (("wasmtime", WASMTIME), ("popek", POPEK)):
+        workdir = tmp_path / name
+        (workdir / "sandbox").mkdir(parents=True)
+        (workdir / "outside.txt").write_text("secret\n")
+        results[name] = run(runner, program, args, workdir, flags), tree(workdir)
+    (reference, reference_files), (ours, our_files) = results["wasmtime"], results["popek"]
+    stderr = ours.stderr.decode(errors="replace")[-3000:]
+    assert ours.stdout.decode(errors="replace") == reference.stdout.decode(errors="replace"), \
+        stderr
+    assert ours.returncode == reference.returncode, stderr
+    assert our_files == reference_files
+    assert "Traceback" not in stderr
+    return ours
+
+
+def test_files_program_matches_wasmtime(programs: Path, tmp_path: Path):
+    """Arguments, environment, stdin, files, directories, symlinks, clocks, sleep and
+    randomness as wasi-libc uses them; exit(7)."""
+    done = assert_same_as_wasmtime(programs / "files.wasm", [GUEST_DIR, "two words"],
+                                   tmp_path, ("--env", "GREETING=hi there"))
+    assert done.returncode == 7
+    assert b"renamed holds: HEL" in done.stdout
+    assert done.stderr.endswith(b"done on stderr\n")
+
+
+@pytest.mark.parametrize("how", ["none", "iovec-array", "buffer", "result", "path", "trap"])
+def test_hostile_program_stays_in_its_directory(programs: Path, tmp_path: Path, how: str):
+    """Every way out (``..``, absolute paths, symlinks, raw WASI calls) fails with
+    wasmtime's errno; a bad pointer ends the program (status 1) and a division by zero
+    traps (134) as in wasmtime; the file outside is untouched."""
+    done = assert_same_as_wasmtime(programs / "hostile.wasm", [GUEST_DIR, how], tmp_path)
+    assert b"escaped" not in done.stdout
+    assert (tmp_path / "popek" / "outside.txt").read_text() == "secret\n"
+    expected = {"none": 0, "trap": 134, "path": 134}.get(how, 1)
+    assert done.returncode == expected
+    if how == "trap":
+        assert done.stderr.decode().strip().endswith("wasm trap: integer divide by zero")
+
+
+@pytest.mark.parametrize("args", [["lz", "16"], ["nbody", "1000"]])
+def test_cpu_bound_program_matches_wasmtime(programs: Path, tmp_path: Path, args: list[str]):
+    """Compression with a round trip, and double-precision arithmetic."""
+    done = assert_same_as_wasmtime(programs / "compress.wasm", args, tmp_path)
+    assert done.returncode == 0
+
+
+def test_memory_limit_fails_allocation_as_in_wasmtime(programs: Path, tmp_path: Path):
+    """Past --max-memory, memory.grow fails: malloc returns NULL and the program says so."""
+    limit = ("--max-memory", "1M")
+    done = assert_same_as_wasmtime(programs / "compress.wasm", ["lz", "1024"], tmp_path, limit)
+    assert done.returncode == 1
+    assert b"out of memory" in done.stderr
+
+
+def test_fuel_runs_out_with_a_clear_error(programs: Path, tmp_path: Path):
+    (tmp_path / "sandbox").mkdir()
+    done = run(POPEK, programs / "compress.wasm", ["nbody", "100000"], tmp_path,
+               ("--fuel", "20000"))
+    assert done.returncode == 134
+    assert done.stderr.decode().strip() == "popek wasm run: compress.wasm: out of fuel " \
+        "(all fuel consumed)"
+
+
+@pytest.mark.parametrize("case", ["missing", "malformed", "no-start", "bad-dir", "bad-env"])
+def test_unusable_input_is_one_line_and_status_2(programs: Path, tmp_path: Path, case: str):
+    module = tmp_path / "module.wasm"
+    flags = []
+    if case == "malformed":
+        module.write_bytes(b"\0asm\x01\0\0\0\x01\xff")
+    elif case == "no-start":
+        module.write_bytes(b"\0asm\x01\0\0\0")  # a valid module that exports nothing
+    elif case == "bad-dir":
+        module, flags = programs / "files.wasm", ["--dir", str(tmp_path / "nowhere")]
+    elif case == "bad-env":
+        module, flags = programs / "files.wasm", ["--env", "=x"]
+    done = subprocess.run([*POPEK, *flags, str(module)], capture_output=True, timeout=TIMEOUT)
+    assert done.returncode == 2
+    lines = done.stderr.decode().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("popek wasm run: "), lines
