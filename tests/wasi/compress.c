@@ -4,7 +4,10 @@
  * which any correct runtime prints the same.
  *
  *     compress lz KIB      compress, decompress and check KIB KiB of text
- *     compress nbody STEPS simulate the five Jovian bodies for STEPS steps */
+ *     compress nbody STEPS simulate the five Jovian bodies for STEPS steps
+ *
+ * The same work is exported as lz_crc(KIB) and nbody_nanojoules(STEPS) for runtimes that
+ * call a function rather than run a WASI command (bench/wasm.py, on wasm3). */
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -115,19 +118,35 @@ static size_t lz_decompress(const uint8_t *in, size_t n, uint8_t *out) {
     return o;
 }
 
-static int lz(size_t kib) {
+struct lz_result { size_t size, packed_size; uint32_t crc, packed_crc; int same; };
+
+static int lz_run(size_t kib, struct lz_result *r) {
     size_t n = kib * 1024;
     uint8_t *text = malloc(n), *packed = malloc(n + n / 8 + 16), *back = malloc(n);
-    if (!text || !packed || !back) { fprintf(stderr, "out of memory\n"); return 1; }
+    if (!text || !packed || !back) return -1;
+    rng = 12345;
     crc_init();
     make_text(text, n);
     size_t m = lz_compress(text, n, packed);
     size_t k = lz_decompress(packed, m, back);
+    *r = (struct lz_result){n, m, crc32(text, n), crc32(packed, m),
+                            k == n && memcmp(text, back, n) == 0};
+    free(text); free(packed); free(back);
+    return 0;
+}
+
+__attribute__((export_name("lz_crc"))) uint32_t lz_crc(int kib) {
+    struct lz_result r;
+    return lz_run((size_t)kib, &r) == 0 && r.same ? r.packed_crc : 0;
+}
+
+static int lz(size_t kib) {
+    struct lz_result r;
+    if (lz_run(kib, &r)) { fprintf(stderr, "out of memory\n"); return 1; }
     printf("lz: %zu bytes -> %zu bytes (%.1f%%), crc %08x, packed crc %08x\n",
-           n, m, 100.0 * m / n, crc32(text, n), crc32(packed, m));
-    int same = k == n && memcmp(text, back, n) == 0;
-    printf("round trip: %s\n", same ? "identical" : "DIFFERENT");
-    return same ? 0 : 1;
+           r.size, r.packed_size, 100.0 * r.packed_size / r.size, r.crc, r.packed_crc);
+    printf("round trip: %s\n", r.same ? "identical" : "DIFFERENT");
+    return r.same ? 0 : 1;
 }
 
 struct body { double x, y, z, vx, vy, vz, mass; };
@@ -144,7 +163,7 @@ static double energy(struct body *b, int n) {
     return e;
 }
 
-static int nbody(int steps) {
+static double nbody_energy(int steps, double *before) {
     const double pi = 3.141592653589793, days = 365.24, solar = 4 * pi * pi;
     struct body b[5] = {
         {0, 0, 0, 0, 0, 0, solar},
@@ -163,7 +182,7 @@ static int nbody(int steps) {
     double px = 0, py = 0, pz = 0;
     for (int i = 0; i < 5; i++) { px += b[i].vx * b[i].mass; py += b[i].vy * b[i].mass; pz += b[i].vz * b[i].mass; }
     b[0].vx = -px / solar; b[0].vy = -py / solar; b[0].vz = -pz / solar;
-    printf("nbody: energy before %.9f\n", energy(b, 5));
+    *before = energy(b, 5);
     for (int s = 0; s < steps; s++) {
         for (int i = 0; i < 5; i++)
             for (int j = i + 1; j < 5; j++) {
@@ -175,7 +194,18 @@ static int nbody(int steps) {
             }
         for (int i = 0; i < 5; i++) { b[i].x += 0.01 * b[i].vx; b[i].y += 0.01 * b[i].vy; b[i].z += 0.01 * b[i].vz; }
     }
-    printf("nbody: energy after %d steps %.9f\n", steps, energy(b, 5));
+    return energy(b, 5);
+}
+
+__attribute__((export_name("nbody_nanojoules"))) int64_t nbody_nanojoules(int steps) {
+    double before;
+    return (int64_t)(nbody_energy(steps, &before) * 1e9);
+}
+
+static int nbody(int steps) {
+    double before, after = nbody_energy(steps, &before);
+    printf("nbody: energy before %.9f\n", before);
+    printf("nbody: energy after %d steps %.9f\n", steps, after);
     return 0;
 }
 

@@ -1,0 +1,151 @@
+"""CPU-bound WebAssembly: popek's wasm engine beside wasmtime (a JIT), wasm3 (a C
+interpreter, PyPI's pywasm3) and pywasm (a pure-Python interpreter), in the same run.
+
+The workloads are tests/wasi/compress.c, compiled here with clang-14 for wasm32-wasi as
+a reactor: an LZ77 compression and decompression of generated text (``lz_crc``) and an
+n-body simulation in double precision (``nbody_nanojoules``). Every runtime calls the same
+exported function of the same module (with WASI linked, though the kernels make no
+system calls: pywasm3 0.5 cannot run a whole WASI command) and must return the same
+result; the time is that of the call alone, in this process, after instantiation.
+
+    python bench/wasm.py [--lz-kib 32] [--nbody-steps 2000] [--engines interp]
+        [--runtimes wasmtime,wasm3,pywasm]
+
+The comparison runtimes are installed into this Python's environment when missing
+(pip install wasmtime pywasm3 pywasm). With the defaults the run takes about a minute,
+most of it in pywasm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from popek import wasm  # noqa: E402
+from popek.wasm.wasi import Wasi  # noqa: E402
+
+SOURCE = Path(__file__).resolve().parent.parent / "tests" / "wasi" / "compress.c"
+PACKAGES = {"wasmtime": "wasmtime", "wasm3": "pywasm3", "pywasm": "pywasm"}  # module: pip name
+Call = Callable[[str, int], int]  # (export, argument) -> result, the module instantiated
+
+
+def build(out: Path) -> Path:
+    if shutil.which("clang-14") is None:
+        sys.exit("bench/wasm.py needs clang-14 and wasi-libc: apt-get install clang-14 lld-14 "
+                 "wasi-libc libclang-rt-14-dev-wasm32")
+    module = out / "compress.wasm"
+    subprocess.run(["clang-14", "--target=wasm32-wasi", "-mexec-model=reactor", "-O2",
+                    "-o", str(module), str(SOURCE)], check=True)
+    return module
+
+
+def ensure_installed(modules: list[str]) -> None:
+    missing = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(PACKAGES[name])
+    if missing:
+        print(f"installing {' '.join(missing)} with pip", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", *missing], check=True)
+
+
+def popek_runtime(data: bytes, engine: str | None) -> Call:
+    wasi = Wasi(["compress"])
+    instance = wasm.instantiate(wasm.load(data), wasi.imports(), engine=engine)
+    instance.call("_initialize")
+    return instance.call
+
+
+def wasmtime_runtime(data: bytes) -> Call:
+    import wasmtime
+    engine = wasmtime.Engine()
+    store = wasmtime.Store(engine)
+    store.set_wasi(wasmtime.WasiConfig())
+    linker = wasmtime.Linker(engine)
+    linker.define_wasi()
+    exports = linker.instantiate(store, wasmtime.Module(engine, data)).exports(store)
+    exports["_initialize"](store)
+    return lambda name, arg: exports[name](store, arg)
+
+
+def wasm3_runtime(data: bytes) -> Call:
+    import wasm3
+    environment = wasm3.Environment()
+    runtime = environment.new_runtime(1 << 20)
+    module = environment.parse_module(data)
+    runtime.load(module)
+    runtime.find_function("_initialize")()
+    return lambda name, arg, module=module: runtime.find_function(name)(arg)
+
+
+def pywasm_runtime(data: bytes) -> Call:
+    import pywasm
+    import pywasm.wasi
+    runtime = pywasm.core.Runtime()
+    pywasm.wasi.Preview1(["compress"], {}, {}).bind(runtime)
+    with tempfile.NamedTemporaryFile(suffix=".wasm") as file:
+        file.write(data)
+        file.flush()
+        instance = runtime.instance_from_file(file.name)
+    runtime.invocate(instance, "_initialize", [])
+    return lambda name, arg: runtime.invocate(instance, name, [arg])[0]
+
+
+def timed(call: Call, export: str, arg: int) -> tuple[float, float, int]:
+    """Wall and CPU seconds of one call, and its result (as unsigned 64-bit)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = call(export, arg)
+    return time.perf_counter() - wall, time.process_time() - cpu, result & (1 << 64) - 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lz-kib", type=int, default=32, help="text to compress (KiB)")
+    parser.add_argument("--nbody-steps", type=int, default=2000, help="n-body steps")
+    parser.add_argument("--engines", default="default",
+                        help="popek engines to measure, comma-separated (default: its default)")
+    parser.add_argument("--runtimes", default="wasmtime,wasm3,pywasm",
+                        help="comparison runtimes (default wasmtime,wasm3,pywasm)")
+    args = parser.parse_args()
+    others = [r for r in args.runtimes.split(",") if r]
+    ensure_installed(others)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = build(Path(tmp)).read_bytes()
+    runtimes: dict[str, Callable[[], Call]] = {}
+    for engine in args.engines.split(","):
+        label = f"popek ({engine})"
+        runtimes[label] = lambda e=engine: popek_runtime(data, None if e == "default" else e)
+    labels = {"wasmtime": "wasmtime (JIT)", "wasm3": "wasm3 (C interp.)",
+              "pywasm": "pywasm (Python)"}
+    factories = {"wasmtime": wasmtime_runtime, "wasm3": wasm3_runtime, "pywasm": pywasm_runtime}
+    for name in others:
+        runtimes[labels[name]] = lambda f=factories[name]: f(data)
+    workloads = [(f"lz {args.lz_kib} KiB", "lz_crc", args.lz_kib),
+                 (f"nbody {args.nbody_steps} steps", "nbody_nanojoules", args.nbody_steps)]
+    first = next(iter(runtimes))
+    print(f"{'workload':<20} {'runtime':<20} {'wall s':>9} {'CPU s':>9} {'result':>18}  "
+          f"{first} time / this")
+    for title, export, arg in workloads:
+        measured = {label: timed(make(), export, arg) for label, make in runtimes.items()}
+        reference = measured[first]
+        for label, (wall, cpu, result) in measured.items():
+            ratio = reference[0] / wall if wall else float("inf")
+            note = "" if result == reference[2] else "  DIFFERENT RESULT"
+            print(f"{title:<20} {label:<20} {wall:>9.3f} {cpu:>9.3f} {result:>18x}  "
+                  f"{ratio:>10.2f}x{note}")
+            title = ""
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
