@@ -33,10 +33,10 @@ def _resolve_indirect(X: tuple, S: list) -> Function:
     table, ftype = X
     i = S.pop()
     if i >= len(table.elements):
-        raise Trap("undefined element")
+        raise Trap(f"undefined element {i}")
     f = table.elements[i]
     if f is None:
-        raise Trap("uninitialized element")
+        raise Trap(f"uninitialized element {i}")
     if f.type != ftype:
         raise Trap("indirect call type mismatch")
     return f
