@@ -126,7 +126,7 @@ class ScriptRunner:
         script = json.loads(self.path.read_text())
         for cmd in script["commands"]:
             handler = getattr(self, "cmd_" + cmd["type"], None)
-            counted = cmd["type"] not in ("module", "register")
+            counted = cmd["type"] != "register"
             if cmd.get("module_type") == "text":
                 self.skipped += 1
                 continue
