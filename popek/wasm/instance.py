@@ -12,7 +12,15 @@ from collections.abc import Callable
 from popek.wasm import numeric
 from popek.wasm.binary import Instr, Module
 from popek.wasm.errors import LinkError, Trap, WasmError
-from popek.wasm.runtime import Global, Memory, Segment, Table, memory_init, table_init
+from popek.wasm.runtime import (
+    DEFAULT_MEMORY_LIMIT,
+    Global,
+    Memory,
+    Segment,
+    Table,
+    memory_init,
+    table_init,
+)
 from popek.wasm.semantics import HANDLERS
 from popek.wasm.types import PAGE, FuncType, Limits, default_value
 from popek.wasm.validate import CALL, CALL_INDIRECT, COMPUTE, FunctionCode
@@ -126,7 +134,9 @@ class Instance:
         self.tables: list[Table] = tables + [
             Table(t.elem, t.limits.min, t.limits.max) for t in module.tables]
         self.mems: list[Memory] = mems + [
-            Memory(m.limits.min, m.limits.max, max_memory) for m in module.mems]
+            Memory(m.limits.min, m.limits.max,
+                   DEFAULT_MEMORY_LIMIT if max_memory is None else max_memory)
+            for m in module.mems]
         self.elems = [Segment([self._const(e) for e in seg.init]) for seg in module.elems]
         self.datas = [Segment(seg.init) for seg in module.datas]
         for f in self.funcs[len(funcs):]:
@@ -248,8 +258,8 @@ def instantiate(module: Module, imports: dict[str, dict[str, object]] | None = N
     """Link and initialize an instance of a validated module.
 
     ``fuel`` bounds the calls and taken branches it may execute (:class:`OutOfFuel`);
-    ``max_memory`` bounds each memory's size in bytes (growth beyond it fails as the
-    specification allows, with -1). Raises :class:`LinkError` or, from a segment or the
+    ``max_memory`` bounds each memory's size in bytes (default 1 GiB; growth beyond it fails
+    as the specification allows, with -1). Raises :class:`LinkError` or, from a segment or the
     start function, :class:`Trap`.
     """
     if engine not in (None, "interp"):
