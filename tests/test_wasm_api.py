@@ -83,8 +83,9 @@ def test_values_cross_the_boundary(tmp_path: Path) -> None:
     assert isinstance(f, wasm.Function) and f(1) == 0xFFFFFFFF
 
 
-def test_fuel_stops_a_runaway_loop(tmp_path: Path) -> None:
-    inst = _instance(tmp_path, [], fuel=1000)
+@pytest.mark.parametrize("engine", ["interp", "translate"])
+def test_fuel_stops_a_runaway_loop(tmp_path: Path, engine: str) -> None:
+    inst = _instance(tmp_path, [], fuel=1000, engine=engine)
     with pytest.raises(wasm.OutOfFuel):
         inst.call("spin")
 
@@ -133,7 +134,8 @@ def _loads(data: bytes) -> bool:
     return True
 
 
-def test_mutated_modules_fail_only_with_wasm_errors(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["interp", "translate"])
+def test_mutated_modules_fail_only_with_wasm_errors(tmp_path: Path, engine: str) -> None:
     """Random corruptions of the valid spec test modules: each one decodes and runs, or is
     rejected, or traps; no other exception escapes."""
     seeds = [wat(ECHO, tmp_path)]
@@ -155,7 +157,7 @@ def test_mutated_modules_fail_only_with_wasm_errors(tmp_path: Path) -> None:
                 del data[pos:]
         try:
             inst = wasm.instantiate(wasm.load(bytes(data)), {"spectest": spectest_module()},
-                                    fuel=2000, max_memory=1 << 20)
+                                    fuel=2000, max_memory=1 << 20, engine=engine)
             for f in inst.exports.values():
                 if isinstance(f, wasm.Function):
                     try:
@@ -167,3 +169,21 @@ def test_mutated_modules_fail_only_with_wasm_errors(tmp_path: Path) -> None:
         except wasm.WasmError:
             outcomes["rejected"] += 1
     assert outcomes["ran"] > 40 and outcomes["rejected"] > 300, outcomes
+
+
+def test_tiers_run_out_of_fuel_at_the_same_point(tmp_path: Path) -> None:
+    """Fuel is spent by calls and loop iterations alike on every tier, so a program stops
+    with the same state whichever tier runs it."""
+    module = wasm.load(wat("""
+        (module
+          (global $n (export "n") (mut i32) (i32.const 0))
+          (func $step (global.set $n (i32.add (global.get $n) (i32.const 1))))
+          (func (export "run")
+            (loop (call $step) (block (br_if 1 (i32.const 1)))  (br 0))))""", tmp_path))
+    counts = []
+    for engine in ("interp", "translate"):
+        inst = wasm.instantiate(module, fuel=1001, engine=engine)
+        with pytest.raises(wasm.OutOfFuel):
+            inst.call("run")
+        counts.append(inst.exports["n"].value)
+    assert counts == [500, 500]

@@ -49,11 +49,12 @@ def _wabt_failures(json_path: Path) -> tuple[set[int], int, int]:
     return failing, int(counts.group(1)), int(counts.group(2))
 
 
+@pytest.mark.parametrize("engine", ["interp", "translate"])
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.stem)
-def test_script_agrees_with_spectest_interp(script: Path, tmp_path: Path) -> None:
+def test_script_agrees_with_spectest_interp(script: Path, engine: str, tmp_path: Path) -> None:
     json_path = _convert(script, tmp_path)
     out = io.StringIO()
-    runner = ScriptRunner(json_path, out)
+    runner = ScriptRunner(json_path, out, engine)
     passed, total = runner.run()
     ours = {int(m.group(1)) for m in re.finditer(r"^\S+:(\d+): ", out.getvalue(), re.M)}
     wabt, wabt_passed, wabt_total = _wabt_failures(json_path)

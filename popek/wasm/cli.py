@@ -15,21 +15,28 @@ from pathlib import Path
 from popek.wasm.binary import decode
 from popek.wasm.disasm import disassemble
 from popek.wasm.errors import WasmError
+from popek.wasm.instance import ENGINES
 from popek.wasm.spectest import run_script
 
 EXIT_USAGE = 2
 WASM_HELP = "WebAssembly: run test scripts, disassemble modules"
 
 
+def add_engine_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--engine", choices=ENGINES[1:], default="interp",
+                        help="execution tier (default: interp, the reference interpreter)")
+
+
 def _spectest_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("script", help="a test script as wabt's wast2json writes it (.json)")
+    add_engine_arg(parser)
 
 
 def cmd_spectest(args: argparse.Namespace) -> int:
     """Run the script; exit status 0 only if every command passed."""
     path = Path(args.script)
     try:
-        passed, total = run_script(path, sys.stdout)
+        passed, total = run_script(path, sys.stdout, args.engine)
     except (OSError, ValueError, KeyError) as e:
         print(f"popek wasm spectest: error: cannot run {path}: {e}", file=sys.stderr)
         return EXIT_USAGE

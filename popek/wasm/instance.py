@@ -26,6 +26,7 @@ from popek.wasm.types import PAGE, FuncType, Limits, default_value
 from popek.wasm.validate import CALL, CALL_INDIRECT, COMPUTE, FunctionCode
 
 _MASKS = {"i32": numeric.M32, "i64": numeric.M64}
+ENGINES = (None, "interp", "translate")  # None: the default, the interpreter
 
 
 def to_raw(t: str, value: object) -> object:
@@ -110,10 +111,20 @@ class WasmFunction(Function):
         self.local_defaults = [default_value(t) for t in compiled.locals]
         self.frame_size = self.nparams + len(self.local_defaults) + compiled.max_height + 1
         self.code: list[tuple] = []
+        # The translated tier's entry point (positional raw arguments; None, a value or a
+        # tuple of results), or None when the instance runs on the interpreter.
+        self.fast: Callable[..., object] | None = None
 
     def call_raw(self, args: list) -> list:
-        from popek.wasm.interpreter import run
-        return run(self, list(args))
+        if self.fast is None:
+            from popek.wasm.interpreter import run
+            return run(self, list(args))
+        try:
+            out = self.fast(*args)
+        except RecursionError:
+            raise Trap("call stack exhausted") from None
+        n = len(self.type.results)
+        return [] if n == 0 else [out] if n == 1 else list(out)  # type: ignore[arg-type]
 
 
 Extern = Function | Table | Memory | Global
@@ -262,11 +273,14 @@ def instantiate(module: Module, imports: dict[str, dict[str, object]] | None = N
     as the specification allows, with -1). Raises :class:`LinkError` or, from a segment or the
     start function, :class:`Trap`.
     """
-    if engine not in (None, "interp"):
-        raise WasmError(f"unknown engine {engine!r}")
+    if engine not in ENGINES:
+        raise WasmError(f"unknown engine {engine!r} (choose from {', '.join(ENGINES[1:])})")
     if max_memory is not None and max_memory < 0:
         raise WasmError("max_memory must not be negative")
     inst = Instance(module, imports, fuel, max_memory)
+    if engine == "translate":
+        from popek.wasm.translator import translate_instance
+        translate_instance(inst)
     inst.initialize()
     return inst
 

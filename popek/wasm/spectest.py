@@ -92,8 +92,9 @@ def _matches(expected: dict, got: object) -> bool:
 
 
 class ScriptRunner:
-    def __init__(self, path: Path, out: TextIO) -> None:
+    def __init__(self, path: Path, out: TextIO, engine: str | None = None) -> None:
         self.path = path
+        self.engine = engine
         self.dir = path.parent
         self.out = out
         self.registry: dict[str, dict[str, object]] = {"spectest": spectest_module()}
@@ -106,7 +107,7 @@ class ScriptRunner:
         return load((self.dir / filename).read_bytes())
 
     def instantiate(self, module: Module) -> Instance:
-        return instantiate(module, self.registry)
+        return instantiate(module, self.registry, engine=self.engine)
 
     def action(self, action: dict) -> list:
         inst = self.named[action["module"]] if "module" in action else self.current
@@ -215,9 +216,9 @@ class ScriptRunner:
         self._expect(lambda: self.instantiate(module), Trap, cmd["text"])
 
 
-def run_script(path: Path, out: TextIO) -> tuple[int, int]:
-    """Run one ``wast2json`` script; (passed, total)."""
-    return ScriptRunner(path, out).run()
+def run_script(path: Path, out: TextIO, engine: str | None = None) -> tuple[int, int]:
+    """Run one ``wast2json`` script on the given tier; (passed, total)."""
+    return ScriptRunner(path, out, engine).run()
 
 
 __all__ = ["HostRef", "run_script", "spectest_module"]
