@@ -12,12 +12,21 @@ from collections.abc import Callable
 from popek.wasm import numeric
 from popek.wasm.binary import Instr, Module
 from popek.wasm.errors import LinkError, Trap, WasmError
-from popek.wasm.runtime import Global, Memory, Segment, Table, memory_init, table_init
+from popek.wasm.runtime import (
+    DEFAULT_MEMORY_LIMIT,
+    Global,
+    Memory,
+    Segment,
+    Table,
+    memory_init,
+    table_init,
+)
 from popek.wasm.semantics import HANDLERS
 from popek.wasm.types import PAGE, FuncType, Limits, default_value
 from popek.wasm.validate import CALL, CALL_INDIRECT, COMPUTE, FunctionCode
 
 _MASKS = {"i32": numeric.M32, "i64": numeric.M64}
+ENGINES = (None, "interp", "translate")  # None: the default, the interpreter
 
 
 def to_raw(t: str, value: object) -> object:
@@ -102,10 +111,20 @@ class WasmFunction(Function):
         self.local_defaults = [default_value(t) for t in compiled.locals]
         self.frame_size = self.nparams + len(self.local_defaults) + compiled.max_height + 1
         self.code: list[tuple] = []
+        # The translated tier's entry point (positional raw arguments; None, a value or a
+        # tuple of results), or None when the instance runs on the interpreter.
+        self.fast: Callable[..., object] | None = None
 
     def call_raw(self, args: list) -> list:
-        from popek.wasm.interpreter import run
-        return run(self, list(args))
+        if self.fast is None:
+            from popek.wasm.interpreter import run
+            return run(self, list(args))
+        try:
+            out = self.fast(*args)
+        except RecursionError:
+            raise Trap("call stack exhausted") from None
+        n = len(self.type.results)
+        return [] if n == 0 else [out] if n == 1 else list(out)  # type: ignore[arg-type]
 
 
 Extern = Function | Table | Memory | Global
@@ -126,7 +145,9 @@ class Instance:
         self.tables: list[Table] = tables + [
             Table(t.elem, t.limits.min, t.limits.max) for t in module.tables]
         self.mems: list[Memory] = mems + [
-            Memory(m.limits.min, m.limits.max, max_memory) for m in module.mems]
+            Memory(m.limits.min, m.limits.max,
+                   DEFAULT_MEMORY_LIMIT if max_memory is None else max_memory)
+            for m in module.mems]
         self.elems = [Segment([self._const(e) for e in seg.init]) for seg in module.elems]
         self.datas = [Segment(seg.init) for seg in module.datas]
         for f in self.funcs[len(funcs):]:
@@ -248,15 +269,18 @@ def instantiate(module: Module, imports: dict[str, dict[str, object]] | None = N
     """Link and initialize an instance of a validated module.
 
     ``fuel`` bounds the calls and taken branches it may execute (:class:`OutOfFuel`);
-    ``max_memory`` bounds each memory's size in bytes (growth beyond it fails as the
-    specification allows, with -1). Raises :class:`LinkError` or, from a segment or the
+    ``max_memory`` bounds each memory's size in bytes (default 1 GiB; growth beyond it fails
+    as the specification allows, with -1). Raises :class:`LinkError` or, from a segment or the
     start function, :class:`Trap`.
     """
-    if engine not in (None, "interp"):
-        raise WasmError(f"unknown engine {engine!r}")
+    if engine not in ENGINES:
+        raise WasmError(f"unknown engine {engine!r} (choose from {', '.join(ENGINES[1:])})")
     if max_memory is not None and max_memory < 0:
         raise WasmError("max_memory must not be negative")
     inst = Instance(module, imports, fuel, max_memory)
+    if engine == "translate":
+        from popek.wasm.translator import translate_instance
+        translate_instance(inst)
     inst.initialize()
     return inst
 

@@ -1,5 +1,8 @@
 """The reference tier: runs lowered code (see :mod:`popek.wasm.validate`) one op at a time.
 
+Fuel, on every tier, is spent by each call of a wasm function and each backward branch
+(a loop's next iteration), so every tier runs out at the same point.
+
 Calls between wasm functions push a frame on an explicit list rather than recursing in
 Python, so the call depth and the stack space a module may use are bounded exactly
 (``call stack exhausted``), whatever the host's recursion limit.
@@ -29,14 +32,14 @@ if TYPE_CHECKING:
 MAX_STACK_SLOTS = 1 << 22  # locals and operands of all active frames together
 
 
-def _resolve_indirect(X: tuple, S: list) -> Function:
+def resolve_indirect(X: tuple, S: list) -> Function:
     table, ftype = X
     i = S.pop()
     if i >= len(table.elements):
-        raise Trap("undefined element")
+        raise Trap(f"undefined element {i}")
     f = table.elements[i]
     if f is None:
-        raise Trap("uninitialized element")
+        raise Trap(f"uninitialized element {i}")
     if f.type != ftype:
         raise Trap("indirect call type mismatch")
     return f
@@ -55,6 +58,10 @@ def run(func: Function, args: list) -> list:  # noqa: C901 - the dispatch loop i
     S: list = []
     base = pc = 0
     slots = fn.frame_size
+    if fuel is not None:
+        fuel -= 1
+        if fuel < 0:
+            raise OutOfFuel()
     try:
         while True:
             kind, h, X = code[pc]
@@ -73,31 +80,31 @@ def run(func: Function, args: list) -> list:  # noqa: C901 - the dispatch loop i
                     S[height:] = S[len(S) - arity:]
                 else:
                     del S[height:]
-                pc = target
-                if fuel is not None:
+                if target < pc and fuel is not None:
                     fuel -= 1
                     if fuel < 0:
                         raise OutOfFuel()
+                pc = target
             elif kind == IF:
                 if not S.pop():
                     pc = X[0]
             elif kind == JUMP:
                 pc = X[0]
             elif kind == CALL or kind == CALL_INDIRECT:
-                callee = X if kind == CALL else _resolve_indirect(X, S)
+                callee = X if kind == CALL else resolve_indirect(X, S)
                 n = callee.nparams
                 call_args = S[len(S) - n:] if n else []
                 if n:
                     del S[len(S) - n:]
-                if fuel is not None:
-                    fuel -= 1
-                    if fuel < 0:
-                        raise OutOfFuel()
                 if type(callee) is HostFunction:
                     owner.fuel = fuel
                     S.extend(callee.invoke(fn.instance, call_args))
                     fuel = owner.fuel
                     continue
+                if fuel is not None:
+                    fuel -= 1
+                    if fuel < 0:
+                        raise OutOfFuel()
                 slots += callee.frame_size
                 if len(frames) >= MAX_CALL_DEPTH or slots > MAX_STACK_SLOTS:
                     raise Trap("call stack exhausted")
@@ -124,11 +131,11 @@ def run(func: Function, args: list) -> list:  # noqa: C901 - the dispatch loop i
                     S[height:] = S[len(S) - arity:]
                 else:
                     del S[height:]
-                pc = target
-                if fuel is not None:
+                if target < pc and fuel is not None:
                     fuel -= 1
                     if fuel < 0:
                         raise OutOfFuel()
+                pc = target
             elif kind == UNREACHABLE:
                 raise Trap("unreachable")
     except RecursionError:  # host functions re-entering wasm without end

@@ -9,7 +9,8 @@ format, its operand signature and its semantics:
   Control instructions (``kind == "control"``) have no fixed signature: the validator
   types them and each tier implements them, since they shape the code rather than compute.
 - ``sem`` is Python over the popped operands ``a``, ``b``, ``c`` (first-pushed first): an
-  expression giving the one result, or a statement when there is none. Names it may use:
+  expression giving the one result, or a statement when there is none (or, for
+  ``kind == "keep"``, a statement after which ``a`` stays as the result). Names it may use:
   those of :mod:`popek.wasm.numeric` and the immediate's bound names (:data:`IMM_NAMES`).
 - Loads and stores declare their access ``size``; a tier checks ``ea = a + off`` against
   the memory and performs the access, after which a load's ``sem`` maps the loaded
@@ -40,7 +41,7 @@ class Op:
     imm: str
     sig: str
     sem: str = ""
-    kind: str = "compute"  # compute, load, store, control
+    kind: str = "compute"  # compute, keep, load, store, control
     size: int = 0
 
     @property
@@ -85,7 +86,7 @@ _op(0x1B, "select", "none", "t t i32 -> t", "a if c else b")
 _op(0x1C, "select", "valtypes", "t t i32 -> t", "a if c else b")
 _op(0x20, "local.get", "local", "-> t", "L[idx]")
 _op(0x21, "local.set", "local", "t ->", "L[idx] = a")
-_op(0x22, "local.tee", "local", "t -> t", "L.__setitem__(idx, a) or a")
+_op(0x22, "local.tee", "local", "t -> t", "L[idx] = a", "keep")
 _op(0x23, "global.get", "global", "-> t", "G.value")
 _op(0x24, "global.set", "global", "t ->", "G.value = a")
 _op(0x25, "table.get", "table", "i32 -> t", "table_get(T, a)")

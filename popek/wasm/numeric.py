@@ -127,7 +127,7 @@ def fdiv(x: float, y: float) -> float:
 def fsqrt(x: float) -> float:
     if x < 0.0:
         return math.nan
-    return math.sqrt(x) if x == x else x
+    return math.sqrt(x) if x == x else x + x  # a NaN operand comes out quiet
 
 
 def f32_min(a: int, b: int) -> int:

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 from popek import wasm
-from popek.engine.engine import TIERS
 from popek.machine.config import ConfigError, parse_size
 from popek.wasm.wasi import Preopen, Wasi, WasiExit
 
@@ -40,8 +39,6 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
                         help="stop the program after N units of fuel (about one per instruction)")
     parser.add_argument("--max-memory", metavar="SIZE",
                         help="limit on linear memory (e.g. 64M, 1G): memory.grow fails past it")
-    parser.add_argument("--engine", choices=TIERS,
-                        help="execution tier, as for popek run (default: the fastest)")
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -18,14 +18,22 @@ OOB_MEMORY = "out of bounds memory access"
 OOB_TABLE = "out of bounds table access"
 
 
-class Memory:
-    """A linear memory: a bytearray that only ever grows in place (tiers hold on to it)."""
+DEFAULT_MEMORY_LIMIT = 1 << 30  # bytes a memory may reach unless the embedder says otherwise
 
-    def __init__(self, pages: int, max_pages: int | None = None, limit_bytes: int | None = None):
+
+class Memory:
+    """A linear memory: a bytearray that only ever grows in place (tiers hold on to it).
+
+    ``limit_bytes`` caps it below the module's own maximum: memory is real host memory here,
+    so a module asking for more is refused at instantiation and its growth fails (-1).
+    """
+
+    def __init__(self, pages: int, max_pages: int | None = None,
+                 limit_bytes: int = DEFAULT_MEMORY_LIMIT) -> None:
         self.max_pages = max_pages
-        self.limit_pages = MAX_PAGES if limit_bytes is None else min(MAX_PAGES, limit_bytes // PAGE)
+        self.limit_pages = min(MAX_PAGES, limit_bytes // PAGE)
         if pages > self.limit_pages:
-            raise Trap(f"memory of {pages} pages exceeds the limit of {self.limit_pages}")
+            raise Trap(f"memory of {pages} pages exceeds the limit of {self.limit_pages} pages")
         self.data = bytearray(pages * PAGE)
 
     @property

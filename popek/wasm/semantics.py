@@ -67,6 +67,8 @@ def handler_source(op: Op, name: str) -> str:
         lines += load_lines(op, "S[-1]", "S[-1]")
     elif op.kind == "store":
         lines += ["b = S.pop()", *store_lines(op, "S.pop()", "b")]
+    elif op.kind == "keep":
+        lines += ["a = S[-1]", op.sem]
     else:
         operands = "abc"[:len(op.params)]
         results = len(op.results)

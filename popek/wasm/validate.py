@@ -70,6 +70,7 @@ class _Context:
         self.imported_globals = len(m.imported("global"))
         self.elems = [e.type for e in m.elems]
         self.data_count = m.data_count
+        self.data_segments = len(m.datas)
         self.refs: set[int] = set()
 
     def functype(self, func: int) -> FuncType:
@@ -100,9 +101,9 @@ class _Context:
         return t.params, t.results
 
     def data(self, idx: int) -> None:
-        if self.data_count is None:
+        if self.data_count is None and idx < self.data_segments:
             raise MalformedModule("data count section required")
-        if idx >= self.data_count:
+        if idx >= (self.data_count or 0):
             _fail("unknown data segment")
 
     def elem(self, idx: int) -> str:

@@ -1,0 +1,352 @@
+"""Tier 1: each wasm function becomes one Python function, derived from the declarations.
+
+Validation fixes the operand stack's height at every instruction, so stack slots become
+Python locals (``s0``, ``s1``, ...) as wasm locals do (``l0``, ...), and each instruction's
+semantics from :mod:`popek.wasm.isa` is specialized by substituting the slots and the
+instance's bound immediates into it: ``i32.add`` at height 3 is ``s1 = (s1 + s2) & M32``.
+Structured control maps onto Python's: every block, loop and if is a ``while True:``
+whose ``break`` leaves it and whose ``continue`` iterates a loop; a branch further out
+sets ``_br`` to its target and each enclosing construct passes it on.
+
+Calls are Python calls (``f7(s0, s1)``) bounded by a depth count that traps with "call
+stack exhausted", as the interpreter does. Fuel, when the instance has some, is spent
+at the same points as in the interpreter (calls and loop iterations), so the two tiers
+trap at the same instruction with the same state.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from popek.wasm import semantics
+from popek.wasm.binary import Instr
+from popek.wasm.errors import OutOfFuel, Trap
+from popek.wasm.interpreter import resolve_indirect, run
+from popek.wasm.isa import IMM_NAMES, Op
+from popek.wasm.types import MAX_CALL_DEPTH, default_value
+
+if TYPE_CHECKING:
+    from popek.wasm.instance import Function, Instance, WasmFunction
+
+_OPERAND = re.compile(r"\b([abc])\b")
+
+
+def _call_target(table: object, ftype: object, i: int) -> Function:
+    return resolve_indirect((table, ftype), [i])
+
+
+def call_function(caller: Instance, f: Function, args: list) -> list:
+    """Call any function value from translated code; its results as a list."""
+    from popek.wasm.instance import HostFunction
+    if type(f) is HostFunction:
+        return f.invoke(caller, args)
+    return f.call_raw(args)
+
+
+@dataclass
+class _Construct:
+    kind: str  # block, loop, if, func
+    label: int  # its number, for branches passing through enclosing constructs
+    height: int  # the operand height its label restores
+    params: int
+    results: int
+    passed_through: bool = False  # a branch inside it targets a construct further out
+
+    @property
+    def arity(self) -> int:
+        return self.params if self.kind == "loop" else self.results
+
+
+class _FunctionTranslator:
+    def __init__(self, inst: Instance, index: int, fn: WasmFunction, consts: dict) -> None:
+        self.inst = inst
+        self.fn = fn
+        self.module = inst.module
+        self.consts = consts  # namespace entries this function's code refers to
+        self.name = function_name(index)
+        self.lines: list[str] = []
+        self.indent = 2
+        self.h = 0
+        self.dead = False
+        self.dead_depth = 0
+        self.ctrls: list[_Construct] = []
+        self.labels = 0
+        self.fuel = inst.fuel is not None
+
+    # --- helpers ------------------------------------------------------------------------
+    def emit(self, line: str) -> None:
+        self.lines.append("    " * self.indent + line)
+
+    def const(self, value: object) -> str:
+        """A namespace name for an instance object the code refers to."""
+        name = f"k{id(value):x}"
+        self.consts[name] = value
+        return name
+
+    def slots(self, start: int, n: int) -> str:
+        return ", ".join(f"s{start + i}" for i in range(n))
+
+    def block_type(self, bt: object) -> tuple[int, int]:
+        if bt is None:
+            return 0, 0
+        if isinstance(bt, str):
+            return 0, 1
+        t = self.module.types[bt]
+        return len(t.params), len(t.results)
+
+    def spend_fuel(self) -> None:
+        if self.fuel:
+            self.emit("I.fuel -= 1")
+            self.emit("if I.fuel < 0:")
+            self.emit("    raise OutOfFuel()")
+
+    def move(self, target: _Construct) -> None:
+        """Put the label's values where the target expects them."""
+        n = target.arity
+        if n and self.h - n != target.height:
+            self.emit(f"{self.slots(target.height, n)} = {self.slots(self.h - n, n)}")
+
+    def branch(self, depth: int) -> None:
+        target = self.ctrls[-1 - depth]
+        if target.kind == "func":
+            n = target.results
+            self.emit(f"return {self.slots(self.h - n, n)}" if n else "return")
+            return
+        self.move(target)
+        if depth == 0:
+            if target.kind == "loop":
+                self.spend_fuel()
+                self.emit("continue")
+            else:
+                self.emit("break")
+            return
+        for c in self.ctrls[len(self.ctrls) - depth:]:
+            c.passed_through = True
+        self.emit(f"_br = {target.label}")
+        self.emit("break")
+
+    # --- translation ---------------------------------------------------------------------
+    def translate(self, body: list[Instr]) -> str:
+        t = self.fn.type
+        n_params = len(t.params)
+        self.ctrls.append(_Construct("func", -1, 0, 0, len(t.results)))
+        for op, imm in body[:-1]:
+            if self.dead:
+                self.skip(op)
+                continue
+            if op.kind == "control":
+                self.control(op, imm)
+            else:
+                self.compute(op, imm)
+        if not self.dead:
+            n = len(t.results)
+            self.emit(f"return {self.slots(self.h - n, n)}" if n else "return")
+        params = ", ".join(f"l{i}" for i in range(n_params))
+        head = [f"def {self.name}({params}):"]
+        for i, lt in enumerate(self.fn.compiled.locals):
+            head.append(f"    l{n_params + i} = {default_value(lt)!r}")
+        head += ["    _br = None"]
+        if self.fuel:
+            head += ["    I.fuel -= 1", "    if I.fuel < 0:", "        raise OutOfFuel()"]
+        head += ["    if DEPTH[0] >= MAX_CALL_DEPTH:",
+                 "        raise Trap('call stack exhausted')",
+                 "    DEPTH[0] += 1",
+                 "    try:",
+                 "        pass"]
+        return "\n".join(head + self.lines + ["    finally:", "        DEPTH[0] -= 1"]) + "\n"
+
+    def skip(self, op: Op) -> None:
+        """Code after an unconditional branch never runs: skip to its construct's end."""
+        if op.imm == "blocktype":
+            self.dead_depth += 1
+        elif op.name == "end" or op.name == "else":
+            if self.dead_depth:
+                self.dead_depth -= op.name == "end"
+                return
+            self.dead = False
+            self.control(op, None)
+
+    def open(self, kind: str, bt: object) -> None:
+        params, results = self.block_type(bt)
+        self.labels += 1
+        c = _Construct(kind, self.labels, self.h - params, params, results)
+        self.ctrls.append(c)
+        self.emit("while True:")
+        self.indent += 1
+
+    def close(self) -> None:
+        c = self.ctrls.pop()
+        if c.kind == "if":
+            self.indent -= 1  # out of the then/else body: both paths leave the construct
+        self.emit("break")
+        self.indent -= 1
+        self.h = c.height + c.results
+        outer = self.ctrls[-1]
+        if c.passed_through and outer.kind != "func":
+            # A branch left c for a construct further out: outer is the target, or passes on.
+            self.emit("if _br is not None:")
+            self.emit(f"    if _br == {outer.label}:")
+            self.indent += 2
+            self.emit("_br = None")
+            if outer.kind == "loop":
+                self.spend_fuel()
+            self.emit("continue" if outer.kind == "loop" else "break")
+            self.indent -= 1
+            self.emit("break")
+            self.indent -= 1
+
+    def control(self, op: Op, imm: object) -> None:  # noqa: C901 - one case per instruction
+        name = op.name
+        if name == "unreachable":
+            self.emit("raise Trap('unreachable')")
+            self.dead = True
+        elif name in ("block", "loop"):
+            self.open(name, imm)
+        elif name == "if":
+            self.h -= 1
+            cond = f"s{self.h}"
+            self.open("if", imm)
+            self.emit(f"if {cond}:")
+            self.indent += 1
+            self.emit("pass")
+        elif name == "else":
+            c = self.ctrls[-1]
+            self.indent -= 1
+            self.emit("else:")
+            self.indent += 1
+            self.emit("pass")
+            self.h = c.height + c.params
+        elif name == "end":
+            self.close()
+        elif name == "br":
+            self.branch(imm)
+            self.dead = True
+        elif name == "br_if":
+            self.h -= 1
+            self.emit(f"if s{self.h}:")
+            self.indent += 1
+            self.branch(imm)
+            self.indent -= 1
+        elif name == "br_table":
+            labels, default = imm
+            self.h -= 1
+            # Index -> position among the distinct targets (a tuple), then one branch each.
+            targets = sorted(set(labels) | {default})
+            position = {depth: i for i, depth in enumerate(targets)}
+            table = self.const(tuple(position[d] for d in labels))
+            self.emit(f"_i = {table}[s{self.h}] if s{self.h} < {len(labels)} "
+                      f"else {position[default]}")
+            for i, depth in enumerate(targets):
+                if i < len(targets) - 1:
+                    self.emit(f"{'if' if i == 0 else 'elif'} _i == {i}:")
+                elif i:
+                    self.emit("else:")
+                self.indent += len(targets) > 1
+                self.branch(depth)
+                self.indent -= len(targets) > 1
+            self.dead = True
+        elif name == "return":
+            self.branch(len(self.ctrls) - 1)
+            self.dead = True
+        elif name == "call":
+            self.call(self.inst.funcs[imm], None)
+        elif name == "call_indirect":
+            table, ftype = self.inst.tables[imm[1]], self.module.types[imm[0]]
+            self.h -= 1
+            target = f"_call_target({self.const(table)}, {self.const(ftype)}, s{self.h})"
+            self.call(None, (ftype, target))
+
+    def call(self, callee: Function | None, indirect: tuple | None) -> None:
+        from popek.wasm.instance import WasmFunction
+        t = callee.type if callee is not None else indirect[0]
+        n, r = len(t.params), len(t.results)
+        self.h -= n
+        args = self.slots(self.h, n)
+        if callee is not None and type(callee) is WasmFunction:
+            call = f"{self.const(callee)}.fast({args})"
+            targets = self.slots(self.h, r)
+        else:
+            f = self.const(callee) if callee is not None else indirect[1]
+            call = f"call_function(I, {f}, [{args}])"
+            targets = self.slots(self.h, r) + ("," if r == 1 else "")
+        self.emit(f"{targets} = {call}" if r else call)
+        self.h += r
+
+    def compute(self, op: Op, imm: object) -> None:
+        bound = self.inst._bind_imm(op.imm, imm)  # noqa: SLF001 - the interpreter's binding
+        names = IMM_NAMES[op.imm]
+        values = (bound,) if len(names) == 1 else bound
+        subst = {}
+        for name, value in zip(names, values or (), strict=False):
+            subst[name] = repr(value) if isinstance(value, int) else self.const(value)
+        n = len(op.params)
+        base = self.h - n
+        operands = {x: f"s{base + i}" for i, x in enumerate("abc"[:n])}
+        if op.kind == "load":
+            lines = semantics.load_lines(op, operands["a"], f"s{base}")
+        elif op.kind == "store":
+            lines = semantics.store_lines(op, operands["a"], operands["b"])
+        elif op.kind == "keep" or not op.results:
+            lines = [_OPERAND.sub(lambda m: operands[m.group(1)], op.sem)]
+        else:
+            lines = [f"s{base} = " + _OPERAND.sub(lambda m: operands[m.group(1)], op.sem)]
+        for line in lines:
+            if "idx" in subst:
+                line = line.replace("L[idx]", f"l{subst['idx']}")
+            for name, value in subst.items():
+                line = re.sub(rf"\b{name}\b", value, line)
+            if line.strip() != "None":
+                self.emit(line)
+        self.h = base + len(op.results)
+
+
+def function_name(index: int) -> str:
+    return f"wasm_function_{index}"
+
+
+def translate_instance(inst: Instance) -> None:
+    """Give every function defined in ``inst`` a compiled ``fast`` entry point."""
+    ns = semantics.namespace()
+    ns.update(Trap=Trap, OutOfFuel=OutOfFuel, DEPTH=DEPTH, MAX_CALL_DEPTH=MAX_CALL_DEPTH,
+              I=inst, _call_target=_call_target, call_function=call_function)
+    first = len(inst.module.imported("func"))
+    for offset, code in enumerate(inst.module.codes):
+        fn = inst.funcs[first + offset]
+        fn.fast = _lazy(inst, first + offset, fn, code.body, ns)  # type: ignore[attr-defined]
+
+
+DEPTH = [0]  # wasm calls active on this thread's Python stack, across instances
+
+
+def _lazy(inst: Instance, index: int, fn: WasmFunction, body: list[Instr],
+          ns: dict) -> Callable:
+    """A stand-in that translates the function on its first call, then calls it.
+
+    A function Python cannot compile (blocks nested deeper than Python's 20) stays on
+    the interpreter."""
+    def first_call(*args: object) -> object:
+        source = _FunctionTranslator(inst, index, fn, ns).translate(body)
+        try:
+            exec(compile(source, f"<wasm function {index}>", "exec"), ns)  # noqa: S102
+            fn.fast = ns[function_name(index)]
+        except (SyntaxError, RecursionError, MemoryError):
+            fn.fast = _interpreted(fn)
+        return fn.fast(*args)
+
+    if sys.getrecursionlimit() < MAX_CALL_DEPTH + 2000:
+        sys.setrecursionlimit(MAX_CALL_DEPTH + 2000)
+    return first_call
+
+
+def _interpreted(fn: WasmFunction) -> Callable:
+    n = len(fn.type.results)
+
+    def call(*args: object) -> object:
+        out = run(fn, list(args))
+        return None if n == 0 else out[0] if n == 1 else tuple(out)
+
+    return call
