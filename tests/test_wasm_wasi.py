@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from popek.wasm.instance import ENGINES
+
 SOURCES = Path(__file__).resolve().parent / "wasi"
 WASMTIME_RUN = Path(__file__).resolve().parent / "wasmtime_run.py"
 CC = "clang-14"
@@ -58,10 +60,11 @@ def tree(root: Path) -> dict[str, str]:
 
 
 def assert_same_as_wasmtime(program: Path, args: list[str], tmp_path: Path,
-                            flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+                            flags: tuple[str, ...] = (),
+                            engine: str = "interp") -> subprocess.CompletedProcess:
     """Same stdout, exit status and files left behind (in and around the sandbox)."""
     results = {}
-    for name, runner in (("wasmtime", WASMTIME), ("popek", POPEK)):
+    for name, runner in (("wasmtime", WASMTIME), ("popek", [*POPEK, "--engine", engine])):
         workdir = tmp_path / name
         (workdir / "sandbox").mkdir(parents=True)
         (workdir / "outside.txt").write_text("secret\n")
@@ -76,11 +79,12 @@ def assert_same_as_wasmtime(program: Path, args: list[str], tmp_path: Path,
     return ours
 
 
-def test_files_program_matches_wasmtime(programs: Path, tmp_path: Path):
+@pytest.mark.parametrize("engine", ENGINES[1:])
+def test_files_program_matches_wasmtime(programs: Path, tmp_path: Path, engine: str):
     """Arguments, environment, stdin, files, directories, symlinks, clocks, sleep and
-    randomness as wasi-libc uses them; exit(7)."""
+    randomness as wasi-libc uses them; exit(7). On every tier."""
     done = assert_same_as_wasmtime(programs / "files.wasm", [GUEST_DIR, "two words"],
-                                   tmp_path, ("--env", "GREETING=hi there"))
+                                   tmp_path, ("--env", "GREETING=hi there"), engine)
     assert done.returncode == 7
     assert b"renamed holds: HEL" in done.stdout
     assert done.stderr.endswith(b"done on stderr\n")
@@ -100,10 +104,12 @@ def test_hostile_program_stays_in_its_directory(programs: Path, tmp_path: Path, 
         assert done.stderr.decode().strip().endswith("wasm trap: integer divide by zero")
 
 
+@pytest.mark.parametrize("engine", ENGINES[1:])
 @pytest.mark.parametrize("args", [["lz", "16"], ["nbody", "1000"]])
-def test_cpu_bound_program_matches_wasmtime(programs: Path, tmp_path: Path, args: list[str]):
-    """Compression with a round trip, and double-precision arithmetic."""
-    done = assert_same_as_wasmtime(programs / "compress.wasm", args, tmp_path)
+def test_cpu_bound_program_matches_wasmtime(programs: Path, tmp_path: Path, args: list[str],
+                                            engine: str):
+    """Compression with a round trip, and double-precision arithmetic, on every tier."""
+    done = assert_same_as_wasmtime(programs / "compress.wasm", args, tmp_path, (), engine)
     assert done.returncode == 0
 
 

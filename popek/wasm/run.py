@@ -35,8 +35,8 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
                         help="set an environment variable (KEY alone: the host's value)")
     parser.add_argument("--dir", action="append", default=[], metavar="HOSTDIR[::GUESTDIR]",
                         help="give the program a host directory (as GUESTDIR, default HOSTDIR)")
-    parser.add_argument("--fuel", type=int, metavar="N",
-                        help="stop the program after N units of fuel (about one per instruction)")
+    parser.add_argument("--fuel", type=int, metavar="N", help="stop the program after N "
+                        "units of fuel (one per call or taken branch)")
     parser.add_argument("--max-memory", metavar="SIZE",
                         help="limit on linear memory (e.g. 64M, 1G): memory.grow fails past it")
 
