@@ -90,11 +90,12 @@ def test_files_program_matches_wasmtime(programs: Path, tmp_path: Path, engine: 
     assert done.stderr.endswith(b"done on stderr\n")
 
 
-@pytest.mark.parametrize("how", ["none", "iovec-array", "buffer", "result", "path", "trap"])
+@pytest.mark.parametrize("how", ["none", "iovec-array", "buffer", "result", "path", "exit200",
+                                 "trap"])
 def test_hostile_program_stays_in_its_directory(programs: Path, tmp_path: Path, how: str):
     """Every way out (``..``, absolute paths, symlinks, raw WASI calls) fails with
-    wasmtime's errno; a bad pointer ends the program (status 1) and a division by zero
-    traps (134) as in wasmtime; the file outside is untouched."""
+    wasmtime's errno; a bad pointer or exit status ends the program (status 1) and a
+    division by zero traps (134) as in wasmtime; the file outside is untouched."""
     done = assert_same_as_wasmtime(programs / "hostile.wasm", [GUEST_DIR, how], tmp_path)
     assert b"escaped" not in done.stdout
     assert (tmp_path / "popek" / "outside.txt").read_text() == "secret\n"

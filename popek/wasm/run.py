@@ -79,7 +79,7 @@ def _start(instance: wasm.Instance, name: str) -> int:
     except wasm.Trap as e:
         print(f"popek wasm run: {name}: wasm trap: {e.message}", file=sys.stderr)
         return TRAP_STATUS
-    except wasm.WasmError as e:  # a bad pointer handed to WASI: wasmtime's status too
+    except wasm.WasmError as e:  # WasiAbort: a bad pointer or exit status, as in wasmtime
         print(f"popek wasm run: {name}: error: {e.message}", file=sys.stderr)
         return ERROR_STATUS
     finally:

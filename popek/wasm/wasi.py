@@ -6,7 +6,7 @@ capabilities. Every path a program names is resolved by the kernel under one of 
 directories (openat2's RESOLVE_BENEATH: no ``..``, absolute path or symlink leads out),
 so nothing else on the host is reachable, whatever the module does. The program's
 pointers are checked against its linear memory here: a bad one ends the program with
-:class:`MemoryFault`, as in wasmtime, never a host exception.
+:class:`WasiAbort`, as in wasmtime, never a host exception.
 
 Each call is a method whose annotations (:data:`I32`, :data:`I64`) declare its wasm
 signature; :meth:`Wasi.imports` turns them into the host functions of the
@@ -48,9 +48,10 @@ class WasiError(Exception):
         self.code = abi.ERRNO[name]
 
 
-class MemoryFault(wasm.WasmError):
-    """A call was handed a pointer outside the caller's linear memory: the program ends,
-    as in wasmtime (an error, not a trap, so its command line exits with 1)."""
+class WasiAbort(wasm.WasmError):
+    """A call the program cannot go on from (a pointer outside its linear memory, an exit
+    status WASI does not allow): it ends, as in wasmtime (an error, not a trap, so its
+    command line exits with 1)."""
 
 
 class WasiExit(Exception):  # noqa: N818 - an exit, not an error
@@ -100,7 +101,7 @@ class GuestMemory:
 
     def check(self, addr: int, n: int) -> None:
         if self.memory is None or addr + n > self.memory.size:
-            raise MemoryFault(f"pointer out of bounds: {n} bytes at {addr:#x}")
+            raise WasiAbort(f"pointer out of bounds: {n} bytes at {addr:#x}")
 
     def u32(self, addr: int) -> int:
         return int.from_bytes(self.read(addr, 4), "little")
@@ -319,7 +320,7 @@ class Wasi:
     @_wasi_call
     def proc_exit(self, mem: object, status: I32) -> None:
         if status >= MAX_EXIT_STATUS:
-            raise wasm.Trap(f"exit with invalid exit status {status} outside of [0..126)")
+            raise WasiAbort(f"exit with invalid exit status {status} outside of [0..126)")
         raise WasiExit(status)
 
     @_wasi_call

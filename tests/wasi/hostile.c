@@ -1,9 +1,11 @@
 /* A program that tries to leave the directory it was given (argv[1], preopened); each
  * attempt prints the error it got. Then, as argv[2] says, it hands the runtime a bad
- * pointer (iovec-array, buffer, result, path) or divides by zero (trap). */
+ * pointer (iovec-array, buffer, result, path), exits with a status WASI does not allow
+ * (exit200) or divides by zero (trap). */
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -61,6 +63,8 @@ int main(int argc, char **argv) {
         n = __wasi_fd_write(1, &ok, 1, (__wasi_size_t *)0xfffffffe);
     if (strcmp(how, "path") == 0)
         n = __wasi_path_create_directory(3, (const char *)0xfffffff0);
+    if (strcmp(how, "exit200") == 0)
+        exit(200); /* WASI allows 0-125 */
     if (strcmp(how, "trap") == 0) {
         volatile int seven = 7, zero = 0;
         n = seven / zero;
