@@ -130,7 +130,12 @@ class GuestMemory:
         return vectors
 
     def gather(self, addr: int, count: int) -> bytes:
-        return b"".join(self.read(base, n) for base, n in self.iovecs(addr, count))[:MAX_TRANSFER]
+        """The buffers' bytes, up to MAX_TRANSFER of them."""
+        parts, left = [], MAX_TRANSFER
+        for base, n in self.iovecs(addr, count):
+            parts.append(self.read(base, min(n, left)))
+            left -= len(parts[-1])
+        return b"".join(parts)
 
     def scatter(self, addr: int, count: int, read: Callable[[int], bytes]) -> int:
         """Fills the buffers with what one ``read(n)`` returns; the bytes placed."""

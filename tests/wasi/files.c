@@ -1,10 +1,11 @@
 /* A WASI program that uses what C programs use: arguments, environment, stdin, files and
- * directories in the directory named by argv[1], symlinks, clocks, sleep and randomness.
+ * directories in the directory named by argv[1], symlinks, clocks, sleep, poll and randomness.
  * It prints only what any correct runtime prints the same (no times, inodes or random
  * bytes), so its output can be compared with wasmtime's. Exits with status 7. */
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -61,6 +62,10 @@ int main(int argc, char **argv) {
     unsigned sum = 0, lines = 0;
     for (size_t i = 0; i < n; i++) { sum = sum * 31 + (unsigned char)input[i]; lines += input[i] == '\n'; }
     printf("stdin: %zu bytes, %u lines, hash %08x\n", n, lines, sum);
+    struct pollfd ready[2] = {{0, POLLIN, 0}, {1, POLLOUT, 0}};
+    int polled = poll(ready, 2, 1000);
+    printf("poll %d: stdin readable %d, stdout writable %d\n", polled,
+           (ready[0].revents & POLLIN) != 0, (ready[1].revents & POLLOUT) != 0);
     const char *out = at(0, dir, "out");
     printf("mkdir: %d\n", mkdir(out, 0755));
     printf("mkdir again: %s\n", mkdir(out, 0755) ? strerror(errno) : "ok");
@@ -121,6 +126,11 @@ int main(int argc, char **argv) {
     clock_gettime(CLOCK_MONOTONIC, &t1);
     long slept = (t1.tv_sec - t0.tv_sec) * 1000000000L + (t1.tv_nsec - t0.tv_nsec);
     printf("slept at least 20 ms: %d\n", slept >= 20 * 1000 * 1000);
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    polled = poll(NULL, 0, 30);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    slept = (t1.tv_sec - t0.tv_sec) * 1000000000L + (t1.tv_nsec - t0.tv_nsec);
+    printf("poll timed out (%d) after at least 30 ms: %d\n", polled, slept >= 30 * 1000 * 1000);
     clock_gettime(CLOCK_REALTIME, &wall);
     printf("realtime after 2020: %d\n", wall.tv_sec > 1577836800);
     printf("monotonic resolution ok: %d\n", clock_getres(CLOCK_MONOTONIC, &res) == 0 && res.tv_sec == 0);
