@@ -135,7 +135,7 @@ def main() -> int:
     workloads = [(f"lz {args.lz_kib} KiB", "lz_crc", args.lz_kib, 32),
                  (f"nbody {args.nbody_steps} steps", "nbody_nanojoules", args.nbody_steps, 64)]
     first = next(iter(runtimes))
-    print(f"{'workload':<20} {'runtime':<20} {'wall s':>9} {'CPU s':>9} {'result':>18}  "
+    print(f"{'workload':<20} {'runtime':<20} {'wall s':>10} {'CPU s':>10} {'result':>18}  "
           f"{first} CPU time / this")
     for title, export, arg, bits in workloads:
         measured = {label: timed(make(), export, arg, bits) for label, make in runtimes.items()}
@@ -143,7 +143,7 @@ def main() -> int:
         for label, (wall, cpu, result) in measured.items():
             ratio = reference[1] / cpu if cpu else float("inf")
             note = "" if result == reference[2] else "  DIFFERENT RESULT"
-            print(f"{title:<20} {label:<20} {wall:>9.3f} {cpu:>9.3f} {result:>18x}  "
+            print(f"{title:<20} {label:<20} {wall:>10.4g} {cpu:>10.4g} {result:>18x}  "
                   f"{ratio:>10.2f}x{note}")
             title = ""
     return 0
