@@ -14,7 +14,8 @@ from pathlib import Path
 
 from popek import wasm
 from popek.machine.config import ConfigError, parse_size
-from popek.wasm.wasi import Preopen, Wasi, WasiExit
+from popek.wasm.types import PAGE
+from popek.wasm.wasi import Preopen, Wasi, WasiAbort, WasiExit
 
 HELP = "run a WebAssembly WASI (preview1) program"
 TRAP_STATUS = 134  # wasmtime's: 128 + SIGABRT
@@ -45,21 +46,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     name = Path(args.file).name
     try:
         module = wasm.load(_read(args.file))
+        if not any(export.name == ENTRY and export.kind == "func" for export in module.exports):
+            raise UsageError(f"exports no {ENTRY}: not a WASI command")
         env = dict(_variable(spec) for spec in args.env)
         preopens = [Preopen.parse(spec) for spec in args.dir]
-        max_memory = parse_size(args.max_memory) if args.max_memory else None
+        max_memory = _memory_limit(module, args.max_memory)
         if args.fuel is not None and args.fuel < 0:
             raise UsageError(f"--fuel {args.fuel}: expected a count of zero or more")
         with Wasi([name, *args.args], env, preopens) as wasi:
-            instance = wasm.instantiate(module, wasi.imports(), fuel=args.fuel,
-                                        max_memory=max_memory, engine=args.engine)
-            if ENTRY not in instance.exports:
-                raise UsageError(f"{name} exports no {ENTRY}: not a WASI command")
-            return _start(instance, name)
-    except wasm.Trap as e:  # in the start function or a data segment
-        print(f"popek wasm run: {name}: wasm trap: {e.message}", file=sys.stderr)
-        return TRAP_STATUS
-    except (UsageError, ConfigError, wasm.WasmError) as e:
+            return _run(module, wasi, name, args.fuel, max_memory, args.engine)
+    except (UsageError, ConfigError, wasm.WasmError) as e:  # malformed, invalid, unlinkable
         print(f"popek wasm run: {name}: {e}", file=sys.stderr)
         return USAGE_ERROR
     except OSError as e:  # a --dir that is not a directory
@@ -67,24 +63,36 @@ def cmd_run(args: argparse.Namespace) -> int:
         return USAGE_ERROR
 
 
-def _start(instance: wasm.Instance, name: str) -> int:
-    """Runs the program to its end: its exit status, or the trap's."""
+def _run(module: wasm.Module, wasi: Wasi, name: str, fuel: int | None,
+         max_memory: int | None, engine: str) -> int:
+    """Instantiates the program and runs it to its end: its exit status, or the trap's."""
     try:
-        instance.call(ENTRY)
+        wasm.instantiate(module, wasi.imports(), fuel=fuel, max_memory=max_memory,
+                         engine=engine).call(ENTRY)
     except WasiExit as e:
         return e.status
-    except wasm.OutOfFuel as e:
-        print(f"popek wasm run: {name}: out of fuel ({e.message})", file=sys.stderr)
+    except wasm.OutOfFuel:
+        print(f"popek wasm run: {name}: out of fuel: --fuel {fuel} used up", file=sys.stderr)
         return TRAP_STATUS
     except wasm.Trap as e:
         print(f"popek wasm run: {name}: wasm trap: {e.message}", file=sys.stderr)
         return TRAP_STATUS
-    except wasm.WasmError as e:  # WasiAbort: a bad pointer or exit status, as in wasmtime
+    except WasiAbort as e:
         print(f"popek wasm run: {name}: error: {e.message}", file=sys.stderr)
         return ERROR_STATUS
-    finally:
-        sys.stdout.flush()
     return 0
+
+
+def _memory_limit(module: wasm.Module, size: str | None) -> int | None:
+    """--max-memory in bytes, which must hold the memory the module starts with."""
+    if size is None:
+        return None
+    limit = parse_size(size)
+    needed = max((memory.limits.min for memory in module.mems), default=0) * PAGE
+    if needed > limit:
+        raise UsageError(f"--max-memory {size}: the module starts with {needed >> 10} KiB "
+                         "of linear memory")
+    return limit
 
 
 def _read(path: str) -> bytes:
