@@ -42,6 +42,25 @@ static void list(const char *dir) {
     for (int i = 0; i < n; i++) { printf("  %s\n", names[i]); free(names[i]); }
 }
 
+/* Entries and an order-free hash of their names, read twice (rewinddir): a directory
+ * too large for one fd_readdir buffer is read on from the cookie where the last stopped. */
+static void count_entries(const char *dir) {
+    DIR *d = opendir(dir);
+    for (int pass = 0; pass < 2; pass++) {
+        unsigned long n = 0, hash = 0;
+        struct dirent *e;
+        while ((e = readdir(d))) {
+            unsigned long h = 5381;
+            for (const char *p = e->d_name; *p; p++) h = h * 33 + (unsigned char)*p;
+            n++;
+            hash += h;
+        }
+        printf("pass %d: %lu entries, hash %lx\n", pass, n, hash);
+        rewinddir(d);
+    }
+    closedir(d);
+}
+
 static long file_size(const char *path) {
     struct stat st;
     return stat(path, &st) == 0 ? (long)st.st_size : -errno;
@@ -108,6 +127,14 @@ int main(int argc, char **argv) {
     fclose(f);
     list(dir);
     list(out);
+    const char *many = at(1, out, "many");
+    mkdir(many, 0755);
+    for (int i = 0; i < 150; i++) {
+        char name[600];
+        snprintf(name, sizeof name, "%s/a-file-with-a-name-long-enough-to-fill-buffers-%03d", many, i);
+        close(open(name, O_CREAT | O_WRONLY, 0644));
+    }
+    count_entries(many);
     printf("rmdir non-empty: %s\n", rmdir(at(1, out, "sub")) ? strerror(errno) : "??");
     printf("unlink dir: %s\n", unlink(at(1, out, "sub")) ? strerror(errno) : "??");
     printf("unlink: %d %d\n", unlink(link), unlink(at(1, out, "sub/inner.txt")));
