@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from popek.wasm.instance import Function, Instance, WasmFunction
 
 _OPERAND = re.compile(r"\b([abc])\b")
+_ASSIGNED_SLOTS = re.compile(r"((?:s\d+,? ?)+)= ")
+_MAX_DEFERRED = 200  # characters of a deferred expression (Python limits nesting)
 
 
 def _call_target(table: object, ftype: object, i: int) -> Function:
@@ -75,10 +77,18 @@ class _FunctionTranslator:
         self.dead_depth = 0
         self.ctrls: list[_Construct] = []
         self.labels = 0
+        # Slots whose value is a local or a constant not yet copied into them: consumers
+        # use the expression itself. Control flow merges copy them (flush), and writing a
+        # local first copies the slots that still read it.
+        self.pending: dict[int, str] = {}
         self.fuel = inst.fuel is not None
 
     # --- helpers ------------------------------------------------------------------------
     def emit(self, line: str) -> None:
+        assigned = _ASSIGNED_SLOTS.match(line)
+        if assigned and self.pending:  # deferred values still reading these slots go first
+            for slot in re.findall(r"s\d+", assigned.group(1)):
+                self.flush(reading=slot)
         self.lines.append("    " * self.indent + line)
 
     def const(self, value: object) -> str:
@@ -86,6 +96,17 @@ class _FunctionTranslator:
         name = f"k{id(value):x}"
         self.consts[name] = value
         return name
+
+    def operand(self, slot: int) -> str:
+        return self.pending.pop(slot, None) or f"s{slot}"
+
+    def flush(self, reading: str | None = None) -> None:
+        """Copy deferred values into their slots (those reading local ``reading``, or all)."""
+        for slot in sorted(self.pending):
+            expr = self.pending.get(slot)
+            if expr is not None and (reading is None or re.search(rf"\b{reading}\b", expr)):
+                del self.pending[slot]
+                self.emit(f"s{slot} = {expr}")
 
     def slots(self, start: int, n: int) -> str:
         return ", ".join(f"s{start + i}" for i in range(n))
@@ -143,6 +164,7 @@ class _FunctionTranslator:
             else:
                 self.compute(op, imm)
         if not self.dead:
+            self.flush()
             n = len(t.results)
             self.emit(f"return {self.slots(self.h - n, n)}" if n else "return")
         params = ", ".join(f"l{i}" for i in range(n_params))
@@ -201,6 +223,11 @@ class _FunctionTranslator:
 
     def control(self, op: Op, imm: object) -> None:  # noqa: C901 - one case per instruction
         name = op.name
+        if name in ("call", "call_indirect"):
+            self.call_op(op, imm)
+            return
+        cond = self.operand(self.h - 1) if name in ("if", "br_if", "br_table") else ""
+        self.flush()
         if name == "unreachable":
             self.emit("raise Trap('unreachable')")
             self.dead = True
@@ -208,7 +235,6 @@ class _FunctionTranslator:
             self.open(name, imm)
         elif name == "if":
             self.h -= 1
-            cond = f"s{self.h}"
             self.open("if", imm)
             self.emit(f"if {cond}:")
             self.indent += 1
@@ -227,7 +253,7 @@ class _FunctionTranslator:
             self.dead = True
         elif name == "br_if":
             self.h -= 1
-            self.emit(f"if s{self.h}:")
+            self.emit(f"if {cond}:")
             self.indent += 1
             self.branch(imm)
             self.indent -= 1
@@ -238,7 +264,7 @@ class _FunctionTranslator:
             targets = sorted(set(labels) | {default})
             position = {depth: i for i, depth in enumerate(targets)}
             table = self.const(tuple(position[d] for d in labels))
-            self.emit(f"_i = {table}[s{self.h}] if s{self.h} < {len(labels)} "
+            self.emit(f"_i = {table}[{cond}] if {cond} < {len(labels)} "
                       f"else {position[default]}")
             for i, depth in enumerate(targets):
                 if i < len(targets) - 1:
@@ -252,20 +278,22 @@ class _FunctionTranslator:
         elif name == "return":
             self.branch(len(self.ctrls) - 1)
             self.dead = True
-        elif name == "call":
+
+    def call_op(self, op: Op, imm: object) -> None:
+        if op.name == "call":
             self.call(self.inst.funcs[imm], None)
-        elif name == "call_indirect":
-            table, ftype = self.inst.tables[imm[1]], self.module.types[imm[0]]
-            self.h -= 1
-            target = f"_call_target({self.const(table)}, {self.const(ftype)}, s{self.h})"
-            self.call(None, (ftype, target))
+            return
+        table, ftype = self.inst.tables[imm[1]], self.module.types[imm[0]]
+        self.h -= 1
+        target = f"_call_target({self.const(table)}, {self.const(ftype)}, {self.operand(self.h)})"
+        self.call(None, (ftype, target))
 
     def call(self, callee: Function | None, indirect: tuple | None) -> None:
         from popek.wasm.instance import WasmFunction
         t = callee.type if callee is not None else indirect[0]
         n, r = len(t.params), len(t.results)
         self.h -= n
-        args = self.slots(self.h, n)
+        args = ", ".join(self.operand(self.h + i) for i in range(n))
         if callee is not None and type(callee) is WasmFunction:
             call = f"{self.const(callee)}.fast({args})"
             targets = self.slots(self.h, r)
@@ -285,7 +313,17 @@ class _FunctionTranslator:
             subst[name] = repr(value) if isinstance(value, int) else self.const(value)
         n = len(op.params)
         base = self.h - n
-        operands = {x: f"s{base + i}" for i, x in enumerate("abc"[:n])}
+        operands = {x: self.operand(base + i) for i, x in enumerate("abc"[:n])}
+        self.h = base + len(op.results)
+        if op.name == "local.get" or op.name.endswith(".const"):
+            self.pending[base] = f"l{imm}" if op.name == "local.get" else subst["imm"]
+            return
+        if op.name in ("local.set", "local.tee"):
+            self.flush(reading=f"l{imm}")
+            self.emit(f"l{imm} = {operands['a']}")
+            if op.name == "local.tee":
+                self.pending[base] = f"l{imm}"
+            return
         if op.kind == "load":
             lines = semantics.load_lines(op, operands["a"], f"s{base}")
         elif op.kind == "store":
@@ -293,7 +331,11 @@ class _FunctionTranslator:
         elif op.kind == "keep" or not op.results:
             lines = [_OPERAND.sub(lambda m: operands[m.group(1)], op.sem)]
         else:
-            lines = [f"s{base} = " + _OPERAND.sub(lambda m: operands[m.group(1)], op.sem)]
+            expr = _OPERAND.sub(lambda m: operands[m.group(1)], op.sem)
+            if op.imm == "none" and not op.traps and len(expr) < _MAX_DEFERRED:
+                self.pending[base] = f"({expr})"  # pure: computed where it is consumed
+                return
+            lines = [f"s{base} = {expr}"]
         for line in lines:
             if "idx" in subst:
                 line = line.replace("L[idx]", f"l{subst['idx']}")
@@ -301,7 +343,6 @@ class _FunctionTranslator:
                 line = re.sub(rf"\b{name}\b", value, line)
             if line.strip() != "None":
                 self.emit(line)
-        self.h = base + len(op.results)
 
 
 def function_name(index: int) -> str:
