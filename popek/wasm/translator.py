@@ -8,10 +8,11 @@ Structured control maps onto Python's: every block, loop and if is a ``while Tru
 whose ``break`` leaves it and whose ``continue`` iterates a loop; a branch further out
 sets ``_br`` to its target and each enclosing construct passes it on.
 
-Calls are Python calls (``f7(s0, s1)``) bounded by a depth count that traps with "call
-stack exhausted", as the interpreter does. Fuel, when the instance has some, is spent
-at the same points as in the interpreter (calls and loop iterations), so the two tiers
-trap at the same instruction with the same state.
+Calls are Python calls, so Python's recursion limit (raised to about the interpreter's
+call depth; Python 3.11 calls between Python functions use no C stack) bounds them, and
+its RecursionError becomes the trap "call stack exhausted". Fuel, when the instance has
+some, is spent at the same points as in the interpreter (calls and loop iterations), so
+the two tiers run out at the same instruction with the same state.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from popek.wasm.errors import OutOfFuel, Trap
 from popek.wasm.interpreter import resolve_indirect, run
 from popek.wasm.isa import IMM_NAMES, Op
 from popek.wasm.types import MAX_CALL_DEPTH, default_value
+
+PYTHON_RECURSION_LIMIT = MAX_CALL_DEPTH + 2000
 
 if TYPE_CHECKING:
     from popek.wasm.instance import Function, Instance, WasmFunction
@@ -71,7 +74,7 @@ class _FunctionTranslator:
         self.consts = consts  # namespace entries this function's code refers to
         self.name = function_name(index)
         self.lines: list[str] = []
-        self.indent = 2
+        self.indent = 1
         self.h = 0
         self.dead = False
         self.dead_depth = 0
@@ -171,15 +174,11 @@ class _FunctionTranslator:
         head = [f"def {self.name}({params}):"]
         for i, lt in enumerate(self.fn.compiled.locals):
             head.append(f"    l{n_params + i} = {default_value(lt)!r}")
-        head += ["    _br = None"]
+        if any("_br" in line for line in self.lines):
+            head.append("    _br = None")
         if self.fuel:
             head += ["    I.fuel -= 1", "    if I.fuel < 0:", "        raise OutOfFuel()"]
-        head += ["    if DEPTH[0] >= MAX_CALL_DEPTH:",
-                 "        raise Trap('call stack exhausted')",
-                 "    DEPTH[0] += 1",
-                 "    try:",
-                 "        pass"]
-        return "\n".join(head + self.lines + ["    finally:", "        DEPTH[0] -= 1"]) + "\n"
+        return "\n".join(head + self.lines) + "\n"
 
     def skip(self, op: Op) -> None:
         """Code after an unconditional branch never runs: skip to its construct's end."""
@@ -352,15 +351,12 @@ def function_name(index: int) -> str:
 def translate_instance(inst: Instance) -> None:
     """Give every function defined in ``inst`` a compiled ``fast`` entry point."""
     ns = semantics.namespace()
-    ns.update(Trap=Trap, OutOfFuel=OutOfFuel, DEPTH=DEPTH, MAX_CALL_DEPTH=MAX_CALL_DEPTH,
-              I=inst, _call_target=_call_target, call_function=call_function)
+    ns.update(Trap=Trap, OutOfFuel=OutOfFuel, I=inst, _call_target=_call_target,
+              call_function=call_function)
     first = len(inst.module.imported("func"))
     for offset, code in enumerate(inst.module.codes):
         fn = inst.funcs[first + offset]
         fn.fast = _lazy(inst, first + offset, fn, code.body, ns)  # type: ignore[attr-defined]
-
-
-DEPTH = [0]  # wasm calls active on this thread's Python stack, across instances
 
 
 def _lazy(inst: Instance, index: int, fn: WasmFunction, body: list[Instr],
@@ -378,8 +374,8 @@ def _lazy(inst: Instance, index: int, fn: WasmFunction, body: list[Instr],
             fn.fast = _interpreted(fn)
         return fn.fast(*args)
 
-    if sys.getrecursionlimit() < MAX_CALL_DEPTH + 2000:
-        sys.setrecursionlimit(MAX_CALL_DEPTH + 2000)
+    if sys.getrecursionlimit() < PYTHON_RECURSION_LIMIT:
+        sys.setrecursionlimit(PYTHON_RECURSION_LIMIT)
     return first_call
 
 
