@@ -158,14 +158,11 @@ class Instance:
             e.name: spaces[e.kind][e.index] for e in module.exports}
 
     def _const(self, expr: list[Instr]) -> object:
-        op, imm = expr[0]
-        if op.name == "global.get":
-            return self.globals[imm].value  # type: ignore[index]
-        if op.name == "ref.func":
-            return self.funcs[imm]  # type: ignore[index]
-        if op.name == "ref.null":
-            return None
-        return imm
+        """Evaluate a validated constant expression with the interpreter's handlers."""
+        stack: list = []
+        for op, imm in expr[:-1]:
+            HANDLERS[op](stack, [], self._bind_imm(op.imm, imm))
+        return stack[0]
 
     def _bind(self, lowered: tuple) -> tuple:
         kind, op, imm = lowered

@@ -73,6 +73,10 @@ def run(func: Function, args: list) -> list:  # noqa: C901 - the dispatch loop i
                 if not S.pop():
                     continue
                 kind = BR
+            elif kind == BR_TABLE:
+                i = S.pop()
+                X = X[i] if i < len(X) - 1 else X[-1]
+                kind = BR
             if kind == BR:
                 target, arity, height = X
                 height += base
@@ -123,19 +127,6 @@ def run(func: Function, args: list) -> list:  # noqa: C901 - the dispatch loop i
                     return S
                 slots -= fn.frame_size
                 code, pc, L, base, fn = frames.pop()
-            elif kind == BR_TABLE:
-                i = S.pop()
-                target, arity, height = X[i] if i < len(X) - 1 else X[-1]
-                height += base
-                if arity:
-                    S[height:] = S[len(S) - arity:]
-                else:
-                    del S[height:]
-                if target < pc and fuel is not None:
-                    fuel -= 1
-                    if fuel < 0:
-                        raise OutOfFuel()
-                pc = target
             elif kind == UNREACHABLE:
                 raise Trap("unreachable")
     except RecursionError:  # host functions re-entering wasm without end

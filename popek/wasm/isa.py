@@ -12,6 +12,7 @@ format, its operand signature and its semantics:
   expression giving the one result, or a statement when there is none (or, for
   ``kind == "keep"``, a statement after which ``a`` stays as the result). Names it may use:
   those of :mod:`popek.wasm.numeric` and the immediate's bound names (:data:`IMM_NAMES`).
+- ``traps`` marks semantics that may trap, which a tier must not reorder or drop.
 - Loads and stores declare their access ``size``; a tier checks ``ea = a + off`` against
   the memory and performs the access, after which a load's ``sem`` maps the loaded
   unsigned value ``v`` to the result and a store writes ``b``'s low bytes.
@@ -43,6 +44,7 @@ class Op:
     sem: str = ""
     kind: str = "compute"  # compute, keep, load, store, control
     size: int = 0
+    traps: bool = False  # the semantics may raise a trap (beyond the memory bounds check)
 
     @property
     def params(self) -> tuple[str, ...]:
@@ -57,8 +59,8 @@ OPS: list[Op] = []
 
 
 def _op(code: int, name: str, imm: str, sig: str, sem: str = "", kind: str = "compute",
-        size: int = 0) -> None:
-    OPS.append(Op(code, name, imm, sig, sem, kind, size))
+        size: int = 0, traps: bool = False) -> None:
+    OPS.append(Op(code, name, imm, sig, sem, kind, size, traps))
 
 
 def _control(code: int, name: str, imm: str = "none") -> None:
@@ -154,7 +156,8 @@ def _int_ops(t: str, base_test: int, base_arith: int, bits: int) -> None:
         ("rotl", f"rotl(a, b, {bits}, {m})"),
         ("rotr", f"rotl(a, {bits} - (b & {bits - 1}), {bits}, {m})"),
     ]):
-        _op(base_arith + 3 + i, f"{t}.{name}", "none", f"{t} {t} -> {t}", sem)
+        _op(base_arith + 3 + i, f"{t}.{name}", "none", f"{t} {t} -> {t}", sem,
+            traps=name[:3] in ("div", "rem"))
 
 
 def _float_ops(t: str, base_test: int, base_arith: int) -> None:
@@ -219,7 +222,7 @@ for _code, _name, _sig, _sem in [
       for i, (t, f, s) in enumerate([(t, f, s) for t in ("i32", "i64") for f in ("f32", "f64")
                                      for s in ("s", "u")])],
 ]:
-    _op(_code, _name, "none", _sig, _sem)
+    _op(_code, _name, "none", _sig, _sem, traps=_sem.startswith("trunc("))
 
 # --- bulk memory and tables -------------------------------------------------------------
 _op(0xFC08, "memory.init", "data", "i32 i32 i32 ->", "memory_init(MEM, SEG, a, b, c)")

@@ -121,16 +121,20 @@ class Segment:
 
 # --- semantics of bulk memory and table instructions -------------------------------------
 
+def _copy(dst: bytearray | list, at: int, src: bytes | bytearray | list, start: int, n: int,
+          message: str) -> None:
+    """Copy ``n`` items after checking both ranges (overlap is fine: the source is sliced)."""
+    if start + n > len(src) or at + n > len(dst):
+        raise Trap(message)
+    dst[at:at + n] = src[start:start + n]
+
+
 def memory_init(mem: Memory, seg: Segment, dst: int, src: int, n: int) -> None:
-    if src + n > len(seg.items) or dst + n > len(mem.data):
-        raise Trap(OOB_MEMORY)
-    mem.data[dst:dst + n] = seg.items[src:src + n]
+    _copy(mem.data, dst, seg.items, src, n, OOB_MEMORY)
 
 
 def memory_copy(mem: Memory, dst: int, src: int, n: int) -> None:
-    if src + n > len(mem.data) or dst + n > len(mem.data):
-        raise Trap(OOB_MEMORY)
-    mem.data[dst:dst + n] = mem.data[src:src + n]
+    _copy(mem.data, dst, mem.data, src, n, OOB_MEMORY)
 
 
 def memory_fill(mem: Memory, dst: int, value: int, n: int) -> None:
@@ -152,15 +156,11 @@ def table_set(t: Table, i: int, value: object) -> None:
 
 
 def table_init(t: Table, seg: Segment, dst: int, src: int, n: int) -> None:
-    if src + n > len(seg.items) or dst + n > len(t.elements):
-        raise Trap(OOB_TABLE)
-    t.elements[dst:dst + n] = seg.items[src:src + n]
+    _copy(t.elements, dst, seg.items, src, n, OOB_TABLE)
 
 
 def table_copy(dst_t: Table, src_t: Table, dst: int, src: int, n: int) -> None:
-    if src + n > len(src_t.elements) or dst + n > len(dst_t.elements):
-        raise Trap(OOB_TABLE)
-    dst_t.elements[dst:dst + n] = src_t.elements[src:src + n]
+    _copy(dst_t.elements, dst, src_t.elements, src, n, OOB_TABLE)
 
 
 def table_fill(t: Table, dst: int, value: object, n: int) -> None:

@@ -8,10 +8,11 @@ Structured control maps onto Python's: every block, loop and if is a ``while Tru
 whose ``break`` leaves it and whose ``continue`` iterates a loop; a branch further out
 sets ``_br`` to its target and each enclosing construct passes it on.
 
-Calls are Python calls (``f7(s0, s1)``) bounded by a depth count that traps with "call
-stack exhausted", as the interpreter does. Fuel, when the instance has some, is spent
-at the same points as in the interpreter (calls and loop iterations), so the two tiers
-trap at the same instruction with the same state.
+Calls are Python calls, so Python's recursion limit (raised to about the interpreter's
+call depth; Python 3.11 calls between Python functions use no C stack) bounds them, and
+its RecursionError becomes the trap "call stack exhausted". Fuel, when the instance has
+some, is spent at the same points as in the interpreter (calls and loop iterations), so
+the two tiers run out at the same instruction with the same state.
 """
 
 from __future__ import annotations
@@ -29,10 +30,14 @@ from popek.wasm.interpreter import resolve_indirect, run
 from popek.wasm.isa import IMM_NAMES, Op
 from popek.wasm.types import MAX_CALL_DEPTH, default_value
 
+PYTHON_RECURSION_LIMIT = MAX_CALL_DEPTH + 2000
+
 if TYPE_CHECKING:
     from popek.wasm.instance import Function, Instance, WasmFunction
 
 _OPERAND = re.compile(r"\b([abc])\b")
+_ASSIGNED_SLOTS = re.compile(r"((?:s\d+,? ?)+)= ")
+_MAX_DEFERRED = 200  # characters of a deferred expression (Python limits nesting)
 
 
 def _call_target(table: object, ftype: object, i: int) -> Function:
@@ -69,16 +74,24 @@ class _FunctionTranslator:
         self.consts = consts  # namespace entries this function's code refers to
         self.name = function_name(index)
         self.lines: list[str] = []
-        self.indent = 2
+        self.indent = 1
         self.h = 0
         self.dead = False
         self.dead_depth = 0
         self.ctrls: list[_Construct] = []
         self.labels = 0
+        # Slots whose value is a local or a constant not yet copied into them: consumers
+        # use the expression itself. Control flow merges copy them (flush), and writing a
+        # local first copies the slots that still read it.
+        self.pending: dict[int, str] = {}
         self.fuel = inst.fuel is not None
 
     # --- helpers ------------------------------------------------------------------------
     def emit(self, line: str) -> None:
+        assigned = _ASSIGNED_SLOTS.match(line)
+        if assigned and self.pending:  # deferred values still reading these slots go first
+            for slot in re.findall(r"s\d+", assigned.group(1)):
+                self.flush(reading=slot)
         self.lines.append("    " * self.indent + line)
 
     def const(self, value: object) -> str:
@@ -86,6 +99,17 @@ class _FunctionTranslator:
         name = f"k{id(value):x}"
         self.consts[name] = value
         return name
+
+    def operand(self, slot: int) -> str:
+        return self.pending.pop(slot, None) or f"s{slot}"
+
+    def flush(self, reading: str | None = None) -> None:
+        """Copy deferred values into their slots (those reading local ``reading``, or all)."""
+        for slot in sorted(self.pending):
+            expr = self.pending.get(slot)
+            if expr is not None and (reading is None or re.search(rf"\b{reading}\b", expr)):
+                del self.pending[slot]
+                self.emit(f"s{slot} = {expr}")
 
     def slots(self, start: int, n: int) -> str:
         return ", ".join(f"s{start + i}" for i in range(n))
@@ -143,21 +167,18 @@ class _FunctionTranslator:
             else:
                 self.compute(op, imm)
         if not self.dead:
+            self.flush()
             n = len(t.results)
             self.emit(f"return {self.slots(self.h - n, n)}" if n else "return")
         params = ", ".join(f"l{i}" for i in range(n_params))
         head = [f"def {self.name}({params}):"]
         for i, lt in enumerate(self.fn.compiled.locals):
             head.append(f"    l{n_params + i} = {default_value(lt)!r}")
-        head += ["    _br = None"]
+        if any("_br" in line for line in self.lines):
+            head.append("    _br = None")
         if self.fuel:
             head += ["    I.fuel -= 1", "    if I.fuel < 0:", "        raise OutOfFuel()"]
-        head += ["    if DEPTH[0] >= MAX_CALL_DEPTH:",
-                 "        raise Trap('call stack exhausted')",
-                 "    DEPTH[0] += 1",
-                 "    try:",
-                 "        pass"]
-        return "\n".join(head + self.lines + ["    finally:", "        DEPTH[0] -= 1"]) + "\n"
+        return "\n".join(head + self.lines) + "\n"
 
     def skip(self, op: Op) -> None:
         """Code after an unconditional branch never runs: skip to its construct's end."""
@@ -201,6 +222,11 @@ class _FunctionTranslator:
 
     def control(self, op: Op, imm: object) -> None:  # noqa: C901 - one case per instruction
         name = op.name
+        if name in ("call", "call_indirect"):
+            self.call_op(op, imm)
+            return
+        cond = self.operand(self.h - 1) if name in ("if", "br_if", "br_table") else ""
+        self.flush()
         if name == "unreachable":
             self.emit("raise Trap('unreachable')")
             self.dead = True
@@ -208,7 +234,6 @@ class _FunctionTranslator:
             self.open(name, imm)
         elif name == "if":
             self.h -= 1
-            cond = f"s{self.h}"
             self.open("if", imm)
             self.emit(f"if {cond}:")
             self.indent += 1
@@ -227,7 +252,7 @@ class _FunctionTranslator:
             self.dead = True
         elif name == "br_if":
             self.h -= 1
-            self.emit(f"if s{self.h}:")
+            self.emit(f"if {cond}:")
             self.indent += 1
             self.branch(imm)
             self.indent -= 1
@@ -238,7 +263,7 @@ class _FunctionTranslator:
             targets = sorted(set(labels) | {default})
             position = {depth: i for i, depth in enumerate(targets)}
             table = self.const(tuple(position[d] for d in labels))
-            self.emit(f"_i = {table}[s{self.h}] if s{self.h} < {len(labels)} "
+            self.emit(f"_i = {table}[{cond}] if {cond} < {len(labels)} "
                       f"else {position[default]}")
             for i, depth in enumerate(targets):
                 if i < len(targets) - 1:
@@ -252,20 +277,22 @@ class _FunctionTranslator:
         elif name == "return":
             self.branch(len(self.ctrls) - 1)
             self.dead = True
-        elif name == "call":
+
+    def call_op(self, op: Op, imm: object) -> None:
+        if op.name == "call":
             self.call(self.inst.funcs[imm], None)
-        elif name == "call_indirect":
-            table, ftype = self.inst.tables[imm[1]], self.module.types[imm[0]]
-            self.h -= 1
-            target = f"_call_target({self.const(table)}, {self.const(ftype)}, s{self.h})"
-            self.call(None, (ftype, target))
+            return
+        table, ftype = self.inst.tables[imm[1]], self.module.types[imm[0]]
+        self.h -= 1
+        target = f"_call_target({self.const(table)}, {self.const(ftype)}, {self.operand(self.h)})"
+        self.call(None, (ftype, target))
 
     def call(self, callee: Function | None, indirect: tuple | None) -> None:
         from popek.wasm.instance import WasmFunction
         t = callee.type if callee is not None else indirect[0]
         n, r = len(t.params), len(t.results)
         self.h -= n
-        args = self.slots(self.h, n)
+        args = ", ".join(self.operand(self.h + i) for i in range(n))
         if callee is not None and type(callee) is WasmFunction:
             call = f"{self.const(callee)}.fast({args})"
             targets = self.slots(self.h, r)
@@ -285,7 +312,17 @@ class _FunctionTranslator:
             subst[name] = repr(value) if isinstance(value, int) else self.const(value)
         n = len(op.params)
         base = self.h - n
-        operands = {x: f"s{base + i}" for i, x in enumerate("abc"[:n])}
+        operands = {x: self.operand(base + i) for i, x in enumerate("abc"[:n])}
+        self.h = base + len(op.results)
+        if op.name == "local.get" or op.name.endswith(".const"):
+            self.pending[base] = f"l{imm}" if op.name == "local.get" else subst["imm"]
+            return
+        if op.name in ("local.set", "local.tee"):
+            self.flush(reading=f"l{imm}")
+            self.emit(f"l{imm} = {operands['a']}")
+            if op.name == "local.tee":
+                self.pending[base] = f"l{imm}"
+            return
         if op.kind == "load":
             lines = semantics.load_lines(op, operands["a"], f"s{base}")
         elif op.kind == "store":
@@ -293,7 +330,11 @@ class _FunctionTranslator:
         elif op.kind == "keep" or not op.results:
             lines = [_OPERAND.sub(lambda m: operands[m.group(1)], op.sem)]
         else:
-            lines = [f"s{base} = " + _OPERAND.sub(lambda m: operands[m.group(1)], op.sem)]
+            expr = _OPERAND.sub(lambda m: operands[m.group(1)], op.sem)
+            if op.imm == "none" and not op.traps and len(expr) < _MAX_DEFERRED:
+                self.pending[base] = f"({expr})"  # pure: computed where it is consumed
+                return
+            lines = [f"s{base} = {expr}"]
         for line in lines:
             if "idx" in subst:
                 line = line.replace("L[idx]", f"l{subst['idx']}")
@@ -301,7 +342,6 @@ class _FunctionTranslator:
                 line = re.sub(rf"\b{name}\b", value, line)
             if line.strip() != "None":
                 self.emit(line)
-        self.h = base + len(op.results)
 
 
 def function_name(index: int) -> str:
@@ -311,15 +351,12 @@ def function_name(index: int) -> str:
 def translate_instance(inst: Instance) -> None:
     """Give every function defined in ``inst`` a compiled ``fast`` entry point."""
     ns = semantics.namespace()
-    ns.update(Trap=Trap, OutOfFuel=OutOfFuel, DEPTH=DEPTH, MAX_CALL_DEPTH=MAX_CALL_DEPTH,
-              I=inst, _call_target=_call_target, call_function=call_function)
+    ns.update(Trap=Trap, OutOfFuel=OutOfFuel, I=inst, _call_target=_call_target,
+              call_function=call_function)
     first = len(inst.module.imported("func"))
     for offset, code in enumerate(inst.module.codes):
         fn = inst.funcs[first + offset]
         fn.fast = _lazy(inst, first + offset, fn, code.body, ns)  # type: ignore[attr-defined]
-
-
-DEPTH = [0]  # wasm calls active on this thread's Python stack, across instances
 
 
 def _lazy(inst: Instance, index: int, fn: WasmFunction, body: list[Instr],
@@ -337,8 +374,8 @@ def _lazy(inst: Instance, index: int, fn: WasmFunction, body: list[Instr],
             fn.fast = _interpreted(fn)
         return fn.fast(*args)
 
-    if sys.getrecursionlimit() < MAX_CALL_DEPTH + 2000:
-        sys.setrecursionlimit(MAX_CALL_DEPTH + 2000)
+    if sys.getrecursionlimit() < PYTHON_RECURSION_LIMIT:
+        sys.setrecursionlimit(PYTHON_RECURSION_LIMIT)
     return first_call
 
 

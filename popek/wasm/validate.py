@@ -363,18 +363,18 @@ def operand_type(ctx: _Context, op: Op, imm: object, local_types: list[str]) -> 
     return None
 
 
+# Constant expressions: WebAssembly 2.0's, plus the extended-const proposal's arithmetic.
 _CONST_OPS = {"i32.const", "i64.const", "f32.const", "f64.const", "ref.null", "ref.func",
-              "global.get", "end"}
+              "global.get", "i32.add", "i32.sub", "i32.mul", "i64.add", "i64.sub", "i64.mul"}
 
 
 def _const_expr(ctx: _Context, expr: list[Instr], expect: str) -> None:
-    """A constant expression (global initializer, segment offset or element)."""
+    """A constant expression (global initializer, segment offset or element); it may read
+    imported immutable globals only."""
     types: list[str] = []
-    for op, imm in expr:
+    for op, imm in expr[:-1]:
         if op.name not in _CONST_OPS:
             _fail("constant expression required")
-        if op.name == "end":
-            break
         if op.name == "global.get":
             if imm >= ctx.imported_globals:
                 _fail("unknown global")
@@ -382,6 +382,9 @@ def _const_expr(ctx: _Context, expr: list[Instr], expect: str) -> None:
                 _fail("constant expression required")
         if op.name == "ref.func":
             ctx.functype(imm)
+        for p in reversed(op.params):
+            if not types or types.pop() != p:
+                _fail("type mismatch")
         types.append(operand_type(ctx, op, imm, []) if op.results == ("t",) else op.results[0])
     if types != [expect]:
         _fail("type mismatch")
