@@ -21,6 +21,7 @@ HELP = "run a WebAssembly WASI (preview1) program"
 TRAP_STATUS = 134  # wasmtime's: 128 + SIGABRT
 USAGE_ERROR = 2  # nothing of the program ran
 ERROR_STATUS = 1  # wasmtime's for an error that is not a trap
+INTERRUPTED_STATUS = 128 + 2  # SIGINT
 ENTRY = "_start"  # a WASI command's entry point
 
 
@@ -80,6 +81,8 @@ def _run(module: wasm.Module, wasi: Wasi, name: str, fuel: int | None,
     except WasiAbort as e:
         print(f"popek wasm run: {name}: error: {e.message}", file=sys.stderr)
         return ERROR_STATUS
+    except KeyboardInterrupt:  # Ctrl-C: the status a shell gives a program SIGINT ended
+        return INTERRUPTED_STATUS
     return 0
 
 

@@ -37,7 +37,7 @@ MAX_TRANSFER = 1 << 24  # bytes one read or write moves at most (a short count, 
 CLOCKS = (time.CLOCK_REALTIME, time.CLOCK_MONOTONIC, time.CLOCK_PROCESS_CPUTIME_ID,
           time.CLOCK_THREAD_CPUTIME_ID)  # WASI's clock ids 0-3
 WHENCE = (os.SEEK_SET, os.SEEK_CUR, os.SEEK_END)
-MAX_EXIT_STATUS = 126  # wasmtime refuses larger statuses (shells reserve them)
+MAX_EXIT_STATUS = 126  # wasmtime refuses this status and larger ones (shells reserve them)
 
 
 class WasiError(Exception):
