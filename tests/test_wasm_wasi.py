@@ -6,6 +6,7 @@ pointers."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -159,3 +160,16 @@ def test_unusable_input_is_one_line_and_status_2(programs: Path, tmp_path: Path,
     assert done.returncode == 2
     lines = done.stderr.decode().splitlines()
     assert len(lines) == 1 and lines[0].startswith("popek wasm run: "), lines
+
+
+def test_the_readme_wasi_embedding_example_runs(programs: Path, tmp_path: Path):
+    """The README's example, as written, beside the files program it names."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("### `popek wasm run`: WASI programs"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    shutil.copy(programs / "files.wasm", tmp_path)
+    (tmp_path / "data").mkdir()
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, input=STDIN,
+                          capture_output=True, timeout=TIMEOUT)
+    assert done.stdout.endswith(b"exit status 7\n"), done.stderr.decode()[-3000:]
+    assert (tmp_path / "data" / "out" / "renamed.txt").read_text() == "HEL"
