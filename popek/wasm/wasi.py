@@ -618,12 +618,12 @@ class Wasi:
         for host_fd, revents in results:
             for userdata, tag in watched[host_fd]:
                 wanted = select.POLLIN if tag == abi.EVENTTYPE_FD_READ else select.POLLOUT
-                if revents & (wanted | select.POLLHUP | select.POLLERR):
+                if revents & (wanted | select.POLLHUP | select.POLLERR | select.POLLNVAL):
                     hangup = abi.EVENT_FD_READWRITE_HANGUP if revents & select.POLLHUP else 0
                     ready.append(abi.EVENT.pack(userdata, 0, tag, _pending(host_fd, tag),
                                                 hangup))
-        if not ready:
-            now = time.monotonic_ns()
+        if not ready and clocks:  # the wait ended at the first deadline (or just before it)
+            now = max(time.monotonic_ns(), min(clocks)[0])
             ready = [abi.EVENT.pack(userdata, 0, abi.EVENTTYPE_CLOCK, 0, 0)
                      for deadline, userdata in clocks if deadline <= now]
         mem.write(events, b"".join(ready))
