@@ -269,11 +269,11 @@ def instantiate(module: Module, imports: dict[str, dict[str, object]] | None = N
                 engine: str | None = None) -> Instance:
     """Link and initialize an instance of a validated module.
 
-    ``fuel`` bounds the calls and taken branches it may execute (:class:`OutOfFuel`);
+    ``fuel`` bounds the wasm calls and loop iterations it may execute (:class:`OutOfFuel`);
     ``max_memory`` bounds each memory's size in bytes (default 1 GiB; growth beyond it fails
     as the specification allows, with -1). ``engine`` is the highest tier its functions may
-    reach, by ``popek run``'s names (default ``translate``; ``interp`` is the oracle). Raises :class:`LinkError` or, from a segment or the
-    start function, :class:`Trap`.
+    reach, by ``popek run``'s names (default ``translate``; ``interp`` is the oracle).
+    Raises :class:`LinkError` or, from a segment or the start function, :class:`Trap`.
     """
     engine = engine or DEFAULT_ENGINE
     if engine not in ENGINES:
