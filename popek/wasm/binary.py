@@ -140,9 +140,17 @@ class Reader:
         raise MalformedModule("integer representation too long")
 
     def u32(self) -> int:
+        pos = self.pos
+        if pos < self.end and (b := self.data[pos]) < 0x80:  # one byte: most numbers
+            self.pos = pos + 1
+            return b
         return self._leb(32, False)
 
     def s32(self) -> int:
+        pos = self.pos
+        if pos < self.end and (b := self.data[pos]) < 0x80:
+            self.pos = pos + 1
+            return b - 0x80 if b & 0x40 else b
         return self._leb(32, True)
 
     def s33(self) -> int:
@@ -231,18 +239,27 @@ _IMM_READERS = {
 }
 
 
+# Each op's immediate reader (None for none), looked up once per instruction.
+_OP_READERS = {op: None if op.imm == "none" else _IMM_READERS[op.imm] for op in BY_CODE.values()}
+
+
 def read_expr(r: Reader) -> list[Instr]:
     """Instructions up to and including the ``end`` that closes the expression."""
     out: list[Instr] = []
     depth = 0
+    data, by_code, readers = r.data, BY_CODE, _OP_READERS
     while True:
-        code = r.byte()
+        if r.pos >= r.end:
+            raise MalformedModule("unexpected end")
+        code = data[r.pos]
+        r.pos += 1
         if code == 0xFC:
             code = 0xFC00 | r.u32()
-        op = BY_CODE.get(code)
+        op = by_code.get(code)
         if op is None:
             raise MalformedModule("illegal opcode")
-        out.append((op, _IMM_READERS[op.imm](r)))
+        read = readers[op]
+        out.append((op, None if read is None else read(r)))
         if op.imm == "blocktype":
             depth += 1
         elif op.code == 0x0B:

@@ -15,7 +15,7 @@ from pathlib import Path
 from popek.wasm.binary import decode
 from popek.wasm.disasm import disassemble
 from popek.wasm.errors import WasmError
-from popek.wasm.instance import ENGINES
+from popek.wasm.instance import DEFAULT_ENGINE, ENGINES
 from popek.wasm.run import HELP as RUN_HELP
 from popek.wasm.run import add_run_args, cmd_run
 from popek.wasm.spectest import run_script
@@ -25,8 +25,9 @@ WASM_HELP = "WebAssembly: run WASI programs and test scripts, disassemble module
 
 
 def add_engine_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--engine", choices=ENGINES[1:], default="interp",
-                        help="execution tier (default: interp, the reference interpreter)")
+    parser.add_argument("--engine", choices=ENGINES, default=DEFAULT_ENGINE,
+                        help=f"the highest execution tier (default: {DEFAULT_ENGINE}; interp "
+                             "is the reference interpreter, jit runs translate for now)")
 
 
 def _run_args(parser: argparse.ArgumentParser) -> None:

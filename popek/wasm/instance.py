@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from popek.engine.engine import TIERS
 from popek.wasm import numeric
 from popek.wasm.binary import Instr, Module
 from popek.wasm.errors import LinkError, Trap, WasmError
@@ -26,7 +27,10 @@ from popek.wasm.types import PAGE, FuncType, Limits, default_value
 from popek.wasm.validate import CALL, CALL_INDIRECT, COMPUTE, FunctionCode
 
 _MASKS = {"i32": numeric.M32, "i64": numeric.M64}
-ENGINES = (None, "interp", "translate")  # None: the default, the interpreter
+# The tiers by popek's names (as ``popek run --engine``): the highest a function may reach.
+# WebAssembly has no native tier yet, so "jit" runs translated code.
+ENGINES = TIERS
+DEFAULT_ENGINE = "translate"
 
 
 def to_raw(t: str, value: object) -> object:
@@ -265,17 +269,19 @@ def instantiate(module: Module, imports: dict[str, dict[str, object]] | None = N
                 engine: str | None = None) -> Instance:
     """Link and initialize an instance of a validated module.
 
-    ``fuel`` bounds the calls and taken branches it may execute (:class:`OutOfFuel`);
+    ``fuel`` bounds the wasm calls and loop iterations it may execute (:class:`OutOfFuel`);
     ``max_memory`` bounds each memory's size in bytes (default 1 GiB; growth beyond it fails
-    as the specification allows, with -1). Raises :class:`LinkError` or, from a segment or the
-    start function, :class:`Trap`.
+    as the specification allows, with -1). ``engine`` is the highest tier its functions may
+    reach, by ``popek run``'s names (default ``translate``; ``interp`` is the oracle).
+    Raises :class:`LinkError` or, from a segment or the start function, :class:`Trap`.
     """
+    engine = engine or DEFAULT_ENGINE
     if engine not in ENGINES:
-        raise WasmError(f"unknown engine {engine!r} (choose from {', '.join(ENGINES[1:])})")
+        raise WasmError(f"unknown engine {engine!r} (choose from {', '.join(ENGINES)})")
     if max_memory is not None and max_memory < 0:
         raise WasmError("max_memory must not be negative")
     inst = Instance(module, imports, fuel, max_memory)
-    if engine == "translate":
+    if engine != "interp":
         from popek.wasm.translator import translate_instance
         translate_instance(inst)
     inst.initialize()

@@ -21,6 +21,7 @@ format, its operand signature and its semantics:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 # The names each kind of immediate binds when a function is instantiated, in order: a tier
 # passes the bound immediate (one object, or a tuple of several) to the semantics.
@@ -35,7 +36,7 @@ IMM_NAMES: dict[str, tuple[str, ...]] = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # each op is unique: hashed by identity, cheaply
 class Op:
     code: int  # one byte, or 0xFC00 | sub-opcode for the 0xFC prefix
     name: str
@@ -46,13 +47,17 @@ class Op:
     size: int = 0
     traps: bool = False  # the semantics may raise a trap (beyond the memory bounds check)
 
-    @property
+    @cached_property
     def params(self) -> tuple[str, ...]:
         return tuple(self.sig.split("->")[0].split())
 
-    @property
+    @cached_property
     def results(self) -> tuple[str, ...]:
         return tuple(self.sig.split("->")[1].split())
+
+    @cached_property
+    def reversed_params(self) -> tuple[str, ...]:
+        return self.params[::-1]
 
 
 OPS: list[Op] = []

@@ -194,7 +194,7 @@ class _FunctionValidator:
                 self.compute(op, imm)
         if self.ctrls:
             raise MalformedModule("unexpected end of section or function")
-        code = [(k, op, _frozen(imm)) for k, op, imm in self.code]
+        code = [x if type(x) is tuple else (x[0], x[1], _frozen(x[2])) for x in self.code]
         return FunctionCode(self.ftype, self.locals[len(self.ftype.params):], code,
                             self.max_height)
 
@@ -288,8 +288,13 @@ class _FunctionValidator:
             self.emit(CALL_INDIRECT, op, (table, t))
 
     def compute(self, op: Op, imm: object) -> None:
-        t = operand_type(self.ctx, op, imm, self.locals)
-        if op.name == "select":
+        t = None if op.imm == "none" else operand_type(self.ctx, op, imm, self.locals)
+        if op.name not in _UNTYPED:
+            for p in op.reversed_params:
+                self.pop(t if p == "t" else p)
+            for r in op.results:
+                self.push(t if r == "t" else r)
+        elif op.name == "select":
             self.pop("i32")
             t1 = self.pop(t)
             t2 = self.pop(t)
@@ -306,12 +311,10 @@ class _FunctionValidator:
                 if popped is not None and popped not in REF_TYPES:
                     _fail("type mismatch")
                 self.push("i32")
-        else:
-            for p in reversed(op.params):
-                self.pop(t if p == "t" else p)
-            for r in op.results:
-                self.push(t if r == "t" else r)
-        self.emit(COMPUTE, op, imm)
+        self.code.append((COMPUTE, op, imm))
+
+
+_UNTYPED = frozenset({"select", "drop", "ref.is_null"})  # operand types from the stack
 
 
 def operand_type(ctx: _Context, op: Op, imm: object, local_types: list[str]) -> str | None:
@@ -363,9 +366,10 @@ def operand_type(ctx: _Context, op: Op, imm: object, local_types: list[str]) -> 
     return None
 
 
-# Constant expressions: WebAssembly 2.0's, plus the extended-const proposal's arithmetic.
+# WebAssembly 2.0's constant instructions (3.0's extended-const would add i32/i64 add, sub
+# and mul here: evaluation and typing already take any stack-shaped expression).
 _CONST_OPS = {"i32.const", "i64.const", "f32.const", "f64.const", "ref.null", "ref.func",
-              "global.get", "i32.add", "i32.sub", "i32.mul", "i64.add", "i64.sub", "i64.mul"}
+              "global.get"}
 
 
 def _const_expr(ctx: _Context, expr: list[Instr], expect: str) -> None:

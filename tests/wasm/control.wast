@@ -84,3 +84,12 @@
 (assert_trap (invoke "unreachable") "unreachable")
 (assert_return (invoke "unreachable-in-block" (i32.const 1)) (i32.const 1))
 (assert_trap (invoke "unreachable-in-block" (i32.const 0)) "unreachable")
+
+;; Deeper nesting than Python allows in one function (the translator leaves it to the
+;; interpreter), and a br_table over all of its labels.
+(module
+  (func (export "deep") (param i32) (result i32)
+    (block (result i32) (block (result i32) (block (result i32) (block (result i32) (block (result i32) (block (result i32) (block (result i32) (block (result i32) (block (result i32) (block (result i32) (block (result i32) (block (result i32) (block (result i32) (block (result i32) (block (result i32) (block (result i32) (block (result i32) (block (result i32) (block (result i32) (block (result i32) (block (result i32) (block (result i32) (block (result i32) (block (result i32) (block (result i32) (block (result i32) (block (result i32) (block (result i32) (block (result i32) (block (result i32) (br_table 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 (i32.const 7) (local.get 0))))))))))))))))))))))))))))))))))
+(assert_return (invoke "deep" (i32.const 0)) (i32.const 7))
+(assert_return (invoke "deep" (i32.const 29)) (i32.const 7))
+(assert_return (invoke "deep" (i32.const 1000)) (i32.const 7))
