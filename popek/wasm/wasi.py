@@ -30,8 +30,8 @@ from popek import wasm
 from popek.user.hostlibc import open_beneath
 from popek.wasm import wasi_abi as abi
 
-I32 = int  # a wasm i32 argument (received unsigned)
-I64 = int  # a wasm i64 argument (received unsigned)
+I32 = int  # a wasm i32 argument (unsigned)
+I64 = int  # a wasm i64 argument (unsigned)
 WASM_TYPES = {"I32": "i32", "I64": "i64"}
 MAX_TRANSFER = 1 << 24  # bytes one read or write moves at most (a short count, as POSIX allows)
 CLOCKS = (time.CLOCK_REALTIME, time.CLOCK_MONOTONIC, time.CLOCK_PROCESS_CPUTIME_ID,
@@ -102,9 +102,6 @@ class GuestMemory:
     def check(self, addr: int, n: int) -> None:
         if self.memory is None or addr + n > self.memory.size:
             raise WasiAbort(f"pointer out of bounds: {n} bytes at {addr:#x}")
-
-    def u32(self, addr: int) -> int:
-        return int.from_bytes(self.read(addr, 4), "little")
 
     def set_u32(self, addr: int, value: int) -> None:
         self.write(addr, value.to_bytes(4, "little"))
@@ -194,19 +191,16 @@ class Wasi:
 
     @staticmethod
     def _host_function(name: str, method: Callable) -> wasm.HostFunction:
-        """``method`` as a host function: arguments made unsigned, memory checked, host
-        and WASI errors returned as WASI's errno."""
+        """``method`` as a host function (popek.wasm passes integers unsigned): the
+        caller's memory checked, host and WASI errors returned as WASI's errno."""
         params = [WASM_TYPES[p.annotation] for p in
                   inspect.signature(method).parameters.values() if p.name != "mem"]
-        masks = [(1 << 32) - 1 if p == "i32" else (1 << 64) - 1 for p in params]
         if name == "proc_exit":
-            return wasm.HostFunction(params, [], lambda caller, status: method(
-                None, status & masks[0]))
+            return wasm.HostFunction(params, [], lambda caller, status: method(None, status))
 
         def call(caller: object, *args: int) -> int:
             try:
-                mem = GuestMemory(getattr(caller, "memory", None))
-                method(mem, *(a & m for a, m in zip(args, masks, strict=True)))
+                method(GuestMemory(getattr(caller, "memory", None)), *args)
             except WasiError as e:
                 return e.code
             except OSError as e:
