@@ -38,9 +38,9 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dir", action="append", default=[], metavar="HOSTDIR[::GUESTDIR]",
                         help="give the program a host directory (as GUESTDIR, default HOSTDIR)")
     parser.add_argument("--fuel", type=int, metavar="N", help="stop the program after N "
-                        "units of fuel (one per call or taken branch)")
-    parser.add_argument("--max-memory", metavar="SIZE",
-                        help="limit on linear memory (e.g. 64M, 1G): memory.grow fails past it")
+                        "units of fuel (one per call or loop iteration)")
+    parser.add_argument("--max-memory", metavar="SIZE", help="limit on linear memory (64M, "
+                        "1G; a bare number is MiB): memory.grow fails past it")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
