@@ -126,9 +126,9 @@ class _FunctionTranslator:
 
     def spend_fuel(self) -> None:
         if self.fuel:
-            self.emit("I.fuel -= 1")
-            self.emit("if I.fuel < 0:")
+            self.emit("if I.fuel <= 0:")
             self.emit("    raise OutOfFuel()")
+            self.emit("I.fuel -= 1")
 
     def move(self, target: _Construct) -> None:
         """Put the label's values where the target expects them."""
@@ -179,7 +179,7 @@ class _FunctionTranslator:
         if any("_br" in line for line in self.lines):
             head.append("    _br = None")
         if self.fuel:
-            head += ["    I.fuel -= 1", "    if I.fuel < 0:", "        raise OutOfFuel()"]
+            head += ["    if I.fuel <= 0:", "        raise OutOfFuel()", "    I.fuel -= 1"]
         return "\n".join(head + self.lines) + "\n"
 
     def skip(self, op: Op) -> None:
