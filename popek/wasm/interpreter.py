@@ -59,9 +59,9 @@ def run(func: Function, args: list) -> list:  # noqa: C901 - the dispatch loop i
     base = pc = 0
     slots = fn.frame_size
     if fuel is not None:
-        fuel -= 1
-        if fuel < 0:
+        if fuel <= 0:
             raise OutOfFuel()
+        fuel -= 1
     try:
         while True:
             kind, h, X = code[pc]
@@ -85,9 +85,9 @@ def run(func: Function, args: list) -> list:  # noqa: C901 - the dispatch loop i
                 else:
                     del S[height:]
                 if target < pc and fuel is not None:
-                    fuel -= 1
-                    if fuel < 0:
+                    if fuel <= 0:
                         raise OutOfFuel()
+                    fuel -= 1
                 pc = target
             elif kind == IF:
                 if not S.pop():
@@ -106,9 +106,9 @@ def run(func: Function, args: list) -> list:  # noqa: C901 - the dispatch loop i
                     fuel = owner.fuel
                     continue
                 if fuel is not None:
-                    fuel -= 1
-                    if fuel < 0:
+                    if fuel <= 0:
                         raise OutOfFuel()
+                    fuel -= 1
                 slots += callee.frame_size
                 if len(frames) >= MAX_CALL_DEPTH or slots > MAX_STACK_SLOTS:
                     raise Trap("call stack exhausted")

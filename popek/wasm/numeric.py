@@ -3,9 +3,12 @@
 Integers are unsigned bit patterns of their width; floats are IEEE bit patterns. Float
 arithmetic runs on host doubles: a binary32 add, subtract, multiply, divide or square root
 computed in binary64 and rounded once to binary32 is exactly the binary32 result (binary64
-has more than twice binary32's precision plus two bits), and host NaN results are quiet, so
-they meet WebAssembly's NaN rules (arithmetic NaNs; canonical in, canonical out). Sign
-operations (neg, abs, copysign) act on the bits alone, as the specification requires.
+has more than twice binary32's precision plus two bits). Every NaN an arithmetic operation
+produces is the canonical NaN, which WebAssembly's NaN rules allow (it is an arithmetic NaN)
+and which makes results deterministic: which operand's payload the host's NaN carries
+depends on how CPython's code path happens to order a commutative operation, which differs
+between tiers. Sign operations (neg, abs, copysign) act on the bits alone, as the
+specification requires.
 """
 
 from __future__ import annotations
@@ -102,7 +105,10 @@ def f64(bits: int) -> float:
 
 
 def b32(x: float) -> int:
-    """The binary32 nearest ``x`` (ties to even), as bits; overflow gives infinity."""
+    """The binary32 nearest ``x`` (ties to even), as bits; overflow gives infinity and any
+    NaN the canonical one."""
+    if x != x:
+        return F32_CANON
     try:
         return _U32.unpack(_F32.pack(x))[0]
     except OverflowError:  # struct refuses finite values beyond binary32; a C cast rounds
@@ -110,7 +116,7 @@ def b32(x: float) -> int:
 
 
 def b64(x: float) -> int:
-    return _U64.unpack(_F64.pack(x))[0]
+    return F64_CANON if x != x else _U64.unpack(_F64.pack(x))[0]
 
 
 # --- float arithmetic -------------------------------------------------------------------

@@ -21,6 +21,7 @@ import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from typing import TYPE_CHECKING
 
 from popek.wasm import semantics
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 
 _OPERAND = re.compile(r"\b([abc])\b")
 _ASSIGNED_SLOTS = re.compile(r"((?:s\d+,? ?)+)= ")
+_MARK = "\x00"  # brackets the markers in instruction templates
 _MAX_DEFERRED = 200  # characters of a deferred expression (Python limits nesting)
 
 
@@ -124,9 +126,9 @@ class _FunctionTranslator:
 
     def spend_fuel(self) -> None:
         if self.fuel:
-            self.emit("I.fuel -= 1")
-            self.emit("if I.fuel < 0:")
+            self.emit("if I.fuel <= 0:")
             self.emit("    raise OutOfFuel()")
+            self.emit("I.fuel -= 1")
 
     def move(self, target: _Construct) -> None:
         """Put the label's values where the target expects them."""
@@ -177,7 +179,7 @@ class _FunctionTranslator:
         if any("_br" in line for line in self.lines):
             head.append("    _br = None")
         if self.fuel:
-            head += ["    I.fuel -= 1", "    if I.fuel < 0:", "        raise OutOfFuel()"]
+            head += ["    if I.fuel <= 0:", "        raise OutOfFuel()", "    I.fuel -= 1"]
         return "\n".join(head + self.lines) + "\n"
 
     def skip(self, op: Op) -> None:
@@ -304,44 +306,56 @@ class _FunctionTranslator:
         self.h += r
 
     def compute(self, op: Op, imm: object) -> None:
-        bound = self.inst._bind_imm(op.imm, imm)  # noqa: SLF001 - the interpreter's binding
-        names = IMM_NAMES[op.imm]
-        values = (bound,) if len(names) == 1 else bound
-        subst = {}
-        for name, value in zip(names, values or (), strict=False):
-            subst[name] = repr(value) if isinstance(value, int) else self.const(value)
         n = len(op.params)
         base = self.h - n
-        operands = {x: self.operand(base + i) for i, x in enumerate("abc"[:n])}
+        values = {x: self.operand(base + i) for i, x in enumerate("abc"[:n])}
         self.h = base + len(op.results)
-        if op.name == "local.get" or op.name.endswith(".const"):
-            self.pending[base] = f"l{imm}" if op.name == "local.get" else subst["imm"]
+        if op.name == "local.get":
+            self.pending[base] = f"l{imm}"
+            return
+        if op.name.endswith(".const"):
+            self.pending[base] = repr(imm)
             return
         if op.name in ("local.set", "local.tee"):
             self.flush(reading=f"l{imm}")
-            self.emit(f"l{imm} = {operands['a']}")
+            self.emit(f"l{imm} = {values['a']}")
             if op.name == "local.tee":
                 self.pending[base] = f"l{imm}"
             return
-        if op.kind == "load":
-            lines = semantics.load_lines(op, operands["a"], f"s{base}")
-        elif op.kind == "store":
-            lines = semantics.store_lines(op, operands["a"], operands["b"])
-        elif op.kind == "keep" or not op.results:
-            lines = [_OPERAND.sub(lambda m: operands[m.group(1)], op.sem)]
-        else:
-            expr = _OPERAND.sub(lambda m: operands[m.group(1)], op.sem)
-            if op.imm == "none" and not op.traps and len(expr) < _MAX_DEFERRED:
-                self.pending[base] = f"({expr})"  # pure: computed where it is consumed
+        names = IMM_NAMES[op.imm]
+        if names:
+            bound = self.inst._bind_imm(op.imm, imm)  # noqa: SLF001 - the interpreter's binding
+            for name, value in zip(names, (bound,) if len(names) == 1 else bound, strict=True):
+                values[name] = repr(value) if isinstance(value, int) else self.const(value)
+            if "idx" in values:
+                values["Lidx"] = f"l{values['idx']}"
+        values["R"] = f"s{base}"
+        text = "".join(values[part] if i & 1 else part for i, part in enumerate(_template(op)))
+        if op.kind == "compute" and op.results:
+            if op.imm == "none" and not op.traps and len(text) < _MAX_DEFERRED:
+                self.pending[base] = f"({text})"  # pure: computed where it is consumed
                 return
-            lines = [f"s{base} = {expr}"]
-        for line in lines:
-            if "idx" in subst:
-                line = line.replace("L[idx]", f"l{subst['idx']}")
-            for name, value in subst.items():
-                line = re.sub(rf"\b{name}\b", value, line)
+            text = f"s{base} = {text}"
+        for line in text.split("\n"):
             if line.strip() != "None":
                 self.emit(line)
+
+
+@cache
+def _template(op: Op) -> list[str]:
+    """The op's code with its operands and immediates as markers (odd items of the list),
+    so that specializing one instruction is joining strings."""
+    a, b, result = (f"{_MARK}{x}{_MARK}" for x in ("a", "b", "R"))
+    if op.kind == "load":
+        text = "\n".join(semantics.load_lines(op, a, result))
+    elif op.kind == "store":
+        text = "\n".join(semantics.store_lines(op, a, b))
+    else:
+        text = op.sem.replace("L[idx]", f"{_MARK}Lidx{_MARK}")
+        text = _OPERAND.sub(lambda m: f"{_MARK}{m.group(1)}{_MARK}", text)
+    for name in IMM_NAMES[op.imm]:
+        text = re.sub(rf"\b{name}\b", f"{_MARK}{name}{_MARK}", text)
+    return text.split(_MARK)
 
 
 def function_name(index: int) -> str:
