@@ -120,6 +120,14 @@ def test_hostile_program_stays_in_its_directory(programs: Path, tmp_path: Path, 
         assert done.stderr.decode().strip().endswith("wasm trap: integer divide by zero")
 
 
+def test_failing_calls_give_wasmtime_errors(programs: Path, tmp_path: Path):
+    """Directories opened for writing, files as directories, links, descriptors opened
+    for the other direction: the same errno for each."""
+    done = assert_same_as_wasmtime(programs / "errors.wasm", [GUEST_DIR], tmp_path)
+    assert b"Not a directory" in done.stdout
+    assert done.returncode == 0
+
+
 @pytest.mark.parametrize("engine", TIERS)
 @pytest.mark.parametrize("args", [["lz", "16"], ["nbody", "1000"]])
 def test_cpu_bound_program_matches_wasmtime(programs: Path, tmp_path: Path, args: list[str],

@@ -81,6 +81,7 @@ class Descriptor:
     """An open file of the program: the host's descriptor and what WASI adds to it."""
 
     host_fd: int
+    directory: bool = False
     preopen: bytes | None = None  # the guest name of a preopened directory
     entries: list[tuple[bytes, int, int]] = field(default_factory=list)  # fd_readdir's
 
@@ -165,7 +166,7 @@ class Wasi:
                 self.fds[fd] = Descriptor(os.dup(host_fd))
             for preopen in preopens:
                 host_fd = os.open(preopen.host, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-                self.fds[len(self.fds)] = Descriptor(host_fd, os.fsencode(preopen.guest))
+                self.fds[len(self.fds)] = Descriptor(host_fd, True, os.fsencode(preopen.guest))
         except OSError:
             self.close()
             raise
@@ -219,15 +220,23 @@ class Wasi:
 
     def _add(self, host_fd: int) -> int:
         fd = next(n for n in range(len(self.fds) + 1) if n not in self.fds)
-        self.fds[fd] = Descriptor(host_fd)
+        self.fds[fd] = Descriptor(host_fd, stat.S_ISDIR(os.fstat(host_fd).st_mode))
         return fd
 
     def _directory(self, fd: int) -> int:
         """The host descriptor of directory ``fd`` that a path is resolved under."""
-        host_fd = self._get(fd).host_fd
-        if not stat.S_ISDIR(os.fstat(host_fd).st_mode):
+        descriptor = self._get(fd)
+        if not descriptor.directory:
             raise WasiError("NOTDIR")
-        return host_fd
+        return descriptor.host_fd
+
+    def _file(self, fd: int) -> int:
+        """The host descriptor of ``fd`` to read or write bytes: not a directory's (EBADF,
+        as wasmtime says)."""
+        descriptor = self._get(fd)
+        if descriptor.directory:
+            raise WasiError("BADF")
+        return descriptor.host_fd
 
     # -- paths: every one resolved beneath a directory the program holds ------------------
     @staticmethod
@@ -333,25 +342,25 @@ class Wasi:
     # -- descriptors: reading, writing, state ----------------------------------------------
     @_wasi_call
     def fd_read(self, mem: GuestMemory, fd: I32, iovs: I32, iovs_len: I32, nread: I32) -> None:
-        host_fd = self._get(fd).host_fd
+        host_fd = self._file(fd)
         mem.set_u32(nread, mem.scatter(iovs, iovs_len, lambda n: os.read(host_fd, n)))
 
     @_wasi_call
     def fd_pread(self, mem: GuestMemory, fd: I32, iovs: I32, iovs_len: I32, offset: I64,
                  nread: I32) -> None:
-        host_fd = self._get(fd).host_fd
+        host_fd = self._file(fd)
         mem.set_u32(nread, mem.scatter(iovs, iovs_len, lambda n: os.pread(host_fd, n, offset)))
 
     @_wasi_call
     def fd_write(self, mem: GuestMemory, fd: I32, iovs: I32, iovs_len: I32,
                  nwritten: I32) -> None:
-        host_fd = self._get(fd).host_fd
+        host_fd = self._file(fd)
         mem.set_u32(nwritten, os.write(host_fd, mem.gather(iovs, iovs_len)))
 
     @_wasi_call
     def fd_pwrite(self, mem: GuestMemory, fd: I32, iovs: I32, iovs_len: I32, offset: I64,
                   nwritten: I32) -> None:
-        host_fd = self._get(fd).host_fd
+        host_fd = self._file(fd)
         mem.set_u32(nwritten, os.pwrite(host_fd, mem.gather(iovs, iovs_len), offset))
 
     @_wasi_call
@@ -566,7 +575,7 @@ class Wasi:
                   old_path_len: I32, new_fd: I32, new_path: I32, new_path_len: I32) -> None:
         old, new = mem.path(old_path, old_path_len), mem.path(new_path, new_path_len)
         if old_flags & abi.LOOKUP_SYMLINK_FOLLOW:
-            raise WasiError("NOTSUP")  # wasi-libc's link() never asks to follow
+            raise WasiError("INVAL")  # as wasmtime: a hard link to a symlink's target
         self._path_call(old_fd, old, lambda old_parent, old_name: self._path_call(
             new_fd, new, lambda new_parent, new_name: os.link(
                 old_name, new_name, src_dir_fd=old_parent, dst_dir_fd=new_parent,
