@@ -10,7 +10,11 @@ result; the time is that of the call alone, in this process, after instantiation
 of CPU time (the host may be shared).
 
     python bench/wasm.py [--lz-kib 32] [--nbody-steps 2000] [--engines interp]
-        [--runtimes wasmtime,wasm3,pywasm]
+        [--runtimes wasmtime,wasm3,pywasm] [--commands]
+
+With --commands, the whole WASI command (``compress lz N``) also runs in a process of its
+own on each runtime that can run one (popek wasm run, wasmtime, pywasm's command line),
+startup, loading and translation included, its output compared.
 
 The comparison runtimes are installed into this Python's environment when missing
 (pip install wasmtime pywasm3 pywasm). With the defaults the run takes about a minute,
@@ -21,11 +25,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,19 +39,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from popek import wasm  # noqa: E402
 from popek.wasm.wasi import Wasi  # noqa: E402
 
-SOURCE = Path(__file__).resolve().parent.parent / "tests" / "wasi" / "compress.c"
+TESTS = Path(__file__).resolve().parent.parent / "tests"
+SOURCE = TESTS / "wasi" / "compress.c"
+WASMTIME_RUN = TESTS / "wasmtime_run.py"  # wasmtime's command line, on PyPI's wasmtime
+LABELS = {"wasmtime": "wasmtime (JIT)", "wasm3": "wasm3 (C interp.)", "pywasm": "pywasm (Python)"}
 PACKAGES = {"wasmtime": "wasmtime", "wasm3": "pywasm3", "pywasm": "pywasm"}  # module: pip name
 Call = Callable[[str, int], int]  # (export, argument) -> result, the module instantiated
 
 
-def build(out: Path) -> Path:
+def build(out: Path) -> tuple[Path, Path]:
+    """compress.c as a reactor (its kernels exported) and as a WASI command."""
     if shutil.which("clang-14") is None:
         sys.exit("bench/wasm.py needs clang-14 and wasi-libc: apt-get install clang-14 lld-14 "
                  "wasi-libc libclang-rt-14-dev-wasm32")
-    module = out / "compress.wasm"
-    subprocess.run(["clang-14", "--target=wasm32-wasi", "-mexec-model=reactor", "-O2",
-                    "-o", str(module), str(SOURCE)], check=True)
-    return module
+    modules = out / "kernels.wasm", out / "compress.wasm"
+    for model, module in zip(("reactor", "command"), modules, strict=True):
+        subprocess.run(["clang-14", "--target=wasm32-wasi", f"-mexec-model={model}", "-O2",
+                        "-o", str(module), str(SOURCE)], check=True)
+    return modules
 
 
 def ensure_installed(modules: list[str]) -> None:
@@ -110,6 +121,46 @@ def timed(call: Call, export: str, arg: int, bits: int) -> tuple[float, float, i
     return time.perf_counter() - wall, time.process_time() - cpu, result & (1 << bits) - 1
 
 
+def command_lines(engines: list[str], others: list[str], module: Path,
+                  args: list[str]) -> dict[str, list[str]]:
+    """How each runtime that can (pywasm3 has no WASI) runs the whole command ``module args``."""
+    lines = {f"popek ({e})": [sys.executable, "-m", "popek", "wasm", "run",
+                              *([] if e == "default" else ["--engine", e]), str(module), *args]
+             for e in engines}
+    if "wasmtime" in others:
+        lines[LABELS["wasmtime"]] = [sys.executable, str(WASMTIME_RUN), str(module), *args]
+    if "pywasm" in others:
+        lines[LABELS["pywasm"]] = [sys.executable, "-m", "pywasm", "--wasi", "preview1",
+                                   *(f"--wasi-args={a}" for a in args), str(module)]
+    return lines
+
+
+def timed_command(command: list[str]) -> tuple[float, float, int]:
+    """Wall and CPU seconds of a whole run (startup, loading, translation included) and
+    a checksum of what it printed."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, check=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return time.perf_counter() - wall, cpu, zlib.crc32(done.stdout)
+
+
+def print_table(heading: str, rows: list[tuple[str, dict[str, tuple[float, float, int]]]]) -> None:
+    """Each workload's runtimes, with the first runtime's CPU time over each one's."""
+    first = next(iter(rows[0][1]))
+    print(f"\n{heading}\n{'workload':<20} {'runtime':<20} {'wall s':>10} {'CPU s':>10} "
+          f"{'result':>18}  {first} CPU time / this")
+    for title, measured in rows:
+        reference = measured[first]
+        for label, (wall, cpu, result) in measured.items():
+            ratio = reference[1] / cpu if cpu else float("inf")
+            note = "" if result == reference[2] else "  DIFFERENT RESULT"
+            print(f"{title:<20} {label:<20} {wall:>10.4g} {cpu:>10.4g} {result:>18x}  "
+                  f"{ratio:>10.2f}x{note}")
+            title = ""
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lz-kib", type=int, default=32, help="text to compress (KiB)")
@@ -118,34 +169,36 @@ def main() -> int:
                         help="popek engines to measure, comma-separated (default: its default)")
     parser.add_argument("--runtimes", default="wasmtime,wasm3,pywasm",
                         help="comparison runtimes (default wasmtime,wasm3,pywasm)")
+    parser.add_argument("--commands", action="store_true",
+                        help="also run the whole WASI command on each runtime that can")
     args = parser.parse_args()
     others = [r for r in args.runtimes.split(",") if r]
     ensure_installed(others)
+    engines = args.engines.split(",")
     with tempfile.TemporaryDirectory() as tmp:
-        data = build(Path(tmp)).read_bytes()
-    runtimes: dict[str, Callable[[], Call]] = {}
-    for engine in args.engines.split(","):
-        label = f"popek ({engine})"
-        runtimes[label] = lambda e=engine: popek_runtime(data, None if e == "default" else e)
-    labels = {"wasmtime": "wasmtime (JIT)", "wasm3": "wasm3 (C interp.)",
-              "pywasm": "pywasm (Python)"}
-    factories = {"wasmtime": wasmtime_runtime, "wasm3": wasm3_runtime, "pywasm": pywasm_runtime}
-    for name in others:
-        runtimes[labels[name]] = lambda f=factories[name]: f(data)
-    workloads = [(f"lz {args.lz_kib} KiB", "lz_crc", args.lz_kib, 32),
-                 (f"nbody {args.nbody_steps} steps", "nbody_nanojoules", args.nbody_steps, 64)]
-    first = next(iter(runtimes))
-    print(f"{'workload':<20} {'runtime':<20} {'wall s':>10} {'CPU s':>10} {'result':>18}  "
-          f"{first} CPU time / this")
-    for title, export, arg, bits in workloads:
-        measured = {label: timed(make(), export, arg, bits) for label, make in runtimes.items()}
-        reference = measured[first]
-        for label, (wall, cpu, result) in measured.items():
-            ratio = reference[1] / cpu if cpu else float("inf")
-            note = "" if result == reference[2] else "  DIFFERENT RESULT"
-            print(f"{title:<20} {label:<20} {wall:>10.4g} {cpu:>10.4g} {result:>18x}  "
-                  f"{ratio:>10.2f}x{note}")
-            title = ""
+        reactor, command = build(Path(tmp))
+        data = reactor.read_bytes()
+        runtimes: dict[str, Callable[[], Call]] = {}
+        for engine in engines:
+            runtimes[f"popek ({engine})"] = \
+                lambda e=engine: popek_runtime(data, None if e == "default" else e)
+        factories = {"wasmtime": wasmtime_runtime, "wasm3": wasm3_runtime,
+                     "pywasm": pywasm_runtime}
+        for name in others:
+            runtimes[LABELS[name]] = lambda f=factories[name]: f(data)
+        workloads = [(f"lz {args.lz_kib} KiB", "lz_crc", args.lz_kib, 32, ["lz", str(args.lz_kib)]),
+                     (f"nbody {args.nbody_steps} steps", "nbody_nanojoules", args.nbody_steps, 64,
+                      ["nbody", str(args.nbody_steps)])]
+        print_table("The exported kernels, called after instantiation:",
+                    [(title, {label: timed(make(), export, arg, bits)
+                              for label, make in runtimes.items()})
+                     for title, export, arg, bits, _ in workloads])
+        if not args.commands:
+            return 0
+        rows = [(title, {label: timed_command(line) for label, line in
+                         command_lines(engines, others, command, argv).items()})
+                for title, _, _, _, argv in workloads]
+        print_table("Whole WASI commands (compress lz|nbody N), startup included:", rows)
     return 0
 
 
