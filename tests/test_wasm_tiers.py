@@ -1,8 +1,9 @@
-"""The interpreter and the translation tier agree on random programs.
+"""The interpreter and the translation tier agree on random programs, and with wabt.
 
 Random valid modules (``wasm_programs``) are assembled by wabt's ``wat2wasm`` and each
 export is called with random arguments on both tiers: the results (as bits), the trap
-messages, the memory afterwards and the fuel left must be identical.
+messages, the memory afterwards and the fuel left must be identical. The same programs
+called without arguments must give what wabt's interpreter (``wasm-interp``) prints.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pytest
 from wasm_programs import ProgramGenerator
 
 import popek.wasm as wasm
+from popek.wasm import numeric
 
 SEEDS = range(6)
 
@@ -29,15 +31,23 @@ def _outcome(inst: wasm.Instance, name: str, args: list[int]) -> tuple:
         return ("trap", trap.message)
 
 
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is missing: ./quickstart installs Debian's wabt")
+    return path
+
+
+def _assemble(text: str, tmp_path: Path) -> Path:
+    (tmp_path / "m.wat").write_text(text)
+    subprocess.run([_tool("wat2wasm"), str(tmp_path / "m.wat"), "-o", str(tmp_path / "m.wasm")],
+                   check=True, timeout=60)
+    return tmp_path / "m.wasm"
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 def test_tiers_agree_on_random_programs(seed: int, tmp_path: Path) -> None:
-    tool = shutil.which("wat2wasm")
-    if tool is None:
-        pytest.fail("wat2wasm is missing: ./quickstart installs Debian's wabt")
-    (tmp_path / "m.wat").write_text(ProgramGenerator(seed).module(40))
-    subprocess.run([tool, str(tmp_path / "m.wat"), "-o", str(tmp_path / "m.wasm")],
-                   check=True, timeout=60)
-    module = wasm.load((tmp_path / "m.wasm").read_bytes())
+    module = wasm.load(_assemble(ProgramGenerator(seed).module(40), tmp_path).read_bytes())
     tiers = [wasm.instantiate(module, engine=e, fuel=100_000) for e in ("interp", "translate")]
     rng = random.Random(seed)
     outcomes: dict[str, int] = {"ok": 0, "trap": 0}
@@ -52,3 +62,34 @@ def test_tiers_agree_on_random_programs(seed: int, tmp_path: Path) -> None:
     assert tiers[0].mems[0].data == tiers[1].mems[0].data
     assert tiers[0].fuel == tiers[1].fuel
     assert outcomes["ok"] > 20 and outcomes["trap"] > 10, outcomes
+
+
+def _as_wabt_prints(t: str, outcome: tuple) -> str:
+    if outcome[0] == "trap":
+        return f"error: {outcome[1]}"
+    value = outcome[1][0]
+    if t in ("f32", "f64"):
+        x = numeric.f32(value) if t == "f32" else numeric.f64(value)
+        return f"{t}:{'nan' if x != x else f'{x:f}'}"
+    return f"{t}:{value}"
+
+
+@pytest.mark.parametrize("seed", SEEDS[:3])
+def test_random_programs_agree_with_wasm_interp(seed: int, tmp_path: Path) -> None:
+    """wasm-interp calls every export that takes no arguments, in order (memory carries
+    over): the thunks call each function with constant arguments."""
+    path = _assemble(ProgramGenerator(seed).module(30, thunks=True), tmp_path)
+    run = subprocess.run([_tool("wasm-interp"), "--run-all-exports", str(path)],
+                         capture_output=True, text=True, timeout=60)
+    wabt = dict(line.split("() => ") for line in run.stdout.splitlines() if "() => " in line)
+    module = wasm.load(path.read_bytes())
+    for engine in ("interp", "translate"):
+        inst = wasm.instantiate(module, engine=engine)
+        ours = {}
+        for name, f in inst.exports.items():
+            if isinstance(f, wasm.Function) and not f.type.params:
+                ours[name] = _as_wabt_prints(f.type.results[0], _outcome(inst, name, []))
+        assert ours.keys() == wabt.keys()
+        for name, printed in wabt.items():
+            printed = printed.replace("-nan", "nan")
+            assert printed.startswith(ours[name]), (engine, name, printed, ours[name])

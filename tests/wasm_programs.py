@@ -97,8 +97,9 @@ class ProgramGenerator:
         if k < 0.84:
             return (f"(block (result {t}) {self.statements(d, locals_)} "
                     f"(drop (br_if 0 {sub(t)} {sub('i32')})) {sub(t)})")
-        if k < 0.9 and same:
-            return f"(local.tee {r.choice(same)} {sub(t)})"
+        writable = [i for i in same if i < len(locals_) - 1]  # not the loop counter
+        if k < 0.9 and writable:
+            return f"(local.tee {r.choice(writable)} {sub(t)})"
         callees = [i for i, (_, result) in enumerate(self.signatures) if result == t]
         if k < 0.96 and callees:
             f = r.choice(callees)
@@ -130,7 +131,10 @@ class ProgramGenerator:
                 out.append(f"(drop {self.expr(r.choice(TYPES), depth - 1, locals_)})")
         return " ".join(out)
 
-    def module(self, functions: int) -> str:
+    def module(self, functions: int, thunks: bool = False) -> str:
+        """``functions`` exported as ``f0``...; with ``thunks``, each also called with
+        constant arguments by an export ``t0``... that takes none (for runners that pass
+        no arguments, such as wabt's ``wasm-interp --run-all-exports``)."""
         r = self.rng
         funcs = []
         for i in range(functions):
@@ -143,4 +147,8 @@ class ProgramGenerator:
             p = f"(param {' '.join(params)}) " if params else ""
             funcs.append(f'(func (export "f{i}") {p}(result {result}) '
                          f'(local {" ".join(extra)}) {body})')
+        if thunks:
+            for i, (params, result) in enumerate(self.signatures):
+                args = " ".join(self.const(t) for t in params)
+                funcs.append(f'(func (export "t{i}") (result {result}) (call {i} {args}))')
         return "(module (memory 2)\n" + "\n".join(funcs) + ")\n"
