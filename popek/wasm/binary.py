@@ -87,6 +87,8 @@ class Module:
     data_count: int | None = None
     codes: list[Code] = field(default_factory=list)
     compiled: list[object] = field(default_factory=list)  # filled in by validation
+    # From the "name" custom section: subsection id (1 functions, 7 globals, ...) -> names.
+    names: dict[int, dict[int, str]] = field(default_factory=dict)
 
     def imported(self, kind: str) -> list[Import]:
         return [i for i in self.imports if i.kind == kind]
@@ -359,6 +361,25 @@ def _code(r: Reader) -> Code:
     return Code(local_types, instrs)
 
 
+_NAME_MAPS = (1, 4, 5, 6, 7, 8, 9)  # functions, types, tables, memories, globals, elems, data
+
+
+def _names(r: Reader) -> dict[int, dict[int, str]]:
+    """The name maps of a "name" custom section; as a custom section it cannot make the
+    module malformed, so what is broken in it just names nothing."""
+    names: dict[int, dict[int, str]] = {}
+    try:
+        while not r.at_end():
+            kind, size = r.byte(), r.u32()
+            if kind in _NAME_MAPS:
+                sub = Reader(r.data, r.pos, min(r.pos + size, r.end))
+                names[kind] = {sub.u32(): sub.name() for _ in range(sub.count())}
+            r.pos += size
+    except MalformedModule:
+        pass
+    return names
+
+
 _SECTION_ORDER = {1: 1, 2: 2, 3: 3, 4: 4, 5: 5, 6: 6, 7: 7, 8: 8, 9: 9, 12: 10, 10: 11, 11: 12}
 
 
@@ -379,7 +400,8 @@ def decode(data: bytes) -> Module:
             raise MalformedModule("section size mismatch: unexpected end")
         s = Reader(data, r.pos, r.pos + size)
         if sid == 0:
-            s.name()
+            if s.name() == "name":
+                m.names = _names(s)
         else:
             order = _SECTION_ORDER.get(sid)
             if order is None:
