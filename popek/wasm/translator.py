@@ -32,6 +32,7 @@ from popek.wasm.isa import IMM_NAMES, Op
 from popek.wasm.types import MAX_CALL_DEPTH, default_value
 
 PYTHON_RECURSION_LIMIT = MAX_CALL_DEPTH + 2000
+MAX_TRANSLATED = 50_000  # instructions; compiling takes ~2 KB of memory and ~25 us for each
 
 if TYPE_CHECKING:
     from popek.wasm.instance import Function, Instance, WasmFunction
@@ -377,15 +378,18 @@ def _lazy(inst: Instance, index: int, fn: WasmFunction, body: list[Instr],
           ns: dict) -> Callable:
     """A stand-in that translates the function on its first call, then calls it.
 
-    A function Python cannot compile (blocks nested deeper than Python's 20) stays on
-    the interpreter."""
+    A function Python cannot compile (blocks nested deeper than Python's 20), or so long
+    that compiling it would cost the host more than interpreting it, stays on the
+    interpreter."""
     def first_call(*args: object) -> object:
-        source = _FunctionTranslator(inst, index, fn, ns).translate(body)
-        try:
-            exec(compile(source, f"<wasm function {index}>", "exec"), ns)  # noqa: S102
-            fn.fast = ns[function_name(index)]
-        except (SyntaxError, RecursionError, MemoryError):
-            fn.fast = _interpreted(fn)
+        fn.fast = _interpreted(fn)
+        if len(body) <= MAX_TRANSLATED:
+            source = _FunctionTranslator(inst, index, fn, ns).translate(body)
+            try:
+                exec(compile(source, f"<wasm function {index}>", "exec"), ns)  # noqa: S102
+                fn.fast = ns[function_name(index)]
+            except (SyntaxError, RecursionError, MemoryError):
+                pass
         return fn.fast(*args)
 
     if sys.getrecursionlimit() < PYTHON_RECURSION_LIMIT:
