@@ -243,6 +243,9 @@ _IMM_READERS = {
 
 # Each op's immediate reader (None for none), looked up once per instruction.
 _OP_READERS = {op: None if op.imm == "none" else _IMM_READERS[op.imm] for op in BY_CODE.values()}
+# One shared instruction tuple for each op without immediates: a list slot per instruction
+# is all a module's code then costs for them (hostile modules may be all such bytes).
+_BARE = {op: (op, None) for op in BY_CODE.values()}
 
 
 def read_expr(r: Reader) -> list[Instr]:
@@ -261,7 +264,7 @@ def read_expr(r: Reader) -> list[Instr]:
         if op is None:
             raise MalformedModule("illegal opcode")
         read = readers[op]
-        out.append((op, None if read is None else read(r)))
+        out.append(_BARE[op] if read is None else (op, read(r)))
         if op.imm == "blocktype":
             depth += 1
         elif op.code == 0x0B:

@@ -22,7 +22,7 @@ from popek.wasm.runtime import (
     memory_init,
     table_init,
 )
-from popek.wasm.semantics import HANDLERS
+from popek.wasm.semantics import BOUND_BARE, HANDLERS
 from popek.wasm.types import PAGE, FuncType, Limits, default_value
 from popek.wasm.validate import CALL, CALL_INDIRECT, COMPUTE, FunctionCode
 
@@ -171,6 +171,8 @@ class Instance:
     def _bind(self, lowered: tuple) -> tuple:
         kind, op, imm = lowered
         if kind == COMPUTE:
+            if imm is None:
+                return BOUND_BARE[op]
             return (kind, HANDLERS[op], self._bind_imm(op.imm, imm))
         if kind == CALL:
             return (kind, None, self.funcs[imm])
