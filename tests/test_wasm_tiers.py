@@ -1,8 +1,9 @@
-"""The interpreter and the translation tier agree on random programs.
+"""The interpreter and the translation tier agree on random programs, and with wabt.
 
 Random valid modules (``wasm_programs``) are assembled by wabt's ``wat2wasm`` and each
 export is called with random arguments on both tiers: the results (as bits), the trap
-messages, the memory afterwards and the fuel left must be identical.
+messages, the memory afterwards and the fuel left must be identical. The same programs
+called without arguments must give what wabt's interpreter (``wasm-interp``) prints.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from wasm_programs import ProgramGenerator
+from wasm_programs import ProgramGenerator, assert_runs_as_wasm_interp
 
 import popek.wasm as wasm
 
@@ -29,15 +30,23 @@ def _outcome(inst: wasm.Instance, name: str, args: list[int]) -> tuple:
         return ("trap", trap.message)
 
 
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is missing: ./quickstart installs Debian's wabt")
+    return path
+
+
+def _assemble(text: str, tmp_path: Path) -> Path:
+    (tmp_path / "m.wat").write_text(text)
+    subprocess.run([_tool("wat2wasm"), str(tmp_path / "m.wat"), "-o", str(tmp_path / "m.wasm")],
+                   check=True, timeout=60)
+    return tmp_path / "m.wasm"
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 def test_tiers_agree_on_random_programs(seed: int, tmp_path: Path) -> None:
-    tool = shutil.which("wat2wasm")
-    if tool is None:
-        pytest.fail("wat2wasm is missing: ./quickstart installs Debian's wabt")
-    (tmp_path / "m.wat").write_text(ProgramGenerator(seed).module(40))
-    subprocess.run([tool, str(tmp_path / "m.wat"), "-o", str(tmp_path / "m.wasm")],
-                   check=True, timeout=60)
-    module = wasm.load((tmp_path / "m.wasm").read_bytes())
+    module = wasm.load(_assemble(ProgramGenerator(seed).module(40), tmp_path).read_bytes())
     tiers = [wasm.instantiate(module, engine=e, fuel=100_000) for e in ("interp", "translate")]
     rng = random.Random(seed)
     outcomes: dict[str, int] = {"ok": 0, "trap": 0}
@@ -52,3 +61,11 @@ def test_tiers_agree_on_random_programs(seed: int, tmp_path: Path) -> None:
     assert tiers[0].mems[0].data == tiers[1].mems[0].data
     assert tiers[0].fuel == tiers[1].fuel
     assert outcomes["ok"] > 20 and outcomes["trap"] > 10, outcomes
+
+
+@pytest.mark.parametrize("seed", SEEDS[:3])
+def test_random_programs_agree_with_wasm_interp(seed: int, tmp_path: Path) -> None:
+    """wasm-interp calls every export that takes no arguments, in order (memory carries
+    over): the thunks call each function with constant arguments."""
+    path = _assemble(ProgramGenerator(seed).module(30, thunks=True), tmp_path)
+    assert_runs_as_wasm_interp(path, _tool("wasm-interp"))

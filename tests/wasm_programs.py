@@ -1,4 +1,5 @@
-"""Random valid WebAssembly programs (text format), for differential tests between tiers.
+"""Random valid WebAssembly programs (text format), for differential tests between tiers,
+and the comparison of a module's runs with wabt's interpreter.
 
 Each function computes a typed expression tree over its parameters and locals, with
 statements before it: local writes, stores, bounded loops, calls of earlier functions.
@@ -9,6 +10,11 @@ addresses, division by zero), so many calls trap, which the tiers must agree on 
 from __future__ import annotations
 
 import random
+import subprocess
+from pathlib import Path
+
+import popek.wasm as wasm
+from popek.wasm import numeric
 
 TYPES = ("i32", "i64", "f32", "f64")
 INT_BINARY = ("add", "sub", "mul", "div_s", "div_u", "rem_s", "rem_u", "and", "or", "xor",
@@ -97,8 +103,9 @@ class ProgramGenerator:
         if k < 0.84:
             return (f"(block (result {t}) {self.statements(d, locals_)} "
                     f"(drop (br_if 0 {sub(t)} {sub('i32')})) {sub(t)})")
-        if k < 0.9 and same:
-            return f"(local.tee {r.choice(same)} {sub(t)})"
+        writable = [i for i in same if i < len(locals_) - 1]  # not the loop counter
+        if k < 0.9 and writable:
+            return f"(local.tee {r.choice(writable)} {sub(t)})"
         callees = [i for i, (_, result) in enumerate(self.signatures) if result == t]
         if k < 0.96 and callees:
             f = r.choice(callees)
@@ -130,7 +137,10 @@ class ProgramGenerator:
                 out.append(f"(drop {self.expr(r.choice(TYPES), depth - 1, locals_)})")
         return " ".join(out)
 
-    def module(self, functions: int) -> str:
+    def module(self, functions: int, thunks: bool = False) -> str:
+        """``functions`` exported as ``f0``...; with ``thunks``, each also called with
+        constant arguments by an export ``t0``... that takes none (for runners that pass
+        no arguments, such as wabt's ``wasm-interp --run-all-exports``)."""
         r = self.rng
         funcs = []
         for i in range(functions):
@@ -143,4 +153,40 @@ class ProgramGenerator:
             p = f"(param {' '.join(params)}) " if params else ""
             funcs.append(f'(func (export "f{i}") {p}(result {result}) '
                          f'(local {" ".join(extra)}) {body})')
+        if thunks:
+            for i, (params, result) in enumerate(self.signatures):
+                args = " ".join(self.const(t) for t in params)
+                funcs.append(f'(func (export "t{i}") (result {result}) (call {i} {args}))')
         return "(module (memory 2)\n" + "\n".join(funcs) + ")\n"
+
+
+def _as_wasm_interp_prints(inst: wasm.Instance, name: str, result: str) -> str:
+    try:
+        value = inst.exports[name].call_raw([])  # type: ignore[union-attr]
+    except wasm.Trap as trap:
+        return f"error: {trap.message}"
+    if not value:
+        return ""
+    if result in ("f32", "f64"):
+        x = numeric.f32(value[0]) if result == "f32" else numeric.f64(value[0])
+        return f"{result}:{'nan' if x != x else f'{x:f}'}"  # C's %f, as wabt prints
+    return f"{result}:{value[0]}"
+
+
+def assert_runs_as_wasm_interp(path: Path, wasm_interp: str) -> None:
+    """Every export without parameters, called in order on each tier (memory carrying
+    over), returns or traps as ``wasm-interp --run-all-exports`` reports."""
+    run = subprocess.run([wasm_interp, "--run-all-exports", str(path)], capture_output=True,
+                         text=True, timeout=60)
+    wabt = dict(line.split("() =>") for line in run.stdout.splitlines() if "() =>" in line)
+    module = wasm.load(path.read_bytes())
+    for engine in ("interp", "translate"):
+        inst = wasm.instantiate(module, engine=engine)
+        ours = {}
+        for name, f in inst.exports.items():
+            if isinstance(f, wasm.Function) and not f.type.params:
+                ours[name] = _as_wasm_interp_prints(inst, name, "".join(f.type.results[:1]))
+        assert ours.keys() == wabt.keys()
+        for name, printed in wabt.items():
+            printed = printed.strip().replace("-nan", "nan")
+            assert printed.startswith(ours[name]), (engine, name, printed, ours[name])

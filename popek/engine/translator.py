@@ -195,14 +195,15 @@ def block_source(name: str, decoded: list[Decoded], offsets: list[int]) -> str:
 
 
 @lru_cache(maxsize=1 << 16)
-def _compiled(src: str) -> CodeType:
+def compiled(src: str) -> CodeType:
     """Compiling dominates translation; the same code recurs (shared libraries in many
-    processes, reboots, pages written and re-translated), so keep it by source."""
+    processes, reboots, pages written and re-translated; the same WebAssembly module
+    instantiated again), so keep it by source."""
     return compile(src, "<popek block>", "exec")
 
 
 def translate(namespace: dict[str, object], decoded: list[Decoded], offsets: list[int]) -> BlockFn:
     """Compile a block into a function bound to the hart's semantics namespace."""
     local: dict[str, object] = {}
-    exec(_compiled(block_source("block", decoded, offsets)), namespace, local)  # noqa: S102
+    exec(compiled(block_source("block", decoded, offsets)), namespace, local)  # noqa: S102
     return local["block"]  # type: ignore[return-value]

@@ -96,8 +96,10 @@ class Machine:
         """Switch the guest off (at once, as pulling the plug) and free everything; returns
         its exit code if it had powered off by itself. Stopping twice is harmless."""
         if self._thread is not None and self._thread.is_alive():
-            self._stop = True
-            os.write(self._wake_w, b"\0")
+            with self._lock:  # the thread, seeing _stop, may close its end meanwhile
+                self._stop = True
+                if not self._finished:
+                    self._wake()
             self._thread.join()
         if self._wake_w >= 0:
             os.close(self._wake_w)
@@ -213,9 +215,9 @@ class Machine:
             self._error = err
         finally:
             session.close()
-            os.close(self._wake_r)
             with self._lock:
                 self._finished = True
+                os.close(self._wake_r)
                 self._fail_calls()
             self.console.close()
             if self._log is not None:
@@ -239,11 +241,15 @@ class Machine:
             if self._finished:
                 self._fail_calls()
             else:
-                try:
-                    os.write(self._wake_w, b"\0")
-                except BlockingIOError:  # the pipe is full of wake-ups already
-                    pass
+                self._wake()
         return future.result()
+
+    def _wake(self) -> None:
+        """Wake the machine's thread (called with the lock held, while it still reads)."""
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:  # the pipe is full of wake-ups already
+            pass
 
     def _do_calls(self) -> None:
         try:

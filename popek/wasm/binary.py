@@ -87,6 +87,8 @@ class Module:
     data_count: int | None = None
     codes: list[Code] = field(default_factory=list)
     compiled: list[object] = field(default_factory=list)  # filled in by validation
+    # From the "name" custom section: subsection id (1 functions, 7 globals, ...) -> names.
+    names: dict[int, dict[int, str]] = field(default_factory=dict)
 
     def imported(self, kind: str) -> list[Import]:
         return [i for i in self.imports if i.kind == kind]
@@ -241,6 +243,9 @@ _IMM_READERS = {
 
 # Each op's immediate reader (None for none), looked up once per instruction.
 _OP_READERS = {op: None if op.imm == "none" else _IMM_READERS[op.imm] for op in BY_CODE.values()}
+# One shared instruction tuple for each op without immediates: a list slot per instruction
+# is all a module's code then costs for them (hostile modules may be all such bytes).
+_BARE = {op: (op, None) for op in BY_CODE.values()}
 
 
 def read_expr(r: Reader) -> list[Instr]:
@@ -259,7 +264,7 @@ def read_expr(r: Reader) -> list[Instr]:
         if op is None:
             raise MalformedModule("illegal opcode")
         read = readers[op]
-        out.append((op, None if read is None else read(r)))
+        out.append(_BARE[op] if read is None else (op, read(r)))
         if op.imm == "blocktype":
             depth += 1
         elif op.code == 0x0B:
@@ -359,6 +364,25 @@ def _code(r: Reader) -> Code:
     return Code(local_types, instrs)
 
 
+_NAME_MAPS = (1, 4, 5, 6, 7, 8, 9)  # functions, types, tables, memories, globals, elems, data
+
+
+def _names(r: Reader) -> dict[int, dict[int, str]]:
+    """The name maps of a "name" custom section; as a custom section it cannot make the
+    module malformed, so what is broken in it just names nothing."""
+    names: dict[int, dict[int, str]] = {}
+    try:
+        while not r.at_end():
+            kind, size = r.byte(), r.u32()
+            if kind in _NAME_MAPS:
+                sub = Reader(r.data, r.pos, min(r.pos + size, r.end))
+                names[kind] = {sub.u32(): sub.name() for _ in range(sub.count())}
+            r.pos += size
+    except MalformedModule:
+        pass
+    return names
+
+
 _SECTION_ORDER = {1: 1, 2: 2, 3: 3, 4: 4, 5: 5, 6: 6, 7: 7, 8: 8, 9: 9, 12: 10, 10: 11, 11: 12}
 
 
@@ -379,7 +403,8 @@ def decode(data: bytes) -> Module:
             raise MalformedModule("section size mismatch: unexpected end")
         s = Reader(data, r.pos, r.pos + size)
         if sid == 0:
-            s.name()
+            if s.name() == "name":
+                m.names = _names(s)
         else:
             order = _SECTION_ORDER.get(sid)
             if order is None:

@@ -1,7 +1,8 @@
 """``popek wasm disasm``: the code section in the text format, as ``wasm2wat`` prints it.
 
 Functions are printed unfolded (one instruction a line), with wasm2wat's numbering
-comments, label annotations and number syntax, so the two outputs can be compared.
+comments (or the names of a "name" section), label annotations and number syntax, so the
+two outputs can be compared.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from popek.wasm.binary import Instr, Module
 from popek.wasm.isa import Op
 
 _NATURAL_ALIGN = {1: 0, 2: 1, 4: 2, 8: 3}
+_NAMED = {"call": 1, "func": 1, "global": 7}  # immediates wasm2wat names: name map used
 
 
 def float_text(bits: int, width: int) -> str:
@@ -69,8 +71,12 @@ def _blocktype(module: Module, bt: object) -> str:
     return text
 
 
-def _immediate(op: Op, imm: object, depth: int) -> str:  # noqa: C901 - one case per kind
+def _immediate(op: Op, imm: object, depth: int,  # noqa: C901 - one case per kind
+               names: dict[int, dict[int, str]]) -> str:
     kind = op.imm
+    if kind in _NAMED:
+        named = names.get(_NAMED[kind], {})
+        return f" ${named[imm]}" if imm in named else f" {imm}"
     if kind in ("none", "mem", "mem2"):
         return ""
     if kind == "i32":
@@ -121,7 +127,7 @@ def function_lines(module: Module, body: list[Instr]) -> Iterator[str]:
             depth += 1
             yield f"{indent}{op.name}{_blocktype(module, imm)}  ;; label = @{depth}"
         else:
-            yield f"{indent}{op.name}{_immediate(op, imm, depth)}"
+            yield f"{indent}{op.name}{_immediate(op, imm, depth, module.names)}"
 
 
 def disassemble(module: Module) -> Iterator[str]:
@@ -129,7 +135,8 @@ def disassemble(module: Module) -> Iterator[str]:
     first = len(module.imported("func"))
     for i, (typeidx, code) in enumerate(zip(module.funcs, module.codes, strict=True)):
         t = module.types[typeidx]
-        head = f"  (func (;{first + i};) (type {typeidx})"
+        name = module.names.get(1, {}).get(first + i)
+        head = f"  (func {f'${name}' if name else f'(;{first + i};)'} (type {typeidx})"
         if t.params:
             head += f" (param {' '.join(t.params)})"
         if t.results:

@@ -22,8 +22,8 @@ from popek.wasm.runtime import (
     memory_init,
     table_init,
 )
-from popek.wasm.semantics import HANDLERS
-from popek.wasm.types import PAGE, FuncType, Limits, default_value
+from popek.wasm.semantics import BOUND_BARE, HANDLERS
+from popek.wasm.types import FuncType, Limits, default_value
 from popek.wasm.validate import CALL, CALL_INDIRECT, COMPUTE, FunctionCode
 
 _MASKS = {"i32": numeric.M32, "i64": numeric.M64}
@@ -171,6 +171,8 @@ class Instance:
     def _bind(self, lowered: tuple) -> tuple:
         kind, op, imm = lowered
         if kind == COMPUTE:
+            if imm is None:
+                return BOUND_BARE[op]
             return (kind, HANDLERS[op], self._bind_imm(op.imm, imm))
         if kind == CALL:
             return (kind, None, self.funcs[imm])
@@ -230,10 +232,6 @@ class Instance:
         return f(*args)
 
 
-def _limits_match(actual: Limits, expected: Limits) -> bool:
-    return actual.fits_in(expected)
-
-
 def _resolve_imports(module: Module, imports: dict[str, dict[str, object]]) -> tuple:
     funcs: list[Function] = []
     tables: list[Table] = []
@@ -248,12 +246,12 @@ def _resolve_imports(module: Module, imports: dict[str, dict[str, object]]) -> t
             ok = value.type == module.types[imp.desc]  # type: ignore[index]
             funcs.append(value)
         elif imp.kind == "table" and isinstance(value, Table):
-            ok = value.elem == imp.desc.elem and _limits_match(  # type: ignore[attr-defined]
-                Limits(len(value.elements), value.max), imp.desc.limits)  # type: ignore[attr-defined]
+            ok = value.elem == imp.desc.elem and Limits(  # type: ignore[attr-defined]
+                len(value.elements), value.max).fits_in(imp.desc.limits)  # type: ignore[attr-defined]
             tables.append(value)
         elif imp.kind == "memory" and isinstance(value, Memory):
-            ok = _limits_match(Limits(value.pages, value.max_pages),
-                               imp.desc.limits)  # type: ignore[attr-defined]
+            ok = Limits(value.pages, value.max_pages).fits_in(
+                imp.desc.limits)  # type: ignore[attr-defined]
             mems.append(value)
         elif imp.kind == "global" and isinstance(value, Global):
             ok = (value.type, value.mutable) == (imp.desc.type,  # type: ignore[attr-defined]
@@ -286,6 +284,3 @@ def instantiate(module: Module, imports: dict[str, dict[str, object]] | None = N
         translate_instance(inst)
     inst.initialize()
     return inst
-
-
-__all__ = ["PAGE", "Function", "HostFunction", "Instance", "instantiate"]

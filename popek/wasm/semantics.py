@@ -13,6 +13,7 @@ from collections.abc import Callable
 from popek.wasm import numeric, runtime
 from popek.wasm.errors import Trap
 from popek.wasm.isa import IMM_NAMES, OPS, Op
+from popek.wasm.validate import COMPUTE
 
 Handler = Callable[[list, list, object], None]
 
@@ -97,3 +98,5 @@ def _handlers() -> dict[Op, Handler]:
 
 
 HANDLERS = _handlers()
+# The interpreter's op for each instruction without an immediate, shared by all its uses.
+BOUND_BARE = {op: (COMPUTE, handler, None) for op, handler in HANDLERS.items()}

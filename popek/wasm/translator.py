@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING
 
+from popek.engine.translator import compiled
 from popek.wasm import semantics
 from popek.wasm.binary import Instr
 from popek.wasm.errors import OutOfFuel, Trap
@@ -32,6 +33,7 @@ from popek.wasm.isa import IMM_NAMES, Op
 from popek.wasm.types import MAX_CALL_DEPTH, default_value
 
 PYTHON_RECURSION_LIMIT = MAX_CALL_DEPTH + 2000
+MAX_TRANSLATED = 50_000  # instructions; compiling takes ~2 KB of memory and ~25 us for each
 
 if TYPE_CHECKING:
     from popek.wasm.instance import Function, Instance, WasmFunction
@@ -96,9 +98,10 @@ class _FunctionTranslator:
                 self.flush(reading=slot)
         self.lines.append("    " * self.indent + line)
 
-    def const(self, value: object) -> str:
-        """A namespace name for an instance object the code refers to."""
-        name = f"k{id(value):x}"
+    def const(self, name: str, value: object) -> str:
+        """Bind an instance object the code refers to under a name derived from the module
+        alone, so that every instance of a module translates to the same source (and the
+        compiled code is reused)."""
         self.consts[name] = value
         return name
 
@@ -264,7 +267,7 @@ class _FunctionTranslator:
             # Index -> position among the distinct targets (a tuple), then one branch each.
             targets = sorted(set(labels) | {default})
             position = {depth: i for i, depth in enumerate(targets)}
-            table = self.const(tuple(position[d] for d in labels))
+            table = repr(tuple(position[d] for d in labels))
             self.emit(f"_i = {table}[{cond}] if {cond} < {len(labels)} "
                       f"else {position[default]}")
             for i, depth in enumerate(targets):
@@ -282,24 +285,26 @@ class _FunctionTranslator:
 
     def call_op(self, op: Op, imm: object) -> None:
         if op.name == "call":
-            self.call(self.inst.funcs[imm], None)
+            self.call(self.inst.funcs[imm], None, f"w_func{imm}")
             return
-        table, ftype = self.inst.tables[imm[1]], self.module.types[imm[0]]
+        ftype = self.module.types[imm[0]]
+        table = self.const(f"w_table{imm[1]}", self.inst.tables[imm[1]])
         self.h -= 1
-        target = f"_call_target({self.const(table)}, {self.const(ftype)}, {self.operand(self.h)})"
-        self.call(None, (ftype, target))
+        target = f"_call_target({table}, {self.const(f'w_type{imm[0]}', ftype)}, " \
+                 f"{self.operand(self.h)})"
+        self.call(None, (ftype, target), "")
 
-    def call(self, callee: Function | None, indirect: tuple | None) -> None:
+    def call(self, callee: Function | None, indirect: tuple | None, name: str) -> None:
         from popek.wasm.instance import WasmFunction
         t = callee.type if callee is not None else indirect[0]
         n, r = len(t.params), len(t.results)
         self.h -= n
         args = ", ".join(self.operand(self.h + i) for i in range(n))
         if callee is not None and type(callee) is WasmFunction:
-            call = f"{self.const(callee)}.fast({args})"
+            call = f"{self.const(name, callee)}.fast({args})"
             targets = self.slots(self.h, r)
         else:
-            f = self.const(callee) if callee is not None else indirect[1]
+            f = self.const(name, callee) if callee is not None else indirect[1]
             call = f"call_function(I, {f}, [{args}])"
             targets = self.slots(self.h, r) + ("," if r == 1 else "")
         self.emit(f"{targets} = {call}" if r else call)
@@ -325,8 +330,9 @@ class _FunctionTranslator:
         names = IMM_NAMES[op.imm]
         if names:
             bound = self.inst._bind_imm(op.imm, imm)  # noqa: SLF001 - the interpreter's binding
-            for name, value in zip(names, (bound,) if len(names) == 1 else bound, strict=True):
-                values[name] = repr(value) if isinstance(value, int) else self.const(value)
+            parts = (bound,) if len(names) == 1 else bound
+            for name, key, value in zip(names, _stable_names(op.imm, imm), parts, strict=True):
+                values[name] = repr(value) if isinstance(value, int) else self.const(key, value)
             if "idx" in values:
                 values["Lidx"] = f"l{values['idx']}"
         values["R"] = f"s{base}"
@@ -339,6 +345,19 @@ class _FunctionTranslator:
         for line in text.split("\n"):
             if line.strip() != "None":
                 self.emit(line)
+
+
+def _stable_names(kind: str, imm: object) -> tuple[str, ...]:
+    """Names for the parts of a bound immediate (in IMM_NAMES order), from the module."""
+    i = imm if isinstance(imm, tuple) else (imm,)
+    return {
+        "global": (f"w_global{imm}",), "memarg": ("w_memory0_data", ""),
+        "mem": ("w_memory0",), "mem2": ("w_memory0",),
+        "data": ("w_memory0", f"w_data{i[0]}"), "dataidx": (f"w_data{imm}",),
+        "table": (f"w_table{imm}",), "table2": (f"w_table{i[0]}", f"w_table{i[-1]}"),
+        "elem_table": (f"w_elem{i[0]}", f"w_table{i[-1]}"), "elemidx": (f"w_elem{imm}",),
+        "func": (f"w_func{imm}",),
+    }.get(kind, ("",) * len(IMM_NAMES[kind]))
 
 
 @cache
@@ -377,15 +396,18 @@ def _lazy(inst: Instance, index: int, fn: WasmFunction, body: list[Instr],
           ns: dict) -> Callable:
     """A stand-in that translates the function on its first call, then calls it.
 
-    A function Python cannot compile (blocks nested deeper than Python's 20) stays on
-    the interpreter."""
+    A function Python cannot compile (blocks nested deeper than Python's 20), or so long
+    that compiling it would cost the host more than interpreting it, stays on the
+    interpreter."""
     def first_call(*args: object) -> object:
-        source = _FunctionTranslator(inst, index, fn, ns).translate(body)
-        try:
-            exec(compile(source, f"<wasm function {index}>", "exec"), ns)  # noqa: S102
-            fn.fast = ns[function_name(index)]
-        except (SyntaxError, RecursionError, MemoryError):
-            fn.fast = _interpreted(fn)
+        fn.fast = _interpreted(fn)
+        if len(body) <= MAX_TRANSLATED:
+            source = _FunctionTranslator(inst, index, fn, ns).translate(body)
+            try:
+                exec(compiled(source), ns)  # noqa: S102 - generated from our declarations
+                fn.fast = ns[function_name(index)]
+            except (SyntaxError, RecursionError, MemoryError):
+                pass
         return fn.fast(*args)
 
     if sys.getrecursionlimit() < PYTHON_RECURSION_LIMIT:

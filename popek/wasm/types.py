@@ -13,11 +13,9 @@ NUM_TYPES = ("i32", "i64", "f32", "f64")
 REF_TYPES = ("funcref", "externref")
 VALUE_TYPE_CODES = {0x7F: "i32", 0x7E: "i64", 0x7D: "f32", 0x7C: "f64",
                     0x70: "funcref", 0x6F: "externref"}
-TYPE_CODES = {name: code for code, name in VALUE_TYPE_CODES.items()}
 
 PAGE = 65536
 MAX_PAGES = 65536  # 4 GiB of 32-bit address space
-MAX_TABLE = 1 << 32
 
 # Implementation limits, so that hostile modules cannot exhaust the host.
 MAX_LOCALS = 50000

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from popek.wasm.binary import Instr, Module
 from popek.wasm.errors import InvalidModule, MalformedModule
-from popek.wasm.isa import Op
+from popek.wasm.isa import BY_CODE, Op
 from popek.wasm.types import MAX_PAGES, NUM_TYPES, REF_TYPES, FuncType, Limits
 
 # Lowered op kinds.
@@ -311,9 +311,10 @@ class _FunctionValidator:
                 if popped is not None and popped not in REF_TYPES:
                     _fail("type mismatch")
                 self.push("i32")
-        self.code.append((COMPUTE, op, imm))
+        self.code.append(_BARE_COMPUTE[op] if imm is None else (COMPUTE, op, imm))
 
 
+_BARE_COMPUTE = {op: (COMPUTE, op, None) for op in BY_CODE.values()}  # shared, as in binary
 _UNTYPED = frozenset({"select", "drop", "ref.is_null"})  # operand types from the stack
 
 
