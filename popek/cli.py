@@ -18,6 +18,7 @@ from popek.user.cli import EXEC_HELP, add_exec_args, cmd_exec
 from popek.user.container.cli import HELP as CONTAINER_HELP
 from popek.user.container.cli import add_container_args, cmd_container
 from popek.vmm.cli import add_net_args, add_serve_args, add_vm_args, cmd_net, cmd_serve, cmd_vm
+from popek.wasm.cli import WASM_HELP, add_wasm_args, cmd_wasm
 
 EXIT_USAGE = 2  # like argparse: the input was unusable
 # A running guest's code cache is hundreds of thousands of long-lived objects that seldom
@@ -57,6 +58,7 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Han
     "vm": ("manage guests through the VMM: create, ls, stop, snapshot, restore...",
            add_vm_args, cmd_vm),
     "net": ("manage the VMM's virtual switches: create, ls, info, rm", add_net_args, cmd_net),
+    "wasm": (WASM_HELP, add_wasm_args, cmd_wasm),
 }
 
 

@@ -195,15 +195,16 @@ def block_source(name: str, decoded: list[Decoded], offsets: list[int]) -> str:
 
 
 @lru_cache(maxsize=1 << 16)
-def _compiled(src: str) -> CodeType:
+def compiled(src: str) -> CodeType:
     """Compiling dominates translation; the same code recurs (shared libraries in many
-    processes, reboots, pages written and re-translated), so keep it by source."""
+    processes, reboots, pages written and re-translated; the same WebAssembly module
+    instantiated again), so keep it by source."""
     return compile(src, "<popek block>", "exec")
 
 
 def block_code(decoded: list[Decoded], offsets: list[int]) -> CodeType:
     """The code object defining the block's function (what ``translate`` runs)."""
-    return _compiled(block_source("block", decoded, offsets))
+    return compiled(block_source("block", decoded, offsets))
 
 
 def translate(namespace: dict[str, object], decoded: list[Decoded], offsets: list[int],

@@ -1,0 +1,56 @@
+;; Imports and exports between modules: functions, globals (shared mutable state), tables and
+;; memories; the spectest host module; start functions; link errors; traps during instantiation.
+(module $A
+  (global $g (export "g") (mut i32) (i32.const 10))
+  (memory (export "mem") 1 2)
+  (table (export "tab") 2 funcref)
+  (func (export "inc") (global.set $g (i32.add (global.get $g) (i32.const 1))))
+  (func (export "get") (result i32) (global.get $g))
+  (func $seven (export "seven") (result i32) (i32.const 7))
+  (elem (i32.const 0) $seven)
+)
+(register "A" $A)
+(module $B
+  (import "A" "g" (global $g (mut i32)))
+  (import "A" "inc" (func $inc))
+  (import "A" "mem" (memory 1))
+  (import "A" "tab" (table 2 funcref))
+  (import "spectest" "print_i32" (func $print (param i32)))
+  (import "spectest" "global_i32" (global $sg i32))
+  (global $copy i32 (global.get $sg))
+  (data (i32.const 16) "\2a")
+  (func (export "bump") (result i32) (call $inc) (call $inc) (global.get $g))
+  (func (export "peek") (result i32) (call $print (i32.const 5)) (i32.load8_u (i32.const 16)))
+  (func (export "via-table") (result i32) (call_indirect (result i32) (i32.const 0)))
+  (func (export "copy") (result i32) (global.get $copy))
+)
+(assert_return (invoke $B "bump") (i32.const 12))
+(assert_return (invoke $A "get") (i32.const 12))
+(assert_return (get $A "g") (i32.const 12))
+(assert_return (invoke $B "peek") (i32.const 42))
+(assert_return (invoke $B "via-table") (i32.const 7))
+(assert_return (invoke $B "copy") (i32.const 666))
+
+(module $C
+  (global $count (mut i32) (i32.const 0))
+  (func $start (global.set $count (i32.const 99)))
+  (func (export "count") (result i32) (global.get $count))
+  (start $start))
+(assert_return (invoke $C "count") (i32.const 99))
+
+(assert_unlinkable (module (import "A" "nope" (func))) "unknown import")
+(assert_unlinkable (module (import "A" "inc" (func (param i32)))) "incompatible import type")
+(assert_unlinkable (module (import "A" "g" (global i32))) "incompatible import type")
+(assert_unlinkable (module (import "A" "mem" (memory 3))) "incompatible import type")
+(assert_unlinkable (module (import "A" "tab" (table 2 externref))) "incompatible import type")
+(assert_unlinkable (module (import "A" "seven" (memory 1))) "incompatible import type")
+
+;; A segment out of bounds traps; the segments before it stay written (the memory is shared).
+(assert_trap (module
+  (import "A" "mem" (memory 1))
+  (data (i32.const 32) "\01")
+  (data (i32.const 65536) "\02")) "out of bounds memory access")
+(module $D (import "A" "mem" (memory 1)) (func (export "at32") (result i32) (i32.load8_u (i32.const 32))))
+(assert_return (invoke $D "at32") (i32.const 1))
+(assert_trap (module (table 1 funcref) (func) (elem (i32.const 1) 0)) "out of bounds table access")
+(assert_trap (module (func $boom (unreachable)) (start $boom)) "unreachable")
