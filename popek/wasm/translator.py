@@ -25,7 +25,7 @@ from functools import cache
 from typing import TYPE_CHECKING
 
 from popek.engine.translator import compiled
-from popek.wasm import semantics
+from popek.wasm import numeric, semantics
 from popek.wasm.binary import Instr
 from popek.wasm.errors import OutOfFuel, Trap
 from popek.wasm.interpreter import resolve_indirect, run
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 _OPERAND = re.compile(r"\b([abc])\b")
 _ASSIGNED_SLOTS = re.compile(r"((?:s\d+,? ?)+)= ")
 _MARK = "\x00"  # brackets the markers in instruction templates
+_INLINE_CONSTANTS = {name: hex(getattr(numeric, name)) for name in ("M32", "M64", "S32", "S64")}
 _MAX_DEFERRED = 200  # characters of a deferred expression (Python limits nesting)
 
 
@@ -230,7 +231,11 @@ class _FunctionTranslator:
         if name in ("call", "call_indirect"):
             self.call_op(op, imm)
             return
-        cond = self.operand(self.h - 1) if name in ("if", "br_if", "br_table") else ""
+        cond = ""
+        if name in ("if", "br_if"):
+            cond = _truth(self.operand(self.h - 1))
+        elif name == "br_table":
+            cond = self.operand(self.h - 1)
         self.flush()
         if name == "unreachable":
             self.emit("raise Trap('unreachable')")
@@ -337,6 +342,8 @@ class _FunctionTranslator:
                 values["Lidx"] = f"l{values['idx']}"
         values["R"] = f"s{base}"
         text = "".join(values[part] if i & 1 else part for i, part in enumerate(_template(op)))
+        if values.get("off") == "0":
+            text = text.replace(" + 0\n", "\n", 1)  # the effective address of offset 0
         if op.kind == "compute" and op.results:
             if op.imm == "none" and not op.traps and len(text) < _MAX_DEFERRED:
                 self.pending[base] = f"({text})"  # pure: computed where it is consumed
@@ -345,6 +352,18 @@ class _FunctionTranslator:
         for line in text.split("\n"):
             if line.strip() != "None":
                 self.emit(line)
+
+
+def _truth(expr: str) -> str:
+    """A condition: ``(int(x < y))`` tests as ``(x < y)`` without the call."""
+    if not (expr.startswith("(int(") and expr.endswith("))")):
+        return expr
+    depth = 0
+    for ch in expr[5:-2]:
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if depth < 0:  # int( closes before the end: (int(a) + int(b)), say
+            return expr
+    return f"({expr[5:-2]})"
 
 
 def _stable_names(kind: str, imm: object) -> tuple[str, ...]:
@@ -374,6 +393,8 @@ def _template(op: Op) -> list[str]:
         text = _OPERAND.sub(lambda m: f"{_MARK}{m.group(1)}{_MARK}", text)
     for name in IMM_NAMES[op.imm]:
         text = re.sub(rf"\b{name}\b", f"{_MARK}{name}{_MARK}", text)
+    for name, value in _INLINE_CONSTANTS.items():  # a literal costs less than a global
+        text = re.sub(rf"\b{name}\b", value, text)
     return text.split(_MARK)
 
 
