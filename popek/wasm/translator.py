@@ -3,7 +3,10 @@
 Validation fixes the operand stack's height at every instruction, so stack slots become
 Python locals (``s0``, ``s1``, ...) as wasm locals do (``l0``, ...), and each instruction's
 semantics from :mod:`popek.wasm.isa` is specialized by substituting the slots and the
-instance's bound immediates into it: ``i32.add`` at height 3 is ``s1 = (s1 + s2) & M32``.
+instance's bound immediates into it: ``i32.add`` at height 3 is ``s1 = (s1 + s2) &
+0xffffffff``. Locals, constants and pure results that cannot trap are not stored at all
+but substituted into the instruction that consumes them, so ``local.get 0; i32.const 1;
+i32.add; local.set 0`` becomes ``l0 = ((l0 + 1) & 0xffffffff)``.
 Structured control maps onto Python's: every block, loop and if is a ``while True:``
 whose ``break`` leaves it and whose ``continue`` iterates a loop; a branch further out
 sets ``_br`` to its target and each enclosing construct passes it on.
