@@ -67,6 +67,7 @@ class _Construct:
     height: int  # the operand height its label restores
     params: int
     results: int
+    looped: bool = True  # a Python loop, because branches target it
     passed_through: bool = False  # a branch inside it targets a construct further out
 
     @property
@@ -143,6 +144,10 @@ class _FunctionTranslator:
         if n and self.h - n != target.height:
             self.emit(f"{self.slots(target.height, n)} = {self.slots(self.h - n, n)}")
 
+    def innermost_loop(self) -> _Construct:
+        """The construct whose Python loop ``break`` and ``continue`` act on (or func)."""
+        return next(c for c in reversed(self.ctrls) if c.looped)
+
     def branch(self, depth: int) -> None:
         target = self.ctrls[-1 - depth]
         if target.kind == "func":
@@ -150,7 +155,7 @@ class _FunctionTranslator:
             self.emit(f"return {self.slots(self.h - n, n)}" if n else "return")
             return
         self.move(target)
-        if depth == 0:
+        if target is self.innermost_loop():
             if target.kind == "loop":
                 self.spend_fuel()
                 self.emit("continue")
@@ -158,7 +163,7 @@ class _FunctionTranslator:
                 self.emit("break")
             return
         for c in self.ctrls[len(self.ctrls) - depth:]:
-            c.passed_through = True
+            c.passed_through = c.looped
         self.emit(f"_br = {target.label}")
         self.emit("break")
 
@@ -166,6 +171,7 @@ class _FunctionTranslator:
     def translate(self, body: list[Instr]) -> str:
         t = self.fn.type
         n_params = len(t.params)
+        self.targeted = _branch_targets(body)
         self.ctrls.append(_Construct("func", -1, 0, 0, len(t.results)))
         for op, imm in body[:-1]:
             if self.dead:
@@ -201,21 +207,25 @@ class _FunctionTranslator:
             self.control(op, None)
 
     def open(self, kind: str, bt: object) -> None:
+        """Blocks and ifs no branch targets need no Python loop (Python nests 20 at most)."""
         params, results = self.block_type(bt)
         self.labels += 1
-        c = _Construct(kind, self.labels, self.h - params, params, results)
+        looped = kind == "loop" or self.labels in self.targeted
+        c = _Construct(kind, self.labels, self.h - params, params, results, looped)
         self.ctrls.append(c)
-        self.emit("while True:")
-        self.indent += 1
+        if looped:
+            self.emit("while True:")
+            self.indent += 1
 
     def close(self) -> None:
         c = self.ctrls.pop()
         if c.kind == "if":
             self.indent -= 1  # out of the then/else body: both paths leave the construct
-        self.emit("break")
-        self.indent -= 1
+        if c.looped:
+            self.emit("break")
+            self.indent -= 1
         self.h = c.height + c.results
-        outer = self.ctrls[-1]
+        outer = self.innermost_loop()
         if c.passed_through and outer.kind != "func":
             # A branch left c for a construct further out: outer is the target, or passes on.
             self.emit("if _br is not None:")
@@ -355,6 +365,23 @@ class _FunctionTranslator:
         for line in text.split("\n"):
             if line.strip() != "None":
                 self.emit(line)
+
+
+def _branch_targets(body: list[Instr]) -> set[int]:
+    """The constructs (numbered 1, 2, ... as they open) that some branch targets."""
+    targeted: set[int] = set()
+    opened: list[int] = []
+    count = 0
+    for op, imm in body:
+        if op.imm == "blocktype":
+            count += 1
+            opened.append(count)
+        elif op.name == "end" and opened:
+            opened.pop()
+        elif op.name in ("br", "br_if", "br_table"):
+            depths = (*imm[0], imm[1]) if op.name == "br_table" else (imm,)
+            targeted.update(opened[-1 - d] for d in depths if d < len(opened))
+    return targeted
 
 
 def _truth(expr: str) -> str:
