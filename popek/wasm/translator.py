@@ -45,6 +45,7 @@ _OPERAND = re.compile(r"\b([abc])\b")
 _ASSIGNED_SLOTS = re.compile(r"((?:s\d+,? ?)+)= ")
 _MARK = "\x00"  # brackets the markers in instruction templates
 _INLINE_CONSTANTS = {name: hex(getattr(numeric, name)) for name in ("M32", "M64", "S32", "S64")}
+_MIN_CHAIN = 3  # directly nested blocks taken as one chain
 _MAX_DEFERRED = 200  # characters of a deferred expression (Python limits nesting)
 
 
@@ -69,6 +70,10 @@ class _Construct:
     results: int
     looped: bool = True  # a Python loop, because branches target it
     passed_through: bool = False  # a branch inside it targets a construct further out
+    # For a chain of directly nested blocks (a switch's br_table targets) run as one loop:
+    # the chain's outermost block (which owns the loop) and this block's position in it.
+    chain: _Construct | None = None
+    position: int = 0
 
     @property
     def arity(self) -> int:
@@ -155,6 +160,9 @@ class _FunctionTranslator:
             self.emit(f"return {self.slots(self.h - n, n)}" if n else "return")
             return
         self.move(target)
+        if target.chain is not None:
+            self.branch_in_chain(target, depth)
+            return
         if target is self.innermost_loop():
             if target.kind == "loop":
                 self.spend_fuel()
@@ -167,13 +175,32 @@ class _FunctionTranslator:
         self.emit(f"_br = {target.label}")
         self.emit("break")
 
+    def branch_in_chain(self, target: _Construct, depth: int) -> None:
+        """To the end of a chained block: resume the chain's loop at that position."""
+        chain = target.chain
+        assert chain is not None
+        if chain is self.innermost_loop():
+            if target.position == 0:
+                self.emit("break")
+            else:
+                self.emit(f"_p{chain.label} = {target.position}")
+                self.emit("continue")
+            return
+        for c in self.ctrls[len(self.ctrls) - depth:]:
+            c.passed_through = c.looped and c is not chain
+        self.emit(f"_p{chain.label} = {target.position}")
+        self.emit(f"_br = {chain.label}")
+        self.emit("break")
+
     # --- translation ---------------------------------------------------------------------
     def translate(self, body: list[Instr]) -> str:
         t = self.fn.type
         n_params = len(t.params)
         self.targeted = _branch_targets(body)
+        self.body = body
+        self.chained_opens = 0  # block opens already taken into a chain
         self.ctrls.append(_Construct("func", -1, 0, 0, len(t.results)))
-        for op, imm in body[:-1]:
+        for self.at, (op, imm) in enumerate(body[:-1]):
             if self.dead:
                 self.skip(op)
                 continue
@@ -206,8 +233,54 @@ class _FunctionTranslator:
             self.dead = False
             self.control(op, None)
 
+    def open_chain(self) -> bool:
+        """Open a run of directly nested result-less blocks as one loop, if there is one:
+        how compilers lay out a switch (one block per case, a br_table inside the last)."""
+        n = 0
+        while (self.at + n < len(self.body) and self.body[self.at + n][0].name == "block"
+               and self.body[self.at + n][1] is None):
+            n += 1
+        if n < _MIN_CHAIN or self.labels + 1 not in self.targeted:
+            return False
+        chain = None
+        for position in range(n):
+            self.labels += 1
+            c = _Construct("block", self.labels, self.h, 0, 0, looped=position == 0,
+                           position=position)
+            chain = chain or c
+            c.chain = chain
+            self.ctrls.append(c)
+        assert chain is not None
+        self.emit(f"_p{chain.label} = {n}")
+        self.emit("while True:")
+        self.emit(f"    if _p{chain.label} == {n}:")
+        self.indent += 2
+        self.emit("pass")
+        self.chained_opens = n - 1
+        return True
+
+    def close_chained(self, c: _Construct) -> None:
+        """The end of a chained block: the next position's code follows."""
+        chain = c.chain
+        assert chain is not None
+        if c is chain:
+            self.indent -= 1
+            self.emit("break")
+            self.indent -= 1
+            return
+        self.emit(f"_p{chain.label} = {c.position}")
+        self.indent -= 1
+        self.emit(f"if _p{chain.label} == {c.position}:")
+        self.indent += 1
+        self.emit("pass")
+
     def open(self, kind: str, bt: object) -> None:
         """Blocks and ifs no branch targets need no Python loop (Python nests 20 at most)."""
+        if kind == "block" and self.chained_opens:
+            self.chained_opens -= 1
+            return
+        if kind == "block" and bt is None and self.open_chain():
+            return
         params, results = self.block_type(bt)
         self.labels += 1
         looped = kind == "loop" or self.labels in self.targeted
@@ -219,9 +292,14 @@ class _FunctionTranslator:
 
     def close(self) -> None:
         c = self.ctrls.pop()
-        if c.kind == "if":
+        if c.chain is not None:
+            self.close_chained(c)
+            self.h = c.height
+            if c is not c.chain:
+                return
+        elif c.kind == "if":
             self.indent -= 1  # out of the then/else body: both paths leave the construct
-        if c.looped:
+        if c.looped and c.chain is None:
             self.emit("break")
             self.indent -= 1
         self.h = c.height + c.results
@@ -234,7 +312,7 @@ class _FunctionTranslator:
             self.emit("_br = None")
             if outer.kind == "loop":
                 self.spend_fuel()
-            self.emit("continue" if outer.kind == "loop" else "break")
+            self.emit("continue" if outer.kind == "loop" or outer.chain else "break")
             self.indent -= 1
             self.emit("break")
             self.indent -= 1
