@@ -7,9 +7,12 @@ instance's bound immediates into it: ``i32.add`` at height 3 is ``s1 = (s1 + s2)
 0xffffffff``. Locals, constants and pure results that cannot trap are not stored at all
 but substituted into the instruction that consumes them, so ``local.get 0; i32.const 1;
 i32.add; local.set 0`` becomes ``l0 = ((l0 + 1) & 0xffffffff)``.
-Structured control maps onto Python's: every block, loop and if is a ``while True:``
-whose ``break`` leaves it and whose ``continue`` iterates a loop; a branch further out
-sets ``_br`` to its target and each enclosing construct passes it on.
+Structured control maps onto Python's: every loop, and every block or if that a branch
+targets, is a ``while True:`` whose ``break`` leaves it and whose ``continue`` iterates a
+loop; a branch further out sets ``_br`` to its target and each enclosing loop passes it
+on. Python nests at most 20 loops, and a switch compiles to one block per case, so a
+chain of directly nested blocks becomes one loop over the case positions (a branch sets
+the position and continues). A function still nested too deeply stays interpreted.
 
 Calls are Python calls, so Python's recursion limit (raised to about the interpreter's
 call depth; Python 3.11 calls between Python functions use no C stack) bounds them, and
