@@ -1,11 +1,12 @@
 """WebAssembly core: popek's tiers beside other runtimes on the same compiled kernels.
 
 The freestanding C kernels of tests/wasm/kernels.c (sorting, CRC-32, 64-bit mixing,
-float series, indirect calls, switches, recursion, conversions) are compiled once by
-clang-14 (-O2, ``-DSCALE`` from ``--scale``) and each runtime runs every kernel ``--rounds``
-times in one fresh instance (translation and JIT compilation included), checking that all
-runtimes return the same results. Beside popek: wasmtime (Cranelift JIT), wasm3 (pywasm3,
-an interpreter in C) and pywasm (an interpreter in pure Python), from PyPI:
+float series, indirect calls, switches, recursion, conversions, a bytecode interpreter)
+are compiled once by clang-14 (-O2, ``-DSCALE`` from ``--scale``) and each runtime runs
+every kernel ``--rounds`` times in one fresh instance (translation and JIT compilation
+included), checking that all runtimes return the same results. Beside popek: wasmtime
+(Cranelift JIT), wasm3 (pywasm3, an interpreter in C) and pywasm (an interpreter in pure
+Python), from PyPI:
 
     pip install wasmtime pywasm3 pywasm
     python bench/wasm_kernels.py [--rounds N] [--scale N] [--skip pywasm]
@@ -29,7 +30,7 @@ import popek.wasm as popek_wasm  # noqa: E402
 
 SOURCE = Path(__file__).resolve().parent.parent / "tests" / "wasm" / "kernels.c"
 KERNELS = ("sort_checksum", "crc32_of_data", "mix64", "series", "float_mix", "dispatch",
-           "switchy", "recursion", "conversions")
+           "switchy", "recursion", "conversions", "bytecode")
 
 Runner = Callable[[bytes, int], list]
 

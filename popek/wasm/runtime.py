@@ -48,7 +48,8 @@ class Memory:
         """Add ``delta`` pages; the old size in pages, or -1 if the limits forbid it."""
         old = self.pages
         new = old + delta
-        if new > self.limit_pages or (self.max_pages is not None and new > self.max_pages):
+        if delta < 0 or new > min(self.limit_pages, MAX_PAGES if self.max_pages is None
+                                   else self.max_pages):
             return -1
         if delta:
             self.data.extend(bytes(delta * PAGE))

@@ -44,11 +44,11 @@ def load_lines(op: Op, addr: str, result: str) -> list[str]:
     """Source of a load of ``op.size`` bytes at ``addr`` + off into ``result``."""
     size = op.size
     access = "M[ea]" if size == 1 else f"unpack{size}(M, ea)[0]"
+    load = [f"{result} = {access}"] if op.sem == "v" else [f"v = {access}", f"{result} = {op.sem}"]
     return [f"ea = {addr} + off",
             f"if ea > len(M) - {size}:",
             "    raise Trap(OOB_MEMORY)",
-            f"v = {access}",
-            f"{result} = {op.sem}"]
+            *load]
 
 
 def store_lines(op: Op, addr: str, value: str) -> list[str]:

@@ -3,10 +3,16 @@
 Validation fixes the operand stack's height at every instruction, so stack slots become
 Python locals (``s0``, ``s1``, ...) as wasm locals do (``l0``, ...), and each instruction's
 semantics from :mod:`popek.wasm.isa` is specialized by substituting the slots and the
-instance's bound immediates into it: ``i32.add`` at height 3 is ``s1 = (s1 + s2) & M32``.
-Structured control maps onto Python's: every block, loop and if is a ``while True:``
-whose ``break`` leaves it and whose ``continue`` iterates a loop; a branch further out
-sets ``_br`` to its target and each enclosing construct passes it on.
+instance's bound immediates into it: ``i32.add`` at height 3 is ``s1 = (s1 + s2) &
+0xffffffff``. Locals, constants and pure results that cannot trap are not stored at all
+but substituted into the instruction that consumes them, so ``local.get 0; i32.const 1;
+i32.add; local.set 0`` becomes ``l0 = ((l0 + 1) & 0xffffffff)``.
+Structured control maps onto Python's: every loop, and every block or if that a branch
+targets, is a ``while True:`` whose ``break`` leaves it and whose ``continue`` iterates a
+loop; a branch further out sets ``_br`` to its target and each enclosing loop passes it
+on. Python nests at most 20 loops, and a switch compiles to one block per case, so a
+chain of directly nested blocks becomes one loop over the case positions (a branch sets
+the position and continues). A function still nested too deeply stays interpreted.
 
 Calls are Python calls, so Python's recursion limit (raised to about the interpreter's
 call depth; Python 3.11 calls between Python functions use no C stack) bounds them, and
@@ -25,7 +31,7 @@ from functools import cache
 from typing import TYPE_CHECKING
 
 from popek.engine.translator import compiled
-from popek.wasm import semantics
+from popek.wasm import numeric, semantics
 from popek.wasm.binary import Instr
 from popek.wasm.errors import OutOfFuel, Trap
 from popek.wasm.interpreter import resolve_indirect, run
@@ -41,6 +47,8 @@ if TYPE_CHECKING:
 _OPERAND = re.compile(r"\b([abc])\b")
 _ASSIGNED_SLOTS = re.compile(r"((?:s\d+,? ?)+)= ")
 _MARK = "\x00"  # brackets the markers in instruction templates
+_INLINE_CONSTANTS = {name: hex(getattr(numeric, name)) for name in ("M32", "M64", "S32", "S64")}
+_MIN_CHAIN = 3  # directly nested blocks taken as one chain
 _MAX_DEFERRED = 200  # characters of a deferred expression (Python limits nesting)
 
 
@@ -63,7 +71,12 @@ class _Construct:
     height: int  # the operand height its label restores
     params: int
     results: int
+    looped: bool = True  # a Python loop, because branches target it
     passed_through: bool = False  # a branch inside it targets a construct further out
+    # For a chain of directly nested blocks (a switch's br_table targets) run as one loop:
+    # the chain's outermost block (which owns the loop) and this block's position in it.
+    chain: _Construct | None = None
+    position: int = 0
 
     @property
     def arity(self) -> int:
@@ -139,6 +152,10 @@ class _FunctionTranslator:
         if n and self.h - n != target.height:
             self.emit(f"{self.slots(target.height, n)} = {self.slots(self.h - n, n)}")
 
+    def innermost_loop(self) -> _Construct:
+        """The construct whose Python loop ``break`` and ``continue`` act on (or func)."""
+        return next(c for c in reversed(self.ctrls) if c.looped)
+
     def branch(self, depth: int) -> None:
         target = self.ctrls[-1 - depth]
         if target.kind == "func":
@@ -146,7 +163,10 @@ class _FunctionTranslator:
             self.emit(f"return {self.slots(self.h - n, n)}" if n else "return")
             return
         self.move(target)
-        if depth == 0:
+        if target.chain is not None:
+            self.branch_in_chain(target, depth)
+            return
+        if target is self.innermost_loop():
             if target.kind == "loop":
                 self.spend_fuel()
                 self.emit("continue")
@@ -154,16 +174,36 @@ class _FunctionTranslator:
                 self.emit("break")
             return
         for c in self.ctrls[len(self.ctrls) - depth:]:
-            c.passed_through = True
+            c.passed_through = c.looped
         self.emit(f"_br = {target.label}")
+        self.emit("break")
+
+    def branch_in_chain(self, target: _Construct, depth: int) -> None:
+        """To the end of a chained block: resume the chain's loop at that position."""
+        chain = target.chain
+        assert chain is not None
+        if chain is self.innermost_loop():
+            if target.position == 0:
+                self.emit("break")
+            else:
+                self.emit(f"_p{chain.label} = {target.position}")
+                self.emit("continue")
+            return
+        for c in self.ctrls[len(self.ctrls) - depth:]:
+            c.passed_through = c.looped and c is not chain
+        self.emit(f"_p{chain.label} = {target.position}")
+        self.emit(f"_br = {chain.label}")
         self.emit("break")
 
     # --- translation ---------------------------------------------------------------------
     def translate(self, body: list[Instr]) -> str:
         t = self.fn.type
         n_params = len(t.params)
+        self.targeted = _branch_targets(body)
+        self.body = body
+        self.chained_opens = 0  # block opens already taken into a chain
         self.ctrls.append(_Construct("func", -1, 0, 0, len(t.results)))
-        for op, imm in body[:-1]:
+        for self.at, (op, imm) in enumerate(body[:-1]):
             if self.dead:
                 self.skip(op)
                 continue
@@ -196,22 +236,77 @@ class _FunctionTranslator:
             self.dead = False
             self.control(op, None)
 
+    def open_chain(self) -> bool:
+        """Open a run of directly nested result-less blocks as one loop, if there is one:
+        how compilers lay out a switch (one block per case, a br_table inside the last)."""
+        n = 0
+        while (self.at + n < len(self.body) and self.body[self.at + n][0].name == "block"
+               and self.body[self.at + n][1] is None):
+            n += 1
+        if n < _MIN_CHAIN or self.labels + 1 not in self.targeted:
+            return False
+        chain = None
+        for position in range(n):
+            self.labels += 1
+            c = _Construct("block", self.labels, self.h, 0, 0, looped=position == 0,
+                           position=position)
+            chain = chain or c
+            c.chain = chain
+            self.ctrls.append(c)
+        assert chain is not None
+        self.emit(f"_p{chain.label} = {n}")
+        self.emit("while True:")
+        self.emit(f"    if _p{chain.label} == {n}:")
+        self.indent += 2
+        self.emit("pass")
+        self.chained_opens = n - 1
+        return True
+
+    def close_chained(self, c: _Construct) -> None:
+        """The end of a chained block: the next position's code follows."""
+        chain = c.chain
+        assert chain is not None
+        if c is chain:
+            self.indent -= 1
+            self.emit("break")
+            self.indent -= 1
+            return
+        self.emit(f"_p{chain.label} = {c.position}")
+        self.indent -= 1
+        self.emit(f"if _p{chain.label} == {c.position}:")
+        self.indent += 1
+        self.emit("pass")
+
     def open(self, kind: str, bt: object) -> None:
+        """Blocks and ifs no branch targets need no Python loop (Python nests 20 at most)."""
+        if kind == "block" and self.chained_opens:
+            self.chained_opens -= 1
+            return
+        if kind == "block" and bt is None and self.open_chain():
+            return
         params, results = self.block_type(bt)
         self.labels += 1
-        c = _Construct(kind, self.labels, self.h - params, params, results)
+        looped = kind == "loop" or self.labels in self.targeted
+        c = _Construct(kind, self.labels, self.h - params, params, results, looped)
         self.ctrls.append(c)
-        self.emit("while True:")
-        self.indent += 1
+        if looped:
+            self.emit("while True:")
+            self.indent += 1
 
     def close(self) -> None:
         c = self.ctrls.pop()
-        if c.kind == "if":
+        if c.chain is not None:
+            self.close_chained(c)
+            self.h = c.height
+            if c is not c.chain:
+                return
+        elif c.kind == "if":
             self.indent -= 1  # out of the then/else body: both paths leave the construct
-        self.emit("break")
-        self.indent -= 1
+        if c.looped and c.chain is None:
+            self.emit("break")
+            self.indent -= 1
         self.h = c.height + c.results
-        outer = self.ctrls[-1]
+        outer = self.innermost_loop()
         if c.passed_through and outer.kind != "func":
             # A branch left c for a construct further out: outer is the target, or passes on.
             self.emit("if _br is not None:")
@@ -220,7 +315,7 @@ class _FunctionTranslator:
             self.emit("_br = None")
             if outer.kind == "loop":
                 self.spend_fuel()
-            self.emit("continue" if outer.kind == "loop" else "break")
+            self.emit("continue" if outer.kind == "loop" or outer.chain else "break")
             self.indent -= 1
             self.emit("break")
             self.indent -= 1
@@ -230,7 +325,11 @@ class _FunctionTranslator:
         if name in ("call", "call_indirect"):
             self.call_op(op, imm)
             return
-        cond = self.operand(self.h - 1) if name in ("if", "br_if", "br_table") else ""
+        cond = ""
+        if name in ("if", "br_if"):
+            cond = _truth(self.operand(self.h - 1))
+        elif name == "br_table":
+            cond = self.operand(self.h - 1)
         self.flush()
         if name == "unreachable":
             self.emit("raise Trap('unreachable')")
@@ -337,6 +436,8 @@ class _FunctionTranslator:
                 values["Lidx"] = f"l{values['idx']}"
         values["R"] = f"s{base}"
         text = "".join(values[part] if i & 1 else part for i, part in enumerate(_template(op)))
+        if values.get("off") == "0":
+            text = text.replace(" + 0\n", "\n", 1)  # the effective address of offset 0
         if op.kind == "compute" and op.results:
             if op.imm == "none" and not op.traps and len(text) < _MAX_DEFERRED:
                 self.pending[base] = f"({text})"  # pure: computed where it is consumed
@@ -345,6 +446,35 @@ class _FunctionTranslator:
         for line in text.split("\n"):
             if line.strip() != "None":
                 self.emit(line)
+
+
+def _branch_targets(body: list[Instr]) -> set[int]:
+    """The constructs (numbered 1, 2, ... as they open) that some branch targets."""
+    targeted: set[int] = set()
+    opened: list[int] = []
+    count = 0
+    for op, imm in body:
+        if op.imm == "blocktype":
+            count += 1
+            opened.append(count)
+        elif op.name == "end" and opened:
+            opened.pop()
+        elif op.name in ("br", "br_if", "br_table"):
+            depths = (*imm[0], imm[1]) if op.name == "br_table" else (imm,)
+            targeted.update(opened[-1 - d] for d in depths if d < len(opened))
+    return targeted
+
+
+def _truth(expr: str) -> str:
+    """A condition: ``(int(x < y))`` tests as ``(x < y)`` without the call."""
+    if not (expr.startswith("(int(") and expr.endswith("))")):
+        return expr
+    depth = 0
+    for ch in expr[5:-2]:
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if depth < 0:  # int( closes before the end: (int(a) + int(b)), say
+            return expr
+    return f"({expr[5:-2]})"
 
 
 def _stable_names(kind: str, imm: object) -> tuple[str, ...]:
@@ -374,6 +504,8 @@ def _template(op: Op) -> list[str]:
         text = _OPERAND.sub(lambda m: f"{_MARK}{m.group(1)}{_MARK}", text)
     for name in IMM_NAMES[op.imm]:
         text = re.sub(rf"\b{name}\b", f"{_MARK}{name}{_MARK}", text)
+    for name, value in _INLINE_CONSTANTS.items():  # a literal costs less than a global
+        text = re.sub(rf"\b{name}\b", value, text)
     return text.split(_MARK)
 
 

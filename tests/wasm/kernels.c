@@ -114,3 +114,38 @@ long long conversions(void) {
     }
     return acc;
 }
+
+/* A bytecode interpreter: a switch with many cases (clang nests one block per case). */
+static int run_bytecode(const unsigned char *code, int n) {
+    int acc = 0, pc = 0, r[8] = {0};
+    while (pc < n) {
+        unsigned char op = code[pc++];
+        switch (op & 31) {
+        case 0: acc += 1; break;        case 1: acc -= 2; break;
+        case 2: acc *= 3; break;        case 3: acc ^= 5; break;
+        case 4: acc <<= 1; break;       case 5: acc >>= 1; break;
+        case 6: r[op >> 5] = acc; break; case 7: acc = r[op >> 5]; break;
+        case 8: acc += r[0]; break;     case 9: acc -= r[1]; break;
+        case 10: acc |= 7; break;       case 11: acc &= 0xfff; break;
+        case 12: acc = -acc; break;     case 13: acc = ~acc; break;
+        case 14: acc += 100; break;     case 15: acc /= 3; break;
+        case 16: acc %= 1000; break;    case 17: acc += pc; break;
+        case 18: acc -= pc; break;      case 19: acc *= acc; break;
+        case 20: acc += 20; /* falls through */
+        case 21: acc -= 21; break;      case 22: acc ^= 22; break;
+        case 23: acc += r[2]; break;    case 24: acc += r[3]; break;
+        case 25: pc += 1; break;        case 26: acc += 26; break;
+        case 27: acc -= 27; break;      case 28: acc *= 7; break;
+        default: acc += op; break;
+        }
+    }
+    return acc;
+}
+
+int bytecode(void) {
+    static unsigned char program[512];
+    for (int i = 0; i < 512; i++) program[i] = (unsigned char)(i * 37 + 11);
+    int sum = 0;
+    for (int k = 0; k < 2 * SCALE; k++) sum += run_bytecode(program, 512);
+    return sum;
+}
