@@ -103,7 +103,7 @@ def migrate(source: VirtMachine, dest_out: bytearray, *, max_downtime: float = 0
                 lost.append(err)
             arrival.conn.close()
 
-    thread = threading.Thread(target=destination)
+    thread = threading.Thread(target=destination, daemon=True)  # a hang fails, not lingers
     thread.start()
     try:
         outcome: dict[str, Any] | MigrationError
@@ -120,6 +120,7 @@ def migrate(source: VirtMachine, dest_out: bytearray, *, max_downtime: float = 0
             outcome = err
     finally:
         thread.join(60)
+    assert not thread.is_alive(), "the destination did not finish within 60 s"
     return outcome, arrived[0], bool(went and went[0])
 
 
