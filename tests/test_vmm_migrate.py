@@ -232,7 +232,7 @@ def test_linux_guest_migrates_there_and_back_with_its_processes(
     a, b = pair
     vm = a.api("create", kernel=str(images.KERNEL), initrd=str(images.INITRD), mem=128 << 20,
                name="linux")
-    a.api.wait_log(vm, rb"popek guest: Linux")
+    a.api.wait_log(vm, rb"popek guest: Linux[^#]*# ")  # typed at the shell's prompt
     a.api.type_line(vm, b"sleep 100000 & echo sleeper-$!; (i=0; while true; do "
                         b"echo count-$i; i=$((i+1)); sleep 0.2; done) &\n")
     sleeper = re.search(rb"sleeper-(\d+)", a.api.wait_log(vm, rb"sleeper-\d+"))[1]

@@ -69,13 +69,18 @@ class Api:
 
     def type_line(self, vm: dict[str, Any], line: bytes) -> bytes:
         """Type ``line`` on the console WebSocket; what it showed until the line came
-        back (the scrollback first)."""
+        back (the scrollback first). A shell's line editor may wrap the echo at the
+        terminal's width, so line ends are not compared; and the wait has one deadline,
+        as a guest printing on and on would otherwise keep every receive from timing out."""
         async def type_line() -> bytes:
             async with Client(self.socket_path) as client, client.console(vm["id"]) as ws:
                 await ws.send_bytes(line)
                 seen = b""
-                while line.strip() not in seen:
-                    seen += (await asyncio.wait_for(ws.receive(), PATIENCE)).data
+                async with asyncio.timeout(PATIENCE):
+                    while line.strip() not in seen.replace(b"\r", b"").replace(b"\n", b""):
+                        message = await ws.receive()
+                        assert isinstance(message.data, bytes), f"the console ended: {message}"
+                        seen += message.data
                 return seen
         return asyncio.run(type_line())
 
