@@ -1,0 +1,648 @@
+"""Tier 2 for WebAssembly: an instance's functions compiled to native code through LLVM.
+
+Each function the tier handles becomes one native function ``status = f(env, io)``:
+``io`` holds its arguments on entry and its results on return, ``env`` (:class:`Env`)
+what native code shares with Python: the linear memory's address and size, the globals'
+values, the fuel, the call depth and the callbacks into Python. Instruction semantics
+come from :mod:`popek.wasm.isa` through the engine's lowering (:mod:`popek.engine.lowering`)
+with WebAssembly's vocabulary added (:class:`WasmLowering`); control flow, locals, the
+operand stack, memory accesses with their bounds checks, calls and fuel are this module's.
+Locals and stack slots are stack variables that LLVM promotes to registers.
+
+The rules are the other tiers': a trap leaves memory, globals and fuel as the interpreter
+would (memory is the instance's own bytearray, globals and fuel are copied back whenever
+control returns to Python), fuel is spent at function entry and loop back edges, and a
+function using anything the lowering refuses (floating-point arithmetic, references,
+bulk memory, ``memory.grow``) stays on the translation tier; calls to such functions,
+to host functions and through tables go back into Python.
+
+An instance's functions are compiled together, in one LLVM module, on the first call
+into it, so native functions call each other directly.
+"""
+
+from __future__ import annotations
+
+import ast
+import ctypes
+import itertools
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from popek.engine import irtext as ir
+from popek.engine import jit
+from popek.engine.compiler_thread import LLVM_LOCK
+from popek.engine.lowering import I32, I64, Emitted, Lowering, Operand, Unsupported, Value
+from popek.wasm import numeric
+from popek.wasm.errors import OutOfFuel, Trap
+from popek.wasm.isa import Op
+from popek.wasm.runtime import OOB_MEMORY
+from popek.wasm.translator import _call_target, call_function
+from popek.wasm.types import MAX_CALL_DEPTH
+
+if TYPE_CHECKING:
+    from popek.wasm.binary import Instr
+    from popek.wasm.instance import Instance, WasmFunction
+
+I8 = ir.IntType(8)
+NUMERIC = ("i32", "i64", "f32", "f64")
+MASKS = {"i32": numeric.M32, "i64": numeric.M64, "f32": numeric.M32, "f64": numeric.M64}
+
+# Exit statuses of native functions.
+OK = 0
+TRAPPED = 1  # env.trap indexes TRAPS
+PENDING = 2  # a call back into Python raised; the exception waits in NativeInstance.pending
+
+TRAPS = ["integer divide by zero", "integer overflow", OOB_MEMORY, "unreachable",
+         "call stack exhausted", "all fuel consumed"]
+_TRAP = {message: i for i, message in enumerate(TRAPS)}
+
+ENV_FIELDS = ("memory", "memory_size", "globals", "fuel", "depth", "trap", "call_slow")
+_F = {name: i for i, name in enumerate(ENV_FIELDS)}
+
+
+class Env(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in ENV_FIELDS]
+
+
+NATIVE_FN = ctypes.PYFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p)
+# call_slow(env, callee, io): callee is a function index, or -1 - i for the i-th
+# call_indirect site's (table, type) with the element index in io's last word.
+CALL_SLOW = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_uint64, ctypes.c_int64, ctypes.c_void_p)
+FUNCTION_TYPE = ir.FunctionType(I32, [ir.PTR, ir.PTR])
+CALL_SLOW_TYPE = ir.FunctionType(I32, [ir.PTR, I64, ir.PTR])
+_names = itertools.count()
+
+
+class WasmLowering(Lowering):
+    """The engine's lowering with the names WebAssembly's semantics use."""
+
+    constants = {k: v for k, v in vars(numeric).items() if isinstance(v, int)}
+
+    def __init__(self, fc: _FunctionCompiler, operands: dict[str, Operand]) -> None:
+        super().__init__(fc, operands, None, 0)
+        self.fc = fc
+
+    def _call(self, call: ast.Call) -> Value:
+        b = self.b
+        func, args = call.func, call.args
+        if isinstance(func, ast.Attribute) and not args:
+            v = self._expr(func.value)
+            width = _width_of(v)
+            x = v.at(b, width)
+            if func.attr == "bit_length":
+                clz = b.intrinsic(f"llvm.ctlz.i{width}", x.type, [x, ir.Constant(ir.I1, 0)])
+                return Emitted(b.sub(ir.Constant(x.type, width), clz), 0, width)
+            if func.attr == "bit_count":
+                return Emitted(b.intrinsic(f"llvm.ctpop.i{width}", x.type, [x]), 0, width)
+        name = func.id if isinstance(func, ast.Name) else None
+        if name == "sext":
+            v, bits, mask = self._expr(args[0]), self._constant(args[1]), self._constant(args[2])
+            wide = b.sext(v.at(b, bits), ir.IntType(mask.bit_length()))
+            return Emitted(wide, 0, mask)
+        if name == "rotl":
+            v, n = self._expr(args[0]), self._expr(args[1])
+            width = self._constant(args[2])
+            x = v.at(b, width)
+            rotated = b.intrinsic(f"llvm.fshl.i{width}", x.type, [x, x, n.at(b, width)])
+            return Emitted(rotated, 0, (1 << width) - 1)
+        if name in ("div_s", "rem_s", "div_u", "rem_u"):
+            return self._division(name, [self._expr(a) for a in args[:2]],
+                                  self._constant(args[2]) if len(args) > 2 else None)
+        return super()._call(call)
+
+    def _division(self, name: str, operands: list[Value], bits: int | None) -> Value:
+        """WebAssembly's trapping division: by zero traps, and so does MIN / -1."""
+        b = self.b
+        width = bits or max(_width_of(v) for v in operands)
+        x, y = (v.at(b, width) for v in operands)
+        typ = x.type
+        with b.if_then(b.icmp_unsigned("==", y, ir.Constant(typ, 0))):
+            self.fc.trap("integer divide by zero")
+        if bits is None:
+            return Emitted(b.udiv(x, y) if name == "div_u" else b.urem(x, y), 0, (1 << width) - 1)
+        overflow = b.and_(b.icmp_signed("==", x, ir.Constant(typ, -(1 << (width - 1)))),
+                          b.icmp_signed("==", y, ir.Constant(typ, -1)))
+        if name == "div_s":
+            with b.if_then(overflow):
+                self.fc.trap("integer overflow")
+            return Emitted(b.sdiv(x, y), 0, (1 << width) - 1)
+        safe = b.select(overflow, ir.Constant(typ, 1), y)  # MIN rem -1 is 0, as rem by 1
+        return Emitted(b.srem(x, safe), 0, (1 << width) - 1)
+
+
+def _numeric(ftype: object) -> bool:
+    return all(t in NUMERIC for t in (*ftype.params, *ftype.results))  # type: ignore[attr-defined]
+
+
+def _width_of(v: Value) -> int:
+    """The width of the wasm integer a value of the semantics is (32 or 64 bits)."""
+    if v.lo < 0 or v.hi > numeric.M64:
+        raise Unsupported("an operand outside 64 unsigned bits")
+    return 32 if v.hi <= numeric.M32 else 64
+
+
+class _Construct:
+    """An open block, loop, if or the function body, as branches to it see it."""
+
+    def __init__(self, kind: str, height: int, params: int, results: int,
+                 end: ir.Block, head: ir.Block | None = None) -> None:
+        self.kind, self.height, self.params, self.results = kind, height, params, results
+        self.end, self.head = end, head
+        self.orelse: ir.Block | None = None
+
+    @property
+    def arity(self) -> int:
+        return self.params if self.kind == "loop" else self.results
+
+
+class _FunctionCompiler:
+    """Emits one wasm function; also the lowering's target (only ``builder`` and traps are
+    used: WebAssembly's semantics read no registers)."""
+
+    def __init__(self, native: NativeInstance, fn: ir.Function, index: int,
+                 wfn: WasmFunction) -> None:
+        self.native, self.inst, self.wfn = native, native.inst, wfn
+        self.fn = fn
+        self.env, self.io = fn.args
+        self.builder = b = ir.IRBuilder(fn.append_basic_block("entry"), fn)
+        self.nparams = wfn.nparams
+        self.locals = [b.alloca(I64) for _ in range(self.nparams + len(wfn.compiled.locals))]
+        self.slots = [b.alloca(I64) for _ in range(wfn.compiled.max_height + 1)]
+        self.h = 0
+        self.ctrls: list[_Construct] = []
+        self.fuel = self.inst.fuel is not None
+        self.exit_status = fn.append_basic_block("exit")
+
+    # -- the lowering's Target --
+    def registers(self) -> dict[int, ir.Value]:
+        return {}
+
+    def set_registers(self, regs: dict[int, ir.Value]) -> None:
+        pass
+
+    def trap(self, message: str) -> None:
+        """Leave with the trap ``message`` (ends the IR block)."""
+        b = self.builder
+        b.store(ir.Constant(I64, _TRAP[message]), self.field("trap"))
+        self.leave(ir.Constant(I32, TRAPPED))
+
+    # -- helpers --
+    def field(self, name: str) -> ir.Value:
+        return self.builder.gep(self.env, [ir.Constant(I32, _F[name])], source_etype=I64)
+
+    def get(self, name: str, typ: ir.Type = I64) -> ir.Value:
+        return self.builder.load(self.field(name), typ)
+
+    def leave(self, status: ir.Value) -> None:
+        """Return ``status``, the call depth given back."""
+        b = self.builder
+        depth = self.field("depth")
+        b.store(b.sub(b.load(depth, I64), ir.Constant(I64, 1)), depth)
+        b.ret(status)
+
+    def slot(self, i: int) -> ir.Value:
+        return self.builder.load(self.slots[i], I64)
+
+    def set_slot(self, i: int, value: ir.Value) -> None:
+        self.builder.store(value, self.slots[i])
+
+    def io_word(self, i: int) -> ir.Value:
+        return self.builder.gep(self.io, [ir.Constant(I32, i)], source_etype=I64)
+
+    def spend_fuel(self) -> None:
+        if not self.fuel:
+            return
+        b = self.builder
+        fuel = self.field("fuel")
+        left = b.load(fuel, I64)
+        with b.if_then(b.icmp_signed("<=", left, ir.Constant(I64, 0))):
+            self.trap("all fuel consumed")
+        b.store(b.sub(left, ir.Constant(I64, 1)), fuel)
+
+    def block_type(self, bt: object) -> tuple[int, int]:
+        if bt is None:
+            return 0, 0
+        if isinstance(bt, str):
+            return 0, 1
+        t = self.inst.module.types[bt]
+        return len(t.params), len(t.results)
+
+    # -- the function --
+    def compile(self, body: list[Instr]) -> None:
+        b = self.builder
+        if not _numeric(self.wfn.type) or any(t not in NUMERIC for t in self.wfn.compiled.locals):
+            raise Unsupported("references in the function's parameters, results or locals")
+        depth = self.field("depth")
+        d = b.add(b.load(depth, I64), ir.Constant(I64, 1))
+        b.store(d, depth)
+        with b.if_then(b.icmp_unsigned(">", d, ir.Constant(I64, MAX_CALL_DEPTH))):
+            self.trap("call stack exhausted")
+        for i in range(self.nparams):
+            b.store(b.load(self.io_word(i), I64), self.locals[i])
+        for i in range(self.nparams, len(self.locals)):
+            b.store(ir.Constant(I64, 0), self.locals[i])
+        self.spend_fuel()
+        results = len(self.wfn.type.results)
+        self.ctrls.append(_Construct("func", 0, 0, results, self.exit_status))
+        dead_depth = 0
+        dead = False
+        for op, imm in body[:-1]:
+            if dead:
+                if op.imm == "blocktype":
+                    dead_depth += 1
+                    continue
+                if op.name not in ("end", "else"):
+                    continue
+                if dead_depth:
+                    dead_depth -= op.name == "end"
+                    continue
+                dead = False
+            if op.kind == "control":
+                dead = self.control(op, imm)
+            else:
+                self.compute(op, imm)
+        self.goto(self.exit_status)
+        b.position_at_end(self.exit_status)
+        for i in range(results):
+            b.store(self.slot(i), self.io_word(i))
+        self.leave(ir.Constant(I32, OK))
+
+    def move(self, target: _Construct) -> None:
+        n = target.arity
+        if n and self.h - n != target.height:
+            values = [self.slot(self.h - n + i) for i in range(n)]
+            for i, v in enumerate(values):
+                self.set_slot(target.height + i, v)
+
+    def goto(self, block: ir.Block) -> None:
+        """Fall through to ``block``, unless the current block already ended."""
+        if not self.builder.block.is_terminated:
+            self.builder.branch(block)
+
+    def branch(self, depth: int) -> None:
+        target = self.ctrls[-1 - depth]
+        self.move(target)
+        if target.kind == "loop":
+            self.spend_fuel()
+            self.builder.branch(target.head)
+        else:
+            self.builder.branch(target.end)
+
+    def control(self, op: Op, imm: object) -> bool:  # noqa: C901 - one case per instruction
+        """Emit a control instruction; True if the code after it is unreachable."""
+        b = self.builder
+        name = op.name
+        if name == "unreachable":
+            self.trap("unreachable")
+            return True
+        if name in ("block", "loop", "if"):
+            params, results = self.block_type(imm)
+            if name == "if":
+                self.h -= 1
+                cond = b.icmp_unsigned("!=", self.slot(self.h), ir.Constant(I64, 0))
+            c = _Construct(name, self.h - params, params, results, b.append_basic_block(name))
+            self.ctrls.append(c)
+            if name == "loop":
+                c.head = b.append_basic_block("head")
+                b.branch(c.head)
+                b.position_at_end(c.head)
+            elif name == "if":
+                then, c.orelse = b.append_basic_block("then"), b.append_basic_block("else")
+                b.cbranch(cond, then, c.orelse)
+                b.position_at_end(then)
+            return False
+        if name == "else":
+            c = self.ctrls[-1]
+            self.goto(c.end)
+            b.position_at_end(c.orelse)
+            c.orelse = None
+            self.h = c.height + c.params
+            return False
+        if name == "end":
+            c = self.ctrls.pop()
+            self.goto(c.end)
+            if c.orelse is not None:  # an if without else: its params are its results
+                b.position_at_end(c.orelse)
+                b.branch(c.end)
+            b.position_at_end(c.end)
+            self.h = c.height + c.results
+            return False
+        if name == "br":
+            self.branch(imm)
+            return True
+        if name == "br_if":
+            self.h -= 1
+            cond = b.icmp_unsigned("!=", self.slot(self.h), ir.Constant(I64, 0))
+            taken, rest = b.append_basic_block("br_if"), b.append_basic_block("fall")
+            b.cbranch(cond, taken, rest)
+            b.position_at_end(taken)
+            self.branch(imm)
+            b.position_at_end(rest)
+            return False
+        if name == "br_table":
+            labels, default = imm
+            self.h -= 1
+            index = self.slot(self.h)
+            arms = {}
+            for depth in sorted(set(labels) | {default}):
+                arms[depth] = b.append_basic_block("case")
+            b.switch(index, arms[default], [(i, arms[d]) for i, d in enumerate(labels)])
+            for depth, block in arms.items():
+                b.position_at_end(block)
+                self.branch(depth)
+            return True
+        if name == "return":
+            self.branch(len(self.ctrls) - 1)
+            return True
+        if name == "call":
+            self.call(imm, self.inst.funcs[imm].type, None)
+            return False
+        if name == "call_indirect":
+            type_index, table = imm
+            self.h -= 1
+            self.call(-1 - self.native.indirect_site(table, type_index),
+                      self.inst.module.types[type_index], self.slot(self.h))
+            return False
+        raise Unsupported(f"control instruction {name}")
+
+    def call(self, callee: int, ftype: object, element: ir.Value | None) -> None:
+        b = self.builder
+        if not _numeric(ftype):
+            raise Unsupported("a call passing references")
+        n, r = len(ftype.params), len(ftype.results)
+        io = b.alloca(I64, max(n, r) + 1)
+        self.h -= n
+        for i in range(n):
+            b.store(self.slot(self.h + i), b.gep(io, [ir.Constant(I32, i)], source_etype=I64))
+        target = self.native.names.get(callee)
+        if target is not None:
+            status = b.call(ir.Value(ir.PTR, f"@{target}"), FUNCTION_TYPE, [self.env, io])
+        else:
+            if element is not None:
+                b.store(element, b.gep(io, [ir.Constant(I32, n)], source_etype=I64))
+            slow = self.get("call_slow", ir.PTR)
+            status = b.call(slow, CALL_SLOW_TYPE, [self.env, ir.Constant(I64, callee), io])
+        failed = b.icmp_unsigned("!=", status, ir.Constant(I32, OK))
+        with b.if_then(failed):
+            b.ret(status)  # the callee gave its depth back; this frame's is the caller's
+        for i in range(r):
+            self.set_slot(self.h + i,
+                          b.load(b.gep(io, [ir.Constant(I32, i)], source_etype=I64), I64))
+        self.h += r
+
+    def compute(self, op: Op, imm: object) -> None:
+        b = self.builder
+        n = len(op.params)
+        base = self.h - n
+        self.h = base + len(op.results)
+        name = op.name
+        if name == "local.get":
+            self.set_slot(base, b.load(self.locals[imm], I64))
+        elif name in ("local.set", "local.tee"):
+            b.store(self.slot(base), self.locals[imm])
+        elif name.endswith(".const"):
+            self.set_slot(base, ir.Constant(I64, imm & MASKS[op.results[0]]))  # type: ignore[operator]
+        elif name == "drop" or name == "nop":
+            pass
+        elif name in ("global.get", "global.set"):
+            if self.inst.globals[imm].type not in NUMERIC:
+                raise Unsupported("a reference global")
+            ptr = b.gep(self.get("globals", ir.PTR), [ir.Constant(I32, imm)], source_etype=I64)
+            if name == "global.get":
+                self.set_slot(base, b.load(ptr, I64))
+            else:
+                b.store(self.slot(base), ptr)
+        elif op.kind in ("load", "store"):
+            self.access(op, imm, base)
+        elif op.kind == "compute" and op.imm == "none" and len(op.results) == 1:
+            # Every value is numeric (functions touching references are refused), so an
+            # operand of a type-generic instruction (select's t) is 64 bits or fewer.
+            operands = {x: Operand(self.slot(base + i), 0, MASKS.get(t, numeric.M64))
+                        for i, (x, t) in enumerate(zip("abc", op.params, strict=False))}
+            self.set_slot(base, WasmLowering(self, operands).value(op.sem))
+        else:
+            raise Unsupported(name)
+
+    def access(self, op: Op, imm: object, base: int) -> None:
+        """A load or store: the effective address checked against the memory's size."""
+        b = self.builder
+        size = op.size
+        offset = imm[1]  # type: ignore[index]
+        ea = b.add(self.slot(base), ir.Constant(I64, offset))
+        end = b.add(ea, ir.Constant(I64, size))
+        with b.if_then(b.icmp_unsigned(">", end, self.get("memory_size"))):
+            self.trap(OOB_MEMORY)
+        ptr = b.gep(self.get("memory", ir.PTR), [ea], source_etype=I8)
+        typ = ir.IntType(8 * size)
+        if op.kind == "load":
+            v = b.load(ptr, typ, align=1)
+            v = b.zext(v, I64) if size < 8 else v
+            operands = {"v": Operand(v, 0, (1 << (8 * size)) - 1)}
+            self.set_slot(base, WasmLowering(self, operands).value(op.sem))
+        else:
+            value = self.slot(base + 1)
+            b.store(b.trunc(value, typ) if size < 8 else value, ptr, align=1)
+
+
+class NativeInstance:
+    """The native code of one instance, and the state it shares with Python."""
+
+    def __init__(self, inst: Instance) -> None:
+        self.inst = inst
+        self.env = Env()
+        self.env_address = ctypes.addressof(self.env)
+        self.numeric_globals = [g for g in inst.globals]
+        self.global_values = (ctypes.c_uint64 * max(1, len(inst.globals)))()
+        self.env.globals = ctypes.addressof(self.global_values)
+        self.call_slow = CALL_SLOW(self._call_slow)
+        self.env.call_slow = ctypes.cast(self.call_slow, ctypes.c_void_p).value or 0
+        self.pending: BaseException | None = None
+        self.indirect: list[tuple[int, int]] = []  # call_indirect sites: (table, type)
+        self.names: dict[int, str] = {}  # function index -> native function's name
+
+    def indirect_site(self, table: int, type_index: int) -> int:
+        site = (table, type_index)
+        if site not in self.indirect:
+            self.indirect.append(site)
+        return self.indirect.index(site)
+
+    # -- state crossing between Python and native code --
+    def enter(self) -> None:
+        """Native code is about to run: give it Python's view of the state."""
+        inst, env = self.inst, self.env
+        if inst.mems:
+            data = inst.mems[0].data
+            env.memory = _address(data)
+            env.memory_size = len(data)
+        if inst.fuel is not None:
+            env.fuel = inst.fuel
+        values = self.global_values
+        for i, g in enumerate(inst.globals):
+            if g.type in NUMERIC:
+                values[i] = g.value
+
+    def leave(self) -> None:
+        """Python is about to run: give it native code's view of the state."""
+        inst, env = self.inst, self.env
+        if inst.fuel is not None:
+            inst.fuel = env.fuel
+        values = self.global_values
+        for i, g in enumerate(inst.globals):
+            if g.mutable and g.type in NUMERIC:
+                g.value = values[i]
+
+    def _call_slow(self, env: int, callee: int, io: int) -> int:
+        try:
+            self.leave()
+            inst = self.inst
+            if callee >= 0:
+                f = inst.funcs[callee]
+                words = (ctypes.c_uint64 * (len(f.type.params) + 1)).from_address(io)
+            else:
+                table, type_index = self.indirect[-1 - callee]
+                ftype = inst.module.types[type_index]
+                words = (ctypes.c_uint64 * (len(ftype.params) + 1)).from_address(io)
+                f = _call_target(inst.tables[table], ftype, words[len(ftype.params)])
+            args = list(words[:len(f.type.params)])
+            depth = self.env.depth
+            try:
+                results = call_function(inst, f, args)
+            except RecursionError:
+                raise Trap("call stack exhausted") from None
+            finally:
+                self.env.depth = depth
+            out = (ctypes.c_uint64 * max(1, len(results))).from_address(io)
+            for i, v in enumerate(results):
+                out[i] = v
+            return OK
+        except BaseException as e:  # noqa: BLE001 - re-raised in Python by the caller
+            self.pending = e
+            return PENDING
+        finally:
+            self.enter()
+
+    # -- compiling --
+    def compile(self) -> dict[int, Callable]:
+        """Native entry points for every function the tier handles, by function index."""
+        inst = self.inst
+        first = len(inst.module.imported("func"))
+        prefix = f"wasm{next(_names)}_"
+        candidates = {}
+        for offset, code in enumerate(inst.module.codes):
+            index = first + offset
+            self.names[index] = f"{prefix}{index}"
+            candidates[index] = code.body
+        # Compile each function alone first, to drop those the tier cannot handle; the
+        # rest call each other directly.
+        while True:
+            module = ir.Module()
+            refused = []
+            for index, body in candidates.items():
+                fn = ir.Function(module, FUNCTION_TYPE, self.names[index])
+                try:
+                    _FunctionCompiler(self, fn, index, inst.funcs[index]).compile(body)
+                except Unsupported:
+                    refused.append(index)
+            if not refused:
+                break
+            for index in refused:
+                del candidates[index]
+                del self.names[index]
+        if not candidates:
+            return {}
+        addresses = _ENGINE.compile(str(module), [self.names[i] for i in candidates])
+        return {index: self._entry(inst.funcs[index], addr)
+                for index, addr in zip(candidates, addresses, strict=True)}
+
+    def _entry(self, wfn: WasmFunction, address: int) -> Callable:
+        """The Python entry point (the translation tier's calling convention)."""
+        native = NATIVE_FN(address)
+        n, r = wfn.nparams, len(wfn.type.results)
+        io = (ctypes.c_uint64 * max(1, n, r))()
+        io_address = ctypes.addressof(io)
+        env = self.env_address
+
+        def call(*args: int) -> object:
+            self.enter()
+            io[:n] = args
+            depth = self.env.depth
+            status = native(env, io_address)
+            self.env.depth = depth
+            self.leave()
+            if status != OK:
+                raise self._failure(status)
+            return None if r == 0 else io[0] if r == 1 else tuple(io[:r])
+
+        call.native = native  # type: ignore[attr-defined] # keeps the code's callers apart
+        return call
+
+    def _failure(self, status: int) -> BaseException:
+        if status == PENDING:
+            e, self.pending = self.pending, None
+            return e  # type: ignore[return-value]
+        message = TRAPS[self.env.trap]
+        return OutOfFuel() if message == "all fuel consumed" else Trap(message)
+
+
+def _address(data: bytearray) -> int:
+    """The address of a bytearray's contents, without holding an export on it (which
+    would forbid growing it)."""
+    if not data:
+        return 0
+    view = (ctypes.c_char * 1).from_buffer(data)
+    try:
+        return ctypes.addressof(view)
+    finally:
+        del view
+
+
+class _Engine:
+    """One LLVM execution engine for all instances' native code (never freed)."""
+
+    def __init__(self) -> None:
+        self.engine = None
+
+    def compile(self, text: str, names: list[str]) -> list[int]:
+        with LLVM_LOCK:
+            if self.engine is None:
+                llvm = jit.binding()
+                target = jit.target_machine()
+                self.engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), target)
+                self.pass_builder = llvm.create_pass_builder(
+                    target, llvm.PipelineTuningOptions(speed_level=2))
+            llvm = jit.binding()
+            mod = llvm.parse_assembly(text)
+            mod.verify()
+            self.pass_builder.getModulePassManager().run(mod, self.pass_builder)
+            self.engine.add_module(mod)
+            self.engine.finalize_object()
+            return [self.engine.get_function_address(name) for name in names]
+
+
+_ENGINE = _Engine()
+
+
+def compile_instance(inst: Instance) -> None:
+    """Give ``inst``'s functions native entry points, on the first call into any of them
+    (after :func:`popek.wasm.translator.translate_instance`, whose entry points stay for
+    the functions this tier does not handle)."""
+    first = len(inst.module.imported("func"))
+    funcs = inst.funcs[first:]
+    translated = [f.fast for f in funcs]
+    state: dict[str, bool] = {}
+
+    def stand_in(f: WasmFunction, fallback: Callable) -> Callable:
+        def first_call(*args: object) -> object:
+            if not state:
+                state["compiled"] = True
+                for g, fast in zip(funcs, translated, strict=True):
+                    g.fast = fast
+                native = NativeInstance(inst)
+                inst.native = native  # type: ignore[attr-defined]
+                for index, entry in native.compile().items():
+                    inst.funcs[index].fast = entry  # type: ignore[attr-defined]
+            return f.fast(*args)  # type: ignore[misc]
+        return first_call
+
+    for f, fast in zip(funcs, translated, strict=True):
+        f.fast = stand_in(f, fast)  # type: ignore[attr-defined]
