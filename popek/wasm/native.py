@@ -527,32 +527,28 @@ class NativeInstance:
         inst = self.inst
         first = len(inst.module.imported("func"))
         prefix = f"wasm{next(_names)}_"
-        candidates = {}
-        for offset, code in enumerate(inst.module.codes):
-            index = first + offset
-            self.names[index] = f"{prefix}{index}"
-            candidates[index] = code.body
-        # Compile each function alone first, to drop those the tier cannot handle; the
-        # rest call each other directly.
-        while True:
-            module = ir.Module()
-            refused = []
-            for index, body in candidates.items():
-                fn = ir.Function(module, FUNCTION_TYPE, self.names[index])
-                try:
-                    _FunctionCompiler(self, fn, index, inst.funcs[index]).compile(body)
-                except Unsupported:
-                    refused.append(index)
-            if not refused:
-                break
-            for index in refused:
-                del candidates[index]
-                del self.names[index]
-        if not candidates:
+        bodies = {first + offset: code.body for offset, code in enumerate(inst.module.codes)}
+        self.names = {index: f"{prefix}{index}" for index in bodies}
+        module = ir.Module()
+        accepted = []
+        for index, body in bodies.items():
+            fn = ir.Function(module, FUNCTION_TYPE, self.names[index])
+            try:
+                _FunctionCompiler(self, fn, index, inst.funcs[index]).compile(body)
+                accepted.append(index)
+            except Unsupported:
+                # Native callers reach it through Python (the translation tier).
+                fn.blocks.clear()
+                b = ir.IRBuilder(fn.append_basic_block("entry"), fn)
+                slow = b.load(b.gep(fn.args[0], [ir.Constant(I32, _F["call_slow"])],
+                                    source_etype=I64), ir.PTR)
+                b.ret(b.call(slow, CALL_SLOW_TYPE, [fn.args[0], ir.Constant(I64, index),
+                                                    fn.args[1]]))
+        if not accepted:
             return {}
-        addresses = _ENGINE.compile(str(module), [self.names[i] for i in candidates])
+        addresses = _ENGINE.compile(str(module), [self.names[i] for i in accepted])
         return {index: self._entry(inst.funcs[index], addr)
-                for index, addr in zip(candidates, addresses, strict=True)}
+                for index, addr in zip(accepted, addresses, strict=True)}
 
     def _entry(self, wfn: WasmFunction, address: int) -> Callable:
         """The Python entry point (the translation tier's calling convention)."""
@@ -608,12 +604,18 @@ class _Engine:
                 llvm = jit.binding()
                 target = jit.target_machine()
                 self.engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), target)
+                # The stack variables become registers (SROA), then the tier 2 pipeline
+                # of RISC-V blocks; LLVM's standard levels cost several times the compile
+                # time, which a first call pays.
+                self.passes = llvm.create_new_module_pass_manager()
+                self.passes.add_sroa_pass()
+                self.passes.add_instruction_combine_pass()
+                self.passes.add_simplify_cfg_pass()
                 self.pass_builder = llvm.create_pass_builder(
-                    target, llvm.PipelineTuningOptions(speed_level=2))
+                    target, llvm.PipelineTuningOptions(speed_level=0))
             llvm = jit.binding()
             mod = llvm.parse_assembly(text)
-            mod.verify()
-            self.pass_builder.getModulePassManager().run(mod, self.pass_builder)
+            self.passes.run(mod, self.pass_builder)
             self.engine.add_module(mod)
             self.engine.finalize_object()
             return [self.engine.get_function_address(name) for name in names]
