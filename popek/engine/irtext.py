@@ -242,6 +242,18 @@ class IRBuilder:
         self._extended[wide.ref] = a
         return wide
 
+    def cast(self, op: str, a: Value, type_: Type) -> Value:
+        """Any conversion LLVM names (bitcast, fpext, sitofp, ...)."""
+        return self._cast(op, a, type_)
+
+    def fbinary(self, op: str, a: Value, b: Value) -> Value:
+        """A floating-point operation: fadd, fsub, fmul, fdiv."""
+        return self._binary(op, a, b)
+
+    def fcmp(self, cond: str, a: Value, b: Value) -> Value:
+        """A floating-point comparison, ``cond`` as LLVM spells it (oeq, une, olt, ...)."""
+        return self._emit(I1, f"fcmp {cond} {a.type} {a.ref}, {b.ref}")
+
     def zext(self, a: Value, type_: Type) -> Value:
         return self._extend("zext", a, type_)
 

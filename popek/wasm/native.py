@@ -53,7 +53,7 @@ TRAPPED = 1  # env.trap indexes TRAPS
 PENDING = 2  # a call back into Python raised; the exception waits in NativeInstance.pending
 
 TRAPS = ["integer divide by zero", "integer overflow", OOB_MEMORY, "unreachable",
-         "call stack exhausted", "all fuel consumed"]
+         "call stack exhausted", "all fuel consumed", "invalid conversion to integer"]
 _TRAP = {message: i for i, message in enumerate(TRAPS)}
 
 ENV_FIELDS = ("memory", "memory_size", "globals", "fuel", "depth", "trap", "call_slow")
@@ -73,8 +73,30 @@ CALL_SLOW_TYPE = ir.FunctionType(I32, [ir.PTR, I64, ir.PTR])
 _names = itertools.count()
 
 
+DOUBLE = ir.Type("double")
+FLOAT_TYPES = {32: ir.Type("float"), 64: DOUBLE}
+_FCMP = {ast.Eq: "oeq", ast.NotEq: "une", ast.Lt: "olt", ast.LtE: "ole", ast.Gt: "ogt",
+         ast.GtE: "oge"}
+_FARITH = {ast.Add: "fadd", ast.Sub: "fsub", ast.Mult: "fmul"}
+_QUIET = {32: numeric.F32_QUIET, 64: numeric.F64_QUIET}
+_CANON = {32: numeric.F32_CANON, 64: numeric.F64_CANON}
+_ROUNDING = {"ceil": "ceil", "floor": "floor", "trunc": "trunc", "nearest": "roundeven"}
+
+
+class Float:
+    """A Python float of the semantics: an LLVM double (binary32 values are exact in it)."""
+
+    def __init__(self, value: ir.Value) -> None:
+        self.ir = value
+
+
+def _double(x: float) -> ir.Value:
+    return ir.Value(DOUBLE, f"0x{numeric.b64(x):016X}")
+
+
 class WasmLowering(Lowering):
-    """The engine's lowering with the names WebAssembly's semantics use."""
+    """The engine's lowering with the names WebAssembly's semantics use: its integer
+    helpers, and host floats (doubles) for its floating-point semantics."""
 
     constants = {k: v for k, v in vars(numeric).items() if isinstance(v, int)}
 
@@ -82,7 +104,40 @@ class WasmLowering(Lowering):
         super().__init__(fc, operands, None, 0)
         self.fc = fc
 
-    def _call(self, call: ast.Call) -> Value:
+    def _binop(self, op: ast.operator, x: Value, y: Value) -> Value:
+        if isinstance(x, Float) or isinstance(y, Float):
+            if not (isinstance(x, Float) and isinstance(y, Float)) or type(op) not in _FARITH:
+                raise Unsupported("mixed float arithmetic")
+            return Float(self.b.fbinary(_FARITH[type(op)], x.ir, y.ir))  # type: ignore[return-value]
+        return super()._binop(op, x, y)
+
+    def _compare(self, op: ast.cmpop, x: Value, y: Value) -> Value:
+        if isinstance(x, Float) and isinstance(y, Float):
+            return Emitted(self.b.fcmp(_FCMP[type(op)], x.ir, y.ir), 0, 1)
+        return super()._compare(op, x, y)
+
+    def _float(self, node: ast.expr) -> ir.Value:
+        v = self._expr(node)
+        if not isinstance(v, Float):
+            raise Unsupported("an integer where a float is expected")
+        return v.ir
+
+    def _unpack(self, v: Value, bits: int) -> ir.Value:
+        """The float whose bits ``v`` holds, as a double."""
+        b = self.b
+        x = b.cast("bitcast", v.at(b, bits), FLOAT_TYPES[bits])
+        return x if bits == 64 else b.cast("fpext", x, DOUBLE)
+
+    def _pack(self, x: ir.Value, bits: int) -> Value:
+        """A double rounded to ``bits`` bits, as bits; any NaN the canonical one."""
+        b = self.b
+        narrow = x if bits == 64 else b.cast("fptrunc", x, FLOAT_TYPES[bits])
+        raw = b.cast("bitcast", narrow, ir.IntType(bits))
+        nan = b.fcmp("uno", x, x)
+        return Emitted(b.select(nan, ir.Constant(raw.type, _CANON[bits]), raw), 0,
+                       (1 << bits) - 1)
+
+    def _call(self, call: ast.Call) -> Value:  # noqa: C901 - one case per helper
         b = self.b
         func, args = call.func, call.args
         if isinstance(func, ast.Attribute) and not args:
@@ -95,6 +150,36 @@ class WasmLowering(Lowering):
             if func.attr == "bit_count":
                 return Emitted(b.intrinsic(f"llvm.ctpop.i{width}", x.type, [x]), 0, width)
         name = func.id if isinstance(func, ast.Name) else None
+        if name in ("f32", "f64"):
+            return Float(self._unpack(self._expr(args[0]), int(name[1:])))  # type: ignore[return-value]
+        if name in ("b32", "b64"):
+            return self._pack(self._float(args[0]), int(name[1:]))
+        if name == "fdiv":
+            return Float(b.fbinary("fdiv", self._float(args[0]), self._float(args[1])))  # type: ignore[return-value]
+        if name == "fsqrt":
+            x = self._float(args[0])
+            return Float(b.intrinsic("llvm.sqrt.f64", DOUBLE, [x]))  # type: ignore[return-value]
+        if name in ("s32", "s64"):
+            bits = int(name[1:])
+            return Emitted(self._expr(args[0]).at(b, bits), -(1 << (bits - 1)),
+                           (1 << (bits - 1)) - 1)
+        if name == "float" or name == "int_to_f32":
+            v = self._expr(args[0])
+            if v.lo < -(1 << 63) or v.hi > numeric.M64:
+                raise Unsupported("float() of a value beyond 64 bits")
+            target = DOUBLE if name == "float" else FLOAT_TYPES[32]
+            x = b.cast("uitofp" if v.unsigned else "sitofp", v.at(b, 64), target)
+            if name == "float":
+                return Float(x)  # type: ignore[return-value]
+            return Emitted(b.cast("bitcast", x, ir.IntType(32)), 0, numeric.M32)
+        if name in ("trunc", "trunc_sat"):
+            lo, hi, mask = (self._int_constant(a) for a in args[1:])
+            return self._truncate(self._float(args[0]), lo, hi, mask, name == "trunc")
+        for bits in (32, 64):
+            prefix = f"f{bits}_"
+            if name and name.startswith(prefix):
+                return self._float_bits_op(name[len(prefix):], [self._expr(a) for a in args],
+                                           bits)
         if name == "sext":
             v, bits, mask = self._expr(args[0]), self._constant(args[1]), self._constant(args[2])
             wide = b.sext(v.at(b, bits), ir.IntType(mask.bit_length()))
@@ -109,6 +194,56 @@ class WasmLowering(Lowering):
             return self._division(name, [self._expr(a) for a in args[:2]],
                                   self._constant(args[2]) if len(args) > 2 else None)
         return super()._call(call)
+
+    def _int_constant(self, node: ast.expr) -> int:
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -self._constant(node.operand)
+        return self._constant(node)
+
+    def _truncate(self, x: ir.Value, lo: int, hi: int, mask: int, trapping: bool) -> Value:
+        """Float to integer: trapping (NaN, infinities and out of range trap) or saturating."""
+        b = self.b
+        bits = mask.bit_length()
+        signed = lo < 0
+        typ = ir.IntType(bits)
+        if not trapping:
+            kind = "fptosi" if signed else "fptoui"
+            v = b.intrinsic(f"llvm.{kind}.sat.i{bits}.f64", typ, [x])
+            return Emitted(v, 0, mask)
+        with b.if_then(b.fcmp("uno", x, x)):
+            self.fc.trap("invalid conversion to integer")
+        below = lo - 1
+        low_ok = (b.fcmp("ogt", x, _double(below)) if float(below) == below
+                  else b.fcmp("oge", x, _double(lo)))
+        in_range = b.and_(low_ok, b.fcmp("olt", x, _double(hi + 1)))
+        with b.if_then(b.xor(in_range, ir.Constant(ir.I1, 1))):
+            self.fc.trap("integer overflow")
+        return Emitted(b.cast("fptosi" if signed else "fptoui", x, typ), 0, mask)
+
+    def _float_bits_op(self, name: str, operands: list[Value], bits: int) -> Value:
+        """f32_min, f64_nearest, ...: operations on bits, as numeric defines them."""
+        b = self.b
+        typ = ir.IntType(bits)
+        ints = [v.at(b, bits) for v in operands]
+        xs = [b.cast("bitcast", i, FLOAT_TYPES[bits]) for i in ints]
+        quiet = ir.Constant(typ, _QUIET[bits])
+        if name in ("min", "max"):
+            (a, c), (x, y) = ints, xs
+            is_min = name == "min"
+            nan_x, nan_y = b.fcmp("uno", x, x), b.fcmp("uno", y, y)
+            nan = b.or_(b.select(nan_x, a, c), quiet)
+            equal = b.or_(a, c) if is_min else b.and_(a, c)
+            pick = b.select(b.fcmp("olt" if is_min else "ogt", x, y), a, c)
+            ordered = b.select(b.fcmp("oeq", x, y), equal, pick)
+            return Emitted(b.select(b.or_(nan_x, nan_y), nan, ordered), 0, (1 << bits) - 1)
+        if name in _ROUNDING:
+            (a,), (x,) = ints, xs
+            ftype = FLOAT_TYPES[bits]
+            rounded = b.intrinsic(f"llvm.{_ROUNDING[name]}.{ftype}", ftype, [x])
+            out = b.select(b.fcmp("uno", x, x), b.or_(a, quiet),
+                           b.cast("bitcast", rounded, typ))
+            return Emitted(out, 0, (1 << bits) - 1)
+        raise Unsupported(f"f{bits}_{name}")
 
     def _division(self, name: str, operands: list[Value], bits: int | None) -> Value:
         """WebAssembly's trapping division: by zero traps, and so does MIN / -1."""
