@@ -56,7 +56,8 @@ TRAPS = ["integer divide by zero", "integer overflow", OOB_MEMORY, "unreachable"
          "call stack exhausted", "all fuel consumed", "invalid conversion to integer"]
 _TRAP = {message: i for i, message in enumerate(TRAPS)}
 
-ENV_FIELDS = ("memory", "memory_size", "globals", "fuel", "depth", "trap", "call_slow")
+ENV_FIELDS = ("memory", "memory_size", "globals", "fuel", "depth", "trap", "call_slow", "tables",
+              "tables_valid")
 _F = {name: i for i, name in enumerate(ENV_FIELDS)}
 
 
@@ -263,6 +264,14 @@ class WasmLowering(Lowering):
             return Emitted(b.sdiv(x, y), 0, (1 << width) - 1)
         safe = b.select(overflow, ir.Constant(typ, 1), y)  # MIN rem -1 is 0, as rem by 1
         return Emitted(b.srem(x, safe), 0, (1 << width) - 1)
+
+
+_TYPE_IDS: dict[object, int] = {}
+
+
+def _type_id(ftype: object) -> int:
+    """A number for each function type (0 for none), the same in every instance."""
+    return _TYPE_IDS.setdefault(ftype, len(_TYPE_IDS) + 1)
 
 
 def _numeric(ftype: object) -> bool:
@@ -512,11 +521,10 @@ class _FunctionCompiler:
         target = self.native.names.get(callee)
         if target is not None:
             status = b.call(ir.Value(ir.PTR, f"@{target}"), FUNCTION_TYPE, [self.env, io])
+        elif element is not None:
+            status = self.call_indirect(callee, ftype, element, io)
         else:
-            if element is not None:
-                b.store(element, b.gep(io, [ir.Constant(I32, n)], source_etype=I64))
-            slow = self.get("call_slow", ir.PTR)
-            status = b.call(slow, CALL_SLOW_TYPE, [self.env, ir.Constant(I64, callee), io])
+            status = self.call_slow(callee, io)
         failed = b.icmp_unsigned("!=", status, ir.Constant(I32, OK))
         with b.if_then(failed):
             b.ret(status)  # the callee gave its depth back; this frame's is the caller's
@@ -524,6 +532,48 @@ class _FunctionCompiler:
             self.set_slot(self.h + i,
                           b.load(b.gep(io, [ir.Constant(I32, i)], source_etype=I64), I64))
         self.h += r
+
+    def call_slow(self, callee: int, io: ir.Value) -> ir.Value:
+        slow = self.get("call_slow", ir.PTR)
+        return self.builder.call(slow, CALL_SLOW_TYPE, [self.env, ir.Constant(I64, callee), io])
+
+    def call_indirect(self, site: int, ftype: object, element: ir.Value, io: ir.Value
+                      ) -> ir.Value:
+        """Through the table's mirror (see :meth:`NativeInstance.mirror_tables`) when it is
+        valid and the element is a native function of the expected type; else in Python,
+        which also traps as the other tiers do."""
+        b = self.builder
+        n = len(ftype.params)  # type: ignore[attr-defined]
+        table, _ = self.native.indirect[-1 - site]
+        fast, slow, done = (b.append_basic_block(x) for x in ("fast", "slow", "called"))
+        mirror = b.load(b.gep(self.get("tables", ir.PTR), [ir.Constant(I32, 2 * table)],
+                              source_etype=I64), ir.PTR)
+        size = b.load(b.gep(self.get("tables", ir.PTR), [ir.Constant(I32, 2 * table + 1)],
+                            source_etype=I64), I64)
+        usable = b.and_(b.icmp_unsigned("!=", self.get("tables_valid"), ir.Constant(I64, 0)),
+                        b.icmp_unsigned("<", element, size))
+        check = b.append_basic_block("check")
+        b.cbranch(usable, check, slow)
+        b.position_at_end(check)
+        entry = b.gep(mirror, [b.add(element, element)], source_etype=I64)
+        type_id = b.load(entry, I64)
+        address = b.load(b.gep(entry, [ir.Constant(I32, 1)], source_etype=I64), ir.PTR)
+        expected = ir.Constant(I64, _type_id(ftype))
+        b.cbranch(b.icmp_unsigned("==", type_id, expected), fast, slow)
+        b.position_at_end(fast)
+        fast_status = b.call(address, FUNCTION_TYPE, [self.env, io])
+        fast_end = b.block
+        b.branch(done)
+        b.position_at_end(slow)
+        b.store(element, b.gep(io, [ir.Constant(I32, n)], source_etype=I64))
+        slow_status = self.call_slow(site, io)
+        slow_end = b.block
+        b.branch(done)
+        b.position_at_end(done)
+        status = b.phi(I32)
+        status.add_incoming(fast_status, fast_end)
+        status.add_incoming(slow_status, slow_end)
+        return status
 
     def compute(self, op: Op, imm: object) -> None:
         b = self.builder
@@ -594,6 +644,27 @@ class NativeInstance:
         self.pending: BaseException | None = None
         self.indirect: list[tuple[int, int]] = []  # call_indirect sites: (table, type)
         self.names: dict[int, str] = {}  # function index -> native function's name
+        self.addresses: dict[int, int] = {}  # id() of each defined function: its code
+        self.table_words = (ctypes.c_uint64 * max(2, 2 * len(inst.tables)))()
+        self.env.tables = ctypes.addressof(self.table_words)
+        self.mirrors: list[ctypes.Array] = []
+
+    def mirror_tables(self) -> None:
+        """Copy every table's elements where native code reads them: per element, its type
+        and its native code, or 0 where only Python can call it (a host function, another
+        instance's, a null). Valid until Python runs again (:meth:`enter`)."""
+        self.mirrors = []
+        for i, table in enumerate(self.inst.tables):
+            words = (ctypes.c_uint64 * max(2, 2 * len(table.elements)))()
+            for j, f in enumerate(table.elements):
+                address = self.addresses.get(id(f))
+                if address:
+                    words[2 * j] = _type_id(f.type)  # type: ignore[union-attr]
+                    words[2 * j + 1] = address
+            self.mirrors.append(words)
+            self.table_words[2 * i] = ctypes.addressof(words)
+            self.table_words[2 * i + 1] = len(table.elements)
+        self.env.tables_valid = 1
 
     def indirect_site(self, table: int, type_index: int) -> int:
         site = (table, type_index)
@@ -605,6 +676,7 @@ class NativeInstance:
     def enter(self) -> None:
         """Native code is about to run: give it Python's view of the state."""
         inst, env = self.inst, self.env
+        env.tables_valid = 0
         if inst.mems:
             data = inst.mems[0].data
             env.memory = _address(data)
@@ -655,6 +727,8 @@ class NativeInstance:
             return PENDING
         finally:
             self.enter()
+            if callee < 0 and self.inst.tables:
+                self.mirror_tables()
 
     # -- compiling --
     def compile(self) -> dict[int, Callable]:
@@ -681,9 +755,10 @@ class NativeInstance:
                                                     fn.args[1]]))
         if not accepted:
             return {}
-        addresses = _ENGINE.compile(str(module), [self.names[i] for i in accepted])
-        return {index: self._entry(inst.funcs[index], addr)
-                for index, addr in zip(accepted, addresses, strict=True)}
+        addresses = dict(zip(self.names, _ENGINE.compile(str(module), list(self.names.values())),
+                             strict=True))
+        self.addresses = {id(inst.funcs[i]): addresses[i] for i in self.names}
+        return {index: self._entry(inst.funcs[index], addresses[index]) for index in accepted}
 
     def _entry(self, wfn: WasmFunction, address: int) -> Callable:
         """The Python entry point (the translation tier's calling convention)."""
