@@ -31,7 +31,7 @@ _MASKS = {"i32": numeric.M32, "i64": numeric.M64}
 # The tiers by popek's names (as ``popek run --engine``): the highest a function may reach.
 # "jit" runs on the translation tier where llvmlite is missing.
 ENGINES = TIERS
-DEFAULT_ENGINE = "translate"
+DEFAULT_ENGINE = "jit"
 
 
 def to_raw(t: str, value: object) -> object:
@@ -271,7 +271,7 @@ def instantiate(module: Module, imports: dict[str, dict[str, object]] | None = N
     ``fuel`` bounds the wasm calls and loop iterations it may execute (:class:`OutOfFuel`);
     ``max_memory`` bounds each memory's size in bytes (default 1 GiB; growth beyond it fails
     as the specification allows, with -1). ``engine`` is the highest tier its functions may
-    reach, by ``popek run``'s names (default ``translate``; ``interp`` is the oracle).
+    reach, by ``popek run``'s names (default ``jit``; ``interp`` is the oracle).
     Raises :class:`LinkError` or, from a segment or the start function, :class:`Trap`.
     """
     engine = engine or DEFAULT_ENGINE
