@@ -60,6 +60,8 @@ def test_tiers_agree_on_random_programs(seed: int, tmp_path: Path) -> None:
             interp, *others = (_outcome(inst, name, args) for inst in tiers)
             assert others == [interp] * len(others), (name, args)
             outcomes[interp[0]] += 1
+    native = tiers[2].native  # every function of the random programs runs natively
+    assert len(native.compiled) == len(module.codes)
     for inst in tiers[1:]:
         assert inst.mems[0].data == tiers[0].mems[0].data
         assert inst.fuel == tiers[0].fuel

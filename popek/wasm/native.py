@@ -644,6 +644,7 @@ class NativeInstance:
         self.pending: BaseException | None = None
         self.indirect: list[tuple[int, int]] = []  # call_indirect sites: (table, type)
         self.names: dict[int, str] = {}  # function index -> native function's name
+        self.compiled: list[int] = []  # the functions that run natively, by index
         self.addresses: dict[int, int] = {}  # id() of each defined function: its code
         self.table_words = (ctypes.c_uint64 * max(2, 2 * len(inst.tables)))()
         self.env.tables = ctypes.addressof(self.table_words)
@@ -753,6 +754,7 @@ class NativeInstance:
                                     source_etype=I64), ir.PTR)
                 b.ret(b.call(slow, CALL_SLOW_TYPE, [fn.args[0], ir.Constant(I64, index),
                                                     fn.args[1]]))
+        self.compiled = accepted
         if not accepted:
             return {}
         addresses = dict(zip(self.names, _ENGINE.compile(str(module), list(self.names.values())),
