@@ -700,6 +700,11 @@ class NativeInstance:
                 g.value = values[i]
 
     def _call_slow(self, env: int, callee: int, io: int) -> int:
+        """Native code calls a function only Python can run (or an indirect call Python
+        checks). Nothing may escape a ctypes callback, so an exception waits in
+        ``pending``: native code then returns at once, Python's state being the current
+        one (the entry point then does not copy native state back)."""
+        depth = self.env.depth
         try:
             self.leave()
             inst = self.inst
@@ -712,24 +717,21 @@ class NativeInstance:
                 words = (ctypes.c_uint64 * (len(ftype.params) + 1)).from_address(io)
                 f = _call_target(inst.tables[table], ftype, words[len(ftype.params)])
             args = list(words[:len(f.type.params)])
-            depth = self.env.depth
-            try:
-                results = call_function(inst, f, args)
-            except RecursionError:
-                raise Trap("call stack exhausted") from None
-            finally:
-                self.env.depth = depth
+            results = call_function(inst, f, args)
             out = (ctypes.c_uint64 * max(1, len(results))).from_address(io)
             for i, v in enumerate(results):
                 out[i] = v
+            self.enter()
+            if callee < 0:
+                self.mirror_tables()
+            self.env.depth = depth
             return OK
+        except RecursionError:
+            self.pending = Trap("call stack exhausted")
         except BaseException as e:  # noqa: BLE001 - re-raised in Python by the caller
             self.pending = e
-            return PENDING
-        finally:
-            self.enter()
-            if callee < 0 and self.inst.tables:
-                self.mirror_tables()
+        self.env.depth = depth
+        return PENDING
 
     # -- compiling --
     def compile(self) -> dict[int, Callable]:
@@ -776,18 +778,18 @@ class NativeInstance:
             depth = self.env.depth
             status = native(env, io_address)
             self.env.depth = depth
+            if status == PENDING:  # Python's state is the current one
+                e, self.pending = self.pending, None
+                raise e  # type: ignore[misc]
             self.leave()
             if status != OK:
-                raise self._failure(status)
+                raise self._failure()
             return None if r == 0 else io[0] if r == 1 else tuple(io[:r])
 
         call.native = native  # type: ignore[attr-defined] # keeps the code's callers apart
         return call
 
-    def _failure(self, status: int) -> BaseException:
-        if status == PENDING:
-            e, self.pending = self.pending, None
-            return e  # type: ignore[return-value]
+    def _failure(self) -> BaseException:
         message = TRAPS[self.env.trap]
         return OutOfFuel() if message == "all fuel consumed" else Trap(message)
 
