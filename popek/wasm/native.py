@@ -57,7 +57,10 @@ TRAPS = ["integer divide by zero", "integer overflow", OOB_MEMORY, "unreachable"
 _TRAP = {message: i for i, message in enumerate(TRAPS)}
 
 ENV_FIELDS = ("memory", "memory_size", "globals", "fuel", "depth", "trap", "call_slow", "tables",
-              "tables_valid")
+              "tables_valid", "stack_limit")
+# Native frames may use this much of the host thread's C stack (below the outermost native
+# entry): a deep recursion of functions with large frames traps before the guard page.
+STACK_BUDGET = 4 << 20
 _F = {name: i for i, name in enumerate(ENV_FIELDS)}
 
 
@@ -69,6 +72,7 @@ NATIVE_FN = ctypes.PYFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p)
 # call_slow(env, callee, io): callee is a function index, or -1 - i for the i-th
 # call_indirect site's (table, type) with the element index in io's last word.
 CALL_SLOW = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_uint64, ctypes.c_int64, ctypes.c_void_p)
+FRAME_FN = ctypes.CFUNCTYPE(ctypes.c_uint64)
 FUNCTION_TYPE = ir.FunctionType(I32, [ir.PTR, ir.PTR])
 CALL_SLOW_TYPE = ir.FunctionType(I32, [ir.PTR, I64, ir.PTR])
 _names = itertools.count()
@@ -379,7 +383,11 @@ class _FunctionCompiler:
         depth = self.field("depth")
         d = b.add(b.load(depth, I64), ir.Constant(I64, 1))
         b.store(d, depth)
-        with b.if_then(b.icmp_unsigned(">", d, ir.Constant(I64, MAX_CALL_DEPTH))):
+        frame = b.cast("ptrtoint", b.intrinsic("llvm.frameaddress.p0", ir.PTR,
+                                                [ir.Constant(I32, 0)]), I64)
+        exhausted = b.or_(b.icmp_unsigned(">", d, ir.Constant(I64, MAX_CALL_DEPTH)),
+                          b.icmp_unsigned("<", frame, self.get("stack_limit")))
+        with b.if_then(exhausted):
             self.trap("call stack exhausted")
         for i in range(self.nparams):
             b.store(b.load(self.io_word(i), I64), self.locals[i])
@@ -776,6 +784,8 @@ class NativeInstance:
             self.enter()
             io[:n] = args
             depth = self.env.depth
+            if not depth:  # the outermost native frame: the stack budget starts here
+                self.env.stack_limit = _ENGINE.stack_pointer() - STACK_BUDGET
             status = native(env, io_address)
             self.env.depth = depth
             if status == PENDING:  # Python's state is the current one
@@ -811,6 +821,7 @@ class _Engine:
 
     def __init__(self) -> None:
         self.engine = None
+        self.frame_address: Callable[[], int] | None = None
 
     def compile(self, text: str, names: list[str]) -> list[int]:
         with LLVM_LOCK:
@@ -833,6 +844,17 @@ class _Engine:
             self.engine.add_module(mod)
             self.engine.finalize_object()
             return [self.engine.get_function_address(name) for name in names]
+
+    def stack_pointer(self) -> int:
+        """About where the C stack is now (a native function's frame address)."""
+        if self.frame_address is None:
+            text = ("declare ptr @llvm.frameaddress.p0(i32)\n"
+                    "define i64 @popek_wasm_frame() {\n"
+                    "  %f = call ptr @llvm.frameaddress.p0(i32 0)\n"
+                    "  %i = ptrtoint ptr %f to i64\n  ret i64 %i\n}\n")
+            (address,) = self.compile(text, ["popek_wasm_frame"])
+            self.frame_address = FRAME_FN(address)
+        return self.frame_address()
 
 
 _ENGINE = _Engine()
