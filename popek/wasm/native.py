@@ -764,11 +764,14 @@ class NativeInstance:
                                     source_etype=I64), ir.PTR)
                 b.ret(b.call(slow, CALL_SLOW_TYPE, [fn.args[0], ir.Constant(I64, index),
                                                     fn.args[1]]))
-        self.compiled = accepted
         if not accepted:
             return {}
-        addresses = dict(zip(self.names, _ENGINE.compile(str(module), list(self.names.values())),
-                             strict=True))
+        try:
+            code = _ENGINE.compile(str(module), list(self.names.values()))
+        except RuntimeError:  # LLVM refused the IR: a lowering bug must not stop the program
+            return {}
+        self.compiled = accepted
+        addresses = dict(zip(self.names, code, strict=True))
         self.addresses = {id(inst.funcs[i]): addresses[i] for i in self.names}
         return {index: self._entry(inst.funcs[index], addresses[index]) for index in accepted}
 
@@ -840,6 +843,7 @@ class _Engine:
                     target, llvm.PipelineTuningOptions(speed_level=0))
             llvm = jit.binding()
             mod = llvm.parse_assembly(text)
+            mod.verify()
             self.passes.run(mod, self.pass_builder)
             self.engine.add_module(mod)
             self.engine.finalize_object()
