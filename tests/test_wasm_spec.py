@@ -49,7 +49,7 @@ def _wabt_failures(json_path: Path) -> tuple[set[int], int, int]:
     return failing, int(counts.group(1)), int(counts.group(2))
 
 
-@pytest.mark.parametrize("engine", ["interp", "translate"])
+@pytest.mark.parametrize("engine", ["interp", "translate", "jit"])
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.stem)
 def test_script_agrees_with_spectest_interp(script: Path, engine: str, tmp_path: Path) -> None:
     json_path = _convert(script, tmp_path)

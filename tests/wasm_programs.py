@@ -180,7 +180,7 @@ def assert_runs_as_wasm_interp(path: Path, wasm_interp: str) -> None:
                          text=True, timeout=60)
     wabt = dict(line.split("() =>") for line in run.stdout.splitlines() if "() =>" in line)
     module = wasm.load(path.read_bytes())
-    for engine in ("interp", "translate"):
+    for engine in ("interp", "translate", "jit"):
         inst = wasm.instantiate(module, engine=engine)
         ours = {}
         for name, f in inst.exports.items():

@@ -242,6 +242,18 @@ class IRBuilder:
         self._extended[wide.ref] = a
         return wide
 
+    def cast(self, op: str, a: Value, type_: Type) -> Value:
+        """Any conversion LLVM names (bitcast, fpext, sitofp, ...)."""
+        return self._cast(op, a, type_)
+
+    def fbinary(self, op: str, a: Value, b: Value) -> Value:
+        """A floating-point operation: fadd, fsub, fmul, fdiv."""
+        return self._binary(op, a, b)
+
+    def fcmp(self, cond: str, a: Value, b: Value) -> Value:
+        """A floating-point comparison, ``cond`` as LLVM spells it (oeq, une, olt, ...)."""
+        return self._emit(I1, f"fcmp {cond} {a.type} {a.ref}, {b.ref}")
+
     def zext(self, a: Value, type_: Type) -> Value:
         return self._extend("zext", a, type_)
 
@@ -292,6 +304,12 @@ class IRBuilder:
         operands = ", ".join(f"{a.type} {a.ref}" for a in args)
         return self._emit(ret, f"call {ret} @{name}({operands})")
 
+    def alloca(self, typ: Type, count: int = 1) -> Value:
+        """A stack slot (in the entry block, so LLVM promotes it to SSA registers)."""
+        value = Value(PTR, self.function.fresh())
+        self.function.blocks[0].lines.insert(0, f"  {value.ref} = alloca {typ}, i32 {count}")
+        return value
+
     # -- terminators --
     def _end(self, text: str) -> None:
         self.block.terminator = text
@@ -304,6 +322,10 @@ class IRBuilder:
 
     def cbranch(self, cond: Value, then: Block, otherwise: Block) -> None:
         self._end(f"br i1 {cond.ref}, label %{then.name}, label %{otherwise.name}")
+
+    def switch(self, value: Value, default: Block, cases: list[tuple[int, Block]]) -> None:
+        arms = " ".join(f"{value.type} {v}, label %{b.name}" for v, b in cases)
+        self._end(f"switch {value.type} {value.ref}, label %{default.name} [ {arms} ]")
 
     def unreachable(self) -> None:
         self._end("unreachable")

@@ -112,7 +112,14 @@ def _initialize() -> None:
     llvm.initialize_native_asmprinter()
 
 
-def _target_machine():
+def binding() -> ModuleType:
+    """llvmlite's binding, initialized (for every instruction set's native tier)."""
+    _initialize()
+    assert llvm is not None
+    return llvm
+
+
+def target_machine():
     """A target machine for one execution engine (which takes ownership of it): generic
     for the host's triple, so its code suits any host of that triple."""
     _initialize()
@@ -543,7 +550,7 @@ class NativeRuntime:
     def _new_compiler(self) -> None:
         """A fresh execution engine (the old one's code goes with it); the caller holds
         LLVM_LOCK."""
-        target = _target_machine()
+        target = target_machine()
         engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), target)
         engine.finalize_object()  # the empty module: from here on, each object is a batch's
         engine.set_object_cache(self._object_compiled)

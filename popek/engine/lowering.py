@@ -250,7 +250,12 @@ _COMPARISONS = {ast.Eq: "==", ast.NotEq: "!=", ast.Lt: "<", ast.LtE: "<=", ast.G
 
 class Lowering:
     """Emits one instruction's semantics into ``target``'s current IR block; ``pc`` may
-    be None when the semantics do not read it (see :func:`reads_pc`)."""
+    be None when the semantics do not read it (see :func:`reads_pc`).
+
+    An instruction set's names (constants, helpers its semantics call) extend the
+    vocabulary in a subclass (:class:`popek.wasm.native` for WebAssembly)."""
+
+    constants: dict[str, int] = CONSTANTS
 
     def __init__(self, target: Target, operands: dict[str, Operand], pc: ir.Value | None,
                  length: int) -> None:
@@ -265,6 +270,14 @@ class Lowering:
     def lower(self, sem: str) -> bool:
         """Lower ``sem``; True if control may fall through to the next instruction."""
         return self._statements(parsed(sem).body)
+
+    def value(self, sem: str) -> ir.Value:
+        """Lower the expression ``sem``, whose value the semantics keep within 64 unsigned
+        bits, to an i64."""
+        expr = parsed(sem).body[0]
+        if not isinstance(expr, ast.Expr):
+            raise Unsupported(f"{sem!r} is not an expression")
+        return self._u64(self._expr(expr.value))
 
     def _statements(self, body: list[ast.stmt]) -> bool:
         for stmt in body:
@@ -398,8 +411,8 @@ class Lowering:
     def _constant(self, node: ast.expr) -> int:
         if isinstance(node, ast.Constant) and isinstance(node.value, int):
             return node.value
-        if isinstance(node, ast.Name) and node.id in CONSTANTS:
-            return CONSTANTS[node.id]
+        if isinstance(node, ast.Name) and node.id in self.constants:
+            return self.constants[node.id]
         raise Unsupported(f"{ast.unparse(node)!r} is not a constant")
 
     def _register(self, node: ast.expr) -> int | ir.Value:
@@ -442,8 +455,8 @@ class Lowering:
     def _name(self, name: str) -> Value:
         if name in self.locals:
             return self.locals[name]
-        if name in CONSTANTS:
-            return Const(CONSTANTS[name])
+        if name in self.constants:
+            return Const(self.constants[name])
         if name == "pc":
             return Emitted(self.pc, 0, U64_MAX)
         if name == "NEXT":

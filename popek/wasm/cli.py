@@ -27,7 +27,7 @@ WASM_HELP = "WebAssembly: run WASI programs and test scripts, disassemble module
 def add_engine_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", choices=ENGINES, default=DEFAULT_ENGINE,
                         help=f"the highest execution tier (default: {DEFAULT_ENGINE}; interp "
-                             "is the reference interpreter, jit runs translate for now)")
+                             "is the reference interpreter, jit native code through LLVM)")
 
 
 def _run_args(parser: argparse.ArgumentParser) -> None:

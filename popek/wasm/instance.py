@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from popek.engine.engine import TIERS
+from popek.engine.jit import available as jit_available
 from popek.wasm import numeric
 from popek.wasm.binary import Instr, Module
 from popek.wasm.errors import LinkError, Trap, WasmError
@@ -28,9 +29,9 @@ from popek.wasm.validate import CALL, CALL_INDIRECT, COMPUTE, FunctionCode
 
 _MASKS = {"i32": numeric.M32, "i64": numeric.M64}
 # The tiers by popek's names (as ``popek run --engine``): the highest a function may reach.
-# WebAssembly has no native tier yet, so "jit" runs translated code.
+# "jit" runs on the translation tier where llvmlite is missing.
 ENGINES = TIERS
-DEFAULT_ENGINE = "translate"
+DEFAULT_ENGINE = "jit"
 
 
 def to_raw(t: str, value: object) -> object:
@@ -270,7 +271,7 @@ def instantiate(module: Module, imports: dict[str, dict[str, object]] | None = N
     ``fuel`` bounds the wasm calls and loop iterations it may execute (:class:`OutOfFuel`);
     ``max_memory`` bounds each memory's size in bytes (default 1 GiB; growth beyond it fails
     as the specification allows, with -1). ``engine`` is the highest tier its functions may
-    reach, by ``popek run``'s names (default ``translate``; ``interp`` is the oracle).
+    reach, by ``popek run``'s names (default ``jit``; ``interp`` is the oracle).
     Raises :class:`LinkError` or, from a segment or the start function, :class:`Trap`.
     """
     engine = engine or DEFAULT_ENGINE
@@ -282,5 +283,8 @@ def instantiate(module: Module, imports: dict[str, dict[str, object]] | None = N
     if engine != "interp":
         from popek.wasm.translator import translate_instance
         translate_instance(inst)
+    if engine == "jit" and jit_available():
+        from popek.wasm.native import compile_instance
+        compile_instance(inst)
     inst.initialize()
     return inst
