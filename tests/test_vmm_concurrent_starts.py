@@ -20,7 +20,7 @@ from popek.api.client import ApiError, Client
 from popek.vmm import workerprocess
 from tests.test_vmm_service import MEM, PATIENCE
 from tests.vmm_guests import guest
-from tests.vmm_process import STOP_GUESTS, popek_serve
+from tests.vmm_process import STOP_GUESTS, popek_serve, wait_listening
 
 STARTS = 300
 
@@ -106,11 +106,7 @@ def test_stop_guests_ends_the_workers_of_guests_still_being_created(tmp_path: Pa
             return await asyncio.gather(*creating, return_exceptions=True)
 
     try:
-        deadline = time.monotonic() + PATIENCE
-        while not sock.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, \
-                (tmp_path / "vmm.log").read_text()
-            time.sleep(0.05)
+        wait_listening(sock, proc, PATIENCE)
         results = asyncio.run(create_then_stop())
         assert proc.wait(timeout=PATIENCE) == 0, (tmp_path / "vmm.log").read_text()
     finally:

@@ -31,6 +31,7 @@ import pytest
 
 from popek.vmm import jail, procstat
 from tests.test_vmm_service import MEM, STOP_GUESTS, Api
+from tests.vmm_process import wait_listening
 
 CAP_SECONDS = 4.0
 
@@ -46,7 +47,7 @@ def _serve(tmp: Path, build: str, prefix: list[str] | None = None,
                                  str(tmp / "state"), *STOP_GUESTS], stderr=stderr, env=env)
     api = Api(sock)
     try:
-        api.wait("the VMM socket", sock.exists)
+        wait_listening(sock, proc)
         yield api
     finally:
         for vm in api("list"):

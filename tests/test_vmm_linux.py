@@ -21,6 +21,7 @@ import pytest
 from popek import images
 from popek.api.client import Client
 from tests.test_vmm_service import STOP_GUESTS
+from tests.vmm_process import wait_listening
 
 BOOT_PATIENCE = 300.0
 
@@ -84,10 +85,7 @@ def test_linux_guest_snapshot_restores_into_a_live_shell(tmp_path: Path) -> None
                                   str(sock), "--state-dir", str(tmp_path / "state"),
                                   *STOP_GUESTS], stderr=log)
     try:
-        deadline = time.monotonic() + 60
-        while not sock.exists():
-            assert time.monotonic() < deadline, "the VMM did not start"
-            time.sleep(0.05)
+        wait_listening(sock, serve)
         asyncio.run(_scenario(sock, tmp_path / "linux.snap"))
     finally:
         serve.terminate()

@@ -31,6 +31,7 @@ from net_guests import Shell, check_switched_guests, http_server, running
 from popek import images
 from popek.api.client import ApiError, Client
 from tests.test_vmm_service import Api as ServiceApi
+from tests.vmm_process import wait_listening
 
 BOOT_PATIENCE = 600.0
 FILE_KIB = 128  # busybox nc copies 1 KiB a system call: slow on popek, and enough here
@@ -83,10 +84,7 @@ class Lab:
             self.vmm = subprocess.Popen([sys.executable, "-m", "popek", "serve", "--socket",
                                          str(sock), "--state-dir", str(self.where / "state")],
                                         stderr=stderr)
-        deadline = time.monotonic() + 60
-        while not sock.exists():
-            assert time.monotonic() < deadline, "the VMM did not start"
-            time.sleep(0.05)
+        wait_listening(sock, self.vmm)
         self.api = Api(sock)
 
 

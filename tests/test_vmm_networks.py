@@ -17,6 +17,7 @@ import pytest
 from popek.api.client import ApiError
 from tests.test_vmm_service import MEM, STOP_GUESTS, Api
 from tests.vmm_guests import guest
+from tests.vmm_process import wait_listening
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
                              stderr=subprocess.DEVNULL)
     try:
         api = Api(sock)
-        api.wait("the VMM socket", sock.exists)
+        wait_listening(sock, serve)
         yield api
     finally:
         serve.send_signal(signal.SIGTERM)

@@ -26,6 +26,7 @@ import pytest
 from popek.api.client import Client
 from popek.vmm import pagesharing
 from tests.test_vmm_service import STOP_GUESTS, Api
+from tests.vmm_process import wait_listening
 
 GUESTS = 4
 AREA = 2 << 20  # bytes each sharer fills with the common pattern
@@ -42,7 +43,7 @@ def _vmm(tmp: Path, *extra: str, **popen: Any) -> Iterator[Api]:
                                 stderr=stderr, **popen)
     api = Api(sock)
     try:
-        api.wait("the VMM socket", sock.exists)
+        wait_listening(sock, proc)
         yield api
     finally:
         proc.send_signal(signal.SIGTERM)

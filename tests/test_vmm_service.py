@@ -25,6 +25,7 @@ import pytest
 from popek.api.client import ApiError, Client
 from popek.vmm import procstat
 from tests.vmm_guests import guest
+from tests.vmm_process import wait_listening
 
 MEM = 32 << 20
 PATIENCE = 90.0  # seconds before a condition that should hold soon is declared false
@@ -95,7 +96,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Api, int
                                 stderr=stderr)
     api = Api(sock)
     try:
-        api.wait("the VMM socket", sock.exists)
+        wait_listening(sock, proc)
         yield api, proc.pid
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -11,6 +12,23 @@ from collections.abc import Iterator
 from pathlib import Path
 
 STOP_GUESTS = ["--stop-guests", "--stop-timeout", "0"]
+
+
+def wait_listening(sock: Path, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    """Until the VMM takes connections on ``sock``. Not until the file exists: it does
+    from bind(), a moment before listen(), and a connection then is refused (seen under
+    load)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, f"the VMM exited with status {proc.returncode}"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(str(sock))
+                return
+            except (FileNotFoundError, ConnectionRefusedError):
+                pass
+        assert time.monotonic() < deadline, f"the VMM did not listen on {sock} in {timeout} s"
+        time.sleep(0.05)
 
 
 @contextlib.contextmanager
@@ -24,11 +42,10 @@ def popek_serve(root: Path, *flags: str, timeout: float = 60.0) -> Iterator[Path
                                  "--state-dir", str(root / "state"), *STOP_GUESTS, *flags],
                                 stderr=log)
     try:
-        deadline = time.monotonic() + timeout
-        while not sock.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, \
-                f"the VMM did not start: {(root / 'vmm.log').read_text()}"
-            time.sleep(0.05)
+        try:
+            wait_listening(sock, proc, timeout)
+        except AssertionError as err:
+            raise AssertionError(f"{err}: {(root / 'vmm.log').read_text()}") from None
         yield sock
     finally:
         proc.send_signal(signal.SIGTERM)
