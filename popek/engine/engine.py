@@ -31,6 +31,7 @@ from popek.cpu.state import CTL_INSTRET, CTL_PRIV, CTL_WFI, XLEN_MASK
 from popek.engine import jit, translator
 from popek.engine.handlers import Handler, bind_handlers, semantics_namespace
 from popek.engine.interpreter import BlockFn, Op, interpret
+from popek.engine.spin import NATIVE_WINDOW, SpinDetector
 from popek.isa.decoder import Decoded, decode16, decode32
 
 MSTATUS = 0x300
@@ -111,6 +112,8 @@ class Engine:
         self.breakpoints: frozenset[int] = frozenset()
         self.debug_stop: DebugStop | None = None
         self.executing = False
+        self.spin = SpinDetector(hart.x, hart.mmu, hart.mem)
+        self.spun = False  # the last run ended early: the hart was spinning
 
     # -- code cache ---------------------------------------------------------------------
     def _watch_code(self, page: int, start: int, end: int) -> None:
@@ -406,12 +409,15 @@ class Engine:
             return pc
         return self._handle_trap(cause, 0, pc)
 
-    def run(self, budget: int, single: bool = False, interrupts: bool = True) -> int:
+    def run(self, budget: int, single: bool = False, interrupts: bool = True,
+            spins: bool = False) -> int:
         """Execute about ``budget`` instructions (whole blocks); returns how many retired.
 
-        Stops early when the hart waits for an interrupt (WFI) or a debugger stops it
-        (``debug_stop``). ``interrupts`` False leaves pending interrupts for later (a
-        debugger's single step, as QEMU's steps without interrupts).
+        Stops early when the hart waits for an interrupt (WFI), a debugger stops it
+        (``debug_stop``) or, if ``spins`` asks to look, it spins (``spun``: see
+        :mod:`popek.engine.spin`; a machine asks while other harts wait for the thread).
+        ``interrupts`` False leaves pending interrupts for later (a debugger's single step,
+        as QEMU's steps without interrupts).
         """
         hart = self.hart
         ctl = hart.ctl
@@ -421,6 +427,8 @@ class Engine:
         pc = hart.pc
         executed = 0
         instret0 = ctl[CTL_INSTRET]
+        spin = self.spin
+        self.spun = False
         self.debug_stop = None
         self.executing = True
         try:
@@ -438,11 +446,18 @@ class Engine:
                             blk = self._block_at(pc, base, mode, single)
                         if blk.special:
                             if blk.native is not None:  # (never a breakpoint's block)
-                                pc, retired, trap = self._enter(blk, pc, mode, budget - executed)
+                                window = budget - executed
+                                if spins and window > NATIVE_WINDOW:
+                                    window = NATIVE_WINDOW
+                                pc, retired, trap = self._enter(blk, pc, mode, window)
                                 executed += retired
                                 if trap is not None:
                                     blk = None  # pc is the faulting instruction's already
                                     raise trap
+                                if retired >= window and spins and \
+                                        spin.looped(pc, instret0 + executed):
+                                    self.spun = True
+                                    break
                                 continue
                             if blk.breakpoint and pc in self.breakpoints:
                                 blk = None  # stop before it (an alias may share the block)
@@ -450,6 +465,9 @@ class Engine:
                             if blk.fp:
                                 csr[MSTATUS] |= MSTATUS_FS_DIRTY_SD
                             if blk.system:  # its CSR access may read instret: make it exact
+                                if spins and spin.looped(pc, instret0 + executed):
+                                    self.spun = True
+                                    break
                                 ctl[CTL_INSTRET] = (instret0 + executed + blk.count - 1) & XLEN_MASK
                         bpc = pc
                         pc = blk.run(pc)
@@ -459,6 +477,8 @@ class Engine:
                             mode = self._mode_key()
                             if ctl[CTL_WFI]:
                                 break
+                    if self.spun:
+                        break
                 except Trap as t:
                     if blk is not None:  # the block tells which instruction trapped
                         index = t.index

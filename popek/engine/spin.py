@@ -1,0 +1,74 @@
+"""Spin detection: a hart going round a loop that changes none of its registers.
+
+The harts of one guest take turns on one host thread, so a hart that waits for
+another (on a lock the other holds, or in an idle loop that polls for work, as
+xv6's scheduler does instead of `wfi`) spends slices the working hart needed: it
+cannot see the change it waits for until the other hart runs. Hardware that hosts
+virtual CPUs has the same problem, and pause-loop exiting is its answer: a vCPU seen
+spinning gives up its time slice.
+
+popek sees a spin without looking at each instruction: at the few points where the
+run loop looks at a hart anyway (a system instruction's block, and the end of a
+window of native code), it compares the hart's integer registers and the top of its
+stack with what they were at the same pc the last time it passed there. The same
+state within a short stretch of the hart's instructions means that the hart went
+round a loop and came back to where it was, having computed nothing: it waits for
+memory (or a device) that someone else changes. The stack counts because registers
+alone do not tell: a loop deep in calls keeps its counter in a caller's frame (xv6
+frees its pages one by one with every register the same at each free's `release`).
+Cutting a slice short only changes how fast this hart runs beside the others, which
+real harts do all the time, so a loop misjudged (one that makes its progress in
+memory elsewhere) runs slower, never differently.
+"""
+
+from __future__ import annotations
+
+from array import array
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from popek.cpu.mmu import Mmu
+    from popek.cpu.physmem import PhysicalMemory
+
+SPIN_CYCLE_MAX = 1 << 15  # instructions between two identical states that make a spin
+# (xv6's idle scheduler goes round its 64 processes in about 6,000)
+NATIVE_WINDOW = 4096  # instructions native code runs before the loop looks (only while
+# other harts wait for the thread: a loop that spins in native code never leaves it)
+STACK_BYTES = 256  # of the stack from sp up that count as the hart's state (a few frames)
+MARKS_LIMIT = 4096  # pcs remembered; past that all are forgotten and marking starts over
+
+
+class SpinDetector:
+    """Remembers, per pc, the state a hart had there and when (in its instructions)."""
+
+    def __init__(self, x: array, mmu: Mmu, mem: PhysicalMemory) -> None:
+        self._x = x
+        self._mmu = mmu
+        self._mem = mem
+        self._marks: dict[int, tuple[bytes, int]] = {}
+
+    def _state(self) -> bytes:
+        """The integer registers and the stack's top (as far as the page it is in goes,
+        if the read TLB maps it: else the registers alone)."""
+        x = self._x
+        sp = x[2]
+        page = self._mmu.tlb_r.get(sp >> 12)
+        if page is None:
+            return x.tobytes()
+        start = page + (sp & 4095)
+        return x.tobytes() + self._mem.ram[start:min(start + STACK_BYTES, page + 4096)]
+
+    def looped(self, pc: int, retired: int) -> bool:
+        """The hart is at ``pc`` having retired ``retired`` instructions in all: True if
+        it was here in the same state no more than SPIN_CYCLE_MAX ago."""
+        state = self._state()
+        marks = self._marks
+        seen = marks.get(pc)
+        if seen is not None and seen[0] == state and retired - seen[1] <= SPIN_CYCLE_MAX:
+            # Forgotten, so that the hart, resumed here in this very state, goes on.
+            del marks[pc]
+            return True
+        if seen is None and len(marks) >= MARKS_LIMIT:
+            marks.clear()
+        marks[pc] = (state, retired)
+        return False
