@@ -31,7 +31,7 @@ from popek.cpu.state import CTL_INSTRET, CTL_PRIV, CTL_WFI, XLEN_MASK
 from popek.engine import jit, translator
 from popek.engine.handlers import Handler, bind_handlers, semantics_namespace
 from popek.engine.interpreter import BlockFn, Op, interpret
-from popek.engine.spin import NATIVE_WINDOW, SpinDetector
+from popek.engine.spin import SPIN_WINDOW, SpinDetector
 from popek.isa.decoder import Decoded, decode16, decode32
 
 MSTATUS = 0x300
@@ -429,6 +429,9 @@ class Engine:
         instret0 = ctl[CTL_INSTRET]
         spin = self.spin
         self.spun = False
+        # Where the spin detector looks next, if the hart runs that long without a system
+        # instruction (native code stops there; never, unless asked to look).
+        checkpoint = SPIN_WINDOW if spins else budget + 1
         self.debug_stop = None
         self.executing = True
         try:
@@ -444,20 +447,19 @@ class Engine:
                             blk = None  # a fault fetching it is no block's
                             pc &= XLEN_MASK
                             blk = self._block_at(pc, base, mode, single)
+                        if executed >= checkpoint:  # a loop without system instructions
+                            checkpoint = executed + SPIN_WINDOW
+                            if spin.looped(pc, instret0 + executed):
+                                self.spun = True
+                                break
                         if blk.special:
                             if blk.native is not None:  # (never a breakpoint's block)
-                                window = budget - executed
-                                if spins and window > NATIVE_WINDOW:
-                                    window = NATIVE_WINDOW
-                                pc, retired, trap = self._enter(blk, pc, mode, window)
+                                pc, retired, trap = self._enter(
+                                    blk, pc, mode, min(budget, checkpoint) - executed)
                                 executed += retired
                                 if trap is not None:
                                     blk = None  # pc is the faulting instruction's already
                                     raise trap
-                                if retired >= window and spins and \
-                                        spin.looped(pc, instret0 + executed):
-                                    self.spun = True
-                                    break
                                 continue
                             if blk.breakpoint and pc in self.breakpoints:
                                 blk = None  # stop before it (an alias may share the block)

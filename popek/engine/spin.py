@@ -7,10 +7,11 @@ cannot see the change it waits for until the other hart runs. Hardware that host
 virtual CPUs has the same problem, and pause-loop exiting is its answer: a vCPU seen
 spinning gives up its time slice.
 
-popek sees a spin without looking at each instruction: at the few points where the
-run loop looks at a hart anyway (a system instruction's block, and the end of a
-window of native code), it compares the hart's integer registers and the top of its
-stack with what they were at the same pc the last time it passed there. The same
+popek sees a spin without looking at each instruction: where the run loop looks at a
+hart anyway (a system instruction's block), and every SPIN_WINDOW instructions
+between them (where native code leaves its chain for it), it compares the hart's
+integer registers and the top of its stack with what they were at the same pc the
+last time it passed there. The same
 state within a short stretch of the hart's instructions means that the hart went
 round a loop and came back to where it was, having computed nothing: it waits for
 memory (or a device) that someone else changes. The stack counts because registers
@@ -32,20 +33,22 @@ if TYPE_CHECKING:
 
 SPIN_CYCLE_MAX = 1 << 15  # instructions between two identical states that make a spin
 # (xv6's idle scheduler goes round its 64 processes in about 6,000)
-NATIVE_WINDOW = 4096  # instructions native code runs before the loop looks (only while
-# other harts wait for the thread: a loop that spins in native code never leaves it)
+SPIN_WINDOW = 4096  # instructions a hart runs without a system instruction before the
+# run loop looks anyway (only while other harts wait for the thread: native code that
+# spins never leaves its loop otherwise)
 STACK_BYTES = 256  # of the stack from sp up that count as the hart's state (a few frames)
-MARKS_LIMIT = 4096  # pcs remembered; past that all are forgotten and marking starts over
+MARKS_LIMIT = 4096  # states remembered; past that all are forgotten and marking starts over
 
 
 class SpinDetector:
-    """Remembers, per pc, the state a hart had there and when (in its instructions)."""
+    """Remembers the states a hart passed through at the points it was looked at (as
+    hashes of pc and state: a collision would only cut a slice) and when."""
 
     def __init__(self, x: array, mmu: Mmu, mem: PhysicalMemory) -> None:
         self._x = x
         self._mmu = mmu
         self._mem = mem
-        self._marks: dict[int, tuple[bytes, int]] = {}
+        self._marks: dict[int, int] = {}  # hash of (pc, state): instructions retired then
 
     def _state(self) -> bytes:
         """The integer registers and the stack's top (as far as the page it is in goes,
@@ -60,15 +63,17 @@ class SpinDetector:
 
     def looped(self, pc: int, retired: int) -> bool:
         """The hart is at ``pc`` having retired ``retired`` instructions in all: True if
-        it was here in the same state no more than SPIN_CYCLE_MAX ago."""
-        state = self._state()
+        it was here in the same state less than SPIN_CYCLE_MAX instructions ago. Each
+        pc keeps every state seen there (an inner loop passes its pcs in a different
+        state each time round, until the outer loop comes back)."""
+        key = hash((pc, self._state()))
         marks = self._marks
-        seen = marks.get(pc)
-        if seen is not None and seen[0] == state and retired - seen[1] <= SPIN_CYCLE_MAX:
+        seen = marks.get(key)
+        if seen is not None and 0 < retired - seen <= SPIN_CYCLE_MAX:
             # Forgotten, so that the hart, resumed here in this very state, goes on.
-            del marks[pc]
+            del marks[key]
             return True
-        if seen is None and len(marks) >= MARKS_LIMIT:
+        if len(marks) >= MARKS_LIMIT:
             marks.clear()
-        marks[pc] = (state, retired)
+        marks[key] = retired
         return False

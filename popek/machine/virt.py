@@ -54,6 +54,7 @@ NEVER_SECONDS = 24 * 24 * 3600.0  # a timer further away than this counts as sto
 # takes a timeout in milliseconds in a C int: ~24.8 days)
 SLICE = 20_000  # instructions a hart runs before devices and timers are looked at
 SPIN_REST_MAX = 8  # rounds a spinning hart sits out at most (one round: a slice each)
+WAKING_INTERRUPTS = 0xAA  # M/S timer and software interrupts end a spinning hart's rest
 STATE_VERSION = 2  # of save_state(): bump when its layout changes (2: ctl holds the LR reservation)
 HART_BUFFERS = ("x", "f", "ctl", "csr")
 
@@ -102,7 +103,7 @@ class VirtMachine:
         # rounds sat out.
         self._spin_rest = [0] * config.cpus
         self._spin_backoff = [0] * config.cpus
-        self._spin_interrupts = [0] * config.cpus  # pending as it began to rest
+        self._spin_interrupts = [0] * config.cpus  # waking ones pending as it began to rest
         self.spin_yields = self.spin_rests = 0
         if memory is not None and (memory.base, memory.size) != (RAM_BASE, config.mem):
             raise ConfigError(f"RAM of {memory.size >> 20}M at {memory.base:#x} does not fit "
@@ -418,10 +419,9 @@ class VirtMachine:
 
         A hart seen spinning (see :mod:`popek.engine.spin`) ends its slice there and sits
         out the next rounds, twice as many each time it spins again (up to
-        SPIN_REST_MAX), while another hart has work and no new interrupt calls it back:
-        pause-loop exiting and a directed yield, as a hypervisor does for vCPUs. (An
-        interrupt pending all along is no news: xv6 never acknowledges the UART's
-        transmitter interrupt, so on QEMU as here it stays raised while xv6 runs.)"""
+        SPIN_REST_MAX), while another hart has work and no new timer or software
+        interrupt calls it back: pause-loop exiting and a directed yield, as a hypervisor
+        does for vCPUs."""
         ran = False
         resting = {hart for hart in self.harts if self._spin_rest[hart.hartid]
                    and not self._interrupts(hart) & ~self._spin_interrupts[hart.hartid]}
@@ -461,8 +461,12 @@ class VirtMachine:
 
     @staticmethod
     def _interrupts(hart: Hart) -> int:
-        """The hart's interrupts that are pending and enabled."""
-        return hart.csr[MIP] & hart.csr[MIE]
+        """The hart's timer and software interrupts that are pending and enabled. Not the
+        external ones: a level-triggered line that stays raised (xv6 never acknowledges
+        the UART's transmitter interrupt, so on QEMU as here it stays raised while xv6
+        runs) drops and rises again each time a hart claims and completes it at the
+        PLIC, which is no news; and while this hart rests, another may take it."""
+        return hart.csr[MIP] & hart.csr[MIE] & WAKING_INTERRUPTS
 
 
 def _sbi_trap_handler(hart: Hart, sbi: Sbi) -> Callable[[int, int, int], int]:
