@@ -362,6 +362,7 @@ class Engine:
     def _handle_trap(self, cause: int, tval: int, pc: int) -> int:
         """The hart's trap handler, whose own memory writes are no instruction's."""
         self.executing = False
+        self.spin.traps += 1
         try:
             return self.hart.on_trap(cause, tval, pc)
         finally:

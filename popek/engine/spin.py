@@ -17,6 +17,9 @@ round a loop and came back to where it was, having computed nothing: it waits fo
 memory (or a device) that someone else changes. The stack counts because registers
 alone do not tell: a loop deep in calls keeps its counter in a caller's frame (xv6
 frees its pages one by one with every register the same at each free's `release`).
+So does the number of traps the hart took: a program that makes a system call each
+time round keeps its progress in registers the kernel saved away from its stack (xv6's
+trapframe), and a loop that waits does not trap, but for a rare timer tick.
 Cutting a slice short only changes how fast this hart runs beside the others, which
 real harts do all the time, so a loop misjudged (one that makes its progress in
 memory elsewhere) runs slower, never differently.
@@ -49,10 +52,11 @@ class SpinDetector:
         self._mmu = mmu
         self._mem = mem
         self._marks: dict[int, int] = {}  # hash of (pc, state): instructions retired then
+        self.traps = 0  # traps the hart took (the engine counts them)
 
     def _state(self) -> bytes:
         """The integer registers and the stack's top (as far as the page it is in goes,
-        if the read TLB maps it: else the registers alone)."""
+        if the read TLB maps it: else the registers alone); the traps count too."""
         x = self._x
         sp = x[2]
         page = self._mmu.tlb_r.get(sp >> 12)
@@ -66,7 +70,7 @@ class SpinDetector:
         it was here in the same state less than SPIN_CYCLE_MAX instructions ago. Each
         pc keeps every state seen there (an inner loop passes its pcs in a different
         state each time round, until the outer loop comes back)."""
-        key = hash((pc, self._state()))
+        key = hash((pc, self.traps, self._state()))
         marks = self._marks
         seen = marks.get(key)
         if seen is not None and 0 < retired - seen <= SPIN_CYCLE_MAX:
