@@ -31,7 +31,7 @@ from popek.cpu.state import CTL_INSTRET, CTL_PRIV, CTL_WFI, XLEN_MASK
 from popek.engine import jit, translator
 from popek.engine.handlers import Handler, bind_handlers, semantics_namespace
 from popek.engine.interpreter import BlockFn, Op, interpret
-from popek.engine.spin import SPIN_WINDOW, SpinDetector
+from popek.engine.spin import SPIN_GLANCE, SPIN_WINDOW, SpinDetector
 from popek.isa.decoder import Decoded, decode16, decode32
 
 MSTATUS = 0x300
@@ -433,6 +433,7 @@ class Engine:
         # Where the spin detector looks next, if the hart runs that long without a system
         # instruction (native code stops there; never, unless asked to look).
         checkpoint = SPIN_WINDOW if spins else budget + 1
+        glance = 0 if spins else budget + 1  # where a system instruction's block may look
         self.debug_stop = None
         self.executing = True
         try:
@@ -468,9 +469,11 @@ class Engine:
                             if blk.fp:
                                 csr[MSTATUS] |= MSTATUS_FS_DIRTY_SD
                             if blk.system:  # its CSR access may read instret: make it exact
-                                if spins and spin.looped(pc, instret0 + executed):
-                                    self.spun = True
-                                    break
+                                if executed >= glance:
+                                    glance = executed + SPIN_GLANCE
+                                    if spin.looped(pc, instret0 + executed):
+                                        self.spun = True
+                                        break
                                 ctl[CTL_INSTRET] = (instret0 + executed + blk.count - 1) & XLEN_MASK
                         bpc = pc
                         pc = blk.run(pc)

@@ -1,4 +1,4 @@
-"""Spin detection: a hart going round a loop that changes none of its registers.
+"""Spin detection: a hart going round a loop that computes nothing.
 
 The harts of one guest take turns on one host thread, so a hart that waits for
 another (on a lock the other holds, or in an idle loop that polls for work, as
@@ -8,18 +8,18 @@ virtual CPUs has the same problem, and pause-loop exiting is its answer: a vCPU 
 spinning gives up its time slice.
 
 popek sees a spin without looking at each instruction: where the run loop looks at a
-hart anyway (a system instruction's block), and every SPIN_WINDOW instructions
-between them (where native code leaves its chain for it), it compares the hart's
-integer registers and the top of its stack with what they were at the same pc the
-last time it passed there. The same
-state within a short stretch of the hart's instructions means that the hart went
-round a loop and came back to where it was, having computed nothing: it waits for
-memory (or a device) that someone else changes. The stack counts because registers
-alone do not tell: a loop deep in calls keeps its counter in a caller's frame (xv6
-frees its pages one by one with every register the same at each free's `release`).
-So does the number of traps the hart took: a program that makes a system call each
-time round keeps its progress in registers the kernel saved away from its stack (xv6's
-trapframe), and a loop that waits does not trap, but for a rare timer tick.
+hart anyway (a system instruction's block, at most every SPIN_GLANCE instructions),
+and every SPIN_WINDOW instructions between them (where native code leaves its chain
+for it), it compares the hart's state with every state it had at that pc before.
+The same state within a short stretch of the hart's instructions means that the
+hart went round a loop and came back to where it was, having computed nothing: it
+waits for memory (or a device) that someone else changes. The state is the integer
+registers, the top of the stack and the number of traps taken. The stack counts
+because registers alone do not tell: a loop deep in calls keeps its counter in a
+caller's frame (xv6 frees its pages one by one with every register the same at each
+free's `release`). The traps count because a program that makes a system call each
+time round keeps its progress in registers the kernel saved away from its stack
+(xv6's trapframe), while a loop that waits does not trap, but for a rare timer tick.
 Cutting a slice short only changes how fast this hart runs beside the others, which
 real harts do all the time, so a loop misjudged (one that makes its progress in
 memory elsewhere) runs slower, never differently.
@@ -35,7 +35,10 @@ if TYPE_CHECKING:
     from popek.cpu.physmem import PhysicalMemory
 
 SPIN_CYCLE_MAX = 1 << 15  # instructions between two identical states that make a spin
-# (xv6's idle scheduler goes round its 64 processes in about 6,000)
+# (xv6's idle scheduler goes round its 64 processes in about 13,000)
+SPIN_GLANCE = 256  # instructions at least between two looks at system instructions'
+# blocks (some code runs one every few instructions): a loop a few times longer still
+# shows a state it showed before soon enough, as every state looked at is remembered
 SPIN_WINDOW = 4096  # instructions a hart runs without a system instruction before the
 # run loop looks anyway (only while other harts wait for the thread: native code that
 # spins never leaves its loop otherwise)
