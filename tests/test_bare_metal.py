@@ -84,11 +84,20 @@ kernelvec:                  # S-mode traps: save what C may clobber, call strap
 stacks: .space 4096 * 4
 """
 
+_PRINT = r"""  /* what both guests print with */
+#define UART ((volatile unsigned char *)0x10000000UL)
+static void put(char c) { *UART = c; }
+static void say(const char *s) { while (*s) put(*s++); }
+static void hex(unsigned long n) {
+    say("0x");
+    for (int i = 60; i >= 0; i -= 4) if (n >> i || !i) put("0123456789abcdef"[(n >> i) & 15]);
+}
+"""
+
 _GUEST = r"""
 #define NCPU 3
 #define TICKS 4
 #define INTERVAL 20000UL                   /* 2 ms of guest time */
-#define UART ((volatile unsigned char *)0x10000000UL)
 #define FINISHER ((volatile unsigned int *)0x100000UL)
 #define MTIMECMP(h) ((volatile unsigned long *)(0x2004000UL + 8 * (h)))
 #define MTIME ((volatile unsigned long *)0x200bff8UL)
@@ -99,13 +108,7 @@ _GUEST = r"""
 #define CSRS(name, v) __asm__ volatile("csrs " #name ", %0" : : "r"(v))
 #define CSRC(name, v) __asm__ volatile("csrc " #name ", %0" : : "r"(v))
 #define FENCE() __asm__ volatile("fence" : : : "memory")
-
-static void put(char c) { *UART = c; }
-static void say(const char *s) { while (*s) put(*s++); }
-static void hex(unsigned long n) {
-    say("0x");
-    for (int i = 60; i >= 0; i -= 4) if (n >> i || !i) put("0123456789abcdef"[(n >> i) & 15]);
-}
+""" + _PRINT + r"""
 static void poweroff(unsigned code) {
     *FINISHER = code ? (code << 16) | 0x3333 : 0x5555;
     for (;;) {}
@@ -359,15 +362,8 @@ _SPIN_GUEST = r"""
 #define ROUNDS 100                              /* critical sections per hart */
 #define SLOTS 16
 #define WORK 30000                              /* hart 0's steps alone */
-#define UART ((volatile unsigned char *)0x10000000UL)
 #define FINISHER ((volatile unsigned int *)0x100000UL)
-
-static void put(char c) { *UART = c; }
-static void say(const char *s) { while (*s) put(*s++); }
-static void hex(unsigned long n) {
-    say("0x");
-    for (int i = 60; i >= 0; i -= 4) if (n >> i || !i) put("0123456789abcdef"[(n >> i) & 15]);
-}
+""" + _PRINT + r"""
 
 static unsigned long acquire(volatile unsigned int *lock) {   /* as xv6's: interrupts off */
     unsigned long saved;
