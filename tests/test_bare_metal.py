@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from popek.cpu.state import CTL_INSTRET
 from popek.engine.engine import TIERS
 from popek.machine.config import DiskSpec, MachineConfig
 from popek.machine.virt import VirtMachine
@@ -83,11 +84,20 @@ kernelvec:                  # S-mode traps: save what C may clobber, call strap
 stacks: .space 4096 * 4
 """
 
+_PRINT = r"""  /* what both guests print with */
+#define UART ((volatile unsigned char *)0x10000000UL)
+static void put(char c) { *UART = c; }
+static void say(const char *s) { while (*s) put(*s++); }
+static void hex(unsigned long n) {
+    say("0x");
+    for (int i = 60; i >= 0; i -= 4) if (n >> i || !i) put("0123456789abcdef"[(n >> i) & 15]);
+}
+"""
+
 _GUEST = r"""
 #define NCPU 3
 #define TICKS 4
 #define INTERVAL 20000UL                   /* 2 ms of guest time */
-#define UART ((volatile unsigned char *)0x10000000UL)
 #define FINISHER ((volatile unsigned int *)0x100000UL)
 #define MTIMECMP(h) ((volatile unsigned long *)(0x2004000UL + 8 * (h)))
 #define MTIME ((volatile unsigned long *)0x200bff8UL)
@@ -98,13 +108,7 @@ _GUEST = r"""
 #define CSRS(name, v) __asm__ volatile("csrs " #name ", %0" : : "r"(v))
 #define CSRC(name, v) __asm__ volatile("csrc " #name ", %0" : : "r"(v))
 #define FENCE() __asm__ volatile("fence" : : : "memory")
-
-static void put(char c) { *UART = c; }
-static void say(const char *s) { while (*s) put(*s++); }
-static void hex(unsigned long n) {
-    say("0x");
-    for (int i = 60; i >= 0; i -= 4) if (n >> i || !i) put("0123456789abcdef"[(n >> i) & 15]);
-}
+""" + _PRINT + r"""
 static void poweroff(unsigned code) {
     *FINISHER = code ? (code << 16) | 0x3333 : 0x5555;
     for (;;) {}
@@ -331,3 +335,134 @@ def test_bad_bare_metal_kernel_gets_one_line(tmp_path: Path, make, error: str) -
     done = popek_run("--bios", "none", "--kernel", str(kernel), "--mem", "128M", timeout=60)
     assert done.returncode == 2
     assert done.stderr.decode() == f"popek run: error: kernel {kernel}{error}\n"
+
+
+# Spinning harts (popek.engine.spin): three harts in M-mode take turns at one lock, as
+# xv6's harts do, then hart 0 computes alone while harts 1 and 2 poll a table of
+# locked slots for a job, as xv6's idle scheduler polls its process table, until hart 0
+# posts one. Everything the guest prints is the same however the harts interleave.
+_SPIN_START = r"""
+.section .text.start
+.globl _start
+_start:                     # every hart, in M-mode: a0 = hartid
+  la sp, stacks
+  addi t0, a0, 1
+  slli t0, t0, 12
+  add sp, sp, t0
+  call hart_main
+1: j 1b
+
+.bss
+.align 12
+stacks: .space 4096 * 4
+"""
+
+_SPIN_GUEST = r"""
+#define NCPU 3
+#define ROUNDS 100                              /* critical sections per hart */
+#define SLOTS 16
+#define WORK 30000                              /* hart 0's steps alone */
+#define FINISHER ((volatile unsigned int *)0x100000UL)
+""" + _PRINT + r"""
+
+static unsigned long acquire(volatile unsigned int *lock) {   /* as xv6's: interrupts off */
+    unsigned long saved;
+    __asm__ volatile("csrrci %0, mstatus, 8" : "=r"(saved) : : "memory");
+    while (__sync_lock_test_and_set(lock, 1) != 0) {}
+    __sync_synchronize();
+    return saved;
+}
+
+static void release(volatile unsigned int *lock, unsigned long saved) {
+    __sync_synchronize();
+    __sync_lock_release(lock);
+    __asm__ volatile("csrs mstatus, %0" : : "r"(saved & 8) : "memory");
+}
+
+static volatile unsigned int counter_lock;
+static volatile unsigned long counter, arrived, stop, stopped[NCPU];
+static struct { volatile unsigned int lock; volatile unsigned long job, result; }
+    slots[SLOTS] __attribute__((aligned(64)));
+
+static unsigned long work(void) {               /* xorshift: something to compute */
+    unsigned long x = 88172645463325252UL;
+    for (int i = 0; i < WORK; i++) { x ^= x << 13; x ^= x >> 7; x ^= x << 17; }
+    return x;
+}
+
+void hart_main(unsigned long id) {
+    for (int round = 0; round < ROUNDS; round++) {
+        unsigned long saved = acquire(&counter_lock);
+        unsigned long value = counter;
+        for (int i = 0; i < 50; i++) __asm__ volatile("");
+        counter = value + 1;
+        release(&counter_lock, saved);
+    }
+    __sync_fetch_and_add(&arrived, 1);
+    while (arrived < NCPU) {}
+    if (id != 0) {                              /* idle: poll every slot for a job */
+        while (!stop) {
+            for (int s = 0; s < SLOTS; s++) {
+                unsigned long saved = acquire(&slots[s].lock);
+                if (slots[s].job) {
+                    slots[s].result = slots[s].job * 3 + 1;
+                    slots[s].job = 0;
+                }
+                release(&slots[s].lock, saved);
+            }
+        }
+        stopped[id] = 1;
+        for (;;) __asm__ volatile("wfi");
+    }
+    say("counter "); hex(counter); put('\n');
+    unsigned long job = work();
+    unsigned long saved = acquire(&slots[5].lock);
+    slots[5].job = job;
+    release(&slots[5].lock, saved);
+    while (!slots[5].result) {}
+    say("job "); hex(job); say(" result "); hex(slots[5].result); put('\n');
+    stop = 1;
+    for (int h = 1; h < NCPU; h++) while (!stopped[h]) {}
+    say("idle harts stopped\n");
+    *FINISHER = 0x5555;
+    for (;;) {}
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def spin_guest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if shutil.which(GCC) is None:
+        pytest.fail(f"{GCC} is missing: apt-get install gcc-riscv64-linux-gnu (./quickstart)")
+    out = tmp_path_factory.mktemp("spin") / "guest"
+    return build(out, {"start.S": _SPIN_START, "guest.c": _SPIN_GUEST}, 0x8000_0000)
+
+
+@pytest.fixture(scope="module")
+def spin_qemu_output(spin_guest: Path) -> str:
+    qemu = subprocess.run(
+        ["qemu-system-riscv64", "-M", "virt", "-bios", "none", "-kernel", str(spin_guest),
+         "-smp", str(CPUS), "-m", f"{MEM >> 20}M", "-display", "none", "-serial", "stdio",
+         "-monitor", "none"], capture_output=True, timeout=60)
+    assert qemu.returncode == 0, qemu.stderr.decode()
+    return qemu.stdout.decode()
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_spinning_harts_give_way_and_compute_what_qemu_computes(
+        spin_guest: Path, spin_qemu_output: str, tier: str) -> None:
+    config = MachineConfig(kernel=spin_guest, bios="none", cpus=CPUS, mem=MEM, engine=tier)
+    out = bytearray()
+    machine = VirtMachine(config, out.extend)
+    deadline = time.monotonic() + 120
+    while machine.exit is None and time.monotonic() < deadline:
+        machine.run_slice()
+    machine.close()
+    assert machine.exit == ("poweroff", 0), out.decode(errors="replace")
+    assert out.decode() == spin_qemu_output
+    assert "counter 0x12c\n" in out.decode()
+    # Harts 1 and 2 polled for as long as hart 0 computed: without giving way they
+    # retire about as many instructions as it does (each gets the same slices).
+    retired = [hart.ctl[CTL_INSTRET] for hart in machine.harts]
+    assert machine.spin_yields > 0 and machine.spin_rests > 0
+    assert max(retired[1:]) < retired[0] // 4, retired

@@ -52,10 +52,11 @@ class Hart(HartState):
         self.engine = Engine(self, engine or DEFAULT_TIER)
 
     # -- running ------------------------------------------------------------------------
-    def run(self, budget: int) -> int:
-        """Run about ``budget`` instructions; returns how many retired."""
+    def run(self, budget: int, spins: bool = False) -> int:
+        """Run about ``budget`` instructions; returns how many retired. ``spins``: stop
+        early if the hart spins (``engine.spun``), as other harts could use the time."""
         self.wake_if_interrupted()
-        return self.engine.run(budget)
+        return self.engine.run(budget, spins=spins)
 
     def step(self, interrupts: bool = True) -> int:
         """Execute exactly one instruction (or take one trap); returns 1 if it retired.

@@ -1,10 +1,15 @@
 """PLIC as on QEMU's virt board: 96 sources (1..95), two contexts per hart.
 
 Context 2*h is hart h in M-mode (drives MEIP), 2*h+1 the same hart in S-mode (SEIP).
-Sources are level-triggered, which is what the virt board's devices (UART, RTC,
-virtio-mmio) are: a source is pending while its line is high and it is not claimed.
-So a claim hides it until the completion, and if the device still holds the line then,
-it is pending again at once; no interrupt is lost and the pending bits need no state.
+Pending bits latch as QEMU's sifive_plic latches them: a device raising its line (each
+time it drives it high, whether or not it was high already) makes its source pending,
+lowering the line withdraws the request, and a claim clears the bit and gates the
+source until its completion. The completion does not make the source pending again
+while the line stays high: the device asks again when its state next changes (the
+virt board's UART, RTC and virtio-mmio drive their lines at each change, as QEMU's
+do). A spec PLIC would re-raise a still-high line at once, and xv6, which never
+acknowledges the UART's transmitter-empty interrupt (QEMU does not make it), would
+spend every hart's time taking that one interrupt again and again.
 """
 
 from __future__ import annotations
@@ -35,14 +40,14 @@ ENABLE_STRIDE = 0x80
 CONTEXT_BASE = 0x20_0000
 CONTEXT_STRIDE = 0x1000
 SIZE = 0x60_0000
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: pending bits latch (1 had the input lines, level, instead)
 
 
 @dataclass
 class PlicState:
     priority: list[int] = field(default_factory=lambda: [0] * NUM_SOURCES,
                                 metadata=bits(PRIORITY_BITS))
-    level: int = field(default=0, metadata=bits(NUM_SOURCES))  # input lines, bit per source
+    pending: int = field(default=0, metadata=bits(NUM_SOURCES))  # bit per source
     # bit per source: claimed and not yet completed
     claimed: int = field(default=0, metadata=bits(NUM_SOURCES))
     # bitmask per context
@@ -71,11 +76,12 @@ class Plic:
         return lambda level: self.set_source(source, level)
 
     def set_source(self, source: int, level: bool) -> None:
+        """The device drives its line: high latches a request, low withdraws it."""
         self._check_source(source)
         bit = 1 << source
-        old = self.s.level
-        self.s.level = old | bit if level else old & ~bit
-        if self.s.level != old:
+        old = self.s.pending
+        self.s.pending = old | bit if level else old & ~bit
+        if self.s.pending != old:
             self._update()
 
     @staticmethod
@@ -85,7 +91,7 @@ class Plic:
 
     @property
     def pending(self) -> int:
-        return self.s.level & ~self.s.claimed
+        return self.s.pending & ~self.s.claimed
 
     def _best(self, ctx: int) -> int:
         """Highest-priority pending enabled source above the threshold; ties -> lowest id."""
@@ -169,6 +175,7 @@ class Plic:
     def _claim(self, ctx: int) -> int:
         source = self._best(ctx)
         if source:
+            self.s.pending &= ~(1 << source)
             self.s.claimed |= 1 << source
             self._update()
         return source
@@ -178,6 +185,12 @@ class Plic:
         return pack_state(STATE_VERSION, self.s)
 
     def load_state(self, state: dict[str, Any]) -> None:
+        if isinstance(state, dict) and state.get("version") == 1 and \
+                type(state.get("level")) is type(state.get("claimed")) is int:
+            # Saved before pending bits latched: what was pending then is pending now.
+            state = {**state, "version": STATE_VERSION,
+                     "pending": state["level"] & ~state["claimed"]}
+            del state["level"]
         s = unpack_state(PlicState, STATE_VERSION, state)
         if len(s.priority) != NUM_SOURCES:
             raise ValueError(f"saved PLIC has {len(s.priority)} sources, expected {NUM_SOURCES}")

@@ -88,7 +88,7 @@ class Uart16550:
 
     def reset(self) -> None:
         self.s = UartState()
-        self._drive_irq()
+        self._update_irq()
 
     # -- host side ----------------------------------------------------------------------
     def receiving(self) -> bool:
@@ -142,14 +142,9 @@ class Uart16550:
         return IIR_NO_INT
 
     def _update_irq(self) -> None:
-        level = self._interrupt_id() != IIR_NO_INT
-        if level != self._irq_level:
-            self._irq_level = level
-            self.irq(level)
-
-    def _drive_irq(self) -> None:
-        self._irq_level = self._interrupt_id() != IIR_NO_INT
-        self.irq(self._irq_level)
+        """Drive the line at each change of the UART's state, as QEMU's serial.c does:
+        raised again while high, it asks the PLIC for another interrupt (see Plic)."""
+        self.irq(self._interrupt_id() != IIR_NO_INT)
 
     # -- bus ----------------------------------------------------------------------------
     def read(self, offset: int, size: int) -> int:
@@ -252,4 +247,4 @@ class Uart16550:
         s = unpack_state(UartState, STATE_VERSION, state)
         s.rx = s.rx[:FIFO_SIZE]
         self.s = s
-        self._drive_irq()
+        self._update_irq()

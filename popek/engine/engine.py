@@ -34,6 +34,7 @@ from popek.engine import jit, translator
 from popek.engine.handlers import Handler, bind_handlers, semantics_namespace
 from popek.engine.interpreter import BlockFn, Op, interpret
 from popek.engine.native_cache import CACHE, block_key
+from popek.engine.spin import SPIN_GLANCE, SPIN_WINDOW, SpinDetector
 from popek.isa.decoder import Decoded, decode16, decode32
 
 MSTATUS = 0x300
@@ -114,6 +115,8 @@ class Engine:
         self.breakpoints: frozenset[int] = frozenset()
         self.debug_stop: DebugStop | None = None
         self.executing = False
+        self.spin = SpinDetector(hart.x, hart.mmu, hart.mem)
+        self.spun = False  # the last run ended early: the hart was spinning
 
     # -- code cache ---------------------------------------------------------------------
     def _watch_code(self, page: int, start: int, end: int) -> None:
@@ -400,6 +403,7 @@ class Engine:
     def _handle_trap(self, cause: int, tval: int, pc: int) -> int:
         """The hart's trap handler, whose own memory writes are no instruction's."""
         self.executing = False
+        self.spin.traps += 1
         try:
             return self.hart.on_trap(cause, tval, pc)
         finally:
@@ -447,12 +451,15 @@ class Engine:
             return pc
         return self._handle_trap(cause, 0, pc)
 
-    def run(self, budget: int, single: bool = False, interrupts: bool = True) -> int:
+    def run(self, budget: int, single: bool = False, interrupts: bool = True,
+            spins: bool = False) -> int:
         """Execute about ``budget`` instructions (whole blocks); returns how many retired.
 
-        Stops early when the hart waits for an interrupt (WFI) or a debugger stops it
-        (``debug_stop``). ``interrupts`` False leaves pending interrupts for later (a
-        debugger's single step, as QEMU's steps without interrupts).
+        Stops early when the hart waits for an interrupt (WFI), a debugger stops it
+        (``debug_stop``) or, if ``spins`` asks to look, it spins (``spun``: see
+        :mod:`popek.engine.spin`; a machine asks while other harts wait for the thread).
+        ``interrupts`` False leaves pending interrupts for later (a debugger's single step,
+        as QEMU's steps without interrupts).
         """
         hart = self.hart
         ctl = hart.ctl
@@ -462,6 +469,12 @@ class Engine:
         pc = hart.pc
         executed = 0
         instret0 = ctl[CTL_INSTRET]
+        spin = self.spin
+        self.spun = False
+        # Where the spin detector looks next, if the hart runs that long without a system
+        # instruction (native code stops there; never, unless asked to look).
+        checkpoint = SPIN_WINDOW if spins else budget + 1
+        glance = 0 if spins else budget + 1  # where a system instruction's block may look
         self.debug_stop = None
         self.executing = True
         try:
@@ -477,9 +490,15 @@ class Engine:
                             blk = None  # a fault fetching it is no block's
                             pc &= XLEN_MASK
                             blk = self._block_at(pc, base, mode, single)
+                        if executed >= checkpoint:  # a loop without system instructions
+                            checkpoint = executed + SPIN_WINDOW
+                            if spin.looped(pc, instret0 + executed):
+                                self.spun = True
+                                break
                         if blk.special:
                             if blk.native is not None:  # (never a breakpoint's block)
-                                pc, retired, trap = self._enter(blk, pc, mode, budget - executed)
+                                pc, retired, trap = self._enter(
+                                    blk, pc, mode, min(budget, checkpoint) - executed)
                                 executed += retired
                                 if trap is not None:
                                     blk = None  # pc is the faulting instruction's already
@@ -491,6 +510,11 @@ class Engine:
                             if blk.fp:
                                 csr[MSTATUS] |= MSTATUS_FS_DIRTY_SD
                             if blk.system:  # its CSR access may read instret: make it exact
+                                if executed >= glance:
+                                    glance = executed + SPIN_GLANCE
+                                    if spin.looped(pc, instret0 + executed):
+                                        self.spun = True
+                                        break
                                 ctl[CTL_INSTRET] = (instret0 + executed + blk.count - 1) & XLEN_MASK
                         bpc = pc
                         pc = blk.run(pc)
@@ -500,6 +524,8 @@ class Engine:
                             mode = self._mode_key()
                             if ctl[CTL_WFI]:
                                 break
+                    if self.spun:
+                        break
                 except Trap as t:
                     if blk is not None:  # the block tells which instruction trapped
                         index = t.index

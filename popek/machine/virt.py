@@ -19,7 +19,7 @@ from typing import Any
 from popek.cpu import extensions
 from popek.cpu import trap as trap_unit
 from popek.cpu.causes import ECALL_S
-from popek.cpu.hart import Hart
+from popek.cpu.hart import MIE, MIP, Hart
 from popek.cpu.physmem import PhysicalMemory
 from popek.devices import boot_rom
 from popek.devices.boot_rom import BootRom
@@ -53,6 +53,8 @@ KERNEL_OFFSET = 0x20_0000  # where firmware jumps to: RAM base + 2 MiB, as on QE
 NEVER_SECONDS = 24 * 24 * 3600.0  # a timer further away than this counts as stopped (poll
 # takes a timeout in milliseconds in a C int: ~24.8 days)
 SLICE = 20_000  # instructions a hart runs before devices and timers are looked at
+SPIN_REST_MAX = 8  # rounds a spinning hart sits out at most (one round: a slice each)
+WAKING_INTERRUPTS = 0xAA  # M/S timer and software interrupts end a spinning hart's rest
 STATE_VERSION = 2  # of save_state(): bump when its layout changes (2: ctl holds the LR reservation)
 HART_BUFFERS = ("x", "f", "ctl", "csr")
 
@@ -96,6 +98,13 @@ class VirtMachine:
         # Instructions a hart runs per slice: a live migration's auto-converge lowers it,
         # so that a slice cannot dirty more than the link can drain.
         self.slice_instructions = SLICE
+        # Spinning harts (see run_slice): rounds each sits out next, how many it sat out
+        # last time, the interrupts pending then; counts of slices cut short and of
+        # rounds sat out.
+        self._spin_rest = [0] * config.cpus
+        self._spin_backoff = [0] * config.cpus
+        self._spin_interrupts = [0] * config.cpus  # waking ones pending as it began to rest
+        self.spin_yields = self.spin_rests = 0
         if memory is not None and (memory.base, memory.size) != (RAM_BASE, config.mem):
             raise ConfigError(f"RAM of {memory.size >> 20}M at {memory.base:#x} does not fit "
                               f"--mem {config.mem >> 20}M")
@@ -406,17 +415,29 @@ class VirtMachine:
         return min((w for w in waits if w is not None), default=None)
 
     def run_slice(self) -> bool:
-        """Give every runnable hart one slice; False if all of them were waiting."""
+        """Give every runnable hart one slice; False if all of them were waiting.
+
+        A hart seen spinning (see :mod:`popek.engine.spin`) ends its slice there and sits
+        out the next rounds, twice as many each time it spins again (up to
+        SPIN_REST_MAX), while another hart has work and no new timer or software
+        interrupt calls it back: pause-loop exiting and a directed yield, as a hypervisor
+        does for vCPUs."""
         ran = False
+        resting = {hart for hart in self.harts if self._spin_rest[hart.hartid]
+                   and not self._interrupts(hart) & ~self._spin_interrupts[hart.hartid]}
+        if not any(self._runnable(hart) and hart not in resting for hart in self.harts):
+            resting = set()  # no hart is working: none gives way
         for hart in self.harts:
-            if self._runnable(hart):
+            if hart in resting:
+                self._spin_rest[hart.hartid] -= 1
+                self.spin_rests += 1
+            elif self._runnable(hart):
                 # The harts that would run side by side on real hardware share this thread.
                 budget = self.slice_instructions
-                self.clock.start_slice(sum(map(self._runnable, self.harts)), budget)
-                self.clock.end_slice(hart.run(budget))
-                # Other harts and devices write memory before this hart runs again, and
-                # nothing here watches its reserved address: its next sc must fail.
-                hart.reservation = None
+                busy = sum(self._runnable(h) and h not in resting for h in self.harts)
+                self.clock.start_slice(busy, budget)
+                self.clock.end_slice(hart.run(budget, spins=busy > 1))
+                self._after_slice(hart)
                 ran = True
             self._update_devices()
             if self.exit is not None or hart.engine.debug_stop is not None:
@@ -424,6 +445,28 @@ class VirtMachine:
         if not ran:
             self.clock.idle()
         return ran
+
+    def _after_slice(self, hart: Hart) -> None:
+        # Other harts and devices write memory before this hart runs again, and nothing
+        # here watches its reserved address: its next sc must fail.
+        hart.reservation = None
+        index = hart.hartid
+        if hart.engine.spun:
+            self.spin_yields += 1
+            self._spin_backoff[index] = min(2 * self._spin_backoff[index] or 1, SPIN_REST_MAX)
+            self._spin_rest[index] = self._spin_backoff[index]
+            self._spin_interrupts[index] = self._interrupts(hart)
+        else:
+            self._spin_backoff[index] = self._spin_rest[index] = 0
+
+    @staticmethod
+    def _interrupts(hart: Hart) -> int:
+        """The hart's timer and software interrupts that are pending and enabled. Not the
+        external ones: a level-triggered line that stays raised (xv6 never acknowledges
+        the UART's transmitter interrupt, so on QEMU as here it stays raised while xv6
+        runs) drops and rises again each time a hart claims and completes it at the
+        PLIC, which is no news; and while this hart rests, another may take it."""
+        return hart.csr[MIP] & hart.csr[MIE] & WAKING_INTERRUPTS
 
 
 def _sbi_trap_handler(hart: Hart, sbi: Sbi) -> Callable[[int, int, int], int]:

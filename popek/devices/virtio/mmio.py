@@ -123,7 +123,6 @@ class VirtioMMIO:
         self.irq = irq
         self.device_features = backend.features | TRANSPORT_FEATURES
         self.queues = [Virtqueue(mem, size) for size in backend.queue_sizes]
-        self._irq_level = False
         self._config_generation = 0  # changes with the device's configuration space
         self.reset()
 
@@ -294,10 +293,10 @@ class VirtioMMIO:
             self._update_irq()
 
     def _update_irq(self) -> None:
-        level = self.s.interrupt_status != 0
-        if level != self._irq_level:
-            self._irq_level = level
-            self.irq(level)
+        """Drive the line at each notification and acknowledgement, as QEMU's
+        virtio-mmio does: raised again while high, it asks the PLIC for another
+        interrupt (see Plic)."""
+        self.irq(self.s.interrupt_status != 0)
 
     # -- snapshots ------------------------------------------------------------------------
     def save_state(self) -> dict[str, Any]:
@@ -319,8 +318,7 @@ class VirtioMMIO:
         for queue, queue_state in zip(self.queues, state["queues"], strict=True):
             queue.load_state(queue_state)
         self.s = saved
-        self._irq_level = saved.interrupt_status != 0
-        self.irq(self._irq_level)  # the line's level is part of the state being restored
+        self._update_irq()  # the line's level is part of the state being restored
 
 
 class EmptySlot:
