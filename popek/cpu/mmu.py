@@ -42,6 +42,8 @@ class TlbMirror(Protocol):
 
     def flush(self) -> None: ...
 
+    def flush_page(self, vpn: int) -> None: ...
+
     def switch_priv(self, old: int, new: int) -> None: ...
 
     def drop_writable(self) -> None: ...
@@ -113,16 +115,17 @@ class Mmu:
         for tlb in self._tlbs():
             tlb.pop(vpn, None)
         if self.mirror is not None:
-            self.mirror.flush()
+            self.mirror.flush_page(vpn)
 
     def drop_sum_pages(self) -> None:
         """mstatus.SUM was cleared: S-mode may no longer touch the user pages it granted."""
         for tlb in self._tlbs():
             for vpn in self.sum_pages:
                 tlb.pop(vpn, None)
-        self.sum_pages.clear()
         if self.mirror is not None:
-            self.mirror.flush()
+            for vpn in self.sum_pages:
+                self.mirror.flush_page(vpn)
+        self.sum_pages.clear()
 
     def drop_writable(self, page: int | None) -> None:
         """Forget the writable translations to host page ``page`` (None: all of them), those

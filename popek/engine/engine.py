@@ -23,14 +23,17 @@ native (native code would chain into it without returning to the loop).
 from __future__ import annotations
 
 import os
+import platform
 import struct
+import sys
 from collections.abc import Callable, Iterable
+from functools import cache
 
 from popek.cpu import trap as trap_unit
 from popek.cpu.causes import ILLEGAL_INSN, DebugStop, Trap
 from popek.cpu.physmem import PAGE_SIZE
 from popek.cpu.state import CTL_INSTRET, CTL_PRIV, CTL_WFI, XLEN_MASK
-from popek.engine import jit, translator
+from popek.engine import jit, stencils, translator
 from popek.engine.handlers import Handler, bind_handlers, semantics_namespace
 from popek.engine.interpreter import BlockFn, Op, interpret
 from popek.engine.native_cache import CACHE, block_key
@@ -48,7 +51,7 @@ HOT_AFTER = 256  # runs before tier 1 translates a block: compiling costs ~1 ms,
 # only blocks that will run many more times repay it (measured on a Linux boot)
 NATIVE_AFTER = 256  # further runs on tier 1 before tier 2 compiles a block (~3 ms each;
 # 64 and 1024 measured no better on Lua and gzip)
-TIERS = ("interp", "translate", "jit")
+TIERS = ("interp", "translate", "baseline", "jit")
 FASTEST_TIER = "jit" if jit.available() else "translate"
 DEFAULT_TIER = os.environ.get("POPEK_ENGINE", FASTEST_TIER)
 
@@ -75,9 +78,19 @@ class Block:
         self.key = -1  # in the code cache (Engine.blocks), if anywhere
         self.breakpoint = False  # decoded at a debugger's breakpoint
 
-    def go_native(self, fn: Callable[[int, int], int], addr: int) -> None:
+    def go_native(self, fn: Callable[[int, int], int], addr: int, runtime: jit.NativeRuntime
+                  ) -> None:
+        """Run native code at ``addr`` from now on, which ``runtime``'s block table lists."""
         self.native, self.native_addr = fn, addr
         self.special = True
+        if self.key >= 0:
+            runtime.remember_block(self.key, addr)
+
+
+@cache
+def _no_stencils_notice() -> None:
+    print(f"popek: no copy-and-patch stencils for {platform.machine()} hosts (x86-64 only): "
+          "cold code runs on the Python tiers", file=sys.stderr)
 
 
 def _unset(pc: int) -> int:
@@ -90,8 +103,12 @@ class Engine:
     def __init__(self, hart, tier: str = DEFAULT_TIER) -> None:
         if tier not in TIERS:
             raise ValueError(f"unknown engine {tier!r}: choose one of {', '.join(TIERS)}")
-        if tier == "jit" and not jit.available():
-            raise ValueError("engine 'jit' needs llvmlite (pip install llvmlite)")
+        if tier in ("baseline", "jit") and not jit.available():
+            raise ValueError(f"engine {tier!r} needs llvmlite (pip install llvmlite)")
+        if tier in ("baseline", "jit") and not stencils.supported():
+            _no_stencils_notice()
+            if tier == "baseline":
+                tier = "translate"
         self.hart = hart
         self.tier = tier
         self.namespace = semantics_namespace(hart)
@@ -105,7 +122,8 @@ class Engine:
         # Instructions that straddle two pages, cached by their bits (and mode) rather
         # than by address: the second page may map anywhere, and differently next time.
         self.straddlers: dict[int, Block] = {}
-        self.native = jit.NativeRuntime(hart, self.handlers) if tier == "jit" else None
+        self.native = jit.NativeRuntime(hart, self.handlers, compiles=tier == "jit") \
+            if tier in ("baseline", "jit") else None
         self.native_queue: list[Block] = []  # hot blocks waiting for native code
         # Native code compiled for blocks, waiting to be installed between runs.
         self.native_done = self.native.compiled if self.native is not None else ()
@@ -117,6 +135,11 @@ class Engine:
         self.executing = False
         self.spin = SpinDetector(hart.x, hart.mmu, hart.mem)
         self.spun = False  # the last run ended early: the hart was spinning
+        # What a native run started with, for its system instructions (leave_after_system).
+        self._native_start = (0, 0)  # (privilege, decoding mode)
+        self._spins = False  # the run looks for spinning at system instructions too
+        if self.native is not None:
+            self.native.leave_after_system = self._leave_after_system
 
     # -- code cache ---------------------------------------------------------------------
     def _watch_code(self, page: int, start: int, end: int) -> None:
@@ -137,6 +160,8 @@ class Engine:
         del self.code_granules[page]
         for key in self.page_blocks.pop(page, ()):
             self.blocks.pop(key, None)
+            if self.native is not None:
+                self.native.forget_block(key)
         if self.native is not None:
             self.native.forget_jumps()
         return False
@@ -150,6 +175,7 @@ class Engine:
         self.page_blocks.clear()
         if self.native is not None:
             self.native.forget_jumps()
+            self.native.forget_blocks()
 
     def set_breakpoints(self, pcs: frozenset[int]) -> None:
         """Stop before any instruction at a virtual pc in ``pcs`` (see the module
@@ -174,6 +200,19 @@ class Engine:
                                   d.imm)
         return op
 
+    def _ops(self, decoded: list[Decoded | None]) -> tuple[Op, ...]:
+        return tuple(self._op(d) for d in decoded)
+
+    def _interpret_later(self, block: Block, on_hot: Callable[[], None] | None = None,
+                         hot_after: int = 0) -> BlockFn:
+        """The interpreter's function for ``block``, made at its first run: most blocks
+        run native code from the start and never need it."""
+        def first(pc: int) -> int:
+            block.run = interpret(self._ops(block.decoded), block.offsets, on_hot, hot_after)
+            return block.run(pc)
+
+        return first
+
     def _promote(self, block: Block, native: bool = True, code_key: bytes | None = None,
                  native_after: int = 0) -> Callable[[], None]:
         """Tier 1 for ``block``, then (if ``native``) tier 2 once it stays hot: after
@@ -190,7 +229,8 @@ class Engine:
                     CACHE.translated(code_key, code)
             block.run = translator.translate(self.namespace, block.decoded, block.offsets,
                                              code)
-            if native and self.native is not None and not block.breakpoint:
+            if native and self.native is not None and self.native.compiles and \
+                    not block.breakpoint:
                 block.run = self._count_for_native(block, block.run,
                                                    native_after or NATIVE_AFTER)
 
@@ -217,7 +257,8 @@ class Engine:
         native = self.native
         for block, addr in native.take_compiled():
             if self.blocks.get(block.key) is block:  # else its page changed, or a flush
-                block.go_native(jit.BLOCK_FN(addr), addr)
+                native.redirect(block.native_addr, addr)  # if it ran patched code
+                block.go_native(jit.BLOCK_FN(addr), addr, native)
         if not self.native_queue or native.compiling:
             return
         queue = [b for b in self.native_queue if self.blocks.get(b.key) is b]
@@ -319,9 +360,8 @@ class Engine:
         block = Block(decoded, tuple(offsets), fp, system)
         if pc in breakpoints:
             block.breakpoint = block.special = True
-        ops = tuple(self._op(d) for d in decoded)
         if limit != MAX_BLOCK or not (cacheable or straddler is not None):
-            block.run = interpret(ops, block.offsets)
+            block.run = interpret(self._ops(decoded), block.offsets)
             if self.native is not None and limit == 1 and decoded[0] is not None:
                 block.run = self._step(decoded[0]) or block.run
             elif self.tier != "interp":  # a single step runs tier-1 code too
@@ -335,9 +375,9 @@ class Engine:
             # A straddler is found by its bits, not its pages, so native code, which jumps
             # to its successors without looking, must not run one: it stays on tier 1.
             promote = self._promote(block, native=straddler is None, code_key=code_key)
-            block.run = interpret(ops, block.offsets, promote, HOT_AFTER)
+            block.run = self._interpret_later(block, promote, HOT_AFTER)
         else:
-            block.run = interpret(ops, block.offsets)
+            block.run = self._interpret_later(block)
         if straddler is not None:
             if len(self.straddlers) >= STRADDLERS_LIMIT:
                 self.straddlers.clear()
@@ -347,19 +387,23 @@ class Engine:
             self.blocks[key] = block
             self.page_blocks.setdefault(page, []).append(key)
             self._watch_code(page, start, off)
-            if code_key is not None:
-                self._known_before(block, code_key)
+            if self.native is not None and not block.breakpoint and None not in decoded:
+                self._first_native(block, code_key)
         return block
 
-    def _known_before(self, block: Block, code_key: bytes) -> None:
-        """A block just decoded whose code an earlier run (or this one) made: native at
-        once, or on tier 1 at once if it got that hot before (and native after as many
-        runs in all as from the interpreter, so a second run compiles what the first
-        did, no more)."""
-        addr = self.native.native_for(code_key, block.decoded)
+    def _first_native(self, block: Block, code_key: bytes | None) -> None:
+        """A block just decoded, with the native tier on: tier 2's code if an earlier run
+        (or this one) compiled its bytes, else code patched from stencils now; if it
+        stays off native code, tier 1 at once if it got that hot before (and native
+        after as many runs in all as from the interpreter, so a second run compiles what
+        the first did, no more)."""
+        native = self.native
+        addr = native.native_for(code_key, block.decoded) if code_key is not None else None
         if addr is not None:
-            block.go_native(jit.BLOCK_FN(addr), addr)
-        elif code_key in CACHE.translations:
+            block.go_native(jit.BLOCK_FN(addr), addr, native)
+        elif native.patch_block(block, block.decoded, block.offsets, block.fp) is not None:
+            pass  # native after this run (see _seal_patched); interpreted until then
+        elif code_key is not None and code_key in CACHE.translations:
             self._promote(block, code_key=code_key, native_after=HOT_AFTER + NATIVE_AFTER)()
 
     def predecode(self, keys: Iterable[int]) -> int:
@@ -427,23 +471,44 @@ class Engine:
             return blk
         return self.decode_block(base, pc, mode)
 
-    def _enter(self, blk: Block, pc: int, mode: int, budget: int) -> tuple[int, int, Trap | None]:
+    def _enter(self, blk: Block, pc: int, mode: int, budget: int, instret: int
+               ) -> tuple[int, int, Trap | None]:
         """Run native code from ``blk`` on, chaining natively within ``budget``: returns the
-        next pc, how many instructions retired, and the trap that stopped it (if any)."""
+        next pc, how many instructions retired, and the trap that stopped it (if any).
+        ``instret`` is the count before its first instruction."""
         native = self.native
         env = native.env
-        mode = jit.jump_mode(mode, self.hart.ctl[CTL_PRIV])
+        decode_mode = mode
+        priv = self.hart.ctl[CTL_PRIV]
+        self._native_start = (priv, decode_mode)
+        native.instret_base = instret
+        native.left_after_system = False
+        mode = jit.jump_mode(mode, priv)
         native.remember_jump(pc, mode, blk.native_addr)
         env.mode = mode
+        env.decode_mode = decode_mode
         env.budget = budget
         env.executed = 0
         status = blk.native(native.env_addr, pc)
         if status == jit.EXIT:
             return env.pc, env.executed, None
+        if status == jit.HOT:  # a patched block ran often enough for tier 2
+            self.native_queue.append(native.hot_block())
+            return env.pc, env.executed, None
         exc = native.take_pending(status)
         if not isinstance(exc, Trap):
             raise exc
         return env.pc, env.executed, exc
+
+    def _leave_after_system(self, next_pc: int, fallthrough: int) -> bool:
+        """Whether native code must return to this loop after a system instruction's
+        handler: as the loop does after a system block, it must look at interrupts, the
+        privilege and decoding mode, WFI, a jump (xRET) and, if asked, spinning."""
+        hart = self.hart
+        ctl = hart.ctl
+        return (next_pc != fallthrough or ctl[CTL_WFI] != 0 or self._spins
+                or (ctl[CTL_PRIV], self._mode_key()) != self._native_start
+                or trap_unit.pending_interrupt(hart) is not None)
 
     def check_interrupts(self, pc: int) -> int:
         cause = trap_unit.pending_interrupt(self.hart)  # already has INTERRUPT_BIT
@@ -475,6 +540,7 @@ class Engine:
         # instruction (native code stops there; never, unless asked to look).
         checkpoint = SPIN_WINDOW if spins else budget + 1
         glance = 0 if spins else budget + 1  # where a system instruction's block may look
+        self._spins = spins
         self.debug_stop = None
         self.executing = True
         try:
@@ -498,11 +564,22 @@ class Engine:
                         if blk.special:
                             if blk.native is not None:  # (never a breakpoint's block)
                                 pc, retired, trap = self._enter(
-                                    blk, pc, mode, min(budget, checkpoint) - executed)
+                                    blk, pc, mode, min(budget, checkpoint) - executed,
+                                    instret0 + executed)
                                 executed += retired
                                 if trap is not None:
                                     blk = None  # pc is the faulting instruction's already
                                     raise trap
+                                if self.native.left_after_system:  # as after a system block
+                                    if executed >= glance:
+                                        glance = executed + SPIN_GLANCE
+                                        if spin.looped(pc, instret0 + executed):
+                                            self.spun = True
+                                            break
+                                    pc = self.check_interrupts(pc)
+                                    mode = self._mode_key()
+                                    if ctl[CTL_WFI]:
+                                        break
                                 continue
                             if blk.breakpoint and pc in self.breakpoints:
                                 blk = None  # stop before it (an alias may share the block)
@@ -543,4 +620,17 @@ class Engine:
             ctl[CTL_INSTRET] = (instret0 + executed) & XLEN_MASK
         if self.native_queue or self.native_done:
             self._compile_native()
+        if self.native is not None:
+            self._seal_patched()
         return executed
+
+    def _seal_patched(self) -> None:
+        """Between runs: the blocks patched during the run go native; when patched code
+        fills its area, the code cache starts over."""
+        native = self.native
+        for block, addr in native.seal():
+            if self.blocks.get(block.key) is block and block.native is None:
+                block.go_native(jit.BLOCK_FN(addr), addr, native)
+        if native.area_full:
+            self.flush()
+            native.reset_patched()

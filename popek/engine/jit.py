@@ -26,18 +26,24 @@ from __future__ import annotations
 
 import ctypes
 import importlib
+import importlib.metadata
 import importlib.util
+import platform
 import secrets
+import sys
 import threading
+import time
 from array import array
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cache
 from types import ModuleType
 
-from popek.cpu.causes import ACCESS_READ, ACCESS_WRITE, Trap
-from popek.cpu.state import X_SINK
+from popek.cpu.causes import ACCESS_EXEC, ACCESS_READ, ACCESS_WRITE, Trap
+from popek.cpu.state import CTL_INSTRET, X_SINK, XLEN_MASK
 from popek.engine import irtext as ir
+from popek.engine import stencils
 from popek.engine.compiler_thread import COMPILER, LLVM_LOCK
 from popek.engine.lowering import I32, I64, Lowering, Operand, Unsupported, reads_pc
 from popek.engine.native_cache import CACHE, Record
@@ -49,10 +55,22 @@ from popek.isa.spec import IMM_RANGES, WRITES_X, Insn
 llvm: ModuleType | None = None
 
 TLB_ENTRIES = 1024  # per access kind; direct-mapped on the virtual page number
+# The jump cache: JUMP_PAGE_BITS of a bucket's index hash the virtual page, the rest hash
+# the offset in the page (as QEMU's tb_jmp_cache), so the entries of one page are one run
+# of buckets: an sfence.vma of a page (Linux issues thousands in a boot) clears them
+# alone, and native chaining elsewhere goes on.
 JUMP_BITS = 12  # buckets
+JUMP_PAGE_BITS = 6
+JUMP_OFFSET_BITS = JUMP_BITS - JUMP_PAGE_BITS
 JUMP_WAYS = 2  # entries per bucket: two hot blocks that hash alike must not evict each other
 JUMP_ENTRIES = JUMP_WAYS << JUMP_BITS
-JUMP_HASH = 0x9E3779B97F4A7C15  # Fibonacci hashing: nearby and strided pcs spread out
+JUMP_HASH = 0x9E3779B97F4A7C15  # Fibonacci hashing: nearby and strided pages spread out
+# The block table: native code by code-cache key (host offset of the first instruction
+# plus decoding mode), as the engine's dict of blocks holds them. Behind the jump cache:
+# after a flush (every satp write, a context switch) a successor that misses is found
+# here through the native fetch TLB, without a return to Python.
+BLOCK_BITS = 14  # buckets
+BLOCK_WAYS = 4
 U64 = (1 << 64) - 1
 CODEGEN_LEVEL = 0  # LLVM's fast instruction selection: measured as fast as -O2 code on the
 # benchmark programs once the IR is optimized, at a fraction of the compile time
@@ -74,6 +92,7 @@ def jump_mode(decode_mode: int, priv: int) -> int:
 I8 = ir.IntType(8)
 TLB_ENTRY = ir.Type("{i64, i64}")  # tag (virtual page number + 1), host page address
 JUMP_BUCKET = ir.Type(f"[{JUMP_WAYS} x {TLB_ENTRY}]")  # ways of (tag, function address)
+BLOCK_BUCKET = ir.Type(f"[{BLOCK_WAYS} x {TLB_ENTRY}]")  # ways of (key | 1, function address)
 BLOCK_TYPE = ir.FunctionType(I32, [ir.PTR, I64])  # status = block(env, pc)
 CHAIN = "chain"
 
@@ -82,9 +101,15 @@ EXIT = 0  # env.pc is the next pc
 TRAP_PENDING = 1  # a callback caught a Trap; it waits in NativeRuntime.pending
 EXCEPTION = 2  # a callback caught another exception; re-raised after the run
 TRAP_NATIVE = 3  # native code raised a trap: env.cause and env.tval
+HOT = stencils.HOT  # a patched block's run counter reached zero: env.tval is the counter
+
+STENCIL_AREA = 64 << 20  # bytes of patched code before the code cache starts over
+STENCIL_BLOCKS = 1 << 16  # run counters, one per patched block
+NATIVE_AFTER_PATCHED = 1024  # runs of a patched block before tier 2 compiles it
 
 ENV_FIELDS = ("x", "f", "ctl", "csr", "tlb_r", "tlb_w", "jumps", "mode", "budget", "executed",
-              "pc", "cause", "tval", "status", "load_slow", "store_slow", "exec_slow")
+              "pc", "cause", "tval", "status", "load_slow", "store_slow", "exec_slow", "tlb_x",
+              "blocks", "decode_mode", "exec_system")
 _F = {name: i for i, name in enumerate(ENV_FIELDS)}
 
 
@@ -98,6 +123,23 @@ EXEC_SLOW = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_uint64, ctypes.c_uint64)
 BLOCK_FN = ctypes.PYFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_uint64)
 STEP_FN = ctypes.PYFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64,
                             ctypes.c_uint64, ctypes.c_uint64, ctypes.c_int64)
+
+
+@dataclass
+class NativeStats:
+    """What the native tiers did in this process (``--stats``, the benchmarks)."""
+
+    patched: int = 0  # blocks made from stencils
+    patch_seconds: float = 0.0  # spent patching and sealing them
+    compiled: int = 0  # blocks compiled by LLVM (tier 2)
+
+    def summary(self) -> str:
+        each = self.patch_seconds / self.patched * 1e6 if self.patched else 0.0
+        return (f"popek: native code: {self.patched} blocks patched from stencils "
+                f"({each:.1f} us each), {self.compiled} blocks compiled by LLVM")
+
+
+STATS = NativeStats()
 
 
 def available() -> bool:
@@ -127,10 +169,11 @@ def target_machine():
 
 
 def toolchain() -> str:
-    """What, besides popek's source, shapes the native code: the on-disk cache's version."""
-    _initialize()
-    return (f"llvmlite {importlib.import_module('llvmlite').__version__} llvm "
-            f"{llvm.llvm_version_info} {llvm.get_default_triple()} codegen {CODEGEN_LEVEL}")
+    """What, besides popek's source, shapes the native code: the on-disk cache's version.
+    Read without loading LLVM (a run whose code never gets hot never loads it): each
+    llvmlite release bundles one LLVM, and the target is generic for the host's triple."""
+    return (f"llvmlite {importlib.metadata.version('llvmlite')} {platform.machine()} "
+            f"{sys.platform} codegen {CODEGEN_LEVEL}")
 
 
 def fallback_ref(d: Decoded) -> int:
@@ -398,6 +441,62 @@ class _BlockEmitter(_Emitter):
         self._reload()
 
 
+def jump_bucket(pc: int) -> int:
+    """The jump-cache bucket of virtual ``pc`` (as ``_jump_bucket`` computes it natively)."""
+    page = (((pc >> 12) * JUMP_HASH) & U64) >> (64 - JUMP_PAGE_BITS)
+    offset = ((pc >> 1) ^ (pc >> (1 + JUMP_OFFSET_BITS))) & ((1 << JUMP_OFFSET_BITS) - 1)
+    return page << JUMP_OFFSET_BITS | offset
+
+
+def _jump_bucket(b: ir.IRBuilder, pc: ir.Value) -> ir.Value:
+    hashed = b.mul(b.lshr(pc, ir.Constant(I64, 12)), ir.Constant(I64, JUMP_HASH))
+    page = b.shl(b.lshr(hashed, ir.Constant(I64, 64 - JUMP_PAGE_BITS)),
+                 ir.Constant(I64, JUMP_OFFSET_BITS))
+    mixed = b.xor(b.lshr(pc, ir.Constant(I64, 1)),
+                  b.lshr(pc, ir.Constant(I64, 1 + JUMP_OFFSET_BITS)))
+    return b.or_(page, b.and_(mixed, ir.Constant(I64, (1 << JUMP_OFFSET_BITS) - 1)))
+
+
+def _block_table(em: _Emitter, target: ir.Value, tag: ir.Value, ways: list[ir.Value],
+                 leave_bb: ir.Block) -> None:
+    """The jump cache missed: find ``target``'s page in the native fetch TLB and its code in
+    the block table; if both are there, enter the code in the jump cache (as way 0, the
+    old way 0 moving to way 1) and tail-call it, else branch to ``leave_bb``."""
+    b = em.builder
+    vpn = b.lshr(target, ir.Constant(I64, 12))
+    entry = b.gep(em.get("tlb_x"), [b.and_(vpn, ir.Constant(I64, TLB_ENTRIES - 1))],
+                  inbounds=True, source_etype=TLB_ENTRY)
+    mapped_bb = b.append_basic_block("mapped")
+    b.cbranch(b.icmp_unsigned("==", b.load(entry, typ=I64), b.add(vpn, ir.Constant(I64, 1))),
+              mapped_bb, leave_bb)
+    b.position_at_end(mapped_bb)
+    page = b.load(b.gep(entry, [ir.Constant(I64, 1)], inbounds=True, source_etype=I64), typ=I64)
+    key = b.add(b.add(page, b.and_(target, ir.Constant(I64, 4095))), em.get("decode_mode", I64))
+    hashed = b.mul(key, ir.Constant(I64, JUMP_HASH))
+    bucket = b.lshr(hashed, ir.Constant(I64, 64 - BLOCK_BITS))
+    want = b.or_(key, ir.Constant(I64, 1))
+    for way in range(BLOCK_WAYS):
+        slot = b.gep(em.get("blocks"), [bucket, ir.Constant(I32, way)], inbounds=True,
+                     source_etype=BLOCK_BUCKET)
+        found_bb = b.append_basic_block(f"known{way}")
+        next_bb = b.append_basic_block(f"slot{way + 1}") if way + 1 < BLOCK_WAYS else leave_bb
+        b.cbranch(b.icmp_unsigned("==", b.load(slot, typ=I64), want), found_bb, next_bb)
+        b.position_at_end(found_bb)
+        code = b.load(b.gep(slot, [ir.Constant(I64, 1)], inbounds=True, source_etype=I64),
+                      typ=I64)
+        first, second = ways[0], ways[1]
+        for i in range(2):
+            field = b.gep(first, [ir.Constant(I64, i)], inbounds=True, source_etype=I64)
+            b.store(b.load(field, typ=I64),
+                    b.gep(second, [ir.Constant(I64, i)], inbounds=True, source_etype=I64))
+        b.store(tag, first)
+        b.store(code, b.gep(first, [ir.Constant(I64, 1)], inbounds=True, source_etype=I64))
+        callee = b.cast("inttoptr", code, ir.PTR)
+        b.ret(b.call(callee, BLOCK_TYPE, [em.env, target], tail="musttail"))
+        if next_bb is not leave_bb:
+            b.position_at_end(next_bb)
+
+
 def _chain(module: ir.Module) -> ir.Function:
     """The exit every block of ``module`` tail-calls with its successor's pc: chain to
     the successor's native code if the jump cache has it and budget remains, else return
@@ -417,22 +516,22 @@ def _chain(module: ir.Module) -> ir.Function:
     leave_bb = b.append_basic_block("leave")
     b.cbranch(budget_left, chain_bb, leave_bb)
     b.position_at_end(chain_bb)
-    hashed = b.mul(b.lshr(target, ir.Constant(I64, 1)), ir.Constant(I64, JUMP_HASH))
-    bucket = b.lshr(hashed, ir.Constant(I64, 64 - JUMP_BITS))
+    bucket = _jump_bucket(b, target)
     want = b.xor(b.or_(target, ir.Constant(I64, 1)), em.get("mode", I64))
-    for way in range(JUMP_WAYS):  # each way: (tag, function address)
-        entry = b.gep(em.get("jumps"), [bucket, ir.Constant(I32, way)], inbounds=True,
-                      source_etype=JUMP_BUCKET)
+    ways = [b.gep(em.get("jumps"), [bucket, ir.Constant(I32, way)], inbounds=True,
+                  source_etype=JUMP_BUCKET) for way in range(JUMP_WAYS)]
+    miss_bb = b.append_basic_block("miss")
+    for way, entry in enumerate(ways):  # each way: (tag, function address)
         hit = b.icmp_unsigned("==", b.load(entry, typ=I64), want)
         found_bb = b.append_basic_block(f"found{way}")
-        next_bb = b.append_basic_block(f"way{way + 1}") if way + 1 < JUMP_WAYS else leave_bb
+        next_bb = b.append_basic_block(f"way{way + 1}") if way + 1 < JUMP_WAYS else miss_bb
         b.cbranch(hit, found_bb, next_bb)
         b.position_at_end(found_bb)
         callee = b.load(b.gep(entry, [ir.Constant(I64, 1)], inbounds=True, source_etype=I64),
                         typ=ir.PTR)
         b.ret(b.call(callee, BLOCK_TYPE, [em.env, target], tail="musttail"))
-        if next_bb is not leave_bb:
-            b.position_at_end(next_bb)
+        b.position_at_end(next_bb)
+    _block_table(em, target, want, ways, leave_bb)
     b.position_at_end(leave_bb)
     em.set("pc", target)
     b.ret(ir.Constant(I32, EXIT))
@@ -479,11 +578,18 @@ def _operands(d: Decoded) -> dict[str, Operand]:
             "rs2": Operand(d.rs2, d.rs2, d.rs2), "imm": Operand(d.imm, d.imm, d.imm)}
 
 
-@cache
+_lowers: dict[str, bool] = {}  # by instruction name (hashing an Insn hashes its fields)
+
+
 def lowers(ins: Insn) -> bool:
     """Whether ``ins`` has native semantics (else it runs through its Python handler)."""
-    if "system" in ins.flags:
-        return False
+    known = _lowers.get(ins.name)
+    if known is None:
+        known = _lowers[ins.name] = "system" not in ins.flags and _lowerable(ins)
+    return known
+
+
+def _lowerable(ins: Insn) -> bool:
     try:
         _step_module(ins, 4)
     except Unsupported:
@@ -508,18 +614,30 @@ def _step_module(ins: Insn, length: int) -> ir.Module:
 # -- the runtime ------------------------------------------------------------------------------
 
 class NativeRuntime:
-    """One hart's native tier: env, native TLB and jump cache, callbacks, compiled code."""
+    """One hart's native tiers: env, native TLB, jump cache and block table, callbacks,
+    patched code (the baseline tier) and, if ``compiles``, LLVM's (tier 2). LLVM is loaded
+    when tier 2 first has work: a run whose code never gets hot does without it."""
 
-    def __init__(self, hart, handlers: dict[tuple[str, int], Callable]) -> None:
+    def __init__(self, hart, handlers: dict[tuple[str, int], Callable], compiles: bool = True
+                 ) -> None:
         self.hart = hart
+        self.compiles = compiles
         self.handlers = handlers
         self.env = Env()
         self.env_addr = ctypes.addressof(self.env)
-        # Native TLB tables per privilege, like the MMU's sets: a trap or return switches.
-        self.tables: dict[int, tuple[array, array]] = {}
+        # Native TLB tables (read, write, fetch) per privilege, like the MMU's sets: a trap
+        # or return switches.
+        self.tables: dict[int, tuple[array, array, array]] = {}
         self.jumps = array("Q", bytes(16 * JUMP_ENTRIES))
+        self.blocks = array("Q", bytes(16 * BLOCK_WAYS << BLOCK_BITS))
         self.ram_addr = hart.mem.ram_address
         self.pending: BaseException | None = None
+        # Set by the engine around each native run: the instret its first instruction
+        # sees, whether a system instruction's handler must return to the engine, and
+        # whether one did.
+        self.instret_base = 0
+        self.leave_after_system: Callable[[int, int], bool] = lambda next_pc, fallthrough: True
+        self.left_after_system = False
         self.restarts = 0  # times the code cache filled up and started over
         # (token, function address) of blocks compiled on the compiler thread, and what
         # failed there; both are for the vCPU thread to take between runs.
@@ -538,14 +656,38 @@ class NativeRuntime:
         env.csr = hart.csr.buffer_info()[0]
         self._use_tables(hart.priv)
         env.jumps = self.jumps.buffer_info()[0]
+        env.blocks = self.blocks.buffer_info()[0]
         self._callbacks = (LOAD_SLOW(self._load_slow), STORE_SLOW(self._store_slow),
-                           EXEC_SLOW(self._exec_slow))
-        env.load_slow, env.store_slow, env.exec_slow = (
+                           EXEC_SLOW(self._exec_slow), EXEC_SLOW(self._exec_system))
+        env.load_slow, env.store_slow, env.exec_slow, env.exec_system = (
             ctypes.cast(cb, ctypes.c_void_p).value for cb in self._callbacks)
         CACHE.open(toolchain())
-        with LLVM_LOCK:
-            self._new_compiler()
+        self.engine = None  # LLVM's, made when first needed (_compiler)
+        self._forget_compiled()
+        # Copy-and-patch (see stencils): every block native at its first run.
+        self.stencils = stencils.library(CACHE.writable_root) if stencils.supported() else None
+        self.area = stencils.CodeArea(STENCIL_AREA) if self.stencils else None
+        self.counters = array("q", bytes(8 * STENCIL_BLOCKS))
+        self.counted: list[object] = []  # the token of each patched block, by counter
+        self.staged: list[tuple[object, int]] = []  # (token, address) not sealed yet
+        self._stencils: dict[tuple[str, int], stencils.Stencil] = {}  # by name and length
+        self._special = tuple(self.stencils[name] for name in (
+            stencils.COUNT, stencils.FP_DIRTY, stencils.END, stencils.FALLBACK, stencils.SYSTEM)) \
+            if self.stencils else ()
+        self._chain_addr = self._start_area()
         hart.mmu.mirror = self
+
+    def _forget_compiled(self) -> None:
+        self.native_blocks = 0
+        # This engine's native code by block key (see native_cache): blocks of the same
+        # bytes share it, wherever and whenever they were decoded.
+        self.by_key: dict[bytes, int] = {}
+        self.loaded_records: set[bytes] = set()  # their digests
+
+    def _compiler(self) -> None:
+        """Make sure LLVM's execution engine exists; the caller holds LLVM_LOCK."""
+        if self.engine is None:
+            self._new_compiler()
 
     def _new_compiler(self) -> None:
         """A fresh execution engine (the old one's code goes with it); the caller holds
@@ -565,55 +707,80 @@ class NativeRuntime:
         self.pass_builder = llvm.create_pass_builder(target, llvm.PipelineTuningOptions(
             speed_level=0))
         self.target, self.engine = target, engine
-        self.native_blocks = 0
-        # This engine's native code by block key (see native_cache): blocks of the same
-        # bytes share it, wherever and whenever they were decoded.
-        self.by_key: dict[bytes, int] = {}
-        self.loaded_records: set[bytes] = set()  # their digests
+        self._forget_compiled()
 
     def _object_compiled(self, module, buffer: bytes) -> None:
         self._object = bytes(buffer)
 
     # -- TLB mirror (see Mmu.mirror) --
     def fill(self, access: int, vpn: int, host_page: int) -> None:
-        if access == ACCESS_READ:
-            table = self.tlb_r
-        elif access == ACCESS_WRITE:
-            table = self.tlb_w
-        else:
-            return  # fetches go through the jump cache, filled by the dispatcher
         i = 2 * (vpn & (TLB_ENTRIES - 1))
+        if access == ACCESS_EXEC:  # for the block table, which is keyed by host offset
+            self.tlb_x[i] = vpn + 1
+            self.tlb_x[i + 1] = host_page
+            return
+        table = self.tlb_r if access == ACCESS_READ else self.tlb_w
         table[i] = vpn + 1
         table[i + 1] = self.ram_addr + host_page
 
     def _use_tables(self, priv: int) -> None:
         tables = self.tables.get(priv)
         if tables is None:
-            tables = self.tables[priv] = (array("Q", bytes(16 * TLB_ENTRIES)),
-                                          array("Q", bytes(16 * TLB_ENTRIES)))
-        self.tlb_r, self.tlb_w = tables
+            tables = self.tables[priv] = tuple(array("Q", bytes(16 * TLB_ENTRIES))
+                                               for _ in range(3))
+        self.tlb_r, self.tlb_w, self.tlb_x = tables
         self.env.tlb_r = self.tlb_r.buffer_info()[0]
         self.env.tlb_w = self.tlb_w.buffer_info()[0]
+        self.env.tlb_x = self.tlb_x.buffer_info()[0]
 
     def switch_priv(self, old: int, new: int) -> None:
         self._use_tables(new)  # jump-cache tags carry the privilege: nothing to forget
 
     def flush(self) -> None:
-        for table in (*(t for pair in self.tables.values() for t in pair), self.jumps):
+        for table in (*(t for tables in self.tables.values() for t in tables), self.jumps):
             ctypes.memset(table.buffer_info()[0], 0, 8 * len(table))
 
+    def flush_page(self, vpn: int) -> None:
+        """Forget virtual page ``vpn``: its TLB entries and the blocks starting on it."""
+        i = 2 * (vpn & (TLB_ENTRIES - 1))
+        for tables in self.tables.values():
+            for table in tables:
+                if table[i] == vpn + 1:
+                    table[i] = 0
+        first = 2 * JUMP_WAYS * jump_bucket(vpn << 12)
+        ctypes.memset(self.jumps.buffer_info()[0] + 8 * first, 0,
+                      8 * 2 * JUMP_WAYS << JUMP_OFFSET_BITS)
+
     def drop_writable(self) -> None:
-        for _, tlb_w in self.tables.values():
+        for _, tlb_w, _ in self.tables.values():
             ctypes.memset(tlb_w.buffer_info()[0], 0, 8 * len(tlb_w))
 
     def forget_jumps(self) -> None:
         """Code or the decoding mode changed: no successor may be assumed."""
         ctypes.memset(self.jumps.buffer_info()[0], 0, 8 * len(self.jumps))
 
+    def remember_block(self, key: int, fn_addr: int) -> None:
+        """Native code for the block at code-cache ``key`` is at ``fn_addr``."""
+        at = 2 * BLOCK_WAYS * (((key * JUMP_HASH) & U64) >> (64 - BLOCK_BITS))
+        blocks, tag = self.blocks, key | 1
+        ways = range(at, at + 2 * BLOCK_WAYS, 2)
+        way = next((i for i in ways if blocks[i] in (0, tag)), ways[-1])
+        blocks[way], blocks[way + 1] = tag, fn_addr
+
+    def forget_block(self, key: int) -> None:
+        at = 2 * BLOCK_WAYS * (((key * JUMP_HASH) & U64) >> (64 - BLOCK_BITS))
+        blocks, tag = self.blocks, key | 1
+        for i in range(at, at + 2 * BLOCK_WAYS, 2):
+            if blocks[i] == tag:
+                blocks[i] = blocks[i + 1] = 0
+
+    def forget_blocks(self) -> None:
+        ctypes.memset(self.blocks.buffer_info()[0], 0, 8 * len(self.blocks))
+
     def remember_jump(self, pc: int, mode: int, fn_addr: int) -> None:
         """Native code for privilege and decoding ``mode`` (see ``jump_mode``) starts at
         virtual ``pc``; the tag carries the mode, so a mode change needs no flush."""
-        bucket = 4 * ((((pc >> 1) * JUMP_HASH) & U64) >> (64 - JUMP_BITS))  # as native code
+        bucket = 4 * jump_bucket(pc)
         tag = (pc | 1) ^ mode
         jumps = self.jumps
         if jumps[bucket] not in (0, tag):  # keep the other way's entry; newest first
@@ -637,6 +804,23 @@ class NativeRuntime:
             self.pending = e
             return TRAP_PENDING if isinstance(e, Trap) else EXCEPTION
 
+    def _exec_system(self, ref: int, pc: int) -> int:
+        """A system instruction in patched code: its handler, with instret exact for it,
+        then ``leave_after_system`` says whether native code must return to the engine
+        (``LEAVE``, env.pc the next pc), as after a system block the engine ran."""
+        handler, rd, rs1, rs2, imm = self.fallbacks[ref]
+        try:
+            self.hart.ctl[CTL_INSTRET] = (self.instret_base + self.env.executed) & XLEN_MASK
+            next_pc = handler(pc, rd, rs1, rs2, imm)
+            if self.leave_after_system(next_pc, (pc + (ref >> 32)) & XLEN_MASK):
+                self.env.pc = next_pc
+                self.left_after_system = True
+                return stencils.LEAVE
+            return EXIT
+        except BaseException as e:  # noqa: BLE001
+            self.pending = e
+            return TRAP_PENDING if isinstance(e, Trap) else EXCEPTION
+
     def _exec_slow(self, ref: int, pc: int) -> int:
         handler, rd, rs1, rs2, imm = self.fallbacks[ref]
         try:
@@ -645,6 +829,102 @@ class NativeRuntime:
         except BaseException as e:  # noqa: BLE001
             self.pending = e
             return TRAP_PENDING if isinstance(e, Trap) else EXCEPTION
+
+    # -- copy-and-patch --
+    def _start_area(self) -> int:
+        """Empty the patched code and counters; the shared exit goes first."""
+        if self.area is None:
+            return 0
+        self.area.reset()
+        self.counted.clear()
+        self.staged.clear()
+        chain = self.area.stage(self.stencils[stencils.CHAIN_FN].code)
+        self.area.seal()
+        return chain
+
+    @property
+    def area_full(self) -> bool:
+        """Whether patched code or counters ran out: the code cache must start over."""
+        return self.area is not None and (
+            len(self.counted) >= STENCIL_BLOCKS or self.area.free() < STENCIL_AREA // 64)
+
+    def patch_block(self, token: object, decoded: list[Decoded], offsets: tuple[int, ...],
+                    fp: bool) -> int | None:
+        """Native code for a block, from stencils: its address, where it may run after the
+        next ``seal`` (which lists it); None if the block should stay on the Python tiers
+        (as tier 2 would leave it there too)."""
+        library = self.stencils
+        system = "system" in decoded[0].insn.flags  # then alone in its block
+        if library is None or self.area_full or not (system or self._worth_native(decoded)):
+            return None
+        started = time.perf_counter()
+        chosen = self._stencils
+        parts = []
+        for d in decoded:
+            kind = (d.insn.name, d.length)
+            stencil = chosen.get(kind)
+            if stencil is None:
+                stencil = chosen[kind] = stencils.stencil_for(library, d.insn, d.length)
+            parts.append(stencil)
+        slot = len(self.counted)
+        counter = self.counters.buffer_info()[0] + 8 * slot
+        self.counters[slot] = NATIVE_AFTER_PATCHED
+        count, fp_dirty, end, fallback, system_stencil = self._special
+        tail = parts[-1]
+        ends = tail.falls or any(h == stencils.HOLE_NEXT for _, h, _ in tail.holes)
+        base = self.area.next_address()
+        chain, length, block_end = self._chain_addr, len(decoded), offsets[-1] + decoded[-1].length
+        code = []
+        at = base
+        if self.compiles and not system:  # counts runs for tier 2, which takes no system block
+            at += len(count.code)
+            code.append(count.fill((0, 0, 0, 0, 0, 0, 0, at, chain, counter, length, block_end)))
+        if fp:
+            at += len(fp_dirty.code)
+            code.append(fp_dirty.fill((0, 0, 0, 0, 0, 0, 0, at, chain, counter, length,
+                                       block_end)))
+        for index, (d, stencil) in enumerate(zip(decoded, parts, strict=True)):
+            at += len(stencil.code)
+            ref = self._adopt_fallback(d) if stencil is fallback or stencil is system_stencil \
+                else 0
+            code.append(stencil.fill((d.rd, d.rs1, d.rs2, d.imm, offsets[index], index, ref, at,
+                                      chain, counter, length, block_end)))
+        if ends:
+            code.append(end.fill((0, 0, 0, 0, 0, 0, 0, 0, chain, counter, length, block_end)))
+        addr = self.area.stage(b"".join(code))
+        assert addr == base
+        self.counted.append(token)
+        self.staged.append((token, addr))
+        STATS.patched += 1
+        STATS.patch_seconds += time.perf_counter() - started
+        return addr
+
+    def seal(self) -> list[tuple[object, int]]:
+        """Make the code patched since the last call runnable: its (token, address)
+        pairs. Only between runs."""
+        if self.area is None:
+            return []
+        started = time.perf_counter()
+        self.area.seal()
+        STATS.patch_seconds += time.perf_counter() - started
+        staged, self.staged = self.staged, []
+        return staged
+
+    def redirect(self, old: int, new: int) -> None:
+        """Patched code at ``old`` is superseded by tier 2's at ``new``: its first
+        instructions now jump there, so whatever still leads to it (the jump cache, other
+        blocks' chains) arrives at the new code. Only between runs."""
+        if self.area is not None and self.area.holds(old):
+            self.area.overwrite(old, stencils.jump_to(new))
+
+    def hot_block(self) -> object:
+        """The token of the patched block whose counter reached zero (status ``HOT``)."""
+        return self.counted[(self.env.tval - self.counters.buffer_info()[0]) // 8]
+
+    def reset_patched(self) -> None:
+        """Drop all patched code; only between runs, after the engine forgot its blocks."""
+        self.forget_jumps()
+        self._chain_addr = self._start_area()
 
     # -- compiling --
     @staticmethod
@@ -695,12 +975,15 @@ class NativeRuntime:
     def native_for(self, key: bytes, decoded: list[Decoded]) -> int | None:
         """Native code for the block of ``decoded`` instructions with ``key``, if this
         engine has it or the disk cache does (then loaded now); None if neither."""
+        if not self.compiles:
+            return None
         addr = self.by_key.get(key)
         if addr is None:
             record = CACHE.lookup(key)
             if record is None:
                 return None
             with LLVM_LOCK:
+                self._compiler()
                 ok = self._load(record)
             if not ok:
                 CACHE.discard(record)
@@ -733,7 +1016,9 @@ class NativeRuntime:
         self.steps.clear()
         with LLVM_LOCK:
             self.compiled.clear()
-            self._new_compiler()  # queued batches see the new engine and give up
+            self.engine = None  # queued batches see another engine and give up
+            self._forget_compiled()
+        self._chain_addr = self._start_area()
         self.restarts += 1
 
     @property
@@ -769,6 +1054,8 @@ class NativeRuntime:
         if not owners:
             return
         text = self._with_table(module, table, [f"{table}_{i}" for i in range(len(owners))])
+        with LLVM_LOCK:
+            self._compiler()
         engine, done = self.engine, threading.Event()
         self._batch_done = done
 
@@ -802,15 +1089,23 @@ class NativeRuntime:
         """Wait until every batch handed to the compiler thread is compiled."""
         COMPILER.wait_idle()
 
+    @staticmethod
+    def _worth_native(decoded: list[Decoded]) -> bool:
+        """Whether native code suits a block: not if it is mostly callbacks (tier 1 runs
+        those faster) or control leaves it through a Python handler."""
+        native = [lowers(d.insn) for d in decoded]
+        if sum(native) * 2 < len(decoded):
+            return False
+        return native[-1] or "ends_block" not in decoded[-1].insn.flags
+
     def _emit_block(self, module: ir.Module, name: str, decoded: list[Decoded],
                     offsets: tuple[int, ...], fp: bool) -> bool:
         """Emit function ``name`` for a block, unless it should stay on tier 1."""
+        if not self._worth_native(decoded):
+            return False
         native = [lowers(d.insn) for d in decoded]
-        if sum(native) * 2 < len(decoded):
-            return False  # mostly callbacks: tier 1 runs these faster
-        if not native[-1] and "ends_block" in decoded[-1].insn.flags:
-            return False  # control leaves through a Python handler
         self.native_blocks += 1
+        STATS.compiled += 1
         fn = ir.Function(module, BLOCK_TYPE, name)
         fn.attributes.add("nounwind")
         em = _BlockEmitter(fn, decoded, offsets, fp, _chain(module))
@@ -845,10 +1140,11 @@ class NativeRuntime:
         key = (ins.name, length)
         if key not in self.steps:
             fn = None
-            if lowers(ins):
+            if self.compiles and lowers(ins):
                 table = f"t{secrets.token_hex(8)}"
                 text = self._with_table(_step_module(ins, length), table, ["step"])
                 with LLVM_LOCK:
+                    self._compiler()
                     (addr,), _ = self._finalize(text, table, 1)
                 fn = STEP_FN(addr)
             self.steps[key] = fn

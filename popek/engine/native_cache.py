@@ -221,6 +221,12 @@ class NativeCache:
     def enabled(self) -> bool:
         return self.root is not None
 
+    @property
+    def writable_root(self) -> Path | None:
+        """Where this process may keep what it builds once (the stencil library); None
+        without a cache or once confined."""
+        return None if self._confined else self.root
+
     def configure(self, root: Path | None, limit: int = DEFAULT_LIMIT) -> None:
         """Use the cache at ``root`` (None: none) from now on; read again when next used."""
         self.close()

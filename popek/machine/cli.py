@@ -12,6 +12,7 @@ from pathlib import Path
 
 from popek import images
 from popek.devices.virtio.net import default_mac
+from popek.engine import jit
 from popek.engine.native_cache import CACHE, add_cache_args, use_cache_args
 from popek.gdb.server import KILLED_STATUS, AddressError, DebuggerPort
 from popek.machine.config import (
@@ -133,6 +134,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             log.close()
         if args.stats:
             print(stats.summary(), file=sys.stderr)
+            print(jit.STATS.summary(), file=sys.stderr)
             if CACHE.enabled:
                 print(CACHE.stats.summary(), file=sys.stderr)
     if capture is not None:

@@ -12,6 +12,7 @@ import os
 import sys
 import time
 
+from popek.engine import jit
 from popek.engine.engine import DEFAULT_TIER, TIERS
 from popek.engine.native_cache import CACHE, add_cache_args, use_cache_args
 from popek.gdb.server import AddressError, debug_process
@@ -84,6 +85,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if os.getpid() == pid:  # not in a child the program forked
         retired = process.scheduler.instructions_retired()
         print(instruction_summary(retired, time.monotonic() - start), file=sys.stderr)
+        print(jit.STATS.summary(), file=sys.stderr)
         if CACHE.enabled:
             print(CACHE.stats.summary(), file=sys.stderr)
     return status

@@ -29,8 +29,9 @@ from popek.wasm.validate import CALL, CALL_INDIRECT, COMPUTE, FunctionCode
 
 _MASKS = {"i32": numeric.M32, "i64": numeric.M64}
 # The tiers by popek's names (as ``popek run --engine``): the highest a function may reach.
-# "jit" runs on the translation tier where llvmlite is missing.
-ENGINES = TIERS
+# "jit" runs on the translation tier where llvmlite is missing. (WebAssembly has no
+# baseline tier: its functions are compiled whole.)
+ENGINES = tuple(t for t in TIERS if t != "baseline")
 DEFAULT_ENGINE = "jit"
 
 

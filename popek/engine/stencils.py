@@ -1,0 +1,478 @@
+"""Copy-and-patch: machine-code stencils from which a block's native code is assembled.
+
+Tier 2 gives a hot block LLVM's best code, at ~2 ms a block; a Linux boot runs ~27,000
+distinct blocks, most of them a few times, which never repay that. This baseline tier
+makes every block native at its first run, in microseconds (Xu and Kjolstad's
+copy-and-patch, as CPython 3.13's JIT): for each instruction there is a *stencil*, its
+machine code compiled once with holes where the operands go, and a block's code is the
+stencils of its instructions copied one after another with their holes filled in.
+
+The stencils come from the one instruction declaration, through the same lowering as
+tier 2's (:mod:`popek.engine.lowering`): each is a function of ``(env, pc0)``, the
+signature of tier 2's blocks, whose operands are the addresses of undefined symbols
+(``rd``, ``imm``, the instruction's offset in the block, ...). LLVM compiles them with
+the large code model, so every hole is a 64-bit absolute relocation that popek fills in
+with the operand's value; pyelftools reads them. Registers stay in memory (each stencil
+loads and stores the ones it uses), and each stencil ends by tail-calling the hole
+``next``: the following stencil, which is placed right behind it, so that jump is cut
+off. A block's code has tier 2's signature and exits (the jump cache, ``chain``), so
+blocks of both tiers chain into each other natively.
+
+The library (every stencil's bytes and holes) is built once per popek version and host
+and kept in the code cache's directory; a library whose checksum fails is rebuilt,
+never used. Only x86-64 hosts have stencils: elsewhere blocks wait for tier 2 on the
+Python tiers, as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import importlib.metadata
+import io
+import marshal
+import mmap
+import os
+import platform
+import secrets
+import struct
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from popek.cpu.state import X_SINK
+from popek.engine import irtext as ir
+from popek.engine.lowering import I32, I64, Lowering, Operand, Unsupported, reads_pc
+from popek.isa.decoder import ALL_INSNS
+from popek.isa.spec import IMM_RANGES, WRITES_X, Insn
+
+HOST_MACHINES = ("x86_64", "AMD64")
+LIBRARY_MAGIC = b"popek stencils 1\n"
+R_X86_64_64 = 1
+U64 = (1 << 64) - 1
+# Holes: what popek patches into a stencil (by symbol name).
+OPERAND_HOLES = ("rd", "rs1", "rs2", "imm")
+HOLE_OFFSET = "offset"  # the instruction's byte offset in its block (pc = pc0 + offset)
+HOLE_INDEX = "index"  # how many of the block's instructions retired before it
+HOLE_REF = "ref"  # a fallback's instruction, by jit.fallback_ref
+HOLE_NEXT = "next"  # the following stencil
+HOLE_CHAIN = "chain"  # the shared exit: the jump cache (jit's chain function)
+HOLE_COUNTER = "counter"  # the address of the block's run counter
+HOLE_LENGTH = "length"  # the block's instruction count (its end stencil)
+HOLE_END = "end"  # the byte offset of the block's end
+HOLES = (*OPERAND_HOLES, HOLE_OFFSET, HOLE_INDEX, HOLE_REF, HOLE_NEXT, HOLE_CHAIN,
+         HOLE_COUNTER, HOLE_LENGTH, HOLE_END)
+HOT = 4  # exit status of a block whose run counter reached zero (see jit)
+LEAVE = 5  # a system instruction's handler asks native code to return (env.pc is set)
+FALLBACK = "fallback"  # an instruction without native semantics: its Python handler
+SYSTEM = "system"  # a system instruction: its Python handler, which may ask to leave
+COUNT = "count"  # a block's first stencil: counts its runs down to tier 2
+FP_DIRTY = "fp_dirty"  # makes FP state dirty, as the engine does before FP blocks
+END = "end"  # a block's fall-through exit
+CHAIN_FN = "chain"
+
+
+class Stencil:
+    """A stencil's machine code and its holes: (offset, hole, addend) each.
+
+    ``fill(values)`` is the code with its holes filled from ``values`` (one value per
+    name in HOLES, in that order): one ``struct`` call, made for this stencil's holes
+    (patching is the per-block cost of this tier, so it is kept to one call per
+    instruction)."""
+
+    __slots__ = ("code", "holes", "falls", "fill")
+
+    def __init__(self, code: bytes, holes: tuple[tuple[int, str, int], ...], falls: bool) -> None:
+        self.code = code
+        self.holes = holes
+        self.falls = falls  # its code ends with the jump to ``next``, cut off here
+        self.fill = _filler(code, holes)
+
+
+def _filler(code: bytes, holes: tuple[tuple[int, str, int], ...]) -> Callable[[tuple], bytes]:
+    """A function of the hole values that returns ``code`` patched with them."""
+    if not holes:
+        return lambda values: code
+    fmt, args, constants, at = "<", [], {}, 0
+    for off, hole, addend in holes:
+        if off > at:
+            name = f"c{len(constants)}"
+            constants[name] = code[at:off]
+            fmt += f"{off - at}s"
+            args.append(name)
+        fmt += "Q"
+        value = f"values[{HOLES.index(hole)}]"
+        args.append(f"({value} + {addend}) & {U64}" if addend else f"{value} & {U64}")
+        at = off + 8
+    if at < len(code):
+        constants["tail"] = code[at:]
+        fmt += f"{len(code) - at}s"
+        args.append("tail")
+    namespace = {"pack": struct.Struct(fmt).pack, **constants}
+    return eval(f"lambda values: pack({', '.join(args)})", namespace)  # noqa: S307
+
+
+def supported() -> bool:
+    return platform.machine() in HOST_MACHINES and sys.byteorder == "little"
+
+
+def stencil_name(ins: Insn, length: int) -> str:
+    """The stencil of ``ins`` at ``length`` bytes: only semantics that read the pc differ."""
+    return f"{ins.name}.{length}" if length != 4 and reads_pc(ins.sem) else ins.name
+
+
+def _symbol(hole: str) -> str:
+    return f"hole.{hole}"
+
+
+def _hole(name: str) -> ir.Value:
+    return ir.Value(I64, f"ptrtoint (ptr @{_symbol(name)} to i64)")
+
+
+# -- building the library ---------------------------------------------------------------------
+
+def _library_module() -> tuple[str, list[str]]:
+    """The IR of every stencil, and their names."""
+    from popek.engine import jit  # the emitters and the chain function; jit imports us lazily
+
+    class StencilEmitter(jit._StepEmitter):
+        """One instruction of a block: operands are holes, registers stay in memory; a
+        trap records the pc and the instructions retired before it; the block's exits go
+        to ``chain``."""
+
+        def __init__(self, fn: ir.Function, length: int) -> None:
+            super().__init__(fn, length)
+            self.pc0 = fn.args[1]
+            self.pc = self.builder.add(self.pc0, _hole(HOLE_OFFSET))
+
+        def _retire(self, count: ir.Value) -> None:
+            b = self.builder
+            self.set("executed", b.add(b.load(self.field_ptr("executed"), typ=I64), count))
+
+        def trap_exit(self, status: ir.Value) -> None:
+            self.set("pc", self.pc)
+            self._retire(_hole(HOLE_INDEX))
+            self.builder.ret(status)
+
+        def jump(self, target: ir.Value) -> None:
+            b = self.builder
+            self._retire(b.add(_hole(HOLE_INDEX), ir.Constant(I64, 1)))
+            self.tail(HOLE_CHAIN, target)
+
+        def tail(self, callee: str, pc: ir.Value) -> None:
+            b = self.builder
+            b.ret(b.call(ir.Value(ir.PTR, f"@{_symbol(callee)}"), jit.BLOCK_TYPE, [self.env, pc],
+                         tail="musttail"))
+
+    module = ir.Module(name="stencils")
+    names: list[str] = []
+
+    def function(name: str) -> StencilEmitter:
+        fn = ir.Function(module, jit.BLOCK_TYPE, name)
+        fn.attributes.update(("nounwind", '"no-jump-tables"="true"'))
+        names.append(name)
+        return StencilEmitter(fn, 4)
+
+    seen: set[str] = set()
+    for ins in ALL_INSNS:
+        if "system" in ins.flags:
+            continue  # system instructions run in blocks of their own, through Python
+        for length in (4, 2):
+            name = stencil_name(ins, length)
+            if name in seen:
+                continue
+            em = function(name)
+            reg = (0, X_SINK) if ins.fmt in WRITES_X else (0, 31)
+            operands = {"rd": Operand(_hole("rd"), *reg), "rs1": Operand(_hole("rs1"), 0, 31),
+                        "rs2": Operand(_hole("rs2"), 0, 31),
+                        "imm": Operand(_hole("imm"), *IMM_RANGES[ins.fmt])}
+            mark = len(module.functions)
+            try:
+                falls = Lowering(em, operands, em.pc, length).lower(ins.sem)
+            except Unsupported:
+                del module.functions[mark - 1:]
+                names.pop()
+                break
+            seen.add(name)
+            if falls:
+                em.tail(HOLE_NEXT, em.pc0)
+
+    em = function(FALLBACK)
+    b = em.builder
+    done = b.append_basic_block("handled")
+    em._check(em._callback("exec_slow", I32, [_hole(HOLE_REF), em.pc]), done)
+    b.position_at_end(done)
+    em.tail(HOLE_NEXT, em.pc0)
+
+    em = function(SYSTEM)
+    b = em.builder
+    status = em._callback("exec_system", I32, [_hole(HOLE_REF), em.pc])
+    on_bb, leave_bb, trap_bb = (b.append_basic_block(n) for n in ("on", "leave", "trapped"))
+    b.cbranch(b.icmp_unsigned("==", status, ir.Constant(I32, jit.EXIT)), on_bb, leave_bb)
+    b.position_at_end(leave_bb)
+    left_bb = b.append_basic_block("left")
+    b.cbranch(b.icmp_unsigned("==", status, ir.Constant(I32, LEAVE)), left_bb, trap_bb)
+    b.position_at_end(left_bb)
+    em._retire(b.add(_hole(HOLE_INDEX), ir.Constant(I64, 1)))
+    b.ret(ir.Constant(I32, jit.EXIT))
+    b.position_at_end(trap_bb)
+    em.trap_exit(status)
+    b.position_at_end(on_bb)
+    em.tail(HOLE_NEXT, em.pc0)
+
+    em = function(FP_DIRTY)
+    mstatus = em.read_state("csr", jit.MSTATUS)
+    em.write_state("csr", jit.MSTATUS, em.builder.or_(
+        mstatus, ir.Constant(I64, jit.MSTATUS_FS_DIRTY_SD)))
+    em.tail(HOLE_NEXT, em.pc0)
+
+    em = function(COUNT)
+    b = em.builder
+    slot = ir.Value(ir.PTR, f"@{_symbol(HOLE_COUNTER)}")
+    left = b.sub(b.load(slot, typ=I64), ir.Constant(I64, 1))
+    b.store(left, slot)
+    with b.if_then(b.icmp_unsigned("==", left, ir.Constant(I64, 0)), likely=False):
+        em.set("pc", em.pc0)
+        em.set("tval", _hole(HOLE_COUNTER))
+        b.ret(ir.Constant(I32, HOT))
+    em.tail(HOLE_NEXT, em.pc0)
+
+    em = function(END)
+    b = em.builder
+    em._retire(_hole(HOLE_LENGTH))
+    em.tail(HOLE_CHAIN, b.add(em.pc0, _hole(HOLE_END)))
+
+    chain = jit._chain(module)
+    chain.linkage = ""
+    names.append(CHAIN_FN)
+
+    decls = "".join(f"@{_symbol(h)} = extern_weak global i8\n" for h in HOLES
+                    if h not in (HOLE_NEXT, HOLE_CHAIN))
+    decls += "".join(f"declare extern_weak i32 @{_symbol(h)}(ptr, i64)\n"
+                     for h in (HOLE_NEXT, HOLE_CHAIN))
+    return f"{module}\n{decls}", names
+
+
+def _compile(text: str) -> bytes:
+    """Object code for the stencils' IR: optimized, large code model, no PIC."""
+    from popek.engine import jit
+    llvm = jit.binding()
+    target = llvm.Target.from_default_triple().create_target_machine(
+        opt=2, reloc="static", codemodel="large")
+    mod = llvm.parse_assembly(text)
+    mod.verify()
+    pb = llvm.create_pass_builder(target, llvm.PipelineTuningOptions(speed_level=2))
+    pb.getModulePassManager().run(mod, pb)
+    return target.emit_object(mod)
+
+
+def _extract(obj: bytes, names: Iterable[str]) -> dict[str, Stencil]:
+    """Each stencil's bytes and holes, read from the ELF object ``obj``."""
+    from elftools.elf.elffile import ELFFile
+    from elftools.elf.relocation import RelocationSection
+
+    elf = ELFFile(io.BytesIO(obj))
+    symtab = elf.get_section_by_name(".symtab")
+    functions = {s.name: s for s in symtab.iter_symbols() if s["st_info"]["type"] == "STT_FUNC"}
+    wanted = set(names)
+    relocations: dict[int, list] = {}  # by the index of the section they apply to
+    for section in elf.iter_sections():
+        if isinstance(section, RelocationSection):
+            relocations.setdefault(section["sh_info"], []).extend(section.iter_relocations())
+    stencils: dict[str, Stencil] = {}
+    for name in wanted:
+        sym = functions[name]
+        start, size = sym["st_value"], sym["st_size"]
+        shndx = sym["st_shndx"]
+        code = elf.get_section(shndx).data()[start:start + size]
+        holes = []
+        for rel in relocations.get(shndx, ()):
+            off = rel["r_offset"] - start
+            if not 0 <= off < size:
+                continue
+            target = symtab.get_symbol(rel["r_info_sym"])
+            hole = target.name.removeprefix("hole.")
+            if rel["r_info_type"] != R_X86_64_64 or hole not in HOLES:
+                raise Unsupported(f"stencil {name}: relocation {rel['r_info_type']} "
+                                  f"against {target.name or 'a section'}")
+            holes.append((off, hole, rel["r_addend"]))
+        falls = False
+        # A tail call to ``next`` at the very end (movabs $next, %rax; jmp *%rax) is cut:
+        # the next stencil follows.
+        for off, hole, addend in holes:
+            if hole == HOLE_NEXT and addend == 0 and off + 8 + 2 == size and \
+                    code[off - 2:off] == b"\x48\xb8" and code[off + 8:] == b"\xff\xe0":
+                code = code[:off - 2]
+                holes = [h for h in holes if h[0] != off]
+                falls = True
+                break
+        stencils[name] = Stencil(bytes(code), tuple(sorted(holes)), falls)
+    return stencils
+
+
+def build() -> dict[str, Stencil]:
+    text, names = _library_module()
+    return _extract(_compile(text), names)
+
+
+# -- the library on disk ----------------------------------------------------------------------
+
+def library_version() -> str:
+    """What shapes the stencils: popek's engine, isa and cpu source, llvmlite, the host."""
+    from popek.engine.native_cache import source_version
+    return source_version(f"stencils llvmlite {importlib.metadata.version('llvmlite')} "
+                          f"{platform.machine()}")
+
+
+def encode(stencils: dict[str, Stencil]) -> bytes:
+    body = marshal.dumps({n: (s.code, s.holes, s.falls) for n, s in stencils.items()})
+    return LIBRARY_MAGIC + hashlib.blake2b(body, digest_size=32).digest() + body
+
+
+def decode(data: bytes) -> dict[str, Stencil] | None:
+    """The stencils in ``data``, or None if it is not an intact library."""
+    head = len(LIBRARY_MAGIC)
+    if data[:head] != LIBRARY_MAGIC:
+        return None
+    digest, body = data[head:head + 32], data[head + 32:]
+    if hashlib.blake2b(body, digest_size=32).digest() != digest:
+        return None
+    try:
+        table = marshal.loads(body)
+        return {n: Stencil(code, tuple(map(tuple, holes)), falls)
+                for n, (code, holes, falls) in table.items()}
+    except (ValueError, TypeError, EOFError):
+        return None
+
+
+def library_path(root: Path) -> Path:
+    return root / f"stencils-{library_version()}.bin"
+
+
+_library: dict[str, Stencil] | None = None  # the process's, once read or built
+
+
+def library(root: Path | None) -> dict[str, Stencil]:
+    """The stencil library: read from ``root`` (the code cache's directory) if an intact
+    copy is there, else built (about a second, with LLVM) and, with a ``root``, kept
+    there. A process reads or builds it once (a VMM worker inherits it from its fork
+    server)."""
+    global _library
+    if _library is None:
+        _library = _read_or_build(root)
+    return _library
+
+
+def _read_or_build(root: Path | None) -> dict[str, Stencil]:
+    path = library_path(root) if root is not None else None
+    if path is not None:
+        try:
+            stencils = decode(path.read_bytes())
+        except OSError:
+            stencils = None
+        if stencils is not None:
+            return stencils
+    stencils = build()
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+            tmp.write_bytes(encode(stencils))
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a read-only cache: built again next time
+    return stencils
+
+
+# -- executable memory ------------------------------------------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+PAGE = mmap.PAGESIZE
+
+
+class CodeArea:
+    """Memory for patched code, never writable and executable at once.
+
+    Code is staged (its address is final at once) and written in batches: ``seal`` makes
+    the pages it touches writable, writes everything staged and every overwrite, and
+    makes them executable again. Two ``mprotect`` calls cost ~7 us, more than patching a
+    block, so the engine seals once per run of a hart (its blocks run on the Python tiers
+    until then), not once per block."""
+
+    def __init__(self, size: int) -> None:
+        self.memory = mmap.mmap(-1, size, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self.address = ctypes.addressof(ctypes.c_char.from_buffer(self.memory))
+        self.size = size
+        self.used = 0  # sealed
+        self.staged = bytearray()  # to be written at ``used``
+        self.overwrites: list[tuple[int, bytes]] = []  # (offset, code) of sealed code
+        self._protect(0, size, mmap.PROT_READ | mmap.PROT_EXEC)
+
+    def _protect(self, start: int, end: int, prot: int) -> None:
+        first = start - start % PAGE
+        if _libc.mprotect(self.address + first, end - first, prot) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"mprotect: {os.strerror(err)}")
+
+    def free(self) -> int:
+        return self.size - self.used - len(self.staged)
+
+    def next_address(self) -> int:
+        """Where the next staged code goes (16-byte aligned)."""
+        at = self.used + len(self.staged)
+        return self.address + at + (-at % 16)
+
+    def stage(self, code: bytes) -> int:
+        """Place ``code`` at ``next_address()``, runnable after the next ``seal``."""
+        at = self.used + len(self.staged)
+        self.staged += b"\xcc" * (-at % 16)  # int3 between blocks
+        addr = self.address + self.used + len(self.staged)
+        self.staged += code
+        return addr
+
+    def overwrite(self, addr: int, code: bytes) -> None:
+        """Replace sealed code at ``addr`` with ``code`` at the next ``seal``."""
+        self.overwrites.append((addr - self.address, code))
+
+    def seal(self) -> None:
+        """Write what was staged and overwritten (only while no thread runs this code)."""
+        changes = self.overwrites
+        if self.staged:
+            changes.append((self.used, bytes(self.staged)))
+        if not changes:
+            return
+        start = min(off for off, _ in changes)
+        end = max(off + len(code) for off, code in changes)
+        self._protect(start, end, mmap.PROT_READ | mmap.PROT_WRITE)
+        for off, code in changes:
+            self.memory[off:off + len(code)] = code
+        self._protect(start, end, mmap.PROT_READ | mmap.PROT_EXEC)
+        self.used += len(self.staged)
+        self.staged = bytearray()
+        self.overwrites = []
+
+    def holds(self, addr: int) -> bool:
+        return self.address <= addr < self.address + self.used
+
+    def reset(self) -> None:
+        """Forget every block (only when none can run again)."""
+        self.used = 0
+        self.staged = bytearray()
+        self.overwrites = []
+
+
+JUMP_SIZE = 12  # movabs $target, %rax; jmp *%rax
+
+
+def jump_to(target: int) -> bytes:
+    """x86-64 code that jumps to ``target``, leaving the arguments' registers alone."""
+    return b"\x48\xb8" + struct.pack("<Q", target) + b"\xff\xe0"
+
+
+def stencil_for(library: dict[str, Stencil], ins: Insn, length: int) -> Stencil:
+    """The stencil of ``ins`` at ``length`` bytes: its own, or one that runs its Python
+    handler (the system stencil for system instructions, in blocks of their own)."""
+    if "system" in ins.flags:
+        return library[SYSTEM]
+    return library.get(stencil_name(ins, length)) or library[FALLBACK]
