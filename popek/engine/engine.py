@@ -213,6 +213,25 @@ class Engine:
 
         return first
 
+    def _seal_on_second_run(self, block: Block, interpreted: BlockFn) -> BlockFn:
+        """A patched block runs on the interpreter until its code is sealed: at the end of
+        this run of the hart or, if the block runs a second time before that, then.
+        A seal makes every block patched so far runnable, and its cost (two mprotect
+        calls) is per seal, so blocks that run once never pay for it alone."""
+        def staged(pc: int) -> int:
+            next_pc = interpreted(pc)  # makes the interpreter's function, block.run
+            inner = block.run
+
+            def second(pc: int) -> int:
+                block.run = inner
+                self._seal_patched()
+                return inner(pc)
+
+            block.run = second
+            return next_pc
+
+        return staged
+
     def _promote(self, block: Block, native: bool = True, code_key: bytes | None = None,
                  native_after: int = 0) -> Callable[[], None]:
         """Tier 1 for ``block``, then (if ``native``) tier 2 once it stays hot: after
@@ -402,7 +421,7 @@ class Engine:
         if addr is not None:
             block.go_native(jit.BLOCK_FN(addr), addr, native)
         elif native.patch_block(block, block.decoded, block.offsets, block.fp) is not None:
-            pass  # native after this run (see _seal_patched); interpreted until then
+            block.run = self._seal_on_second_run(block, block.run)
         elif code_key is not None and code_key in CACHE.translations:
             self._promote(block, code_key=code_key, native_after=HOT_AFTER + NATIVE_AFTER)()
 

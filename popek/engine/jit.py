@@ -763,8 +763,11 @@ class NativeRuntime:
         """Native code for the block at code-cache ``key`` is at ``fn_addr``."""
         at = 2 * BLOCK_WAYS * (((key * JUMP_HASH) & U64) >> (64 - BLOCK_BITS))
         blocks, tag = self.blocks, key | 1
-        ways = range(at, at + 2 * BLOCK_WAYS, 2)
-        way = next((i for i in ways if blocks[i] in (0, tag)), ways[-1])
+        way = at + 2 * (BLOCK_WAYS - 1)  # the last way goes if none is free or ours
+        for i in range(at, way, 2):
+            if blocks[i] == 0 or blocks[i] == tag:
+                way = i
+                break
         blocks[way], blocks[way + 1] = tag, fn_addr
 
     def forget_block(self, key: int) -> None:
@@ -854,42 +857,46 @@ class NativeRuntime:
         next ``seal`` (which lists it); None if the block should stay on the Python tiers
         (as tier 2 would leave it there too)."""
         library = self.stencils
-        system = "system" in decoded[0].insn.flags  # then alone in its block
-        if library is None or self.area_full or not (system or self._worth_native(decoded)):
+        if library is None or self.area_full:
             return None
         started = time.perf_counter()
         chosen = self._stencils
+        count, fp_dirty, end, fallback, system_stencil = self._special
         parts = []
+        callbacks = 0
         for d in decoded:
             kind = (d.insn.name, d.length)
             stencil = chosen.get(kind)
             if stencil is None:
                 stencil = chosen[kind] = stencils.stencil_for(library, d.insn, d.length)
             parts.append(stencil)
+            callbacks += stencil is fallback
+        system = parts[0] is system_stencil  # then alone in its block
+        if callbacks * 2 > len(parts) or \
+                (parts[-1] is fallback and "ends_block" in decoded[-1].insn.flags):
+            return None  # as _worth_native: tier 1 runs such blocks faster
         slot = len(self.counted)
         counter = self.counters.buffer_info()[0] + 8 * slot
         self.counters[slot] = NATIVE_AFTER_PATCHED
-        count, fp_dirty, end, fallback, system_stencil = self._special
-        tail = parts[-1]
-        ends = tail.falls or any(h == stencils.HOLE_NEXT for _, h, _ in tail.holes)
         base = self.area.next_address()
         chain, length, block_end = self._chain_addr, len(decoded), offsets[-1] + decoded[-1].length
         code = []
         at = base
         if self.compiles and not system:  # counts runs for tier 2, which takes no system block
-            at += len(count.code)
+            at += count.size
             code.append(count.fill((0, 0, 0, 0, 0, 0, 0, at, chain, counter, length, block_end)))
         if fp:
-            at += len(fp_dirty.code)
+            at += fp_dirty.size
             code.append(fp_dirty.fill((0, 0, 0, 0, 0, 0, 0, at, chain, counter, length,
                                        block_end)))
-        for index, (d, stencil) in enumerate(zip(decoded, parts, strict=True)):
-            at += len(stencil.code)
+        for index, d in enumerate(decoded):
+            stencil = parts[index]
+            at += stencil.size
             ref = self._adopt_fallback(d) if stencil is fallback or stencil is system_stencil \
                 else 0
             code.append(stencil.fill((d.rd, d.rs1, d.rs2, d.imm, offsets[index], index, ref, at,
                                       chain, counter, length, block_end)))
-        if ends:
+        if parts[-1].continues:
             code.append(end.fill((0, 0, 0, 0, 0, 0, 0, 0, chain, counter, length, block_end)))
         addr = self.area.stage(b"".join(code))
         assert addr == base

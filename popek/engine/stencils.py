@@ -80,12 +80,15 @@ class Stencil:
     (patching is the per-block cost of this tier, so it is kept to one call per
     instruction)."""
 
-    __slots__ = ("code", "holes", "falls", "fill")
+    __slots__ = ("code", "holes", "falls", "size", "continues", "fill")
 
     def __init__(self, code: bytes, holes: tuple[tuple[int, str, int], ...], falls: bool) -> None:
         self.code = code
         self.holes = holes
         self.falls = falls  # its code ends with the jump to ``next``, cut off here
+        self.size = len(code)
+        # Whether control may go on to the next stencil (else it always leaves the block).
+        self.continues = falls or any(hole == HOLE_NEXT for _, hole, _ in holes)
         self.fill = _filler(code, holes)
 
 
