@@ -105,7 +105,6 @@ HOT = stencils.HOT  # a patched block's run counter reached zero: env.tval is th
 
 STENCIL_AREA = 64 << 20  # bytes of patched code before the code cache starts over
 STENCIL_BLOCKS = 1 << 16  # run counters, one per patched block
-NATIVE_AFTER_PATCHED = 1024  # runs of a patched block before tier 2 compiles it
 
 ENV_FIELDS = ("x", "f", "ctl", "csr", "tlb_r", "tlb_w", "jumps", "mode", "budget", "executed",
               "pc", "cause", "tval", "status", "load_slow", "store_slow", "exec_slow", "tlb_x",
@@ -747,7 +746,7 @@ class NativeRuntime:
             for table in tables:
                 if table[i] == vpn + 1:
                     table[i] = 0
-        first = 2 * JUMP_WAYS * jump_bucket(vpn << 12)
+        first = 2 * JUMP_WAYS * (jump_bucket(vpn << 12) & ~((1 << JUMP_OFFSET_BITS) - 1))
         ctypes.memset(self.jumps.buffer_info()[0] + 8 * first, 0,
                       8 * 2 * JUMP_WAYS << JUMP_OFFSET_BITS)
 
@@ -852,10 +851,11 @@ class NativeRuntime:
             len(self.counted) >= STENCIL_BLOCKS or self.area.free() < STENCIL_AREA // 64)
 
     def patch_block(self, token: object, decoded: list[Decoded], offsets: tuple[int, ...],
-                    fp: bool) -> int | None:
+                    fp: bool, hot_after: int) -> int | None:
         """Native code for a block, from stencils: its address, where it may run after the
         next ``seal`` (which lists it); None if the block should stay on the Python tiers
-        (as tier 2 would leave it there too)."""
+        (as tier 2 would leave it there too). After ``hot_after`` runs it exits with
+        status ``HOT``, for tier 2 to compile it."""
         library = self.stencils
         if library is None or self.area_full:
             return None
@@ -877,7 +877,7 @@ class NativeRuntime:
             return None  # as _worth_native: tier 1 runs such blocks faster
         slot = len(self.counted)
         counter = self.counters.buffer_info()[0] + 8 * slot
-        self.counters[slot] = NATIVE_AFTER_PATCHED
+        self.counters[slot] = hot_after
         base = self.area.next_address()
         chain, length, block_end = self._chain_addr, len(decoded), offsets[-1] + decoded[-1].length
         code = []
@@ -1040,6 +1040,8 @@ class NativeRuntime:
         ``compiled``. Blocks that should stay on tier 1 never appear there. A block with
         a ``key`` (the disk cache is on) shares code with others of its key, and the
         batch's object code goes to the disk cache."""
+        with LLVM_LOCK:
+            self._compiler()  # before counting blocks against it
         module = ir.Module()
         table = f"t{secrets.token_hex(8)}"
         owners: list[list[object]] = []  # the tokens of each function emitted
@@ -1061,8 +1063,6 @@ class NativeRuntime:
         if not owners:
             return
         text = self._with_table(module, table, [f"{table}_{i}" for i in range(len(owners))])
-        with LLVM_LOCK:
-            self._compiler()
         engine, done = self.engine, threading.Event()
         self._batch_done = done
 
