@@ -743,3 +743,65 @@ def test_forking_shell_under_popek_exec_baseline_matches_qemu() -> None:
     assert ours.returncode == reference.returncode == 0
     patched = [line for line in ours.stderr.decode().splitlines() if "patched" in line]
     assert patched and int(patched[0].split("native code: ")[1].split()[0]) > 0, patched
+
+
+REMAP_PROGRAM = """
+    li t0, 0x1800
+    csrc mstatus, t0
+    li t0, 0x800
+    csrs mstatus, t0            # mret to S-mode
+    la t0, smain
+    csrw mepc, t0
+    csrw satp, a1               # Sv39
+    sfence.vma
+    mret
+smain:
+    li s1, 60
+1:  jalr ra, 0(s2)              # the function on the remapped page
+    add s3, s3, a0
+    addi s1, s1, -1
+    bnez s1, 1b
+    sd a2, 0(a3)                # its page now maps other code
+    sfence.vma s2, zero
+    li s1, 60
+2:  jalr ra, 0(s2)
+    add s4, s4, a0
+    addi s1, s1, -1
+    bnez s1, 2b
+    ecall
+"""
+ROOT, LEVEL1, LEVEL0 = BASE + 0x8000, BASE + 0x9000, BASE + 0xA000
+FIRST, SECOND = BASE + 0xC000, BASE + 0xD000  # the function's code before and after
+PTE_V, PTE_LEAF = 0x01, 0xCF  # valid; valid, readable, writable, executable, accessed, dirty
+
+
+def pte(address: int, flags: int) -> int:
+    return (address >> 12) << 10 | flags
+
+
+@pytest.mark.parametrize("vpn", [0x40002, 0x40001])
+def test_code_on_a_remapped_page_is_seen_after_sfence_vma_of_it(
+        vpn: int, native_runs: NativeRuns) -> None:
+    """An S-mode kernel maps other code at a virtual page and flushes that page alone:
+    patched code that called the old code must now reach the new, not chain to the old
+    through the jump cache. (The function's offset, 0x40, puts its jump-cache entry in
+    the first half of the page's run of buckets.)"""
+    function = vpn << 12 | 0x40
+    code = assemble(REMAP_PROGRAM)
+    harts = {}
+    for tier in ("interp", "baseline"):
+        hart = harts[tier] = machine(tier, code, WFI.to_bytes(4, "little"))
+        mem = hart.mem
+        mem.write(ROOT + 8 * 2, pte(BASE, PTE_LEAF).to_bytes(8, "little"))  # RAM, 1 GiB
+        mem.write(ROOT + 8 * (vpn >> 18), pte(LEVEL1, PTE_V).to_bytes(8, "little"))
+        mem.write(LEVEL1 + 8 * (vpn >> 9 & 511), pte(LEVEL0, PTE_V).to_bytes(8, "little"))
+        mem.write(LEVEL0 + 8 * (vpn & 511), pte(FIRST, PTE_LEAF).to_bytes(8, "little"))
+        for page, value in ((FIRST, 1), (SECOND, 2)):  # li a0, value; ret
+            mem.write(page + 0x40, _bytes((addi(10, 0, value), 4), (0x00008067, 4)))
+        hart.x[11] = 8 << 60 | ROOT >> 12
+        hart.x[12], hart.x[13] = pte(SECOND, PTE_LEAF), LEVEL0 + 8 * (vpn & 511)
+        hart.x[18] = function
+        finish(hart)
+    assert list(harts["interp"].x[19:21]) == [60, 120]
+    assert list(harts["baseline"].x[19:21]) == [60, 120]
+    assert native_runs.retired > 400
