@@ -5,12 +5,17 @@ clock stops when the guest's init prints its first line (the POPEK-CMD-BEGIN
 marker), i.e. when userspace runs. popek's guest instruction count comes from
 ``popek run --stats`` (the whole run, including the short shutdown).
 
-    python bench/boot.py [--runs N] [--bios popek|opensbi] [--tiers jit,translate,interp]
+    python bench/boot.py [--runs N] [--bios popek|opensbi] [--tiers baseline,jit,translate,interp]
 
 Each line also gives the CPU time the emulator process used (the whole run), which a
-busy host does not inflate the way it inflates wall time. Tier 2 (jit) boots twice per
-run: with an empty native code cache (cold, a fresh directory each time) and again with
-the cache the cold boot left (warm: its hot blocks native from the first instruction).
+busy host does not inflate the way it inflates wall time. The native tiers boot twice
+per run: with an empty code-cache directory (cold, a fresh one each time) and again
+with the directory the cold boot left (warm). Cold, ``baseline`` builds its stencil
+library (about a second of LLVM); warm, it reads the library and never loads LLVM.
+Cold, ``jit`` builds the library too and compiles its hot blocks; warm, those blocks are
+native from the first instruction. Beside each run: the blocks patched from stencils
+(``popek run --stats``), the microseconds patching took per block, the blocks patched
+per second of patching and the blocks LLVM compiled.
 """
 
 from __future__ import annotations
@@ -34,6 +39,21 @@ from popek import images  # noqa: E402
 
 MARKER = b"POPEK-CMD-BEGIN"
 APPEND = "console=ttyS0 popek.cmd=" + base64.b64encode(b"true").decode()
+NATIVE_TIERS = ("baseline", "jit")  # the tiers that keep native code in a code cache
+NATIVE_STATS = re.compile(r"native code: (\d+) blocks patched from stencils "
+                          r"\(([\d.]+) us each\), (\d+) blocks compiled by LLVM")
+NATIVE_HEADER = f"{'patched':>9}{'us/blk':>8}{'blk/s':>9}{'LLVM':>7}"
+
+
+def native_columns(stderr: str) -> str:
+    """The blocks patched, microseconds per block, blocks per second of patching and
+    blocks compiled by LLVM that ``--stats`` reported in ``stderr``, as columns under
+    NATIVE_HEADER (blank for a tier without native code)."""
+    match = NATIVE_STATS.search(stderr)
+    if match is None or int(match.group(1)) == 0 or float(match.group(2)) == 0:
+        return ""
+    patched, each, compiled = int(match.group(1)), float(match.group(2)), int(match.group(3))
+    return f"{patched:9d}{each:8.1f}{1e6 / each:9.0f}{compiled:7d}"
 
 
 def child_cpu() -> float:
@@ -73,8 +93,9 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=1, help="boots per emulator (best is kept)")
     parser.add_argument("--bios", default="popek", choices=["popek", "opensbi"],
                         help="popek's firmware (QEMU always uses its default OpenSBI)")
-    parser.add_argument("--tiers", default="jit,translate,interp",
-                        help="popek engine tiers to boot (default jit,translate,interp)")
+    parser.add_argument("--tiers", default="baseline,jit",
+                        help="popek engine tiers to boot, of baseline,jit,translate,interp "
+                        "(default baseline,jit)")
     args = parser.parse_args()
     qemu = shutil.which("qemu-system-riscv64")
     if qemu is None:
@@ -90,26 +111,28 @@ def main() -> int:
             popek_cmd = [sys.executable, "-m", "popek", "run", "--stats", "--bios", args.bios,
                          "--engine", tier, "--kernel", str(kernel), "--initrd",
                          str(images.INITRD), "--append", APPEND]
-            if tier != "jit":  # the only tier with native code to cache
+            if tier not in NATIVE_TIERS:
                 runs = {tier: [time_to_marker([*popek_cmd, "--no-code-cache"])
                                for _ in range(args.runs)]}
             else:
-                runs = {"jit, cold cache": [], "jit, warm cache": []}
+                cold, warm = f"{tier}, cold cache", f"{tier}, warm cache"
+                runs = {cold: [], warm: []}
                 for n in range(args.runs):
-                    cache = ["--code-cache", str(Path(tmp) / f"code{n}")]
-                    runs["jit, cold cache"].append(time_to_marker([*popek_cmd, *cache]))
-                    runs["jit, warm cache"].append(time_to_marker([*popek_cmd, *cache]))
+                    cache = ["--code-cache", str(Path(tmp) / f"code-{tier}-{n}")]
+                    runs[cold].append(time_to_marker([*popek_cmd, *cache]))
+                    runs[warm].append(time_to_marker([*popek_cmd, *cache]))
             for label, results in runs.items():
                 p, p_cpu, err = min(results)
                 match = re.search(r"(\d+) guest instructions", err.decode())
-                rows.append((label, p, p_cpu, int(match.group(1)) if match else 0))
+                rows.append((label, p, p_cpu, int(match.group(1)) if match else 0,
+                             native_columns(err.decode())))
     print("Linux 6.1 boot to userspace (bundled kernel + initramfs, 256 MiB, 1 hart, "
           f"popek firmware: {args.bios})")
     print(f"  {'emulator':<30}{'to userspace':>13}{'CPU (all)':>11}{'M insns':>9}"
-          f"{'MIPS':>8}{'vs qemu':>9}")
-    for tier, p, p_cpu, insns in rows:
+          f"{'MIPS':>8}{'vs qemu':>9}{NATIVE_HEADER}")
+    for tier, p, p_cpu, insns, native in rows:
         print(f"  {'popek ' + tier:<30}{p:12.2f}s{p_cpu:10.2f}s{insns / 1e6:9.1f}"
-              f"{insns / p / 1e6:8.2f}{p / q:8.1f}x")
+              f"{insns / p / 1e6:8.2f}{p / q:8.1f}x{native}")
     print(f"  {'qemu-system-riscv64 TCG':<30}{q:12.2f}s{q_cpu:10.2f}s{'':>9}{'':>8}{1:8.1f}x")
     return 0
 

@@ -9,12 +9,15 @@ deterministic, so QEMU retires the same instructions and its MIPS is that count 
 its own wall time (for the threaded programs, whose threads may spin or sleep
 differently, only roughly).
 
-    python bench/programs.py [--size-kib N] [--tiers jit,translate,interp]
+    python bench/programs.py [--size-kib N] [--tiers baseline,jit,translate,interp]
 
 Each line gives wall time and the CPU time of the emulator process; MIPS are per
-wall second. Tier 2 runs each program twice: with an empty native code cache (cold)
-and with the cache the cold run left (warm). With every tier (the default) the run
-takes about half an hour, most of it in the interpreter; ``--tiers jit`` about a minute.
+wall second. The native tiers (baseline, jit) run each program twice: with an empty
+code-cache directory (cold: the stencil library is built first, about a second of LLVM)
+and with the directory the cold run left (warm). Beside each native run, as in
+bench/boot.py: blocks patched from stencils, microseconds per block, blocks patched per
+second of patching and blocks compiled by LLVM. The default tiers take a few minutes;
+with translate and interp as well, about half an hour, most of it in the interpreter.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.boot import NATIVE_HEADER, NATIVE_TIERS, native_columns  # noqa: E402
 from popek import images  # noqa: E402
 from tests import registry_packages  # noqa: E402
 
@@ -65,8 +69,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-kib", type=int, default=2048,
                         help="input size for sha256sum and gzip (default 2048 KiB)")
-    parser.add_argument("--tiers", default="jit,translate,interp",
-                        help="popek engine tiers to measure (default jit,translate,interp)")
+    parser.add_argument("--tiers", default="baseline,jit",
+                        help="popek engine tiers to measure, of baseline,jit,translate,interp "
+                        "(default baseline,jit)")
     args = parser.parse_args()
     qemu = shutil.which("qemu-riscv64")
     if qemu is None:
@@ -101,20 +106,20 @@ def main() -> int:
             workloads["esbuild bundle+minify"] = [
                 esbuild, str(TESTS / "user" / "typescript" / "src" / "main.ts"), "--bundle",
                 "--minify", "--target=es2017", "--format=esm"]
-        print(f"{'workload':<22}{'emulator':<24}{'wall s':>9}{'CPU s':>9}{'M insns':>10}"
-              f"{'MIPS':>9}{'vs qemu':>10}")
+        print(f"{'workload':<22}{'emulator':<28}{'wall s':>9}{'CPU s':>9}{'M insns':>10}"
+              f"{'MIPS':>9}{'vs qemu':>10}{NATIVE_HEADER}")
         for name, cmd in workloads.items():
             q_time, q_cpu, q_out, _ = timed([qemu, *cmd])
             insns = 0
             rows = []
             for tier in tiers:
                 popek = [sys.executable, "-m", "popek", "exec", "--stats", "--engine", tier]
-                # tier 2 runs twice: with an empty native code cache, then with what the
+                # a native tier runs twice: with an empty code cache, then with what the
                 # first run left in it; the other tiers have no native code to cache
-                cache = str(Path(tmp) / f"code-{len(rows)}-{tier}")
-                runs = {"jit, cold cache": ["--code-cache", cache],
-                        "jit, warm cache": ["--code-cache", cache]} if tier == "jit" \
-                    else {tier: ["--no-code-cache"]}
+                cache = tempfile.mkdtemp(prefix=f"code-{tier}-", dir=tmp)  # fresh per program
+                runs = {f"{tier}, cold cache": ["--code-cache", cache],
+                        f"{tier}, warm cache": ["--code-cache", cache]} \
+                    if tier in NATIVE_TIERS else {tier: ["--no-code-cache"]}
                 for label, options in runs.items():
                     p_time, p_cpu, p_out, err = timed([*popek, *options, *cmd])
                     if p_out != q_out:
@@ -122,11 +127,12 @@ def main() -> int:
                                            "output")
                     match = re.search(r"(\d+) guest instructions", err)
                     insns = int(match.group(1)) if match else 0
-                    rows.append((f"popek {label}", p_time, p_cpu))
-            rows.append(("qemu-riscv64", q_time, q_cpu))
-            for label, seconds, cpu in rows:
-                print(f"{name:<22}{label:<24}{seconds:9.2f}{cpu:9.2f}{insns / 1e6:10.1f}"
-                      f"{insns / seconds / 1e6:9.2f}{seconds / q_time:9.1f}x", flush=True)
+                    rows.append((f"popek {label}", p_time, p_cpu, native_columns(err)))
+            rows.append(("qemu-riscv64", q_time, q_cpu, ""))
+            for label, seconds, cpu, native in rows:
+                print(f"{name:<22}{label:<28}{seconds:9.2f}{cpu:9.2f}{insns / 1e6:10.1f}"
+                      f"{insns / seconds / 1e6:9.2f}{seconds / q_time:9.1f}x{native}",
+                      flush=True)
     return 0
 
 
