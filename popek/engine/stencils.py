@@ -404,7 +404,10 @@ class CodeArea:
     until then), not once per block."""
 
     def __init__(self, size: int) -> None:
-        self.memory = mmap.mmap(-1, size, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        # Private: after a fork (popek exec forks for the guest's fork, a VMM forks its
+        # workers) each process patches code of its own; mmap's default would share it.
+        self.memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE,
+                                prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self.address = ctypes.addressof(ctypes.c_char.from_buffer(self.memory))
         self.size = size
         self.used = 0  # sealed
