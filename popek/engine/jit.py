@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import ctypes
 import importlib
-import importlib.metadata
 import importlib.util
 import platform
 import secrets
@@ -171,8 +170,14 @@ def toolchain() -> str:
     """What, besides popek's source, shapes the native code: the on-disk cache's version.
     Read without loading LLVM (a run whose code never gets hot never loads it): each
     llvmlite release bundles one LLVM, and the target is generic for the host's triple."""
-    return (f"llvmlite {importlib.metadata.version('llvmlite')} {platform.machine()} "
-            f"{sys.platform} codegen {CODEGEN_LEVEL}")
+    return (f"llvmlite {llvmlite_version()} {platform.machine()} {sys.platform} "
+            f"codegen {CODEGEN_LEVEL}")
+
+
+def llvmlite_version() -> str:
+    """llvmlite's version, from its package (light: not its binding, which loads LLVM;
+    nor importlib.metadata, which a confined VMM worker cannot use)."""
+    return importlib.import_module("llvmlite").__version__
 
 
 def fallback_ref(d: Decoded) -> int:
@@ -664,7 +669,8 @@ class NativeRuntime:
         self.engine = None  # LLVM's, made when first needed (_compiler)
         self._forget_compiled()
         # Copy-and-patch (see stencils): every block native at its first run.
-        self.stencils = stencils.library(CACHE.writable_root) if stencils.supported() else None
+        self.stencils = stencils.library(CACHE.writable_root, spawn=not CACHE.confined) \
+            if stencils.supported() else None
         self.area = stencils.CodeArea(STENCIL_AREA) if self.stencils else None
         self.counters = array("q", bytes(8 * STENCIL_BLOCKS))
         self.counted: list[object] = []  # the token of each patched block, by counter

@@ -222,6 +222,11 @@ class NativeCache:
         return self.root is not None
 
     @property
+    def confined(self) -> bool:
+        """Whether this process is a confined VMM worker (see prepare_confinement)."""
+        return self._confined
+
+    @property
     def writable_root(self) -> Path | None:
         """Where this process may keep what it builds once (the stencil library); None
         without a cache or once confined."""

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import importlib.metadata
 import io
 import marshal
 import mmap
@@ -36,6 +35,7 @@ import os
 import platform
 import secrets
 import struct
+import subprocess
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -322,9 +322,9 @@ def build() -> dict[str, Stencil]:
 
 def library_version() -> str:
     """What shapes the stencils: popek's engine, isa and cpu source, llvmlite, the host."""
+    from popek.engine.jit import llvmlite_version
     from popek.engine.native_cache import source_version
-    return source_version(f"stencils llvmlite {importlib.metadata.version('llvmlite')} "
-                          f"{platform.machine()}")
+    return source_version(f"stencils llvmlite {llvmlite_version()} {platform.machine()}")
 
 
 def encode(stencils: dict[str, Stencil]) -> bytes:
@@ -355,18 +355,31 @@ def library_path(root: Path) -> Path:
 _library: dict[str, Stencil] | None = None  # the process's, once read or built
 
 
-def library(root: Path | None) -> dict[str, Stencil]:
+def library(root: Path | None, spawn: bool = True) -> dict[str, Stencil]:
     """The stencil library: read from ``root`` (the code cache's directory) if an intact
     copy is there, else built (about a second, with LLVM) and, with a ``root``, kept
     there. A process reads or builds it once (a VMM worker inherits it from its fork
-    server)."""
+    server). With ``spawn``, a child process builds it, so that LLVM's ~100 MiB are
+    never mapped into a run whose code never gets hot enough for tier 2 (a confined
+    process may not start one)."""
     global _library
     if _library is None:
-        _library = _read_or_build(root)
+        _library = _read_or_build(root, spawn)
     return _library
 
 
-def _read_or_build(root: Path | None) -> dict[str, Stencil]:
+def _built_by_child() -> dict[str, Stencil] | None:
+    """The library as ``python -m popek.engine.stencils`` builds it, or None if that
+    failed (then the caller builds it itself)."""
+    try:
+        done = subprocess.run([sys.executable, "-m", __name__], capture_output=True,
+                              timeout=300, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return decode(done.stdout) if done.returncode == 0 else None
+
+
+def _read_or_build(root: Path | None, spawn: bool) -> dict[str, Stencil]:
     path = library_path(root) if root is not None else None
     if path is not None:
         try:
@@ -375,7 +388,7 @@ def _read_or_build(root: Path | None) -> dict[str, Stencil]:
             stencils = None
         if stencils is not None:
             return stencils
-    stencils = build()
+    stencils = (_built_by_child() if spawn else None) or build()
     if path is not None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -482,3 +495,7 @@ def stencil_for(library: dict[str, Stencil], ins: Insn, length: int) -> Stencil:
     if "system" in ins.flags:
         return library[SYSTEM]
     return library.get(stencil_name(ins, length)) or library[FALLBACK]
+
+
+if __name__ == "__main__":  # the library, built for a parent that keeps LLVM out (library)
+    sys.stdout.buffer.write(encode(build()))

@@ -1,7 +1,9 @@
 """Imported once by the server that forks worker processes, to pay one-off costs there.
 
-The first hart a process builds generates the engine's handler tables (about 0.1 s);
-building a throwaway one here means every worker forks with them ready. Freezing the
+The first hart a process builds generates the engine's handler tables (about 0.1 s) and
+reads the stencil library; building a throwaway one here means every worker forks with
+them ready. LLVM is loaded here too: a hart loads it only once tier 2 has work, and a
+confined worker could not import it then (nor would it share its pages). Freezing the
 garbage collector's view of everything imported so far keeps the workers' collections
 from touching those objects, so their pages stay shared with this server instead of
 being copied into every worker.
@@ -11,7 +13,10 @@ import gc
 
 from popek.cpu.hart import Hart
 from popek.cpu.physmem import PhysicalMemory
+from popek.engine import jit
 from popek.vmm import worker  # noqa: F401 - the module every worker runs
 
 Hart(PhysicalMemory(0x8000_0000, 1 << 20))
+if jit.available():
+    jit.binding()
 gc.freeze()
