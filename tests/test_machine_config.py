@@ -117,7 +117,7 @@ def test_hostfwd_reads_and_writes_qemu_syntax() -> None:
     ({"nics": [{"type": "user", "hostfwd": [{"host_port": 80}]}]},
      "'nics\\[0\\].hostfwd\\[0\\].guest_port' is required"),
     ({"nics": [{"type": "user", "colour": "red"}]}, "unknown field\\(s\\) in nics\\[0\\]: colour"),
-    ({"engine": "fast"}, "engine 'fast': use one of interp, translate, jit"),
+    ({"engine": "fast"}, "engine 'fast': use one of interp, translate, baseline, jit"),
     ({"append": None}, "'append' must not be null"),
     ([], "must be a JSON object"),
 ])

@@ -219,7 +219,7 @@ def test_damaged_library_is_rebuilt_and_rewritten_never_used(
 
     monkeypatch.setattr(stencils, "build", build)
     monkeypatch.setattr(stencils, "_library", None)
-    assert stencils.library(tmp_path) is built
+    assert stencils.library(tmp_path, spawn=False) is built
     assert builds == [1]
     assert path.read_bytes() == stencils.encode(built)  # rewritten whole
     assert contents(stencils.decode(path.read_bytes())) == contents(built)

@@ -228,13 +228,16 @@ def test_linux_guest_migrates_there_and_back_with_its_processes(
         pair: tuple[Vmm, Vmm]) -> None:
     """The bundled Linux (one boot): a shell loop printing a counter, and a sleeping
     process, both started before the migrations, go on after A -> B (pre-copy) -> A
-    (post-copy: Linux runs on A while it pulls the pages it wrote since the first pass)."""
+    (post-copy: Linux runs on A while it pulls the pages it wrote since the first pass).
+    A third process keeps writing memory, so that some pages are written during the
+    first pass whatever its length (an idle, tickless guest may write none in 0.1 s)."""
     a, b = pair
     vm = a.api("create", kernel=str(images.KERNEL), initrd=str(images.INITRD), mem=128 << 20,
                name="linux")
     a.api.wait_log(vm, rb"popek guest: Linux[^#]*# ")  # typed at the shell's prompt
-    a.api.type_line(vm, b"sleep 100000 & echo sleeper-$!; (i=0; while true; do "
-                        b"echo count-$i; i=$((i+1)); sleep 0.2; done) &\n")
+    a.api.type_line(vm, b"sleep 100000 & echo sleeper-$!; (n=0; while true; do n=$((n+1)); "
+                        b"done) & (i=0; while true; do echo count-$i; i=$((i+1)); sleep 0.2; "
+                        b"done) &\n")
     sleeper = re.search(rb"sleeper-(\d+)", a.api.wait_log(vm, rb"sleeper-\d+"))[1]
     counts = a.api.wait_log(vm, rb"count-5\r?\n")
     for source, dest, to, postcopy in ((a, b, str(b.socket), False),

@@ -1,4 +1,10 @@
-"""Tier 2: hot blocks compiled to native code through LLVM (llvmlite).
+"""The native tiers' runtime, and tier 2: hot blocks compiled to native code through LLVM.
+
+:class:`NativeRuntime` is what native code of both native tiers runs against: the
+baseline tier's blocks, patched from stencils at first sight (:mod:`popek.engine.stencils`),
+and tier 2's, compiled by LLVM (llvmlite) once a block is hot. They share one calling
+convention, one jump cache and block table, and the callbacks below, so blocks of
+either tier chain into each other natively.
 
 Each block becomes one native function ``status = block(env, pc)``, lowered from the
 instruction semantics by :mod:`popek.engine.lowering`. ``env`` is a small structure the
