@@ -239,7 +239,7 @@ class Engine:
         ``native_after`` runs (NATIVE_AFTER if 0). With the block's ``code_key``, tier
         1's code comes from the disk cache, or goes to it."""
         def promote() -> None:
-            if None in block.decoded:
+            if block.decoded[-1] is None:  # an illegal instruction (always the last)
                 return
             code = None
             if code_key is not None:
@@ -389,7 +389,7 @@ class Engine:
             return block
         code_key = None
         if straddler is None and self.native is not None and not block.breakpoint and \
-                None not in decoded:
+                decoded[-1] is not None:
             code_key = self._code_key(block, page + start)
         if self.tier != "interp":
             # A straddler is found by its bits, not its pages, so native code, which jumps
@@ -407,7 +407,7 @@ class Engine:
             self.blocks[key] = block
             self.page_blocks.setdefault(page, []).append(key)
             self._watch_code(page, start, off)
-            if self.native is not None and not block.breakpoint and None not in decoded:
+            if self.native is not None and not block.breakpoint and decoded[-1] is not None:
                 self._first_native(block, code_key)
         return block
 
