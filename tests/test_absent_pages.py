@@ -58,6 +58,7 @@ PROGRAM = f"""
 def eager_tiers(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(engine_module, "HOT_AFTER", 2)
     monkeypatch.setattr(engine_module, "NATIVE_AFTER", 2)
+    monkeypatch.setattr(engine_module, "PATCHED_NATIVE_AFTER", 4)
 
 
 @pytest.fixture(scope="module")

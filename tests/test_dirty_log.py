@@ -59,6 +59,7 @@ def pages(runs: list[tuple[int, int]]) -> set[int]:
 def eager_tiers(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(engine_module, "HOT_AFTER", 2)
     monkeypatch.setattr(engine_module, "NATIVE_AFTER", 2)
+    monkeypatch.setattr(engine_module, "PATCHED_NATIVE_AFTER", 4)
 
 
 def loop_storing(tier: str, store: str) -> Hart:

@@ -52,6 +52,7 @@ ARCH = ".option arch, +zba, +zbb, +zbc, +zbs, +zicbom, +zicboz, +zicbop, +zihint
 def eager_tiers(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(engine_module, "HOT_AFTER", 2)
     monkeypatch.setattr(engine_module, "NATIVE_AFTER", 2)
+    monkeypatch.setattr(engine_module, "PATCHED_NATIVE_AFTER", 4)
 
 
 def run(tier: str, program: bytes, priv: int = PRIV_M) -> Hart:

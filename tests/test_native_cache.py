@@ -53,6 +53,7 @@ def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
     """An empty cache for this test, and blocks that go native after a few runs."""
     monkeypatch.setattr(engine_module, "HOT_AFTER", 2)
     monkeypatch.setattr(engine_module, "NATIVE_AFTER", 2)
+    monkeypatch.setattr(engine_module, "PATCHED_NATIVE_AFTER", 4)
     before = CACHE.root
     directory = tmp_path / "code"
     CACHE.configure(directory)
@@ -98,6 +99,7 @@ def test_second_run_starts_native_from_the_cache(cache_dir: Path) -> None:
 def test_blocks_hot_on_tier_1_before_start_there(cache_dir: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(engine_module, "NATIVE_AFTER", 10**9)  # tier 1 at most
+    monkeypatch.setattr(engine_module, "PATCHED_NATIVE_AFTER", 10**9)
     code = assemble(LOOP.format(step=1))
     first = run(code)
     CACHE.flush()  # (at exit, in a process of its own)

@@ -83,6 +83,7 @@ def run(tier: str, code: bytes, data: bytes = b"") -> tuple[Hart, PhysicalMemory
 def eager_tiers(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(engine_module, "HOT_AFTER", 2)
     monkeypatch.setattr(engine_module, "NATIVE_AFTER", 2)
+    monkeypatch.setattr(engine_module, "PATCHED_NATIVE_AFTER", 4)
 
 
 def same_state(source: str, data: bytes = b"") -> tuple[Hart, PhysicalMemory, Counter]:
