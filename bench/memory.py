@@ -10,9 +10,10 @@ i.e. the guest RAM actually touched. What remains is the emulator's own overhead
 
     python bench/memory.py [--tiers baseline,jit,translate,interp] [--bios popek|opensbi]
 
-The native tiers (baseline, jit; the default) boot twice: with an empty code-cache
-directory (cold: the stencil library is built, which loads LLVM) and with the directory
-the cold boot left (warm: under baseline, LLVM is never loaded). Each popek boot is a
+The native tiers (baseline, jit; the default) boot twice: with a code-cache directory
+holding only the stencil library (cold: see bench/boot.py) and with the directory the
+cold boot left (warm). Under baseline LLVM is never loaded; under jit, once tier 2 has
+work. Each popek boot is a
 column beside QEMU's, with issue 12's target for it: RSS under touched + 100 MiB.
 """
 
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.boot import NATIVE_TIERS  # noqa: E402
+from bench.boot import NATIVE_TIERS, cold_cache, stencil_library  # noqa: E402
 from popek import images  # noqa: E402
 from popek.engine.engine import TIERS  # noqa: E402
 from popek.vmm.procstat import memory  # noqa: E402
@@ -157,6 +158,7 @@ def main() -> int:
         qemu_cmd = [qemu, "-M", "virt", "-m", "256M", "-nographic", "-kernel", str(kernel),
                     "-initrd", str(images.INITRD), "-append", APPEND]
         q, _ = footprint_when_idle(qemu_cmd)
+        seed, _ = stencil_library(Path(tmp))
         for tier in tiers:
             popek_cmd = [sys.executable, "-m", "popek", "run", "--mem", "256M",
                          "--engine", tier, "--bios", args.bios, "--kernel", str(kernel),
@@ -164,7 +166,7 @@ def main() -> int:
             if tier not in NATIVE_TIERS:
                 runs[tier] = footprint_when_idle([*popek_cmd, "--no-code-cache"])
                 continue
-            cache = ["--code-cache", str(Path(tmp) / f"code-{tier}")]
+            cache = ["--code-cache", str(cold_cache(seed, Path(tmp) / f"code-{tier}"))]
             runs[f"{tier} cold"] = footprint_when_idle([*popek_cmd, *cache])
             runs[f"{tier} warm"] = footprint_when_idle([*popek_cmd, *cache])
     booted = [p for p, _ in runs.values()]

@@ -12,9 +12,10 @@ differently, only roughly).
     python bench/programs.py [--size-kib N] [--tiers baseline,jit,translate,interp]
 
 Each line gives wall time and the CPU time of the emulator process; MIPS are per
-wall second. The native tiers (baseline, jit) run each program twice: with an empty
-code-cache directory (cold: the stencil library is built first, about a second of LLVM)
-and with the directory the cold run left (warm). Beside each native run, as in
+wall second. The native tiers (baseline, jit) run each program twice: with a code-cache
+directory holding only the stencil library (cold; the library is built once per popek
+version, as at installation: see bench/boot.py) and with the directory the cold run left
+(warm). Beside each native run, as in
 bench/boot.py: blocks patched from stencils, microseconds per block, blocks patched per
 second of patching and blocks compiled by LLVM. The default tiers take a few minutes;
 with translate and interp as well, about half an hour, most of it in the interpreter.
@@ -34,7 +35,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.boot import NATIVE_HEADER, NATIVE_TIERS, native_columns  # noqa: E402
+from bench.boot import (  # noqa: E402
+    NATIVE_HEADER,
+    NATIVE_TIERS,
+    cold_cache,
+    native_columns,
+    stencil_library,
+)
 from popek import images  # noqa: E402
 from tests import registry_packages  # noqa: E402
 
@@ -78,6 +85,7 @@ def main() -> int:
         sys.exit("bench/programs.py needs qemu-riscv64: apt-get install qemu-user")
     tiers = args.tiers.split(",")
     with tempfile.TemporaryDirectory() as tmp:
+        seed, _ = stencil_library(Path(tmp))
         data = Path(tmp) / "input.bin"
         rng = random.Random(1)
         words = [bytes(rng.choices(b"abcdefghij klmnop\n", k=8)) for _ in range(512)]
@@ -116,7 +124,7 @@ def main() -> int:
                 popek = [sys.executable, "-m", "popek", "exec", "--stats", "--engine", tier]
                 # a native tier runs twice: with an empty code cache, then with what the
                 # first run left in it; the other tiers have no native code to cache
-                cache = tempfile.mkdtemp(prefix=f"code-{tier}-", dir=tmp)  # fresh per program
+                cache = str(cold_cache(seed, Path(tempfile.mkdtemp(dir=tmp)) / tier))
                 runs = {f"{tier}, cold cache": ["--code-cache", cache],
                         f"{tier}, warm cache": ["--code-cache", cache]} \
                     if tier in NATIVE_TIERS else {tier: ["--no-code-cache"]}
