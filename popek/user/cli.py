@@ -12,6 +12,7 @@ import os
 import sys
 import time
 
+from popek.cli import EXEC_HELP
 from popek.engine import jit
 from popek.engine.engine import DEFAULT_TIER, TIERS
 from popek.engine.native_cache import CACHE, add_cache_args, use_cache_args
@@ -24,7 +25,6 @@ DEFAULT_SYSROOT = "/usr/riscv64-linux-gnu"  # Debian's libc6-riscv64-cross
 USAGE_ERROR = 2
 
 
-EXEC_HELP = "run a riscv64 Linux program on this host (process VM, like qemu-riscv64)"
 
 
 def add_exec_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

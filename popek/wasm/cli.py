@@ -21,7 +21,6 @@ from popek.wasm.run import add_run_args, cmd_run
 from popek.wasm.spectest import run_script
 
 EXIT_USAGE = 2
-WASM_HELP = "WebAssembly: run WASI programs and test scripts, disassemble modules"
 
 
 def add_engine_arg(parser: argparse.ArgumentParser) -> None:

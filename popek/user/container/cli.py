@@ -18,6 +18,7 @@ import signal
 import sys
 import tempfile
 
+from popek.cli import CONTAINER_HELP
 from popek.engine.engine import DEFAULT_TIER, TIERS
 from popek.engine.native_cache import add_cache_args, use_cache_args
 from popek.user.container.image import ImageError, ImageSpec, unpack
@@ -29,7 +30,6 @@ from popek.user.hostlibc import libc
 from popek.user.process import ExecOptions, Process
 from popek.vmm.throttle import CpuCap
 
-HELP = "run a riscv64 program in a container (its own root, hostname, pids, limits)"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 USAGE_ERROR = 2  # like popek exec: nothing of the program ran
 CANNOT_RUN = 127  # Docker's status for a command that cannot be found or run
@@ -43,7 +43,7 @@ class UsageError(Exception):
 
 def add_container_args(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="container_command", required=True, metavar="COMMAND")
-    run = sub.add_parser("run", help=HELP, description=HELP)
+    run = sub.add_parser("run", help=CONTAINER_HELP, description=CONTAINER_HELP)
     source = run.add_mutually_exclusive_group(required=True)
     source.add_argument("--rootfs", metavar="DIR", help="directory that becomes /")
     source.add_argument("--image", metavar="FILE.tar",
@@ -247,6 +247,6 @@ def default_cache() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="popek container", description=HELP)
+    parser = argparse.ArgumentParser(prog="popek container", description=CONTAINER_HELP)
     add_container_args(parser)
     return cmd_container(parser.parse_args(argv))
