@@ -39,6 +39,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config,
 
 
 _CACHE_DIR = pytest.StashKey[str]()
+_STENCIL_LIBRARY = "POPEK_TEST_STENCIL_LIBRARY"  # the session's built library (a file)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -51,6 +52,24 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_CACHE_DIR] = directory
     os.environ[ENV_VAR] = directory
     CACHE.configure(Path(directory))
+    _with_stencil_library(Path(directory))
+
+
+def _with_stencil_library(directory: Path) -> None:
+    """Put the stencil library in the cache, as an installed popek has it (it is built
+    once per popek version): the first process of the session builds it, and the test
+    processes it starts copy it, so that no test's timing includes building it."""
+    from popek.engine import stencils
+
+    if not stencils.supported():
+        return
+    path = stencils.library_path(directory)
+    built = os.environ.get(_STENCIL_LIBRARY)
+    if built and Path(built).is_file():
+        shutil.copyfile(built, path)
+    else:
+        stencils.library(directory)
+        os.environ[_STENCIL_LIBRARY] = str(path)  # for the test processes xdist starts next
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -67,9 +67,12 @@ def applets(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def environment(path: Path | None = None, **extra: str) -> dict[str, str]:
     """The same small environment for both runs (popek also needs to import itself)."""
     search = f"{path}:/usr/bin:/bin" if path else "/usr/bin:/bin"
-    tier = {"POPEK_ENGINE": os.environ["POPEK_ENGINE"]} if "POPEK_ENGINE" in os.environ else {}
+    # popek's own settings: the tier under test, and the test process's code cache
+    # (conftest.py), which holds the stencil library (else each run would build it)
+    popek = {name: os.environ[name] for name in ("POPEK_ENGINE", "POPEK_CODE_CACHE")
+             if name in os.environ}
     return {"PATH": search, "LC_ALL": "C", "HOME": "/nonexistent", "TZ": "UTC",
-            "PYTHONPATH": str(REPO), **tier, **extra}
+            "PYTHONPATH": str(REPO), **popek, **extra}
 
 
 def run_popek(args: list[str], *, stdin: bytes = b"", cwd: Path | None = None,
