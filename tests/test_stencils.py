@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from rvasm import EBREAK, ECALL, MRET, RAM_BASE, WFI, addi, assemble, csrr, csrrs, csrrw, s_type, sd
 from test_exec import PROGRAMS, environment, run_popek, run_qemu
+from test_native_cache import LOOP as STEPPED_LOOP
 from test_native_tier import SELF_PATCHING
 
 from popek.cpu.causes import ACCESS_EXEC, ACCESS_READ, ACCESS_WRITE
@@ -239,16 +240,7 @@ def test_decode_refuses_anything_but_an_intact_library(
 
 # -- 2. hosts without stencils ------------------------------------------------------------
 
-LOOP = """
-    li s0, 300
-    li a0, 0
-1:  addi a0, a0, 3
-    xori a1, a0, 0x55
-    add  a2, a2, a1
-    addi s0, s0, -1
-    bnez s0, 1b
-    ebreak
-"""
+LOOP = STEPPED_LOOP.format(step=3)
 
 
 @pytest.fixture
@@ -587,6 +579,15 @@ def test_code_rewritten_while_patched_code_runs_is_seen(
 
 # -- 5. system instructions inside patched code ---------------------------------------------
 
+TO_S_MODE = """
+    li t0, 0x1800
+    csrc mstatus, t0
+    li t0, 0x800
+    csrs mstatus, t0            # mret to S-mode
+    la t0, smain
+    csrw mepc, t0
+"""
+
 SYSTEM_PROGRAM = """
     la t0, mtrap
     csrw mtvec, t0
@@ -613,12 +614,7 @@ SYSTEM_PROGRAM = """
     csrw mie, t0
     li t0, -1
     csrw 0x14d, t0              # stimecmp: never
-    li t0, 0x1800
-    csrc mstatus, t0
-    li t0, 0x800
-    csrs mstatus, t0            # mret to S-mode
-    la t0, smain
-    csrw mepc, t0
+""" + TO_S_MODE + """
     mret
 smain:
     la t0, strap
@@ -772,12 +768,7 @@ def test_forking_shell_under_popek_exec_baseline_matches_qemu() -> None:
 
 
 REMAP_PROGRAM = """
-    li t0, 0x1800
-    csrc mstatus, t0
-    li t0, 0x800
-    csrs mstatus, t0            # mret to S-mode
-    la t0, smain
-    csrw mepc, t0
+""" + TO_S_MODE + """
     csrw satp, a1               # Sv39
     sfence.vma
     mret
