@@ -8,7 +8,10 @@ memory's write watches keep the page off the write fast path and report every wr
 to it) and checks each write against the 16-byte granules that hold code, so data
 beside code costs a slow-path store, not a re-decode. Each block has one entry point,
 ``run(pc)``: the reference tier interprets its decoded instructions; tier 1 replaces
-that with a translated Python function once the block is hot. Interrupts are checked
+that with a translated Python function once the block is hot. Under the native tiers
+(``baseline``, ``jit``) a block gets native code patched from stencils when it is
+decoded, runnable once sealed (:meth:`Engine._seal_patched`), and, under ``jit``,
+LLVM's code once it has run PATCHED_NATIVE_AFTER times. Interrupts are checked
 at block boundaries: after every system instruction and at each slice start. A block
 whose bytes an earlier run (or this one) compiled starts native, or on tier 1, at
 first sight (:mod:`popek.engine.native_cache`).
