@@ -68,7 +68,7 @@ def migrate(source: VirtMachine, dest_out: bytearray, *, max_downtime: float = 0
             watch: Callable[[migration.Progress], None] = lambda progress: None,
             dest_config: MachineConfig | None = None, copy_disks: tuple[int, ...] = (),
             at_handover: Callable[[], None] = lambda: None, postcopy: bool = False,
-            lost: list[PagesLost] | None = None,
+            lost: list[PagesLost] | None = None, max_bandwidth: float | None = None,
             ) -> tuple[dict[str, Any] | MigrationError, Arrival | MigrationError, bool]:
     """Run ``source`` while it migrates; (the source's figures or error, the arrival or
     the destination's error, whether GO came). ``at_handover`` runs once the destination
@@ -108,7 +108,8 @@ def migrate(source: VirtMachine, dest_out: bytearray, *, max_downtime: float = 0
     try:
         outcome: dict[str, Any] | MigrationError
         try:
-            emigration = Emigration(source, ours, max_downtime, copy_disks, postcopy)
+            emigration = Emigration(source, ours, max_downtime, copy_disks, postcopy,
+                                    max_bandwidth)
             try:
                 while not emigration.pump():
                     watch(emigration.progress)
@@ -182,13 +183,15 @@ def test_postcopy_guest_runs_there_at_once_and_pulls_its_pages(
         engine: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """--postcopy: after one pass the guest, which rewrites all its 8 MiB every pass, runs
     on the destination with the pages it wrote since absent; its first touch of each
-    (any tier's TLB fill) fetches it from the source, which pushes the rest meanwhile."""
+    (any tier's TLB fill) fetches it from the source, which pushes the rest meanwhile.
+    The link is capped at 32 MiB/s, so that the push (~0.25 s) cannot win the race
+    against the destination's first touch however the host schedules the two threads."""
     source, out, dest_out = _migrant(engine=engine, passes=32)
     fetched: list[int] = []
     fetch = PostCopy.fetch
     monkeypatch.setattr(PostCopy, "fetch", lambda self, runs, ram: (
         fetched.append(sum(count for _, count in runs)), fetch(self, runs, ram))[1])
-    figures, arrival, went = migrate(source, dest_out, postcopy=True)
+    figures, arrival, went = migrate(source, dest_out, postcopy=True, max_bandwidth=32 << 20)
     assert isinstance(figures, dict) and isinstance(arrival, Arrival) and went, figures
     assert figures["rounds"] == 0 and figures["postcopy_pages"] > PAGES // 2, figures
     assert "postcopy_error" not in figures
