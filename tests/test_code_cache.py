@@ -89,3 +89,34 @@ def test_instruction_straddling_two_pages_sees_a_change_to_either_half(tier: str
     mem.write(BASE + 0xFFE, struct.pack("<H", 0x0593))  # low half: addi a1, a0, 2
     run_from(hart, BASE + 0xFFE)
     assert hart.x[10] == 302 and hart.x[11] == 304
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_loop_through_a_straddling_instruction_stays_native_and_sees_its_second_half(
+        tier: str) -> None:
+    hart, mem = machine(tier)
+    mem.write(BASE + 0xFF8, struct.pack(
+        "<IHIII", 0x00158593,  # addi a1, a1, 1
+        0x0001,  # c.nop: the next instruction's halves lie on two pages
+        ADDI_A0_1, 0xFED5CBE3, EBREAK))  # blt a1, a3, back to the addi
+    python_lookups = 0
+    block_at = hart.engine._block_at
+
+    def counted(*args):
+        nonlocal python_lookups
+        python_lookups += 1
+        return block_at(*args)
+
+    hart.engine._block_at = counted
+    hart.x[13] = 2000
+    run_from(hart, BASE + 0xFF8)
+    hart.x[13] = 4000
+    hart.run(20_000)
+    assert (hart.x[10], hart.x[11]) == (4000, 4000)
+    if tier in ("baseline", "jit"):  # native code enters it, not Python, once warm
+        assert python_lookups < 50, python_lookups
+    mem.write(BASE + 0x1000, struct.pack("<H", 0x0025))  # second half: addi a0, a0, 2
+    hart.x[13] = 5000
+    run_from(hart, BASE + 0xFF8)
+    hart.run(20_000)
+    assert (hart.x[10], hart.x[11]) == (6000, 5000)

@@ -69,7 +69,7 @@ class Block:
     """One decoded block: its entry point and what the engine must do around it."""
 
     __slots__ = ("run", "count", "fp", "system", "special", "offsets", "decoded", "native",
-                 "native_addr", "key", "breakpoint")
+                 "native_addr", "key", "breakpoint", "straddles")
 
     def __init__(self, decoded: list[Decoded | None], offsets: tuple[int, ...], fp: bool,
                  system: bool) -> None:
@@ -84,6 +84,9 @@ class Block:
         self.native_addr = 0
         self.key = -1  # in the code cache (Engine.blocks), if anywhere
         self.breakpoint = False  # decoded at a debugger's breakpoint
+        # A page-straddling instruction's block with patched code: (its key in
+        # Engine.straddlers, the host offset plus mode of its first half).
+        self.straddles: tuple[int, int] | None = None
 
     def go_native(self, fn: Callable[[int, int], int], addr: int, runtime: jit.NativeRuntime
                   ) -> None:
@@ -129,6 +132,9 @@ class Engine:
         # Instructions that straddle two pages, cached by their bits (and mode) rather
         # than by address: the second page may map anywhere, and differently next time.
         self.straddlers: dict[int, Block] = {}
+        # Those whose native code the block table lists, by their first half's host offset
+        # plus mode: native code may enter them (their code checks the second half).
+        self.linked_straddlers: dict[int, Block] = {}
         self.native = jit.NativeRuntime(hart, self.handlers, compiles=tier == "jit") \
             if tier in ("baseline", "jit") else None
         self.native_queue: list[Block] = []  # hot blocks waiting for native code
@@ -167,6 +173,7 @@ class Engine:
         del self.code_granules[page]
         for key in self.page_blocks.pop(page, ()):
             self.blocks.pop(key, None)
+            self.linked_straddlers.pop(key, None)
             if self.native is not None:
                 self.native.forget_block(key)
         if self.native is not None:
@@ -180,6 +187,8 @@ class Engine:
         self.code_granules.clear()
         self.blocks.clear()
         self.page_blocks.clear()
+        self.straddlers.clear()  # their native code may go with the code area
+        self.linked_straddlers.clear()
         if self.native is not None:
             self.native.forget_jumps()
             self.native.forget_blocks()
@@ -363,6 +372,8 @@ class Engine:
                     straddler = word | mode
                     if limit == MAX_BLOCK and not breakpoints and \
                             (block := self.straddlers.get(straddler)):
+                        if block.native_addr:
+                            self._link_straddler(block)
                         return block
                     d, length, cacheable = decode32(word), 4, False
             else:
@@ -408,6 +419,11 @@ class Engine:
             if len(self.straddlers) >= STRADDLERS_LIMIT:
                 self.straddlers.clear()
             self.straddlers[straddler] = block
+            if self.native is not None and not block.breakpoint and decoded[-1] is not None \
+                    and self.native.patch_block(block, decoded, block.offsets, fp, None,
+                                                second_half=straddler >> 16 & 0xFFFF):
+                block.straddles = (straddler, page + start + mode)
+                block.run = self._seal_on_second_run(block, block.run)
         else:
             key = block.key = page + start + mode
             self.blocks[key] = block
@@ -432,6 +448,20 @@ class Engine:
             block.run = self._seal_on_second_run(block, block.run)
         elif code_key is not None and code_key in CACHE.translations:
             self._promote(block, code_key=code_key, native_after=HOT_AFTER + NATIVE_AFTER)()
+
+    def _link_straddler(self, block: Block) -> None:
+        """Let native code enter the page-straddling instruction's ``block`` (sealed) by
+        its first half, as any block, through the block table: its code checks the
+        second half. The first half's page is watched, and a write to it unlinks the
+        block as it drops that page's blocks."""
+        key = block.straddles[1]
+        if self.linked_straddlers.get(key) is block:
+            return
+        self.linked_straddlers[key] = block
+        page = (key & ~FS_ON_KEY) - (PAGE_SIZE - 2)
+        self.page_blocks.setdefault(page, []).append(key)
+        self._watch_code(page, PAGE_SIZE - 2, PAGE_SIZE)
+        self.native.remember_block(key, block.native_addr)
 
     def predecode(self, keys: Iterable[int]) -> int:
         """Decode the blocks at code-cache ``keys`` (host offset of the first instruction
@@ -658,6 +688,10 @@ class Engine:
         for block, addr in native.seal():
             if self.blocks.get(block.key) is block and block.native is None:
                 block.go_native(jit.BLOCK_FN(addr), addr, native)
+            elif block.straddles is not None and \
+                    self.straddlers.get(block.straddles[0]) is block:
+                block.native_addr = addr  # Python runs it on tier 1, native code here
+                self._link_straddler(block)
         if native.area_full:
             self.flush()
             native.reset_patched()

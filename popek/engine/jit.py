@@ -683,7 +683,8 @@ class NativeRuntime:
         self.staged: list[tuple[object, int]] = []  # (token, address) not sealed yet
         self._stencils: dict[tuple[str, int], stencils.Stencil] = {}  # by name and length
         self._special = tuple(self.stencils[name] for name in (
-            stencils.COUNT, stencils.FP_DIRTY, stencils.END, stencils.FALLBACK, stencils.SYSTEM)) \
+            stencils.COUNT, stencils.FP_DIRTY, stencils.END, stencils.FALLBACK, stencils.SYSTEM,
+            stencils.STRADDLE)) \
             if self.stencils else ()
         self._chain_addr = self._start_area()
         hart.mmu.mirror = self
@@ -863,17 +864,20 @@ class NativeRuntime:
             len(self.counted) >= STENCIL_BLOCKS or self.area.free() < STENCIL_AREA // 64)
 
     def patch_block(self, token: object, decoded: list[Decoded], offsets: tuple[int, ...],
-                    fp: bool, hot_after: int) -> int | None:
+                    fp: bool, hot_after: int | None, second_half: int | None = None
+                    ) -> int | None:
         """Native code for a block, from stencils: its address, where it may run after the
         next ``seal`` (which lists it); None if the block should stay on the Python tiers
         (as tier 2 would leave it there too). After ``hot_after`` runs it exits with
-        status ``HOT``, for tier 2 to compile it."""
+        status ``HOT``, for tier 2 to compile it (None: never). A block of one
+        page-straddling instruction gives the bits of its ``second_half``, which its
+        code checks first (leaving to Python if they differ)."""
         library = self.stencils
         if library is None or self.area_full:
             return None
         started = time.perf_counter()
         chosen = self._stencils
-        count, fp_dirty, end, fallback, system_stencil = self._special
+        count, fp_dirty, end, fallback, system_stencil, straddle = self._special
         parts = []
         callbacks = 0
         for d in decoded:
@@ -889,27 +893,35 @@ class NativeRuntime:
             return None  # as _worth_native: tier 1 runs such blocks faster
         slot = len(self.counted)
         counter = self.counters.buffer_info()[0] + 8 * slot
-        self.counters[slot] = hot_after
+        self.counters[slot] = hot_after or 0
         base = self.area.next_address()
         chain, length, block_end = self._chain_addr, len(decoded), offsets[-1] + decoded[-1].length
+        bits, ram = second_half or 0, self.ram_addr
         code = []
         at = base
-        if self.compiles and not system:  # counts runs for tier 2, which takes no system block
+        if second_half is not None:
+            at += straddle.size
+            code.append(straddle.fill((0, 0, 0, 0, 0, 0, 0, at, chain, counter, length,
+                                       block_end, bits, ram)))
+        # counts runs for tier 2, which takes no system block
+        if self.compiles and not system and hot_after is not None:
             at += count.size
-            code.append(count.fill((0, 0, 0, 0, 0, 0, 0, at, chain, counter, length, block_end)))
+            code.append(count.fill((0, 0, 0, 0, 0, 0, 0, at, chain, counter, length, block_end,
+                                    bits, ram)))
         if fp:
             at += fp_dirty.size
             code.append(fp_dirty.fill((0, 0, 0, 0, 0, 0, 0, at, chain, counter, length,
-                                       block_end)))
+                                       block_end, bits, ram)))
         for index, d in enumerate(decoded):
             stencil = parts[index]
             at += stencil.size
             ref = self._adopt_fallback(d) if stencil is fallback or stencil is system_stencil \
                 else 0
             code.append(stencil.fill((d.rd, d.rs1, d.rs2, d.imm, offsets[index], index, ref, at,
-                                      chain, counter, length, block_end)))
+                                      chain, counter, length, block_end, bits, ram)))
         if parts[-1].continues:
-            code.append(end.fill((0, 0, 0, 0, 0, 0, 0, 0, chain, counter, length, block_end)))
+            code.append(end.fill((0, 0, 0, 0, 0, 0, 0, 0, chain, counter, length, block_end,
+                                  bits, ram)))
         addr = self.area.stage(b"".join(code))
         assert addr == base
         self.counted.append(token)

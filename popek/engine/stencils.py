@@ -60,8 +60,10 @@ HOLE_CHAIN = "chain"  # the shared exit: the jump cache (jit's chain function)
 HOLE_COUNTER = "counter"  # the address of the block's run counter
 HOLE_LENGTH = "length"  # the block's instruction count (its end stencil)
 HOLE_END = "end"  # the byte offset of the block's end
+HOLE_BITS = "bits"  # a page-straddling instruction's bits on its second page
+HOLE_RAM = "ram"  # the host address of guest RAM
 HOLES = (*OPERAND_HOLES, HOLE_OFFSET, HOLE_INDEX, HOLE_REF, HOLE_NEXT, HOLE_CHAIN,
-         HOLE_COUNTER, HOLE_LENGTH, HOLE_END)
+         HOLE_COUNTER, HOLE_LENGTH, HOLE_END, HOLE_BITS, HOLE_RAM)
 HOT = 4  # exit status of a block whose run counter reached zero (see jit)
 LEAVE = 5  # a system instruction's handler asks native code to return (env.pc is set)
 FALLBACK = "fallback"  # an instruction without native semantics: its Python handler
@@ -69,6 +71,7 @@ SYSTEM = "system"  # a system instruction: its Python handler, which may ask to 
 COUNT = "count"  # a block's first stencil: counts its runs down to tier 2
 FP_DIRTY = "fp_dirty"  # makes FP state dirty, as the engine does before FP blocks
 END = "end"  # a block's fall-through exit
+STRADDLE = "straddle"  # first in a page-straddling instruction's block: checks its second half
 CHAIN_FN = "chain"
 
 
@@ -238,6 +241,30 @@ def _library_module() -> tuple[str, list[str]]:
         em.set("pc", em.pc0)
         em.set("tval", _hole(HOLE_COUNTER))
         b.ret(ir.Constant(I32, HOT))
+    em.tail(HOLE_NEXT, em.pc0)
+
+    em = function(STRADDLE)
+    b = em.builder
+    # The block's one instruction straddles two pages; native code reaches it by its first
+    # half (the jump cache, the block table), so it runs only if the second half, fetched
+    # through the native fetch TLB, is still what it was decoded from. Otherwise Python,
+    # which looks the block up by both halves, runs it.
+    second = b.add(em.pc0, ir.Constant(I64, 2))
+    vpn = b.lshr(second, ir.Constant(I64, 12))
+    entry = b.gep(em.get("tlb_x"), [b.and_(vpn, ir.Constant(I64, jit.TLB_ENTRIES - 1))],
+                  inbounds=True, source_etype=jit.TLB_ENTRY)
+    mapped_bb, same_bb, leave_bb = (b.append_basic_block(n) for n in ("mapped", "same", "leave"))
+    b.cbranch(b.icmp_unsigned("==", b.load(entry, typ=I64), b.add(vpn, ir.Constant(I64, 1))),
+              mapped_bb, leave_bb)
+    b.position_at_end(mapped_bb)
+    page = b.load(b.gep(entry, [ir.Constant(I64, 1)], inbounds=True, source_etype=I64), typ=I64)
+    host = b.add(b.add(_hole(HOLE_RAM), page), b.and_(second, ir.Constant(I64, 4095)))
+    bits = b.load(b.cast("inttoptr", host, ir.PTR), typ=ir.IntType(16), align=1)
+    b.cbranch(b.icmp_unsigned("==", b.zext(bits, I64), _hole(HOLE_BITS)), same_bb, leave_bb)
+    b.position_at_end(leave_bb)
+    em.set("pc", em.pc0)
+    b.ret(ir.Constant(I32, jit.EXIT))
+    b.position_at_end(same_bb)
     em.tail(HOLE_NEXT, em.pc0)
 
     em = function(END)
