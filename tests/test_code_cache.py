@@ -63,6 +63,33 @@ def test_store_beside_code_keeps_it_and_lands(tier: str) -> None:
 
 
 @pytest.mark.parametrize("tier", TIERS)
+def test_loop_rewriting_its_own_head_runs_the_new_code_from_the_next_block(tier: str) -> None:
+    hart, mem = machine(tier)
+    # The loop's blocks jump straight to each other (native tiers link blocks on one
+    # page); each pass stores to a word of the page, and on pass a4 it stores to t2.
+    mem.write(BASE, struct.pack(
+        "<IIIIIII", ADDI_A0_1, 0x00158593,  # head: addi a0, a0, 1; addi a1, a1, 1
+        0x00E59463,  # bne a1, a4, +8 (past the next instruction)
+        0x00038293,  # mv t0, t2
+        0x0062A023,  # sw t1, 0(t0)
+        0xFED5C6E3,  # blt a1, a3, back to the head
+        EBREAK))
+
+    def loop(passes: int, switch_at: int, target: int) -> None:
+        hart.x[5], hart.x[7], hart.x[11] = BASE + 0x400, target, 0
+        hart.x[13], hart.x[14] = passes, switch_at
+        run_from(hart, BASE)
+        hart.run(100_000)
+
+    hart.x[6] = 0x00250513  # addi a0, a0, 2
+    for _ in range(3):  # every block runs native code, none writes code yet
+        loop(20, 10, BASE + 0x404)
+    hart.x[10] = 0
+    loop(3000, 1000, BASE)  # now pass 1000 rewrites the head
+    assert (hart.x[10], hart.x[11]) == (1000 + 2 * 2000, 3000)
+
+
+@pytest.mark.parametrize("tier", TIERS)
 def test_illegal_instruction_replaced_by_valid_one(tier: str) -> None:
     hart, mem = machine(tier)
     mem.write(BASE, struct.pack("<II", 0xFFFFFFFF, EBREAK))

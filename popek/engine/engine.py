@@ -444,7 +444,7 @@ class Engine:
         if addr is not None:
             block.go_native(jit.BLOCK_FN(addr), addr, native)
         elif native.patch_block(block, block.decoded, block.offsets, block.fp,
-                                PATCHED_NATIVE_AFTER) is not None:
+                                PATCHED_NATIVE_AFTER, key=block.key) is not None:
             block.run = self._seal_on_second_run(block, block.run)
         elif code_key is not None and code_key in CACHE.translations:
             self._promote(block, code_key=code_key, native_after=HOT_AFTER + NATIVE_AFTER)()

@@ -46,6 +46,7 @@ from functools import cache
 from types import ModuleType
 
 from popek.cpu.causes import ACCESS_EXEC, ACCESS_READ, ACCESS_WRITE, Trap
+from popek.cpu.physmem import PAGE_SIZE
 from popek.cpu.state import CTL_INSTRET, X_SINK, XLEN_MASK
 from popek.engine import irtext as ir
 from popek.engine import stencils
@@ -110,6 +111,7 @@ HOT = stencils.HOT  # a patched block's run counter reached zero: env.tval is th
 
 STENCIL_AREA = 64 << 20  # bytes of patched code before the code cache starts over
 STENCIL_BLOCKS = 1 << 16  # run counters, one per patched block
+STATIC_JUMPS = frozenset({"B", "J"})  # formats whose jump target is pc + imm
 
 ENV_FIELDS = ("x", "f", "ctl", "csr", "tlb_r", "tlb_w", "jumps", "mode", "budget", "executed",
               "pc", "cause", "tval", "status", "load_slow", "store_slow", "exec_slow", "tlb_x",
@@ -681,10 +683,12 @@ class NativeRuntime:
         self.counters = array("q", bytes(8 * STENCIL_BLOCKS))
         self.counted: list[object] = []  # the token of each patched block, by counter
         self.staged: list[tuple[object, int]] = []  # (token, address) not sealed yet
+        # Where exits jump straight into patched blocks, by code-cache key (patch_block).
+        self.linked: dict[int, int] = {}
         self._stencils: dict[tuple[str, int], stencils.Stencil] = {}  # by name and length
         self._special = tuple(self.stencils[name] for name in (
             stencils.COUNT, stencils.FP_DIRTY, stencils.END, stencils.FALLBACK, stencils.SYSTEM,
-            stencils.STRADDLE)) \
+            stencils.STRADDLE, stencils.LINKED)) \
             if self.stencils else ()
         self._chain_addr = self._start_area()
         hart.mmu.mirror = self
@@ -768,8 +772,11 @@ class NativeRuntime:
             ctypes.memset(tlb_w.buffer_info()[0], 0, 8 * len(tlb_w))
 
     def forget_jumps(self) -> None:
-        """Code or the decoding mode changed: no successor may be assumed."""
+        """Code or the decoding mode changed: no successor may be assumed. Patched blocks
+        that jump straight to others on their page may be running: the budget runs out,
+        so they stop at their next block boundary, which checks it."""
         ctypes.memset(self.jumps.buffer_info()[0], 0, 8 * len(self.jumps))
+        self.env.budget = 0
 
     def remember_block(self, key: int, fn_addr: int) -> None:
         """Native code for the block at code-cache ``key`` is at ``fn_addr``."""
@@ -783,6 +790,7 @@ class NativeRuntime:
         blocks[way], blocks[way + 1] = tag, fn_addr
 
     def forget_block(self, key: int) -> None:
+        self.linked.pop(key, None)
         at = 2 * BLOCK_WAYS * (((key * JUMP_HASH) & U64) >> (64 - BLOCK_BITS))
         blocks, tag = self.blocks, key | 1
         for i in range(at, at + 2 * BLOCK_WAYS, 2):
@@ -790,6 +798,7 @@ class NativeRuntime:
                 blocks[i] = blocks[i + 1] = 0
 
     def forget_blocks(self) -> None:
+        self.linked.clear()
         ctypes.memset(self.blocks.buffer_info()[0], 0, 8 * len(self.blocks))
 
     def remember_jump(self, pc: int, mode: int, fn_addr: int) -> None:
@@ -853,6 +862,7 @@ class NativeRuntime:
         self.area.reset()
         self.counted.clear()
         self.staged.clear()
+        self.linked.clear()
         chain = self.area.stage(self.stencils[stencils.CHAIN_FN].code)
         self.area.seal()
         return chain
@@ -864,20 +874,24 @@ class NativeRuntime:
             len(self.counted) >= STENCIL_BLOCKS or self.area.free() < STENCIL_AREA // 64)
 
     def patch_block(self, token: object, decoded: list[Decoded], offsets: tuple[int, ...],
-                    fp: bool, hot_after: int | None, second_half: int | None = None
-                    ) -> int | None:
+                    fp: bool, hot_after: int | None, key: int | None = None,
+                    second_half: int | None = None) -> int | None:
         """Native code for a block, from stencils: its address, where it may run after the
         next ``seal`` (which lists it); None if the block should stay on the Python tiers
         (as tier 2 would leave it there too). After ``hot_after`` runs it exits with
-        status ``HOT``, for tier 2 to compile it (None: never). A block of one
-        page-straddling instruction gives the bits of its ``second_half``, which its
-        code checks first (leaving to Python if they differ)."""
+        status ``HOT``, for tier 2 to compile it (None: never).
+
+        With its code-cache ``key`` (host offset plus mode, as ``remember_block``), its
+        exits to blocks on its own page that have patched code jump straight there, and
+        later blocks' exits to it jump straight here (see ``forget_jumps``). A block of
+        one page-straddling instruction gives the bits of its ``second_half`` instead,
+        which its code checks first (leaving to Python if they differ)."""
         library = self.stencils
         if library is None or self.area_full:
             return None
         started = time.perf_counter()
         chosen = self._stencils
-        count, fp_dirty, end, fallback, system_stencil, straddle = self._special
+        count, fp_dirty, end, fallback, system_stencil, straddle, check = self._special
         parts = []
         callbacks = 0
         for d in decoded:
@@ -899,6 +913,15 @@ class NativeRuntime:
         bits, ram = second_half or 0, self.ram_addr
         code = []
         at = base
+        linked = self.linked
+        if key is not None:  # where this block's and later blocks' exits come in
+            at += check.size
+            code.append(check.fill((0, 0, 0, 0, 0, 0, 0, at, chain, counter, length,
+                                    block_end, bits, ram)))
+            linked[key] = base
+            page = key - (key & 4095)
+            start = key & 4095
+        entry = at
         if second_half is not None:
             at += straddle.size
             code.append(straddle.fill((0, 0, 0, 0, 0, 0, 0, at, chain, counter, length,
@@ -917,18 +940,25 @@ class NativeRuntime:
             at += stencil.size
             ref = self._adopt_fallback(d) if stencil is fallback or stencil is system_stencil \
                 else 0
+            exit_ = chain
+            if key is not None and d.insn.fmt in STATIC_JUMPS and \
+                    0 <= (target := start + offsets[index] + d.imm) < PAGE_SIZE:
+                exit_ = linked.get(page + target, chain)
             code.append(stencil.fill((d.rd, d.rs1, d.rs2, d.imm, offsets[index], index, ref, at,
-                                      chain, counter, length, block_end, bits, ram)))
+                                      exit_, counter, length, block_end, bits, ram)))
         if parts[-1].continues:
-            code.append(end.fill((0, 0, 0, 0, 0, 0, 0, 0, chain, counter, length, block_end,
+            exit_ = chain
+            if key is not None and (target := start + block_end) < PAGE_SIZE:
+                exit_ = linked.get(page + target, chain)
+            code.append(end.fill((0, 0, 0, 0, 0, 0, 0, 0, exit_, counter, length, block_end,
                                   bits, ram)))
         addr = self.area.stage(b"".join(code))
         assert addr == base
         self.counted.append(token)
-        self.staged.append((token, addr))
+        self.staged.append((token, entry))
         STATS.patched += 1
         STATS.patch_seconds += time.perf_counter() - started
-        return addr
+        return entry
 
     def seal(self) -> list[tuple[object, int]]:
         """Make the code patched since the last call runnable: its (token, address)

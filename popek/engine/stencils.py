@@ -72,6 +72,7 @@ COUNT = "count"  # a block's first stencil: counts its runs down to tier 2
 FP_DIRTY = "fp_dirty"  # makes FP state dirty, as the engine does before FP blocks
 END = "end"  # a block's fall-through exit
 STRADDLE = "straddle"  # first in a page-straddling instruction's block: checks its second half
+LINKED = "linked"  # where blocks that jump straight to a block enter it: checks the budget
 CHAIN_FN = "chain"
 
 
@@ -266,6 +267,16 @@ def _library_module() -> tuple[str, list[str]]:
     b.ret(ir.Constant(I32, jit.EXIT))
     b.position_at_end(same_bb)
     em.tail(HOLE_NEXT, em.pc0)
+
+    em = function(LINKED)
+    b = em.builder
+    # A block's exit to a block on its own page jumps straight here, past the jump cache
+    # (as QEMU chains translation blocks), so the budget is checked here instead.
+    executed = b.load(em.field_ptr("executed"), typ=I64)
+    with b.if_then(b.icmp_signed("<", executed, b.load(em.field_ptr("budget"), typ=I64))):
+        em.tail(HOLE_NEXT, em.pc0)
+    em.set("pc", em.pc0)
+    b.ret(ir.Constant(I32, jit.EXIT))
 
     em = function(END)
     b = em.builder
