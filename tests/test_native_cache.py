@@ -270,3 +270,16 @@ def test_unusable_cache_directory_is_one_line_and_the_run_goes_on(tmp_path: Path
     assert result.stdout == b"hi\n"
     assert result.stderr.decode().strip().endswith("Not a directory; running without it")
     assert len(result.stderr.decode().strip().splitlines()) == 1
+
+
+def test_interpreter_handlers_are_compiled_once_then_come_from_the_cache(
+        tmp_path: Path) -> None:
+    probe = ("from popek.engine import handlers, jit\n"
+             "from popek.engine.native_cache import CACHE\n"
+             "CACHE.open(jit.toolchain())\n"
+             "print(CACHE.code_object(handlers.HANDLERS_KEY) is not None)\n"
+             "assert handlers._compiled().co_filename == '<popek semantics>'\n")
+    env = {**os.environ, "POPEK_CODE_CACHE": str(tmp_path / "code")}
+    found = [subprocess.run([sys.executable, "-c", probe], capture_output=True, check=True,
+                            env=env, timeout=TIMEOUT).stdout.strip() for _ in range(2)]
+    assert found == [b"False", b"True"]

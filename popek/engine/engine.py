@@ -121,6 +121,8 @@ class Engine:
                 tier = "translate"
         self.hart = hart
         self.tier = tier
+        if tier in ("baseline", "jit"):
+            CACHE.open(jit.toolchain())  # before the handlers, whose code it may hold
         self.namespace = semantics_namespace(hart)
         self.handlers = bind_handlers(self.namespace)
         self.illegal: Handler = self.handlers[("illegal", 0)]

@@ -14,12 +14,14 @@ from collections.abc import Callable
 from functools import cache
 from types import CodeType
 
+from popek.engine.native_cache import CACHE, block_key
 from popek.isa import helpers, softfloat
 from popek.isa.decoder import ALL_INSNS
 from popek.isa.spec import Insn
 
 Handler = Callable[[int, int, int, int, int], int]
 LENGTHS = (4, 2)
+HANDLERS_KEY = block_key(b"interpreter handlers")  # their code's key in the code cache
 
 
 def handler_name(ins: Insn, length: int) -> str:
@@ -40,9 +42,15 @@ ILLEGAL_SOURCE = "def h_illegal(pc, rd, rs1, rs2, imm):\n    raise Trap(ILLEGAL_
 
 @cache
 def _compiled() -> CodeType:
-    parts = [ILLEGAL_SOURCE]
-    parts += [handler_source(ins, n) for ins in ALL_INSNS for n in LENGTHS]
-    return compile("\n\n".join(parts), "<popek semantics>", "exec")
+    """The handlers' code: from the code cache if open (compiling it takes ~35 ms of
+    every process's start; the cache's directory is per popek source and Python)."""
+    code = CACHE.code_object(HANDLERS_KEY)
+    if code is None:
+        parts = [ILLEGAL_SOURCE]
+        parts += [handler_source(ins, n) for ins in ALL_INSNS for n in LENGTHS]
+        code = compile("\n\n".join(parts), "<popek semantics>", "exec")
+        CACHE.translated(HANDLERS_KEY, code)
+    return code
 
 
 def semantics_namespace(hart) -> dict[str, object]:

@@ -340,6 +340,14 @@ class NativeCache:
 
     def translation(self, key: bytes) -> CodeType | None:
         """Tier 1's code for the block with ``key``, if an earlier run translated it."""
+        code = self.code_object(key)
+        if code is not None:
+            self.stats.translated += 1
+        return code
+
+    def code_object(self, key: bytes) -> CodeType | None:
+        """The Python code kept with ``key`` (tier 1's blocks, the interpreter's handlers),
+        if an earlier run compiled it."""
         record = self.translations.get(key)
         if record is None:
             return None
@@ -354,12 +362,11 @@ class NativeCache:
             code = marshal.loads(codes[key])
         except (ValueError, EOFError, TypeError):  # (checksummed: only a bug gets here)
             return None
-        self.stats.translated += 1
         return code if isinstance(code, CodeType) else None
 
     def translated(self, key: bytes, code: CodeType) -> None:
-        """Tier 1 compiled ``code`` for the block with ``key``: written with the next
-        TRANSLATIONS_PER_RECORD, or at exit."""
+        """Python ``code`` was compiled for ``key`` (see code_object): written with the
+        next TRANSLATIONS_PER_RECORD, or at exit."""
         if self.directory is not None and not self._confined and key not in self.translations:
             self._pending.append((key, marshal.dumps(code)))
             if len(self._pending) >= TRANSLATIONS_PER_RECORD:

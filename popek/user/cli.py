@@ -16,7 +16,6 @@ from popek.cli import EXEC_HELP
 from popek.engine import jit
 from popek.engine.engine import DEFAULT_TIER, TIERS
 from popek.engine.native_cache import CACHE, add_cache_args, use_cache_args
-from popek.gdb.server import AddressError, debug_process
 from popek.stats import instruction_summary
 from popek.user.elf_loader import ExecError
 from popek.user.process import ExecOptions, Process
@@ -73,6 +72,8 @@ def cmd_exec(args: argparse.Namespace) -> int:
         print(f"popek exec: {e}", file=sys.stderr)
         return USAGE_ERROR
     if args.gdb:
+        from popek.gdb.server import AddressError, debug_process  # only a debugged run needs it
+
         try:
             return debug_process(process, args.gdb)
         except AddressError as e:
