@@ -213,6 +213,11 @@ class Mmu:
             low = self.load_slow(vaddr, first, access)
             high = self.load_slow((vaddr + first) & ((1 << 64) - 1), size - first, access)
             return low | (high << (8 * first))
+        base = (self.tlb_r if access == ACCESS_READ else self.tlb_w).get(vaddr >> 12)
+        if base is not None:  # only the native TLB's smaller copy had lost it
+            self._refill_mirror(access, vaddr, base)
+            off = base | (vaddr & _PAGE_MASK)
+            return int.from_bytes(self.mem.ram[off:off + size], "little")
         pa, off = self.resolve(vaddr, size, access)
         if off is not None:
             self.mem.before_read(off, size)
@@ -230,11 +235,24 @@ class Mmu:
             self.store_slow(vaddr, first, value)
             self.store_slow(high_addr, size - first, value >> (8 * first))
             return
+        base = self.tlb_w.get(vaddr >> 12)
+        if base is not None:  # as in load_slow
+            self._refill_mirror(ACCESS_WRITE, vaddr, base)
+            off = base | (vaddr & _PAGE_MASK)
+            self.mem.ram[off:off + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(
+                size, "little")
+            return
         pa, _ = self.resolve(vaddr, size, ACCESS_WRITE)
         try:
             self.mem.store(pa, size, value & ((1 << (8 * size)) - 1))  # RAM or a device
         except BusError:
             raise Trap(ACCESS_FAULT_FOR_ACCESS[ACCESS_WRITE], vaddr) from None
+
+    def _refill_mirror(self, access: int, vaddr: int, base: int) -> None:
+        """The native TLB, direct-mapped and smaller (and cleared whole where these dicts
+        drop one page), missed a page these dicts hold: give it back rather than walk."""
+        if self.mirror is not None:
+            self.mirror.fill(access, vaddr >> 12, base)
 
     # -- fast path ----------------------------------------------------------------------
     def _make_accessors(self) -> dict[str, Callable]:
