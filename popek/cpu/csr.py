@@ -21,6 +21,7 @@ privilege and read-only bits, ``write`` is ``None`` where writes are silently ig
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from popek.cpu import pmp
@@ -104,6 +105,39 @@ COUNTEREN_TM = 1 << 1
 COUNTINHIBIT_CY, COUNTINHIBIT_IR = 1 << 0, 1 << 2
 COUNTINHIBIT_MASK = 0xFFFF_FFFD  # bit 1 (TM) does not exist: time is not a hart counter
 FS_DIRTY = MSTATUS_FS
+
+
+
+@dataclass(frozen=True)
+class Window:
+    """A CSR that reads and writes bits of one storage slot, where most writes need no more
+    than the store: CsrFile's entry for it is built from this, and the native tiers run
+    its quiet accesses themselves (popek.engine.stencils), leaving the rest to CsrFile."""
+
+    slot: int  # the storage it is a window on (C[slot])
+    read_mask: int
+    write_mask: int
+    # Bits whose setting or clearing needs more than the store (dropping translations,
+    # a new decoding mode): writes that change them run CsrFile's write.
+    loud_set: int = 0
+    loud_clear: int = 0
+    # Bits whose setting may let a pending interrupt in: loud only while one is pending
+    # and enabled (mip & mie).
+    wakes: int = 0
+    status: bool = False  # a view of mstatus, whose SD bit summarizes FS
+
+
+# The CSRs an S-mode kernel uses most: Linux sets and clears SIE and SUM in sstatus
+# ~60,000 times a boot, and its trap entry and return go through the other four.
+WINDOWS = {
+    SSTATUS: Window(MSTATUS, SSTATUS_RMASK, SSTATUS_WMASK, loud_set=MSTATUS_FS,
+                    loud_clear=MSTATUS_FS | MSTATUS_SUM | MSTATUS_MXR, wakes=MSTATUS_SIE,
+                    status=True),
+    SSCRATCH: Window(SSCRATCH, XLEN_MASK, XLEN_MASK),
+    SEPC: Window(SEPC, XLEN_MASK, XLEN_MASK & ~1),
+    SCAUSE: Window(SCAUSE, XLEN_MASK, XLEN_MASK),
+    STVAL: Window(STVAL, XLEN_MASK, XLEN_MASK),
+}
 
 Check = Callable[[], None]
 Read = Callable[[], int]
@@ -195,16 +229,13 @@ class CsrFile:
         t[FRM] = (fp, lambda: (c[FCSR] >> 5) & 7, lambda v: self._write_fcsr((v & 7) << 5, 0xE0))
         t[FCSR] = (fp, lambda: c[FCSR], lambda v: self._write_fcsr(v & 0xFF, 0xFF))
 
-        t[SSTATUS] = (None, lambda: self._mstatus() & SSTATUS_RMASK, self._write_sstatus)
+        for num, window in WINDOWS.items():
+            t[num] = (None, *self._window(window))
         t[SIE] = (None, lambda: c[MIE] & c[MIDELEG], self._write_sie)
         t[STVEC] = (None, lambda: c[STVEC], lambda v: self._write_tvec(STVEC, v))
         plain(SCOUNTEREN, 0xFFFF_FFFF)
         t[SENVCFG] = (None, lambda: c[SENVCFG], lambda v: self._write_envcfg(SENVCFG, v))
         t[STIMECMP] = (self._check_stimecmp, lambda: c[STIMECMP], self._write_stimecmp)
-        plain(SSCRATCH)
-        t[SEPC] = (None, lambda: c[SEPC], lambda v: self._set(SEPC, v & ~1))
-        plain(SCAUSE)
-        plain(STVAL)
         t[SIP] = (None, lambda: c[MIP] & c[MIDELEG], self._write_sip)
         t[SATP] = (self._check_satp, lambda: c[SATP], self._write_satp)
 
@@ -267,9 +298,17 @@ class CsrFile:
             new = (new & ~MSTATUS_MPP) | (old & MSTATUS_MPP)
         self._store_mstatus(old, new)
 
-    def _write_sstatus(self, v: int) -> None:
-        old = self.c[MSTATUS]
-        self._store_mstatus(old, (old & ~SSTATUS_WMASK) | (v & SSTATUS_WMASK))
+    def _window(self, w: Window) -> tuple[Read, Write]:
+        c, slot, rmask, wmask = self.c, w.slot, w.read_mask, w.write_mask
+        if w.status:
+            def write_status(v: int) -> None:
+                old = c[MSTATUS]
+                self._store_mstatus(old, (old & ~wmask) | (v & wmask))
+            return lambda: self._mstatus() & rmask, write_status
+
+        def write(v: int) -> None:
+            c[slot] = (c[slot] & ~wmask) | (v & wmask)
+        return lambda: c[slot] & rmask, write
 
     def _store_mstatus(self, old: int, new: int) -> None:
         """Setting SUM or MXR only grants access, so cached translations stay valid;

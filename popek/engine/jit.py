@@ -46,6 +46,7 @@ from functools import cache
 from types import ModuleType
 
 from popek.cpu.causes import ACCESS_EXEC, ACCESS_READ, ACCESS_WRITE, Trap
+from popek.cpu.csr import MSTATUS_SD, WINDOWS
 from popek.cpu.physmem import PAGE_SIZE
 from popek.cpu.state import CTL_INSTRET, X_SINK, XLEN_MASK
 from popek.engine import irtext as ir
@@ -244,6 +245,10 @@ class _Emitter:
 
     def trap_exit(self, status: ir.Value) -> None:
         raise NotImplementedError
+
+    def csr_op(self, csr: ir.Value, kind: int, value: ir.Value, do_read: ir.Value,
+               do_write: ir.Value) -> ir.Value:
+        raise Unsupported("CSR accesses run through Python here")
 
     def _check(self, status: ir.Value, then: ir.Block) -> None:
         """Continue at ``then`` if a callback returned ``EXIT``, else leave through
@@ -685,10 +690,17 @@ class NativeRuntime:
         self.staged: list[tuple[object, int]] = []  # (token, address) not sealed yet
         # Where exits jump straight into patched blocks, by code-cache key (patch_block).
         self.linked: dict[int, int] = {}
+        # The CSR windows as patched code reads them (stencils.WINDOW_FIELDS), by number.
+        self._window_words = array("Q", [
+            field for num, w in WINDOWS.items() for field in (
+                w.slot, w.read_mask, w.write_mask, w.loud_set, w.loud_clear, w.wakes,
+                MSTATUS_SD if w.status else 0, (num >> 8) & 3)])
+        self.windows = {num: self._window_words.buffer_info()[0] + 8 * i * len(
+            stencils.WINDOW_FIELDS) for i, num in enumerate(WINDOWS)}
         self._stencils: dict[tuple[str, int], stencils.Stencil] = {}  # by name and length
         self._special = tuple(self.stencils[name] for name in (
-            stencils.COUNT, stencils.FP_DIRTY, stencils.END, stencils.FALLBACK, stencils.SYSTEM,
-            stencils.STRADDLE, stencils.LINKED)) \
+            stencils.COUNT, stencils.FP_DIRTY, stencils.END, stencils.FALLBACK, stencils.STRADDLE,
+            stencils.LINKED)) \
             if self.stencils else ()
         self._chain_addr = self._start_area()
         hart.mmu.mirror = self
@@ -891,17 +903,19 @@ class NativeRuntime:
             return None
         started = time.perf_counter()
         chosen = self._stencils
-        count, fp_dirty, end, fallback, system_stencil, straddle, check = self._special
+        count, fp_dirty, end, fallback, straddle, check = self._special
         parts = []
         callbacks = 0
         for d in decoded:
             kind = (d.insn.name, d.length)
             stencil = chosen.get(kind)
             if stencil is None:
-                stencil = chosen[kind] = stencils.stencil_for(library, d.insn, d.length)
+                stencil = stencils.stencil_for(library, d)
+                if d.insn.fmt != "CSR":  # a CSR access's stencil depends on the CSR too
+                    chosen[kind] = stencil
             parts.append(stencil)
             callbacks += stencil is fallback
-        system = parts[0] is system_stencil  # then alone in its block
+        system = "system" in decoded[0].insn.flags  # then alone in its block
         if callbacks * 2 > len(parts) or \
                 (parts[-1] is fallback and "ends_block" in decoded[-1].insn.flags):
             return None  # as _worth_native: tier 1 runs such blocks faster
@@ -917,7 +931,7 @@ class NativeRuntime:
         if key is not None:  # where this block's and later blocks' exits come in
             at += check.size
             code.append(check.fill((0, 0, 0, 0, 0, 0, 0, at, chain, counter, length,
-                                    block_end, bits, ram)))
+                                    block_end, bits, ram, 0)))
             linked[key] = base
             page = key - (key & 4095)
             start = key & 4095
@@ -925,33 +939,34 @@ class NativeRuntime:
         if second_half is not None:
             at += straddle.size
             code.append(straddle.fill((0, 0, 0, 0, 0, 0, 0, at, chain, counter, length,
-                                       block_end, bits, ram)))
+                                       block_end, bits, ram, 0)))
         # counts runs for tier 2, which takes no system block
         if self.compiles and not system and hot_after is not None:
             at += count.size
             code.append(count.fill((0, 0, 0, 0, 0, 0, 0, at, chain, counter, length, block_end,
-                                    bits, ram)))
+                                    bits, ram, 0)))
         if fp:
             at += fp_dirty.size
             code.append(fp_dirty.fill((0, 0, 0, 0, 0, 0, 0, at, chain, counter, length,
-                                       block_end, bits, ram)))
+                                       block_end, bits, ram, 0)))
         for index, d in enumerate(decoded):
             stencil = parts[index]
             at += stencil.size
-            ref = self._adopt_fallback(d) if stencil is fallback or stencil is system_stencil \
-                else 0
+            system_insn = "system" in d.insn.flags
+            ref = self._adopt_fallback(d) if stencil is fallback or system_insn else 0
+            window = self.windows.get(d.imm, 0) if system_insn else 0
             exit_ = chain
             if key is not None and d.insn.fmt in STATIC_JUMPS and \
                     0 <= (target := start + offsets[index] + d.imm) < PAGE_SIZE:
                 exit_ = linked.get(page + target, chain)
             code.append(stencil.fill((d.rd, d.rs1, d.rs2, d.imm, offsets[index], index, ref, at,
-                                      exit_, counter, length, block_end, bits, ram)))
+                                      exit_, counter, length, block_end, bits, ram, window)))
         if parts[-1].continues:
             exit_ = chain
             if key is not None and (target := start + block_end) < PAGE_SIZE:
                 exit_ = linked.get(page + target, chain)
             code.append(end.fill((0, 0, 0, 0, 0, 0, 0, 0, exit_, counter, length, block_end,
-                                  bits, ram)))
+                                  bits, ram, 0)))
         addr = self.area.stage(b"".join(code))
         assert addr == base
         self.counted.append(token)

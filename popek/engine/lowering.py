@@ -223,6 +223,11 @@ class Target(Protocol):
 
     def jump(self, target: ir.Value) -> None: ...  # ends the IR block
 
+    # csr_op(csr, kind, value, do_read, do_write): the read value (Unsupported where
+    # CSRs stay with Python)
+    def csr_op(self, csr: ir.Value, kind: int, value: ir.Value, do_read: ir.Value,
+               do_write: ir.Value) -> ir.Value: ...
+
 
 @dataclass(frozen=True)
 class Operand:
@@ -607,6 +612,12 @@ class Lowering:
         b = self.b
         name = _name(call.func)
         args = call.args
+        if name == "csr_op":
+            csr, kind, value, do_read, do_write = args
+            return Emitted(self.t.csr_op(
+                self._u64(self._expr(csr)), self._constant(kind), self._u64(self._expr(value)),
+                self._truth(self._expr(do_read)), self._truth(self._expr(do_write))),
+                0, U64_MAX)
         if name in LOADS or name in AMO_LOADS:
             size = LOADS.get(name) or AMO_LOADS[name]
             v = self.t.load(self._u64(self._expr(args[0])), size, name in AMO_LOADS)

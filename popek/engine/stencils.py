@@ -40,10 +40,11 @@ import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from popek.cpu.state import X_SINK
+from popek.cpu.csr import MIE, MIP, MSTATUS_FS, WINDOWS
+from popek.cpu.state import CTL_PRIV, X_SINK
 from popek.engine import irtext as ir
 from popek.engine.lowering import I32, I64, Lowering, Operand, Unsupported, reads_pc
-from popek.isa.decoder import ALL_INSNS
+from popek.isa.decoder import ALL_INSNS, Decoded
 from popek.isa.spec import IMM_RANGES, WRITES_X, Insn
 
 HOST_MACHINES = ("x86_64", "AMD64")
@@ -62,8 +63,13 @@ HOLE_LENGTH = "length"  # the block's instruction count (its end stencil)
 HOLE_END = "end"  # the byte offset of the block's end
 HOLE_BITS = "bits"  # a page-straddling instruction's bits on its second page
 HOLE_RAM = "ram"  # the host address of guest RAM
+HOLE_WINDOW = "window"  # a CSR access's window (csr.Window), as WINDOW_FIELDS in memory
 HOLES = (*OPERAND_HOLES, HOLE_OFFSET, HOLE_INDEX, HOLE_REF, HOLE_NEXT, HOLE_CHAIN,
-         HOLE_COUNTER, HOLE_LENGTH, HOLE_END, HOLE_BITS, HOLE_RAM)
+         HOLE_COUNTER, HOLE_LENGTH, HOLE_END, HOLE_BITS, HOLE_RAM, HOLE_WINDOW)
+# How a CSR window is laid out for native code (64-bit words; sd is MSTATUS_SD for a view
+# of mstatus, else 0; min_priv the lowest privilege that may access the CSR).
+WINDOW_FIELDS = ("slot", "read_mask", "write_mask", "loud_set", "loud_clear", "wakes", "sd",
+                 "min_priv")
 HOT = 4  # exit status of a block whose run counter reached zero (see jit)
 LEAVE = 5  # a system instruction's handler asks native code to return (env.pc is set)
 FALLBACK = "fallback"  # an instruction without native semantics: its Python handler
@@ -171,6 +177,64 @@ def _library_module() -> tuple[str, list[str]]:
             b.ret(b.call(ir.Value(ir.PTR, f"@{_symbol(callee)}"), jit.BLOCK_TYPE, [self.env, pc],
                          tail="musttail"))
 
+        def run_system(self) -> None:
+            """The instruction's Python handler (``exec_system``), then on, out to the
+            engine (``LEAVE``) or a trap: ends the IR block."""
+            b = self.builder
+            status = self._callback("exec_system", I32, [_hole(HOLE_REF), self.pc])
+            on_bb, leave_bb, trap_bb = (b.append_basic_block(n) for n in ("on", "leave",
+                                                                            "trapped"))
+            b.cbranch(b.icmp_unsigned("==", status, ir.Constant(I32, jit.EXIT)), on_bb, leave_bb)
+            b.position_at_end(leave_bb)
+            left_bb = b.append_basic_block("left")
+            b.cbranch(b.icmp_unsigned("==", status, ir.Constant(I32, LEAVE)), left_bb, trap_bb)
+            b.position_at_end(left_bb)
+            self._retire(b.add(_hole(HOLE_INDEX), ir.Constant(I64, 1)))
+            b.ret(ir.Constant(I32, jit.EXIT))
+            b.position_at_end(trap_bb)
+            self.trap_exit(status)
+            b.position_at_end(on_bb)
+            self.tail(HOLE_NEXT, self.pc0)
+
+        def csr_op(self, csr: ir.Value, kind: int, value: ir.Value, do_read: ir.Value,
+                   do_write: ir.Value) -> ir.Value:
+            """A CSR access through its window (the hole, chosen by the CSR number when
+            the block is patched): quiet ones here, the rest (a write that must do more
+            than store, too low a privilege) through the handler, as the system stencil."""
+            b = self.builder
+            window = b.cast("inttoptr", _hole(HOLE_WINDOW), ir.PTR)
+            slot, rmask, wmask, loud_set, loud_clear, wakes, sd, min_priv = (
+                b.load(b.gep(window, [ir.Constant(I64, i)], inbounds=True, source_etype=I64),
+                       typ=I64) for i in range(len(WINDOW_FIELDS)))
+            zero = ir.Constant(I64, 0)
+            fs = ir.Constant(I64, MSTATUS_FS)
+
+            def with_sd(status: ir.Value) -> ir.Value:  # SD summarizes FS (sd: 0 or SD)
+                dirty = b.icmp_unsigned("==", b.and_(status, fs), fs)
+                return b.or_(b.and_(status, b.not_(sd)), b.select(dirty, sd, zero))
+
+            stored = self.read_state("csr", slot)
+            old = b.and_(with_sd(stored), rmask)
+            written = value if kind == 0 else b.or_(old, value) if kind == 1 else \
+                b.and_(old, b.not_(value))
+            new = with_sd(b.or_(b.and_(stored, b.not_(wmask)), b.and_(written, wmask)))
+            changed = b.xor(stored, new)
+            loud = b.or_(b.and_(b.and_(changed, new), loud_set),
+                         b.and_(b.and_(changed, stored), loud_clear))
+            pending = b.and_(self.read_state("csr", MIP), self.read_state("csr", MIE))
+            woken = b.and_(b.icmp_unsigned("!=", b.and_(b.and_(changed, new), wakes), zero),
+                           b.icmp_unsigned("!=", pending, zero))
+            refused = b.icmp_unsigned("<", self.read_state("ctl", CTL_PRIV), min_priv)
+            slow = b.or_(refused, b.and_(do_write, b.or_(
+                b.icmp_unsigned("!=", loud, zero), woken)))
+            slow_bb, quiet_bb = b.append_basic_block("csr.slow"), b.append_basic_block("csr.quiet")
+            b.cbranch(slow, slow_bb, quiet_bb)
+            b.position_at_end(slow_bb)
+            self.run_system()
+            b.position_at_end(quiet_bb)
+            self.write_state("csr", slot, b.select(do_write, new, stored))
+            return b.select(do_read, old, zero)
+
     module = ir.Module(name="stencils")
     names: list[str] = []
 
@@ -182,7 +246,7 @@ def _library_module() -> tuple[str, list[str]]:
 
     seen: set[str] = set()
     for ins in ALL_INSNS:
-        if "system" in ins.flags:
+        if "system" in ins.flags and ins.fmt != "CSR":
             continue  # system instructions run in blocks of their own, through Python
         for length in (4, 2):
             name = stencil_name(ins, length)
@@ -212,20 +276,7 @@ def _library_module() -> tuple[str, list[str]]:
     em.tail(HOLE_NEXT, em.pc0)
 
     em = function(SYSTEM)
-    b = em.builder
-    status = em._callback("exec_system", I32, [_hole(HOLE_REF), em.pc])
-    on_bb, leave_bb, trap_bb = (b.append_basic_block(n) for n in ("on", "leave", "trapped"))
-    b.cbranch(b.icmp_unsigned("==", status, ir.Constant(I32, jit.EXIT)), on_bb, leave_bb)
-    b.position_at_end(leave_bb)
-    left_bb = b.append_basic_block("left")
-    b.cbranch(b.icmp_unsigned("==", status, ir.Constant(I32, LEAVE)), left_bb, trap_bb)
-    b.position_at_end(left_bb)
-    em._retire(b.add(_hole(HOLE_INDEX), ir.Constant(I64, 1)))
-    b.ret(ir.Constant(I32, jit.EXIT))
-    b.position_at_end(trap_bb)
-    em.trap_exit(status)
-    b.position_at_end(on_bb)
-    em.tail(HOLE_NEXT, em.pc0)
+    em.run_system()
 
     em = function(FP_DIRTY)
     mstatus = em.read_state("csr", jit.MSTATUS)
@@ -527,12 +578,15 @@ def jump_to(target: int) -> bytes:
     return b"\x48\xb8" + struct.pack("<Q", target) + b"\xff\xe0"
 
 
-def stencil_for(library: dict[str, Stencil], ins: Insn, length: int) -> Stencil:
-    """The stencil of ``ins`` at ``length`` bytes: its own, or one that runs its Python
-    handler (the system stencil for system instructions, in blocks of their own)."""
+def stencil_for(library: dict[str, Stencil], d: Decoded) -> Stencil:
+    """The stencil of instruction ``d``: its own, or one that runs its Python handler (the
+    system stencil for system instructions, in blocks of their own, except accesses to
+    CSRs that have a window)."""
+    ins = d.insn
     if "system" in ins.flags:
-        return library[SYSTEM]
-    return library.get(stencil_name(ins, length)) or library[FALLBACK]
+        windowed = ins.fmt == "CSR" and d.imm in WINDOWS and library.get(ins.name)
+        return windowed or library[SYSTEM]
+    return library.get(stencil_name(ins, d.length)) or library[FALLBACK]
 
 
 if __name__ == "__main__":  # the library, built for a parent that keeps LLVM out (library)
