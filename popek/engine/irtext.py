@@ -97,6 +97,7 @@ class Function:
         self.ref = f"@{name}"  # a function is a pointer value
         self.type = PTR
         self.linkage = ""  # "internal": invisible outside its module
+        self.calling_convention = ""  # LLVM's, as "preserve_mostcc"; "" for C's
         self.blocks: list[Block] = []
         self.attributes: set[str] = set()
         self._ids = count()
@@ -112,7 +113,8 @@ class Function:
 
     def __str__(self) -> str:
         params = ", ".join(f"{a.type} {a.ref}" for a in self.args)
-        out = [f"define {self.linkage} {self.function_type.return_type} @{self.name}({params}) "
+        out = [f"define {self.linkage} {self.calling_convention} "
+               f"{self.function_type.return_type} @{self.name}({params}) "
                f"{' '.join(sorted(self.attributes))} {{"]
         for block in self.blocks:
             out.append(f"{block.name}:")
@@ -290,10 +292,11 @@ class IRBuilder:
         return self._emit(PTR, f"{kind} {source_etype}, ptr {ptr.ref}, {idx}")
 
     def call(self, fn: Value, ftype: FunctionType, args: list[Value],
-             tail: str | bool = False) -> Value:
-        """Call the function ``fn`` points to, whose type is ``ftype``."""
+             tail: str | bool = False, cc: str = "") -> Value:
+        """Call the function ``fn`` points to, whose type is ``ftype`` (and calling
+        convention ``cc``, C's if empty)."""
         marker = f"{tail} " if isinstance(tail, str) else ""
-        text = f"{marker}call {ftype.return_type} {fn.ref}(" \
+        text = f"{marker}call {cc} {ftype.return_type} {fn.ref}(" \
                f"{', '.join(f'{a.type} {a.ref}' for a in args)})"
         return self._emit(ftype.return_type, text)
 

@@ -116,7 +116,7 @@ STATIC_JUMPS = frozenset({"B", "J"})  # formats whose jump target is pc + imm
 
 ENV_FIELDS = ("x", "f", "ctl", "csr", "tlb_r", "tlb_w", "jumps", "mode", "budget", "executed",
               "pc", "cause", "tval", "status", "load_slow", "store_slow", "exec_slow", "tlb_x",
-              "blocks", "decode_mode", "exec_system")
+              "blocks", "decode_mode", "exec_system", "load_thunk", "store_thunk")
 _F = {name: i for i, name in enumerate(ENV_FIELDS)}
 
 
@@ -246,6 +246,10 @@ class _Emitter:
     def trap_exit(self, status: ir.Value) -> None:
         raise NotImplementedError
 
+    def _slow_access(self, field: str, ret: ir.Type, args: list[ir.Value]) -> ir.Value:
+        """A load or store that missed the native TLB: the callback ``field``."""
+        return self._callback(field, ret, args)
+
     def csr_op(self, csr: ir.Value, kind: int, value: ir.Value, do_read: ir.Value,
                do_write: ir.Value) -> ir.Value:
         raise Unsupported("CSR accesses run through Python here")
@@ -293,7 +297,7 @@ class _Emitter:
         b.branch(join_bb)
         b.position_at_end(slow_bb)
         access = ACCESS_WRITE if writable else ACCESS_READ
-        slow_value = self._callback("load_slow", I64, [
+        slow_value = self._slow_access("load_slow", I64, [
             addr, ir.Constant(I32, size), ir.Constant(I32, access)])
         self._check(b.trunc(b.load(self.field_ptr("status"), typ=I64), I32), join_bb)
         slow_end = b.block
@@ -313,7 +317,7 @@ class _Emitter:
         b.store(raw, self._host(entry, offset), align=1)
         b.branch(join_bb)
         b.position_at_end(slow_bb)
-        self._check(self._callback("store_slow", I32, [addr, ir.Constant(I32, size), value]),
+        self._check(self._slow_access("store_slow", I32, [addr, ir.Constant(I32, size), value]),
                     join_bb)
         b.position_at_end(join_bb)
 
@@ -868,7 +872,8 @@ class NativeRuntime:
 
     # -- copy-and-patch --
     def _start_area(self) -> int:
-        """Empty the patched code and counters; the shared exit goes first."""
+        """Empty the patched code and counters; the shared exit and the slow paths'
+        thunks (see stencils.THUNKS) go first."""
         if self.area is None:
             return 0
         self.area.reset()
@@ -876,6 +881,8 @@ class NativeRuntime:
         self.staged.clear()
         self.linked.clear()
         chain = self.area.stage(self.stencils[stencils.CHAIN_FN].code)
+        for field, name in stencils.THUNKS.items():
+            setattr(self.env, field, self.area.stage(self.stencils[name].code))
         self.area.seal()
         return chain
 

@@ -80,6 +80,11 @@ END = "end"  # a block's fall-through exit
 STRADDLE = "straddle"  # first in a page-straddling instruction's block: checks its second half
 LINKED = "linked"  # where blocks that jump straight to a block enter it: checks the budget
 CHAIN_FN = "chain"
+# Loads and stores that miss the native TLB call their callback through a thunk that
+# preserves every register (LLVM's preserve_most convention), so the stencils' fast paths
+# save none; by the env field that holds each thunk's address.
+THUNKS = {"load_thunk": "load_slow", "store_thunk": "store_slow"}
+SLOW_CC = "preserve_mostcc"
 
 
 class Stencil:
@@ -176,6 +181,11 @@ def _library_module() -> tuple[str, list[str]]:
             b = self.builder
             b.ret(b.call(ir.Value(ir.PTR, f"@{_symbol(callee)}"), jit.BLOCK_TYPE, [self.env, pc],
                          tail="musttail"))
+
+        def _slow_access(self, field: str, ret: ir.Type, args: list[ir.Value]) -> ir.Value:
+            thunk = self.get("load_thunk" if field == "load_slow" else "store_thunk")
+            fnty = ir.FunctionType(ret, [self.env.type, *(a.type for a in args)])
+            return self.builder.call(thunk, fnty, [self.env, *args], cc=SLOW_CC)
 
         def run_system(self) -> None:
             """The instruction's Python handler (``exec_system``), then on, out to the
@@ -294,6 +304,16 @@ def _library_module() -> tuple[str, list[str]]:
         em.set("tval", _hole(HOLE_COUNTER))
         b.ret(ir.Constant(I32, HOT))
     em.tail(HOLE_NEXT, em.pc0)
+
+    for field, name in THUNKS.items():
+        ret = I64 if field == "load_thunk" else I32
+        last = I32 if field == "load_thunk" else I64  # the access kind, or the stored value
+        thunk = ir.Function(module, ir.FunctionType(ret, [ir.PTR, I64, I32, last]), name)
+        thunk.calling_convention = SLOW_CC
+        thunk.attributes.add("nounwind")
+        names.append(name)
+        te = jit._Emitter(thunk)
+        te.builder.ret(te._callback(name, ret, thunk.args[1:]))
 
     em = function(STRADDLE)
     b = em.builder
