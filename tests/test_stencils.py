@@ -427,6 +427,7 @@ def _system_word(rng: random.Random) -> int:
         0x0000_7073 | rng.randrange(32) << 15 | SSTATUS << 20 | reg << 7,  # csrrci
         csrrwi(reg, SEPC, rng.randrange(32)),
         csrrw(reg, SSCRATCH, rng.randrange(32)), csrr(reg, SCAUSE),
+        csrr(reg, 0x002), csrrwi(reg, 0x002, rng.randrange(32)),  # frm
         0x0000_3073 | FS_REG << 15 | MSTATUS << 20,  # csrrc x0, mstatus, FS: FP unit off
         0x0000_2073 | FS_REG << 15 | MSTATUS << 20,  # csrrs x0, mstatus, FS: on again
     ])

@@ -115,8 +115,9 @@ class Window:
     its quiet accesses themselves (popek.engine.stencils), leaving the rest to CsrFile."""
 
     slot: int  # the storage it is a window on (C[slot])
-    read_mask: int
+    read_mask: int  # of the CSR's value, which is C[slot] >> shift
     write_mask: int
+    shift: int = 0
     # Bits whose setting or clearing needs more than the store (dropping translations,
     # a new decoding mode): writes that change them run CsrFile's write.
     loud_set: int = 0
@@ -125,6 +126,7 @@ class Window:
     # and enabled (mip & mie).
     wakes: int = 0
     status: bool = False  # a view of mstatus, whose SD bit summarizes FS
+    fp: bool = False  # an FP CSR: illegal while mstatus.FS is off, and a write dirties FS
 
 
 # The CSRs an S-mode kernel uses most: Linux sets and clears SIE and SUM in sstatus
@@ -133,6 +135,10 @@ WINDOWS = {
     SSTATUS: Window(MSTATUS, SSTATUS_RMASK, SSTATUS_WMASK, loud_set=MSTATUS_FS,
                     loud_clear=MSTATUS_FS | MSTATUS_SUM | MSTATUS_MXR, wakes=MSTATUS_SIE,
                     status=True),
+    # glibc reads and sets these around FP conversions (each printf of a double)
+    FFLAGS: Window(FCSR, 0x1F, 0x1F, fp=True),
+    FRM: Window(FCSR, 0x7, 0x7, shift=5, fp=True),
+    FCSR: Window(FCSR, 0xFF, 0xFF, fp=True),
     SSCRATCH: Window(SSCRATCH, XLEN_MASK, XLEN_MASK),
     SEPC: Window(SEPC, XLEN_MASK, XLEN_MASK & ~1),
     SCAUSE: Window(SCAUSE, XLEN_MASK, XLEN_MASK),
@@ -224,13 +230,8 @@ class CsrFile:
         def constant(num: int, check: Check | None = None) -> None:
             t[num] = (check, lambda: c[num], None)
 
-        fp = self._check_fp
-        t[FFLAGS] = (fp, lambda: c[FCSR] & 0x1F, lambda v: self._write_fcsr(v & 0x1F, 0x1F))
-        t[FRM] = (fp, lambda: (c[FCSR] >> 5) & 7, lambda v: self._write_fcsr((v & 7) << 5, 0xE0))
-        t[FCSR] = (fp, lambda: c[FCSR], lambda v: self._write_fcsr(v & 0xFF, 0xFF))
-
         for num, window in WINDOWS.items():
-            t[num] = (None, *self._window(window))
+            t[num] = (self._check_fp if window.fp else None, *self._window(window))
         t[SIE] = (None, lambda: c[MIE] & c[MIDELEG], self._write_sie)
         t[STVEC] = (None, lambda: c[STVEC], lambda v: self._write_tvec(STVEC, v))
         plain(SCOUNTEREN, 0xFFFF_FFFF)
@@ -299,7 +300,7 @@ class CsrFile:
         self._store_mstatus(old, new)
 
     def _window(self, w: Window) -> tuple[Read, Write]:
-        c, slot, rmask, wmask = self.c, w.slot, w.read_mask, w.write_mask
+        c, slot, rmask, wmask, shift = self.c, w.slot, w.read_mask, w.write_mask, w.shift
         if w.status:
             def write_status(v: int) -> None:
                 old = c[MSTATUS]
@@ -307,8 +308,10 @@ class CsrFile:
             return lambda: self._mstatus() & rmask, write_status
 
         def write(v: int) -> None:
-            c[slot] = (c[slot] & ~wmask) | (v & wmask)
-        return lambda: c[slot] & rmask, write
+            c[slot] = (c[slot] & ~(wmask << shift)) | ((v & wmask) << shift)
+            if w.fp:
+                c[MSTATUS] |= FS_DIRTY | MSTATUS_SD
+        return lambda: (c[slot] >> shift) & rmask, write
 
     def _store_mstatus(self, old: int, new: int) -> None:
         """Setting SUM or MXR only grants access, so cached translations stay valid;
@@ -320,11 +323,6 @@ class CsrFile:
             self.hart.mmu.flush()
         elif changed & old & MSTATUS_SUM:
             self.hart.mmu.drop_sum_pages()
-
-    def _write_fcsr(self, bits: int, mask: int) -> None:
-        c = self.c
-        c[FCSR] = (c[FCSR] & ~mask) | bits
-        c[MSTATUS] |= FS_DIRTY | MSTATUS_SD
 
     def _write_sie(self, v: int) -> None:
         c = self.c

@@ -697,8 +697,9 @@ class NativeRuntime:
         # The CSR windows as patched code reads them (stencils.WINDOW_FIELDS), by number.
         self._window_words = array("Q", [
             field for num, w in WINDOWS.items() for field in (
-                w.slot, w.read_mask, w.write_mask, w.loud_set, w.loud_clear, w.wakes,
-                MSTATUS_SD if w.status else 0, (num >> 8) & 3)])
+                w.slot, w.read_mask, w.write_mask, w.shift, w.loud_set, w.loud_clear, w.wakes,
+                MSTATUS_SD if w.status else 0, MSTATUS_FS_DIRTY_SD if w.fp else 0,
+                (num >> 8) & 3)])
         self.windows = {num: self._window_words.buffer_info()[0] + 8 * i * len(
             stencils.WINDOW_FIELDS) for i, num in enumerate(WINDOWS)}
         self._stencils: dict[tuple[str, int], stencils.Stencil] = {}  # by name and length

@@ -40,7 +40,7 @@ import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from popek.cpu.csr import MIE, MIP, MSTATUS_FS, WINDOWS
+from popek.cpu.csr import MIE, MIP, MSTATUS, MSTATUS_FS, WINDOWS
 from popek.cpu.state import CTL_PRIV, X_SINK
 from popek.engine import irtext as ir
 from popek.engine.lowering import I32, I64, Lowering, Operand, Unsupported, reads_pc
@@ -67,9 +67,10 @@ HOLE_WINDOW = "window"  # a CSR access's window (csr.Window), as WINDOW_FIELDS i
 HOLES = (*OPERAND_HOLES, HOLE_OFFSET, HOLE_INDEX, HOLE_REF, HOLE_NEXT, HOLE_CHAIN,
          HOLE_COUNTER, HOLE_LENGTH, HOLE_END, HOLE_BITS, HOLE_RAM, HOLE_WINDOW)
 # How a CSR window is laid out for native code (64-bit words; sd is MSTATUS_SD for a view
-# of mstatus, else 0; min_priv the lowest privilege that may access the CSR).
-WINDOW_FIELDS = ("slot", "read_mask", "write_mask", "loud_set", "loud_clear", "wakes", "sd",
-                 "min_priv")
+# of mstatus, else 0; dirty what an FP CSR's write sets in mstatus, else 0; min_priv the
+# lowest privilege that may access the CSR).
+WINDOW_FIELDS = ("slot", "read_mask", "write_mask", "shift", "loud_set", "loud_clear", "wakes",
+                 "sd", "dirty", "min_priv")
 HOT = 4  # exit status of a block whose run counter reached zero (see jit)
 LEAVE = 5  # a system instruction's handler asks native code to return (env.pc is set)
 FALLBACK = "fallback"  # an instruction without native semantics: its Python handler
@@ -213,7 +214,7 @@ def _library_module() -> tuple[str, list[str]]:
             than store, too low a privilege) through the handler, as the system stencil."""
             b = self.builder
             window = b.cast("inttoptr", _hole(HOLE_WINDOW), ir.PTR)
-            slot, rmask, wmask, loud_set, loud_clear, wakes, sd, min_priv = (
+            slot, rmask, wmask, shift, loud_set, loud_clear, wakes, sd, dirty, min_priv = (
                 b.load(b.gep(window, [ir.Constant(I64, i)], inbounds=True, source_etype=I64),
                        typ=I64) for i in range(len(WINDOW_FIELDS)))
             zero = ir.Constant(I64, 0)
@@ -224,17 +225,22 @@ def _library_module() -> tuple[str, list[str]]:
                 return b.or_(b.and_(status, b.not_(sd)), b.select(dirty, sd, zero))
 
             stored = self.read_state("csr", slot)
-            old = b.and_(with_sd(stored), rmask)
+            old = b.and_(b.lshr(with_sd(stored), shift), rmask)
             written = value if kind == 0 else b.or_(old, value) if kind == 1 else \
                 b.and_(old, b.not_(value))
-            new = with_sd(b.or_(b.and_(stored, b.not_(wmask)), b.and_(written, wmask)))
+            new = with_sd(b.or_(b.and_(stored, b.not_(b.shl(wmask, shift))),
+                                b.shl(b.and_(written, wmask), shift)))
             changed = b.xor(stored, new)
             loud = b.or_(b.and_(b.and_(changed, new), loud_set),
                          b.and_(b.and_(changed, stored), loud_clear))
             pending = b.and_(self.read_state("csr", MIP), self.read_state("csr", MIE))
             woken = b.and_(b.icmp_unsigned("!=", b.and_(b.and_(changed, new), wakes), zero),
                            b.icmp_unsigned("!=", pending, zero))
-            refused = b.icmp_unsigned("<", self.read_state("ctl", CTL_PRIV), min_priv)
+            mstatus = self.read_state("csr", MSTATUS)
+            fp_off = b.and_(b.icmp_unsigned("!=", dirty, zero),
+                            b.icmp_unsigned("==", b.and_(mstatus, fs), zero))
+            refused = b.or_(fp_off, b.icmp_unsigned("<", self.read_state("ctl", CTL_PRIV),
+                                                    min_priv))
             slow = b.or_(refused, b.and_(do_write, b.or_(
                 b.icmp_unsigned("!=", loud, zero), woken)))
             slow_bb, quiet_bb = b.append_basic_block("csr.slow"), b.append_basic_block("csr.quiet")
@@ -243,6 +249,8 @@ def _library_module() -> tuple[str, list[str]]:
             self.run_system()
             b.position_at_end(quiet_bb)
             self.write_state("csr", slot, b.select(do_write, new, stored))
+            with b.if_then(b.and_(do_write, b.icmp_unsigned("!=", dirty, zero))):
+                self.write_state("csr", MSTATUS, b.or_(self.read_state("csr", MSTATUS), dirty))
             return b.select(do_read, old, zero)
 
     module = ir.Module(name="stencils")
