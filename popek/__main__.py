@@ -1,7 +1,5 @@
 """``python -m popek``: the command line."""
 
-import sys
+from popek.cli import run
 
-from popek.cli import main
-
-sys.exit(main())
+run()

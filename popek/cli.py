@@ -9,11 +9,14 @@ of them take ~0.3 s to import, ``popek run``'s alone ~0.17 s).
 from __future__ import annotations
 
 import argparse
+import atexit
 import gc
 import importlib
 import os
 import sys
+import threading
 from collections.abc import Callable
+from typing import NoReturn
 
 EXIT_USAGE = 2  # like argparse: the input was unusable
 # A running guest's code cache is hundreds of thousands of long-lived objects that seldom
@@ -87,3 +90,20 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
     gc.set_threshold(*GC_THRESHOLDS)
     return args.handler(args)
+
+
+def run() -> NoReturn:
+    """The ``popek`` command: :func:`main`, then the process ends as Python's own exit
+    would (other threads joined, exit handlers run, output flushed), but without then
+    freeing the heap object by object: after a Linux boot that alone took ~0.6 s."""
+    status = main()
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except OSError:  # a closed pipe: what is left is lost, as Python's exit would
+            pass
+    os._exit(status or 0)
