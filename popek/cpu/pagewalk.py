@@ -14,6 +14,7 @@ accesses for PMP and raise access faults of the original access kind.
 
 from __future__ import annotations
 
+import struct
 from typing import TYPE_CHECKING
 
 from popek.cpu.causes import (
@@ -40,7 +41,7 @@ from popek.cpu.csr import (
     SATP_SV39,
 )
 from popek.cpu.physmem import BusError
-from popek.cpu.pmp import pmp_check
+from popek.cpu.pmp import PMPCFG0, pmp_check
 from popek.cpu.state import CTL_PRIV, PRIV_M, PRIV_S, PRIV_U
 
 if TYPE_CHECKING:
@@ -58,6 +59,7 @@ NAPOT_64K_PPN = 0b1000  # PPN[3:0] of a 64 KiB NAPOT PTE
 NAPOT_64K_SHIFT = 16
 PAGE_SHIFT = 12
 LEVEL_BITS = 9
+_u64 = struct.Struct("<Q").unpack_from
 
 
 def effective_priv(hart: Hart, access: int) -> int:
@@ -109,10 +111,18 @@ def walk(hart: Hart, vaddr: int, access: int, update: bool = True) -> tuple[int,
 
     table = (satp & SATP_PPN_MASK) << PAGE_SHIFT
     level = levels - 1
+    mem = hart.mem
+    # Page tables in RAM, no PMP, every page present: each PTE is one read (the
+    # general path below checks and reads the same way, only slower).
+    direct = not (c[PMPCFG0] | c[PMPCFG0 + 2] or mem.absent_pages)
+    ram, ram_base, ram_last = mem.ram, mem.base, mem.size - 8
     while True:
         shift = PAGE_SHIFT + LEVEL_BITS * level
         pte_addr = table + ((vaddr >> shift) & 0x1FF) * 8
-        pte = _load_pte(hart, pte_addr, vaddr, access)
+        if direct and 0 <= pte_addr - ram_base <= ram_last:
+            pte = _u64(ram, pte_addr - ram_base)[0]
+        else:
+            pte = _load_pte(hart, pte_addr, vaddr, access)
         if not pte & PTE_V or pte & (PTE_R | PTE_W) == PTE_W:
             raise Trap(page_fault, vaddr)
         if pte & (PTE_R | PTE_X):
