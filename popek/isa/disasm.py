@@ -19,15 +19,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import TypeVar
-
-from elftools.common.exceptions import ELFError
-from elftools.elf.elffile import ELFFile
-from elftools.elf.relocation import RelocationSection
-from elftools.elf.sections import Section, SymbolTableSection
+from typing import TYPE_CHECKING, TypeVar
 
 from popek.cpu.state import X_SINK
 from popek.isa.decoder import Decoded, decode
+
+if TYPE_CHECKING:  # pyelftools (~5 MiB of modules) is imported when an ELF file is read:
+    # a machine imports this module for register names and never reads one
+    from elftools.elf.elffile import ELFFile
+    from elftools.elf.sections import Section
 
 M64 = (1 << 64) - 1
 T = TypeVar("T")
@@ -652,6 +652,9 @@ class ElfImage:
     """The code sections and symbols of one RISC-V ELF file, for :meth:`disassemble`."""
 
     def __init__(self, path: str | Path) -> None:
+        from elftools.common.exceptions import ELFError
+        from elftools.elf.elffile import ELFFile
+
         self.path = str(path)
         try:
             with open(path, "rb") as f:
@@ -669,6 +672,8 @@ class ElfImage:
             raise DisasmError(f"{path}: malformed ELF file ({e})") from None
 
     def _load(self, elf: ELFFile) -> None:
+        from elftools.elf.sections import SymbolTableSection
+
         sections = list(elf.iter_sections())
         self.code = [
             (i, s.name, s["sh_addr"], s.data())
@@ -729,6 +734,8 @@ class ElfImage:
     def _plt_symbols(sections: list[Section], dynamic: list[Symbol], dynsym_index: int
                      ) -> list[Symbol]:
         """objdump's synthetic ``name@plt`` symbols, one per .rela.plt entry."""
+        from elftools.elf.relocation import RelocationSection
+
         by_name = {s.name: (i, s) for i, s in enumerate(sections)}
         relplt, plt = by_name.get(".rela.plt"), by_name.get(".plt")
         if not dynamic or relplt is None or plt is None or relplt[1]["sh_link"] != dynsym_index \

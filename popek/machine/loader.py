@@ -15,9 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from elftools.common.exceptions import ELFError
-from elftools.elf.elffile import ELFFile
-
 IMAGE_MAGIC2 = b"RSC\x05"  # offset 56 of a RISC-V Linux Image header
 IMAGE_HEADER_SIZE = 64
 EM_RISCV = 243
@@ -131,6 +128,10 @@ def _place(addr: int, ram_base: int, ram_size: int) -> int:
 
 def _load_elf(path: Path, data: bytes, ram_base: int, ram_size: int,
               physical: bool) -> Kernel:
+    # pyelftools (~5 MiB of modules) only for an ELF kernel, not for the bundled Image
+    from elftools.common.exceptions import ELFError
+    from elftools.elf.elffile import ELFFile
+
     try:
         elf = ELFFile(io.BytesIO(data))
         if elf["e_machine"] != "EM_RISCV" or elf.elfclass != 64:

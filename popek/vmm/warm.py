@@ -3,13 +3,16 @@
 The first hart a process builds generates the engine's handler tables (about 0.1 s) and
 reads the stencil library; building a throwaway one here means every worker forks with
 them ready. LLVM is loaded here too: a hart loads it only once tier 2 has work, and a
-confined worker could not import it then (nor would it share its pages). Freezing the
+confined worker could not import it then (nor would it share its pages); pyelftools
+likewise, which the kernel loader imports only for an ELF kernel. Freezing the
 garbage collector's view of everything imported so far keeps the workers' collections
 from touching those objects, so their pages stay shared with this server instead of
 being copied into every worker.
 """
 
 import gc
+
+import elftools.elf.elffile  # noqa: F401 - for ELF kernels (popek.machine.loader)
 
 from popek.cpu.hart import Hart
 from popek.cpu.physmem import PhysicalMemory
