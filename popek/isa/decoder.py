@@ -1,14 +1,18 @@
 """The decoder, generated from the instruction declarations.
 
-Decoding happens once per instruction per translated block, so it favours being
-obviously derived from the declarations over raw speed: candidates are grouped by
-major opcode and the most specific pattern that matches wins.
+Candidates are grouped by the bits every pattern of their group fixes (the major
+opcode, and the funct3 and funct7 fields where all of the opcode's patterns fix them;
+a compressed instruction's quadrant and funct3), and the most specific pattern that
+matches wins. Each distinct instruction is decoded once (results are cached by its
+bits, and shared): a Linux boot meets ~35,000 distinct ones, so a miss's cost is part
+of every cold block's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
 from functools import cache
+from typing import NamedTuple
 
 from popek.cpu.state import X_SINK
 from popek.isa import rv64a, rv64b, rv64fd, rv64i, rv64m, system
@@ -26,9 +30,10 @@ ALL_INSNS: list[Insn] = [
 BY_NAME: dict[str, Insn] = {i.name: i for i in ALL_INSNS}
 
 
-@dataclass(frozen=True, slots=True)
-class Decoded:
-    """One decoded instruction: what the engines and the disassembler consume."""
+class Decoded(NamedTuple):
+    """One decoded instruction: what the engines and the disassembler consume. Immutable
+    (one is shared by every block holding the same bits) and a tuple, which is built
+    three times faster than a frozen dataclass."""
 
     insn: Insn
     rd: int
@@ -40,17 +45,31 @@ class Decoded:
     compressed: CInsn | None = None
 
 
-def _by_opcode(insns: list[Insn]) -> dict[int, list[Insn]]:
-    table: dict[int, list[Insn]] = {}
+Candidate = tuple[int, int, Insn | CInsn]  # (mask, match, instruction)
+
+
+def _grouped(candidates: Sequence[Insn | CInsn]) -> tuple[int, dict[int, list[Candidate]]]:
+    """The bits all ``candidates`` fix, and the candidates by those bits' values, most
+    specific first."""
+    key = -1
+    for c in candidates:
+        key &= c.mask
+    groups: dict[int, list[Candidate]] = {}
+    for c in sorted(candidates, key=lambda c: -bin(c.mask).count("1")):
+        groups.setdefault(c.match & key, []).append((c.mask, c.match, c))
+    return key, groups
+
+
+def _by_opcode(insns: list[Insn]) -> dict[int, tuple[int, dict[int, list[Candidate]]]]:
+    opcodes: dict[int, list[Insn]] = {}
     for ins in insns:
-        table.setdefault(ins.match & 0x7F, []).append(ins)
-    for candidates in table.values():
-        candidates.sort(key=lambda i: -bin(i.mask).count("1"))
-    return table
+        opcodes.setdefault(ins.match & 0x7F, []).append(ins)
+    return {opcode: _grouped(candidates) for opcode, candidates in opcodes.items()}
 
 
 _TABLE = _by_opcode(ALL_INSNS)
-_CTABLE = sorted(CINSNS, key=lambda c: -bin(c.mask).count("1"))
+_CKEY, _CTABLE = _grouped(CINSNS)
+_NO_GROUP: tuple[int, dict[int, list[Candidate]]] = (0, {})
 
 
 def _with_sink(ins: Insn, rd: int, rs1: int, rs2: int, imm: int, length: int, word: int,
@@ -63,8 +82,9 @@ def _with_sink(ins: Insn, rd: int, rs1: int, rs2: int, imm: int, length: int, wo
 @cache
 def decode32(word: int) -> Decoded | None:
     """Decode a 32-bit instruction; ``None`` means an illegal encoding."""
-    for ins in _TABLE.get(word & 0x7F, ()):
-        if word & ins.mask == ins.match:
+    key, groups = _TABLE.get(word & 0x7F, _NO_GROUP)
+    for mask, match, ins in groups.get(word & key, ()):
+        if word & mask == match:
             rd, rs1, rs2, imm = ins.operands(word)
             return _with_sink(ins, rd, rs1, rs2, imm, 4, word)
     return None
@@ -73,8 +93,8 @@ def decode32(word: int) -> Decoded | None:
 @cache
 def decode16(half: int) -> Decoded | None:
     """Decode a compressed instruction into its base instruction; ``None`` if illegal."""
-    for c in _CTABLE:
-        if half & c.mask == c.match:
+    for mask, match, c in _CTABLE.get(half & _CKEY, ()):
+        if half & mask == match:
             expansion = c.expand(half)
             if expansion is None:
                 return None
