@@ -38,7 +38,7 @@ from popek.cpu.physmem import PAGE_SIZE
 from popek.cpu.state import CTL_INSTRET, CTL_PRIV, CTL_WFI, XLEN_MASK
 from popek.engine import jit, stencils, translator
 from popek.engine.handlers import Handler, bind_handlers, semantics_namespace
-from popek.engine.interpreter import BlockFn, Op, interpret
+from popek.engine.interpreter import BlockFn, Op, interpret, run_once
 from popek.engine.native_cache import CACHE, block_key
 from popek.engine.spin import SPIN_GLANCE, SPIN_WINDOW, SpinDetector
 from popek.isa.decoder import Decoded, decode16, decode32
@@ -252,18 +252,19 @@ class Engine:
         """A patched block runs on the interpreter until its code is sealed: at the end of
         this run of the hart or, if the block runs a second time before that, then.
         A seal makes every block patched so far runnable, and its cost (two mprotect
-        calls) is per seal, so blocks that run once never pay for it alone."""
+        calls) is per seal, so blocks that run once never pay for it alone. The first
+        run calls the handlers without making the interpreter's function (``interpreted``
+        makes it): most blocks are sealed before they run again and never need it."""
+        handlers = self.handlers
+
         def staged(pc: int) -> int:
-            next_pc = interpreted(pc)  # makes the interpreter's function, block.run
-            inner = block.run
-
-            def second(pc: int) -> int:
-                block.run = inner
-                self._seal_patched()
-                return inner(pc)
-
             block.run = second
-            return next_pc
+            return run_once(handlers, block.decoded, block.offsets, pc)
+
+        def second(pc: int) -> int:
+            block.run = interpreted
+            self._seal_patched()
+            return interpreted(pc)
 
         return staged
 
