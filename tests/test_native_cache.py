@@ -47,6 +47,22 @@ LOOP = """
     ebreak
 """
 
+# A loop mostly of FP arithmetic, which has no stencils of its own (its stencils call the
+# Python handlers): no patched code for it, so it runs on the Python tiers, tier 1 once hot.
+FP_LOOP = """
+    li t0, 0x2000
+    csrs mstatus, t0            # the FP unit on
+    li s0, 300
+    fcvt.d.l fs0, s0
+1:  fadd.d fs1, fs1, fs0
+    fmul.d fs2, fs1, fs0
+    fsub.d fs3, fs2, fs1
+    addi s0, s0, -1
+    bnez s0, 1b
+    fcvt.l.d a0, fs3
+    ebreak
+"""
+
 
 @pytest.fixture
 def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
@@ -100,7 +116,7 @@ def test_blocks_hot_on_tier_1_before_start_there(cache_dir: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(engine_module, "NATIVE_AFTER", 10**9)  # tier 1 at most
     monkeypatch.setattr(engine_module, "PATCHED_NATIVE_AFTER", 10**9)
-    code = assemble(LOOP.format(step=1))
+    code = assemble(FP_LOOP)
     first = run(code)
     CACHE.flush()  # (at exit, in a process of its own)
     assert CACHE.stats.translated == 0 and CACHE.stats.stored == 0

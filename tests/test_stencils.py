@@ -13,6 +13,7 @@ short slices and loops, and each test checks that native code really ran.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import random
 from collections.abc import Iterator
@@ -767,24 +768,23 @@ def test_code_patched_after_a_fork_stays_in_its_own_process() -> None:
     different blocks at the same place in their code areas, and neither may see the
     other's (a shared mapping made the parent run its child's code)."""
     area = stencils.CodeArea(1 << 16)
-    area.stage(b"\x90" * 64)
-    area.seal()
+    area.write(b"\x90" * 64)
     offset = area.next_address() - area.address
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:
         try:
-            area.stage(b"\xc3" * 64)
-            area.seal()
+            area.write(b"\xc3" * 64)
         finally:
             os.write(write, b"x")
             os._exit(0)
     os.read(read, 1)
     os.waitpid(pid, 0)
     assert area.memory[offset:offset + 64] == bytes(64)
-    area.stage(b"\x90" * 64)
-    area.seal()
+    assert ctypes.string_at(area.address + offset, 64) == bytes(64)  # what runs there
+    area.write(b"\x90" * 64)
     assert area.memory[offset:offset + 64] == b"\x90" * 64
+    assert ctypes.string_at(area.address + offset, 64) == b"\x90" * 64
 
 
 def test_forking_shell_under_popek_exec_baseline_matches_qemu() -> None:

@@ -10,7 +10,7 @@ beside code costs a slow-path store, not a re-decode. Each block has one entry p
 ``run(pc)``: the reference tier interprets its decoded instructions; tier 1 replaces
 that with a translated Python function once the block is hot. Under the native tiers
 (``baseline``, ``jit``) a block gets native code patched from stencils when it is
-decoded, runnable once sealed (:meth:`Engine._seal_patched`), and, under ``jit``,
+decoded, runnable at once (see stencils.CodeArea), and, under ``jit``,
 LLVM's code once it has run PATCHED_NATIVE_AFTER times. Interrupts are checked
 at block boundaries: after every system instruction and at each slice start. A block
 whose bytes an earlier run (or this one) compiled starts native, or on tier 1, at
@@ -38,7 +38,7 @@ from popek.cpu.physmem import PAGE_SIZE
 from popek.cpu.state import CTL_INSTRET, CTL_PRIV, CTL_WFI, XLEN_MASK
 from popek.engine import jit, stencils, translator
 from popek.engine.handlers import Handler, bind_handlers, semantics_namespace
-from popek.engine.interpreter import BlockFn, Op, interpret, run_once
+from popek.engine.interpreter import BlockFn, Op, interpret
 from popek.engine.native_cache import CACHE, block_key
 from popek.engine.spin import SPIN_GLANCE, SPIN_WINDOW, SpinDetector
 from popek.isa.decoder import Decoded, decode16, decode32
@@ -248,26 +248,6 @@ class Engine:
 
         return first
 
-    def _seal_on_second_run(self, block: Block, interpreted: BlockFn) -> BlockFn:
-        """A patched block runs on the interpreter until its code is sealed: at the end of
-        this run of the hart or, if the block runs a second time before that, then.
-        A seal makes every block patched so far runnable, and its cost (two mprotect
-        calls) is per seal, so blocks that run once never pay for it alone. The first
-        run calls the handlers without making the interpreter's function (``interpreted``
-        makes it): most blocks are sealed before they run again and never need it."""
-        handlers = self.handlers
-
-        def staged(pc: int) -> int:
-            block.run = second
-            return run_once(handlers, block.decoded, block.offsets, pc)
-
-        def second(pc: int) -> int:
-            block.run = interpreted
-            self._seal_patched()
-            return interpreted(pc)
-
-        return staged
-
     def _promote(self, block: Block, native: bool = True, code_key: bytes | None = None,
                  native_after: int = 0) -> Callable[[], None]:
         """Tier 1 for ``block``, then (if ``native``) tier 2 once it stays hot: after
@@ -440,10 +420,12 @@ class Engine:
                 self.straddlers.clear()
             self.straddlers[straddler] = block
             if self.native is not None and not block.breakpoint and decoded[-1] is not None \
-                    and self.native.patch_block(block, decoded, block.offsets, fp, None,
-                                                second_half=straddler >> 16 & 0xFFFF):
+                    and (addr := self.native.patch_block(
+                        block, decoded, block.offsets, fp, None,
+                        second_half=straddler >> 16 & 0xFFFF)) is not None:
                 block.straddles = (straddler, page + start + mode)
-                block.run = self._seal_on_second_run(block, block.run)
+                block.native_addr = addr  # Python runs it on tier 1, native code here
+                self._link_straddler(block)
         else:
             key = block.key = page + start + mode
             self.blocks[key] = block
@@ -463,14 +445,14 @@ class Engine:
         addr = native.native_for(code_key, block.decoded) if code_key is not None else None
         if addr is not None:
             block.go_native(addr, native)
-        elif native.patch_block(block, block.decoded, block.offsets, block.fp,
-                                PATCHED_NATIVE_AFTER, key=block.key) is not None:
-            block.run = self._seal_on_second_run(block, block.run)
+        elif (addr := native.patch_block(block, block.decoded, block.offsets, block.fp,
+                                         PATCHED_NATIVE_AFTER, key=block.key)) is not None:
+            block.go_native(addr, native)
         elif code_key is not None and code_key in CACHE.translations:
             self._promote(block, code_key=code_key, native_after=HOT_AFTER + NATIVE_AFTER)()
 
     def _link_straddler(self, block: Block) -> None:
-        """Let native code enter the page-straddling instruction's ``block`` (sealed) by
+        """Let native code enter the page-straddling instruction's ``block`` (patched) by
         its first half, as any block, through the block table: its code checks the
         second half. The first half's page is watched, and a write to it unlinks the
         block as it drops that page's blocks."""
@@ -700,21 +682,7 @@ class Engine:
             ctl[CTL_INSTRET] = (instret0 + executed) & XLEN_MASK
         if self.native_queue or self.native_done:
             self._compile_native()
-        if self.native is not None:
-            self._seal_patched()
+        if self.native is not None and self.native.area_full:  # patched code filled its
+            self.flush()  # area: the code cache starts over (between runs, as it must)
+            self.native.reset_patched()
         return executed
-
-    def _seal_patched(self) -> None:
-        """Between runs: the blocks patched during the run go native; when patched code
-        fills its area, the code cache starts over."""
-        native = self.native
-        for block, addr in native.seal():
-            if self.blocks.get(block.key) is block and block.native is None:
-                block.go_native(addr, native)
-            elif block.straddles is not None and \
-                    self.straddlers.get(block.straddles[0]) is block:
-                block.native_addr = addr  # Python runs it on tier 1, native code here
-                self._link_straddler(block)
-        if native.area_full:
-            self.flush()
-            native.reset_patched()

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 from popek.cpu.causes import Trap
 from popek.engine.handlers import Handler
-from popek.isa.decoder import Decoded
 
 Op = tuple[Handler, int, int, int, int]
 BlockFn = Callable[[int], int]
@@ -37,18 +36,3 @@ def interpret(ops: tuple[Op, ...], offsets: tuple[int, ...],
         return pc
 
     return run
-
-
-def run_once(handlers: dict[tuple[str, int], Handler], decoded: Sequence[Decoded],
-             offsets: tuple[int, ...], pc: int) -> int:
-    """Run a block's ``decoded`` instructions once from ``pc`` (none illegal), looking up
-    each handler: for a block that runs once, cheaper than making ``interpret``'s
-    function and its ops. A trap leaves its index as there."""
-    start = pc
-    try:
-        for d in decoded:
-            pc = handlers[(d.insn.name, d.length)](pc, d.rd, d.rs1, d.rs2, d.imm)
-    except Trap as trap:
-        trap.index = offsets.index(pc - start)
-        raise
-    return pc

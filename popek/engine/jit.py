@@ -137,7 +137,7 @@ class NativeStats:
     """What the native tiers did in this process (``--stats``, the benchmarks)."""
 
     patched: int = 0  # blocks made from stencils
-    patch_seconds: float = 0.0  # spent patching and sealing them
+    patch_seconds: float = 0.0  # spent patching them
     compiled: int = 0  # blocks compiled by LLVM (tier 2)
 
     def summary(self) -> str:
@@ -691,7 +691,6 @@ class NativeRuntime:
         self.area = stencils.CodeArea(STENCIL_AREA) if self.stencils else None
         self.counters = array("q", bytes(8 * STENCIL_BLOCKS))
         self.counted: list[object] = []  # the token of each patched block, by counter
-        self.staged: list[tuple[object, int]] = []  # (token, address) not sealed yet
         # Where exits jump straight into patched blocks, by code-cache key (patch_block).
         self.linked: dict[int, int] = {}
         # The CSR windows as patched code reads them (stencils.WINDOW_FIELDS), by number.
@@ -879,12 +878,10 @@ class NativeRuntime:
             return 0
         self.area.reset()
         self.counted.clear()
-        self.staged.clear()
         self.linked.clear()
-        chain = self.area.stage(self.stencils[stencils.CHAIN_FN].code)
+        chain = self.area.write(self.stencils[stencils.CHAIN_FN].code)
         for field, name in stencils.THUNKS.items():
-            setattr(self.env, field, self.area.stage(self.stencils[name].code))
-        self.area.seal()
+            setattr(self.env, field, self.area.write(self.stencils[name].code))
         return chain
 
     @property
@@ -896,8 +893,8 @@ class NativeRuntime:
     def patch_block(self, token: object, decoded: list[Decoded], offsets: tuple[int, ...],
                     fp: bool, hot_after: int | None, key: int | None = None,
                     second_half: int | None = None) -> int | None:
-        """Native code for a block, from stencils: its address, where it may run after the
-        next ``seal`` (which lists it); None if the block should stay on the Python tiers
+        """Native code for a block, from stencils: its address, where it may run at once
+        (see stencils.CodeArea); None if the block should stay on the Python tiers
         (as tier 2 would leave it there too). After ``hot_after`` runs it exits with
         status ``HOT``, for tier 2 to compile it (None: never).
 
@@ -975,24 +972,12 @@ class NativeRuntime:
                 exit_ = linked.get(page + target, chain)
             code.append(end.fill((0, 0, 0, 0, 0, 0, 0, 0, exit_, counter, length, block_end,
                                   bits, ram, 0)))
-        addr = self.area.stage(b"".join(code))
+        addr = self.area.write(b"".join(code))
         assert addr == base
         self.counted.append(token)
-        self.staged.append((token, entry))
         STATS.patched += 1
         STATS.patch_seconds += time.perf_counter() - started
         return entry
-
-    def seal(self) -> list[tuple[object, int]]:
-        """Make the code patched since the last call runnable: its (token, address)
-        pairs. Only between runs."""
-        if self.area is None:
-            return []
-        started = time.perf_counter()
-        self.area.seal()
-        STATS.patch_seconds += time.perf_counter() - started
-        staged, self.staged = self.staged, []
-        return staged
 
     def redirect(self, old: int, new: int) -> None:
         """Patched code at ``old`` is superseded by tier 2's at ``new``: its first

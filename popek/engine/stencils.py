@@ -37,6 +37,7 @@ import secrets
 import struct
 import subprocess
 import sys
+import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -132,7 +133,8 @@ def _filler(code: bytes, holes: tuple[tuple[int, str, int], ...]) -> Callable[[t
 
 
 def supported() -> bool:
-    return platform.machine() in HOST_MACHINES and sys.byteorder == "little"
+    return platform.machine() in HOST_MACHINES and sys.byteorder == "little" and \
+        hasattr(os, "memfd_create")  # Linux: see CodeArea
 
 
 def stencil_name(ins: Insn, length: int) -> str:
@@ -520,73 +522,90 @@ def _read_or_build(root: Path | None, spawn: bool) -> dict[str, Stencil]:
 # -- executable memory ------------------------------------------------------------------------
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-PAGE = mmap.PAGESIZE
+_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_long)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+MAP_FAILED = ctypes.c_void_p(-1).value
+_MAP_FIXED = 0x10  # Linux's (the mmap module has no name for it)
+
+
+def _map(fd: int, size: int, prot: int, at: int) -> int:
+    """Map ``size`` bytes of the file ``fd``, shared, at ``at`` (replacing what is there)
+    or, if 0, wherever the kernel chooses; returns the address."""
+    flags = mmap.MAP_SHARED | (_MAP_FIXED if at else 0)
+    addr = _libc.mmap(at or None, size, prot, flags, fd, 0)
+    if addr in (None, MAP_FAILED):
+        err = ctypes.get_errno()
+        raise OSError(err, f"mmap: {os.strerror(err)}")
+    return addr
+
+
+def _unmap(addresses: list[int], size: int) -> None:
+    for addr in addresses:
+        _libc.munmap(addr, size)
 
 
 class CodeArea:
-    """Memory for patched code, never writable and executable at once.
+    """Memory for patched code: a memory file mapped twice, readable and executable at
+    ``address`` (where code runs) and readable and writable elsewhere (where popek writes
+    it), so no address is ever writable and executable, yet code runs as soon as it is
+    written. (Sealing written code with an mprotect pair cost ~8 us, as much as a new
+    block's first run on the interpreter, so blocks used to wait for batched seals on the
+    interpreter and exit native code until then.) Code is written only while no thread
+    runs it.
 
-    Code is staged (its address is final at once) and written in batches: ``seal`` makes
-    the pages it touches writable, writes everything staged and every overwrite, and
-    makes them executable again. Two ``mprotect`` calls cost ~7 us, more than patching a
-    block, so the engine seals once per run of a hart (its blocks run on the Python tiers
-    until then), not once per block."""
+    popek exec forks for the guest's fork: a shared file would make parent and child
+    patch each other's code, so a child copies its areas to files of its own at once."""
 
     def __init__(self, size: int) -> None:
-        # Private: after a fork (popek exec forks for the guest's fork, a VMM forks its
-        # workers) each process patches code of its own; mmap's default would share it.
-        self.memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE,
-                                prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        self.address = ctypes.addressof(ctypes.c_char.from_buffer(self.memory))
         self.size = size
-        self.used = 0  # sealed
-        self.staged = bytearray()  # to be written at ``used``
-        self.overwrites: list[tuple[int, bytes]] = []  # (offset, code) of sealed code
-        self._protect(0, size, mmap.PROT_READ | mmap.PROT_EXEC)
+        self.used = 0
+        self.address = self._writable = 0
+        self._map_file()
+        # Unmapped when collected, or never: at exit another thread may still run it.
+        weakref.finalize(self, _unmap, [self.address, self._writable], size).atexit = False
+        _AREAS.add(self)
 
-    def _protect(self, start: int, end: int, prot: int) -> None:
-        first = start - start % PAGE
-        if _libc.mprotect(self.address + first, end - first, prot) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"mprotect: {os.strerror(err)}")
+    def _map_file(self) -> None:
+        """Map a new, empty file at this area's addresses (or new ones)."""
+        fd = os.memfd_create("popek-code", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, self.size)
+            self.address = _map(fd, self.size, mmap.PROT_READ | mmap.PROT_EXEC, self.address)
+            self._writable = _map(fd, self.size, mmap.PROT_READ | mmap.PROT_WRITE,
+                                  self._writable)
+        finally:
+            os.close(fd)
+        self.memory = memoryview((ctypes.c_char * self.size).from_address(self._writable)
+                                 ).cast("B")
+
+    def _copy_after_fork(self) -> None:
+        code = bytes(self.memory[:self.used])
+        self._map_file()
+        self.memory[:len(code)] = code
 
     def free(self) -> int:
-        return self.size - self.used - len(self.staged)
+        return self.size - self.used
 
     def next_address(self) -> int:
-        """Where the next staged code goes (16-byte aligned)."""
-        at = self.used + len(self.staged)
-        return self.address + at + (-at % 16)
+        """Where the next code goes (16-byte aligned)."""
+        return self.address + self.used + (-self.used % 16)
 
-    def stage(self, code: bytes) -> int:
-        """Place ``code`` at ``next_address()``, runnable after the next ``seal``."""
-        at = self.used + len(self.staged)
-        self.staged += b"\xcc" * (-at % 16)  # int3 between blocks
-        addr = self.address + self.used + len(self.staged)
-        self.staged += code
-        return addr
+    def write(self, code: bytes) -> int:
+        """Write ``code`` at ``next_address()`` (returned), where it may run at once."""
+        at = self.used
+        pad = -at % 16
+        self.memory[at:at + pad] = b"\xcc" * pad  # int3 between blocks
+        at += pad
+        self.memory[at:at + len(code)] = code
+        self.used = at + len(code)
+        return self.address + at
 
     def overwrite(self, addr: int, code: bytes) -> None:
-        """Replace sealed code at ``addr`` with ``code`` at the next ``seal``."""
-        self.overwrites.append((addr - self.address, code))
-
-    def seal(self) -> None:
-        """Write what was staged and overwritten (only while no thread runs this code)."""
-        changes = self.overwrites
-        if self.staged:
-            changes.append((self.used, bytes(self.staged)))
-        if not changes:
-            return
-        start = min(off for off, _ in changes)
-        end = max(off + len(code) for off, code in changes)
-        self._protect(start, end, mmap.PROT_READ | mmap.PROT_WRITE)
-        for off, code in changes:
-            self.memory[off:off + len(code)] = code
-        self._protect(start, end, mmap.PROT_READ | mmap.PROT_EXEC)
-        self.used += len(self.staged)
-        self.staged = bytearray()
-        self.overwrites = []
+        """Replace the code at ``addr`` with ``code``."""
+        at = addr - self.address
+        self.memory[at:at + len(code)] = code
 
     def holds(self, addr: int) -> bool:
         return self.address <= addr < self.address + self.used
@@ -594,8 +613,17 @@ class CodeArea:
     def reset(self) -> None:
         """Forget every block (only when none can run again)."""
         self.used = 0
-        self.staged = bytearray()
-        self.overwrites = []
+
+
+_AREAS: weakref.WeakSet[CodeArea] = weakref.WeakSet()
+
+
+def _copy_areas_after_fork() -> None:
+    for area in list(_AREAS):
+        area._copy_after_fork()
+
+
+os.register_at_fork(after_in_child=_copy_areas_after_fork)
 
 
 JUMP_SIZE = 12  # movabs $target, %rax; jmp *%rax
