@@ -238,12 +238,16 @@ class Engine:
     def _ops(self, decoded: list[Decoded | None]) -> tuple[Op, ...]:
         return tuple(self._op(d) for d in decoded)
 
-    def _interpret_later(self, block: Block, on_hot: Callable[[], None] | None = None,
-                         hot_after: int = 0) -> BlockFn:
+    def _interpret_later(self, block: Block, promote: bool = False, native: bool = True,
+                         code_key: bytes | None = None) -> BlockFn:
         """The interpreter's function for ``block``, made at its first run: most blocks
-        run native code from the start and never need it."""
+        run native code from the start and never need it. With ``promote``, tier 1 takes
+        the block after HOT_AFTER runs (``_promote``'s function, ``native`` and
+        ``code_key`` its arguments, is made then too)."""
         def first(pc: int) -> int:
-            block.run = interpret(self._ops(block.decoded), block.offsets, on_hot, hot_after)
+            on_hot = self._promote(block, native, code_key) if promote else None
+            block.run = interpret(self._ops(block.decoded), block.offsets, on_hot,
+                                  HOT_AFTER if promote else 0)
             return block.run(pc)
 
         return first
@@ -411,8 +415,7 @@ class Engine:
         if self.tier != "interp":
             # A straddler is found by its bits, not its pages, so native code, which jumps
             # to its successors without looking, must not run one: it stays on tier 1.
-            promote = self._promote(block, native=straddler is None, code_key=code_key)
-            block.run = self._interpret_later(block, promote, HOT_AFTER)
+            block.run = self._interpret_later(block, True, straddler is None, code_key)
         else:
             block.run = self._interpret_later(block)
         if straddler is not None:
