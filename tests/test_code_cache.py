@@ -158,9 +158,10 @@ def test_a_block_gone_native_holds_no_python_tier_function(tier: str) -> None:
     hart, mem = machine(tier)
     mem.write(BASE, struct.pack("<III", ADDI_A0_1, ADDI_A0_1, EBREAK))
     key = mem.ram_offset(BASE)
-    hart.engine.predecode([key])  # patched now: the first run interprets it, then a seal
+    hart.engine.predecode([key])  # decoded and patched: native from its first run
     block = hart.engine.blocks[key]
-    assert any(getattr(r, "__closure__", None) for r in gc.get_referents(block))
+    assert block.native is not None
+    assert not any(getattr(r, "__closure__", None) for r in gc.get_referents(block))
     run_from(hart, BASE)
     run_from(hart, BASE)
     assert hart.x[10] == 4 and hart.engine.blocks[key] is block
