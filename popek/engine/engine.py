@@ -54,10 +54,12 @@ HOT_AFTER = 256  # runs before tier 1 translates a block: compiling costs ~1 ms,
 # only blocks that will run many more times repay it (measured on a Linux boot)
 NATIVE_AFTER = 256  # further runs on tier 1 before tier 2 compiles a block (~3 ms each;
 # 64 and 1024 measured no better on Lua and gzip).
-PATCHED_NATIVE_AFTER = 8192  # runs of a block patched from stencils before tier 2 compiles
-# it: its code is native already, so LLVM's ~2 ms repay only far hotter blocks (a cold
-# boot took 7.6 s with 512, 5.8 s with 4096 or 16384; sha256sum's guest time 0.69, 0.51
-# and 0.47 s)
+PATCHED_NATIVE_AFTER = 131072  # runs of a block patched from stencils before tier 2 compiles
+# it: its code is native and linked already, so LLVM's ~3 ms a block (IR, compile) repay
+# only blocks that then run some hundred thousand times more, saving a few ns each. With
+# 8192 a Linux boot compiled 56 blocks and was 0.2-0.4 s slower than without tier 2, Lua
+# compiled 710 and ran 1.2-1.9 s instead of 1.1-1.5 s; with 131072 neither compiles much,
+# and sha256sum of 32 MiB still gets its ~30 hot blocks (2.2-2.4 s either way).
 TIERS = ("interp", "translate", "baseline", "jit")
 FASTEST_TIER = "jit" if jit.available() else "translate"
 DEFAULT_TIER = os.environ.get("POPEK_ENGINE", FASTEST_TIER)
