@@ -701,7 +701,9 @@ class NativeRuntime:
                 (num >> 8) & 3)])
         self.windows = {num: self._window_words.buffer_info()[0] + 8 * i * len(
             stencils.WINDOW_FIELDS) for i, num in enumerate(WINDOWS)}
-        self._stencils: dict[tuple[str, int], stencils.Stencil] = {}  # by name and length
+        # What patch_block takes for each kind of instruction (name, length and, for CSR
+        # accesses, the CSR), from _choose.
+        self._stencils: dict[tuple[str, int, int], tuple[stencils.Stencil, bool, bool, int]] = {}
         self._special = tuple(self.stencils[name] for name in (
             stencils.COUNT, stencils.FP_DIRTY, stencils.END, stencils.FALLBACK, stencils.STRADDLE,
             stencils.LINKED)) \
@@ -912,17 +914,15 @@ class NativeRuntime:
         parts = []
         callbacks = 0
         for d in decoded:
-            kind = (d.insn.name, d.length)
-            stencil = chosen.get(kind)
-            if stencil is None:
-                stencil = stencils.stencil_for(library, d)
-                if d.insn.fmt != "CSR":  # a CSR access's stencil depends on the CSR too
-                    chosen[kind] = stencil
-            parts.append(stencil)
-            callbacks += stencil is fallback
-        system = "system" in decoded[0].insn.flags  # then alone in its block
+            kind = (d.insn.name, d.length, d.imm if d.insn.fmt == "CSR" else 0)
+            choice = chosen.get(kind)
+            if choice is None:
+                choice = chosen[kind] = self._choose(d)
+            parts.append(choice)
+            callbacks += choice[0] is fallback
+        system = parts[0][1]  # then alone in its block
         if callbacks * 2 > len(parts) or \
-                (parts[-1] is fallback and "ends_block" in decoded[-1].insn.flags):
+                (parts[-1][0] is fallback and "ends_block" in decoded[-1].insn.flags):
             return None  # as _worth_native: tier 1 runs such blocks faster
         slot = len(self.counted)
         counter = self.counters.buffer_info()[0] + 8 * slot
@@ -955,18 +955,16 @@ class NativeRuntime:
             code.append(fp_dirty.fill((0, 0, 0, 0, 0, 0, 0, at, chain, counter, length,
                                        block_end, bits, ram, 0)))
         for index, d in enumerate(decoded):
-            stencil = parts[index]
+            stencil, system_insn, static_jump, window = parts[index]
             at += stencil.size
-            system_insn = "system" in d.insn.flags
             ref = self._adopt_fallback(d) if stencil is fallback or system_insn else 0
-            window = self.windows.get(d.imm, 0) if system_insn else 0
             exit_ = chain
-            if key is not None and d.insn.fmt in STATIC_JUMPS and \
+            if static_jump and key is not None and \
                     0 <= (target := start + offsets[index] + d.imm) < PAGE_SIZE:
                 exit_ = linked.get(page + target, chain)
             code.append(stencil.fill((d.rd, d.rs1, d.rs2, d.imm, offsets[index], index, ref, at,
                                       exit_, counter, length, block_end, bits, ram, window)))
-        if parts[-1].continues:
+        if parts[-1][0].continues:
             exit_ = chain
             if key is not None and (target := start + block_end) < PAGE_SIZE:
                 exit_ = linked.get(page + target, chain)
@@ -978,6 +976,14 @@ class NativeRuntime:
         STATS.patched += 1
         STATS.patch_seconds += time.perf_counter() - started
         return entry
+
+    def _choose(self, d: Decoded) -> tuple[stencils.Stencil, bool, bool, int]:
+        """What patching ``d`` takes, the same for every instruction of its kind: its
+        stencil, whether it is a system instruction, whether it jumps to pc + imm, and
+        its CSR window's address (0 for none)."""
+        system = "system" in d.insn.flags
+        return (stencils.stencil_for(self.stencils, d), system, d.insn.fmt in STATIC_JUMPS,
+                self.windows.get(d.imm, 0) if system else 0)
 
     def redirect(self, old: int, new: int) -> None:
         """Patched code at ``old`` is superseded by tier 2's at ``new``: its first
