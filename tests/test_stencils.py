@@ -63,7 +63,8 @@ MSTATUS, MTVEC, MEPC, MCAUSE, MTVAL, MSCRATCH, MINSTRET = (
     0x300, 0x305, 0x341, 0x342, 0x343, 0x340, 0xB02)
 FS_INITIAL = 1 << 13
 SPECIAL_STENCILS = (stencils.COUNT, stencils.FP_DIRTY, stencils.END, stencils.FALLBACK,
-                    stencils.SYSTEM, stencils.CHAIN_FN)
+                    stencils.SYSTEM, stencils.CHAIN_FN, stencils.ENTER_FN, stencils.STRADDLE,
+                    stencils.LINKED, *stencils.THUNKS.values())
 
 
 # -- running a program under a tier ---------------------------------------------------------

@@ -90,7 +90,8 @@ class Block:
         self.fp = fp  # makes FP state dirty
         self.system = system  # ends in a system instruction
         self.special = fp or system  # the run loop has work to do around it
-        self.native: Callable[[int, int], int] | None = None  # the run loop enters native code
+        # How the run loop enters its native code (at native_addr), once it has some.
+        self.native: Callable[[int, int, int], int] | None = None
         self.native_addr = 0
         self.key = -1  # in the code cache (Engine.blocks), if anywhere
         self.breakpoint = False  # decoded at a debugger's breakpoint
@@ -102,7 +103,7 @@ class Block:
         """Run native code at ``addr`` from now on, which ``runtime``'s block table lists.
         The run loop no longer calls ``run``: what the Python tiers' function held (ops,
         closures; tens of MiB over a boot's blocks) goes with it."""
-        self.native, self.native_addr = _enter_later, addr
+        self.native, self.native_addr = runtime.entry(addr), addr
         self.special = True
         self.run = _unset
         if self.key >= 0:
@@ -117,13 +118,6 @@ def _no_stencils_notice() -> None:
 
 def _unset(pc: int) -> int:
     raise AssertionError("no Python entry point: not set yet, or the block runs native code")
-
-
-def _enter_later(env: int, pc: int) -> int:
-    """A native block's entry point until the run loop first enters it, when
-    :meth:`Engine._enter` makes the ctypes function: most native blocks are only ever
-    entered from other blocks' code (~5,600 of a boot's 31,000), and each costs ~200 bytes."""
-    raise AssertionError("Engine._enter makes a native block's entry point")
 
 
 class Engine:
@@ -553,10 +547,7 @@ class Engine:
         env.decode_mode = decode_mode
         env.budget = budget
         env.executed = 0
-        entry = blk.native
-        if entry is _enter_later:  # its first entry from here
-            entry = blk.native = jit.BLOCK_FN(blk.native_addr)
-        status = entry(native.env_addr, pc)
+        status = blk.native(native.env_addr, pc, blk.native_addr)
         if status == jit.EXIT:
             return env.pc, env.executed, None
         if status == jit.HOT:  # a patched block ran often enough for tier 2

@@ -101,6 +101,7 @@ TLB_ENTRY = ir.Type("{i64, i64}")  # tag (virtual page number + 1), host page ad
 JUMP_BUCKET = ir.Type(f"[{JUMP_WAYS} x {TLB_ENTRY}]")  # ways of (tag, function address)
 BLOCK_BUCKET = ir.Type(f"[{BLOCK_WAYS} x {TLB_ENTRY}]")  # ways of (key | 1, function address)
 BLOCK_TYPE = ir.FunctionType(I32, [ir.PTR, I64])  # status = block(env, pc)
+ENTER_TYPE = ir.FunctionType(I32, [ir.PTR, I64, I64])  # status = enter(env, pc, code)
 CHAIN = "chain"
 
 # Exit statuses of native code.
@@ -128,6 +129,7 @@ LOAD_SLOW = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint32, 
 STORE_SLOW = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint64)
 EXEC_SLOW = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_uint64, ctypes.c_uint64)
 BLOCK_FN = ctypes.PYFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_uint64)
+ENTER_FN = ctypes.PYFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64)
 STEP_FN = ctypes.PYFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64,
                             ctypes.c_uint64, ctypes.c_uint64, ctypes.c_int64)
 
@@ -689,6 +691,7 @@ class NativeRuntime:
         self.stencils = stencils.library(CACHE.writable_root, spawn=not CACHE.confined) \
             if stencils.supported() else None
         self.area = stencils.CodeArea(STENCIL_AREA) if self.stencils else None
+        self._enter: Callable[[int, int, int], int] | None = None  # see entry
         self.counters = array("q", bytes(8 * STENCIL_BLOCKS))
         self.counted: list[object] = []  # the token of each patched block, by counter
         # Where exits jump straight into patched blocks, by code-cache key (patch_block).
@@ -884,7 +887,17 @@ class NativeRuntime:
         chain = self.area.write(self.stencils[stencils.CHAIN_FN].code)
         for field, name in stencils.THUNKS.items():
             setattr(self.env, field, self.area.write(self.stencils[name].code))
+        self._enter = ENTER_FN(self.area.write(self.stencils[stencils.ENTER_FN].code))
         return chain
+
+    def entry(self, addr: int) -> Callable[[int, int, int], int]:
+        """How Python enters the native code at ``addr``: ``entry(env, pc, addr)``. With
+        stencils, one function in the code area enters every block, so no block needs a
+        ctypes function of its own (~32,000 in a boot; each took microseconds to make)."""
+        if self._enter is not None:
+            return self._enter
+        block = BLOCK_FN(addr)
+        return lambda env, pc, _: block(env, pc)
 
     @property
     def area_full(self) -> bool:

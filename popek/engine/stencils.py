@@ -82,6 +82,7 @@ END = "end"  # a block's fall-through exit
 STRADDLE = "straddle"  # first in a page-straddling instruction's block: checks its second half
 LINKED = "linked"  # where blocks that jump straight to a block enter it: checks the budget
 CHAIN_FN = "chain"
+ENTER_FN = "enter"  # enter(env, pc, code): Python's one way into any block's native code
 # Loads and stores that miss the native TLB call their callback through a thunk that
 # preserves every register (LLVM's preserve_most convention), so the stencils' fast paths
 # save none; by the env field that holds each thunk's address.
@@ -367,6 +368,13 @@ def _library_module() -> tuple[str, list[str]]:
     chain = jit._chain(module)
     chain.linkage = ""
     names.append(CHAIN_FN)
+
+    enter = ir.Function(module, jit.ENTER_TYPE, ENTER_FN)
+    enter.attributes.add("nounwind")
+    names.append(ENTER_FN)
+    b = ir.IRBuilder(enter.append_basic_block("entry"), enter)
+    code = b.cast("inttoptr", enter.args[2], ir.PTR)
+    b.ret(b.call(code, jit.BLOCK_TYPE, enter.args[:2], tail="tail"))
 
     decls = "".join(f"@{_symbol(h)} = extern_weak global i8\n" for h in HOLES
                     if h not in (HOLE_NEXT, HOLE_CHAIN))
