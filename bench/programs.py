@@ -9,9 +9,10 @@ deterministic, so QEMU retires the same instructions and its MIPS is that count 
 its own wall time (for the threaded programs, whose threads may spin or sleep
 differently, only roughly).
 
-    python bench/programs.py [--size-kib N] [--tiers baseline,jit,translate,interp]
+    python bench/programs.py [--size-kib N] [--runs N] [--tiers baseline,jit,translate,interp]
 
-Each line gives wall time and the CPU time of the emulator process; MIPS are per
+Each line gives wall time and the CPU time of the emulator process, the best of
+``--runs`` (QEMU's too: its time varies by tens of percent from run to run); MIPS are per
 wall second. The native tiers (baseline, jit) run each program twice: with a code-cache
 directory holding only the stencil library (cold; the library is built once per popek
 version, as at installation: see bench/boot.py) and with the directory the cold run left
@@ -76,6 +77,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-kib", type=int, default=2048,
                         help="input size for sha256sum and gzip (default 2048 KiB)")
+    parser.add_argument("--runs", type=int, default=1,
+                        help="runs of each (best kept; a native tier's cold runs each get a "
+                        "fresh cache, its warm runs the last cold run's)")
     parser.add_argument("--tiers", default="baseline,jit",
                         help="popek engine tiers to measure, of baseline,jit,translate,interp "
                         "(default baseline,jit)")
@@ -117,19 +121,20 @@ def main() -> int:
         print(f"{'workload':<22}{'emulator':<28}{'wall s':>9}{'CPU s':>9}{'M insns':>10}"
               f"{'MIPS':>9}{'vs qemu':>10}{NATIVE_HEADER}")
         for name, cmd in workloads.items():
-            q_time, q_cpu, q_out, _ = timed([qemu, *cmd])
+            q_time, q_cpu, q_out, _ = min(timed([qemu, *cmd]) for _ in range(args.runs))
             insns = 0
             rows = []
             for tier in tiers:
                 popek = [sys.executable, "-m", "popek", "exec", "--stats", "--engine", tier]
                 # a native tier runs twice: with an empty code cache, then with what the
                 # first run left in it; the other tiers have no native code to cache
-                cache = str(cold_cache(seed, Path(tempfile.mkdtemp(dir=tmp)) / tier))
-                runs = {f"{tier}, cold cache": ["--code-cache", cache],
-                        f"{tier}, warm cache": ["--code-cache", cache]} \
-                    if tier in NATIVE_TIERS else {tier: ["--no-code-cache"]}
+                caches = [str(cold_cache(seed, Path(tempfile.mkdtemp(dir=tmp)) / tier))
+                          for _ in range(args.runs)]
+                runs = {f"{tier}, cold cache": [["--code-cache", c] for c in caches],
+                        f"{tier}, warm cache": [["--code-cache", caches[-1]]] * args.runs} \
+                    if tier in NATIVE_TIERS else {tier: [["--no-code-cache"]] * args.runs}
                 for label, options in runs.items():
-                    p_time, p_cpu, p_out, err = timed([*popek, *options, *cmd])
+                    p_time, p_cpu, p_out, err = min(timed([*popek, *o, *cmd]) for o in options)
                     if p_out != q_out:
                         raise RuntimeError(f"{name}: popek ({label}) and qemu disagree on "
                                            "output")
