@@ -135,7 +135,7 @@ def _filler(code: bytes, holes: tuple[tuple[int, str, int], ...]) -> Callable[[t
 
 def supported() -> bool:
     return platform.machine() in HOST_MACHINES and sys.byteorder == "little" and \
-        hasattr(os, "memfd_create")  # Linux: see CodeArea
+        sys.platform == "linux"  # mremap: see CodeArea
 
 
 def stencil_name(ins: Insn, length: int) -> str:
@@ -534,19 +534,38 @@ _libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_
                        ctypes.c_long)
 _libc.mmap.restype = ctypes.c_void_p
 _libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_libc.mremap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int,
+                         ctypes.c_void_p)
+_libc.mremap.restype = ctypes.c_void_p
+_libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 MAP_FAILED = ctypes.c_void_p(-1).value
-_MAP_FIXED = 0x10  # Linux's (the mmap module has no name for it)
+# Linux's (the mmap module has no names for them)
+_MAP_FIXED = 0x10
+_MREMAP_MAYMOVE, _MREMAP_FIXED = 1, 2
 
 
-def _map(fd: int, size: int, prot: int, at: int) -> int:
-    """Map ``size`` bytes of the file ``fd``, shared, at ``at`` (replacing what is there)
-    or, if 0, wherever the kernel chooses; returns the address."""
-    flags = mmap.MAP_SHARED | (_MAP_FIXED if at else 0)
-    addr = _libc.mmap(at or None, size, prot, flags, fd, 0)
+def _checked(addr: int | None, call: str) -> int:
     if addr in (None, MAP_FAILED):
         err = ctypes.get_errno()
-        raise OSError(err, f"mmap: {os.strerror(err)}")
+        raise OSError(err, f"{call}: {os.strerror(err)}")
     return addr
+
+
+def _map_views(size: int, executable: int, writable: int) -> tuple[int, int]:
+    """New shared anonymous memory of ``size`` bytes, mapped twice: read+execute at
+    ``executable`` and read+write at ``writable`` (replacing what is there; 0: where the
+    kernel chooses); returns both addresses. Memory with no file behind it, unlike a
+    memfd, is not bound by the process's file-size limit (RLIMIT_FSIZE)."""
+    flags = mmap.MAP_SHARED | mmap.MAP_ANONYMOUS | (_MAP_FIXED if executable else 0)
+    rw = mmap.PROT_READ | mmap.PROT_WRITE
+    executable = _checked(_libc.mmap(executable or None, size, rw, flags, -1, 0), "mmap")
+    # mremap of a shared mapping with old size 0 maps the same pages once more
+    writable = _checked(_libc.mremap(executable, 0, size, _MREMAP_MAYMOVE | (
+        _MREMAP_FIXED if writable else 0), writable or None), "mremap")
+    if _libc.mprotect(executable, size, mmap.PROT_READ | mmap.PROT_EXEC) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mprotect: {os.strerror(err)}")
+    return executable, writable
 
 
 def _unmap(addresses: list[int], size: int) -> None:
@@ -555,7 +574,7 @@ def _unmap(addresses: list[int], size: int) -> None:
 
 
 class CodeArea:
-    """Memory for patched code: a memory file mapped twice, readable and executable at
+    """Memory for patched code: shared memory mapped twice, readable and executable at
     ``address`` (where code runs) and readable and writable elsewhere (where popek writes
     it), so no address is ever writable and executable, yet code runs as soon as it is
     written. (Sealing written code with an mprotect pair cost ~8 us, as much as a new
@@ -563,34 +582,27 @@ class CodeArea:
     interpreter and exit native code until then.) Code is written only while no thread
     runs it.
 
-    popek exec forks for the guest's fork: a shared file would make parent and child
-    patch each other's code, so a child copies its areas to files of its own at once."""
+    popek exec forks for the guest's fork: shared memory would make parent and child
+    patch each other's code, so a child copies its areas to memory of its own at once."""
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.used = 0
         self.address = self._writable = 0
-        self._map_file()
+        self._map()
         # Unmapped when collected, or never: at exit another thread may still run it.
         weakref.finalize(self, _unmap, [self.address, self._writable], size).atexit = False
         _AREAS.add(self)
 
-    def _map_file(self) -> None:
-        """Map a new, empty file at this area's addresses (or new ones)."""
-        fd = os.memfd_create("popek-code", os.MFD_CLOEXEC)
-        try:
-            os.ftruncate(fd, self.size)
-            self.address = _map(fd, self.size, mmap.PROT_READ | mmap.PROT_EXEC, self.address)
-            self._writable = _map(fd, self.size, mmap.PROT_READ | mmap.PROT_WRITE,
-                                  self._writable)
-        finally:
-            os.close(fd)
+    def _map(self) -> None:
+        """Map new, empty memory at this area's addresses (or new ones)."""
+        self.address, self._writable = _map_views(self.size, self.address, self._writable)
         self.memory = memoryview((ctypes.c_char * self.size).from_address(self._writable)
                                  ).cast("B")
 
     def _copy_after_fork(self) -> None:
         code = bytes(self.memory[:self.used])
-        self._map_file()
+        self._map()
         self.memory[:len(code)] = code
 
     def free(self) -> int:

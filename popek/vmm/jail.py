@@ -50,9 +50,9 @@ else:
 # ptrace, socket, connect, bind, mount, setuid and friends, prctl, bpf, and the rest.
 SYSCALLS: dict[str, tuple[str, ...]] = {
     # CPython's allocator, guest RAM, snapshots mapped copy-on-write, tier 2's native code
-    # (LLVM maps it writable, then executable), the baseline tier's code area (a memory
-    # file mapped twice: stencils.CodeArea)
-    "memory": ("brk", "mmap", "munmap", "mremap", "mprotect", "madvise", "memfd_create"),
+    # (LLVM maps it writable, then executable), the baseline tier's code area (shared
+    # memory mapped twice: stencils.CodeArea)
+    "memory": ("brk", "mmap", "munmap", "mremap", "mprotect", "madvise"),
     # tier 2's compiler thread and the locks it shares with the vCPU thread; thread
     # creation itself is clone, limited below
     "threads": ("futex", "set_robust_list", "get_robust_list", "rseq", "set_tid_address",
