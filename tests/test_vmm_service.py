@@ -365,7 +365,8 @@ def test_bad_requests_are_refused_and_change_nothing(api: Api, tmp_path: Path) -
 
 
 def test_guest_that_makes_popek_exceed_the_memory_limit_fails_alone(api: Api) -> None:
-    bomb = api.create("codebomb", mem_overhead=64 << 20)  # its code decodes to ~150 MiB
+    # 16 MiB of code: 4 Mi distinct instructions, whose decoded forms popek keeps
+    bomb = api.create("codebomb", mem_overhead=64 << 20)
     bystander = api.create("counter")
     failed = api.wait("the code bomb to fail", lambda: (
         info := api.info(bomb))["state"] == "failed" and info)

@@ -167,13 +167,14 @@ void main(void) {
     say("\nsurvived\n");
     for (;;) {}
 }""",
-    # Writes 16 MiB of straight-line code (addi x0, x0, 0 ... ret) and runs it, over and
-    # over: every instruction is new to the emulator, which must decode and keep it.
+    # Writes 16 MiB of straight-line code (4 Mi distinct lui instructions, then ret) and
+    # runs it, over and over: every instruction is new to the emulator, which must decode
+    # and keep it (its patched code alone is bounded by the code area's 64 MiB).
     "codebomb": r"""
 void main(void) {
     volatile unsigned int *code = (volatile unsigned int *)0x80400000UL;
     unsigned long n = 4UL << 20;
-    for (unsigned long i = 0; i < n; i++) code[i] = 0x00000013;
+    for (unsigned long i = 0; i < n; i++) code[i] = 0x37 | (i % 31 + 1) << 7 | i << 12;
     code[n] = 0x00008067;
     __asm__ volatile("fence.i");
     say("running the code\n");
