@@ -250,7 +250,8 @@ def test_popek_exec_twice_with_two_cold_writers_at_once(tmp_path: Path) -> None:
     # 16 MiB: sha256's hot blocks run 262,144 times, twice tier 2's threshold for
     # patched blocks, so the cold runs compile them all and the warm one none
     data.write_bytes(bytes(range(256)) * 65536)
-    cmd = ["--code-cache", str(tmp_path / "code"), str(BUSYBOX), "sha256sum", str(data)]
+    cmd = ["--engine", "jit", "--code-cache", str(tmp_path / "code"), str(BUSYBOX),
+           "sha256sum", str(data)]
     cold = [subprocess.Popen([sys.executable, "-m", "popek", "exec", "--stats", *cmd],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
     outputs = [p.communicate(timeout=TIMEOUT) for p in cold]

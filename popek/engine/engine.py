@@ -61,7 +61,12 @@ PATCHED_NATIVE_AFTER = 131072  # runs of a block patched from stencils before ti
 # compiled 710 and ran 1.2-1.9 s instead of 1.1-1.5 s; with 131072 neither compiles much,
 # and sha256sum of 32 MiB still gets its ~30 hot blocks (2.2-2.4 s either way).
 TIERS = ("interp", "translate", "baseline", "jit")
-FASTEST_TIER = "jit" if jit.available() else "translate"
+# The baseline tier where stencils exist: a Linux boot, Lua, gzip, sha256sum of 2 MiB,
+# threads and esbuild all ran faster under it than under jit (which adds LLVM's tier 2),
+# in ~70 MiB less memory; jit wins only on long hot loops (sha256sum of 32 MiB: 2.2-2.6 s
+# against 2.8-3.6 s). Elsewhere tier 2 is the only native tier.
+FASTEST_TIER = ("baseline" if stencils.supported() else "jit") if jit.available() \
+    else "translate"
 DEFAULT_TIER = os.environ.get("POPEK_ENGINE", FASTEST_TIER)
 
 _u16 = struct.Struct("<H").unpack_from
