@@ -64,7 +64,8 @@ MSTATUS, MTVEC, MEPC, MCAUSE, MTVAL, MSCRATCH, MINSTRET = (
 FS_INITIAL = 1 << 13
 SPECIAL_STENCILS = (stencils.COUNT, stencils.FP_DIRTY, stencils.END, stencils.FALLBACK,
                     stencils.SYSTEM, stencils.CHAIN_FN, stencils.ENTER_FN, stencils.STRADDLE,
-                    stencils.LINKED, *stencils.THUNKS.values())
+                    stencils.LINKED, stencils.CHAIN_SLOW_FN,
+                    *(name for name, _, _ in stencils.THUNKS.values()))
 
 
 # -- running a program under a tier ---------------------------------------------------------

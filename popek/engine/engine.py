@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable
 from functools import cache
 
 from popek.cpu import trap as trap_unit
-from popek.cpu.causes import ILLEGAL_INSN, DebugStop, Trap
+from popek.cpu.causes import ACCESS_EXEC, ILLEGAL_INSN, DebugStop, Trap
 from popek.cpu.physmem import PAGE_SIZE
 from popek.cpu.state import CTL_INSTRET, CTL_PRIV, CTL_WFI, XLEN_MASK
 from popek.engine import jit, stencils, translator
@@ -173,6 +173,7 @@ class Engine:
         self._spins = False  # the run looks for spinning at system instructions too
         if self.native is not None:
             self.native.leave_after_system = self._leave_after_system
+            self.native.native_successor = self._native_successor
 
     # -- code cache ---------------------------------------------------------------------
     def _watch_code(self, page: int, start: int, end: int) -> None:
@@ -534,6 +535,21 @@ class Engine:
             return blk
         return self.decode_block(base, pc, mode)
 
+    def _native_successor(self, pc: int) -> int:
+        """Native code for ``pc``, decoded and patched now if need be, for a native run
+        that found none (see NativeRuntime._successor): its address, or 0 if it has none
+        (a device's code, a straddling instruction, a breakpoint, a full code area)."""
+        native = self.native
+        base = self.hart.mmu.tlb_x.get(pc >> 12)
+        if base is not None:  # the native fetch TLB, direct-mapped, may have lost it
+            native.fill(ACCESS_EXEC, pc >> 12, base)
+        blk = self._block_at(pc, base, native.env.decode_mode, False)
+        if blk.native is None:
+            return 0
+        if blk.key >= 0:  # (the block table's bucket may have let it go)
+            native.remember_block(blk.key, blk.native_addr)
+        return blk.native_addr
+
     def _enter(self, blk: Block, pc: int, mode: int, budget: int, instret: int
                ) -> tuple[int, int, Trap | None]:
         """Run native code from ``blk`` on, chaining natively within ``budget``: returns the
@@ -553,6 +569,9 @@ class Engine:
         env.budget = budget
         env.executed = 0
         status = blk.native(native.env_addr, pc, blk.native_addr)
+        if native.interrupted is not None:
+            interrupted, native.interrupted = native.interrupted, None
+            raise interrupted
         if status == jit.EXIT:
             return env.pc, env.executed, None
         if status == jit.HOT:  # a patched block ran often enough for tier 2

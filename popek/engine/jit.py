@@ -117,7 +117,8 @@ STATIC_JUMPS = frozenset({"B", "J"})  # formats whose jump target is pc + imm
 
 ENV_FIELDS = ("x", "f", "ctl", "csr", "tlb_r", "tlb_w", "jumps", "mode", "budget", "executed",
               "pc", "cause", "tval", "status", "load_slow", "store_slow", "exec_slow", "tlb_x",
-              "blocks", "decode_mode", "exec_system", "load_thunk", "store_thunk")
+              "blocks", "decode_mode", "exec_system", "load_thunk", "store_thunk", "successor",
+              "successor_thunk", "chain_slow")
 _F = {name: i for i, name in enumerate(ENV_FIELDS)}
 
 
@@ -128,6 +129,7 @@ class Env(ctypes.Structure):
 LOAD_SLOW = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint32)
 STORE_SLOW = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint64)
 EXEC_SLOW = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_uint64, ctypes.c_uint64)
+SUCCESSOR = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_uint64)
 BLOCK_FN = ctypes.PYFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_uint64)
 ENTER_FN = ctypes.PYFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64)
 STEP_FN = ctypes.PYFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64,
@@ -520,10 +522,26 @@ def _block_table(em: _Emitter, target: ir.Value, tag: ir.Value, ways: list[ir.Va
             b.position_at_end(next_bb)
 
 
-def _chain(module: ir.Module) -> ir.Function:
+def _jump_ways(em: _Emitter, target: ir.Value) -> tuple[ir.Value, list[ir.Value]]:
+    """The jump-cache tag ``target`` has under the run's mode, and its bucket's ways."""
+    b = em.builder
+    bucket = _jump_bucket(b, target)
+    want = b.xor(b.or_(target, ir.Constant(I64, 1)), em.get("mode", I64))
+    return want, [b.gep(em.get("jumps"), [bucket, ir.Constant(I32, way)], inbounds=True,
+                        source_etype=JUMP_BUCKET) for way in range(JUMP_WAYS)]
+
+
+def _leave(em: _Emitter, target: ir.Value) -> None:
+    em.set("pc", target)
+    em.builder.ret(ir.Constant(I32, EXIT))
+
+
+def _chain(module: ir.Module, slow: str = "") -> ir.Function:
     """The exit every block of ``module`` tail-calls with its successor's pc: chain to
     the successor's native code if the jump cache has it and budget remains, else return
-    the pc to the dispatcher. One copy per module keeps each block's code small."""
+    the pc to the dispatcher. One copy per module keeps each block's code small. With
+    ``slow`` (the stencils' chain), a jump-cache miss goes on in the function at that env
+    field (see _chain_slow), so that the hit path saves no registers."""
     for fn in module.functions:
         if fn.name == CHAIN:
             return fn
@@ -539,10 +557,7 @@ def _chain(module: ir.Module) -> ir.Function:
     leave_bb = b.append_basic_block("leave")
     b.cbranch(budget_left, chain_bb, leave_bb)
     b.position_at_end(chain_bb)
-    bucket = _jump_bucket(b, target)
-    want = b.xor(b.or_(target, ir.Constant(I64, 1)), em.get("mode", I64))
-    ways = [b.gep(em.get("jumps"), [bucket, ir.Constant(I32, way)], inbounds=True,
-                  source_etype=JUMP_BUCKET) for way in range(JUMP_WAYS)]
+    want, ways = _jump_ways(em, target)
     miss_bb = b.append_basic_block("miss")
     for way, entry in enumerate(ways):  # each way: (tag, function address)
         hit = b.icmp_unsigned("==", b.load(entry, typ=I64), want)
@@ -554,10 +569,37 @@ def _chain(module: ir.Module) -> ir.Function:
                         typ=ir.PTR)
         b.ret(b.call(callee, BLOCK_TYPE, [em.env, target], tail="musttail"))
         b.position_at_end(next_bb)
-    _block_table(em, target, want, ways, leave_bb)
+    if slow:
+        b.ret(b.call(em.get(slow), BLOCK_TYPE, [em.env, target], tail="musttail"))
+    else:
+        _block_table(em, target, want, ways, leave_bb)
     b.position_at_end(leave_bb)
-    em.set("pc", target)
-    b.ret(ir.Constant(I32, EXIT))
+    _leave(em, target)
+    return fn
+
+
+def _chain_slow(module: ir.Module, name: str, successor: Callable[[_Emitter, ir.Value], ir.Value]
+                ) -> ir.Function:
+    """The stencils' chain after a jump-cache miss: the block table, then, if the
+    successor has no code yet, ``successor``'s call, which asks the engine to make it
+    (NativeRuntime._successor) and gives its address or 0 (then back to the engine)."""
+    fn = ir.Function(module, BLOCK_TYPE, name)
+    fn.attributes.add("nounwind")
+    em = _Emitter(fn)
+    b = em.builder
+    target = fn.args[1]
+    want, ways = _jump_ways(em, target)
+    unknown_bb = b.append_basic_block("unknown")
+    _block_table(em, target, want, ways, unknown_bb)
+    b.position_at_end(unknown_bb)
+    code = successor(em, target)
+    made_bb, leave_bb = b.append_basic_block("made"), b.append_basic_block("leave")
+    b.cbranch(b.icmp_unsigned("!=", code, ir.Constant(I64, 0)), made_bb, leave_bb)
+    b.position_at_end(made_bb)
+    b.ret(b.call(b.cast("inttoptr", code, ir.PTR), BLOCK_TYPE, [em.env, target],
+                 tail="musttail"))
+    b.position_at_end(leave_bb)
+    _leave(em, target)
     return fn
 
 
@@ -681,9 +723,14 @@ class NativeRuntime:
         env.jumps = self.jumps.buffer_info()[0]
         env.blocks = self.blocks.buffer_info()[0]
         self._callbacks = (LOAD_SLOW(self._load_slow), STORE_SLOW(self._store_slow),
-                           EXEC_SLOW(self._exec_slow), EXEC_SLOW(self._exec_system))
-        env.load_slow, env.store_slow, env.exec_slow, env.exec_system = (
+                           EXEC_SLOW(self._exec_slow), EXEC_SLOW(self._exec_system),
+                           SUCCESSOR(self._successor))
+        env.load_slow, env.store_slow, env.exec_slow, env.exec_system, env.successor = (
             ctypes.cast(cb, ctypes.c_void_p).value for cb in self._callbacks)
+        # The engine's way to native code for a pc native code found none for (see
+        # _successor), and what interrupted it, for the engine to raise after the run.
+        self.native_successor: Callable[[int], int] = lambda pc: 0
+        self.interrupted: BaseException | None = None
         CACHE.open(toolchain())
         self.engine = None  # LLVM's, made when first needed (_compiler)
         self._forget_compiled()
@@ -866,6 +913,20 @@ class NativeRuntime:
             self.pending = e
             return TRAP_PENDING if isinstance(e, Trap) else EXCEPTION
 
+    def _successor(self, pc: int) -> int:
+        """Native code found no code for ``pc`` (the jump cache and block table missed):
+        the engine decodes and patches it now, if it can, so that native code goes on
+        instead of returning to the engine's loop for it (a boot's ~32,000 new blocks each
+        cost a return and an entry). 0 leaves it to the loop, which does the same work
+        and raises what there is to raise (a fetch fault, say)."""
+        try:
+            return self.native_successor(pc)
+        except Exception:  # noqa: BLE001 - the loop meets it again, where it belongs
+            return 0
+        except BaseException as e:  # noqa: BLE001 - e.g. KeyboardInterrupt: after the run
+            self.interrupted = e
+            return 0
+
     def _exec_slow(self, ref: int, pc: int) -> int:
         handler, rd, rs1, rs2, imm = self.fallbacks[ref]
         try:
@@ -885,7 +946,8 @@ class NativeRuntime:
         self.counted.clear()
         self.linked.clear()
         chain = self.area.write(self.stencils[stencils.CHAIN_FN].code)
-        for field, name in stencils.THUNKS.items():
+        self.env.chain_slow = self.area.write(self.stencils[stencils.CHAIN_SLOW_FN].code)
+        for field, (name, _, _) in stencils.THUNKS.items():
             setattr(self.env, field, self.area.write(self.stencils[name].code))
         self._enter = ENTER_FN(self.area.write(self.stencils[stencils.ENTER_FN].code))
         return chain

@@ -82,11 +82,15 @@ END = "end"  # a block's fall-through exit
 STRADDLE = "straddle"  # first in a page-straddling instruction's block: checks its second half
 LINKED = "linked"  # where blocks that jump straight to a block enter it: checks the budget
 CHAIN_FN = "chain"
+CHAIN_SLOW_FN = "chain_slow"  # chain after a jump-cache miss (env.chain_slow)
 ENTER_FN = "enter"  # enter(env, pc, code): Python's one way into any block's native code
-# Loads and stores that miss the native TLB call their callback through a thunk that
-# preserves every register (LLVM's preserve_most convention), so the stencils' fast paths
-# save none; by the env field that holds each thunk's address.
-THUNKS = {"load_thunk": "load_slow", "store_thunk": "store_slow"}
+# Loads and stores that miss the native TLB, and chain when it finds no successor, call
+# their Python callback through a thunk that preserves every register (LLVM's
+# preserve_most convention), so that their fast paths save none: by the env field that
+# holds each thunk's address, the callback's env field, its result and argument types.
+THUNKS = {"load_thunk": ("load_slow", I64, (I64, I32, I32)),  # vaddr, size, access
+          "store_thunk": ("store_slow", I32, (I64, I32, I64)),  # vaddr, size, value
+          "successor_thunk": ("successor", I64, (I64,))}  # pc
 SLOW_CC = "preserve_mostcc"
 
 
@@ -153,6 +157,13 @@ def _hole(name: str) -> ir.Value:
 
 # -- building the library ---------------------------------------------------------------------
 
+def call_thunk(em, field: str, args: list[ir.Value]) -> ir.Value:
+    """Call the thunk at env ``field`` (see THUNKS) from emitter ``em``'s code."""
+    _, ret, _ = THUNKS[field]
+    fnty = ir.FunctionType(ret, [em.env.type, *(a.type for a in args)])
+    return em.builder.call(em.get(field), fnty, [em.env, *args], cc=SLOW_CC)
+
+
 def _library_module() -> tuple[str, list[str]]:
     """The IR of every stencil, and their names."""
     from popek.engine import jit  # the emitters and the chain function; jit imports us lazily
@@ -187,9 +198,8 @@ def _library_module() -> tuple[str, list[str]]:
                          tail="musttail"))
 
         def _slow_access(self, field: str, ret: ir.Type, args: list[ir.Value]) -> ir.Value:
-            thunk = self.get("load_thunk" if field == "load_slow" else "store_thunk")
-            fnty = ir.FunctionType(ret, [self.env.type, *(a.type for a in args)])
-            return self.builder.call(thunk, fnty, [self.env, *args], cc=SLOW_CC)
+            return call_thunk(self, "load_thunk" if field == "load_slow" else "store_thunk",
+                              args)
 
         def run_system(self) -> None:
             """The instruction's Python handler (``exec_system``), then on, out to the
@@ -316,10 +326,8 @@ def _library_module() -> tuple[str, list[str]]:
         b.ret(ir.Constant(I32, HOT))
     em.tail(HOLE_NEXT, em.pc0)
 
-    for field, name in THUNKS.items():
-        ret = I64 if field == "load_thunk" else I32
-        last = I32 if field == "load_thunk" else I64  # the access kind, or the stored value
-        thunk = ir.Function(module, ir.FunctionType(ret, [ir.PTR, I64, I32, last]), name)
+    for name, ret, args in THUNKS.values():
+        thunk = ir.Function(module, ir.FunctionType(ret, [ir.PTR, *args]), name)
         thunk.calling_convention = SLOW_CC
         thunk.attributes.add("nounwind")
         names.append(name)
@@ -365,9 +373,12 @@ def _library_module() -> tuple[str, list[str]]:
     em._retire(_hole(HOLE_LENGTH))
     em.tail(HOLE_CHAIN, b.add(em.pc0, _hole(HOLE_END)))
 
-    chain = jit._chain(module)
+    chain = jit._chain(module, slow="chain_slow")
     chain.linkage = ""
     names.append(CHAIN_FN)
+    jit._chain_slow(module, CHAIN_SLOW_FN,
+                    lambda em, target: call_thunk(em, "successor_thunk", [target]))
+    names.append(CHAIN_SLOW_FN)
 
     enter = ir.Function(module, jit.ENTER_TYPE, ENTER_FN)
     enter.attributes.add("nounwind")
