@@ -167,3 +167,27 @@ def test_a_block_gone_native_holds_no_python_tier_function(tier: str) -> None:
     assert hart.x[10] == 4 and hart.engine.blocks[key] is block
     assert block.native is not None
     assert not any(getattr(r, "__closure__", None) for r in gc.get_referents(block))
+
+
+@pytest.mark.parametrize("tier", ["baseline", "jit"])
+def test_native_code_runs_on_into_blocks_it_meets_for_the_first_time(tier: str) -> None:
+    """A chain of 300 blocks never seen before (each an addi and a jump to the next):
+    native code asks the engine for each new one and goes on, instead of returning to
+    the engine's loop 300 times."""
+    hart, mem = machine(tier)
+    jump_on = 0x0040006F  # jal x0, +4: the next block
+    code = b"".join(struct.pack("<II", ADDI_A0_1, jump_on) for _ in range(300))
+    mem.write(BASE + 0x1000, code + struct.pack("<I", EBREAK))
+    entries = 0
+    enter = hart.engine._enter
+
+    def counted(*args):
+        nonlocal entries
+        entries += 1
+        return enter(*args)
+
+    hart.engine._enter = counted
+    run_from(hart, BASE + 0x1000)
+    hart.run(10_000)
+    assert hart.x[10] == 300
+    assert entries < 10, entries
