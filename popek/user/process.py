@@ -16,6 +16,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from popek.cpu import causes
 from popek.cpu.csr import ENVCFG_CBZE, FCSR, MCOUNTEREN, MENVCFG, MSTATUS, SCOUNTEREN, SENVCFG
@@ -30,7 +31,6 @@ from popek.user.address_space import (
     USER_TOP,
     AddressSpace,
 )
-from popek.user.container.isolation import Container
 from popek.user.container.namespace import NoPidLeft
 from popek.user.control import ProcessExit, Terminated
 from popek.user.fileflags import FD_CLOEXEC
@@ -39,6 +39,9 @@ from popek.user.strace import Strace
 from popek.user.syscalls import dispatch
 from popek.user.syscalls.files import DirStream
 from popek.user.threads import SLICE, Scheduler
+
+if TYPE_CHECKING:  # only containers need the module, and sockets with it
+    from popek.user.container.isolation import Container
 
 TRAMPOLINE = USER_TOP - PAGE_SIZE  # the last page holds the signal return code
 STACK_TOP = TRAMPOLINE

@@ -12,7 +12,6 @@ number from its first instruction. The slot is freed when the process is reaped.
 from __future__ import annotations
 
 import mmap
-import multiprocessing
 import os
 import struct
 import time
@@ -41,6 +40,8 @@ class Namespace:
         self._pids = memoryview(self._shared)[PID_TABLE:MEMORY_TABLE].cast("i")
         self._memory = memoryview(self._shared)[MEMORY_TABLE:COMM_TABLE].cast("q")
         self._cpu = memoryview(self._shared)[CPU_TABLE:SIZE].cast("d")
+        import multiprocessing  # ~3 ms: not for popek exec outside containers (HOSTNAME_MAX)
+
         self._lock = multiprocessing.get_context("fork").Lock()
         self.memory_limit = memory_limit
         HEADER.pack_into(self._shared, 0, FIRST_CHILD, hostname[:HOSTNAME_MAX])
