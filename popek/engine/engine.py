@@ -26,7 +26,6 @@ native (native code would chain into it without returning to the loop).
 from __future__ import annotations
 
 import os
-import platform
 import struct
 import sys
 from collections.abc import Callable, Iterable
@@ -117,7 +116,7 @@ class Block:
 
 @cache
 def _no_stencils_notice() -> None:
-    print(f"popek: no copy-and-patch stencils for {platform.machine()} hosts (x86-64 only): "
+    print(f"popek: no copy-and-patch stencils for {os.uname().machine} hosts (x86-64 only): "
           "cold code runs on the Python tiers", file=sys.stderr)
 
 

@@ -33,8 +33,7 @@ from __future__ import annotations
 import ctypes
 import importlib
 import importlib.util
-import platform
-import secrets
+import os
 import sys
 import threading
 import time
@@ -183,7 +182,7 @@ def toolchain() -> str:
     """What, besides popek's source, shapes the native code: the on-disk cache's version.
     Read without loading LLVM (a run whose code never gets hot never loads it): each
     llvmlite release bundles one LLVM, and the target is generic for the host's triple."""
-    return (f"llvmlite {llvmlite_version()} {platform.machine()} {sys.platform} "
+    return (f"llvmlite {llvmlite_version()} {os.uname().machine} {sys.platform} "
             f"codegen {CODEGEN_LEVEL}")
 
 
@@ -1186,7 +1185,7 @@ class NativeRuntime:
         with LLVM_LOCK:
             self._compiler()  # before counting blocks against it
         module = ir.Module()
-        table = f"t{secrets.token_hex(8)}"
+        table = f"t{os.urandom(8).hex()}"
         owners: list[list[object]] = []  # the tokens of each function emitted
         keys: list[bytes | None] = []
         emitted: dict[bytes, int] = {}
@@ -1291,7 +1290,7 @@ class NativeRuntime:
         if key not in self.steps:
             fn = None
             if self.compiles and lowers(ins):
-                table = f"t{secrets.token_hex(8)}"
+                table = f"t{os.urandom(8).hex()}"
                 text = self._with_table(_step_module(ins, length), table, ["step"])
                 with LLVM_LOCK:
                     self._compiler()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 import select
 import time
 from typing import TYPE_CHECKING
@@ -44,7 +43,7 @@ SIGNALFD_SIGINFO = structs.Struct("<IiiII20xi84x")  # TFD_TIMER_ABSTIME | TFD_TI
 
 
 class _HostEpollEvent(ctypes.Structure):
-    _pack_ = 4 if platform.machine() == "x86_64" else 8
+    _pack_ = 4 if os.uname().machine == "x86_64" else 8
     _fields_ = [("events", ctypes.c_uint32), ("data", ctypes.c_uint64)]
 
 
