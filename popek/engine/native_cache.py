@@ -46,11 +46,11 @@ import fcntl
 import hashlib
 import marshal
 import os
-import secrets
 import struct
 import sys
 import threading
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from types import CodeType
 
@@ -94,13 +94,21 @@ def checksum(body: bytes | memoryview) -> bytes:
 def source_version(toolchain: str) -> str:
     """The name of the directory for code made by this popek with ``toolchain`` (what
     llvmlite, LLVM and the target machine are)."""
-    digest = hashlib.blake2b(f"{toolchain} python {sys.version}".encode(), digest_size=10)
+    return hashlib.blake2b(f"{toolchain} python {sys.version}".encode() + _source_digest(),
+                           digest_size=10).hexdigest()
+
+
+@cache
+def _source_digest() -> bytes:
+    """The hash of the source that shapes native code, read once per process (a code
+    cache and the stencil library both ask)."""
+    digest = hashlib.blake2b()
     package = Path(__file__).resolve().parent.parent
     for name in SHAPING_PACKAGES:
         for path in sorted((package / name).rglob("*.py")):
             digest.update(str(path.relative_to(package)).encode() + b"\0")
             digest.update(path.read_bytes())
-    return digest.hexdigest()
+    return digest.digest()
 
 
 @dataclass(eq=False)
@@ -413,7 +421,7 @@ class NativeCache:
     def _open_writer(self) -> None:
         """This process's pack: locked (which tells other processes its writer lives)
         before it takes a name they look at."""
-        name = f"{os.getpid()}-{secrets.token_hex(4)}.pack"
+        name = f"{os.getpid()}-{os.urandom(4).hex()}.pack"
         fresh = self.directory / f".{name}"
         try:
             fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND |
@@ -441,7 +449,7 @@ class NativeCache:
         read, so no other process merges or removes it meanwhile; the merged pack is
         renamed into place before they are removed, so a reader sees every record."""
         held: list[tuple[Path, int]] = []
-        merged = self.directory / f".merging-{os.getpid()}-{secrets.token_hex(4)}"
+        merged = self.directory / f".merging-{os.getpid()}-{os.urandom(4).hex()}"
         try:
             for path in packs:
                 try:
@@ -465,7 +473,7 @@ class NativeCache:
                         if body is not None and record.digest not in seen:
                             seen.add(record.digest)
                             out.write(encode_body(record.kind, body))
-            merged.rename(self.directory / f"{os.getpid()}-{secrets.token_hex(4)}.pack")
+            merged.rename(self.directory / f"{os.getpid()}-{os.urandom(4).hex()}.pack")
             for path, _ in held:
                 path.unlink(missing_ok=True)
         finally:
