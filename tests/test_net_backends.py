@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from popek.machine.config import ConfigError, NicSpec
-from popek.net import open_nic
 from popek.net.dgram import DgramBackend
+from popek.net.endpoint import open_nic
 from popek.net.pcap import CapturedBackend, PcapWriter
 from popek.net.stream import StreamBackend, StreamListener
 
@@ -210,7 +210,7 @@ def test_no_passt_outlives_a_killed_popek(tmp_path: Path) -> None:
     """passt exits when the last copy of its socket closes: SIGKILL popek, passt goes."""
     script = ("import sys, time\n"
               "from popek.machine.config import NicSpec\n"
-              "from popek.net import open_nic\n"
+              "from popek.net.endpoint import open_nic\n"
               "nic = open_nic(NicSpec(type='user'), '52:54:00:12:34:56')\n"
               "print(nic.passt.pid, flush=True)\n"
               "time.sleep(600)\n")

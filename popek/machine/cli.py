@@ -14,7 +14,6 @@ from popek import images
 from popek.devices.virtio.net import default_mac
 from popek.engine import jit
 from popek.engine.native_cache import CACHE, add_cache_args, use_cache_args
-from popek.gdb.server import KILLED_STATUS, AddressError, DebuggerPort
 from popek.machine.config import (
     ConfigError,
     DiskSpec,
@@ -124,7 +123,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         with console:
             status = _run_until_poweroff(config, console, guest_out, stats,
                                          capture.restart if capture else None, args.gdb)
-    except (ConfigError, ImageError, AddressError) as err:
+    except (ConfigError, ImageError) as err:
         print(f"popek run: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
@@ -162,11 +161,18 @@ def _run_until_poweroff(config: MachineConfig, console: HostConsole,
     """Run the guest, rebooting it when it asks, until it powers off or the user quits
     (or the debugger at ``gdb``, if any, kills it)."""
     session = GuestSession(config, guest_out, on_reboot=on_reboot)
-    try:
-        debugger = DebuggerPort(session.runner, gdb) if gdb else None
-    except BaseException:
-        session.close()
-        raise
+    debugger = None
+    if gdb:
+        from popek.gdb.server import KILLED_STATUS, AddressError, DebuggerPort  # only with --gdb
+
+        try:
+            debugger = DebuggerPort(session.runner, gdb)
+        except AddressError as err:
+            session.close()
+            raise ConfigError(str(err)) from None
+        except BaseException:
+            session.close()
+            raise
 
     def console_input() -> None:
         data = console.read(0.0)

@@ -16,10 +16,10 @@ from popek.machine.agent import AgentLink, relink
 from popek.machine.config import MachineConfig
 from popek.machine.runner import MachineRunner
 from popek.machine.virt import VirtMachine
-from popek.net import open_nics
 from popek.stats import count_traps
 
 if TYPE_CHECKING:
+    from popek.net.endpoint import OpenedNic
     from popek.vmm.snapshot import Snapshot
 
 
@@ -37,7 +37,7 @@ class GuestSession:
         self.exit_code: int | None = None
         self.agent: AgentLink | None = None  # the current machine's guest agent
         self._counted = 0  # instructions of the machines reboots replaced (less a restored one's)
-        self._opened = open_nics(config.nics, [nic.mac for nic in config.nics])
+        self._opened = _open_nics(config)
         self._nets = [nic.end.backend() for nic in self._opened]
         try:
             if snapshot is not None:
@@ -100,3 +100,12 @@ class GuestSession:
             backend.close()
         for nic in self._opened:
             nic.close()
+
+
+def _open_nics(config: MachineConfig) -> list[OpenedNic]:
+    """The host ends of the machine's NICs, opened."""
+    if not config.nics:
+        return []
+    from popek.net.endpoint import open_nics  # sockets, passt: ~8 ms a guest without NICs saves
+
+    return open_nics(config.nics, [nic.mac for nic in config.nics])

@@ -2,8 +2,6 @@
 dgram framing, packet capture) behind one small interface, and the opening of their
 host ends, kept apart from their use."""
 
-from popek.net.backend import MAX_FRAME, MIN_FRAME, NetBackend
-from popek.net.endpoint import HostEnd, OpenedNic, open_nic, open_nics
-
-__all__ = ["MAX_FRAME", "MIN_FRAME", "HostEnd", "NetBackend", "OpenedNic", "open_nic",
-           "open_nics"]
+# Nothing is imported here: the machine's virtio-net needs only the backend interface
+# (popek.net.backend), not the host ends (popek.net.endpoint), whose sockets, passt and
+# multiprocessing cost a boot without NICs ~8 ms.

@@ -34,7 +34,7 @@ from popek.machine.config import (
     config_from_json,
     config_to_json,
 )
-from popek.net import OpenedNic, open_nics
+from popek.net.endpoint import OpenedNic, open_nics
 from popek.vmm import hostfiles, migration_peers, pagesharing, procstat, records, scheduler
 from popek.vmm.errors import BadRequest, Conflict, NotFound
 from popek.vmm.networks import Networks

@@ -35,7 +35,7 @@ from typing import Any
 from popek.jsontypes import wrong_field
 from popek.machine.config import CONFIG_VERSION, ConfigError, config_from_json, config_to_json
 from popek.machine.loader import ImageError
-from popek.net import OpenedNic
+from popek.net.endpoint import OpenedNic
 from popek.stats import trap_names
 from popek.vmm import channel, hostfiles, jail, pagesharing, procstat, scheduler, snapshot, worker
 from popek.vmm.channel import (

@@ -86,7 +86,7 @@ def main(listener: socket.socket, spec: dict[str, Any],
     the worker listens for its VMM, this one and the next. ``spec``: ``{"config": ...}``
     to boot or ``{"restore": path}``, the ``files`` they name
     (:class:`~popek.vmm.hostfiles.HostFiles`), ``nics`` (the host end of each NIC, opened
-    by the VMM: :class:`~popek.net.HostEnd`), the ``vm_id``, the ``vmm_uid`` that may
+    by the VMM: :class:`~popek.net.endpoint.HostEnd`), the ``vm_id``, the ``vmm_uid`` that may
     connect, the ``exit_record`` to write as it ends and the ``log`` for its stdout and
     stderr, plus ``cpu_cap`` (percent or None) and ``mem_overhead`` (bytes or None) to
     enforce, ``cgroup_procs`` (files) to join and ``ids`` (uid, gid) to take. The worker

@@ -246,7 +246,7 @@ def worker(spec: dict[str, Any], nics: int = 0) -> Iterator[Any]:
     it, without the process: its listening socket and exit record are throwaway ones, and
     it gets ``nics`` NIC host ends (stream sockets whose peers have sent one broadcast
     frame, QEMU-framed, and then stay silent). Everything is closed on the way out."""
-    from popek.net import HostEnd
+    from popek.net.endpoint import HostEnd
     from popek.vmm.hostfiles import PassedFd
     from popek.vmm.worker import Worker
 

@@ -9,7 +9,6 @@ register file is written once. Like QEMU's virt board, slot ``n`` sits at
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -18,8 +17,6 @@ from typing import Any, Protocol
 from popek.cpu.physmem import PhysicalMemory
 from popek.devices.device import IrqLine, bits, check_version, pack_state, unpack_state
 from popek.devices.virtio.queue import Virtqueue, VirtqueueError
-
-log = logging.getLogger(__name__)
 
 SLOT_BASE = 0x1000_1000
 SLOT_SIZE = 0x1000
@@ -284,7 +281,10 @@ class VirtioMMIO:
 
     def _needs_reset(self, queue: Virtqueue, err: VirtqueueError) -> None:
         """Stop the queue and tell the driver, as virtio 1.1 section 2.1.2 asks."""
-        log.debug("virtio device %d needs reset: %s", self.backend.device_id, err)
+        import logging  # ~3 ms of import that only this rare path needs
+
+        logging.getLogger(__name__).debug("virtio device %d needs reset: %s",
+                                          self.backend.device_id, err)
         queue.s.broken = True
         self.s.error = str(err)
         self.s.status |= STATUS_DEVICE_NEEDS_RESET
