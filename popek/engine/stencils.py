@@ -33,7 +33,6 @@ import marshal
 import mmap
 import os
 import struct
-import subprocess
 import sys
 import weakref
 from collections.abc import Callable, Iterable
@@ -512,6 +511,8 @@ def library(root: Path | None, spawn: bool = True) -> dict[str, Stencil]:
 def _built_by_child() -> dict[str, Stencil] | None:
     """The library as ``python -m popek.engine.stencils`` builds it, or None if that
     failed (then the caller builds it itself)."""
+    import subprocess  # ~3 ms of import that a run with the library on disk never needs
+
     try:
         done = subprocess.run([sys.executable, "-m", __name__], capture_output=True,
                               timeout=300, check=False)
