@@ -45,12 +45,15 @@ _STENCIL_LIBRARY = "POPEK_TEST_STENCIL_LIBRARY"  # the session's built library (
 def pytest_configure(config: pytest.Config) -> None:
     """Every test process (and every popek it starts) uses a native code cache of its own,
     empty at the start, never the user's ~/.cache: a test's outcome must not depend on
-    what an earlier run left there (CI starts with none)."""
+    what an earlier run left there (CI starts with none). Decompressed images go to the
+    session's directory too (the first test process's, which those xdist starts share)."""
     from popek.engine.native_cache import CACHE, ENV_VAR
+    from popek.machine import image_cache
 
     directory = tempfile.mkdtemp(prefix="popek-code-cache-")
     config.stash[_CACHE_DIR] = directory
     os.environ[ENV_VAR] = directory
+    os.environ.setdefault(image_cache.ENV_VAR, os.path.join(directory, "decompressed"))
     CACHE.configure(Path(directory))
     _with_stencil_library(Path(directory))
 

@@ -6,15 +6,16 @@ an image becomes an :class:`ImageError` with a one-line message for the user.
 
 from __future__ import annotations
 
-import gzip
 import io
-import lzma
 import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from popek.machine.image_cache import ImageCache
+
+XZ_MAGIC, GZIP_MAGIC = b"\xfd7zXZ\0", b"\x1f\x8b"
 IMAGE_MAGIC2 = b"RSC\x05"  # offset 56 of a RISC-V Linux Image header
 IMAGE_HEADER_SIZE = 64
 EM_RISCV = 243
@@ -45,9 +46,10 @@ class Kernel:
 
 
 def read_image(path: Path, what: str, limit: int,
-               opener: Callable[..., int] = os.open) -> bytes:
-    """The file's bytes, decompressed if it is xz or gzip. ``opener`` opens ``path`` as
-    os.open does (a VMM worker's finds the descriptor the VMM opened for it).
+               opener: Callable[..., int] = os.open, cache: ImageCache | None = None) -> bytes:
+    """The file's bytes, decompressed if it is xz or gzip (found in ``cache`` if it holds
+    them, and kept there if not). ``opener`` opens ``path`` as os.open does (a VMM
+    worker's finds the descriptor the VMM opened for it).
 
     An image larger than ``limit`` bytes (the guest's RAM, which no loadable image
     exceeds) is refused before more is read or decompressed: a small compressed file
@@ -63,25 +65,40 @@ def read_image(path: Path, what: str, limit: int,
         raise ImageError(f"cannot read {what} {path}: {err.strerror}") from None
     except ValueError:  # a NUL in the path, which no file name holds
         raise ImageError(f"{what} {str(path)!r} is not a file name") from None
-    try:
-        if raw.startswith(b"\xfd7zXZ\0"):
-            raw = lzma.LZMAFile(io.BytesIO(raw)).read(limit + 1)
-        elif raw.startswith(b"\x1f\x8b"):
-            raw = gzip.GzipFile(fileobj=io.BytesIO(raw)).read(limit + 1)
-    except (lzma.LZMAError, EOFError, OSError) as err:
-        raise ImageError(f"{what} {path} is corrupt or truncated ({err})") from None
+    if raw.startswith((XZ_MAGIC, GZIP_MAGIC)):
+        data = cache.get(raw) if cache is not None else None
+        if data is None:
+            data = _decompressed(raw, path, what, limit)
+            if cache is not None and len(data) <= limit:
+                cache.put(raw, data)
+        raw = data
     if len(raw) > limit:
         raise ImageError(f"{what} {path} is larger than the guest's {limit >> 20} MiB of RAM")
     return raw
 
 
+def _decompressed(raw: bytes, path: Path, what: str, limit: int) -> bytes:
+    """xz or gzip ``raw``, decompressed up to ``limit`` + 1 bytes."""
+    import gzip  # (with lzma) only when no cache has the image
+    import lzma
+
+    try:
+        if raw.startswith(XZ_MAGIC):
+            return lzma.LZMAFile(io.BytesIO(raw)).read(limit + 1)
+        return gzip.GzipFile(fileobj=io.BytesIO(raw)).read(limit + 1)
+    except (lzma.LZMAError, EOFError, OSError) as err:
+        raise ImageError(f"{what} {path} is corrupt or truncated ({err})") from None
+
+
 def load_kernel(path: Path, ram_base: int, ram_size: int,
-                opener: Callable[..., int] = os.open, *, physical: bool = False) -> Kernel:
+                opener: Callable[..., int] = os.open, *, physical: bool = False,
+                cache: ImageCache | None = None) -> Kernel:
     """Parse a kernel as QEMU's ``-kernel`` would: an ELF, or a RISC-V Linux Image.
 
     ``physical`` (``--bios none``): only an ELF, loaded at its physical addresses and
-    nowhere else, since it runs from reset with no firmware to place it."""
-    data = read_image(path, "kernel", ram_size, opener)
+    nowhere else, since it runs from reset with no firmware to place it. ``cache`` may
+    hold the decompressed kernel (see read_image)."""
+    data = read_image(path, "kernel", ram_size, opener, cache)
     if data.startswith(b"\x7fELF"):
         return _load_elf(path, data, ram_base, ram_size, physical)
     if physical:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from popek.machine.agent import AgentLink, relink
 from popek.machine.config import MachineConfig
+from popek.machine.image_cache import default_cache
 from popek.machine.runner import MachineRunner
 from popek.machine.virt import VirtMachine
 from popek.stats import count_traps
@@ -33,6 +34,7 @@ class GuestSession:
         self.console_out = console_out
         self.on_reboot = on_reboot
         self.runner = MachineRunner()
+        self.image_cache = default_cache()  # a reboot finds its images there too
         self.traps: Counter[int] = Counter()
         self.exit_code: int | None = None
         self.agent: AgentLink | None = None  # the current machine's guest agent
@@ -63,7 +65,7 @@ class GuestSession:
 
     def _boot(self) -> None:
         self._use(VirtMachine(self.config, self.console_out, nets=self._nets,
-                              events=self.runner.sources))
+                              events=self.runner.sources, image_cache=self.image_cache))
 
     def _use(self, machine: VirtMachine) -> None:
         count_traps(machine.harts, self.traps)

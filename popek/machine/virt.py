@@ -39,6 +39,7 @@ from popek.firmware.sbi import Sbi
 from popek.machine import fdt
 from popek.machine.clock import GuestClock
 from popek.machine.config import ConfigError, MachineConfig, check
+from popek.machine.image_cache import ImageCache
 from popek.machine.loader import ImageError, load_kernel, read_image
 from popek.net.backend import NetBackend
 
@@ -74,6 +75,7 @@ class VirtMachine:
                  nets: Sequence[NetBackend] = (),
                  events: HostEvents | None = None,
                  opener: Callable[..., int] = os.open,
+                 image_cache: ImageCache | None = None,
                  blank: bool = False) -> None:
         """Boot ``config`` from its images, or, given the ``state`` a machine saved (and
         ``memory`` holding its RAM), carry on exactly where that machine was; ``blank``,
@@ -82,7 +84,8 @@ class VirtMachine:
         include the building). ``clock``
         is guest time (by default the host's, see GuestClock). ``opener`` opens the host
         files the configuration names, as os.open does; a VMM worker's hands out the
-        descriptors the VMM opened for it, and opens nothing. Likewise ``nets`` are the
+        descriptors the VMM opened for it, and opens nothing; ``image_cache`` keeps
+        decompressed images across boots (a worker has none). Likewise ``nets`` are the
         open backends of ``config.nics``, one each, and ``events`` the machine runner
         their NICs wait on: the board is handed its network, it opens nothing itself."""
         check(config)
@@ -93,6 +96,7 @@ class VirtMachine:
                               "backends given" + ("" if events else " and no runner"))
         self.config = config
         self.opener = opener
+        self.image_cache = image_cache
         self.console_out = console_out
         self.exit: tuple[str, int] | None = None
         # Instructions a hart runs per slice: a live migration's auto-converge lowers it,
@@ -251,7 +255,7 @@ class VirtMachine:
         cfg = self.config
         firmware = firmware_path(cfg.bios)
         kernel = load_kernel(cfg.kernel, RAM_BASE, cfg.mem, self.opener,
-                             physical=cfg.bios == "none")
+                             physical=cfg.bios == "none", cache=self.image_cache)
         if firmware is not None and kernel.entry != RAM_BASE + KERNEL_OFFSET:
             raise ConfigError(f"kernel entry {kernel.entry:#x}: firmware jumps to "
                               f"{RAM_BASE + KERNEL_OFFSET:#x}")
@@ -259,7 +263,7 @@ class VirtMachine:
             self.mem.write(seg.addr, seg.data)
         initrd_range = None
         if cfg.initrd is not None:
-            data = read_image(cfg.initrd, "initrd", cfg.mem, self.opener)
+            data = read_image(cfg.initrd, "initrd", cfg.mem, self.opener, self.image_cache)
             start = max(_align_up(kernel.end, 1 << 21), RAM_BASE + min(cfg.mem // 2, 128 << 20))
             if start + len(data) > _dtb_address(cfg.mem):
                 raise ConfigError(f"initrd {cfg.initrd} does not fit in {cfg.mem >> 20}M of RAM")
