@@ -12,11 +12,14 @@ ends the command with an error, never the host.
 from __future__ import annotations
 
 import struct
-import subprocess
 import threading
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from popek.devices.virtio.console import AGENT_PORT_NAME, VirtioConsole
+
+if TYPE_CHECKING:  # subprocess (~3 ms of import) only for the result type, made when used
+    from subprocess import CompletedProcess
 
 FRAME = struct.Struct("<cI")
 STDIN_CHUNK = 64 << 10  # the agent takes frames of up to 1 MiB
@@ -24,7 +27,7 @@ MAX_OUTPUT = 256 << 20  # bytes of stdout + stderr one command may return
 NO_AGENT = (f"no guest agent answered: the guest must run popek-agent on the virtio console "
             f"port {AGENT_PORT_NAME} (the bundled initramfs starts it at boot)")
 
-Done = Callable[[subprocess.CompletedProcess | Exception], None]
+Done = Callable[["CompletedProcess | Exception"], None]
 
 
 class AgentError(Exception):
@@ -82,7 +85,7 @@ class AgentLink:
             self._discarding = True
             self._finish(AgentError(reason))
 
-    def _finish(self, outcome: subprocess.CompletedProcess | Exception) -> None:
+    def _finish(self, outcome: CompletedProcess | Exception) -> None:
         done, self._done = self._done, None
         self._out = []
         if done is not None:
@@ -120,9 +123,11 @@ class AgentLink:
             self._discarding = self._discarding and kind != b"X"
             return
         if kind == b"X":
+            from subprocess import CompletedProcess
+
             (status,) = struct.unpack("<i", payload)
             stdout, stderr = (bytes(b) for b in self._out)
-            self._finish(subprocess.CompletedProcess(self._argv, status, stdout, stderr))
+            self._finish(CompletedProcess(self._argv, status, stdout, stderr))
             return
         stream = self._out[kind == b"R"]
         stream += payload
