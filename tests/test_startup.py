@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from popek import images
+from popek.cli import GC_THRESHOLDS
 from popek.machine import image_cache, loader
 from popek.machine.config import MachineConfig
 from popek.machine.image_cache import HEADER, ImageCache
@@ -82,6 +83,29 @@ def test_popek_run_reaches_the_first_instruction_without_the_heavy_modules(tmp_p
                        **{image_cache.ENV_VAR: str(tmp_path)})
     assert "popek.machine.virt" in modules
     assert heavy_in(modules) == []
+
+
+def test_the_popek_command_freezes_its_imports_and_collects_afterwards():
+    """The ``popek`` command's imports are frozen out of the garbage collector's view, and
+    the collector runs again for what the guest's run makes."""
+    probe = """
+import gc, json, sys
+from popek.engine.engine import Engine
+from popek.cli import main
+
+def first_instruction(self, *args, **kwargs):
+    print(json.dumps([gc.isenabled(), gc.get_freeze_count(), gc.get_threshold()]))
+    sys.exit(0)
+
+Engine.run = first_instruction
+main(sys.argv[1:], whole_process=True)
+"""
+    result = subprocess.run([sys.executable, "-c", probe, "exec", str(HELLO)],
+                            capture_output=True, cwd=REPO, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    enabled, frozen, thresholds = json.loads(result.stdout.decode().splitlines()[-1])
+    assert enabled and tuple(thresholds) == GC_THRESHOLDS
+    assert frozen > 10_000  # (the modules of popek and the standard library: ~21,000)
 
 
 def test_a_debugged_exec_still_gets_its_debugger(tmp_path: Path):
