@@ -15,8 +15,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from popek.cpu import causes
 from popek.cpu.csr import ENVCFG_CBZE, FCSR, MCOUNTEREN, MENVCFG, MSTATUS, SCOUNTEREN, SENVCFG
@@ -68,8 +67,7 @@ PAGE_FAULTS = frozenset({causes.INSN_PAGE_FAULT, causes.LOAD_PAGE_FAULT,
                          causes.STORE_ACCESS})
 
 
-@dataclass(frozen=True)
-class ExecOptions:
+class ExecOptions(NamedTuple):  # (not a frozen dataclass: ~0.5 ms more of every start)
     sysroot: str | None = None
     strace: bool = False
     engine: str | None = None  # execution tier; None: the default tier
