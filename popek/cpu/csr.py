@@ -21,8 +21,7 @@ privilege and read-only bits, ``write`` is ``None`` where writes are silently ig
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from popek.cpu import pmp
 from popek.cpu.causes import ILLEGAL_INSN, IRQ_S_TIMER, Trap
@@ -108,8 +107,7 @@ FS_DIRTY = MSTATUS_FS
 
 
 
-@dataclass(frozen=True)
-class Window:
+class Window(NamedTuple):  # (not a frozen dataclass, whose six methods take ~0.5 ms to make)
     """A CSR that reads and writes bits of one storage slot, where most writes need no more
     than the store: CsrFile's entry for it is built from this, and the native tiers run
     its quiet accesses themselves (popek.engine.stencils), leaving the rest to CsrFile."""
