@@ -381,18 +381,18 @@ def test_a_waiting_hart_resumes_at_the_handler_when_interrupted(hart):
 def test_sfence_vma_without_an_address_flushes_the_tlb(hart):
     hart.priv = PRIV_S
     hart.mmu.tlb_r[5] = 0
-    trap.sfence_vma(hart, None, 0)
+    trap.sfence_vma(hart, None, None)
     assert not hart.mmu.tlb_r
 
 
 def test_sfence_vma_is_illegal_in_u_and_in_s_under_tvm(hart):
     hart.priv = PRIV_U
-    assert illegal(trap.sfence_vma, hart, None, 0)
+    assert illegal(trap.sfence_vma, hart, None, None)
     hart.priv = PRIV_S
     hart.csr[C.MSTATUS] |= C.MSTATUS_TVM
     assert illegal(trap.sfence_vma, hart, 0x1000, 0)
     hart.priv = PRIV_M
-    trap.sfence_vma(hart, None, 0)
+    trap.sfence_vma(hart, None, None)
 
 
 def test_sfence_vma_instruction_from_u_mode_traps(hart):

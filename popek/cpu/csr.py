@@ -337,9 +337,14 @@ class CsrFile:
             self.c[num] = v
 
     def _write_satp(self, v: int) -> None:
-        if v >> SATP_MODE_SHIFT in (SATP_BARE, SATP_SV39, SATP_SV48):
-            self.c[SATP] = v
-            self.hart.mmu.flush()
+        """A new address space: its global translations stay, unless the mode changes."""
+        mode = v >> SATP_MODE_SHIFT
+        if mode in (SATP_BARE, SATP_SV39, SATP_SV48):
+            old, self.c[SATP] = self.c[SATP], v
+            if old >> SATP_MODE_SHIFT == mode:
+                self.hart.mmu.flush_local()
+            else:
+                self.hart.mmu.flush()
 
     def _write_mip(self, v: int) -> None:
         """With Sstc enabled STIP follows stimecmp alone: software cannot write it."""

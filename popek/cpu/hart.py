@@ -92,7 +92,7 @@ class Hart(HartState):
     def wfi(self) -> None:
         trap_unit.wfi(self)
 
-    def sfence_vma(self, vaddr: int | None, asid: int) -> None:
+    def sfence_vma(self, vaddr: int | None, asid: int | None) -> None:
         trap_unit.sfence_vma(self, vaddr, asid)
 
     def cbo(self, kind: int, addr: int) -> None:

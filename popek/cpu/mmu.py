@@ -12,6 +12,12 @@ elsewhere) is brought back before it enters any of the three.
 
 ``translate`` is pluggable: the system emulator walks the guest page tables
 (:mod:`popek.cpu.pagewalk`); the process VM looks up its own address-space map.
+
+A change of address space (a satp write, ``sfence.vma`` of one ASID) drops only the
+translations that belong to one (``flush_local``), and a fence of every address space
+keeps the global ones whose page-table entries still hold what their walk read
+(``fence``): Linux's kernel mappings are global, and a boot re-walked ~29,000 of them
+after its ~170 context switches and full fences when each dropped everything.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ class TlbMirror(Protocol):
 
     def switch_priv(self, old: int, new: int) -> None: ...
 
-    def drop_writable(self) -> None: ...
+    def drop_writable(self, page: int | None) -> None: ...
 
 TLB_LIMIT = 8192  # entries per dict before it is simply cleared
 _PAGE_MASK = PAGE_SIZE - 1
@@ -67,9 +73,16 @@ class Mmu:
         self.system = translate is None  # else the process VM's own address-space map
         self.translate = translate
         # What page-table walks told about the cached pages, to drop no more than needed:
-        # the superpages (as (log2 size, vaddr >> that)) and the pages only SUM grants.
+        # the superpages (as (log2 size, vaddr >> that)), the pages only SUM grants, and
+        # the pages and superpages of one address space (not global: see flush_local),
+        # and the global pages by the trail of their walk (pagewalk.unchanged), which is
+        # each global page's only one (a page walked along two goes with local ones).
         self.superpages: set[tuple[int, int]] = set()
         self.sum_pages: set[int] = set()
+        self.local_pages: set[int] = set()
+        self.local_superpages: set[tuple[int, int]] = set()
+        self.trails: dict[pagewalk.Trail, set[int]] = {}
+        self.trail_of: dict[int, pagewalk.Trail] = {}
         # The (read, write, execute) translations of privileges not running now: a system
         # call returns to the same user pages, a trap handler runs on the same kernel pages.
         self.saved: dict[int, tuple[dict[int, int], dict[int, int], dict[int, int]]] = {}
@@ -84,7 +97,52 @@ class Mmu:
         self.tlb_x.clear()
         self.superpages.clear()
         self.sum_pages.clear()
+        self.local_pages.clear()
+        self.local_superpages.clear()
+        self.trails.clear()
+        self.trail_of.clear()
         self.saved.clear()
+        if self.mirror is not None:
+            self.mirror.flush()
+
+    def flush_local(self) -> None:
+        """Forget the translations of the address space (satp changes, ``sfence.vma`` of
+        one ASID), keeping the global ones, which every address space shares. The TLB
+        has no ASIDs: the old address space's translations must go."""
+        local = self.local_pages
+        if local:
+            for tlb in self._tlbs():
+                for vpn in local.intersection(tlb):
+                    del tlb[vpn]
+            self.sum_pages -= local
+            for vpn in local.intersection(self.trail_of):
+                self.trails[self.trail_of.pop(vpn)].discard(vpn)
+            local.clear()
+        self.superpages -= self.local_superpages
+        self.local_superpages.clear()
+        if self.mirror is not None:
+            self.mirror.flush()
+
+    def fence(self) -> None:
+        """``sfence.vma`` of every address space: forget every translation but the global
+        ones whose walk would read the same page-table entries now (so give the same
+        answer); Linux fences everything after each unmapping of a user range."""
+        keep: set[int] = set()
+        trails = {}
+        for trail, vpns in self.trails.items():
+            if vpns and pagewalk.unchanged(self.hart, trail):
+                keep |= vpns
+                trails[trail] = vpns
+        keep -= self.local_pages
+        for tlb in self._tlbs():
+            for vpn in tlb.keys() - keep:
+                del tlb[vpn]
+        self.trails = trails
+        self.trail_of = {vpn: trail for trail, vpns in trails.items() for vpn in vpns}
+        self.sum_pages &= keep
+        self.local_pages.clear()
+        self.superpages -= self.local_superpages
+        self.local_superpages.clear()
         if self.mirror is not None:
             self.mirror.flush()
 
@@ -114,6 +172,9 @@ class Mmu:
         vpn = vaddr >> 12
         for tlb in self._tlbs():
             tlb.pop(vpn, None)
+        trail = self.trail_of.pop(vpn, None)
+        if trail is not None:
+            self.trails[trail].discard(vpn)
         if self.mirror is not None:
             self.mirror.flush_page(vpn)
 
@@ -138,7 +199,7 @@ class Mmu:
                 for vpn in [vpn for vpn, base in tlb_w.items() if base == page]:
                     del tlb_w[vpn]
         if self.mirror is not None:
-            self.mirror.drop_writable()
+            self.mirror.drop_writable(page)
 
     def drop_readable(self, page: int) -> None:
         """Forget the readable translations to host page ``page``, those of privileges set
@@ -157,9 +218,9 @@ class Mmu:
         The host offset is None for addresses that are not RAM (devices).
         """
         if self.system:
-            pa, span, needs_sum = pagewalk.walk(self.hart, vaddr, access)
-        else:
-            pa, span, needs_sum = self.translate(vaddr, access), PAGE_SHIFT, False
+            pa, span, needs_sum, trail = pagewalk.walk(self.hart, vaddr, access)
+        else:  # one address space, which only flush() changes
+            pa, span, needs_sum, trail = self.translate(vaddr, access), PAGE_SHIFT, False, ()
         off = self.mem.ram_offset(pa)
         cacheable = off is not None
         if cacheable and self.mem.absent_pages:
@@ -179,11 +240,19 @@ class Mmu:
             tlb = (self.tlb_r, self.tlb_w, self.tlb_x)[access]
             if len(tlb) >= TLB_LIMIT:
                 tlb.clear()  # capacity, not invalidation: the mirror may keep its copies
-                if len(self.sum_pages) + len(self.superpages) >= TLB_LIMIT:
+                if len(self.sum_pages) + len(self.superpages) + len(self.local_pages) \
+                        + len(self.trail_of) >= TLB_LIMIT:
                     self.flush()  # bound what the walks told, which a clear leaves stale
-            tlb[vaddr >> 12] = off & ~_PAGE_MASK
+            vpn = vaddr >> 12
+            tlb[vpn] = off & ~_PAGE_MASK
             if span > PAGE_SHIFT:
                 self.superpages.add((span, vaddr >> span))
+                if trail is None:
+                    self.local_superpages.add((span, vaddr >> span))
+            if trail is not None and (self.trail_of.setdefault(vpn, trail) == trail):
+                self.trails.setdefault(trail, set()).add(vpn)
+            else:
+                self.local_pages.add(vpn)
             if needs_sum:
                 self.sum_pages.add(vaddr >> 12)
             if self.mirror is not None:

@@ -10,6 +10,11 @@ caches the answer; so a walk for a store sets the PTE's D bit and one for a load
 fetch sets A, exactly as hardware that updates A/D itself (as QEMU does) would for
 the first access of each kind. The walk's own PTE reads and writes are S-mode
 accesses for PMP and raise access faults of the original access kind.
+
+A walk also gives, for a global translation (a G bit on its path), the PTEs it read:
+global translations are the same in every address space, so the TLB keeps them when
+the address space changes, and across a fence of every address space while those PTEs
+hold what they held (:func:`unchanged`), as a walk then would give the same answer.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ PTE_HIGH = PTE_N | PTE_PBMT | PTE_RESERVED
 NAPOT_64K_PPN = 0b1000  # PPN[3:0] of a 64 KiB NAPOT PTE
 NAPOT_64K_SHIFT = 16
 PAGE_SHIFT = 12
+PAGE_MASK = (1 << PAGE_SHIFT) - 1
 LEVEL_BITS = 9
 _u64 = struct.Struct("<Q").unpack_from
 
@@ -89,19 +95,25 @@ def debug_translate(hart: Hart, vaddr: int) -> int:
         return walk(hart, vaddr, ACCESS_EXEC, update=False)[0]
 
 
-def walk(hart: Hart, vaddr: int, access: int, update: bool = True) -> tuple[int, int, bool]:
+Trail = tuple[int, ...]
+
+
+def walk(hart: Hart, vaddr: int, access: int, update: bool = True
+         ) -> tuple[int, int, bool, Trail | None]:
     """:func:`translate`, plus what a TLB caching the answer needs to know to drop it in
     time: the log2 size of the mapping (an ``sfence.vma`` of any page in a superpage
-    changes all of it) and whether only ``mstatus.SUM`` grants it (a user page reached
-    from S-mode). ``update`` False leaves the PTE's A/D bits alone (a debugger's look)."""
+    changes all of it), whether only ``mstatus.SUM`` grants it (a user page reached
+    from S-mode) and, if it is global, its trail (see :func:`unchanged`; M-mode's
+    untranslated accesses have an empty one); None if it belongs to one address space.
+    ``update`` False leaves the PTE's A/D bits alone (a debugger's look)."""
     priv = effective_priv(hart, access)
     if priv == PRIV_M:
-        return vaddr, PAGE_SHIFT, False
+        return vaddr, PAGE_SHIFT, False, ()
     c = hart.csr
     satp = c[SATP]
     mode = satp >> SATP_MODE_SHIFT
     if mode == SATP_BARE:
-        return vaddr, PAGE_SHIFT, False
+        return vaddr, PAGE_SHIFT, False, None
     levels = 3 if mode == SATP_SV39 else 4
     va_bits = PAGE_SHIFT + LEVEL_BITS * levels
     page_fault = PAGE_FAULT_FOR_ACCESS[access]
@@ -116,6 +128,8 @@ def walk(hart: Hart, vaddr: int, access: int, update: bool = True) -> tuple[int,
     # general path below checks and reads the same way, only slower).
     direct = not (c[PMPCFG0] | c[PMPCFG0 + 2] or mem.absent_pages)
     ram, ram_base, ram_last = mem.ram, mem.base, mem.size - 8
+    bits = 0  # the PTEs' bits ORed: G in a pointer makes everything below it global
+    trail: Trail = ()  # (address, value) of each PTE read; the root's address in its page
     while True:
         shift = PAGE_SHIFT + LEVEL_BITS * level
         pte_addr = table + ((vaddr >> shift) & 0x1FF) * 8
@@ -125,6 +139,8 @@ def walk(hart: Hart, vaddr: int, access: int, update: bool = True) -> tuple[int,
             pte = _load_pte(hart, pte_addr, vaddr, access)
         if not pte & PTE_V or pte & (PTE_R | PTE_W) == PTE_W:
             raise Trap(page_fault, vaddr)
+        bits |= pte
+        trail += (pte_addr if trail else pte_addr & PAGE_MASK, pte)
         if pte & (PTE_R | PTE_X):
             break
         # A pointer at the last level, or one with D, A, U or any of bits 63:54 set
@@ -161,8 +177,30 @@ def walk(hart: Hart, vaddr: int, access: int, update: bool = True) -> tuple[int,
     wanted = PTE_A | PTE_D if access == ACCESS_WRITE else PTE_A
     if update and pte & wanted != wanted:
         _store_pte(hart, pte_addr, pte | wanted, vaddr, access)
+        trail = (*trail[:-1], pte | wanted)
     pa = (ppn << PAGE_SHIFT) | (vaddr & offset_mask)
-    return pa, shift, priv == PRIV_S and bool(pte & PTE_U)
+    return (pa, shift, priv == PRIV_S and bool(pte & PTE_U),
+            trail if bits & PTE_G and direct else None)
+
+
+def unchanged(hart: Hart, trail: Trail) -> bool:
+    """Whether a walk now would read the PTE values of ``trail`` (a global translation's,
+    from :func:`walk` in this translation mode), and so give the translation it gave.
+    The root is the current one (global mappings are the same under every root); each
+    later PTE's address follows from the value above it."""
+    if not trail:
+        return True
+    c = hart.csr
+    mem = hart.mem
+    if c[PMPCFG0] | c[PMPCFG0 + 2] or mem.absent_pages:
+        return False
+    ram, ram_base, ram_last = mem.ram, mem.base, mem.size - 8
+    addr = ((c[SATP] & SATP_PPN_MASK) << PAGE_SHIFT) | trail[0]
+    for i in range(0, len(trail), 2):
+        off = (addr if i == 0 else trail[i]) - ram_base
+        if not 0 <= off <= ram_last or _u64(ram, off)[0] != trail[i + 1]:
+            return False
+    return True
 
 
 def _high_bits_valid(pte: int, level: int, menvcfg: int) -> bool:

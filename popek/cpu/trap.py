@@ -178,16 +178,21 @@ def wfi(hart: Hart) -> None:
     hart.ctl[CTL_WFI] = 1
 
 
-def sfence_vma(hart: Hart, vaddr: int | None, asid: int) -> None:
-    """Order page-table updates before later translations of ``vaddr`` (None: of all).
+def sfence_vma(hart: Hart, vaddr: int | None, asid: int | None) -> None:
+    """Order page-table updates before later translations of ``vaddr`` (None: of all) in
+    address space ``asid`` (None: in all, global mappings included).
 
-    The software TLB has no address-space identifiers, so ``asid`` selects nothing: a
-    fence drops the page's translations in every address space.
+    The software TLB has no address-space identifiers, so a fence of one page drops its
+    translations in every address space, and a fence of one address space drops every
+    translation but the global ones (which the spec exempts from it). A fence of all
+    keeps those global translations that a walk would give again (see Mmu.fence).
     """
     priv = hart.ctl[CTL_PRIV]
     if priv == PRIV_U or (priv == PRIV_S and hart.csr[MSTATUS] & MSTATUS_TVM):
         raise Trap(ILLEGAL_INSN, None)
-    if vaddr is None:
-        hart.mmu.flush()
-    else:
+    if vaddr is not None:
         hart.mmu.flush_page(vaddr)
+    elif asid is None:
+        hart.mmu.fence()
+    else:
+        hart.mmu.flush_local()

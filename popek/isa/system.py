@@ -47,6 +47,6 @@ INSNS = [
           ("cbo.clean", "000000000001", 0, "Zicbom"), ("cbo.flush", "000000000010", 1, "Zicbom"),
           ("cbo.inval", "000000000000", 2, "Zicbom"), ("cbo.zero", "000000000100", 3, "Zicboz"))),
     insn("sfence.vma", "0001001 ..... ..... 000 00000 1110011", "R",
-         "hart.sfence_vma(X[rs1] if rs1 else None, X[rs2])", "{rs1},{rs2}", ext="priv",
-         flags=_SYS),
+         "hart.sfence_vma(X[rs1] if rs1 else None, X[rs2] if rs2 else None)", "{rs1},{rs2}",
+         ext="priv", flags=_SYS),
 ]
