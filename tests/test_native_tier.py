@@ -308,3 +308,18 @@ def test_tiers_below_native_never_load_llvm(tier: str) -> None:
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          check=True, cwd=Path(__file__).resolve().parent.parent)
     assert out.stdout.strip() == "False"
+
+
+def test_watching_a_page_drops_only_its_writable_entries_from_the_native_tlb() -> None:
+    from popek.cpu.causes import ACCESS_WRITE
+    hart, _, _ = start("baseline", assemble("ebreak"))
+    native = hart.engine.native
+    native.fill(ACCESS_WRITE, 0x10, 0x1000)
+    native.fill(ACCESS_WRITE, 0x11, 0x2000)
+    native.fill(ACCESS_WRITE, 0x12, 0x1000)  # another alias of the same page
+    hart.mmu.drop_writable(0x1000)  # as guest memory does when it starts watching it
+    tags = set(native.tlb_w[::2])
+    assert 0x10 + 1 not in tags and 0x12 + 1 not in tags
+    assert 0x11 + 1 in tags
+    hart.mmu.drop_writable(None)
+    assert not any(native.tlb_w)
