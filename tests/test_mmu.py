@@ -523,6 +523,49 @@ def test_sfence_vma_of_all_drops_a_global_page_walked_along_two_page_tables(hart
     assert ld64(0x1000) == 5
 
 
+class RecordingMirror:
+    """A TLB mirror that remembers what it holds: (access, vpn) -> whether it is local."""
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple[int, int], bool] = {}
+
+    def fill(self, access: int, vpn: int, host_page: int, local: bool = True) -> None:
+        self.entries[(access, vpn)] = local
+
+    def flush(self) -> None:
+        self.entries.clear()
+
+    def flush_local(self) -> None:
+        self.entries = {k: local for k, local in self.entries.items() if not local}
+
+    def flush_page(self, vpn: int) -> None:
+        self.entries = {k: local for k, local in self.entries.items() if k[1] != vpn}
+
+    def switch_priv(self, old: int, new: int) -> None:
+        pass
+
+    def drop_writable(self, page: int | None) -> None:
+        pass
+
+
+def test_the_mirror_keeps_global_translations_and_drops_a_page_once_walked_two_ways(hart, sv39):
+    mirror = hart.mmu.mirror = RecordingMirror()
+    ld64, st64 = hart.mmu.accessors["ld64"], hart.mmu.accessors["st64"]
+    sv39.map(0x1000, DATA, PTE_V | PTE_R | PTE_W | PTE_G)
+    sv39.map(0x2000, DATA, PTE_V | PTE_R | PTE_W)
+    ld64(0x1000)
+    ld64(0x2000)
+    assert mirror.entries == {(ACCESS_READ, 1): False, (ACCESS_READ, 2): True}
+    hart.csrs.op(C.SATP, 0, hart.csr[C.SATP] | 5 << 44, False, True)
+    assert mirror.entries == {(ACCESS_READ, 1): False}
+    sv39.map(0x1000, DATA + 0x1000, PTE_V | PTE_R | PTE_W | PTE_G)
+    st64(0x1000, 5)  # walked along the new PTE: the read entry, from the old one, goes
+    assert mirror.entries == {(ACCESS_WRITE, 1): True}
+    trap.sfence_vma(hart, None, None)
+    assert mirror.entries == {}
+    assert ld64(0x1000) == 5
+
+
 def test_clearing_sum_takes_user_pages_from_s_mode_but_keeps_its_own(hart, sv39):
     ld64 = hart.mmu.accessors["ld64"]
     sv39.map(0x8000, DATA, PTE_V | PTE_U | PTE_R | PTE_W)

@@ -323,3 +323,18 @@ def test_watching_a_page_drops_only_its_writable_entries_from_the_native_tlb() -
     assert 0x11 + 1 in tags
     hart.mmu.drop_writable(None)
     assert not any(native.tlb_w)
+
+
+def test_a_change_of_address_space_keeps_the_native_tlbs_global_entries() -> None:
+    from popek.cpu.causes import ACCESS_EXEC, ACCESS_READ
+    hart, _, _ = start("baseline", assemble("ebreak"))
+    native = hart.engine.native
+    native.fill(ACCESS_READ, 0x10, 0x1000, local=False)
+    native.fill(ACCESS_READ, 0x11, 0x2000)
+    native.fill(ACCESS_EXEC, 0x12, 0x3000, local=False)
+    native.fill(ACCESS_EXEC, 0x13, 0x4000)
+    native.remember_jump(0x13000, 0, 0x1234)
+    native.flush_local()
+    assert set(native.tlb_r[::2]) == {0, 0x10 + 1}
+    assert set(native.tlb_x[::2]) == {0, 0x12 + 1}
+    assert not any(native.jumps)

@@ -44,9 +44,12 @@ class TlbMirror(Protocol):
     """A copy of the TLB kept elsewhere (the native tier's tables): it hears every fill and
     every invalidation, so it never holds a translation the TLB itself would not."""
 
-    def fill(self, access: int, vpn: int, host_page: int) -> None: ...
+    # ``local``: the translation belongs to the address space (else it is global)
+    def fill(self, access: int, vpn: int, host_page: int, local: bool = True) -> None: ...
 
     def flush(self) -> None: ...
+
+    def flush_local(self) -> None: ...  # forget the local translations
 
     def flush_page(self, vpn: int) -> None: ...
 
@@ -121,7 +124,7 @@ class Mmu:
         self.superpages -= self.local_superpages
         self.local_superpages.clear()
         if self.mirror is not None:
-            self.mirror.flush()
+            self.mirror.flush_local()
 
     def fence(self) -> None:
         """``sfence.vma`` of every address space: forget every translation but the global
@@ -137,6 +140,7 @@ class Mmu:
         for tlb in self._tlbs():
             for vpn in tlb.keys() - keep:
                 del tlb[vpn]
+        every_global_kept = len(trails) == sum(1 for vpns in self.trails.values() if vpns)
         self.trails = trails
         self.trail_of = {vpn: trail for trail, vpns in trails.items() for vpn in vpns}
         self.sum_pages &= keep
@@ -144,7 +148,10 @@ class Mmu:
         self.superpages -= self.local_superpages
         self.local_superpages.clear()
         if self.mirror is not None:
-            self.mirror.flush()
+            if every_global_kept:  # its global entries are all still good
+                self.mirror.flush_local()
+            else:
+                self.mirror.flush()
 
     def switch_priv(self, old: int, new: int) -> None:
         """The privilege changes from ``old`` to ``new`` (a trap or xRET): its translations
@@ -249,14 +256,16 @@ class Mmu:
                 self.superpages.add((span, vaddr >> span))
                 if trail is None:
                     self.local_superpages.add((span, vaddr >> span))
-            if trail is not None and (self.trail_of.setdefault(vpn, trail) == trail):
+            if trail is not None and self.trail_of.setdefault(vpn, trail) == trail:
                 self.trails.setdefault(trail, set()).add(vpn)
-            else:
+            elif vpn not in self.local_pages:
                 self.local_pages.add(vpn)
+                if vpn in self.trail_of and self.mirror is not None:
+                    self.mirror.flush_page(vpn)  # the mirror may hold it as global
             if needs_sum:
                 self.sum_pages.add(vaddr >> 12)
             if self.mirror is not None:
-                self.mirror.fill(access, vaddr >> 12, off & ~_PAGE_MASK)
+                self.mirror.fill(access, vpn, off & ~_PAGE_MASK, self._local(vpn))
         return pa, off
 
     def fetch_page(self, pc: int) -> int | None:
@@ -284,7 +293,7 @@ class Mmu:
             return low | (high << (8 * first))
         base = (self.tlb_r if access == ACCESS_READ else self.tlb_w).get(vaddr >> 12)
         if base is not None:  # only the native TLB's smaller copy had lost it
-            self._refill_mirror(access, vaddr, base)
+            self.refill_mirror(access, vaddr, base)
             off = base | (vaddr & _PAGE_MASK)
             return int.from_bytes(self.mem.ram[off:off + size], "little")
         pa, off = self.resolve(vaddr, size, access)
@@ -306,7 +315,7 @@ class Mmu:
             return
         base = self.tlb_w.get(vaddr >> 12)
         if base is not None:  # as in load_slow
-            self._refill_mirror(ACCESS_WRITE, vaddr, base)
+            self.refill_mirror(ACCESS_WRITE, vaddr, base)
             off = base | (vaddr & _PAGE_MASK)
             self.mem.ram[off:off + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(
                 size, "little")
@@ -317,11 +326,15 @@ class Mmu:
         except BusError:
             raise Trap(ACCESS_FAULT_FOR_ACCESS[ACCESS_WRITE], vaddr) from None
 
-    def _refill_mirror(self, access: int, vaddr: int, base: int) -> None:
+    def refill_mirror(self, access: int, vaddr: int, base: int) -> None:
         """The native TLB, direct-mapped and smaller (and cleared whole where these dicts
         drop one page), missed a page these dicts hold: give it back rather than walk."""
         if self.mirror is not None:
-            self.mirror.fill(access, vaddr >> 12, base)
+            self.mirror.fill(access, vaddr >> 12, base, self._local(vaddr >> 12))
+
+    def _local(self, vpn: int) -> bool:
+        """Whether the cached translation of ``vpn`` belongs to the address space."""
+        return vpn in self.local_pages or vpn not in self.trail_of
 
     # -- fast path ----------------------------------------------------------------------
     def _make_accessors(self) -> dict[str, Callable]:

@@ -541,7 +541,7 @@ class Engine:
         native = self.native
         base = self.hart.mmu.tlb_x.get(pc >> 12)
         if base is not None:  # the native fetch TLB, direct-mapped, may have lost it
-            native.fill(ACCESS_EXEC, pc >> 12, base)
+            self.hart.mmu.refill_mirror(ACCESS_EXEC, pc, base)
         blk = self._block_at(pc, base, native.env.decode_mode, False)
         if blk.native is None:
             return 0

@@ -62,6 +62,7 @@ from popek.isa.spec import IMM_RANGES, WRITES_X, Insn
 llvm: ModuleType | None = None
 
 TLB_ENTRIES = 1024  # per access kind; direct-mapped on the virtual page number
+LOCAL_SLOTS = 4 * TLB_ENTRIES  # local fills remembered; beyond, flush_local empties all
 # The jump cache: JUMP_PAGE_BITS of a bucket's index hash the virtual page, the rest hash
 # the offset in the page (as QEMU's tb_jmp_cache), so the entries of one page are one run
 # of buckets: an sfence.vma of a page (Linux issues thousands in a boot) clears them
@@ -693,6 +694,9 @@ class NativeRuntime:
         # Native TLB tables (read, write, fetch) per privilege, like the MMU's sets: a trap
         # or return switches.
         self.tables: dict[int, tuple[array, array, array]] = {}
+        # The entries filled with translations of the address space (table, index), for
+        # flush_local; a slot since refilled with a global one may be among them.
+        self.local_slots: list[tuple[array, int]] = []
         self.jumps = array("Q", bytes(16 * JUMP_ENTRIES))
         self.blocks = array("Q", bytes(16 * BLOCK_WAYS << BLOCK_BITS))
         self.ram_addr = hart.mem.ram_address
@@ -797,15 +801,17 @@ class NativeRuntime:
         self._object = bytes(buffer)
 
     # -- TLB mirror (see Mmu.mirror) --
-    def fill(self, access: int, vpn: int, host_page: int) -> None:
+    def fill(self, access: int, vpn: int, host_page: int, local: bool = True) -> None:
         i = 2 * (vpn & (TLB_ENTRIES - 1))
         if access == ACCESS_EXEC:  # for the block table, which is keyed by host offset
-            self.tlb_x[i] = vpn + 1
-            self.tlb_x[i + 1] = host_page
-            return
-        table = self.tlb_r if access == ACCESS_READ else self.tlb_w
+            table = self.tlb_x
+            table[i + 1] = host_page
+        else:
+            table = self.tlb_r if access == ACCESS_READ else self.tlb_w
+            table[i + 1] = self.ram_addr + host_page
         table[i] = vpn + 1
-        table[i + 1] = self.ram_addr + host_page
+        if local:
+            self.local_slots.append((table, i))
 
     def _use_tables(self, priv: int) -> None:
         tables = self.tables.get(priv)
@@ -823,6 +829,20 @@ class NativeRuntime:
     def flush(self) -> None:
         for table in (*(t for tables in self.tables.values() for t in tables), self.jumps):
             ctypes.memset(table.buffer_info()[0], 0, 8 * len(table))
+        self.local_slots.clear()
+
+    def flush_local(self) -> None:
+        """Forget the translations of the address space, keeping the global ones (after
+        a context switch, the kernel's pages need no refill from Python), and every
+        jump: a virtual pc may hold other code now."""
+        slots = self.local_slots
+        if len(slots) > LOCAL_SLOTS:
+            self.flush()
+            return
+        for table, i in slots:
+            table[i] = 0
+        slots.clear()
+        ctypes.memset(self.jumps.buffer_info()[0], 0, 8 * len(self.jumps))
 
     def flush_page(self, vpn: int) -> None:
         """Forget virtual page ``vpn``: its TLB entries and the blocks starting on it."""
