@@ -381,6 +381,7 @@ def test_a_waiting_hart_resumes_at_the_handler_when_interrupted(hart):
 def test_sfence_vma_without_an_address_flushes_the_tlb(hart):
     hart.priv = PRIV_S
     hart.mmu.tlb_r[5] = 0
+    hart.mmu.local_pages.add(5)
     trap.sfence_vma(hart, None, None)
     assert not hart.mmu.tlb_r
 

@@ -80,6 +80,7 @@ class Mmu:
         # the pages and superpages of one address space (not global: see flush_local),
         # and the global pages by the trail of their walk (pagewalk.unchanged), which is
         # each global page's only one (a page walked along two goes with local ones).
+        # Every page the TLB dicts hold is in local_pages or trail_of.
         self.superpages: set[tuple[int, int]] = set()
         self.sum_pages: set[int] = set()
         self.local_pages: set[int] = set()
@@ -112,17 +113,7 @@ class Mmu:
         """Forget the translations of the address space (satp changes, ``sfence.vma`` of
         one ASID), keeping the global ones, which every address space shares. The TLB
         has no ASIDs: the old address space's translations must go."""
-        local = self.local_pages
-        if local:
-            for tlb in self._tlbs():
-                for vpn in local.intersection(tlb):
-                    del tlb[vpn]
-            self.sum_pages -= local
-            for vpn in local.intersection(self.trail_of):
-                self.trails[self.trail_of.pop(vpn)].discard(vpn)
-            local.clear()
-        self.superpages -= self.local_superpages
-        self.local_superpages.clear()
+        self._forget(self.local_pages)
         if self.mirror is not None:
             self.mirror.flush_local()
 
@@ -130,28 +121,37 @@ class Mmu:
         """``sfence.vma`` of every address space: forget every translation but the global
         ones whose walk would read the same page-table entries now (so give the same
         answer); Linux fences everything after each unmapping of a user range."""
-        keep: set[int] = set()
-        trails = {}
-        for trail, vpns in self.trails.items():
-            if vpns and pagewalk.unchanged(self.hart, trail):
-                keep |= vpns
-                trails[trail] = vpns
-        keep -= self.local_pages
-        for tlb in self._tlbs():
-            for vpn in tlb.keys() - keep:
-                del tlb[vpn]
-        every_global_kept = len(trails) == sum(1 for vpns in self.trails.values() if vpns)
-        self.trails = trails
-        self.trail_of = {vpn: trail for trail, vpns in trails.items() for vpn in vpns}
-        self.sum_pages &= keep
-        self.local_pages.clear()
-        self.superpages -= self.local_superpages
-        self.local_superpages.clear()
+        doomed = set(self.local_pages)
+        every_global_kept = True
+        for trail, vpns in list(self.trails.items()):
+            if not vpns:
+                del self.trails[trail]
+            elif not pagewalk.unchanged(self.hart, trail):
+                del self.trails[trail]
+                doomed |= vpns
+                every_global_kept = False
+        self._forget(doomed)
         if self.mirror is not None:
             if every_global_kept:  # its global entries are all still good
                 self.mirror.flush_local()
             else:
                 self.mirror.flush()
+
+    def _forget(self, doomed: set[int]) -> None:
+        """Drop the translations of the pages ``doomed``, every local page among them:
+        each cached page is local or has a trail, so the rest are global and kept."""
+        for tlb in self._tlbs():
+            for vpn in tlb.keys() & doomed:
+                del tlb[vpn]
+        self.sum_pages -= doomed
+        trail_of, trails = self.trail_of, self.trails
+        for vpn in trail_of.keys() & doomed:
+            vpns = trails.get(trail_of.pop(vpn))
+            if vpns is not None:
+                vpns.discard(vpn)
+        self.local_pages.clear()
+        self.superpages -= self.local_superpages
+        self.local_superpages.clear()
 
     def switch_priv(self, old: int, new: int) -> None:
         """The privilege changes from ``old`` to ``new`` (a trap or xRET): its translations
