@@ -444,85 +444,6 @@ def test_sfence_vma_of_any_page_in_a_superpage_drops_all_of_the_superpage(hart, 
     assert ld64(0x20_1000) == 7
 
 
-def test_satp_write_keeps_global_translations_and_drops_the_address_spaces_own(hart, sv39):
-    ld64 = hart.mmu.accessors["ld64"]
-    hart.mem.store(DATA, 8, 1)
-    hart.mem.store(DATA + 0x1000, 8, 2)
-    sv39.map(0x1000, DATA, PTE_V | PTE_R | PTE_G)
-    sv39.map(0x2000, DATA, PTE_V | PTE_R)
-    assert (ld64(0x1000), ld64(0x2000)) == (1, 1)
-    sv39.map(0x1000, DATA + 0x1000, PTE_V | PTE_R | PTE_G)  # no fence: may stay cached
-    sv39.map(0x2000, DATA + 0x1000, PTE_V | PTE_R)
-    hart.csrs.op(C.SATP, 0, hart.csr[C.SATP] | 5 << 44, False, True)  # ASID 5, same tables
-    assert ld64(0x1000) == 1  # global: the same in every address space
-    assert ld64(0x2000) == 2  # the old address space's translation went with it
-
-
-def test_satp_write_of_another_mode_drops_global_translations_too(hart, sv39):
-    ld64 = hart.mmu.accessors["ld64"]
-    hart.mem.store(DATA, 8, 1)
-    sv39.map(0x1000, DATA, PTE_V | PTE_R | PTE_G)
-    ld64(0x1000)
-    hart.csrs.op(C.SATP, 0, 0, False, True)  # bare
-    assert 0x1000 >> 12 not in hart.mmu.tlb_r
-
-
-def test_sfence_vma_of_one_asid_keeps_global_translations(hart, sv39):
-    ld64 = hart.mmu.accessors["ld64"]
-    hart.mem.store(DATA, 8, 1)
-    hart.mem.store(DATA + 0x1000, 8, 2)
-    sv39.map(0x1000, DATA, PTE_V | PTE_R | PTE_G)
-    sv39.map(0x2000, DATA, PTE_V | PTE_R)
-    ld64(0x1000)
-    ld64(0x2000)
-    sv39.map(0x2000, DATA + 0x1000, PTE_V | PTE_R)
-    trap.sfence_vma(hart, None, 0)  # rs2 names a register holding ASID 0
-    assert 0x1000 >> 12 in hart.mmu.tlb_r
-    assert ld64(0x2000) == 2
-
-
-def test_sfence_vma_of_all_keeps_only_global_translations_whose_ptes_are_unchanged(hart, sv39):
-    ld64 = hart.mmu.accessors["ld64"]
-    for i in range(4):
-        hart.mem.store(DATA + 0x1000 * i, 8, i)
-    sv39.map(0x1000, DATA, PTE_V | PTE_R | PTE_G)  # stays
-    sv39.map(0x2000, DATA + 0x1000, PTE_V | PTE_R | PTE_G)  # remapped
-    sv39.map(0x3000, DATA + 0x2000, PTE_V | PTE_R)  # not global
-    sv39.map(0x4000_0000, RAM_BASE, PTE_V | PTE_R | PTE_G, level=2)  # a gigapage: stays
-    assert [ld64(va) for va in (0x1000, 0x2000, 0x3000)] == [0, 1, 2]
-    ld64(0x4000_0000 + DATA - RAM_BASE)
-    sv39.map(0x2000, DATA + 0x3000, PTE_V | PTE_R | PTE_G)
-    trap.sfence_vma(hart, None, None)
-    tlb = hart.mmu.tlb_r
-    assert 0x1000 >> 12 in tlb and (0x4000_0000 + DATA - RAM_BASE) >> 12 in tlb
-    assert 0x2000 >> 12 not in tlb and 0x3000 >> 12 not in tlb
-    assert ld64(0x2000) == 3
-
-
-def test_sfence_vma_of_all_drops_global_translations_whose_page_table_changed(hart, sv39):
-    ld64 = hart.mmu.accessors["ld64"]
-    hart.mem.store(DATA, 8, 1)
-    sv39.map(0x1000, DATA, PTE_V | PTE_R | PTE_G)
-    ld64(0x1000)
-    pointer = sv39.pte_addr(0x1000, 1)  # the level-1 PTE pointing at the leaf's table
-    hart.mem.store(pointer, 8, 0)  # the table is unmapped
-    trap.sfence_vma(hart, None, None)
-    with pytest.raises(Trap) as info:
-        ld64(0x1000)
-    assert info.value.cause == LOAD_PAGE_FAULT
-
-
-def test_sfence_vma_of_all_drops_a_global_page_walked_along_two_page_tables(hart, sv39):
-    ld64, st64 = hart.mmu.accessors["ld64"], hart.mmu.accessors["st64"]
-    hart.mem.store(DATA, 8, 1)
-    sv39.map(0x1000, DATA, PTE_V | PTE_R | PTE_W | PTE_G)
-    ld64(0x1000)  # read through the old PTE
-    sv39.map(0x1000, DATA + 0x1000, PTE_V | PTE_R | PTE_W | PTE_G)
-    st64(0x1000, 5)  # a walk for the write reads the new one
-    trap.sfence_vma(hart, None, None)
-    assert ld64(0x1000) == 5
-
-
 class RecordingMirror:
     """A TLB mirror that remembers what it holds: (access, vpn) -> whether it is local."""
 
@@ -548,20 +469,89 @@ class RecordingMirror:
         pass
 
 
-def test_the_mirror_keeps_global_translations_and_drops_a_page_once_walked_two_ways(hart, sv39):
-    mirror = hart.mmu.mirror = RecordingMirror()
-    ld64, st64 = hart.mmu.accessors["ld64"], hart.mmu.accessors["st64"]
-    sv39.map(0x1000, DATA, PTE_V | PTE_R | PTE_W | PTE_G)
-    sv39.map(0x2000, DATA, PTE_V | PTE_R | PTE_W)
+@pytest.fixture
+def mirror(hart) -> RecordingMirror:
+    hart.mmu.mirror = RecordingMirror()
+    return hart.mmu.mirror
+
+
+def test_satp_write_leaves_the_mirror_the_global_translations_only(hart, sv39, mirror):
+    ld64 = hart.mmu.accessors["ld64"]
+    hart.mem.store(DATA, 8, 1)
+    hart.mem.store(DATA + 0x1000, 8, 2)
+    sv39.map(0x1000, DATA, PTE_V | PTE_R | PTE_G)
+    sv39.map(0x2000, DATA, PTE_V | PTE_R)
+    assert (ld64(0x1000), ld64(0x2000)) == (1, 1)
+    assert mirror.entries == {(ACCESS_READ, 1): False, (ACCESS_READ, 2): True}
+    sv39.map(0x2000, DATA + 0x1000, PTE_V | PTE_R)
+    hart.csrs.op(C.SATP, 0, hart.csr[C.SATP] | 5 << 44, False, True)  # ASID 5, same tables
+    assert mirror.entries == {(ACCESS_READ, 1): False}  # global: the same in every one
+    assert ld64(0x2000) == 2  # the old address space's translation went with it
+
+
+def test_satp_write_of_another_mode_drops_global_translations_too(hart, sv39, mirror):
+    sv39.map(0x1000, DATA, PTE_V | PTE_R | PTE_G)
+    hart.mmu.accessors["ld64"](0x1000)
+    hart.csrs.op(C.SATP, 0, 0, False, True)  # bare
+    assert not mirror.entries and 0x1000 >> 12 not in hart.mmu.tlb_r
+
+
+def test_sfence_vma_of_one_asid_keeps_global_translations(hart, sv39, mirror):
+    ld64 = hart.mmu.accessors["ld64"]
+    hart.mem.store(DATA + 0x1000, 8, 2)
+    sv39.map(0x1000, DATA, PTE_V | PTE_R | PTE_G)
+    sv39.map(0x2000, DATA, PTE_V | PTE_R)
     ld64(0x1000)
     ld64(0x2000)
-    assert mirror.entries == {(ACCESS_READ, 1): False, (ACCESS_READ, 2): True}
-    hart.csrs.op(C.SATP, 0, hart.csr[C.SATP] | 5 << 44, False, True)
+    sv39.map(0x2000, DATA + 0x1000, PTE_V | PTE_R)
+    trap.sfence_vma(hart, None, 0)  # rs2 names a register holding ASID 0
     assert mirror.entries == {(ACCESS_READ, 1): False}
-    sv39.map(0x1000, DATA + 0x1000, PTE_V | PTE_R | PTE_W | PTE_G)
-    st64(0x1000, 5)  # walked along the new PTE: the read entry, from the old one, goes
-    assert mirror.entries == {(ACCESS_WRITE, 1): True}
+    assert ld64(0x2000) == 2
+
+
+def test_sfence_vma_of_all_keeps_only_global_translations_whose_ptes_are_unchanged(
+        hart, sv39, mirror):
+    ld64 = hart.mmu.accessors["ld64"]
+    for i in range(4):
+        hart.mem.store(DATA + 0x1000 * i, 8, i)
+    big = 0x4000_0000 + DATA - RAM_BASE  # in a gigapage
+    sv39.map(0x1000, DATA, PTE_V | PTE_R | PTE_G)  # stays
+    sv39.map(0x2000, DATA + 0x1000, PTE_V | PTE_R | PTE_G)  # remapped below
+    sv39.map(0x3000, DATA + 0x2000, PTE_V | PTE_R)  # not global
+    sv39.map(0x4000_0000, RAM_BASE, PTE_V | PTE_R | PTE_G, level=2)  # stays
+    assert [ld64(va) for va in (0x1000, 0x2000, 0x3000, big)] == [0, 1, 2, 0]
     trap.sfence_vma(hart, None, None)
+    assert mirror.entries == {(ACCESS_READ, 1): False, (ACCESS_READ, 2): False,
+                              (ACCESS_READ, big >> 12): False}
+    sv39.map(0x2000, DATA + 0x3000, PTE_V | PTE_R | PTE_G)
+    trap.sfence_vma(hart, None, None)
+    assert mirror.entries == {}  # a global translation changed: the mirror starts over
+    assert ld64(0x2000) == 3
+
+
+def test_sfence_vma_of_all_drops_global_translations_whose_page_table_changed(
+        hart, sv39, mirror):
+    ld64 = hart.mmu.accessors["ld64"]
+    sv39.map(0x1000, DATA, PTE_V | PTE_R | PTE_G)
+    ld64(0x1000)
+    pointer = sv39.pte_addr(0x1000, 1)  # the level-1 PTE pointing at the leaf's table
+    hart.mem.store(pointer, 8, 0)  # the table is unmapped
+    trap.sfence_vma(hart, None, None)
+    assert mirror.entries == {}
+    with pytest.raises(Trap) as info:
+        ld64(0x1000)
+    assert info.value.cause == LOAD_PAGE_FAULT
+
+
+def test_the_mirror_drops_a_global_page_once_it_is_walked_along_two_page_tables(
+        hart, sv39, mirror):
+    ld64, st64 = hart.mmu.accessors["ld64"], hart.mmu.accessors["st64"]
+    sv39.map(0x1000, DATA, PTE_V | PTE_R | PTE_W | PTE_G)
+    ld64(0x1000)  # read through the old PTE
+    sv39.map(0x1000, DATA + 0x1000, PTE_V | PTE_R | PTE_W | PTE_G)
+    st64(0x1000, 5)  # a walk for the write reads the new one: the read entry goes
+    assert mirror.entries == {(ACCESS_WRITE, 1): True}
+    hart.csrs.op(C.SATP, 0, hart.csr[C.SATP] | 5 << 44, False, True)
     assert mirror.entries == {}
     assert ld64(0x1000) == 5
 

@@ -13,11 +13,11 @@ elsewhere) is brought back before it enters any of the three.
 ``translate`` is pluggable: the system emulator walks the guest page tables
 (:mod:`popek.cpu.pagewalk`); the process VM looks up its own address-space map.
 
-A change of address space (a satp write, ``sfence.vma`` of one ASID) drops only the
-translations that belong to one (``flush_local``), and a fence of every address space
-keeps the global ones whose page-table entries still hold what their walk read
-(``fence``): Linux's kernel mappings are global, and a boot re-walked ~29,000 of them
-after its ~170 context switches and full fences when each dropped everything.
+A change of address space (a satp write, ``sfence.vma`` of one ASID) empties the
+dicts, but the native mirror keeps the global translations (``flush_local``), and after
+a fence of every address space those whose page-table entries still hold what their
+walk read (``fence``): Linux's kernel mappings are global, and a boot re-walked ~29,000
+of them after its ~150 context switches and full fences when each dropped everything.
 """
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ Translate = Callable[[int, int], int]
 
 class TlbMirror(Protocol):
     """A copy of the TLB kept elsewhere (the native tier's tables): it hears every fill and
-    every invalidation, so it never holds a translation the TLB itself would not."""
+    every invalidation, so it never holds a translation a walk would not give. It keeps
+    the global ones when the address space changes (``flush_local``), as the TLB's
+    dicts do not (see Mmu._forget)."""
 
     # ``local``: the translation belongs to the address space (else it is global)
     def fill(self, access: int, vpn: int, host_page: int, local: bool = True) -> None: ...
@@ -80,7 +82,6 @@ class Mmu:
         # the pages and superpages of one address space (not global: see flush_local),
         # and the global pages by the trail of their walk (pagewalk.unchanged), which is
         # each global page's only one (a page walked along two goes with local ones).
-        # Every page the TLB dicts hold is in local_pages or trail_of.
         self.superpages: set[tuple[int, int]] = set()
         self.sum_pages: set[int] = set()
         self.local_pages: set[int] = set()
@@ -111,17 +112,18 @@ class Mmu:
 
     def flush_local(self) -> None:
         """Forget the translations of the address space (satp changes, ``sfence.vma`` of
-        one ASID), keeping the global ones, which every address space shares. The TLB
-        has no ASIDs: the old address space's translations must go."""
-        self._forget(self.local_pages)
+        one ASID): the TLB has no ASIDs, so the old address space's must go. The native
+        mirror keeps the global ones, which every address space shares."""
+        self._forget(set())
         if self.mirror is not None:
             self.mirror.flush_local()
 
     def fence(self) -> None:
-        """``sfence.vma`` of every address space: forget every translation but the global
-        ones whose walk would read the same page-table entries now (so give the same
-        answer); Linux fences everything after each unmapping of a user range."""
-        doomed = set(self.local_pages)
+        """``sfence.vma`` of every address space: forget every translation, but let the
+        native mirror keep the global ones whose walk would read the same page-table
+        entries now (so give the same answer); Linux fences everything after each
+        unmapping of a user range."""
+        doomed: set[int] = set()
         every_global_kept = True
         for trail, vpns in list(self.trails.items()):
             if not vpns:
@@ -138,14 +140,16 @@ class Mmu:
                 self.mirror.flush()
 
     def _forget(self, doomed: set[int]) -> None:
-        """Drop the translations of the pages ``doomed``, every local page among them:
-        each cached page is local or has a trail, so the rest are global and kept."""
-        for tlb in self._tlbs():
-            for vpn in tlb.keys() & doomed:
-                del tlb[vpn]
-        self.sum_pages -= doomed
+        """Empty the dicts, and forget the trails of the pages ``doomed`` and of the
+        local ones. The dicts keep no global translation: each privilege change copies
+        them (switch_priv), which a boot's thousands of kernel pages made cost more
+        than the walks it saved; the native mirror's tables cost nothing to switch."""
+        for tlb in (self.tlb_r, self.tlb_w, self.tlb_x):
+            tlb.clear()
+        self.saved.clear()
+        self.sum_pages.clear()
         trail_of, trails = self.trail_of, self.trails
-        for vpn in trail_of.keys() & doomed:
+        for vpn in trail_of.keys() & (doomed | self.local_pages):
             vpns = trails.get(trail_of.pop(vpn))
             if vpns is not None:
                 vpns.discard(vpn)
@@ -330,7 +334,9 @@ class Mmu:
         """The native TLB, direct-mapped and smaller (and cleared whole where these dicts
         drop one page), missed a page these dicts hold: give it back rather than walk."""
         if self.mirror is not None:
-            self.mirror.fill(access, vaddr >> 12, base, self._local(vaddr >> 12))
+            vpn = vaddr >> 12
+            self.mirror.fill(access, vpn, base,
+                             vpn in self.local_pages or vpn not in self.trail_of)
 
     def _local(self, vpn: int) -> bool:
         """Whether the cached translation of ``vpn`` belongs to the address space."""
