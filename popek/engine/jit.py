@@ -10,7 +10,8 @@ Each block becomes one native function ``status = block(env, pc)``, lowered from
 instruction semantics by :mod:`popek.engine.lowering`. ``env`` is a small structure the
 runtime shares with native code: pointers to the hart's registers and CSRs, the native
 TLB (a direct-mapped copy of the software TLB, kept coherent through the MMU's mirror
-hook), the jump cache, the instruction budget, and where to leave the exit pc and a
+hook; unlike the MMU's dicts it keeps global translations when the address space
+changes), the jump cache, the instruction budget, and where to leave the exit pc and a
 trap. Native code does the TLB hit path of loads and stores itself and calls back into
 Python only for misses, devices and page-crossing accesses, and for instructions whose
 semantics it does not lower (FP arithmetic): those run through their Python handler.
