@@ -556,6 +556,16 @@ def test_the_mirror_drops_a_global_page_once_it_is_walked_along_two_page_tables(
     assert ld64(0x1000) == 5
 
 
+def test_clearing_sum_drops_a_global_user_page_the_mirror_kept(hart, sv39, mirror):
+    sv39.map(0x8000, DATA, PTE_V | PTE_U | PTE_G | PTE_R)
+    hart.csrs.op(C.SSTATUS, 1, C.MSTATUS_SUM, False, True)
+    hart.mmu.accessors["ld64"](0x8000)
+    hart.csrs.op(C.SATP, 0, hart.csr[C.SATP] | 5 << 44, False, True)
+    assert mirror.entries == {(ACCESS_READ, 8): False}
+    hart.csrs.op(C.SSTATUS, 2, C.MSTATUS_SUM, False, True)
+    assert mirror.entries == {}
+
+
 def test_clearing_sum_takes_user_pages_from_s_mode_but_keeps_its_own(hart, sv39):
     ld64 = hart.mmu.accessors["ld64"]
     sv39.map(0x8000, DATA, PTE_V | PTE_U | PTE_R | PTE_W)

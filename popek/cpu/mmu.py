@@ -147,12 +147,12 @@ class Mmu:
         for tlb in (self.tlb_r, self.tlb_w, self.tlb_x):
             tlb.clear()
         self.saved.clear()
-        self.sum_pages.clear()
         trail_of, trails = self.trail_of, self.trails
         for vpn in trail_of.keys() & (doomed | self.local_pages):
             vpns = trails.get(trail_of.pop(vpn))
             if vpns is not None:
                 vpns.discard(vpn)
+        self.sum_pages &= trail_of.keys()  # global user pages the mirror may still hold
         self.local_pages.clear()
         self.superpages -= self.local_superpages
         self.local_superpages.clear()
@@ -260,12 +260,8 @@ class Mmu:
                 self.superpages.add((span, vaddr >> span))
                 if trail is None:
                     self.local_superpages.add((span, vaddr >> span))
-            if trail is not None and self.trail_of.setdefault(vpn, trail) == trail:
-                self.trails.setdefault(trail, set()).add(vpn)
-            elif vpn not in self.local_pages:
-                self.local_pages.add(vpn)
-                if vpn in self.trail_of and self.mirror is not None:
-                    self.mirror.flush_page(vpn)  # the mirror may hold it as global
+            if self.system:  # the process VM has one address space: nothing is local
+                self._track(vpn, trail)
             if needs_sum:
                 self.sum_pages.add(vaddr >> 12)
             if self.mirror is not None:
@@ -334,13 +330,21 @@ class Mmu:
         """The native TLB, direct-mapped and smaller (and cleared whole where these dicts
         drop one page), missed a page these dicts hold: give it back rather than walk."""
         if self.mirror is not None:
-            vpn = vaddr >> 12
-            self.mirror.fill(access, vpn, base,
-                             vpn in self.local_pages or vpn not in self.trail_of)
+            self.mirror.fill(access, vaddr >> 12, base, self._local(vaddr >> 12))
+
+    def _track(self, vpn: int, trail: pagewalk.Trail | None) -> None:
+        """Note whether the translation of ``vpn`` just cached is local or global (with
+        the trail of its walk, the page's only one: walked along two, it is local)."""
+        if trail is not None and self.trail_of.setdefault(vpn, trail) == trail:
+            self.trails.setdefault(trail, set()).add(vpn)
+        elif vpn not in self.local_pages:
+            self.local_pages.add(vpn)
+            if vpn in self.trail_of and self.mirror is not None:
+                self.mirror.flush_page(vpn)  # the mirror may hold it as global
 
     def _local(self, vpn: int) -> bool:
         """Whether the cached translation of ``vpn`` belongs to the address space."""
-        return vpn in self.local_pages or vpn not in self.trail_of
+        return self.system and (vpn in self.local_pages or vpn not in self.trail_of)
 
     # -- fast path ----------------------------------------------------------------------
     def _make_accessors(self) -> dict[str, Callable]:

@@ -811,7 +811,7 @@ class NativeRuntime:
             table = self.tlb_r if access == ACCESS_READ else self.tlb_w
             table[i + 1] = self.ram_addr + host_page
         table[i] = vpn + 1
-        if local:
+        if local and len(self.local_slots) <= LOCAL_SLOTS:  # beyond: flush_local flushes
             self.local_slots.append((table, i))
 
     def _use_tables(self, priv: int) -> None:
