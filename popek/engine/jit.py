@@ -35,7 +35,6 @@ import ctypes
 import importlib
 import importlib.util
 import os
-import struct
 import sys
 import threading
 import time
@@ -865,12 +864,12 @@ class NativeRuntime:
                 ctypes.memset(tlb_w.buffer_info()[0], 0, 8 * len(tlb_w))
                 continue
             raw = tlb_w.tobytes()
-            host = struct.pack("<Q", self.ram_addr + page)
-            at = raw.find(host)
+            host = (self.ram_addr + page).to_bytes(8, "little")
+            at = raw.rfind(host)  # (find is ~8x slower on these mostly-zero bytes)
             while at >= 0:
                 if at % 16 == 8:  # an entry's host page (its second word): drop its tag
                     tlb_w[at // 8 - 1] = 0
-                at = raw.find(host, at + 1)
+                at = raw.rfind(host, 0, at + 7)
 
     def forget_jumps(self) -> None:
         """Code or the decoding mode changed: no successor may be assumed. Patched blocks
