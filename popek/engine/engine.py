@@ -40,7 +40,7 @@ from popek.engine.handlers import Handler, bind_handlers, semantics_namespace
 from popek.engine.interpreter import BlockFn, Op, interpret
 from popek.engine.native_cache import CACHE, block_key
 from popek.engine.spin import SPIN_GLANCE, SPIN_WINDOW, SpinDetector
-from popek.isa.decoder import Decoded, decode16, decode32
+from popek.isa.decoder import ENDS_BLOCK, ENTRIES, FP_WRITE, NEEDS_FP, SYSTEM, Decoded, entry
 
 MSTATUS = 0x300
 MSTATUS_FS = 3 << 13
@@ -352,7 +352,7 @@ class Engine:
         """Decode the block at ``pc`` (host page offset ``page``, None for a device)."""
         fs_on = bool(mode & FS_ON_KEY)
         ram = self.hart.mem.ram
-        mmu = self.hart.mmu
+        entries = ENTRIES
         decoded: list[Decoded | None] = []
         offsets: list[int] = []
         fp = system = False
@@ -361,15 +361,19 @@ class Engine:
         off = pc & (PAGE_SIZE - 1)
         start = off
         breakpoints = self.breakpoints if limit == MAX_BLOCK else frozenset()
+        alone = self.native is not None  # tier 2: system instructions get a block of their own
         while len(decoded) < limit:
-            if decoded and breakpoints and ((pc + off - start) & XLEN_MASK) in breakpoints:
+            if breakpoints and decoded and ((pc + off - start) & XLEN_MASK) in breakpoints:
                 break  # a breakpoint starts a block of its own
-            if page is not None and off + 2 <= PAGE_SIZE:
+            if page is not None and off + 4 <= PAGE_SIZE:
+                bits = _u32(ram, page + off)[0]
+                if bits & 3 != 3:
+                    bits &= 0xFFFF
+                d, length, flags = entries.get(bits) or entry(bits)
+            elif page is not None and off + 2 <= PAGE_SIZE:
                 half = _u16(ram, page + off)[0]
                 if half & 3 != 3:
-                    d, length = decode16(half), 2
-                elif off + 4 <= PAGE_SIZE:
-                    d, length = decode32(_u32(ram, page + off)[0]), 4
+                    d, length, flags = entry(half)
                 elif decoded:
                     break  # the next instruction straddles pages: its own block
                 else:
@@ -380,24 +384,26 @@ class Engine:
                         if block.native_addr:
                             self._link_straddler(block)
                         return block
-                    d, length, cacheable = decode32(word), 4, False
+                    d, length, flags = entry(word)
+                    cacheable = False
             else:
-                word = mmu.fetch_slow(pc + off - start, 2)
+                word = self.hart.mmu.fetch_slow(pc + off - start, 2)
                 if word & 3 == 3:
-                    word = mmu.fetch_slow(pc + off - start, 4)
-                d, length = (decode32(word), 4) if word & 3 == 3 else (decode16(word), 2)
-            if d is not None and "fp" in d.insn.flags and not fs_on:
-                d = None  # the FP unit is off: FP instructions are illegal
-            if decoded and self.native is not None and (d is None or "system" in d.insn.flags):
-                break  # tier 2: system instructions get a block of their own
+                    word = self.hart.mmu.fetch_slow(pc + off - start, 4)
+                d, length, flags = entry(word)
+            if flags & NEEDS_FP and not fs_on:
+                d, flags = None, 0  # the FP unit is off: FP instructions are illegal
+            if decoded and alone and (d is None or flags & SYSTEM):
+                break
             decoded.append(d)
             offsets.append(off - start)
             off += length
             if d is None:
                 break
-            fp = fp or "fp_write" in d.insn.flags
-            system = "system" in d.insn.flags
-            if "ends_block" in d.insn.flags or off >= PAGE_SIZE or page is None:
+            if flags & FP_WRITE:
+                fp = True
+            system = flags & SYSTEM != 0
+            if flags & ENDS_BLOCK or off >= PAGE_SIZE or page is None:
                 break
         block = Block(decoded, tuple(offsets), fp, system)
         if pc in breakpoints:
@@ -409,17 +415,10 @@ class Engine:
             elif self.tier != "interp":  # a single step runs tier-1 code too
                 self._promote(block, native=False)()
             return block
-        code_key = None
-        if straddler is None and self.native is not None and not block.breakpoint and \
-                decoded[-1] is not None:
-            code_key = self._code_key(block, page + start)
-        if self.tier != "interp":
+        if straddler is not None:
             # A straddler is found by its bits, not its pages, so native code, which jumps
             # to its successors without looking, must not run one: it stays on tier 1.
-            block.run = self._interpret_later(block, True, straddler is None, code_key)
-        else:
-            block.run = self._interpret_later(block)
-        if straddler is not None:
+            block.run = self._interpret_later(block, self.tier != "interp", False)
             if len(self.straddlers) >= STRADDLERS_LIMIT:
                 self.straddlers.clear()
             self.straddlers[straddler] = block
@@ -430,30 +429,40 @@ class Engine:
                 block.straddles = (straddler, page + start + mode)
                 block.native_addr = addr  # Python runs it on tier 1, native code here
                 self._link_straddler(block)
+            return block
+        key = block.key = page + start + mode
+        self.blocks[key] = block
+        self.page_blocks.setdefault(page, []).append(key)
+        self._watch_code(page, start, off)
+        if self.native is not None and not block.breakpoint and decoded[-1] is not None:
+            self._first_native(block, page + start)
         else:
-            key = block.key = page + start + mode
-            self.blocks[key] = block
-            self.page_blocks.setdefault(page, []).append(key)
-            self._watch_code(page, start, off)
-            if self.native is not None and not block.breakpoint and decoded[-1] is not None:
-                self._first_native(block, code_key)
+            block.run = self._interpret_later(block, self.tier != "interp")
         return block
 
-    def _first_native(self, block: Block, code_key: bytes | None) -> None:
-        """A block just decoded, with the native tier on: tier 2's code if an earlier run
-        (or this one) compiled its bytes, else code patched from stencils now; if it
-        stays off native code, tier 1 at once if it got that hot before (and native
-        after as many runs in all as from the interpreter, so a second run compiles what
-        the first did, no more)."""
+    def _first_native(self, block: Block, start: int) -> None:
+        """A block just decoded (at host offset ``start``), with the native tier on:
+        tier 2's code if an earlier run (or this one) compiled its bytes, else code
+        patched from stencils now; if it stays off native code, tier 1 at once if it got
+        that hot before (and native after as many runs in all as from the interpreter, so
+        a second run compiles what the first did, no more), else the interpreter until
+        it is hot. The key of its bytes is hashed only where it is looked up: the
+        baseline tier has no tier-2 code to find, and most blocks get patched code."""
         native = self.native
+        code_key = self._code_key(block, start) if native.compiles else None
         addr = native.native_for(code_key, block.decoded) if code_key is not None else None
+        if addr is None:
+            addr = native.patch_block(block, block.decoded, block.offsets, block.fp,
+                                      PATCHED_NATIVE_AFTER, key=block.key)
         if addr is not None:
             block.go_native(addr, native)
-        elif (addr := native.patch_block(block, block.decoded, block.offsets, block.fp,
-                                         PATCHED_NATIVE_AFTER, key=block.key)) is not None:
-            block.go_native(addr, native)
-        elif code_key is not None and code_key in CACHE.translations:
+            return
+        if not native.compiles:
+            code_key = self._code_key(block, start)
+        if code_key is not None and code_key in CACHE.translations:
             self._promote(block, code_key=code_key, native_after=HOT_AFTER + NATIVE_AFTER)()
+        else:
+            block.run = self._interpret_later(block, True, True, code_key)
 
     def _link_straddler(self, block: Block) -> None:
         """Let native code enter the page-straddling instruction's ``block`` (patched) by
@@ -539,13 +548,21 @@ class Engine:
         that found none (see NativeRuntime._successor): its address, or 0 if it has none
         (a device's code, a straddling instruction, a breakpoint, a full code area)."""
         native = self.native
+        mode = native.env.decode_mode
         base = self.hart.mmu.tlb_x.get(pc >> 12)
         if base is not None:  # the native fetch TLB, direct-mapped, may have lost it
             self.hart.mmu.refill_mirror(ACCESS_EXEC, pc, base)
-        blk = self._block_at(pc, base, native.env.decode_mode, False)
+            blk = self.blocks.get(base + (pc & 4095) + mode)
+            if blk is not None:
+                if blk.native is None:
+                    return 0
+                if blk.key >= 0:  # (the block table's bucket may have let it go)
+                    native.remember_block(blk.key, blk.native_addr)
+                return blk.native_addr
+        blk = self._block_at(pc, base, mode, False)  # decoded now, unless base was None
         if blk.native is None:
             return 0
-        if blk.key >= 0:  # (the block table's bucket may have let it go)
+        if base is None and blk.key >= 0:  # (go_native put a new block in the table)
             native.remember_block(blk.key, blk.native_addr)
         return blk.native_addr
 
