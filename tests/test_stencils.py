@@ -194,8 +194,9 @@ def test_every_hole_is_a_known_one_and_lies_inside_its_stencil(
             assert hole in stencils.HOLES, (name, hole)
             assert 0 <= offset <= len(stencil.code) - 8, (name, hole, offset)
         # filling writes every hole's value (plus its addend) at its offset
-        values = tuple(0x1111_0000 + i for i in range(len(stencils.HOLES)))
-        filled = stencil.fill(values)
+        values = tuple(-0x1111_0000 if hole == "imm" else 0x1111_0000 + i  # (may be negative)
+                       for i, hole in enumerate(stencils.HOLES))
+        filled = stencil.fill(*values)
         assert len(filled) == len(stencil.code)
         for offset, hole, addend in stencil.holes:
             want = (values[stencils.HOLES.index(hole)] + addend) & stencils.U64

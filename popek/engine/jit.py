@@ -115,6 +115,15 @@ HOT = stencils.HOT  # a patched block's run counter reached zero: env.tval is th
 STENCIL_AREA = 64 << 20  # bytes of patched code before the code cache starts over
 STENCIL_BLOCKS = 1 << 16  # run counters, one per patched block
 STATIC_JUMPS = frozenset({"B", "J"})  # formats whose jump target is pc + imm
+# What patching an instruction takes, the same for all of its kind (NativeRuntime._choose):
+# its stencil, CHOSE_ flags and its CSR window's address (0 for none).
+Choice = tuple[stencils.Stencil, int, int]
+CHOSE_FALLBACK = 1  # its stencil calls its Python handler (stencils.FALLBACK)
+CHOSE_SYSTEM = 2  # a system instruction
+CHOSE_STATIC_JUMP = 4  # it jumps to pc + imm
+CHOSE_REF = 8  # native code names it to Python by its ref (fallback_ref)
+CHOSE_ENDS_BLOCK = 16  # it ends its block
+CHOSE_CSR = 32  # a CSR access: its kind includes its CSR
 
 ENV_FIELDS = ("x", "f", "ctl", "csr", "tlb_r", "tlb_w", "jumps", "mode", "budget", "executed",
               "pc", "cause", "tval", "status", "load_slow", "store_slow", "exec_slow", "tlb_x",
@@ -755,9 +764,10 @@ class NativeRuntime:
                 (num >> 8) & 3)])
         self.windows = {num: self._window_words.buffer_info()[0] + 8 * i * len(
             stencils.WINDOW_FIELDS) for i, num in enumerate(WINDOWS)}
-        # What patch_block takes for each kind of instruction (name, length and, for CSR
-        # accesses, the CSR), from _choose.
-        self._stencils: dict[tuple[str, int, int], tuple[stencils.Stencil, bool, bool, int]] = {}
+        # What patch_block takes for each kind of instruction, from _choose: by name, in
+        # the dict for its length; a CSR access's, by name and CSR, in ``_csr_choices``.
+        self._choices: tuple[dict[str, Choice], ...] = ({}, {}, {}, {}, {})
+        self._csr_choices: dict[tuple[str, int, int], Choice] = {}
         self._special = tuple(self.stencils[name] for name in (
             stencils.COUNT, stencils.FP_DIRTY, stencils.END, stencils.FALLBACK, stencils.STRADDLE,
             stencils.LINKED)) \
@@ -1012,28 +1022,13 @@ class NativeRuntime:
         later blocks' exits to it jump straight here (see ``forget_jumps``). A block of
         one page-straddling instruction gives the bits of its ``second_half`` instead,
         which its code checks first (leaving to Python if they differ)."""
-        library = self.stencils
-        if library is None or self.area_full:
+        if self.stencils is None or self.area_full:
             return None
         started = time.perf_counter()
-        chosen = self._stencils
-        count, fp_dirty, end, fallback, straddle, check = self._special
-        parts = []
-        callbacks = 0
-        for d in decoded:
-            kind = (d.insn.name, d.length, d.imm if d.insn.fmt == "CSR" else 0)
-            choice = chosen.get(kind)
-            if choice is None:
-                choice = chosen[kind] = self._choose(d)
-            parts.append(choice)
-            callbacks += choice[0] is fallback
-        system = parts[0][1]  # then alone in its block
-        if callbacks * 2 > len(parts) or \
-                (parts[-1][0] is fallback and "ends_block" in decoded[-1].insn.flags):
-            return None  # as _worth_native: tier 1 runs such blocks faster
+        choices = self._choices
+        count, fp_dirty, end, _, straddle, check = self._special
         slot = len(self.counted)
         counter = self.counters.buffer_info()[0] + 8 * slot
-        self.counters[slot] = hot_after or 0
         base = self.area.next_address()
         chain, length, block_end = self._chain_addr, len(decoded), offsets[-1] + decoded[-1].length
         bits, ram = second_half or 0, self.ram_addr
@@ -1042,41 +1037,54 @@ class NativeRuntime:
         linked = self.linked
         if key is not None:  # where this block's and later blocks' exits come in
             at += check.size
-            code.append(check.fill((0, 0, 0, 0, 0, 0, 0, at, chain, counter, length,
-                                    block_end, bits, ram, 0)))
+            code.append(check.fill(0, 0, 0, 0, 0, 0, 0, at, chain, counter, length, block_end,
+                                   bits, ram, 0))
             linked[key] = base
             page = key - (key & 4095)
             start = key & 4095
         entry = at
         if second_half is not None:
             at += straddle.size
-            code.append(straddle.fill((0, 0, 0, 0, 0, 0, 0, at, chain, counter, length,
-                                       block_end, bits, ram, 0)))
-        # counts runs for tier 2, which takes no system block
-        if self.compiles and not system and hot_after is not None:
+            code.append(straddle.fill(0, 0, 0, 0, 0, 0, 0, at, chain, counter, length,
+                                      block_end, bits, ram, 0))
+        # counts runs for tier 2, which takes no system block (a system instruction is
+        # alone in its block)
+        if self.compiles and hot_after is not None and \
+                not self._choose(decoded[0])[1] & CHOSE_SYSTEM:
             at += count.size
-            code.append(count.fill((0, 0, 0, 0, 0, 0, 0, at, chain, counter, length, block_end,
-                                    bits, ram, 0)))
+            code.append(count.fill(0, 0, 0, 0, 0, 0, 0, at, chain, counter, length, block_end,
+                                   bits, ram, 0))
         if fp:
             at += fp_dirty.size
-            code.append(fp_dirty.fill((0, 0, 0, 0, 0, 0, 0, at, chain, counter, length,
-                                       block_end, bits, ram, 0)))
+            code.append(fp_dirty.fill(0, 0, 0, 0, 0, 0, 0, at, chain, counter, length,
+                                      block_end, bits, ram, 0))
+        callbacks = 0
         for index, d in enumerate(decoded):
-            stencil, system_insn, static_jump, window = parts[index]
+            choice = choices[d.length].get(d.insn.name)
+            if choice is None or choice[1] & CHOSE_CSR:
+                choice = self._choose(d)
+            stencil, kind, window = choice
             at += stencil.size
-            ref = self._adopt_fallback(d) if stencil is fallback or system_insn else 0
+            offset = offsets[index]
             exit_ = chain
-            if static_jump and key is not None and \
-                    0 <= (target := start + offsets[index] + d.imm) < PAGE_SIZE:
+            if kind & CHOSE_STATIC_JUMP and key is not None and \
+                    0 <= (target := start + offset + d.imm) < PAGE_SIZE:
                 exit_ = linked.get(page + target, chain)
-            code.append(stencil.fill((d.rd, d.rs1, d.rs2, d.imm, offsets[index], index, ref, at,
-                                      exit_, counter, length, block_end, bits, ram, window)))
-        if parts[-1][0].continues:
+            code.append(stencil.fill(d.rd, d.rs1, d.rs2, d.imm, offset, index,
+                                     self._adopt_fallback(d) if kind & CHOSE_REF else 0, at,
+                                     exit_, counter, length, block_end, bits, ram, window))
+            callbacks += kind & CHOSE_FALLBACK
+        if callbacks * 2 > length or (kind & CHOSE_FALLBACK and kind & CHOSE_ENDS_BLOCK):
+            if key is not None:  # (no block had this key: the engine decodes a key once)
+                del linked[key]
+            return None  # as _worth_native: tier 1 runs such blocks faster
+        if stencil.continues:
             exit_ = chain
             if key is not None and (target := start + block_end) < PAGE_SIZE:
                 exit_ = linked.get(page + target, chain)
-            code.append(end.fill((0, 0, 0, 0, 0, 0, 0, 0, exit_, counter, length, block_end,
-                                  bits, ram, 0)))
+            code.append(end.fill(0, 0, 0, 0, 0, 0, 0, 0, exit_, counter, length, block_end,
+                                 bits, ram, 0))
+        self.counters[slot] = hot_after or 0
         addr = self.area.write(b"".join(code))
         assert addr == base
         self.counted.append(token)
@@ -1084,13 +1092,29 @@ class NativeRuntime:
         STATS.patch_seconds += time.perf_counter() - started
         return entry
 
-    def _choose(self, d: Decoded) -> tuple[stencils.Stencil, bool, bool, int]:
-        """What patching ``d`` takes, the same for every instruction of its kind: its
-        stencil, whether it is a system instruction, whether it jumps to pc + imm, and
-        its CSR window's address (0 for none)."""
-        system = "system" in d.insn.flags
-        return (stencils.stencil_for(self.stencils, d), system, d.insn.fmt in STATIC_JUMPS,
-                self.windows.get(d.imm, 0) if system else 0)
+    def _choose(self, d: Decoded) -> Choice:
+        """What patching ``d`` takes, the same for every instruction of its kind (its name
+        and length, and for a CSR access its CSR): its stencil, CHOSE_ flags and its CSR
+        window's address (0 for none)."""
+        ins = d.insn
+        csr_key = (ins.name, d.length, d.imm) if ins.fmt == "CSR" else None
+        choice = self._choices[d.length].get(ins.name) if csr_key is None else \
+            self._csr_choices.get(csr_key)
+        if choice is None:
+            system = "system" in ins.flags
+            stencil = stencils.stencil_for(self.stencils, d)
+            fallback = stencil is self._special[3]
+            choice = (stencil, CHOSE_FALLBACK * fallback | CHOSE_SYSTEM * system
+                      | CHOSE_STATIC_JUMP * (ins.fmt in STATIC_JUMPS)
+                      | CHOSE_REF * (fallback or system)
+                      | CHOSE_ENDS_BLOCK * ("ends_block" in ins.flags)
+                      | CHOSE_CSR * (csr_key is not None),
+                      self.windows.get(d.imm, 0) if system else 0)
+            if csr_key is not None:
+                self._csr_choices[csr_key] = choice
+            # (a CSR access's tells patch_block to ask here, by its CSR)
+            self._choices[d.length][ins.name] = choice
+        return choice
 
     def redirect(self, old: int, new: int) -> None:
         """Patched code at ``old`` is superseded by tier 2's at ``new``: its first

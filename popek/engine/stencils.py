@@ -94,11 +94,12 @@ SLOW_CC = "preserve_mostcc"
 class Stencil:
     """A stencil's machine code and its holes: (offset, hole, addend) each.
 
-    ``fill(values)`` is the code with its holes filled from ``values`` (one value per
-    name in HOLES, in that order): one ``struct`` call, made for this stencil's holes
-    (patching is the per-block cost of this tier, so it is kept to one call per
-    instruction). That function is made at the stencil's first use: making all ~160 took
-    ~6 ms of every start, and a short program uses a quarter of them."""
+    ``fill(*values)`` is the code with its holes filled from ``values`` (one argument per
+    name in HOLES, in that order; only operands may be negative): one ``struct`` call,
+    made for this stencil's holes (patching is the per-block cost of this tier, so it is
+    kept to one call per instruction, which takes its values as arguments: no tuple to
+    build and index). That function is made at the stencil's first use: making all ~160
+    took ~6 ms of every start, and a short program uses a quarter of them."""
 
     __slots__ = ("code", "holes", "falls", "size", "continues", "fill")
 
@@ -111,15 +112,13 @@ class Stencil:
         self.continues = falls or any(hole == HOLE_NEXT for _, hole, _ in holes)
         self.fill = self._first_fill
 
-    def _first_fill(self, values: tuple) -> bytes:
+    def _first_fill(self, *values: int) -> bytes:
         self.fill = _filler(self.code, self.holes)
-        return self.fill(values)
+        return self.fill(*values)
 
 
-def _filler(code: bytes, holes: tuple[tuple[int, str, int], ...]) -> Callable[[tuple], bytes]:
+def _filler(code: bytes, holes: tuple[tuple[int, str, int], ...]) -> Callable[..., bytes]:
     """A function of the hole values that returns ``code`` patched with them."""
-    if not holes:
-        return lambda values: code
     fmt, args, constants, at = "<", [], {}, 0
     for off, hole, addend in holes:
         if off > at:
@@ -128,15 +127,16 @@ def _filler(code: bytes, holes: tuple[tuple[int, str, int], ...]) -> Callable[[t
             fmt += f"{off - at}s"
             args.append(name)
         fmt += "Q"
-        value = f"values[{HOLES.index(hole)}]"
-        args.append(f"({value} + {addend}) & {U64}" if addend else f"{value} & {U64}")
+        # (an operand may be negative; every other value lies in [0, 2**64))
+        args.append(f"({hole} + {addend}) & {U64}" if addend else
+                    f"{hole} & {U64}" if hole in OPERAND_HOLES else hole)
         at = off + 8
     if at < len(code):
         constants["tail"] = code[at:]
         fmt += f"{len(code) - at}s"
         args.append("tail")
     namespace = {"pack": struct.Struct(fmt).pack, **constants}
-    return eval(f"lambda values: pack({', '.join(args)})", namespace)  # noqa: S307
+    return eval(f"lambda {', '.join(HOLES)}: pack({', '.join(args)})", namespace)  # noqa: S307
 
 
 def supported() -> bool:
