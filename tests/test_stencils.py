@@ -764,6 +764,20 @@ def test_flush_page_forgets_that_page_alone(page: int) -> None:
     assert jump_entries(native) == set()
 
 
+def test_a_block_left_to_python_links_no_exit_to_its_key() -> None:
+    """A block of mostly Python handlers gets no patched code: later blocks' exits to its
+    key must not jump straight to where its code would have gone (nothing is there)."""
+    hart = machine("baseline", b"", b"")
+    native = hart.engine.native
+    fallback = next(ins for ins in ALL_INSNS if "system" not in ins.flags and
+                    stencils.stencil_for(native.stencils, decoded(ins, 4))
+                    is native.stencils[stencils.FALLBACK])
+    key = 0x2000 + 0x40
+    assert native.patch_block(object(), [decoded(fallback, 4)] * 3, (0, 4, 8), False, None,
+                              key=key) is None
+    assert key not in native.linked
+
+
 # -- 7. a forking program under popek exec --------------------------------------------------
 
 def test_code_patched_after_a_fork_stays_in_its_own_process() -> None:

@@ -753,6 +753,7 @@ class NativeRuntime:
         self.area = stencils.CodeArea(STENCIL_AREA) if self.stencils else None
         self._enter: Callable[[int, int, int], int] | None = None  # see entry
         self.counters = array("q", bytes(8 * STENCIL_BLOCKS))
+        self._counters_at = self.counters.buffer_info()[0]  # (never resized)
         self.counted: list[object] = []  # the token of each patched block, by counter
         # Where exits jump straight into patched blocks, by code-cache key (patch_block).
         self.linked: dict[int, int] = {}
@@ -1007,7 +1008,8 @@ class NativeRuntime:
     def area_full(self) -> bool:
         """Whether patched code or counters ran out: the code cache must start over."""
         return self.area is not None and (
-            len(self.counted) >= STENCIL_BLOCKS or self.area.free() < STENCIL_AREA // 64)
+            len(self.counted) >= STENCIL_BLOCKS
+            or self.area.size - self.area.used < STENCIL_AREA // 64)
 
     def patch_block(self, token: object, decoded: list[Decoded], offsets: tuple[int, ...],
                     fp: bool, hot_after: int | None, key: int | None = None,
@@ -1028,7 +1030,7 @@ class NativeRuntime:
         choices = self._choices
         count, fp_dirty, end, _, straddle, check = self._special
         slot = len(self.counted)
-        counter = self.counters.buffer_info()[0] + 8 * slot
+        counter = self._counters_at + 8 * slot
         base = self.area.next_address()
         chain, length, block_end = self._chain_addr, len(decoded), offsets[-1] + decoded[-1].length
         bits, ram = second_half or 0, self.ram_addr
@@ -1060,7 +1062,8 @@ class NativeRuntime:
                                       block_end, bits, ram, 0))
         callbacks = 0
         for index, d in enumerate(decoded):
-            choice = choices[d.length].get(d.insn.name)
+            ins, rd, rs1, rs2, imm, size, _, _ = d  # (one unpacking, not six attributes)
+            choice = choices[size].get(ins.name)
             if choice is None or choice[1] & CHOSE_CSR:
                 choice = self._choose(d)
             stencil, kind, window = choice
@@ -1068,9 +1071,9 @@ class NativeRuntime:
             offset = offsets[index]
             exit_ = chain
             if kind & CHOSE_STATIC_JUMP and key is not None and \
-                    0 <= (target := start + offset + d.imm) < PAGE_SIZE:
+                    0 <= (target := start + offset + imm) < PAGE_SIZE:
                 exit_ = linked.get(page + target, chain)
-            code.append(stencil.fill(d.rd, d.rs1, d.rs2, d.imm, offset, index,
+            code.append(stencil.fill(rd, rs1, rs2, imm, offset, index,
                                      self._adopt_fallback(d) if kind & CHOSE_REF else 0, at,
                                      exit_, counter, length, block_end, bits, ram, window))
             callbacks += kind & CHOSE_FALLBACK

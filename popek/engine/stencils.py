@@ -631,8 +631,9 @@ class CodeArea:
         """Write ``code`` at ``next_address()`` (returned), where it may run at once."""
         at = self.used
         pad = -at % 16
-        self.memory[at:at + pad] = b"\xcc" * pad  # int3 between blocks
-        at += pad
+        if pad:
+            self.memory[at:at + pad] = b"\xcc" * pad  # int3 between blocks
+            at += pad
         self.memory[at:at + len(code)] = code
         self.used = at + len(code)
         return self.address + at
