@@ -47,16 +47,17 @@ LOOP = """
     ebreak
 """
 
-# A loop mostly of FP arithmetic, which has no stencils of its own (its stencils call the
-# Python handlers): no patched code for it, so it runs on the Python tiers, tier 1 once hot.
+# A loop mostly of fused multiply-adds, which have no stencils of their own (their
+# stencils call the Python handlers): no patched code for it, so it runs on the Python
+# tiers, tier 1 once hot.
 FP_LOOP = """
     li t0, 0x2000
     csrs mstatus, t0            # the FP unit on
     li s0, 300
     fcvt.d.l fs0, s0
-1:  fadd.d fs1, fs1, fs0
-    fmul.d fs2, fs1, fs0
-    fsub.d fs3, fs2, fs1
+1:  fmadd.d fs1, fs1, fs0, fs0
+    fmsub.d fs2, fs1, fs0, fs1
+    fnmadd.d fs3, fs2, fs1, fs0
     addi s0, s0, -1
     bnez s0, 1b
     fcvt.l.d a0, fs3

@@ -337,9 +337,12 @@ class Engine:
             return None
         native, env, addr = self.native, self.native.env, self.native.env_addr
         rd, rs1, rs2, imm = d.rd, d.rs1, d.rs2, d.imm
+        declined = interpret(self._ops([d]), (0,))  # e.g. FP in a mode the host lacks
 
         def run(pc: int) -> int:
             status = step(addr, pc, rd, rs1, rs2, imm)
+            if status == jit.DECLINED:
+                return declined(pc)
             if status:
                 exc = native.take_pending(status)
                 exc.index = 0

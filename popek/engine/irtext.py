@@ -307,6 +307,17 @@ class IRBuilder:
         operands = ", ".join(f"{a.type} {a.ref}" for a in args)
         return self._emit(ret, f"call {ret} @{name}({operands})")
 
+    def asm(self, ret: Type, template: str, constraints: str, args: list[Value]) -> Value:
+        """Inline assembly with side effects (LLVM neither moves, merges nor drops it):
+        ``template`` in AT&T syntax, one instruction a line, ``$n`` its operands."""
+        text = template.replace("\\", "\\5C").replace('"', "\\22").replace("\n", "\\0A")
+        operands = ", ".join(f"{a.type} {a.ref}" for a in args)
+        return self._emit(ret, f'call {ret} asm sideeffect "{text}", "{constraints}"({operands})')
+
+    def extract_value(self, aggregate: Value, index: int, type_: Type) -> Value:
+        """Member ``index`` (of type ``type_``) of a structure value."""
+        return self._emit(type_, f"extractvalue {aggregate.type} {aggregate.ref}, {index}")
+
     def alloca(self, typ: Type, count: int = 1) -> Value:
         """A stack slot (in the entry block, so LLVM promotes it to SSA registers)."""
         value = Value(PTR, self.function.fresh())

@@ -52,7 +52,15 @@ from popek.cpu.state import CTL_INSTRET, X_SINK, XLEN_MASK
 from popek.engine import irtext as ir
 from popek.engine import stencils
 from popek.engine.compiler_thread import COMPILER, LLVM_LOCK
-from popek.engine.lowering import I32, I64, Lowering, Operand, Unsupported, reads_pc
+from popek.engine.lowering import (
+    I32,
+    I64,
+    Lowering,
+    Operand,
+    Unsupported,
+    hands_over,
+    reads_pc,
+)
 from popek.engine.native_cache import CACHE, Record
 from popek.isa.decoder import Decoded
 from popek.isa.spec import IMM_RANGES, WRITES_X, Insn
@@ -111,6 +119,7 @@ TRAP_PENDING = 1  # a callback caught a Trap; it waits in NativeRuntime.pending
 EXCEPTION = 2  # a callback caught another exception; re-raised after the run
 TRAP_NATIVE = 3  # native code raised a trap: env.cause and env.tval
 HOT = stencils.HOT  # a patched block's run counter reached zero: env.tval is the counter
+DECLINED = 6  # a single step leaves its instruction to the Python handler (see run_handler)
 
 STENCIL_AREA = 64 << 20  # bytes of patched code before the code cache starts over
 STENCIL_BLOCKS = 1 << 16  # run counters, one per patched block
@@ -121,7 +130,7 @@ Choice = tuple[stencils.Stencil, int, int]
 CHOSE_FALLBACK = 1  # its stencil calls its Python handler (stencils.FALLBACK)
 CHOSE_SYSTEM = 2  # a system instruction
 CHOSE_STATIC_JUMP = 4  # it jumps to pc + imm
-CHOSE_REF = 8  # native code names it to Python by its ref (fallback_ref)
+CHOSE_REF = 8  # native code may hand it to its Python handler, by its ref (fallback_ref)
 CHOSE_ENDS_BLOCK = 16  # it ends its block
 CHOSE_CSR = 32  # a CSR access: its kind includes its CSR
 
@@ -173,6 +182,7 @@ def _initialize() -> None:
     llvm = importlib.import_module("llvmlite.binding")
     llvm.initialize_native_target()
     llvm.initialize_native_asmprinter()
+    llvm.initialize_native_asmparser()  # for inline assembly (hostfp)
 
 
 def binding() -> ModuleType:
@@ -465,6 +475,13 @@ class _BlockEmitter(_Emitter):
         self.set("executed", executed)
         b.ret(b.call(self.chain, BLOCK_TYPE, [self.env, target], tail="musttail"))
 
+    def run_handler(self) -> bool:
+        """The current instruction through its Python handler (adopted by the runtime:
+        see ``hands_over``)."""
+        offset = ir.Constant(I64, self.offsets[self.index])
+        self.fallback(fallback_ref(self.decoded[self.index]), self.builder.add(self.pc0, offset))
+        return True
+
     def fallback(self, ref: int, pc: ir.Value) -> None:
         """Run one instruction through its Python handler, which reads and writes the
         registers in memory."""
@@ -646,6 +663,11 @@ class _StepEmitter(_Emitter):
         self.set("executed", ir.Constant(I64, 1))
         self.set("pc", target)
         self.builder.ret(ir.Constant(I32, EXIT))
+
+    def run_handler(self) -> bool:
+        """A step knows no handler: it returns ``DECLINED`` for the engine to run it."""
+        self.trap_exit(ir.Constant(I32, DECLINED))
+        return False
 
 
 def _operands(d: Decoded) -> dict[str, Operand]:
@@ -1109,7 +1131,7 @@ class NativeRuntime:
             fallback = stencil is self._special[3]
             choice = (stencil, CHOSE_FALLBACK * fallback | CHOSE_SYSTEM * system
                       | CHOSE_STATIC_JUMP * (ins.fmt in STATIC_JUMPS)
-                      | CHOSE_REF * (fallback or system)
+                      | CHOSE_REF * (stencil.calls_handler or system)
                       | CHOSE_ENDS_BLOCK * ("ends_block" in ins.flags)
                       | CHOSE_CSR * (csr_key is not None),
                       self.windows.get(d.imm, 0) if system else 0)
@@ -1201,7 +1223,7 @@ class NativeRuntime:
             addr = self.by_key[key]
         CACHE.stats.reused += 1
         for d in decoded:
-            if not lowers(d.insn):
+            if not lowers(d.insn) or hands_over(d.insn.sem):
                 self._adopt_fallback(d)
         return addr
 
@@ -1332,6 +1354,8 @@ class NativeRuntime:
             else:
                 pc = b.add(em.pc0, ir.Constant(I64, off))
             if native[i]:
+                if hands_over(d.insn.sem):
+                    self._adopt_fallback(d)
                 falls = Lowering(em, _operands(d), pc, d.length).lower(d.insn.sem)
             else:
                 em.fallback(self._adopt_fallback(d), pc)

@@ -8,8 +8,12 @@ read as unsigned when the interval is non-negative and as signed otherwise. Ever
 operation computes its result interval first and refuses (raising :class:`Unsupported`)
 if no 128-bit pattern could identify it, so a lowered instruction either means exactly
 what the Python means or is not lowered at all. Constructs outside the native vocabulary
-(CSRs, FP arithmetic, hart services) raise :class:`Unsupported` too; the native tier then
-runs that instruction through its Python handler.
+(CSRs, fused multiply-add, hart services) raise :class:`Unsupported` too; the native tier
+then runs that instruction through its Python handler.
+
+Softfloat's helpers become the host's IEEE arithmetic (:mod:`popek.engine.hostfp`), which
+has no round-to-nearest-ties-away: an instruction whose rounding mode turns out to be
+RMM, or reserved, runs its Python handler instead (see :meth:`Lowering._hand_over_unless`).
 
 Values are emitted lazily, at the width their consumer needs (see :class:`Value`), so
 the common ``(X[rs1] + imm) & M64`` becomes one ``i64`` add, and locals and registers
@@ -27,9 +31,12 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Protocol
 
+from popek.cpu.csr import FCSR
 from popek.cpu.state import CTL_RESERVATION, NO_RESERVATION
+from popek.engine import hostfp
 from popek.engine import irtext as ir
 from popek.isa import helpers
+from popek.isa.softfloat import F32_QNAN, FP_RMM
 
 I1 = ir.IntType(1)
 I32 = ir.IntType(32)
@@ -228,6 +235,10 @@ class Target(Protocol):
     def csr_op(self, csr: ir.Value, kind: int, value: ir.Value, do_read: ir.Value,
                do_write: ir.Value) -> ir.Value: ...
 
+    # run_handler(): the instruction through its Python handler, which finds and leaves
+    # state in memory; False if that ended the IR block (then nothing follows it)
+    def run_handler(self) -> bool: ...
+
 
 @dataclass(frozen=True)
 class Operand:
@@ -241,6 +252,12 @@ class Operand:
 @cache
 def parsed(sem: str) -> ast.Module:
     return ast.parse(sem)
+
+
+@cache
+def hands_over(sem: str) -> bool:
+    """Whether lowered ``sem`` may run its Python handler (it reads a rounding mode)."""
+    return any(isinstance(n, ast.Name) and n.id == "fp_rm" for n in ast.walk(parsed(sem)))
 
 
 @cache
@@ -261,6 +278,7 @@ class Lowering:
     vocabulary in a subclass (:class:`popek.wasm.native` for WebAssembly)."""
 
     constants: dict[str, int] = CONSTANTS
+    fp_helpers: dict[str, hostfp.Helper] = hostfp.HELPERS
 
     def __init__(self, target: Target, operands: dict[str, Operand], pc: ir.Value | None,
                  length: int) -> None:
@@ -270,11 +288,20 @@ class Lowering:
         self.pc = pc
         self.length = length
         self.locals: dict[str, Emitted] = {}
+        self.wrote = False  # whether state was written yet (then it may not hand over)
+        # Where paths that ran the Python handler instead rejoin, at the instruction's end:
+        # (IR block, locals, registers) of each.
+        self.handed: list[tuple[ir.Block, dict[str, Emitted], dict[int, ir.Value]]] = []
 
     # -- statements ---------------------------------------------------------------------
     def lower(self, sem: str) -> bool:
         """Lower ``sem``; True if control may fall through to the next instruction."""
-        return self._statements(parsed(sem).body)
+        falls = self._statements(parsed(sem).body)
+        if not self.handed:
+            return falls
+        here = [(self.b.block, self.locals, self.t.registers())] if falls else []
+        self._join(self.handed + here)
+        return True
 
     def value(self, sem: str) -> ir.Value:
         """Lower the expression ``sem``, whose value the semantics keep within 64 unsigned
@@ -294,9 +321,20 @@ class Lowering:
         if isinstance(s, ast.Pass):
             return True
         if isinstance(s, ast.Assign) and len(s.targets) == 1:
-            if _is_reservation(s.targets[0]) and _is_none(s.value):
-                return self._assign(s.targets[0], Const(NO_RESERVATION))
-            return self._assign(s.targets[0], self._expr(s.value))
+            target = s.targets[0]
+            if _is_reservation(target) and _is_none(s.value):
+                return self._assign(target, Const(NO_RESERVATION))
+            if isinstance(target, ast.Tuple) and isinstance(s.value, ast.Call):
+                values = self._fp_call(s.value)  # r, fl = f64_add(...)
+                if len(values) != len(target.elts):
+                    raise Unsupported(f"statement {ast.unparse(s)!r}")
+                for name, value in zip(target.elts, values, strict=True):
+                    self._assign(name, value)
+                return True
+            return self._assign(target, self._expr(s.value))
+        if isinstance(s, ast.AugAssign):  # C[3] |= fl
+            return self._assign(s.target, self._binop(s.op, self._expr(s.target),
+                                                      self._expr(s.value)))
         if isinstance(s, ast.If):
             return self._if(s)
         if isinstance(s, ast.Return) and s.value is not None:
@@ -307,21 +345,28 @@ class Lowering:
             self.t.trap(cause, tval)
             return False
         if isinstance(s, ast.Expr) and isinstance(s.value, ast.Call):
+            if _name(s.value.func) == "fp_rm":  # only checks the mode (fcvt.d.s)
+                self._expr(s.value)
+                return True
             return self._call_statement(s.value)
         raise Unsupported(f"statement {ast.unparse(s)!r}")
 
     def _assign(self, target: ast.expr, value: Value) -> bool:
+        if isinstance(target, ast.Name) and target.id not in self.operands:
+            self.locals[target.id] = self._emitted(value)
+            return True
+        self.wrote = True
         if isinstance(target, ast.Subscript) and _name(target.value) == "X":
             self.t.write_x(self._register(target.slice), self._u64(value))
             return True
         if isinstance(target, ast.Subscript) and _name(target.value) == "F":
             self.t.write_state("f", self._register(target.slice), self._u64(value))
             return True
+        if _is_fcsr(target):
+            self.t.write_state("csr", FCSR, self._u64(value))
+            return True
         if _is_reservation(target):
             self.t.write_state("ctl", CTL_RESERVATION, self._u64(value))
-            return True
-        if isinstance(target, ast.Name) and target.id not in self.operands:
-            self.locals[target.id] = self._emitted(value)
             return True
         raise Unsupported(f"assignment to {ast.unparse(target)!r}")
 
@@ -396,6 +441,7 @@ class Lowering:
         b = self.b
         name = _name(call.func)
         if name in STORES:
+            self.wrote = True
             addr, value = (self._expr(a) for a in call.args)
             size = STORES[name]
             low = value.at(b, 8 * size)
@@ -439,6 +485,8 @@ class Lowering:
             return Emitted(self.t.read_state("f", self._register(e.slice)), 0, U64_MAX)
         if _is_reservation(e):
             return Emitted(self.t.read_state("ctl", CTL_RESERVATION), 0, U64_MAX)
+        if _is_fcsr(e):
+            return Emitted(self.t.read_state("csr", FCSR), 0, U64_MAX)
         if isinstance(e, ast.BinOp):
             return self._binop(e.op, self._expr(e.left), self._expr(e.right))
         if isinstance(e, ast.UnaryOp):
@@ -652,7 +700,74 @@ class Lowering:
                            0, U64_MAX)
         if name == "int" and len(args) == 1:
             return self._expr(args[0])
+        if name == "fp_unbox32":  # a single not NaN-boxed reads as the canonical NaN
+            v = self._u64(self._expr(args[0]))
+            boxed = b.icmp_unsigned("==", b.lshr(v, ir.Constant(I64, 32)),
+                                    ir.Constant(I64, 0xFFFFFFFF))
+            low = b.and_(v, ir.Constant(I64, 0xFFFFFFFF))
+            return Emitted(b.select(boxed, low, ir.Constant(I64, F32_QNAN)), 0, 0xFFFFFFFF)
+        if name == "fp_rm":
+            return self._rounding_mode(*(self._expr(a) for a in args))
+        if name in self.fp_helpers:
+            values = self._fp_call(call)
+            if len(values) == 1:
+                return values[0]
         raise Unsupported(f"call {ast.unparse(call)!r}")
+
+    # -- floating point -----------------------------------------------------------------
+    def _rounding_mode(self, field: Value, fcsr: Value) -> Value:
+        """``fp_rm(field, fcsr)``: the instruction's mode (7: fcsr.frm's), RNE..RMM; a
+        reserved one runs the handler, which raises the illegal-instruction trap."""
+        b = self.b
+        if isinstance(field, Const) and field.value != 7:
+            mode: Value = field
+        else:
+            dynamic = b.and_(b.lshr(fcsr.at(b, 64), ir.Constant(I64, 5)), ir.Constant(I64, 7))
+            f = field.at(b, 64)
+            mode = Emitted(b.select(b.icmp_unsigned("==", f, ir.Constant(I64, 7)), dynamic, f),
+                           0, 7)
+        self._hand_over_unless(self._below(mode, FP_RMM + 1))
+        return mode if isinstance(mode, Const) else Emitted(mode.at(b, 64), 0, FP_RMM)
+
+    def _below(self, v: Value, bound: int) -> Value:
+        return Const(int(v.value < bound)) if isinstance(v, Const) else \
+            self._compare(ast.Lt(), v, Const(bound))
+
+    def _fp_call(self, call: ast.Call) -> tuple[Value, ...]:
+        """A softfloat helper's results, from the host's arithmetic; in RMM, which the
+        host does not have, the instruction runs its Python handler instead."""
+        name = _name(call.func)
+        helper = self.fp_helpers.get(name or "")
+        if helper is None:
+            raise Unsupported(f"call {ast.unparse(call)!r}")
+        operands = [self._u64(self._expr(a)) for a in call.args[:helper.operands]]
+        rm = None
+        if helper.rounds:
+            mode = self._expr(call.args[helper.operands])
+            self._hand_over_unless(self._below(mode, FP_RMM))
+            rm = mode.at(self.b, 64)
+        results = helper.emit(self.b, operands, rm)
+        return tuple(Emitted(v, lo, hi) for v, (lo, hi) in zip(results, helper.results,
+                                                                strict=True))
+
+    def _hand_over_unless(self, keep: Value) -> None:
+        """Go on where ``keep`` holds; elsewhere run the instruction's Python handler,
+        whose path rejoins at the instruction's end (see ``lower``). Semantics compute
+        before they write (traps are precise), so the handler never repeats a write."""
+        if isinstance(keep, Const) and keep.value:
+            return
+        if self.wrote:
+            raise Unsupported("semantics hand over to their handler after a write")
+        b = self.b
+        on_bb, handler_bb = b.append_basic_block("native"), b.append_basic_block("handler")
+        b.cbranch(ir.Constant(I1, 0) if isinstance(keep, Const) else self._truth(keep),
+                  on_bb, handler_bb)
+        b.position_at_end(handler_bb)
+        regs = self.t.registers()
+        if self.t.run_handler():
+            self.handed.append((b.block, dict(self.locals), self.t.registers()))
+        self.t.set_registers(regs)
+        b.position_at_end(on_bb)
 
 
 def _left_shift(x: Value, y: Value, lo: int, hi: int) -> Value:
@@ -677,6 +792,12 @@ def _is_reservation(node: ast.expr) -> bool:
     """``hart.reservation``: the LR/SC reservation, kept in the hart's control buffer."""
     return (isinstance(node, ast.Attribute) and _name(node.value) == "hart"
             and node.attr == "reservation")
+
+
+def _is_fcsr(node: ast.expr) -> bool:
+    """``C[3]``: fcsr, whose frm FP semantics read and whose fflags they accrue."""
+    return (isinstance(node, ast.Subscript) and _name(node.value) == "C"
+            and isinstance(node.slice, ast.Constant) and node.slice.value == FCSR)
 
 
 def _is_none(node: ast.expr) -> bool:

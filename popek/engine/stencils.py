@@ -101,7 +101,7 @@ class Stencil:
     build and index). That function is made at the stencil's first use: making all ~160
     took ~6 ms of every start, and a short program uses a quarter of them."""
 
-    __slots__ = ("code", "holes", "falls", "size", "continues", "fill")
+    __slots__ = ("code", "holes", "falls", "size", "continues", "calls_handler", "fill")
 
     def __init__(self, code: bytes, holes: tuple[tuple[int, str, int], ...], falls: bool) -> None:
         self.code = code
@@ -110,6 +110,9 @@ class Stencil:
         self.size = len(code)
         # Whether control may go on to the next stencil (else it always leaves the block).
         self.continues = falls or any(hole == HOLE_NEXT for _, hole, _ in holes)
+        # Whether it may run its instruction's Python handler (the fallback's, FP ones'
+        # in a rounding mode the host lacks): then the runtime must know it by HOLE_REF.
+        self.calls_handler = any(hole == HOLE_REF for _, hole, _ in holes)
         self.fill = self._first_fill
 
     def _first_fill(self, *values: int) -> bytes:
@@ -202,6 +205,13 @@ def _library_module() -> tuple[str, list[str]]:
         def _slow_access(self, field: str, ret: ir.Type, args: list[ir.Value]) -> ir.Value:
             return call_thunk(self, "load_thunk" if field == "load_slow" else "store_thunk",
                               args)
+
+        def run_handler(self) -> bool:
+            b = self.builder
+            done = b.append_basic_block("handled")
+            self._check(self._callback("exec_slow", I32, [_hole(HOLE_REF), self.pc]), done)
+            b.position_at_end(done)
+            return True
 
         def run_system(self) -> None:
             """The instruction's Python handler (``exec_system``), then on, out to the
@@ -302,10 +312,7 @@ def _library_module() -> tuple[str, list[str]]:
                 em.tail(HOLE_NEXT, em.pc0)
 
     em = function(FALLBACK)
-    b = em.builder
-    done = b.append_basic_block("handled")
-    em._check(em._callback("exec_slow", I32, [_hole(HOLE_REF), em.pc]), done)
-    b.position_at_end(done)
+    em.run_handler()
     em.tail(HOLE_NEXT, em.pc0)
 
     em = function(SYSTEM)
