@@ -210,7 +210,7 @@ def test_devices_and_fp_instructions_called_back_from_native_code() -> None:
     1:  ld   t0, 0(s1)           # a device read
         add  s2, s2, t0
         fcvt.d.l ft0, t0
-        fadd.d fs1, fs1, ft0     # FP arithmetic runs through its Python handler
+        fadd.d fs1, fs1, ft0     # FP arithmetic: the host's (see hostfp)
         fsd  fs1, 32(a0)
         sd   s2, 16(s1)          # a device write
         addi s0, s0, -1
@@ -220,6 +220,44 @@ def test_devices_and_fp_instructions_called_back_from_native_code() -> None:
     """)
     assert nat.x[18] == nat.x[19] == 300 * 301 // 2
     assert dev.writes[-1] == 300 * 301 // 2
+
+
+def test_fp_in_every_rounding_mode_from_native_blocks() -> None:
+    """frm = s0 mod 5 in turn: RNE..RUP in native code, RMM through the handler (ties
+    away: 1 + 2**-53 and 2.5 show it), in a block whose registers live in SSA values."""
+    nat, _, _ = same_state("""
+        li s0, 60
+        li t0, 1
+        fcvt.d.l fs0, t0
+        li t0, 3
+        fcvt.d.l fs1, t0
+        li t0, 0x3CA0000000000000
+        fmv.d.x fs3, t0
+        li t0, 0x4004000000000000
+        fmv.d.x fs4, t0
+        li t3, 5
+    1:  remu t2, s0, t3
+        addi s1, s1, 7           # registers written around the FP instructions
+        fsrm t2
+        fdiv.d fa0, fs0, fs1
+        fadd.d fa1, fs0, fs3
+        fcvt.l.d a2, fs4
+        add s2, s2, a2
+        fcvt.s.d fa2, fa0
+        fsqrt.s fa3, fa2
+        fle.s a3, fa3, fa2
+        add s3, s3, a3
+        fadd.d fs2, fs2, fa1
+        fsub.d fs5, fs5, fa0
+        frflags a4
+        add s4, s4, a4
+        csrwi fflags, 0
+        addi s0, s0, -1
+        bnez s0, 1b
+        fmv.x.d s5, fs2
+        ebreak
+    """)
+    assert nat.x[18] == 12 * (2 + 2 + 2 + 3 + 3)  # 2.5 to an integer in RNE..RMM
 
 
 def test_failing_callback_raises_in_the_host_not_a_crash() -> None:

@@ -541,13 +541,33 @@ def random_program(seed: int) -> bytes:
         (WFI, 4))
 
 
+# FP register contents the random programs start from, besides random bits: doubles and
+# NaN-boxed singles that are zeros, infinities, NaNs (quiet, signalling), subnormals,
+# the extreme normals, one and small integers.
+FP_SPECIALS = [sign | v for sign in (0, 1 << 63) for v in (
+    0, 0x7FF0000000000000, 0x7FF8000000000000, 0x7FF0000000000001, 1, 0x000FFFFFFFFFFFFF,
+    0x0010000000000000, 0x7FEFFFFFFFFFFFFF, 0x3FF0000000000000, 0x4008000000000000)] + [
+    0xFFFFFFFF00000000 | sign | v for sign in (0, 1 << 31) for v in (
+        0, 0x7F800000, 0x7FC00000, 0x7F800001, 1, 0x007FFFFF, 0x00800000, 0x7F7FFFFF,
+        0x3F800000, 0x40400000)]
+
+
+def fp_value(rng: random.Random) -> int:
+    kind = rng.randrange(4)
+    if kind == 0:
+        return rng.choice(FP_SPECIALS)
+    if kind == 1:
+        return 0xFFFFFFFF00000000 | rng.getrandbits(32)
+    return rng.getrandbits(64)
+
+
 def start_random(tier: str, seed: int) -> Hart:
     rng = random.Random(f"state {seed}")
     hart = machine(tier, random_program(seed), TRAP_LOG, rng.randbytes(4200))
     for r in range(1, 32):
         hart.x[r] = rng.getrandbits(64)
     for r in range(32):
-        hart.f[r] = rng.getrandbits(64)
+        hart.f[r] = fp_value(rng)
     hart.x[SCRATCH], hart.x[BAD], hart.x[BASE_REG] = 0, BAD_ADDRESS, DATA
     hart.x[COUNTER], hart.x[T6], hart.x[FS_REG] = ITERATIONS, LOG, 3 << 13
     hart.x[MISALIGNED], hart.x[DUMP_REG] = DATA + 2, DUMP
@@ -583,6 +603,80 @@ def test_random_programs_trap_in_every_way_asked() -> None:
     # illegal, ebreak, faulting loads, stores and AMOs, ecall; and misaligned ones (AMOs
     # trap, as lr and sc do; plain loads and stores are carried out)
     assert {2, 3, 5, 6, 7, 11} <= causes, causes
+
+
+def test_random_programs_compute_fp_in_patched_code() -> None:
+    """FP instructions of the random programs run from their own stencils (host FP)."""
+    library = stencils.library(None)
+    native_fp = set()
+    for seed in SEEDS:
+        for word in _words(random_program(seed)):
+            d = decode32(word)
+            if d is not None and "fp" in d.insn.flags and "load" not in d.insn.flags and \
+                    "store" not in d.insn.flags and stencils.stencil_for(library, d) is \
+                    library.get(d.insn.name):
+                native_fp.add(d.insn.name)
+    assert {"fadd.d", "fdiv.s", "fcvt.l.d", "feq.d", "fclass.s"} & native_fp
+    assert len(native_fp) > 30, native_fp
+
+
+def _words(code: bytes) -> Iterator[int]:
+    """The 32-bit words of ``code`` at every 2-byte offset (a superset of its instructions)."""
+    for at in range(0, len(code) - 3, 2):
+        yield int.from_bytes(code[at:at + 4], "little")
+
+
+# Every rounding mode in turn (frm = s0 mod 8), from patched code: RNE..RUP natively,
+# RMM through the handler (ties away: 1 + 2**-53 and 2.5 show it), 5-7 trap (logged).
+FP_MODES = """
+    li s0, 48
+    li t0, 1
+    fcvt.d.l fs0, t0
+    li t0, 3
+    fcvt.d.l fs1, t0
+    li t0, 0x3CA0000000000000       # 2**-53: 1 + it is a tie
+    fmv.d.x fs3, t0
+    li t0, 0x4004000000000000       # 2.5
+    fmv.d.x fs4, t0
+1:  andi t2, s0, 7
+    fsrm t2
+    fdiv.d fa0, fs0, fs1
+    fadd.d fa1, fs0, fs3
+    fcvt.l.d a2, fs4
+    fcvt.s.d fa2, fa0
+    fmul.s fa3, fa2, fa2
+    fcvt.wu.s a3, fa3
+    fadd.d fs2, fs2, fa1
+    fsd fa0, 0(a0)
+    fsd fa1, 8(a0)
+    sd a2, 16(a0)
+    fsw fa3, 24(a0)
+    sw a3, 28(a0)
+    frflags a4
+    sd a4, 32(a0)
+    addi a0, a0, 40
+    csrwi fflags, 0
+    addi s0, s0, -1
+    bnez s0, 1b
+    wfi
+"""
+
+
+def test_fp_in_every_rounding_mode_from_patched_code(native_runs: NativeRuns) -> None:
+    code = assemble(FP_MODES)
+    ref = machine("interp", code, TRAP_LOG)
+    ref.x[10], ref.x[T6] = DUMP, LOG
+    finish(ref, 40)
+    patched = jit.STATS.patched
+    nat = machine("baseline", code, TRAP_LOG)
+    nat.x[10], nat.x[T6] = DUMP, LOG
+    finish(nat, 40)
+    assert_same(ref, nat)
+    assert_ran_patched(nat, native_runs, patched)
+    assert trap_causes(nat) == [2] * 7 * 18  # 7 FP ops in frm 5, 6 and 7, 6 times each
+    rmm = nat.mem.read(DUMP + 40 * (48 - 44), 40)  # frm 4 (s0 = 44)
+    assert int.from_bytes(rmm[8:16], "little") == 0x3FF0000000000001  # 1 + 2**-52
+    assert int.from_bytes(rmm[16:24], "little") == 3
 
 
 # -- 4. code that rewrites itself ------------------------------------------------------------
