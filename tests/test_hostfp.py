@@ -31,7 +31,7 @@ pytestmark = pytest.mark.skipif(not hostfp.HOST, reason="native FP is for x86-64
 BASE = 0x8000_0000
 PC = BASE + 0x100
 FCSR = 3
-RS1, RS2, RD = 1, 2, 3
+RS1, RS2, RD, RS3 = 1, 2, 3, 4
 BOX = 0xFFFFFFFF00000000
 STATIC_MODES = (0, 1, 2, 3)  # RNE RTZ RDN RUP, in the instruction's rm field
 DYNAMIC = 7
@@ -117,9 +117,10 @@ class Stepper:
         self.handlers = self.hart.engine.handlers
         self.declined = 0
 
-    def _set(self, f1: int, f2: int, x1: int, fcsr: int) -> None:
+    def _set(self, f1: int, f2: int, f3: int, x1: int, fcsr: int) -> None:
         h = self.hart
-        h.f[RS1], h.f[RS2], h.x[RS1], h.f[RD], h.x[RD] = f1, f2, x1, 0x5A5A, 0x5A5A
+        h.f[RS1], h.f[RS2], h.f[RS3], h.x[RS1] = f1, f2, f3, x1
+        h.f[RD], h.x[RD] = 0x5A5A, 0x5A5A
         h.csr[FCSR] = fcsr
 
     def _outcome(self, run) -> tuple[object, ...]:  # noqa: ANN001
@@ -130,9 +131,11 @@ class Stepper:
         h = self.hart
         return (h.f[RD], h.x[RD], h.csr[FCSR])
 
-    def compare(self, ins, imm: int, f1: int, f2: int = 0, x1: int = 0,  # noqa: ANN001
-                fcsr: int = 0) -> tuple[tuple, tuple]:
-        """(native outcome, softfloat outcome) of ``ins`` on these operands."""
+    def compare(self, ins, mode: int, f1: int, f2: int = 0, f3: int = 0,  # noqa: ANN001
+                x1: int = 0, fcsr: int = 0) -> tuple[tuple, tuple]:
+        """(native outcome, softfloat outcome) of ``ins`` in rounding ``mode`` (its rm
+        field, where it has one) on these operands."""
+        imm = {"RM": mode, "R4": RS3 | mode << 5}.get(ins.fmt, 0)
         step = self.native.step_function(ins, 4)
         assert step is not None, ins.name
         handler = self.handlers[(ins.name, 4)]
@@ -146,9 +149,9 @@ class Stepper:
             elif status:
                 raise self.native.take_pending(status)
 
-        self._set(f1, f2, x1, fcsr)
+        self._set(f1, f2, f3, x1, fcsr)
         got = self._outcome(native)
-        self._set(f1, f2, x1, fcsr)
+        self._set(f1, f2, f3, x1, fcsr)
         want = self._outcome(lambda: handler(PC, RD, RS1, RS2, imm))
         return got, want
 
@@ -166,33 +169,56 @@ def _lowered_fp() -> list[str]:
     return [i.name for i in ALL_INSNS if "fp" in i.flags and jit.lowers(i)]
 
 
-def test_every_fp_computation_but_fused_multiply_add_is_native() -> None:
+FUSED = {f"{op}.{p}" for op in ("fmadd", "fmsub", "fnmsub", "fnmadd") for p in "sd"}
+
+
+def test_every_fp_computation_is_native() -> None:
+    """All of RV64FD but fused multiply-add on a host without FMA, which the handler runs."""
     lowered = set(_lowered_fp())
     computing = {i.name for i in ALL_INSNS if i.ext in ("F", "D") and "load" not in i.flags
                  and "store" not in i.flags}
-    assert computing - lowered == {f"{op}.{p}" for op in ("fmadd", "fmsub", "fnmsub", "fnmadd")
-                                   for p in "sd"}
+    assert computing - lowered == (set() if hostfp.FMA else FUSED)
 
 
 def _rounds(name: str) -> bool:
     return "fp_rm" in _insn(name).sem
 
 
-def _cases(name: str, rng: random.Random) -> Iterator[tuple[int, int, int, int]]:
-    """(imm, f1, f2, x1) for instruction ``name``."""
+def _fused_triples(prec: int, rng: random.Random) -> list[tuple[int, int, int, int]]:
+    """Every combination of a few specials, products that cancel the addend exactly or
+    all but a bit, then random triples."""
+    box = BOX if prec == 32 else 0
+    pack = _f32 if prec == 32 else _f64
+    sign = 1 << (prec - 1)
+    few = [0, sign, *_specials(prec)[1:4], 1, (1 << (prec - 1 - (8 if prec == 32 else 11))),
+           pack(1.0), pack(1.0) + 1, pack(1.0) - 1, pack(3.0), pack(2.0 ** 60) | sign]
+    few = [v | box for v in few]
+    triples = [(a, b, c, 0) for a in few for b in few for c in few]
+    one_up, one_down = pack(1.0) + 1 | box, pack(1.0) - 1 | box
+    for c in (pack(1.0), pack(1.0) | sign, pack(1.0) - 1, pack(1.0) + 1 | sign):
+        triples += [(one_up, one_down, c | box, 0), (one_up, one_up, c | box | sign, 0)]
+    ops = _operands(prec, rng, 40)
+    triples += [(rng.choice(ops), rng.choice(ops), rng.choice(ops), 0) for _ in range(2500)]
+    return triples
+
+
+def _cases(name: str, rng: random.Random) -> Iterator[tuple[int, int, int, int, int]]:
+    """(mode, f1, f2, f3, x1) for instruction ``name``."""
     ins = _insn(name)
     prec = 32 if "fp_unbox32(F[rs1])" in ins.sem else 64
     if "X[rs1]" in ins.sem:  # from an integer
-        firsts: list[tuple[int, int, int]] = [(0, 0, x) for x in _integers(rng)]
+        sources: list[tuple[int, int, int, int]] = [(0, 0, 0, x) for x in _integers(rng)]
+    elif ins.fmt == "R4":
+        sources = _fused_triples(prec, rng)
     elif "F[rs2]" in ins.sem:
         ops = _operands(prec, rng, 14)
-        firsts = [(a, c, 0) for a in ops for c in ops]
+        sources = [(a, c, 0, 0) for a in ops for c in ops]
     else:
-        firsts = [(f, 0, 0) for f in _operands(prec, rng, 60)]
+        sources = [(f, 0, 0, 0) for f in _operands(prec, rng, 60)]
     modes = STATIC_MODES if _rounds(name) else (0,)
-    for f1, f2, x1 in firsts:
-        for imm in modes:
-            yield imm if ins.fmt == "RM" else 0, f1, f2, x1
+    for f1, f2, f3, x1 in sources:
+        for mode in modes:
+            yield mode, f1, f2, f3, x1
 
 
 FP_NAMES = _lowered_fp() if hostfp.HOST else []
@@ -205,10 +231,10 @@ def test_native_matches_softfloat_in_every_static_mode(stepper: Stepper, name: s
     ins = _insn(name)
     declined = stepper.declined
     count = 0
-    for imm, f1, f2, x1 in _cases(name, rng):
+    for mode, f1, f2, f3, x1 in _cases(name, rng):
         fcsr = rng.choice((0, 0, 0, 0x1F, 0x0A))
-        got, want = stepper.compare(ins, imm, f1, f2, x1, fcsr)
-        assert got == want, (name, imm, hex(f1), hex(f2), hex(x1), hex(fcsr))
+        got, want = stepper.compare(ins, mode, f1, f2, f3, x1, fcsr)
+        assert got == want, (name, mode, hex(f1), hex(f2), hex(f3), hex(x1), hex(fcsr))
         count += 1
     assert count > 40
     assert stepper.declined == declined  # every one of them native
@@ -226,14 +252,14 @@ def test_dynamic_modes_and_those_the_host_lacks(stepper: Stepper, name: str) -> 
     declined = stepper.declined
     expect_declined = 0
     widening = name == "fcvt.d.s"  # exact: only checks its mode, RMM included
-    for _, f1, f2, x1 in cases[:150]:
-        for imm, frm in [(DYNAMIC, m) for m in range(8)] + [(FP_RMM, 0), (5, 0), (6, 0)]:
-            got, want = stepper.compare(ins, imm, f1, f2, x1, frm << 5)
-            assert got == want, (name, imm, frm, hex(f1), hex(f2), hex(x1))
-            mode = frm if imm == DYNAMIC else imm
+    for _, f1, f2, f3, x1 in cases[:150]:
+        for rm, frm in [(DYNAMIC, m) for m in range(8)] + [(FP_RMM, 0), (5, 0), (6, 0)]:
+            got, want = stepper.compare(ins, rm, f1, f2, f3, x1, frm << 5)
+            assert got == want, (name, rm, frm, hex(f1), hex(f2), hex(f3), hex(x1))
+            mode = frm if rm == DYNAMIC else rm
             expect_declined += mode > FP_RMM or (mode == FP_RMM and not widening)
     assert stepper.declined - declined == expect_declined
-    traps = {stepper.compare(ins, 5, 0, 0, 0)[0], stepper.compare(ins, DYNAMIC, 0, 0, 0, 6 << 5)[0]}
+    traps = {stepper.compare(ins, 5, 0)[0], stepper.compare(ins, DYNAMIC, 0, fcsr=6 << 5)[0]}
     assert traps == {("trap", 2, None)}  # illegal instruction, its bits filled in later
 
 

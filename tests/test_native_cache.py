@@ -47,20 +47,17 @@ LOOP = """
     ebreak
 """
 
-# A loop mostly of fused multiply-adds, which have no stencils of their own (their
+# A loop mostly of carry-less products (Zbc), which have no stencils of their own (their
 # stencils call the Python handlers): no patched code for it, so it runs on the Python
 # tiers, tier 1 once hot.
-FP_LOOP = """
-    li t0, 0x2000
-    csrs mstatus, t0            # the FP unit on
+HANDLER_LOOP = """
     li s0, 300
-    fcvt.d.l fs0, s0
-1:  fmadd.d fs1, fs1, fs0, fs0
-    fmsub.d fs2, fs1, fs0, fs1
-    fnmadd.d fs3, fs2, fs1, fs0
+    li s1, 0x123456789
+1:  .insn r 0x33, 1, 5, s2, s1, s0       # clmul s2, s1, s0
+    .insn r 0x33, 3, 5, s3, s2, s1       # clmulh s3, s2, s1
+    .insn r 0x33, 2, 5, s1, s3, s0       # clmulr s1, s3, s0
     addi s0, s0, -1
     bnez s0, 1b
-    fcvt.l.d a0, fs3
     ebreak
 """
 
@@ -119,7 +116,7 @@ def test_blocks_hot_on_tier_1_before_start_there(
         tier: str, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(engine_module, "NATIVE_AFTER", 10**9)  # tier 1 at most
     monkeypatch.setattr(engine_module, "PATCHED_NATIVE_AFTER", 10**9)
-    code = assemble(FP_LOOP)
+    code = assemble(HANDLER_LOOP)
     first = run(code, tier)
     CACHE.flush()  # (at exit, in a process of its own)
     assert CACHE.stats.translated == 0 and CACHE.stats.stored == 0

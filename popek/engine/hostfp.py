@@ -16,6 +16,9 @@ returns the "integer indefinite").
 Comparisons, min/max, classify and sign injection are integer operations on the bits,
 as softfloat's are, and need no MXCSR.
 
+Fused multiply-add is the FMA3 instruction, where the host has it (:data:`FEATURES`
+names what the native code assumes, for the caches' versions).
+
 RMM (round to nearest, ties away) has no SSE rounding control: :data:`HELPERS` take a
 mode in RNE..RUP, and the lowering hands an instruction in RMM to its Python handler.
 Only x86-64 hosts (:data:`HOST`) have these.
@@ -31,6 +34,22 @@ from popek.engine import irtext as ir
 from popek.isa.softfloat import F32_QNAN, F64_QNAN, FP_NV
 
 HOST = platform.machine() in ("x86_64", "AMD64")
+
+
+def _cpu_flags() -> set[str]:
+    """The first CPU's feature flags, as Linux lists them (none known elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+FMA = HOST and "fma" in _cpu_flags()
+FEATURES = "fma" if FMA else ""  # what native FP code needs beyond x86-64's SSE2
 I1 = ir.IntType(1)
 I32 = ir.IntType(32)
 I64 = ir.IntType(64)
@@ -153,7 +172,7 @@ def _fflags(b: ir.IRBuilder, raised: ir.Value) -> ir.Value:
 
 def _under_mode(b: ir.IRBuilder, body: tuple[str, ...], out: ir.IntType,
                 inputs: list[ir.Value], rm: ir.Value | None) -> tuple[ir.Value, ir.Value]:
-    """Run ``body`` (SSE code on %xmm0 and %xmm1; operands ``$0`` the result, of type
+    """Run ``body`` (SSE code on %xmm0-%xmm2; operands ``$0`` the result, of type
     ``out``, and ``$2``... the integer ``inputs``, all in general registers) under
     rounding mode ``rm``, MXCSR saved and restored around it: its result, and the
     fflags it raised."""
@@ -163,7 +182,7 @@ def _under_mode(b: ir.IRBuilder, body: tuple[str, ...], out: ir.IntType,
         "ldmxcsr (%rsp)", *body, "stmxcsr (%rsp)", "ldmxcsr 8(%rsp)", "movl (%rsp), $1",
         f"lea {SCRATCH}(%rsp), %rsp"))
     constraints = ",".join(("=r", "=r", *("r" for _ in inputs), "r", "~{xmm0}", "~{xmm1}",
-                            "~{dirflag}", "~{fpsr}", "~{flags}"))
+                            "~{xmm2}", "~{dirflag}", "~{fpsr}", "~{flags}"))
     pair = ir.Type(f"{{ {out}, i32 }}")
     result = b.asm(pair, template, constraints, [*inputs, _mxcsr(b, rm)])
     raised = b.extract_value(result, 1, I32)
@@ -212,6 +231,30 @@ def _sqrt(f: Format) -> Emit:
         body = (f"{mov} $2, %xmm0", f"sqrt{f.suffix} %xmm0, %xmm0", f"{mov} %xmm0, $0")
         r, flags = _under_mode(b, body, _float_type(f), [_narrow(b, f, ops[0])], rm)
         return [_canonical(b, f, _wide(b, r)), flags]
+    return emit
+
+
+def _fused(f: Format, negate_product: bool, negate_addend: bool) -> Emit:
+    """(-1)**negate_product * a * b + (-1)**negate_addend * c, rounded once (negating an
+    operand's sign bit negates exactly, NaNs included)."""
+    def emit(b: ir.IRBuilder, ops: list[ir.Value], rm: ir.Value | None) -> list[ir.Value]:
+        x, y, z = ops
+        if negate_product:
+            x = b.xor(x, _k(f.sign))
+        if negate_addend:
+            z = b.xor(z, _k(f.sign))
+        mov = _move(f)
+        body = (f"{mov} $2, %xmm0", f"{mov} $3, %xmm1", f"{mov} $4, %xmm2",
+                f"vfmadd231{f.suffix} %xmm1, %xmm0, %xmm2", f"{mov} %xmm2, $0")
+        r, flags = _under_mode(b, body, _float_type(f), [_narrow(b, f, v) for v in (x, y, z)],
+                               rm)
+        # RISC-V: infinity times zero is invalid even when the addend is a quiet NaN.
+        mag_x, mag_y = _and(b, x, f.abs_mask), _and(b, y, f.abs_mask)
+        inf_zero = b.or_(
+            b.and_(b.icmp_unsigned("==", mag_x, _k(f.inf)), b.icmp_unsigned("==", mag_y, _k(0))),
+            b.and_(b.icmp_unsigned("==", mag_y, _k(f.inf)), b.icmp_unsigned("==", mag_x, _k(0))))
+        result = b.select(inf_zero, _k(f.qnan), _canonical(b, f, _wide(b, r)))
+        return [result, b.select(inf_zero, _k(FP_NV), flags)]
     return emit
 
 
@@ -355,6 +398,12 @@ def _helpers() -> dict[str, Helper]:
         for op in ("add", "sub", "mul", "div"):
             table[pre + op] = Helper(_arithmetic(f, op), 2, True, (value, flags))
         table[pre + "sqrt"] = Helper(_sqrt(f), 1, True, (value, flags))
+        if FMA:
+            for name, negate_product, negate_addend in (
+                    ("fmadd", False, False), ("fmsub", False, True),
+                    ("fnmsub", True, False), ("fnmadd", True, True)):
+                table[pre + name] = Helper(_fused(f, negate_product, negate_addend), 3, True,
+                                           (value, flags))
         for kind in ("", "n", "x"):
             table[f"{pre}sgnj{kind}"] = Helper(_sign_injection(f, kind), 2, False, (value,))
         for op in ("eq", "lt", "le"):

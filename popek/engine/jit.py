@@ -49,8 +49,8 @@ from popek.cpu.causes import ACCESS_EXEC, ACCESS_READ, ACCESS_WRITE, Trap
 from popek.cpu.csr import MSTATUS_SD, WINDOWS
 from popek.cpu.physmem import PAGE_SIZE
 from popek.cpu.state import CTL_INSTRET, X_SINK, XLEN_MASK
+from popek.engine import hostfp, stencils
 from popek.engine import irtext as ir
-from popek.engine import stencils
 from popek.engine.compiler_thread import COMPILER, LLVM_LOCK
 from popek.engine.lowering import (
     I32,
@@ -202,9 +202,10 @@ def target_machine():
 def toolchain() -> str:
     """What, besides popek's source, shapes the native code: the on-disk cache's version.
     Read without loading LLVM (a run whose code never gets hot never loads it): each
-    llvmlite release bundles one LLVM, and the target is generic for the host's triple."""
+    llvmlite release bundles one LLVM, and the target is generic for the host's triple
+    (FP code aside, which may use the host's FMA: hostfp.FEATURES)."""
     return (f"llvmlite {llvmlite_version()} {os.uname().machine} {sys.platform} "
-            f"codegen {CODEGEN_LEVEL}")
+            f"codegen {CODEGEN_LEVEL} {hostfp.FEATURES}")
 
 
 def llvmlite_version() -> str:

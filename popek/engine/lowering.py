@@ -469,6 +469,10 @@ class Lowering:
     def _register(self, node: ast.expr) -> int | ir.Value:
         if isinstance(node, ast.Name) and node.id in ("rd", "rs1", "rs2"):
             return self.operands[node.id].value
+        if isinstance(node, ast.BinOp):  # F[imm & 31]: fused multiply-add's third source
+            index = self._expr(node)
+            if 0 <= index.lo and index.hi <= 31:
+                return index.value if isinstance(index, Const) else index.at(self.b, 64)
         raise Unsupported(f"register {ast.unparse(node)!r}")
 
     def _expr(self, e: ast.expr) -> Value:  # noqa: C901 - one case per syntax form

@@ -40,6 +40,7 @@ from pathlib import Path
 
 from popek.cpu.csr import MIE, MIP, MSTATUS, MSTATUS_FS, WINDOWS
 from popek.cpu.state import CTL_PRIV, X_SINK
+from popek.engine import hostfp
 from popek.engine import irtext as ir
 from popek.engine.lowering import I32, I64, Lowering, Operand, Unsupported, reads_pc
 from popek.isa.decoder import ALL_INSNS, Decoded
@@ -468,10 +469,12 @@ def build() -> dict[str, Stencil]:
 # -- the library on disk ----------------------------------------------------------------------
 
 def library_version() -> str:
-    """What shapes the stencils: popek's engine, isa and cpu source, llvmlite, the host."""
+    """What shapes the stencils: popek's engine, isa and cpu source, llvmlite, the host
+    (and the instructions its FP code uses beyond x86-64's baseline)."""
     from popek.engine.jit import llvmlite_version
     from popek.engine.native_cache import source_version
-    return source_version(f"stencils llvmlite {llvmlite_version()} {os.uname().machine}")
+    return source_version(f"stencils llvmlite {llvmlite_version()} {os.uname().machine} "
+                          f"{hostfp.FEATURES}")
 
 
 def encode(stencils: dict[str, Stencil]) -> bytes:
