@@ -24,7 +24,7 @@ def build(out: Path, name: str) -> Path:
     program = out / name
     if not program.exists():
         subprocess.run([compiler, "-O2", "-static", "-pthread", "-Wall", "-Werror",
-                        "-o", str(program), str(SOURCES / f"{name}.c")], check=True)
+                        "-o", str(program), str(SOURCES / f"{name}.c"), "-lm"], check=True)
     return program
 
 

@@ -25,6 +25,8 @@ from popek.cpu.physmem import PhysicalMemory
 from popek.engine import hostfp, jit
 from popek.isa.decoder import ALL_INSNS
 from popek.isa.softfloat import FP_RMM
+from tests.cross_built import build
+from tests.test_exec import assert_same_as_qemu, environment
 
 pytestmark = pytest.mark.skipif(not hostfp.HOST, reason="native FP is for x86-64 hosts")
 
@@ -301,3 +303,14 @@ def test_python_floats_never_see_the_native_mxcsr(stepper: Stepper) -> None:
         assert got == want and got[2]
     assert libm.fetestexcept(FE_ALL_EXCEPT) == 0
     assert 1.0 / 3.0 == third and _f64(1.0 / 3.0) == 0x3FD5555555555555  # rounded to nearest
+
+
+@pytest.mark.parametrize("engine", ["baseline", "jit"])
+def test_compiled_fp_program_matches_qemu(engine: str,
+                                          tmp_path_factory: pytest.TempPathFactory) -> None:
+    """tests/user/fparith.c (GCC's FP code: conversions, fused multiply-adds, min/max,
+    comparisons; results and the flags of each operation hashed per rounding mode, RMM
+    included) prints what it prints under qemu-riscv64."""
+    program = build(tmp_path_factory.mktemp("fparith"), "fparith")
+    done = assert_same_as_qemu([str(program)], env=environment(POPEK_ENGINE=engine))
+    assert done.stdout.count(b"\n") == 5
