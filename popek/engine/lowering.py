@@ -8,8 +8,8 @@ read as unsigned when the interval is non-negative and as signed otherwise. Ever
 operation computes its result interval first and refuses (raising :class:`Unsupported`)
 if no 128-bit pattern could identify it, so a lowered instruction either means exactly
 what the Python means or is not lowered at all. Constructs outside the native vocabulary
-(CSRs, fused multiply-add, hart services) raise :class:`Unsupported` too; the native tier
-then runs that instruction through its Python handler.
+(CSRs, hart services; fused multiply-add on a host without FMA) raise :class:`Unsupported`
+too; the native tier then runs that instruction through its Python handler.
 
 Softfloat's helpers become the host's IEEE arithmetic (:mod:`popek.engine.hostfp`), which
 has no round-to-nearest-ties-away: an instruction whose rounding mode turns out to be
