@@ -26,14 +26,14 @@ Only x86-64 hosts (:data:`HOST`) have these.
 
 from __future__ import annotations
 
-import platform
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from popek.engine import irtext as ir
 from popek.isa.softfloat import F32_QNAN, F64_QNAN, FP_NV
 
-HOST = platform.machine() in ("x86_64", "AMD64")
+HOST = os.uname().machine in ("x86_64", "AMD64")
 
 
 def _cpu_flags() -> set[str]:
