@@ -205,9 +205,12 @@ def test_destination_killed_mid_migration_leaves_the_source_running(
     a, b = pair
     vm = a.api.create("migrant", name="survivor")
     last = _passes(a.api.wait_log(vm, rb"pass 16\n"))[-1]
-    # A budget the guest, which writes all its 8 MiB every pass, never meets: the rounds
-    # go on until the destination's worker is stopped, then killed.
-    a.api("migrate", vm["id"], str(b.socket), max_downtime=1e-9)
+    # A budget the guest, which writes all its 8 MiB every pass, never meets, and a link
+    # whose first pass alone takes half an hour: the migration is still copying when the
+    # destination's worker is stopped, then killed. (Without the bandwidth cap the source,
+    # throttling the guest down to its least share, could hand over before the test
+    # stopped the worker on a loaded host.)
+    a.api("migrate", vm["id"], str(b.socket), max_downtime=1e-9, max_bandwidth=4096)
     pid = b.api.wait("the destination's worker",
                      lambda: [v["pid"] for v in b.api("list") if v["pid"]])[0]
     os.kill(pid, signal.SIGSTOP)
