@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import os
 import random
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import accumulate, pairwise
@@ -190,17 +191,30 @@ def test_every_hole_is_a_known_one_and_lies_inside_its_stencil(
         built: dict[str, stencils.Stencil]) -> None:
     for name, stencil in built.items():
         assert stencil.code or stencil.falls, name  # (fence: nothing but the fall-through)
-        for offset, hole, _ in stencil.holes:
+        next_at = 0x7000_0000_0000 + stencil.size  # where this stencil ends
+        for offset, hole, _, kind in stencil.holes:
             assert hole in stencils.HOLES, (name, hole)
-            assert 0 <= offset <= len(stencil.code) - 8, (name, hole, offset)
-        # filling writes every hole's value (plus its addend) at its offset
-        values = tuple(-0x1111_0000 if hole == "imm" else 0x1111_0000 + i  # (may be negative)
-                       for i, hole in enumerate(stencils.HOLES))
-        filled = stencil.fill(*values)
+            width = struct.calcsize(stencils.FIELD_FORMATS[kind])
+            assert 0 <= offset <= len(stencil.code) - width, (name, hole, offset)
+            # only jumps are relative, and only 32-bit fields hold operands of 32 bits
+            assert (kind in stencils.RELATIVE) == (hole in stencils.JUMP_HOLES), (name, hole)
+            assert width == 8 or hole in stencils.HOLE_RANGES or hole in stencils.JUMP_HOLES
+        # filling writes every hole's value (plus its addend) at its offset: a register's
+        # byte offset, a jump's distance from the field's end
+        values = {hole: i for i, hole in enumerate(stencils.HOLES)}
+        values.update(imm=-0x1111_0000, rd=32, rs1=5, rs2=31, next=next_at,
+                      chain=next_at - 0x12_3456)
+        filled = stencil.fill(*values.values())
         assert len(filled) == len(stencil.code)
-        for offset, hole, addend in stencil.holes:
-            want = (values[stencils.HOLES.index(hole)] + addend) & stencils.U64
-            assert int.from_bytes(filled[offset:offset + 8], "little") == want
+        for offset, hole, addend, kind in stencil.holes:
+            field = stencils.FIELD_FORMATS[kind]
+            got = struct.unpack_from("<" + field, filled, offset)[0]
+            value = values[hole] * 8 if hole in stencils.REGISTER_HOLES else values[hole]
+            if kind in stencils.RELATIVE:
+                assert next_at - stencil.size + offset - addend + got == value, (name, hole)
+            else:
+                want = value + addend
+                assert got == (want & stencils.U64 if field == "Q" else want), (name, hole)
 
 
 def test_library_is_kept_and_read_back_by_the_next_process_without_building(

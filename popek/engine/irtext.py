@@ -206,8 +206,8 @@ class IRBuilder:
     def shl(self, a: Value, b: Value) -> Value:
         return self._binary("shl", a, b)
 
-    def lshr(self, a: Value, b: Value) -> Value:
-        return self._binary("lshr", a, b)
+    def lshr(self, a: Value, b: Value, exact: bool = False) -> Value:
+        return self._binary("lshr exact" if exact else "lshr", a, b)
 
     def ashr(self, a: Value, b: Value) -> Value:
         return self._binary("ashr", a, b)

@@ -1110,8 +1110,8 @@ class NativeRuntime:
             exit_ = chain
             if key is not None and (target := start + block_end) < PAGE_SIZE:
                 exit_ = linked.get(page + target, chain)
-            code.append(end.fill(0, 0, 0, 0, 0, 0, 0, 0, exit_, counter, length, block_end,
-                                 bits, ram, 0))
+            code.append(end.fill(0, 0, 0, 0, 0, 0, 0, at + end.size, exit_, counter, length,
+                                 block_end, bits, ram, 0))
         self.counters[slot] = hot_after or 0
         addr = self.area.write(b"".join(code))
         assert addr == base

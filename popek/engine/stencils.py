@@ -11,11 +11,15 @@ The stencils come from the one instruction declaration, through the same lowerin
 tier 2's (:mod:`popek.engine.lowering`): each is a function of ``(env, pc0)``, the
 signature of tier 2's blocks, whose operands are the addresses of undefined symbols
 (``rd``, ``imm``, the instruction's offset in the block, ...). LLVM compiles them with
-the large code model, so every hole is a 64-bit absolute relocation that popek fills in
-with the operand's value; pyelftools reads them. Registers stay in memory (each stencil
-loads and stores the ones it uses), and each stencil ends by tail-calling the hole
-``next``: the following stencil, which is placed right behind it, so that jump is cut
-off. A block's code has tier 2's signature and exits (the jump cache, ``chain``), so
+the small code model, and each hole is declared with the range of its values, so that a
+hole is a field of the instruction that uses it (pyelftools reads the relocations): a
+register operand is the 32-bit displacement of its slot (``mov rdx, [rax + 8*rs1]``), an
+immediate a sign-extended 32-bit immediate, ``next`` and ``chain`` 32-bit relative jumps
+(every block lies in one code area), and only host addresses (a run counter, a CSR
+window, guest RAM) and instruction bits take 64 bits. Registers stay in memory (each
+stencil loads and stores the ones it uses), and each stencil ends by tail-calling the
+hole ``next``: the following stencil, which is placed right behind it, so that jump is
+cut off. A block's code has tier 2's signature and exits (the jump cache, ``chain``), so
 blocks of both tiers chain into each other natively.
 
 The library (every stencil's bytes and holes) is built once per popek version and host
@@ -48,8 +52,16 @@ from popek.isa.spec import IMM_RANGES, WRITES_X, Insn
 
 HOST_MACHINES = ("x86_64", "AMD64")
 LIBRARY_MAGIC = b"popek stencils 1\n"
-R_X86_64_64 = 1
 U64 = (1 << 64) - 1
+# The relocations a stencil's holes come as (ELF x86-64 types): how each field is filled.
+R_X86_64_64 = 1  # 64-bit absolute
+R_X86_64_PC32 = 2  # 32-bit, relative to the field's address
+R_X86_64_PLT32 = 4  # (the same, as a call or jump to a function)
+R_X86_64_32 = 10  # 32-bit absolute, zero-extended
+R_X86_64_32S = 11  # 32-bit absolute, sign-extended
+FIELD_FORMATS = {R_X86_64_64: "Q", R_X86_64_PC32: "i", R_X86_64_PLT32: "i", R_X86_64_32: "I",
+                 R_X86_64_32S: "i"}
+RELATIVE = (R_X86_64_PC32, R_X86_64_PLT32)
 # Holes: what popek patches into a stencil (by symbol name).
 OPERAND_HOLES = ("rd", "rs1", "rs2", "imm")
 HOLE_OFFSET = "offset"  # the instruction's byte offset in its block (pc = pc0 + offset)
@@ -65,6 +77,16 @@ HOLE_RAM = "ram"  # the host address of guest RAM
 HOLE_WINDOW = "window"  # a CSR access's window (csr.Window), as WINDOW_FIELDS in memory
 HOLES = (*OPERAND_HOLES, HOLE_OFFSET, HOLE_INDEX, HOLE_REF, HOLE_NEXT, HOLE_CHAIN,
          HOLE_COUNTER, HOLE_LENGTH, HOLE_END, HOLE_BITS, HOLE_RAM, HOLE_WINDOW)
+REGISTER_HOLES = ("rd", "rs1", "rs2")  # filled with the register's byte offset in its file
+SLOT_SHIFT = 3  # a register's byte offset is its number << SLOT_SHIFT
+# The values each data hole takes, as LLVM's !absolute_symbol ranges [lo, hi): a hole that
+# fits 32 bits is an instruction's immediate or displacement. The rest are host addresses
+# or wider (a fallback's ref): 64-bit absolute.
+HOLE_RANGES = {"rd": (0, 33 << SLOT_SHIFT), "rs1": (0, 33 << SLOT_SHIFT),
+               "rs2": (0, 33 << SLOT_SHIFT), "imm": (-1 << 31, 1 << 31),
+               HOLE_OFFSET: (0, 1 << 31), HOLE_INDEX: (0, 1 << 31), HOLE_LENGTH: (0, 1 << 31),
+               HOLE_END: (0, 1 << 31), HOLE_BITS: (0, 1 << 16)}
+JUMP_HOLES = (HOLE_NEXT, HOLE_CHAIN)  # functions: jumped to, 32-bit relative
 # How a CSR window is laid out for native code (64-bit words; sd is MSTATUS_SD for a view
 # of mstatus, else 0; dirty what an FP CSR's write sets in mstatus, else 0; min_priv the
 # lowest privilege that may access the CSR).
@@ -92,8 +114,11 @@ THUNKS = {"load_thunk": ("load_slow", I64, (I64, I32, I32)),  # vaddr, size, acc
 SLOW_CC = "preserve_mostcc"
 
 
+Hole = tuple[int, str, int, int]  # offset in the code, hole name, addend, relocation type
+
+
 class Stencil:
-    """A stencil's machine code and its holes: (offset, hole, addend) each.
+    """A stencil's machine code and its holes: (offset, hole, addend, relocation type) each.
 
     ``fill(*values)`` is the code with its holes filled from ``values`` (one argument per
     name in HOLES, in that order; only operands may be negative): one ``struct`` call,
@@ -104,16 +129,16 @@ class Stencil:
 
     __slots__ = ("code", "holes", "falls", "size", "continues", "calls_handler", "fill")
 
-    def __init__(self, code: bytes, holes: tuple[tuple[int, str, int], ...], falls: bool) -> None:
+    def __init__(self, code: bytes, holes: tuple[Hole, ...], falls: bool) -> None:
         self.code = code
         self.holes = holes
         self.falls = falls  # its code ends with the jump to ``next``, cut off here
         self.size = len(code)
         # Whether control may go on to the next stencil (else it always leaves the block).
-        self.continues = falls or any(hole == HOLE_NEXT for _, hole, _ in holes)
+        self.continues = falls or any(hole == HOLE_NEXT for _, hole, _, _ in holes)
         # Whether it may run its instruction's Python handler (the fallback's, FP ones'
         # in a rounding mode the host lacks): then the runtime must know it by HOLE_REF.
-        self.calls_handler = any(hole == HOLE_REF for _, hole, _ in holes)
+        self.calls_handler = any(hole == HOLE_REF for _, hole, _, _ in holes)
         self.fill = self._first_fill
 
     def _first_fill(self, *values: int) -> bytes:
@@ -121,23 +146,35 @@ class Stencil:
         return self.fill(*values)
 
 
-def _filler(code: bytes, holes: tuple[tuple[int, str, int], ...]) -> Callable[..., bytes]:
-    """A function of the hole values that returns ``code`` patched with them."""
+def _filler(code: bytes, holes: tuple[Hole, ...]) -> Callable[..., bytes]:
+    """A function of the hole values that returns ``code`` patched with them. A relative
+    field is the target less the field's end (the x86 convention, which the addend -4
+    already holds): the field's address is found from ``next``, where this stencil ends.
+    A relative jump to ``next`` itself is a constant."""
     fmt, args, constants, at = "<", [], {}, 0
-    for off, hole, addend in holes:
+    size = len(code)
+    for off, hole, addend, kind in holes:
         if off > at:
             name = f"c{len(constants)}"
             constants[name] = code[at:off]
             fmt += f"{off - at}s"
             args.append(name)
-        fmt += "Q"
-        # (an operand may be negative; every other value lies in [0, 2**64))
-        args.append(f"({hole} + {addend}) & {U64}" if addend else
-                    f"{hole} & {U64}" if hole in OPERAND_HOLES else hole)
-        at = off + 8
-    if at < len(code):
+        field = FIELD_FORMATS[kind]
+        fmt += field
+        value = f"({hole} << {SLOT_SHIFT})" if hole in REGISTER_HOLES else hole
+        if kind in RELATIVE:
+            # target + addend - (next - size + off)
+            args.append(str(addend + size - off) if hole == HOLE_NEXT else
+                        f"{value} - next + {addend + size - off}")
+        elif field == "Q":  # (an operand may be negative; every other value lies in [0, 2**64))
+            args.append(f"({value} + {addend}) & {U64}" if addend else
+                        f"{value} & {U64}" if hole in OPERAND_HOLES else value)
+        else:
+            args.append(f"{value} + {addend}" if addend else value)
+        at = off + struct.calcsize(field)
+    if at < size:
         constants["tail"] = code[at:]
-        fmt += f"{len(code) - at}s"
+        fmt += f"{size - at}s"
         args.append("tail")
     namespace = {"pack": struct.Struct(fmt).pack, **constants}
     return eval(f"lambda {', '.join(HOLES)}: pack({', '.join(args)})", namespace)  # noqa: S307
@@ -183,6 +220,10 @@ def _library_module() -> tuple[str, list[str]]:
             super().__init__(fn, length)
             self.pc0 = fn.args[1]
             self.pc = self.builder.add(self.pc0, _hole(HOLE_OFFSET))
+            # A register operand's number, from its hole's byte offset: indexing the
+            # register file by it folds back to that offset, a displacement.
+            self.register = {h: self.builder.lshr(_hole(h), ir.Constant(I64, SLOT_SHIFT),
+                                                  exact=True) for h in REGISTER_HOLES}
 
         def _retire(self, count: ir.Value) -> None:
             b = self.builder
@@ -298,8 +339,9 @@ def _library_module() -> tuple[str, list[str]]:
                 continue
             em = function(name)
             reg = (0, X_SINK) if ins.fmt in WRITES_X else (0, 31)
-            operands = {"rd": Operand(_hole("rd"), *reg), "rs1": Operand(_hole("rs1"), 0, 31),
-                        "rs2": Operand(_hole("rs2"), 0, 31),
+            operands = {"rd": Operand(em.register["rd"], *reg),
+                        "rs1": Operand(em.register["rs1"], 0, 31),
+                        "rs2": Operand(em.register["rs2"], 0, 31),
                         "imm": Operand(_hole("imm"), *IMM_RANGES[ins.fmt])}
             mark = len(module.functions)
             try:
@@ -332,7 +374,9 @@ def _library_module() -> tuple[str, list[str]]:
     b.store(left, slot)
     with b.if_then(b.icmp_unsigned("==", left, ir.Constant(I64, 0)), likely=False):
         em.set("pc", em.pc0)
-        em.set("tval", _hole(HOLE_COUNTER))
+        # (through an empty asm: LLVM 22 would store the address as a 32-bit immediate,
+        # whatever its code model)
+        em.set("tval", b.asm(I64, "", "=r,0", [_hole(HOLE_COUNTER)]))
         b.ret(ir.Constant(I32, HOT))
     em.tail(HOLE_NEXT, em.pc0)
 
@@ -397,19 +441,35 @@ def _library_module() -> tuple[str, list[str]]:
     code = b.cast("inttoptr", enter.args[2], ir.PTR)
     b.ret(b.call(code, jit.BLOCK_TYPE, enter.args[:2], tail="tail"))
 
-    decls = "".join(f"@{_symbol(h)} = extern_weak global i8\n" for h in HOLES
-                    if h not in (HOLE_NEXT, HOLE_CHAIN))
-    decls += "".join(f"declare extern_weak i32 @{_symbol(h)}(ptr, i64)\n"
-                     for h in (HOLE_NEXT, HOLE_CHAIN))
-    return f"{module}\n{decls}", names
+    return f"{module}\n{_hole_declarations()}", names
+
+
+def _hole_declarations() -> str:
+    """The holes as undefined symbols: data holes with the ranges of their values (LLVM
+    makes a field of 32 bits of a hole that fits them, else of 64), ``next`` and ``chain``
+    as functions."""
+    decls, ranges = [], []
+    for h in HOLES:
+        if h in JUMP_HOLES:
+            decls.append(f"declare dso_local i32 @{_symbol(h)}(ptr, i64)")
+            continue
+        # (-1, -1): any 64-bit value, which the large code model must also be told (else
+        # LLVM would reach it relative to the code)
+        lo, hi = HOLE_RANGES.get(h, (-1, -1))
+        large = "" if h in HOLE_RANGES else ', code_model "large"'
+        decls.append(f"@{_symbol(h)} = external dso_local global i8{large}, "
+                     f"!absolute_symbol !{len(ranges)}")
+        ranges.append(f"!{len(ranges)} = !{{i64 {lo}, i64 {hi}}}")
+    return "\n".join(decls + ranges) + "\n"
 
 
 def _compile(text: str) -> bytes:
-    """Object code for the stencils' IR: optimized, large code model, no PIC."""
+    """Object code for the stencils' IR: optimized, small code model (see
+    _hole_declarations), no PIC."""
     from popek.engine import jit
     llvm = jit.binding()
     target = llvm.Target.from_default_triple().create_target_machine(
-        opt=2, reloc="static", codemodel="large")
+        opt=2, reloc="static", codemodel="small")
     mod = llvm.parse_assembly(text)
     mod.verify()
     pb = llvm.create_pass_builder(target, llvm.PipelineTuningOptions(speed_level=2))
@@ -443,17 +503,18 @@ def _extract(obj: bytes, names: Iterable[str]) -> dict[str, Stencil]:
                 continue
             target = symtab.get_symbol(rel["r_info_sym"])
             hole = target.name.removeprefix("hole.")
-            if rel["r_info_type"] != R_X86_64_64 or hole not in HOLES:
-                raise Unsupported(f"stencil {name}: relocation {rel['r_info_type']} "
+            kind = rel["r_info_type"]
+            if kind not in FIELD_FORMATS or hole not in HOLES or \
+                    (kind in RELATIVE) != (hole in JUMP_HOLES):
+                raise Unsupported(f"stencil {name}: relocation {kind} "
                                   f"against {target.name or 'a section'}")
-            holes.append((off, hole, rel["r_addend"]))
+            holes.append((off, hole, rel["r_addend"], kind))
         falls = False
-        # A tail call to ``next`` at the very end (movabs $next, %rax; jmp *%rax) is cut:
-        # the next stencil follows.
-        for off, hole, addend in holes:
-            if hole == HOLE_NEXT and addend == 0 and off + 8 + 2 == size and \
-                    code[off - 2:off] == b"\x48\xb8" and code[off + 8:] == b"\xff\xe0":
-                code = code[:off - 2]
+        # A tail call to ``next`` at the very end (jmp rel32) is cut: the next stencil
+        # follows.
+        for off, hole, _, _ in holes:
+            if hole == HOLE_NEXT and off + 4 == size and code[off - 1] == 0xE9:
+                code = code[:off - 1]
                 holes = [h for h in holes if h[0] != off]
                 falls = True
                 break
