@@ -17,7 +17,7 @@ import ctypes
 import os
 import random
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import accumulate, pairwise
 from pathlib import Path
@@ -522,12 +522,23 @@ MAKERS = {"compute": _compute_word, "memory": _memory_word, "system": _system_wo
 JUMP_SIZES = (4, 8, 2, 10)  # what _jump may make, by form
 
 
-def random_program(seed: int) -> bytes:
+def _reading(word: int, reg: int, rng: random.Random) -> int:
+    """``word`` with its rs1 or rs2 field, or both, set to ``reg``."""
+    fields = rng.choice([(15,), (20,), (15, 20)])
+    for at in fields:
+        word = _field(word, at, 5, reg)
+    return word
+
+
+def random_program(seed: int, chain: float = 0.0) -> bytes:
     """A loop (ITERATIONS times) over BODY random instructions (each followed by a store of
-    its result) and short forward jumps and branches."""
+    its result) and short forward jumps and branches. With ``chain``, the probability that
+    a computation reads the register the one before it wrote (as patched code takes it
+    from the accumulator)."""
     rng = random.Random(seed)
     kinds = rng.choices(["compute", "memory", "control", "system"], [50, 25, 13, 12], k=BODY)
     items: list[bytes] = []
+    written = 0  # the register the last computation wrote
     for slot, kind in enumerate(kinds):
         if kind == "control":  # made below, once every item's address is known
             items.append(b"")
@@ -536,7 +547,13 @@ def random_program(seed: int) -> bytes:
             items.append(_bytes((half, 2), *((w, 4) for w in _dump(decode16(half), slot))))
         else:
             word = MAKERS[kind](rng)
-            items.append(_bytes((word, 4), *((w, 4) for w in _dump(decode32(word), slot))))
+            if kind == "compute" and written and rng.random() < chain:
+                word = _reading(word, written, rng)
+            d = decode32(word)
+            if kind == "compute" and d is not None:
+                written = 0 if "rd_is_fp" in d.insn.flags or d.insn.fmt not in WRITES_X \
+                    else d.rd
+            items.append(_bytes((word, 4), *((w, 4) for w in _dump(d, slot))))
     # A jump's size depends on its offset's form; its offset on the sizes of the jumps
     # before its target: lay out with each jump's size fixed first, then make them.
     sizes = {i: rng.choice(JUMP_SIZES) for i, kind in enumerate(kinds) if kind == "control"}
@@ -575,9 +592,9 @@ def fp_value(rng: random.Random) -> int:
     return rng.getrandbits(64)
 
 
-def start_random(tier: str, seed: int) -> Hart:
+def start_random(tier: str, seed: int, chain: float = 0.0) -> Hart:
     rng = random.Random(f"state {seed}")
-    hart = machine(tier, random_program(seed), TRAP_LOG, rng.randbytes(4200))
+    hart = machine(tier, random_program(seed, chain), TRAP_LOG, rng.randbytes(4200))
     for r in range(1, 32):
         hart.x[r] = rng.getrandbits(64)
     for r in range(32):
@@ -605,6 +622,30 @@ def test_random_program_matches_the_interpreter(seed: int, native_runs: NativeRu
     finish(nat, 37)
     assert_same(ref, nat)
     assert_ran_patched(nat, native_runs, patched)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_dependent_instructions_match_the_interpreter_from_the_accumulator(
+        seed: int, native_runs: NativeRuns, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Computations that read the register the one before wrote (rs1, rs2 or both) run
+    from the stencils' accumulator variants, and compute what the interpreter does."""
+    ref = start_random("interp", seed, chain=0.8)
+    finish(ref, 37)
+    patched = jit.STATS.patched
+    nat = start_random("baseline", seed, chain=0.8)
+    variants = [v for s in nat.engine.native.stencils.values() for v in s.via.values()]
+    filled: list[stencils.Stencil] = []
+
+    def counting(variant: stencils.Stencil) -> Callable[..., bytes]:
+        fill = variant.fill
+        return lambda *values: filled.append(variant) or fill(*values)
+
+    for variant in variants:
+        monkeypatch.setattr(variant, "fill", counting(variant))
+    finish(nat, 37)
+    assert_same(ref, nat)
+    assert_ran_patched(nat, native_runs, patched)
+    assert len(filled) > 10, len(filled)
 
 
 def test_random_programs_trap_in_every_way_asked() -> None:

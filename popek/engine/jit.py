@@ -111,7 +111,11 @@ I8 = ir.IntType(8)
 TLB_ENTRY = ir.Type("{i64, i64}")  # tag (virtual page number + 1), host page address
 JUMP_BUCKET = ir.Type(f"[{JUMP_WAYS} x {TLB_ENTRY}]")  # ways of (tag, function address)
 BLOCK_BUCKET = ir.Type(f"[{BLOCK_WAYS} x {TLB_ENTRY}]")  # ways of (key | 1, function address)
-BLOCK_TYPE = ir.FunctionType(I32, [ir.PTR, I64])  # status = block(env, pc)
+# status = block(env, pc, acc): ``acc`` is the value of the register the previous
+# instruction wrote, which a patched block's stencils hand on (see stencils.ACC); a block
+# ignores it on entry.
+BLOCK_TYPE = ir.FunctionType(I32, [ir.PTR, I64, I64])
+NO_ACC = ir.Value(I64, "undef")
 ENTER_TYPE = ir.FunctionType(I32, [ir.PTR, I64, I64])  # status = enter(env, pc, code)
 CHAIN = "chain"
 
@@ -476,7 +480,7 @@ class _BlockEmitter(_Emitter):
         executed = b.add(b.load(self.field_ptr("executed"), typ=I64),
                          ir.Constant(I64, len(self.decoded)))
         self.set("executed", executed)
-        b.ret(b.call(self.chain, BLOCK_TYPE, [self.env, target], tail="musttail"))
+        tail_call(b, self.chain, self.env, target)
 
     def run_handler(self) -> bool:
         """The current instruction through its Python handler (adopted by the runtime:
@@ -494,6 +498,12 @@ class _BlockEmitter(_Emitter):
         self._check(self._callback("exec_slow", I32, [ir.Constant(I64, ref), pc]), done)
         b.position_at_end(done)
         self._reload()
+
+
+def tail_call(b: ir.IRBuilder, callee: ir.Value, env: ir.Value, pc: ir.Value,
+              acc: ir.Value = NO_ACC) -> None:
+    """End the current block by jumping to the block (or stencil) ``callee``."""
+    b.ret(b.call(callee, BLOCK_TYPE, [env, pc, acc], tail="musttail"))
 
 
 def jump_bucket(pc: int) -> int:
@@ -546,8 +556,7 @@ def _block_table(em: _Emitter, target: ir.Value, tag: ir.Value, ways: list[ir.Va
                     b.gep(second, [ir.Constant(I64, i)], inbounds=True, source_etype=I64))
         b.store(tag, first)
         b.store(code, b.gep(first, [ir.Constant(I64, 1)], inbounds=True, source_etype=I64))
-        callee = b.cast("inttoptr", code, ir.PTR)
-        b.ret(b.call(callee, BLOCK_TYPE, [em.env, target], tail="musttail"))
+        tail_call(b, b.cast("inttoptr", code, ir.PTR), em.env, target)
         if next_bb is not leave_bb:
             b.position_at_end(next_bb)
 
@@ -597,10 +606,10 @@ def _chain(module: ir.Module, slow: str = "") -> ir.Function:
         b.position_at_end(found_bb)
         callee = b.load(b.gep(entry, [ir.Constant(I64, 1)], inbounds=True, source_etype=I64),
                         typ=ir.PTR)
-        b.ret(b.call(callee, BLOCK_TYPE, [em.env, target], tail="musttail"))
+        tail_call(b, callee, em.env, target)
         b.position_at_end(next_bb)
     if slow:
-        b.ret(b.call(em.get(slow), BLOCK_TYPE, [em.env, target], tail="musttail"))
+        tail_call(b, em.get(slow), em.env, target)
     else:
         _block_table(em, target, want, ways, leave_bb)
     b.position_at_end(leave_bb)
@@ -626,8 +635,7 @@ def _chain_slow(module: ir.Module, name: str, successor: Callable[[_Emitter, ir.
     made_bb, leave_bb = b.append_basic_block("made"), b.append_basic_block("leave")
     b.cbranch(b.icmp_unsigned("!=", code, ir.Constant(I64, 0)), made_bb, leave_bb)
     b.position_at_end(made_bb)
-    b.ret(b.call(b.cast("inttoptr", code, ir.PTR), BLOCK_TYPE, [em.env, target],
-                 tail="musttail"))
+    tail_call(b, b.cast("inttoptr", code, ir.PTR), em.env, target)
     b.position_at_end(leave_bb)
     _leave(em, target)
     return fn
@@ -1086,12 +1094,20 @@ class NativeRuntime:
             code.append(fp_dirty.fill(0, 0, 0, 0, 0, 0, 0, at, chain, counter, length,
                                       block_end, bits, ram, 0))
         callbacks = 0
+        acc = -1  # the register whose value the accumulator holds (see stencils.ACC_SOURCES)
         for index, d in enumerate(decoded):
             ins, rd, rs1, rs2, imm, size, _, _ = d  # (one unpacking, not six attributes)
             choice = choices[size].get(ins.name)
             if choice is None or choice[1] & CHOSE_CSR:
                 choice = self._choose(d)
             stencil, kind, window = choice
+            if stencil.via:
+                if rs1 == acc and "rs1" in stencil.via:
+                    stencil = stencil.via["rs1"]
+                elif rs2 == acc and "rs2" in stencil.via:
+                    stencil = stencil.via["rs2"]
+            # (a Python handler may write the register the accumulator holds)
+            acc = rd if stencil.leaves_rd else -1 if kind & CHOSE_REF else acc
             at += stencil.size
             offset = offsets[index]
             exit_ = chain

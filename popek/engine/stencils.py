@@ -51,7 +51,7 @@ from popek.isa.decoder import ALL_INSNS, Decoded
 from popek.isa.spec import IMM_RANGES, WRITES_X, Insn
 
 HOST_MACHINES = ("x86_64", "AMD64")
-LIBRARY_MAGIC = b"popek stencils 1\n"
+LIBRARY_MAGIC = b"popek stencils 2\n"
 U64 = (1 << 64) - 1
 # The relocations a stencil's holes come as (ELF x86-64 types): how each field is filled.
 R_X86_64_64 = 1  # 64-bit absolute
@@ -87,6 +87,17 @@ HOLE_RANGES = {"rd": (0, 33 << SLOT_SHIFT), "rs1": (0, 33 << SLOT_SHIFT),
                HOLE_OFFSET: (0, 1 << 31), HOLE_INDEX: (0, 1 << 31), HOLE_LENGTH: (0, 1 << 31),
                HOLE_END: (0, 1 << 31), HOLE_BITS: (0, 1 << 16)}
 JUMP_HOLES = (HOLE_NEXT, HOLE_CHAIN)  # functions: jumped to, 32-bit relative
+# The accumulator: each instruction's stencil hands the value of its destination register
+# to the next in a host register (the blocks' third argument), besides storing it, and
+# a stencil whose source is the register the previous one wrote has a variant that takes
+# it from there (named ``add$rs1``): a chain of dependent instructions waits for no store
+# to reach a load. (Only within a block: patching knows which register it holds.)
+ACC_SOURCES = ("rs1", "rs2")
+
+
+def variant_name(name: str, source: str) -> str:
+    """The stencil of ``name`` that reads register operand ``source`` from the accumulator."""
+    return f"{name}${source}"
 # How a CSR window is laid out for native code (64-bit words; sd is MSTATUS_SD for a view
 # of mstatus, else 0; dirty what an FP CSR's write sets in mstatus, else 0; min_priv the
 # lowest privilege that may access the CSR).
@@ -127,12 +138,18 @@ class Stencil:
     build and index). That function is made at the stencil's first use: making all ~160
     took ~6 ms of every start, and a short program uses a quarter of them."""
 
-    __slots__ = ("code", "holes", "falls", "size", "continues", "calls_handler", "fill")
+    __slots__ = ("code", "holes", "falls", "leaves_rd", "size", "continues", "calls_handler",
+                 "fill", "via")
 
-    def __init__(self, code: bytes, holes: tuple[Hole, ...], falls: bool) -> None:
+    def __init__(self, code: bytes, holes: tuple[Hole, ...], falls: bool,
+                 leaves_rd: bool = False) -> None:
         self.code = code
         self.holes = holes
         self.falls = falls  # its code ends with the jump to ``next``, cut off here
+        # Whether it hands ``next`` the value of register rd (else the accumulator it got).
+        self.leaves_rd = leaves_rd
+        # Its variants by the operand they take from the accumulator (see ACC_SOURCES).
+        self.via: dict[str, Stencil] = {}
         self.size = len(code)
         # Whether control may go on to the next stencil (else it always leaves the block).
         self.continues = falls or any(hole == HOLE_NEXT for _, hole, _, _ in holes)
@@ -207,8 +224,8 @@ def call_thunk(em, field: str, args: list[ir.Value]) -> ir.Value:
     return em.builder.call(em.get(field), fnty, [em.env, *args], cc=SLOW_CC)
 
 
-def _library_module() -> tuple[str, list[str]]:
-    """The IR of every stencil, and their names."""
+def _library_module() -> tuple[str, list[str], set[str]]:
+    """The IR of every stencil, their names and those that leave rd in the accumulator."""
     from popek.engine import jit  # the emitters and the chain function; jit imports us lazily
 
     class StencilEmitter(jit._StepEmitter):
@@ -224,6 +241,18 @@ def _library_module() -> tuple[str, list[str]]:
             # register file by it folds back to that offset, a displacement.
             self.register = {h: self.builder.lshr(_hole(h), ir.Constant(I64, SLOT_SHIFT),
                                                   exact=True) for h in REGISTER_HOLES}
+            self.acc = fn.args[2]
+            self.from_acc = ""  # the register operand this variant reads from ``acc``
+            self.reads: set[str] = set()  # the register operands it read
+            self.leaves_rd = False  # it hands ``next`` register rd's value
+
+        def read_x(self, reg: ir.Value) -> ir.Value:
+            for name in ACC_SOURCES:
+                if reg is self.register[name]:
+                    self.reads.add(name)
+                    if name == self.from_acc:
+                        return self.acc
+            return super().read_x(reg)
 
         def _retire(self, count: ir.Value) -> None:
             b = self.builder
@@ -240,9 +269,11 @@ def _library_module() -> tuple[str, list[str]]:
             self.tail(HOLE_CHAIN, target)
 
         def tail(self, callee: str, pc: ir.Value) -> None:
-            b = self.builder
-            b.ret(b.call(ir.Value(ir.PTR, f"@{_symbol(callee)}"), jit.BLOCK_TYPE, [self.env, pc],
-                         tail="musttail"))
+            # (rd's value as stored: LLVM forwards the store, where one reaches here)
+            acc = self.read_state("x", self.register["rd"]) if \
+                self.leaves_rd and callee == HOLE_NEXT else self.acc
+            jit.tail_call(self.builder, ir.Value(ir.PTR, f"@{_symbol(callee)}"), self.env, pc,
+                          acc)
 
         def _slow_access(self, field: str, ret: ir.Type, args: list[ir.Value]) -> ir.Value:
             return call_thunk(self, "load_thunk" if field == "load_slow" else "store_thunk",
@@ -329,6 +360,31 @@ def _library_module() -> tuple[str, list[str]]:
         names.append(name)
         return StencilEmitter(fn, 4)
 
+    leaving: set[str] = set()  # the stencils that leave rd's value in the accumulator
+
+    def instruction(ins: Insn, length: int, name: str, from_acc: str = "") -> StencilEmitter:
+        """The stencil ``name`` of ``ins`` (raises Unsupported, leaving no function)."""
+        em = function(name)
+        em.from_acc = from_acc
+        em.leaves_rd = ins.fmt in WRITES_X
+        reg = (0, X_SINK) if ins.fmt in WRITES_X else (0, 31)
+        operands = {"rd": Operand(em.register["rd"], *reg),
+                    "rs1": Operand(em.register["rs1"], 0, 31),
+                    "rs2": Operand(em.register["rs2"], 0, 31),
+                    "imm": Operand(_hole("imm"), *IMM_RANGES[ins.fmt])}
+        mark = len(module.functions)
+        try:
+            falls = Lowering(em, operands, em.pc, length).lower(ins.sem)
+        except Unsupported:
+            del module.functions[mark - 1:]
+            names.pop()
+            raise
+        if falls:
+            em.tail(HOLE_NEXT, em.pc0)
+        if em.leaves_rd:
+            leaving.add(name)
+        return em
+
     seen: set[str] = set()
     for ins in ALL_INSNS:
         if "system" in ins.flags and ins.fmt != "CSR":
@@ -337,22 +393,15 @@ def _library_module() -> tuple[str, list[str]]:
             name = stencil_name(ins, length)
             if name in seen:
                 continue
-            em = function(name)
-            reg = (0, X_SINK) if ins.fmt in WRITES_X else (0, 31)
-            operands = {"rd": Operand(em.register["rd"], *reg),
-                        "rs1": Operand(em.register["rs1"], 0, 31),
-                        "rs2": Operand(em.register["rs2"], 0, 31),
-                        "imm": Operand(_hole("imm"), *IMM_RANGES[ins.fmt])}
-            mark = len(module.functions)
             try:
-                falls = Lowering(em, operands, em.pc, length).lower(ins.sem)
+                em = instruction(ins, length, name)
             except Unsupported:
-                del module.functions[mark - 1:]
-                names.pop()
                 break
             seen.add(name)
-            if falls:
-                em.tail(HOLE_NEXT, em.pc0)
+            if "system" not in ins.flags:  # (a CSR access is alone in its block)
+                for source in ACC_SOURCES:
+                    if source in em.reads:
+                        instruction(ins, length, variant_name(name, source), source)
 
     em = function(FALLBACK)
     em.run_handler()
@@ -439,9 +488,9 @@ def _library_module() -> tuple[str, list[str]]:
     names.append(ENTER_FN)
     b = ir.IRBuilder(enter.append_basic_block("entry"), enter)
     code = b.cast("inttoptr", enter.args[2], ir.PTR)
-    b.ret(b.call(code, jit.BLOCK_TYPE, enter.args[:2], tail="tail"))
+    b.ret(b.call(code, jit.BLOCK_TYPE, [*enter.args[:2], jit.NO_ACC], tail="tail"))
 
-    return f"{module}\n{_hole_declarations()}", names
+    return f"{module}\n{_hole_declarations()}", names, leaving
 
 
 def _hole_declarations() -> str:
@@ -523,8 +572,20 @@ def _extract(obj: bytes, names: Iterable[str]) -> dict[str, Stencil]:
 
 
 def build() -> dict[str, Stencil]:
-    text, names = _library_module()
-    return _extract(_compile(text), names)
+    text, names, leaving = _library_module()
+    stencils = _extract(_compile(text), names)
+    for name in leaving:
+        stencils[name].leaves_rd = True
+    return _with_variants(stencils)
+
+
+def _with_variants(stencils: dict[str, Stencil]) -> dict[str, Stencil]:
+    """``stencils``, each knowing its accumulator variants (Stencil.via)."""
+    for name, stencil in stencils.items():
+        base, _, source = name.partition("$")
+        if source:
+            stencils[base].via[source] = stencil
+    return stencils
 
 
 # -- the library on disk ----------------------------------------------------------------------
@@ -539,7 +600,8 @@ def library_version() -> str:
 
 
 def encode(stencils: dict[str, Stencil]) -> bytes:
-    body = marshal.dumps({n: (s.code, s.holes, s.falls) for n, s in stencils.items()})
+    body = marshal.dumps({n: (s.code, s.holes, s.falls, s.leaves_rd)
+                          for n, s in stencils.items()})
     return LIBRARY_MAGIC + hashlib.blake2b(body, digest_size=32).digest() + body
 
 
@@ -553,8 +615,8 @@ def decode(data: bytes) -> dict[str, Stencil] | None:
         return None
     try:
         table = marshal.loads(body)
-        return {n: Stencil(code, tuple(map(tuple, holes)), falls)
-                for n, (code, holes, falls) in table.items()}
+        return _with_variants({n: Stencil(code, tuple(map(tuple, holes)), falls, leaves_rd)
+                               for n, (code, holes, falls, leaves_rd) in table.items()})
     except (ValueError, TypeError, EOFError):
         return None
 
