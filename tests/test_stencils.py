@@ -927,6 +927,34 @@ def test_a_block_left_to_python_links_no_exit_to_its_key() -> None:
     assert key not in native.linked
 
 
+def test_an_exit_to_a_block_patched_later_on_its_page_jumps_straight_there() -> None:
+    """A block's exit to one not patched yet goes through the jump cache until that one
+    is patched; then its jump is aimed straight at it (a fall-through and a taken
+    branch); an exit to another page, and exits waiting on a dropped page, never are."""
+    hart = machine("baseline", b"", b"")
+    native = hart.engine.native
+    add, beq = (next(ins for ins in ALL_INSNS if ins.name == n) for n in ("addi", "beq"))
+    page = 0x2000
+    straight = [decoded(add, 4)] * 2  # falls through to page + 8
+    branch = [decoded(add, 4), Decoded(beq, 0, 1, 2, 0x40, 4, 0)]  # to page + 0x44 or + 8
+    native.patch_block(object(), straight, (0, 4), False, None, key=page)
+    native.patch_block(object(), branch, (0, 4), False, None, key=page + 0x100)
+    waiting = {key: list(fields) for key, fields in native.unlinked.items()}
+    assert set(waiting) == {page + 8, page + 0x144, page + 0x108}
+    for key in (page + 8, page + 0x144):
+        native.patch_block(object(), straight, (0, 4), False, None, key=key)
+        assert key not in native.unlinked
+        for field in waiting[key]:
+            distance = struct.unpack_from("<i", native.area.memory,
+                                          field - native.area.address)[0]
+            assert field + 4 + distance == native.linked[key]
+    other_page = [decoded(add, 4), Decoded(beq, 0, 1, 2, 0x1000, 4, 0)]
+    native.patch_block(object(), other_page, (0, 4), False, None, key=page + 0x200)
+    assert page + 0x1204 not in native.unlinked  # (its key may be another page's)
+    native.forget_block(page + 0x108)  # as the engine drops a written page's blocks
+    assert page + 0x108 not in native.unlinked
+
+
 # -- 7. a forking program under popek exec --------------------------------------------------
 
 def test_code_patched_after_a_fork_stays_in_its_own_process() -> None:

@@ -790,6 +790,9 @@ class NativeRuntime:
         self.counted: list[object] = []  # the token of each patched block, by counter
         # Where exits jump straight into patched blocks, by code-cache key (patch_block).
         self.linked: dict[int, int] = {}
+        # Exits to blocks on their page that have no patched code yet: by the key they
+        # wait for, the addresses of their jumps' fields, patched when it comes.
+        self.unlinked: dict[int, list[int]] = {}
         # The CSR windows as patched code reads them (stencils.WINDOW_FIELDS), by number.
         self._window_words = array("Q", [
             field for num, w in WINDOWS.items() for field in (
@@ -935,6 +938,7 @@ class NativeRuntime:
 
     def forget_block(self, key: int) -> None:
         self.linked.pop(key, None)
+        self.unlinked.pop(key, None)  # (exits of blocks of its page, which go too)
         at = 2 * BLOCK_WAYS * (((key * JUMP_HASH) & U64) >> (64 - BLOCK_BITS))
         blocks, tag = self.blocks, key | 1
         for i in range(at, at + 2 * BLOCK_WAYS, 2):
@@ -943,6 +947,7 @@ class NativeRuntime:
 
     def forget_blocks(self) -> None:
         self.linked.clear()
+        self.unlinked.clear()
         ctypes.memset(self.blocks.buffer_info()[0], 0, 8 * len(self.blocks))
 
     def remember_jump(self, pc: int, mode: int, fn_addr: int) -> None:
@@ -1021,6 +1026,7 @@ class NativeRuntime:
         self.area.reset()
         self.counted.clear()
         self.linked.clear()
+        self.unlinked.clear()
         chain = self.area.write(self.stencils[stencils.CHAIN_FN].code)
         self.env.chain_slow = self.area.write(self.stencils[stencils.CHAIN_SLOW_FN].code)
         for field, (name, _, _) in stencils.THUNKS.items():
@@ -1070,6 +1076,7 @@ class NativeRuntime:
         code = []
         at = base
         linked = self.linked
+        waiting = []  # (the key an exit waits for, its jump's field's address)
         if key is not None:  # where this block's and later blocks' exits come in
             at += check.size
             code.append(check.fill(0, 0, 0, 0, 0, 0, 0, at, chain, counter, length, block_end,
@@ -1113,7 +1120,11 @@ class NativeRuntime:
             exit_ = chain
             if kind & CHOSE_STATIC_JUMP and key is not None and \
                     0 <= (target := start + offset + imm) < PAGE_SIZE:
-                exit_ = linked.get(page + target, chain)
+                exit_ = linked.get(page + target, 0)
+                if not exit_:
+                    exit_ = chain
+                    if stencil.chain_field >= 0:
+                        waiting.append((page + target, at - stencil.size + stencil.chain_field))
             code.append(stencil.fill(rd, rs1, rs2, imm, offset, index,
                                      self._adopt_fallback(d) if kind & CHOSE_REF else 0, at,
                                      exit_, counter, length, block_end, bits, ram, window))
@@ -1125,16 +1136,33 @@ class NativeRuntime:
         if stencil.continues:
             exit_ = chain
             if key is not None and (target := start + block_end) < PAGE_SIZE:
-                exit_ = linked.get(page + target, chain)
+                exit_ = linked.get(page + target, 0)
+                if not exit_:
+                    exit_ = chain
+                    if end.chain_field >= 0:
+                        waiting.append((page + target, at + end.chain_field))
             code.append(end.fill(0, 0, 0, 0, 0, 0, 0, at + end.size, exit_, counter, length,
                                  block_end, bits, ram, 0))
         self.counters[slot] = hot_after or 0
         addr = self.area.write(b"".join(code))
         assert addr == base
+        if key is not None:
+            self._link(key, base, waiting)
         self.counted.append(token)
         STATS.patched += 1
         STATS.patch_seconds += time.perf_counter() - started
         return entry
+
+    def _link(self, key: int, base: int, waiting: list[tuple[int, int]]) -> None:
+        """The block at ``key``, patched at ``base``, is where exits that waited for it now
+        jump (as QEMU chains a translation block to one translated after it); its own
+        exits in ``waiting`` wait for their blocks. Only between runs, or from a
+        successor's callback, when the exits' code has run already."""
+        unlinked = self.unlinked
+        for field in unlinked.pop(key, ()):
+            self.area.overwrite(field, stencils.relative_jump_field(field, base))
+        for target, field in waiting:
+            unlinked.setdefault(target, []).append(field)
 
     def _choose(self, d: Decoded) -> Choice:
         """What patching ``d`` takes, the same for every instruction of its kind (its name

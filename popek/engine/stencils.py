@@ -139,7 +139,7 @@ class Stencil:
     took ~6 ms of every start, and a short program uses a quarter of them."""
 
     __slots__ = ("code", "holes", "falls", "leaves_rd", "size", "continues", "calls_handler",
-                 "fill", "via")
+                 "chain_field", "fill", "via")
 
     def __init__(self, code: bytes, holes: tuple[Hole, ...], falls: bool,
                  leaves_rd: bool = False) -> None:
@@ -156,6 +156,10 @@ class Stencil:
         # Whether it may run its instruction's Python handler (the fallback's, FP ones'
         # in a rounding mode the host lacks): then the runtime must know it by HOLE_REF.
         self.calls_handler = any(hole == HOLE_REF for _, hole, _, _ in holes)
+        # Where its jump to ``chain`` keeps its distance (-1: it has none), so that a block
+        # patched later can be jumped to instead (see relative_jump_field).
+        self.chain_field = next((off for off, hole, addend, _ in holes
+                                 if hole == HOLE_CHAIN and addend == -4), -1)
         self.fill = self._first_fill
 
     def _first_fill(self, *values: int) -> bytes:
@@ -793,6 +797,11 @@ def _copy_areas_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_copy_areas_after_fork)
+
+
+def relative_jump_field(field: int, target: int) -> bytes:
+    """What a relative jump's field at address ``field`` holds to reach ``target``."""
+    return struct.pack("<i", target - (field + 4))
 
 
 JUMP_SIZE = 12  # movabs $target, %rax; jmp *%rax
