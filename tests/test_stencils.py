@@ -981,6 +981,33 @@ def test_code_patched_after_a_fork_stays_in_its_own_process() -> None:
     assert ctypes.string_at(area.address + offset, 64) == b"\x90" * 64
 
 
+def test_code_changed_in_place_after_a_fork_stays_in_its_own_process() -> None:
+    """Patching also changes code already there (an exit aimed at a block patched later):
+    the parent may do so at once after a fork, the child too, and neither may see the
+    other's change, however soon it makes it (a child that copied its area after the
+    fork ran its parent's jumps into code of the parent's that it never had)."""
+    area = stencils.CodeArea(1 << 16)
+    area.write(b"\x90" * 64)
+    to_child, from_parent = os.pipe()
+    to_parent, from_child = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            area.overwrite(area.address + 8, b"\xc3" * 8)
+            os.read(to_child, 1)  # the parent changed its own
+            seen = ctypes.string_at(area.address, 64)
+            os.write(from_child, b"y" if seen == b"\x90" * 8 + b"\xc3" * 8 + b"\x90" * 48
+                     else b"n")
+        finally:
+            os._exit(0)
+    area.overwrite(area.address + 16, b"\xcc" * 8)
+    os.write(from_parent, b"x")
+    answer = os.read(to_parent, 1)
+    os.waitpid(pid, 0)
+    assert answer == b"y"  # the child saw its change alone
+    assert ctypes.string_at(area.address, 64) == b"\x90" * 16 + b"\xcc" * 8 + b"\x90" * 40
+
+
 def test_forking_shell_under_popek_exec_baseline_matches_qemu() -> None:
     script = "echo a; (echo b); x=$(echo c); echo $x; echo d"
     args = [str(PROGRAMS / "busybox"), "sh", "-c", script]

@@ -703,14 +703,24 @@ def _checked(addr: int | None, call: str) -> int:
     return addr
 
 
-def _map_views(size: int, executable: int, writable: int) -> tuple[int, int]:
-    """New shared anonymous memory of ``size`` bytes, mapped twice: read+execute at
-    ``executable`` and read+write at ``writable`` (replacing what is there; 0: where the
-    kernel chooses); returns both addresses. Memory with no file behind it, unlike a
-    memfd, is not bound by the process's file-size limit (RLIMIT_FSIZE)."""
-    flags = mmap.MAP_SHARED | mmap.MAP_ANONYMOUS | (_MAP_FIXED if executable else 0)
+def _shared_memory(size: int, at: int = 0) -> int:
+    """New shared anonymous memory of ``size`` bytes, readable and writable, at ``at``
+    (replacing what is there; 0: where the kernel chooses). Memory with no file behind it,
+    unlike a memfd, is not bound by the process's file-size limit (RLIMIT_FSIZE)."""
+    flags = mmap.MAP_SHARED | mmap.MAP_ANONYMOUS | (_MAP_FIXED if at else 0)
     rw = mmap.PROT_READ | mmap.PROT_WRITE
-    executable = _checked(_libc.mmap(executable or None, size, rw, flags, -1, 0), "mmap")
+    return _checked(_libc.mmap(at or None, size, rw, flags, -1, 0), "mmap")
+
+
+def _map_views(size: int, executable: int, writable: int, memory: int = 0) -> tuple[int, int]:
+    """Shared memory of ``size`` bytes, mapped twice: read+execute at ``executable`` and
+    read+write at ``writable`` (replacing what is there; 0: where the kernel chooses);
+    returns both addresses. The memory is new, or ``memory`` (from _shared_memory), moved."""
+    if memory:
+        executable = _checked(_libc.mremap(memory, size, size, _MREMAP_MAYMOVE | (
+            _MREMAP_FIXED if executable else 0), executable or None), "mremap")
+    else:
+        executable = _shared_memory(size, executable)
     # mremap of a shared mapping with old size 0 maps the same pages once more
     writable = _checked(_libc.mremap(executable, 0, size, _MREMAP_MAYMOVE | (
         _MREMAP_FIXED if writable else 0), writable or None), "mremap")
@@ -735,27 +745,40 @@ class CodeArea:
     runs it.
 
     popek exec forks for the guest's fork: shared memory would make parent and child
-    patch each other's code, so a child copies its areas to memory of its own at once."""
+    patch each other's code (patching changes code already there: see
+    jit.NativeRuntime._link), so each area is copied to new memory just before a fork,
+    which the parent then takes, leaving the old to the child: neither copies what the
+    other may be changing."""
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.used = 0
         self.address = self._writable = 0
+        self._copy = 0  # the copy made for a fork (see _copy_before_fork)
         self._map()
         # Unmapped when collected, or never: at exit another thread may still run it.
         weakref.finalize(self, _unmap, [self.address, self._writable], size).atexit = False
         _AREAS.add(self)
 
-    def _map(self) -> None:
-        """Map new, empty memory at this area's addresses (or new ones)."""
-        self.address, self._writable = _map_views(self.size, self.address, self._writable)
+    def _map(self, memory: int = 0) -> None:
+        """Map new, empty memory (or ``memory``) at this area's addresses (or new ones)."""
+        self.address, self._writable = _map_views(self.size, self.address, self._writable,
+                                                  memory)
         self.memory = memoryview((ctypes.c_char * self.size).from_address(self._writable)
                                  ).cast("B")
 
-    def _copy_after_fork(self) -> None:
-        code = bytes(self.memory[:self.used])
-        self._map()
-        self.memory[:len(code)] = code
+    def _copy_before_fork(self) -> None:
+        self._copy = _shared_memory(self.size)
+        ctypes.memmove(self._copy, self._writable, self.used)
+
+    def _take_copy(self) -> None:
+        """In the parent after a fork: run from the copy; the child keeps the original."""
+        copy, self._copy = self._copy, 0
+        self._map(copy)
+
+    def _drop_copy(self) -> None:
+        _unmap([self._copy], self.size)
+        self._copy = 0
 
     def free(self) -> int:
         return self.size - self.used
@@ -791,12 +814,23 @@ class CodeArea:
 _AREAS: weakref.WeakSet[CodeArea] = weakref.WeakSet()
 
 
-def _copy_areas_after_fork() -> None:
+def _copy_areas_before_fork() -> None:
     for area in list(_AREAS):
-        area._copy_after_fork()
+        area._copy_before_fork()
 
 
-os.register_at_fork(after_in_child=_copy_areas_after_fork)
+def _take_copies() -> None:
+    for area in list(_AREAS):
+        area._take_copy()
+
+
+def _drop_copies() -> None:
+    for area in list(_AREAS):
+        area._drop_copy()
+
+
+os.register_at_fork(before=_copy_areas_before_fork, after_in_parent=_take_copies,
+                    after_in_child=_drop_copies)
 
 
 def relative_jump_field(field: int, target: int) -> bytes:
