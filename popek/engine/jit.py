@@ -139,6 +139,8 @@ CHOSE_STATIC_JUMP = 4  # it jumps to pc + imm
 CHOSE_REF = 8  # native code may hand it to its Python handler, by its ref (fallback_ref)
 CHOSE_ENDS_BLOCK = 16  # it ends its block
 CHOSE_CSR = 32  # a CSR access: its kind includes its CSR
+CHOSE_VARIANTS = 64  # its stencil has variants that read a source from the accumulator
+CHOSE_LEAVES_RD = 128  # its stencil leaves rd's value in the accumulator
 
 ENV_FIELDS = ("x", "f", "ctl", "csr", "tlb_r", "tlb_w", "jumps", "mode", "budget", "executed",
               "pc", "cause", "tval", "status", "load_slow", "store_slow", "exec_slow", "tlb_x",
@@ -1076,7 +1078,7 @@ class NativeRuntime:
         code = []
         at = base
         linked = self.linked
-        waiting = []  # (the key an exit waits for, its jump's field's address)
+        waiting = []  # the key an exit waits for, its jump's field's address, ...
         if key is not None:  # where this block's and later blocks' exits come in
             at += check.size
             code.append(check.fill(0, 0, 0, 0, 0, 0, 0, at, chain, counter, length, block_end,
@@ -1108,13 +1110,13 @@ class NativeRuntime:
             if choice is None or choice[1] & CHOSE_CSR:
                 choice = self._choose(d)
             stencil, kind, window = choice
-            if stencil.via:
-                if rs1 == acc and "rs1" in stencil.via:
-                    stencil = stencil.via["rs1"]
-                elif rs2 == acc and "rs2" in stencil.via:
-                    stencil = stencil.via["rs2"]
+            if kind & CHOSE_VARIANTS:
+                if rs1 == acc and stencil.via_rs1:
+                    stencil = stencil.via_rs1
+                elif rs2 == acc and stencil.via_rs2:
+                    stencil = stencil.via_rs2
             # (a Python handler may write the register the accumulator holds)
-            acc = rd if stencil.leaves_rd else -1 if kind & CHOSE_REF else acc
+            acc = rd if kind & CHOSE_LEAVES_RD else -1 if kind & CHOSE_REF else acc
             at += stencil.size
             offset = offsets[index]
             exit_ = chain
@@ -1124,7 +1126,7 @@ class NativeRuntime:
                 if not exit_:
                     exit_ = chain
                     if stencil.chain_field >= 0:
-                        waiting.append((page + target, at - stencil.size + stencil.chain_field))
+                        waiting += (page + target, at - stencil.size + stencil.chain_field)
             code.append(stencil.fill(rd, rs1, rs2, imm, offset, index,
                                      self._adopt_fallback(d) if kind & CHOSE_REF else 0, at,
                                      exit_, counter, length, block_end, bits, ram, window))
@@ -1140,29 +1142,27 @@ class NativeRuntime:
                 if not exit_:
                     exit_ = chain
                     if end.chain_field >= 0:
-                        waiting.append((page + target, at + end.chain_field))
+                        waiting += (page + target, at + end.chain_field)
             code.append(end.fill(0, 0, 0, 0, 0, 0, 0, at + end.size, exit_, counter, length,
                                  block_end, bits, ram, 0))
         self.counters[slot] = hot_after or 0
         addr = self.area.write(b"".join(code))
         assert addr == base
         if key is not None:
-            self._link(key, base, waiting)
+            # Exits that waited for this block jump straight here now (as QEMU chains a
+            # translation block to one translated after it), and this block's exits to
+            # blocks not patched yet wait for them. (Only between runs or from a
+            # successor's callback, when the waiting exits' code has run already.)
+            unlinked = self.unlinked
+            fields = unlinked.pop(key, None)
+            if fields is not None:
+                self.area.aim_jumps(fields, base)
+            for i in range(0, len(waiting), 2):
+                unlinked.setdefault(waiting[i], []).append(waiting[i + 1])
         self.counted.append(token)
         STATS.patched += 1
         STATS.patch_seconds += time.perf_counter() - started
         return entry
-
-    def _link(self, key: int, base: int, waiting: list[tuple[int, int]]) -> None:
-        """The block at ``key``, patched at ``base``, is where exits that waited for it now
-        jump (as QEMU chains a translation block to one translated after it); its own
-        exits in ``waiting`` wait for their blocks. Only between runs, or from a
-        successor's callback, when the exits' code has run already."""
-        unlinked = self.unlinked
-        for field in unlinked.pop(key, ()):
-            self.area.overwrite(field, stencils.relative_jump_field(field, base))
-        for target, field in waiting:
-            unlinked.setdefault(target, []).append(field)
 
     def _choose(self, d: Decoded) -> Choice:
         """What patching ``d`` takes, the same for every instruction of its kind (its name
@@ -1180,7 +1180,9 @@ class NativeRuntime:
                       | CHOSE_STATIC_JUMP * (ins.fmt in STATIC_JUMPS)
                       | CHOSE_REF * (stencil.calls_handler or system)
                       | CHOSE_ENDS_BLOCK * ("ends_block" in ins.flags)
-                      | CHOSE_CSR * (csr_key is not None),
+                      | CHOSE_CSR * (csr_key is not None)
+                      | CHOSE_VARIANTS * bool(stencil.via_rs1 or stencil.via_rs2)
+                      | CHOSE_LEAVES_RD * stencil.leaves_rd,
                       self.windows.get(d.imm, 0) if system else 0)
             if csr_key is not None:
                 self._csr_choices[csr_key] = choice

@@ -139,7 +139,7 @@ class Stencil:
     took ~6 ms of every start, and a short program uses a quarter of them."""
 
     __slots__ = ("code", "holes", "falls", "leaves_rd", "size", "continues", "calls_handler",
-                 "chain_field", "fill", "via")
+                 "chain_field", "fill", "via_rs1", "via_rs2")
 
     def __init__(self, code: bytes, holes: tuple[Hole, ...], falls: bool,
                  leaves_rd: bool = False) -> None:
@@ -148,8 +148,9 @@ class Stencil:
         self.falls = falls  # its code ends with the jump to ``next``, cut off here
         # Whether it hands ``next`` the value of register rd (else the accumulator it got).
         self.leaves_rd = leaves_rd
-        # Its variants by the operand they take from the accumulator (see ACC_SOURCES).
-        self.via: dict[str, Stencil] = {}
+        # Its variants that take that operand from the accumulator (see ACC_SOURCES).
+        self.via_rs1: Stencil | None = None
+        self.via_rs2: Stencil | None = None
         self.size = len(code)
         # Whether control may go on to the next stencil (else it always leaves the block).
         self.continues = falls or any(hole == HOLE_NEXT for _, hole, _, _ in holes)
@@ -157,7 +158,7 @@ class Stencil:
         # in a rounding mode the host lacks): then the runtime must know it by HOLE_REF.
         self.calls_handler = any(hole == HOLE_REF for _, hole, _, _ in holes)
         # Where its jump to ``chain`` keeps its distance (-1: it has none), so that a block
-        # patched later can be jumped to instead (see relative_jump_field).
+        # patched later can be jumped to instead (see CodeArea.aim_jumps).
         self.chain_field = next((off for off, hole, addend, _ in holes
                                  if hole == HOLE_CHAIN and addend == -4), -1)
         self.fill = self._first_fill
@@ -584,11 +585,11 @@ def build() -> dict[str, Stencil]:
 
 
 def _with_variants(stencils: dict[str, Stencil]) -> dict[str, Stencil]:
-    """``stencils``, each knowing its accumulator variants (Stencil.via)."""
+    """``stencils``, each knowing its accumulator variants (Stencil.via_rs1, via_rs2)."""
     for name, stencil in stencils.items():
         base, _, source = name.partition("$")
         if source:
-            stencils[base].via[source] = stencil
+            setattr(stencils[base], f"via_{source}", stencil)
     return stencils
 
 
@@ -803,6 +804,13 @@ class CodeArea:
         at = addr - self.address
         self.memory[at:at + len(code)] = code
 
+    def aim_jumps(self, fields: list[int], target: int) -> None:
+        """Make the relative jumps whose fields are at addresses ``fields`` go to
+        ``target`` (the field holds the distance from its end)."""
+        memory, origin = self.memory, self.address
+        for field in fields:
+            _pack_i32(memory, field - origin, target - field - 4)
+
     def holds(self, addr: int) -> bool:
         return self.address <= addr < self.address + self.used
 
@@ -811,6 +819,7 @@ class CodeArea:
         self.used = 0
 
 
+_pack_i32 = struct.Struct("<i").pack_into
 _AREAS: weakref.WeakSet[CodeArea] = weakref.WeakSet()
 
 
@@ -831,11 +840,6 @@ def _drop_copies() -> None:
 
 os.register_at_fork(before=_copy_areas_before_fork, after_in_parent=_take_copies,
                     after_in_child=_drop_copies)
-
-
-def relative_jump_field(field: int, target: int) -> bytes:
-    """What a relative jump's field at address ``field`` holds to reach ``target``."""
-    return struct.pack("<i", target - (field + 4))
 
 
 JUMP_SIZE = 12  # movabs $target, %rax; jmp *%rax
