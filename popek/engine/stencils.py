@@ -39,8 +39,9 @@ import os
 import struct
 import sys
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
+from types import CodeType
 
 from popek.cpu.csr import MIE, MIP, MSTATUS, MSTATUS_FS, WINDOWS
 from popek.cpu.state import CTL_PRIV, X_SINK
@@ -51,7 +52,7 @@ from popek.isa.decoder import ALL_INSNS, Decoded
 from popek.isa.spec import IMM_RANGES, WRITES_X, Insn
 
 HOST_MACHINES = ("x86_64", "AMD64")
-LIBRARY_MAGIC = b"popek stencils 2\n"
+LIBRARY_MAGIC = b"popek stencils 3\n"
 U64 = (1 << 64) - 1
 # The relocations a stencil's holes come as (ELF x86-64 types): how each field is filled.
 R_X86_64_64 = 1  # 64-bit absolute
@@ -139,12 +140,15 @@ class Stencil:
     took ~6 ms of every start, and a short program uses a quarter of them."""
 
     __slots__ = ("code", "holes", "falls", "leaves_rd", "size", "continues", "calls_handler",
-                 "chain_field", "fill", "via_rs1", "via_rs2")
+                 "chain_field", "filler", "fill", "via_rs1", "via_rs2")
 
     def __init__(self, code: bytes, holes: tuple[Hole, ...], falls: bool,
-                 leaves_rd: bool = False) -> None:
+                 leaves_rd: bool = False, filler: CodeType | None = None) -> None:
         self.code = code
         self.holes = holes
+        # The compiled source of ``fill`` (see _filler), kept in the library: compiling it
+        # took ~70 us, ~15 ms of a short program's start.
+        self.filler = filler or compile(_filler_layout(code, holes)[2], "<stencil>", "eval")
         self.falls = falls  # its code ends with the jump to ``next``, cut off here
         # Whether it hands ``next`` the value of register rd (else the accumulator it got).
         self.leaves_rd = leaves_rd
@@ -164,15 +168,17 @@ class Stencil:
         self.fill = self._first_fill
 
     def _first_fill(self, *values: int) -> bytes:
-        self.fill = _filler(self.code, self.holes)
+        fmt, constants, _ = _filler_layout(self.code, self.holes)
+        self.fill = eval(self.filler, {"pack": struct.Struct(fmt).pack, **constants})  # noqa: S307
         return self.fill(*values)
 
 
-def _filler(code: bytes, holes: tuple[Hole, ...]) -> Callable[..., bytes]:
-    """A function of the hole values that returns ``code`` patched with them. A relative
-    field is the target less the field's end (the x86 convention, which the addend -4
-    already holds): the field's address is found from ``next``, where this stencil ends.
-    A relative jump to ``next`` itself is a constant."""
+def _filler_layout(code: bytes, holes: tuple[Hole, ...]) -> tuple[str, dict[str, bytes], str]:
+    """How ``code`` is patched: the ``struct`` format of its bytes, the constant pieces
+    between its holes and the source of the function of the hole values that packs them
+    (``fill``). A relative field is the target less the field's end (the x86 convention,
+    which the addend -4 already holds): the field's address is found from ``next``, where
+    this stencil ends. A relative jump to ``next`` itself is a constant."""
     fmt, args, constants, at = "<", [], {}, 0
     size = len(code)
     for off, hole, addend, kind in holes:
@@ -198,8 +204,7 @@ def _filler(code: bytes, holes: tuple[Hole, ...]) -> Callable[..., bytes]:
         constants["tail"] = code[at:]
         fmt += f"{size - at}s"
         args.append("tail")
-    namespace = {"pack": struct.Struct(fmt).pack, **constants}
-    return eval(f"lambda {', '.join(HOLES)}: pack({', '.join(args)})", namespace)  # noqa: S307
+    return fmt, constants, f"lambda {', '.join(HOLES)}: pack({', '.join(args)})"
 
 
 def supported() -> bool:
@@ -605,7 +610,7 @@ def library_version() -> str:
 
 
 def encode(stencils: dict[str, Stencil]) -> bytes:
-    body = marshal.dumps({n: (s.code, s.holes, s.falls, s.leaves_rd)
+    body = marshal.dumps({n: (s.code, s.holes, s.falls, s.leaves_rd, s.filler)
                           for n, s in stencils.items()})
     return LIBRARY_MAGIC + hashlib.blake2b(body, digest_size=32).digest() + body
 
@@ -620,8 +625,9 @@ def decode(data: bytes) -> dict[str, Stencil] | None:
         return None
     try:
         table = marshal.loads(body)
-        return _with_variants({n: Stencil(code, tuple(map(tuple, holes)), falls, leaves_rd)
-                               for n, (code, holes, falls, leaves_rd) in table.items()})
+        return _with_variants({
+            n: Stencil(code, tuple(map(tuple, holes)), falls, leaves_rd, filler)
+            for n, (code, holes, falls, leaves_rd, filler) in table.items()})
     except (ValueError, TypeError, EOFError):
         return None
 
