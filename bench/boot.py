@@ -12,11 +12,13 @@ busy host does not inflate the way it inflates wall time. The native tiers boot 
 per run: with a code-cache directory that holds nothing but the stencil library (cold,
 a fresh one each time: a new guest's first boot; the library is built once per popek
 version, as at installation, and the time that took is printed once) and again with
-the directory the cold boot left (warm). ``baseline`` never loads LLVM; ``jit``
-compiles its hottest blocks, cold, and finds them native from the first instruction,
-warm. Beside each run: the blocks patched from stencils
-(``popek run --stats``), the microseconds patching took per block, the blocks patched
-per second of patching and the blocks LLVM compiled.
+the directory the cold boot left (warm). ``baseline`` never loads LLVM and, warm,
+places the patched code the cold boot kept instead of patching again; ``jit`` compiles
+its hottest blocks, cold, and finds them native from the first instruction, warm.
+Beside each run: the blocks patched from stencils (``popek run --stats``), the
+microseconds patching took per block, the blocks patched per second of patching, the
+blocks LLVM compiled, and the blocks placed from kept patched code with the
+microseconds each took.
 """
 
 from __future__ import annotations
@@ -42,8 +44,9 @@ MARKER = b"POPEK-CMD-BEGIN"
 APPEND = "console=ttyS0 popek.cmd=" + base64.b64encode(b"true").decode()
 NATIVE_TIERS = ("baseline", "jit")  # the tiers that keep native code in a code cache
 NATIVE_STATS = re.compile(r"native code: (\d+) blocks patched from stencils "
-                          r"\(([\d.]+) us each\), (\d+) blocks compiled by LLVM")
-NATIVE_HEADER = f"{'patched':>9}{'us/blk':>8}{'blk/s':>9}{'LLVM':>7}"
+                          r"\(([\d.]+) us each\), (\d+) blocks compiled by LLVM, "
+                          r"(\d+) blocks placed from kept patched code \(([\d.]+) us each\)")
+NATIVE_HEADER = f"{'patched':>9}{'us/blk':>8}{'blk/s':>9}{'LLVM':>7}{'placed':>8}{'us/blk':>8}"
 
 
 # What a first run after installation leaves in the cache besides the stencil library:
@@ -85,14 +88,17 @@ def cold_cache(seed: Path, where: Path) -> Path:
 
 
 def native_columns(stderr: str) -> str:
-    """The blocks patched, microseconds per block, blocks per second of patching and
-    blocks compiled by LLVM that ``--stats`` reported in ``stderr``, as columns under
+    """The blocks patched, microseconds per block, blocks per second of patching, blocks
+    compiled by LLVM, and blocks placed from the patched code a cold run kept with the
+    microseconds each took, that ``--stats`` reported in ``stderr``, as columns under
     NATIVE_HEADER (blank for a tier without native code)."""
     match = NATIVE_STATS.search(stderr)
-    if match is None or int(match.group(1)) == 0 or float(match.group(2)) == 0:
+    if match is None or int(match.group(1)) + int(match.group(4)) == 0:
         return ""
     patched, each, compiled = int(match.group(1)), float(match.group(2)), int(match.group(3))
-    return f"{patched:9d}{each:8.1f}{1e6 / each:9.0f}{compiled:7d}"
+    placed, placing = int(match.group(4)), float(match.group(5))
+    return (f"{patched:9d}{each:8.1f}{1e6 / each if each else 0:9.0f}{compiled:7d}"
+            f"{placed:8d}{placing:8.1f}")
 
 
 def child_cpu() -> float:

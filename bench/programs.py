@@ -18,7 +18,8 @@ directory holding only the stencil library (cold; the library is built once per 
 version, as at installation: see bench/boot.py) and with the directory the cold run left
 (warm). Beside each native run, as in
 bench/boot.py: blocks patched from stencils, microseconds per block, blocks patched per
-second of patching and blocks compiled by LLVM. The default tiers take a few minutes;
+second of patching, blocks compiled by LLVM, and blocks placed from the patched code the
+cold run kept, with microseconds per block. The default tiers take a few minutes;
 with translate and interp as well, about half an hour, most of it in the interpreter.
 """
 

@@ -1,6 +1,7 @@
-"""Tier 2's native code outlives the process: a second run starts native, and the cache
-never changes what a guest computes (other code at the same address, code that rewrites
-itself, a corrupt, truncated or evicted pack, two writers at once, the cache turned off).
+"""Native code outlives the process: a second run starts native (tier 2's objects, the
+baseline tier's patched code), and the cache never changes what a guest computes (other
+code at the same address, the same code at another, code that rewrites itself, a
+corrupt, truncated or evicted pack, two writers at once, the cache turned off).
 
 Each test uses a cache directory of its own. In-process runs start a fresh view of the
 cache (``CACHE.configure``) and a fresh hart, as a new process would; the command-line
@@ -26,6 +27,7 @@ from test_native_tier import SELF_PATCHING
 from popek.cpu.hart import Hart
 from popek.cpu.physmem import PhysicalMemory
 from popek.engine import engine as engine_module
+from popek.engine import jit
 from popek.engine.native_cache import CACHE, MAX_PACKS, NativeCache, read_pack
 from popek.vmm import jail
 
@@ -110,7 +112,6 @@ def test_second_run_starts_native_from_the_cache(cache_dir: Path) -> None:
         assert hart.instret == reference.instret
 
 
-# (The baseline tier hashes a block's bytes for its key only once patching refused it.)
 @pytest.mark.parametrize("tier", ["jit", "baseline"])
 def test_blocks_hot_on_tier_1_before_start_there(
         tier: str, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -160,6 +161,55 @@ def test_corrupt_and_truncated_packs_are_ignored(cache_dir: Path) -> None:
     assert run(code).x[10] == reference
     assert CACHE.stats.indexed > 0 and CACHE.stats.corrupt == 1
     assert CACHE.stats.loaded == 0 and CACHE.stats.stored > 0  # compiled again
+
+
+def test_baseline_second_run_places_the_patched_code_the_first_kept(cache_dir: Path) -> None:
+    code = assemble(LOOP.format(step=1))
+    first = run(code, "baseline")
+    CACHE.flush()  # (at exit, in a process of its own)
+    placed, patched = jit.STATS.placed, jit.STATS.patched
+    next_process(cache_dir)
+    second = run(code, "baseline")
+    assert jit.STATS.placed > placed and jit.STATS.patched == patched  # none patched again
+    reference = run(code, tier="interp")
+    for hart in (first, second):
+        assert list(hart.x[:32]) == list(reference.x[:32])
+        assert hart.instret == reference.instret
+
+
+def test_kept_patched_code_serves_the_same_bytes_at_another_offset(cache_dir: Path) -> None:
+    """A block's code is kept by its bytes alone: the same loop further into its page
+    (its jumps aimed from where it now starts) and then at the end of a page (its
+    fall-through off the page) computes what the interpreter does."""
+    loop = assemble(LOOP.format(step=1))
+    run(loop, "baseline")
+    CACHE.flush()
+    for nops in (24, (4096 - len(loop)) // 4 + 2):
+        code = assemble("nop\n" * nops) + loop
+        next_process(cache_dir)
+        placed = jit.STATS.placed
+        hart = run(code, "baseline")
+        assert jit.STATS.placed > placed, nops
+        reference = run(code, tier="interp")
+        assert list(hart.x[:32]) == list(reference.x[:32]), nops
+        assert hart.instret == reference.instret
+
+
+def test_corrupt_kept_patched_code_is_ignored_and_patched_again(cache_dir: Path) -> None:
+    code = assemble(LOOP.format(step=1))
+    reference = run(code, tier="interp").x[10]
+    run(code, "baseline")
+    CACHE.flush()
+    (pack,) = cache_dir.rglob("*.pack")
+    data = bytearray(pack.read_bytes())
+    with open(pack, "rb") as f:
+        (record,) = read_pack(pack.name, f.fileno())
+    data[record.offset + record.obj_offset + 9] ^= 0xFF  # a bit flipped in some code
+    pack.write_bytes(data)
+    next_process(cache_dir)
+    patched = jit.STATS.patched
+    assert run(code, "baseline").x[10] == reference
+    assert CACHE.stats.corrupt == 1 and jit.STATS.patched > patched
 
 
 def test_least_recently_used_packs_go_first_but_never_a_live_one(tmp_path: Path) -> None:
@@ -264,6 +314,23 @@ def test_popek_exec_twice_with_two_cold_writers_at_once(tmp_path: Path) -> None:
     assert out.split()[0].decode() == hashlib.sha256(data.read_bytes()).hexdigest()
     assert warm["loaded"] > 0 and warm["reused"] > 0 and warm["corrupt"] == 0, (warm, outputs)
     assert warm["stored"] < int(STATS.search(outputs[0][1]).group(4))
+
+
+PATCHING = re.compile(rb"(\d+) blocks patched from stencils .*, (\d+) blocks placed from kept "
+                      rb"patched code")
+
+
+def test_popek_exec_baseline_twice_places_what_the_first_run_patched(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "popek", "exec", "--stats", "--engine", "baseline",
+           "--code-cache", str(tmp_path / "code"), str(BUSYBOX), "sha256sum", str(BUSYBOX)]
+    runs = [subprocess.run(cmd, capture_output=True, timeout=TIMEOUT, check=True)
+            for _ in range(2)]
+    assert runs[0].stdout == runs[1].stdout
+    assert runs[0].stdout.split()[0].decode() == hashlib.sha256(BUSYBOX.read_bytes()).hexdigest()
+    (patched, placed), (again, placed_again) = (
+        map(int, PATCHING.search(run.stderr).groups()) for run in runs)
+    assert patched > 500 and placed == 0
+    assert placed_again > 0.9 * patched and again < 0.1 * patched, (placed_again, again)
 
 
 def test_no_code_cache_reads_and_writes_nothing(tmp_path: Path) -> None:

@@ -49,6 +49,7 @@ from popek.cpu.hart import Hart
 from popek.cpu.physmem import PhysicalMemory
 from popek.engine import engine as engine_module
 from popek.engine import jit, stencils
+from popek.engine.native_cache import CACHE
 from popek.isa.decoder import ALL_INSNS, Decoded, decode16, decode32
 from popek.isa.rv64c import CINSNS
 from popek.isa.spec import WRITES_X, Insn
@@ -647,6 +648,32 @@ def test_dependent_instructions_match_the_interpreter_from_the_accumulator(
     assert_same(ref, nat)
     assert_ran_patched(nat, native_runs, patched)
     assert len(filled) > 10, len(filled)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_program_from_kept_patched_code_matches_the_interpreter(
+        seed: int, native_runs: NativeRuns, tmp_path: Path) -> None:
+    """A second run places the patched code the first kept (native_cache): with traps,
+    Python handlers and the accumulator, it computes what the interpreter does."""
+    ref = start_random("interp", seed, chain=0.5)
+    finish(ref, 37)
+    before = CACHE.root
+    try:
+        CACHE.configure(tmp_path)
+        patched = jit.STATS.patched
+        finish(start_random("baseline", seed, chain=0.5), 37)
+        first = jit.STATS.patched - patched
+        CACHE.flush()
+        CACHE.configure(tmp_path)  # as the next process sees it
+        placed, patched = jit.STATS.placed, jit.STATS.patched
+        nat = start_random("baseline", seed, chain=0.5)
+        finish(nat, 37)
+    finally:
+        CACHE.configure(before)
+    assert_same(ref, nat)
+    # (a block with a CSR access is patched again: its code holds its window's address)
+    placed, again = jit.STATS.placed - placed, jit.STATS.patched - patched
+    assert placed >= 20 and placed + again == first, (placed, again, first)
 
 
 def test_random_programs_trap_in_every_way_asked() -> None:

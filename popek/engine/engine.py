@@ -445,23 +445,33 @@ class Engine:
 
     def _first_native(self, block: Block, start: int) -> None:
         """A block just decoded (at host offset ``start``), with the native tier on:
-        tier 2's code if an earlier run (or this one) compiled its bytes, else code
-        patched from stencils now; if it stays off native code, tier 1 at once if it got
-        that hot before (and native after as many runs in all as from the interpreter, so
-        a second run compiles what the first did, no more), else the interpreter until
-        it is hot. The key of its bytes is hashed only where it is looked up: the
-        baseline tier has no tier-2 code to find, and most blocks get patched code."""
+        under ``jit``, tier 2's code if an earlier run (or this one) compiled its bytes;
+        under ``baseline``, the patched code an earlier run kept for its bytes, placed;
+        else code patched from stencils now (and kept, with a code cache). If it stays
+        off native code, tier 1 at once if it got that hot before (and native after as
+        many runs in all as from the interpreter, so a second run compiles what the first
+        did, no more), else the interpreter until it is hot."""
         native = self.native
-        code_key = self._code_key(block, start) if native.compiles else None
-        addr = native.native_for(code_key, block.decoded) if code_key is not None else None
+        code_key = self._code_key(block, start)
+        addr = keep = None
+        if native.compiles:
+            if code_key is not None:
+                addr = native.native_for(code_key, block.decoded)
+        elif code_key is not None:  # the baseline tier: patched code kept by an earlier run
+            kept = jit.PatchedCode.kept(CACHE.patched_code(code_key)) \
+                if code_key in CACHE.patched else None
+            if kept is not None:
+                addr = native.place_block(block, block.decoded, kept, block.key)
+            else:
+                keep = []
         if addr is None:
             addr = native.patch_block(block, block.decoded, block.offsets, block.fp,
-                                      PATCHED_NATIVE_AFTER, key=block.key)
+                                      PATCHED_NATIVE_AFTER, key=block.key, keep=keep)
+            if keep:
+                CACHE.keep_patched(code_key, keep[0])
         if addr is not None:
             block.go_native(addr, native)
             return
-        if not native.compiles:
-            code_key = self._code_key(block, start)
         if code_key is not None and code_key in CACHE.translations:
             self._promote(block, code_key=code_key, native_after=HOT_AFTER + NATIVE_AFTER)()
         else:

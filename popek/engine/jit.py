@@ -44,6 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from types import ModuleType
+from typing import NamedTuple
 
 from popek.cpu.causes import ACCESS_EXEC, ACCESS_READ, ACCESS_WRITE, Trap
 from popek.cpu.csr import MSTATUS_SD, WINDOWS
@@ -169,15 +170,40 @@ class NativeStats:
 
     patched: int = 0  # blocks made from stencils
     patch_seconds: float = 0.0  # spent patching them
+    placed: int = 0  # blocks placed from patched code an earlier run kept
+    place_seconds: float = 0.0  # spent placing them
     compiled: int = 0  # blocks compiled by LLVM (tier 2)
 
     def summary(self) -> str:
         each = self.patch_seconds / self.patched * 1e6 if self.patched else 0.0
+        placing = self.place_seconds / self.placed * 1e6 if self.placed else 0.0
         return (f"popek: native code: {self.patched} blocks patched from stencils "
-                f"({each:.1f} us each), {self.compiled} blocks compiled by LLVM")
+                f"({each:.1f} us each), {self.compiled} blocks compiled by LLVM, "
+                f"{self.placed} blocks placed from kept patched code ({placing:.1f} us each)")
 
 
 STATS = NativeStats()
+
+
+class PatchedCode(NamedTuple):
+    """A block's patched code as a later run places it (native_cache keeps it by the key of
+    the block's instructions): in the baseline tier, everything in it but its jumps to
+    ``chain`` (and to blocks aimed at instead) follows from those instructions' bytes, so
+    placing it is copying it and aiming those jumps (NativeRuntime.place_block)."""
+
+    code: bytes  # from the block's start (the check that blocks jumping here pass)
+    # offset, addend, and the distance from the block's start to where the jump may go
+    # straight (None: nowhere; a static target's, which, with the block elsewhere in its
+    # page or in another, may be off its page)
+    jumps: tuple[tuple[int, int, int | None], ...]
+    refs: tuple[int, ...]  # its instructions whose Python handler it may call, by index
+
+    @classmethod
+    def kept(cls, value: object) -> PatchedCode | None:
+        """``value`` as native_cache gives it back, if it has this shape."""
+        if type(value) is tuple and len(value) == 3 and type(value[0]) is bytes:
+            return cls(*value)
+        return None
 
 
 def available() -> bool:
@@ -1054,11 +1080,14 @@ class NativeRuntime:
 
     def patch_block(self, token: object, decoded: list[Decoded], offsets: tuple[int, ...],
                     fp: bool, hot_after: int | None, key: int | None = None,
-                    second_half: int | None = None) -> int | None:
+                    second_half: int | None = None, keep: list[tuple] | None = None
+                    ) -> int | None:
         """Native code for a block, from stencils: its address, where it may run at once
         (see stencils.CodeArea); None if the block should stay on the Python tiers
         (as tier 2 would leave it there too). After ``hot_after`` runs it exits with
-        status ``HOT``, for tier 2 to compile it (None: never).
+        status ``HOT``, for tier 2 to compile it (None: never). With ``keep`` (and a
+        ``key``; the baseline tier), the code is appended to it as a later run may place
+        it, unless it holds a host address (a CSR's window).
 
         With its code-cache ``key`` (host offset plus mode, as ``remember_block``), its
         exits to blocks on its own page that have patched code jump straight there, and
@@ -1104,6 +1133,10 @@ class NativeRuntime:
                                       block_end, bits, ram, 0))
         callbacks = 0
         acc = -1  # the register whose value the accumulator holds (see stencils.ACC_SOURCES)
+        if key is None:
+            keep = None
+        jumps: list[tuple[int, int, int | None]] = []  # for keep: see PatchedCode
+        refs: list[int] = []
         for index, d in enumerate(decoded):
             ins, rd, rs1, rs2, imm, size, _, _ = d  # (one unpacking, not six attributes)
             choice = choices[size].get(ins.name)
@@ -1120,13 +1153,26 @@ class NativeRuntime:
             at += stencil.size
             offset = offsets[index]
             exit_ = chain
+            aimed = None  # how far from the block's start its jump to chain may go instead
             if kind & CHOSE_STATIC_JUMP and key is not None and \
                     0 <= (target := start + offset + imm) < PAGE_SIZE:
+                aimed = offset + imm
                 exit_ = linked.get(page + target, 0)
                 if not exit_:
                     exit_ = chain
                     if stencil.chain_field >= 0:
                         waiting += (page + target, at - stencil.size + stencil.chain_field)
+            if keep is not None:
+                if kind & CHOSE_CSR:
+                    keep = None  # its window's address would be this process's
+                else:
+                    if stencil.chain_holes:
+                        here = at - stencil.size - base
+                        for off, addend in stencil.chain_holes:
+                            jumps.append((here + off, addend,
+                                          aimed if off == stencil.chain_field else None))
+                    if kind & CHOSE_REF:
+                        refs.append(index)
             code.append(stencil.fill(rd, rs1, rs2, imm, offset, index,
                                      self._adopt_fallback(d) if kind & CHOSE_REF else 0, at,
                                      exit_, counter, length, block_end, bits, ram, window))
@@ -1137,32 +1183,80 @@ class NativeRuntime:
             return None  # as _worth_native: tier 1 runs such blocks faster
         if stencil.continues:
             exit_ = chain
+            aimed = None
             if key is not None and (target := start + block_end) < PAGE_SIZE:
+                aimed = block_end
                 exit_ = linked.get(page + target, 0)
                 if not exit_:
                     exit_ = chain
                     if end.chain_field >= 0:
                         waiting += (page + target, at + end.chain_field)
+            if keep is not None:
+                for off, addend in end.chain_holes:
+                    jumps.append((at - base + off, addend,
+                                  aimed if off == end.chain_field else None))
             code.append(end.fill(0, 0, 0, 0, 0, 0, 0, at + end.size, exit_, counter, length,
                                  block_end, bits, ram, 0))
         self.counters[slot] = hot_after or 0
-        addr = self.area.write(b"".join(code))
+        patched = b"".join(code)
+        addr = self.area.write(patched)
         assert addr == base
         if key is not None:
-            # Exits that waited for this block jump straight here now (as QEMU chains a
-            # translation block to one translated after it), and this block's exits to
-            # blocks not patched yet wait for them. (Only between runs or from a
-            # successor's callback, when the waiting exits' code has run already.)
-            unlinked = self.unlinked
-            fields = unlinked.pop(key, None)
-            if fields is not None:
-                self.area.aim_jumps(fields, base)
-            for i in range(0, len(waiting), 2):
-                unlinked.setdefault(waiting[i], []).append(waiting[i + 1])
+            self._arrived(key, base, waiting)
+        if keep is not None:
+            keep.append((patched, tuple(jumps), tuple(refs)))  # (PatchedCode's fields)
         self.counted.append(token)
         STATS.patched += 1
         STATS.patch_seconds += time.perf_counter() - started
         return entry
+
+    def place_block(self, token: object, decoded: list[Decoded], patched: PatchedCode,
+                    key: int) -> int | None:
+        """``patch_block`` for a block whose code an earlier run kept (see PatchedCode):
+        its bytes copied, its jumps to ``chain`` aimed at this run's (or at the blocks of
+        its page they may go to straight), its Python handlers adopted."""
+        if self.stencils is None or self.area_full:
+            return None
+        started = time.perf_counter()
+        area = self.area
+        base = area.write(patched.code)
+        memory, origin, chain = area.memory, area.address, self._chain_addr
+        linked = self.linked
+        linked[key] = base  # (before aiming: a block may jump to itself)
+        start = key & 4095
+        page = key - start
+        waiting = []
+        for off, addend, distance in patched.jumps:
+            field = base + off
+            aim = chain
+            if distance is not None and 0 <= (target := start + distance) < PAGE_SIZE:
+                aim = linked.get(page + target, 0)
+                if not aim:
+                    aim = chain
+                    if addend == -4:
+                        waiting += (page + target, field)
+            stencils.pack_i32(memory, field - origin, aim + addend - field)
+        for index in patched.refs:
+            self._adopt_fallback(decoded[index])
+        self._arrived(key, base, waiting)
+        self.counters[len(self.counted)] = 0
+        self.counted.append(token)
+        STATS.placed += 1
+        STATS.place_seconds += time.perf_counter() - started
+        return base + self._special[5].size  # (past the check: see patch_block)
+
+    def _arrived(self, key: int, base: int, waiting: list[int]) -> None:
+        """The block at ``key`` now has code at ``base``: exits that waited for it jump
+        straight there (as QEMU chains a translation block to one translated after it),
+        and its own exits in ``waiting`` (key, field address, ...) wait for theirs. (Only
+        between runs or from a successor's callback, when the waiting exits' code has
+        run already.)"""
+        unlinked = self.unlinked
+        fields = unlinked.pop(key, None)
+        if fields is not None:
+            self.area.aim_jumps(fields, base)
+        for i in range(0, len(waiting), 2):
+            unlinked.setdefault(waiting[i], []).append(waiting[i + 1])
 
     def _choose(self, d: Decoded) -> Choice:
         """What patching ``d`` takes, the same for every instruction of its kind (its name

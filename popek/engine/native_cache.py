@@ -14,7 +14,9 @@ an empty cache beside the old one, which the size bound then removes.
 Tier 1's code objects (``marshal``, so the Python version is part of the version too)
 are kept the same way, by the same keys: a block that got hot enough for tier 1 in an
 earlier run, but not for tier 2, starts on tier 1 without compiling (in a warm Linux
-boot, ~2,100 blocks, and about a tenth of its CPU time in an A/B).
+boot, ~2,100 blocks, and about a tenth of its CPU time in an A/B). So is the baseline
+tier's patched code (:class:`popek.engine.jit.PatchedCode`, by the same keys): a warm
+run places each block's bytes and aims its exits instead of patching it again.
 
 Layout: ``ROOT/VERSION/PID-RANDOM.pack``. Each process appends records to a pack of its
 own, so writers never share a file and a writer killed at any point leaves a readable
@@ -60,6 +62,8 @@ PACK_MAGIC = b"popek native code pack 1\n"
 RECORD = struct.Struct("<4sI32s")  # magic, body length, BLAKE2b-256 of the body
 NATIVE = b"REC1"  # record kinds: a batch's object code
 TRANSLATED = b"PY01"  # tier 1's code objects (marshal) of blocks that got hot
+PATCHED = b"PAT1"  # the baseline tier's patched code: one marshalled tuple of jit.PatchedCode
+KINDS = (NATIVE, TRANSLATED, PATCHED)
 TRANSLATIONS_PER_RECORD = 128
 CODE_LENGTH = struct.Struct("<I")
 BODY = struct.Struct("<II")  # number of blocks, length of the address table's name
@@ -123,7 +127,7 @@ class Record:
     """One batch's object code in a pack, and the keys of its blocks in table order.
     Its bytes stay on disk until loaded (:meth:`NativeCache.object_code`)."""
 
-    kind: bytes  # NATIVE or TRANSLATED
+    kind: bytes  # one of KINDS
     pack: str  # the pack's name in the version's directory
     offset: int  # of the body, which the checksum covers
     length: int
@@ -158,7 +162,7 @@ def read_pack(name: str, fd: int) -> list[Record]:
         magic, length, digest = RECORD.unpack_from(head)
         count, name_len = BODY.unpack_from(head, RECORD.size)
         obj_offset = BODY.size + name_len + count * KEY_SIZE
-        if magic not in (NATIVE, TRANSLATED) or at + RECORD.size + length > size or \
+        if magic not in KINDS or at + RECORD.size + length > size or \
                 obj_offset > length:
             break
         names = os.pread(fd, obj_offset - BODY.size, at + RECORD.size + BODY.size)
@@ -180,8 +184,23 @@ def encode_body(kind: bytes, body: bytes) -> bytes:
 
 
 def encode_codes(codes: list[bytes]) -> bytes:
-    """A TRANSLATED record's payload: each marshalled code object, length first."""
+    """A TRANSLATED record's payload: each marshalled code object, length first (each is
+    unmarshalled when its block needs it)."""
     return b"".join(CODE_LENGTH.pack(len(code)) + code for code in codes)
+
+
+def _payload_values(record: Record, payload: bytes) -> dict[bytes, object] | None:
+    """What ``record`` holds by key: TRANSLATED, marshalled code objects; PATCHED, the
+    values of one marshalled tuple (None if it is not one of as many)."""
+    if record.kind == TRANSLATED:
+        return decode_codes(record.keys, payload)
+    try:
+        values = marshal.loads(payload)
+    except (ValueError, EOFError, TypeError):
+        return None
+    if type(values) is not tuple or len(values) != len(record.keys):
+        return None
+    return dict(zip(record.keys, values, strict=True))
 
 
 def decode_codes(keys: tuple[bytes, ...], payload: bytes) -> dict[bytes, bytes]:
@@ -222,8 +241,11 @@ class NativeCache:
     def __post_init__(self) -> None:
         self.index: dict[bytes, Record] | None = None  # None: not read yet
         self.translations: dict[bytes, Record] = {}
-        self._codes: dict[bytes, dict[bytes, bytes]] = {}  # of records read, by digest
-        self._pending: list[tuple[bytes, bytes]] = []  # translations not written yet
+        self.patched: dict[bytes, Record] = {}
+        # what records read hold by key (marshalled code objects, patched code), by digest
+        self._codes: dict[bytes, dict[bytes, object]] = {}
+        # what is not written yet, by kind: (key, marshalled code object or patched code)
+        self._pending: dict[bytes, list[tuple[bytes, bytes]]] = {TRANSLATED: [], PATCHED: []}
         self.toolchain: str | None = None
         self.directory: Path | None = None
         # A confined process opens packs relative to the directory it opened before.
@@ -255,7 +277,8 @@ class NativeCache:
             self._directory_fd = None
         self.root, self.limit, self.stats = root, limit, CacheStats()
         self.index, self.directory = None, None
-        self.translations, self._codes, self._pending = {}, {}, []
+        self.translations, self.patched, self._codes = {}, {}, {}
+        self._pending = {TRANSLATED: [], PATCHED: []}
         self._confined = False
 
     def close(self) -> None:
@@ -291,12 +314,16 @@ class NativeCache:
                 continue  # removed meanwhile
             try:
                 for record in read_pack(path.name, fd):
-                    index = self.index if record.kind == NATIVE else self.translations
+                    index = self._index_of(record.kind)
                     for key in record.keys:
                         index.setdefault(key, record)
             finally:
                 os.close(fd)
         self.stats.indexed = len(self.index)
+
+    def _index_of(self, kind: bytes) -> dict[bytes, Record]:
+        return self.index if kind == NATIVE else self.translations if kind == TRANSLATED \
+            else self.patched
 
     def _open_pack(self, name: str) -> int:
         """A pack, opened for reading for as long as it is read: the descriptors of
@@ -348,7 +375,7 @@ class NativeCache:
     def discard(self, record: Record) -> None:
         """``record`` failed its checksum (or its pack was removed): forget its blocks."""
         self.stats.corrupt += record.bad
-        index = self.index if record.kind == NATIVE else self.translations
+        index = self._index_of(record.kind)
         for key in record.keys:
             if index.get(key) is record:
                 del index[key]
@@ -363,41 +390,65 @@ class NativeCache:
     def code_object(self, key: bytes) -> CodeType | None:
         """The Python code kept with ``key`` (tier 1's blocks, the interpreter's handlers),
         if an earlier run compiled it."""
-        record = self.translations.get(key)
+        code = self._kept(self.translations, key)
+        try:
+            code = marshal.loads(code) if code is not None else None
+        except (ValueError, EOFError, TypeError):  # (checksummed: only a bug gets here)
+            return None
+        return code if isinstance(code, CodeType) else None
+
+    def patched_code(self, key: bytes) -> object:
+        """The baseline tier's patched code kept with ``key`` (a jit.PatchedCode as a tuple;
+        the caller checks its shape), or None."""
+        return self._kept(self.patched, key)
+
+    def _kept(self, index: dict[bytes, Record], key: bytes) -> object:
+        """What a record of ``index`` holds for ``key`` (None if none, or if the record
+        fails its checksum)."""
+        record = index.get(key)
         if record is None:
             return None
         codes = self._codes.get(record.digest)
         if codes is None:
             payload = self.payload(record)
-            if payload is None:
+            codes = None if payload is None else _payload_values(record, payload)
+            if codes is None:
                 self.discard(record)
                 return None
-            codes = self._codes[record.digest] = decode_codes(record.keys, payload)
-        try:
-            code = marshal.loads(codes[key])
-        except (ValueError, EOFError, TypeError):  # (checksummed: only a bug gets here)
-            return None
-        return code if isinstance(code, CodeType) else None
+            self._codes[record.digest] = codes
+        return codes.get(key)
 
     def translated(self, key: bytes, code: CodeType) -> None:
         """Python ``code`` was compiled for ``key`` (see code_object): written with the
         next TRANSLATIONS_PER_RECORD, or at exit."""
-        if self.directory is not None and not self._confined and key not in self.translations:
-            self._pending.append((key, marshal.dumps(code)))
-            if len(self._pending) >= TRANSLATIONS_PER_RECORD:
+        self._keep(TRANSLATED, self.translations, key, marshal.dumps(code))
+
+    def keep_patched(self, key: bytes, patched: tuple) -> None:
+        """A block with ``key`` was patched into ``patched`` (jit.PatchedCode, as a tuple):
+        written as translations are, all of a record marshalled at once (~1 us a block
+        less than one by one, on a cold run of ~30,000 blocks)."""
+        self._keep(PATCHED, self.patched, key, patched)
+
+    def _keep(self, kind: bytes, index: dict[bytes, Record], key: bytes, value: object) -> None:
+        if self.directory is not None and not self._confined and key not in index:
+            pending = self._pending[kind]
+            pending.append((key, value))
+            if len(pending) >= TRANSLATIONS_PER_RECORD:
                 self.flush()
 
     def flush(self) -> None:
-        """Write the translations noted so far."""
-        pending, self._pending = self._pending, []
-        if pending:
-            self.store([key for key, _ in pending], "", encode_codes([c for _, c in pending]),
-                       kind=TRANSLATED)
+        """Write the translations and patched code noted so far."""
+        for kind, pending in self._pending.items():
+            if pending:
+                self._pending[kind] = []
+                values = [value for _, value in pending]
+                self.store([key for key, _ in pending], "", encode_codes(values)
+                           if kind == TRANSLATED else marshal.dumps(tuple(values)), kind=kind)
 
     def store(self, keys: list[bytes], table: str, payload: bytes,
               kind: bytes = NATIVE) -> None:
         """Append the object code of blocks ``keys`` (with address table ``table``), or
-        the ``kind`` TRANSLATED payload of code objects."""
+        the ``kind`` TRANSLATED or PATCHED payload of marshalled values."""
         if self.root is None or self.directory is None:
             return
         data = encode_record(kind, keys, table, payload)
@@ -423,7 +474,7 @@ class NativeCache:
             os.close(self._writer)
             self._writer = None
         self._lock = threading.Lock()
-        self._pending = []  # the parent writes them
+        self._pending = {TRANSLATED: [], PATCHED: []}  # the parent writes them
 
     def _open_writer(self) -> None:
         """This process's pack: locked (which tells other processes its writer lives)

@@ -140,7 +140,7 @@ class Stencil:
     took ~6 ms of every start, and a short program uses a quarter of them."""
 
     __slots__ = ("code", "holes", "falls", "leaves_rd", "size", "continues", "calls_handler",
-                 "chain_field", "filler", "fill", "via_rs1", "via_rs2")
+                 "chain_field", "chain_holes", "filler", "fill", "via_rs1", "via_rs2")
 
     def __init__(self, code: bytes, holes: tuple[Hole, ...], falls: bool,
                  leaves_rd: bool = False, filler: CodeType | None = None) -> None:
@@ -165,6 +165,10 @@ class Stencil:
         # patched later can be jumped to instead (see CodeArea.aim_jumps).
         self.chain_field = next((off for off, hole, addend, _ in holes
                                  if hole == HOLE_CHAIN and addend == -4), -1)
+        # Every jump to ``chain``, (offset, addend) each: code placed elsewhere is aimed
+        # again (see jit.PatchedCode).
+        self.chain_holes = tuple((off, addend) for off, hole, addend, _ in holes
+                                 if hole == HOLE_CHAIN)
         self.fill = self._first_fill
 
     def _first_fill(self, *values: int) -> bytes:
@@ -815,7 +819,7 @@ class CodeArea:
         ``target`` (the field holds the distance from its end)."""
         memory, origin = self.memory, self.address
         for field in fields:
-            _pack_i32(memory, field - origin, target - field - 4)
+            pack_i32(memory, field - origin, target - field - 4)
 
     def holds(self, addr: int) -> bool:
         return self.address <= addr < self.address + self.used
@@ -825,7 +829,7 @@ class CodeArea:
         self.used = 0
 
 
-_pack_i32 = struct.Struct("<i").pack_into
+pack_i32 = struct.Struct("<i").pack_into
 _AREAS: weakref.WeakSet[CodeArea] = weakref.WeakSet()
 
 
