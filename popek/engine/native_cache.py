@@ -575,9 +575,9 @@ def add_cache_args(parser: argparse.ArgumentParser) -> None:
     """``--code-cache DIR`` and ``--no-code-cache``, for the commands that run guests."""
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--code-cache", type=Path, metavar="DIR",
-                       help="keep tier 2's native code in DIR, so the next run of the same "
-                       "guest code starts native (default $POPEK_CODE_CACHE, else "
-                       "$XDG_CACHE_HOME/popek/code)")
+                       help="keep native code (patched and compiled) in DIR, so the next "
+                       "run of the same guest code starts native (default "
+                       "$POPEK_CODE_CACHE, else $XDG_CACHE_HOME/popek/code)")
     group.add_argument("--no-code-cache", action="store_true",
                        help="neither read nor write native code on disk")
 
