@@ -399,12 +399,13 @@ class NativeCache:
 
     def patched_code(self, key: bytes) -> object:
         """The baseline tier's patched code kept with ``key`` (a jit.PatchedCode as a tuple;
-        the caller checks its shape), or None."""
-        return self._kept(self.patched, key)
+        the caller checks its shape), or None. It is given once: a block is placed once
+        (holding every record's blocks cost a warm boot ~22 MiB)."""
+        return self._kept(self.patched, key, take=True)
 
-    def _kept(self, index: dict[bytes, Record], key: bytes) -> object:
+    def _kept(self, index: dict[bytes, Record], key: bytes, take: bool = False) -> object:
         """What a record of ``index`` holds for ``key`` (None if none, or if the record
-        fails its checksum)."""
+        fails its checksum); with ``take``, forgotten here."""
         record = index.get(key)
         if record is None:
             return None
@@ -416,7 +417,7 @@ class NativeCache:
                 self.discard(record)
                 return None
             self._codes[record.digest] = codes
-        return codes.get(key)
+        return codes.pop(key, None) if take else codes.get(key)
 
     def translated(self, key: bytes, code: CodeType) -> None:
         """Python ``code`` was compiled for ``key`` (see code_object): written with the
