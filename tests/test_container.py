@@ -198,14 +198,14 @@ def test_cpus_caps_the_whole_container(site: Path):
     time over wall time, popek's start-ups included, which the cap does not slow)."""
     before = os.times()
     start = time.monotonic()
-    loop = "i=0; while [ $i -lt 500 ]; do i=$((i+1)); done; echo $i"
+    loop = "i=0; while [ $i -lt 3000 ]; do i=$((i+1)); done; echo $i"
     result = run_container("--rootfs", str(site / "root"), "--cpus", "0.25", "--", "sh", "-c",
                            f"({loop}) & ({loop}); wait")
     wall = time.monotonic() - start
     after = os.times()
     cpu = after.children_user + after.children_system - before.children_user \
         - before.children_system
-    assert result.stdout == b"500\n500\n", result.stderr
+    assert result.stdout == b"3000\n3000\n", result.stderr
     assert cpu / wall < 0.6, f"{cpu:.2f} s of CPU in {wall:.2f} s"
 
 
